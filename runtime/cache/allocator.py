@@ -1,0 +1,54 @@
+"""The KV token-slot pool: which of the `size` KV slots are free. Pure bookkeeping, no tensors.
+
+SGLang's token_to_kv_pool allocator with page size 1. The tensors live in the model runner's KVCache;
+this class only hands out slot indices. Invariant: every slot is either in the free list or owned by
+exactly one holder (the radix tree or one running request); `check_integrity` in the scheduler sums
+them up.
+
+    >>> a = SlotAllocator(8)
+    >>> slots = a.alloc(3)
+    >>> a.available
+    5
+    >>> a.free(slots); a.available
+    8
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+
+class SlotAllocator:
+    def __init__(self, size: int) -> None:
+        assert size > 0
+        self.size = size
+        # NOTE: a stack; popping from the end hands out low slot numbers first (reversed order).
+        self._free: list[int] = list(range(size - 1, -1, -1))
+        self._is_free = bytearray(b"\x01") * size
+
+    @property
+    def available(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> Optional[list[int]]:
+        """n free slots, or None when fewer than n are free (the caller evicts or preempts)."""
+        if n > len(self._free):
+            return None
+        if n == 0:
+            return []
+        out = self._free[-n:]
+        del self._free[-n:]
+        for s in out:
+            self._is_free[s] = 0
+        return out
+
+    def free(self, slots: Iterable[int]) -> None:
+        for s in slots:
+            if self._is_free[s]:
+                raise AssertionError(f"double free of KV slot {s}")
+            self._is_free[s] = 1
+            self._free.append(s)
+
+    def clear(self) -> None:
+        self._free = list(range(self.size - 1, -1, -1))
+        self._is_free = bytearray(b"\x01") * self.size

@@ -1,0 +1,311 @@
+"""The offline engine: load a model, run the scheduler loop in a background thread, take requests
+from any number of threads or event loops.
+
+    >>> eng = Engine(model_path="default", num_threads=1)            # doctest: +SKIP
+    >>> eng.generate("The capital of France is", {"max_new_tokens": 8, "temperature": 0})["text"]  # doctest: +SKIP
+    ' Paris...'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
+
+from sgl.runtime.config import ServerArgs
+from sgl.runtime.engine_io import (RequestSink, build_requests, finished_dict, validate_prompt_length)
+from sgl.runtime.protocol import GenerateRequest, RequestError, finish_reason_abort
+from sgl.runtime.scheduler.output import OutputProcessor
+from sgl.runtime.scheduler.request import Req
+from sgl.runtime.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger("sgl.engine")
+
+PromptArg = Union[str, list[str], None]
+
+
+class Engine:
+    def __init__(self, model_path: str = "default", **server_args: Any) -> None:
+        if "OMP_WAIT_POLICY" not in os.environ:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # only effective before torch starts its pool
+        import torch
+
+        from sgl.runtime.executor.model_runner import ModelRunner
+        from sgl.runtime.models.loader import load_model
+
+        self.server_args = args = ServerArgs.from_kwargs(model_path=model_path, **server_args)
+        torch.set_num_threads(args.resolved_num_threads)
+        torch.manual_seed(args.random_seed)
+        t0 = time.monotonic()
+        loaded = load_model(args.model_path, dtype=args.dtype, device="cpu", show_progress=args.show_progress)
+        self.load_time = time.monotonic() - t0
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_path = loaded.model_path
+        self.context_length = args.context_length or loaded.config.max_position_embeddings
+        pool_size = args.max_total_tokens or _default_pool_size(loaded.config, args)
+        dtype = next(loaded.model.parameters()).dtype
+        runner = ModelRunner(loaded.model, loaded.config, pool_size, self.tokenizer.eos_token_ids, dtype=dtype)
+        self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output)
+        self.grammar = _make_grammar_compiler(args, self.tokenizer, loaded.config.vocab_size)
+        self._sinks: dict[str, RequestSink] = {}
+        self._commands: "queue.Queue[Callable[[], None]]" = queue.Queue()
+        self._stopped = threading.Event()
+        self._loop_error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._loop, name="sgl-scheduler", daemon=True)
+        self._thread.start()
+        logger.info("engine ready: %s, KV pool %d tokens, %d thread(s), loaded in %.1fs",
+                    self.model_path, pool_size, args.resolved_num_threads, self.load_time)
+
+    # ---- the scheduler thread ------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                block = not self.scheduler.has_work
+                while True:
+                    cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+                    cmd()
+                    block = False
+            except queue.Empty:
+                pass
+            if not self.scheduler.has_work:
+                continue
+            try:
+                self.scheduler.step()
+            except Exception as e:  # a bug: fail the requests in flight, keep serving
+                logger.exception("scheduler step failed")
+                for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self.scheduler.abort(req.rid, f"internal error: {type(e).__name__}: {e}")
+            if not self.scheduler.has_work:
+                self.scheduler.check_integrity()
+
+    def _call(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+        """Run fn in the scheduler thread and wait for its result."""
+        done: "queue.Queue[tuple[bool, Any]]" = queue.Queue()
+
+        def run() -> None:
+            try:
+                done.put((True, fn()))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                done.put((False, e))
+
+        self._commands.put(run)
+        ok, value = done.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    def _on_output(self, req: Req) -> None:
+        sink = self._sinks.get(req.rid)
+        if sink is None:
+            return
+        out = self.scheduler.output.build(req)
+        if req.finished:
+            del self._sinks[req.rid]
+        sink.put(out, req.finished)
+
+    # ---- submission ------------------------------------------------------------------------
+    def _tokenize(self, r: GenerateRequest) -> list[int]:
+        ids = r.input_ids if r.input_ids is not None else self.tokenizer.encode(r.text or "")
+        if not ids:
+            raise RequestError("the prompt is empty: text must contain at least one token")
+        if any(t >= self.model_config.vocab_size for t in ids):
+            raise RequestError(f"input_ids contains a token id >= vocab size {self.model_config.vocab_size}")
+        validate_prompt_length(len(ids), r.sampling_params.max_new_tokens, self.context_length)
+        return ids
+
+    def _submit(self, reqs: list[GenerateRequest], sinks: list[RequestSink]) -> None:
+        """Validate everything first (a bad request raises before any is queued), then queue."""
+        prepared = []
+        for r in reqs:
+            ids = self._tokenize(r)
+            constraint = r.sampling_params.constraint
+            if constraint is not None:
+                if self.grammar is None:
+                    raise RequestError("constrained decoding (regex/json_schema/ebnf/choices) is not available: "
+                                       "grammar_backend is 'none'")
+                self.grammar.validate(*constraint)
+            prepared.append((r, ids, constraint))
+        for (r, ids, constraint), sink in zip(prepared, sinks):
+            self._sinks[r.rid] = sink
+            if constraint is None:
+                self._commands.put(lambda r=r, ids=ids: self._add(r, ids, None))
+            else:
+                self._compile_then_add(r, ids, constraint)
+
+    def _compile_then_add(self, r: GenerateRequest, ids: list[int], constraint: tuple[str, Any]) -> None:
+        assert self.grammar is not None
+        fut = self.grammar.compile_async(*constraint)
+
+        def done(f: Any) -> None:
+            try:
+                matcher = f.result().matcher()
+            except Exception as e:  # a compile error or timeout ends this request only
+                self._commands.put(lambda: self._fail(r, f"grammar compilation failed: {e}"))
+                return
+            self._commands.put(lambda: self._add(r, ids, matcher))
+
+        fut.add_done_callback(done)
+
+    def _add(self, r: GenerateRequest, ids: list[int], matcher: Any) -> None:
+        req = Req.from_request(r, ids, self.scheduler.next_arrival())
+        req.grammar = matcher
+        self.scheduler.add_request(req)
+
+    def _fail(self, r: GenerateRequest, message: str) -> None:
+        sink = self._sinks.pop(r.rid, None)
+        if sink is not None:
+            sink.put(finished_dict(r.rid, finish_reason_abort(message)), True)
+
+    # ---- public API ----------------------------------------------------------------------------
+    def generate(self, prompt: PromptArg = None, sampling_params: Any = None, input_ids: Any = None,
+                 return_logprob: Any = False, logprob_start_len: Any = None, top_logprobs_num: Any = None,
+                 return_text_in_logprobs: bool = False, stream: bool = False, rid: Any = None,
+                 priority: Optional[int] = None) -> Any:
+        """Generate for one prompt (dict), a list of prompts or n > 1 (list), or stream cumulative dicts."""
+        reqs, is_batch = build_requests(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+                                        top_logprobs_num, return_text_in_logprobs, stream, rid, priority)
+        if stream:
+            if len(reqs) != 1:
+                raise RequestError("stream=True takes a single prompt with n = 1")
+            return self._stream_sync(reqs[0])
+        outs = self.submit_and_wait(reqs)
+        return outs if is_batch else outs[0]
+
+    def submit_and_wait(self, reqs: list[GenerateRequest]) -> list[dict[str, Any]]:
+        sinks = [RequestSink.threaded() for _ in reqs]
+        self._submit(reqs, sinks)
+        return [s.wait_final() for s in sinks]
+
+    def _stream_sync(self, req: GenerateRequest) -> Iterator[dict[str, Any]]:
+        sink = RequestSink.threaded()
+        self._submit([req], [sink])
+        finished = False
+        try:
+            for out, finished in sink.iter_sync():
+                yield out
+        finally:
+            if not finished:
+                self.abort(req.rid)
+
+    async def async_generate(self, prompt: PromptArg = None, sampling_params: Any = None, input_ids: Any = None,
+                             return_logprob: Any = False, logprob_start_len: Any = None,
+                             top_logprobs_num: Any = None, return_text_in_logprobs: bool = False,
+                             stream: bool = False, rid: Any = None, priority: Optional[int] = None) -> Any:
+        reqs, is_batch = build_requests(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+                                        top_logprobs_num, return_text_in_logprobs, stream, rid, priority)
+        if stream:
+            if len(reqs) != 1:
+                raise RequestError("stream=True takes a single prompt with n = 1")
+            return self.stream_request(reqs[0])
+        outs = await asyncio.gather(*[self._final_async(r) for r in reqs])
+        return list(outs) if is_batch else outs[0]
+
+    async def _final_async(self, req: GenerateRequest) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        async for out in self.stream_request(req):
+            last = out
+        return last
+
+    async def stream_request(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        """Cumulative outputs of one request; closing or cancelling the iterator aborts it."""
+        sink = RequestSink.for_loop(asyncio.get_running_loop())
+        self._submit([req], [sink])
+        finished = False
+        try:
+            while not finished:
+                out, finished = await sink.get_async()
+                yield out
+        finally:
+            if not finished:
+                self.abort(req.rid)
+
+    def abort(self, rid: str) -> None:
+        self._commands.put(lambda: self.scheduler.abort(rid))
+
+    def flush_cache(self) -> bool:
+        return bool(self._call(self.scheduler.flush_cache))
+
+    def check_integrity(self) -> None:
+        self._call(self.scheduler.check_integrity)
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while self._call(lambda: self.scheduler.has_work):
+            if time.monotonic() > end:
+                raise TimeoutError("engine did not become idle")
+            time.sleep(0.01)
+
+    def get_stats(self) -> dict[str, Any]:
+        s = self.scheduler.stats
+        return dict(vars(s), max_total_tokens=self.scheduler.allocator.size)
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {
+            "model_path": self.model_path,
+            "tokenizer_path": self.server_args.tokenizer_path or self.model_path,
+            "served_model_name": self.server_args.served_model_name or self.server_args.model_path,
+            "is_generation": True,
+            "context_length": self.context_length,
+            "vocab_size": self.model_config.vocab_size,
+            "chat_template": self.tokenizer.chat_template,
+        }
+
+    def get_server_info(self) -> dict[str, Any]:
+        info = {k: v for k, v in vars(self.server_args).items() if k != "api_key"}
+        info.update(self.get_stats())
+        info["version"] = "0.1.0"
+        return info
+
+    def shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
+        try:
+            self._call(lambda: [self.scheduler.abort(r.rid, "engine shut down")
+                                for r in list(self.scheduler.running) + list(self.scheduler.waiting)], timeout=10)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+        self._stopped.set()
+        self._thread.join(timeout=10)
+        if self.grammar is not None and hasattr(self.grammar, "shutdown"):
+            self.grammar.shutdown()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def _default_pool_size(config: Any, args: ServerArgs) -> int:
+    from sgl.runtime.executor.kv_cache import KVCache
+
+    per_slot = KVCache.bytes_per_slot(config, 4 if args.dtype in ("auto", "float32") else 2)
+    avail = 8 << 30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    # NOTE: capped: a CPU serves a handful of long sequences, not a GPU's worth.
+    return max(2048, min(int(avail * args.mem_fraction_static / per_slot), 131072))
+
+
+def _make_grammar_compiler(args: ServerArgs, tokenizer: Any, vocab_size: int) -> Any:
+    if args.grammar_backend == "none":
+        return None
+    try:
+        from sgl.grammars import GrammarCompiler, Vocabulary
+    except ImportError:
+        logger.warning("sgl.grammars is not available: constrained decoding is disabled")
+        return None
+    vocab = Vocabulary.from_tokenizer(tokenizer.backend, tokenizer.eos_token_ids, vocab_size)
+    return GrammarCompiler(vocab, backend=args.grammar_backend, json_whitespace=args.json_whitespace,
+                           compile_timeout_s=args.grammar_compile_timeout)
+

@@ -1,0 +1,24 @@
+"""Waiting-queue orderings: fcfs, lpm (longest prefix match first) and priority."""
+
+from __future__ import annotations
+
+from sgl.runtime.cache.radix_cache import RadixCache
+from sgl.runtime.scheduler.request import Req
+
+# NOTE: lpm matches every waiting request against the tree each step; past this queue length the
+# cost outweighs the gain and we fall back to fcfs (SGLang does the same).
+LPM_MAX_QUEUE = 128
+
+
+def order_waiting(waiting: list[Req], policy: str, cache: RadixCache) -> list[Req]:
+    if policy == "lpm" and not cache.disabled and len(waiting) <= LPM_MAX_QUEUE:
+        # match_prefix may split nodes but never changes what is cached, so this is side-effect free.
+        return sorted(waiting, key=lambda r: (-len(cache.match_prefix(r.fill_ids[: r.max_prefix_len]).slots), r.arrival))
+    if policy == "priority":
+        return sorted(waiting, key=lambda r: (-r.priority, r.arrival))
+    return sorted(waiting, key=lambda r: r.arrival)
+
+
+def preemption_victim(running: list[Req]) -> Req:
+    """Lowest priority first, then the newest arrival."""
+    return min(running, key=lambda r: (r.priority, -r.arrival))

@@ -1,0 +1,148 @@
+"""The scheduler's vocabulary: a request in flight and the plain-data batch handed to the runner.
+
+Lengths of a request (all in tokens; `fill_ids = prompt_ids + output_ids`):
+
+    | cached_len | owned by the request | not yet computed      |
+    0         cached_len             kv_len            len(fill_ids)
+    [ tree's slots, locked ][ slots only this req holds ][ next step's extend ]
+
+`slots[:kv_len]` holds the KV slot of every computed token. The first `cached_len` belong to the
+radix tree (locked through `last_node`); the rest belong to the request alone. Decode is just an
+extend of length 1: after a token is sampled, `kv_len == len(fill_ids) - 1`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from sgl.runtime.cache.radix_cache import TreeNode
+from sgl.runtime.protocol import GenerateRequest, SamplingParams
+
+
+class ReqStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int  # admission order: fcfs and "preempt the newest"
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    priority: int = 0
+    grammar: Any = None  # a grammar matcher (opaque to the scheduler), or None
+    created_time: float = field(default_factory=time.monotonic)
+
+    output_ids: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    cached_len: int = 0
+    last_node: Optional[TreeNode] = None
+    status: ReqStatus = ReqStatus.WAITING
+    finish_reason: Optional[dict[str, Any]] = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    admitted_once: bool = False
+    num_preemptions: int = 0
+    first_token_time: Optional[float] = None
+    # logprobs, filled as computed: (logprob | None, token_id, top list)
+    input_logprobs: list[tuple[Optional[float], int]] = field(default_factory=list)
+    input_top_logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # output processing state (owned by OutputProcessor)
+    text: str = ""
+    decoded_upto: int = 0  # output tokens whose text is final in `text`
+    stop_checked_upto: int = 0
+    sampling_state: Any = None  # the runner's per-request sampling state
+
+    def __post_init__(self) -> None:
+        assert len(self.prompt_ids) > 0, "a request needs at least one prompt token"
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def kv_len(self) -> int:
+        return len(self.slots)
+
+    @property
+    def pending_len(self) -> int:
+        """Tokens whose KV is still to compute (1 while decoding)."""
+        return self.seq_len - self.kv_len
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def max_prefix_len(self) -> int:
+        """How much of fill_ids may come from the cache: at least one token must be computed (its
+        logits give the next token), and prompt logprobs need the logits from logprob_start_len - 1."""
+        limit = self.seq_len - 1
+        if self.return_logprob and self.logprob_start_len >= 0 and self.kv_len < len(self.prompt_ids):
+            limit = min(limit, max(self.logprob_start_len - 1, 0))
+        return limit
+
+    @classmethod
+    def from_request(cls, r: GenerateRequest, prompt_ids: list[int], arrival: int) -> "Req":
+        return cls(
+            rid=r.rid,
+            prompt_ids=prompt_ids,
+            params=r.sampling_params,
+            arrival=arrival,
+            return_logprob=r.return_logprob,
+            logprob_start_len=r.logprob_start_len,
+            top_logprobs_num=r.top_logprobs_num,
+            return_text_in_logprobs=r.return_text_in_logprobs,
+            stream=r.stream,
+            priority=r.priority,
+        )
+
+
+@dataclass
+class BatchRow:
+    """One request's share of a step: compute `input_ids` at positions [start, start+len)."""
+
+    req: Req
+    input_ids: list[int]
+    start: int  # position of input_ids[0] (== req.kv_len before the step)
+    new_slots: list[int]  # where the new tokens' KV goes
+    sample: bool  # the last new token's logits produce the next token
+    logprob_targets: list[tuple[int, int]]  # (offset in input_ids, target token) for prompt logprobs
+
+    @property
+    def extend_len(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class ScheduledBatch:
+    rows: list[BatchRow]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.extend_len for r in self.rows)
+
+
+@dataclass
+class RowResult:
+    token_id: Optional[int]  # None when the row did not sample
+    logprob: Optional[float] = None
+    top_logprobs: Optional[list[tuple[int, float]]] = None
+    prompt_logprobs: list[float] = field(default_factory=list)  # one per logprob_target
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    error: Optional[str] = None  # the row could not sample (e.g. grammar allows no token)

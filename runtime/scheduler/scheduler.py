@@ -1,0 +1,288 @@
+"""Continuous batching with chunked prefill, prefix caching and preemption. No tensors here.
+
+One `step()`:
+  1. decode: every running request with one pending token gets a KV slot (evict cache, then preempt
+     the lowest-priority newest request when the pool is short);
+  2. prefill: continue in-flight chunked prompts, then admit waiting requests in policy order, each
+     matched against the radix tree, under the per-step token budget (`max_prefill_tokens`, and
+     `chunked_prefill_size` per step when chunking is on: Sarathi);
+  3. run the batch on the model runner (an argument: tests drive the scheduler with a fake one);
+  4. append sampled tokens, check finish, cache finished requests' KV in the tree, emit outputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+from sgl.runtime.cache.allocator import SlotAllocator
+from sgl.runtime.cache.radix_cache import NoPrefixCache, RadixCache
+from sgl.runtime.config import ServerArgs
+from sgl.runtime.protocol import finish_reason_abort, finish_reason_length
+from sgl.runtime.scheduler.output import OutputProcessor
+from sgl.runtime.scheduler.policy import order_waiting, preemption_victim
+from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
+
+
+class ModelRunnerLike(Protocol):
+    def run(self, batch: ScheduledBatch) -> list[RowResult]: ...
+
+
+@dataclass
+class StepStats:
+    num_running_reqs: int = 0
+    num_queue_reqs: int = 0
+    token_usage: float = 0.0
+    cache_hit_rate: float = 0.0
+    prompt_tokens_total: int = 0
+    cached_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    prefill_tokens_computed: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+
+
+OutputCallback = Callable[[Req], None]
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs, runner: ModelRunnerLike, output: OutputProcessor, pool_size: int,
+                 on_output: OutputCallback) -> None:
+        self.args = args
+        self.runner = runner
+        self.output = output
+        self.on_output = on_output
+        self.allocator = SlotAllocator(pool_size)
+        self.cache: RadixCache = (NoPrefixCache if args.disable_radix_cache else RadixCache)(self.allocator)
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.stats = StepStats()
+        self._arrival = itertools.count()
+
+    # ---- requests in and out -----------------------------------------------------------
+    def next_arrival(self) -> int:
+        return next(self._arrival)
+
+    def add_request(self, req: Req) -> None:
+        need = len(req.prompt_ids) + req.params.max_new_tokens
+        if need > self.allocator.size:
+            req.finish_reason = finish_reason_abort(
+                f"request needs {need} KV slots (prompt {len(req.prompt_ids)} + max_new_tokens "
+                f"{req.params.max_new_tokens}) but the KV pool holds {self.allocator.size}; "
+                "raise --max-total-tokens or lower max_new_tokens")
+            self._finish(req)
+            return
+        self.stats.prompt_tokens_total += len(req.prompt_ids)
+        self.waiting.append(req)
+
+    def abort(self, rid: str, message: str = "aborted by the client") -> None:
+        for req in self.waiting + self.running:
+            if req.rid == rid and not req.finished:
+                req.finish_reason = finish_reason_abort(message)
+                self._finish(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix; only when idle (a running request holds locks)."""
+        if self.has_work:
+            return False
+        self.cache.evict(self.cache.total_size)
+        assert self.cache.total_size == 0
+        return True
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> None:
+        batch = self._schedule()
+        self._update_gauges()
+        if not batch.rows:
+            return
+        results = self.runner.run(batch)
+        assert len(results) == len(batch.rows)
+        self.stats.num_steps += 1
+        for row, res in zip(batch.rows, results):
+            self._process(row, res)
+        self._update_gauges()
+
+    def _schedule(self) -> ScheduledBatch:
+        rows: list[BatchRow] = []
+        # 1. decode: one slot per running request with one pending token.
+        decoding = [r for r in self.running if r.pending_len == 1]
+        while decoding and not self._ensure_free(len(decoding)):
+            victim = preemption_victim(self.running)
+            self._preempt(victim)
+            if victim in decoding:
+                decoding.remove(victim)
+        for req in sorted(decoding, key=lambda r: r.arrival):
+            slots = self.allocator.alloc(1)
+            assert slots is not None
+            rows.append(self._row(req, 1, slots))
+        # 2. prefill: in-flight chunks first, then waiting requests in policy order.
+        budget = self.args.max_prefill_tokens
+        if self.args.chunk_size is not None:
+            budget = min(budget, self.args.chunk_size)
+        first_prefill = True
+        for req in [r for r in self.running if r.pending_len > 1]:
+            row = self._extend_row(req, budget, first_prefill)
+            if row is None:
+                break
+            budget -= row.extend_len
+            first_prefill = False
+            rows.append(row)
+        for req in order_waiting(self.waiting, self.args.schedule_policy, self.cache):
+            if budget <= 0 or len(self.running) >= self.args.max_running_requests:
+                break
+            self._match(req)
+            row = self._extend_row(req, budget, first_prefill)
+            if row is None:
+                self._release_prefix(req)
+                break
+            self.waiting.remove(req)
+            req.status = ReqStatus.RUNNING
+            self.running.append(req)
+            if not req.admitted_once:
+                req.admitted_once = True
+                req.num_cached_tokens = req.cached_len
+                self.stats.cached_tokens_total += req.cached_len
+            budget -= row.extend_len
+            first_prefill = False
+            rows.append(row)
+        return ScheduledBatch(rows)
+
+    def _extend_row(self, req: Req, budget: int, first: bool) -> Optional[BatchRow]:
+        """The next prefill piece of `req` within `budget`, with its slots allocated, or None."""
+        n = req.pending_len
+        if self.args.chunk_size is not None:
+            n = min(n, budget)
+        elif n > budget and not first:
+            return None  # unchunked: a long prompt waits for a step of its own
+        if n <= 0 or not self._ensure_free(n):
+            return None
+        slots = self.allocator.alloc(n)
+        assert slots is not None
+        return self._row(req, n, slots)
+
+    def _row(self, req: Req, n: int, slots: list[int]) -> BatchRow:
+        start = req.kv_len
+        fill = req.fill_ids
+        sample = start + n == len(fill) and len(req.output_ids) < req.params.max_new_tokens
+        targets: list[tuple[int, int]] = []
+        if req.return_logprob and req.logprob_start_len >= 0:
+            # logits at position p score prompt token p + 1 (token 0 has no logprob)
+            lo = max(start, req.logprob_start_len - 1, 0)
+            hi = min(start + n, len(req.prompt_ids) - 1)
+            targets = [(p - start, req.prompt_ids[p + 1]) for p in range(lo, hi)]
+        return BatchRow(req, fill[start:start + n], start, slots, sample, targets)
+
+    def _ensure_free(self, n: int) -> bool:
+        short = n - self.allocator.available
+        if short > 0:
+            self.cache.evict(short)
+        return self.allocator.available >= n
+
+    # ---- prefix cache bookkeeping (see the table in request.py) -------------------------
+    def _match(self, req: Req) -> None:
+        assert req.kv_len == 0 and req.last_node is None
+        m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len])
+        self.cache.lock(m.node)
+        req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(m.slots)
+
+    def _release_prefix(self, req: Req) -> None:
+        """Undo `_match` for a request that was not admitted."""
+        if req.last_node is not None:
+            self.cache.unlock(req.last_node)
+        req.last_node, req.slots, req.cached_len = None, [], 0
+
+    def _cache_req(self, req: Req, keep_locked: bool) -> None:
+        """Hand the request's computed KV to the tree (or free it when the cache is disabled)."""
+        key = req.fill_ids[: req.kv_len]
+        existing = self.cache.insert(key, req.slots)
+        # [cached_len, existing): the tree already had these tokens: our copies are duplicates.
+        self.allocator.free(req.slots[req.cached_len:existing])
+        old = req.last_node
+        if keep_locked and not self.cache.disabled:
+            m = self.cache.match_prefix(key)
+            assert len(m.slots) == len(key)
+            self.cache.lock(m.node)
+            req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(key)
+        else:
+            req.last_node, req.slots, req.cached_len = None, [], 0
+        if old is not None:
+            self.cache.unlock(old)
+
+    def _preempt(self, req: Req) -> None:
+        """Free a running request's KV (into the tree) and requeue it; it recomputes later."""
+        self._cache_req(req, keep_locked=False)
+        self.running.remove(req)
+        req.status = ReqStatus.WAITING
+        req.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.append(req)
+
+    # ---- results ---------------------------------------------------------------------------
+    def _process(self, row: BatchRow, res: RowResult) -> None:
+        req = row.req
+        req.slots.extend(row.new_slots)
+        if row.start < len(req.prompt_ids):
+            self.stats.prefill_tokens_computed += row.extend_len
+        if row.logprob_targets:
+            tops = res.prompt_top_logprobs or [None] * len(row.logprob_targets)
+            if req.logprob_start_len == 0 and not req.input_logprobs:
+                req.input_logprobs.append((None, req.prompt_ids[0]))
+                req.input_top_logprobs.append(None)
+            for (_, tid), lp, top in zip(row.logprob_targets, res.prompt_logprobs, tops):
+                req.input_logprobs.append((lp, tid))
+                req.input_top_logprobs.append(top)
+        if req.finished:  # aborted while the step ran
+            return
+        if res.error is not None:
+            req.finish_reason = finish_reason_abort(res.error)
+        elif res.token_id is not None:
+            if req.grammar is not None and not req.grammar.accept(res.token_id):
+                req.finish_reason = finish_reason_abort(f"grammar rejected token {res.token_id}")
+            else:
+                if req.return_logprob:
+                    req.output_logprobs.append(res.logprob if res.logprob is not None else 0.0)
+                    req.output_top_logprobs.append(res.top_logprobs or [])
+                self.stats.generation_tokens_total += 1
+                self.output.on_token(req, res.token_id)
+        elif req.pending_len == 0 and req.params.max_new_tokens == 0:
+            req.finish_reason = finish_reason_length(0)
+        if req.finished:
+            self._finish(req)
+            return
+        if req.pending_len > 1 and not self.cache.disabled:
+            self._cache_req(req, keep_locked=True)  # chunked prefill: share the prefix already
+        if req.stream and res.token_id is not None:
+            self.on_output(req)
+
+    def _finish(self, req: Req) -> None:
+        if req.status == ReqStatus.RUNNING:
+            self.running.remove(req)
+            self._cache_req(req, keep_locked=False)
+        elif req.status == ReqStatus.WAITING and req in self.waiting:
+            self.waiting.remove(req)
+        req.status = ReqStatus.FINISHED
+        self.on_output(req)
+
+    # ---- accounting --------------------------------------------------------------------------
+    def _update_gauges(self) -> None:
+        s = self.stats
+        s.num_running_reqs = len(self.running)
+        s.num_queue_reqs = len(self.waiting)
+        s.token_usage = 1.0 - self.allocator.available / self.allocator.size
+        s.cache_hit_rate = s.cached_tokens_total / s.prompt_tokens_total if s.prompt_tokens_total else 0.0
+
+    def check_integrity(self) -> None:
+        """free + cached + held by requests == pool size, and the tree's own invariants."""
+        self.cache.check_integrity()
+        owned = sum(r.kv_len - r.cached_len for r in self.running)
+        total = self.allocator.available + self.cache.total_size + owned
+        assert total == self.allocator.size, (
+            f"KV leak: free {self.allocator.available} + cached {self.cache.total_size} + "
+            f"in-use {owned} = {total} != {self.allocator.size}")
+        if not self.has_work:
+            assert self.cache.protected_size == 0, "idle, yet cache nodes are still locked"

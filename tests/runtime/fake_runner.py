@@ -1,0 +1,59 @@
+"""A model runner without a model, for scheduler tests: it checks the KV bookkeeping for real.
+
+It remembers what (position, token) each KV slot was written with and asserts that every slot a
+request reads holds its own token at its own position, so a cache or preemption bug that hands a
+request the wrong KV fails loudly. The next token is a hash of the whole sequence so far, so a
+correct scheduler gives the same outputs whatever the batching, caching or preemption.
+"""
+
+from __future__ import annotations
+
+from sgl.runtime.scheduler.request import RowResult, ScheduledBatch
+
+VOCAB = 97
+EOS = 0
+
+
+def next_token(seq: list[int]) -> int:
+    h = 0
+    for t in seq:
+        h = (h * 31 + t + 7) % 1_000_003
+    return 1 + h % (VOCAB - 1)  # never EOS: tests control length with max_new_tokens
+
+
+def reference_output(prompt: list[int], max_new_tokens: int) -> list[int]:
+    seq, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        t = next_token(seq)
+        seq.append(t)
+        out.append(t)
+    return out
+
+
+class FakeTokenizer:
+    eos_token_ids = frozenset({EOS})
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"<{t}>" for t in ids if not (skip_special_tokens and t == EOS))
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[int, int]] = {}
+        self.batches: list[list[tuple[str, int, int]]] = []  # per step: (rid, start, extend_len)
+
+    def run(self, batch: ScheduledBatch) -> list[RowResult]:
+        results = []
+        self.batches.append([(r.req.rid, r.start, r.extend_len) for r in batch.rows])
+        for row in batch.rows:
+            req, fill = row.req, row.req.fill_ids
+            assert row.start == req.kv_len and row.input_ids == fill[row.start:row.start + row.extend_len]
+            for pos, slot in enumerate(req.slots):
+                assert self.kv.get(slot) == (pos, fill[pos]), f"{req.rid}: slot {slot} at {pos} holds {self.kv.get(slot)}"
+            for k, slot in enumerate(row.new_slots):
+                self.kv[slot] = (row.start + k, fill[row.start + k])
+            end = row.start + row.extend_len
+            res = RowResult(token_id=next_token(fill[:end]) if row.sample else None, logprob=-0.5)
+            res.prompt_logprobs = [-float(tid) for _, tid in row.logprob_targets]
+            results.append(res)
+        return results
