@@ -242,7 +242,12 @@ class Engine:
 
     def get_stats(self) -> dict[str, Any]:
         s = self.scheduler.stats
-        return dict(vars(s), max_total_tokens=self.scheduler.allocator.size)
+        stats = dict(vars(s), max_total_tokens=self.scheduler.allocator.size)
+        # NOTE: the step gauges go stale once the engine idles (no step runs to refresh them); the counts
+        # are read live (len() of a list is atomic under the GIL) so /metrics and /server_info drop to 0.
+        stats["num_running_reqs"] = len(self.scheduler.running)
+        stats["num_queue_reqs"] = len(self.scheduler.waiting)
+        return stats
 
     def get_model_info(self) -> dict[str, Any]:
         return {

@@ -11,6 +11,16 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _rope_scaling(d: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """`rope_scaling` (transformers < 5) or `rope_parameters` (transformers >= 5); None when plain RoPE."""
+    rs = d.get("rope_scaling") or d.get("rope_parameters")
+    if not rs or rs.get("rope_type", rs.get("type", "default")) == "default":
+        return None
+    return dict(rs)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -42,7 +52,8 @@ class ModelConfig:
     def from_hf(cls, hf: Any) -> "ModelConfig":
         """From a transformers config object or a config.json dict."""
         d = hf if isinstance(hf, dict) else hf.to_dict()
-        archs = d.get("architectures") or ["LlamaForCausalLM"]
+        # NOTE: configs built in memory (tests) carry no `architectures`; fall back on `model_type`.
+        archs = d.get("architectures") or [_MODEL_TYPES.get(d.get("model_type", ""), "LlamaForCausalLM")]
         arch = SUPPORTED_ARCHITECTURES.get(archs[0])
         if arch is None:
             raise ValueError(f"unsupported architecture {archs[0]!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
@@ -63,7 +74,7 @@ class ModelConfig:
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(d.get("attention_bias", False)),
-            rope_scaling=d.get("rope_scaling"),
+            rope_scaling=_rope_scaling(d),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )

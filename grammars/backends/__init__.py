@@ -1,0 +1,1 @@
+"""Grammar backend implementations (imported lazily through sgl.grammars.base.get_backend)."""

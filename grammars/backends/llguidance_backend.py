@@ -1,0 +1,146 @@
+"""llguidance backend (the default): an Earley parser over lazily built lexer DFAs, so bounded
+repetition (``maxLength: 20``, ``{1,200}``) never becomes one exploded automaton, and the mask is
+computed in ~tens of microseconds with a flat tail.
+
+Input per kind: regex -> llguidance regex (Rust `regex` syntax); json_schema -> our NORMALIZED schema
+fed to llguidance's JSON compiler with explicit whitespace/separator options; ebnf -> Lark (GBNF
+``::=`` grammars are converted first); choices -> a Lark alternation of string literals.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import llguidance
+import torch
+from llguidance import LLMatcher, LLTokenizer
+
+from sgl.grammars.base import BackendOptions, CompiledGrammar, GrammarBackend, GrammarMatcher, GrammarSpec
+from sgl.grammars.errors import GrammarError
+from sgl.grammars.vocabulary import Vocabulary
+
+_WS_CHARS = r"[\x20\x0A\x0D\x09]"
+
+
+class _TokenizerAdapter:
+    """What `llguidance.LLTokenizer` reads from a TokenizerWrapper: tokens (bytes per id), EOS/BOS, the
+    special ids, and a bytes -> ids function (used for forced-token computation)."""
+
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
+        n = vocab.vocab_size_padded
+        # NOTE: special tokens need distinct non-empty names for llguidance; padding ids get empty bytes
+        # (llguidance never allows an empty token).
+        self.tokens = [vocab.token_bytes[i] if i < vocab.vocab_size and vocab.token_bytes[i] is not None
+                       else (f"<|special_{i}|>".encode() if i < vocab.vocab_size else b"") for i in range(n)]
+        self.special_token_ids = sorted(vocab.special_token_ids)
+        self.eos_token_id = vocab.eos_token_id
+        self.bos_token_id = None
+        self.is_tokenizer_wrapper = True
+
+    def __call__(self, data: bytes) -> list[int]:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        return self.vocab.encode(data) if self.vocab.tokenizer is not None else _greedy(self.tokens, data)
+
+
+def _greedy(tokens: list[bytes], data: bytes) -> list[int]:
+    """Longest-match tokenization, for hand-made test vocabularies without a tokenizer."""
+    index = {t: i for i, t in enumerate(tokens) if t}
+    longest = max((len(t) for t in index), default=1)
+    out, i = [], 0
+    while i < len(data):
+        for k in range(min(longest, len(data) - i), 0, -1):
+            if data[i:i + k] in index:
+                out.append(index[data[i:i + k]])
+                i += k
+                break
+        else:
+            raise ValueError(f"cannot tokenize byte {data[i:i + 1]!r}")
+    return out
+
+
+def _to_grammar(spec: GrammarSpec) -> str:
+    """Spec -> llguidance grammar definition (a string for LLMatcher)."""
+    if spec.kind == "regex":
+        return LLMatcher.grammar_from_regex(spec.value)
+    if spec.kind == "choices":
+        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.value))
+    if spec.kind == "ebnf":
+        text = spec.value
+        if "::=" in text:
+            try:
+                text = llguidance.gbnf_to_lark.any_to_lark(text)
+            except Exception as e:  # noqa: BLE001
+                raise GrammarError(f"invalid GBNF grammar: {e}") from e
+        return LLMatcher.grammar_from_lark(text)
+    if spec.kind == "json_schema":
+        if spec.json_whitespace == "compact":
+            opts = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+        else:
+            opts = {"whitespace_flexible": True, "whitespace_pattern": f"{_WS_CHARS}{{0,{spec.max_whitespace}}}",
+                    "item_separator": ",", "key_separator": ":"}
+        return LLMatcher.grammar_from_json_schema(spec.value, overrides=opts)
+    raise GrammarError(f"unknown constraint kind {spec.kind!r}")
+
+
+def _validate(grammar: str, tokenizer: Optional[LLTokenizer]) -> None:
+    is_err, msgs = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+    if is_err:
+        raise GrammarError(msgs[0] if msgs else "invalid grammar")
+
+
+class LLGuidanceMatcher(GrammarMatcher):
+    def __init__(self, vocab: Vocabulary, m: LLMatcher):
+        super().__init__(vocab)
+        self._m = m
+
+    def _fill(self, row: torch.Tensor) -> None:
+        self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+        if self._m.is_error():
+            self._fail(self._m.get_error())
+
+    def _accept(self, token_id: int) -> bool:
+        ok = self._m.consume_token(token_id)
+        if not ok and self._m.is_error():
+            self._fail(f"token {token_id} not allowed: {self._m.get_error()}")
+        return ok
+
+    def _rollback(self, n: int) -> None:
+        if not self._m.rollback(n):
+            raise RuntimeError(self._m.get_error() or "rollback failed")
+
+    def _is_terminated(self) -> bool:
+        return self._m.is_stopped() and not self._m.is_error()
+
+    def _forced_tokens(self) -> list[int]:
+        return list(self._m.compute_ff_tokens())
+
+
+class LLGuidanceGrammar(CompiledGrammar):
+    def __init__(self, spec: GrammarSpec, vocab: Vocabulary, template: LLMatcher):
+        self.spec = spec
+        self._vocab = vocab
+        self._template = template  # NOTE: never advanced; each request gets a deep copy
+
+    def matcher(self) -> GrammarMatcher:
+        return LLGuidanceMatcher(self._vocab, self._template.deep_copy())
+
+
+class LLGuidanceBackend(GrammarBackend):
+    name = "llguidance"
+
+    def __init__(self, vocab: Vocabulary, options: BackendOptions):
+        super().__init__(vocab, options)
+        self._tok = LLTokenizer(llguidance.TokenizerWrapper(_TokenizerAdapter(vocab)),  # type: ignore[arg-type]
+                                n_vocab=vocab.vocab_size_padded, eos_token=sorted(vocab.eos_token_ids))
+
+    def check(self, spec: GrammarSpec) -> None:
+        _validate(_to_grammar(spec), None)
+
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        grammar = _to_grammar(spec)
+        m = LLMatcher(self._tok, grammar, log_level=0)
+        if m.is_error():
+            raise GrammarError(m.get_error())
+        return LLGuidanceGrammar(spec, self.vocab, m)

@@ -1,0 +1,222 @@
+"""The backend interface: a `GrammarBackend` compiles a `GrammarSpec` into a `CompiledGrammar`, whose
+`matcher()` is a per-request `GrammarMatcher`. A registry maps `--grammar-backend` names to lazily
+imported implementations, so a missing optional package only matters when it is selected.
+
+The matcher never raises inside the serving loop: any backend exception, a rejected token or an empty
+mask moves it into an error state (`matcher.error` is the message) from which it only allows EOS.
+"""
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from sgl.grammars.errors import GrammarError
+from sgl.grammars.vocabulary import Vocabulary
+
+KINDS = ("regex", "json_schema", "ebnf", "choices")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A validated constraint ready for a backend.
+
+    kind: one of KINDS. For json_schema, `value` is the NORMALIZED schema as a JSON string (see
+    sgl.grammars.json_schema); for choices, the choices as a tuple; otherwise the user's text.
+    """
+
+    kind: str
+    value: Union[str, tuple[str, ...]]
+    json_whitespace: str = "compact"  # "compact" | "flexible"
+    max_whitespace: int = 4  # flexible whitespace: at most this many blanks in a row (so loops end)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    json_whitespace: str = "compact"
+    max_whitespace: int = 4
+
+
+class GrammarMatcher(ABC):
+    """Per-request matching state. Subclasses implement the `_`-prefixed methods; may raise freely."""
+
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
+        self.error: Optional[str] = None
+        self._eos_accepted = False
+        self._words = (vocab.vocab_size_padded + 31) // 32  # bitmask words this vocabulary needs
+
+    # --- public, never raises -------------------------------------------------------------------
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed-next-token bits of this request into ``bitmask[row]`` ([B, W] int32).
+
+        Bit j of word w set = token 32*w+j allowed. Words past this vocabulary are zeroed. In the error
+        state, or once finished, only EOS is allowed.
+        """
+        out = bitmask[row]  # [W]
+        if out.shape[0] < self._words:
+            raise ValueError(f"bitmask has {out.shape[0]} words per row, need {self._words}")
+        if self.error is None and not self._eos_accepted:
+            try:
+                self._fill(out[: self._words])
+            except Exception as e:  # noqa: BLE001 - any backend failure ends this request only
+                self._fail(f"grammar backend failed to compute the mask: {e}")
+            else:
+                if out.shape[0] > self._words:
+                    out[self._words:] = 0
+                if self.error is None and not out.numpy().any():
+                    self._fail("the grammar allows no next token (unsatisfiable constraint)")
+        if self.error is not None or self._eos_accepted:
+            out.zero_()
+            for e in self.vocab.eos_token_ids:
+                out[e // 32] |= _bit(e % 32)
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by one sampled token. False (and the error state) if the token is not allowed."""
+        if self.error is not None:
+            return False
+        if self._eos_accepted:
+            return token_id in self.vocab.eos_token_ids
+        try:
+            ok = self._accept(int(token_id))
+        except Exception as e:  # noqa: BLE001
+            self._fail(f"grammar backend failed to accept token {token_id}: {e}")
+            return False
+        if not ok:
+            self._fail(f"token {token_id} ({self.vocab.decode([token_id])!r}) is not allowed by the grammar")
+            return False
+        if token_id in self.vocab.eos_token_ids:
+            self._eos_accepted = True
+        return True
+
+    def rollback(self, n: int) -> None:
+        """Undo the last `n` accepted tokens (speculative decoding, jump-forward retokenization)."""
+        if n <= 0 or self.error is not None:
+            return
+        if self._eos_accepted:
+            self._eos_accepted = False
+        try:
+            self._rollback(n)
+        except Exception as e:  # noqa: BLE001
+            self._fail(f"grammar backend failed to roll back {n} tokens: {e}")
+
+    def is_finished(self) -> bool:
+        """True once EOS was accepted, or the grammar is complete and only EOS may follow."""
+        if self._eos_accepted:
+            return True
+        if self.error is not None:
+            return False
+        try:
+            return self._is_terminated()
+        except Exception as e:  # noqa: BLE001
+            self._fail(f"grammar backend failed: {e}")
+            return False
+
+    def jump_forward(self) -> Optional[str]:
+        """The text the grammar forces next (a UTF-8-complete prefix of the forced bytes), or None."""
+        toks = self.jump_forward_tokens()
+        if not toks:
+            return None
+        text = self.vocab.decode(toks).decode("utf-8", errors="ignore")
+        return text or None
+
+    def jump_forward_tokens(self) -> list[int]:
+        """Tokens the grammar forces next, tokenized canonically and safely at the boundary (the last
+        forced bytes that could merge with what follows are left out). The matcher is NOT advanced:
+        call `accept` on each to commit them. Empty when nothing is forced or in the error state."""
+        if self.error is not None or self._eos_accepted:
+            return []
+        try:
+            return [t for t in self._forced_tokens()]
+        except Exception as e:  # noqa: BLE001
+            self._fail(f"grammar backend failed to compute the forced continuation: {e}")
+            return []
+
+    def _fail(self, message: str) -> None:
+        if self.error is None:
+            self.error = message
+
+    # --- backend hooks ---------------------------------------------------------------------------
+    @abstractmethod
+    def _fill(self, row: torch.Tensor) -> None:
+        """Write this vocabulary's ``row`` ([self._words] int32, contiguous view)."""
+
+    @abstractmethod
+    def _accept(self, token_id: int) -> bool: ...
+
+    @abstractmethod
+    def _rollback(self, n: int) -> None: ...
+
+    @abstractmethod
+    def _is_terminated(self) -> bool: ...
+
+    def _forced_tokens(self) -> list[int]:
+        return []
+
+
+def _bit(j: int) -> int:
+    """int32 value with bit j set (bit 31 is the sign bit)."""
+    return -(1 << 31) if j == 31 else (1 << j)
+
+
+class CompiledGrammar(ABC):
+    """One compiled constraint, shared (read-only) by every request that uses it."""
+
+    spec: GrammarSpec
+
+    @abstractmethod
+    def matcher(self) -> GrammarMatcher: ...
+
+
+class GrammarBackend(ABC):
+    """Compiles specs for one vocabulary. Instances are made by `get_backend(name, vocab, options)`."""
+
+    name: str = "?"
+
+    def __init__(self, vocab: Vocabulary, options: BackendOptions):
+        self.vocab = vocab
+        self.options = options
+
+    @abstractmethod
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        """Compile; raise GrammarError for a constraint this backend cannot handle. May be slow."""
+
+    def check(self, spec: GrammarSpec) -> None:
+        """Fast syntax check without the vocabulary (called at request submission). Default: nothing."""
+
+
+# name -> "module:Class", imported on first use so optional packages stay optional.
+_REGISTRY: dict[str, str] = {
+    "llguidance": "sgl.grammars.backends.llguidance_backend:LLGuidanceBackend",
+    "xgrammar": "sgl.grammars.backends.xgrammar_backend:XGrammarBackend",
+    "outlines": "sgl.grammars.backends.outlines_backend:OutlinesBackend",
+}
+
+
+def register_backend(name: str, target: Union[str, Callable[..., GrammarBackend]]) -> None:
+    """Register a backend class (or "module:Class" path) under `name`."""
+    _REGISTRY[name] = target  # type: ignore[assignment]
+
+
+def available_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str, vocab: Vocabulary, options: BackendOptions) -> GrammarBackend:
+    target: Any = _REGISTRY.get(name)
+    if target is None:
+        raise ValueError(f"unknown grammar backend {name!r}; choose one of {available_backends()}")
+    if isinstance(target, str):
+        mod, _, cls = target.partition(":")
+        try:
+            target = getattr(importlib.import_module(mod), cls)
+        except ImportError as e:
+            raise ValueError(f"grammar backend {name!r} needs a package that is not installed: {e}") from e
+    return target(vocab, options)
+
+
+__all__ = ["KINDS", "GrammarSpec", "BackendOptions", "GrammarMatcher", "CompiledGrammar", "GrammarBackend",
+           "GrammarError", "register_backend", "available_backends", "get_backend"]

@@ -1,0 +1,172 @@
+"""GrammarCompiler: one per (tokenizer, backend). Validates constraints at submission, compiles them in
+background threads, and keeps an LRU cache of compiled grammars shared by all requests.
+
+Example:
+    >>> compiler = GrammarCompiler(vocab)                    # default backend
+    >>> compiler.validate("regex", "[0-9]+")                 # fast; GrammarError -> HTTP 400
+    >>> grammar = compiler.compile_async("regex", "[0-9]+").result()
+    >>> m = grammar.matcher()                                # per request
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from typing import Any, Optional, Sequence, Union
+
+from sgl.grammars.base import KINDS, BackendOptions, CompiledGrammar, GrammarSpec, get_backend
+from sgl.grammars.errors import GrammarError, GrammarTimeout
+from sgl.grammars.json_schema import normalize
+from sgl.grammars.vocabulary import Vocabulary
+
+DEFAULT_BACKEND = "llguidance"
+ConstraintValue = Union[str, dict, Sequence[str]]
+
+
+def _key(kind: str, value: ConstraintValue) -> tuple[str, str]:
+    if kind == "choices":
+        return kind, json.dumps(list(value))
+    if isinstance(value, dict):
+        return kind, json.dumps(value, sort_keys=True)
+    return kind, str(value)
+
+
+class GrammarCompiler:
+    """Compiles regex / json_schema / ebnf / choices constraints for one vocabulary.
+
+    backend: "llguidance" (default), "xgrammar" or "outlines". json_whitespace: "compact" (no blanks
+    between JSON tokens) or "flexible" (at most `max_whitespace` blanks in a row). strict_json: reject
+    overlapping ``oneOf`` and ``uniqueItems: true`` (True) or accept them with a warning (False).
+    """
+
+    def __init__(self, vocab: Vocabulary, backend: str = DEFAULT_BACKEND, json_whitespace: str = "compact",
+                 compile_timeout_s: float = 30.0, cache_size: int = 256, *, max_whitespace: int = 4,
+                 strict_json: bool = True, num_threads: int = 2):
+        if json_whitespace not in ("compact", "flexible"):
+            raise ValueError(f"json_whitespace must be 'compact' or 'flexible', got {json_whitespace!r}")
+        self.vocab = vocab
+        self.backend_name = backend
+        self.json_whitespace = json_whitespace
+        self.max_whitespace = max_whitespace
+        self.compile_timeout_s = compile_timeout_s
+        self.cache_size = cache_size
+        self.strict_json = strict_json
+        self.backend = get_backend(backend, vocab, BackendOptions(json_whitespace, max_whitespace))
+        self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="grammar-compile")
+        self._cache: "OrderedDict[tuple[str, str], Future]" = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = {"hits": 0, "misses": 0, "timeouts": 0, "errors": 0}
+
+    # --- validation (sync, fast) ----------------------------------------------------------------
+    def to_spec(self, kind: str, value: ConstraintValue) -> GrammarSpec:
+        """Validate and translate to a backend-neutral spec. Raises GrammarError."""
+        ws = dict(json_whitespace=self.json_whitespace, max_whitespace=self.max_whitespace)
+        if kind not in KINDS:
+            raise GrammarError(f"unknown constraint kind {kind!r}; expected one of {KINDS}")
+        if kind == "choices":
+            if isinstance(value, (str, bytes)) or not value or not all(isinstance(c, str) for c in value):
+                raise GrammarError("choices must be a non-empty list of strings")
+            return GrammarSpec("choices", tuple(value), **ws)
+        if kind == "json_schema":
+            norm = normalize(value, strict=self.strict_json)  # type: ignore[arg-type]
+            return GrammarSpec("json_schema", norm.to_json(), **ws)
+        if not isinstance(value, str) or not value:
+            raise GrammarError(f"{kind} must be a non-empty string")
+        return GrammarSpec(kind, value, **ws)
+
+    def validate(self, kind: str, value: ConstraintValue) -> None:
+        """Raise GrammarError if the constraint is malformed or unsupported. Fast (no vocabulary work)."""
+        with self._lock:
+            fut = self._cache.get(_key(kind, value))
+        if fut is not None and fut.done() and fut.exception() is None:
+            return
+        spec = self.to_spec(kind, value)
+        try:
+            self.backend.check(spec)
+        except GrammarError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a backend's own exception type -> ours
+            raise GrammarError(f"invalid {kind}: {e}") from e
+
+    # --- compilation ----------------------------------------------------------------------------
+    def compile(self, kind: str, value: ConstraintValue, timeout: Optional[float] = None) -> CompiledGrammar:
+        """Blocking convenience wrapper around `compile_async`."""
+        return self.compile_async(kind, value).result(timeout)
+
+    def compile_async(self, kind: str, value: ConstraintValue) -> "Future[CompiledGrammar]":
+        """A future of the compiled grammar; GrammarError (incl. GrammarTimeout) as its exception."""
+        key = _key(kind, value)
+        with self._lock:
+            fut = self._cache.get(key)
+            if fut is not None:
+                self._cache.move_to_end(key)
+                self.stats["hits"] += 1
+                return fut
+            self.stats["misses"] += 1
+            fut = Future()
+            fut.set_running_or_notify_cancel()
+            self._cache[key] = fut
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        timer = threading.Timer(self.compile_timeout_s, self._time_out, args=(key, fut))
+        timer.daemon = True
+        timer.start()
+        self._pool.submit(self._run, key, kind, value, fut, timer)
+        return fut
+
+    def _run(self, key: tuple[str, str], kind: str, value: ConstraintValue, fut: Future,
+             timer: threading.Timer) -> None:
+        t0 = time.perf_counter()
+        try:
+            spec = self.to_spec(kind, value)
+            grammar = self.backend.compile(spec)
+            grammar.compile_time_s = time.perf_counter() - t0  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001
+            timer.cancel()
+            err = e if isinstance(e, GrammarError) else GrammarError(f"failed to compile {kind}: {e}")
+            self.stats["errors"] += 1
+            self._forget(key, fut)
+            _settle(fut, exc=err)
+            return
+        timer.cancel()
+        if not _settle(fut, result=grammar):  # timed out meanwhile: still cache the late result
+            done: Future = Future()
+            done.set_result(grammar)
+            with self._lock:
+                self._cache[key] = done
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+
+    def _time_out(self, key: tuple[str, str], fut: Future) -> None:
+        if _settle(fut, exc=GrammarTimeout(f"grammar compilation took longer than {self.compile_timeout_s:g} s")):
+            self.stats["timeouts"] += 1
+            self._forget(key, fut)
+
+    def _forget(self, key: tuple[str, str], fut: Future) -> None:
+        with self._lock:
+            if self._cache.get(key) is fut:
+                del self._cache[key]
+
+    def cache_len(self) -> int:
+        return len(self._cache)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle(fut: Future, result: Any = None, exc: Optional[BaseException] = None) -> bool:
+    """Complete `fut` once; False if it was already completed (the other party won the race)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+        return True
+    except InvalidStateError:
+        return False

@@ -1,0 +1,190 @@
+"""Paged attention over a token-slot KV pool: the torch reference, which is also the CPU path.
+
+A batch mixes sequences in two states (the same call serves prefill, chunked prefill and decode):
+
+- decode: one new query token (extend_len == 1) attending to all `seq_len` keys of its sequence;
+- extend: `extend_len` new query tokens at positions `prefix_len .. seq_len - 1`, attending to the
+  cached prefix in full and causally among themselves (query i sees keys 0 .. prefix_len + i).
+
+K/V live in per-layer pools `[num_slots, Hkv, D]`; a sequence's keys are the rows of its slot table
+(`[seq_len]` slot ids, the cached prefix first, then the new tokens' slots). The new tokens' K/V must
+already be stored in the pool when `paged_attention` runs.
+
+`AttentionMetadata.build` turns the per-sequence lists into padded index tensors ONCE per step; every
+layer reuses them. Decode rows are batched into one padded `scaled_dot_product_attention` call;
+each extend sequence (few per step under a prefill token budget) gets its own call.
+
+    >>> import torch
+    >>> k_buf, v_buf = torch.randn(8, 1, 4), torch.randn(8, 1, 4)        # 8 slots, 1 kv head, D=4
+    >>> meta = AttentionMetadata.build(extend_lens=[2, 1], seq_lens=[2, 3],
+    ...                                slot_tables=[[0, 1], [5, 6, 7]])
+    >>> q = torch.randn(3, 2, 4)                                           # T=3 queries, 2 heads (GQA 2:1)
+    >>> paged_attention(q, k_buf, v_buf, meta, scale=0.5).shape
+    torch.Size([3, 2, 4])
+
+`kernels` imports nothing from `sgl.runtime`: arguments are plain tensors and lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+SlotTable = Union[torch.Tensor, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """All extend_len == 1 sequences of a batch, padded to the longest one."""
+
+    rows: Optional[torch.Tensor]  # [Bd] int64 query rows in the batch; None = the batch is rows 0..Bd-1
+    slots: torch.Tensor  # [Bd * Lmax] int64, row-major padded slot tables (pad = a valid slot of the row)
+    batch_size: int  # Bd
+    max_len: int  # Lmax
+    mask: Optional[torch.Tensor]  # [Bd, 1, 1, Lmax] bool, True = attend; None when no row is padded
+
+
+@dataclass(frozen=True)
+class ExtendSegment:
+    """One sequence with extend_len > 1: queries `q_start:q_end` of the batch."""
+
+    q_start: int
+    q_end: int
+    slots: torch.Tensor  # [seq_len] int64
+    mask: Optional[torch.Tensor]  # [E, seq_len] bool, True = attend; None = plain causal (no prefix)
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    num_tokens: int  # T, the number of query rows
+    decode: Optional[DecodeGroup]
+    extends: tuple[ExtendSegment, ...]
+
+    @classmethod
+    def build(
+        cls,
+        extend_lens: Sequence[int],
+        seq_lens: Sequence[int],
+        slot_tables: Sequence[SlotTable],
+        device: Union[str, torch.device] = "cpu",
+    ) -> "AttentionMetadata":
+        """Index tensors for one step. `slot_tables[b]` has `seq_lens[b]` slots; queries are sequence-major."""
+        assert len(extend_lens) == len(seq_lens) == len(slot_tables), "one extend_len, seq_len, slot table per sequence"
+        tables = [_as_index(t, device) for t in slot_tables]
+        decode_rows: list[int] = []
+        decode_tables: list[torch.Tensor] = []
+        extends: list[ExtendSegment] = []
+        row = 0
+        for ext, seq, table in zip(extend_lens, seq_lens, tables):
+            assert 1 <= ext <= seq, f"need 1 <= extend_len <= seq_len, got {ext}, {seq}"
+            assert table.numel() == seq, f"slot table has {table.numel()} slots for seq_len {seq}"
+            if ext == 1:
+                decode_rows.append(row)
+                decode_tables.append(table)
+            else:
+                prefix = seq - ext
+                mask = None
+                if prefix > 0:
+                    # query i (position prefix + i) sees keys 0 .. prefix + i
+                    key_pos = torch.arange(seq, device=device)
+                    q_pos = torch.arange(prefix, seq, device=device)
+                    mask = key_pos[None, :] <= q_pos[:, None]  # [E, L]
+                extends.append(ExtendSegment(row, row + ext, table, mask))
+            row += ext
+        decode = _build_decode_group(decode_rows, decode_tables, row, device) if decode_rows else None
+        return cls(num_tokens=row, decode=decode, extends=tuple(extends))
+
+
+def _as_index(t: SlotTable, device: Union[str, torch.device]) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t.to(device=device, dtype=torch.int64)
+    return torch.tensor(t, dtype=torch.int64, device=device)
+
+
+def _build_decode_group(
+    rows: list[int], tables: list[torch.Tensor], num_tokens: int, device: Union[str, torch.device]
+) -> DecodeGroup:
+    lens = [t.numel() for t in tables]
+    max_len = max(lens)
+    bd = len(tables)
+    if bd == 1:
+        slots, mask = tables[0], None
+    else:
+        padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=-1)  # [Bd, Lmax]
+        # NOTE: pad with the row's first slot, which holds written K/V: masked scores of garbage
+        # (NaN in a never-written slot) would still poison the softmax.
+        slots = torch.where(padded < 0, padded[:, :1], padded).reshape(-1)
+        mask = None
+        if min(lens) != max_len:
+            lens_t = torch.tensor(lens, device=device)
+            mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None]).view(bd, 1, 1, max_len)
+    # rows None: the decode rows are exactly the batch, in order (a pure decode step)
+    rows_t = None if bd == num_tokens else torch.tensor(rows, dtype=torch.int64, device=device)
+    return DecodeGroup(rows=rows_t, slots=slots, batch_size=bd, max_len=max_len, mask=mask)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of the batch's new queries over their sequences' paged K/V.
+
+    q: [T, H, D]; k_buf, v_buf: [num_slots, Hkv, D] (H % Hkv == 0, query head h reads kv head
+    h // (H // Hkv)); returns [T, H, D] in q's dtype.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    assert num_tokens == meta.num_tokens, f"q has {num_tokens} rows, metadata expects {meta.num_tokens}"
+    assert num_heads % num_kv_heads == 0 and k_buf.shape == v_buf.shape and k_buf.shape[2] == head_dim
+    group = num_heads // num_kv_heads
+
+    d = meta.decode
+    if d is not None and d.rows is None:  # pure decode: no scatter
+        return _decode(q, k_buf, v_buf, d, scale, num_kv_heads, group)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
+    if d is not None:
+        out.index_copy_(0, d.rows, _decode(q.index_select(0, d.rows), k_buf, v_buf, d, scale, num_kv_heads, group))
+    for seg in meta.extends:
+        out[seg.q_start : seg.q_end] = _extend(q[seg.q_start : seg.q_end], k_buf, v_buf, seg, scale)
+    return out
+
+
+def _decode(
+    q: torch.Tensor,  # [Bd, H, D]
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    d: DecodeGroup,
+    scale: float,
+    num_kv_heads: int,
+    group: int,
+) -> torch.Tensor:
+    bd, num_heads, head_dim = q.shape
+    # NOTE: one query per sequence, so the G query heads sharing a kv head become G query rows of
+    # that kv head: GQA without repeating K/V. index_select is ~4x faster than advanced indexing.
+    k = k_buf.index_select(0, d.slots).view(bd, d.max_len, num_kv_heads, head_dim).transpose(1, 2)  # [Bd, Hkv, L, D]
+    v = v_buf.index_select(0, d.slots).view(bd, d.max_len, num_kv_heads, head_dim).transpose(1, 2)  # [Bd, Hkv, L, D]
+    qg = q.view(bd, num_kv_heads, group, head_dim)  # [Bd, Hkv, G, D]
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=d.mask, scale=scale)  # [Bd, Hkv, G, D]
+    return o.reshape(bd, num_heads, head_dim)
+
+
+def _extend(
+    q: torch.Tensor,  # [E, H, D]
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    seg: ExtendSegment,
+    scale: float,
+) -> torch.Tensor:
+    k = k_buf.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+    v = v_buf.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, E, D]
+    o = F.scaled_dot_product_attention(
+        qh, k, v, attn_mask=seg.mask, is_causal=seg.mask is None, scale=scale, enable_gqa=True
+    )  # [1, H, E, D]
+    return o[0].transpose(0, 1)  # [E, H, D]

@@ -1,0 +1,100 @@
+"""The inputs of one forward step: new tokens of a batch of sequences over a paged KV pool.
+
+Lengths, per sequence b (mini-sglang's vocabulary):
+    seq_len    = tokens of the sequence after this step (cached prefix + new)
+    extend_len = new tokens this step (1 for decode; the whole prompt for a prefill without cache hit)
+    prefix_len = seq_len - extend_len, tokens whose K/V are already in the pool
+Token rows are sequence-major: sequence 0's new tokens, then sequence 1's, and so on.
+
+    >>> fb = ForwardBatch.from_lists(input_ids=[[5, 6, 7], [9]], slot_tables=[[0, 1, 2], [10, 11, 12, 13]])
+    >>> fb.extend_lens, fb.seq_lens, fb.positions.tolist(), fb.out_cache_loc.tolist()
+    ([3, 1], [3, 4], [0, 1, 2, 3], [0, 1, 2, 13])
+    >>> fb.last_token_indices.tolist()   # rows whose hidden state predicts each sequence's next token
+    [2, 3]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import torch
+
+from sgl.kernels.attention import AttentionMetadata
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64: the new tokens of all sequences, sequence-major
+    positions: torch.Tensor  # [T] int64
+    out_cache_loc: torch.Tensor  # [T] int64: KV slots where the new tokens' K/V are written
+    extend_lens: list[int]  # [B] new tokens per sequence (1 = decode)
+    seq_lens: list[int]  # [B] total tokens per sequence after this step (prefix + new)
+    slot_tables: list[torch.Tensor]  # [B], each [seq_len] int64: prefix slots, then out_cache_loc's segment
+    # Derived once per step, shared by every layer:
+    attn: AttentionMetadata = field(init=False, repr=False)
+    last_token_indices: torch.Tensor = field(init=False, repr=False)  # [B] int64 row of each sequence's last token
+
+    def __post_init__(self) -> None:
+        num_tokens = self.input_ids.shape[0]
+        assert self.input_ids.dim() == 1 and self.input_ids.dtype == torch.int64, "input_ids: [T] int64"
+        assert self.positions.shape == (num_tokens,) and self.out_cache_loc.shape == (num_tokens,)
+        assert len(self.extend_lens) == len(self.seq_lens) == len(self.slot_tables) >= 1
+        assert sum(self.extend_lens) == num_tokens, f"sum(extend_lens)={sum(self.extend_lens)} != T={num_tokens}"
+        for ext, seq, table in zip(self.extend_lens, self.seq_lens, self.slot_tables):
+            assert 1 <= ext <= seq, f"need 1 <= extend_len <= seq_len, got {ext}, {seq}"
+            assert table.shape == (seq,), f"slot table of {tuple(table.shape)} for seq_len {seq}"
+        self.attn = AttentionMetadata.build(self.extend_lens, self.seq_lens, self.slot_tables, self.input_ids.device)
+        ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0) - 1
+        self.last_token_indices = ends.to(self.input_ids.device)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.extend_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def prefix_lens(self) -> list[int]:
+        return [s - e for s, e in zip(self.seq_lens, self.extend_lens)]
+
+    @property
+    def is_decode(self) -> bool:
+        return all(e == 1 for e in self.extend_lens)
+
+    @classmethod
+    def from_lists(
+        cls,
+        input_ids: Sequence[Sequence[int]],
+        slot_tables: Sequence[Union[Sequence[int], torch.Tensor]],
+        device: Union[str, torch.device] = "cpu",
+    ) -> "ForwardBatch":
+        """Build from per-sequence new token ids and whole-sequence slot tables.
+
+        `slot_tables[b]` covers the whole sequence (prefix + new), so seq_len = its length and the new
+        tokens sit at positions prefix_len .. seq_len - 1 in the slots at its tail.
+        """
+        assert len(input_ids) == len(slot_tables), "one slot table per sequence"
+        tables = [
+            t.to(device=device, dtype=torch.int64) if isinstance(t, torch.Tensor)
+            else torch.tensor(t, dtype=torch.int64, device=device)
+            for t in slot_tables
+        ]
+        extend_lens = [len(ids) for ids in input_ids]
+        seq_lens = [t.numel() for t in tables]
+        flat_ids = [tok for ids in input_ids for tok in ids]
+        positions = [p for e, s in zip(extend_lens, seq_lens) for p in range(s - e, s)]
+        if len(tables) == 1:
+            out_loc = tables[0][seq_lens[0] - extend_lens[0]:]
+        else:
+            out_loc = torch.cat([t[s - e:] for t, e, s in zip(tables, extend_lens, seq_lens)])
+        return cls(
+            input_ids=torch.tensor(flat_ids, dtype=torch.int64, device=device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            out_cache_loc=out_loc,
+            extend_lens=extend_lens,
+            seq_lens=seq_lens,
+            slot_tables=tables,
+        )

@@ -1,0 +1,73 @@
+"""KV storage: per-layer K and V pools indexed by token slot. Allocation of slots lives in runtime/cache.
+
+    >>> import torch
+    >>> kv = KVCache(num_layers=2, num_slots=16, num_kv_heads=1, head_dim=4, dtype=torch.float32)
+    >>> kv.store(0, torch.tensor([3, 7]), torch.ones(2, 1, 4), torch.zeros(2, 1, 4))
+    >>> kv.k_buffer(0)[7].tolist(), kv.v_buffer(0)[7].tolist()
+    ([[1.0, 1.0, 1.0, 1.0]], [[0.0, 0.0, 0.0, 0.0]])
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from sgl.runtime.models.config import ModelConfig
+
+
+class KVCache:
+    """K and V pools, each [num_layers, num_slots, Hkv, D]; `k_buffer(layer)` is a [num_slots, Hkv, D] view.
+
+    NOTE: the pools are allocated uninitialized; a slot holds garbage until `store` writes it, and
+    attention only reads slots of its sequences' slot tables, which were stored first.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device] = "cpu",
+    ) -> None:
+        assert num_layers >= 1 and num_slots >= 1
+        self.num_layers = num_layers
+        self.num_slots = num_slots
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_layers, num_slots, num_kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=self.device)
+        self.v = torch.empty(shape, dtype=dtype, device=self.device)
+        self._k_layers = list(self.k.unbind(0))  # [num_slots, Hkv, D] views, one per layer
+        self._v_layers = list(self.v.unbind(0))
+
+    @classmethod
+    def for_model(
+        cls, config: ModelConfig, num_slots: int, dtype: torch.dtype, device: Union[str, torch.device] = "cpu"
+    ) -> "KVCache":
+        return cls(config.num_hidden_layers, num_slots, config.num_key_value_heads, config.head_dim, dtype, device)
+
+    @staticmethod
+    def bytes_per_slot(config: ModelConfig, dtype: Union[torch.dtype, int]) -> int:
+        """Bytes one token occupies across all layers (K and V). `dtype`: a torch dtype or its element size."""
+        elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * elem
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def k_buffer(self, layer: int) -> torch.Tensor:
+        return self._k_layers[layer]  # [num_slots, Hkv, D]
+
+    def v_buffer(self, layer: int) -> torch.Tensor:
+        return self._v_layers[layer]  # [num_slots, Hkv, D]
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K/V of T tokens. slots: [T] int64; k, v: [T, Hkv, D] (cast to the pool dtype)."""
+        self._k_layers[layer].index_copy_(0, slots, k.to(self.dtype))
+        self._v_layers[layer].index_copy_(0, slots, v.to(self.dtype))

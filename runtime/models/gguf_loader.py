@@ -1,0 +1,177 @@
+"""Loading a llama.cpp GGUF file: config, float32 weights under Hugging Face names, tokenizer, chat template.
+
+Every tensor is dequantized to float32 at load time (F32, F16, BF16, Q8_0, Q4_0, Q4_1 in dequant.py,
+every other type `gguf.quants` knows through it), so the forward pass sees exactly what transformers
+loads from the same file. Two llama.cpp conventions are undone on the way:
+
+* names: `blk.{i}.attn_q.weight` -> `model.layers.{i}.self_attn.q_proj.weight`, and so on;
+* rotary layout: llama.cpp's converter permutes the rows of q_proj/k_proj (and their biases) of
+  "llama" models from Hugging Face's half-split rotary layout to the interleaved one
+  (`convert_hf_to_gguf.py: LlamaModel.permute`); `unpermute_qk` is its exact inverse. Qwen2 files are
+  not permuted.
+
+    model = read_gguf(resolve_model_path("default"))
+    model.config.num_hidden_layers             # 30
+    for name, tensor in model.weights: ...     # ("model.embed_tokens.weight", float32 [49152, 576]), ...
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sgl.runtime.models.config import ModelConfig
+from sgl.runtime.models.dequant import dequantize
+from sgl.runtime.models.gguf_file import GGUFFile, GGUFTensor
+from sgl.runtime.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+@dataclass
+class GGUFModel:
+    config: ModelConfig
+    weights: Iterator[tuple[str, torch.Tensor]]  # (HF name, float32 tensor), lazily dequantized, once
+    tokenizer: Tokenizer
+    chat_template: Optional[str]
+
+
+def hf_tensor_name(gguf_name: str) -> Optional[str]:
+    """The Hugging Face name of a GGUF tensor (None for tensors the HF model has no parameter for).
+
+    >>> hf_tensor_name("blk.3.attn_q.weight")
+    'model.layers.3.self_attn.q_proj.weight'
+    >>> hf_tensor_name("rope_freqs.weight") is None
+    True
+    """
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_TENSOR.fullmatch(gguf_name)
+    if m is None or m.group(2) not in _LAYER_NAMES:
+        return None
+    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's permutation of q/k rows (HF half-split rotary -> interleaved), as in convert_hf_to_gguf:
+    per head, rows [x0..x_{d/2-1}, y0..y_{d/2-1}] become [x0, y0, x1, y1, ...]. w: [n_head * d, ...]."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The exact inverse of `permute_qk`: interleaved rows back to HF's half-split layout."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def dequantize_tensor(tensor: GGUFTensor) -> np.ndarray:
+    """A GGUF tensor as a new float32 numpy array of shape `tensor.shape` (row-major)."""
+    return dequantize(tensor.data, tensor.qtype, tensor.shape)
+
+
+def gguf_model_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """ModelConfig from GGUF metadata (`{arch}.*` keys) and the tensors' row-major shapes."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {SUPPORTED_GGUF_ARCHITECTURES}")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    rope_scaling = None
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        rope_scaling = {"rope_type": scaling, "factor": float(get("rope.scaling.factor", 1.0))}
+        original = meta.get(f"{arch}.rope.scaling.original_context_length")
+        if original:
+            rope_scaling["original_max_position_embeddings"] = int(original)
+    if "rope_freqs.weight" in shapes:
+        logger.warning("GGUF has rope_freqs.weight (Llama 3.1 rope scaling); its factors are not applied")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=shapes["model.embed_tokens.weight"][0],
+        hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"),
+        num_hidden_layers=get("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=get("attention.head_count_kv", heads),
+        head_dim=meta.get(f"{arch}.attention.key_length") or hidden // heads,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        max_position_embeddings=get("context_length", 4096),
+        tie_word_embeddings="lm_head.weight" not in shapes,
+        attention_bias="model.layers.0.self_attn.q_proj.bias" in shapes,
+        rope_scaling=rope_scaling,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(eos,) if eos is not None else (),
+    )
+
+
+def _iter_weights(file: GGUFFile, config: ModelConfig, show_progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    permuted = config.architecture == "llama"  # only LlamaModel's converter permutes q/k
+    for tensor in tqdm(file.tensors, desc="Loading GGUF weights", unit="tensor", disable=not show_progress):
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            logger.debug("skipping GGUF tensor %s", tensor.name)
+            continue
+        weight = torch.from_numpy(dequantize_tensor(tensor))
+        if permuted and ".self_attn.q_proj." in name:
+            weight = unpermute_qk(weight, config.num_attention_heads)
+        elif permuted and ".self_attn.k_proj." in name:
+            weight = unpermute_qk(weight, config.num_key_value_heads)
+        yield name, weight.contiguous()
+
+
+def read_gguf(path: str, show_progress: bool = True) -> GGUFModel:
+    """Open a GGUF file: config and tokenizer now, weights lazily as (HF name, float32 tensor) pairs.
+
+    >>> from sgl.runtime.models.default_model import resolve_model_path
+    >>> model = read_gguf(resolve_model_path("default"), show_progress=False)
+    >>> model.config.hidden_size, model.config.tie_word_embeddings
+    (576, True)
+    >>> name, w = next(model.weights); name, tuple(w.shape), w.dtype
+    ('model.embed_tokens.weight', (49152, 576), torch.float32)
+    """
+    file = GGUFFile(path)
+    meta = file.metadata
+    shapes = {hf_tensor_name(t.name) or t.name: t.shape for t in file.tensors}
+    config = gguf_model_config(meta, shapes)
+    tokenizer = Tokenizer.from_gguf(meta)
+    tokenizer.name_or_path = path
+    return GGUFModel(
+        config=config,
+        weights=_iter_weights(file, config, show_progress),
+        tokenizer=tokenizer,
+        chat_template=meta.get("tokenizer.chat_template"),
+    )

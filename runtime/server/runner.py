@@ -1,0 +1,267 @@
+"""Running `GenerateRequest`s through the engine for the HTTP routes: checks, metrics, logs, aborts.
+
+Every route funnels into `stream_one` (one request, cumulative dicts), `collect` (wait for a batch,
+aborting it if the client goes away) or `merge_streams` (interleave a batch's streams). Leaving any
+of them early, by a disconnect, a cancellation or an error, aborts the engine request at once, so
+its KV returns to the pool within one scheduler step.
+
+The engine is reached only through the contract in the preamble (`stream_request`, `abort`,
+`tokenizer`, `get_stats`, ...); nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+import anyio
+from starlette.requests import Request
+
+from sgl.runtime.metrics import ServerMetrics
+from sgl.runtime.protocol import GenerateRequest, RequestError
+
+logger = logging.getLogger("sgl.server")
+
+# Texts longer than this are tokenized off the event loop.
+_BIG_TEXT_CHARS = 20_000
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its (non-streaming) response was ready."""
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the engine, its settings, the metrics and the in-flight requests."""
+
+    engine: Any
+    server_args: Any  # sgl.runtime.config.ServerArgs
+    model_name: str
+    context_length: Optional[int] = None
+    vocab_size: Optional[int] = None
+    metrics: Optional[ServerMetrics] = None
+    inflight: dict[str, "RequestTracker"] = field(default_factory=dict)  # rid -> tracker
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+
+class RequestTracker:
+    """Timing and token counts of one request, for the metrics and the one-line log."""
+
+    def __init__(self, state: ServerState, rid: str) -> None:
+        self.state, self.rid = state, rid
+        self.arrival = time.perf_counter()
+        self.first_token_at: Optional[float] = None
+        self.last_token_at: Optional[float] = None
+        self.completion_tokens = 0
+
+    def on_chunk(self, out: dict[str, Any]) -> None:
+        n = int(out.get("meta_info", {}).get("completion_tokens") or 0)
+        if n <= self.completion_tokens:
+            return
+        now = time.perf_counter()
+        metrics, model = self.state.metrics, self.state.model_name
+        if self.first_token_at is None:
+            self.first_token_at = now
+            if metrics:
+                metrics.observe_first_token(model, now - self.arrival)
+                if n > 1:  # several tokens in the first chunk (jump-forward): they came together
+                    metrics.observe_inter_token(model, 0.0, n - 1)
+        elif metrics and self.last_token_at is not None:
+            metrics.observe_inter_token(model, now - self.last_token_at, n - self.completion_tokens)
+        self.last_token_at, self.completion_tokens = now, n
+
+    def finish(self, last: Optional[dict[str, Any]], error: Optional[BaseException]) -> None:
+        meta = (last or {}).get("meta_info", {})
+        reason = meta.get("finish_reason")
+        latency = time.perf_counter() - self.arrival
+        aborted = reason is None or (isinstance(reason, dict) and reason.get("type") == "abort")
+        prompt, cached = int(meta.get("prompt_tokens") or 0), int(meta.get("cached_tokens") or 0)
+        if self.state.metrics:
+            self.state.metrics.observe_finished(self.state.model_name, prompt, self.completion_tokens, latency,
+                                                cached_tokens=cached, aborted=aborted)
+        ttft = f"{self.first_token_at - self.arrival:.3f}s" if self.first_token_at else "-"
+        if error is not None and not isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            how = f"error={type(error).__name__}: {error}"
+        elif reason is None:
+            how = "finish=client_gone"
+        else:
+            how = f"finish={reason.get('type') if isinstance(reason, dict) else reason}"
+        logger.info("request rid=%s prompt_tokens=%d completion_tokens=%d cached_tokens=%d ttft=%s latency=%.3fs %s",
+                    self.rid, prompt, self.completion_tokens, cached, ttft, latency, how)
+
+
+def _encode(state: ServerState, text: str) -> list[int]:
+    return list(state.tokenizer.encode(text))
+
+
+async def check_requests(state: ServerState, reqs: list[GenerateRequest]) -> None:
+    """Checks the engine would otherwise fail late: `n` limit, empty prompt, vocab, context window.
+
+    Raises `RequestError` naming the field (-> HTTP 400).
+    """
+    max_n = getattr(state.server_args, "max_n", None)
+    lengths: dict[int, int] = {}  # id(text) -> token count; n > 1 repeats the same prompt object
+    for req in reqs:
+        sp = req.sampling_params
+        if max_n is not None and sp.n > max_n:
+            raise RequestError(f"sampling_params.n must be at most {max_n} (got {sp.n})")
+        if req.input_ids is not None:
+            num = len(req.input_ids)
+            if state.vocab_size is not None:
+                bad = [t for t in req.input_ids if t >= state.vocab_size]
+                if bad:
+                    raise RequestError(f"input_ids contains token id {bad[0]}, outside the vocabulary "
+                                       f"(size {state.vocab_size})")
+        else:
+            text = req.text or ""
+            if not text:
+                raise RequestError("text must not be empty")
+            if id(text) not in lengths:
+                ids = await asyncio.to_thread(_encode, state, text) if len(text) > _BIG_TEXT_CHARS \
+                    else _encode(state, text)
+                lengths[id(text)] = len(ids)
+            num = lengths[id(text)]
+        if num == 0:
+            raise RequestError("the prompt is empty after tokenization (text)")
+        ctx = state.context_length
+        if ctx is not None:
+            if num >= ctx:
+                raise RequestError(f"the prompt has {num} tokens; the context window is {ctx} tokens")
+            if num + sp.max_new_tokens > ctx:
+                raise RequestError(
+                    f"prompt ({num} tokens) + sampling_params.max_new_tokens ({sp.max_new_tokens}) exceeds "
+                    f"the context window of {ctx} tokens; lower max_new_tokens to at most {ctx - num}")
+
+
+def _abort_quietly(state: ServerState, rid: str) -> None:
+    try:
+        state.engine.abort(rid)
+    except Exception as exc:  # an abort must never turn a disconnect into a 500
+        logger.warning("abort of %s failed: %s", rid, exc)
+
+
+async def stream_one(state: ServerState, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+    """The engine's cumulative outputs for one request. Closing this early aborts the request."""
+    if not req.stream:
+        # NOTE: ask for per-token outputs even when the client waits for the whole answer: TTFT and
+        # inter-token latency (metrics, the request log) are measured here from their arrival times.
+        req = dataclasses.replace(req, stream=True)
+    tracker = RequestTracker(state, req.rid)
+    state.inflight[req.rid] = tracker
+    last: Optional[dict[str, Any]] = None
+    error: Optional[BaseException] = None
+    it: Any = None
+    try:
+        it = state.engine.stream_request(req)
+        if inspect.isawaitable(it):
+            it = await it
+        async for out in it:
+            last = out
+            tracker.on_chunk(out)
+            yield out
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        state.inflight.pop(req.rid, None)
+        if last is None or last.get("meta_info", {}).get("finish_reason") is None:
+            _abort_quietly(state, req.rid)
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            with anyio.CancelScope(shield=True):  # NOTE: must run even when we are being cancelled
+                try:
+                    await aclose()
+                except Exception as exc:
+                    logger.debug("closing the engine stream of %s: %s", req.rid, exc)
+        tracker.finish(last, error)
+
+
+async def run_to_end(state: ServerState, req: GenerateRequest) -> dict[str, Any]:
+    last: Optional[dict[str, Any]] = None
+    async with aclosing(stream_one(state, req)) as outs:
+        async for out in outs:
+            last = out
+    if last is None:
+        raise RuntimeError(f"the engine returned no output for request {req.rid}")
+    return last
+
+
+async def _wait_disconnect(request: Request, poll_s: float = 0.25) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll_s)
+
+
+async def collect(state: ServerState, reqs: list[GenerateRequest],
+                  request: Optional[Request] = None) -> list[dict[str, Any]]:
+    """Run `reqs` concurrently to completion. If `request`'s client disconnects first, abort them
+    all and raise `ClientDisconnected`."""
+    tasks = [asyncio.ensure_future(run_to_end(state, r)) for r in reqs]
+    gathered = asyncio.gather(*tasks)
+    watcher = asyncio.ensure_future(_wait_disconnect(request)) if request is not None else None
+    try:
+        if watcher is None:
+            return list(await gathered)
+        done, _ = await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if gathered in done:
+            return list(gathered.result())
+        raise ClientDisconnected()
+    finally:
+        for t in tasks:
+            t.cancel()
+        if watcher is not None:
+            watcher.cancel()
+        # Let cancelled tasks run their `finally` (engine abort) before we return.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not gathered.done():
+            gathered.cancel()
+        elif not gathered.cancelled():
+            gathered.exception()  # mark retrieved
+
+
+async def merge_streams(state: ServerState, reqs: list[GenerateRequest]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """Interleave the streams of `reqs` as (index, cumulative dict). An error in any stream is raised
+    here; leaving early aborts every unfinished request."""
+    if len(reqs) == 1:
+        async with aclosing(stream_one(state, reqs[0])) as outs:
+            async for out in outs:
+                yield 0, out
+        return
+    queue: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, req: GenerateRequest) -> None:
+        try:
+            async with aclosing(stream_one(state, req)) as outs:
+                async for out in outs:
+                    queue.put_nowait(("item", i, out))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            queue.put_nowait(("error", i, exc))
+        finally:
+            queue.put_nowait(("done", i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(reqs)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            kind, i, value = await queue.get()
+            if kind == "item":
+                yield i, value
+            elif kind == "error":
+                raise value
+            else:
+                remaining -= 1
+    finally:
+        for t in tasks:
+            t.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,84 @@
+"""`sgl.Runtime`: the in-process engine as a DSL backend (no HTTP, no subprocess).
+
+    >>> rt = sgl.Runtime(model_path="default", num_threads=1)      # doctest: +SKIP
+    >>> sgl.set_default_backend(rt)                                  # doctest: +SKIP
+
+Requests go to the engine as `GenerateRequest`s built from the same native bodies the HTTP backend
+sends, so both backends behave identically. The engine (and torch) is imported only here, lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+from sgl.backends.native import Body, NativeBackend, Response
+from sgl.chat_template import ChatTemplate, template_for_model_path
+
+
+class Runtime(NativeBackend):
+    """Run programs on an in-process `sgl.runtime.engine.Engine`.
+
+    `server_args` are `ServerArgs` fields (num_threads=1, max_total_tokens=8192, ...). Pass an
+    existing engine with `engine=` to share it.
+    """
+
+    def __init__(self, model_path: str = "default", *, engine: Any = None, **server_args: Any) -> None:
+        super().__init__()
+        if engine is None:
+            from sgl.runtime.engine import Engine  # NOTE: lazy: `import sgl` must not import torch
+
+            engine = Engine(model_path=model_path, **server_args)
+        self.engine = engine
+        self._template: Optional[ChatTemplate] = None
+
+    def get_chat_template(self) -> ChatTemplate:
+        if self._template is None:
+            tok = self.engine.tokenizer
+            if getattr(tok, "chat_template", None):
+                self._template = ChatTemplate(
+                    lambda messages: tok.apply_chat_template(messages, add_generation_prompt=False),
+                    name=f"{self.engine.model_path} (tokenizer)")
+            else:
+                self._template = template_for_model_path(str(self.engine.model_path))
+        return self._template
+
+    def _generate(self, bodies: list[Body]) -> list[Response]:
+        from sgl.runtime.protocol import normalize_generate_input
+
+        reqs, shapes = [], []
+        for body in bodies:
+            rs, batched = normalize_generate_input(body)
+            reqs.extend(rs)
+            shapes.append((len(rs), batched))
+        outs = self.engine.submit_and_wait(reqs)  # one submission: the scheduler batches them together
+        grouped: list[Response] = []
+        i = 0
+        for count, batched in shapes:
+            grouped.append(outs[i:i + count] if batched else outs[i])
+            i += count
+        return grouped
+
+    def _generate_stream(self, body: Body) -> Iterator[dict[str, Any]]:
+        opts = {k: body[k] for k in ("return_logprob", "logprob_start_len", "top_logprobs_num",
+                                     "return_text_in_logprobs") if k in body}
+        for chunk in self.engine.generate(body["text"], body.get("sampling_params"), stream=True, **opts):
+            yield chunk
+
+    def flush_cache(self) -> bool:
+        return bool(self.engine.flush_cache())
+
+    def get_server_info(self) -> dict[str, Any]:
+        return self.engine.get_server_info()
+
+    def get_model_info(self) -> dict[str, Any]:
+        return self.engine.get_model_info()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
