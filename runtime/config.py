@@ -57,7 +57,7 @@ class ServerArgs:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     # Constrained decoding
-    grammar_backend: str = "outlines"
+    grammar_backend: str = "llguidance"
     grammar_compile_timeout: float = 30.0
     json_whitespace: str = "compact"
     disable_jump_forward: bool = False

@@ -128,7 +128,10 @@ class Engine:
                 if self.grammar is None:
                     raise RequestError("constrained decoding (regex/json_schema/ebnf/choices) is not available: "
                                        "grammar_backend is 'none'")
-                self.grammar.validate(*constraint)
+                try:
+                    self.grammar.validate(*constraint)
+                except ValueError as e:  # GrammarError: names the keyword and the schema path
+                    raise RequestError(f"sampling_params.{constraint[0]}: {e}") from e
             prepared.append((r, ids, constraint))
         for (r, ids, constraint), sink in zip(prepared, sinks):
             self._sinks[r.rid] = sink

@@ -225,8 +225,8 @@ class Tokenizer:
         """Render a conversation with the model's chat template, as transformers'
         `apply_chat_template(..., tokenize=False)` does. Encode the result with `add_special_tokens=False`.
 
-        >>> Tokenizer.load("default").apply_chat_template([{"role": "user", "content": "Hi"}])[-23:]
-        'Hi<|im_end|>\\n<|im_start|>assistant\\n'
+        >>> Tokenizer.load("default").apply_chat_template([{"role": "user", "content": "Hi"}])[-35:]
+        '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
         """
         template = kwargs.pop("chat_template", None) or self.chat_template
         if template is None:
@@ -254,7 +254,7 @@ class IncrementalDetokenizer:
     >>> tok = Tokenizer.load("default")
     >>> d = IncrementalDetokenizer(tok)
     >>> [d.add(i) for i in tok.encode("Hi 👋")] + [d.flush()]
-    ['Hi', ' ', '', '👋', '']
+    ['Hi', '', '', ' 👋', '']
     """
 
     CONTEXT_TOKENS = 5  # tokens of context to decode with (as SGLang's INIT_INCREMENTAL_DETOKENIZATION_OFFSET)

@@ -68,7 +68,9 @@ class ModelRunner:
             for j, i in enumerate(sample_rows):
                 res = results[i]
                 if j in failed:
-                    res.error = "the constraint allows no token here (no continuation satisfies it)"
+                    g = rows[i].req.grammar
+                    res.error = (g.error if g is not None and g.error else None) or \
+                        "the constraint allows no token here (no continuation satisfies it)"
                     continue
                 res.token_id = out.token_ids[j]
                 res.logprob = out.logprobs[j]

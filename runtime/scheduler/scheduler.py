@@ -41,6 +41,7 @@ class StepStats:
     prefill_tokens_computed: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    jump_forward_tokens: int = 0
 
 
 OutputCallback = Callable[[Req], None]
@@ -242,13 +243,12 @@ class Scheduler:
             req.finish_reason = finish_reason_abort(res.error)
         elif res.token_id is not None:
             if req.grammar is not None and not req.grammar.accept(res.token_id):
-                req.finish_reason = finish_reason_abort(f"grammar rejected token {res.token_id}")
+                req.finish_reason = finish_reason_abort(
+                    req.grammar.error or f"the constraint rejected token {res.token_id}")
             else:
-                if req.return_logprob:
-                    req.output_logprobs.append(res.logprob if res.logprob is not None else 0.0)
-                    req.output_top_logprobs.append(res.top_logprobs or [])
-                self.stats.generation_tokens_total += 1
-                self.output.on_token(req, res.token_id)
+                self._append(req, res.token_id, res.logprob, res.top_logprobs)
+                if req.grammar is not None and not req.finished and not self.args.disable_jump_forward:
+                    self._jump_forward(req)
         elif req.pending_len == 0 and req.params.max_new_tokens == 0:
             req.finish_reason = finish_reason_length(0)
         if req.finished:
@@ -258,6 +258,28 @@ class Scheduler:
             self._cache_req(req, keep_locked=True)  # chunked prefill: share the prefix already
         if req.stream and res.token_id is not None:
             self.on_output(req)
+
+    def _append(self, req: Req, token_id: int, logprob: Optional[float],
+                top: Optional[list[tuple[int, float]]]) -> None:
+        if req.return_logprob:
+            req.output_logprobs.append(logprob if logprob is not None else 0.0)
+            req.output_top_logprobs.append(top or [])
+        self.stats.generation_tokens_total += 1
+        self.output.on_token(req, token_id)
+
+    def _jump_forward(self, req: Req) -> None:
+        """Append the tokens the grammar forces (JSON keys, punctuation, consts) without sampling
+        them; the next step computes their KV in one extend instead of one decode step each."""
+        forced = req.grammar.jump_forward_tokens()
+        room = req.params.max_new_tokens - len(req.output_ids)
+        for tid in forced[: max(room, 0)]:
+            if not req.grammar.accept(tid):  # the grammar guaranteed these; stop quietly if not
+                break
+            self.stats.jump_forward_tokens += 1
+            # NOTE: a forced token was not sampled; its logprob is reported as 0 (probability 1 under the constraint).
+            self._append(req, tid, 0.0, [])
+            if req.finished:
+                break
 
     def _finish(self, req: Req) -> None:
         if req.status == ReqStatus.RUNNING:

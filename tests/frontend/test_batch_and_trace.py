@@ -32,7 +32,7 @@ def test_run_batch_keeps_order_and_prefills_prefix_once(fake, capsys):
 
 def test_run_batch_positional_and_errors(fake):
     assert [st.messages()[1]["content"] for st in extract.run_batch([("a",), ("b",)])] == ["Document: a", "Document: b"]
-    fake.fail_on = "doc bad"
+    fake.fail_on = "Document: bad"
     items = [{"doc": "ok"}, {"doc": "bad"}, {"doc": "fine"}]
     from sgl.runtime.protocol import RequestError
 
@@ -91,7 +91,9 @@ def test_trace_is_stable_and_finds_the_prefix():
 
 def test_trace_with_concrete_argument_extends_the_prefix():
     tr = agent.trace(task="write")
-    assert len(tr.constant_prefix) == 6  # 'write' is now constant text (split from 'Task: ')
+    # 'Task: write' is constant now, and so are the user turn's end and the assistant turn's start
+    assert [repr(n) for n in tr.constant_prefix[4:]] == [
+        "SglConstantText('Task: write')", "SglRoleEnd('user')", "SglRoleBegin('assistant')"]
 
 
 def test_trace_errors_say_how_to_fix():

@@ -112,7 +112,7 @@ def test_backend_error_raises_with_the_program_line(fake):
         prog.run()
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "SglGen('a'" in notes and "test_run.py" in notes
-    assert len(fake.requests) == 0  # the failed request is not recorded; b never ran
+    assert [r["text"] for r in fake.requests] == ["FAIL "]  # b never ran
 
 
 def test_reading_a_variable_of_a_failed_program_raises(fake):
@@ -168,12 +168,14 @@ def test_stream_text_iter_grows_to_the_final_text(fake):
 
 
 def test_stream_async_iter(fake):
+    fake.stream_delay = 0.002
+
     async def collect():
         st = chat.run(question="Hi?", stream=True)
         return [p async for p in st.text_async_iter("answer")], st
 
     pieces, st = asyncio.run(collect())
-    assert "".join(pieces) == st["answer"] and len(pieces) == 10
+    assert "".join(pieces) == st["answer"] and len(pieces) > 1
 
 
 def test_stream_error_raises_from_the_iterator(fake):

@@ -84,6 +84,7 @@ FILTERS = [
     dict(temperature=0.8, top_p=0.9),
     dict(temperature=1.0, min_p=0.3),
     dict(temperature=1.2, top_k=5, top_p=0.8),
+    dict(temperature=1.0, top_k=3, top_p=0.7),  # top-p after renormalizing the top 3 keeps 2 tokens, not 3
     dict(temperature=1.0, top_k=6, top_p=0.9, min_p=0.1),
 ]
 
