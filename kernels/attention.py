@@ -42,6 +42,7 @@ class DecodeGroup:
 
     rows: Optional[torch.Tensor]  # [Bd] int64 query rows in the batch; None = the batch is rows 0..Bd-1
     slots: torch.Tensor  # [Bd * Lmax] int64, row-major padded slot tables (pad = a valid slot of the row)
+    slot_start: Optional[int]  # Bd == 1 and slots == slot_start + arange(L): read a view, no gather
     batch_size: int  # Bd
     max_len: int  # Lmax
     mask: Optional[torch.Tensor]  # [Bd, 1, 1, Lmax] bool, True = attend; None when no row is padded
@@ -54,6 +55,7 @@ class ExtendSegment:
     q_start: int
     q_end: int
     slots: torch.Tensor  # [seq_len] int64
+    slot_start: Optional[int]  # slots == slot_start + arange(seq_len): read a view, no gather
     mask: Optional[torch.Tensor]  # [E, seq_len] bool, True = attend; None = plain causal (no prefix)
 
 
@@ -92,7 +94,7 @@ class AttentionMetadata:
                     key_pos = torch.arange(seq, device=device)
                     q_pos = torch.arange(prefix, seq, device=device)
                     mask = key_pos[None, :] <= q_pos[:, None]  # [E, L]
-                extends.append(ExtendSegment(row, row + ext, table, mask))
+                extends.append(ExtendSegment(row, row + ext, table, _contiguous_start(table), mask))
             row += ext
         decode = _build_decode_group(decode_rows, decode_tables, row, device) if decode_rows else None
         return cls(num_tokens=row, decode=decode, extends=tuple(extends))
@@ -104,14 +106,26 @@ def _as_index(t: SlotTable, device: Union[str, torch.device]) -> torch.Tensor:
     return torch.tensor(t, dtype=torch.int64, device=device)
 
 
+def _contiguous_start(table: torch.Tensor) -> Optional[int]:
+    """table[0] when the slots are consecutive ascending ids, else None."""
+    n = table.numel()
+    first = int(table[0])
+    if n == 1:
+        return first
+    if int(table[-1]) - first != n - 1:
+        return None
+    return first if bool((table[1:] - table[:-1] == 1).all()) else None
+
+
 def _build_decode_group(
     rows: list[int], tables: list[torch.Tensor], num_tokens: int, device: Union[str, torch.device]
 ) -> DecodeGroup:
     lens = [t.numel() for t in tables]
     max_len = max(lens)
     bd = len(tables)
+    start = None
     if bd == 1:
-        slots, mask = tables[0], None
+        slots, mask, start = tables[0], None, _contiguous_start(tables[0])
     else:
         padded = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=-1)  # [Bd, Lmax]
         # NOTE: pad with the row's first slot, which holds written K/V: masked scores of garbage
@@ -123,7 +137,7 @@ def _build_decode_group(
             mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None]).view(bd, 1, 1, max_len)
     # rows None: the decode rows are exactly the batch, in order (a pure decode step)
     rows_t = None if bd == num_tokens else torch.tensor(rows, dtype=torch.int64, device=device)
-    return DecodeGroup(rows=rows_t, slots=slots, batch_size=bd, max_len=max_len, mask=mask)
+    return DecodeGroup(rows=rows_t, slots=slots, slot_start=start, batch_size=bd, max_len=max_len, mask=mask)
 
 
 def paged_attention(
@@ -155,6 +169,14 @@ def paged_attention(
     return out
 
 
+def _read_kv(
+    k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, start: Optional[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if start is not None:  # consecutive slots: a view of the pool
+        return k_buf[start : start + slots.numel()], v_buf[start : start + slots.numel()]
+    return k_buf.index_select(0, slots), v_buf.index_select(0, slots)
+
+
 def _decode(
     q: torch.Tensor,  # [Bd, H, D]
     k_buf: torch.Tensor,
@@ -167,8 +189,9 @@ def _decode(
     bd, num_heads, head_dim = q.shape
     # NOTE: one query per sequence, so the G query heads sharing a kv head become G query rows of
     # that kv head: GQA without repeating K/V. index_select is ~4x faster than advanced indexing.
-    k = k_buf.index_select(0, d.slots).view(bd, d.max_len, num_kv_heads, head_dim).transpose(1, 2)  # [Bd, Hkv, L, D]
-    v = v_buf.index_select(0, d.slots).view(bd, d.max_len, num_kv_heads, head_dim).transpose(1, 2)  # [Bd, Hkv, L, D]
+    k, v = _read_kv(k_buf, v_buf, d.slots, d.slot_start)  # [Bd * L, Hkv, D]
+    k = k.view(bd, d.max_len, num_kv_heads, head_dim).transpose(1, 2)  # [Bd, Hkv, L, D]
+    v = v.view(bd, d.max_len, num_kv_heads, head_dim).transpose(1, 2)
     qg = q.view(bd, num_kv_heads, group, head_dim)  # [Bd, Hkv, G, D]
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=d.mask, scale=scale)  # [Bd, Hkv, G, D]
     return o.reshape(bd, num_heads, head_dim)
@@ -181,8 +204,8 @@ def _extend(
     seg: ExtendSegment,
     scale: float,
 ) -> torch.Tensor:
-    k = k_buf.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-    v = v_buf.index_select(0, seg.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+    k, v = _read_kv(k_buf, v_buf, seg.slots, seg.slot_start)  # [L, Hkv, D]
+    k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, E, D]
     o = F.scaled_dot_product_attention(
         qh, k, v, attn_mask=seg.mask, is_causal=seg.mask is None, scale=scale, enable_gqa=True

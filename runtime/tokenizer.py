@@ -94,7 +94,8 @@ class Tokenizer:
         return self.backend.token_to_id(token) if token is not None else None
 
     def _set_bos_eos(self, add_bos: Optional[bool], add_eos: Optional[bool]) -> None:
-        """Make encode() add BOS/EOS as the config says, unless the backend already does exactly that."""
+        """Make encode() add BOS/EOS as the config says, unless the backend already does exactly that.
+        NOTE: this replaces `backend.post_processor` when it must change."""
         with_special = self.backend.encode("a", add_special_tokens=True).ids
         plain = self.backend.encode("a", add_special_tokens=False).ids
         adds_bos = len(with_special) > len(plain) and with_special[0] == self.bos_token_id
@@ -187,7 +188,8 @@ class Tokenizer:
             add_bos_token=bool(add_bos),
             add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=meta.get("tokenizer.chat_template"),
-            extra_eos_token_ids=[i for i in (meta.get("tokenizer.ggml.eot_token_id"),) if i is not None],
+            extra_eos_token_ids=[meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                                 if meta.get(k) is not None],
             name_or_path=str(name),
         )
 
@@ -225,10 +227,12 @@ class Tokenizer:
         """Render a conversation with the model's chat template, as transformers'
         `apply_chat_template(..., tokenize=False)` does. Encode the result with `add_special_tokens=False`.
 
-        >>> Tokenizer.load("default").apply_chat_template([{"role": "user", "content": "Hi"}])[-35:]
+        >>> Tokenizer.load("default").apply_chat_template([{"role": "user", "content": "Hi"}])[-52:]
         '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
         """
         template = kwargs.pop("chat_template", None) or self.chat_template
+        if kwargs.get("continue_final_message"):
+            add_generation_prompt = False  # continuing the last (assistant) message: no new turn
         if template is None:
             raise ValueError(f"tokenizer {self.name_or_path!r} has no chat template; pass chat_template=...")
         tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,

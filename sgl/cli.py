@@ -61,8 +61,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
+    from sgl.runtime.protocol import RequestError, SamplingParams
+
+    try:
+        SamplingParams.from_dict(_sampling_params(ns))  # fail before the model loads
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from sgl.runtime.engine import Engine  # NOTE: lazy: `sgl` imports no torch at import time
-    from sgl.runtime.protocol import RequestError
 
     engine = Engine(**dataclasses.asdict(ns.server_args))
     try:

@@ -29,7 +29,8 @@ class OutlinesMatcher(GrammarMatcher):
 
     def _accept(self, token_id: int) -> bool:
         if token_id in self.vocab.eos_token_ids:
-            token_id = self._eos  # outlines-core knows one EOS id
+            # outlines-core knows one EOS id, and accepts_tokens() never accepts it: ask the state
+            return self._g.is_finished() or self._eos in self._g.get_tokens()
         if not self._g.accepts_tokens([token_id]):
             return False
         self._g.advance(token_id, return_tokens=False)

@@ -13,6 +13,7 @@ from typing import Union
 
 import torch
 
+from sgl.kernels.dispatch import store_kvcache
 from sgl.runtime.models.config import ModelConfig
 
 
@@ -69,5 +70,4 @@ class KVCache:
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write K/V of T tokens. slots: [T] int64; k, v: [T, Hkv, D] (cast to the pool dtype)."""
-        self._k_layers[layer].index_copy_(0, slots, k.to(self.dtype))
-        self._v_layers[layer].index_copy_(0, slots, v.to(self.dtype))
+        store_kvcache(self._k_layers[layer], self._v_layers[layer], slots, k, v)  # Triton on CUDA, index_copy_ on CPU

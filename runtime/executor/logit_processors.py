@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from sgl.kernels.bitmask import apply_token_bitmask_
+from sgl.kernels.dispatch import apply_token_bitmask_  # Triton on CUDA, the torch reference on CPU
 from sgl.runtime.executor.sampling_state import RowSamplingState
 
 

@@ -69,7 +69,7 @@ class ModelRunner:
                 res = results[i]
                 if j in failed:
                     g = rows[i].req.grammar
-                    res.error = (g.error if g is not None and g.error else None) or \
+                    res.error = (g.error if g is not None else None) or out.failure_messages.get(j) or \
                         "the constraint allows no token here (no continuation satisfies it)"
                     continue
                 res.token_id = out.token_ids[j]

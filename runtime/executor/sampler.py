@@ -9,9 +9,10 @@ One call per step, in this order (a stage runs only if some row of the batch nee
 Every sampled row draws ONE uniform number from its own `torch.Generator` and inverts the CDF of its
 filtered distribution, so a seeded request gets the same tokens whatever else is in the batch and
 wherever it sits. Top-k/top-p/min-p work on the ``K`` most likely tokens (`torch.topk`, far cheaper
-than sorting 49k logits); a row without top-k first tries ``K = 64``, then 1024, then the whole
-vocabulary, until the tokens left out provably fall outside its nucleus / min-p cut. The choice of
-``K`` depends only on the row itself.
+than sorting 49k logits): ``K`` is the row's top_k if it has one, else 64, then 1024, then the whole
+vocabulary, until the tokens left out provably fall outside its nucleus / min-p cut. ``K`` depends
+only on the row itself. Rows with none of these filters invert the CDF over the whole vocabulary.
+Greedy rows (temperature < 1e-6 or top_k == 1, as SGLang) take the argmax and draw nothing.
 
     >>> import torch
     >>> from sgl.runtime.protocol import SamplingParams
@@ -62,6 +63,8 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSamplingState], token_bitmask
     if len(rows) != B:
         raise ValueError(f"{len(rows)} sampling states for {B} logits rows")
     nums = list(top_logprobs_nums) if top_logprobs_nums is not None else [0] * B
+    if len(nums) != B:
+        raise ValueError(f"{len(nums)} top_logprobs_nums for {B} logits rows")
     if B == 0:
         return SampleResult([], [], None)
     if logits.dtype != torch.float32:
@@ -145,7 +148,7 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSamplingState], inplace:
         top_p, min_p = _filter_params(sub)
         ok = (vals.sum(dim=-1) > top_p) | (vals[:, -1] < vals[:, 0] * min_p) | torch.tensor(K >= V)
         ok_list = ok.tolist()
-        done = [a for a, good in zip(range(len(ags)), ok_list) if good]
+        done = [a for a, good in enumerate(ok_list) if good]
         if done:
             tok = _draw_sorted(vals[ok], idx[ok], [sub[a] for a in done], _take(u, js, n)[ok], mass=1.0)
             _put(out, [js[a] for a in done], tok, n)

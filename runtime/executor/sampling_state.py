@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 
 from sgl.runtime.protocol import SamplingParams
@@ -21,21 +22,21 @@ _SEED_MOD = 2**64  # torch.Generator.manual_seed accepts [0, 2^64)
 
 
 class TokenCounter:
-    """Distinct token ids and their counts as growing tensors, updated in O(1) per token.
+    """Distinct token ids and their counts, updated in O(1) per token.
 
-    `ids()` / `counts()` are views of the first `len(self)` entries, in order of first appearance.
+    `ids()` / `counts()` are tensors sharing memory with the first `len(self)` entries, in order of
+    first appearance (numpy storage: element writes cost ~0.1 us, a torch element write ~5 us).
     """
 
     def __init__(self, tokens: Iterable[int] = (), capacity: int = 64) -> None:
         self._pos: dict[int, int] = {}  # token id -> index into _ids / _counts
-        self._ids = torch.empty(capacity, dtype=torch.long)
-        self._counts = torch.zeros(capacity, dtype=torch.float32)
-        tokens = list(tokens)
-        if tokens:
-            uniq, counts = torch.tensor(tokens, dtype=torch.long).unique(return_counts=True)
+        self._ids = np.empty(capacity, dtype=np.int64)
+        self._counts = np.zeros(capacity, dtype=np.float32)
+        uniq, counts = np.unique(np.asarray(list(tokens), dtype=np.int64), return_counts=True)
+        if len(uniq):
             self._grow(len(uniq))
             self._ids[: len(uniq)] = uniq
-            self._counts[: len(uniq)] = counts.float()
+            self._counts[: len(uniq)] = counts
             self._pos = {t: i for i, t in enumerate(uniq.tolist())}
 
     def __len__(self) -> int:
@@ -55,17 +56,17 @@ class TokenCounter:
         self._counts[i] += 1.0
 
     def ids(self) -> torch.Tensor:
-        return self._ids[: len(self._pos)]  # [U] long
+        return torch.from_numpy(self._ids[: len(self._pos)])  # [U] long
 
     def counts(self) -> torch.Tensor:
-        return self._counts[: len(self._pos)]  # [U] float32, each >= 1
+        return torch.from_numpy(self._counts[: len(self._pos)])  # [U] float32, each >= 1
 
     def _grow(self, size: int) -> None:
         if size <= self._ids.shape[0]:
             return
         cap = max(size, 2 * self._ids.shape[0])
-        ids, counts = torch.empty(cap, dtype=torch.long), torch.zeros(cap, dtype=torch.float32)
         n = len(self._pos)
+        ids, counts = np.empty(cap, dtype=np.int64), np.zeros(cap, dtype=np.float32)
         ids[:n], counts[:n] = self._ids[:n], self._counts[:n]
         self._ids, self._counts = ids, counts
 
@@ -83,7 +84,7 @@ class RowSamplingState:
     prompt_ids: list[int]
     output_ids: list[int]
     eos_token_ids: frozenset[int]
-    output_counts: TokenCounter  # OpenAI frequency/presence penalties: output tokens only
+    output_counts: Optional[TokenCounter]  # frequency/presence penalties: output tokens (None if unused)
     seen_tokens: Optional[TokenCounter]  # HF repetition penalty: prompt + output (None if penalty == 1)
     logit_bias_ids: Optional[torch.Tensor] = None  # [NB] long, ids >= 0
     logit_bias_values: Optional[torch.Tensor] = None  # [NB] float32
@@ -112,7 +113,7 @@ class RowSamplingState:
         return cls(
             params=params, generator=gen, seed=seed, prompt_ids=prompt_ids, output_ids=[],
             eos_token_ids=eos,
-            output_counts=TokenCounter(),
+            output_counts=TokenCounter() if params.frequency_penalty or params.presence_penalty else None,
             seen_tokens=TokenCounter(prompt_ids) if params.repetition_penalty != 1.0 else None,
             logit_bias_ids=bias_ids, logit_bias_values=bias_vals,
             eos_ids_tensor=torch.tensor(sorted(eos), dtype=torch.long),
@@ -123,7 +124,8 @@ class RowSamplingState:
         """Record a sampled (or forced, e.g. jump-forward) output token."""
         token_id = int(token_id)
         self.output_ids.append(token_id)
-        self.output_counts.add(token_id)
+        if self.output_counts is not None:
+            self.output_counts.add(token_id)
         if self.seen_tokens is not None:
             self.seen_tokens.add(token_id)
 
@@ -139,8 +141,7 @@ class RowSamplingState:
 
     @property
     def needs_frequency_penalty(self) -> bool:
-        p = self.params
-        return (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and len(self.output_counts) > 0
+        return self.output_counts is not None and len(self.output_counts) > 0
 
     def blocked_stop_ids(self) -> Optional[torch.Tensor]:
         """Token ids to mask this step: EOS + stop_token_ids until min_new_tokens outputs exist,

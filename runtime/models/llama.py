@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgl.kernels.attention import paged_attention
+from sgl.kernels.dispatch import paged_attention  # Triton on CUDA, the torch reference on CPU
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.models.config import ModelConfig

@@ -52,7 +52,7 @@ def load_model(model_path: str, dtype: str = "auto", device: str = "cpu", show_p
     if path.endswith(".gguf"):
         from sgl.runtime.models.gguf_loader import read_gguf
 
-        gguf = read_gguf(path)
+        gguf = read_gguf(path, show_progress=show_progress)
         model = LlamaForCausalLM(gguf.config, dtype=torch_dtype, device=device)
         model.load_weights(gguf.weights)
         return LoadedModel(model.eval(), gguf.config, gguf.tokenizer, path)

@@ -127,6 +127,7 @@ class Scheduler:
             budget = min(budget, self.args.chunk_size)
         first_prefill = True
         for req in [r for r in self.running if r.pending_len > 1]:
+            self._rematch(req)
             row = self._extend_row(req, budget, first_prefill)
             if row is None:
                 break
@@ -189,6 +190,20 @@ class Scheduler:
         assert req.kv_len == 0 and req.last_node is None
         m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len])
         self.cache.lock(m.node)
+        req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(m.slots)
+
+    def _rematch(self, req: Req) -> None:
+        """An in-flight chunked request picks up what others cached since its last chunk (e.g. the
+        rest of a shared system prompt), instead of computing its own copy."""
+        if self.cache.disabled or req.cached_len != req.kv_len:
+            return
+        m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len])
+        if len(m.slots) <= req.kv_len:
+            return
+        assert m.slots[: req.kv_len] == req.slots, "the tree must hold this request's own prefix"
+        self.cache.lock(m.node)
+        if req.last_node is not None:
+            self.cache.unlock(req.last_node)
         req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(m.slots)
 
     def _release_prefix(self, req: Req) -> None:
@@ -254,8 +269,9 @@ class Scheduler:
         if req.finished:
             self._finish(req)
             return
-        if req.pending_len > 1 and not self.cache.disabled:
-            self._cache_req(req, keep_locked=True)  # chunked prefill: share the prefix already
+        if row.extend_len > 1 and not self.cache.disabled:
+            # a prefill chunk: share what is computed now, not when the request finishes
+            self._cache_req(req, keep_locked=True)
         if req.stream and res.token_id is not None:
             self.on_output(req)
 

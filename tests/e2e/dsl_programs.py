@@ -6,6 +6,8 @@ one CPU thread.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import sys
@@ -58,6 +60,14 @@ def extract_name(s, doc):
 
 DOCS = ["Marie Curie was a physicist born in Warsaw.", "Alan Turing worked on codebreaking at Bletchley.",
         "Ada Lovelace wrote the first program.", "Isaac Newton studied gravity."]
+
+
+@functools.lru_cache(maxsize=1)
+def shared_runtime() -> "sgl.Runtime":
+    """One in-process engine for the whole test session (both DSL e2e modules use it)."""
+    rt = sgl.Runtime(model_path="default", num_threads=1, max_total_tokens=8192, show_progress=False)
+    atexit.register(rt.shutdown)
+    return rt
 
 
 def chosen_by_logprobs(generate: Any, encode: Any, prompt: str, choices: list[str]) -> tuple[str, list[float]]:

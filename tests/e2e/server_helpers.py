@@ -70,10 +70,14 @@ class ServerHandle:
         return self.proc.returncode
 
 
-def start_server(*extra: str, api_key: Optional[str] = None) -> ServerHandle:
+LAUNCH_MODULE = [sys.executable, "-m", "sgl.launch_server"]
+
+
+def start_server(*extra: str, api_key: Optional[str] = None, command: Optional[list[str]] = None) -> ServerHandle:
+    """Start a server with BASE_ARGS + `extra` (by default `python -m sgl.launch_server`)."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w", prefix="sgl-server-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "sgl.launch_server", *BASE_ARGS, "--port", str(port), *extra]
+    cmd = [*(command or LAUNCH_MODULE), *BASE_ARGS, "--port", str(port), *extra]
     if api_key:
         cmd += ["--api-key", api_key]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
@@ -94,8 +98,9 @@ def start_server(*extra: str, api_key: Optional[str] = None) -> ServerHandle:
 
 
 @contextmanager
-def running_server(*extra: str, api_key: Optional[str] = None) -> Iterator[ServerHandle]:
-    handle = start_server(*extra, api_key=api_key)
+def running_server(*extra: str, api_key: Optional[str] = None,
+                   command: Optional[list[str]] = None) -> Iterator[ServerHandle]:
+    handle = start_server(*extra, api_key=api_key, command=command)
     try:
         yield handle
     finally:

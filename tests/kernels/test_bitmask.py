@@ -125,3 +125,10 @@ def test_bad_arguments_raise_with_a_reason():
         apply_token_bitmask_(logits, allocate_token_bitmask(2, 32), indices=[2])
     with pytest.raises(ValueError, match="rows"):
         apply_token_bitmask_(logits, allocate_token_bitmask(1, 32))
+
+
+def test_docstring_examples():
+    import doctest
+
+    import sgl.kernels.bitmask as module
+    assert doctest.testmod(module).failed == 0

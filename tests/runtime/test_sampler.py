@@ -345,6 +345,13 @@ def test_nan_logits_fail_the_row_only():
     assert 0 <= res.token_ids[0] < 16
 
 
+def test_mismatched_arguments_raise():
+    with pytest.raises(ValueError, match="sampling states"):
+        sample(torch.zeros(2, 8), [state()])
+    with pytest.raises(ValueError, match="top_logprobs_nums"):
+        sample(torch.zeros(1, 8), [state()], None, [1, 2])
+
+
 def test_empty_batch():
     res = sample(torch.empty(0, 8), [], None, [])
     assert res.token_ids == [] and res.logprobs == [] and res.top_logprobs is None
@@ -357,10 +364,21 @@ def test_state_counters_stay_in_sync():
     counts = dict(zip(st.output_counts.ids().tolist(), st.output_counts.counts().tolist()))
     assert counts[7] == 70.0 and counts[150] == 1.0 and len(counts) == 81
     assert sorted(st.seen_tokens.ids().tolist()) == sorted({4, 5, 7, *range(100, 180)})
-    assert state(prompt=[1]).seen_tokens is None  # no repetition penalty: no prompt set kept
+    plain = state(prompt=[1])
+    plain.append(5)
+    assert plain.seen_tokens is None and plain.output_counts is None  # no penalty: nothing kept
+    assert plain.output_ids == [5]
 
 
 # --------------------------------------------------------------------------------------------------
+def test_docstring_examples():
+    import doctest
+
+    from sgl.runtime.executor import logit_processors, sampler, sampling_state
+    for module in (sampler, sampling_state, logit_processors):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
 def test_logprobs_for_tokens_matches_log_softmax_across_chunks():
     N, V = 600, 16  # more rows than one chunk
     logits = randn(N, V, seed=10, scale=2.0)

@@ -185,3 +185,21 @@ def test_stop_strings_and_stop_token_ids() -> None:
     assert done["s"].text == "".join(f"<{t}>" for t in ref[:first])
     assert done["t"].finish_reason == {"type": "stop", "matched": ref[2]}
     assert done["t"].output_ids == ref[: ref.index(ref[2]) + 1]
+
+
+def test_concurrent_shared_prefix_is_computed_once() -> None:
+    """Requests admitted while the first one is still prefilling the shared prompt in chunks pick
+    up the rest of it from the cache instead of computing their own copies."""
+    s, _, done = make_scheduler(5000, chunked_prefill_size=100)
+    system = list(range(1, 51)) * 5  # 250 tokens
+    questions = [[51 + i] + list(range(60, 99)) for i in range(6)]  # 40 tokens each
+    for i, q in enumerate(questions):
+        add(s, f"q{i}", system + q, 2)
+    run_to_end(s)
+    ideal = len(system) + sum(len(q) for q in questions)
+    # NOTE: q1 joins q0's last chunk step and computes 10 system tokens in that same step (a
+    # duplicate no cache can avoid); everything later comes from the cache. Without sharing
+    # chunks as they are computed this was 580.
+    assert ideal <= s.stats.prefill_tokens_computed <= ideal + 10
+    for i, q in enumerate(questions):
+        assert done[f"q{i}"].output_ids == reference_output(system + q, 2)

@@ -132,7 +132,7 @@ def test_chat_template_matches_transformers(tok, ref, chat, add_generation_promp
 
 def test_continue_final_message_matches_transformers(tok, ref):
     chat = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "The color is"}]
-    ours = tok.apply_chat_template(chat, add_generation_prompt=False, continue_final_message=True)
+    ours = tok.apply_chat_template(chat, continue_final_message=True)
     theirs = ref.apply_chat_template(chat, tokenize=False, continue_final_message=True)
     assert ours == theirs and ours.endswith("The color is")
 
@@ -202,3 +202,53 @@ def test_from_gguf_reader_and_folder_agree(tok, tmp_path):
         assert from_folder.encode(text, add_special_tokens=False) == tok.encode(text)
     assert from_folder.chat_template == tok.chat_template
     assert from_folder.eos_token_ids == frozenset({0, 2})
+
+
+def test_sentencepiece_gguf_matches_transformers():
+    """A tiny SentencePiece ("llama") vocabulary with byte fallback, against transformers' conversion."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    pieces = list(dict.fromkeys(["▁", *"abcdefghijklmnopqrstuvwxyz", "▁t", "he", "▁the", "▁a", "in", "▁in", "er",
+                                 "▁q", "ui", "ck", "▁qui", "▁quick", "ro", "wn", "▁b", "▁bro", "▁brown", "ox",
+                                 "▁f", "▁fox", "▁▁", "▁▁▁▁", "ll", "▁he", "▁hell", "▁hello", "or", "ld", "T", "."]))
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    ours = Tokenizer.from_gguf({
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0})
+    ref, _ = convert_gguf_tokenizer("llama", {"tokenizer_type": "llama", "tokens": tokens, "scores": scores,
+                                              "token_type": types})
+    texts = ["the quick brown fox", " leading", "multiple    spaces", "hello world\nhello", "ü ✓ 中 😀",
+             "<s>the</s>the", "THE. the.", "", " ", "x  y", "\n"]
+    for text in texts:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == ref.encode(text, add_special_tokens=False).ids, repr(text)
+        assert ours.encode(text) == [1] + ids  # llama.cpp adds BOS to SentencePiece models by default
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "tekken", "gpt-4o"])
+def test_split_regexes_match_transformers(pre):
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    from sgl.runtime.tokenizer_gguf import byte_level_pre_tokenizer
+
+    theirs = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(__import__("tokenizers").Regex(GGUF_PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    ours, _ = byte_level_pre_tokenizer(pre)
+    for text in CORPUS + _random_corpus(100, seed=3):
+        assert ours.pre_tokenize_str(text) == theirs.pre_tokenize_str(text), repr(text)
+
+
+@pytest.mark.parametrize("module", ["sgl.runtime.tokenizer", "sgl.runtime.chat_template", "sgl.runtime.tokenizer_gguf",
+                                    "sgl.runtime.models.default_model", "sgl.runtime.models.gguf_loader",
+                                    "sgl.runtime.models.dequant", "sgl.runtime.models.gguf_file"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0
