@@ -69,8 +69,6 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSamplingState], token_bitmask
         return SampleResult([], [], None)
     if logits.dtype != torch.float32:
         logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V] what the model says, for reporting
-
     work = process_logits(logits, rows, token_bitmask)  # [B, V]
     row_max = work.amax(dim=-1)  # [B]
     bad = ~torch.isfinite(row_max)  # all masked (-inf), or nan/+inf logits
@@ -90,8 +88,11 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSamplingState], token_bitmask
     for i in failed:
         tokens[i] = rows[i].fallback_token_id
 
-    token_logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-    top = _top_logprobs(raw_logprobs, nums) if max(nums, default=0) > 0 else None
+    # Reported logprobs are what the model says (raw logits), not the processed distribution.
+    # NOTE: logsumexp instead of a full log_softmax: no [B, V] buffer unless top logprobs are asked.
+    chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [B]
+    token_logprobs = (chosen - torch.logsumexp(logits, dim=-1)).tolist()
+    top = _top_logprobs(torch.log_softmax(logits, dim=-1), nums) if max(nums, default=0) > 0 else None
     messages = {i: _failure_message(logits[i], work[i], token_bitmask, i) for i in failed}
     return SampleResult(tokens.tolist(), token_logprobs, top, failed, messages)
 
