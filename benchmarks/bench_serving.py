@@ -314,7 +314,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"bench_serving_{args.dataset}{'_' + args.tag if args.tag else ''}"
     config = {k: v for k, v in vars(args).items() if k not in ("api_key",)}
-    record = {"config": config, "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    host = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "load_avg_1m": os.getloadavg()[0]}
+    record = {"config": config, "host": host,
               "timestamp": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
     (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2))
     png = plot(results, out_dir / f"{stem}.png",

@@ -12,16 +12,19 @@ Two kernels, both online-softmax (flash) loops over key blocks gathered through 
 - extend: one program per (sequence, query head, block of BLOCK_M new tokens); keys 0 ..
   prefix + last query of the block, masked causally (key_pos <= query_pos).
 
+NOTE: `tl.dot` runs with input_precision="ieee": fp32 inputs get exact fp32 products like the
+reference (the default "tf32" rounds q and k to 10 mantissa bits); fp16/bf16 inputs use tensor
+cores either way, and "tf32" does not exist on most AMD targets.
+
 `PagedIndex` holds the flat tensors the kernels read (padded [B, Lmax] slot matrices, lengths, query
 rows); build it from lists (`PagedIndex.build`) or from an `AttentionMetadata` (`from_metadata`,
-cached for the last metadata seen, so the layers of one step convert once).
+cached for the last metadata seen, so the layers of one step convert once). On a CUDA device:
 
-    >>> import torch                                                  # doctest: +SKIP
-    >>> from sgl.kernels.attention import AttentionMetadata
-    >>> k_buf, v_buf = (torch.randn(8, 1, 64, device="cuda") for _ in range(2))
-    >>> meta = AttentionMetadata.build([2, 1], [2, 3], [[0, 1], [5, 6, 7]], device="cuda")
-    >>> paged_attention(torch.randn(3, 2, 64, device="cuda"), k_buf, v_buf, meta, scale=0.125).shape
-    torch.Size([3, 2, 64])
+    import torch
+    from sgl.kernels.attention import AttentionMetadata
+    k_buf, v_buf = (torch.randn(8, 1, 64, device="cuda") for _ in range(2))
+    meta = AttentionMetadata.build([2, 1], [2, 3], [[0, 1], [5, 6, 7]], device="cuda")
+    out = paged_attention(torch.randn(3, 2, 64, device="cuda"), k_buf, v_buf, meta, scale=0.125)  # [3, 2, 64]
 
 Import this module only where triton is installed (`sgl.kernels.dispatch` does it lazily).
 """
@@ -53,7 +56,7 @@ def _decode_kernel(
     num_heads,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -79,7 +82,7 @@ def _decode_kernel(
         slot = tl.load(slots_ptr + b.to(tl.int64) * slots_stride + pos, mask=ok, other=0).to(tl.int64)
         k = tl.load(k_ptr + slot[None, :] * kv_stride_s + kv_head + d[:, None],
                     mask=d_ok[:, None] & ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
+        s = tl.dot(q, k, input_precision="ieee") * scale_log2  # [BLOCK_G, BLOCK_N]
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has a valid key
         alpha = tl.exp2(m_i - m_new)
@@ -87,7 +90,7 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + slot[:, None] * kv_stride_s + kv_head + d[None, :],
                     mask=ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
@@ -135,7 +138,7 @@ def _extend_kernel(
     q_starts_ptr, ext_lens_ptr, seq_lens_ptr, slots_ptr, slots_stride,  # [Be] x3, [Be, Lmax]
     scale_log2,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -164,7 +167,7 @@ def _extend_kernel(
         slot = tl.load(slots_ptr + b.to(tl.int64) * slots_stride + pos, mask=ok, other=0).to(tl.int64)
         k = tl.load(k_ptr + slot[None, :] * kv_stride_s + kv_head + d[:, None],
                     mask=d_ok[:, None] & ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, k, input_precision="ieee") * scale_log2  # [BLOCK_M, BLOCK_N]
         # NOTE: key 0 is visible to every row (padded rows included), so the first block gives
         # each row a finite max and later fully-masked rows only add exp2(-inf) = 0.
         s = tl.where(ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -174,7 +177,7 @@ def _extend_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + slot[:, None] * kv_stride_s + kv_head + d[None, :],
                     mask=ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(o_ptr + (q_start + m)[:, None] * o_stride_t + h * o_stride_h + d[None, :],
@@ -227,10 +230,10 @@ class PagedIndex:
         cached = _LAST_INDEX.get("meta")
         if cached is not None and cached() is meta:
             return _LAST_INDEX["index"]
-        dec_rows, dec_tables, device = [], [], None
+        device = None
         d = meta.decode
         if d is not None:
-            slots = d.slots.view(d.batch_size, d.max_len)
+            slots = d.slots.reshape(d.batch_size, d.max_len).contiguous()  # pads: the row's first slot
             device = slots.device
             lens = (torch.full((d.batch_size,), d.max_len, dtype=torch.int64, device=device) if d.mask is None
                     else d.mask.reshape(d.batch_size, d.max_len).sum(1))
@@ -254,10 +257,9 @@ class PagedIndex:
         def ints(xs: list[int]) -> torch.Tensor:
             return torch.tensor(xs, dtype=torch.int64, device=device)
 
-        def padded(tables: list[torch.Tensor]) -> torch.Tensor:
-            if not tables:
-                return torch.zeros((0, 1), dtype=torch.int64, device=device)
-            return torch.nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=0)
+        def padded(tables: list[torch.Tensor]) -> torch.Tensor:  # [B, Lmax], pad 0 (never read)
+            return (torch.nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=0) if tables
+                    else torch.zeros((0, 1), dtype=torch.int64, device=device))
 
         return cls(
             num_tokens=num_tokens,
@@ -287,7 +289,6 @@ def paged_attention(
     """
     index = meta if isinstance(meta, PagedIndex) else PagedIndex.from_metadata(meta)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _check(q, k_buf, v_buf, index, out)
     if index.decode_rows.numel():
         paged_decode_attention(q, k_buf, v_buf, index, scale, out, num_splits)
     if index.extend_lens.numel():
@@ -298,6 +299,7 @@ def paged_attention(
 def _check(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, index: PagedIndex, out: torch.Tensor) -> None:
     assert q.dim() == 3 and k_buf.dim() == 3, f"q {tuple(q.shape)}, k_buf {tuple(k_buf.shape)}"
     num_tokens, num_heads, head_dim = q.shape
+    assert out.shape == q.shape and out.dtype == q.dtype, f"out {out.dtype} {tuple(out.shape)} for q {q.dtype}"
     assert num_tokens == index.num_tokens, f"q has {num_tokens} rows, the index expects {index.num_tokens}"
     assert k_buf.shape == v_buf.shape and k_buf.shape[2] == head_dim, f"k_buf {tuple(k_buf.shape)}, v_buf {tuple(v_buf.shape)}"
     assert num_heads % k_buf.shape[1] == 0, f"{num_heads} query heads over {k_buf.shape[1]} kv heads"
@@ -313,12 +315,6 @@ def _check(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, index: Pag
         assert t.dtype == torch.int64 and t.is_contiguous()
     for t in (index.decode_slots, index.extend_slots):
         assert t.dtype == torch.int64 and t.dim() == 2 and t.stride(1) == 1
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # NOTE: fp32 inputs use exact fp32 products ("ieee"), as torch's reference does; "tf32" would
-    # round q and k to 10 mantissa bits. The setting does not apply to fp16/bf16 inputs.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _default_block(dtype: torch.dtype) -> int:
@@ -343,6 +339,7 @@ def paged_decode_attention(
     num_splits: Optional[int] = None,
     block_n: Optional[int] = None,
 ) -> None:
+    _check(q, k_buf, v_buf, index, out)
     block_n = block_n or _default_block(q.dtype)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buf.shape[1]
@@ -353,11 +350,10 @@ def paged_decode_attention(
     assert num_splits >= 1
     split_len = triton.cdiv(triton.cdiv(index.decode_max_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(index.decode_max_len, split_len)  # no split that is empty for every row
+    mid_o = mid_lse = out  # unread placeholders when there is one split
     if num_splits > 1:
         mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    else:
-        mid_o = mid_lse = out  # unread placeholders
     block_d = triton.next_power_of_2(head_dim)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, q.stride(0), q.stride(1),
@@ -368,14 +364,12 @@ def paged_decode_attention(
         scale * _LOG2E, split_len, num_heads,
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)),  # tl.dot needs M >= 16
-        BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
+        BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch, num_heads)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1), index.decode_rows, num_heads,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-        )
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
 
 
 def paged_extend_attention(
@@ -388,6 +382,7 @@ def paged_extend_attention(
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
 ) -> None:
+    _check(q, k_buf, v_buf, index, out)
     block_m = block_m or _default_block(q.dtype)
     block_n = block_n or _default_block(q.dtype)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -398,8 +393,7 @@ def paged_extend_attention(
         k_buf, v_buf, k_buf.stride(0), k_buf.stride(1),
         out, out.stride(0), out.stride(1),
         index.extend_q_starts, index.extend_lens, index.extend_seq_lens,
-        index.extend_slots, index.extend_slots.stride(0),
-        scale * _LOG2E,
+        index.extend_slots, index.extend_slots.stride(0), scale * _LOG2E,
         GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim), PRECISION=_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
     )

@@ -3,15 +3,14 @@
 
 One program per token copies its `Hkv * D` K and V values (one contiguous row each) to row `slot` of
 the pools, casting to the pool dtype. A negative slot skips the token (nano-vllm's convention for
-padded rows; the reference has no such rows).
+padded rows; the reference has no such rows). On a CUDA device:
 
-    >>> import os, torch                                  # doctest: +SKIP
-    >>> k_pool = torch.zeros(8, 2, 64, device="cuda")     # [num_slots, Hkv, D]
-    >>> v_pool = torch.zeros_like(k_pool)
-    >>> k = torch.randn(3, 2, 64, device="cuda")          # [T, Hkv, D]
-    >>> store_kvcache(k_pool, v_pool, torch.tensor([5, 0, 7], device="cuda"), k, k)
-    >>> torch.equal(k_pool[5], k[0])
-    True
+    import torch
+    k_pool = torch.zeros(8, 2, 64, device="cuda")     # [num_slots, Hkv, D]
+    v_pool = torch.zeros_like(k_pool)
+    k = torch.randn(3, 2, 64, device="cuda")          # [T, Hkv, D]
+    store_kvcache(k_pool, v_pool, torch.tensor([5, 0, 7], device="cuda"), k, k)
+    assert torch.equal(k_pool[5], k[0])
 
 Import this module only where triton is installed (`sgl.kernels.dispatch` does it lazily).
 """

@@ -13,9 +13,6 @@ from sgl.grammars.base import BackendOptions, CompiledGrammar, GrammarBackend, G
 from sgl.grammars.errors import GrammarError
 from sgl.grammars.vocabulary import Vocabulary
 
-_MAX_ROLLBACK = 64
-
-
 class XGrammarMatcher(GrammarMatcher):
     def __init__(self, vocab: Vocabulary, m: "xgr.GrammarMatcher"):
         super().__init__(vocab)
@@ -53,7 +50,7 @@ class XGrammarGrammar(CompiledGrammar):
         self._compiled = compiled
 
     def matcher(self) -> GrammarMatcher:
-        return XGrammarMatcher(self._vocab, xgr.GrammarMatcher(self._compiled, max_rollback_tokens=_MAX_ROLLBACK))
+        return XGrammarMatcher(self._vocab, xgr.GrammarMatcher(self._compiled))
 
 
 class XGrammarBackend(GrammarBackend):

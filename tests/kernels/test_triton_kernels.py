@@ -18,7 +18,7 @@ import random
 import subprocess
 import sys
 import traceback
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 
@@ -239,16 +239,15 @@ def compile_all() -> dict:
     for dt in ("fp16", "bf16", "fp32"):
         io = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
         io.update(mid_o_ptr="*fp32", mid_lse_ptr="*fp32")
-        prec = "ieee" if dt == "fp32" else "tf32"
         block = 32 if dt == "fp32" else 64  # the launchers' defaults (_default_block)
         if dt != "fp32":  # fp32 decode/merge differ only in pointer types; the extend tile is the risk
             for group, head_dim, splits in [(4, 128, 4), (3, 80, 1)]:
                 shared[f"decode {dt} G={group} D={head_dim} splits={splits}"] = build(ta._decode_kernel, io, dict(
                     GROUP=group, HEAD_DIM=head_dim, BLOCK_G=16, BLOCK_D=triton.next_power_of_2(head_dim),
-                    BLOCK_N=block, NUM_SPLITS=splits, PRECISION=prec))
+                    BLOCK_N=block, NUM_SPLITS=splits))
             shared[f"merge {dt}"] = build(ta._decode_merge_kernel, io, dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=4, BLOCK_S=4))
         shared[f"extend {dt} D=128"] = build(ta._extend_kernel, io, dict(
-            GROUP=4, HEAD_DIM=128, BLOCK_M=block, BLOCK_N=block, BLOCK_D=128, PRECISION=prec))
+            GROUP=4, HEAD_DIM=128, BLOCK_M=block, BLOCK_N=block, BLOCK_D=128))
         shared[f"bitmask {dt}"] = build(tb._apply_token_bitmask_kernel, {"logits_ptr": f"*{dt}", "bitmask_ptr": "*i32"},
                                         dict(HAS_ROWS=True, BLOCK=1024))
         shared[f"store fp32->{dt}"] = build(ts._store_kvcache_kernel, {

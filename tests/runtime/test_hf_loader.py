@@ -68,3 +68,24 @@ def test_load_model_dispatch_errors(tmp_path) -> None:
     assert resolve_dtype("auto", "cpu") == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("int8", "cpu")
+
+
+def test_load_model_on_a_folder_brings_its_tokenizer(tmp_path) -> None:
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 256)}}
+    backend = BackendTokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    hf = make_hf_model(tiny_hf_configs()["llama_mha_tied"])
+    hf.save_pretrained(tmp_path)
+
+    loaded = load_model(str(tmp_path), show_progress=False)
+    assert loaded.model_path == str(tmp_path) and loaded.config.tie_word_embeddings
+    ids = loaded.tokenizer.encode("w5 w17 w200", add_special_tokens=False)
+    assert ids == [5, 17, 200]
+    got = run_schedule(loaded.model, [ids], lambda b, step, remaining: remaining)[0]
+    assert rel_err(got, hf_logits(hf, ids)) < 1e-4
