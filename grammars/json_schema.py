@@ -245,7 +245,20 @@ class _Normalizer:
             parts.append(self.any_of([self.node(x, path + ("anyOf", i)) for i, x in enumerate(s["anyOf"])]))
         if "oneOf" in s:
             branches = [self.node(x, path + ("oneOf", i)) for i, x in enumerate(s["oneOf"])]
-            concrete = [self.inline(b, path) if not self._recursive(b) else b for b in branches]
+            family = _single_type_family(branches)
+            if family is not None:
+                # NOTE: exact: a value of another type matches EVERY branch, so oneOf (>= 2 branches) rejects it
+                branches = [dict(b, type=family) for b in branches]
+            concrete = []
+            for b in branches:  # judged together with the sibling keywords (e.g. the parent's `type`)
+                c = self.inline(b, path) if not self._recursive(b) else b
+                if out and not self._recursive(b):
+                    try:
+                        c = merge_all([out, c], _pointer(path), inline=lambda x: self.inline(x, path))
+                    except GrammarError:
+                        pass
+                if c is not False:
+                    concrete.append(c)
             if not is_disjoint(concrete):
                 if self.strict:
                     raise GrammarError("oneOf branches may overlap, so 'exactly one' cannot be enforced; "
@@ -298,6 +311,23 @@ class _Normalizer:
         if not values:
             return False
         return {"const": values[0]} if len(values) == 1 else {"enum": values}
+
+
+_FAMILIES = {"object": {"properties", "required", "additionalProperties", "patternProperties", "minProperties",
+                        "maxProperties"},
+             "string": {"minLength", "maxLength", "pattern", "format"},
+             "array": {"items", "prefixItems", "minItems", "maxItems"},
+             "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
+
+
+def _single_type_family(branches: list[Any]) -> Optional[str]:
+    """The one JSON type every (untyped) branch constrains, if they all only use that type's keywords."""
+    if len(branches) < 2 or not all(isinstance(b, dict) and b for b in branches):
+        return None
+    for fam, kws in _FAMILIES.items():
+        if all(set(b) <= kws for b in branches):
+            return fam
+    return None
 
 
 def _json_equal(a: Any, b: Any) -> bool:

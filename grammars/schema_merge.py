@@ -145,20 +145,23 @@ def _match_extra(s: dict, key: str) -> list[Any]:
 
 
 def _merge2(a: Any, b: Any, where: str, inline: Inline) -> Any:
-    a, b = inline(a), inline(b)
+    # NOTE: trivial cases first, so a recursive $ref merged with nothing stays a $ref (never inlined)
     if a is True or a == {}:
         return b
     if b is True or b == {}:
         return a
     if a is False or b is False:
         return False
+    if a == b:
+        return a
+    a, b = inline(a), inline(b)
     for x, y in ((a, b), (b, a)):
         if "anyOf" in x:
             rest = {k: v for k, v in x.items() if k != "anyOf"}
             base = _merge2(rest, y, where, inline) if rest else y
             if len(x["anyOf"]) > _MAX_BRANCHES:
                 raise GrammarError("allOf over anyOf expands to too many branches", keyword="allOf", path=where)
-            branches = [_merge2(br, base, where, inline) for br in x["anyOf"]]
+            branches = [_merge2(base, br, where, inline) for br in x["anyOf"]]  # base's properties first
             branches = [br for br in branches if br is not False]
             if not branches:
                 return False

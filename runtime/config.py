@@ -115,7 +115,9 @@ class ServerArgs:
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not dataclasses.MISSING else None
             if f.type in ("bool", bool):
-                parser.add_argument(flag, action="store_true", default=default)
+                # NOTE: a flag that defaults to True needs a --no- form to be turned off.
+                action = argparse.BooleanOptionalAction if default else "store_true"
+                parser.add_argument(flag, action=action, default=default)
             elif f.name == "lora_paths":
                 parser.add_argument(flag, nargs="*", default=default)
             else:

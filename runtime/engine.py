@@ -17,6 +17,7 @@ import time
 from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 from sgl.runtime.config import ServerArgs
+from sgl.runtime.metrics import record_grammar_compilation
 from sgl.runtime.engine_io import (RequestSink, build_requests, finished_dict, validate_prompt_length)
 from sgl.runtime.protocol import GenerateRequest, RequestError, finish_reason_abort
 from sgl.runtime.scheduler.output import OutputProcessor
@@ -53,6 +54,7 @@ class Engine:
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output)
         self.grammar = _make_grammar_compiler(args, self.tokenizer, loaded.config.vocab_size)
         self._sinks: dict[str, RequestSink] = {}
+        self._cancelled: set[str] = set()  # aborted before reaching the scheduler (e.g. compiling)
         self._commands: "queue.Queue[Callable[[], None]]" = queue.Queue()
         self._stopped = threading.Event()
         self._loop_error: Optional[BaseException] = None
@@ -110,6 +112,8 @@ class Engine:
 
     # ---- submission ------------------------------------------------------------------------
     def _tokenize(self, r: GenerateRequest) -> list[int]:
+        if r.lora_path is not None and not self.server_args.lora_paths:
+            raise RequestError("lora_path: no LoRA adapters are loaded (start with --lora-paths)")
         ids = r.input_ids if r.input_ids is not None else self.tokenizer.encode(r.text or "")
         if not ids:
             raise RequestError("the prompt is empty: text must contain at least one token")
@@ -142,11 +146,15 @@ class Engine:
 
     def _compile_then_add(self, r: GenerateRequest, ids: list[int], constraint: tuple[str, Any]) -> None:
         assert self.grammar is not None
+        t0 = time.monotonic()
         fut = self.grammar.compile_async(*constraint)
+        cache_hit = fut.done()
 
         def done(f: Any) -> None:
             try:
                 matcher = f.result().matcher()
+                if not cache_hit:
+                    record_grammar_compilation(time.monotonic() - t0)
             except Exception as e:  # a compile error or timeout ends this request only
                 self._commands.put(lambda: self._fail(r, f"grammar compilation failed: {e}"))
                 return
@@ -155,6 +163,10 @@ class Engine:
         fut.add_done_callback(done)
 
     def _add(self, r: GenerateRequest, ids: list[int], matcher: Any) -> None:
+        if r.rid in self._cancelled:
+            self._cancelled.discard(r.rid)
+            self._fail(r, "aborted by the client")
+            return
         req = Req.from_request(r, ids, self.scheduler.next_arrival())
         req.grammar = matcher
         self.scheduler.add_request(req)
@@ -228,7 +240,11 @@ class Engine:
                 self.abort(req.rid)
 
     def abort(self, rid: str) -> None:
-        self._commands.put(lambda: self.scheduler.abort(rid))
+        self._commands.put(lambda: self._abort(rid))
+
+    def _abort(self, rid: str) -> None:
+        if not self.scheduler.abort(rid) and rid in self._sinks:
+            self._cancelled.add(rid)  # not queued yet: its grammar is still compiling
 
     def flush_cache(self) -> bool:
         return bool(self._call(self.scheduler.flush_cache))

@@ -77,11 +77,14 @@ class Scheduler:
         self.stats.prompt_tokens_total += len(req.prompt_ids)
         self.waiting.append(req)
 
-    def abort(self, rid: str, message: str = "aborted by the client") -> None:
+    def abort(self, rid: str, message: str = "aborted by the client") -> bool:
+        """End a queued or running request; False when no such request is here."""
         for req in self.waiting + self.running:
             if req.rid == rid and not req.finished:
                 req.finish_reason = finish_reason_abort(message)
                 self._finish(req)
+                return True
+        return False
 
     @property
     def has_work(self) -> bool:

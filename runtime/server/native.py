@@ -14,10 +14,12 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from sgl.runtime.protocol import GenerateRequest, RequestError, SamplingParams, normalize_generate_input
 from sgl.runtime.server.errors import error_body, error_response
+from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
+from sgl.runtime.server.jsonio import dumps
 from sgl.runtime.server.runner import ClientDisconnected, ServerState, check_requests, collect, merge_streams
 
 logger = logging.getLogger("sgl.server")
@@ -56,7 +58,7 @@ async def read_json(request: Request) -> Any:
 
 
 def sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"

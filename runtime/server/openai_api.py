@@ -15,9 +15,10 @@ import uuid
 from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from sgl.runtime.protocol import GenerateRequest, RequestError, SamplingParams
+from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
 from sgl.runtime.server.native import CLIENT_CLOSED, SSE_DONE, get_state, sse, start_stream, stream_error
 from sgl.runtime.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, chat_messages,
                                                 sampling_dict)
@@ -164,8 +165,8 @@ async def _run(state: ServerState, reqs: list[GenerateRequest], request: Request
         return None
 
 
-def _stream_response(state: ServerState, reqs: list[GenerateRequest], first: list[Any], gen: AsyncIterator[Any],
-                     make_chunks: Any, final_usage: Optional[Any]) -> StreamingResponse:
+def _stream_response(first: list[Any], gen: AsyncIterator[Any], make_chunks: Any,
+                     final_usage: Optional[Any]) -> StreamingResponse:
     """SSE: `make_chunks(i, out)` -> chunks for each engine output, then usage, then [DONE]."""
     last: dict[int, dict[str, Any]] = {}
 
@@ -242,7 +243,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                                "model": state.model_name, "choices": [], "usage": usage(outs, n)}) \
             if include_usage else None
         first, gen = await start_stream(merge_streams(state, reqs))
-        return _stream_response(state, reqs, first, gen, chunks, final)
+        return _stream_response(first, gen, chunks, final)
 
     outs = await _run(state, reqs, request)
     if outs is None:
@@ -315,7 +316,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                                "model": state.model_name, "choices": [], "usage": usage(outs, n)}) \
             if include_usage else None
         first, gen = await start_stream(merge_streams(state, reqs))
-        return _stream_response(state, reqs, first, gen, chunks, final)
+        return _stream_response(first, gen, chunks, final)
 
     outs = await _run(state, reqs, request)
     if outs is None:

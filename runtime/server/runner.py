@@ -95,8 +95,10 @@ class RequestTracker:
             how = "finish=client_gone"
         else:
             how = f"finish={reason.get('type') if isinstance(reason, dict) else reason}"
-        logger.info("request rid=%s prompt_tokens=%d completion_tokens=%d cached_tokens=%d ttft=%s latency=%.3fs %s",
-                    self.rid, prompt, self.completion_tokens, cached, ttft, latency, how)
+        # NOTE: /health_generate probes (rid health-*) log at DEBUG: a load balancer polls them.
+        level = logging.DEBUG if self.rid.startswith("health-") else logging.INFO
+        logger.log(level, "request rid=%s prompt_tokens=%d completion_tokens=%d cached_tokens=%d ttft=%s "
+                   "latency=%.3fs %s", self.rid, prompt, self.completion_tokens, cached, ttft, latency, how)
 
 
 def _encode(state: ServerState, text: str) -> list[int]:

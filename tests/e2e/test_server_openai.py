@@ -75,7 +75,7 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
     assert "".join(lp.tokens) == r.choices[0].text
-    for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for val, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert val <= 0 and len(top) == 2 and abs(max(top.values()) - val) < 1e-4
 
 

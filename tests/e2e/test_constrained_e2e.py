@@ -1,0 +1,109 @@
+"""Constrained decoding end to end on the default model (SmolLM2-135M, CPU), through the Engine:
+every output satisfies its constraint, bad constraints fail at submission, mixed batches work, and
+jump-forward saves forward passes."""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["engineer", "doctor", "artist", "other"]},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+        "skills": {"type": "array", "items": {"type": "string", "maxLength": 15}, "minItems": 1, "maxItems": 3},
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "role", "address", "skills", "active"],
+    "additionalProperties": False,
+}
+PROMPT = ("<|im_start|>user\nExtract the person as JSON: Ada Lovelace, 36, engineer from London (zip 12345), "
+          "skills: math, poetry. She is active.<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from sgl.runtime.engine import Engine
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=16384, grammar_backend="llguidance")
+    yield eng
+    eng.check_integrity()
+    eng.shutdown()
+
+
+def test_json_extraction_valid_over_50_seeds(engine):
+    n = 50
+    params = [{"json_schema": json.dumps(PERSON), "max_new_tokens": 160, "temperature": 1.0,
+               "sampling_seed": seed} for seed in range(n)]
+    outs = engine.generate([PROMPT] * n, params)
+    for o in outs:
+        assert o["meta_info"]["finish_reason"]["type"] == "stop", o
+        jsonschema.validate(json.loads(o["text"]), PERSON)
+
+
+def test_regex_choices_ebnf(engine):
+    out = engine.generate("My phone number is ", {"regex": r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}",
+                                                  "max_new_tokens": 30, "temperature": 0.8, "sampling_seed": 1})
+    assert re.fullmatch(r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}", out["text"]), out["text"]
+    out = engine.generate("The sky is", {"choices": ["blue", "green", "on fire"], "max_new_tokens": 10})
+    assert out["text"] in ("blue", "green", "on fire")
+    import lark
+    grammar = 'start: expr\nexpr: NUM | "(" expr OP expr ")"\nOP: "+" | "*"\nNUM: /[0-9]{1,3}/'
+    out = engine.generate("Arithmetic: ", {"ebnf": grammar, "max_new_tokens": 40, "temperature": 0.7,
+                                           "sampling_seed": 3})
+    if out["meta_info"]["finish_reason"]["type"] == "stop":
+        lark.Lark(grammar).parse(out["text"])
+
+
+def test_bad_constraint_is_a_request_error(engine):
+    from sgl.runtime.protocol import RequestError
+    with pytest.raises(RequestError, match="not.*/properties/a"):
+        engine.generate("x", {"json_schema": json.dumps({"properties": {"a": {"not": {"type": "string"}}}})})
+    with pytest.raises(RequestError, match="regex"):
+        engine.generate("x", {"regex": "(unclosed"})
+
+
+def test_mixed_batch(engine):
+    params = [{"max_new_tokens": 12, "temperature": 0},
+              {"regex": "[0-9]{2,4}", "max_new_tokens": 8},
+              {"json_schema": json.dumps({"type": "array", "items": {"type": "boolean"}, "maxItems": 3}),
+               "max_new_tokens": 30},
+              {"choices": ["yes", "no"], "max_new_tokens": 5}]
+    outs = engine.generate(["Hello", "A number:", "Booleans:", "Yes or no?"], params)
+    assert outs[0]["meta_info"]["completion_tokens"] > 0
+    assert re.fullmatch("[0-9]{2,4}", outs[1]["text"]), outs[1]["text"]
+    assert isinstance(json.loads(outs[2]["text"]), list)
+    assert outs[3]["text"] in ("yes", "no")
+
+
+def test_jump_forward_saves_forward_passes(engine):
+    """Fixed keys: forced text (keys, punctuation) is appended without a decode step per token."""
+    from sgl.runtime.engine import Engine
+    schema = {"type": "object", "properties": {k: {"type": "integer", "minimum": 0, "maximum": 9}
+                                               for k in ("first_value", "second_value", "third_value")},
+              "required": ["first_value", "second_value", "third_value"], "additionalProperties": False}
+    p = {"json_schema": json.dumps(schema), "max_new_tokens": 80, "temperature": 0}
+
+    def steps(eng) -> tuple[int, str]:
+        eng.flush_cache()
+        before = eng.get_stats()["num_steps"]
+        out = eng.generate("Three digits as JSON:", p)
+        return eng.get_stats()["num_steps"] - before, out["text"]
+
+    with_jf, text = steps(engine)
+    slow = Engine(model_path="default", num_threads=1, max_total_tokens=4096, disable_jump_forward=True)
+    try:
+        without_jf, text2 = steps(slow)
+    finally:
+        slow.shutdown()
+    jsonschema.validate(json.loads(text), schema)
+    jsonschema.validate(json.loads(text2), schema)
+    assert with_jf <= 0.7 * without_jf, (with_jf, without_jf)
