@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/python examples/quickstart.py
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -x tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=30 tests
 
 serve: setup
 	$(BIN)/sgl serve --model-path default

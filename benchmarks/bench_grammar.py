@@ -2,7 +2,8 @@
 
 For every backend, in the same run, over a fixed random sample of each subset:
   compile time (p50/p90/p99; schemas that compiled within --timeout), per-token mask time (median/p99
-  over every fill during the random walks), coverage = compiled within the timeout AND every sample
+  over every fill during the random walks), coverage = compiled within the timeout, WITHOUT silently
+  relaxing the schema (xgrammar's logged fallbacks, our strict_json=False warnings), AND every sample
   the grammar produced validates with `jsonschema` (samples: --walks random walks per schema that pick
   uniformly among allowed tokens, biased toward closing tokens so they finish).
 Backends: sgl-<name> = our JSON-schema normalizer + that engine (what `--grammar-backend <name>` runs);
@@ -61,11 +62,18 @@ def _worker(backend: str, tok_path: str, eos: list[int], conn: Any, walks: int, 
         schema, seed = msg
         t0 = time.perf_counter()
         try:
-            grammar = compile_fn(schema)
+            with _CaptureStderr() as cap, warnings.catch_warnings(record=True) as pyw:
+                warnings.simplefilter("always")
+                grammar = compile_fn(schema)
         except Exception as e:  # noqa: BLE001
             conn.send(("error", f"{type(e).__name__}: {str(e)[:200]}"))
             continue
-        conn.send(("compiled", time.perf_counter() - t0))
+        dt = time.perf_counter() - t0
+        # NOTE: a backend that silently relaxes the schema (xgrammar: "oneOf ... falling back to anyOf
+        # semantics", "ignoring minLength/maxLength"; ours with strict_json=False) is not correct on it
+        relaxed = [ln for ln in cap.text.splitlines() if "Warning" in ln]
+        relaxed += [str(w.message) for w in pyw if "strict_json=False" in str(w.message)]
+        conn.send(("compiled", (dt, relaxed[:5])))
         rng = random.Random(seed)
         samples, mask_times, walk_errors = [], [], []
         for _ in range(walks):
@@ -136,6 +144,26 @@ def _random_walk(m: Any, vocab: Any, rng: random.Random, max_steps: int, closing
     return None, None  # did not finish: not judged
 
 
+class _CaptureStderr:
+    """Capture what native code writes to fd 2 (xgrammar logs its schema relaxations there)."""
+
+    def __enter__(self) -> "_CaptureStderr":
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile(mode="w+b")
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        self.text = ""
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        self.text = self._file.read().decode("utf-8", errors="replace")
+        self._file.close()
+
+
 class Worker:
     def __init__(self, backend: str, tok_path: str, eos: list[int], walks: int, max_steps: int):
         self.args = (backend, tok_path, eos)
@@ -166,7 +194,7 @@ class Worker:
         tag, val = self.conn.recv()
         if tag == "error":
             return {"status": "error", "error": val}
-        res = {"status": "compiled", "compile_s": val}
+        res = {"status": "compiled", "compile_s": val[0], "relaxed": val[1]}
         if not self.conn.poll(120):
             self.kill()
             self.start()
@@ -202,7 +230,8 @@ def judge(schema_text: str, res: dict) -> dict:
         if not ok:
             invalid.append(s[:300])
     return dict(res, invalid=len(invalid), invalid_examples=invalid[:2],
-                correct=not invalid and not res.get("walk_errors") and res.get("walk") != "timeout")
+                correct=not invalid and not res.get("relaxed") and not res.get("walk_errors")
+                and res.get("walk") != "timeout")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -231,7 +260,7 @@ def run(args: argparse.Namespace) -> dict:
                 rows.append(dict(res, file=path.name, mask_us_summary=[_pct(mask_us, .5), _pct(mask_us, .99)],
                                  _mask=mask_us))
             per_subset[subset] = summarize(rows)
-            print(f"  {backend:16s} {subset:15s} {json.dumps({k: v for k, v in per_subset[subset].items() if k != 'failures'})}",
+            print(f"  {backend:22s} {subset:15s} {json.dumps({k: v for k, v in per_subset[subset].items() if k != 'failures'})}",
                   flush=True)
         worker.conn.send(None)
         worker.kill()
@@ -247,18 +276,19 @@ def summarize(rows: list[dict]) -> dict:
         "n": len(rows), "compiled": len(compiled), "timeouts": sum(r["status"] == "timeout" for r in rows),
         "errors": sum(r["status"] == "error" for r in rows),
         "invalid_schemas": sum(r.get("invalid", 0) > 0 for r in rows),
+        "relaxed_schemas": sum(bool(r.get("relaxed")) for r in rows),
         "invalid_samples": sum(r.get("invalid", 0) for r in rows),
         "coverage": round(sum(r["correct"] for r in rows) / max(len(rows), 1), 4),
         "compile_ms_p50": _pct(cts, .5), "compile_ms_p90": _pct(cts, .9), "compile_ms_p99": _pct(cts, .99),
         "mask_us_p50": _pct(masks, .5), "mask_us_p99": _pct(masks, .99), "mask_calls": len(masks),
-        "failures": [{k: r.get(k) for k in ("file", "status", "error", "invalid_examples", "walk_errors")}
+        "failures": [{k: r.get(k) for k in ("file", "status", "error", "relaxed", "invalid_examples", "walk_errors")}
                      for r in rows if not r["correct"]][:20],
     }
 
 
 def print_table(results: dict) -> None:
     ref = results["backends"].get("sgl-llguidance")
-    hdr = (f"{'backend':16s} {'subset':15s} {'n':>4s} {'cov%':>6s} {'inval':>5s} {'t/o':>4s} {'c_p50ms':>8s} "
+    hdr = (f"{'backend':22s} {'subset':15s} {'n':>4s} {'cov%':>6s} {'inval':>5s} {'relax':>5s} {'t/o':>4s} {'c_p50ms':>8s} "
            f"{'c_p90ms':>8s} {'c_p99ms':>8s} {'m_p50us':>8s} {'m_p99us':>8s}  ratio(p50 compile, mask) vs sgl-llguidance")
     print(hdr)
     f = lambda x: "-" if x is None else (f"{x:.1f}" if x < 1000 else f"{x:.0f}")  # noqa: E731
@@ -268,7 +298,8 @@ def print_table(results: dict) -> None:
             ratio = ""
             if rs and x["compile_ms_p50"] and rs["compile_ms_p50"] and x["mask_us_p50"] and rs["mask_us_p50"]:
                 ratio = f"{x['compile_ms_p50'] / rs['compile_ms_p50']:.2f}x, {x['mask_us_p50'] / rs['mask_us_p50']:.2f}x"
-            print(f"{b:16s} {s:15s} {x['n']:4d} {100 * x['coverage']:6.1f} {x['invalid_schemas']:5d} {x['timeouts']:4d} "
+            print(f"{b:22s} {s:15s} {x['n']:4d} {100 * x['coverage']:6.1f} {x['invalid_schemas']:5d} "
+                  f"{x['relaxed_schemas']:5d} {x['timeouts']:4d} "
                   f"{f(x['compile_ms_p50']):>8s} {f(x['compile_ms_p90']):>8s} {f(x['compile_ms_p99']):>8s} "
                   f"{f(x['mask_us_p50']):>8s} {f(x['mask_us_p99']):>8s}  {ratio}")
     if "e2e" in results:

@@ -56,6 +56,7 @@ class GrammarCompiler:
         self.backend = get_backend(backend, vocab, BackendOptions(json_whitespace, max_whitespace))
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="grammar-compile")
         self._cache: "OrderedDict[tuple[str, str], Future]" = OrderedDict()
+        self._specs: "OrderedDict[tuple[str, str], GrammarSpec]" = OrderedDict()  # validated, not yet compiled
         self._lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "timeouts": 0, "errors": 0}
 
@@ -85,6 +86,10 @@ class GrammarCompiler:
         spec = self.to_spec(kind, value)
         try:
             self.backend.check(spec)
+            with self._lock:  # compile_async reuses the normalized spec
+                self._specs[_key(kind, value)] = spec
+                while len(self._specs) > self.cache_size:
+                    self._specs.popitem(last=False)
         except GrammarError:
             raise
         except Exception as e:  # noqa: BLE001 - a backend's own exception type -> ours
@@ -120,8 +125,9 @@ class GrammarCompiler:
              timer: threading.Timer) -> None:
         t0 = time.perf_counter()
         try:
-            spec = self.to_spec(kind, value)
-            grammar = self.backend.compile(spec)
+            with self._lock:
+                spec = self._specs.pop(key, None)
+            grammar = self.backend.compile(spec if spec is not None else self.to_spec(kind, value))
             grammar.compile_time_s = time.perf_counter() - t0  # type: ignore[attr-defined]
         except Exception as e:  # noqa: BLE001
             timer.cancel()

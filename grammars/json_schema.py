@@ -19,7 +19,9 @@ spec says, so real-world schemas with vendor annotations still compile):
   ``maxItems``, ``uniqueItems: false``
 - objects: ``properties``, ``required``, ``additionalProperties``, ``patternProperties``,
   ``minProperties``, ``maxProperties``; optional properties may appear in any subset, in the
-  schema's property order
+  schema's property order; ``dependentRequired``, ``dependentSchemas``, ``dependencies`` (at most
+  4 per object, expanded exactly into anyOf branches)
+- ``not`` around a type, a single required key, or a boolean schema (others are rejected)
 
 Example:
     >>> normalize({"allOf": [{"type": "integer", "minimum": 0}, {"maximum": 9}]}).schema
@@ -31,6 +33,7 @@ import json
 import warnings as _warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+from urllib.parse import unquote
 
 import jsonschema
 from jsonschema.exceptions import SchemaError
@@ -47,14 +50,15 @@ SUPPORTED = frozenset({"$ref", "type", "enum", "const", "anyOf", "oneOf", "allOf
                        "minLength", "maxLength", "pattern", "format",
                        "items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
                        "properties", "required", "additionalProperties", "patternProperties",
-                       "minProperties", "maxProperties"}) | ANNOTATIONS
+                       "minProperties", "maxProperties", "dependencies", "dependentRequired",
+                       "dependentSchemas", "not"}) | ANNOTATIONS
 # JSON Schema assertions we cannot express as a grammar (or have not implemented): always rejected
 # unless trivially true (see _trivial).
-UNSUPPORTED = frozenset({"not", "if", "then", "else", "contains", "minContains", "maxContains",
-                         "propertyNames", "dependencies", "dependentRequired", "dependentSchemas",
+UNSUPPORTED = frozenset({"if", "then", "else", "contains", "minContains", "maxContains", "propertyNames",
                          "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$dynamicAnchor",
                          "$recursiveRef", "$recursiveAnchor", "$anchor"})
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_MAX_DEPENDENCIES = 4  # each doubles the anyOf branches
+_NON_OBJECTS = [{"type": t} for t in ("array", "boolean", "null", "number", "string")]
 
 
 @dataclass
@@ -101,8 +105,6 @@ def _is_draft7_or_older(root: Any) -> bool:
 
 def _trivial(key: str, value: Any) -> bool:
     """An unsupported keyword whose value makes it a no-op."""
-    if key in ("dependencies", "dependentRequired", "dependentSchemas"):
-        return value == {}
     if key in ("unevaluatedProperties", "unevaluatedItems", "propertyNames"):
         return value is True or value == {}
     if key in ("then", "else", "minContains", "maxContains"):
@@ -122,6 +124,10 @@ class _Normalizer:
         self.in_progress: set[str] = set()
         self.warnings: list[str] = []
 
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        _warnings.warn(msg, stacklevel=4)
+
     # --- $ref -------------------------------------------------------------------------------------
     def resolve(self, ref: str, path: tuple) -> tuple[Any, tuple]:
         if not ref.startswith("#") or (len(ref) > 1 and not ref.startswith("#/")):
@@ -130,7 +136,6 @@ class _Normalizer:
         node, where = self.root, ()
         for raw in ref[2:].split("/") if len(ref) > 1 else []:
             part = raw.replace("~1", "/").replace("~0", "~")
-            from urllib.parse import unquote
             part = unquote(part)
             if isinstance(node, dict) and part in node:
                 node = node[part]
@@ -181,7 +186,7 @@ class _Normalizer:
                 if self.strict:
                     raise GrammarError("uniqueItems: true cannot be enforced by a grammar", keyword=key,
                                        path=_pointer(path + (key,)))
-                self.warnings.append(f"{_pointer(path)}: uniqueItems ignored")
+                self.warn(f"{_pointer(path)}: uniqueItems ignored (strict_json=False)")
         if "$ref" in s:
             r = self.ref(s["$ref"], path + ("$ref",))
             rest = {k: v for k, v in s.items() if k in SUPPORTED and k not in ANNOTATIONS and k != "$ref"}
@@ -210,9 +215,7 @@ class _Normalizer:
             if s["format"] in FORMATS:
                 out["format"] = s["format"]
             else:
-                msg = f"{_pointer(path)}: unknown format {s['format']!r} treated as a plain string"
-                self.warnings.append(msg)
-                _warnings.warn(msg, stacklevel=3)
+                self.warn(f"{_pointer(path)}: unknown format {s['format']!r} treated as a plain string")
         if "enum" in s:
             out["enum"] = list(s["enum"])
         if "const" in s:
@@ -239,6 +242,9 @@ class _Normalizer:
             out["required"] = list(dict.fromkeys(s["required"]))
         # combinators
         parts: list[Any] = [out] if out else []
+        parts += self.dependencies(s, path)
+        if "not" in s:
+            parts.append(self.negate(s["not"], path + ("not",)))
         if "allOf" in s:
             parts += [self.node(x, path + ("allOf", i)) for i, x in enumerate(s["allOf"])]
         if "anyOf" in s:
@@ -264,13 +270,50 @@ class _Normalizer:
                     raise GrammarError("oneOf branches may overlap, so 'exactly one' cannot be enforced; "
                                        "use anyOf, or make the branches disjoint (different types, const/enum "
                                        "discriminators)", keyword="oneOf", path=_pointer(path + ("oneOf",)))
-                self.warnings.append(f"{_pointer(path)}: overlapping oneOf treated as anyOf")
+                self.warn(f"{_pointer(path)}: overlapping oneOf treated as anyOf (strict_json=False)")
             parts.append(self.any_of(branches))
         if not parts:
             return {}
         if len(parts) == 1:
             return self.finish(parts[0], path)
         return self.combine_all(parts, path)
+
+    def dependencies(self, s: dict, path: tuple) -> list[Any]:
+        """dependentRequired / dependentSchemas / draft-7 dependencies as exact anyOf parts:
+        "if key k is present then D" == anyOf[{k absent}, allOf[{k required}, D]]."""
+        deps: list[tuple[str, Any, tuple]] = []
+        for kw in ("dependencies", "dependentRequired", "dependentSchemas"):
+            for k, d in (s.get(kw) or {}).items():
+                deps.append((k, d, path + (kw, k)))
+        if len(deps) > _MAX_DEPENDENCIES:
+            raise GrammarError(f"more than {_MAX_DEPENDENCIES} dependencies cannot be expanded", keyword="dependencies",
+                               path=_pointer(path))
+        parts = []
+        for k, d, where in deps:
+            then = {"required": list(d)} if isinstance(d, list) else self.node(d, where)
+            absent = {"type": "object", "properties": {k: False}}
+            present = merge_all([{"type": "object", "required": [k]}, self.inline(then, where)], _pointer(where),
+                                inline=lambda x: self.inline(x, where))
+            parts.append(self.any_of(_NON_OBJECTS + [absent] + ([present] if present is not False else [])))
+        return parts
+
+    def negate(self, sub: Any, path: tuple) -> Any:
+        """`not` for the shapes a grammar can express exactly: types, one required key, true/false."""
+        if sub is True or sub == {}:
+            return False
+        if sub is False:
+            return {}
+        if isinstance(sub, dict) and set(sub) - ANNOTATIONS == {"type"}:
+            t = {sub["type"]} if isinstance(sub["type"], str) else set(sub["type"])
+            rest = JSON_TYPES - {"integer"} - t - ({"number"} if "number" in t else set())
+            if "integer" in t and "number" not in t:
+                raise GrammarError("'not integer' (non-integral numbers only) cannot be expressed", keyword="not",
+                                   path=_pointer(path))
+            return {"type": sorted(rest)} if rest else False
+        if isinstance(sub, dict) and set(sub) - ANNOTATIONS == {"required"} and len(sub["required"]) == 1:
+            return self.any_of(_NON_OBJECTS + [{"type": "object", "properties": {sub["required"][0]: False}}])
+        raise GrammarError("JSON Schema keyword 'not' is only supported around a type, a single required key, or "
+                           "a boolean schema", keyword="not", path=_pointer(path))
 
     def _recursive(self, b: Any) -> bool:
         return isinstance(b, dict) and set(b) == {"$ref"} and b["$ref"].rsplit("/", 1)[-1] in self.in_progress

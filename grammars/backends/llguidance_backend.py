@@ -90,6 +90,14 @@ def _validate(grammar: str, tokenizer: Optional[LLTokenizer]) -> None:
         raise GrammarError(msgs[0] if msgs else "invalid grammar")
 
 
+def _short(err: str) -> str:
+    """llguidance errors carry a parser-state dump after the first line: keep the message."""
+    first = err.strip().splitlines()[0] if err.strip() else "grammar error"
+    if first.startswith("NoExtensionBias"):
+        return "the grammar allows no next token (unsatisfiable constraint)"
+    return first[:300]
+
+
 class LLGuidanceMatcher(GrammarMatcher):
     def __init__(self, vocab: Vocabulary, m: LLMatcher):
         super().__init__(vocab)
@@ -98,12 +106,12 @@ class LLGuidanceMatcher(GrammarMatcher):
     def _fill(self, row: torch.Tensor) -> None:
         self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
         if self._m.is_error():
-            self._fail(self._m.get_error())
+            self._fail(_short(self._m.get_error()))
 
     def _accept(self, token_id: int) -> bool:
         ok = self._m.consume_token(token_id)
         if not ok and self._m.is_error():
-            self._fail(f"token {token_id} not allowed: {self._m.get_error()}")
+            self._fail(f"token {token_id} not allowed: {_short(self._m.get_error())}")
         return ok
 
     def _rollback(self, n: int) -> None:

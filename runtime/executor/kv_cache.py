@@ -15,6 +15,7 @@ import torch
 
 from sgl.kernels.dispatch import store_kvcache
 from sgl.runtime.models.config import ModelConfig
+from sgl.runtime.models.weight_arena import alloc_huge
 
 
 class KVCache:
@@ -41,8 +42,10 @@ class KVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (num_layers, num_slots, num_kv_heads, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=self.device)
-        self.v = torch.empty(shape, dtype=dtype, device=self.device)
+        numel = num_layers * num_slots * num_kv_heads * head_dim
+        # huge pages: attention reads each sequence's K/V rows once per layer per step
+        self.k = alloc_huge(numel, dtype, self.device).view(shape)
+        self.v = alloc_huge(numel, dtype, self.device).view(shape)
         self._k_layers = list(self.k.unbind(0))  # [num_slots, Hkv, D] views, one per layer
         self._v_layers = list(self.v.unbind(0))
 
@@ -69,5 +72,9 @@ class KVCache:
         return self._v_layers[layer]  # [num_slots, Hkv, D]
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K/V of T tokens. slots: [T] int64; k, v: [T, Hkv, D] (cast to the pool dtype)."""
-        store_kvcache(self._k_layers[layer], self._v_layers[layer], slots, k, v)  # Triton on CUDA, index_copy_ on CPU
+        """Write K/V of T tokens. slots: [T] int64; k, v: [T, Hkv, D] in the pool dtype."""
+        if self.device.type == "cpu":  # NOTE: direct, no dtype-cast op: index_copy_ rejects a dtype mismatch
+            self._k_layers[layer].index_copy_(0, slots, k)
+            self._v_layers[layer].index_copy_(0, slots, v)
+        else:
+            store_kvcache(self._k_layers[layer], self._v_layers[layer], slots, k, v)  # Triton on CUDA, index_copy_ on CPU

@@ -2,23 +2,35 @@
 
 Layout is Hugging Face's "rotate half": the first D/2 dims of a head pair with the last D/2, so
     rope(x) = x * cos + rotate_half(x) * sin,  rotate_half(x) = cat(-x2, x1)
-We store `sin_signed = cat(-sin, sin)` so that rotate_half(x) * sin == roll(x, D/2) * sin_signed.
+We store `sin_signed = cat(-sin, sin)` so that rotate_half(x) * sin == cat(x2, x1) * sin_signed.
+For a few tokens (decode) the rotation is instead ONE batched matmul with per-token [D, D] matrices
+built once per step: every layer then spends one op on RoPE instead of five (see llama.py on why
+the op count matters at batch-1 decode).
 
     >>> import torch
     >>> rope = RotaryEmbedding(head_dim=4, theta=10000.0, scaling=None)
     >>> x = torch.ones(2, 3, 4)                                 # [T, heads, D]
-    >>> torch.equal(rope.apply(x, *rope.lookup(torch.tensor([0, 0])))[0], x[0])  # position 0: identity
+    >>> torch.equal(rope.apply(x, rope.lookup(torch.tensor([0, 0]))), x)  # position 0: identity
     True
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+MAX_MATRIX_TOKENS = 32  # up to this many tokens per step, rotate with a matmul (T x D x D floats)
+
+
+class RopeTables(NamedTuple):
+    """One step's rotation, shared by all layers."""
+
+    cos: torch.Tensor  # [T, 1, D]
+    sin_signed: torch.Tensor  # [T, 1, D]
+    matrices: Optional[torch.Tensor]  # [T, D, D] with rope(x) = x @ matrices[t], or None (elementwise)
 
 
 def rope_inv_freq(
@@ -117,10 +129,23 @@ class RotaryEmbedding:
         if num_positions > self.cos.shape[0]:
             self._build(max(num_positions, 2 * self.cos.shape[0]))
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin_signed, each [T, 1, D] (broadcast over heads)."""
-        return self.cos.index_select(0, positions).unsqueeze(1), self.sin_signed.index_select(0, positions).unsqueeze(1)
+    def lookup(self, positions: torch.Tensor) -> RopeTables:
+        """positions [T] -> the tables for those positions (call once per step)."""
+        cos = self.cos.index_select(0, positions)  # [T, D]
+        sin = self.sin_signed.index_select(0, positions)  # [T, D]
+        matrices = None
+        if positions.shape[0] <= MAX_MATRIX_TOKENS:
+            # out_j = x_j cos_j + x_{(j + D/2) % D} sin_signed_j  <=>  out = x @ R, with
+            # R[j, j] = cos_j and R[(j + D/2) % D, j] = sin_signed_j (the other entries add exact zeros)
+            d = self.head_dim
+            cols = torch.arange(d, device=positions.device)
+            matrices = torch.diag_embed(cos)  # [T, D, D]
+            matrices[:, (cols + d // 2) % d, cols] = sin
+        return RopeTables(cos.unsqueeze(1), sin.unsqueeze(1), matrices)
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
         """x [T, heads, D] -> rotated [T, heads, D] (a new tensor)."""
-        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, -1), sin_signed)
+        if tables.matrices is not None:
+            return torch.bmm(x, tables.matrices)  # [T, heads, D] @ [T, D, D]
+        half = self.head_dim // 2
+        return torch.addcmul(x * tables.cos, torch.cat((x[..., half:], x[..., :half]), -1), tables.sin_signed)

@@ -71,6 +71,15 @@ def test_bad_constraint_is_a_request_error(engine):
         engine.generate("x", {"regex": "(unclosed"})
 
 
+def test_unsatisfiable_constraint_aborts_only_that_request(engine):
+    # byte 0x04 is in no token of the vocabulary: the grammar dead-ends after "a"
+    outs = engine.generate(["x", "y"], [{"regex": "a\\x04", "max_new_tokens": 5},
+                                        {"regex": "[0-9]{3}", "max_new_tokens": 5}])
+    assert outs[0]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert "unsatisfiable" in outs[0]["meta_info"]["finish_reason"]["message"]
+    assert re.fullmatch("[0-9]{3}", outs[1]["text"])
+
+
 def test_mixed_batch(engine):
     params = [{"max_new_tokens": 12, "temperature": 0},
               {"regex": "[0-9]{2,4}", "max_new_tokens": 8},

@@ -67,7 +67,9 @@ def canonical_order(instance: Any, schema: Any, defs: dict, depth: int = 0) -> A
         return instance
     if isinstance(instance, dict):
         props = schema.get("properties", {})
-        keys = [k for k in props if k in instance] + [k for k in instance if k not in props]
+        req = [k for k in schema.get("required", []) if k not in props]  # generated after `properties`
+        keys = [k for k in props if k in instance] + [k for k in req if k in instance]
+        keys += [k for k in instance if k not in keys]
         return {k: canonical_order(instance[k], props.get(k, _extra_schema(schema, k)), defs, depth + 1) for k in keys}
     if isinstance(instance, list):
         pre = schema.get("prefixItems", [])

@@ -206,3 +206,11 @@ def test_vocabulary_sentencepiece_byte_fallback():
     v = Vocabulary.from_tokenizer(tok, frozenset({1}), None)
     assert v.token_bytes[2] == b"\n" and v.token_bytes[3] == b"\xc3" and v.token_bytes[5] == b" hello"
     assert v.token_bytes[1] is None and v.decode([3, 4]).decode() == "é"
+
+
+def test_unsatisfiable_mid_generation_is_an_error_state(vocab, compiler):
+    """Byte 0x04 is in no token of this vocabulary: after "a" nothing can follow."""
+    m = compiler.compile("regex", "a\\x04").matcher()
+    assert m.accept(vocab.encode(b"a")[0])
+    assert allowed(vocab, m) == [vocab.eos_token_id] and "unsatisfiable" in (m.error or "")
+    assert not m.accept(vocab.eos_token_id)

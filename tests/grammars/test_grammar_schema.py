@@ -19,7 +19,7 @@ def accepts(compiler, vocab, schema, text: str) -> bool:
 
 
 @pytest.mark.parametrize("schema, keyword, path", [
-    ({"not": {"type": "string"}}, "not", "/not"),
+    ({"not": {"enum": ["a"]}}, "not", "/not"),
     ({"properties": {"a": {"if": {"type": "string"}, "then": {}}}}, "if", "/properties/a/if"),
     ({"type": "array", "contains": {"type": "integer"}}, "contains", "/contains"),
     ({"type": "array", "uniqueItems": True}, "uniqueItems", "/uniqueItems"),
@@ -33,6 +33,16 @@ def test_rejected_with_keyword_and_path(compiler, schema, keyword, path):
         compiler.validate("json_schema", json.dumps(schema))
     assert ei.value.keyword == keyword and ei.value.path == path, str(ei.value)
     assert keyword in str(ei.value) and path in str(ei.value)
+
+
+def test_dependencies_and_simple_not(compiler, vocab):
+    s = {"type": "object", "properties": {"card": {"type": "string"}, "billing": {"type": "string"}},
+         "dependentRequired": {"card": ["billing"]}}
+    assert accepts(compiler, vocab, s, '{"card":"x","billing":"y"}') and accepts(compiler, vocab, s, '{"billing":"y"}')
+    assert accepts(compiler, vocab, s, "{}") and not accepts(compiler, vocab, s, '{"card":"x"}')
+    s = {"type": "object", "properties": {"a": {"not": {"type": ["string", "null"]}}}, "not": {"required": ["z"]}}
+    assert accepts(compiler, vocab, s, '{"a":1}') and not accepts(compiler, vocab, s, '{"a":"s"}')
+    assert not accepts(compiler, vocab, s, '{"a":1,"z":0}')
 
 
 def test_invalid_json_and_validate_is_fast(compiler):
