@@ -103,12 +103,13 @@ class Vocabulary:
         metaspace = "Metaspace" in kinds or _SPM_SPACE in "".join(
             tokenizer.id_to_token(i) or "" for i in range(min(size, 2000)))
         table = _byte_decoder()
+        eos = frozenset(int(e) for e in eos_token_ids)
         special: set[int] = set()
         out: list[Optional[bytes]] = []
         for i in range(size):
             tok = tokenizer.id_to_token(i)
             at = added.get(i)
-            if tok is None or (at is not None and at.special):
+            if tok is None or i in eos or (at is not None and at.special):  # EOS is the grammar's, not text
                 special.add(i)
                 out.append(None)
             elif at is not None:  # a non-special added token is literal text, not byte-level encoded
@@ -121,14 +122,13 @@ class Vocabulary:
                 out.append(tok.replace(_SPM_SPACE, " ").encode("utf-8"))
             else:
                 out.append(tok.encode("utf-8"))
-        eos = frozenset(int(e) for e in eos_token_ids)
         # NOTE: a private copy that encodes "<|im_end|>" inside text as plain text, never as the special
         # token: grammar text (forced continuations, test instances) must not produce special tokens.
         encoder = type(tokenizer).from_str(tokenizer.to_str())
         encoder.encode_special_tokens = True
         encoder.no_padding()
         encoder.no_truncation()
-        return cls(token_bytes=tuple(out), eos_token_ids=eos, special_token_ids=frozenset(special - eos) | frozenset(eos),
+        return cls(token_bytes=tuple(out), eos_token_ids=eos, special_token_ids=frozenset(special | eos),
                    vocab_size_padded=max(size, vocab_size_padded or size), tokenizer=encoder)
 
     @classmethod

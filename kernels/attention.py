@@ -107,7 +107,9 @@ def _as_index(t: SlotTable, device: Union[str, torch.device]) -> torch.Tensor:
 
 
 def _contiguous_start(table: torch.Tensor) -> Optional[int]:
-    """table[0] when the slots are consecutive ascending ids, else None."""
+    """table[0] when the slots are consecutive ascending ids, else None (always None off CPU: no sync)."""
+    if table.device.type != "cpu":
+        return None
     n = table.numel()
     first = int(table[0])
     if n == 1:

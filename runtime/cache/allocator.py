@@ -22,7 +22,8 @@ class SlotAllocator:
     def __init__(self, size: int) -> None:
         assert size > 0
         self.size = size
-        # NOTE: a stack; popping from the end hands out low slot numbers first (reversed order).
+        # NOTE: a stack whose end holds the lowest free slots; `alloc` returns them ascending, so a
+        # fresh sequence gets consecutive slots and attention can read its K/V as a view, no gather.
         self._free: list[int] = list(range(size - 1, -1, -1))
         self._is_free = bytearray(b"\x01") * size
 
@@ -36,7 +37,7 @@ class SlotAllocator:
             return None
         if n == 0:
             return []
-        out = self._free[-n:]
+        out = self._free[-n:][::-1]
         del self._free[-n:]
         for s in out:
             self._is_free[s] = 0

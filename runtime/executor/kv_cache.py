@@ -72,8 +72,10 @@ class KVCache:
         return self._v_layers[layer]  # [num_slots, Hkv, D]
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K/V of T tokens. slots: [T] int64; k, v: [T, Hkv, D] in the pool dtype."""
-        if self.device.type == "cpu":  # NOTE: direct, no dtype-cast op: index_copy_ rejects a dtype mismatch
+        """Write K/V of T tokens. slots: [T] int64; k, v: [T, Hkv, D] (cast to the pool dtype)."""
+        if self.device.type == "cpu":
+            if k.dtype != self.dtype:  # NOTE: checked in Python: a no-op .to() still costs a dispatch
+                k, v = k.to(self.dtype), v.to(self.dtype)
             self._k_layers[layer].index_copy_(0, slots, k)
             self._v_layers[layer].index_copy_(0, slots, v)
         else:
