@@ -69,7 +69,7 @@ def sections(opts: dict[str, Any]) -> list[tuple[str, Callable[[], str]]]:
         return f"Q: What is the capital of France?\nA: {st['answer'].strip()}"
 
     def select() -> str:
-        st = classify.run(review="The food was cold and the waiter was rude.", **opts)
+        st = classify.run(review="Terrible service, I will never come back.", **opts)
         scores = st.get_meta_info("label")["normalized_prompt_logprobs"]
         return f"label: {st['label']}  (mean logprob per token: {', '.join(f'{x:.2f}' for x in scores)})"
 

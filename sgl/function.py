@@ -1,5 +1,6 @@
 """`@sgl.function`: a program, and the ways to run it (`run`, `run_batch`, `trace`, `bind`, `cache`).
 
+    >>> import sgl
     >>> @sgl.function
     ... def qa(s, question):
     ...     s += sgl.user(question)

@@ -1,5 +1,6 @@
 """`ProgramState` (the `s` of a program) and `ProgramStateGroup` (what `s.fork(n)` returns).
 
+    >>> import sgl
     >>> @sgl.function
     ... def tips(s, topic):
     ...     s += f"Two tips about {topic}:\\n"
