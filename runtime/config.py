@@ -60,6 +60,7 @@ class ServerArgs:
     grammar_backend: str = "llguidance"
     grammar_compile_timeout: float = 30.0
     json_whitespace: str = "compact"
+    json_strict: bool = True  # --no-json-strict: overlapping oneOf as anyOf, uniqueItems ignored (warned)
     disable_jump_forward: bool = False
     # Execution
     num_threads: Optional[int] = None  # torch CPU threads; None = one per physical core
