@@ -163,8 +163,8 @@ def main() -> None:
 
     # 3. shared system prompt, cache on vs off
     nreq = 16 if q else 64
-    system = "You are a careful assistant. " + text_of(480, 3)
-    qs = [system + " Question %d: " % i + text_of(45, 100 + i) for i in range(nreq)]
+    system = "You are a careful assistant. " + text_of(265, 3)  # ~500 tokens
+    qs = [system + " Question %d: " % i + text_of(24, 100 + i) for i in range(nreq)]  # ~50 tokens each
     shared = {}
     for label, disable in (("on", False), ("off", True)):
         e = eng if not disable else Engine(num_threads=a.threads, max_total_tokens=65536, disable_radix_cache=True,
@@ -193,7 +193,7 @@ def main() -> None:
                  f"{off['total_s'] / on['total_s']:.1f}x faster"))
 
     # 4. chunked prefill: decoders' p99 inter-token latency while a long prompt arrives
-    long_prompt = text_of(2000 if not q else 1000, 9)
+    long_prompt = text_of(1080 if not q else 540, 9)  # ~2,000 tokens
     itl = {}
     for label, chunk in (("chunked", 512), ("unchunked", -1)):
         e = Engine(num_threads=a.threads, max_total_tokens=65536, chunked_prefill_size=chunk, show_progress=False,
