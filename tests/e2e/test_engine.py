@@ -28,13 +28,6 @@ def engine() -> Iterator[Engine]:
     eng.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def kv_integrity_after_each_test(engine: Engine) -> Iterator[None]:
-    yield
-    engine.wait_idle(timeout=60)
-    engine.check_integrity()
-
-
 def greedy_texts(eng: Engine, prompts: list[str]) -> list[list[int]]:
     return [o["output_ids"] for o in eng.generate(prompts, GREEDY)]
 
