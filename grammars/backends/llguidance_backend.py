@@ -131,7 +131,7 @@ class LLGuidanceGrammar(CompiledGrammar):
         self._vocab = vocab
         self._template = template  # NOTE: never advanced; each request gets a deep copy
 
-    def matcher(self) -> GrammarMatcher:
+    def _new_matcher(self) -> GrammarMatcher:
         return LLGuidanceMatcher(self._vocab, self._template.deep_copy())
 
 

@@ -49,7 +49,7 @@ class OutlinesGrammar(CompiledGrammar):
         self._vocab = vocab
         self._index = index
 
-    def matcher(self) -> GrammarMatcher:
+    def _new_matcher(self) -> GrammarMatcher:
         return OutlinesMatcher(self._vocab, Guide(self._index, max_rollback=_MAX_ROLLBACK))
 
 

@@ -49,7 +49,7 @@ class XGrammarGrammar(CompiledGrammar):
         self._vocab = vocab
         self._compiled = compiled
 
-    def matcher(self) -> GrammarMatcher:
+    def _new_matcher(self) -> GrammarMatcher:
         return XGrammarMatcher(self._vocab, xgr.GrammarMatcher(self._compiled))
 
 

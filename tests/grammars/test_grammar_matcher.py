@@ -214,3 +214,22 @@ def test_unsatisfiable_mid_generation_is_an_error_state(vocab, compiler):
     assert m.accept(vocab.encode(b"a")[0])
     assert allowed(vocab, m) == [vocab.eos_token_id] and "unsatisfiable" in (m.error or "")
     assert not m.accept(vocab.eos_token_id)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_initial_mask_is_shared_and_exact(vocab, backend):
+    """A grammar's first mask is computed once and copied by later matchers; it equals the mask a
+    fresh backend matcher computes, and a matcher rolled back to the start gets it again."""
+    c = compiler_for(vocab, backend)
+    g = c.compile("json_schema", {"type": "object", "properties": {"name": {"type": "string"}}})
+    first = allowed(vocab, g.matcher())
+    assert g._initial.words is not None
+    fresh = g._new_matcher()  # no shared slot: computes the mask itself
+    assert allowed(vocab, fresh) == first
+    m = g.matcher()
+    assert allowed(vocab, m) == first
+    assert m.accept(vocab.encode(b"{")[0])
+    after = allowed(vocab, m)
+    assert after != first
+    m.rollback(1)
+    assert allowed(vocab, m) == first
