@@ -82,8 +82,10 @@ def pack_parameters(module: nn.Module, dtype: torch.dtype, device: Union[str, to
     offset = 0
     for (mod, name, p), size in zip(params, sizes):
         view = buf[offset : offset + p.numel()].view(p.shape)
-        mod._parameters[name] = nn.Parameter(view, requires_grad=False)
+        mod._parameters[name] = mod.__dict__[name] = nn.Parameter(view, requires_grad=False)
         offset += size
+    # NOTE: the __dict__ entry above shadows nn.Module.__getattr__ (a slow fallback that a decode step
+    # would hit ~300 times); nn.Module.__setattr__ drops the shadow if a parameter is ever reassigned.
     return buf
 
 
