@@ -74,6 +74,8 @@ class OutputProcessor:
             "cached_tokens": req.num_cached_tokens,
             "e2e_latency": time.monotonic() - req.created_time,
         }
+        if req.first_token_time is not None:  # lets a client time TTFT without per-token outputs
+            meta["first_token_latency"] = req.first_token_time - req.created_time
         if req.return_logprob:
             t = req.return_text_in_logprobs
             meta["input_token_logprobs"] = [self._triple(lp, tid, t) for lp, tid in req.input_logprobs]

@@ -13,6 +13,7 @@ One `step()`:
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -280,6 +281,8 @@ class Scheduler:
 
     def _append(self, req: Req, token_id: int, logprob: Optional[float],
                 top: Optional[list[tuple[int, float]]]) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
         if req.return_logprob:
             req.output_logprobs.append(logprob if logprob is not None else 0.0)
             req.output_top_logprobs.append(top or [])

@@ -12,7 +12,6 @@ The engine is reached only through the contract in the preamble (`stream_request
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import logging
 import time
@@ -64,12 +63,21 @@ class RequestTracker:
         self.completion_tokens = 0
 
     def on_chunk(self, out: dict[str, Any]) -> None:
-        n = int(out.get("meta_info", {}).get("completion_tokens") or 0)
+        meta = out.get("meta_info", {})
+        n = int(meta.get("completion_tokens") or 0)
         if n <= self.completion_tokens:
             return
         now = time.perf_counter()
         metrics, model = self.state.metrics, self.state.model_name
-        if self.first_token_at is None:
+        if self.first_token_at is None and meta.get("finish_reason") is not None and n > 1 \
+                and meta.get("first_token_latency") is not None:
+            # the whole answer at once (not streamed): place the first token by the engine's clock
+            since_first = max(float(meta["e2e_latency"]) - float(meta["first_token_latency"]), 0.0)
+            self.first_token_at = now - since_first
+            if metrics:
+                metrics.observe_first_token(model, self.first_token_at - self.arrival)
+                metrics.observe_inter_token(model, since_first, n - 1)
+        elif self.first_token_at is None:
             self.first_token_at = now
             if metrics:
                 metrics.observe_first_token(model, now - self.arrival)
@@ -153,10 +161,8 @@ def _abort_quietly(state: ServerState, rid: str) -> None:
 
 async def stream_one(state: ServerState, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
     """The engine's cumulative outputs for one request. Closing this early aborts the request."""
-    if not req.stream:
-        # NOTE: ask for per-token outputs even when the client waits for the whole answer: TTFT and
-        # inter-token latency (metrics, the request log) are measured here from their arrival times.
-        req = dataclasses.replace(req, stream=True)
+    # NOTE: a non-streaming request gets only its final output (no per-token response building in
+    # the scheduler); its TTFT comes from meta_info.first_token_latency (see RequestTracker.on_chunk).
     tracker = RequestTracker(state, req.rid)
     state.inflight[req.rid] = tracker
     last: Optional[dict[str, Any]] = None

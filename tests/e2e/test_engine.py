@@ -43,6 +43,11 @@ def test_single_and_batch_shapes(engine: Engine) -> None:
     assert many[0]["output_ids"] == one["output_ids"], "batching changed a greedy output"
 
 
+def test_non_streamed_request_reports_first_token_latency(engine: Engine) -> None:
+    meta = engine.generate(PROMPTS[0], {"max_new_tokens": 6, "ignore_eos": True})["meta_info"]
+    assert 0 <= meta["first_token_latency"] <= meta["e2e_latency"]
+
+
 def test_chat_answer_is_sensible(engine: Engine) -> None:
     prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     out = engine.generate(prompt, {"max_new_tokens": 20, "temperature": 0})

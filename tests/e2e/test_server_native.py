@@ -205,8 +205,19 @@ def test_health_and_info_routes(server: ServerHandle, client: httpx.Client) -> N
     assert client.get("/check_integrity").json()["ok"] is True
 
 
+def _metric_samples(client: httpx.Client) -> dict[str, float]:
+    return {line.split("{")[0].split(" ")[0]: float(line.rsplit(" ", 1)[1])
+            for line in client.get("/metrics").text.splitlines() if line and not line.startswith("#")}
+
+
 def test_metrics_exposition(client: httpx.Client) -> None:
-    generate(client, text=PROMPT, sampling_params={"max_new_tokens": 4})
+    before = _metric_samples(client)
+    # a NON-streamed request: timed from meta_info.first_token_latency, no per-token outputs
+    generate(client, text=PROMPT, sampling_params={"max_new_tokens": 4, "ignore_eos": True})
+    after = _metric_samples(client)
+    count = lambda d, k: d.get(k, 0.0)  # noqa: E731
+    assert count(after, "sgl:time_to_first_token_seconds_count") - count(before, "sgl:time_to_first_token_seconds_count") == 1
+    assert count(after, "sgl:inter_token_latency_seconds_count") - count(before, "sgl:inter_token_latency_seconds_count") == 3
     text = client.get("/metrics").text
     for name in ("sgl:num_running_reqs", "sgl:num_queue_reqs", "sgl:token_usage", "sgl:cache_hit_rate",
                  "sgl:prompt_tokens_total", "sgl:generation_tokens_total", "sgl:time_to_first_token_seconds",
