@@ -10,25 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 30},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["engineer", "doctor", "artist", "other"]},
-        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["city", "zip"], "additionalProperties": False},
-        "skills": {"type": "array", "items": {"type": "string", "maxLength": 15}, "minItems": 1, "maxItems": 3},
-        "active": {"type": "boolean"},
-    },
-    "required": ["name", "age", "role", "address", "skills", "active"],
-    "additionalProperties": False,
-}
-PROMPT = ("<|im_start|>user\nExtract the person as JSON: Ada Lovelace, 36, engineer from London (zip 12345), "
-          "skills: math, poetry. She is active.<|im_end|>\n<|im_start|>assistant\n")
+# The 6-field extraction workload, shared with tests/e2e/test_constrained_e2e.py.
+_WORKLOAD = json.loads((Path(__file__).resolve().parents[1] / "examples/data/person_extraction.json").read_text())
+SCHEMA, PROMPT = _WORKLOAD["schema"], _WORKLOAD["prompt"]
 
 
 def _rate(eng: Any, params: list[dict]) -> tuple[float, int, int, list[int]]:

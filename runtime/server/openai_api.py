@@ -165,6 +165,18 @@ async def _run(state: ServerState, reqs: list[GenerateRequest], request: Request
         return None
 
 
+async def _stream_with_usage(state: ServerState, body: Any, reqs: list[GenerateRequest], chunks: Any, api_id: str,
+                             created: int, obj: str, n: int) -> Any:
+    """Stream `reqs` as SSE; with stream_options.include_usage, end with a usage-only chunk."""
+    final = None
+    if body.stream_options and body.stream_options.include_usage:
+        def final(outs: list) -> dict[str, Any]:
+            return {"id": api_id, "object": obj, "created": created, "model": state.model_name, "choices": [],
+                    "usage": usage(outs, n)}
+    first, gen = await start_stream(merge_streams(state, reqs))
+    return _stream_response(first, gen, chunks, final)
+
+
 def _stream_response(first: list[Any], gen: AsyncIterator[Any], make_chunks: Any,
                      final_usage: Optional[Any]) -> StreamingResponse:
     """SSE: `make_chunks(i, out)` -> chunks for each engine output, then usage, then [DONE]."""
@@ -238,12 +250,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             return [{"id": api_id, "object": "text_completion", "created": created, "model": state.model_name,
                      "choices": [choice]}]
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        final = (lambda outs: {"id": api_id, "object": "text_completion", "created": created,
-                               "model": state.model_name, "choices": [], "usage": usage(outs, n)}) \
-            if include_usage else None
-        first, gen = await start_stream(merge_streams(state, reqs))
-        return _stream_response(first, gen, chunks, final)
+        return await _stream_with_usage(state, body, reqs, chunks, api_id, created, "text_completion", n)
 
     outs = await _run(state, reqs, request)
     if outs is None:
@@ -311,12 +318,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                                                     "logprobs": lp, "finish_reason": fr, "matched_stop": matched}]})
             return result
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        final = (lambda outs: {"id": api_id, "object": "chat.completion.chunk", "created": created,
-                               "model": state.model_name, "choices": [], "usage": usage(outs, n)}) \
-            if include_usage else None
-        first, gen = await start_stream(merge_streams(state, reqs))
-        return _stream_response(first, gen, chunks, final)
+        return await _stream_with_usage(state, body, reqs, chunks, api_id, created, "chat.completion.chunk", n)
 
     outs = await _run(state, reqs, request)
     if outs is None:
