@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "priority")
 GRAMMAR_BACKENDS = ("outlines", "xgrammar", "llguidance", "none")
+WEIGHT_FORMATS = ("auto", "fp32", "native")  # runtime/models/loader.py: what auto picks
+QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize for Hugging Face folders (round-to-nearest per 32-block)
 
 
 def _physical_cores() -> int:
@@ -48,6 +50,8 @@ class ServerArgs:
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
     context_length: Optional[int] = None
     device: str = "auto"
+    weight_format: str = "auto"  # auto = native (GGUF blocks in the CPU kernels) when built and quantized, else fp32
+    quantize: Optional[str] = None  # q8_0 | q4_0: quantize a Hugging Face folder at load and run native
     # Memory and batching
     max_total_tokens: Optional[int] = None  # KV pool slots; None = from mem_fraction_static
     mem_fraction_static: float = 0.25  # fraction of free memory for the KV pool when unset
@@ -76,6 +80,16 @@ class ServerArgs:
     enable_metrics: bool = False
     max_request_bytes: int = 8 * 1024 * 1024
     max_n: int = 16  # largest `n` a request may ask for
+    # Cost limits per HTTP request (runtime/limits.py; each over-limit request is a 400 naming the field)
+    max_request_new_tokens: int = 65536  # sum of max_new_tokens over prompts x n
+    max_prompt_tokens: Optional[int] = None  # per prompt; None = the context window
+    max_batch_size: int = 256  # prompts x n
+    max_stop_strings: int = 32
+    max_stop_string_chars: int = 256
+    max_logit_bias: int = 1024
+    max_grammar_bytes: int = 64 * 1024  # regex / json_schema / ebnf source
+    grammar_max_size: int = 10_000  # counted repetitions / maxLength / maxItems multiplied out
+    disable_web_console: bool = False  # the playground + dashboard page at `/` (runtime/server/console/)
     log_level: str = "info"
     show_progress: bool = True
 
@@ -92,8 +106,20 @@ class ServerArgs:
             raise ValueError("max_prefill_tokens must be positive")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_TYPES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_TYPES} (or unset), got {self.quantize!r}")
+        if self.quantize is not None and self.weight_format == "fp32":
+            raise ValueError("quantize needs weight_format auto or native (quantized weights run native)")
         if self.json_whitespace not in ("compact", "flexible"):
             raise ValueError("json_whitespace must be 'compact' or 'flexible'")
+        for name in ("max_request_new_tokens", "max_batch_size", "max_stop_strings", "max_stop_string_chars",
+                     "max_logit_bias", "max_grammar_bytes", "grammar_max_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be positive (or unset), got {self.max_prompt_tokens}")
         if self.tp_size != 1 or self.dp_size != 1:
             raise ValueError("tp_size and dp_size > 1 are not supported on this runtime yet")
 
@@ -128,6 +154,10 @@ class ServerArgs:
                     kwargs["choices"] = SCHEDULE_POLICIES
                 if f.name == "grammar_backend":
                     kwargs["choices"] = GRAMMAR_BACKENDS
+                if f.name == "weight_format":
+                    kwargs["choices"] = WEIGHT_FORMATS
+                if f.name == "quantize":
+                    kwargs["choices"] = QUANTIZE_TYPES
                 parser.add_argument(flag, **kwargs)
 
     @classmethod

@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Optional
 import anyio
 from starlette.requests import Request
 
+from sgl.runtime.limits import RequestLimits, check_costs
 from sgl.runtime.metrics import ServerMetrics
 from sgl.runtime.protocol import GenerateRequest, RequestError
 
@@ -120,6 +121,10 @@ async def check_requests(state: ServerState, reqs: list[GenerateRequest]) -> Non
     """
     max_n = getattr(state.server_args, "max_n", None)
     lengths: dict[int, int] = {}  # id(text) -> token count; n > 1 repeats the same prompt object
+    limits = RequestLimits.from_args(state.server_args)
+    if len(reqs) > limits.max_batch_size:  # before tokenizing them all
+        check_costs(reqs, [], limits)
+    prompt_tokens: list[int] = []
     for req in reqs:
         sp = req.sampling_params
         if max_n is not None and sp.n > max_n:
@@ -142,6 +147,7 @@ async def check_requests(state: ServerState, reqs: list[GenerateRequest]) -> Non
             num = lengths[id(text)]
         if num == 0:
             raise RequestError("the prompt is empty after tokenization (text)")
+        prompt_tokens.append(num)
         ctx = state.context_length
         if ctx is not None:
             if num >= ctx:
@@ -150,6 +156,7 @@ async def check_requests(state: ServerState, reqs: list[GenerateRequest]) -> Non
                 raise RequestError(
                     f"prompt ({num} tokens) + sampling_params.max_new_tokens ({sp.max_new_tokens}) exceeds "
                     f"the context window of {ctx} tokens; lower max_new_tokens to at most {ctx - num}")
+    check_costs(reqs, prompt_tokens, limits, state.vocab_size)
 
 
 def _abort_quietly(state: ServerState, rid: str) -> None:
