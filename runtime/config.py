@@ -80,6 +80,7 @@ class ServerArgs:
     enable_metrics: bool = False
     max_request_bytes: int = 8 * 1024 * 1024
     max_n: int = 16  # largest `n` a request may ask for
+    disable_web_console: bool = False  # the playground + dashboard page at `/` (runtime/server/console/)
     # Cost limits per HTTP request (runtime/limits.py; each over-limit request is a 400 naming the field)
     max_request_new_tokens: int = 65536  # sum of max_new_tokens over prompts x n
     max_prompt_tokens: Optional[int] = None  # per prompt; None = the context window

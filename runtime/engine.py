@@ -268,6 +268,20 @@ class Engine:
         stats["num_queue_reqs"] = len(self.scheduler.waiting)
         return stats
 
+    def get_cache_stats(self) -> dict[str, int]:
+        """KV pool split (free + cached + in use == total) and the radix tree's size (nodes, tokens).
+
+        NOTE: read on the scheduler thread (the tree changes under a step); costs one tree walk.
+        """
+        def read() -> dict[str, int]:
+            sched = self.scheduler
+            # in use = held by requests or locked tree nodes; cached = evictable tree nodes
+            free, cached = sched.allocator.available, sched.cache.evictable_size
+            return {"kv_total_tokens": sched.allocator.size, "kv_free_tokens": free,
+                    "kv_cached_tokens": cached, "kv_in_use_tokens": sched.allocator.size - free - cached,
+                    "radix_num_nodes": len(sched.cache._nodes()) - 1, "radix_num_tokens": sched.cache.total_size}
+        return self._call(read, timeout=10)
+
     def get_model_info(self) -> dict[str, Any]:
         return {
             "model_path": self.model_path,

@@ -14,6 +14,8 @@ speculative acceptance through the two module functions at the bottom.
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from typing import Any, Mapping, Optional
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
@@ -32,6 +34,33 @@ SPEC_BUCKETS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 # Engine.get_stats() key -> gauge name (without the prefix).
 GAUGE_KEYS = ("num_running_reqs", "num_queue_reqs", "token_usage", "cache_hit_rate")
 LABELS = ("model_name",)
+
+
+class RecentLatencies:
+    """The last `window_s` seconds of raw TTFT / ITL samples, for the console's percentiles
+    (Prometheus histograms are cumulative since start and bucketed)."""
+
+    def __init__(self, window_s: float = 60.0, max_samples: int = 20_000) -> None:
+        self.window_s = window_s
+        self.ttft: deque[tuple[float, float]] = deque(maxlen=max_samples)  # (monotonic time, seconds)
+        self.itl: deque[tuple[float, float]] = deque(maxlen=max_samples)
+
+    def add(self, which: "deque[tuple[float, float]]", seconds: float, count: int = 1) -> None:
+        now = time.monotonic()
+        which.extend((now, seconds) for _ in range(min(count, 256)))
+
+    def percentiles(self, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> dict[str, Any]:
+        """{"ttft": {"p50": s, ...} or {}, "itl": {...}, "window_s": w}; nearest-rank percentiles."""
+        cutoff = time.monotonic() - self.window_s
+        out: dict[str, Any] = {"window_s": self.window_s}
+        for name, samples in (("ttft", self.ttft), ("itl", self.itl)):
+            while samples and samples[0][0] < cutoff:
+                samples.popleft()
+            values = sorted(v for _, v in list(samples))
+            out[name] = {f"p{round(q * 100)}": values[min(int(q * len(values)), len(values) - 1)]
+                         for q in qs} if values else {}
+            out[name + "_samples"] = len(values)
+        return out
 
 
 class ServerMetrics:
@@ -65,9 +94,11 @@ class ServerMetrics:
         self.spec_accept_length = Histogram(
             "sgl:spec_accept_length", "Tokens accepted per speculative verification step",
             buckets=SPEC_BUCKETS, registry=r)
+        self.recent = RecentLatencies()
 
     def observe_first_token(self, model: str, seconds: float) -> None:
         self.ttft.labels(model).observe(seconds)
+        self.recent.add(self.recent.ttft, seconds)
 
     def observe_inter_token(self, model: str, seconds: float, num_tokens: int = 1) -> None:
         """`num_tokens` arrived together after `seconds`: each gets an equal share of the gap."""
@@ -77,6 +108,7 @@ class ServerMetrics:
         h = self.itl.labels(model)
         for _ in range(num_tokens):
             h.observe(per)
+        self.recent.add(self.recent.itl, per, num_tokens)
 
     def observe_finished(self, model: str, prompt_tokens: int, completion_tokens: int, e2e_latency: float,
                          cached_tokens: int = 0, aborted: bool = False) -> None:

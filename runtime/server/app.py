@@ -17,14 +17,14 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sgl.runtime.metrics import get_metrics
-from sgl.runtime.server import native, openai_api
+from sgl.runtime.server import native, openai_api, web_console
 from sgl.runtime.server.errors import BodyTooLarge, error_body, install_error_handlers
 from sgl.runtime.server.runner import ServerState
 
 logger = logging.getLogger("sgl.server")
 
 # Routes reachable without the API key (load balancers probe them).
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health"}) | web_console.OPEN_PATHS  # the console page asks for the key itself
 
 
 class GuardMiddleware:
@@ -100,13 +100,18 @@ def create_app(engine: Any, server_args: Any = None) -> FastAPI:
     """The HTTP app serving `engine` (native SGLang API + OpenAI API)."""
     args = server_args or engine.server_args
     ctx, vocab = _probe_limits(engine, args)
+    console = not getattr(args, "disable_web_console", False)
     state = ServerState(engine=engine, server_args=args, model_name=args.served_model_name or args.model_path,
                         context_length=ctx, vocab_size=vocab,
-                        metrics=get_metrics() if args.enable_metrics else None)
+                        # NOTE: the console's TTFT/ITL percentiles need the recorders; /metrics stays off
+                        metrics=get_metrics() if args.enable_metrics or console else None)
     app = FastAPI(title="sgl", version=native.version(), docs_url=None, redoc_url=None)
     app.state.sgl = state
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai_api.router)
+    app.include_router(web_console.stats_router)
+    if console:
+        app.include_router(web_console.page_router)
     app.add_middleware(GuardMiddleware, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
     return app

@@ -196,7 +196,7 @@ async def abort_request(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = get_state(request)
-    if state.metrics is None:
+    if state.metrics is None or not getattr(state.server_args, "enable_metrics", True):
         return error_response(404, "metrics are disabled; start the server with --enable-metrics")
     state.metrics.update_from_stats(state.model_name, state.engine.get_stats() or {})
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
