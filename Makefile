@@ -5,9 +5,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test serve bench clean
+.PHONY: setup chromium demo test serve bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
+
+# The browser tier (tests/browser) needs Chromium + chromedriver from apt; skipped when present, a warning
+# (the tier then skips) when apt cannot install them (not root, no apt).
+chromium:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	 elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	   || echo "warning: apt could not install chromium; tests/browser will skip"; \
+	 else echo "warning: chromium/chromedriver missing and apt not usable as root; tests/browser will skip"; fi
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
