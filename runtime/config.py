@@ -15,6 +15,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Optional
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "priority")
 GRAMMAR_BACKENDS = ("outlines", "xgrammar", "llguidance", "none")
@@ -80,7 +81,6 @@ class ServerArgs:
     enable_metrics: bool = False
     max_request_bytes: int = 8 * 1024 * 1024
     max_n: int = 16  # largest `n` a request may ask for
-    disable_web_console: bool = False  # the playground + dashboard page at `/` (runtime/server/console/)
     # Cost limits per HTTP request (runtime/limits.py; each over-limit request is a 400 naming the field)
     max_request_new_tokens: int = 65536  # sum of max_new_tokens over prompts x n
     max_prompt_tokens: Optional[int] = None  # per prompt; None = the context window
@@ -91,6 +91,15 @@ class ServerArgs:
     max_grammar_bytes: int = 64 * 1024  # regex / json_schema / ebnf source
     grammar_max_size: int = 10_000  # counted repetitions / maxLength / maxItems multiplied out
     disable_web_console: bool = False  # the playground + dashboard page at `/` (runtime/server/console/)
+    # Tenancy and health (runtime/tenancy/, runtime/server/tenancy_routes.py, runtime/server/health.py)
+    api_keys: Optional[str] = None  # JSON file {"<key>": {"name", "class", "daily_token_budget", ...}}
+    usage_db: Optional[str] = None  # SQLite file of usage per key per day; None = in memory (lost on restart)
+    usage_timezone: str = "UTC"  # budgets reset at midnight here (IANA name)
+    price_input: float = 0.0  # per 1K uncached prompt tokens; any price set adds `cost` to meta_info / usage
+    price_output: float = 0.0  # per 1K completion tokens
+    price_cached: Optional[float] = None  # per 1K prompt tokens from the prefix cache; None = price_input
+    max_queue_depth: int = 1024  # waiting requests; at it, new requests get 503 + Retry-After
+    health_latency_deadline: float = 0.5  # seconds for /health/ready's 1-token generation
     log_level: str = "info"
     show_progress: bool = True
 
@@ -121,6 +130,20 @@ class ServerArgs:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be positive (or unset), got {self.max_prompt_tokens}")
+        for name in ("price_input", "price_output", "price_cached"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative (a price per 1K tokens), got {getattr(self, name)}")
+        if self.max_queue_depth < 1:
+            raise ValueError(f"max_queue_depth must be positive, got {self.max_queue_depth}")
+        if self.health_latency_deadline <= 0:
+            raise ValueError(f"health_latency_deadline must be positive seconds, got {self.health_latency_deadline}")
+        try:
+            ZoneInfo(self.usage_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"usage_timezone must be an IANA time zone such as 'UTC' or 'Europe/Paris', "
+                             f"got {self.usage_timezone!r}") from None
+        if self.api_keys is not None and not os.path.isfile(self.api_keys):
+            raise ValueError(f"api_keys: no such file {self.api_keys!r} (a JSON object of keys, see README)")
         if self.tp_size != 1 or self.dp_size != 1:
             raise ValueError("tp_size and dp_size > 1 are not supported on this runtime yet")
 

@@ -17,14 +17,16 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sgl.runtime.metrics import get_metrics
-from sgl.runtime.server import native, openai_api, web_console
+from sgl.runtime.server import health, native, openai_api, web_console
 from sgl.runtime.server.errors import BodyTooLarge, error_body, install_error_handlers
 from sgl.runtime.server.runner import ServerState
+from sgl.runtime.server.tenancy_routes import install_tenancy
 
 logger = logging.getLogger("sgl.server")
 
 # Routes reachable without the API key (load balancers probe them).
-OPEN_PATHS = frozenset({"/health"}) | web_console.OPEN_PATHS  # the console page asks for the key itself
+# NOTE: the console page asks for the key itself; /health/ready is for probes that send none.
+OPEN_PATHS = frozenset({"/health"}) | health.OPEN_PATHS | web_console.OPEN_PATHS
 
 
 class GuardMiddleware:
@@ -110,8 +112,12 @@ def create_app(engine: Any, server_args: Any = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(openai_api.router)
+    app.include_router(health.router)
     app.include_router(web_console.stats_router)
     if console:
         app.include_router(web_console.page_router)
-    app.add_middleware(GuardMiddleware, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
+    install_tenancy(app, state, OPEN_PATHS)  # --api-keys, budgets, queue depth; runs inside the guard
+    # NOTE: with --api-keys the tenancy middleware checks every key (--api-key included), not the guard
+    guard_key = None if getattr(args, "api_keys", None) else args.api_key
+    app.add_middleware(GuardMiddleware, api_key=guard_key, max_request_bytes=args.max_request_bytes)
     return app

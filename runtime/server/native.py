@@ -10,13 +10,12 @@ import asyncio
 import dataclasses
 import json
 import logging
-import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from sgl.runtime.protocol import GenerateRequest, RequestError, SamplingParams, normalize_generate_input
+from sgl.runtime.protocol import RequestError, normalize_generate_input
 from sgl.runtime.server.errors import error_body, error_response
 from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
 from sgl.runtime.server.jsonio import dumps
@@ -25,7 +24,6 @@ from sgl.runtime.server.runner import ClientDisconnected, ServerState, check_req
 logger = logging.getLogger("sgl.server")
 router = APIRouter()
 
-HEALTH_TIMEOUT_S = 60.0
 # 499: nginx's "client closed request"; nobody reads it, but the access log should not say 200.
 CLIENT_CLOSED = 499
 
@@ -114,19 +112,7 @@ async def generate(request: Request) -> Response:
 
 @router.get("/health")
 async def health() -> Response:
-    return Response(status_code=200)
-
-
-@router.get("/health_generate")
-async def health_generate(request: Request) -> Response:
-    """Healthy when a one-token greedy generation completes."""
-    state = get_state(request)
-    req = GenerateRequest(rid=f"health-{uuid.uuid4().hex}", text="Hello",
-                          sampling_params=SamplingParams(max_new_tokens=1, temperature=0.0))
-    try:
-        await asyncio.wait_for(collect(state, [req]), HEALTH_TIMEOUT_S)
-    except Exception as exc:
-        return error_response(503, f"health check generation failed: {type(exc).__name__}: {exc}")
+    """Liveness only; /health/ready and /health_generate (runtime/server/health.py) check readiness."""
     return Response(status_code=200)
 
 

@@ -144,8 +144,11 @@ def usage(outs: list[dict[str, Any]], n: int) -> dict[str, Any]:
     prompt = sum(int(m.get("prompt_tokens") or 0) for m in metas[::n])
     cached = sum(int(m.get("cached_tokens") or 0) for m in metas[::n])
     completion = sum(int(m.get("completion_tokens") or 0) for m in metas)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}}
+    if any("cost" in m for m in metas):  # --price-*: every choice's engine request is billed (tenancy_routes)
+        out["cost"] = round(sum(float(m.get("cost") or 0.0) for m in metas), 10)
+    return out
 
 
 def _delta(new: str, sent: str) -> str:

@@ -47,6 +47,7 @@ class ServerState:
     vocab_size: Optional[int] = None
     metrics: Optional[ServerMetrics] = None
     inflight: dict[str, "RequestTracker"] = field(default_factory=dict)  # rid -> tracker
+    tenancy: Optional[Any] = None  # tenancy_routes.TenancyHooks: priority class, cost, usage accounting
 
     @property
     def tokenizer(self) -> Any:
@@ -176,10 +177,14 @@ async def stream_one(state: ServerState, req: GenerateRequest) -> AsyncIterator[
     error: Optional[BaseException] = None
     it: Any = None
     try:
+        if state.tenancy is not None:
+            state.tenancy.prepare(req)
         it = state.engine.stream_request(req)
         if inspect.isawaitable(it):
             it = await it
         async for out in it:
+            if state.tenancy is not None:
+                out = state.tenancy.annotate(out)  # + meta_info.cost once finished
             last = out
             tracker.on_chunk(out)
             yield out
@@ -198,6 +203,8 @@ async def stream_one(state: ServerState, req: GenerateRequest) -> AsyncIterator[
                 except Exception as exc:
                     logger.debug("closing the engine stream of %s: %s", req.rid, exc)
         tracker.finish(last, error)
+        if state.tenancy is not None:
+            state.tenancy.record(req.rid, last)  # aborted requests' tokens count too
 
 
 async def run_to_end(state: ServerState, req: GenerateRequest) -> dict[str, Any]:
