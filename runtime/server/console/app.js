@@ -53,6 +53,7 @@ async function probe() {
     const j = await (await api("/v1/models")).json();
     $("model-name").textContent = (j.data && j.data[0] && j.data[0].id) || "";
     document.body.dataset.ready = "1";
+    pollStats(); // the dashboard's history builds up from page load, whichever tab is open
   } catch (e) { if (!(e instanceof ApiError)) showError("server unreachable: " + e.message); }
 }
 
@@ -61,7 +62,6 @@ for (const t of document.querySelectorAll(".tab")) {
   t.addEventListener("click", () => {
     for (const o of document.querySelectorAll(".tab")) o.classList.toggle("active", o === t);
     for (const v of document.querySelectorAll(".view")) v.classList.toggle("hidden", v.id !== "view-" + t.dataset.view);
-    if (t.dataset.view === "dashboard") pollStats();
   });
 }
 
@@ -310,7 +310,7 @@ function el(tag, attrs, parent) {
 }
 
 // lines: [[label, name]]; stacked: areas summed bottom-up (values must be >= 0).
-function drawChart(svgId, lines, { stacked = false, scale = 1, fixedMax = null } = {}) {
+function drawChart(svgId, lines, { stacked = false, scale = 1, fixedMax = null, colors = COLORS } = {}) {
   const svg = $(svgId), W = 400, H = 120, L = 34, T = 14, B = 4, PH = H - T - B, PW = W - L - 4;
   svg.innerHTML = "";
   const vals = lines.map(([, n]) => (series[n] || []).map((v) => (v === null ? null : v * scale)));
@@ -326,7 +326,7 @@ function drawChart(svgId, lines, { stacked = false, scale = 1, fixedMax = null }
   }
   let base = new Array(len).fill(0);
   vals.forEach((v, k) => {
-    const color = COLORS[k % COLORS.length];
+    const color = colors[k % colors.length];
     if (stacked) {
       const top = base.map((b, i) => b + (v[i] || 0));
       const pts = top.map((t, i) => x(i) + "," + y(t)).concat(base.map((b, i) => x(i) + "," + y(b)).reverse());
@@ -349,7 +349,6 @@ const sec = (v) => (v === null || v === undefined ? "-" : v.toFixed(2) + " s");
 let pollTimer = null, polls = 0;
 async function pollStats() {
   clearTimeout(pollTimer);
-  if ($("view-dashboard").classList.contains("hidden")) return;
   try {
     const s = await (await api("/v1/stats")).json();
     const lat = s.latency || {}, ttft = lat.ttft || {}, itl = lat.itl || {}, kv = s.kv || {}, tp = s.throughput || {};
@@ -371,7 +370,7 @@ async function pollStats() {
     drawChart("chart-tps", [["in", "in"], ["out", "out"]]);
     drawChart("chart-ttft", [["p50", "ttft_p50"], ["p90", "ttft_p90"], ["p99", "ttft_p99"]]);
     drawChart("chart-itl", [["p50", "itl_p50"], ["p90", "itl_p90"], ["p99", "itl_p99"]], { scale: 1000 });
-    drawChart("chart-kv", [["in use", "kv_in_use"], ["cached", "kv_cached"], ["free", "kv_free"]], { stacked: true, fixedMax: kv.total || null });
+    drawChart("chart-kv", [["in use", "kv_in_use"], ["cached", "kv_cached"], ["free", "kv_free"]], { stacked: true, fixedMax: kv.total || null, colors: ["#2563eb", "#f59e0b", "#9ca3af"] });
     drawChart("chart-cache", [["hit %", "hit"]], { scale: 100, fixedMax: 100 });
     const nodes = (series.nodes || []).filter((v) => v !== null);
     el("text", { x: 396, y: 116, class: "axis", "text-anchor": "end" }, $("chart-cache")).textContent =
@@ -381,7 +380,8 @@ async function pollStats() {
     $("dash-updated").dataset.count = polls;
     $("dash-updated").textContent = "Last update " + new Date(s.time * 1000).toLocaleTimeString() + ".";
   } catch (e) {
-    if (!(e instanceof ApiError)) showError("stats: " + e.message);
+    if (e instanceof ApiError) return; // a rejected key stops polling; a new key restarts it (probe)
+    showError("stats: " + e.message);
   }
   pollTimer = setTimeout(pollStats, 1000);
 }
