@@ -9,19 +9,24 @@ spec says, so real-world schemas with vendor annotations still compile):
   ``description``, ``default``, ``examples``, ``deprecated``, ``readOnly``, ``writeOnly``,
   ``$comment``, ``content*``: dropped)
 - any type: ``type`` (string or list), ``enum`` and ``const`` (any JSON value; filtered by their
-  sibling keywords), ``anyOf``, ``oneOf`` (only when its branches are provably disjoint: then it IS
-  anyOf), ``allOf`` (merged into one schema)
+  sibling keywords), ``anyOf``, ``oneOf`` (provably disjoint branches: anyOf; overlapping ones:
+  anyOf_i(B_i and not B_j), when every branch has a complement), ``allOf`` (merged into one schema),
+  ``if``/``then``/``else`` (anyOf[if and then, not-if and else], when `if` has a complement)
 - numbers: ``minimum``, ``maximum``, ``exclusiveMinimum``, ``exclusiveMaximum`` (draft-4 booleans
   too), ``multipleOf``
 - strings: ``minLength``, ``maxLength``, ``pattern`` (unanchored, as the spec says), ``format``
   (FORMATS below; any other format degrades to a plain string with a warning)
 - arrays: ``items``, ``prefixItems``, ``additionalItems`` (draft 7 tuple form), ``minItems``,
-  ``maxItems``, ``uniqueItems: false``
+  ``maxItems``, ``uniqueItems`` (true: over a finite item domain, enumerated), ``contains``,
+  ``minContains``, ``maxContains`` (an anyOf over which of the first 8 positions match; maxContains
+  needs the complement of `contains`)
 - objects: ``properties``, ``required``, ``additionalProperties``, ``patternProperties``,
   ``minProperties``, ``maxProperties``; optional properties may appear in any subset, in the
   schema's property order; ``dependentRequired``, ``dependentSchemas``, ``dependencies`` (at most
   4 per object, expanded exactly into anyOf branches)
-- ``not`` around a type, a single required key, or a boolean schema (others are rejected)
+- ``propertyNames`` (enum/const, pattern, or length: folded into properties/patternProperties)
+- ``not`` of a schema that has an exact complement: types (not integer alone), const/enum of
+  primitives, required, properties, numeric/length/size bounds, anyOf of those (schema_logic.negate)
 
 Example:
     >>> normalize({"allOf": [{"type": "integer", "minimum": 0}, {"maximum": 9}]}).schema
@@ -39,6 +44,7 @@ import jsonschema
 from jsonschema.exceptions import SchemaError
 
 from sgl.grammars.errors import GrammarError
+from sgl.grammars import schema_logic as logic
 from sgl.grammars.schema_merge import JSON_TYPES, is_disjoint, merge_all
 
 FORMATS = frozenset({"date-time", "date", "time", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
@@ -51,11 +57,11 @@ SUPPORTED = frozenset({"$ref", "type", "enum", "const", "anyOf", "oneOf", "allOf
                        "items", "prefixItems", "additionalItems", "minItems", "maxItems", "uniqueItems",
                        "properties", "required", "additionalProperties", "patternProperties",
                        "minProperties", "maxProperties", "dependencies", "dependentRequired",
-                       "dependentSchemas", "not"}) | ANNOTATIONS
+                       "dependentSchemas", "not", "if", "then", "else", "contains", "minContains",
+                       "maxContains", "propertyNames"}) | ANNOTATIONS
 # JSON Schema assertions we cannot express as a grammar (or have not implemented): always rejected
 # unless trivially true (see _trivial).
-UNSUPPORTED = frozenset({"if", "then", "else", "contains", "minContains", "maxContains", "propertyNames",
-                         "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$dynamicAnchor",
+UNSUPPORTED = frozenset({"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$dynamicAnchor",
                          "$recursiveRef", "$recursiveAnchor", "$anchor"})
 _MAX_DEPENDENCIES = 4  # each doubles the anyOf branches
 _NON_OBJECTS = [{"type": t} for t in ("array", "boolean", "null", "number", "string")]
@@ -105,10 +111,8 @@ def _is_draft7_or_older(root: Any) -> bool:
 
 def _trivial(key: str, value: Any) -> bool:
     """An unsupported keyword whose value makes it a no-op."""
-    if key in ("unevaluatedProperties", "unevaluatedItems", "propertyNames"):
+    if key in ("unevaluatedProperties", "unevaluatedItems"):
         return value is True or value == {}
-    if key in ("then", "else", "minContains", "maxContains"):
-        return True  # without `if`/`contains` these are ignored by the spec; `if` itself is rejected
     if key == "$anchor":
         return True  # only matters when referenced; `$ref: "#name"` is rejected at the ref
     return False
@@ -182,11 +186,6 @@ class _Normalizer:
             if key in UNSUPPORTED and not _trivial(key, val):
                 raise GrammarError(f"JSON Schema keyword {key!r} is not supported by constrained decoding",
                                    keyword=key, path=_pointer(path + (key,)))
-            if key == "uniqueItems" and val is True:
-                if self.strict:
-                    raise GrammarError("uniqueItems: true cannot be enforced by a grammar", keyword=key,
-                                       path=_pointer(path + (key,)))
-                self.warn(f"{_pointer(path)}: uniqueItems ignored (strict_json=False)")
         if "$ref" in s:
             r = self.ref(s["$ref"], path + ("$ref",))
             rest = {k: v for k, v in s.items() if k in SUPPORTED and k not in ANNOTATIONS and k != "$ref"}
@@ -240,8 +239,11 @@ class _Normalizer:
             out["additionalProperties"] = self.node(s["additionalProperties"], path + ("additionalProperties",))
         if s.get("required"):
             out["required"] = list(dict.fromkeys(s["required"]))
+        out = self.exact_extras(s, out, path)
         # combinators
-        parts: list[Any] = [out] if out else []
+        parts: list[Any] = [out] if out != {} else []
+        parts += self.contains(s, path)
+        parts += self.if_then_else(s, path)
         parts += self.dependencies(s, path)
         if "not" in s:
             parts.append(self.negate(s["not"], path + ("not",)))
@@ -265,13 +267,23 @@ class _Normalizer:
                         pass
                 if c is not False:
                     concrete.append(c)
+            exact = None
             if not is_disjoint(concrete):
+                try:
+                    exact = self.exact_one_of(branches, path)
+                except GrammarError:
+                    exact = None
+            if exact is not None:
+                parts.append(exact)
+            elif not is_disjoint(concrete):
                 if self.strict:
                     raise GrammarError("oneOf branches may overlap, so 'exactly one' cannot be enforced; "
                                        "use anyOf, or make the branches disjoint (different types, const/enum "
                                        "discriminators)", keyword="oneOf", path=_pointer(path + ("oneOf",)))
                 self.warn(f"{_pointer(path)}: overlapping oneOf treated as anyOf (strict_json=False)")
-            parts.append(self.any_of(branches))
+                parts.append(self.any_of(branches))
+            else:
+                parts.append(self.any_of(branches))
         if not parts:
             return {}
         if len(parts) == 1:
@@ -298,22 +310,68 @@ class _Normalizer:
         return parts
 
     def negate(self, sub: Any, path: tuple) -> Any:
-        """`not` for the shapes a grammar can express exactly: types, one required key, true/false."""
-        if sub is True or sub == {}:
-            return False
-        if sub is False:
-            return {}
-        if isinstance(sub, dict) and set(sub) - ANNOTATIONS == {"type"}:
-            t = {sub["type"]} if isinstance(sub["type"], str) else set(sub["type"])
-            rest = JSON_TYPES - {"integer"} - t - ({"number"} if "number" in t else set())
-            if "integer" in t and "number" not in t:
-                raise GrammarError("'not integer' (non-integral numbers only) cannot be expressed", keyword="not",
-                                   path=_pointer(path))
-            return {"type": sorted(rest)} if rest else False
-        if isinstance(sub, dict) and set(sub) - ANNOTATIONS == {"required"} and len(sub["required"]) == 1:
-            return self.any_of(_NON_OBJECTS + [{"type": "object", "properties": {sub["required"][0]: False}}])
-        raise GrammarError("JSON Schema keyword 'not' is only supported around a type, a single required key, or "
-                           "a boolean schema", keyword="not", path=_pointer(path))
+        """`not`, exactly (see schema_logic.negate for the shapes that have a complement)."""
+        return logic.negate(self.node(sub, path), lambda x: self.inline(x, path), _pointer(path))
+
+    def exact_extras(self, s: dict, out: dict, path: tuple) -> Any:
+        """propertyNames and uniqueItems folded into this node's own keywords `out`."""
+        inline = lambda x: self.inline(x, path)  # noqa: E731
+        if "propertyNames" in s:
+            names = self.node(s["propertyNames"], path + ("propertyNames",))
+            out = logic.property_names(out, names, inline, _pointer(path + ("propertyNames",)))
+            if not isinstance(out, dict):
+                return out
+        if s.get("uniqueItems") is not True:
+            return out
+        where = _pointer(path + ("uniqueItems",))
+        unique = logic.unique_items(out, inline, where)
+        if unique is not None:
+            return unique
+        if self.strict:
+            raise GrammarError("uniqueItems: true over an infinite item domain cannot be enforced by a grammar",
+                               keyword="uniqueItems", path=where)
+        self.warn(f"{_pointer(path)}: uniqueItems ignored (strict_json=False)")
+        return out
+
+    def contains(self, s: dict, path: tuple) -> list[Any]:
+        """contains/minContains/maxContains as one anyOf part (draft <= 7: no min/maxContains)."""
+        if "contains" not in s:
+            return []
+        lo = 1 if self.draft7 else int(s.get("minContains", 1))
+        hi = None if self.draft7 or "maxContains" not in s else int(s["maxContains"])
+        if lo == 0 and hi is None:
+            return []
+        c = self.node(s["contains"], path + ("contains",))
+        branches = logic.contains_branches(c, lo, hi, s.get("maxItems"), lambda x: self.inline(x, path),
+                                           _pointer(path + ("contains",)))
+        return [self.any_of([{"type": [x for x in logic._ALL if x != "array"]}] + branches)]
+
+    def if_then_else(self, s: dict, path: tuple) -> list[Any]:
+        """if/then/else == anyOf[if AND then, (not if) AND else], exact when `if` has a complement."""
+        if "if" not in s or ("then" not in s and "else" not in s):
+            return []
+        cond = self.node(s["if"], path + ("if",))
+        then = self.node(s.get("then", True), path + ("then",))
+        other = self.node(s.get("else", True), path + ("else",))
+        inline = lambda x: self.inline(x, path)  # noqa: E731
+        try:
+            neg = logic.negate(cond, inline, _pointer(path + ("if",)))
+        except GrammarError as e:
+            raise GrammarError(f"'if' cannot be decided by a grammar: {e.message}", keyword="if",
+                               path=_pointer(path + ("if",))) from None
+        yes = merge_all([inline(cond), inline(then)], _pointer(path), inline=inline)
+        no = merge_all([inline(neg), inline(other)], _pointer(path), inline=inline)
+        return [self.any_of([yes, no])]
+
+    def exact_one_of(self, branches: list[Any], path: tuple) -> Any:
+        """oneOf == anyOf_i (B_i AND NOT B_j for j != i); GrammarError if some branch has no complement."""
+        inline = lambda x: self.inline(x, path)  # noqa: E731
+        negs = [logic.negate(b, inline, _pointer(path + ("oneOf", i))) for i, b in enumerate(branches)]
+        out = []
+        for i, b in enumerate(branches):
+            parts = [inline(b)] + [inline(n) for j, n in enumerate(negs) if j != i]
+            out.append(merge_all(parts, _pointer(path + ("oneOf", i)), inline=inline))
+        return self.any_of(out)
 
     def _recursive(self, b: Any) -> bool:
         return isinstance(b, dict) and set(b) == {"$ref"} and b["$ref"].rsplit("/", 1)[-1] in self.in_progress

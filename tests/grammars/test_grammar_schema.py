@@ -19,9 +19,9 @@ def accepts(compiler, vocab, schema, text: str) -> bool:
 
 
 @pytest.mark.parametrize("schema, keyword, path", [
-    ({"not": {"enum": ["a"]}}, "not", "/not"),
-    ({"properties": {"a": {"if": {"type": "string"}, "then": {}}}}, "if", "/properties/a/if"),
-    ({"type": "array", "contains": {"type": "integer"}}, "contains", "/contains"),
+    ({"not": {"pattern": "a"}}, "not", "/not"),
+    ({"properties": {"a": {"if": {"format": "email"}, "then": {}}}}, "if", "/properties/a/if"),
+    ({"type": "array", "contains": {"pattern": "a"}, "maxContains": 1}, "not", "/contains"),
     ({"type": "array", "uniqueItems": True}, "uniqueItems", "/uniqueItems"),
     ({"oneOf": [{"type": "integer"}, {"minimum": 2}]}, "oneOf", "/oneOf"),
     ({"$ref": "http://example.com/x.json"}, "$ref", "/$ref"),
