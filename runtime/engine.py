@@ -42,7 +42,9 @@ class Engine:
         torch.set_num_threads(args.resolved_num_threads)
         torch.manual_seed(args.random_seed)
         t0 = time.monotonic()
-        loaded = load_model(args.model_path, dtype=args.dtype, device="cpu", show_progress=args.show_progress)
+        loaded = load_model(args.model_path, dtype=args.dtype, device="cpu", show_progress=args.show_progress,
+                            weight_format=args.weight_format, quantize=args.quantize)
+        self.weight_format = loaded.weight_format  # what auto resolved to: "fp32" or "native"
         self.load_time = time.monotonic() - t0
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -309,6 +311,8 @@ class Engine:
             pass
         self._stopped.set()
         self._thread.join(timeout=10)
+        if hasattr(self.scheduler.runner, "close"):  # the grammar-mask worker thread
+            self.scheduler.runner.close()
         if self.grammar is not None and hasattr(self.grammar, "shutdown"):
             self.grammar.shutdown()
 

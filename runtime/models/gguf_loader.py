@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from sgl.runtime.models.config import ModelConfig
 from sgl.runtime.models.dequant import dequantize
 from sgl.runtime.models.gguf_file import GGUFFile, GGUFTensor
+from sgl.runtime.models.native_weights import Payload, RawBlocks, native_qtype_supported
 from sgl.runtime.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,13 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 @dataclass
 class GGUFModel:
     config: ModelConfig
-    weights: Iterator[tuple[str, torch.Tensor]]  # (HF name, float32 tensor), lazily dequantized, once
+    weights: Iterator[tuple[str, Payload]]  # (HF name, float32 tensor | RawBlocks), lazily, once
+    quantized: bool  # some linear weight is in a block format the CPU kernels run (q4_0, q4_1, q8_0, f16)
+    file: GGUFFile
+
+    def iter_weights(self, native: bool, show_progress: bool = True) -> Iterator[tuple[str, Payload]]:
+        """A fresh pass over the weights (`weights` is the one read_gguf made, with its `native`)."""
+        return _iter_weights(self.file, self.config, show_progress, native)
     tokenizer: Tokenizer
     chat_template: Optional[str]
 
@@ -138,12 +145,28 @@ def gguf_model_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]) 
     )
 
 
-def _iter_weights(file: GGUFFile, config: ModelConfig, show_progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def unpermute_qk_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """`unpermute_qk` on the rows of raw block bytes (uint8 [N, row_bytes]; a row is whole blocks)."""
+    n, width = rows.shape
+    return np.ascontiguousarray(rows.reshape(n_head, n // n_head // 2, 2, width).transpose(0, 2, 1, 3)).reshape(n, width)
+
+
+def _iter_weights(
+    file: GGUFFile, config: ModelConfig, show_progress: bool, native: bool
+) -> Iterator[tuple[str, Payload]]:
     permuted = config.architecture == "llama"  # only LlamaModel's converter permutes q/k
     for tensor in tqdm(file.tensors, desc="Loading GGUF weights", unit="tensor", disable=not show_progress):
         name = hf_tensor_name(tensor.name)
         if name is None:
             logger.debug("skipping GGUF tensor %s", tensor.name)
+            continue
+        if native and len(tensor.shape) == 2:  # a linear weight: its blocks as they are in the file
+            rows = tensor.data
+            if permuted and ".self_attn.q_proj." in name:
+                rows = unpermute_qk_rows(rows, config.num_attention_heads)
+            elif permuted and ".self_attn.k_proj." in name:
+                rows = unpermute_qk_rows(rows, config.num_key_value_heads)
+            yield name, RawBlocks(rows, tensor.qtype.name.lower(), (tensor.shape[0], tensor.shape[1]))
             continue
         weight = torch.from_numpy(dequantize_tensor(tensor))
         if permuted and ".self_attn.q_proj." in name:
@@ -153,8 +176,9 @@ def _iter_weights(file: GGUFFile, config: ModelConfig, show_progress: bool) -> I
         yield name, weight.contiguous()
 
 
-def read_gguf(path: str, show_progress: bool = True) -> GGUFModel:
-    """Open a GGUF file: config and tokenizer now, weights lazily as (HF name, float32 tensor) pairs.
+def read_gguf(path: str, show_progress: bool = True, native: bool = False) -> GGUFModel:
+    """Open a GGUF file: config and tokenizer now, weights lazily as (HF name, float32 tensor) pairs;
+    with `native`, 2-D (linear) weights come as RawBlocks (views of the file's bytes) instead.
 
     >>> from sgl.runtime.models.default_model import resolve_model_path
     >>> model = read_gguf(resolve_model_path("default"), show_progress=False)
@@ -169,9 +193,12 @@ def read_gguf(path: str, show_progress: bool = True) -> GGUFModel:
     config = gguf_model_config(meta, shapes)
     tokenizer = Tokenizer.from_gguf(meta)
     tokenizer.name_or_path = path
+    quantized = any(len(t.shape) == 2 and native_qtype_supported(t.qtype.name.lower()) for t in file.tensors)
     return GGUFModel(
         config=config,
-        weights=_iter_weights(file, config, show_progress),
+        quantized=quantized,
+        file=file,
+        weights=_iter_weights(file, config, show_progress, native),
         tokenizer=tokenizer,
         chat_template=meta.get("tokenizer.chat_template"),
     )

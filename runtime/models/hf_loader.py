@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -56,9 +56,15 @@ def load_hf_model(
     dtype: torch.dtype = torch.float32,
     device: Union[str, torch.device] = "cpu",
     show_progress: bool = True,
+    quantize: Optional[str] = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Build the model from `folder`'s config.json and fill it from its safetensors (cast to `dtype`)."""
+    """Build the model from `folder`'s config.json and fill it from its safetensors (cast to `dtype`).
+    `quantize` ("q8_0" | "q4_0"): native weights, each linear weight quantized at load (fp32 activations)."""
     config = read_hf_config(folder)
-    model = LlamaForCausalLM(config, dtype=dtype, device=device)
-    model.load_weights(iter_safetensors(safetensors_files(folder), show_progress))
+    model = LlamaForCausalLM(config, dtype=dtype, device=device, native=quantize is not None)
+    weights = iter_safetensors(safetensors_files(folder), show_progress)
+    if quantize is None:
+        model.load_weights(weights)
+    else:
+        model.load_native_weights(((name, t.float()) for name, t in weights), quantize=quantize)
     return model.eval(), config

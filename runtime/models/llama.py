@@ -32,6 +32,8 @@ from sgl.kernels.dispatch import paged_attention  # Triton on CUDA, the torch re
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.models.config import ModelConfig
+from sgl.runtime.models.native_weights import (LinearWeight, Payload, RawBlocks, describe, embedding_rows, fuse_rows,
+                                               linear, pack_quant_weights, to_linear)
 from sgl.runtime.models.rotary import RopeTables, RotaryEmbedding
 from sgl.runtime.models.weight_arena import pack_parameters
 
@@ -45,7 +47,13 @@ def _param(*shape: int, dtype: torch.dtype, device: Union[str, torch.device]) ->
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: Union[str, torch.device]) -> None:
+    # The layer's linear weights as plain attributes (LinearWeight): in fp32 mode views of the *_t
+    # parameters (bind_linears); in native mode QuantWeights or fp32 fallbacks (load_native_weights).
+    LINEARS = ("qkv", "o", "gate_up", "down")
+
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, device: Union[str, torch.device], native: bool = False
+    ) -> None:
         super().__init__()
         hidden, head_dim = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, head_dim
@@ -58,33 +66,56 @@ class LlamaDecoderLayer(nn.Module):
         kw = dict(dtype=dtype, device="meta")  # shapes only: LlamaForCausalLM packs all parameters into one buffer
         # NOTE: matrices are stored transposed, [in, out]: x @ W_t is ~13% faster than F.linear(x, W)
         # for MKL's batch-1 GEMV on CPU (memory-bound decode), and no slower for prefill GEMMs.
+        self.hidden_size, self.native = hidden, native
         self.input_layernorm = _param(hidden, **kw)
-        self.qkv_t = _param(hidden, self.q_size + 2 * self.kv_size, **kw)  # columns: q | k | v
+        if not native:
+            self.qkv_t = _param(hidden, self.q_size + 2 * self.kv_size, **kw)  # columns: q | k | v
         # Qwen2 (and Llama with attention_bias) bias q/k/v; only Llama's attention_bias also biases o_proj
         self.qkv_bias: Optional[nn.Parameter] = _param(self.q_size + 2 * self.kv_size, **kw) if config.attention_bias else None
-        self.o_t = _param(self.q_size, hidden, **kw)
+        if not native:
+            self.o_t = _param(self.q_size, hidden, **kw)
         self.o_bias: Optional[nn.Parameter] = (
             _param(hidden, **kw) if config.attention_bias and config.architecture == "llama" else None
         )
         self.post_attention_layernorm = _param(hidden, **kw)
-        self.gate_up_t = _param(hidden, 2 * config.intermediate_size, **kw)  # columns: gate | up
-        self.down_t = _param(config.intermediate_size, hidden, **kw)
+        if not native:
+            self.gate_up_t = _param(hidden, 2 * config.intermediate_size, **kw)  # columns: gate | up
+            self.down_t = _param(config.intermediate_size, hidden, **kw)
+
+    def bind_linears(self) -> None:
+        """fp32 mode, after packing: each of LINEARS aliases its [in, out] parameter."""
+        for name in self.LINEARS:
+            self.__dict__[name] = getattr(self, f"{name}_t")
+
+    def linear_parts(self, prefix: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], int]]:
+        """LINEARS name -> (its HF weight names in row order, each part's rows N, the columns K)."""
+        hidden, q, kv, inter = self.hidden_size, self.q_size, self.kv_size, self.intermediate_size
+        attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
+        return {
+            "qkv": ((f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"), (q, kv, kv), hidden),
+            "o": ((f"{attn}.o_proj.weight",), (hidden,), q),
+            "gate_up": ((f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"), (inter, inter), hidden),
+            "down": ((f"{mlp}.down_proj.weight",), (hidden,), inter),
+        }
 
     def hf_weights(self, prefix: str) -> dict[str, torch.Tensor]:
         """HF name -> the view of our storage it fills (in the checkpoint's [out, in] orientation)."""
         q, kv, inter = self.q_size, self.kv_size, self.intermediate_size
-        qkv, gate_up = self.qkv_t.t(), self.gate_up_t.t()  # [out, in] views
         m = {
             f"{prefix}.input_layernorm.weight": self.input_layernorm,
-            f"{prefix}.self_attn.q_proj.weight": qkv[:q],
-            f"{prefix}.self_attn.k_proj.weight": qkv[q : q + kv],
-            f"{prefix}.self_attn.v_proj.weight": qkv[q + kv :],
-            f"{prefix}.self_attn.o_proj.weight": self.o_t.t(),
             f"{prefix}.post_attention_layernorm.weight": self.post_attention_layernorm,
-            f"{prefix}.mlp.gate_proj.weight": gate_up[:inter],
-            f"{prefix}.mlp.up_proj.weight": gate_up[inter:],
-            f"{prefix}.mlp.down_proj.weight": self.down_t.t(),
         }
+        if not self.native:
+            qkv, gate_up = self.qkv_t.t(), self.gate_up_t.t()  # [out, in] views
+            m.update({
+                f"{prefix}.self_attn.q_proj.weight": qkv[:q],
+                f"{prefix}.self_attn.k_proj.weight": qkv[q : q + kv],
+                f"{prefix}.self_attn.v_proj.weight": qkv[q + kv :],
+                f"{prefix}.self_attn.o_proj.weight": self.o_t.t(),
+                f"{prefix}.mlp.gate_proj.weight": gate_up[:inter],
+                f"{prefix}.mlp.up_proj.weight": gate_up[inter:],
+                f"{prefix}.mlp.down_proj.weight": self.down_t.t(),
+            })
         if self.qkv_bias is not None:
             m[f"{prefix}.self_attn.q_proj.bias"] = self.qkv_bias[:q]
             m[f"{prefix}.self_attn.k_proj.bias"] = self.qkv_bias[q : q + kv]
@@ -106,10 +137,7 @@ class LlamaDecoderLayer(nn.Module):
         # every small op after a matmul runs cold (~5-10x its warm cost): keep the op count low.
         num_tokens = h.shape[0]
         x = rms_norm(h, self.input_layernorm, self.norm_consts)
-        if self.qkv_bias is None:
-            qkv = torch.mm(x, self.qkv_t)  # [T, (H + 2 Hkv) D]
-        else:
-            qkv = torch.addmm(self.qkv_bias, x, self.qkv_t)
+        qkv = linear(x, self.qkv, self.qkv_bias)  # [T, (H + 2 Hkv) D]
         # NOTE: basic slicing, not Tensor.split: same views, a fraction of the Python overhead.
         qk_cols = self.qk_v_sizes[0]
         qk, v = qkv[:, :qk_cols], qkv[:, qk_cols:]
@@ -117,13 +145,11 @@ class LlamaDecoderLayer(nn.Module):
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, H, D], [T, Hkv, D]: rotated in one pass
         kv.store(layer_id, fb.out_cache_loc, k, v.view(num_tokens, self.num_kv_heads, self.head_dim))
         o = paged_attention(q, kv.k_buffer(layer_id), kv.v_buffer(layer_id), fb.attn, self.scale)  # [T, H, D]
-        h = torch.addmm(h, o.view(num_tokens, self.q_size), self.o_t)  # h + o_proj(o)
-        if self.o_bias is not None:
-            h = h + self.o_bias
+        h = linear(o.view(num_tokens, self.q_size), self.o, self.o_bias, residual=h)  # h + o_proj(o)
         x = rms_norm(h, self.post_attention_layernorm, self.norm_consts)
-        gate_up = torch.mm(x, self.gate_up_t)  # [T, 2I]
+        gate_up = linear(x, self.gate_up)  # [T, 2I]
         gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
-        return torch.addmm(h, F.silu(gate).mul_(up), self.down_t)  # h + down_proj(silu(gate) * up)
+        return linear(F.silu(gate).mul_(up), self.down, residual=h)  # h + down_proj(silu(gate) * up)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, consts: "NormConsts") -> torch.Tensor:
@@ -149,20 +175,40 @@ class NormConsts(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """native=True: the linear weights (and the embedding) are not parameters but LinearWeights in
+    their GGUF block formats, filled by `load_native_weights` (float32 activations only); norms and
+    biases stay float32 parameters. native=False: every weight is a `dtype` parameter (`load_weights`)."""
+
     def __init__(
-        self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device] = "cpu",
+        native: bool = False,
     ) -> None:
         super().__init__()
+        if native and (dtype != torch.float32 or torch.device(device).type != "cpu"):
+            raise ValueError("native weights run on the CPU with float32 activations (dtype float32, device cpu)")
         self.config = config
         self.dtype = dtype
+        self.native = native
         kw = dict(dtype=dtype, device="meta")  # shapes only; pack_parameters allocates below
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, dtype, device) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, dtype, device, native) for _ in range(config.num_hidden_layers)
+        )
         self.norm = _param(config.hidden_size, **kw)
-        self.lm_head_t = _param(config.hidden_size, config.vocab_size, **kw)  # [hidden, V]
-        if not config.tie_word_embeddings:
-            self.embed_tokens = _param(config.vocab_size, config.hidden_size, **kw)
+        if not native:
+            self.lm_head_t = _param(config.hidden_size, config.vocab_size, **kw)  # [hidden, V]
+            if not config.tie_word_embeddings:
+                self.embed_tokens = _param(config.vocab_size, config.hidden_size, **kw)
         # all weights in one huge-page buffer, in the order a forward pass reads them (weight_arena.py)
         self._weights_buffer = pack_parameters(self, dtype, device)
+        if not native:
+            for layer in self.layers:
+                layer.bind_linears()
+            # LinearWeights of the output projection ([hidden, V]) and the embedding table ([V, hidden] rows)
+            self.lm_head: LinearWeight = self.lm_head_t
+            self.embed: LinearWeight = self.lm_head_t if config.tie_word_embeddings else self.embed_tokens.t()
         self.norm_consts = NormConsts(config.hidden_size, config.rms_norm_eps, device)
         self.rope = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, dtype, device
@@ -178,7 +224,7 @@ class LlamaForCausalLM(nn.Module):
         """Runs the batch's new tokens, writes their K/V into `kv`; returns [T, hidden] final-normed states."""
         self.rope.ensure(max(fb.seq_lens))
         rope_tables = self.rope.lookup(fb.positions)  # shared by all layers
-        h = F.embedding(fb.input_ids, self.embed_weight)  # [T, hidden]
+        h = embedding_rows(fb.input_ids, self.embed)  # [T, hidden]
         for i, layer in enumerate(self.layers):
             h = layer.forward(h, rope_tables, self.rope, fb, kv, i)  # NOTE: .forward skips nn.Module hook dispatch
         return rms_norm(h, self.norm, self.norm_consts)
@@ -186,13 +232,15 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
-        return torch.mm(hidden, self.lm_head_t).float()
+        return linear(hidden, self.lm_head).float()
 
     def hf_weights(self) -> dict[str, torch.Tensor]:
         """Every Hugging Face weight name this model needs -> the view of our storage it fills."""
-        m = {"model.embed_tokens.weight": self.embed_weight, "model.norm.weight": self.norm}
-        if not self.config.tie_word_embeddings:
-            m["lm_head.weight"] = self.lm_head_t.t()
+        m = {"model.norm.weight": self.norm}
+        if not self.native:
+            m["model.embed_tokens.weight"] = self.embed_weight
+            if not self.config.tie_word_embeddings:
+                m["lm_head.weight"] = self.lm_head_t.t()
         for i, layer in enumerate(self.layers):
             m.update(layer.hf_weights(f"model.layers.{i}"))
         return m
@@ -228,3 +276,73 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(set(targets) - loaded)
         if missing:
             raise ValueError(f"missing weights: {', '.join(missing[:20])}" + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""))
+
+    def _linear_parts(self) -> dict[tuple[object, str], tuple[tuple[str, ...], tuple[int, ...], int]]:
+        """(owner, attribute) of every native LinearWeight -> (HF part names, their rows N, columns K)."""
+        cfg = self.config
+        out: dict[tuple[object, str], tuple[tuple[str, ...], tuple[int, ...], int]] = {}
+        for i, layer in enumerate(self.layers):
+            for name, parts in layer.linear_parts(f"model.layers.{i}").items():
+                out[layer, name] = parts
+        table = (("model.embed_tokens.weight",), (cfg.vocab_size,), cfg.hidden_size)
+        out[self, "embed"] = table
+        if not cfg.tie_word_embeddings:
+            out[self, "lm_head"] = (("lm_head.weight",), (cfg.vocab_size,), cfg.hidden_size)
+        return out
+
+    @torch.no_grad()
+    def load_native_weights(self, weights: Iterable[tuple[str, Payload]], quantize: Optional[str] = None) -> list[str]:
+        """Native mode: build each LinearWeight from its parts as they arrive (fuse_rows: raw GGUF blocks
+        stay as they are; with `quantize` fp32 parts are quantized), copy norms and biases.
+
+        Same errors as load_weights. Returns the linear weights that had to stay fp32 ("name (types)").
+        """
+        assert self.native, "load_native_weights needs LlamaForCausalLM(..., native=True)"
+        targets = self.hf_weights()  # norms and biases
+        groups = self._linear_parts()
+        part_of = {part: (key, rows, k) for key, (parts, all_rows, k) in groups.items() for part, rows in zip(parts, all_rows)}
+        pending: dict[tuple[object, str], dict[str, Payload]] = {}
+        loaded: set[str] = set()
+        unexpected: list[str] = []
+        fp32_kept: list[str] = []
+        for name, payload in weights:
+            if _IGNORED.search(name) or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                continue
+            if name in part_of:
+                key, rows, k = part_of[name]
+                if tuple(payload.shape) != (rows, k):
+                    raise ValueError(f"weight {name}: checkpoint shape {tuple(payload.shape)}, model expects {(rows, k)}")
+                parts = pending.setdefault(key, {})
+                parts[name] = payload
+                loaded.add(name)
+                if len(parts) == len(groups[key][0]):  # all parts in: build, and let the parts go
+                    fused = fuse_rows([parts[p] for p in groups[key][0]], quantize)
+                    weight = to_linear(fused)
+                    if isinstance(weight, torch.Tensor):
+                        fp32_kept.append(f"{groups[key][0][0]} ({', '.join(sorted({describe(p) for p in parts.values()}))})")
+                    owner, attr = key
+                    owner.__dict__[attr] = weight
+                    del pending[key]
+                continue
+            dst = targets.get(name)
+            if dst is None:
+                unexpected.append(name)
+                continue
+            tensor = payload.to_float() if isinstance(payload, RawBlocks) else payload
+            if dst.shape != tensor.shape:
+                raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            loaded.add(name)
+        if unexpected:
+            raise ValueError(f"unexpected weights for {self.config.architecture}: {', '.join(sorted(unexpected)[:20])}"
+                             + (f" (and {len(unexpected) - 20} more)" if len(unexpected) > 20 else ""))
+        missing = sorted((set(targets) | set(part_of)) - loaded)
+        if missing:
+            raise ValueError(f"missing weights: {', '.join(missing[:20])}" + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""))
+        slots = [(layer, name) for layer in self.layers for name in layer.LINEARS] + [(self, "embed")]
+        if not self.config.tie_word_embeddings:
+            slots.append((self, "lm_head"))
+        self._weights_buffer_native = pack_quant_weights(slots)
+        if self.config.tie_word_embeddings:
+            self.__dict__["lm_head"] = self.embed  # one table: rows for the lookup, the matrix for the logits
+        return fp32_kept

@@ -1,0 +1,138 @@
+"""Linear weights of the model in native (GGUF block) form, and how they are built at load time.
+
+A linear weight of the model (`LinearWeight`) is one of:
+  * a `QuantWeight` [N out, K in] holding GGUF blocks (q4_0, q4_1, q8_0, f16), multiplied by
+    sgl.kernels.cpu.quant_linear (its data layout IS the GGUF bytes: row r = K/32 blocks);
+  * a float32 Tensor stored transposed, [K in, N out] (the fp32 path, and native-mode fallbacks).
+
+Loaders hand over one `Payload` per Hugging Face name: raw GGUF blocks (`RawBlocks`, views of the
+memory-mapped file) or float32 tensors. `fuse_rows` stacks the parts of a fused matrix (qkv = q | k | v
+rows, gate_up = gate | up rows):
+  * raw parts of ONE kernel-supported qtype: byte rows concatenated (a GGUF row is whole blocks along
+    K, so stacking rows is stacking blocks along N): the numbers are exactly the file's;
+  * with `quantize` (Hugging Face folders): fp32 rows quantized by gguf.quants (llama.cpp's
+    round-to-nearest per 32-block; blocks never cross rows, so fused = per-part quantization);
+  * otherwise (q/k/v of different qtypes, a type without a kernel such as Q6_K, F32): ONE fp32
+    matrix of the dequantized values. Never requantized: native mode never changes a weight's value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import dataclasses
+import warnings
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize as gguf_quantize
+
+from sgl.kernels.cpu import QTYPES, QuantWeight, quant_linear
+from sgl.runtime.models.dequant import dequantize
+from sgl.runtime.models.weight_arena import alloc_huge
+
+LinearWeight = Union[torch.Tensor, QuantWeight]
+
+
+@dataclass(frozen=True)
+class RawBlocks:
+    """One GGUF tensor's bytes: uint8 [rows, bytes_per_row] in `qtype` ("q4_1", ..., or e.g. "q6_k")."""
+
+    data: np.ndarray
+    qtype: str
+    shape: tuple[int, int]  # (rows N, columns K), row-major
+
+    def to_float(self) -> torch.Tensor:
+        """[N, K] float32, exactly the fp32 path's values."""
+        return torch.from_numpy(dequantize(self.data, GGMLQuantizationType[self.qtype.upper()], self.shape))
+
+
+def native_qtype_supported(qtype: str) -> bool:
+    """A GGUF type ("q4_1", "q6_k", "f32", ...) the CPU kernels multiply in place."""
+    return qtype in QTYPES
+
+
+Payload = Union[torch.Tensor, RawBlocks]  # one weight as a loader hands it over: fp32 [N, K] or raw blocks
+
+
+def gguf_qtype(qtype: GGMLQuantizationType) -> str:
+    return qtype.name.lower()
+
+
+def fuse_rows(parts: list[Payload], quantize: Optional[str]) -> Payload:
+    """Stack the parts' rows into one [sum N, K] weight, keeping raw blocks raw when they can stay so.
+
+    Raw parts of one kernel-supported qtype: their byte rows are concatenated (exact). With `quantize`
+    (Hugging Face folders): the fp32 rows are quantized by gguf.quants (llama.cpp's round-to-nearest per
+    32-block; quantizing the fused matrix equals quantizing each part, blocks never cross rows).
+    Anything else (mixed qtypes, types without a kernel such as Q6_K, F32) becomes fp32, never
+    requantized, so native mode never changes a weight's value.
+    """
+    qtypes = {p.qtype if isinstance(p, RawBlocks) else "f32" for p in parts}
+    n, k = sum(p.shape[0] for p in parts), parts[0].shape[1]
+    if len(qtypes) == 1 and next(iter(qtypes)) in QTYPES and all(isinstance(p, RawBlocks) for p in parts):
+        data = parts[0].data if len(parts) == 1 else np.concatenate([p.data for p in parts])
+        return RawBlocks(data, parts[0].qtype, (n, k))
+    rows = torch.cat([p.to_float() if isinstance(p, RawBlocks) else p.float() for p in parts]).contiguous()
+    if quantize is not None and k % 32 == 0:  # (a K that is not whole blocks stays fp32)
+        return RawBlocks(gguf_quantize(rows.numpy(), GGMLQuantizationType[quantize.upper()]), quantize, (n, k))
+    return rows
+
+
+def to_linear(p: Payload) -> LinearWeight:
+    """A fused payload as the forward pass holds it: QuantWeight for supported raw blocks, else fp32 [K, N]."""
+    if isinstance(p, RawBlocks) and p.qtype in QTYPES:
+        with warnings.catch_warnings():  # a read-only file mapping: only read, then copied by pack_quant_weights
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return QuantWeight.from_gguf(torch.from_numpy(np.ascontiguousarray(p.data)), p.qtype, p.shape)
+    rows = p.to_float() if isinstance(p, RawBlocks) else p
+    return rows.t().contiguous()
+
+
+def describe(p: Payload) -> str:
+    return p.qtype if isinstance(p, RawBlocks) else "f32"
+
+
+def linear(
+    x: torch.Tensor,  # [M, K] float32
+    w: LinearWeight,
+    bias: Optional[torch.Tensor] = None,  # [N]
+    residual: Optional[torch.Tensor] = None,  # [M, N]: returned as residual + x @ W^T (+ bias)
+) -> torch.Tensor:
+    """x @ W^T (+ bias) (+ residual) -> [M, N] float32, for either kind of weight."""
+    if isinstance(w, QuantWeight):
+        return quant_linear(x, w, bias=bias, residual=residual)
+    if residual is None:
+        return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+    out = torch.addmm(residual, x, w)
+    return out if bias is None else out.add_(bias)
+
+
+def embedding_rows(ids: torch.Tensor, w: LinearWeight) -> torch.Tensor:
+    """Rows `ids` [T] of the [V, hidden] table `w` -> [T, hidden] float32; only those rows are dequantized.
+    (A Tensor `w` is stored [hidden, V], as every fp32 LinearWeight.)"""
+    if isinstance(w, QuantWeight):
+        return QuantWeight(w.qtype, (ids.numel(), w.shape[1]), w.data.index_select(0, ids)).dequantize()
+    return torch.nn.functional.embedding(ids, w.t())
+
+
+def weight_nbytes(w: LinearWeight) -> int:
+    return w.nbytes() if isinstance(w, QuantWeight) else w.numel() * w.element_size()
+
+
+def pack_quant_weights(slots: list[tuple[object, str]]) -> torch.Tensor:
+    """Move the QuantWeights at `owner.__dict__[attr]` into one huge-page buffer, in the given order
+    (the order a forward pass reads them: see weight_arena.py for why), 64-byte aligned each.
+    Afterwards nothing refers to the loader's bytes (the file mapping can close). Returns the buffer."""
+    found = [(owner, attr, w) for owner, attr in slots if isinstance(w := owner.__dict__[attr], QuantWeight)]
+    sizes = [(w.nbytes() + 63) // 64 * 64 for _, _, w in found]
+    buf = alloc_huge(sum(sizes), torch.uint8)
+    offset = 0
+    for (owner, attr, w), size in zip(found, sizes):
+        view = buf[offset : offset + w.nbytes()].view(w.data.shape)
+        view.copy_(w.data)
+        owner.__dict__[attr] = dataclasses.replace(w, data=view)
+        offset += size
+    return buf
