@@ -3,11 +3,12 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
+CPU_EXT := kernels/cpu/_build_info.json
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup chromium demo test serve bench clean
 
-setup: $(STAMP) chromium
+setup: $(STAMP) $(CPU_EXT) chromium
 
 # The browser tier (tests/browser) needs Chromium + chromedriver from apt; skipped when present, a warning
 # (the tier then skips) when apt cannot install them (not root, no apt).
@@ -31,6 +32,11 @@ $(STAMP): pyproject.toml Makefile
 	@# (deps in the test extra); the rest of the wheel (its GPU runtime) is never imported.
 	$(BIN)/python -m pip install -q --no-deps sglang==0.5.23
 	@touch $(STAMP)
+
+# The native CPU kernels (C++, the machine's g++, AVX2 when the CPU has it). A failed build is not fatal:
+# sgl.kernels.cpu then warns once and runs its torch reference path.
+$(CPU_EXT): $(STAMP) kernels/cpu/quant_gemm.cpp kernels/cpu/build.py
+	$(BIN)/python -m sgl.kernels.cpu.build
 
 demo: setup
 	$(BIN)/python examples/quickstart.py

@@ -1,0 +1,265 @@
+"""GGUF block-quantized linear weights on the CPU: the weight type, its torch reference, the launcher.
+
+Layout of `QuantWeight.data` (uint8, contiguous): exactly the GGUF bytes, N rows of K/32 blocks
+(ggml-common.h), so `from_gguf` is a zero-copy view and `nbytes` is the file's size of the tensor:
+    q8_0: 34 B/block = f16 d, int8 qs[32]            w[j] = d * qs[j]
+    q4_0: 18 B/block = f16 d, u8 qs[16]              w[j] = d * ((qs[j] & 15) - 8), w[j+16] = d * ((qs[j] >> 4) - 8)
+    q4_1: 20 B/block = f16 d, f16 m, u8 qs[16]       w[j] = d * (qs[j] & 15) + m,   w[j+16] = d * (qs[j] >> 4) + m
+    f16:  2 B/weight, row-major [N, K]
+The kernels read the blocks in place (the per-block f16 scales cost one F16C convert each); a repacked
+layout would have to keep these bytes per weight to be worth it (the GEMV is bandwidth-bound).
+
+`dequantize` performs the same float32 operations in the same order as runtime/models/dequant.py
+(bit-identical; kernels/ may not import runtime/, hence the copy). `quantize` is round-to-nearest per
+32-block as llama.cpp's quantize_row_*_ref, bit-identical to gguf.quants.quantize.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sgl.kernels.cpu import _ext
+
+QTYPES = ("q4_0", "q4_1", "q8_0", "f16")
+BLOCK = 32
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+ACT_QUANT = ("none", "q8")
+# Rows (M) from which the launcher dequantizes to fp32 tiles and calls MKL instead of the fused kernel
+# (measured by benchmarks/bench_kernels_cpu.py; see the README's "CPU kernels" table).
+PREFILL_M = int(os.environ.get("SGL_CPU_PREFILL_M", "96"))
+
+PREFILL_TILE = 1024
+_threads: int | None = None
+
+
+def row_bytes(qtype: str, k: int) -> int:
+    return 2 * k if qtype == "f16" else k // BLOCK * BLOCK_BYTES[qtype]
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A [N out, K in] linear weight kept in a GGUF block format (layout: the module docstring)."""
+    qtype: str
+    shape: tuple[int, int]
+    data: torch.Tensor  # uint8 [N, row_bytes(qtype, K)], contiguous
+
+    def __post_init__(self) -> None:
+        if self.qtype not in QTYPES:
+            raise ValueError(f"qtype must be one of {QTYPES}, got {self.qtype!r}")
+        n, k = self.shape
+        if n <= 0 or k <= 0 or (self.qtype != "f16" and k % BLOCK):
+            raise ValueError(f"shape (N, K) = {self.shape}: need N, K > 0 and K % 32 == 0 for {self.qtype}")
+        want = (n, row_bytes(self.qtype, k))
+        if self.data.dtype != torch.uint8 or tuple(self.data.shape) != want or not self.data.is_contiguous():
+            raise ValueError(f"data must be contiguous uint8 {want}, got {self.data.dtype} "
+                             f"{tuple(self.data.shape)} contiguous={self.data.is_contiguous()}")
+
+    @staticmethod
+    def from_gguf(raw: torch.Tensor | np.ndarray, qtype: str, shape: tuple[int, int]) -> "QuantWeight":
+        """raw = the tensor's bytes as stored in the GGUF file (N rows of K/32 blocks); no copy if contiguous."""
+        if qtype not in QTYPES:
+            raise ValueError(f"qtype must be one of {QTYPES}, got {qtype!r}")
+        n, k = int(shape[0]), int(shape[1])
+        if isinstance(raw, np.ndarray):
+            with warnings.catch_warnings():  # a read-only np.memmap of the GGUF: the weight is never written
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(np.ascontiguousarray(raw))
+        else:
+            t = raw.contiguous()
+        if t.dtype != torch.uint8:
+            t = t.view(torch.uint8)
+        if k <= 0 or (qtype != "f16" and k % BLOCK) or t.numel() != n * row_bytes(qtype, k):
+            raise ValueError(f"raw has {t.numel()} bytes, not the {qtype} size of shape {shape}")
+        return QuantWeight(qtype, (n, k), t.reshape(n, row_bytes(qtype, k)))
+
+    @staticmethod
+    def quantize(w: torch.Tensor, qtype: str) -> "QuantWeight":
+        """w fp32 [N, K] -> round-to-nearest per 32-block (llama.cpp's quantize_row_*_ref)."""
+        if w.dim() != 2:
+            raise ValueError(f"w must be 2-D [N, K], got shape {tuple(w.shape)}")
+        if qtype not in QTYPES:
+            raise ValueError(f"qtype must be one of {QTYPES}, got {qtype!r}")
+        n, k = w.shape
+        a = w.detach().to(torch.float32).contiguous().numpy()
+        if qtype == "f16":
+            return QuantWeight.from_gguf(a.astype(np.float16).view(np.uint8), qtype, (n, k))
+        if k % BLOCK:
+            raise ValueError(f"K = {k} must be a multiple of 32 for {qtype}")
+        return QuantWeight.from_gguf(_QUANTIZE[qtype](a.reshape(-1, BLOCK)), qtype, (n, k))
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [N, K], bit-identical to runtime/models/dequant.py."""
+        data = self.data.numpy().reshape(-1)
+        if self.qtype == "f16":
+            out = data.view(np.float16).astype(np.float32)
+        else:
+            out = _DEQUANTIZE[self.qtype](data)
+        return torch.from_numpy(out.reshape(self.shape))
+
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """uint8 [n, 16] -> float32 [n, 32]: low nibbles are weights 0..15, high nibbles 16..31."""
+    out = np.empty((qs.shape[0], 32), dtype=np.float32)
+    np.bitwise_and(qs, 15, out=out[:, :16], casting="unsafe")
+    np.right_shift(qs, 4, out=out[:, 16:], casting="unsafe")
+    return out
+
+
+def _dq_q8_0(data: np.ndarray) -> np.ndarray:
+    blocks = data.reshape(-1, 34)
+    out = blocks[:, 2:].view(np.int8).astype(np.float32)
+    out *= blocks[:, :2].view(np.float16).astype(np.float32)
+    return out
+
+
+def _dq_q4_0(data: np.ndarray) -> np.ndarray:
+    blocks = data.reshape(-1, 18)
+    out = _nibbles(blocks[:, 2:])
+    out -= 8
+    out *= blocks[:, :2].view(np.float16).astype(np.float32)
+    return out
+
+
+def _dq_q4_1(data: np.ndarray) -> np.ndarray:
+    blocks = data.reshape(-1, 20)
+    out = _nibbles(blocks[:, 4:])
+    out *= blocks[:, :2].view(np.float16).astype(np.float32)
+    out += blocks[:, 2:4].view(np.float16).astype(np.float32)
+    return out
+
+
+def _roundf(x: np.ndarray) -> np.ndarray:
+    """C roundf (half away from zero) without float error: floor(|x|) + (frac >= 0.5), signed."""
+    a = np.abs(x)
+    f = np.floor(a)
+    return np.sign(x) * (f + np.floor(2 * (a - f)))
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 [n, 32] values 0..15 -> [n, 16]: weight j in the low nibble, j + 16 in the high one."""
+    return q[:, :16] | (q[:, 16:] << np.uint8(4))
+
+
+def _inv(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, 0, 1 / d).astype(np.float32)
+
+
+def _q_q8_0(b: np.ndarray) -> np.ndarray:
+    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+    qs = _roundf(b * _inv(d)).astype(np.int8).view(np.uint8)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), qs], axis=1)
+
+
+def _q_q4_0(b: np.ndarray) -> np.ndarray:
+    imax = np.abs(b).argmax(axis=1)[:, None]  # the signed value of largest magnitude maps to -8
+    d = np.take_along_axis(b, imax, axis=1) / np.float32(-8)
+    q = np.trunc(b * _inv(d) + np.float32(8.5)).astype(np.uint8).clip(0, 15)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1)
+
+
+def _q_q4_1(b: np.ndarray) -> np.ndarray:
+    hi, lo = b.max(axis=1, keepdims=True), b.min(axis=1, keepdims=True)
+    d = (hi - lo) / np.float32(15)
+    q = np.trunc((b - lo) * _inv(d) + np.float32(0.5)).astype(np.uint8).clip(0, 15)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8),
+                           _pack_nibbles(q)], axis=1)
+
+
+_DEQUANTIZE = {"q8_0": _dq_q8_0, "q4_0": _dq_q4_0, "q4_1": _dq_q4_1}
+_QUANTIZE = {"q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1}
+
+
+def _check(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None, residual: torch.Tensor | None,
+           out: torch.Tensor | None = None) -> None:
+    if not isinstance(w, QuantWeight):
+        raise ValueError(f"w must be a QuantWeight, got {type(w).__name__}")
+    n, k = w.shape
+    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError(f"x must be a 2-D float32 CPU tensor [M, K], got {x.dtype} {tuple(x.shape)} on {x.device}")
+    if x.shape[1] != k:
+        raise ValueError(f"x has K = {x.shape[1]} columns but the weight is (N, K) = {w.shape}")
+    if x.shape[0] <= 0:
+        raise ValueError("x must have M > 0 rows")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous")
+    for name, t, shape in (("bias", bias, (n,)), ("residual", residual, (x.shape[0], n)),
+                           ("out", out, (x.shape[0], n))):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()):
+            raise ValueError(f"{name} must be contiguous float32 {shape}, got {t.dtype} {tuple(t.shape)}")
+
+
+def quant_linear_reference(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None,
+                           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The oracle: dequantize + torch.mm (+ bias) (+ residual)."""
+    _check(x, w, bias, residual)
+    y = torch.mm(x, w.dequantize().T)
+    if bias is not None:
+        y += bias
+    if residual is not None:
+        y += residual
+    return y
+
+
+def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                 act_quant: str = "none") -> torch.Tensor:
+    """y = x @ w.dequantize().T (+ bias) (+ residual); x fp32 [M, K] contiguous -> fp32 [M, N].
+
+    act_quant="q8" quantizes x per 32-block to int8 (llama.cpp's Q8_0 of the activations) for the
+    int8 dot products: cheaper, not exact (see tests/kernels/test_cpu_quant.py for the tolerance).
+    `out` may alias `residual` (the sum is then done in place)."""
+    _check(x, w, bias, residual, out)
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
+    ext = _ext.load()
+    if ext is None:
+        y = quant_linear_reference(x, w, bias, residual)
+        if out is None:
+            return y
+        return out.copy_(y)
+    m, (n, k) = x.shape[0], w.shape
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.float32)
+    threads = get_num_threads()
+    if m < PREFILL_M:
+        ext.gemm(x, w.data, w.qtype, n, k, out, bias, residual, act_quant == "q8", threads)
+        return out
+    # Prefill: MKL on fp32 tiles of PREFILL_TILE output rows dequantized by the kernel (L2-sized scratch).
+    scratch = torch.empty(min(n, PREFILL_TILE), k, dtype=torch.float32)
+    for n0 in range(0, n, PREFILL_TILE):
+        n1 = min(n, n0 + PREFILL_TILE)
+        tile = scratch[: n1 - n0]
+        ext.dequant(w.data[n0:n1], w.qtype, n1 - n0, k, tile, threads)
+        y = torch.mm(x, tile.T)
+        if bias is not None:
+            y += bias[n0:n1]
+        if residual is not None:
+            y += residual[:, n0:n1]
+        out[:, n0:n1] = y
+    return out
+
+
+def extension_available() -> bool:
+    """True when the compiled extension loaded (and SGL_DISABLE_CPU_EXT is not set)."""
+    return _ext.load() is not None
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the kernel splits output columns over (default: torch.get_num_threads())."""
+    global _threads
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_threads must be an int >= 1, got {n!r}")
+    _threads = n
+
+
+def get_num_threads() -> int:
+    return _threads if _threads is not None else torch.get_num_threads()

@@ -1,0 +1,411 @@
+// GGUF block-quantized linear layers on the CPU: y[M, N] = x[M, K] @ W[N, K]^T (+ bias) (+ residual).
+//
+// W stays in the GGUF layout (kernels/cpu/quant.py documents it): row n is K/32 blocks of 32 weights.
+// Two activation modes:
+//   fp32: each weight block is decoded to 4 x 8 fp32 lanes and FMA'd into per-row accumulators: the
+//         same numbers as fp32 matmul on the dequantized weights up to summation order (and the single
+//         rounding of the fused d*q+m for Q4_1).
+//   q8:   x is quantized per 32-block to int8 with an fp32 scale (llama.cpp's Q8_0 of the activations);
+//         block dots are int8 x (u)int8 -> int16 pairs (maddubs) -> int32 (madd) -> one fp32 FMA per block.
+// Work split: output columns (N) over at::parallel_for; for each column the row tiles (R <= 4 rows of x)
+// run back to back so the column's weight bytes stay in L1 and are read from memory once per call.
+// AVX2+FMA+F16C when compiled with them (SGL_AVX2), else a portable scalar path.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define SGL_AVX2 1
+#endif
+
+namespace {
+
+enum class QT { Q4_0, Q4_1, Q8_0, F16 };
+constexpr int kBlock = 32;
+
+QT parse_qtype(const std::string& s) {
+  if (s == "q4_0") return QT::Q4_0;
+  if (s == "q4_1") return QT::Q4_1;
+  if (s == "q8_0") return QT::Q8_0;
+  if (s == "f16") return QT::F16;
+  TORCH_CHECK(false, "unknown qtype ", s);
+}
+
+int64_t row_bytes(QT t, int64_t k) {
+  switch (t) {
+    case QT::Q4_0: return k / kBlock * 18;
+    case QT::Q4_1: return k / kBlock * 20;
+    case QT::Q8_0: return k / kBlock * 34;
+    default: return 2 * k;
+  }
+}
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#ifdef SGL_AVX2
+  return _cvtsh_ss(h);
+#else
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      exp = 1;
+      while (!(mant & 0x400)) { mant <<= 1; exp--; }
+      bits = sign | ((exp + 112) << 23) | ((mant & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+// ---- the fp32 decode of one block (32 weights), scalar: also the dequantize of the prefill path ----
+template <QT T>
+inline void decode_scalar(const uint8_t* b, float* w) {
+  if constexpr (T == QT::Q8_0) {
+    float d = f16(b);
+    for (int j = 0; j < 32; j++) w[j] = float(int8_t(b[2 + j])) * d;
+  } else if constexpr (T == QT::Q4_0) {
+    float d = f16(b);
+    for (int j = 0; j < 16; j++) {
+      w[j] = float(int(b[2 + j] & 15) - 8) * d;
+      w[j + 16] = float(int(b[2 + j] >> 4) - 8) * d;
+    }
+  } else if constexpr (T == QT::Q4_1) {
+    float d = f16(b), m = f16(b + 2);
+    for (int j = 0; j < 16; j++) {
+      w[j] = float(b[4 + j] & 15) * d + m;
+      w[j + 16] = float(b[4 + j] >> 4) * d + m;
+    }
+  } else {
+    for (int j = 0; j < 32; j++) w[j] = f16(b + 2 * j);
+  }
+}
+
+constexpr int block_bytes(QT t) { return t == QT::Q4_0 ? 18 : t == QT::Q4_1 ? 20 : t == QT::Q8_0 ? 34 : 64; }
+
+#ifdef SGL_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One block -> w[0..3] = weights 0-7, 8-15, 16-23, 24-31 as fp32.
+template <QT T>
+inline void decode_avx(const uint8_t* b, __m256* w) {
+  if constexpr (T == QT::Q4_0 || T == QT::Q4_1) {
+    const __m128i m4 = _mm_set1_epi8(15);
+    __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (T == QT::Q4_0 ? 2 : 4)));
+    __m128i lo = _mm_and_si128(qs, m4), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), m4);
+    __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    __m256 d = _mm256_set1_ps(f16(b));
+    // Q4_0: (q - 8) * d == fma(q, d, -8d) exactly (-8d is exact, one rounding either way).
+    __m256 c = T == QT::Q4_0 ? _mm256_mul_ps(d, _mm256_set1_ps(-8.f)) : _mm256_set1_ps(f16(b + 2));
+    w[0] = _mm256_fmadd_ps(q0, d, c);
+    w[1] = _mm256_fmadd_ps(q1, d, c);
+    w[2] = _mm256_fmadd_ps(q2, d, c);
+    w[3] = _mm256_fmadd_ps(q3, d, c);
+  } else if constexpr (T == QT::Q8_0) {
+    __m256 d = _mm256_set1_ps(f16(b));
+    for (int i = 0; i < 4; i++) {
+      __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * i));
+      w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+    }
+  } else {
+    for (int i = 0; i < 4; i++)
+      w[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * i)));
+  }
+}
+#endif
+
+// res[r] = dot(W row `w`, x row r) for r < R over nb full blocks; x rows are ldx floats apart.
+template <QT T, int R>
+inline void dot_fp32(const uint8_t* w, const float* x, int64_t ldx, int64_t nb, float* res) {
+#ifdef SGL_AVX2
+  // A accumulators per row break the FMA latency chain (R = 1: 4 chains; R > 1: 2 per row, 2R chains).
+  constexpr int A = R == 1 ? 4 : 2;
+  __m256 acc[R][A];
+  for (int r = 0; r < R; r++)
+    for (int a = 0; a < A; a++) acc[r][a] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    __m256 wv[4];
+    decode_avx<T>(w + b * block_bytes(T), wv);
+    for (int r = 0; r < R; r++) {
+      const float* xp = x + r * ldx + b * kBlock;
+      for (int i = 0; i < 4; i++) acc[r][i % A] = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(xp + 8 * i), acc[r][i % A]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    __m256 s = acc[r][0];
+    for (int a = 1; a < A; a++) s = _mm256_add_ps(s, acc[r][a]);
+    res[r] = hsum(s);
+  }
+#else
+  float acc[R] = {};
+  float wv[32];
+  for (int64_t b = 0; b < nb; b++) {
+    decode_scalar<T>(w + b * block_bytes(T), wv);
+    for (int r = 0; r < R; r++) {
+      const float* xp = x + r * ldx + b * kBlock;
+      float s = 0.f;
+      for (int j = 0; j < 32; j++) s += wv[j] * xp[j];
+      acc[r] += s;
+    }
+  }
+  for (int r = 0; r < R; r++) res[r] = acc[r];
+#endif
+}
+
+// ---- q8 activations: xq int8 [M, K], xd/xs fp32 [M, nb] (scale, exact fp32 sum of the block) ----
+struct Q8Act {
+  const int8_t* q;
+  const float* d;
+  const float* s;   // sum of the fp32 block (Q4_1's m term)
+  const int32_t* qsum;  // sum of the int8 block (Q4_0's -8 term)
+  int64_t k, nb;
+};
+
+#ifdef SGL_AVX2
+inline __m256 i32_sum_pairs(__m256i p16) { return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1))); }
+#endif
+
+template <QT T, int R>
+inline void dot_q8(const uint8_t* w, const Q8Act& a, int64_t r0, float* res) {
+  float scal[R] = {};  // the per-block scalar terms (m * sum x, -8 d dx qsum)
+#ifdef SGL_AVX2
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+#else
+  float acc[R] = {};
+#endif
+  for (int64_t b = 0; b < a.nb; b++) {
+    const uint8_t* blk = w + b * block_bytes(T);
+    float dw = f16(blk);
+#ifdef SGL_AVX2
+    __m256i wq;
+    if constexpr (T == QT::Q8_0) {
+      wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    } else {
+      const __m128i m4 = _mm_set1_epi8(15);
+      __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == QT::Q4_0 ? 2 : 4)));
+      wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
+    }
+    __m256i wabs = T == QT::Q8_0 ? _mm256_sign_epi8(wq, wq) : wq;
+#endif
+    for (int r = 0; r < R; r++) {
+      const int64_t row = r0 + r;
+      const float dd = dw * a.d[row * a.nb + b];
+      if constexpr (T == QT::Q4_1) scal[r] += f16(blk + 2) * a.s[row * a.nb + b];
+      if constexpr (T == QT::Q4_0) scal[r] -= 8.f * dd * float(a.qsum[row * a.nb + b]);
+#ifdef SGL_AVX2
+      __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + row * a.k + b * kBlock));
+      if constexpr (T == QT::Q8_0) xq = _mm256_sign_epi8(xq, wq);  // |w| * (x * sign w)
+      acc[r] = _mm256_fmadd_ps(i32_sum_pairs(_mm256_maddubs_epi16(wabs, xq)), _mm256_set1_ps(dd), acc[r]);
+#else
+      const int8_t* xq = a.q + row * a.k + b * kBlock;
+      int32_t s = 0;
+      if constexpr (T == QT::Q8_0) {
+        for (int j = 0; j < 32; j++) s += int32_t(int8_t(blk[2 + j])) * xq[j];
+      } else {
+        const uint8_t* qs = blk + (T == QT::Q4_0 ? 2 : 4);
+        for (int j = 0; j < 16; j++) s += int32_t(qs[j] & 15) * xq[j] + int32_t(qs[j] >> 4) * xq[j + 16];
+      }
+      acc[r] += dd * float(s);
+#endif
+    }
+  }
+  for (int r = 0; r < R; r++) {
+#ifdef SGL_AVX2
+    res[r] = hsum(acc[r]) + scal[r];
+#else
+    res[r] = acc[r] + scal[r];
+#endif
+  }
+}
+
+// f16 rows with K % 32 != 0: the tail weights in scalar.
+void f16_tail(const uint8_t* w, const float* x, int64_t ldx, int64_t k0, int64_t k, int R, float* res) {
+  for (int r = 0; r < R; r++)
+    for (int64_t j = k0; j < k; j++) res[r] += f16(w + 2 * j) * x[r * ldx + j];
+}
+
+template <QT T>
+void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K, float* out,
+               const float* bias, const float* resid, const Q8Act* q8, int64_t n0, int64_t n1) {
+  const int64_t rb = row_bytes(T, K), nb = K / kBlock;
+  float res[4];
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* w = W + n * rb;
+    for (int64_t r0 = 0; r0 < M; r0 += 4) {
+      const int R = int(std::min<int64_t>(4, M - r0));
+      if (q8 != nullptr && T != QT::F16) {
+        switch (R) {
+          case 4: dot_q8<T, 4>(w, *q8, r0, res); break;
+          case 3: dot_q8<T, 3>(w, *q8, r0, res); break;
+          case 2: dot_q8<T, 2>(w, *q8, r0, res); break;
+          default: dot_q8<T, 1>(w, *q8, r0, res); break;
+        }
+      } else {
+        const float* xr = x + r0 * K;
+        switch (R) {
+          case 4: dot_fp32<T, 4>(w, xr, K, nb, res); break;
+          case 3: dot_fp32<T, 3>(w, xr, K, nb, res); break;
+          case 2: dot_fp32<T, 2>(w, xr, K, nb, res); break;
+          default: dot_fp32<T, 1>(w, xr, K, nb, res); break;
+        }
+        if (T == QT::F16 && nb * kBlock < K) f16_tail(w, xr, K, nb * kBlock, K, R, res);
+      }
+      for (int r = 0; r < R; r++) {
+        const int64_t o = (r0 + r) * N + n;
+        float v = res[r];
+        if (bias != nullptr) v += bias[n];
+        if (resid != nullptr) v += resid[o];
+        out[o] = v;
+      }
+    }
+  }
+}
+
+// Round half away from zero, as llama.cpp's quantize_row_q8_0_ref (roundf).
+void quantize_act(const float* x, int64_t M, int64_t K, std::vector<int8_t>& q, std::vector<float>& d,
+                  std::vector<float>& s, std::vector<int32_t>& qs) {
+  const int64_t nb = K / kBlock;
+  q.resize(M * K);
+  d.resize(M * nb);
+  s.resize(M * nb);
+  qs.resize(M * nb);
+  for (int64_t i = 0; i < M * nb; i++) {
+    const float* xb = x + i * kBlock;
+    float amax = 0.f, sum = 0.f;
+    for (int j = 0; j < kBlock; j++) {
+      amax = std::max(amax, std::fabs(xb[j]));
+      sum += xb[j];
+    }
+    const float dx = amax / 127.f, id = dx != 0.f ? 1.f / dx : 0.f;
+    int32_t qsum = 0;
+    for (int j = 0; j < kBlock; j++) {
+      const int8_t v = int8_t(std::round(xb[j] * id));
+      q[i * kBlock + j] = v;
+      qsum += v;
+    }
+    d[i] = dx;
+    s[i] = sum;
+    qs[i] = qsum;
+  }
+}
+
+int64_t grain_for(int64_t n, int64_t threads) {
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, at::get_num_threads()));
+  return std::max<int64_t>(16, (n + threads - 1) / threads);
+}
+
+void check_args(const torch::Tensor& data, QT t, int64_t N, int64_t K) {
+  TORCH_CHECK(data.dtype() == torch::kUInt8 && data.is_contiguous(), "weight data must be contiguous uint8");
+  TORCH_CHECK(N > 0 && K > 0 && (t == QT::F16 || K % kBlock == 0), "bad weight shape");
+  TORCH_CHECK(data.numel() == N * row_bytes(t, K), "weight data has ", data.numel(), " bytes, expected ",
+              N * row_bytes(t, K));
+}
+
+template <QT T>
+void dequant_rows(const uint8_t* W, int64_t K, float* out, int64_t n0, int64_t n1) {
+  const int64_t rb = row_bytes(T, K), nb = K / kBlock;
+  for (int64_t n = n0; n < n1; n++) {
+    float* o = out + n * K;
+    for (int64_t b = 0; b < nb; b++) {
+#ifdef SGL_AVX2
+      __m256 wv[4];
+      decode_avx<T>(W + n * rb + b * block_bytes(T), wv);
+      for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + b * kBlock + 8 * i, wv[i]);
+#else
+      decode_scalar<T>(W + n * rb + b * block_bytes(T), o + b * kBlock);
+#endif
+    }
+    if (T == QT::F16)
+      for (int64_t j = nb * kBlock; j < K; j++) o[j] = f16(W + n * rb + 2 * j);
+  }
+}
+
+}  // namespace
+
+void gemm(const torch::Tensor& x, const torch::Tensor& data, const std::string& qtype, int64_t N, int64_t K,
+          torch::Tensor& out, const c10::optional<torch::Tensor>& bias,
+          const c10::optional<torch::Tensor>& residual, bool act_q8, int64_t threads) {
+  const QT t = parse_qtype(qtype);
+  check_args(data, t, N, K);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && x.size(1) == K, "bad x");
+  const int64_t M = x.size(0);
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == M * N, "bad out");
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const float* rs = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> qs;
+  Q8Act a{};
+  const bool use_q8 = act_q8 && t != QT::F16;
+  if (use_q8) {
+    quantize_act(x.data_ptr<float>(), M, K, q, d, s, qs);
+    a = Q8Act{q.data(), d.data(), s.data(), qs.data(), K, K / kBlock};
+  }
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* W = data.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const Q8Act* ap = use_q8 ? &a : nullptr;
+  at::parallel_for(0, N, grain_for(N, threads), [&](int64_t n0, int64_t n1) {
+    switch (t) {
+      case QT::Q4_0: gemm_cols<QT::Q4_0>(xp, W, M, N, K, op, b, rs, ap, n0, n1); break;
+      case QT::Q4_1: gemm_cols<QT::Q4_1>(xp, W, M, N, K, op, b, rs, ap, n0, n1); break;
+      case QT::Q8_0: gemm_cols<QT::Q8_0>(xp, W, M, N, K, op, b, rs, ap, n0, n1); break;
+      case QT::F16: gemm_cols<QT::F16>(xp, W, M, N, K, op, b, rs, ap, n0, n1); break;
+    }
+  });
+}
+
+void dequant(const torch::Tensor& data, const std::string& qtype, int64_t N, int64_t K, torch::Tensor& out,
+             int64_t threads) {
+  const QT t = parse_qtype(qtype);
+  check_args(data, t, N, K);
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == N * K, "bad out");
+  const uint8_t* W = data.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, grain_for(N, threads), [&](int64_t n0, int64_t n1) {
+    switch (t) {
+      case QT::Q4_0: dequant_rows<QT::Q4_0>(W, K, op, n0, n1); break;
+      case QT::Q4_1: dequant_rows<QT::Q4_1>(W, K, op, n0, n1); break;
+      case QT::Q8_0: dequant_rows<QT::Q8_0>(W, K, op, n0, n1); break;
+      case QT::F16: dequant_rows<QT::F16>(W, K, op, n0, n1); break;
+    }
+  });
+}
+
+std::string isa() {
+#ifdef SGL_AVX2
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemm", &gemm, "y = x @ W^T (+ bias) (+ residual) on GGUF blocks");
+  m.def("dequant", &dequant, "GGUF blocks -> fp32 rows");
+  m.def("isa", &isa, "the instruction set compiled in");
+}

