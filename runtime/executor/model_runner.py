@@ -1,8 +1,18 @@
 """The model runner: turns the scheduler's plain-data batch into tensors, runs the forward pass,
-samples, and hands back plain results. The only place where scheduling meets torch."""
+samples, and hands back plain results. The only place where scheduling meets torch.
+
+Grammar masks overlap the forward pass (xgrammar's integration advice): the scheduler has accepted
+every constrained row's previous token before `run`, so the rows' next-token masks depend only on
+matcher state that nothing else touches during the step; one worker thread fills them while the
+forward runs (torch ops and the matcher backends release the GIL), and sampling waits for it. The
+worker is joined before `run` returns, so a matcher is never used by two threads at once (aborts and
+jump-forward run on the scheduler thread between steps). `overlap_grammar=False` is the synchronous
+path; both write identical masks.
+"""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
 import torch
@@ -17,8 +27,10 @@ from sgl.kernels.bitmask import allocate_token_bitmask
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: Any, num_slots: int, eos_token_ids: frozenset[int],
-                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", overlap_grammar: bool = True) -> None:
         self.model = model
+        self.overlap_grammar = overlap_grammar
+        self._mask_worker: Optional[ThreadPoolExecutor] = None  # created on the first constrained step
         self.config = config
         self.device = torch.device(device)
         self.eos_token_ids = eos_token_ids
@@ -39,7 +51,6 @@ class ModelRunner:
             slot_tables=[r.req.slots + r.new_slots for r in rows],
             device=self.device,
         )
-        hidden = self.model(fb, self.kv)  # [T, H]
         results = [RowResult(token_id=None) for _ in rows]
 
         # Which hidden rows need logits: the last token of sampling rows, and prompt-logprob positions.
@@ -57,11 +68,17 @@ class ModelRunner:
                 lp_targets.append(tid)
                 lp_owner.append(i)
 
+        mask_job = self._start_bitmask([rows[i] for i in sample_rows])
+        try:
+            hidden = self.model(fb, self.kv)  # [T, H]
+            if sample_rows:
+                idx = torch.tensor([offsets[i] + rows[i].extend_len - 1 for i in sample_rows], device=self.device)
+                logits = self.model.compute_logits(hidden.index_select(0, idx))  # [S, V] float32
+        finally:  # NOTE: joined even when the forward raises: no matcher stays in use past the step
+            bitmask = mask_job.result() if isinstance(mask_job, Future) else mask_job
+
         if sample_rows:
-            idx = torch.tensor([offsets[i] + rows[i].extend_len - 1 for i in sample_rows], device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, idx))  # [S, V] float32
             states = [self._state(rows[i]) for i in sample_rows]
-            bitmask = self._bitmask([rows[i] for i in sample_rows], logits.shape[-1])
             top_nums = [rows[i].req.top_logprobs_num if rows[i].req.return_logprob else 0 for i in sample_rows]
             out = sample(logits, states, bitmask, top_nums)
             failed = set(out.failed_rows)
@@ -87,6 +104,23 @@ class ModelRunner:
                 if tops is not None and k > 0:
                     results[i].prompt_top_logprobs.append(tops[j][:k])
         return results
+
+    def _start_bitmask(self, rows: list[BatchRow]) -> "Optional[torch.Tensor] | Future[Optional[torch.Tensor]]":
+        """The sample rows' bitmask: a Future filled on the worker thread (overlap on), the tensor
+        itself (overlap off), or None when no row is constrained."""
+        if not any(r.req.grammar is not None for r in rows):
+            return None
+        if not self.overlap_grammar:
+            return self._bitmask(rows, self.vocab_size)
+        if self._mask_worker is None:
+            self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgl-grammar-mask")
+        return self._mask_worker.submit(self._bitmask, rows, self.vocab_size)
+
+    def close(self) -> None:
+        """Stop the mask worker thread (idempotent)."""
+        if self._mask_worker is not None:
+            self._mask_worker.shutdown(wait=True)
+            self._mask_worker = None
 
     def _bitmask(self, rows: list[BatchRow], vocab: int) -> Optional[torch.Tensor]:
         """[S, ceil(V/32)] int32 for the constrained rows (unconstrained rows: all ones), or None."""
