@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections import deque
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Optional
 
 import jsonschema
 import lark
+import regex
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -50,6 +50,9 @@ stats_router = APIRouter()  # /v1/stats and /v1/validate: always
 # (monotonic time, prompt tokens, prefill tokens computed, generation tokens) per /v1/stats call,
 # so the rates need no background task. Rates span the samples of the last RATE_WINDOW_S seconds.
 RATE_WINDOW_S = 5.0
+# /v1/validate runs user-supplied patterns: bounded input, and a regex (`regex` module) time limit.
+MAX_VALIDATE_CHARS = 32_768
+REGEX_TIMEOUT_S = 2.0
 
 
 class RateTracker:
@@ -139,10 +142,13 @@ def validate_output(kind: str, spec: str, text: str) -> dict[str, Any]:
     """Does `text` satisfy the constraint? {"valid", "error", "checked_by"}; a bad spec is a RequestError."""
     if kind == "regex":
         try:
-            ok = re.fullmatch(spec, text, flags=re.DOTALL) is not None
-        except re.error as exc:
+            ok = regex.fullmatch(spec, text, flags=regex.DOTALL, timeout=REGEX_TIMEOUT_S) is not None
+        except regex.error as exc:
             raise RequestError(f"spec: not a valid regex: {exc}") from None
-        return {"valid": ok, "error": None if ok else "no full match of the regex", "checked_by": "re.fullmatch"}
+        except TimeoutError:
+            return {"valid": False, "error": f"the regex check took over {REGEX_TIMEOUT_S}s",
+                    "checked_by": "regex.fullmatch"}
+        return {"valid": ok, "error": None if ok else "no full match of the regex", "checked_by": "regex.fullmatch"}
     if kind == "choices":
         options = [c.strip() for c in spec.split("\n") if c.strip()]
         ok = text in options
@@ -182,6 +188,8 @@ async def validate(request: Request) -> Response:
     for key in ("kind", "spec", "text"):
         if not isinstance(body.get(key), str):
             raise RequestError(f"{key} must be a string")
+        if len(body[key]) > MAX_VALIDATE_CHARS:
+            raise RequestError(f"{key} is {len(body[key])} characters, over the limit of {MAX_VALIDATE_CHARS}")
     return JSONResponse(await asyncio.to_thread(validate_output, body["kind"], body["spec"], body["text"]))
 
 

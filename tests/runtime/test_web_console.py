@@ -111,3 +111,8 @@ def test_recent_latency_percentiles() -> None:
     assert p["itl"]["p50"] == 0.02 and p["itl_samples"] == 4
     w.window_s = 0.0  # everything older than now drops out
     assert w.percentiles()["ttft"] == {}
+
+
+def test_validate_bounds_its_input() -> None:
+    r = client().post("/v1/validate", json={"kind": "regex", "spec": "a*", "text": "a" * 40_000})
+    assert r.status_code == 400 and "text" in r.text and "limit" in r.text
