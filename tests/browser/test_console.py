@@ -87,7 +87,7 @@ def test_page_loads_without_key_and_asks_for_it(server: ServerHandle, browser: A
 
 def test_chat_streams_text(server: ServerHandle, browser: Any) -> None:
     set_value(browser, "temperature", "0")
-    set_value(browser, "max-tokens", "32")
+    set_value(browser, "max-tokens", "24")
     reply = send(browser, "Write two sentences about the sea.")
     text = reply.find_element("css selector", ".text")
     # Text appears while the reply is still streaming (the cursor class is on until the last chunk).
@@ -99,7 +99,7 @@ def test_chat_streams_text(server: ServerHandle, browser: Any) -> None:
     # The answer matches the same request made directly (greedy): the page used the chat template route.
     r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers, timeout=120, json={
         "messages": [{"role": "user", "content": "Write two sentences about the sea."}],
-        "temperature": 0, "top_p": 1, "max_tokens": 32})
+        "temperature": 0, "top_p": 1, "max_tokens": 24})
     assert r.json()["choices"][0]["message"]["content"].strip() == text.text.strip()
 
 
@@ -132,6 +132,30 @@ def test_json_schema_output_is_validated(server: ServerHandle, browser: Any, tmp
     assert tip.text.startswith("logprob ") and len(tip.text.splitlines()) >= 3
     browser.find_element(By.ID, "logprobs").click()
     screenshot(browser, "console-playground.png", tmp_path)
+
+
+@pytest.mark.parametrize("kind,example,prompt", [("choices", "Sentiment", "Is 'I love it' positive or negative?"),
+                                                 ("regex", "ISO date", "When did the Apollo 11 landing happen?"),
+                                                 ("ebnf", "Arithmetic", "Write a sum of two numbers.")])
+def test_other_constraints_are_validated(server: ServerHandle, browser: Any, kind: str, example: str,
+                                         prompt: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    set_value(browser, "constraint-kind", kind)
+    set_value(browser, "constraint-example", example)
+    set_value(browser, "max-tokens", "24")
+    reply = send(browser, prompt)
+    badge = wait_for(lambda: reply.find_elements(By.CSS_SELECTOR, ".validation.ok, .validation.bad"), 60,
+                     "the validation badge")[0]
+    text = reply.find_element(By.CSS_SELECTOR, ".text").text
+    finish = reply.find_element(By.CSS_SELECTOR, ".meta").get_attribute("data-finish")
+    if finish == "length":  # cut off mid-grammar: the page must say it does not (yet) parse
+        assert "bad" in badge.get_attribute("class"), (badge.text, text)
+        return
+    assert "ok" in badge.get_attribute("class"), (badge.text, text, finish)
+    spec = browser.find_element(By.ID, "constraint-spec").get_attribute("value")
+    assert httpx.post(server.url + "/v1/validate", headers=server.headers, timeout=30,
+                      json={"kind": kind, "spec": spec, "text": text}).json()["valid"]
 
 
 def _load(server: ServerHandle, stop: threading.Event) -> None:
