@@ -37,7 +37,7 @@ def build(force_scalar: bool = False) -> pathlib.Path:
 
     isa, flags = ("scalar", []) if force_scalar else isa_flags()
     ext = CppExtension("_sgl_cpu_quant", [str(s) for s in SOURCES],
-                       extra_compile_args=["-O3", "-fopenmp", *flags], extra_link_args=["-fopenmp"])
+                       extra_compile_args=["-O3", "-fopenmp", "-Wno-unused-label", *flags], extra_link_args=["-fopenmp"])
     for old in HERE.glob("_sgl_cpu_quant*.so"):
         old.unlink()
     with tempfile.TemporaryDirectory() as tmp:

@@ -231,14 +231,16 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
         out = torch.empty(m, n, dtype=torch.float32)
     threads = get_num_threads()
     if m < PREFILL_M:
-        ext.gemm(x, w.data, w.qtype, n, k, out, bias, residual, act_quant == "q8", threads)
+        ext.gemm(x.data_ptr(), m, w.data.data_ptr(), w.qtype, n, k, out.data_ptr(),
+                 0 if bias is None else bias.data_ptr(), 0 if residual is None else residual.data_ptr(),
+                 act_quant == "q8", threads)
         return out
     # Prefill: MKL on fp32 tiles of PREFILL_TILE output rows dequantized by the kernel (L2-sized scratch).
     scratch = torch.empty(min(n, PREFILL_TILE), k, dtype=torch.float32)
     for n0 in range(0, n, PREFILL_TILE):
         n1 = min(n, n0 + PREFILL_TILE)
         tile = scratch[: n1 - n0]
-        ext.dequant(w.data[n0:n1], w.qtype, n1 - n0, k, tile, threads)
+        ext.dequant(w.data[n0:n1].data_ptr(), w.qtype, n1 - n0, k, tile.data_ptr(), threads)
         y = torch.mm(x, tile.T)
         if bias is not None:
             y += bias[n0:n1]
