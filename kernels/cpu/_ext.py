@@ -1,7 +1,7 @@
 """Finds and loads the compiled extension (built ahead by `python -m sgl.kernels.cpu.build`, never JIT).
 
 Missing, stale or unloadable -> None after one warning, and the launchers use the torch reference.
-SGL_DISABLE_CPU_EXT=1 forces the reference path (tests run both)."""
+SGL_DISABLE_CPU_EXT=1 (read at import) forces the reference path (tests run both)."""
 
 from __future__ import annotations
 
@@ -63,10 +63,14 @@ def _load() -> ModuleType | None:
     return mod
 
 
+# Read once (os.environ.get costs ~1 us, and load() runs on every call); tests flip `disabled` directly.
+disabled: bool = os.environ.get("SGL_DISABLE_CPU_EXT", "") not in ("", "0")
+
+
 def load() -> ModuleType | None:
     """The extension module, or None (reference path). Warns at most once per process."""
     global _mod
-    if os.environ.get("SGL_DISABLE_CPU_EXT", "") not in ("", "0"):
+    if disabled:
         return None
     if _mod is _UNSET:
         _mod = _load()

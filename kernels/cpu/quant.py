@@ -217,10 +217,25 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
     act_quant="q8" quantizes x per 32-block to int8 (llama.cpp's Q8_0 of the activations) for the
     int8 dot products: cheaper, not exact (see tests/kernels/test_cpu_quant.py for the tolerance).
     `out` may alias `residual` (the sum is then done in place)."""
+    ext = _ext.load()
+    # The decode hot path (~120 calls per token): the cheapest checks that prove the full ones would pass.
+    if (ext is not None and type(w) is QuantWeight and x.dtype is torch.float32 and x.dim() == 2
+            and x.is_contiguous() and x.shape[1] == w.shape[1] and 0 < x.shape[0] < PREFILL_M
+            and bias is None and x.is_cpu and (act_quant == "none" or act_quant == "q8")):
+        m, n = x.shape[0], w.shape[0]
+        if out is None:
+            out = torch.empty(m, n, dtype=torch.float32)
+        elif not (out.dtype is torch.float32 and out.shape == (m, n) and out.is_contiguous()):
+            _check(x, w, bias, residual, out)
+        if residual is not None and not (residual.dtype is torch.float32 and residual.shape == (m, n)
+                                         and residual.is_contiguous()):
+            _check(x, w, bias, residual, out)
+        ext.gemm(x.data_ptr(), m, w.data.data_ptr(), w.qtype, n, w.shape[1], out.data_ptr(), 0,
+                 0 if residual is None else residual.data_ptr(), act_quant == "q8", _threads or torch.get_num_threads())
+        return out
     _check(x, w, bias, residual, out)
     if act_quant not in ACT_QUANT:
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
-    ext = _ext.load()
     if ext is None:
         y = quant_linear_reference(x, w, bias, residual)
         if out is None:

@@ -180,8 +180,9 @@ inline void dot_fp32_factored(const uint8_t* w, const float* x, int64_t ldx, con
 template <QT T, int R>
 inline void dot_fp32(const uint8_t* w, const float* x, int64_t ldx, int64_t nb, float* res) {
 #ifdef SGL_AVX2
-  // A accumulators per row break the FMA latency chain (R = 1: 4 chains; R > 1: 2 per row, 2R chains).
-  constexpr int A = R == 1 ? 4 : 2;
+  // A accumulators per row break the FMA latency chain (R = 1: 4 chains; R <= 4: 2 per row; R = 8: 1 per
+  // row, 8 chains, and 8 + 4 ymm registers so nothing spills).
+  constexpr int A = R == 1 ? 4 : R <= 4 ? 2 : 1;
   __m256 acc[R][A];
   for (int r = 0; r < R; r++)
     for (int a = 0; a < A; a++) acc[r][a] = _mm256_setzero_ps();
@@ -292,13 +293,15 @@ void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K
                const float* bias, const float* resid, const Q8Act* q8, const float* xsum, int64_t n0,
                int64_t n1) {
   const int64_t rb = row_bytes(T, K), nb = K / kBlock;
-  float res[4];
+  float res[8];
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* w = W + n * rb;
-    for (int64_t r0 = 0; r0 < M; r0 += 4) {
-      const int R = int(std::min<int64_t>(4, M - r0));
+    // Row tiles of 8 (the decoded block serves 8 rows), then one tile of the remaining 1..7 rows as <= 4 + rest.
+    for (int64_t r0 = 0; r0 < M;) {
+      const int R = M - r0 >= 8 ? 8 : int(std::min<int64_t>(4, M - r0));
       if (q8 != nullptr && T != QT::F16) {
         switch (R) {
+          case 8: dot_q8<T, 8>(w, *q8, r0, res); break;
           case 4: dot_q8<T, 4>(w, *q8, r0, res); break;
           case 3: dot_q8<T, 3>(w, *q8, r0, res); break;
           case 2: dot_q8<T, 2>(w, *q8, r0, res); break;
@@ -316,6 +319,7 @@ void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K
         }
 #endif
         switch (R) {
+          case 8: dot_fp32<T, 8>(w, xr, K, nb, res); break;
           case 4: dot_fp32<T, 4>(w, xr, K, nb, res); break;
           case 3: dot_fp32<T, 3>(w, xr, K, nb, res); break;
           case 2: dot_fp32<T, 2>(w, xr, K, nb, res); break;
@@ -331,6 +335,7 @@ void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K
         if (resid != nullptr) v += resid[o];
         out[o] = v;
       }
+      r0 += R;
     }
   }
 }

@@ -1,13 +1,15 @@
 """sgl.kernels.cpu: the C++ kernels (when built) and the reference path, against dequantize + torch.mm.
 
 Every kernel test runs twice: `ext` (the compiled extension; skipped only if it is not built) and `ref`
-(SGL_DISABLE_CPU_EXT=1, the path a machine without a compiler takes)."""
+(SGL_DISABLE_CPU_EXT=1, the path a machine without a compiler takes); one test checks the variable itself."""
 
 from __future__ import annotations
 
 import glob
 import importlib.util
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -29,10 +31,10 @@ GGML = {"q4_0": G.Q4_0, "q4_1": G.Q4_1, "q8_0": G.Q8_0, "f16": G.F16}
 @pytest.fixture(params=["ext", "ref"])
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "ref":
-        monkeypatch.setenv("SGL_DISABLE_CPU_EXT", "1")
+        monkeypatch.setattr(_ext, "disabled", True)  # what SGL_DISABLE_CPU_EXT=1 sets at import
         assert not cpu.extension_available()
     else:
-        monkeypatch.delenv("SGL_DISABLE_CPU_EXT", raising=False)
+        monkeypatch.setattr(_ext, "disabled", False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if not cpu.extension_available():
@@ -186,7 +188,7 @@ def test_launcher_rejects_bad_input_clearly() -> None:
 
 
 def test_missing_extension_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SGL_DISABLE_CPU_EXT", raising=False)
+    monkeypatch.setattr(_ext, "disabled", False)
     monkeypatch.setattr(_ext, "_mod", _ext._UNSET)
     monkeypatch.setattr(_ext, "built_path", lambda: None)
     w = QuantWeight.quantize(torch.randn(8, 64), "q8_0")
@@ -197,3 +199,8 @@ def test_missing_extension_warns_once_and_falls_back(monkeypatch: pytest.MonkeyP
         warnings.simplefilter("error")
         assert not cpu.extension_available()
     assert torch.equal(y, quant_linear_reference(x, w))
+
+
+def test_env_var_disables_the_extension() -> None:
+    code = "from sgl.kernels import cpu; assert not cpu.extension_available()"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "SGL_DISABLE_CPU_EXT": "1"})
