@@ -1,0 +1,105 @@
+"""Running the router: `sgl router --worker-urls ...`, and `sgl serve --dp-size N` (N replicas + the router).
+
+    launch_router(RouterArgs(worker_urls=[...], port=30000))     # blocks until SIGTERM/SIGINT
+    launch_dp(ServerArgs(model_path="default", dp_size=2))       # spawns 2 replicas, then the router
+
+Each replica is `python -m sgl.runtime.router.replica ARGS.json` on its own free port with
+max(1, num_threads // dp_size) threads; the parent waits until all answer /health (a replica that
+exits during start-up stops the launch with its log tail), serves the router on --host/--port, and
+SIGTERMs the replicas when the router stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import httpx
+import uvicorn
+
+from sgl.runtime.router.app import create_router_app
+from sgl.runtime.router.config import RouterArgs
+
+logger = logging.getLogger("sgl.router")
+REPLICA_STARTUP_TIMEOUT_S = 300.0
+
+
+def launch_router(args: RouterArgs) -> None:
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logger.info("sgl router (%s) at http://%s:%d over %s", args.policy, args.host, args.port,
+                ", ".join(args.worker_urls))
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uvicorn.run(create_router_app(args), host=args.host, port=args.port, log_config=None,
+                    log_level=args.log_level, access_log=False, timeout_graceful_shutdown=10)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
+
+
+def launch_dp(server_args: Any) -> None:
+    """`sgl serve --dp-size N`: N replica processes behind one router on server_args.host/port."""
+    n = server_args.dp_size
+    threads = max(1, server_args.resolved_num_threads // n)
+    procs: list[subprocess.Popen] = []
+    urls: list[str] = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    try:
+        for i in range(n):
+            port = _free_port(server_args.host)
+            replica = dataclasses.replace(server_args, dp_size=1, port=port, num_threads=threads,
+                                          random_seed=server_args.random_seed + i)
+            spec = tempfile.NamedTemporaryFile("w", prefix=f"sgl-replica{i}-", suffix=".json", delete=False)
+            json.dump(dataclasses.asdict(replica), spec)
+            spec.close()
+            procs.append(subprocess.Popen([sys.executable, "-m", "sgl.runtime.router.replica", spec.name],
+                                          env=env, stdin=subprocess.DEVNULL))
+            urls.append(f"http://{server_args.host}:{port}")
+            logger.info("replica %d: %s (%d threads)", i, urls[-1], threads)
+        end = time.monotonic() + REPLICA_STARTUP_TIMEOUT_S
+        pending = set(range(n))
+        while pending:
+            for i in list(pending):
+                if procs[i].poll() is not None:
+                    raise RuntimeError(f"replica {i} exited with {procs[i].returncode} during start-up")
+                try:
+                    if httpx.get(urls[i] + "/health", timeout=2).status_code == 200:
+                        pending.discard(i)
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() > end:
+                raise RuntimeError(f"replicas {sorted(pending)} not healthy after {REPLICA_STARTUP_TIMEOUT_S}s")
+            time.sleep(0.25)
+        launch_router(RouterArgs(worker_urls=urls, policy=server_args.router_policy,
+                                 balance_threshold=server_args.router_balance_threshold,
+                                 host=server_args.host, port=server_args.port, log_level=server_args.log_level))
+    finally:
+        _stop(procs)
