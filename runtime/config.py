@@ -21,6 +21,7 @@ SCHEDULE_POLICIES = ("fcfs", "lpm", "priority")
 GRAMMAR_BACKENDS = ("outlines", "xgrammar", "llguidance", "none")
 WEIGHT_FORMATS = ("auto", "fp32", "native")  # runtime/models/loader.py: what auto picks
 QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize for Hugging Face folders (round-to-nearest per 32-block)
+ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")  # == sgl.runtime.router.policy.POLICIES
 
 
 def _physical_cores() -> int:
@@ -67,11 +68,14 @@ class ServerArgs:
     json_whitespace: str = "compact"
     json_strict: bool = True  # --no-json-strict: overlapping oneOf as anyOf, uniqueItems ignored (warned)
     disable_jump_forward: bool = False
+    grammar_budget: bool = True  # --no-grammar-budget: constrained outputs may end on length unparsed
     # Execution
     num_threads: Optional[int] = None  # torch CPU threads; None = one per physical core
     random_seed: int = 0
     tp_size: int = 1
     dp_size: int = 1
+    router_policy: str = "cache_aware"  # --dp-size > 1: the router's policy (runtime/router/policy.py)
+    router_balance_threshold: int = 4  # --dp-size > 1: in-flight requests over the least loaded before balancing
     speculative_algorithm: Optional[str] = None
     lora_paths: Optional[list[str]] = None
     # Server
@@ -144,8 +148,14 @@ class ServerArgs:
                              f"got {self.usage_timezone!r}") from None
         if self.api_keys is not None and not os.path.isfile(self.api_keys):
             raise ValueError(f"api_keys: no such file {self.api_keys!r} (a JSON object of keys, see README)")
-        if self.tp_size != 1 or self.dp_size != 1:
-            raise ValueError("tp_size and dp_size > 1 are not supported on this runtime yet")
+        if self.tp_size != 1:
+            raise ValueError("tp_size > 1 is not supported on this runtime yet")
+        if self.dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1 (the number of engine replicas), got {self.dp_size}")
+        if self.router_policy not in ROUTER_POLICIES:
+            raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}, got {self.router_policy!r}")
+        if self.router_balance_threshold < 0:
+            raise ValueError(f"router_balance_threshold must be >= 0, got {self.router_balance_threshold}")
 
     @property
     def resolved_num_threads(self) -> int:
@@ -180,6 +190,8 @@ class ServerArgs:
                     kwargs["choices"] = GRAMMAR_BACKENDS
                 if f.name == "weight_format":
                     kwargs["choices"] = WEIGHT_FORMATS
+                if f.name == "router_policy":
+                    kwargs["choices"] = ROUTER_POLICIES
                 if f.name == "quantize":
                     kwargs["choices"] = QUANTIZE_TYPES
                 parser.add_argument(flag, **kwargs)

@@ -3,6 +3,7 @@
     sgl serve --model-path default --port 30000           # the HTTP server (every ServerArgs flag)
     sgl generate "The capital of France is" --max-new-tokens 16 --temperature 0
     sgl generate "Name three colors" --chat --stream
+    sgl router --worker-urls http://127.0.0.1:30001 http://127.0.0.1:30002 --port 30000
 
 No torch at import time: each subcommand imports the runtime inside its function.
 """
@@ -54,9 +55,21 @@ def _sampling_params(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    if ns.server_args.dp_size > 1:  # N replica processes behind the router (runtime/router/launch.py)
+        from sgl.runtime.router.launch import launch_dp
+
+        launch_dp(ns.server_args)
+        return 0
     from sgl.runtime.server.launch import launch_server
 
     launch_server(ns.server_args)
+    return 0
+
+
+def cmd_router(ns: argparse.Namespace) -> int:
+    from sgl.runtime.router.launch import launch_router
+
+    launch_router(ns.router_args)
     return 0
 
 
@@ -101,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sgl.runtime.config import ServerArgs
 
     parser = argparse.ArgumentParser(prog="sgl", description="Structured generation: server and offline engine.")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,generate}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,router}")
     serve = sub.add_parser("serve", help="run the HTTP server (SGLang native API + OpenAI API)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ServerArgs.add_cli_args(serve)
@@ -112,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(gen)
     ServerArgs.add_cli_args(gen)
     gen.set_defaults(func=cmd_generate)
+    from sgl.runtime.router.config import RouterArgs
+
+    rtr = sub.add_parser("router", help="a cache-aware router in front of running servers (ours or SGLang's)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    RouterArgs.add_cli_args(rtr)
+    rtr.set_defaults(func=cmd_router)
     return parser
 
 
@@ -122,7 +141,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 1
     try:
-        ns.server_args = _server_args(ns)
+        if ns.func is cmd_router:
+            from sgl.runtime.router.config import RouterArgs
+
+            ns.router_args = RouterArgs.from_cli_args(ns)
+        else:
+            ns.server_args = _server_args(ns)
     except ValueError as exc:  # ServerArgs validation names the bad flag value
         parser.error(str(exc))
     return ns.func(ns)

@@ -36,6 +36,7 @@ REPLICA_STARTUP_TIMEOUT_S = 300.0
 def launch_router(args: RouterArgs) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request and probe otherwise
     logger.info("sgl router (%s) at http://%s:%d over %s", args.policy, args.host, args.port,
                 ", ".join(args.worker_urls))
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -77,7 +78,7 @@ def launch_dp(server_args: Any) -> None:
             port = _free_port(server_args.host)
             replica = dataclasses.replace(server_args, dp_size=1, port=port, num_threads=threads,
                                           random_seed=server_args.random_seed + i)
-            spec = tempfile.NamedTemporaryFile("w", prefix=f"sgl-replica{i}-", suffix=".json", delete=False)
+            spec = tempfile.NamedTemporaryFile("w", prefix=f"sgl-replica{i}-port{port}-", suffix=".json", delete=False)
             json.dump(dataclasses.asdict(replica), spec)
             spec.close()
             procs.append(subprocess.Popen([sys.executable, "-m", "sgl.runtime.router.replica", spec.name],
