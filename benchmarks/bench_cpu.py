@@ -1,0 +1,407 @@
+"""CPU speed on the default model's GGUF (SmolLM2-135M Q4_1), ours vs llama.cpp and HF transformers, one run.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_cpu.py [--threads 1 2] [--weight-formats fp32 native]
+        [--quick] [--llama-cpp-dir DIR] [--skip-hf] [--rows 1 2 3 4 5]
+
+Rows (each at every thread count, every peer on the same file):
+1. batch-1 decode tok/s, 128 new tokens after a 64-token prompt, vs llama-bench tg128 and HF generate;
+   also the fraction of the Q4_1 bandwidth floor (read bandwidth measured in the same process /
+   Q4_1 weight bytes per token);
+2. prefill tok/s of a 512-token prompt vs llama-bench pp512 and HF;
+3. 32 concurrent requests x 128 new tokens, output tok/s, vs llama-server --parallel 32;
+4. 64 requests sharing a ~500-token system prompt (+ ~50-token question, 32 new tokens): total
+   time vs llama-server with its prompt cache warm (the workload run once before, cache_prompt);
+5. JSON-schema constrained vs unconstrained decode tok/s at batch 1 and batch 8 (ours only).
+Plus the resident set (VmRSS after the runs, VmHWM peak) of our engine per weight format.
+
+Every configuration of ours runs in a fresh subprocess (its own thread count, clean RSS); a peer
+that is not built, or a weight format the engine cannot run, is skipped with the reason. Ours runs
+in-process (`Engine.generate`); llama-server is driven over HTTP on 127.0.0.1. Prints the table and
+writes benchmarks/results/bench_cpu[_quick].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER_SCRIPT = ROOT.parent / "shared" / "peers" / "llama_cpp.sh"
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+PERSON = json.loads((ROOT / "examples/data/person_extraction.json").read_text())
+
+
+def text_of(n_words: int, seed: int) -> str:
+    return " ".join(WORDS[(i * 7 + seed * 13) % len(WORDS)] for i in range(n_words))
+
+
+def sizes(quick: bool) -> dict[str, int]:
+    return {"decode_new": 32 if quick else 128, "prefill_len": 128 if quick else 512,
+            "b32_reqs": 8 if quick else 32, "b32_new": 16 if quick else 128,
+            "shared_reqs": 8 if quick else 64, "json_new": 48 if quick else 96, "reps": 1 if quick else 3}
+
+
+def shared_prompts(n: int) -> list[str]:
+    system = "You are a careful assistant. " + text_of(265, 3)  # ~500 tokens
+    return [system + " Question %d: " % i + text_of(24, 100 + i) for i in range(n)]  # ~50 tokens each
+
+
+def gguf_path() -> str:
+    from sgl.runtime.models.default_model import resolve_model_path
+    return resolve_model_path("default")
+
+
+def read_bandwidth_gbs() -> float:
+    """Read-only bandwidth (a sum over 256 MB) with torch's current thread count, best of 5."""
+    import torch
+    x = torch.ones(64 << 20, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def rss_mb() -> dict[str, float]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return out
+
+
+# ---- ours (one subprocess per weight format x threads) ------------------------------------------
+def worker_ours(fmt: str, threads: int, rows: list[int], quick: bool) -> dict[str, Any]:
+    import torch
+    torch.set_num_threads(threads)
+    from sgl.runtime.engine import Engine
+
+    s = sizes(quick)
+    eng = Engine(num_threads=threads, max_total_tokens=65536, show_progress=False, weight_format=fmt)
+    res: dict[str, Any] = {"weight_format": eng.weight_format, "threads": threads}
+    if eng.weight_format != fmt:
+        eng.shutdown()
+        return {"skipped": f"weight format {fmt} unavailable (auto resolved to {eng.weight_format})"}
+    res["rss_after_load_mb"] = rss_mb()
+    tok = eng.tokenizer
+    greedy = {"temperature": 0, "ignore_eos": True}
+    eng.generate(text_of(8, 0), {"max_new_tokens": 8, **greedy})  # warm-up
+
+    if 1 in rows:
+        res["read_bw_gbs"] = read_bandwidth_gbs()
+        prompt = tok.encode(text_of(80, 1))[:64]
+        runs = []
+        for _ in range(s["reps"]):
+            eng.flush_cache()
+            m = eng.generate(input_ids=prompt, sampling_params={"max_new_tokens": s["decode_new"], **greedy})["meta_info"]
+            runs.append((m["completion_tokens"] - 1) / (m["e2e_latency"] - m["first_token_latency"]))
+        res["decode_tps"] = statistics.median(runs)
+    if 2 in rows:
+        ids = tok.encode(text_of(400, 2))[: s["prefill_len"]]
+        assert len(ids) == s["prefill_len"], len(ids)
+        runs = []
+        for _ in range(s["reps"]):
+            eng.flush_cache()
+            t = time.perf_counter()
+            eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 1, **greedy})
+            runs.append(len(ids) / (time.perf_counter() - t))
+        res["prefill_tps"] = statistics.median(runs)
+    if 3 in rows:
+        prompts = [text_of(10 + i % 7, i) for i in range(s["b32_reqs"])]
+        eng.flush_cache()
+        t = time.perf_counter()
+        outs = eng.generate(prompts, {"max_new_tokens": s["b32_new"], **greedy})
+        res["b32_tps"] = sum(o["meta_info"]["completion_tokens"] for o in outs) / (time.perf_counter() - t)
+    if 4 in rows:
+        eng.flush_cache()
+        t = time.perf_counter()
+        eng.generate(shared_prompts(s["shared_reqs"]), {"max_new_tokens": 32, **greedy})
+        res["shared_total_s"] = time.perf_counter() - t  # cold cache: the first request computes the prefix
+    if 5 in rows:
+        schema = json.dumps(PERSON["schema"])
+        for b in (1, 8):
+            tps = {}
+            for label in ("unconstrained", "json"):
+                runs = []
+                for rep in range(s["reps"]):
+                    ps = [{"max_new_tokens": s["json_new"], "temperature": 1.0, "sampling_seed": 100 * rep + i,
+                           **({"json_schema": schema} if label == "json" else {"ignore_eos": True})}
+                          for i in range(b)]
+                    eng.generate([PERSON["prompt"]] * b, ps)  # NOTE: warm: the prompt is cached, decode dominates
+                    t = time.perf_counter()
+                    outs = eng.generate([PERSON["prompt"]] * b, ps)
+                    runs.append(sum(o["meta_info"]["completion_tokens"] for o in outs) / (time.perf_counter() - t))
+                tps[label] = statistics.median(runs)
+            res[f"json_b{b}"] = tps
+    res["rss_end_mb"] = rss_mb()
+    eng.check_integrity()
+    eng.shutdown()
+    return res
+
+
+# ---- HF transformers fp32 (subprocess per thread count) ----------------------------------------
+def worker_hf(threads: int, rows: list[int], quick: bool) -> dict[str, Any]:
+    import torch
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_offline import hf_model  # noqa: E402 - the same fp32 weights as our fp32 path
+
+    from sgl.runtime.engine import Engine
+    s = sizes(quick)
+    eng = Engine(num_threads=threads, max_total_tokens=4096, show_progress=False, weight_format="fp32")
+    model, tok = hf_model(eng), eng.tokenizer
+    eng.shutdown()
+    res: dict[str, Any] = {}
+    with torch.inference_mode():
+        if 1 in rows:
+            ids = torch.tensor([tok.encode(text_of(80, 1))[:64]])
+            runs = []
+            for _ in range(s["reps"]):
+                t = time.perf_counter()
+                model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+                t1 = time.perf_counter() - t
+                t = time.perf_counter()
+                model.generate(ids, max_new_tokens=s["decode_new"], min_new_tokens=s["decode_new"], do_sample=False)
+                runs.append((s["decode_new"] - 1) / (time.perf_counter() - t - t1))
+            res["decode_tps"] = statistics.median(runs)
+        if 2 in rows:
+            ids = torch.tensor([tok.encode(text_of(400, 2))[: s["prefill_len"]]])
+            runs = []
+            for _ in range(s["reps"]):
+                t = time.perf_counter()
+                model(input_ids=ids)
+                runs.append(ids.shape[1] / (time.perf_counter() - t))
+            res["prefill_tps"] = statistics.median(runs)
+    return res
+
+
+# ---- llama.cpp ------------------------------------------------------------------------------------
+def llama_cpp_dir(arg: Optional[str]) -> tuple[Optional[Path], str]:
+    """(folder with bin/llama-bench and bin/llama-server, or None, why not)."""
+    if arg:
+        d = Path(arg)
+    else:  # the folder logic of ../shared/peers/llama_cpp.sh, without building
+        d = Path(os.environ.get("HOME", "/root")) / ".cache/sgl-peers/llama.cpp"
+    if (d / "bin/llama-bench").exists() and (d / "bin/llama-server").exists():
+        return d, ""
+    return None, f"llama.cpp not built at {d} (run {PEER_SCRIPT} to build it, 6-10 minutes)"
+
+
+def llama_bench(d: Path, gguf: str, threads: int, quick: bool) -> dict[str, float]:
+    s = sizes(quick)
+    cmd = [str(d / "bin/llama-bench"), "-m", gguf, "-t", str(threads), "-p", str(s["prefill_len"]),
+           "-n", str(s["decode_new"]), "-r", str(s["reps"]), "-o", "json"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    res = {}
+    for r in out:
+        key = "prefill_tps" if r.get("n_prompt", 0) > 0 else "decode_tps"
+        res[key] = float(r["avg_ts"])
+    return res
+
+
+def _free_port() -> int:
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def llama_server(d: Path, gguf: str, threads: int, rows: list[int], quick: bool) -> dict[str, Any]:
+    import httpx
+    s = sizes(quick)
+    port = _free_port()
+    parallel = 32
+    ctx = parallel * 640  # every slot fits a ~600-token shared-prefix request
+    proc = subprocess.Popen([str(d / "bin/llama-server"), "-m", gguf, "-t", str(threads), "-tb", str(threads),
+                             "-c", str(ctx), "--parallel", str(parallel), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    res: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("llama-server did not become healthy")
+            time.sleep(0.5)
+
+        def run(prompts: list[str], n_new: int, cache: bool) -> tuple[float, int]:
+            def one(p: str) -> int:
+                r = httpx.post(url + "/completion", json={"prompt": p, "n_predict": n_new, "temperature": 0,
+                                                          "ignore_eos": True, "cache_prompt": cache}, timeout=600)
+                r.raise_for_status()
+                return int(r.json()["tokens_predicted"])
+            t = time.perf_counter()
+            with ThreadPoolExecutor(len(prompts)) as ex:
+                n = sum(ex.map(one, prompts))
+            return time.perf_counter() - t, n
+
+        run([text_of(8, 0)], 8, False)  # warm-up
+        if 3 in rows:
+            dt, n = run([text_of(10 + i % 7, i) for i in range(s["b32_reqs"])], s["b32_new"], False)
+            res["b32_tps"] = n / dt
+        if 4 in rows:
+            qs = shared_prompts(s["shared_reqs"])
+            res["shared_cold_s"], _ = run(qs, 32, True)
+            res["shared_total_s"], _ = run(qs, 32, True)  # warm: the same workload again, cache_prompt on
+        res["rss_mb"] = _proc_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return res
+
+
+def _proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---- driver -----------------------------------------------------------------------------------------
+def _subprocess_json(args: list[str], threads: int) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", MKL_NUM_THREADS=str(threads))
+    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def fmt(x: Optional[float], digits: int = 1) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--weight-formats", nargs="+", default=["fp32", "native"], choices=["fp32", "native"])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    ap.add_argument("--quick", action="store_true", help="small workloads, one repetition (a smoke run)")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--llama-cpp-dir", default=None, help="folder with bin/llama-bench and bin/llama-server")
+    ap.add_argument("--worker", nargs=2, metavar=("WHAT", "THREADS"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        what, threads = a.worker[0], int(a.worker[1])
+        out = worker_hf(threads, a.rows, a.quick) if what == "hf" else worker_ours(what, threads, a.rows, a.quick)
+        print(json.dumps(out))
+        return
+
+    gguf = gguf_path()
+    q41_bytes = Path(gguf).stat().st_size  # every tensor is read once per token (tied embedding = lm_head)
+    results: dict[str, Any] = {"gguf": gguf, "gguf_bytes": q41_bytes, "quick": a.quick, "rows": a.rows,
+                               "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
+                               "ours": {}, "hf": {}, "llama_bench": {}, "llama_server": {}, "skipped": []}
+    d, why = (None, "--skip-llama-cpp") if a.skip_llama_cpp else llama_cpp_dir(a.llama_cpp_dir)
+    if d is None:
+        results["skipped"].append(why)
+        print(f"skipping llama.cpp: {why}", file=sys.stderr)
+    common = ["--rows", *map(str, a.rows)] + (["--quick"] if a.quick else [])
+    t_start = time.perf_counter()
+    for t in a.threads:
+        for wf in a.weight_formats:
+            print(f"ours {wf}, {t} thread(s) ...", file=sys.stderr, flush=True)
+            r = _subprocess_json(["--worker", wf, str(t), *common], t)
+            results["ours"][f"{wf}/{t}"] = r
+            if "skipped" in r or "error" in r:
+                results["skipped"].append(f"ours {wf}/{t}: {r.get('skipped') or r.get('error')}")
+        if not a.skip_hf and {1, 2} & set(a.rows):
+            print(f"HF fp32, {t} thread(s) ...", file=sys.stderr, flush=True)
+            results["hf"][str(t)] = _subprocess_json(["--worker", "hf", str(t), *common], t)
+        if d is not None:
+            if {1, 2} & set(a.rows):
+                print(f"llama-bench, {t} thread(s) ...", file=sys.stderr, flush=True)
+                results["llama_bench"][str(t)] = llama_bench(d, gguf, t, a.quick)
+            if {3, 4} & set(a.rows):
+                print(f"llama-server, {t} thread(s) ...", file=sys.stderr, flush=True)
+                results["llama_server"][str(t)] = llama_server(d, gguf, t, a.rows, a.quick)
+    results["wall_s"] = time.perf_counter() - t_start
+    results["machine"]["load_avg_end"] = os.getloadavg()
+
+    table = build_table(results, a.threads, a.weight_formats, q41_bytes)
+    results["table"] = table
+    print(f"\nbench_cpu ({'quick, ' if a.quick else ''}threads {a.threads}, OMP_WAIT_POLICY=PASSIVE; "
+          f"load avg {results['machine']['load_avg_start'][0]:.1f} -> {results['machine']['load_avg_end'][0]:.1f})")
+    for line in table:
+        print(line)
+    for s in results["skipped"]:
+        print(f"skipped: {s}")
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(exist_ok=True)
+    path = out_dir / f"bench_cpu{'_quick' if a.quick else ''}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def build_table(r: dict[str, Any], threads: list[int], formats: list[str], q41_bytes: int) -> list[str]:
+    lines = ["| row | threads | ours " + " | ours ".join(formats) + " | llama.cpp | HF fp32 | ratio ours/llama.cpp |",
+             "|---|---|" + "---|" * len(formats) + "---|---|---|"]
+
+    def ours(t: int, key: str) -> list[Optional[float]]:
+        return [r["ours"].get(f"{wf}/{t}", {}).get(key) for wf in formats]
+
+    def add(name: str, t: int, vals: list[Optional[float]], peer: Optional[float], hf: Optional[float],
+            lower_better: bool = False, extra: str = "") -> None:
+        rs = [ratio(peer, v) if lower_better else ratio(v, peer) for v in vals]
+        lines.append(f"| {name} | {t} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(peer)} | {fmt(hf)} | "
+                     + " / ".join(rs) + (f"{extra}" if extra else "") + " |")
+
+    for t in threads:
+        lb, ls, hf = r["llama_bench"].get(str(t), {}), r["llama_server"].get(str(t), {}), r["hf"].get(str(t), {})
+        if 1 in r["rows"]:
+            vals = ours(t, "decode_tps")
+            bws = [v for v in ours(t, "read_bw_gbs") if v]
+            floor = (statistics.median(bws) * 1e9 / q41_bytes) if bws else None
+            fr = " / ".join(f"{v / floor:.0%}" if v and floor else "n/a" for v in vals)
+            add("1 decode tok/s (b1, 64+128)", t, vals, lb.get("decode_tps"), hf.get("decode_tps"),
+                extra=f"; of Q4_1 floor {fmt(floor)} tok/s: {fr}")
+        if 2 in r["rows"]:
+            add("2 prefill tok/s (512)", t, ours(t, "prefill_tps"), lb.get("prefill_tps"), hf.get("prefill_tps"))
+        if 3 in r["rows"]:
+            add("3 32 x 128 output tok/s", t, ours(t, "b32_tps"), ls.get("b32_tps"), None)
+        if 4 in r["rows"]:
+            add("4 shared prefix total s (lower better)", t, ours(t, "shared_total_s"), ls.get("shared_total_s"),
+                None, lower_better=True, extra=" (llama.cpp/ours)")
+        if 5 in r["rows"]:
+            for b in (1, 8):
+                js = ours(t, f"json_b{b}")
+                cells = [f"{j['json']:.1f} vs {j['unconstrained']:.1f} ({j['json'] / j['unconstrained']:.2f}x)"
+                         if j else "n/a" for j in js]
+                lines.append(f"| 5 JSON vs free tok/s, batch {b} | {t} | " + " | ".join(cells) + " | - | - | - |")
+    for t in threads:
+        rss = [r["ours"].get(f"{wf}/{t}", {}).get("rss_end_mb", {}) for wf in formats]
+        ls = r["llama_server"].get(str(t), {})
+        lines.append(f"| RSS MB (end / peak) | {t} | " + " | ".join(
+            f"{x.get('VmRSS', float('nan')):.0f} / {x.get('VmHWM', float('nan')):.0f}" if x else "n/a" for x in rss)
+            + f" | {fmt(ls.get('rss_mb'), 0)} (server) | - | - |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
