@@ -92,6 +92,8 @@ def parse_schema(value: Union[str, dict, bool]) -> Union[dict, bool]:
 
 def check_metaschema(schema: Union[dict, bool]) -> None:
     """Validate against the schema's own metaschema ($schema; default draft 2020-12)."""
+    if isinstance(schema, dict) and not isinstance(schema.get("$schema", ""), str):
+        raise GrammarError("$schema must be a string (a metaschema URI)", keyword="$schema", path="/")
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
@@ -152,6 +154,8 @@ class _Normalizer:
 
     def ref(self, ref: str, path: tuple) -> dict:
         """A `$ref` to the def for `ref`, normalizing the target once (recursion-safe)."""
+        if not isinstance(ref, str):  # NOTE: draft-7 metaschema ignores $ref siblings, so type is unchecked
+            raise GrammarError(f"$ref must be a string, got {type(ref).__name__}", keyword="$ref", path=_pointer(path))
         name = self.def_names.get(ref)
         if name is None:
             name = self.def_names[ref] = f"d{len(self.def_names)}"
@@ -227,7 +231,7 @@ class _Normalizer:
                 out["items"] = self.node(s["additionalItems"], path + ("additionalItems",))
         elif items is not None:
             out["items"] = self.node(items, path + ("items",))
-        if "prefixItems" in s:
+        if isinstance(s.get("prefixItems"), list):  # (draft <= 7 does not know it: any value passes)
             out["prefixItems"] = [self.node(x, path + ("prefixItems", i)) for i, x in enumerate(s["prefixItems"])]
         # objects
         if "properties" in s:
@@ -295,6 +299,8 @@ class _Normalizer:
         "if key k is present then D" == anyOf[{k absent}, allOf[{k required}, D]]."""
         deps: list[tuple[str, Any, tuple]] = []
         for kw in ("dependencies", "dependentRequired", "dependentSchemas"):
+            if not isinstance(s.get(kw) or {}, dict):  # NOTE: 2020-12's metaschema does not check draft-7 keywords
+                raise GrammarError(f"{kw} must be an object", keyword=kw, path=_pointer(path))
             for k, d in (s.get(kw) or {}).items():
                 deps.append((k, d, path + (kw, k)))
         if len(deps) > _MAX_DEPENDENCIES:

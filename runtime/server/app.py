@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sgl.runtime.metrics import get_metrics
 from sgl.runtime.server import health, native, openai_api, web_console
 from sgl.runtime.server.errors import BodyTooLarge, error_body, install_error_handlers
+from sgl.runtime.server.openapi_spec import install_openapi
 from sgl.runtime.server.runner import ServerState
 from sgl.runtime.server.tenancy_routes import install_tenancy
 
@@ -116,6 +117,7 @@ def create_app(engine: Any, server_args: Any = None) -> FastAPI:
     app.include_router(web_console.stats_router)
     if console:
         app.include_router(web_console.page_router)
+    install_openapi(app)
     install_tenancy(app, state, OPEN_PATHS)  # --api-keys, budgets, queue depth; runs inside the guard
     # NOTE: with --api-keys the tenancy middleware checks every key (--api-key included), not the guard
     guard_key = None if getattr(args, "api_keys", None) else args.api_key

@@ -157,7 +157,7 @@ async def flush_cache(request: Request) -> Response:
     ok = get_state(request).engine.flush_cache()
     if ok is False:
         return error_response(400, "cache not flushed: requests are still running; retry when idle")
-    return Response("Cache flushed.\n", status_code=200)
+    return Response("Cache flushed.\n", status_code=200, media_type="text/plain")
 
 
 @router.post("/abort_request")
@@ -172,6 +172,8 @@ async def abort_request(request: Request) -> JSONResponse:
         raise RequestError("abort_all must be a boolean")
     if not abort_all and not isinstance(rid, str):
         raise RequestError("rid must be a string (or set abort_all)")
+    if rid is not None and not isinstance(rid, str):  # found by tests/fuzz: ignored, not refused, with abort_all
+        raise RequestError("rid must be a string")
     targets = list(state.inflight) if abort_all else \
         [r for r in list(state.inflight) if r == rid or r.startswith(f"{rid}-")] or [rid]
     for r in targets:

@@ -1,0 +1,193 @@
+"""The OpenAPI document (`GET /openapi.json`): every route's request body, responses and error shape.
+
+The native routes parse their bodies themselves (`protocol.normalize_generate_input` is the
+validation), so FastAPI cannot see their types; the pydantic models here describe them for the
+spec only, and tests/fuzz/test_openapi_fuzz.py (schemathesis) checks that the server keeps to it:
+bodies the spec allows get a 200 or a documented 4xx, and responses match the schemas.
+
+    install_openapi(app)   # after the routers are included
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal, Optional, Union
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict, Field
+
+from sgl.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest
+
+_MAX_STOP = 32  # protocol.MAX_STOP_STRINGS (the server's --max-stop-strings may be lower)
+
+
+class SamplingParamsBody(BaseModel):
+    """`sampling_params` of `/generate` (SGLang's names); unknown keys are a 400."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: Optional[int] = Field(None, ge=0)
+    min_new_tokens: Optional[int] = Field(None, ge=0)
+    n: Optional[int] = Field(None, ge=1)
+    stop: Optional[Union[str, list[str]]] = Field(None, max_length=_MAX_STOP)
+    stop_token_ids: Optional[list[int]] = None
+    stop_regex: Optional[Union[str, list[str]]] = None
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1, description="-1 = all; 0 is refused")
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=2)
+    ignore_eos: Optional[bool] = None
+    skip_special_tokens: Optional[bool] = None
+    spaces_between_special_tokens: Optional[bool] = None
+    no_stop_trim: Optional[bool] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (decimal string) -> bias")
+    sampling_seed: Optional[int] = None
+    regex: Optional[str] = None
+    json_schema: Optional[str] = Field(None, description="a JSON schema, as a string")
+    ebnf: Optional[str] = None
+    choices: Optional[list[str]] = Field(None, min_length=1)
+
+
+class GenerateBody(BaseModel):
+    """`POST /generate`: exactly one of `text` / `input_ids` (one prompt, or a list for a batch)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "oneOf": [{"required": ["text"]}, {"required": ["input_ids"]}]})
+    text: Optional[Union[str, list[str]]] = None
+    input_ids: Optional[Union[list[int], list[list[int]]]] = None
+    sampling_params: Optional[Union[SamplingParamsBody, list[SamplingParamsBody]]] = None
+    return_logprob: Optional[bool] = None
+    logprob_start_len: Optional[int] = Field(None, ge=-1)
+    top_logprobs_num: Optional[int] = Field(None, ge=0, le=20)
+    return_text_in_logprobs: Optional[bool] = None
+    stream: Optional[bool] = None
+    rid: Optional[Union[str, list[str]]] = None
+    priority: Optional[int] = None
+    lora_path: Optional[Union[str, list[Optional[str]]]] = None
+
+
+class AbortBody(BaseModel):
+    """`POST /abort_request`: a request id (its `n` > 1 siblings `rid-j` too), or every request."""
+
+    model_config = ConfigDict(extra="allow")
+    rid: Optional[str] = None
+    abort_all: Optional[bool] = None
+
+
+class GenerateOutput(BaseModel):
+    text: str
+    output_ids: list[int]
+    meta_info: dict[str, Any]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: int
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx / 5xx of every route (OpenAI's shape; the message names the field)."""
+
+    error: ErrorDetail
+
+
+class AbortOutput(BaseModel):
+    aborted: list[str]
+
+
+class IntegrityOutput(BaseModel):
+    ok: Literal[True]
+    stats: dict[str, Any]
+
+
+class OpenAIResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+
+
+_JSON, _SSE, _TEXT = "application/json", "text/event-stream", "text/plain"
+_OBJECT: dict[str, Any] = {"type": "object"}
+
+# path -> (request body model, {status: (description, {content type: schema})}); errors added below
+_ROUTES: dict[str, tuple[Optional[type[BaseModel]], dict[str, tuple[str, dict[str, Any]]]]] = {
+    "/generate": (GenerateBody, {"200": ("the output (a list for a batch), or an SSE stream with `stream`", {
+        _JSON: {"anyOf": [GenerateOutput, {"type": "array", "items": GenerateOutput}]}, _SSE: {"type": "string"}})}),
+    "/abort_request": (AbortBody, {"200": ("the ids aborted", {_JSON: AbortOutput})}),
+    "/health": (None, {"200": ("serving", {})}),
+    "/health_generate": (None, {"200": ("a one-token generation completed", {}),
+                                "503": ("the generation failed", {_JSON: ErrorBody})}),
+    "/flush_cache": (None, {"200": ("flushed", {_TEXT: {"type": "string"}})}),
+    "/metrics": (None, {"200": ("Prometheus text", {_TEXT: {"type": "string"}}),
+                        "404": ("metrics are disabled", {_JSON: ErrorBody})}),
+    "/check_integrity": (None, {"200": ("the KV pool and radix tree are consistent", {_JSON: IntegrityOutput}),
+                                "500": ("a leak, named", {_JSON: ErrorBody})}),
+    "/v1/completions": (CompletionRequest, {"200": ("a completion, or an SSE stream", {
+        _JSON: OpenAIResponse, _SSE: {"type": "string"}})}),
+    "/v1/chat/completions": (ChatCompletionRequest, {"200": ("a chat completion, or an SSE stream", {
+        _JSON: OpenAIResponse, _SSE: {"type": "string"}})}),
+}
+for _p in ("/model_info", "/get_model_info", "/server_info", "/get_server_info", "/version", "/get_version",
+           "/v1/models"):
+    _ROUTES[_p] = (None, {"200": ("an object", {_JSON: _OBJECT})})
+
+
+def _schema(x: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    """A model class (or a schema that nests model classes) -> JSON schema with `$ref`s into `defs`."""
+    if isinstance(x, type) and issubclass(x, BaseModel):
+        js = x.model_json_schema(ref_template="#/components/schemas/{model}")
+        defs.update(js.pop("$defs", {}))
+        defs[x.__name__] = js
+        return {"$ref": f"#/components/schemas/{x.__name__}"}
+    if isinstance(x, dict):
+        return {k: _schema(v, defs) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_schema(v, defs) for v in x]
+    return x
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    with warnings.catch_warnings():  # NOTE: FastAPI warns on GET+POST routes' shared id; we rename them
+        warnings.simplefilter("ignore", UserWarning)
+        spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    defs: dict[str, Any] = spec.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        defs.pop(name, None)
+    error = {"content": {_JSON: {"schema": _schema(ErrorBody, defs)}}}
+    for path, ops in spec.get("paths", {}).items():
+        body_model, responses = _ROUTES.get(path, (None, {"200": ("OK", {})}))
+        for method, op in ops.items():
+            op["operationId"] = f"{method}_{path.strip('/').replace('/', '_') or 'root'}"  # unique per method
+            if body_model is not None and method == "post":
+                op["requestBody"] = {"required": True, "content": {_JSON: {"schema": _schema(body_model, defs)}}}
+            out: dict[str, Any] = {}
+            for status, (desc, content) in responses.items():
+                out[status] = {"description": desc}
+                if content:
+                    out[status]["content"] = {ct: {"schema": _schema(s, defs)} for ct, s in content.items()}
+            out.setdefault("400", {"description": "bad input (the message names the field)", **error})
+            out.setdefault("401", {"description": "missing or invalid API key (--api-key)", **error})
+            out.setdefault("405", {"description": "method not allowed", **error})
+            op["responses"] = out
+    return spec
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Serve `build_openapi(app)` (built once, on first request) at /openapi.json."""
+    cache: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        if "spec" not in cache:
+            cache["spec"] = build_openapi(app)
+        return cache["spec"]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
