@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize as gguf_quantize
 
 from sgl.kernels.cpu import QTYPES, QuantWeight, extension_available
+from sgl.kernels.cpu import _ext as cpu_ext
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.models.config import ModelConfig
 from sgl.runtime.models.gguf_file import GGUFFile
@@ -30,11 +31,12 @@ BACKENDS = ("extension", "reference")
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch) -> str:
-    """Run the test on the compiled kernels and on the torch reference path (SGL_DISABLE_CPU_EXT=1)."""
+    """Run the test on the compiled kernels and on the torch reference path (as SGL_DISABLE_CPU_EXT=1)."""
     if request.param == "extension" and not extension_available():
         pytest.skip("the sgl.kernels.cpu extension is not built")
     if request.param == "reference":
-        monkeypatch.setenv("SGL_DISABLE_CPU_EXT", "1")
+        monkeypatch.setattr(cpu_ext, "disabled", True)
+        assert not extension_available()
     return request.param
 
 
