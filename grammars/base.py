@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from sgl.grammars.budget import MARGIN, closing_path
 from sgl.grammars.errors import GrammarError
 from sgl.grammars.vocabulary import Vocabulary
 
@@ -53,6 +54,14 @@ class GrammarMatcher(ABC):
         # `CompiledGrammar.matcher`. NOTE: the first masks of a grammar are its slowest (~150 us with
         # llguidance vs ~6 us later); a job of many requests with one schema computes it once.
         self._initial_mask: Optional["InitialMask"] = None
+        self._budget: Optional[int] = None  # max_new_tokens, once `set_token_budget` was called
+        self._budget_check_at = 0  # recompute the closing path once the remaining budget is <= this
+        self.budget_closed = False  # the mask was narrowed to close the output within the budget
+
+    def set_token_budget(self, max_new_tokens: int) -> None:
+        """Close the output within `max_new_tokens` accepted tokens (see sgl.grammars.budget)."""
+        self._budget = int(max_new_tokens)
+        self._budget_check_at = self._budget
 
     # --- public, never raises -------------------------------------------------------------------
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
@@ -80,6 +89,8 @@ class GrammarMatcher(ABC):
                     out[self._words:] = 0
                 if self.error is None and not out.numpy().any():
                     self._fail("the grammar allows no next token (unsatisfiable constraint)")
+                if self._budget is not None and self.error is None:
+                    self._close_within_budget(out)
         if self.error is not None or self._eos_accepted:
             out.zero_()
             for e in self.vocab.eos_token_ids:
@@ -152,6 +163,26 @@ class GrammarMatcher(ABC):
         if self.error is None:
             self.error = message
 
+    def _close_within_budget(self, out: torch.Tensor) -> None:
+        """Narrow `out` to the closing path's next token once the remaining budget is within MARGIN of
+        the path's length. The path is recomputed at most every 8 tokens, every token near the end."""
+        remaining = self._budget - self._num_accepted  # type: ignore[operator]
+        if remaining > self._budget_check_at or remaining <= 0:
+            return
+        path = closing_path(self, min(remaining + 16, 512))
+        if path is None:  # no greedy completion in sight: try again a few tokens later
+            self._budget_check_at = remaining - 4
+            return
+        if remaining > len(path) + MARGIN:
+            window = len(path) + MARGIN + 16
+            self._budget_check_at = remaining - 1 if remaining <= window else max(window, remaining - 8)
+            return
+        self._budget_check_at = remaining - 1
+        self.budget_closed = True
+        out.zero_()
+        for t in (path[:1] if path else sorted(self.vocab.eos_token_ids)):
+            out[t // 32] |= _bit(t % 32)
+
     # --- backend hooks ---------------------------------------------------------------------------
     @abstractmethod
     def _fill(self, row: torch.Tensor) -> None:
@@ -168,6 +199,29 @@ class GrammarMatcher(ABC):
 
     def _forced_tokens(self) -> list[int]:
         return []
+
+    # Budget closing probes (sgl.grammars.budget); backends override these with cheap native calls.
+    def _probe_row(self) -> torch.Tensor:
+        row = torch.zeros(self._words, dtype=torch.int32)
+        self._fill(row)
+        return row
+
+    def _allows(self, token_id: int) -> bool:
+        return bool(int(self._probe_row()[token_id // 32]) & _bit(token_id % 32))
+
+    def _can_end(self) -> bool:
+        row = self._probe_row()
+        return any(int(row[e // 32]) & _bit(e % 32) for e in self.vocab.eos_token_ids)
+
+    def _any_allowed(self) -> Optional[int]:
+        """The lowest allowed non-EOS token id, or None."""
+        row = self._probe_row().numpy().view("uint32")
+        for w in row.nonzero()[0]:
+            for j in range(32):
+                t = int(w) * 32 + j
+                if row[w] >> j & 1 and t not in self.vocab.eos_token_ids:
+                    return t
+        return None
 
 
 def _bit(j: int) -> int:

@@ -171,6 +171,8 @@ class Engine:
             return
         req = Req.from_request(r, ids, self.scheduler.next_arrival())
         req.grammar = matcher
+        if matcher is not None and self.server_args.grammar_budget:
+            matcher.set_token_budget(req.params.max_new_tokens)  # close the output within the budget
         self.scheduler.add_request(req)
 
     def _fail(self, r: GenerateRequest, message: str) -> None:

@@ -124,6 +124,12 @@ class LLGuidanceMatcher(GrammarMatcher):
     def _forced_tokens(self) -> list[int]:
         return list(self._m.compute_ff_tokens())
 
+    def _allows(self, token_id: int) -> bool:
+        return self._m.validate_tokens([token_id]) == 1
+
+    def _can_end(self) -> bool:
+        return self._m.is_accepting()
+
 
 class LLGuidanceGrammar(CompiledGrammar):
     def __init__(self, spec: GrammarSpec, vocab: Vocabulary, template: LLMatcher):

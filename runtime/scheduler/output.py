@@ -26,7 +26,10 @@ class OutputProcessor:
         req.output_ids.append(token_id)
         p = req.params
         if req.grammar is not None and req.grammar.is_finished():
-            req.finish_reason = finish_reason_stop(token_id if token_id in self.tokenizer.eos_token_ids else None)
+            if getattr(req.grammar, "budget_closed", False):  # completed early because of max_new_tokens
+                req.finish_reason = finish_reason_length(p.max_new_tokens)
+            else:
+                req.finish_reason = finish_reason_stop(token_id if token_id in self.tokenizer.eos_token_ids else None)
         elif token_id in self.tokenizer.eos_token_ids and not p.ignore_eos:
             req.finish_reason = finish_reason_stop(token_id)
         elif p.stop_token_ids and token_id in p.stop_token_ids:
@@ -74,6 +77,8 @@ class OutputProcessor:
             "cached_tokens": req.num_cached_tokens,
             "e2e_latency": time.monotonic() - req.created_time,
         }
+        if req.grammar is not None and getattr(req.grammar, "budget_closed", False):
+            meta["grammar_closed_early"] = True  # the constraint was closed to fit max_new_tokens
         if req.first_token_time is not None:  # lets a client time TTFT without per-token outputs
             meta["first_token_latency"] = req.first_token_time - req.created_time
         if req.return_logprob:

@@ -1,0 +1,85 @@
+"""Budget-aware closing: a constrained request with `max_new_tokens` ends with output the grammar
+accepts whenever a short enough completion exists.
+
+`closing_path(matcher, limit)` finds a completion from the matcher's current state greedily: forced
+tokens first, then the first allowed token of a fixed preference list (closers such as ``"}``, then
+the shortest scalars, then separators; quote-led closers first inside a string), then any allowed
+token; it stops as soon as the grammar may
+end (EOS allowed). The matcher is advanced and rolled back, so it ends where it started. The path is
+an upper bound on the shortest completion (greedy, not a search), which is what budget closing needs:
+following it always ends in an accepted output within its length.
+
+Used by `GrammarMatcher.fill_bitmask` once `set_token_budget` was called: when the remaining budget is
+at most the path length + `MARGIN`, the mask allows only the path's next token.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from sgl.grammars.base import GrammarMatcher
+    from sgl.grammars.vocabulary import Vocabulary
+
+MARGIN = 2  # tokens: one free token can lengthen the shortest completion; close this much earlier
+# Preference orders. Inside a JSON string (a quote, a brace and a letter all allowed) the quote-led
+# closers come first: a brace there is string content, never progress. Elsewhere bracket closers first
+# (after `{` with optional keys, `}` beats opening a key).
+_IN_STRING = ['"}]}', '"}}', '"]}', '"}]', '"}', '"]', '"']
+_CLOSERS = ['}]}', '}}', ']}', '}]', ']]', '}', ']', ')', '>']
+_VALUES = ["0", '""', "null", "[]", "{}", "true", "false", "1", ",", ":", '"', "{", "[", "a", "A", "-", ".", "e",
+           "x", " "]
+_PROBES = ['"', "}", "a"]  # all three allowed: inside a string
+_CANDIDATES: dict[int, tuple["Vocabulary", tuple]] = {}  # id(vocab) -> (vocab kept alive, ids)
+
+
+def _candidates(vocab: "Vocabulary") -> tuple[list[int], list[int], list[int]]:
+    """(in-string order, elsewhere order, probes) as token ids of the texts above that are single
+    tokens of `vocab` (cached per vocabulary)."""
+    cached = _CANDIDATES.get(id(vocab))
+    if cached is not None and cached[0] is vocab:
+        return cached[1]
+
+    def ids(texts: list[str]) -> list[int]:
+        out: list[int] = []
+        for text in texts:
+            try:
+                toks = vocab.encode(text.encode("utf-8"))
+            except Exception:  # noqa: BLE001 - a test vocabulary without a tokenizer
+                continue
+            if len(toks) == 1 and toks[0] not in out:
+                out.append(toks[0])
+        return out
+    res = (ids(_IN_STRING + _CLOSERS + _VALUES), ids(_CLOSERS + _VALUES + _IN_STRING), ids(_PROBES))
+    _CANDIDATES[id(vocab)] = (vocab, res)
+    return res
+
+
+def closing_path(m: "GrammarMatcher", limit: int) -> Optional[list[int]]:
+    """Up to `limit` tokens after which the grammar may end ([] if it may end now); None if the greedy
+    walk does not get there within `limit` (or the backend cannot tell)."""
+    path: list[int] = []
+    in_string, elsewhere, probes = _candidates(m.vocab)
+    try:
+        while not m._can_end():
+            if len(path) >= limit:
+                return None
+            forced = m._forced_tokens()
+            if forced:
+                step = forced[:1]
+            else:
+                inside = len(probes) == len(_PROBES) and all(m._allows(t) for t in probes)
+                step = next(([t] for t in (in_string if inside else elsewhere) if m._allows(t)), [])
+            if not step:
+                t = m._any_allowed()
+                if t is None:
+                    return None
+                step = [t]
+            if not m._accept(step[0]):
+                return None
+            path.append(step[0])
+        return path
+    except Exception:  # noqa: BLE001 - a backend failure: no closing, the request decodes as before
+        return None
+    finally:
+        if path:
+            m._rollback(len(path))
