@@ -57,7 +57,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def run_phase(url: str, pid: int, seconds: float, poll_hz: float, clients: int) -> dict[str, Any]:
+def generated_tokens(url: str) -> int:
+    r = httpx.get(url + "/server_info", timeout=60)
+    r.raise_for_status()
+    return int(r.json()["internal_states"][0]["generation_tokens_total"])
+
+
+def run_phase(url: str, pid: int, seconds: float, poll_hz: float, clients: int,
+              warm_up: bool = False) -> dict[str, Any]:
     stop = threading.Event()
     tokens = [0] * clients
     stats_ms: list[float] = []
@@ -67,6 +74,7 @@ def run_phase(url: str, pid: int, seconds: float, poll_hz: float, clients: int) 
             while not stop.is_set():
                 r = c.post(url + "/generate", json={"text": PROMPT, "sampling_params": {
                     "max_new_tokens": 32, "temperature": 0.8, "ignore_eos": True}})
+                r.raise_for_status()  # NOTE: a failing load must not pass for a slow one
                 if not stop.is_set():
                     tokens[i] += r.json()["meta_info"]["completion_tokens"]
 
@@ -80,16 +88,21 @@ def run_phase(url: str, pid: int, seconds: float, poll_hz: float, clients: int) 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     if poll_hz > 0:
         threads.append(threading.Thread(target=poller))
+    # NOTE: tokens from the engine's counter, not from finished requests (a phase holds only a few of them)
+    gen0 = generated_tokens(url)
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     for t in threads:
         t.start()
     time.sleep(seconds)
     stop.set()
     elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    generated = generated_tokens(url) - gen0
     for t in threads:
         t.join()
-    return {"poll_hz": poll_hz, "seconds": elapsed, "tokens": sum(tokens), "tok_per_s": sum(tokens) / elapsed,
-            "server_cpu_s_per_token": cpu / max(sum(tokens), 1), "stats_ms": stats_ms}
+    if not generated and not warm_up:
+        raise SystemExit("the load generated no tokens (see the client errors above)")
+    return {"poll_hz": poll_hz, "seconds": elapsed, "tokens": generated, "requests_tokens": sum(tokens),
+            "tok_per_s": generated / elapsed, "server_cpu_s_per_token": cpu / max(generated, 1), "stats_ms": stats_ms}
 
 
 def latency_ms(url: str, path: str, n: int) -> list[float]:
@@ -112,7 +125,7 @@ def main() -> None:
     proc, url = launch(args.num_threads)
     try:
         idle = {p: latency_ms(url, p, 200) for p in ("/health", "/v1/stats")}
-        run_phase(url, proc.pid, 3.0, 0, args.clients)  # warm-up
+        run_phase(url, proc.pid, 3.0, 0, args.clients, warm_up=True)
         phases = [run_phase(url, proc.pid, args.phase_seconds, hz, args.clients)
                   for _ in range(args.repeats) for hz in (0, 1, 10)]
     finally:
