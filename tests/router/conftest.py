@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import httpx
 import pytest
 
-from tests.e2e.server_helpers import BASE_ARGS, LAUNCH_MODULE, STARTUP_TIMEOUT_S, ServerHandle, free_port, start_server
+from tests.e2e.server_helpers import ServerHandle, free_port, start_server
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -26,26 +25,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKE
 class DP:
     handle: ServerHandle  # the router front of `sgl serve --dp-size 2`
     workers: list[str]  # replica URLs
-    revived: list[ServerHandle] = field(default_factory=list)  # replicas restarted by a fault test
-
-    def revive(self, url: str) -> ServerHandle:
-        """Start a fresh server on the port of the dead replica `url`; returns once it is healthy."""
-        log = tempfile.NamedTemporaryFile("w", prefix="sgl-revived-", suffix=".log", delete=False)
-        cmd = [*LAUNCH_MODULE, *BASE_ARGS, "--port", url.rsplit(":", 1)[1]]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, stdin=subprocess.DEVNULL)
-        handle = ServerHandle(url, proc, log.name)
-        self.revived.append(handle)
-        end = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < end:
-            assert proc.poll() is None, f"revived server exited:\n{handle.log()[-3000:]}"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    return handle
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"revived server not healthy:\n{handle.log()[-3000:]}")
-
     def replica_pid(self, url: str) -> int:
         """The pid of the replica serving `url` (a child of the dp process; its argv names the port)."""
         port = url.rsplit(":", 1)[1]
@@ -68,8 +47,6 @@ def dp() -> Iterator[DP]:
         yield d
     finally:
         handle.stop()
-        for h in d.revived:
-            h.stop()
 
 
 def check_workers(urls: list[str]) -> None:

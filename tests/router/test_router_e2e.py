@@ -10,7 +10,7 @@ import time
 import httpx
 import openai
 from tests.e2e.server_helpers import sse_events
-from tests.router.conftest import DP, start_router, stop_router
+from tests.router.conftest import DP, RouterProc, start_router, stop_router
 
 SYSTEM = ("You are a meticulous assistant for a travel agency. Answer in one short sentence, mention the "
           "country, never invent prices, and be polite. ")
@@ -97,39 +97,69 @@ def test_bad_input_is_a_400_from_the_worker(dp: DP) -> None:
     assert r.status_code == 400 and "max_new_tokens" in r.json()["error"]["message"]
 
 
-def test_killed_worker_gives_502_others_continue_and_it_comes_back(dp: DP) -> None:
+def busy_worker(rp: RouterProc) -> str:
+    deadline = time.monotonic() + 60
+    while True:
+        busy = [w["url"] for w in rp.info()["workers"] if w["inflight"]]
+        if busy:
+            return busy[0]
+        assert time.monotonic() < deadline, "the request never reached a worker"
+        time.sleep(0.05)
+
+
+def wait_health(rp: RouterProc, url: str, healthy: bool, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while next(w["healthy"] for w in rp.info()["workers"] if w["url"] == url) != healthy:
+        assert time.monotonic() < deadline, f"{url} never became healthy={healthy}"
+        time.sleep(0.1)
+
+
+def test_hung_worker_gives_502_and_comes_back(dp: DP) -> None:
+    """A worker that stops answering (SIGSTOP) fails its health probes: its in-flight request gets a
+    502 instead of hanging, the others go on, and after SIGCONT it rejoins."""
     rp = start_router(dp.workers, "--policy", "round_robin")
-    victim = None
     try:
         with cf.ThreadPoolExecutor(1) as ex:
             fut = ex.submit(gen, rp.url, "Count slowly:", 400, ignore_eos=True)
-            deadline = time.monotonic() + 60
-            while victim is None:
-                busy = [w["url"] for w in rp.info()["workers"] if w["inflight"]]
-                victim = busy[0] if busy else None
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            time.sleep(1.0)  # let it decode a little
-            os.kill(dp.replica_pid(victim), signal.SIGKILL)
-            r = fut.result(timeout=30)
-        assert r.status_code == 502 and "went away" in r.json()["error"]["message"], r.text
-        deadline = time.monotonic() + 10
-        while any(w["healthy"] for w in rp.info()["workers"] if w["url"] == victim):
-            assert time.monotonic() < deadline, "the dead worker was not taken out"
-            time.sleep(0.1)
-        survivor = next(w for w in dp.workers if w != victim)
-        for q in ("A?", "B?", "C?"):
-            assert gen(rp.url, q).status_code == 200
-        assert rp.counts()[survivor] >= 3
-        assert "sgl_router_worker_healthy{worker=\"%s\"} 0" % victim in httpx.get(rp.url + "/metrics").text
-        # It comes back: a new server on the same port rejoins at its next health probe.
-        dp.revive(victim)
-        deadline = time.monotonic() + 10
-        while not all(w["healthy"] for w in rp.info()["workers"]):
-            assert time.monotonic() < deadline, "the revived worker did not rejoin"
-            time.sleep(0.1)
+            victim = busy_worker(rp)
+            pid = dp.replica_pid(victim)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                r = fut.result(timeout=30)
+                assert r.status_code == 502 and "taken out" in r.json()["error"]["message"], r.text
+                wait_health(rp, victim, False)
+                assert all(gen(rp.url, q).status_code == 200 for q in ("A?", "B?"))
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        wait_health(rp, victim, True)
         before = rp.counts()
         assert all(gen(rp.url, q).status_code == 200 for q in ("D?", "E?"))
         assert rp.counts()[victim] == before[victim] + 1
+    finally:
+        stop_router(rp)
+
+
+def test_killed_worker_gives_502_and_the_others_continue(dp: DP) -> None:
+    """Last test of the tier: it kills a replica (SIGKILL) for good."""
+    rp = start_router(dp.workers, "--policy", "round_robin")
+    try:
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(gen, rp.url, "Count slowly:", 400, ignore_eos=True)
+            victim = busy_worker(rp)
+            time.sleep(0.5)  # let it decode a little
+            os.kill(dp.replica_pid(victim), signal.SIGKILL)
+            r = fut.result(timeout=30)
+        assert r.status_code == 502 and "went away" in r.json()["error"]["message"], r.text
+        dp.workers.remove(victim)  # nothing left to check on it
+        wait_health(rp, victim, False)
+        survivor = dp.workers[0]
+        before = rp.counts()[survivor]
+        for q in ("A?", "B?", "C?"):
+            assert gen(rp.url, q).status_code == 200
+        assert rp.counts()[survivor] == before + 3
+        assert 'sgl_router_worker_healthy{worker="%s"} 0' % victim in httpx.get(rp.url + "/metrics").text
+        with httpx.stream("POST", dp.handle.url + "/generate", timeout=60, json={  # the dp front too
+                "text": "Hi", "stream": True, "sampling_params": {"max_new_tokens": 2}}) as resp:
+            assert resp.status_code in (200, 502)  # 502 if its router still thought the victim alive
     finally:
         stop_router(rp)
