@@ -4,7 +4,8 @@
 
 One `sgl serve --dp-size 2 --num-threads T` (T // 2 threads per replica, its router: cache_aware) and
 one `sgl router --policy round_robin` over the same two replicas. Workload: `--system-prompts`
-distinct long system prompts, `--per-prompt` short questions each, interleaved (prompt i of round r),
+distinct long system prompts, `--per-prompt` short questions each, shuffled (seed 0; `--order
+interleaved`: prompt i of round r),
 `--concurrency` in flight, greedy, `--max-new-tokens`. Before each run every replica's cache is
 flushed. Reported: prompt-token cache hit rate (sum cached_tokens / sum prompt_tokens), requests/s,
 and the same workload on ONE replica directly (the hit-rate reference: a single server sees every
@@ -18,6 +19,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--order", choices=("shuffled", "interleaved"), default="shuffled")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.num_threads // 2)), "OMP_WAIT_POLICY": "PASSIVE"}
     port = free_port()
@@ -111,6 +114,8 @@ def main() -> None:
         wait_healthy(rr_url, rr)
         prompts = [system_prompt(i) + f"Question {r}: what should I pack?"
                    for r in range(args.per_prompt) for i in range(args.system_prompts)]
+        if args.order == "shuffled":  # interleaved + an even prompt count pins each prompt to one round_robin worker
+            random.Random(0).shuffle(prompts)
         run(cache_url, workers, prompts[:2], 2, 1)  # warm-up
         rows: dict[str, list[dict[str, Any]]] = {"cache_aware": [], "round_robin": [], "single_server": []}
         for rep in range(args.repeats):
