@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 CPU_EXT := kernels/cpu/_build_info.json
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup chromium demo test serve bench clean
+.PHONY: setup chromium demo test serve bench fuzz soak clean
 
 setup: $(STAMP) $(CPU_EXT) chromium
 
@@ -49,6 +49,13 @@ serve: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_offline.py
+
+# The long runs of tests/fuzz (CI runs the same tests with FUZZ_EXAMPLES=6) and the 30-minute soak.
+fuzz: setup
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-60} OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -s tests/fuzz
+
+soak: setup
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/soak.py --minutes $${SOAK_MINUTES:-30}
 
 clean:
 	rm -rf $(VENV) *.egg-info

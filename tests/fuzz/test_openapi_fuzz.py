@@ -22,7 +22,7 @@ from tests.e2e.server_helpers import ServerHandle
 
 pytestmark = pytest.mark.timeout(900)
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "6"))
 MAX_TOKENS = 4  # generated bodies ask for at most this many new tokens (the run stays short)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]

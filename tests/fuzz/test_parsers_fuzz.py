@@ -27,7 +27,7 @@ from sgl.runtime.chat_template import render_chat_template
 from sgl.runtime.models.default_model import default_model_path
 from sgl.runtime.models.gguf_file import GGUFError, GGUFFile
 
-N = int(os.environ.get("FUZZ_EXAMPLES", "12"))
+N = int(os.environ.get("FUZZ_EXAMPLES", "6"))
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 FAST = settings(max_examples=6 * N, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
