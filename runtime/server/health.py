@@ -9,6 +9,8 @@
   fails over RSS_LIMIT_FRACTION of the limit.
 - latency: a 1-token greedy generation must finish within `--health-latency-deadline` (0.5 s);
   /health/ready skips it while requests are queued (the probe would only add load and wait).
+  /health_generate always runs it, with SGLang's meaning: healthy when it completes (within
+  GENERATE_TIMEOUT_S), its time reported; so a slow-but-working server is not taken out of rotation.
 - queue_depth: requests waiting must be under `--max-queue-depth` (at it, new requests get 503).
 """
 
@@ -31,6 +33,7 @@ router = APIRouter()
 OPEN_PATHS = frozenset({"/health/ready"})  # readiness probes of load balancers send no key
 
 RSS_LIMIT_FRACTION = 0.9
+GENERATE_TIMEOUT_S = 60.0  # /health_generate's deadline (SGLang's probe semantics)
 
 
 def process_rss_bytes() -> Optional[int]:
@@ -80,15 +83,16 @@ def check_queue(state: ServerState) -> dict[str, Any]:
     return {"ok": limit is None or depth < limit, "depth": depth, "max": limit}
 
 
-async def check_latency(state: ServerState, busy: bool) -> dict[str, Any]:
-    deadline = float(getattr(state.server_args, "health_latency_deadline", 0.5))
+async def check_latency(state: ServerState, busy: bool, deadline: Optional[float] = None) -> dict[str, Any]:
+    deadline = deadline or float(getattr(state.server_args, "health_latency_deadline", 0.5))
     if busy:
         return {"ok": True, "skipped": True, "reason": "requests are queued", "deadline_s": deadline}
     # NOTE: concurrent probes share one generation (a burst of probes is one request, not a burst).
-    task = getattr(state, "_latency_probe", None)
+    attr = f"_latency_probe_{deadline}"
+    task = getattr(state, attr, None)
     if task is None or task.done():
         task = asyncio.ensure_future(_probe_latency(state, deadline))
-        state._latency_probe = task  # type: ignore[attr-defined]
+        setattr(state, attr, task)
     return dict(await asyncio.shield(task))
 
 
@@ -117,7 +121,7 @@ async def readiness(state: ServerState, always_generate: bool) -> tuple[bool, di
     checks["queue_depth"] = check_queue(state)
     if checks["model_loaded"]["ok"]:
         busy = not always_generate and checks["queue_depth"]["depth"] > 0
-        checks["latency"] = await check_latency(state, busy)
+        checks["latency"] = await check_latency(state, busy, GENERATE_TIMEOUT_S if always_generate else None)
     else:
         checks["latency"] = {"ok": False, "skipped": True, "reason": "the model is not loaded"}
     return all(c["ok"] for c in checks.values()), checks

@@ -116,6 +116,8 @@ class OpenAIResponse(BaseModel):
 
 _JSON, _SSE, _TEXT = "application/json", "text/event-stream", "text/plain"
 _OBJECT: dict[str, Any] = {"type": "object"}
+_HEALTH: dict[str, Any] = {"type": "object", "required": ["healthy", "checks"],
+                           "properties": {"healthy": {"type": "boolean"}, "checks": {"type": "object"}}}
 
 # path -> (request body model, {status: (description, {content type: schema})}); errors added below
 _ROUTES: dict[str, tuple[Optional[type[BaseModel]], dict[str, tuple[str, dict[str, Any]]]]] = {
@@ -123,8 +125,13 @@ _ROUTES: dict[str, tuple[Optional[type[BaseModel]], dict[str, tuple[str, dict[st
         _JSON: {"anyOf": [GenerateOutput, {"type": "array", "items": GenerateOutput}]}, _SSE: {"type": "string"}})}),
     "/abort_request": (AbortBody, {"200": ("the ids aborted", {_JSON: AbortOutput})}),
     "/health": (None, {"200": ("serving", {})}),
-    "/health_generate": (None, {"200": ("a one-token generation completed", {}),
-                                "503": ("the generation failed", {_JSON: ErrorBody})}),
+    "/health_generate": (None, {"200": ("healthy: every check passed (runtime/server/health.py)", {_JSON: _HEALTH}),
+                                "503": ("unhealthy: the checks, the failing ones with ok false", {_JSON: _HEALTH})}),
+    "/health/ready": (None, {"200": ("ready: every check passed", {_JSON: _HEALTH}),
+                             "503": ("not ready: the checks, the failing ones with ok false", {_JSON: _HEALTH})}),
+    "/v1/usage": (None, {"200": ("today's tokens and cost per key", {_JSON: _OBJECT}),
+                         "403": ("not an admin key", {_JSON: ErrorBody}),
+                         "404": ("no such key or key name", {_JSON: ErrorBody})}),
     "/flush_cache": (None, {"200": ("flushed", {_TEXT: {"type": "string"}})}),
     "/metrics": (None, {"200": ("Prometheus text", {_TEXT: {"type": "string"}}),
                         "404": ("metrics are disabled", {_JSON: ErrorBody})}),
@@ -135,6 +142,9 @@ _ROUTES: dict[str, tuple[Optional[type[BaseModel]], dict[str, tuple[str, dict[st
     "/v1/chat/completions": (ChatCompletionRequest, {"200": ("a chat completion, or an SSE stream", {
         _JSON: OpenAIResponse, _SSE: {"type": "string"}})}),
 }
+for _p in ("/generate", "/v1/completions", "/v1/chat/completions"):  # runtime/server/tenancy_routes.py
+    _ROUTES[_p][1]["429"] = ("over the key's daily token budget or request rate (Retry-After)", {_JSON: ErrorBody})
+    _ROUTES[_p][1]["503"] = ("the queue is at --max-queue-depth (Retry-After)", {_JSON: ErrorBody})
 for _p in ("/model_info", "/get_model_info", "/server_info", "/get_server_info", "/version", "/get_version",
            "/v1/models"):
     _ROUTES[_p] = (None, {"200": ("an object", {_JSON: _OBJECT})})
