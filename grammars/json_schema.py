@@ -271,15 +271,15 @@ class _Normalizer:
                         pass
                 if c is not False:
                     concrete.append(c)
-            exact = None
-            if not is_disjoint(concrete):
+            exact, disjoint = None, is_disjoint(concrete)
+            if not disjoint:
                 try:
                     exact = self.exact_one_of(branches, path)
                 except GrammarError:
                     exact = None
             if exact is not None:
                 parts.append(exact)
-            elif not is_disjoint(concrete):
+            elif not disjoint:
                 if self.strict:
                     raise GrammarError("oneOf branches may overlap, so 'exactly one' cannot be enforced; "
                                        "use anyOf, or make the branches disjoint (different types, const/enum "
