@@ -332,39 +332,6 @@ inline void dot_q8(const uint8_t* w, const Q8Act& a, int64_t r0, float* res) {
   }
 }
 
-#ifdef SGL_AVX2
-// q8 activations, M = 1, C output columns per pass: the int8 x block is loaded once for the C columns.
-// C = 1 (tail) does each column's arithmetic in the same order (thread counts stay bit-identical).
-template <QT T, int C>
-inline void dot_q8_cols(const uint8_t* w, int64_t rb, const Q8Act& a, float* res) {
-  __m256 acc[C];
-  float scal[C] = {};
-  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
-  const __m128i m4 = _mm_set1_epi8(15);
-  for (int64_t b = 0; b < a.nb; b++) {
-    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + b * kBlock));
-    const float dx = a.d[b];
-    for (int c = 0; c < C; c++) {
-      const uint8_t* blk = w + c * rb + b * block_bytes(T);
-      const float dd = f16(blk) * dx;
-      __m256i p16;
-      if constexpr (T == QT::Q8_0) {
-        const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
-      } else {
-        const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == QT::Q4_0 ? 2 : 4)));
-        const __m256i wq = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
-        p16 = _mm256_maddubs_epi16(wq, xq);
-      }
-      acc[c] = _mm256_fmadd_ps(i32_sum_pairs(p16), _mm256_set1_ps(dd), acc[c]);
-      if constexpr (T == QT::Q4_1) scal[c] = std::fma(f16(blk + 2), a.s[b], scal[c]);
-      if constexpr (T == QT::Q4_0) scal[c] = std::fma(-8.f * dd, float(a.qsum[b]), scal[c]);
-    }
-  }
-  for (int c = 0; c < C; c++) res[c] = hsum(acc[c]) + scal[c];
-}
-#endif
-
 // f16 rows with K % 32 != 0: the tail weights in scalar.
 void f16_tail(const uint8_t* w, const float* x, int64_t ldx, int64_t k0, int64_t k, int R, float* res) {
   for (int r = 0; r < R; r++)
@@ -386,23 +353,6 @@ void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K
         const int C = n + 4 <= n1 ? 4 : 1;
         if (C == 4) dot_fp32_cols<T, 4>(W + n * rb, rb, x, xsum, nb, res);
         else dot_fp32_cols<T, 1>(W + n * rb, rb, x, xsum, nb, res);
-        for (int c = 0; c < C; c++) {
-          float v = res[c];
-          if (bias != nullptr) v += bias[n + c];
-          if (resid != nullptr) v += resid[n + c];
-          out[n + c] = v;
-        }
-        n += C;
-      }
-    }
-  }
-  // Q4 only here too: on the 30 MB Q8_0 lm_head the 4-row streams measured ~1.7x slower than one row.
-  if constexpr (T == QT::Q4_0 || T == QT::Q4_1) {
-    if (M == 1 && q8 != nullptr) {
-      for (; n < n1;) {
-        const int C = n + 4 <= n1 ? 4 : 1;
-        if (C == 4) dot_q8_cols<T, 4>(W + n * rb, rb, *q8, res);
-        else dot_q8_cols<T, 1>(W + n * rb, rb, *q8, res);
         for (int c = 0; c < C; c++) {
           float v = res[c];
           if (bias != nullptr) v += bias[n + c];
