@@ -90,7 +90,10 @@ class GrammarMatcher(ABC):
                 if self.error is None and not out.numpy().any():
                     self._fail("the grammar allows no next token (unsatisfiable constraint)")
                 if self._budget is not None and self.error is None:
-                    self._close_within_budget(out)
+                    try:
+                        self._close_within_budget(out)
+                    except Exception as e:  # noqa: BLE001 - a probe that broke the matcher ends this request only
+                        self._fail(f"grammar backend failed while closing within max_new_tokens: {e}")
         if self.error is not None or self._eos_accepted:
             out.zero_()
             for e in self.vocab.eos_token_ids:
@@ -178,10 +181,12 @@ class GrammarMatcher(ABC):
             self._budget_check_at = remaining - 1 if remaining <= window else max(window, remaining - 8)
             return
         self._budget_check_at = remaining - 1
-        self.budget_closed = True
+        before = out.clone()
         out.zero_()
         for t in (path[:1] if path else sorted(self.vocab.eos_token_ids)):
             out[t // 32] |= _bit(t % 32)
+        if not torch.equal(before, out):  # closed early only if the narrowing removed a choice
+            self.budget_closed = True
 
     # --- backend hooks ---------------------------------------------------------------------------
     @abstractmethod
@@ -201,6 +206,11 @@ class GrammarMatcher(ABC):
         return []
 
     # Budget closing probes (sgl.grammars.budget); backends override these with cheap native calls.
+    def _fork(self) -> Optional["GrammarMatcher"]:
+        """An independent copy to probe ahead on (None: probe on self and roll back). A backend whose
+        matcher cannot roll back out of an error state (llguidance after a dead end) must fork."""
+        return None
+
     def _probe_row(self) -> torch.Tensor:
         row = torch.zeros(self._words, dtype=torch.int32)
         self._fill(row)

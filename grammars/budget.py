@@ -59,6 +59,8 @@ def closing_path(m: "GrammarMatcher", limit: int) -> Optional[list[int]]:
     walk does not get there within `limit` (or the backend cannot tell)."""
     path: list[int] = []
     in_string, elsewhere, probes = _candidates(m.vocab)
+    fork = m._fork()
+    owner, m = m, (fork if fork is not None else m)  # walk the fork if there is one: nothing to undo
     try:
         while not m._can_end():
             if len(path) >= limit:
@@ -81,5 +83,5 @@ def closing_path(m: "GrammarMatcher", limit: int) -> Optional[list[int]]:
     except Exception:  # noqa: BLE001 - a backend failure: no closing, the request decodes as before
         return None
     finally:
-        if path:
-            m._rollback(len(path))
+        if path and fork is None:
+            owner._rollback(len(path))

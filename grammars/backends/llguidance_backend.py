@@ -127,6 +127,10 @@ class LLGuidanceMatcher(GrammarMatcher):
     def _allows(self, token_id: int) -> bool:
         return self._m.validate_tokens([token_id]) == 1
 
+    def _fork(self) -> "LLGuidanceMatcher":
+        # NOTE: probing into a dead end puts an LLMatcher in an error state no rollback leaves
+        return LLGuidanceMatcher(self.vocab, self._m.deep_copy())
+
     def _can_end(self) -> bool:
         return self._m.is_accepting()
 

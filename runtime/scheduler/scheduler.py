@@ -105,7 +105,13 @@ class Scheduler:
         self._update_gauges()
         if not batch.rows:
             return
-        results = self.runner.run(batch)
+        try:
+            results = self.runner.run(batch)
+        except BaseException:
+            # NOTE: the rows' new slots are not yet in req.slots: hand them back, or they leak
+            for row in batch.rows:
+                self.allocator.free(row.new_slots)
+            raise
         assert len(results) == len(batch.rows)
         self.stats.num_steps += 1
         for row, res in zip(batch.rows, results):

@@ -203,3 +203,24 @@ def test_concurrent_shared_prefix_is_computed_once() -> None:
     assert ideal <= s.stats.prefill_tokens_computed <= ideal + 10
     for i, q in enumerate(questions):
         assert done[f"q{i}"].output_ids == reference_output(system + q, 2)
+
+
+def test_failed_step_returns_its_new_slots() -> None:
+    """A runner that raises mid-step (a bug, a backend failure) must not leak the batch's fresh KV slots:
+    the engine aborts the requests in flight and the integrity check holds afterwards."""
+    s, runner, done = make_scheduler(500)
+    add(s, "a", list(range(1, 30)), 10)
+    s.step()  # prefill
+    real_run = runner.run
+
+    def failing_run(batch):  # noqa: ANN001, ANN202 - the runner's own signature
+        raise RuntimeError("backend failure")
+
+    runner.run = failing_run  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        s.step()  # a decode step: one new slot allocated, then the runner fails
+    runner.run = real_run  # type: ignore[method-assign]
+    s.abort("a", "internal error")  # what Engine._loop does after a failed step
+    assert done["a"].finish_reason["type"] == "abort"
+    run_to_end(s)
+    assert s.allocator.available + s.cache.total_size == 500
