@@ -270,12 +270,7 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(dst.shape)}")
             dst.copy_(tensor)
             loaded.add(name)
-        if unexpected:
-            raise ValueError(f"unexpected weights for {self.config.architecture}: {', '.join(sorted(unexpected)[:20])}"
-                             + (f" (and {len(unexpected) - 20} more)" if len(unexpected) > 20 else ""))
-        missing = sorted(set(targets) - loaded)
-        if missing:
-            raise ValueError(f"missing weights: {', '.join(missing[:20])}" + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""))
+        _check_names(self.config.architecture, unexpected, set(targets) - loaded)
 
     def _linear_parts(self) -> dict[tuple[object, str], tuple[tuple[str, ...], tuple[int, ...], int]]:
         """(owner, attribute) of every native LinearWeight -> (HF part names, their rows N, columns K)."""
@@ -333,12 +328,7 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)}, model expects {tuple(dst.shape)}")
             dst.copy_(tensor)
             loaded.add(name)
-        if unexpected:
-            raise ValueError(f"unexpected weights for {self.config.architecture}: {', '.join(sorted(unexpected)[:20])}"
-                             + (f" (and {len(unexpected) - 20} more)" if len(unexpected) > 20 else ""))
-        missing = sorted((set(targets) | set(part_of)) - loaded)
-        if missing:
-            raise ValueError(f"missing weights: {', '.join(missing[:20])}" + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""))
+        _check_names(self.config.architecture, unexpected, (set(targets) | set(part_of)) - loaded)
         slots = [(layer, name) for layer in self.layers for name in layer.LINEARS] + [(self, "embed")]
         if not self.config.tie_word_embeddings:
             slots.append((self, "lm_head"))
@@ -346,3 +336,13 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.__dict__["lm_head"] = self.embed  # one table: rows for the lookup, the matrix for the logits
         return fp32_kept
+
+
+def _check_names(architecture: str, unexpected: list[str], missing: set[str]) -> None:
+    """Raise ValueError naming (the first 20 of) the checkpoint's unexpected and the model's missing weights."""
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:20]) + (f" (and {len(names) - 20} more)" if len(names) > 20 else "")
+    if unexpected:
+        raise ValueError(f"unexpected weights for {architecture}: {listed(sorted(unexpected))}")
+    if missing:
+        raise ValueError(f"missing weights: {listed(sorted(missing))}")
