@@ -21,6 +21,7 @@ SCHEDULE_POLICIES = ("fcfs", "lpm", "priority")
 GRAMMAR_BACKENDS = ("outlines", "xgrammar", "llguidance", "none")
 WEIGHT_FORMATS = ("auto", "fp32", "native")  # runtime/models/loader.py: what auto picks
 QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize for Hugging Face folders (round-to-nearest per 32-block)
+SPECULATIVE_ALGORITHMS = ("NGRAM",)  # runtime/speculative/: the drafters built so far
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")  # == sgl.runtime.router.policy.POLICIES
 
 
@@ -76,7 +77,11 @@ class ServerArgs:
     dp_size: int = 1
     router_policy: str = "cache_aware"  # --dp-size > 1: the router's policy (runtime/router/policy.py)
     router_balance_threshold: int = 4  # --dp-size > 1: in-flight requests over the least loaded before balancing
-    speculative_algorithm: Optional[str] = None
+    speculative_algorithm: Optional[str] = None  # NGRAM (runtime/speculative/); None = off
+    speculative_num_draft_tokens: int = 4  # draft tokens verified per decoding request and step
+    speculative_ngram_min_match_window_size: int = 1  # NGRAM: shortest suffix matched
+    speculative_ngram_max_match_window_size: int = 4  # NGRAM: longest suffix matched (tried first)
+    speculative_max_batch: int = 4  # more decoding requests than this in a step: no drafts (compute-bound)
     lora_paths: Optional[list[str]] = None
     # Server
     host: str = "127.0.0.1"
@@ -148,6 +153,16 @@ class ServerArgs:
                              f"got {self.usage_timezone!r}") from None
         if self.api_keys is not None and not os.path.isfile(self.api_keys):
             raise ValueError(f"api_keys: no such file {self.api_keys!r} (a JSON object of keys, see README)")
+        if self.speculative_algorithm is not None and self.speculative_algorithm not in SPECULATIVE_ALGORITHMS:
+            raise ValueError(f"speculative_algorithm must be one of {SPECULATIVE_ALGORITHMS} (or unset), "
+                             f"got {self.speculative_algorithm!r}")
+        if self.speculative_num_draft_tokens < 1:
+            raise ValueError(f"speculative_num_draft_tokens must be positive, got {self.speculative_num_draft_tokens}")
+        if not 1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size:
+            raise ValueError("need 1 <= speculative_ngram_min_match_window_size <= "
+                             "speculative_ngram_max_match_window_size")
+        if self.speculative_max_batch < 0:
+            raise ValueError(f"speculative_max_batch must be >= 0, got {self.speculative_max_batch}")
         if self.tp_size != 1:
             raise ValueError("tp_size > 1 is not supported on this runtime yet")
         if self.dp_size < 1:
@@ -194,6 +209,8 @@ class ServerArgs:
                     kwargs["choices"] = ROUTER_POLICIES
                 if f.name == "quantize":
                     kwargs["choices"] = QUANTIZE_TYPES
+                if f.name == "speculative_algorithm":
+                    kwargs["choices"] = SPECULATIVE_ALGORITHMS
                 parser.add_argument(flag, **kwargs)
 
     @classmethod

@@ -8,6 +8,10 @@ forward runs (torch ops and the matcher backends release the GIL), and sampling 
 worker is joined before `run` returns, so a matcher is never used by two threads at once (aborts and
 jump-forward run on the scheduler thread between steps). `overlap_grammar=False` is the synchronous
 path; both write identical masks.
+
+A verify row (speculative decoding, `BatchRow.draft_len > 0`) gets logits at all of its 1 + k
+positions; `verify.sample_verify` turns them into the row's produced tokens (RowResult.token_id, then
+next_token_ids). A plain decode row is the case k = 0.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import torch
 
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
-from sgl.runtime.executor.sampler import logprobs_for_tokens, sample
+from sgl.runtime.executor.sampler import logprobs_for_tokens
+from sgl.runtime.executor.verify import VerifyMasks, fill_verify_bitmask, restore_fill_state, sample_verify
 from sgl.runtime.executor.sampling_state import RowSamplingState
 from sgl.runtime.scheduler.request import BatchRow, RowResult, ScheduledBatch
-from sgl.kernels.bitmask import allocate_token_bitmask
 
 
 class ModelRunner:
@@ -68,31 +72,40 @@ class ModelRunner:
                 lp_targets.append(tid)
                 lp_owner.append(i)
 
-        mask_job = self._start_bitmask([rows[i] for i in sample_rows])
+        # Sample positions: the last 1 + draft_len tokens of each sampling row, row after row.
+        bases, pos = [], []
+        for i in sample_rows:
+            r = rows[i]
+            bases.append(len(pos))
+            first = offsets[i] + r.extend_len - 1 - r.draft_len
+            pos.extend(range(first, first + 1 + r.draft_len))
+        mask_job = self._start_bitmask([rows[i] for i in sample_rows], bases, len(pos))
         try:
             hidden = self.model(fb, self.kv)  # [T, H]
             if sample_rows:
-                idx = torch.tensor([offsets[i] + rows[i].extend_len - 1 for i in sample_rows], device=self.device)
-                logits = self.model.compute_logits(hidden.index_select(0, idx))  # [S, V] float32
+                logits = self.model.compute_logits(
+                    hidden.index_select(0, torch.tensor(pos, device=self.device)))  # [P, V] float32
         finally:  # NOTE: joined even when the forward raises: no matcher stays in use past the step
-            bitmask = mask_job.result() if isinstance(mask_job, Future) else mask_job
+            masks = mask_job.result() if isinstance(mask_job, Future) else mask_job
 
         if sample_rows:
             states = [self._state(rows[i]) for i in sample_rows]
             top_nums = [rows[i].req.top_logprobs_num if rows[i].req.return_logprob else 0 for i in sample_rows]
-            out = sample(logits, states, bitmask, top_nums)
-            failed = set(out.failed_rows)
+            drafts = masks.drafts if masks is not None else [rows[i].draft for i in sample_rows]
+            outs = sample_verify(logits, bases, drafts, states, masks.bitmask if masks is not None else None,
+                                 top_nums)
             for j, i in enumerate(sample_rows):
-                res = results[i]
-                if j in failed:
-                    g = rows[i].req.grammar
-                    res.error = (g.error if g is not None else None) or out.failure_messages.get(j) or \
+                res, out, g = results[i], outs[j], rows[i].req.grammar
+                if masks is not None and g is not None and masks.fill_states[j] is not None:
+                    restore_fill_state(g, masks.fill_states[j][max(len(out.token_ids), 1) - 1])
+                if not out.token_ids:
+                    res.error = (g.error if g is not None else None) or out.failure or \
                         "the constraint allows no token here (no continuation satisfies it)"
                     continue
-                res.token_id = out.token_ids[j]
-                res.logprob = out.logprobs[j]
-                res.top_logprobs = out.top_logprobs[j] if out.top_logprobs is not None else None
-                states[j].append(res.token_id)
+                res.token_id, res.logprob, res.top_logprobs = out.token_ids[0], out.logprobs[0], out.top_logprobs[0]
+                res.next_token_ids = out.token_ids[1:]
+                res.next_logprobs = list(out.logprobs[1:])
+                res.next_top_logprobs = out.top_logprobs[1:]
 
         if lp_index:
             top_k = max(rows[i].req.top_logprobs_num for i in set(lp_owner))
@@ -105,16 +118,17 @@ class ModelRunner:
                     results[i].prompt_top_logprobs.append(tops[j][:k])
         return results
 
-    def _start_bitmask(self, rows: list[BatchRow]) -> "Optional[torch.Tensor] | Future[Optional[torch.Tensor]]":
-        """The sample rows' bitmask: a Future filled on the worker thread (overlap on), the tensor
-        itself (overlap off), or None when no row is constrained."""
+    def _start_bitmask(self, rows: list[BatchRow], bases: list[int], num_positions: int,
+                       ) -> "Optional[VerifyMasks] | Future[Optional[VerifyMasks]]":
+        """The sample positions' masks: a Future filled on the worker thread (overlap on), the masks
+        themselves (overlap off), or None when no row is constrained."""
         if not any(r.req.grammar is not None for r in rows):
             return None
         if not self.overlap_grammar:
-            return self._bitmask(rows, self.vocab_size)
+            return self._bitmask(rows, bases, num_positions)
         if self._mask_worker is None:
             self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgl-grammar-mask")
-        return self._mask_worker.submit(self._bitmask, rows, self.vocab_size)
+        return self._mask_worker.submit(self._bitmask, rows, bases, num_positions)
 
     def close(self) -> None:
         """Stop the mask worker thread (idempotent)."""
@@ -122,12 +136,9 @@ class ModelRunner:
             self._mask_worker.shutdown(wait=True)
             self._mask_worker = None
 
-    def _bitmask(self, rows: list[BatchRow], vocab: int) -> Optional[torch.Tensor]:
-        """[S, ceil(V/32)] int32 for the constrained rows (unconstrained rows: all ones), or None."""
+    def _bitmask(self, rows: list[BatchRow], bases: list[int], num_positions: int) -> Optional[VerifyMasks]:
+        """[P, ceil(V/32)] int32 for the constrained rows' positions (others: all ones), or None."""
         if not any(r.req.grammar is not None for r in rows):
             return None
-        mask = allocate_token_bitmask(len(rows), vocab)
-        for j, r in enumerate(rows):
-            if r.req.grammar is not None:
-                r.req.grammar.fill_bitmask(mask, j)
-        return mask
+        return fill_verify_bitmask([r.req.grammar for r in rows], bases, [r.draft for r in rows],
+                                   num_positions, self.vocab_size)

@@ -79,6 +79,9 @@ class OutputProcessor:
         }
         if req.grammar is not None and getattr(req.grammar, "budget_closed", False):
             meta["grammar_closed_early"] = True  # the constraint was closed to fit max_new_tokens
+        if req.spec_verify_ct:  # speculative decoding (SGLang's names): verify steps, tokens per verify step
+            meta["spec_verify_ct"] = req.spec_verify_ct
+            meta["spec_accept_length"] = (req.spec_accepted_tokens + req.spec_verify_ct) / req.spec_verify_ct
         if req.first_token_time is not None:  # lets a client time TTFT without per-token outputs
             meta["first_token_latency"] = req.first_token_time - req.created_time
         if req.return_logprob:

@@ -63,6 +63,10 @@ class Req:
     decoded_upto: int = 0  # output tokens whose text is final in `text`
     stop_checked_upto: int = 0
     sampling_state: Any = None  # the runner's per-request sampling state
+    # speculative decoding (runtime/speculative/)
+    draft_state: Any = None  # the drafter's per-request state (e.g. the n-gram index)
+    spec_verify_ct: int = 0  # verify steps this request ran with a draft
+    spec_accepted_tokens: int = 0  # drafts the target accepted over those steps
 
     def __post_init__(self) -> None:
         assert len(self.prompt_ids) > 0, "a request needs at least one prompt token"
@@ -123,10 +127,18 @@ class BatchRow:
     new_slots: list[int]  # where the new tokens' KV goes
     sample: bool  # the last new token's logits produce the next token
     logprob_targets: list[tuple[int, int]]  # (offset in input_ids, target token) for prompt logprobs
+    # A verify row (speculative decoding): input_ids = [pending token] + draft_len drafted tokens, one
+    # new slot each; the row samples at every one of its 1 + draft_len positions, in order, while the
+    # sampled token equals the next draft (runtime/executor/verify.py).
+    draft_len: int = 0
 
     @property
     def extend_len(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def draft(self) -> list[int]:
+        return self.input_ids[len(self.input_ids) - self.draft_len:] if self.draft_len else []
 
 
 @dataclass
@@ -146,3 +158,7 @@ class RowResult:
     prompt_logprobs: list[float] = field(default_factory=list)  # one per logprob_target
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     error: Optional[str] = None  # the row could not sample (e.g. grammar allows no token)
+    # A verify row's further tokens after token_id (accepted drafts, then the target's own token), in order.
+    next_token_ids: list[int] = field(default_factory=list)
+    next_logprobs: list[Optional[float]] = field(default_factory=list)
+    next_top_logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)

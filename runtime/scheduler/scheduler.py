@@ -24,6 +24,9 @@ from sgl.runtime.protocol import finish_reason_abort, finish_reason_length
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.policy import order_waiting, preemption_victim
 from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
+from sgl.runtime.scheduler.speculative_rows import make_speculative_rows
+from sgl.runtime.speculative import make_drafter
+from sgl.runtime.speculative.drafter import Drafter
 
 
 class ModelRunnerLike(Protocol):
@@ -43,6 +46,12 @@ class StepStats:
     num_preemptions: int = 0
     num_steps: int = 0
     jump_forward_tokens: int = 0
+    # speculative decoding (all 0 when off); spec_accept_rate = accepted / proposed drafts
+    spec_verify_ct: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accept_rate: float = 0.0
+    spec_accept_length: float = 0.0
 
 
 OutputCallback = Callable[[Req], None]
@@ -50,7 +59,7 @@ OutputCallback = Callable[[Req], None]
 
 class Scheduler:
     def __init__(self, args: ServerArgs, runner: ModelRunnerLike, output: OutputProcessor, pool_size: int,
-                 on_output: OutputCallback) -> None:
+                 on_output: OutputCallback, drafter: Optional[Drafter] = None) -> None:
         self.args = args
         self.runner = runner
         self.output = output
@@ -61,6 +70,7 @@ class Scheduler:
         self.running: list[Req] = []
         self.stats = StepStats()
         self._arrival = itertools.count()
+        self.spec = make_speculative_rows(args, drafter or make_drafter(args))  # None: no speculation
 
     # ---- requests in and out -----------------------------------------------------------
     def next_arrival(self) -> int:
@@ -122,15 +132,19 @@ class Scheduler:
         rows: list[BatchRow] = []
         # 1. decode: one slot per running request with one pending token.
         decoding = [r for r in self.running if r.pending_len == 1]
+        drafts = self.spec.drafts(decoding) if self.spec is not None else {}
+        if drafts and not self._ensure_free(len(decoding) + sum(len(d) for d in drafts.values())):
+            drafts = {}  # NOTE: the pool is short: decode without drafts rather than preempt for them
         while decoding and not self._ensure_free(len(decoding)):
             victim = preemption_victim(self.running)
             self._preempt(victim)
             if victim in decoding:
                 decoding.remove(victim)
         for req in sorted(decoding, key=lambda r: r.arrival):
-            slots = self.allocator.alloc(1)
+            draft = drafts.get(req, [])
+            slots = self.allocator.alloc(1 + len(draft))
             assert slots is not None
-            rows.append(self._row(req, 1, slots))
+            rows.append(self._row(req, 1, slots, draft))
         # 2. prefill: in-flight chunks first, then waiting requests in policy order.
         budget = self.args.max_prefill_tokens
         if self.args.chunk_size is not None:
@@ -177,7 +191,7 @@ class Scheduler:
         assert slots is not None
         return self._row(req, n, slots)
 
-    def _row(self, req: Req, n: int, slots: list[int]) -> BatchRow:
+    def _row(self, req: Req, n: int, slots: list[int], draft: Optional[list[int]] = None) -> BatchRow:
         start = req.kv_len
         fill = req.fill_ids
         sample = start + n == len(fill) and len(req.output_ids) < req.params.max_new_tokens
@@ -187,7 +201,9 @@ class Scheduler:
             lo = max(start, req.logprob_start_len - 1, 0)
             hi = min(start + n, len(req.prompt_ids) - 1)
             targets = [(p - start, req.prompt_ids[p + 1]) for p in range(lo, hi)]
-        return BatchRow(req, fill[start:start + n], start, slots, sample, targets)
+        draft = draft or []
+        assert not draft or (n == 1 and sample), "only a decoding row carries a draft"
+        return BatchRow(req, fill[start:start + n] + draft, start, slots, sample, targets, len(draft))
 
     def _ensure_free(self, n: int) -> bool:
         short = n - self.allocator.available
@@ -266,24 +282,50 @@ class Scheduler:
             return
         if res.error is not None:
             req.finish_reason = finish_reason_abort(res.error)
+            if row.draft_len:
+                self._trim_verify_row(row, res, 0)
         elif res.token_id is not None:
-            if req.grammar is not None and not req.grammar.accept(res.token_id):
-                req.finish_reason = finish_reason_abort(
-                    req.grammar.error or f"the constraint rejected token {res.token_id}")
-            else:
-                self._append(req, res.token_id, res.logprob, res.top_logprobs)
-                if req.grammar is not None and not req.finished and not self.args.disable_jump_forward:
-                    self._jump_forward(req)
+            appended = self._append_sampled(req, res)
+            if row.draft_len:
+                self._trim_verify_row(row, res, appended)
+            if req.grammar is not None and not req.finished and not self.args.disable_jump_forward:
+                self._jump_forward(req)
         elif req.pending_len == 0 and req.params.max_new_tokens == 0:
             req.finish_reason = finish_reason_length(0)
         if req.finished:
             self._finish(req)
             return
-        if row.extend_len > 1 and not self.cache.disabled:
+        if row.extend_len - row.draft_len > 1 and not self.cache.disabled:
             # a prefill chunk: share what is computed now, not when the request finishes
             self._cache_req(req, keep_locked=True)
         if req.stream and res.token_id is not None:
             self.on_output(req)
+
+    def _append_sampled(self, req: Req, res: RowResult) -> int:
+        """Append the row's sampled token(s) in order until the request finishes; -> how many."""
+        tokens = [(res.token_id, res.logprob, res.top_logprobs)]
+        tokens += zip(res.next_token_ids, res.next_logprobs, res.next_top_logprobs)
+        appended = 0
+        for tid, lp, top in tokens:
+            if req.grammar is not None and not req.grammar.accept(tid):
+                req.finish_reason = finish_reason_abort(req.grammar.error or f"the constraint rejected token {tid}")
+                break
+            self._append(req, tid, lp, top)
+            appended += 1
+            if req.finished:
+                break
+        return appended
+
+    def _trim_verify_row(self, row: BatchRow, res: RowResult, appended: int) -> None:
+        """Keep the KV of the verified tokens, free the rejected drafts' slots now (see speculative_rows.py)."""
+        assert self.spec is not None
+        req = row.req
+        keep = max(appended, 1)  # the pending token's KV is valid even if nothing was appended
+        cut = row.start + keep
+        assert req.slots[row.start:] == row.new_slots
+        self.allocator.free(req.slots[cut:])
+        del req.slots[cut:]
+        self.spec.record(req, row.draft_len, len(res.next_token_ids))
 
     def _append(self, req: Req, token_id: int, logprob: Optional[float],
                 top: Optional[list[tuple[int, float]]]) -> None:
@@ -325,6 +367,10 @@ class Scheduler:
         s.num_queue_reqs = len(self.waiting)
         s.token_usage = 1.0 - self.allocator.available / self.allocator.size
         s.cache_hit_rate = s.cached_tokens_total / s.prompt_tokens_total if s.prompt_tokens_total else 0.0
+        if self.spec is not None:
+            sp = self.spec.stats
+            s.spec_verify_ct, s.spec_draft_tokens, s.spec_accepted_tokens = sp.verify_ct, sp.draft_tokens, sp.accepted_tokens
+            s.spec_accept_rate, s.spec_accept_length = sp.accept_rate, sp.accept_length
 
     def check_integrity(self) -> None:
         """free + cached + held by requests == pool size, and the tree's own invariants."""

@@ -47,13 +47,52 @@ class FakeRunner:
         self.batches.append([(r.req.rid, r.start, r.extend_len) for r in batch.rows])
         for row in batch.rows:
             req, fill = row.req, row.req.fill_ids
-            assert row.start == req.kv_len and row.input_ids == fill[row.start:row.start + row.extend_len]
+            n = row.extend_len - row.draft_len  # tokens of fill_ids; a verify row adds its drafts
+            assert row.start == req.kv_len and row.input_ids[:n] == fill[row.start:row.start + n]
+            assert len(row.new_slots) == row.extend_len
             for pos, slot in enumerate(req.slots):
                 assert self.kv.get(slot) == (pos, fill[pos]), f"{req.rid}: slot {slot} at {pos} holds {self.kv.get(slot)}"
             for k, slot in enumerate(row.new_slots):
-                self.kv[slot] = (row.start + k, fill[row.start + k])
-            end = row.start + row.extend_len
+                self.kv[slot] = (row.start + k, row.input_ids[k])
+            end = row.start + n
             res = RowResult(token_id=next_token(fill[:end]) if row.sample else None, logprob=-0.5)
+            if row.sample:  # verify: the target's chain while it matches the drafts, then one more
+                seq = fill[:end]
+                for d in row.draft:
+                    if next_token(seq) != d:
+                        break
+                    seq = seq + [d]
+                    res.next_token_ids.append(next_token(seq))
+                    res.next_logprobs.append(-0.5)
+                    res.next_top_logprobs.append(None)
             res.prompt_logprobs = [-float(tid) for _, tid in row.logprob_targets]
             results.append(res)
         return results
+
+
+class NoisyOracleDrafter:
+    """Proposes the true continuation with random corruptions (the fake runner's targets), so
+    verify rows accept some drafts and reject others."""
+
+    name = "noisy-oracle"
+
+    def __init__(self, seed: int, p_wrong: float = 0.3) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+        self.p_wrong = p_wrong
+        self.proposed: list[int] = []  # draft lengths, for tests that want to see drafts happen
+
+    def propose(self, reqs, k):  # noqa: ANN001, ANN201 - the Drafter protocol
+        from sgl.runtime.speculative.drafter import Draft
+
+        out = []
+        for req in reqs:
+            seq, draft = list(req.fill_ids), []
+            for _ in range(self.rng.randrange(0, k + 1)):
+                t = next_token(seq) if self.rng.random() > self.p_wrong else self.rng.randrange(1, VOCAB)
+                draft.append(t)
+                seq.append(t)
+            self.proposed.append(len(draft))
+            out.append(Draft(draft))
+        return out

@@ -1,0 +1,71 @@
+"""The scheduler's side of speculative decoding: which decoding requests get a draft this step, and
+the acceptance counters. No tensors.
+
+A verify row holds [pending token] + draft, one new KV slot per token. After the step the scheduler
+keeps the slots of the tokens it appended (the pending token's and the accepted drafts'), and frees
+the rest at once: with `m` tokens appended, slots [0, m) hold pending, d_1..d_{m-1}, which equal
+the appended tokens t_0..t_{m-2}; the last appended token becomes the new pending one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from sgl.runtime.config import ServerArgs
+from sgl.runtime.metrics import record_spec_accept_length
+from sgl.runtime.speculative.drafter import Drafter
+from sgl.runtime.scheduler.request import Req
+
+
+@dataclass
+class SpecStats:
+    verify_ct: int = 0  # verify rows run (rows with a non-empty draft)
+    draft_tokens: int = 0  # drafts proposed in those rows
+    accepted_tokens: int = 0  # drafts the target accepted
+
+    @property
+    def accept_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def accept_length(self) -> float:
+        """Mean tokens produced per verify row (accepted drafts + the target's own token)."""
+        return (self.accepted_tokens + self.verify_ct) / self.verify_ct if self.verify_ct else 0.0
+
+
+class SpeculativeRows:
+    def __init__(self, args: ServerArgs, drafter: Drafter) -> None:
+        self.drafter = drafter
+        self.k = args.speculative_num_draft_tokens
+        self.max_batch = args.speculative_max_batch
+        self.stats = SpecStats()
+
+    def drafts(self, decoding: Sequence[Req]) -> dict[Req, list[int]]:
+        """Non-empty drafts for some of `decoding` (requests with one pending token), or {}.
+
+        No drafts when the batch is compute-bound (more rows than `--speculative-max-batch`): a
+        verify row of 1 + k tokens then costs about 1 + k decode rows. A draft never asks for more
+        tokens than the request may still produce (t_0 plus k accepted drafts <= room)."""
+        if not decoding or len(decoding) > self.max_batch:
+            return {}
+        out: dict[Req, list[int]] = {}
+        for req, draft in zip(decoding, self.drafter.propose(decoding, self.k)):
+            room = req.params.max_new_tokens - len(req.output_ids) - 1
+            ids = draft.token_ids[: max(0, min(self.k, room))]
+            if ids:
+                out[req] = list(ids)
+        return out
+
+    def record(self, req: Req, draft_len: int, accepted: int) -> None:
+        """One verify row ran: `accepted` of its `draft_len` drafts matched the target's tokens."""
+        record_spec_accept_length(1 + accepted)  # tokens this verify step produced
+        req.spec_verify_ct += 1
+        req.spec_accepted_tokens += accepted
+        self.stats.verify_ct += 1
+        self.stats.draft_tokens += draft_len
+        self.stats.accepted_tokens += accepted
+
+
+def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter]) -> Optional[SpeculativeRows]:
+    return SpeculativeRows(args, drafter) if drafter is not None else None
