@@ -215,6 +215,10 @@ def read_gguf(path: str, show_progress: bool = True, native: bool = False) -> GG
     arch = meta.get("general.architecture", "llama")
     shapes = {hf_tensor_name(t.name, arch) or t.name: t.shape for t in file.tensors}
     config = gguf_model_config(meta, shapes)
+    if arch == "gemma3" and not meta.get("tokenizer.chat_template"):  # base-model files carry none
+        from sgl.runtime.models.gemma3 import GEMMA3_CHAT_TEMPLATE
+
+        meta = {**meta, "tokenizer.chat_template": GEMMA3_CHAT_TEMPLATE}
     tokenizer = Tokenizer.from_gguf(meta)
     tokenizer.name_or_path = path
     quantized = any(len(t.shape) == 2 and native_qtype_supported(t.qtype.name.lower()) for t in file.tensors)
