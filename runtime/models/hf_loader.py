@@ -61,8 +61,17 @@ def load_hf_model(
     """Build the model from `folder`'s config.json and fill it from its safetensors (cast to `dtype`).
     `quantize` ("q8_0" | "q4_0"): native weights, each linear weight quantized at load (fp32 activations)."""
     config = read_hf_config(folder)
-    model = LlamaForCausalLM(config, dtype=dtype, device=device, native=quantize is not None)
     weights = iter_safetensors(safetensors_files(folder), show_progress)
+    if config.architecture == "gemma3":
+        from sgl.runtime.models.gemma3 import Gemma3ForCausalLM
+
+        if quantize is not None:
+            raise ValueError("--quantize is not supported for Gemma 3 (its weights run as float32/bfloat16)")
+        # the text model of a Gemma3ForConditionalGeneration checkpoint is under language_model.
+        gemma = Gemma3ForCausalLM(config, dtype=dtype, device=device)
+        gemma.load_weights((name.replace("language_model.", "", 1), t) for name, t in weights)
+        return gemma.eval(), config  # type: ignore[return-value]
+    model = LlamaForCausalLM(config, dtype=dtype, device=device, native=quantize is not None)
     if quantize is None:
         model.load_weights(weights)
     else:

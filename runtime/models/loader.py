@@ -97,6 +97,14 @@ def load_model(
         if quantize is not None:
             raise ValueError("quantize applies to Hugging Face folders; a GGUF file runs in its own block formats")
         gguf = read_gguf(path, show_progress=show_progress)
+        if gguf.config.architecture == "gemma3":  # every block type dequantized at load (no native kernels)
+            from sgl.runtime.models.gemma3 import Gemma3ForCausalLM
+
+            if weight_format == "native":
+                raise ValueError("weight_format native is not supported for Gemma 3; use fp32 (or auto)")
+            gemma = Gemma3ForCausalLM(gguf.config, dtype=torch_dtype, device=device)
+            gemma.load_weights(gguf.weights)
+            return LoadedModel(gemma.eval(), gguf.config, gguf.tokenizer, path, "fp32")  # type: ignore[arg-type]
         fmt = resolve_weight_format(weight_format, device, torch_dtype, gguf.quantized, None)
         model = LlamaForCausalLM(gguf.config, dtype=torch_dtype, device=device, native=fmt == "native")
         if fmt == "native":
