@@ -81,7 +81,10 @@ class ServerArgs:
     # Server
     host: str = "127.0.0.1"
     port: int = 30000
-    api_key: Optional[str] = None
+    api_key: Optional[str] = dataclasses.field(default=None, repr=False)  # NOTE: repr=False: never in logs
+    allow_unauthenticated: bool = False  # a non-loopback --host without --api-key(s) is refused unless set
+    cors_allow_origins: Optional[str] = None  # comma-separated origins ("*" = any); None = no CORS headers
+    allowed_path_roots: Optional[str] = None  # comma-separated dirs admin load routes may read; None = none
     enable_metrics: bool = False
     max_request_bytes: int = 8 * 1024 * 1024
     max_n: int = 16  # largest `n` a request may ask for

@@ -300,6 +300,8 @@ class Engine:
     def get_server_info(self) -> dict[str, Any]:
         info = {k: v for k, v in vars(self.server_args).items() if k != "api_key"}
         info.update(self.get_stats())
+        kv = getattr(self.scheduler.runner, "kv", None)  # NOTE: first-touched KV pages (reads smaps: not in get_stats)
+        info["kv_pool_resident_bytes"] = kv.resident_bytes() if hasattr(kv, "resident_bytes") else 0
         info["version"] = "0.1.0"
         return info
 
