@@ -353,5 +353,6 @@ def _make_grammar_compiler(args: ServerArgs, tokenizer: Any, vocab_size: int) ->
         return None
     vocab = Vocabulary.from_tokenizer(tokenizer.backend, tokenizer.eos_token_ids, vocab_size)
     return GrammarCompiler(vocab, backend=args.grammar_backend, json_whitespace=args.json_whitespace,
-                           compile_timeout_s=args.grammar_compile_timeout, strict_json=args.json_strict)
+                           compile_timeout_s=args.grammar_compile_timeout, strict_json=args.json_strict,
+                           cache_bytes=args.grammar_cache_max_bytes)
 
