@@ -6,8 +6,9 @@
 Traffic, from `--clients` threads: streams read to the end, streams dropped after a few tokens
 (disconnects), streams aborted by rid, regex and JSON-schema constrained requests, OpenAI chat, and
 bad requests (each must be a 400). Every `--interval` s it samples the server's RSS, open file
-descriptors, threads and KV pool use. At the end (idle) it runs /check_integrity. It fails (exit 1)
-when RSS grows faster than `--max-rss-slope` MB/min after the warm-up, when fds or threads grow,
+descriptors, threads, KV pool use and the KV pool's resident pages. At the end (idle) it runs
+/check_integrity. It fails (exit 1) when the RSS minus the KV pool's first-touched pages grows faster
+than `--max-rss-slope` MB/min after the warm-up (the raw RSS slope is reported too), when fds or threads grow,
 when any response is a 5xx, or when the integrity check fails. Results: benchmarks/results/soak.json.
 """
 
@@ -84,17 +85,23 @@ def sample(proc: psutil.Process, url: str, t0: float) -> dict[str, Any]:
     with proc.oneshot():
         rss = proc.memory_info().rss
         fds, threads = proc.num_fds(), proc.num_threads()
-    stats = httpx.get(url + "/server_info", timeout=30).json()["internal_states"][0]
-    return {"t": round(time.monotonic() - t0, 1), "rss_mb": round(rss / 2**20, 1), "fds": fds, "threads": threads,
+    info = httpx.get(url + "/server_info", timeout=30).json()
+    stats = info["internal_states"][0]
+    kv_mb = float(info.get("kv_pool_resident_bytes") or 0) / 2**20
+    return {"t": round(time.monotonic() - t0, 1), "rss_mb": round(rss / 2**20, 1), "kv_resident_mb": round(kv_mb, 1),
+            # NOTE: the KV pool is allocated untouched; its pages join the RSS as slots are first used (bounded
+            # by the pool). RSS minus them is what a leak would grow.
+            "rss_minus_kv_mb": round(rss / 2**20 - kv_mb, 1), "fds": fds, "threads": threads,
             "kv_usage": round(float(stats.get("token_usage") or 0.0), 4),  # 1 - free / pool (cached counts as used)
             "running": stats.get("num_running_reqs")}
 
 
-def slope_mb_per_min(samples: list[dict[str, Any]]) -> float:
+def slope_mb_per_min(samples: list[dict[str, Any]], key: str = "rss_minus_kv_mb") -> float:
+    """Least-squares slope of `key` over time, MB per minute."""
     if len(samples) < 2:
         return 0.0
     ts = [s["t"] / 60 for s in samples]
-    ys = [s["rss_mb"] for s in samples]
+    ys = [s[key] for s in samples]
     mt, my = sum(ts) / len(ts), sum(ys) / len(ys)
     var = sum((t - mt) ** 2 for t in ts)
     return sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / var if var else 0.0
@@ -127,8 +134,11 @@ def run(url: str, pid: int, seconds: float, warmup: float, interval: float, clie
     return {"seconds": seconds, "warmup_s": warmup, "clients": clients, "requests": sum(counts.values()),
             "counts": dict(sorted(counts.items())), "errors": errors[:20], "num_errors": len(errors),
             "server_errors": sum(v for k, v in counts.items() if k.split(":")[1].startswith("5")),
-            "rss_slope_mb_per_min": round(slope_mb_per_min(steady), 2),
+            "rss_slope_mb_per_min": round(slope_mb_per_min(steady), 2),  # RSS minus first-touched KV pages
+            "raw_rss_slope_mb_per_min": round(slope_mb_per_min(steady, "rss_mb"), 2),
             "rss_mb_first": steady[0]["rss_mb"], "rss_mb_last": final["rss_mb"],
+            "rss_minus_kv_mb_first": steady[0]["rss_minus_kv_mb"], "rss_minus_kv_mb_last": final["rss_minus_kv_mb"],
+            "kv_resident_mb_last": final["kv_resident_mb"],
             "fds_first": steady[0]["fds"], "fds_last": final["fds"],
             "threads_first": steady[0]["threads"], "threads_last": final["threads"],
             "kv_usage_max": max((x["kv_usage"] for x in samples), default=0.0),
@@ -139,7 +149,7 @@ def run(url: str, pid: int, seconds: float, warmup: float, interval: float, clie
 def verdict(res: dict[str, Any], max_slope: float) -> list[str]:
     bad = []
     if res["rss_slope_mb_per_min"] > max_slope:
-        bad.append(f"RSS grows {res['rss_slope_mb_per_min']} MB/min (limit {max_slope})")
+        bad.append(f"RSS minus first-touched KV pages grows {res['rss_slope_mb_per_min']} MB/min (limit {max_slope})")
     if res["fds_last"] > res["fds_first"] + 8:
         bad.append(f"open fds grew {res['fds_first']} -> {res['fds_last']}")
     if res["threads_last"] > res["threads_first"] + 4:

@@ -25,6 +25,27 @@ DEFAULT_BACKEND = "llguidance"
 ConstraintValue = Union[str, dict, Sequence[str]]
 
 
+# Size estimate of one cached compiled grammar (measured with llguidance on 180 JSONSchemaBench
+# Github_medium schemas, 49K vocabulary: ~200 KiB each at ~1.1K normalized-schema chars, incl. the
+# shared first mask): a fixed part + a part that grows with the normalized source.
+GRAMMAR_BASE_BYTES = 64 * 1024
+GRAMMAR_BYTES_PER_SOURCE_CHAR = 128
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+
+
+def estimate_grammar_bytes(grammar: CompiledGrammar, vocab_size: int) -> int:
+    """Bytes a compiled grammar holds while cached: the backend's own figure when it reports one
+    (`memory_size_bytes`), else an estimate from the normalized source length, plus its first mask."""
+    own = getattr(grammar, "memory_size_bytes", None)
+    spec = getattr(grammar, "spec", None)
+    value = getattr(spec, "value", "")
+    source = sum(len(v) for v in value) if isinstance(value, tuple) else len(str(value))
+    est = own() if callable(own) else own
+    if not isinstance(est, int) or est <= 0:
+        est = GRAMMAR_BASE_BYTES + GRAMMAR_BYTES_PER_SOURCE_CHAR * source
+    return est + 4 * ((vocab_size + 31) // 32)  # + the int32 first mask shared by its matchers
+
+
 def _key(kind: str, value: ConstraintValue) -> tuple[str, str]:
     if kind == "choices":
         return kind, json.dumps(list(value))
@@ -39,11 +60,14 @@ class GrammarCompiler:
     backend: "llguidance" (default), "xgrammar" or "outlines". json_whitespace: "compact" (no blanks
     between JSON tokens) or "flexible" (at most `max_whitespace` blanks in a row). strict_json: reject
     overlapping ``oneOf`` and ``uniqueItems: true`` (True) or accept them with a warning (False).
+    The cache holds at most `cache_size` grammars and `cache_bytes` estimated bytes
+    (`estimate_grammar_bytes`), evicting the least recently used compiled ones first; a grammar larger
+    than `cache_bytes` alone is returned but not kept.
     """
 
     def __init__(self, vocab: Vocabulary, backend: str = DEFAULT_BACKEND, json_whitespace: str = "compact",
                  compile_timeout_s: float = 30.0, cache_size: int = 256, *, max_whitespace: int = 4,
-                 strict_json: bool = True, num_threads: int = 2):
+                 strict_json: bool = True, num_threads: int = 2, cache_bytes: int = DEFAULT_CACHE_BYTES):
         if json_whitespace not in ("compact", "flexible"):
             raise ValueError(f"json_whitespace must be 'compact' or 'flexible', got {json_whitespace!r}")
         self.vocab = vocab
@@ -52,13 +76,15 @@ class GrammarCompiler:
         self.max_whitespace = max_whitespace
         self.compile_timeout_s = compile_timeout_s
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self._sizes: dict[tuple[str, str], int] = {}  # estimated bytes of each compiled, cached grammar
         self.strict_json = strict_json
         self.backend = get_backend(backend, vocab, BackendOptions(json_whitespace, max_whitespace))
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="grammar-compile")
         self._cache: "OrderedDict[tuple[str, str], Future]" = OrderedDict()
         self._specs: "OrderedDict[tuple[str, str], GrammarSpec]" = OrderedDict()  # validated, not yet compiled
         self._lock = threading.Lock()
-        self.stats = {"hits": 0, "misses": 0, "timeouts": 0, "errors": 0}
+        self.stats = {"hits": 0, "misses": 0, "timeouts": 0, "errors": 0, "evicted_for_bytes": 0}
 
     # --- validation (sync, fast) ----------------------------------------------------------------
     def to_spec(self, kind: str, value: ConstraintValue) -> GrammarSpec:
@@ -113,8 +139,7 @@ class GrammarCompiler:
             fut = Future()
             fut.set_running_or_notify_cancel()
             self._cache[key] = fut
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            self._trim()
         timer = threading.Timer(self.compile_timeout_s, self._time_out, args=(key, fut))
         timer.daemon = True
         timer.start()
@@ -137,13 +162,34 @@ class GrammarCompiler:
             _settle(fut, exc=err)
             return
         timer.cancel()
+        size = estimate_grammar_bytes(grammar, self.vocab.vocab_size)
         if not _settle(fut, result=grammar):  # timed out meanwhile: still cache the late result
-            done: Future = Future()
-            done.set_result(grammar)
+            fut = Future()
+            fut.set_result(grammar)
             with self._lock:
-                self._cache[key] = done
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                self._cache[key] = fut
+        with self._lock:
+            if self._cache.get(key) is fut:  # NOTE: not if cleared or evicted while compiling
+                self._sizes[key] = size
+                self._trim(keep=key)
+
+    def _trim(self, keep: Optional[tuple[str, str]] = None) -> None:
+        """Evict least recently used entries over `cache_size` entries or `cache_bytes` (lock held).
+        Pending compilations count 0 bytes until done. `keep` (just compiled) goes last, and only when
+        it alone is over the byte bound."""
+        while len(self._cache) > self.cache_size:
+            self._sizes.pop(self._cache.popitem(last=False)[0], None)
+        total = sum(self._sizes.values())
+        for k in [k for k in self._cache if k in self._sizes and k != keep]:
+            if total <= self.cache_bytes:
+                break
+            del self._cache[k]
+            total -= self._sizes.pop(k)
+            self.stats["evicted_for_bytes"] += 1
+        if keep is not None and total > self.cache_bytes and keep in self._sizes:
+            del self._cache[keep]
+            self._sizes.pop(keep)
+            self.stats["evicted_for_bytes"] += 1
 
     def _time_out(self, key: tuple[str, str], fut: Future) -> None:
         if _settle(fut, exc=GrammarTimeout(f"grammar compilation took longer than {self.compile_timeout_s:g} s")):
@@ -154,13 +200,20 @@ class GrammarCompiler:
         with self._lock:
             if self._cache.get(key) is fut:
                 del self._cache[key]
+                self._sizes.pop(key, None)
 
     def cache_len(self) -> int:
         return len(self._cache)
 
+    def cache_nbytes(self) -> int:
+        """Estimated bytes of the compiled grammars cached now (<= cache_bytes)."""
+        with self._lock:
+            return sum(self._sizes.values())
+
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._sizes.clear()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -66,6 +66,7 @@ class ServerArgs:
     # Constrained decoding
     grammar_backend: str = "llguidance"
     grammar_compile_timeout: float = 30.0
+    grammar_cache_max_bytes: int = 64 * 1024 * 1024  # compiled grammars kept (estimated bytes, LRU)
     json_whitespace: str = "compact"
     json_strict: bool = True  # --no-json-strict: overlapping oneOf as anyOf, uniqueItems ignored (warned)
     disable_jump_forward: bool = False
@@ -86,7 +87,10 @@ class ServerArgs:
     # Server
     host: str = "127.0.0.1"
     port: int = 30000
-    api_key: Optional[str] = None
+    api_key: Optional[str] = dataclasses.field(default=None, repr=False)  # NOTE: repr=False: never in logs
+    allow_unauthenticated: bool = False  # a non-loopback --host without --api-key(s) is refused unless set
+    cors_allow_origins: Optional[str] = None  # comma-separated origins ("*" = any); None = no CORS headers
+    allowed_path_roots: Optional[str] = None  # comma-separated dirs admin load routes may read; None = none
     enable_metrics: bool = False
     max_request_bytes: int = 8 * 1024 * 1024
     max_n: int = 16  # largest `n` a request may ask for
@@ -134,7 +138,7 @@ class ServerArgs:
         if self.json_whitespace not in ("compact", "flexible"):
             raise ValueError("json_whitespace must be 'compact' or 'flexible'")
         for name in ("max_request_new_tokens", "max_batch_size", "max_stop_strings", "max_stop_string_chars",
-                     "max_logit_bias", "max_grammar_bytes", "grammar_max_size"):
+                     "max_logit_bias", "max_grammar_bytes", "grammar_max_size", "grammar_cache_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

@@ -300,6 +300,8 @@ class Engine:
     def get_server_info(self) -> dict[str, Any]:
         info = {k: v for k, v in vars(self.server_args).items() if k != "api_key"}
         info.update(self.get_stats())
+        kv = getattr(self.scheduler.runner, "kv", None)  # NOTE: first-touched KV pages (reads smaps: not in get_stats)
+        info["kv_pool_resident_bytes"] = kv.resident_bytes() if hasattr(kv, "resident_bytes") else 0
         info["version"] = "0.1.0"
         return info
 
@@ -351,5 +353,6 @@ def _make_grammar_compiler(args: ServerArgs, tokenizer: Any, vocab_size: int) ->
         return None
     vocab = Vocabulary.from_tokenizer(tokenizer.backend, tokenizer.eos_token_ids, vocab_size)
     return GrammarCompiler(vocab, backend=args.grammar_backend, json_whitespace=args.json_whitespace,
-                           compile_timeout_s=args.grammar_compile_timeout, strict_json=args.json_strict)
+                           compile_timeout_s=args.grammar_compile_timeout, strict_json=args.json_strict,
+                           cache_bytes=args.grammar_cache_max_bytes)
 

@@ -55,6 +55,14 @@ def _sampling_params(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    from sgl.runtime.security import check_bind_policy
+
+    args = ns.server_args
+    try:  # NOTE: before any model loads; the router (--dp-size) listens on the same --host
+        check_bind_policy(args.host, args.api_key, args.api_keys, args.allow_unauthenticated)
+    except ValueError as exc:
+        print(f"sgl serve: error: {exc}", file=sys.stderr)
+        return 2
     if ns.server_args.dp_size > 1:  # N replica processes behind the router (runtime/router/launch.py)
         from sgl.runtime.router.launch import launch_dp
 

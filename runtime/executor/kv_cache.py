@@ -14,6 +14,7 @@ from typing import Union
 import torch
 
 from sgl.kernels.dispatch import store_kvcache
+from sgl.runtime.memory_probe import resident_bytes
 from sgl.runtime.models.config import ModelConfig
 from sgl.runtime.models.weight_arena import alloc_huge
 
@@ -64,6 +65,13 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    def resident_bytes(self) -> int:
+        """Bytes of the pools the OS has mapped so far (first-touched pages; <= nbytes + 4 MiB of pad).
+        0 off CPU or off Linux. A soak subtracts it from the RSS to see leaks (runtime/memory_probe.py)."""
+        if self.device.type != "cpu":
+            return 0
+        return resident_bytes([(t.data_ptr(), t.data_ptr() + t.nbytes) for t in (self.k, self.v)])
 
     def k_buffer(self, layer: int) -> torch.Tensor:
         return self._k_layers[layer]  # [num_slots, Hkv, D]

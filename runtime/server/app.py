@@ -14,6 +14,7 @@ import logging
 from typing import Any, Optional
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sgl.runtime.metrics import get_metrics
@@ -122,4 +123,8 @@ def create_app(engine: Any, server_args: Any = None) -> FastAPI:
     # NOTE: with --api-keys the tenancy middleware checks every key (--api-key included), not the guard
     guard_key = None if getattr(args, "api_keys", None) else args.api_key
     app.add_middleware(GuardMiddleware, api_key=guard_key, max_request_bytes=args.max_request_bytes)
+    origins = [o.strip() for o in (getattr(args, "cors_allow_origins", None) or "").split(",") if o.strip()]
+    if origins:  # NOTE: added last = outermost, so a preflight OPTIONS is answered before the key check
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
     return app

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import uvicorn
 
+from sgl.runtime.security import check_bind_policy, key_fingerprint
 from sgl.runtime.server.app import create_app
 
 logger = logging.getLogger("sgl.server")
@@ -47,8 +48,19 @@ class _Server(uvicorn.Server):
                     "'{\"text\": \"Hello\", \"sampling_params\": {\"max_new_tokens\": 16}}')", url, url, url)
 
 
+def check_security(server_args: Any) -> None:
+    """The bind policy (runtime/security.py), checked before the model loads; logs the key's fingerprint."""
+    check_bind_policy(server_args.host, server_args.api_key, getattr(server_args, "api_keys", None),
+                      getattr(server_args, "allow_unauthenticated", False))
+    if server_args.api_key:
+        logger.info("API key required (%s)", key_fingerprint(server_args.api_key))  # NOTE: never the key itself
+    elif getattr(server_args, "allow_unauthenticated", False):
+        logger.warning("serving %s WITHOUT an API key (--allow-unauthenticated)", server_args.host)
+
+
 def serve(engine: Any, server_args: Any) -> None:
     """Serve an already built engine until SIGTERM/SIGINT; the caller owns `engine.shutdown()`."""
+    check_security(server_args)
     app = create_app(engine, server_args)
     config = uvicorn.Config(app, host=server_args.host, port=server_args.port, log_config=None,
                             log_level=server_args.log_level, access_log=False,
@@ -67,6 +79,7 @@ def serve(engine: Any, server_args: Any) -> None:
 def launch_server(server_args: Any) -> None:
     """Build the engine from `server_args` (a ServerArgs), serve it, shut it down on exit."""
     configure_logging(server_args.log_level)
+    check_security(server_args)  # NOTE: fail before the model loads, not after
     from sgl.runtime.engine import Engine  # NOTE: function-local: the HTTP layer imports no torch
 
     logger.info("loading model %s", server_args.model_path)
