@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.metrics import record_grammar_compilation
 from sgl.runtime.engine_io import (RequestSink, build_requests, finished_dict, validate_prompt_length)
-from sgl.runtime.protocol import GenerateRequest, RequestError, finish_reason_abort
+from sgl.runtime.protocol import PRIORITY_CLASSES, GenerateRequest, RequestError, finish_reason_abort
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.scheduler.scheduler import Scheduler
@@ -274,7 +274,9 @@ class Engine:
         # NOTE: the step gauges go stale once the engine idles (no step runs to refresh them); the counts
         # are read live (len() of a list is atomic under the GIL) so /metrics and /server_info drop to 0.
         stats["num_running_reqs"] = len(self.scheduler.running)
-        stats["num_queue_reqs"] = len(self.scheduler.waiting)
+        waiting = list(self.scheduler.waiting)
+        stats["num_queue_reqs"] = len(waiting)
+        stats["per_class_queues"] = {c: sum(r.priority_class == c for r in waiting) for c in PRIORITY_CLASSES}
         return stats
 
     def get_cache_stats(self) -> dict[str, int]:

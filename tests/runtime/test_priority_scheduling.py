@@ -171,3 +171,26 @@ def test_outputs_match_reference_with_classes_and_swaps(seed: int, config: dict)
     for i, (prompt, max_new, _) in enumerate(work):
         if f"r{i}" not in aborted:
             assert done[f"r{i}"].output_ids == reference_output(prompt, max_new), f"r{i} differs"
+
+
+def test_metrics_per_class_and_preemption_counters() -> None:
+    from sgl.runtime.metrics import ServerMetrics
+
+    m = ServerMetrics()
+    s, _, _ = make(1000, host=100, max_running_requests=1)
+    add(s, "b", list(range(1, 21)), 50, priority_class="batch")
+    s.step()
+    add(s, "r", [1, 2], 3, priority_class="realtime")
+    add(s, "r2", [3, 4], 3, priority_class="realtime")
+    s.step()
+    m.update_from_stats("m", vars(s.stats))
+    m.update_from_stats("m", vars(s.stats))  # a second scrape adds only what grew since the first
+    m.observe_first_token("m", 0.3, "realtime")
+    text = m.render().decode()
+    assert 'sgl:num_preemptions_total{model_name="m",mode="swap"} 1.0' in text
+    assert 'sgl:swap_bytes_total{model_name="m",direction="out"} 21.0' in text  # 20 prompt + 1 decoded
+    assert 'sgl:num_queue_reqs_by_class{model_name="m",priority_class="batch"} 1.0' in text
+    assert 'sgl:num_queue_reqs_by_class{model_name="m",priority_class="realtime"} 1.0' in text
+    assert 'sgl:host_kv_used_tokens{model_name="m"} 21.0' in text
+    assert 'sgl:time_to_first_token_by_class_seconds_count{model_name="m",priority_class="realtime"} 1.0' in text
+    run_to_end(s)
