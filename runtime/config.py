@@ -17,11 +17,14 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from sgl.runtime.protocol import PRIORITY_CLASSES
+
 SCHEDULE_POLICIES = ("fcfs", "lpm", "priority")
 GRAMMAR_BACKENDS = ("outlines", "xgrammar", "llguidance", "none")
 WEIGHT_FORMATS = ("auto", "fp32", "native")  # runtime/models/loader.py: what auto picks
 QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize for Hugging Face folders (round-to-nearest per 32-block)
 SPECULATIVE_ALGORITHMS = ("NGRAM",)  # runtime/speculative/: the drafters built so far
+PREEMPTION_MODES = ("swap", "recompute")
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")  # == sgl.runtime.router.policy.POLICIES
 
 
@@ -63,6 +66,11 @@ class ServerArgs:
     chunked_prefill_size: int = 512  # -1 disables chunking
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
+    # Priority classes and preemption (runtime/scheduler/fair_share.py, preemption.py; runtime/cache/host_pool.py)
+    priority_weights: str = "realtime=10,standard=5,batch=1"  # admitted prefill tokens per class follow these
+    preemption_mode: str = "swap"  # swap: KV to the host tier and back (no recompute); recompute: drop and redo
+    swap_space: float = 1.0  # GB of host memory for swapped KV (allocated lazily: pages only when used)
+    swap_dir: Optional[str] = None  # back the host tier with a memory-mapped file in this directory
     # Constrained decoding
     grammar_backend: str = "llguidance"
     grammar_compile_timeout: float = 30.0
@@ -123,6 +131,13 @@ class ServerArgs:
             raise ValueError(f"grammar_backend must be one of {GRAMMAR_BACKENDS}, got {self.grammar_backend!r}")
         if self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
             raise ValueError("chunked_prefill_size must be -1 (disabled) or positive")
+        self.priority_weight_map  # noqa: B018 - validates the spec
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 GB, got {self.swap_space}")
+        if self.swap_dir is not None and not os.path.isdir(self.swap_dir):
+            raise ValueError(f"swap_dir: no such directory {self.swap_dir!r}")
         if self.max_running_requests < 1:
             raise ValueError("max_running_requests must be positive")
         if self.max_prefill_tokens < 1:
@@ -181,6 +196,22 @@ class ServerArgs:
         return self.num_threads or _physical_cores()
 
     @property
+    def priority_weight_map(self) -> dict[str, float]:
+        """`realtime=10,standard=5,batch=1` as {class: weight}; a class left out keeps weight 1."""
+        out = {c: 1.0 for c in PRIORITY_CLASSES}
+        for part in filter(None, (p.strip() for p in self.priority_weights.split(","))):
+            name, sep, value = part.partition("=")
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = -1.0
+            if not sep or name.strip() not in PRIORITY_CLASSES or not weight > 0:
+                raise ValueError(f"priority_weights: {part!r} is not <class>=<positive weight> with class one of "
+                                 f"{PRIORITY_CLASSES} (e.g. realtime=10,standard=5,batch=1)")
+            out[name.strip()] = weight
+        return out
+
+    @property
     def chunk_size(self) -> Optional[int]:
         """The prefill chunk size in tokens, or None when chunking is disabled."""
         return None if self.chunked_prefill_size == -1 else self.chunked_prefill_size
@@ -209,6 +240,8 @@ class ServerArgs:
                     kwargs["choices"] = GRAMMAR_BACKENDS
                 if f.name == "weight_format":
                     kwargs["choices"] = WEIGHT_FORMATS
+                if f.name == "preemption_mode":
+                    kwargs["choices"] = PREEMPTION_MODES
                 if f.name == "router_policy":
                     kwargs["choices"] = ROUTER_POLICIES
                 if f.name == "quantize":

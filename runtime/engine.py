@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.metrics import record_grammar_compilation
 from sgl.runtime.engine_io import (RequestSink, build_requests, finished_dict, validate_prompt_length)
-from sgl.runtime.protocol import GenerateRequest, RequestError, finish_reason_abort
+from sgl.runtime.protocol import PRIORITY_CLASSES, GenerateRequest, RequestError, finish_reason_abort
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.scheduler.scheduler import Scheduler
@@ -53,7 +53,9 @@ class Engine:
         pool_size = args.max_total_tokens or _default_pool_size(loaded.config, args)
         dtype = next(loaded.model.parameters()).dtype
         runner = ModelRunner(loaded.model, loaded.config, pool_size, self.tokenizer.eos_token_ids, dtype=dtype)
-        self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output)
+        mover, host_slots = _host_kv_tier(runner.kv, args)
+        self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
+                                   mover=mover, host_pool_size=host_slots)
         self.grammar = _make_grammar_compiler(args, self.tokenizer, loaded.config.vocab_size)
         self._sinks: dict[str, RequestSink] = {}
         self._cancelled: set[str] = set()  # aborted before reaching the scheduler (e.g. compiling)
@@ -184,10 +186,11 @@ class Engine:
     def generate(self, prompt: PromptArg = None, sampling_params: Any = None, input_ids: Any = None,
                  return_logprob: Any = False, logprob_start_len: Any = None, top_logprobs_num: Any = None,
                  return_text_in_logprobs: bool = False, stream: bool = False, rid: Any = None,
-                 priority: Optional[int] = None) -> Any:
+                 priority: Optional[int] = None, priority_class: Optional[str] = None) -> Any:
         """Generate for one prompt (dict), a list of prompts or n > 1 (list), or stream cumulative dicts."""
         reqs, is_batch = build_requests(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                                        top_logprobs_num, return_text_in_logprobs, stream, rid, priority)
+                                        top_logprobs_num, return_text_in_logprobs, stream, rid, priority,
+                                        priority_class)
         if stream:
             if len(reqs) != 1:
                 raise RequestError("stream=True takes a single prompt with n = 1")
@@ -214,9 +217,11 @@ class Engine:
     async def async_generate(self, prompt: PromptArg = None, sampling_params: Any = None, input_ids: Any = None,
                              return_logprob: Any = False, logprob_start_len: Any = None,
                              top_logprobs_num: Any = None, return_text_in_logprobs: bool = False,
-                             stream: bool = False, rid: Any = None, priority: Optional[int] = None) -> Any:
+                             stream: bool = False, rid: Any = None, priority: Optional[int] = None,
+                             priority_class: Optional[str] = None) -> Any:
         reqs, is_batch = build_requests(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                                        top_logprobs_num, return_text_in_logprobs, stream, rid, priority)
+                                        top_logprobs_num, return_text_in_logprobs, stream, rid, priority,
+                                        priority_class)
         if stream:
             if len(reqs) != 1:
                 raise RequestError("stream=True takes a single prompt with n = 1")
@@ -269,7 +274,9 @@ class Engine:
         # NOTE: the step gauges go stale once the engine idles (no step runs to refresh them); the counts
         # are read live (len() of a list is atomic under the GIL) so /metrics and /server_info drop to 0.
         stats["num_running_reqs"] = len(self.scheduler.running)
-        stats["num_queue_reqs"] = len(self.scheduler.waiting)
+        waiting = list(self.scheduler.waiting)
+        stats["num_queue_reqs"] = len(waiting)
+        stats["per_class_queues"] = {c: sum(r.priority_class == c for r in waiting) for c in PRIORITY_CLASSES}
         return stats
 
     def get_cache_stats(self) -> dict[str, int]:
@@ -325,6 +332,17 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _host_kv_tier(kv: Any, args: ServerArgs) -> tuple[Any, int]:
+    """The host tier for swap preemption (`--swap-space` GB; none in recompute mode or at 0 GB)."""
+    from sgl.runtime.executor.kv_mover import HostKVMover
+
+    per_slot = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * kv.k.element_size()
+    slots = int(args.swap_space * 1e9) // per_slot if args.preemption_mode == "swap" else 0
+    if slots < 1:
+        return None, 0
+    return HostKVMover(kv, slots, args.swap_dir), slots
 
 
 def _default_pool_size(config: Any, args: ServerArgs) -> int:

@@ -34,6 +34,9 @@ SPEC_BUCKETS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 # Engine.get_stats() key -> gauge name (without the prefix).
 GAUGE_KEYS = ("num_running_reqs", "num_queue_reqs", "token_usage", "cache_hit_rate")
 LABELS = ("model_name",)
+# Engine.get_stats() cumulative key -> (counter, label value): scrapes add the growth since the last one.
+PREEMPTION_KEYS = {"num_preemptions_swap": "swap", "num_preemptions_recompute": "recompute"}
+SWAP_BYTES_KEYS = {"swap_out_bytes": "out", "swap_in_bytes": "in"}
 
 
 class RecentLatencies:
@@ -95,9 +98,25 @@ class ServerMetrics:
             "sgl:spec_accept_length", "Tokens accepted per speculative verification step",
             buckets=SPEC_BUCKETS, registry=r)
         self.recent = RecentLatencies()
+        # Priority classes and the host KV tier (runtime/scheduler/fair_share.py, preemption.py)
+        self.class_queue = Gauge("sgl:num_queue_reqs_by_class", "Requests waiting, per priority class",
+                                 LABELS + ("priority_class",), registry=r)
+        self.class_ttft = Histogram("sgl:time_to_first_token_by_class_seconds", "Time to first token per class",
+                                    LABELS + ("priority_class",), buckets=TTFT_BUCKETS, registry=r)
+        self.preemptions = Counter("sgl:num_preemptions", "Running requests preempted, by how their KV was freed",
+                                   LABELS + ("mode",), registry=r)
+        self.swap_bytes = Counter("sgl:swap_bytes", "KV bytes copied between the device pool and the host tier",
+                                  LABELS + ("direction",), registry=r)
+        self.host_kv_used = Gauge("sgl:host_kv_used_tokens", "Host-tier KV slots holding swapped requests",
+                                  LABELS, registry=r)
+        self.host_kv_total = Gauge("sgl:host_kv_total_tokens", "Host-tier KV slots (--swap-space)", LABELS,
+                                   registry=r)
+        self._seen: dict[tuple[str, str], float] = {}  # (model, stats key) -> value at the last scrape
 
-    def observe_first_token(self, model: str, seconds: float) -> None:
+    def observe_first_token(self, model: str, seconds: float, priority_class: Optional[str] = None) -> None:
         self.ttft.labels(model).observe(seconds)
+        if priority_class:
+            self.class_ttft.labels(model, priority_class).observe(seconds)
         self.recent.add(self.recent.ttft, seconds)
 
     def observe_inter_token(self, model: str, seconds: float, num_tokens: int = 1) -> None:
@@ -126,6 +145,19 @@ class ServerMetrics:
             value = stats.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.gauges[key].labels(model).set(value)
+        for cls, depth in (stats.get("per_class_queues") or {}).items():
+            self.class_queue.labels(model, cls).set(depth)
+        for keys, counter in ((PREEMPTION_KEYS, self.preemptions), (SWAP_BYTES_KEYS, self.swap_bytes)):
+            for key, label in keys.items():
+                value = stats.get(key)
+                if isinstance(value, (int, float)):
+                    grew = value - self._seen.get((model, key), 0)
+                    self._seen[(model, key)] = value
+                    if grew > 0:  # NOTE: the engine's counts only grow; a restart with a new engine resets them
+                        counter.labels(model, label).inc(grew)
+        if "host_kv_total_tokens" in stats:
+            self.host_kv_used.labels(model).set(stats.get("host_kv_used_tokens") or 0)
+            self.host_kv_total.labels(model).set(stats["host_kv_total_tokens"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

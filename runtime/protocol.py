@@ -17,6 +17,8 @@ from typing import Any, Optional, Union
 
 GREEDY_EPS = 1e-6
 MAX_STOP_STRINGS = 32
+# Scheduling classes, most urgent first (runtime/scheduler/fair_share.py weighs them; API keys default them).
+PRIORITY_CLASSES = ("realtime", "standard", "batch")
 
 
 class RequestError(ValueError):
@@ -156,12 +158,14 @@ class GenerateRequest:
     return_text_in_logprobs: bool = False
     stream: bool = False
     priority: int = 0
+    priority_class: Optional[str] = None  # realtime | standard | batch; None = the API key's class or standard
     lora_path: Optional[str] = None
 
 
 # Top-level /generate keys we understand; other top-level keys are ignored (SGLang's behaviour).
 _INPUT_KEYS = ("text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len",
-               "top_logprobs_num", "return_text_in_logprobs", "stream", "rid", "priority", "lora_path")
+               "top_logprobs_num", "return_text_in_logprobs", "stream", "rid", "priority", "priority_class",
+               "lora_path")
 
 
 def _per_item(value: Any, i: int, batched: bool) -> Any:
@@ -208,6 +212,9 @@ def normalize_generate_input(body: dict[str, Any]) -> tuple[list[GenerateRequest
         _check(_is_int(top_n) and 0 <= top_n <= 20, "top_logprobs_num must be an integer in [0, 20]")
         prio = body.get("priority", 0)
         _check(prio is None or _is_int(prio), "priority must be an integer")
+        pclass = body.get("priority_class")
+        _check(pclass is None or pclass in PRIORITY_CLASSES,
+               f"priority_class must be one of {', '.join(PRIORITY_CLASSES)} (got {pclass!r})")
         for j in range(n):
             rid = _per_item(rids, i, batched) if rids is not None else None
             if rid is not None:
@@ -224,6 +231,7 @@ def normalize_generate_input(body: dict[str, Any]) -> tuple[list[GenerateRequest
                 return_text_in_logprobs=bool(_per_item(body.get("return_text_in_logprobs", False), i, batched)),
                 stream=bool(body.get("stream", False)),
                 priority=prio or 0,
+                priority_class=pclass,
                 lora_path=_per_item(body.get("lora_path"), i, batched),
             ))
     return reqs, batched or len(reqs) > 1

@@ -76,7 +76,10 @@ class OutputProcessor:
             "completion_tokens": len(req.output_ids),
             "cached_tokens": req.num_cached_tokens,
             "e2e_latency": time.monotonic() - req.created_time,
+            "priority_class": req.priority_class,
         }
+        if req.num_preemptions:
+            meta["num_preemptions"] = req.num_preemptions
         if req.grammar is not None and getattr(req.grammar, "budget_closed", False):
             meta["grammar_closed_early"] = True  # the constraint was closed to fit max_new_tokens
         if req.spec_verify_ct:  # speculative decoding (SGLang's names): verify steps, tokens per verify step

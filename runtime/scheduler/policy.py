@@ -1,4 +1,6 @@
-"""Waiting-queue orderings: fcfs, lpm (longest prefix match first) and priority."""
+"""Waiting-queue orderings within a priority class: fcfs, lpm (longest prefix match first) and priority.
+
+Across classes: fair_share.py; who is preempted: preemption.py."""
 
 from __future__ import annotations
 
@@ -18,7 +20,3 @@ def order_waiting(waiting: list[Req], policy: str, cache: RadixCache) -> list[Re
         return sorted(waiting, key=lambda r: (-r.priority, r.arrival))
     return sorted(waiting, key=lambda r: r.arrival)
 
-
-def preemption_victim(running: list[Req]) -> Req:
-    """Lowest priority first, then the newest arrival."""
-    return min(running, key=lambda r: (r.priority, -r.arrival))

@@ -23,7 +23,7 @@ from sgl.runtime.protocol import GenerateRequest, SamplingParams
 
 
 class ReqStatus(Enum):
-    WAITING = "waiting"
+    WAITING = "waiting"  # also a swapped-out request (host_slots non-empty): resumes by a copy
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -40,6 +40,7 @@ class Req:
     return_text_in_logprobs: bool = False
     stream: bool = False
     priority: int = 0
+    priority_class: str = "standard"  # realtime | standard | batch (fair_share.py)
     grammar: Any = None  # a grammar matcher (opaque to the scheduler), or None
     created_time: float = field(default_factory=time.monotonic)
 
@@ -52,6 +53,8 @@ class Req:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
     admitted_once: bool = False
     num_preemptions: int = 0
+    num_latency_preemptions: int = 0  # of which for a realtime arrival (preemption.MAX_LATENCY_PREEMPTIONS)
+    host_slots: list[int] = field(default_factory=list)  # swapped out: slots[:kv_len] live here in the host tier
     first_token_time: Optional[float] = None
     # logprobs, filled as computed: (logprob | None, token_id, top list)
     input_logprobs: list[tuple[Optional[float], int]] = field(default_factory=list)
@@ -114,6 +117,7 @@ class Req:
             return_text_in_logprobs=r.return_text_in_logprobs,
             stream=r.stream,
             priority=r.priority,
+            priority_class=r.priority_class or "standard",
         )
 
 

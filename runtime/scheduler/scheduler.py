@@ -3,9 +3,11 @@
 One `step()`:
   1. decode: every running request with one pending token gets a KV slot (evict cache, then preempt
      the lowest-priority newest request when the pool is short);
-  2. prefill: continue in-flight chunked prompts, then admit waiting requests in policy order, each
-     matched against the radix tree, under the per-step token budget (`max_prefill_tokens`, and
-     `chunked_prefill_size` per step when chunking is on: Sarathi);
+  2. prefill: continue in-flight chunked prompts, then admit waiting requests (classes interleaved by
+     weighted fair share, each class in policy order), each matched against the radix tree, under the
+     per-step token budget (`max_prefill_tokens`, and `chunked_prefill_size` per step when chunking is
+     on: Sarathi); a realtime request that finds the batch full (requests or KV) preempts lower-class
+     work, which is swapped to the host tier (or recomputed later) and resumes by a copy back;
   3. run the batch on the model runner (an argument: tests drive the scheduler with a fake one);
   4. append sampled tokens, check finish, cache finished requests' KV in the tree, emit outputs.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
 from sgl.runtime.cache.allocator import SlotAllocator
@@ -22,7 +24,9 @@ from sgl.runtime.cache.radix_cache import NoPrefixCache, RadixCache
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.protocol import finish_reason_abort, finish_reason_length
 from sgl.runtime.scheduler.output import OutputProcessor
-from sgl.runtime.scheduler.policy import order_waiting, preemption_victim
+from sgl.runtime.scheduler.fair_share import CLASS_RANK, FairShare
+from sgl.runtime.scheduler.policy import order_waiting
+from sgl.runtime.scheduler.preemption import KVMover, SwapSpace, preemption_victim
 from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
 from sgl.runtime.scheduler.speculative_rows import make_speculative_rows
 from sgl.runtime.speculative import make_drafter
@@ -52,6 +56,14 @@ class StepStats:
     spec_accepted_tokens: int = 0
     spec_accept_rate: float = 0.0
     spec_accept_length: float = 0.0
+    num_preemptions_swap: int = 0
+    num_preemptions_recompute: int = 0
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    host_kv_used_tokens: int = 0
+    host_kv_total_tokens: int = 0
+    per_class_queues: dict[str, int] = field(default_factory=dict)  # waiting requests per priority class
+    per_class_prefill_tokens: dict[str, int] = field(default_factory=dict)  # prefill tokens admitted per class
 
 
 OutputCallback = Callable[[Req], None]
@@ -59,7 +71,8 @@ OutputCallback = Callable[[Req], None]
 
 class Scheduler:
     def __init__(self, args: ServerArgs, runner: ModelRunnerLike, output: OutputProcessor, pool_size: int,
-                 on_output: OutputCallback, drafter: Optional[Drafter] = None) -> None:
+                 on_output: OutputCallback, drafter: Optional[Drafter] = None, mover: Optional[KVMover] = None,
+                 host_pool_size: int = 0) -> None:
         self.args = args
         self.runner = runner
         self.output = output
@@ -69,6 +82,8 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.stats = StepStats()
+        self.fair = FairShare(args.priority_weight_map)
+        self.swap = SwapSpace(mover, host_pool_size if args.preemption_mode == "swap" else 0)
         self._arrival = itertools.count()
         self.spec = make_speculative_rows(args, drafter or make_drafter(args))  # None: no speculation
 
@@ -137,6 +152,7 @@ class Scheduler:
             drafts = {}  # NOTE: the pool is short: decode without drafts rather than preempt for them
         while decoding and not self._ensure_free(len(decoding)):
             victim = preemption_victim(self.running)
+            assert victim is not None
             self._preempt(victim)
             if victim in decoding:
                 decoding.remove(victim)
@@ -158,14 +174,31 @@ class Scheduler:
             budget -= row.extend_len
             first_prefill = False
             rows.append(row)
-        for req in order_waiting(self.waiting, self.args.schedule_policy, self.cache):
-            if budget <= 0 or len(self.running) >= self.args.max_running_requests:
+            self.fair.charge(req.priority_class, row.extend_len)
+        blocked = False  # an earlier request did not fit: only realtime ones (which may preempt) go on
+        within = lambda q: order_waiting(q, self.args.schedule_policy, self.cache)  # noqa: E731
+        for req in self.fair.order(self.waiting, within):
+            if budget <= 0:
                 break
+            realtime = req.priority_class == "realtime"
+            if blocked and not realtime:
+                continue
+            if len(self.running) >= self.args.max_running_requests and not self._preempt_for(req, rows):
+                blocked = True
+                continue
+            if req.host_slots:
+                if not self._swap_in(req):
+                    blocked = True
+                continue
             self._match(req)
+            n = self._piece_len(req, budget, first_prefill)
+            while n > 0 and not self._ensure_free(n) and self._preempt_for(req, rows):
+                pass
             row = self._extend_row(req, budget, first_prefill)
             if row is None:
                 self._release_prefix(req)
-                break
+                blocked = True
+                continue
             self.waiting.remove(req)
             req.status = ReqStatus.RUNNING
             self.running.append(req)
@@ -176,15 +209,19 @@ class Scheduler:
             budget -= row.extend_len
             first_prefill = False
             rows.append(row)
+            self.fair.charge(req.priority_class, row.extend_len)
         return ScheduledBatch(rows)
+
+    def _piece_len(self, req: Req, budget: int, first: bool) -> int:
+        """Tokens of `req`'s next prefill piece within `budget` (0: it waits for another step)."""
+        n = req.pending_len
+        if self.args.chunk_size is not None:
+            return min(n, budget)
+        return 0 if n > budget and not first else n  # unchunked: a long prompt waits for a step of its own
 
     def _extend_row(self, req: Req, budget: int, first: bool) -> Optional[BatchRow]:
         """The next prefill piece of `req` within `budget`, with its slots allocated, or None."""
-        n = req.pending_len
-        if self.args.chunk_size is not None:
-            n = min(n, budget)
-        elif n > budget and not first:
-            return None  # unchunked: a long prompt waits for a step of its own
+        n = self._piece_len(req, budget, first)
         if n <= 0 or not self._ensure_free(n):
             return None
         slots = self.allocator.alloc(n)
@@ -255,14 +292,55 @@ class Scheduler:
         if old is not None:
             self.cache.unlock(old)
 
+    # ---- preemption (preemption.py) ---------------------------------------------------------
     def _preempt(self, req: Req) -> None:
-        """Free a running request's KV (into the tree) and requeue it; it recomputes later."""
-        self._cache_req(req, keep_locked=False)
+        """Free a running request's device KV and requeue it: swapped to the host tier when there is
+        room (it resumes by a copy back), else handed to the tree (it recomputes what was evicted)."""
+        owned = req.kv_len - req.cached_len
+        if owned > 0 and self.swap.can_hold(req.kv_len):
+            req.host_slots = self.swap.swap_out(req.slots)
+            if req.last_node is not None:
+                self.cache.unlock(req.last_node)
+            self.allocator.free(req.slots[req.cached_len:])
+            req.last_node, req.slots, req.cached_len = None, [], 0
+            self.stats.num_preemptions_swap += 1
+        else:
+            self._cache_req(req, keep_locked=False)
+            self.stats.num_preemptions_recompute += 1
         self.running.remove(req)
         req.status = ReqStatus.WAITING
         req.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.append(req)
+
+    def _preempt_for(self, req: Req, rows: list[BatchRow]) -> bool:
+        """A realtime request preempts the lowest-class newest running request under its class (dropping
+        that request's row from this step's batch); False when `req` may not or nobody is left."""
+        if req.priority_class != "realtime":
+            return False
+        victim = preemption_victim(self.running, below_rank=CLASS_RANK["realtime"])
+        if victim is None:
+            return False
+        for row in [r for r in rows if r.req is victim]:
+            self.allocator.free(row.new_slots)  # NOTE: not yet in victim.slots: the step has not run
+            rows.remove(row)
+        victim.num_latency_preemptions += 1
+        self._preempt(victim)
+        return True
+
+    def _swap_in(self, req: Req) -> bool:
+        """Resume a swapped request: copy its KV rows back into fresh device slots (no recompute)."""
+        n = len(req.host_slots)
+        if not self._ensure_free(n):
+            return False
+        slots = self.allocator.alloc(n)
+        assert slots is not None
+        self.swap.swap_in(req.host_slots, slots)
+        req.host_slots, req.slots, req.cached_len, req.last_node = [], slots, 0, None
+        self.waiting.remove(req)
+        req.status = ReqStatus.RUNNING
+        self.running.append(req)
+        return True
 
     # ---- results ---------------------------------------------------------------------------
     def _process(self, row: BatchRow, res: RowResult) -> None:
@@ -357,6 +435,8 @@ class Scheduler:
             self._cache_req(req, keep_locked=False)
         elif req.status == ReqStatus.WAITING and req in self.waiting:
             self.waiting.remove(req)
+            self.swap.release(req.host_slots)
+            req.host_slots = []
         req.status = ReqStatus.FINISHED
         self.on_output(req)
 
@@ -371,6 +451,13 @@ class Scheduler:
             sp = self.spec.stats
             s.spec_verify_ct, s.spec_draft_tokens, s.spec_accepted_tokens = sp.verify_ct, sp.draft_tokens, sp.accepted_tokens
             s.spec_accept_rate, s.spec_accept_length = sp.accept_rate, sp.accept_length
+        s.swap_out_bytes, s.swap_in_bytes = self.swap.bytes_out, self.swap.bytes_in
+        s.host_kv_used_tokens, s.host_kv_total_tokens = self.swap.used, self.swap.size
+        queues = {c: 0 for c in CLASS_RANK}
+        for r in self.waiting:
+            queues[r.priority_class] += 1
+        s.per_class_queues = queues
+        s.per_class_prefill_tokens = dict(self.fair.admitted_tokens)
 
     def check_integrity(self) -> None:
         """free + cached + held by requests == pool size, and the tree's own invariants."""
@@ -380,5 +467,8 @@ class Scheduler:
         assert total == self.allocator.size, (
             f"KV leak: free {self.allocator.available} + cached {self.cache.total_size} + "
             f"in-use {owned} = {total} != {self.allocator.size}")
+        self.swap.check_integrity(sum(len(r.host_slots) for r in self.waiting))
+        for r in self.waiting:
+            assert not (r.host_slots and r.slots), f"{r.rid}: swapped yet holding device slots"
         if not self.has_work:
             assert self.cache.protected_size == 0, "idle, yet cache nodes are still locked"

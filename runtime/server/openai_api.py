@@ -69,7 +69,8 @@ def _build(state: ServerState, body: Any, prompts: list[Union[str, list[int]]], 
                 input_ids=list(prompt) if not isinstance(prompt, str) else None,
                 sampling_params=sp, return_logprob=logprobs, top_logprobs_num=top_n,
                 logprob_start_len=0 if echo_logprobs else -1, return_text_in_logprobs=True,
-                stream=body.stream, priority=body.priority or 0))
+                stream=body.stream, priority=body.priority or 0,
+                priority_class=body.priority_class))
     return reqs
 
 

@@ -2,7 +2,8 @@
 `SamplingParams` names. Strict types: `"max_tokens": "5"` is a 400 naming `max_tokens`.
 
 Extra body fields (SGLang's): `top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `regex`,
-`ebnf`, `json_schema`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`, `no_stop_trim`.
+`ebnf`, `json_schema`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`, `no_stop_trim`, `priority`,
+`priority_class` (ours: realtime | standard | batch).
 Unknown top-level fields are ignored, as OpenAI's server does for fields it does not know.
 
     >>> req = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, seed=3)
@@ -68,6 +69,7 @@ class _SamplingFields(_Strict):
     skip_special_tokens: Optional[bool] = None
     no_stop_trim: Optional[bool] = None
     priority: Optional[int] = None
+    priority_class: Optional[Literal["realtime", "standard", "batch"]] = None  # == protocol.PRIORITY_CLASSES
 
 
 class CompletionRequest(_SamplingFields):

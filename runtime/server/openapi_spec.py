@@ -66,6 +66,7 @@ class GenerateBody(BaseModel):
     stream: Optional[bool] = None
     rid: Optional[Union[str, list[str]]] = None
     priority: Optional[int] = None
+    priority_class: Optional[Literal["realtime", "standard", "batch"]] = None
     lora_path: Optional[Union[str, list[Optional[str]]]] = None
 
 

@@ -77,12 +77,12 @@ class RequestTracker:
             since_first = max(float(meta["e2e_latency"]) - float(meta["first_token_latency"]), 0.0)
             self.first_token_at = now - since_first
             if metrics:
-                metrics.observe_first_token(model, self.first_token_at - self.arrival)
+                metrics.observe_first_token(model, self.first_token_at - self.arrival, meta.get("priority_class"))
                 metrics.observe_inter_token(model, since_first, n - 1)
         elif self.first_token_at is None:
             self.first_token_at = now
             if metrics:
-                metrics.observe_first_token(model, now - self.arrival)
+                metrics.observe_first_token(model, now - self.arrival, meta.get("priority_class"))
                 if n > 1:  # several tokens in the first chunk (jump-forward): they came together
                     metrics.observe_inter_token(model, 0.0, n - 1)
         elif metrics and self.last_token_at is not None:

@@ -57,9 +57,8 @@ class TenancyHooks:
         self.tenancy = tenancy
 
     def prepare(self, req: Any) -> None:
-        # NOTE: the key's class is the request's priority class-to-be; recorded only until the scheduler
-        # reads a `priority_class` field (set here once GenerateRequest has one and the body did not).
-        if hasattr(req, "priority_class") and getattr(req, "priority_class") is None:
+        # the key's class is the default of its requests' `priority_class`; a body field wins
+        if req.priority_class is None:
             req.priority_class = current_tenant.get().priority_class
 
     def annotate(self, out: dict[str, Any]) -> dict[str, Any]:

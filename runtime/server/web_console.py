@@ -112,7 +112,9 @@ async def build_stats(state: ServerState, rates: RateTracker) -> dict[str, Any]:
                                   _num(stats, "generation_tokens_total")),
         "totals": {k: _num(stats, k) for k in ("prompt_tokens_total", "cached_tokens_total",
                                                "generation_tokens_total", "prefill_tokens_computed",
-                                               "num_preemptions", "jump_forward_tokens", "num_steps")},
+                                               "num_preemptions", "jump_forward_tokens", "num_steps",
+                                               "num_preemptions_swap", "num_preemptions_recompute",
+                                               "swap_out_bytes", "swap_in_bytes")},
         "latency": recent,  # {"ttft": {"p50", "p90", "p99"} seconds, "itl": {...}, "window_s"}
         "kv": {"total": total, "in_use": kv.get("kv_in_use_tokens"), "cached": kv.get("kv_cached_tokens"),
                "free": kv.get("kv_free_tokens"), "token_usage": stats.get("token_usage")},
@@ -122,7 +124,8 @@ async def build_stats(state: ServerState, rates: RateTracker) -> dict[str, Any]:
         # Hooks for later features; each stays null/empty until its engine part reports it.
         "speculative": {"algorithm": getattr(state.server_args, "speculative_algorithm", None),
                         "mean_accept_length": _spec_accept_length(state)},
-        "queues": stats.get("per_class_queues") or {"default": queue},
+        "queues": stats.get("per_class_queues") or {"default": queue},  # waiting requests per priority class
+        "host_kv": {"used": stats.get("host_kv_used_tokens"), "total": stats.get("host_kv_total_tokens")},
         "adapters": stats.get("lora_adapters") or list(getattr(state.server_args, "lora_paths", None) or []),
         "models": stats.get("models") or [state.model_name],
         "metrics_enabled": bool(getattr(state.server_args, "enable_metrics", False)),

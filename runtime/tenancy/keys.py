@@ -14,14 +14,15 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
-PRIORITY_CLASSES = ("realtime", "standard", "batch")
+from sgl.runtime.protocol import PRIORITY_CLASSES
+
 _FIELDS = {"name", "class", "daily_token_budget", "requests_per_minute", "admin"}
 
 
 @dataclass(frozen=True)
 class ApiKey:
     name: str
-    priority_class: str = "standard"  # NOTE: recorded and passed on; the scheduler does not order by it yet
+    priority_class: str = "standard"  # the default `priority_class` of this key's requests (a body field wins)
     daily_token_budget: Optional[int] = None  # prompt + completion tokens per local day; None = unlimited
     requests_per_minute: Optional[int] = None  # sliding 60 s window; None = unlimited
     admin: bool = False  # may read /v1/usage

@@ -179,3 +179,24 @@ def test_budget_survives_a_restart(tmp_path: pathlib.Path) -> None:
         second.wait_idle()
         r = httpx.get(second.url + "/check_integrity", headers=second.headers, timeout=60)
         assert r.status_code == 200 and r.json()["ok"] is True
+
+
+def test_priority_class_from_the_key_or_the_body(server: ServerHandle) -> None:
+    def meta(key: str, **body: Any) -> dict[str, Any]:
+        r = httpx.post(server.url + "/generate", headers=auth(key), timeout=60,
+                       json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["meta_info"]
+
+    assert meta("sk-alice")["priority_class"] == "realtime"  # the key's class
+    assert meta("sk-admin")["priority_class"] == "standard"  # no class in the keys file
+    assert meta("sk-alice", priority_class="batch")["priority_class"] == "batch"  # the body wins
+    r = httpx.post(server.url + "/generate", headers=auth("sk-alice"), timeout=60,
+                   json={"text": "Hi", "priority_class": "urgent"})
+    assert r.status_code == 400 and "priority_class" in r.text
+    with pytest.raises(openai.BadRequestError, match="priority_class"):
+        client(server, "sk-alice").completions.create(model="default", prompt="Hi", max_tokens=1,
+                                                      extra_body={"priority_class": "urgent"})
+    done = client(server, "sk-alice").completions.create(model="default", prompt="Hi", max_tokens=1,
+                                                         extra_body={"priority_class": "batch"})
+    assert done.choices[0].finish_reason == "length"

@@ -38,9 +38,26 @@ class FakeTokenizer:
 
 
 class FakeRunner:
+    """Also the scheduler's KV mover (preemption.py): the host tier records (position, token) per host slot
+    like the device pool, so a swap that copies the wrong rows fails the next read."""
+
+    bytes_per_slot = 1
+
     def __init__(self) -> None:
         self.kv: dict[int, tuple[int, int]] = {}
+        self.host: dict[int, tuple[int, int]] = {}
         self.batches: list[list[tuple[str, int, int]]] = []  # per step: (rid, start, extend_len)
+        self.swaps: list[tuple[str, int]] = []  # ("out" | "in", number of slots)
+
+    def swap_out(self, device_slots: list[int], host_slots: list[int]) -> None:
+        for d, h in zip(device_slots, host_slots, strict=True):
+            self.host[h] = self.kv[d]
+        self.swaps.append(("out", len(device_slots)))
+
+    def swap_in(self, host_slots: list[int], device_slots: list[int]) -> None:
+        for h, d in zip(host_slots, device_slots, strict=True):
+            self.kv[d] = self.host.pop(h)  # a host slot is read once: its next writer is another swap-out
+        self.swaps.append(("in", len(device_slots)))
 
     def run(self, batch: ScheduledBatch) -> list[RowResult]:
         results = []
