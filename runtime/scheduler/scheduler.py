@@ -24,6 +24,7 @@ from sgl.runtime.protocol import finish_reason_abort, finish_reason_length
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.policy import order_waiting, preemption_victim
 from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
+from sgl.runtime.scheduler.rollback import apply_guard
 
 
 class ModelRunnerLike(Protocol):
@@ -43,6 +44,8 @@ class StepStats:
     num_preemptions: int = 0
     num_steps: int = 0
     jump_forward_tokens: int = 0
+    num_backtracks: int = 0  # semantic-guard rollbacks (runtime/scheduler/rollback.py)
+    backtracked_tokens: int = 0  # output tokens thrown away by them
 
 
 OutputCallback = Callable[[Req], None]
@@ -272,6 +275,8 @@ class Scheduler:
                     req.grammar.error or f"the constraint rejected token {res.token_id}")
             else:
                 self._append(req, res.token_id, res.logprob, res.top_logprobs)
+                if req.grammar is not None:
+                    apply_guard(self, req)  # a semantic guard may roll the request back (or abort it)
                 if req.grammar is not None and not req.finished and not self.args.disable_jump_forward:
                     self._jump_forward(req)
         elif req.pending_len == 0 and req.params.max_new_tokens == 0:
@@ -306,7 +311,7 @@ class Scheduler:
             self.stats.jump_forward_tokens += 1
             # NOTE: a forced token was not sampled; its logprob is reported as 0 (probability 1 under the constraint).
             self._append(req, tid, 0.0, [])
-            if req.finished:
+            if apply_guard(self, req) or req.finished:
                 break
 
     def _finish(self, req: Req) -> None:
