@@ -33,6 +33,10 @@ class GrammarSpec:
     value: Union[str, tuple[str, ...]]
     json_whitespace: str = "compact"  # "compact" | "flexible"
     max_whitespace: int = 4  # flexible whitespace: at most this many blanks in a row (so loops end)
+    # json_schema with semantic guards (grammars/guards.py): (schema pointer, keyword) pairs the grammar
+    # relaxes, and the user's original schema (JSON) they are checked against. Backends ignore both.
+    guards: tuple[tuple[str, str], ...] = ()
+    source: Optional[str] = None
 
 
 @dataclass(frozen=True)

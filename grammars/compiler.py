@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence, Union
 
 from sgl.grammars.base import KINDS, BackendOptions, CompiledGrammar, GrammarSpec, get_backend
 from sgl.grammars.errors import GrammarError, GrammarTimeout
-from sgl.grammars.json_schema import normalize
+from sgl.grammars.guards import GuardedGrammar, SchemaGuard
+from sgl.grammars.json_schema import normalize, parse_schema
 from sgl.grammars.vocabulary import Vocabulary
 
 DEFAULT_BACKEND = "llguidance"
@@ -59,7 +60,10 @@ class GrammarCompiler:
 
     backend: "llguidance" (default), "xgrammar" or "outlines". json_whitespace: "compact" (no blanks
     between JSON tokens) or "flexible" (at most `max_whitespace` blanks in a row). strict_json: reject
-    overlapping ``oneOf`` and ``uniqueItems: true`` (True) or accept them with a warning (False).
+    what no grammar enforces exactly (overlapping ``oneOf``, ``uniqueItems: true`` over infinite domains,
+    general ``not``, an ``if`` with no complement): with guards=True (default) the grammar relaxes it and
+    a semantic guard checks each value as it closes, backtracking on a violation (grammars/guards.py);
+    guards=False: strict_json=True rejects such schemas, strict_json=False relaxes them with a warning.
     The cache holds at most `cache_size` grammars and `cache_bytes` estimated bytes
     (`estimate_grammar_bytes`), evicting the least recently used compiled ones first; a grammar larger
     than `cache_bytes` alone is returned but not kept.
@@ -67,7 +71,8 @@ class GrammarCompiler:
 
     def __init__(self, vocab: Vocabulary, backend: str = DEFAULT_BACKEND, json_whitespace: str = "compact",
                  compile_timeout_s: float = 30.0, cache_size: int = 256, *, max_whitespace: int = 4,
-                 strict_json: bool = True, num_threads: int = 2, cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 strict_json: bool = True, num_threads: int = 2, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 guards: bool = True):
         if json_whitespace not in ("compact", "flexible"):
             raise ValueError(f"json_whitespace must be 'compact' or 'flexible', got {json_whitespace!r}")
         self.vocab = vocab
@@ -79,6 +84,7 @@ class GrammarCompiler:
         self.cache_bytes = cache_bytes
         self._sizes: dict[tuple[str, str], int] = {}  # estimated bytes of each compiled, cached grammar
         self.strict_json = strict_json
+        self.guards = guards and strict_json
         self.backend = get_backend(backend, vocab, BackendOptions(json_whitespace, max_whitespace))
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="grammar-compile")
         self._cache: "OrderedDict[tuple[str, str], Future]" = OrderedDict()
@@ -97,7 +103,10 @@ class GrammarCompiler:
                 raise GrammarError("choices must be a non-empty list of strings")
             return GrammarSpec("choices", tuple(value), **ws)
         if kind == "json_schema":
-            norm = normalize(value, strict=self.strict_json)  # type: ignore[arg-type]
+            norm = normalize(value, strict=self.strict_json, guard=self.guards)  # type: ignore[arg-type]
+            if norm.guards:
+                source = json.dumps(parse_schema(value))  # type: ignore[arg-type]
+                return GrammarSpec("json_schema", norm.to_json(), guards=tuple(norm.guards), source=source, **ws)
             return GrammarSpec("json_schema", norm.to_json(), **ws)
         if not isinstance(value, str) or not value:
             raise GrammarError(f"{kind} must be a non-empty string")
@@ -152,7 +161,10 @@ class GrammarCompiler:
         try:
             with self._lock:
                 spec = self._specs.pop(key, None)
-            grammar = self.backend.compile(spec if spec is not None else self.to_spec(kind, value))
+            spec = spec if spec is not None else self.to_spec(kind, value)
+            grammar = self.backend.compile(spec)
+            if spec.guards:
+                grammar = GuardedGrammar(grammar, SchemaGuard(json.loads(spec.source or "true"), list(spec.guards)))
             grammar.compile_time_s = time.perf_counter() - t0  # type: ignore[attr-defined]
         except Exception as e:  # noqa: BLE001
             timer.cancel()

@@ -73,6 +73,7 @@ class NormalizedSchema:
 
     schema: Union[dict, bool]
     warnings: list[str] = field(default_factory=list)
+    guards: list[tuple[str, str]] = field(default_factory=list)  # (schema pointer, keyword) left to guards
 
     def to_json(self) -> str:
         return json.dumps(self.schema, separators=(",", ":"), ensure_ascii=False)
@@ -121,14 +122,25 @@ def _trivial(key: str, value: Any) -> bool:
 
 
 class _Normalizer:
-    def __init__(self, root: Any, strict: bool):
+    def __init__(self, root: Any, strict: bool, guard: bool = False):
         self.root = root
         self.strict = strict
+        self.guard = guard  # relax what no grammar can enforce and record a semantic guard for it
+        self.guards: list[tuple[str, str]] = []  # (schema pointer of the node, keyword): see grammars/guards.py
         self.draft7 = _is_draft7_or_older(root)
         self.defs: dict[str, Any] = {}  # def name -> normalized schema
         self.def_names: dict[str, str] = {}  # ref pointer -> def name
         self.in_progress: set[str] = set()
         self.warnings: list[str] = []
+
+    def relax(self, keyword: str, path: tuple, error: GrammarError) -> None:
+        """A keyword the grammar cannot enforce at `path`: a guard (guard mode), a warning (lax), else `error`."""
+        if self.guard:
+            self.guards.append((_pointer(path), keyword))
+        elif self.strict:
+            raise error
+        else:
+            self.warn(f"{_pointer(path)}: {keyword} relaxed (strict_json=False): {error.message}")
 
     def warn(self, msg: str) -> None:
         self.warnings.append(msg)
@@ -217,6 +229,8 @@ class _Normalizer:
         if "format" in s:
             if s["format"] in FORMATS:
                 out["format"] = s["format"]
+                if self.guard:  # the grammar's format regex may be looser than jsonschema's format checker
+                    self.guards.append((_pointer(path), "format"))
             else:
                 self.warn(f"{_pointer(path)}: unknown format {s['format']!r} treated as a plain string")
         if "enum" in s:
@@ -250,7 +264,10 @@ class _Normalizer:
         parts += self.if_then_else(s, path)
         parts += self.dependencies(s, path)
         if "not" in s:
-            parts.append(self.negate(s["not"], path + ("not",)))
+            try:
+                parts.append(self.negate(s["not"], path + ("not",)))
+            except GrammarError as e:
+                self.relax("not", path, e)  # the grammar allows what `not` forbids; the guard checks it
         if "allOf" in s:
             parts += [self.node(x, path + ("allOf", i)) for i, x in enumerate(s["allOf"])]
         if "anyOf" in s:
@@ -280,12 +297,11 @@ class _Normalizer:
             if exact is not None:
                 parts.append(exact)
             elif not disjoint:
-                if self.strict:
-                    raise GrammarError("oneOf branches may overlap, so 'exactly one' cannot be enforced; "
-                                       "use anyOf, or make the branches disjoint (different types, const/enum "
-                                       "discriminators)", keyword="oneOf", path=_pointer(path + ("oneOf",)))
-                self.warn(f"{_pointer(path)}: overlapping oneOf treated as anyOf (strict_json=False)")
-                parts.append(self.any_of(branches))
+                self.relax("oneOf", path, GrammarError(
+                    "oneOf branches may overlap, so 'exactly one' cannot be enforced; use anyOf, or make the "
+                    "branches disjoint (different types, const/enum discriminators)", keyword="oneOf",
+                    path=_pointer(path + ("oneOf",))))
+                parts.append(self.any_of(branches))  # at least one; the guard checks "exactly one"
             else:
                 parts.append(self.any_of(branches))
         if not parts:
@@ -333,10 +349,9 @@ class _Normalizer:
         unique = logic.unique_items(out, inline, where)
         if unique is not None:
             return unique
-        if self.strict:
-            raise GrammarError("uniqueItems: true over an infinite item domain cannot be enforced by a grammar",
-                               keyword="uniqueItems", path=where)
-        self.warn(f"{_pointer(path)}: uniqueItems ignored (strict_json=False)")
+        self.relax("uniqueItems", path, GrammarError(
+            "uniqueItems: true over an infinite item domain cannot be enforced by a grammar",
+            keyword="uniqueItems", path=where))
         return out
 
     def contains(self, s: dict, path: tuple) -> list[Any]:
@@ -363,8 +378,11 @@ class _Normalizer:
         try:
             neg = logic.negate(cond, inline, _pointer(path + ("if",)))
         except GrammarError as e:
-            raise GrammarError(f"'if' cannot be decided by a grammar: {e.message}", keyword="if",
-                               path=_pointer(path + ("if",))) from None
+            self.relax("if", path, GrammarError(f"'if' cannot be decided by a grammar: {e.message}", keyword="if",
+                                                path=_pointer(path + ("if",))))
+            # relaxed: (if and then) or else; the guard checks that a value failing `if` passes `else`
+            yes = merge_all([inline(cond), inline(then)], _pointer(path), inline=inline)
+            return [self.any_of([yes, other])]
         yes = merge_all([inline(cond), inline(then)], _pointer(path), inline=inline)
         no = merge_all([inline(neg), inline(other)], _pointer(path), inline=inline)
         return [self.any_of([yes, no])]
@@ -443,15 +461,17 @@ def _json_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def normalize(value: Union[str, dict, bool], *, strict: bool = True) -> NormalizedSchema:
+def normalize(value: Union[str, dict, bool], *, strict: bool = True, guard: bool = False) -> NormalizedSchema:
     """Validate `value` (a JSON string or dict) and normalize it. Raises GrammarError.
 
-    strict=False turns the two unenforceable-but-common constraints (overlapping ``oneOf``,
-    ``uniqueItems: true``) into warnings instead of errors.
+    What no grammar can enforce (overlapping ``oneOf``, ``uniqueItems: true`` over infinite domains,
+    ``not`` without a complement, an ``if`` with no complement): guard=True relaxes it and lists it in
+    `guards` (checked per value by grammars/guards.py); else strict=True rejects it, strict=False relaxes
+    it with a warning (outputs may then violate it).
     """
     root = parse_schema(value)
     check_metaschema(root)
-    n = _Normalizer(root, strict)
+    n = _Normalizer(root, strict, guard)
     body = n.node(root, ())
     if body is False:
         raise GrammarError("the schema allows no value (its constraints contradict each other)", path="/")
@@ -459,7 +479,7 @@ def normalize(value: Union[str, dict, bool], *, strict: bool = True) -> Normaliz
         used = _used_defs(body, n.defs)
         if used:
             body = dict(body, **{"$defs": {k: n.defs[k] for k in sorted(used)}})
-    return NormalizedSchema(body, n.warnings)
+    return NormalizedSchema(body, n.warnings, sorted(set(n.guards)))
 
 
 def _used_defs(body: Any, defs: dict[str, Any]) -> set[str]:

@@ -129,6 +129,15 @@ class RowSamplingState:
         if self.seen_tokens is not None:
             self.seen_tokens.add(token_id)
 
+    def rewind(self, output_ids: list[int]) -> None:
+        """The request was rolled back to `output_ids` (semantic-guard backtracking): rebuild the
+        penalty counters from them. The generator keeps its position (a retry draws fresh numbers)."""
+        self.output_ids = [int(t) for t in output_ids]
+        if self.output_counts is not None:
+            self.output_counts = TokenCounter(self.output_ids)
+        if self.seen_tokens is not None:
+            self.seen_tokens = TokenCounter(self.prompt_ids + self.output_ids)
+
     # --- what this row needs from the sampler this step ---------------------------------------
     @property
     def is_greedy(self) -> bool:

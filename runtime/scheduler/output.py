@@ -38,6 +38,12 @@ class OutputProcessor:
         if req.finish_reason is None and len(req.output_ids) >= p.max_new_tokens:
             req.finish_reason = finish_reason_length(p.max_new_tokens)
 
+    def rewind(self, req: Req) -> None:
+        """Recompute the text state after `req.output_ids` was truncated (runtime/scheduler/rollback.py)."""
+        req.decoded_upto = min(req.decoded_upto, len(req.output_ids))
+        req.stop_checked_upto = 0
+        self._update_text(req)
+
     def _update_text(self, req: Req) -> None:
         p = req.params
         text = self.tokenizer.decode(req.output_ids, skip_special_tokens=p.skip_special_tokens)
@@ -99,4 +105,15 @@ class OutputProcessor:
             meta["output_top_logprobs"] = [
                 [self._triple(lp, tid, t) for tid, lp in top] for top in req.output_top_logprobs
             ]
-        return {"text": req.text, "output_ids": list(req.output_ids), "meta_info": meta}
+        text, ids = req.text, list(req.output_ids)
+        stable = getattr(req.grammar, "stable_tokens", None) if req.finish_reason is None else None
+        if stable is not None:
+            # NOTE: a streamed chunk never shows output a semantic guard may still roll back
+            n = stable()
+            if n < len(ids):
+                ids = ids[:n]
+                text = self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens).rstrip("\ufffd")
+                for k in ("output_token_logprobs", "output_top_logprobs"):
+                    if k in meta:
+                        meta[k] = meta[k][:n]
+        return {"text": text, "output_ids": ids, "meta_info": meta}

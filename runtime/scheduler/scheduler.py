@@ -28,6 +28,7 @@ from sgl.runtime.scheduler.fair_share import CLASS_RANK, FairShare
 from sgl.runtime.scheduler.policy import order_waiting
 from sgl.runtime.scheduler.preemption import KVMover, SwapSpace, preemption_victim
 from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
+from sgl.runtime.scheduler.rollback import apply_guard
 from sgl.runtime.scheduler.speculative_rows import make_speculative_rows
 from sgl.runtime.speculative import make_drafter
 from sgl.runtime.speculative.drafter import Drafter
@@ -64,6 +65,8 @@ class StepStats:
     host_kv_total_tokens: int = 0
     per_class_queues: dict[str, int] = field(default_factory=dict)  # waiting requests per priority class
     per_class_prefill_tokens: dict[str, int] = field(default_factory=dict)  # prefill tokens admitted per class
+    num_backtracks: int = 0  # semantic-guard rollbacks (runtime/scheduler/rollback.py)
+    backtracked_tokens: int = 0  # output tokens thrown away by them
 
 
 OutputCallback = Callable[[Req], None]
@@ -366,6 +369,8 @@ class Scheduler:
             appended = self._append_sampled(req, res)
             if row.draft_len:
                 self._trim_verify_row(row, res, appended)
+            if req.grammar is not None:
+                apply_guard(self, req)  # a semantic guard may roll the request back (or abort it)
             if req.grammar is not None and not req.finished and not self.args.disable_jump_forward:
                 self._jump_forward(req)
         elif req.pending_len == 0 and req.params.max_new_tokens == 0:
@@ -390,8 +395,8 @@ class Scheduler:
                 break
             self._append(req, tid, lp, top)
             appended += 1
-            if req.finished:
-                break
+            if req.finished or getattr(req.grammar, "pending", None) is not None:
+                break  # NOTE: a guard violation: the rest of a verified draft is not kept (apply_guard rolls back)
         return appended
 
     def _trim_verify_row(self, row: BatchRow, res: RowResult, appended: int) -> None:
@@ -426,7 +431,7 @@ class Scheduler:
             self.stats.jump_forward_tokens += 1
             # NOTE: a forced token was not sampled; its logprob is reported as 0 (probability 1 under the constraint).
             self._append(req, tid, 0.0, [])
-            if req.finished:
+            if apply_guard(self, req) or req.finished:
                 break
 
     def _finish(self, req: Req) -> None:
