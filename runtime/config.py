@@ -82,7 +82,8 @@ class ServerArgs:
     # Execution
     num_threads: Optional[int] = None  # torch CPU threads; None = one per physical core
     random_seed: int = 0
-    tp_size: int = 1
+    tp_size: int = 1  # tensor-parallel ranks (runtime/distributed/): one machine spawns them, torchrun spans machines
+    dist_timeout: float = 120.0  # seconds a tensor-parallel collective may wait before the group is declared dead
     dp_size: int = 1
     router_policy: str = "cache_aware"  # --dp-size > 1: the router's policy (runtime/router/policy.py)
     router_balance_threshold: int = 4  # --dp-size > 1: in-flight requests over the least loaded before balancing
@@ -182,8 +183,12 @@ class ServerArgs:
                              "speculative_ngram_max_match_window_size")
         if self.speculative_max_batch < 0:
             raise ValueError(f"speculative_max_batch must be >= 0, got {self.speculative_max_batch}")
-        if self.tp_size != 1:
-            raise ValueError("tp_size > 1 is not supported on this runtime yet")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1 (the number of tensor-parallel ranks), got {self.tp_size}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be positive seconds, got {self.dist_timeout}")
+        if self.tp_size > 1 and self.dp_size > 1:
+            raise ValueError("tp_size > 1 with dp_size > 1 is not supported: use one or the other")
         if self.dp_size < 1:
             raise ValueError(f"dp_size must be >= 1 (the number of engine replicas), got {self.dp_size}")
         if self.router_policy not in ROUTER_POLICIES:

@@ -17,6 +17,7 @@ import time
 from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 from sgl.runtime.config import ServerArgs
+from sgl.runtime.distributed.errors import TensorParallelError
 from sgl.runtime.metrics import record_grammar_compilation
 from sgl.runtime.engine_io import (RequestSink, build_requests, finished_dict, validate_prompt_length)
 from sgl.runtime.protocol import PRIORITY_CLASSES, GenerateRequest, RequestError, finish_reason_abort
@@ -39,7 +40,14 @@ class Engine:
         from sgl.runtime.models.loader import load_model
 
         self.server_args = args = ServerArgs.from_kwargs(model_path=model_path, **server_args)
-        torch.set_num_threads(args.resolved_num_threads)
+        self.fatal_error: Optional[str] = None  # set when the engine can run no more steps (a TP rank died)
+        self.on_fatal: Optional[Callable[[str], None]] = None  # the server stops itself here
+        self.tp = None  # tensor parallelism: rank 0's handle (runtime/distributed/launch.py)
+        if args.tp_size > 1:
+            from sgl.runtime.distributed.launch import TensorParallel, threads_per_rank
+
+            self.tp = TensorParallel.spawn(args)  # NOTE: before loading: every rank loads at the same time
+        torch.set_num_threads(args.resolved_num_threads if self.tp is None else threads_per_rank(args))
         torch.manual_seed(args.random_seed)
         t0 = time.monotonic()
         loaded = load_model(args.model_path, dtype=args.dtype, device="cpu", show_progress=args.show_progress,
@@ -52,7 +60,10 @@ class Engine:
         self.context_length = args.context_length or loaded.config.max_position_embeddings
         pool_size = args.max_total_tokens or _default_pool_size(loaded.config, args)
         dtype = next(loaded.model.parameters()).dtype
-        runner = ModelRunner(loaded.model, loaded.config, pool_size, self.tokenizer.eos_token_ids, dtype=dtype)
+        model, local_config = loaded.model, loaded.config
+        if self.tp is not None:  # rank 0 keeps its shard and drives the others through each step
+            model, local_config = self.tp.attach(loaded.model, pool_size, dtype, on_fatal=self._fatal)
+        runner = ModelRunner(model, local_config, pool_size, self.tokenizer.eos_token_ids, dtype=dtype)
         mover, host_slots = _host_kv_tier(runner.kv, args)
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
                                    mover=mover, host_pool_size=host_slots)
@@ -82,12 +93,29 @@ class Engine:
                 continue
             try:
                 self.scheduler.step()
+            except TensorParallelError as e:  # a rank is gone: no step can run again
+                self._fatal(str(e))
             except Exception as e:  # a bug: fail the requests in flight, keep serving
                 logger.exception("scheduler step failed")
                 for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self.scheduler.abort(req.rid, f"internal error: {type(e).__name__}: {e}")
             if not self.scheduler.has_work:
                 self.scheduler.check_integrity()
+
+    def _fatal(self, message: str) -> None:
+        """The engine cannot run another step (any thread): abort everything, stop, tell the server."""
+        if self.fatal_error is not None:
+            return
+        self.fatal_error = message
+        logger.critical("%s", message)
+        if hasattr(self, "_commands"):  # (not while still loading: rank 0's rendezvous fails on its own)
+            def stop() -> None:
+                for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self.scheduler.abort(req.rid, f"engine stopped: {message}")
+                self._stopped.set()
+            self._commands.put(stop)
+        if self.on_fatal is not None:
+            self.on_fatal(message)
 
     def _call(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
         """Run fn in the scheduler thread and wait for its result."""
@@ -128,6 +156,8 @@ class Engine:
 
     def _submit(self, reqs: list[GenerateRequest], sinks: list[RequestSink]) -> None:
         """Validate everything first (a bad request raises before any is queued), then queue."""
+        if self.fatal_error is not None:
+            raise RuntimeError(f"the engine stopped: {self.fatal_error}")
         prepared = []
         for r in reqs:
             ids = self._tokenize(r)
@@ -314,6 +344,8 @@ class Engine:
 
     def shutdown(self) -> None:
         if self._stopped.is_set():
+            if self.tp is not None:  # stopped by a fatal error: the surviving ranks still go
+                self.tp.shutdown()
             return
         try:
             self._call(lambda: [self.scheduler.abort(r.rid, "engine shut down")
@@ -326,6 +358,8 @@ class Engine:
             self.scheduler.runner.close()
         if self.grammar is not None and hasattr(self.grammar, "shutdown"):
             self.grammar.shutdown()
+        if self.tp is not None:
+            self.tp.shutdown()
 
     def __enter__(self) -> "Engine":
         return self

@@ -22,7 +22,7 @@ Weights are fused at load time (gpt-fast style): q/k/v into one `qkv` matrix and
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,10 @@ class LlamaDecoderLayer(nn.Module):
     # The layer's linear weights as plain attributes (LinearWeight): in fp32 mode views of the *_t
     # parameters (bind_linears); in native mode QuantWeights or fp32 fallbacks (load_native_weights).
     LINEARS = ("qkv", "o", "gate_up", "down")
+    # Tensor parallelism (sgl.runtime.distributed.sharding): a sharded layer's o and down give partial
+    # sums that `all_reduce` completes; only the `residual_here` rank adds the residual (and o's bias).
+    all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    residual_here: bool = True
 
     def __init__(
         self, config: ModelConfig, dtype: torch.dtype, device: Union[str, torch.device], native: bool = False
@@ -145,11 +149,19 @@ class LlamaDecoderLayer(nn.Module):
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, H, D], [T, Hkv, D]: rotated in one pass
         kv.store(layer_id, fb.out_cache_loc, k, v.view(num_tokens, self.num_kv_heads, self.head_dim))
         o = paged_attention(q, kv.k_buffer(layer_id), kv.v_buffer(layer_id), fb.attn, self.scale)  # [T, H, D]
-        h = linear(o.view(num_tokens, self.q_size), self.o, self.o_bias, residual=h)  # h + o_proj(o)
+        h = self._row_parallel(o.view(num_tokens, self.q_size), self.o, self.o_bias, h)  # h + o_proj(o)
         x = rms_norm(h, self.post_attention_layernorm, self.norm_consts)
         gate_up = linear(x, self.gate_up)  # [T, 2I]
         gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
-        return linear(F.silu(gate).mul_(up), self.down, residual=h)  # h + down_proj(silu(gate) * up)
+        return self._row_parallel(F.silu(gate).mul_(up), self.down, None, h)  # h + down_proj(silu(gate) * up)
+
+    def _row_parallel(
+        self, x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor], h: torch.Tensor
+    ) -> torch.Tensor:
+        """h + x @ W^T (+ bias); sharded: this rank's partial sum, completed by the all-reduce."""
+        if self.all_reduce is None:
+            return linear(x, w, bias, residual=h)
+        return self.all_reduce(linear(x, w, bias, residual=h if self.residual_here else None))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, consts: "NormConsts") -> torch.Tensor:
@@ -192,6 +204,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.dtype = dtype
         self.native = native
+        # Tensor parallelism: the lm_head holds this rank's vocab rows; this gathers the logit columns.
+        self.gather_vocab: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         kw = dict(dtype=dtype, device="meta")  # shapes only; pack_parameters allocates below
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, dtype, device, native) for _ in range(config.num_hidden_layers)
@@ -232,7 +246,8 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
-        return linear(hidden, self.lm_head).float()
+        logits = linear(hidden, self.lm_head).float()
+        return logits if self.gather_vocab is None else self.gather_vocab(logits)
 
     def hf_weights(self) -> dict[str, torch.Tensor]:
         """Every Hugging Face weight name this model needs -> the view of our storage it fills."""
