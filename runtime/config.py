@@ -92,7 +92,11 @@ class ServerArgs:
     speculative_ngram_min_match_window_size: int = 1  # NGRAM: shortest suffix matched
     speculative_ngram_max_match_window_size: int = 4  # NGRAM: longest suffix matched (tried first)
     speculative_max_batch: int = 4  # more decoding requests than this in a step: no drafts (compute-bound)
+    # LoRA (runtime/lora/): `name=path` or a bare path (named by its folder); more at run time via /load_lora_adapter
     lora_paths: Optional[list[str]] = None
+    max_loras_per_batch: int = 8  # distinct adapters in one batch (requests over it wait)
+    max_lora_rank: Optional[int] = None  # adapters of a higher rank are refused; None = any
+    max_loaded_loras: Optional[int] = None  # adapters resident in memory (LRU-evicted, reloaded on use); None = all
     # Server
     host: str = "127.0.0.1"
     port: int = 30000
@@ -193,6 +197,11 @@ class ServerArgs:
             raise ValueError(f"dp_size must be >= 1 (the number of engine replicas), got {self.dp_size}")
         if self.router_policy not in ROUTER_POLICIES:
             raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}, got {self.router_policy!r}")
+        if self.max_loras_per_batch < 1:
+            raise ValueError(f"max_loras_per_batch must be >= 1, got {self.max_loras_per_batch}")
+        for name in ("max_lora_rank", "max_loaded_loras"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
         if self.router_balance_threshold < 0:
             raise ValueError(f"router_balance_threshold must be >= 0, got {self.router_balance_threshold}")
 

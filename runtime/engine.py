@@ -20,6 +20,8 @@ from sgl.runtime.config import ServerArgs
 from sgl.runtime.distributed.errors import TensorParallelError
 from sgl.runtime.metrics import record_grammar_compilation
 from sgl.runtime.engine_io import (RequestSink, build_requests, finished_dict, validate_prompt_length)
+from sgl.runtime.lora.adapter import AdapterError, LayerShapes, LoraAdapter, check_adapter_name, load_adapter
+from sgl.runtime.lora.pool import AdapterPool, parse_lora_paths
 from sgl.runtime.protocol import PRIORITY_CLASSES, GenerateRequest, RequestError, finish_reason_abort
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
@@ -67,6 +69,10 @@ class Engine:
         mover, host_slots = _host_kv_tier(runner.kv, args)
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
                                    mover=mover, host_pool_size=host_slots)
+        self._model_dtype = dtype
+        self.lora_pool = AdapterPool(self._read_adapter, args.max_loaded_loras)
+        for name, path in parse_lora_paths(args.lora_paths):
+            self.lora_pool.add(self._read_adapter(name, path))
         self.grammar = _make_grammar_compiler(args, self.tokenizer, loaded.config.vocab_size)
         self._sinks: dict[str, RequestSink] = {}
         self._cancelled: set[str] = set()  # aborted before reaching the scheduler (e.g. compiling)
@@ -144,8 +150,13 @@ class Engine:
 
     # ---- submission ------------------------------------------------------------------------
     def _tokenize(self, r: GenerateRequest) -> list[int]:
-        if r.lora_path is not None and not self.server_args.lora_paths:
-            raise RequestError("lora_path: no LoRA adapters are loaded (start with --lora-paths)")
+        if r.lora_path is not None:
+            if not isinstance(r.lora_path, str):
+                raise RequestError("lora_path must be the name of a loaded adapter (a string)")
+            if self.lora_pool.get(r.lora_path) is None:
+                raise RequestError(f"lora_path: no adapter named {r.lora_path!r} is loaded (loaded: "
+                                   f"{', '.join(self.lora_pool.names()) or 'none'}; start with --lora-paths "
+                                   "or POST /load_lora_adapter)")
         ids = r.input_ids if r.input_ids is not None else self.tokenizer.encode(r.text or "")
         if not ids:
             raise RequestError("the prompt is empty: text must contain at least one token")
@@ -203,6 +214,12 @@ class Engine:
             return
         req = Req.from_request(r, ids, self.scheduler.next_arrival())
         req.grammar = matcher
+        if r.lora_path is not None:
+            try:  # the reference is dropped by the scheduler when the request finishes
+                req.lora = self.lora_pool.acquire(r.lora_path)
+            except (AdapterError, OSError) as e:  # unloaded meanwhile, or its folder went away
+                self._fail(r, str(e))
+                return
         if matcher is not None and self.server_args.grammar_budget:
             matcher.set_token_budget(req.params.max_new_tokens)  # close the output within the budget
         self.scheduler.add_request(req)
@@ -211,6 +228,38 @@ class Engine:
         sink = self._sinks.pop(r.rid, None)
         if sink is not None:
             sink.put(finished_dict(r.rid, finish_reason_abort(message)), True)
+
+    # ---- LoRA adapters ---------------------------------------------------------------------------
+    def _read_adapter(self, name: str, path: str) -> "LoraAdapter":
+        cfg = self.model_config
+        shapes = LayerShapes.for_llama(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim,
+                                       cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size)
+        return load_adapter(name, path, shapes, cfg.num_hidden_layers, self._model_dtype, self.server_args.max_lora_rank)
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> dict[str, Any]:
+        """Register a PEFT adapter folder under `lora_name` (requests then select it by that name).
+
+        Raises AdapterError (a ValueError) naming the problem. The files are read on the calling thread."""
+        check_adapter_name(lora_name)
+        if self.lora_pool.get(lora_name) is not None:
+            raise AdapterError(f"an adapter named {lora_name!r} is already loaded; unload it first")
+        adapter = self._read_adapter(lora_name, lora_path)
+        self._call(lambda: self.lora_pool.add(adapter))
+        logger.info("LoRA adapter %s loaded from %s (rank %d)", lora_name, adapter.path, adapter.rank)
+        return self.lora_adapters()
+
+    def unload_lora_adapter(self, lora_name: str) -> dict[str, Any]:
+        """Forget `lora_name`: new requests naming it get a 400; requests already queued finish with it."""
+        self._call(lambda: self.lora_pool.remove(lora_name))
+        logger.info("LoRA adapter %s unloaded", lora_name)
+        return self.lora_adapters()
+
+    def lora_adapters(self) -> dict[str, Any]:
+        """name -> {path, rank, scaling, resident, active_requests} of every loaded adapter."""
+        return self._call(self.lora_pool.info, timeout=10)
+
+    def lora_names(self) -> list[str]:
+        return self.lora_pool.names()
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(self, prompt: PromptArg = None, sampling_params: Any = None, input_ids: Any = None,
@@ -307,6 +356,8 @@ class Engine:
         waiting = list(self.scheduler.waiting)
         stats["num_queue_reqs"] = len(waiting)
         stats["per_class_queues"] = {c: sum(r.priority_class == c for r in waiting) for c in PRIORITY_CLASSES}
+        stats["lora_adapters"] = self.lora_pool.names()
+        stats["lora_loads"], stats["lora_evictions"] = self.lora_pool.num_loads, self.lora_pool.num_evictions
         return stats
 
     def get_cache_stats(self) -> dict[str, int]:
@@ -320,7 +371,7 @@ class Engine:
             free, cached = sched.allocator.available, sched.cache.evictable_size
             return {"kv_total_tokens": sched.allocator.size, "kv_free_tokens": free,
                     "kv_cached_tokens": cached, "kv_in_use_tokens": sched.allocator.size - free - cached,
-                    "radix_num_nodes": len(sched.cache._nodes()) - 1, "radix_num_tokens": sched.cache.total_size}
+                    "radix_num_nodes": len(sched.cache._nodes()) - len(sched.cache.roots), "radix_num_tokens": sched.cache.total_size}
         return self._call(read, timeout=10)
 
     def get_model_info(self) -> dict[str, Any]:

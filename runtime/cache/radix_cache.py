@@ -11,6 +11,11 @@ Invariants (checked by `check_integrity`):
 `insert` returns how many leading tokens of the key were already cached: those slots of the caller
 are duplicates that the caller frees (the tree keeps its own copy).
 
+Namespaces: KV computed under a LoRA adapter differs from the base model's for the same tokens, so
+`match_prefix` and `insert` take a `namespace` (None = the base model, else the adapter's uid) and
+each namespace has its own root: two namespaces never share a node. Roots are the nodes without a
+parent; they hold no tokens and are never evicted (an emptied adapter root is dropped).
+
     >>> from sgl.runtime.cache.allocator import SlotAllocator
     >>> alloc = SlotAllocator(16); tree = RadixCache(alloc)
     >>> tree.insert([1, 2, 3], alloc.alloc(3))
@@ -66,8 +71,9 @@ class RadixCache:
         self.reset()
 
     def reset(self) -> None:
-        self.root = TreeNode([], [], None)
+        self.root = TreeNode([], [], None)  # the base model's namespace
         self.root.lock_ref = 1  # the root is never evicted
+        self.roots: dict[Optional[int], TreeNode] = {None: self.root}
         self.evictable_size = 0
         self.protected_size = 0
 
@@ -75,9 +81,16 @@ class RadixCache:
     def total_size(self) -> int:
         return self.evictable_size + self.protected_size
 
+    def _root(self, namespace: Optional[int]) -> TreeNode:
+        root = self.roots.get(namespace)
+        if root is None:
+            root = self.roots[namespace] = TreeNode([], [], None)
+            root.lock_ref = 1
+        return root
+
     # ---- lookup and insertion -------------------------------------------------------------
-    def match_prefix(self, key: list[int]) -> MatchResult:
-        node, slots = self.root, []
+    def match_prefix(self, key: list[int], namespace: Optional[int] = None) -> MatchResult:
+        node, slots = self._root(namespace), []
         now = next(_clock)
         while key:
             child = node.children.get(key[0])
@@ -106,10 +119,10 @@ class RadixCache:
         upper.children[child.key[0]] = child
         return upper
 
-    def insert(self, key: list[int], slots: list[int]) -> int:
+    def insert(self, key: list[int], slots: list[int], namespace: Optional[int] = None) -> int:
         """Insert key -> slots; returns the length of the prefix that was already cached."""
         assert len(key) == len(slots)
-        node, done = self.root, 0
+        node, done = self._root(namespace), 0
         now = next(_clock)
         while done < len(key):
             child = node.children.get(key[done])
@@ -127,7 +140,7 @@ class RadixCache:
 
     # ---- locking ---------------------------------------------------------------------------
     def lock(self, node: TreeNode) -> None:
-        while node is not self.root:
+        while node.parent is not None:  # up to (not including) its namespace's root
             if node.lock_ref == 0:
                 self.evictable_size -= len(node.key)
                 self.protected_size += len(node.key)
@@ -135,7 +148,7 @@ class RadixCache:
             node = node.parent  # type: ignore[assignment]
 
     def unlock(self, node: TreeNode) -> None:
-        while node is not self.root:
+        while node.parent is not None:
             assert node.lock_ref > 0, "unlock of an unlocked node"
             node.lock_ref -= 1
             if node.lock_ref == 0:
@@ -146,7 +159,7 @@ class RadixCache:
     # ---- eviction --------------------------------------------------------------------------
     def evict(self, num_tokens: int) -> int:
         """Free at least num_tokens slots from unlocked leaves, LRU first; returns slots freed."""
-        leaves = [n for n in self._nodes() if not n.children and n.lock_ref == 0 and n is not self.root]
+        leaves = [n for n in self._nodes() if not n.children and n.lock_ref == 0 and n.parent is not None]
         heapq.heapify(leaves)
         freed = 0
         while freed < num_tokens and leaves:
@@ -157,12 +170,14 @@ class RadixCache:
             parent = leaf.parent
             assert parent is not None
             del parent.children[leaf.key[0]]
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+            if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(leaves, parent)
+        for ns in [ns for ns, root in self.roots.items() if ns is not None and not root.children]:
+            del self.roots[ns]  # an adapter's emptied namespace
         return freed
 
     def _nodes(self) -> list[TreeNode]:
-        out, stack = [], [self.root]
+        out, stack = [], list(self.roots.values())
         while stack:
             n = stack.pop()
             out.append(n)
@@ -172,11 +187,12 @@ class RadixCache:
     def check_integrity(self) -> None:
         evictable = protected = 0
         for n in self._nodes():
-            if n is self.root:
+            if n.parent is None:  # a namespace root
+                assert not n.key and not n.value and n.lock_ref == 1, "a root holds no tokens and stays locked"
                 continue
             assert n.key and len(n.key) == len(n.value), "node key/value mismatch"
-            assert n.parent is not None and n.parent.children.get(n.key[0]) is n, "broken parent link"
-            if n.parent is not self.root:
+            assert n.parent.children.get(n.key[0]) is n, "broken parent link"
+            if n.parent.parent is not None:
                 assert n.parent.lock_ref >= n.lock_ref, "lock_ref must not grow downwards"
             if n.lock_ref == 0:
                 evictable += len(n.key)
@@ -194,10 +210,10 @@ class NoPrefixCache(RadixCache):
 
     disabled = True
 
-    def match_prefix(self, key: list[int]) -> MatchResult:
+    def match_prefix(self, key: list[int], namespace: Optional[int] = None) -> MatchResult:
         return MatchResult([], self.root)
 
-    def insert(self, key: list[int], slots: list[int]) -> int:
+    def insert(self, key: list[int], slots: list[int], namespace: Optional[int] = None) -> int:
         return len(key)  # "all already cached": the caller frees every slot
 
     def evict(self, num_tokens: int) -> int:

@@ -16,7 +16,7 @@ Token rows are sequence-major: sequence 0's new tokens, then sequence 1's, and s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -31,6 +31,7 @@ class ForwardBatch:
     extend_lens: list[int]  # [B] new tokens per sequence (1 = decode)
     seq_lens: list[int]  # [B] total tokens per sequence after this step (prefix + new)
     slot_tables: list[torch.Tensor]  # [B], each [seq_len] int64: prefix slots, then out_cache_loc's segment
+    lora: Optional[Any] = field(default=None, repr=False)  # a LoraBatch (runtime/lora/segmented.py) or None
     # Derived once per step, shared by every layer:
     attn: AttentionMetadata = field(init=False, repr=False)
     last_token_indices: torch.Tensor = field(init=False, repr=False)  # [B] int64 row of each sequence's last token

@@ -26,6 +26,7 @@ from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.executor.sampler import logprobs_for_tokens
 from sgl.runtime.executor.verify import VerifyMasks, fill_verify_bitmask, restore_fill_state, sample_verify
 from sgl.runtime.executor.sampling_state import RowSamplingState
+from sgl.runtime.lora.segmented import LoraBatch, lora_order
 from sgl.runtime.scheduler.request import BatchRow, RowResult, ScheduledBatch
 
 
@@ -50,11 +51,26 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[RowResult]:
         rows = batch.rows
+        # LoRA: rows grouped by adapter so each adapter's tokens are one segment; results go back in batch order
+        order = lora_order([r.req.lora for r in rows])
+        if order is not None:
+            rows = [rows[i] for i in order]
         fb = ForwardBatch.from_lists(
             input_ids=[r.input_ids for r in rows],
             slot_tables=[r.req.slots + r.new_slots for r in rows],
             device=self.device,
         )
+        if order is not None:
+            fb.lora = LoraBatch.from_rows(fb.extend_lens, [r.req.lora for r in rows])
+        results = self._run(rows, fb)
+        if order is None:
+            return results
+        unsorted: list[RowResult] = [results[0]] * len(results)
+        for j, i in enumerate(order):
+            unsorted[i] = results[j]
+        return unsorted
+
+    def _run(self, rows: list[BatchRow], fb: ForwardBatch) -> list[RowResult]:
         results = [RowResult(token_id=None) for _ in rows]
 
         # Which hidden rows need logits: the last token of sampling rows, and prompt-logprob positions.

@@ -142,6 +142,8 @@ class LlamaDecoderLayer(nn.Module):
         num_tokens = h.shape[0]
         x = rms_norm(h, self.input_layernorm, self.norm_consts)
         qkv = linear(x, self.qkv, self.qkv_bias)  # [T, (H + 2 Hkv) D]
+        if fb.lora is not None:  # LoRA: each adapter segment adds x @ A @ B after the shared base matmul
+            fb.lora.apply(qkv, x, layer_id, "qkv")
         # NOTE: basic slicing, not Tensor.split: same views, a fraction of the Python overhead.
         qk_cols = self.qk_v_sizes[0]
         qk, v = qkv[:, :qk_cols], qkv[:, qk_cols:]
@@ -149,11 +151,20 @@ class LlamaDecoderLayer(nn.Module):
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, H, D], [T, Hkv, D]: rotated in one pass
         kv.store(layer_id, fb.out_cache_loc, k, v.view(num_tokens, self.num_kv_heads, self.head_dim))
         o = paged_attention(q, kv.k_buffer(layer_id), kv.v_buffer(layer_id), fb.attn, self.scale)  # [T, H, D]
-        h = self._row_parallel(o.view(num_tokens, self.q_size), self.o, self.o_bias, h)  # h + o_proj(o)
+        o = o.view(num_tokens, self.q_size)
+        h = self._row_parallel(o, self.o, self.o_bias, h)  # h + o_proj(o)
+        if fb.lora is not None:
+            fb.lora.apply(h, o, layer_id, "o")
         x = rms_norm(h, self.post_attention_layernorm, self.norm_consts)
         gate_up = linear(x, self.gate_up)  # [T, 2I]
+        if fb.lora is not None:
+            fb.lora.apply(gate_up, x, layer_id, "gate_up")
         gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
-        return self._row_parallel(F.silu(gate).mul_(up), self.down, None, h)  # h + down_proj(silu(gate) * up)
+        act = F.silu(gate).mul_(up)
+        h = self._row_parallel(act, self.down, None, h)  # h + down_proj(silu(gate) * up)
+        if fb.lora is not None:
+            fb.lora.apply(h, act, layer_id, "down")
+        return h
 
     def _row_parallel(
         self, x: torch.Tensor, w: LinearWeight, bias: Optional[torch.Tensor], h: torch.Tensor

@@ -42,6 +42,7 @@ class Req:
     priority: int = 0
     priority_class: str = "standard"  # realtime | standard | batch (fair_share.py)
     grammar: Any = None  # a grammar matcher (opaque to the scheduler), or None
+    lora: Any = None  # the LoRA adapter (sgl.runtime.lora.adapter.LoraAdapter) the request runs under, or None
     created_time: float = field(default_factory=time.monotonic)
 
     output_ids: list[int] = field(default_factory=list)
@@ -73,6 +74,11 @@ class Req:
 
     def __post_init__(self) -> None:
         assert len(self.prompt_ids) > 0, "a request needs at least one prompt token"
+
+    @property
+    def cache_namespace(self) -> Optional[int]:
+        """The radix tree namespace of this request's KV: None for the base model, else the adapter's uid."""
+        return None if self.lora is None else self.lora.uid
 
     @property
     def fill_ids(self) -> list[int]:

@@ -183,6 +183,8 @@ class Scheduler:
         for req in self.fair.order(self.waiting, within):
             if budget <= 0:
                 break
+            if not self._lora_fits(req):
+                continue  # its adapter would exceed --max-loras-per-batch: it waits, others may go
             realtime = req.priority_class == "realtime"
             if blocked and not realtime:
                 continue
@@ -222,6 +224,14 @@ class Scheduler:
             return min(n, budget)
         return 0 if n > budget and not first else n  # unchunked: a long prompt waits for a step of its own
 
+    def _lora_fits(self, req: Req) -> bool:
+        """Admitting `req` keeps the distinct adapters of the running set (a superset of any batch's)
+        within --max-loras-per-batch."""
+        if req.lora is None:
+            return True
+        active = {r.lora.uid for r in self.running if r.lora is not None}
+        return req.lora.uid in active or len(active) < self.args.max_loras_per_batch
+
     def _extend_row(self, req: Req, budget: int, first: bool) -> Optional[BatchRow]:
         """The next prefill piece of `req` within `budget`, with its slots allocated, or None."""
         n = self._piece_len(req, budget, first)
@@ -254,7 +264,7 @@ class Scheduler:
     # ---- prefix cache bookkeeping (see the table in request.py) -------------------------
     def _match(self, req: Req) -> None:
         assert req.kv_len == 0 and req.last_node is None
-        m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len])
+        m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len], req.cache_namespace)
         self.cache.lock(m.node)
         req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(m.slots)
 
@@ -263,7 +273,7 @@ class Scheduler:
         rest of a shared system prompt), instead of computing its own copy."""
         if self.cache.disabled or req.cached_len != req.kv_len:
             return
-        m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len])
+        m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len], req.cache_namespace)
         if len(m.slots) <= req.kv_len:
             return
         assert m.slots[: req.kv_len] == req.slots, "the tree must hold this request's own prefix"
@@ -281,12 +291,12 @@ class Scheduler:
     def _cache_req(self, req: Req, keep_locked: bool) -> None:
         """Hand the request's computed KV to the tree (or free it when the cache is disabled)."""
         key = req.fill_ids[: req.kv_len]
-        existing = self.cache.insert(key, req.slots)
+        existing = self.cache.insert(key, req.slots, req.cache_namespace)
         # [cached_len, existing): the tree already had these tokens: our copies are duplicates.
         self.allocator.free(req.slots[req.cached_len:existing])
         old = req.last_node
         if keep_locked and not self.cache.disabled:
-            m = self.cache.match_prefix(key)
+            m = self.cache.match_prefix(key, req.cache_namespace)
             assert len(m.slots) == len(key)
             self.cache.lock(m.node)
             req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(key)
@@ -443,6 +453,8 @@ class Scheduler:
             self.swap.release(req.host_slots)
             req.host_slots = []
         req.status = ReqStatus.FINISHED
+        if req.lora is not None:
+            req.lora.refs -= 1  # taken by the engine when it queued the request (AdapterPool.acquire)
         self.on_output(req)
 
     # ---- accounting --------------------------------------------------------------------------
