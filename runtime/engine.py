@@ -92,7 +92,7 @@ class Engine:
             try:
                 self.scheduler.step()
             except TensorParallelError as e:  # a rank is gone: no step can run again
-                self._fatal(str(e))
+                self._fatal(self.tp.diagnose(str(e)) if self.tp is not None else str(e))
             except Exception as e:  # a bug: fail the requests in flight, keep serving
                 logger.exception("scheduler step failed")
                 for req in list(self.scheduler.running) + list(self.scheduler.waiting):
