@@ -66,6 +66,11 @@ class Engine:
         runner = ModelRunner(model, local_config, pool_size, self.tokenizer.eos_token_ids, dtype=dtype)
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output)
         self.grammar = _make_grammar_compiler(args, self.tokenizer, loaded.config.vocab_size)
+        self.disagg = None  # prefill/decode disaggregation: this engine's KV export/import (runtime/distributed/disagg.py)
+        if args.disaggregation_mode is not None:
+            from sgl.runtime.distributed.disagg import Disaggregation
+
+            self.disagg = Disaggregation(self, args.disaggregation_mode, args.disaggregation_transfer_timeout)
         self._sinks: dict[str, RequestSink] = {}
         self._cancelled: set[str] = set()  # aborted before reaching the scheduler (e.g. compiling)
         self._commands: "queue.Queue[Callable[[], None]]" = queue.Queue()
@@ -351,6 +356,8 @@ class Engine:
             self.grammar.shutdown()
         if self.tp is not None:
             self.tp.shutdown()
+        if self.disagg is not None:
+            self.disagg.close()
 
     def __enter__(self) -> "Engine":
         return self
