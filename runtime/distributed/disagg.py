@@ -40,16 +40,23 @@ class Disaggregation:
         ids = self.engine._tokenize(req)
         sch = self.engine.scheduler
 
-        def gather() -> torch.Tensor:  # on the scheduler thread: nothing evicts while we read
+        pool = sch.runner.kv
+
+        def gather() -> dict[str, Any]:  # on the scheduler thread: nothing evicts while we read
             m = sch.cache.match_prefix(ids)
             if len(m.slots) < len(ids):
                 raise KVTransferError(f"only {len(m.slots)} of the prompt's {len(ids)} tokens are cached (evicted "
                                       f"under memory pressure); retry")
-            kv = sch.runner.kv
             idx = torch.tensor(m.slots, dtype=torch.int64)
-            return torch.stack([kv.k.index_select(1, idx), kv.v.index_select(1, idx)])
 
-        return ids, self.transfer.put(self.engine._call(gather))
+            def fill(buf: torch.Tensor) -> None:  # straight from the pool into the segment: one copy
+                torch.index_select(pool.k, 1, idx, out=buf[0])
+                torch.index_select(pool.v, 1, idx, out=buf[1])
+
+            shape = (2, pool.num_layers, len(ids), pool.num_kv_heads, pool.head_dim)
+            return self.transfer.put_with(shape, pool.dtype, fill)
+
+        return ids, self.engine._call(gather)
 
     def import_prompt(self, ids: list[int], handle: Any) -> int:
         """Read the KV behind `handle` and insert it under `ids` into the radix tree; returns the tokens
@@ -59,34 +66,36 @@ class Disaggregation:
             raise RequestError("kv must be the handle object that /disagg/prefill returned")
         if not ids or not all(isinstance(t, int) and 0 <= t < self.engine.model_config.vocab_size for t in ids):
             raise RequestError("input_ids must be the prompt's token ids that /disagg/prefill returned")
-        kvt = self.transfer.take(handle)  # NOTE: off the scheduler thread: the copy does not stall steps
         sch = self.engine.scheduler
         pool = sch.runner.kv
         want = (2, pool.num_layers, len(ids), pool.num_kv_heads, pool.head_dim)
-        if tuple(kvt.shape) != want:
-            raise KVTransferError(f"KV of shape {tuple(kvt.shape)} does not fit this model and prompt {want}")
+        with self.transfer.opened(handle) as kvt:  # read in place: one copy, segment -> pool
+            if tuple(kvt.shape) != want:
+                raise KVTransferError(f"KV of shape {tuple(kvt.shape)} does not fit this model and prompt {want}")
+            return self.engine._call(lambda: self._insert(ids, kvt))
 
-        def insert() -> int:
-            m = sch.cache.match_prefix(ids)
-            have = len(m.slots)
-            need = len(ids) - have
-            if need == 0:
-                return 0
-            sch.cache.lock(m.node)  # the matched part must survive the eviction below
-            try:
-                if not sch._ensure_free(need):
-                    raise KVTransferError(f"the KV pool has no room for {need} imported tokens")
-                slots = sch.allocator.alloc(need)
-            finally:
-                sch.cache.unlock(m.node)
-            assert slots is not None
-            idx = torch.tensor(slots, dtype=torch.int64)
-            pool.k.index_copy_(1, idx, kvt[0, :, have:].to(pool.dtype))
-            pool.v.index_copy_(1, idx, kvt[1, :, have:].to(pool.dtype))
-            assert sch.cache.insert(ids, m.slots + slots) == have
-            return need
-
-        return self.engine._call(insert)
+    def _insert(self, ids: list[int], kvt: torch.Tensor) -> int:
+        """On the scheduler thread: store kvt's tokens the tree lacks into fresh slots, insert them under ids."""
+        sch = self.engine.scheduler
+        pool = sch.runner.kv
+        m = sch.cache.match_prefix(ids)
+        have = len(m.slots)
+        need = len(ids) - have
+        if need == 0:
+            return 0
+        sch.cache.lock(m.node)  # the matched part must survive the eviction below
+        try:
+            if not sch._ensure_free(need):
+                raise KVTransferError(f"the KV pool has no room for {need} imported tokens")
+            slots = sch.allocator.alloc(need)
+        finally:
+            sch.cache.unlock(m.node)
+        assert slots is not None
+        idx = torch.tensor(slots, dtype=torch.int64)
+        pool.k.index_copy_(1, idx, kvt[0, :, have:].to(pool.dtype))
+        pool.v.index_copy_(1, idx, kvt[1, :, have:].to(pool.dtype))
+        assert sch.cache.insert(ids, m.slots + slots) == have
+        return need
 
     def close(self) -> None:
         self.transfer.close()

@@ -15,10 +15,12 @@ memory won on one machine (see README), so p2p is measured but not wired in.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from typing import Callable, Iterator
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
@@ -33,10 +35,19 @@ class KVTransferError(RuntimeError):
 
 class KVTransfer(ABC):
     @abstractmethod
-    def put(self, kv: torch.Tensor) -> dict[str, Any]: ...
+    def put_with(self, shape: tuple[int, ...], dtype: torch.dtype, fill: Callable[[torch.Tensor], None]) -> dict[str, Any]:
+        """Allocate a transfer buffer of `shape`, let `fill` write the KV into it; returns the handle."""
 
     @abstractmethod
-    def take(self, handle: dict[str, Any]) -> torch.Tensor: ...
+    def opened(self, handle: dict[str, Any]) -> "contextlib.AbstractContextManager[torch.Tensor]":
+        """The KV behind `handle` as a tensor, valid inside the `with` block; freed after it."""
+
+    def put(self, kv: torch.Tensor) -> dict[str, Any]:
+        return self.put_with(tuple(kv.shape), kv.dtype, lambda buf: buf.copy_(kv))
+
+    def take(self, handle: dict[str, Any]) -> torch.Tensor:
+        with self.opened(handle) as kv:
+            return kv.clone()
 
     def close(self) -> None:  # noqa: B027 - optional
         pass
@@ -51,24 +62,33 @@ class SharedMemoryTransfer(KVTransfer):
         self._reaper = threading.Thread(target=self._reap_loop, name="sgl-kv-reaper", daemon=True)
         self._reaper.start()
 
-    def put(self, kv: torch.Tensor) -> dict[str, Any]:
-        dtype = str(kv.dtype).removeprefix("torch.")
-        if dtype not in DTYPES:
-            raise KVTransferError(f"KV dtype {dtype} cannot be transferred")
+    def put_with(self, shape: tuple[int, ...], dtype: torch.dtype, fill: Callable[[torch.Tensor], None]) -> dict[str, Any]:
+        dtype_name = str(dtype).removeprefix("torch.")
+        if dtype_name not in DTYPES:
+            raise KVTransferError(f"KV dtype {dtype_name} cannot be transferred")
+        numel = 1
+        for n in shape:
+            numel *= n
         name = f"sgl-kv-{uuid.uuid4().hex[:16]}"
-        shm = shared_memory.SharedMemory(name=name, create=True, size=max(1, kv.numel() * kv.element_size()))
+        shm = shared_memory.SharedMemory(name=name, create=True, size=max(1, numel * torch.empty((), dtype=dtype).element_size()))
         # NOTE: ownership passes to the taker (it unlinks) or the reaper: not this process's resource tracker,
         # which would unlink (and warn about) the segment when this process exits.
         resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         try:
-            torch.frombuffer(shm.buf, dtype=kv.dtype, count=kv.numel()).view(kv.shape).copy_(kv)
-        finally:
+            view = torch.frombuffer(shm.buf, dtype=dtype, count=numel).view(shape)
+            fill(view)
+            del view  # NOTE: no tensor may reference the mapping when it closes
+        except BaseException:
             shm.close()
+            shm.unlink()
+            raise
+        shm.close()
         with self._lock:
             self._pending[name] = time.monotonic() + self.timeout_s
-        return {"backend": "shm", "name": name, "shape": list(kv.shape), "dtype": dtype}
+        return {"backend": "shm", "name": name, "shape": list(shape), "dtype": dtype_name}
 
-    def take(self, handle: dict[str, Any]) -> torch.Tensor:
+    @contextlib.contextmanager
+    def opened(self, handle: dict[str, Any]) -> Iterator[torch.Tensor]:
         try:
             name, shape, dtype = str(handle["name"]), [int(x) for x in handle["shape"]], DTYPES[handle["dtype"]]
         except (KeyError, TypeError, ValueError) as e:
@@ -85,7 +105,11 @@ class SharedMemoryTransfer(KVTransfer):
                 numel *= n
             if numel * torch.empty((), dtype=dtype).element_size() > shm.size:
                 raise KVTransferError(f"KV segment {name} is smaller than its shape {shape}")
-            return torch.frombuffer(shm.buf, dtype=dtype, count=numel).view(shape).clone()
+            view = torch.frombuffer(shm.buf, dtype=dtype, count=numel).view(shape)
+            try:
+                yield view
+            finally:
+                del view
         finally:
             shm.close()
             try:
