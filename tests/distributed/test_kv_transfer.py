@@ -17,39 +17,50 @@ def _segments() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("sgl-kv-")}
 
 
-def test_a_segment_is_read_once_then_gone() -> None:
+def test_a_kv_is_read_once_and_its_segment_reused() -> None:
     t = SharedMemoryTransfer(timeout_s=30)
     try:
         kv = torch.randn(2, 3, 5, 1, 4)
         handle = t.put(kv)
         assert handle["name"] in _segments() and handle["shape"] == [2, 3, 5, 1, 4]
+        assert t.pending() == 1
         assert torch.equal(t.take(handle), kv)
-        assert handle["name"] not in _segments()
+        assert t.pending() == 0
         with pytest.raises(KVTransferError, match="is gone"):
             t.take(handle)
+        again = t.put(kv[:, :2])  # smaller: the free segment is reused (its pages are already touched)
+        assert again["name"] == handle["name"] and again["generation"] == handle["generation"] + 1
+        with pytest.raises(KVTransferError, match="is gone"):
+            t.take(handle)  # an old handle never reads the new contents
+        assert torch.equal(t.take(again), kv[:, :2])
     finally:
         t.close()
+    assert handle["name"] not in _segments()  # close() unlinks
 
 
-def test_an_untaken_segment_expires_and_close_frees_the_rest() -> None:
-    t = SharedMemoryTransfer(timeout_s=0.3)
-    handle = t.put(torch.ones(2, 1, 3, 1, 2))
-    time.sleep(1.0)  # the reaper runs every timeout / 4
-    assert handle["name"] not in _segments() and t.pending() == 0
-    t.close()
-    t2 = SharedMemoryTransfer(timeout_s=60)
-    h2 = t2.put(torch.ones(2))
-    t2.close()  # shutting down frees what nobody took
-    assert h2["name"] not in _segments()
+def test_an_untaken_kv_expires() -> None:
+    t = SharedMemoryTransfer(timeout_s=0.3, read_margin_s=0.2)
+    try:
+        handle = t.put(torch.ones(2, 1, 3, 1, 2))
+        time.sleep(0.4)
+        with pytest.raises(KVTransferError, match="is gone"):  # past its deadline: no reader starts
+            t.take(handle)
+        time.sleep(0.6)  # + the margin: the reaper frees it for reuse
+        assert t.pending() == 0
+        assert t.put(torch.ones(4))["name"] == handle["name"]
+    finally:
+        t.close()
 
 
 def test_bad_handles_name_the_problem() -> None:
     t = SharedMemoryTransfer(timeout_s=30)
     try:
-        with pytest.raises(KVTransferError, match="needs name, shape and dtype"):
+        with pytest.raises(KVTransferError, match="needs name, generation, shape and dtype"):
             t.take({"name": "sgl-kv-x"})
         with pytest.raises(KVTransferError, match="not a KV segment"):
-            t.take({"name": "etc-passwd", "shape": [1], "dtype": "float32"})
+            t.take({"name": "etc-passwd", "generation": 1, "shape": [1], "dtype": "float32"})
+        with pytest.raises(KVTransferError, match="does not exist"):
+            t.take({"name": "sgl-kv-nope", "generation": 1, "shape": [1], "dtype": "float32"})
         h = t.put(torch.ones(4))
         with pytest.raises(KVTransferError, match="smaller than its shape"):
             t.take({**h, "shape": [4, 4]})

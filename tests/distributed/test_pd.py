@@ -15,6 +15,7 @@ from typing import Iterator
 import httpx
 import pytest
 
+from sgl.runtime.distributed.kv_transfer import READ_MARGIN_S
 from tests.e2e.server_helpers import ServerHandle, free_port, start_server
 
 PROMPTS = ["The capital of France is", "List three prime numbers:", "A haiku about the sea:"]
@@ -26,6 +27,19 @@ def _integrity(server: ServerHandle) -> None:
     server.wait_idle()
     r = httpx.get(server.url + "/check_integrity", timeout=30)
     assert r.status_code == 200 and r.json()["ok"] is True, r.text
+
+
+def _held(names: set[str]) -> set[str]:
+    """Segments among `names` holding an untaken KV (header: int64 generation, state; FULL = 1)."""
+    held = set()
+    for n in names:
+        try:
+            with open(f"/dev/shm/{n}", "rb") as f:
+                if int.from_bytes(f.read(16)[8:16], "little") == 1:
+                    held.add(n)
+        except FileNotFoundError:
+            pass
+    return held
 
 
 def _segments() -> set[str]:
@@ -81,8 +95,8 @@ def test_greedy_through_pd_equals_one_server_and_starts_from_the_transferred_kv(
 def test_bad_transfers_are_clear_errors(pd) -> None:
     prefill, decode, router = pd
     r = httpx.post(decode.url + "/disagg/decode", json={"input_ids": [1, 2], "kv": {"name": "sgl-kv-nope",
-                   "shape": [2, 30, 2, 3, 64], "dtype": "float32"}, "sampling_params": GREEDY}, timeout=30)
-    assert r.status_code == 504 and "gone" in r.text
+                   "generation": 1, "shape": [2, 30, 2, 3, 64], "dtype": "float32"}, "sampling_params": GREEDY}, timeout=30)
+    assert r.status_code == 504 and "does not exist" in r.text
     r = httpx.post(decode.url + "/disagg/decode", json={"input_ids": [1, 2], "kv": "x"}, timeout=30)
     assert r.status_code == 400 and "kv" in r.text
     r = httpx.post(decode.url + "/disagg/prefill", json={"text": "hi"}, timeout=30)
@@ -95,12 +109,11 @@ def test_bad_transfers_are_clear_errors(pd) -> None:
 
 def test_an_undelivered_kv_is_freed_after_the_timeout(pd) -> None:
     prefill, decode, _ = pd
-    before = _segments()
     pre = httpx.post(prefill.url + "/disagg/prefill", json={"text": PROMPTS[1], "sampling_params": GREEDY},
                      timeout=60).json()
-    assert pre["kv"]["name"] in _segments() - before
-    time.sleep(TIMEOUT_S + 1.5)  # nobody takes it: the prefill server's reaper unlinks it
-    assert pre["kv"]["name"] not in _segments()
+    assert _held({pre["kv"]["name"]}) == {pre["kv"]["name"]}
+    time.sleep(TIMEOUT_S + READ_MARGIN_S + 1.0)  # nobody takes it: the prefill server's reaper frees it
+    assert not _held({pre["kv"]["name"]})
     r = httpx.post(decode.url + "/disagg/decode", timeout=30, json={
         "input_ids": pre["input_ids"], "kv": pre["kv"], "sampling_params": GREEDY})
     assert r.status_code == 504 and "gone" in r.text
@@ -112,11 +125,11 @@ def test_a_dead_decode_server_is_a_502_and_the_prefill_side_stays_whole(pd) -> N
     prefill, decode, router = pd
     decode.proc.kill()
     decode.proc.wait(timeout=10)
-    before = _segments()
     r = httpx.post(router + "/generate", json={"text": "Once upon a time", "sampling_params": GREEDY}, timeout=60)
     assert r.status_code == 502 and "decode server" in r.text
-    time.sleep(TIMEOUT_S + 1.5)
-    assert not (_segments() - before), "the exported KV outlived the transfer timeout"
+    assert _held(_segments())  # exported, never taken
+    time.sleep(TIMEOUT_S + READ_MARGIN_S + 1.0)
+    assert not _held(_segments()), "the exported KV outlived the transfer timeout"
     _integrity(prefill)
     ok = httpx.post(prefill.url + "/generate", json={"text": "Hello", "sampling_params": GREEDY}, timeout=60)
     assert ok.status_code == 200  # the prefill server serves on
