@@ -25,6 +25,7 @@ WEIGHT_FORMATS = ("auto", "fp32", "native")  # runtime/models/loader.py: what au
 QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize for Hugging Face folders (round-to-nearest per 32-block)
 SPECULATIVE_ALGORITHMS = ("NGRAM",)  # runtime/speculative/: the drafters built so far
 PREEMPTION_MODES = ("swap", "recompute")
+DISAGGREGATION_MODES = ("prefill", "decode")
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")  # == sgl.runtime.router.policy.POLICIES
 
 
@@ -83,6 +84,8 @@ class ServerArgs:
     num_threads: Optional[int] = None  # torch CPU threads; None = one per physical core
     random_seed: int = 0
     tp_size: int = 1  # tensor-parallel ranks (runtime/distributed/): one machine spawns them, torchrun spans machines
+    disaggregation_mode: Optional[str] = None  # prefill | decode: this server's side of a PD pair (runtime/distributed/disagg.py)
+    disaggregation_transfer_timeout: float = 30.0  # seconds an exported prompt KV waits for its decode server
     dist_timeout: float = 120.0  # seconds a tensor-parallel collective may wait before the group is declared dead
     dp_size: int = 1
     router_policy: str = "cache_aware"  # --dp-size > 1: the router's policy (runtime/router/policy.py)
@@ -191,6 +194,12 @@ class ServerArgs:
             raise ValueError(f"tp_size must be >= 1 (the number of tensor-parallel ranks), got {self.tp_size}")
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be positive seconds, got {self.dist_timeout}")
+        if self.disaggregation_mode not in (None, *DISAGGREGATION_MODES):
+            raise ValueError(f"disaggregation_mode must be one of {DISAGGREGATION_MODES} (or unset), "
+                             f"got {self.disaggregation_mode!r}")
+        if self.disaggregation_transfer_timeout <= 0:
+            raise ValueError(f"disaggregation_transfer_timeout must be positive seconds, "
+                             f"got {self.disaggregation_transfer_timeout}")
         if self.tp_size > 1 and self.dp_size > 1:
             raise ValueError("tp_size > 1 with dp_size > 1 is not supported: use one or the other")
         if self.dp_size < 1:
@@ -262,6 +271,8 @@ class ServerArgs:
                     kwargs["choices"] = QUANTIZE_TYPES
                 if f.name == "speculative_algorithm":
                     kwargs["choices"] = SPECULATIVE_ALGORITHMS
+                if f.name == "disaggregation_mode":
+                    kwargs["choices"] = DISAGGREGATION_MODES
                 parser.add_argument(flag, **kwargs)
 
     @classmethod

@@ -74,6 +74,11 @@ class Engine:
         for name, path in parse_lora_paths(args.lora_paths):
             self.lora_pool.add(self._read_adapter(name, path))
         self.grammar = _make_grammar_compiler(args, self.tokenizer, loaded.config.vocab_size)
+        self.disagg = None  # prefill/decode disaggregation: this engine's KV export/import (runtime/distributed/disagg.py)
+        if args.disaggregation_mode is not None:
+            from sgl.runtime.distributed.disagg import Disaggregation
+
+            self.disagg = Disaggregation(self, args.disaggregation_mode, args.disaggregation_transfer_timeout)
         self._sinks: dict[str, RequestSink] = {}
         self._cancelled: set[str] = set()  # aborted before reaching the scheduler (e.g. compiling)
         self._commands: "queue.Queue[Callable[[], None]]" = queue.Queue()
@@ -100,7 +105,7 @@ class Engine:
             try:
                 self.scheduler.step()
             except TensorParallelError as e:  # a rank is gone: no step can run again
-                self._fatal(str(e))
+                self._fatal(self.tp.diagnose(str(e)) if self.tp is not None else str(e))
             except Exception as e:  # a bug: fail the requests in flight, keep serving
                 logger.exception("scheduler step failed")
                 for req in list(self.scheduler.running) + list(self.scheduler.waiting):
@@ -411,6 +416,8 @@ class Engine:
             self.grammar.shutdown()
         if self.tp is not None:
             self.tp.shutdown()
+        if self.disagg is not None:
+            self.disagg.close()
 
     def __enter__(self) -> "Engine":
         return self

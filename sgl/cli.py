@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -68,10 +69,15 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
         launch_dp(ns.server_args)
         return 0
+    if ns.server_args.tp_size > 1 and os.environ.get("RANK", "0") != "0":  # torchrun: ranks > 0 follow rank 0
+        from sgl.runtime.distributed.worker import run_worker
+        from sgl.runtime.server.launch import configure_logging
+
+        configure_logging(ns.server_args.log_level)
+        return run_worker(ns.server_args)
     from sgl.runtime.server.launch import launch_server
 
-    launch_server(ns.server_args)
-    return 0
+    return launch_server(ns.server_args)
 
 
 def cmd_router(ns: argparse.Namespace) -> int:

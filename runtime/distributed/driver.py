@@ -4,13 +4,16 @@ forward, and the collectives inside it (all-reduces, the vocab gather) line up b
     model = TPDriver(sharded_model, group)        # rank 0: the ModelRunner calls it like the model
     run_follower(sharded_model, local_config, group)   # ranks 1..tp-1: until rank 0 says stop
 
-The wire, one broadcast per command from rank 0 (picklable tuples):
-    ("forward", ForwardBatch fields)  every rank runs model.forward; followers keep the hidden states
-    ("logits", hidden rows [N, hidden])  every rank runs compute_logits (its vocab shard + the gather)
-    ("ping",)  sent when idle for `heartbeat_s`, so a follower's wait never reaches the group timeout
-    ("stop",)
-Rank 0 sends the hidden rows it selected rather than their indices: the ranks' hidden states are equal
-after each all-reduce, and this keeps the follower ignorant of sampling and logprob rows.
+The wire: a header, int64 [4] = (kind, a, b, c), broadcast from rank 0, then the kind's payload:
+    FORWARD (a=B sequences, b=T tokens, c=S slot-table entries): int64 [2B + 3T + S] = extend_lens,
+        seq_lens, input_ids, positions, out_cache_loc, the slot tables end to end. Every rank runs the
+        forward; followers drop the hidden states.
+    LOGITS (a=N rows): the hidden rows [N, hidden] rank 0 selected; every rank runs compute_logits (its
+        vocab shard, then the gather). Rows, not indices: the ranks' hidden states are equal after each
+        all-reduce, and followers stay ignorant of sampling and logprob rows.
+    PING: sent when idle for `heartbeat_s`, so a follower's wait never reaches the group timeout.
+    STOP.
+Tensors, not pickled objects: two small broadcasts per command (broadcast_object_list takes ~4x longer).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Optional
 
 import torch
 
@@ -31,8 +34,26 @@ from sgl.runtime.models.config import ModelConfig
 logger = logging.getLogger("sgl.distributed")
 
 
-def _fields(fb: ForwardBatch) -> tuple[Any, ...]:
-    return (fb.input_ids, fb.positions, fb.out_cache_loc, fb.extend_lens, fb.seq_lens, fb.slot_tables)
+FORWARD, LOGITS, PING, STOP = 1, 2, 3, 4
+
+
+def _header(kind: int, a: int = 0, b: int = 0, c: int = 0) -> torch.Tensor:
+    return torch.tensor([kind, a, b, c], dtype=torch.int64)
+
+
+def _pack(fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    lens = torch.tensor(fb.extend_lens + fb.seq_lens, dtype=torch.int64)
+    payload = torch.cat([lens, fb.input_ids, fb.positions, fb.out_cache_loc, *fb.slot_tables])
+    return _header(FORWARD, fb.batch_size, fb.num_tokens, sum(fb.seq_lens)), payload
+
+
+def _unpack(header: torch.Tensor, payload: torch.Tensor) -> ForwardBatch:
+    b, t = int(header[1]), int(header[2])
+    lens = payload[: 2 * b].tolist()
+    ids, pos, out = payload[2 * b : 2 * b + 3 * t].split(t)
+    tables = list(payload[2 * b + 3 * t :].split(lens[b:]))
+    return ForwardBatch(input_ids=ids, positions=pos, out_cache_loc=out, extend_lens=lens[:b],
+                        seq_lens=lens[b:], slot_tables=tables)
 
 
 class TPDriver:
@@ -47,18 +68,21 @@ class TPDriver:
         self._heartbeat = threading.Thread(target=self._beat, args=(heartbeat_s,), name="sgl-tp-heartbeat", daemon=True)
         self._heartbeat.start()
 
-    def _send(self, cmd: tuple[Any, ...]) -> None:
-        self.group.broadcast(cmd)
+    def _send(self, header: torch.Tensor, payload: Optional[torch.Tensor] = None) -> None:
+        self.group.broadcast_tensor(header)
+        if payload is not None:
+            self.group.broadcast_tensor(payload)
         self._last = time.monotonic()
 
     def __call__(self, fb: ForwardBatch, kv: KVCache) -> torch.Tensor:
         with self._lock:
-            self._send(("forward", _fields(fb)))
+            self._send(*_pack(fb))
             return self.model(fb, kv)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with self._lock:
-            self._send(("logits", hidden))
+            hidden = hidden.contiguous()
+            self._send(_header(LOGITS, hidden.shape[0]), hidden)
             return self.model.compute_logits(hidden)
 
     def _beat(self, every: float) -> None:
@@ -69,7 +93,7 @@ class TPDriver:
                 if self._closed.is_set():
                     return
                 try:
-                    self._send(("ping",))
+                    self._send(_header(PING))
                 except TensorParallelError as e:
                     logger.error("%s", e)  # the next step raises the same error and the engine stops
                     return
@@ -82,7 +106,7 @@ class TPDriver:
             self._closed.set()
             if self.group.failed is None:
                 try:
-                    self._send(("stop",))
+                    self._send(_header(STOP))
                 except TensorParallelError:
                     pass
 
@@ -95,18 +119,18 @@ def run_follower(model: torch.nn.Module, config: ModelConfig, group: TPGroup) ->
     kv = KVCache.for_model(config, num_slots, getattr(torch, dtype))
     logger.info("tensor-parallel rank %d ready: %d heads, %d kv heads, KV pool %d slots",
                 group.rank, config.num_attention_heads, config.num_key_value_heads, num_slots)
+    hidden_size, dtype = config.hidden_size, getattr(torch, dtype)
     while True:
-        cmd = group.broadcast(None)
-        kind = cmd[0]
-        if kind == "forward":
-            input_ids, positions, out_loc, extend_lens, seq_lens, tables = cmd[1]
-            fb = ForwardBatch(input_ids=input_ids, positions=positions, out_cache_loc=out_loc,
-                              extend_lens=extend_lens, seq_lens=seq_lens, slot_tables=tables)
-            model(fb, kv)  # the hidden states only feed the collectives; rank 0 sends the rows it needs
-        elif kind == "logits":
-            model.compute_logits(cmd[1])
-        elif kind == "stop":
+        header = group.broadcast_tensor(torch.empty(4, dtype=torch.int64))
+        kind = int(header[0])
+        if kind == FORWARD:
+            b, t, s = (int(x) for x in header[1:])
+            payload = group.broadcast_tensor(torch.empty(2 * b + 3 * t + s, dtype=torch.int64))
+            model(_unpack(header, payload), kv)  # the hidden states only feed the collectives
+        elif kind == LOGITS:
+            model.compute_logits(group.broadcast_tensor(torch.empty(int(header[1]), hidden_size, dtype=dtype)))
+        elif kind == STOP:
             logger.info("tensor-parallel rank %d: stop", group.rank)
             return
-        elif kind != "ping":
-            raise TensorParallelError(f"rank {group.rank}: unknown command {kind!r} from rank 0")
+        elif kind != PING:
+            raise TensorParallelError(f"rank {group.rank}: unknown command {kind} from rank 0")

@@ -71,6 +71,11 @@ class TPGroup:
         self._run("all_gather", lambda: dist.all_gather(parts, x.contiguous()))
         return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=1)
 
+    def broadcast_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `t` into every rank's `t` (same shape and dtype everywhere), in place."""
+        self._run("broadcast", lambda: dist.broadcast(t, src=0))
+        return t
+
     def broadcast(self, obj: Any = None) -> Any:
         """Rank 0's picklable `obj` -> every rank (the others pass None and get rank 0's)."""
         box = [obj]

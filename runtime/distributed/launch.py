@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -104,11 +105,27 @@ class TensorParallel:
                 if p.poll() is not None:
                     return self._died(rank, p, on_fatal)
 
+    def diagnose(self, error: str, wait_s: float = 2.0) -> str:
+        """A failed collective's message, or (better) which spawned rank exited: a peer's death reaches
+        rank 0 as a reset connection slightly before its exit status does, so wait a moment for it."""
+        end = time.monotonic() + wait_s
+        while self.procs:
+            for rank, p in enumerate(self.procs, start=1):
+                if p.poll() is not None:
+                    return self._death_message(rank, p) + f" ({error})"
+            if time.monotonic() > end:
+                break
+            time.sleep(0.05)
+        return error
+
+    def _death_message(self, rank: int, p: subprocess.Popen) -> str:
+        return f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.returncode}: the model is split " \
+               f"over all {self.args.tp_size} ranks, so nothing more can run; shutting down"
+
     def _died(self, rank: int, p: subprocess.Popen, on_fatal: Callable[[str], None]) -> None:
         if self._stopping.is_set():
             return
-        msg = f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.returncode}: the model is split " \
-              f"over all {self.args.tp_size} ranks, so nothing more can run; shutting down"
+        msg = self._death_message(rank, p)
         if self.group is not None and self.group.failed is None:
             self.group.failed = f"rank {rank} exited with code {p.returncode}"
         on_fatal(msg)

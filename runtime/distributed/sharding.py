@@ -117,6 +117,12 @@ def _ranges(*bounds: tuple[int, int]) -> torch.Tensor:
     return torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in bounds])
 
 
+def _set_param(module: torch.nn.Module, name: str, value: "torch.nn.Parameter | None") -> None:
+    # NOTE: both places: weight_arena.pack_parameters shadows parameters in __dict__ (fast attribute
+    # reads), and nn.Module.__setattr__ with None would leave that shadow in place.
+    module._parameters[name] = module.__dict__[name] = value
+
+
 @torch.no_grad()
 def shard_model(model: "LlamaForCausalLM", plan: ShardPlan, group: "TPGroup") -> ModelConfig:
     """Replace `model`'s linear weights by this rank's shards and install the collectives; returns the
@@ -134,9 +140,9 @@ def shard_model(model: "LlamaForCausalLM", plan: ShardPlan, group: "TPGroup") ->
                         ("gate_up", take_outputs(layer.gate_up, gate_up_rows)), ("down", take_inputs(layer.down, i0, i1))):
             layer.__dict__[name] = w
         if layer.qkv_bias is not None:
-            layer.qkv_bias = torch.nn.Parameter(layer.qkv_bias.index_select(0, qkv_rows), requires_grad=False)
+            _set_param(layer, "qkv_bias", torch.nn.Parameter(layer.qkv_bias.index_select(0, qkv_rows), requires_grad=False))
         if layer.o_bias is not None and plan.rank != 0:
-            layer.o_bias = None  # added once, by the rank that also adds the residual
+            _set_param(layer, "o_bias", None)  # added once, by the rank that also adds the residual
         layer.num_heads, layer.num_kv_heads = local.num_attention_heads, local.num_key_value_heads
         layer.q_size, layer.kv_size = layer.num_heads * d, layer.num_kv_heads * d
         layer.intermediate_size = local.intermediate_size

@@ -40,7 +40,7 @@ def run_worker(args: Any) -> int:
         return 1
     if "SGL_TP_PARENT_PID" in os.environ:
         threading.Thread(target=_exit_with_parent, args=(int(os.environ["SGL_TP_PARENT_PID"]),), daemon=True).start()
-    torch.set_num_threads(threads_per_rank(args) if args.num_threads is None else args.num_threads)
+    torch.set_num_threads(threads_per_rank(args))  # the same share as rank 0 (launch.py)
     torch.manual_seed(args.random_seed)
     loaded = load_model(args.model_path, dtype=args.dtype, device="cpu", show_progress=False,
                         weight_format=args.weight_format, quantize=args.quantize)

@@ -27,6 +27,7 @@ import httpx
 import uvicorn
 
 from sgl.runtime.router.app import create_router_app
+from sgl.runtime.router.pd import create_pd_app
 from sgl.runtime.router.config import RouterArgs
 
 logger = logging.getLogger("sgl.router")
@@ -37,11 +38,13 @@ def launch_router(args: RouterArgs) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per proxied request and probe otherwise
-    logger.info("sgl router (%s) at http://%s:%d over %s", args.policy, args.host, args.port,
-                ", ".join(args.worker_urls))
+    logger.info("sgl router (%s) at http://%s:%d over %s", "prefill/decode" if args.prefill else args.policy,
+                args.host, args.port, f"prefill {args.prefill}, decode {args.decode}" if args.prefill
+                else ", ".join(args.worker_urls))
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        uvicorn.run(create_router_app(args), host=args.host, port=args.port, log_config=None,
+        app = create_pd_app(args) if args.prefill is not None else create_router_app(args)
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None,
                     log_level=args.log_level, access_log=False, timeout_graceful_shutdown=10)
     finally:
         for sig, handler in previous.items():

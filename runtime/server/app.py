@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sgl.runtime.metrics import get_metrics
-from sgl.runtime.server import health, native, openai_api, web_console
+from sgl.runtime.server import disagg, health, native, openai_api, web_console
 from sgl.runtime.server.errors import BodyTooLarge, error_body, install_error_handlers
 from sgl.runtime.server.openapi_spec import install_openapi
 from sgl.runtime.server.runner import ServerState
@@ -113,6 +113,8 @@ def create_app(engine: Any, server_args: Any = None) -> FastAPI:
     app.state.sgl = state
     install_error_handlers(app)
     app.include_router(native.router)
+    if getattr(server_args, "disaggregation_mode", None) is not None:
+        app.include_router(disagg.router)  # /disagg/prefill, /disagg/decode
     app.include_router(openai_api.router)
     app.include_router(health.router)
     app.include_router(web_console.stats_router)

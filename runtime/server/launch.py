@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import socket
 from typing import Any, Optional
@@ -76,17 +77,24 @@ def serve(engine: Any, server_args: Any) -> None:
             signal.signal(sig, handler)
 
 
-def launch_server(server_args: Any) -> None:
-    """Build the engine from `server_args` (a ServerArgs), serve it, shut it down on exit."""
+def launch_server(server_args: Any) -> int:
+    """Build the engine from `server_args` (a ServerArgs), serve it, shut it down on exit. Returns the
+    exit code: 0, or 1 when the engine stopped on a fatal error (a tensor-parallel rank died)."""
     configure_logging(server_args.log_level)
     check_security(server_args)  # NOTE: fail before the model loads, not after
     from sgl.runtime.engine import Engine  # NOTE: function-local: the HTTP layer imports no torch
 
     logger.info("loading model %s", server_args.model_path)
     engine = Engine(**dataclasses.asdict(server_args))
+    # a fatal engine error stops the server as SIGTERM would (uvicorn's graceful shutdown)
+    engine.on_fatal = lambda message: os.kill(os.getpid(), signal.SIGTERM)
     try:
         serve(engine, server_args)
     finally:
         logger.info("shutting down the engine")
         engine.shutdown()
+    if engine.fatal_error is not None:
+        logger.error("server stopped: %s", engine.fatal_error)
+        return 1
     logger.info("server stopped")
+    return 0

@@ -83,8 +83,12 @@ async def start_stream(gen: AsyncIterator[Any]) -> tuple[list[Any], AsyncIterato
 
 @router.post("/generate")
 async def generate(request: Request) -> Response:
+    return await respond_generate(request, await read_json(request))
+
+
+async def respond_generate(request: Request, body: Any) -> Response:
+    """/generate for an already read body (also the decode side of runtime/server/disagg.py)."""
     state = get_state(request)
-    body = await read_json(request)
     reqs, is_batch = normalize_generate_input(body)
     await check_requests(state, reqs)
     if body.get("stream"):

@@ -1,0 +1,97 @@
+"""The router of a prefill/decode pair: `sgl router --prefill URL --decode URL`.
+
+    POST /generate (one prompt) -> prefill's /disagg/prefill: the prompt runs there (its first token),
+                                   its KV is exported (a shared-memory handle)
+                                -> decode's /disagg/decode with the prompt's ids and the handle: the KV
+                                   is imported into the decode server's radix tree, the request decodes
+                                   there (streamed or not); its response goes back unchanged
+Long prompts thus never share a batch with the decode server's running requests, so their inter-token
+latency does not jump when a prompt arrives. A failure on either side is that request's error (502
+when a server is unreachable, the server's own status otherwise); an exported KV that never reaches
+the decode server is freed by the prefill server after --disaggregation-transfer-timeout.
+Batches (a list of prompts, n > 1) are not split here yet: they get a 400.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from sgl.runtime.router.config import RouterArgs
+from sgl.runtime.server.errors import error_response
+
+logger = logging.getLogger("sgl.router")
+_FORWARD_HEADERS = ("authorization", "content-type")
+
+
+def create_pd_app(args: RouterArgs) -> FastAPI:
+    assert args.prefill is not None and args.decode is not None
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
+    app = FastAPI(title="sgl router (prefill/decode)")
+
+    def headers(request: Request) -> dict[str, str]:
+        return {k: v for k, v in request.headers.items() if k.lower() in _FORWARD_HEADERS}
+
+    @app.get("/health")
+    async def health() -> Response:
+        for url in (args.prefill, args.decode):
+            try:
+                if (await client.get(f"{url}/health", timeout=5)).status_code != 200:
+                    return error_response(503, f"{url} is not healthy")
+            except httpx.HTTPError as exc:
+                return error_response(503, f"{url} is unreachable: {exc}")
+        return Response(status_code=200)
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        try:
+            body: Any = await request.json()
+        except ValueError:
+            return error_response(400, "malformed JSON body")
+        if not isinstance(body, dict) or isinstance(body.get("text"), list) or \
+                (body.get("input_ids") and isinstance(body["input_ids"][0], list)):
+            return error_response(400, "the prefill/decode router takes one prompt per request (no batches)")
+        sp = body.get("sampling_params") or {}
+        if isinstance(sp, dict) and sp.get("n", 1) != 1:
+            return error_response(400, "sampling_params.n: the prefill/decode router takes n = 1")
+        prefill_body = {k: v for k, v in body.items() if k not in ("stream", "rid")}
+        try:
+            p = await client.post(f"{args.prefill}/disagg/prefill", json=prefill_body, headers=headers(request))
+        except httpx.HTTPError as exc:
+            return error_response(502, f"prefill server {args.prefill} unreachable: {exc}")
+        if p.status_code != 200:
+            return Response(p.content, status_code=p.status_code, media_type="application/json")
+        pre = p.json()
+        decode_body = {k: v for k, v in body.items() if k != "text"}
+        decode_body.update(input_ids=pre["input_ids"], kv=pre["kv"])
+        req = client.build_request("POST", f"{args.decode}/disagg/decode", json=decode_body, headers=headers(request))
+        try:
+            resp = await client.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            return error_response(502, f"decode server {args.decode} unreachable: {exc} (the prefill server frees "
+                                       f"the exported KV after its transfer timeout)")
+        if not body.get("stream") or resp.status_code != 200:
+            content = await resp.aread()
+            await resp.aclose()
+            return Response(content, status_code=resp.status_code, media_type="application/json")
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError as exc:
+                logger.warning("decode server stream broke: %s", exc)
+            finally:
+                await resp.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.on_event("shutdown")
+    async def close() -> None:
+        await client.aclose()
+
+    return app
