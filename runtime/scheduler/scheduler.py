@@ -279,8 +279,8 @@ class Scheduler:
     def _preempt(self, req: Req) -> None:
         """Free a running request's device KV and requeue it: swapped to the host tier when there is
         room (it resumes by a copy back), else handed to the tree (it recomputes what was evicted)."""
-        owned = req.kv_len - req.cached_len
-        if owned > 0 and self.swap.can_hold(req.kv_len):
+        # NOTE: the tree's part is copied too: unlocked, it may be evicted before the request resumes
+        if req.kv_len > 0 and self.swap.can_hold(req.kv_len):
             req.host_slots = self.swap.swap_out(req.slots)
             if req.last_node is not None:
                 self.cache.unlock(req.last_node)

@@ -187,10 +187,10 @@ def test_metrics_per_class_and_preemption_counters() -> None:
     m.update_from_stats("m", vars(s.stats))  # a second scrape adds only what grew since the first
     m.observe_first_token("m", 0.3, "realtime")
     text = m.render().decode()
-    assert 'sgl:num_preemptions_total{model_name="m",mode="swap"} 1.0' in text
-    assert 'sgl:swap_bytes_total{model_name="m",direction="out"} 21.0' in text  # 20 prompt + 1 decoded
+    assert 'sgl:num_preemptions_total{mode="swap",model_name="m"} 1.0' in text
+    assert 'sgl:swap_bytes_total{direction="out",model_name="m"} 20.0' in text  # the prompt's KV
     assert 'sgl:num_queue_reqs_by_class{model_name="m",priority_class="batch"} 1.0' in text
     assert 'sgl:num_queue_reqs_by_class{model_name="m",priority_class="realtime"} 1.0' in text
-    assert 'sgl:host_kv_used_tokens{model_name="m"} 21.0' in text
+    assert 'sgl:host_kv_used_tokens{model_name="m"} 20.0' in text
     assert 'sgl:time_to_first_token_by_class_seconds_count{model_name="m",priority_class="realtime"} 1.0' in text
     run_to_end(s)
