@@ -68,6 +68,7 @@ class ServerArgs:
     # Priority classes and preemption (runtime/scheduler/fair_share.py, preemption.py; runtime/cache/host_pool.py)
     priority_weights: str = "realtime=10,standard=5,batch=1"  # admitted prefill tokens per class follow these
     preemption_mode: str = "swap"  # swap: KV to the host tier and back (no recompute); recompute: drop and redo
+    disable_latency_preemption: bool = False  # realtime arrivals wait for room instead of preempting
     swap_space: float = 1.0  # GB of host memory for swapped KV (allocated lazily: pages only when used)
     swap_dir: Optional[str] = None  # back the host tier with a memory-mapped file in this directory
     # Constrained decoding

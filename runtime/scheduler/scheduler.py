@@ -299,7 +299,7 @@ class Scheduler:
     def _preempt_for(self, req: Req, rows: list[BatchRow]) -> bool:
         """A realtime request preempts the lowest-class newest running request under its class (dropping
         that request's row from this step's batch); False when `req` may not or nobody is left."""
-        if req.priority_class != "realtime":
+        if req.priority_class != "realtime" or self.args.disable_latency_preemption:
             return False
         victim = preemption_victim(self.running, below_rank=CLASS_RANK["realtime"])
         if victim is None:

@@ -194,3 +194,14 @@ def test_metrics_per_class_and_preemption_counters() -> None:
     assert 'sgl:host_kv_used_tokens{model_name="m"} 20.0' in text
     assert 'sgl:time_to_first_token_by_class_seconds_count{model_name="m",priority_class="realtime"} 1.0' in text
     run_to_end(s)
+
+
+def test_latency_preemption_can_be_disabled() -> None:
+    s, _, done = make(1000, host=100, max_running_requests=1, disable_latency_preemption=True)
+    b = add(s, "b", list(range(1, 21)), 10, priority_class="batch")
+    s.step()
+    r = add(s, "r", [1, 2], 3, priority_class="realtime")
+    s.step()
+    assert b.status == ReqStatus.RUNNING and r.status == ReqStatus.WAITING
+    run_to_end(s)
+    assert s.stats.num_preemptions == 0 and done["r"].output_ids == reference_output([1, 2], 3)
