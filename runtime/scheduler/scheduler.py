@@ -26,7 +26,8 @@ from sgl.runtime.protocol import finish_reason_abort, finish_reason_length
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.fair_share import CLASS_RANK, FairShare
 from sgl.runtime.scheduler.policy import order_waiting
-from sgl.runtime.scheduler.preemption import KVMover, SwapSpace, preemption_victim
+from sgl.runtime.cache.host_pool import HostPool, KVMover
+from sgl.runtime.scheduler.preemption import preemption_victim
 from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
 
 
@@ -73,7 +74,7 @@ class Scheduler:
         self.running: list[Req] = []
         self.stats = StepStats()
         self.fair = FairShare(args.priority_weight_map)
-        self.swap = SwapSpace(mover, host_pool_size if args.preemption_mode == "swap" else 0)
+        self.swap = HostPool(mover, host_pool_size if args.preemption_mode == "swap" else 0)
         self._arrival = itertools.count()
 
     # ---- requests in and out -----------------------------------------------------------

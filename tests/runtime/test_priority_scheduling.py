@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from sgl.runtime.scheduler.preemption import SwapSpace
+from sgl.runtime.cache.host_pool import HostPool
 from sgl.runtime.scheduler.request import ReqStatus
 
 from .fake_runner import reference_output
@@ -20,7 +20,7 @@ CLASSES = ("realtime", "standard", "batch")
 def make(pool: int, host: int = 0, **kw):  # noqa: ANN201 - the test_scheduler triple
     s, runner, done = make_scheduler(pool, **kw)
     if host:  # the fake runner is also the KV mover: give the scheduler a host tier around it
-        s.swap = SwapSpace(runner, host if s.args.preemption_mode == "swap" else 0)
+        s.swap = HostPool(runner, host if s.args.preemption_mode == "swap" else 0)
     return s, runner, done
 
 
