@@ -54,8 +54,12 @@ class Engine:
         dtype = next(loaded.model.parameters()).dtype
         runner = ModelRunner(loaded.model, loaded.config, pool_size, self.tokenizer.eos_token_ids, dtype=dtype)
         mover, host_slots = _host_kv_tier(runner.kv, args)
+        cache_mover = None
+        if args.hierarchical_cache:
+            from sgl.runtime.executor.kv_mover import HostKVMover
+            cache_mover = HostKVMover(runner.kv, args.host_cache_tokens, args.swap_dir)
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
-                                   mover=mover, host_pool_size=host_slots)
+                                   mover=mover, host_pool_size=host_slots, cache_mover=cache_mover)
         self.grammar = _make_grammar_compiler(args, self.tokenizer, loaded.config.vocab_size)
         self._sinks: dict[str, RequestSink] = {}
         self._cancelled: set[str] = set()  # aborted before reaching the scheduler (e.g. compiling)

@@ -61,6 +61,7 @@ def _common_len(a: list[int], b: list[int]) -> int:
 
 class RadixCache:
     disabled = False
+    hierarchical = False  # HiRadixCache (hiradix_cache.py): demotes to a host tier instead of evicting
 
     def __init__(self, allocator: SlotAllocator) -> None:
         self.allocator = allocator

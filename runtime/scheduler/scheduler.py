@@ -26,6 +26,7 @@ from sgl.runtime.protocol import finish_reason_abort, finish_reason_length
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.fair_share import CLASS_RANK, FairShare
 from sgl.runtime.scheduler.policy import order_waiting
+from sgl.runtime.cache.hiradix_cache import HiRadixCache
 from sgl.runtime.cache.host_pool import HostPool, KVMover
 from sgl.runtime.scheduler.preemption import preemption_victim
 from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
@@ -54,6 +55,9 @@ class StepStats:
     swap_in_bytes: int = 0
     host_kv_used_tokens: int = 0
     host_kv_total_tokens: int = 0
+    host_cache_tokens: int = 0  # --hierarchical-cache: prefix tokens held in the host tier
+    host_cache_promoted_tokens: int = 0  # copied back instead of prefilled
+    host_cache_demoted_tokens: int = 0
     per_class_queues: dict[str, int] = field(default_factory=dict)  # waiting requests per priority class
     per_class_prefill_tokens: dict[str, int] = field(default_factory=dict)  # prefill tokens admitted per class
 
@@ -63,13 +67,18 @@ OutputCallback = Callable[[Req], None]
 
 class Scheduler:
     def __init__(self, args: ServerArgs, runner: ModelRunnerLike, output: OutputProcessor, pool_size: int,
-                 on_output: OutputCallback, mover: Optional[KVMover] = None, host_pool_size: int = 0) -> None:
+                 on_output: OutputCallback, mover: Optional[KVMover] = None, host_pool_size: int = 0,
+                 cache_mover: Optional[KVMover] = None) -> None:
+        """`mover` + `host_pool_size`: the swap space (--preemption-mode swap); `cache_mover`: the host tier of
+        --hierarchical-cache (its own pool of --host-cache-tokens slots). Tests pass the fake runner."""
         self.args = args
         self.runner = runner
         self.output = output
         self.on_output = on_output
         self.allocator = SlotAllocator(pool_size)
         self.cache: RadixCache = (NoPrefixCache if args.disable_radix_cache else RadixCache)(self.allocator)
+        if args.hierarchical_cache and not args.disable_radix_cache and cache_mover is not None:
+            self.cache = HiRadixCache(self.allocator, HostPool(cache_mover, args.host_cache_tokens))
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.stats = StepStats()
@@ -110,7 +119,10 @@ class Scheduler:
         """Drop every cached prefix; only when idle (a running request holds locks)."""
         if self.has_work:
             return False
-        self.cache.evict(self.cache.total_size)
+        if isinstance(self.cache, HiRadixCache):
+            self.cache.drop_all()
+        else:
+            self.cache.evict(self.cache.total_size)
         assert self.cache.total_size == 0
         return True
 
@@ -235,9 +247,24 @@ class Scheduler:
     # ---- prefix cache bookkeeping (see the table in request.py) -------------------------
     def _match(self, req: Req) -> None:
         assert req.kv_len == 0 and req.last_node is None
+        if isinstance(self.cache, HiRadixCache):
+            self._promote(req.fill_ids[: req.max_prefix_len])
         m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len])
         self.cache.lock(m.node)
         req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(m.slots)
+
+    def _promote(self, key: list[int]) -> None:
+        """Copy the host-tier part of `key`'s cached prefix back to device slots (instead of a prefill)."""
+        assert isinstance(self.cache, HiRadixCache)
+        n = self.cache.host_prefix_len(key)
+        if n == 0:
+            return
+        m = self.cache.match_prefix(key)
+        self.cache.lock(m.node)  # NOTE: making room must not demote the device part of this very prefix
+        room = self._ensure_free(n)
+        self.cache.unlock(m.node)
+        if room:
+            self.cache.promote(key)
 
     def _rematch(self, req: Req) -> None:
         """An in-flight chunked request picks up what others cached since its last chunk (e.g. the
@@ -407,6 +434,10 @@ class Scheduler:
         s.cache_hit_rate = s.cached_tokens_total / s.prompt_tokens_total if s.prompt_tokens_total else 0.0
         s.swap_out_bytes, s.swap_in_bytes = self.swap.bytes_out, self.swap.bytes_in
         s.host_kv_used_tokens, s.host_kv_total_tokens = self.swap.used, self.swap.size
+        if isinstance(self.cache, HiRadixCache):
+            s.host_cache_tokens = self.cache.host_size
+            s.host_cache_promoted_tokens = self.cache.promoted_tokens
+            s.host_cache_demoted_tokens = self.cache.demoted_tokens
         queues = {c: 0 for c in CLASS_RANK}
         for r in self.waiting:
             queues[r.priority_class] += 1
