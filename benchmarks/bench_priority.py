@@ -1,6 +1,6 @@
 """Realtime latency under a saturating batch load: fcfs vs weighted classes vs preemption (recompute,
-swap), the cost of a swap round trip against recomputing the same context, and (when built) the
-hierarchical prefix cache on a shared-prefix workload.
+swap), the cost of a swap round trip against recomputing the same context, and the hierarchical prefix
+cache on a shared-prefix workload whose prefixes do not fit the KV pool.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_priority.py --num-threads 1
 
@@ -17,7 +17,8 @@ arrive every `--realtime-interval` s (2 s = the issue's 0.5/s). One in-process E
 
 Columns: realtime TTFT p50/p99 (the engine's first_token_latency: queueing + prefill), the ratio of p99
 to fcfs's, batch throughput (batch output tokens / time until the last batch request ends) and its loss
-vs fcfs, preemptions and swapped bytes. Writes benchmarks/results/bench_priority.json.
+vs fcfs, preemptions and swapped bytes. `--sections priority,crossover,hicache` picks the parts (all by
+default). Writes benchmarks/results/bench_priority.json.
 """
 
 from __future__ import annotations
@@ -130,6 +131,34 @@ def swap_vs_recompute(args: argparse.Namespace, lengths: list[int]) -> list[dict
     return rows
 
 
+def hicache(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Shared-prefix workload with a KV pool too small for all prefixes: plain tree vs hierarchical."""
+    from sgl.runtime.engine import Engine
+
+    rng = random.Random(2)
+    systems = [[rng.randrange(100, 40000) for _ in range(args.hicache_prefix)] for _ in range(args.hicache_prompts)]
+    work = [systems[i % len(systems)] + [rng.randrange(100, 40000) for _ in range(16)]
+            for i in range(len(systems) * args.hicache_rounds)]
+    rows = []
+    for hier in (False, True):
+        eng = Engine(model_path="default", num_threads=args.num_threads, max_total_tokens=args.hicache_pool,
+                     max_running_requests=2, hierarchical_cache=hier, host_cache_tokens=8 * args.hicache_pool,
+                     show_progress=False)
+        start = time.perf_counter()
+        outs = [eng.generate(input_ids=ids, sampling_params={"max_new_tokens": 4, "temperature": 0}) for ids in work]
+        took = time.perf_counter() - start
+        stats = eng.get_stats()
+        eng.check_integrity()
+        eng.shutdown()
+        rows.append({"hierarchical": hier, "prefill_tokens_computed": stats["prefill_tokens_computed"],
+                     "promoted_tokens": stats["host_cache_promoted_tokens"], "wall_s": took,
+                     "output_ids": [o["output_ids"] for o in outs]})
+    assert rows[0]["output_ids"] == rows[1]["output_ids"], "the hierarchical cache changed greedy outputs"
+    for r in rows:
+        del r["output_ids"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-threads", type=int, default=1)
@@ -142,10 +171,39 @@ def main() -> None:
     ap.add_argument("--realtime-interval", type=float, default=2.0)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--crossover", default="32,64,128,256,512,1024", help="context lengths for swap vs recompute")
+    ap.add_argument("--hicache-prompts", type=int, default=8, help="distinct shared prefixes")
+    ap.add_argument("--hicache-prefix", type=int, default=200, help="tokens per shared prefix")
+    ap.add_argument("--hicache-rounds", type=int, default=4)
+    ap.add_argument("--hicache-pool", type=int, default=800, help="KV pool slots (holds ~3 prefixes)")
+    ap.add_argument("--sections", default="priority,crossover,hicache")
     ap.add_argument("--out", default=str(RESULTS / "bench_priority.json"))
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sections = set(args.sections.split(","))
     load = os.getloadavg()
+    result: dict[str, Any] = {"threads": args.num_threads, "loadavg_before": load, "args": vars(args)}
+    if "priority" in sections:
+        result["runs"] = priority_table(args, load)
+    if "crossover" in sections:
+        result["swap_vs_recompute"] = crossover_table(args)
+    if "hicache" in sections:
+        rows = hicache(args)
+        print(f"\nshared prefixes: {args.hicache_prompts} x {args.hicache_prefix} tokens, {args.hicache_rounds} rounds, "
+              f"KV pool {args.hicache_pool}")
+        print("| prefix cache | prefill tokens | promoted from host | wall |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {'hierarchical' if r['hierarchical'] else 'device only'} | {r['prefill_tokens_computed']} | "
+                  f"{r['promoted_tokens']} | {r['wall_s']:.1f} s |")
+        print(f"prefill ratio: {rows[0]['prefill_tokens_computed'] / max(rows[1]['prefill_tokens_computed'], 1):.2f}x less")
+        result["hicache"] = rows
+    result["loadavg_after"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out}  (load after={result['loadavg_after'][0]:.2f})")
+
+
+def priority_table(args: argparse.Namespace, load: tuple[float, ...]) -> list[dict[str, Any]]:
     runs = [run_config(name, args) for name in args.configs.split(",")]
     base = next((r for r in runs if r["config"] == "fcfs"), runs[0])
     print(f"\nthreads={args.num_threads}  load before={load[0]:.2f}  batch {args.batch_requests} x "
@@ -159,17 +217,17 @@ def main() -> None:
         print(f"| {r['config']} | {r['realtime_ttft_p50_s']:.2f} s | {r['realtime_ttft_p99_s']:.2f} s | "
               f"{r['p99_vs_fcfs']:.2f}x | {r['batch_tok_per_s']:.1f} | {r['batch_vs_fcfs']:.2f}x | "
               f"{r['num_preemptions_swap']}/{r['num_preemptions_recompute']} |")
+    return runs
+
+
+def crossover_table(args: argparse.Namespace) -> list[dict[str, Any]]:
     cross = swap_vs_recompute(args, [int(x) for x in args.crossover.split(",") if x])
     print("\n| context tokens | KV bytes | swap out+in | recompute (prefill) | ratio |")
     print("|---|---|---|---|---|")
     for c in cross:
         print(f"| {c['context_tokens']} | {c['bytes'] / 1e6:.1f} MB | {c['swap_round_trip_ms']:.1f} ms | "
               f"{c['recompute_ms']:.0f} ms | {c['recompute_ms'] / c['swap_round_trip_ms']:.0f}x |")
-    result = {"threads": args.num_threads, "loadavg_before": load, "loadavg_after": os.getloadavg(),
-              "args": vars(args), "runs": runs, "swap_vs_recompute": cross}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {args.out}  (load after={result['loadavg_after'][0]:.2f})")
+    return cross
 
 
 if __name__ == "__main__":
