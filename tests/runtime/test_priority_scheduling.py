@@ -205,3 +205,25 @@ def test_latency_preemption_can_be_disabled() -> None:
     assert b.status == ReqStatus.RUNNING and r.status == ReqStatus.WAITING
     run_to_end(s)
     assert s.stats.num_preemptions == 0 and done["r"].output_ids == reference_output([1, 2], 3)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(priority_weights="urgent=3"), "priority_weights"),
+    (dict(priority_weights="batch=0"), "priority_weights"),
+    (dict(priority_weights="realtime"), "priority_weights"),
+    (dict(preemption_mode="drop"), "preemption_mode"),
+    (dict(swap_space=-1.0), "swap_space"),
+    (dict(swap_dir="/no/such/dir"), "swap_dir"),
+    (dict(host_cache_tokens=0), "host_cache_tokens"),
+])
+def test_bad_flags_name_themselves(kw: dict, field: str) -> None:
+    from sgl.runtime.config import ServerArgs
+
+    with pytest.raises(ValueError, match=field):
+        ServerArgs(**kw)
+
+
+def test_partial_weights_keep_the_others_at_one() -> None:
+    from sgl.runtime.config import ServerArgs
+
+    assert ServerArgs(priority_weights="realtime=4").priority_weight_map == {"realtime": 4.0, "standard": 1.0, "batch": 1.0}
