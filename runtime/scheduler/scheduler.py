@@ -2,7 +2,7 @@
 
 One `step()`:
   1. decode: every running request with one pending token gets a KV slot (evict cache, then preempt
-     the lowest-priority newest request when the pool is short);
+     the lowest-class, lowest-priority newest request when the pool is short);
   2. prefill: continue in-flight chunked prompts, then admit waiting requests (classes interleaved by
      weighted fair share, each class in policy order), each matched against the radix tree, under the
      per-step token budget (`max_prefill_tokens`, and `chunked_prefill_size` per step when chunking is
@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
 from sgl.runtime.cache.allocator import SlotAllocator
+from sgl.runtime.cache.hiradix_cache import HiRadixCache
+from sgl.runtime.cache.host_pool import HostPool, KVMover
 from sgl.runtime.cache.radix_cache import NoPrefixCache, RadixCache
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.protocol import finish_reason_abort, finish_reason_length
-from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.fair_share import CLASS_RANK, FairShare
+from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.policy import order_waiting
-from sgl.runtime.cache.hiradix_cache import HiRadixCache
-from sgl.runtime.cache.host_pool import HostPool, KVMover
 from sgl.runtime.scheduler.preemption import preemption_victim
 from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
 
