@@ -65,6 +65,16 @@ class StepStats:
 OutputCallback = Callable[[Req], None]
 
 
+@dataclass
+class _PrefillBudget:
+    tokens: int  # prefill tokens this step may still schedule
+    first: bool = True  # no prefill row yet (unchunked, a prompt over the budget may take a step alone)
+
+    def take(self, n: int) -> None:
+        self.tokens -= n
+        self.first = False
+
+
 class Scheduler:
     def __init__(self, args: ServerArgs, runner: ModelRunnerLike, output: OutputProcessor, pool_size: int,
                  on_output: OutputCallback, mover: Optional[KVMover] = None, host_pool_size: int = 0,
@@ -159,24 +169,43 @@ class Scheduler:
             slots = self.allocator.alloc(1)
             assert slots is not None
             rows.append(self._row(req, 1, slots))
-        # 2. prefill: in-flight chunks first, then waiting requests in policy order.
-        budget = self.args.max_prefill_tokens
-        if self.args.chunk_size is not None:
-            budget = min(budget, self.args.chunk_size)
-        first_prefill = True
-        for req in [r for r in self.running if r.pending_len > 1]:
+        # 2. prefill: in-flight chunks, then waiting requests (fair_share.py's order). A realtime request
+        # at the head of that order goes first, and a step that admits one carries no lower-class prefill
+        # (in-flight chunks included: they resume next step), so its TTFT is one short step. Lower classes
+        # still get their turns: realtime is at the head only while its weighted share is not used up.
+        budget = _PrefillBudget(self.args.max_prefill_tokens if self.args.chunk_size is None
+                                else min(self.args.max_prefill_tokens, self.args.chunk_size))
+        within = lambda q: order_waiting(q, self.args.schedule_policy, self.cache)  # noqa: E731
+        order = self.fair.order(self.waiting, within)
+        head = 0
+        if not self.args.disable_latency_preemption:
+            while head < len(order) and order[head].priority_class == "realtime":
+                head += 1
+        in_flight = [r for r in self.running if r.pending_len > 1]  # before admission adds new ones
+        n_rows = len(rows)
+        blocked = self._admit(order[:head], rows, budget)
+        realtime_step = len(rows) > n_rows
+        for req in in_flight:
+            if req not in self.running:  # preempted by the realtime admission above
+                continue
+            if realtime_step and req.priority_class != "realtime":
+                continue
             self._rematch(req)
-            row = self._extend_row(req, budget, first_prefill)
+            row = self._extend_row(req, budget.tokens, budget.first)
             if row is None:
                 break
-            budget -= row.extend_len
-            first_prefill = False
+            budget.take(row.extend_len)
             rows.append(row)
             self.fair.charge(req.priority_class, row.extend_len)
+        if not realtime_step and not blocked:
+            self._admit(order[head:], rows, budget)
+        return ScheduledBatch(rows)
+
+    def _admit(self, order: list[Req], rows: list[BatchRow], budget: "_PrefillBudget") -> bool:
+        """Admit (or swap back in) waiting requests in `order` while they fit; True when one was blocked."""
         blocked = False  # an earlier request did not fit: only realtime ones (which may preempt) go on
-        within = lambda q: order_waiting(q, self.args.schedule_policy, self.cache)  # noqa: E731
-        for req in self.fair.order(self.waiting, within):
-            if budget <= 0:
+        for req in order:
+            if budget.tokens <= 0:
                 break
             realtime = req.priority_class == "realtime"
             if blocked and not realtime:
@@ -189,10 +218,10 @@ class Scheduler:
                     blocked = True
                 continue
             self._match(req)
-            n = self._piece_len(req, budget, first_prefill)
+            n = self._piece_len(req, budget.tokens, budget.first)
             while n > 0 and not self._ensure_free(n) and self._preempt_for(req, rows):
                 pass
-            row = self._extend_row(req, budget, first_prefill)
+            row = self._extend_row(req, budget.tokens, budget.first)
             if row is None:
                 self._release_prefix(req)
                 blocked = True
@@ -204,11 +233,10 @@ class Scheduler:
                 req.admitted_once = True
                 req.num_cached_tokens = req.cached_len
                 self.stats.cached_tokens_total += req.cached_len
-            budget -= row.extend_len
-            first_prefill = False
+            budget.take(row.extend_len)
             rows.append(row)
             self.fair.charge(req.priority_class, row.extend_len)
-        return ScheduledBatch(rows)
+        return blocked
 
     def _piece_len(self, req: Req, budget: int, first: bool) -> int:
         """Tokens of `req`'s next prefill piece within `budget` (0: it waits for another step)."""

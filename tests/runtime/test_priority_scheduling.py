@@ -227,3 +227,22 @@ def test_partial_weights_keep_the_others_at_one() -> None:
     from sgl.runtime.config import ServerArgs
 
     assert ServerArgs(priority_weights="realtime=4").priority_weight_map == {"realtime": 4.0, "standard": 1.0, "batch": 1.0}
+
+
+def test_a_step_that_admits_realtime_carries_no_lower_class_prefill() -> None:
+    s, runner, done = make(5000, chunked_prefill_size=32)
+    b = add(s, "b", list(range(1, 97)) * 2, 4, priority_class="batch")  # 192 tokens: 6 chunks
+    d = add(s, "d", [7, 8, 9], 30, priority_class="standard")
+    s.step()
+    s.step()
+    add(s, "r", [5, 6, 7, 8], 3, priority_class="realtime")
+    s.step()
+    step = runner.batches[-1]
+    assert ("r", 0, 4) in step
+    assert not [x for x in step if x[0] == "b"]  # the batch chunk waits one step
+    assert [x for x in step if x[0] == "d" and x[2] == 1]  # decodes go on
+    s.step()
+    assert [x for x in runner.batches[-1] if x[0] == "b" and x[2] > 1]  # and it resumes
+    run_to_end(s)
+    assert done["b"].output_ids == reference_output(b.prompt_ids, 4)
+    assert done["d"].output_ids == reference_output(d.prompt_ids, 30)
