@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--num-threads", type=int, default=1)
     ap.add_argument("--batch-requests", type=int, default=16)
     ap.add_argument("--batch-prompt", type=int, default=256)
-    ap.add_argument("--batch-new", type=int, default=48)
+    ap.add_argument("--batch-new", type=int, default=96)
     ap.add_argument("--max-running", type=int, default=8)
     ap.add_argument("--max-total-tokens", type=int, default=8192)
     ap.add_argument("--realtime-requests", type=int, default=8)
