@@ -70,8 +70,11 @@ class ServerArgs:
     # Priority classes and preemption (runtime/scheduler/fair_share.py, preemption.py; runtime/cache/host_pool.py)
     priority_weights: str = "realtime=10,standard=5,batch=1"  # admitted prefill tokens per class follow these
     preemption_mode: str = "swap"  # swap: KV to the host tier and back (no recompute); recompute: drop and redo
+    disable_latency_preemption: bool = False  # realtime arrivals wait for room instead of preempting
     swap_space: float = 1.0  # GB of host memory for swapped KV (allocated lazily: pages only when used)
     swap_dir: Optional[str] = None  # back the host tier with a memory-mapped file in this directory
+    hierarchical_cache: bool = False  # radix-tree leaves LRU would evict are demoted to host memory instead
+    host_cache_tokens: int = 32768  # --hierarchical-cache: host-tier KV slots for demoted prefixes
     # Constrained decoding
     grammar_backend: str = "llguidance"
     grammar_compile_timeout: float = 30.0
@@ -144,6 +147,8 @@ class ServerArgs:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GB, got {self.swap_space}")
+        if self.host_cache_tokens < 1:
+            raise ValueError(f"host_cache_tokens must be positive, got {self.host_cache_tokens}")
         if self.swap_dir is not None and not os.path.isdir(self.swap_dir):
             raise ValueError(f"swap_dir: no such directory {self.swap_dir!r}")
         if self.max_running_requests < 1:

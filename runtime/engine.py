@@ -67,8 +67,12 @@ class Engine:
             model, local_config = self.tp.attach(loaded.model, pool_size, dtype, on_fatal=self._fatal)
         runner = ModelRunner(model, local_config, pool_size, self.tokenizer.eos_token_ids, dtype=dtype)
         mover, host_slots = _host_kv_tier(runner.kv, args)
+        cache_mover = None
+        if args.hierarchical_cache:
+            from sgl.runtime.executor.kv_mover import HostKVMover
+            cache_mover = HostKVMover(runner.kv, args.host_cache_tokens, args.swap_dir)
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
-                                   mover=mover, host_pool_size=host_slots)
+                                   mover=mover, host_pool_size=host_slots, cache_mover=cache_mover)
         self._model_dtype = dtype
         self.lora_pool = AdapterPool(self._read_adapter, args.max_loaded_loras)
         for name, path in parse_lora_paths(args.lora_paths):

@@ -36,7 +36,7 @@ _clock = itertools.count()
 
 
 class TreeNode:
-    __slots__ = ("key", "value", "children", "parent", "lock_ref", "last_access")
+    __slots__ = ("key", "value", "children", "parent", "lock_ref", "last_access", "on_host")
 
     def __init__(self, key: list[int], value: list[int], parent: Optional["TreeNode"]) -> None:
         self.key = key
@@ -45,6 +45,7 @@ class TreeNode:
         self.parent = parent
         self.lock_ref = 0
         self.last_access = next(_clock)
+        self.on_host = False  # value holds host-tier slots (hiradix_cache.py); never locked, nor above a device node
 
     def __lt__(self, other: "TreeNode") -> bool:
         return self.last_access < other.last_access
@@ -65,6 +66,7 @@ def _common_len(a: list[int], b: list[int]) -> int:
 
 class RadixCache:
     disabled = False
+    hierarchical = False  # HiRadixCache (hiradix_cache.py): demotes to a host tier instead of evicting
 
     def __init__(self, allocator: SlotAllocator) -> None:
         self.allocator = allocator
@@ -114,6 +116,7 @@ class RadixCache:
         upper = TreeNode(child.key[:n], child.value[:n], parent)
         upper.lock_ref = child.lock_ref
         upper.last_access = child.last_access
+        upper.on_host = child.on_host
         parent.children[upper.key[0]] = upper
         child.key, child.value, child.parent = child.key[n:], child.value[n:], upper
         upper.children[child.key[0]] = child

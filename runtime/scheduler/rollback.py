@@ -71,7 +71,7 @@ def _truncate_kv(sched: "Scheduler", req: Req, kv_len: int) -> None:
     # Part of what is dropped belongs to the tree: free only our own slots and re-lock a shorter prefix.
     sched.allocator.free(req.slots[req.cached_len:])
     old = req.last_node
-    m = sched.cache.match_prefix(req.fill_ids[:kv_len])
+    m = sched.cache.match_prefix(req.fill_ids[:kv_len], req.cache_namespace)
     assert len(m.slots) == kv_len and m.slots == req.slots[:kv_len], "the tree must hold the kept prefix"
     sched.cache.lock(m.node)
     if old is not None:

@@ -2,7 +2,7 @@
 
 One `step()`:
   1. decode: every running request with one pending token gets a KV slot (evict cache, then preempt
-     the lowest-priority newest request when the pool is short);
+     the lowest-class, lowest-priority newest request when the pool is short);
   2. prefill: continue in-flight chunked prompts, then admit waiting requests (classes interleaved by
      weighted fair share, each class in policy order), each matched against the radix tree, under the
      per-step token budget (`max_prefill_tokens`, and `chunked_prefill_size` per step when chunking is
@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
 from sgl.runtime.cache.allocator import SlotAllocator
+from sgl.runtime.cache.hiradix_cache import HiRadixCache
+from sgl.runtime.cache.host_pool import HostPool, KVMover
 from sgl.runtime.cache.radix_cache import NoPrefixCache, RadixCache
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.protocol import finish_reason_abort, finish_reason_length
-from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.fair_share import CLASS_RANK, FairShare
+from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.policy import order_waiting
-from sgl.runtime.scheduler.preemption import KVMover, SwapSpace, preemption_victim
+from sgl.runtime.scheduler.preemption import preemption_victim
 from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
 from sgl.runtime.scheduler.rollback import apply_guard
 from sgl.runtime.scheduler.speculative_rows import make_speculative_rows
@@ -63,6 +65,9 @@ class StepStats:
     swap_in_bytes: int = 0
     host_kv_used_tokens: int = 0
     host_kv_total_tokens: int = 0
+    host_cache_tokens: int = 0  # --hierarchical-cache: prefix tokens held in the host tier
+    host_cache_promoted_tokens: int = 0  # copied back instead of prefilled
+    host_cache_demoted_tokens: int = 0
     per_class_queues: dict[str, int] = field(default_factory=dict)  # waiting requests per priority class
     per_class_prefill_tokens: dict[str, int] = field(default_factory=dict)  # prefill tokens admitted per class
     num_backtracks: int = 0  # semantic-guard rollbacks (runtime/scheduler/rollback.py)
@@ -72,21 +77,36 @@ class StepStats:
 OutputCallback = Callable[[Req], None]
 
 
+@dataclass
+class _PrefillBudget:
+    tokens: int  # prefill tokens this step may still schedule
+    first: bool = True  # no prefill row yet (unchunked, a prompt over the budget may take a step alone)
+
+    def take(self, n: int) -> None:
+        self.tokens -= n
+        self.first = False
+
+
 class Scheduler:
     def __init__(self, args: ServerArgs, runner: ModelRunnerLike, output: OutputProcessor, pool_size: int,
                  on_output: OutputCallback, drafter: Optional[Drafter] = None, mover: Optional[KVMover] = None,
-                 host_pool_size: int = 0) -> None:
+                 host_pool_size: int = 0, cache_mover: Optional[KVMover] = None) -> None:
+        """`drafter`: speculative decoding (None: from --speculative-algorithm); `mover` + `host_pool_size`: the
+        swap space (--preemption-mode swap); `cache_mover`: the host tier of --hierarchical-cache (its own pool
+        of --host-cache-tokens slots). Tests pass the fake runner."""
         self.args = args
         self.runner = runner
         self.output = output
         self.on_output = on_output
         self.allocator = SlotAllocator(pool_size)
         self.cache: RadixCache = (NoPrefixCache if args.disable_radix_cache else RadixCache)(self.allocator)
+        if args.hierarchical_cache and not args.disable_radix_cache and cache_mover is not None:
+            self.cache = HiRadixCache(self.allocator, HostPool(cache_mover, args.host_cache_tokens))
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.stats = StepStats()
         self.fair = FairShare(args.priority_weight_map)
-        self.swap = SwapSpace(mover, host_pool_size if args.preemption_mode == "swap" else 0)
+        self.swap = HostPool(mover, host_pool_size if args.preemption_mode == "swap" else 0)
         self._arrival = itertools.count()
         self.spec = make_speculative_rows(args, drafter or make_drafter(args))  # None: no speculation
 
@@ -123,7 +143,10 @@ class Scheduler:
         """Drop every cached prefix; only when idle (a running request holds locks)."""
         if self.has_work:
             return False
-        self.cache.evict(self.cache.total_size)
+        if isinstance(self.cache, HiRadixCache):
+            self.cache.drop_all()
+        else:
+            self.cache.evict(self.cache.total_size)
         assert self.cache.total_size == 0
         return True
 
@@ -164,24 +187,43 @@ class Scheduler:
             slots = self.allocator.alloc(1 + len(draft))
             assert slots is not None
             rows.append(self._row(req, 1, slots, draft))
-        # 2. prefill: in-flight chunks first, then waiting requests in policy order.
-        budget = self.args.max_prefill_tokens
-        if self.args.chunk_size is not None:
-            budget = min(budget, self.args.chunk_size)
-        first_prefill = True
-        for req in [r for r in self.running if r.pending_len > 1]:
+        # 2. prefill: in-flight chunks, then waiting requests (fair_share.py's order). A realtime request
+        # at the head of that order goes first, and a step that admits one carries no lower-class prefill
+        # (in-flight chunks included: they resume next step), so its TTFT is one short step. Lower classes
+        # still get their turns: realtime is at the head only while its weighted share is not used up.
+        budget = _PrefillBudget(self.args.max_prefill_tokens if self.args.chunk_size is None
+                                else min(self.args.max_prefill_tokens, self.args.chunk_size))
+        within = lambda q: order_waiting(q, self.args.schedule_policy, self.cache)  # noqa: E731
+        order = self.fair.order(self.waiting, within)
+        head = 0
+        if not self.args.disable_latency_preemption:
+            while head < len(order) and order[head].priority_class == "realtime":
+                head += 1
+        in_flight = [r for r in self.running if r.pending_len > 1]  # before admission adds new ones
+        n_rows = len(rows)
+        blocked = self._admit(order[:head], rows, budget)
+        realtime_step = len(rows) > n_rows
+        for req in in_flight:
+            if req not in self.running:  # preempted by the realtime admission above
+                continue
+            if realtime_step and req.priority_class != "realtime":
+                continue
             self._rematch(req)
-            row = self._extend_row(req, budget, first_prefill)
+            row = self._extend_row(req, budget.tokens, budget.first)
             if row is None:
                 break
-            budget -= row.extend_len
-            first_prefill = False
+            budget.take(row.extend_len)
             rows.append(row)
             self.fair.charge(req.priority_class, row.extend_len)
+        if not realtime_step and not blocked:
+            self._admit(order[head:], rows, budget)
+        return ScheduledBatch(rows)
+
+    def _admit(self, order: list[Req], rows: list[BatchRow], budget: "_PrefillBudget") -> bool:
+        """Admit (or swap back in) waiting requests in `order` while they fit; True when one was blocked."""
         blocked = False  # an earlier request did not fit: only realtime ones (which may preempt) go on
-        within = lambda q: order_waiting(q, self.args.schedule_policy, self.cache)  # noqa: E731
-        for req in self.fair.order(self.waiting, within):
-            if budget <= 0:
+        for req in order:
+            if budget.tokens <= 0:
                 break
             if not self._lora_fits(req):
                 continue  # its adapter would exceed --max-loras-per-batch: it waits, others may go
@@ -196,10 +238,10 @@ class Scheduler:
                     blocked = True
                 continue
             self._match(req)
-            n = self._piece_len(req, budget, first_prefill)
+            n = self._piece_len(req, budget.tokens, budget.first)
             while n > 0 and not self._ensure_free(n) and self._preempt_for(req, rows):
                 pass
-            row = self._extend_row(req, budget, first_prefill)
+            row = self._extend_row(req, budget.tokens, budget.first)
             if row is None:
                 self._release_prefix(req)
                 blocked = True
@@ -211,11 +253,10 @@ class Scheduler:
                 req.admitted_once = True
                 req.num_cached_tokens = req.cached_len
                 self.stats.cached_tokens_total += req.cached_len
-            budget -= row.extend_len
-            first_prefill = False
+            budget.take(row.extend_len)
             rows.append(row)
             self.fair.charge(req.priority_class, row.extend_len)
-        return ScheduledBatch(rows)
+        return blocked
 
     def _piece_len(self, req: Req, budget: int, first: bool) -> int:
         """Tokens of `req`'s next prefill piece within `budget` (0: it waits for another step)."""
@@ -264,9 +305,24 @@ class Scheduler:
     # ---- prefix cache bookkeeping (see the table in request.py) -------------------------
     def _match(self, req: Req) -> None:
         assert req.kv_len == 0 and req.last_node is None
+        if isinstance(self.cache, HiRadixCache):
+            self._promote(req.fill_ids[: req.max_prefix_len], req.cache_namespace)
         m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len], req.cache_namespace)
         self.cache.lock(m.node)
         req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(m.slots)
+
+    def _promote(self, key: list[int], namespace: Optional[int] = None) -> None:
+        """Copy the host-tier part of `key`'s cached prefix back to device slots (instead of a prefill)."""
+        assert isinstance(self.cache, HiRadixCache)
+        n = self.cache.host_prefix_len(key, namespace)
+        if n == 0:
+            return
+        m = self.cache.match_prefix(key, namespace)
+        self.cache.lock(m.node)  # NOTE: making room must not demote the device part of this very prefix
+        room = self._ensure_free(n)
+        self.cache.unlock(m.node)
+        if room:
+            self.cache.promote(key, namespace)
 
     def _rematch(self, req: Req) -> None:
         """An in-flight chunked request picks up what others cached since its last chunk (e.g. the
@@ -309,8 +365,8 @@ class Scheduler:
     def _preempt(self, req: Req) -> None:
         """Free a running request's device KV and requeue it: swapped to the host tier when there is
         room (it resumes by a copy back), else handed to the tree (it recomputes what was evicted)."""
-        owned = req.kv_len - req.cached_len
-        if owned > 0 and self.swap.can_hold(req.kv_len):
+        # NOTE: the tree's part is copied too: unlocked, it may be evicted before the request resumes
+        if req.kv_len > 0 and self.swap.can_hold(req.kv_len):
             req.host_slots = self.swap.swap_out(req.slots)
             if req.last_node is not None:
                 self.cache.unlock(req.last_node)
@@ -329,7 +385,7 @@ class Scheduler:
     def _preempt_for(self, req: Req, rows: list[BatchRow]) -> bool:
         """A realtime request preempts the lowest-class newest running request under its class (dropping
         that request's row from this step's batch); False when `req` may not or nobody is left."""
-        if req.priority_class != "realtime":
+        if req.priority_class != "realtime" or self.args.disable_latency_preemption:
             return False
         victim = preemption_victim(self.running, below_rank=CLASS_RANK["realtime"])
         if victim is None:
@@ -470,6 +526,10 @@ class Scheduler:
             s.spec_accept_rate, s.spec_accept_length = sp.accept_rate, sp.accept_length
         s.swap_out_bytes, s.swap_in_bytes = self.swap.bytes_out, self.swap.bytes_in
         s.host_kv_used_tokens, s.host_kv_total_tokens = self.swap.used, self.swap.size
+        if isinstance(self.cache, HiRadixCache):
+            s.host_cache_tokens = self.cache.host_size
+            s.host_cache_promoted_tokens = self.cache.promoted_tokens
+            s.host_cache_demoted_tokens = self.cache.demoted_tokens
         queues = {c: 0 for c in CLASS_RANK}
         for r in self.waiting:
             queues[r.priority_class] += 1

@@ -69,3 +69,24 @@ def test_swapped_request_output_is_identical_to_an_unpreempted_run(engine: Engin
 def test_priority_class_is_validated(engine: Engine) -> None:
     with pytest.raises(ValueError, match="priority_class"):
         engine.generate("hi", {"max_new_tokens": 1}, priority_class="urgent")
+
+
+def test_hierarchical_cache_promotes_prefixes_the_pool_could_not_keep() -> None:
+    # a pool of 400 tokens and four ~130-token prompts: the second round finds its prefix in the host tier
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=400, hierarchical_cache=True,
+                 host_cache_tokens=2048, max_running_requests=1, show_progress=False)
+    try:
+        prompts = [f"Document {i}: " + " ".join(f"{w}{i}" for w in ("alpha", "beta", "gamma", "delta") * 12)
+                   + "\nSummary:" for i in range(4)]
+        params = {"max_new_tokens": 8, "temperature": 0}
+        first = [eng.generate(p, params) for p in prompts]
+        second = [eng.generate(p, params) for p in prompts]
+        stats = eng.get_stats()
+        assert stats["host_cache_promoted_tokens"] > 0 and stats["host_cache_demoted_tokens"] > 0
+        for a, b in zip(first, second):
+            assert b["output_ids"] == a["output_ids"]  # promoted KV is the KV a prefill computes
+            assert b["meta_info"]["cached_tokens"] >= b["meta_info"]["prompt_tokens"] - 2
+        eng.wait_idle()
+        eng.check_integrity()
+    finally:
+        eng.shutdown()

@@ -37,27 +37,43 @@ class FakeTokenizer:
         return "".join(f"<{t}>" for t in ids if not (skip_special_tokens and t == EOS))
 
 
+class FakeHostTier:
+    """A KV mover (runtime/cache/host_pool.py) for the fake runner: host slots record (position, token) like
+    device slots, so a copy of the wrong rows fails the next read. One per host pool (swap, host cache)."""
+
+    bytes_per_slot = 1
+
+    def __init__(self, runner: "FakeRunner") -> None:
+        self.runner = runner
+        self.host: dict[int, tuple[int, int]] = {}
+
+    def swap_out(self, device_slots: list[int], host_slots: list[int]) -> None:
+        for d, h in zip(device_slots, host_slots, strict=True):
+            self.host[h] = self.runner.kv[d]
+        self.runner.swaps.append(("out", len(device_slots)))
+
+    def swap_in(self, host_slots: list[int], device_slots: list[int]) -> None:
+        for h, d in zip(host_slots, device_slots, strict=True):
+            self.runner.kv[d] = self.host.pop(h)  # a host slot is read once: its next writer is another swap-out
+        self.runner.swaps.append(("in", len(device_slots)))
+
+
 class FakeRunner:
-    """Also the scheduler's KV mover (preemption.py): the host tier records (position, token) per host slot
-    like the device pool, so a swap that copies the wrong rows fails the next read."""
+    """Also the scheduler's swap mover (through its own FakeHostTier)."""
 
     bytes_per_slot = 1
 
     def __init__(self) -> None:
         self.kv: dict[int, tuple[int, int]] = {}
-        self.host: dict[int, tuple[int, int]] = {}
         self.batches: list[list[tuple[str, int, int]]] = []  # per step: (rid, start, extend_len)
-        self.swaps: list[tuple[str, int]] = []  # ("out" | "in", number of slots)
+        self.swaps: list[tuple[str, int]] = []  # ("out" | "in", number of slots), every host tier
+        self._swap = FakeHostTier(self)
 
     def swap_out(self, device_slots: list[int], host_slots: list[int]) -> None:
-        for d, h in zip(device_slots, host_slots, strict=True):
-            self.host[h] = self.kv[d]
-        self.swaps.append(("out", len(device_slots)))
+        self._swap.swap_out(device_slots, host_slots)
 
     def swap_in(self, host_slots: list[int], device_slots: list[int]) -> None:
-        for h, d in zip(host_slots, device_slots, strict=True):
-            self.kv[d] = self.host.pop(h)  # a host slot is read once: its next writer is another swap-out
-        self.swaps.append(("in", len(device_slots)))
+        self._swap.swap_in(host_slots, device_slots)
 
     def run(self, batch: ScheduledBatch) -> list[RowResult]:
         results = []

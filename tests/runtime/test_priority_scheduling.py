@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from sgl.runtime.scheduler.preemption import SwapSpace
+from sgl.runtime.cache.host_pool import HostPool
 from sgl.runtime.scheduler.request import ReqStatus
 
 from .fake_runner import reference_output
@@ -20,7 +20,7 @@ CLASSES = ("realtime", "standard", "batch")
 def make(pool: int, host: int = 0, **kw):  # noqa: ANN201 - the test_scheduler triple
     s, runner, done = make_scheduler(pool, **kw)
     if host:  # the fake runner is also the KV mover: give the scheduler a host tier around it
-        s.swap = SwapSpace(runner, host if s.args.preemption_mode == "swap" else 0)
+        s.swap = HostPool(runner, host if s.args.preemption_mode == "swap" else 0)
     return s, runner, done
 
 
@@ -187,10 +187,62 @@ def test_metrics_per_class_and_preemption_counters() -> None:
     m.update_from_stats("m", vars(s.stats))  # a second scrape adds only what grew since the first
     m.observe_first_token("m", 0.3, "realtime")
     text = m.render().decode()
-    assert 'sgl:num_preemptions_total{model_name="m",mode="swap"} 1.0' in text
-    assert 'sgl:swap_bytes_total{model_name="m",direction="out"} 21.0' in text  # 20 prompt + 1 decoded
+    assert 'sgl:num_preemptions_total{mode="swap",model_name="m"} 1.0' in text
+    assert 'sgl:swap_bytes_total{direction="out",model_name="m"} 20.0' in text  # the prompt's KV
     assert 'sgl:num_queue_reqs_by_class{model_name="m",priority_class="batch"} 1.0' in text
     assert 'sgl:num_queue_reqs_by_class{model_name="m",priority_class="realtime"} 1.0' in text
-    assert 'sgl:host_kv_used_tokens{model_name="m"} 21.0' in text
+    assert 'sgl:host_kv_used_tokens{model_name="m"} 20.0' in text
     assert 'sgl:time_to_first_token_by_class_seconds_count{model_name="m",priority_class="realtime"} 1.0' in text
     run_to_end(s)
+
+
+def test_latency_preemption_can_be_disabled() -> None:
+    s, _, done = make(1000, host=100, max_running_requests=1, disable_latency_preemption=True)
+    b = add(s, "b", list(range(1, 21)), 10, priority_class="batch")
+    s.step()
+    r = add(s, "r", [1, 2], 3, priority_class="realtime")
+    s.step()
+    assert b.status == ReqStatus.RUNNING and r.status == ReqStatus.WAITING
+    run_to_end(s)
+    assert s.stats.num_preemptions == 0 and done["r"].output_ids == reference_output([1, 2], 3)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(priority_weights="urgent=3"), "priority_weights"),
+    (dict(priority_weights="batch=0"), "priority_weights"),
+    (dict(priority_weights="realtime"), "priority_weights"),
+    (dict(preemption_mode="drop"), "preemption_mode"),
+    (dict(swap_space=-1.0), "swap_space"),
+    (dict(swap_dir="/no/such/dir"), "swap_dir"),
+    (dict(host_cache_tokens=0), "host_cache_tokens"),
+])
+def test_bad_flags_name_themselves(kw: dict, field: str) -> None:
+    from sgl.runtime.config import ServerArgs
+
+    with pytest.raises(ValueError, match=field):
+        ServerArgs(**kw)
+
+
+def test_partial_weights_keep_the_others_at_one() -> None:
+    from sgl.runtime.config import ServerArgs
+
+    assert ServerArgs(priority_weights="realtime=4").priority_weight_map == {"realtime": 4.0, "standard": 1.0, "batch": 1.0}
+
+
+def test_a_step_that_admits_realtime_carries_no_lower_class_prefill() -> None:
+    s, runner, done = make(5000, chunked_prefill_size=32)
+    b = add(s, "b", list(range(1, 97)) * 2, 4, priority_class="batch")  # 192 tokens: 6 chunks
+    d = add(s, "d", [7, 8, 9], 30, priority_class="standard")
+    s.step()
+    s.step()
+    add(s, "r", [5, 6, 7, 8], 3, priority_class="realtime")
+    s.step()
+    step = runner.batches[-1]
+    assert ("r", 0, 4) in step
+    assert not [x for x in step if x[0] == "b"]  # the batch chunk waits one step
+    assert [x for x in step if x[0] == "d" and x[2] == 1]  # decodes go on
+    s.step()
+    assert [x for x in runner.batches[-1] if x[0] == "b" and x[2] > 1]  # and it resumes
+    run_to_end(s)
+    assert done["b"].output_ids == reference_output(b.prompt_ids, 4)
+    assert done["d"].output_ids == reference_output(d.prompt_ids, 30)
