@@ -158,6 +158,8 @@ async def check_requests(state: ServerState, reqs: list[GenerateRequest]) -> Non
                     f"prompt ({num} tokens) + sampling_params.max_new_tokens ({sp.max_new_tokens}) exceeds "
                     f"the context window of {ctx} tokens; lower max_new_tokens to at most {ctx - num}")
     check_costs(reqs, prompt_tokens, limits, state.vocab_size)
+    if state.tenancy is not None:  # the key's own prompt-token caps (--api-keys file); last: it counts them
+        state.tenancy.check_prompt(sum(prompt_tokens))
 
 
 def _abort_quietly(state: ServerState, rid: str) -> None:
