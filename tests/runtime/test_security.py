@@ -53,6 +53,14 @@ def test_paths_outside_the_roots_are_refused(roots: tuple[Path, Path], bad: str)
         resolve_allowed_path(str(secret / "key.txt"), str(allowed), field="lora_path")
 
 
+def test_unresolvable_paths_are_refused_not_raised(roots: tuple[Path, Path]) -> None:
+    allowed, _ = roots
+    (allowed / "loop").symlink_to(allowed / "loop")  # a symlink loop
+    for bad in ("x" * 300, "\uffff" * 200, "loop", "loop/x"):  # (found by atheris: ENAMETOOLONG escaped)
+        with pytest.raises(PathNotAllowed, match="lora_path"):
+            resolve_allowed_path(bad, str(allowed), field="lora_path")
+
+
 def test_no_roots_means_no_path_loads(roots: tuple[Path, Path]) -> None:
     allowed, _ = roots
     for no_roots in (None, "", [], " , "):
