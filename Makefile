@@ -63,7 +63,8 @@ fuzz-atheris: setup
 	    -artifact_prefix=/tmp/sgl-atheris-$$t- || exit 1; done
 
 soak: setup
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/soak.py --minutes $${SOAK_MINUTES:-30}
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/soak.py --minutes $${SOAK_MINUTES:-30} --warmup 60 --clients 3 \
+	  --out benchmarks/results/soak_30min.json --plot benchmarks/results/soak_30min.png
 
 clean:
 	rm -rf $(VENV) *.egg-info
