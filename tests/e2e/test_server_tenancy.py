@@ -201,3 +201,12 @@ def test_per_key_prompt_token_caps(server: ServerHandle) -> None:
     # other keys are not affected
     assert httpx.post(server.url + "/generate", headers=auth("sk-alice"), timeout=120,
                       json={"text": "word " * 60, "sampling_params": {"max_new_tokens": 1}}).status_code == 200
+
+
+def test_keys_never_reach_the_log(server: ServerHandle) -> None:
+    """After the module's requests (good keys, wrong keys, budgets, 429s): no key in the server's log."""
+    assert httpx.get(server.url + "/v1/models", headers=auth("sk-wrong-secret"), timeout=30).status_code == 401
+    log = server.log()
+    assert "sk-wrong-secret" not in log
+    for key in KEYS:
+        assert key not in log, f"API key of {KEYS[key]['name']!r} appears in the server log"
