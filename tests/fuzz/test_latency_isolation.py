@@ -125,3 +125,35 @@ def test_stream_itl_within_2x_while_expensive_requests_arrive(server: ServerHand
     pytest.fail(f"{kind}: the stream's median inter-token latency went from {alone * 1000:.1f} ms alone to "
                 f"{loud * 1000:.1f} ms (x{loud / alone:.2f} > {MAX_RATIO}) while {len(statuses)} such requests "
                 "ran, twice in a row")
+
+
+def test_huge_text_is_refused_without_stalling_the_server(server: ServerHandle) -> None:
+    """A 6 MB prompt (under --max-request-bytes) cannot fit --max-prompt-tokens: refused (400 naming the
+    field, by its length in characters) before it is tokenized. Before the fix each such request was
+    tokenized whole first: ~20 s of a core on this machine per request (3 took 64 s), a cheap way for
+    one client to burn the server's CPU; the running stream must not stall either way."""
+    huge = "the quick brown fox jumps over a lazy dog " * 150_000  # 6.3 MB
+    statuses: list[tuple[int, Any]] = []
+
+    def fire() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            for route, body in (("/generate", {"text": huge, "sampling_params": {"max_new_tokens": 1}}),
+                                ("/v1/chat/completions", {"model": "default",
+                                                          "messages": [{"role": "user", "content": huge}]}),
+                                ("/v1/completions", {"model": "default", "prompt": huge, "max_tokens": 1})):
+                r = c.post(route, json=body)
+                err = r.json()["error"]
+                statuses.append((r.status_code, err.get("param") if "characters" in err["message"] else None))
+
+    t = threading.Thread(target=fire)
+    t0 = time.perf_counter()
+    t.start()
+    gaps: list[float] = []
+    while t.is_alive() or not gaps:  # streams back to back for as long as the refusals take
+        gaps += stream_gaps(server.url)
+    t.join(timeout=120)
+    print(f"\nstream max gap while 3 huge prompts were refused: {max(gaps) * 1000:.0f} ms "
+          f"(median {statistics.median(gaps) * 1000:.0f} ms); refusals took {time.perf_counter() - t0:.1f} s")
+    assert [s for s, _ in statuses] == [400, 400, 400], statuses
+    assert [p for _, p in statuses] == ["text", "messages", "text"], statuses  # refused by length, untokenized
+    assert max(gaps) < 3.0, f"the stream stalled {max(gaps):.1f} s while huge prompts were refused"
