@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 CPU_EXT := kernels/cpu/_build_info.json
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup chromium demo test serve bench fuzz soak clean gemma
+.PHONY: setup chromium demo test serve bench fuzz fuzz-atheris soak clean gemma
 
 setup: $(STAMP) $(CPU_EXT) chromium
 
@@ -61,8 +61,17 @@ bench: setup
 fuzz: setup
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-60} OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -s tests/fuzz
 
+# Coverage-guided (libFuzzer) runs of tests/fuzz/atheris_targets.py, ATHERIS_SECONDS per target; opt-in.
+ATHERIS_TARGETS ?= schema gguf limits paths errors
+fuzz-atheris: setup
+	$(BIN)/python -m pip install -q -e '.[fuzz]'
+	@for t in $(ATHERIS_TARGETS); do echo "== atheris $$t"; \
+	  OMP_NUM_THREADS=1 $(BIN)/python tests/fuzz/atheris_targets.py $$t -max_total_time=$${ATHERIS_SECONDS:-60} \
+	    -artifact_prefix=/tmp/sgl-atheris-$$t- || exit 1; done
+
 soak: setup
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/soak.py --minutes $${SOAK_MINUTES:-30}
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/soak.py --minutes $${SOAK_MINUTES:-30} --warmup 60 --clients 3 \
+	  --out benchmarks/results/soak_30min.json --plot benchmarks/results/soak_30min.png
 
 clean:
 	rm -rf $(VENV) *.egg-info

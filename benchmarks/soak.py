@@ -161,6 +161,27 @@ def verdict(res: dict[str, Any], max_slope: float) -> list[str]:
     return bad
 
 
+def plot(res: dict[str, Any], path: str) -> None:
+    """RSS, RSS minus the KV pool's resident pages, and the KV pool's resident pages over time (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    samples = res["samples"]
+    t = [x["t"] / 60 for x in samples]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(t, [x["rss_mb"] for x in samples], label="server RSS")
+    ax.plot(t, [x["rss_minus_kv_mb"] for x in samples], label="RSS minus KV pool pages touched")
+    ax.plot(t, [x["kv_resident_mb"] for x in samples], label="KV pool pages touched", linestyle="--")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("MB")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"soak: {res['requests']} requests, slope {res['rss_slope_mb_per_min']} MB/min (minus KV)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url")
@@ -171,7 +192,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--max-rss-slope", type=float, default=5.0, help="MB/min after the warm-up")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak.json"))
+    ap.add_argument("--plot", help="also write a PNG of memory over time here")
+    ap.add_argument("--plot-from", help="only plot this earlier result JSON (to --plot) and exit")
     args = ap.parse_args(argv)
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text()), args.plot or args.plot_from.replace(".json", ".png"))
+        return 0
     if args.url:
         res = run(args.url, args.pid, args.minutes * 60, args.warmup, args.interval, args.clients)
     else:
@@ -182,6 +208,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     res["threads_torch"] = 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
+    if args.plot:
+        plot(res, args.plot)
     summary = {k: v for k, v in res.items() if k not in ("samples", "integrity")}
     print(json.dumps(summary, indent=1))
     return 1 if res["problems"] else 0

@@ -58,12 +58,15 @@ def resolve_allowed_path(path: Any, roots: Union[None, str, Sequence[str]], fiel
                              "--allowed-path-roots DIR[,DIR...] to allow paths inside those directories")
     expanded = Path(path)
     candidates = [expanded] if expanded.is_absolute() else [root / expanded for root in allowed]
-    # NOTE: resolve(strict=False) follows the symlinks that exist and normalizes `..` before the check
-    inside = [real for real in (c.resolve() for c in candidates)
-              if any(real == root or real.is_relative_to(root) for root in allowed)]
-    for real in inside:
-        if real.exists():
-            return real
+    try:
+        # NOTE: resolve(strict=False) follows the symlinks that exist and normalizes `..` before the check
+        inside = [real for real in (c.resolve() for c in candidates)
+                  if any(real == root or real.is_relative_to(root) for root in allowed)]
+        for real in inside:
+            if real.exists():
+                return real
+    except (OSError, RuntimeError, ValueError) as exc:  # name too long (found by atheris), symlink loop
+        raise PathNotAllowed(f"{field}: {path[:200]!r} cannot be resolved: {exc.__class__.__name__}") from None
     if inside:
         return inside[0]
     raise PathNotAllowed(f"{field}: {path!r} is outside the allowed roots (--allowed-path-roots)")

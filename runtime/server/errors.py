@@ -10,6 +10,7 @@ SGLang's streaming errors use the same object (`data: {"error": {...}}`), and th
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -26,11 +27,40 @@ _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundErro
           500: "InternalServerError", 503: "ServiceUnavailable"}
 
 
+# Top-level request fields of the native and OpenAI routes: a 400 message that starts with one of these
+# (e.g. "sampling_params.top_p must be in (0, 1]") names it, and `param` carries the dotted path.
+REQUEST_FIELDS = frozenset({
+    "text", "input_ids", "sampling_params", "rid", "n", "stream", "return_logprob", "logprob_start_len",
+    "top_logprobs_num", "return_text_in_logprobs", "priority", "lora_path", "image_data", "abort_all",
+    "messages", "prompt", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "min_p", "stop", "seed", "logprobs", "top_logprobs", "response_format", "json_schema", "regex", "ebnf",
+    "best_of", "suffix", "tools", "tool_choice", "stream_options", "logit_bias", "frequency_penalty",
+    "presence_penalty", "repetition_penalty", "min_tokens", "user", "echo", "kind", "spec",
+})
+_LEADING_FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)(?=[\s:=])")
+
+
+def param_of(message: str) -> Optional[str]:
+    """The request field a 400 message starts with ('sampling_params.top_p must ...' ->
+    'sampling_params.top_p'), or None when it names none ('the request has ...').
+
+    >>> param_of("sampling_params.stop has 40 strings; the limit is 32"), param_of("malformed JSON body")
+    ('sampling_params.stop', None)
+    """
+    m = _LEADING_FIELD.match(message)
+    if m is None or re.split(r"[.\[]", m.group(1), maxsplit=1)[0] not in REQUEST_FIELDS:
+        return None
+    return m.group(1)
+
+
 class BodyTooLarge(Exception):
     """The request body passed `--max-request-bytes` while it was being read."""
 
 
 def error_body(status: int, message: str, param: Optional[str] = None) -> dict[str, Any]:
+    """OpenAI's error object; a 400 without an explicit `param` takes the field its message names."""
+    if param is None and status == 400:
+        param = param_of(message)
     return {"error": {"message": message, "type": _TYPES.get(status, "Error"), "param": param, "code": status}}
 
 

@@ -61,7 +61,8 @@ def check_security(server_args: Any) -> None:
 
 def serve(engine: Any, server_args: Any) -> None:
     """Serve an already built engine until SIGTERM/SIGINT; the caller owns `engine.shutdown()`."""
-    check_security(server_args)
+    check_bind_policy(server_args.host, server_args.api_key, getattr(server_args, "api_keys", None),
+                      getattr(server_args, "allow_unauthenticated", False))
     app = create_app(engine, server_args)
     config = uvicorn.Config(app, host=server_args.host, port=server_args.port, log_config=None,
                             log_level=server_args.log_level, access_log=False,

@@ -22,7 +22,8 @@ from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
 from sgl.runtime.server.native import CLIENT_CLOSED, SSE_DONE, get_state, sse, start_stream, stream_error
 from sgl.runtime.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, chat_messages,
                                                 sampling_dict)
-from sgl.runtime.server.runner import ClientDisconnected, ServerState, check_requests, collect, merge_streams
+from sgl.runtime.server.runner import (ClientDisconnected, ServerState, check_requests, collect, count_prompt_tokens,
+                                      merge_streams)
 
 router = APIRouter()
 Triple = list  # [logprob, token_id, text|None]
@@ -292,7 +293,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     prompt = render_chat(state, body)
     max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_new is None:
-        max_new = _default_max_tokens(state, len(state.tokenizer.encode(prompt)))
+        max_new = _default_max_tokens(state, len(await count_prompt_tokens(state, prompt, "messages")))
     reqs = _build(state, body, [prompt], [max_new], f"chatcmpl-{uuid.uuid4().hex}", body.logprobs,
                   body.top_logprobs or 0)
     await check_requests(state, reqs)

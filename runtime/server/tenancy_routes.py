@@ -24,7 +24,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sgl.runtime.server.errors import error_body
 from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
-from sgl.runtime.tenancy import ApiKey, OverLimit, Tenancy, Usage
+from sgl.runtime.protocol import RequestError
+from sgl.runtime.tenancy import ApiKey, OverLimit, PromptOverLimit, Tenancy, Usage
 from sgl.runtime.tenancy.tenancy import ANONYMOUS, SINGLE_KEY_TENANT
 
 logger = logging.getLogger("sgl.server")
@@ -60,6 +61,14 @@ class TenancyHooks:
         # the key's class is the default of its requests' `priority_class`; a body field wins
         if req.priority_class is None:
             req.priority_class = current_tenant.get().priority_class
+
+    def check_prompt(self, prompt_tokens: int) -> None:
+        """The current key's prompt-token caps, once the request is tokenized (runner.check_requests):
+        RequestError (400) over `max_prompt_tokens`, OverLimit (429 + Retry-After) over the per-minute rate."""
+        try:
+            self.tenancy.admit_prompt(current_tenant.get(), prompt_tokens)
+        except PromptOverLimit as exc:
+            raise RequestError(str(exc)) from None
 
     def annotate(self, out: dict[str, Any]) -> dict[str, Any]:
         """`out` with meta_info.cost once the request finished (and prices are set)."""
@@ -161,9 +170,10 @@ class _RejectionCollector:
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("sgl:budget_rejections", "Requests refused before running, by reason "
-                                     "(tokens: daily budget, rate: requests per minute, queue_full: 503)",
+                                     "(tokens: daily budget, rate: requests per minute, queue_full: 503, "
+                                     "prompt_tokens: the key's prompt-token caps)",
                                      labels=["model_name", "reason"])
-        for reason in ("tokens", "rate", "queue_full"):
+        for reason in ("tokens", "rate", "queue_full", "prompt_tokens"):
             family.add_metric([self.model_name, reason], float(self.tenancy.rejections.get(reason, 0)))
         yield family
 
@@ -177,6 +187,11 @@ def install_tenancy(app: FastAPI, state: Any, open_paths: frozenset[str]) -> Non
     state.tenancy = TenancyHooks(tenancy)
     app.include_router(router)
     app.add_middleware(TenancyMiddleware, state=state, open_paths=open_paths)
+
+    @app.exception_handler(OverLimit)  # raised inside a route: the per-key prompt-token rate
+    async def _over_limit(_: Request, exc: OverLimit) -> JSONResponse:
+        return JSONResponse(_error(exc.status, str(exc)), status_code=exc.status,
+                            headers={"Retry-After": exc.retry_after_header})
     if state.metrics is not None:
         registry = state.metrics.registry
         collector = _collectors.get(id(registry))

@@ -1,7 +1,8 @@
 """The `--api-keys FILE` format: one JSON object mapping each key to its tenant.
 
     {"sk-alice": {"name": "alice", "class": "realtime", "daily_token_budget": 100000,
-                  "requests_per_minute": 60, "admin": false},
+                  "requests_per_minute": 60, "max_prompt_tokens": 4096,
+                  "prompt_tokens_per_minute": 20000, "admin": false},
      "sk-ops":   {"name": "ops", "admin": true}}
 
 Every field but `name` is optional (no budget, no rate limit, class `standard`, not admin). Names are
@@ -16,7 +17,8 @@ from typing import Any, Optional
 
 from sgl.runtime.protocol import PRIORITY_CLASSES
 
-_FIELDS = {"name", "class", "daily_token_budget", "requests_per_minute", "admin"}
+_FIELDS = {"name", "class", "daily_token_budget", "requests_per_minute", "max_prompt_tokens",
+           "prompt_tokens_per_minute", "admin"}
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class ApiKey:
     daily_token_budget: Optional[int] = None  # prompt + completion tokens per local day; None = unlimited
     requests_per_minute: Optional[int] = None  # sliding 60 s window; None = unlimited
     admin: bool = False  # may read /v1/usage
+    max_prompt_tokens: Optional[int] = None  # prompt tokens of one HTTP request (prompts x n); over = 400
+    prompt_tokens_per_minute: Optional[int] = None  # sliding 60 s window of admitted prompt tokens; over = 429
 
 
 def _is_int(x: Any) -> bool:
@@ -55,7 +59,7 @@ def parse_api_keys(data: Any, source: str = "api keys") -> dict[str, ApiKey]:
         cls = entry.get("class", "standard")
         if cls not in PRIORITY_CLASSES:
             raise ValueError(f"{where} ({name}): \"class\" must be one of {PRIORITY_CLASSES}, got {cls!r}")
-        for field in ("daily_token_budget", "requests_per_minute"):
+        for field in ("daily_token_budget", "requests_per_minute", "max_prompt_tokens", "prompt_tokens_per_minute"):
             value = entry.get(field)
             if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"{where} ({name}): \"{field}\" must be a non-negative integer, got {value!r}")
@@ -64,7 +68,9 @@ def parse_api_keys(data: Any, source: str = "api keys") -> dict[str, ApiKey]:
             raise ValueError(f"{where} ({name}): \"admin\" must be true or false, got {admin!r}")
         names[name] = key
         out[key] = ApiKey(name=name, priority_class=cls, daily_token_budget=entry.get("daily_token_budget"),
-                          requests_per_minute=entry.get("requests_per_minute"), admin=admin)
+                          requests_per_minute=entry.get("requests_per_minute"),
+                          max_prompt_tokens=entry.get("max_prompt_tokens"),
+                          prompt_tokens_per_minute=entry.get("prompt_tokens_per_minute"), admin=admin)
     return out
 
 

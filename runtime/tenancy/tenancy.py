@@ -20,7 +20,7 @@ from typing import Any, Optional
 from sgl.runtime.tenancy.keys import ApiKey, load_api_keys
 from sgl.runtime.tenancy.ledger import Usage, UsageLedger
 from sgl.runtime.tenancy.pricing import Prices
-from sgl.runtime.tenancy.rate import RateLimiter
+from sgl.runtime.tenancy.rate import RateLimiter, TokenRateLimiter
 
 # The tenant of the single `--api-key`, and of everyone on a server without keys.
 SINGLE_KEY_TENANT = ApiKey(name="api-key", admin=True)
@@ -39,6 +39,10 @@ class OverLimit(Exception):
         return str(max(1, math.ceil(self.retry_after_s)))
 
 
+class PromptOverLimit(ValueError):
+    """A request whose prompt alone is over its key's cap: it can never run (HTTP 400)."""
+
+
 class Tenancy:
     def __init__(self, keys: Optional[dict[str, ApiKey]] = None, ledger: Optional[UsageLedger] = None,
                  prices: Prices = Prices(), api_key: Optional[str] = None,
@@ -48,6 +52,7 @@ class Tenancy:
         self.prices = prices
         self.api_key = api_key
         self.rate = rate or RateLimiter()
+        self.prompt_rate = TokenRateLimiter(self.rate.clock)
         self.rejections: Counter[str] = Counter()  # reason -> count (the budget rejection metric)
         self._lock = threading.Lock()
         self._by_name = {k.name: k for k in self.keys.values()}
@@ -103,6 +108,25 @@ class Tenancy:
                 self._reject("rate")
                 raise OverLimit(f"rate limit exceeded for key {tenant.name!r}: "
                                 f"{tenant.requests_per_minute} requests per minute", wait, "rate")
+
+    def admit_prompt(self, tenant: ApiKey, prompt_tokens: int) -> None:
+        """Once the request is tokenized: PromptOverLimit (400) over the key's `max_prompt_tokens`;
+        OverLimit (429) over its `prompt_tokens_per_minute` (then the tokens do not count)."""
+        if tenant.max_prompt_tokens is not None and prompt_tokens > tenant.max_prompt_tokens:
+            self._reject("prompt_tokens")
+            raise PromptOverLimit(f"the request has {prompt_tokens} prompt tokens (prompts x n); key {tenant.name!r} "
+                                  f"may send at most {tenant.max_prompt_tokens} per request (max_prompt_tokens)")
+        if tenant.prompt_tokens_per_minute is not None:
+            wait = self.prompt_rate.try_acquire(tenant.name, prompt_tokens, tenant.prompt_tokens_per_minute)
+            if wait == math.inf:
+                self._reject("prompt_tokens")
+                raise PromptOverLimit(f"the request has {prompt_tokens} prompt tokens (prompts x n), more than key "
+                                      f"{tenant.name!r} may send in a minute ({tenant.prompt_tokens_per_minute}, "
+                                      "prompt_tokens_per_minute)")
+            if wait > 0:
+                self._reject("prompt_tokens")
+                raise OverLimit(f"prompt token rate exceeded for key {tenant.name!r}: "
+                                f"{tenant.prompt_tokens_per_minute} prompt tokens per minute", wait, "prompt_tokens")
 
     def _reject(self, reason: str) -> None:
         with self._lock:

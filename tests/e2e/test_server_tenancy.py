@@ -22,6 +22,7 @@ KEYS = {
     "sk-alice": {"name": "alice", "class": "realtime", "daily_token_budget": 1_000_000},
     "sk-tiny": {"name": "tiny", "class": "batch", "daily_token_budget": 10},
     "sk-rpm": {"name": "rpm", "requests_per_minute": 1},
+    "sk-pcap": {"name": "pcap", "max_prompt_tokens": 40, "prompt_tokens_per_minute": 50},
 }
 PRICES = {"input": 1.0, "output": 2.0, "cached": 0.5}  # per 1K tokens
 ARGS = ["--price-input", "1.0", "--price-output", "2.0", "--price-cached", "0.5", "--usage-timezone", "Europe/Paris"]
@@ -200,3 +201,33 @@ def test_priority_class_from_the_key_or_the_body(server: ServerHandle) -> None:
     done = client(server, "sk-alice").completions.create(model="default", prompt="Hi", max_tokens=1,
                                                          extra_body={"priority_class": "batch"})
     assert done.choices[0].finish_reason == "length"
+
+
+def test_per_key_prompt_token_caps(server: ServerHandle) -> None:
+    """max_prompt_tokens per request (400 naming it) and prompt_tokens_per_minute (429 + Retry-After)."""
+    def gen(text: str, n: int = 1) -> httpx.Response:
+        return httpx.post(server.url + "/generate", headers=auth("sk-pcap"), timeout=120,
+                          json={"text": text, "sampling_params": {"max_new_tokens": 1, "n": n}})
+
+    long = gen("word " * 60)
+    assert long.status_code == 400 and "max_prompt_tokens" in long.json()["error"]["message"], long.text
+    assert gen("one two three four five six seven eight nine ten", n=5).status_code == 400  # prompts x n count
+    ok = gen("apple " * 30)
+    assert ok.status_code == 200, ok.text
+    used = ok.json()["meta_info"]["prompt_tokens"]
+    assert 50 - used < used <= 40  # a second such prompt does not fit in the minute's 50 tokens
+    again = gen("apple " * 30)
+    assert again.status_code == 429 and "prompt_tokens_per_minute" not in again.text
+    assert "prompt token rate" in again.json()["error"]["message"] and int(again.headers["retry-after"]) >= 1
+    # other keys are not affected
+    assert httpx.post(server.url + "/generate", headers=auth("sk-alice"), timeout=120,
+                      json={"text": "word " * 60, "sampling_params": {"max_new_tokens": 1}}).status_code == 200
+
+
+def test_keys_never_reach_the_log(server: ServerHandle) -> None:
+    """After the module's requests (good keys, wrong keys, budgets, 429s): no key in the server's log."""
+    assert httpx.get(server.url + "/v1/models", headers=auth("sk-wrong-secret"), timeout=30).status_code == 401
+    log = server.log()
+    assert "sk-wrong-secret" not in log
+    for key in KEYS:
+        assert key not in log, f"API key of {KEYS[key]['name']!r} appears in the server log"

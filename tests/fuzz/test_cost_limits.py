@@ -79,6 +79,25 @@ def test_hostile_request_alone_is_a_400(server: ServerHandle, route: str, body: 
     err = r.json()["error"]
     for w in words:
         assert w in err["message"], err
+    if words[0].startswith("sampling_params."):  # the message names the field: so does `param`
+        assert err["param"] is not None and err["param"].startswith(words[0]), err
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/generate", {"text": "Hi", "sampling_params": {"top_p": 7}}, "sampling_params.top_p"),
+    ("/generate", {"text": "Hi", "sampling_params": {"n": 20}}, "sampling_params.n"),
+    ("/generate", {"input_ids": [10**9]}, "input_ids"),
+    ("/generate", {"text": ""}, "text"),
+    ("/generate", {"text": "Hi", "sampling_params": {"regex": "(unclosed"}}, "sampling_params.regex"),
+    ("/v1/chat/completions", {"model": "default", "messages": []}, "messages"),
+    ("/v1/completions", {"model": "default", "prompt": "Hi", "max_tokens": "many"}, "max_tokens"),
+    ("/abort_request", {"rid": 5}, "rid"),
+])
+def test_400_names_the_field_in_param(server: ServerHandle, route: str, body: dict, param: str) -> None:
+    r = httpx.post(server.url + route, json=body, timeout=60)
+    assert r.status_code == 400, (r.status_code, r.text[:500])
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "BadRequestError", err
 
 
 def test_stream_keeps_going_while_hostile_requests_arrive(server: ServerHandle) -> None:

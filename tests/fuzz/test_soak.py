@@ -21,8 +21,10 @@ def test_soak(server: ServerHandle) -> None:
     res = run(server.url, server.proc.pid, SECONDS, warmup=20.0, interval=5.0, clients=3)
     summary = {k: v for k, v in res.items() if k not in ("samples", "integrity", "errors")}
     print("\n" + json.dumps(summary))
-    # NOTE: 60 s is too short to tell a slow leak from allocator noise and from the first touch of KV-pool
-    # pages as pool use grows (a clean-clone CI run measured 168 MB/min here); this bound catches a runaway
-    # leak only, and the 30-minute run (`make soak`) reports the steady-state slope (issue 11 tracks it).
-    assert not verdict(res, max_slope=600.0), verdict(res, 600.0)
+    # NOTE: the slope is of RSS minus the KV pool's first-touched pages (the raw RSS rises by ~120 MB, one
+    # 2 MiB huge page per layer for K and V, each time the allocator first hands out a new stretch of
+    # slots; bounded by the pool). What is left is flat in the 30-minute run (README); 60 s of allocator
+    # noise stays well under this bound, a leak of a request's worth of memory per request does not.
+    assert not verdict(res, max_slope=30.0), verdict(res, 30.0)
+    assert res["kv_resident_mb_last"] > 0  # the probe works (else the slope would be the raw RSS)
     assert res["requests"] > 10

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.security import (PathNotAllowed, check_bind_policy, is_loopback, key_fingerprint,
@@ -51,6 +53,14 @@ def test_paths_outside_the_roots_are_refused(roots: tuple[Path, Path], bad: str)
         resolve_allowed_path(bad, str(allowed), field="lora_path")
     with pytest.raises(PathNotAllowed, match="lora_path"):
         resolve_allowed_path(str(secret / "key.txt"), str(allowed), field="lora_path")
+
+
+def test_unresolvable_paths_are_refused_not_raised(roots: tuple[Path, Path]) -> None:
+    allowed, _ = roots
+    (allowed / "loop").symlink_to(allowed / "loop")  # a symlink loop
+    for bad in ("x" * 300, "\uffff" * 200, "loop", "loop/x"):  # (found by atheris: ENAMETOOLONG escaped)
+        with pytest.raises(PathNotAllowed, match="lora_path"):
+            resolve_allowed_path(bad, str(allowed), field="lora_path")
 
 
 def test_no_roots_means_no_path_loads(roots: tuple[Path, Path]) -> None:
@@ -108,3 +118,21 @@ def test_cors_off_by_default_and_on_for_listed_origins() -> None:
                                            "Access-Control-Request-Headers": "authorization"})
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example"
     assert c.get("/v1/models", headers=origin).status_code == 401
+
+
+_PARTS = st.sampled_from(["a1", "..", ".", "escape", "loop", "/", "//", "x" * 300, "\x00", "~", "adapters", "secret",
+                          "a1/adapter_config.json", "/etc", "/tmp"])
+
+
+@given(parts=st.lists(_PARTS, min_size=1, max_size=8), sep=st.sampled_from(["/", ""]))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_resolved_paths_are_always_inside_the_root(roots: tuple[Path, Path], parts: list[str], sep: str) -> None:
+    """Property (also fuzzed by atheris): any string resolves inside the root or is PathNotAllowed."""
+    allowed, _ = roots
+    if not (allowed / "loop").is_symlink():
+        (allowed / "loop").symlink_to(allowed / "loop")
+    try:
+        got = resolve_allowed_path(sep.join(parts), str(allowed))
+    except PathNotAllowed:
+        return
+    assert got == allowed.resolve() or got.is_relative_to(allowed.resolve()), (parts, got)
