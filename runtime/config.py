@@ -54,6 +54,11 @@ class ServerArgs:
     device: str = "auto"
     weight_format: str = "auto"  # auto = native (GGUF blocks in the CPU kernels) when built and quantized, else fp32
     quantize: Optional[str] = None  # q8_0 | q4_0: quantize a Hugging Face folder at load and run native
+    # Several models (runtime/model_pool.py): `--model-path` repeated (NAME=PATH or PATH) fills model_paths
+    model_paths: Optional[list[str]] = None  # all model specs when more than one is served
+    models: Optional[str] = None  # JSON file: [{"name", "model_path", <per-model ServerArgs fields>...}]
+    model_memory_budget: Optional[float] = None  # GB for resident models (weights + KV); None = all stay loaded
+    router_config: Optional[str] = None  # JSON file of the `model: "auto"` router (runtime/model_router.py)
     # Memory and batching
     max_total_tokens: Optional[int] = None  # KV pool slots; None = from mem_fraction_static
     mem_fraction_static: float = 0.25  # fraction of free memory for the KV pool when unset
@@ -154,6 +159,8 @@ class ServerArgs:
             raise ValueError(f"dp_size must be >= 1 (the number of engine replicas), got {self.dp_size}")
         if self.router_policy not in ROUTER_POLICIES:
             raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}, got {self.router_policy!r}")
+        if self.model_memory_budget is not None and self.model_memory_budget <= 0:
+            raise ValueError(f"model_memory_budget must be positive GB (or unset), got {self.model_memory_budget}")
         if self.router_balance_threshold < 0:
             raise ValueError(f"router_balance_threshold must be >= 0, got {self.router_balance_threshold}")
 
@@ -181,6 +188,11 @@ class ServerArgs:
                 parser.add_argument(flag, action=action, default=default)
             elif f.name == "lora_paths":
                 parser.add_argument(flag, nargs="*", default=default)
+            elif f.name == "model_path":  # repeatable: several models on one server (from_cli_args splits)
+                parser.add_argument(flag, action="append", default=None,
+                                    help="a model (NAME=PATH or PATH); repeat to serve several (default: default)")
+            elif f.name == "model_paths":
+                continue  # filled from repeated --model-path
             else:
                 conv = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
                 kwargs: dict[str, Any] = {"type": conv, "default": default}
@@ -198,7 +210,9 @@ class ServerArgs:
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> "ServerArgs":
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+        values = {f.name: getattr(ns, f.name, None) for f in fields(cls) if f.name not in ("model_path", "model_paths")}
+        values.update(split_model_paths(getattr(ns, "model_path", None), values.get("served_model_name")))
+        return cls(**values)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "ServerArgs":
@@ -209,3 +223,19 @@ class ServerArgs:
             raise TypeError(f"unknown server argument(s): {', '.join(unknown)}")
         return cls(**kwargs)
 
+
+def split_model_paths(paths: Any, served_model_name: Optional[str] = None) -> dict[str, Any]:
+    """`--model-path` values (a str, a list, or None) -> ServerArgs fields. One bare path stays exactly as
+    before; one NAME=PATH serves PATH under NAME; several fill model_paths (model_path = the first's path)."""
+    from sgl.runtime.model_names import parse_model_spec
+
+    if paths is None:
+        return {"model_path": "default"}
+    if isinstance(paths, str):
+        paths = [paths]
+    if len(paths) == 1:
+        spec = parse_model_spec(paths[0])
+        if spec.name == spec.model_path:
+            return {"model_path": spec.model_path}
+        return {"model_path": spec.model_path, "served_model_name": served_model_name or spec.name}
+    return {"model_path": parse_model_spec(paths[0]).model_path, "model_paths": list(paths)}

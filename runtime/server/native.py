@@ -19,6 +19,7 @@ from sgl.runtime.protocol import RequestError, normalize_generate_input
 from sgl.runtime.server.errors import error_body, error_response
 from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
 from sgl.runtime.server.jsonio import dumps
+from sgl.runtime.server.model_routing import route_generate, tag_output
 from sgl.runtime.server.runner import ClientDisconnected, ServerState, check_requests, collect, merge_streams
 
 logger = logging.getLogger("sgl.server")
@@ -83,9 +84,9 @@ async def start_stream(gen: AsyncIterator[Any]) -> tuple[list[Any], AsyncIterato
 
 @router.post("/generate")
 async def generate(request: Request) -> Response:
-    state = get_state(request)
     body = await read_json(request)
     reqs, is_batch = normalize_generate_input(body)
+    state = route_generate(get_state(request), body.get("model"), reqs)
     await check_requests(state, reqs)
     if body.get("stream"):
         first, gen = await start_stream(merge_streams(state, reqs))
@@ -93,8 +94,10 @@ async def generate(request: Request) -> Response:
         async def events() -> AsyncIterator[bytes]:
             try:
                 for i, out in first:
+                    out = tag_output(state, out)
                     yield sse({**out, "index": i} if is_batch else out)
                 async for i, out in gen:
+                    out = tag_output(state, out)
                     yield sse({**out, "index": i} if is_batch else out)
             except Exception as exc:
                 yield stream_error(exc)
@@ -107,6 +110,7 @@ async def generate(request: Request) -> Response:
         outs = await collect(state, reqs, request)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
+    outs = [tag_output(state, out) for out in outs]
     return JSONResponse(outs if is_batch else outs[0])
 
 

@@ -22,6 +22,7 @@ from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
 from sgl.runtime.server.native import CLIENT_CLOSED, SSE_DONE, get_state, sse, start_stream, stream_error
 from sgl.runtime.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, chat_messages,
                                                 sampling_dict)
+from sgl.runtime.server.model_routing import route_chat, route_completion
 from sgl.runtime.server.runner import ClientDisconnected, ServerState, check_requests, collect, merge_streams
 
 router = APIRouter()
@@ -31,9 +32,13 @@ Triple = list  # [logprob, token_id, text|None]
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     state = get_state(request)
-    card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "sgl",
-            "root": state.server_args.model_path, "max_model_len": state.context_length}
-    return JSONResponse({"object": "list", "data": [card]})
+    created = int(time.time())
+    cards = []
+    for name in state.served_models:
+        view = state.for_model(name)
+        cards.append({"id": view.model_name, "object": "model", "created": created, "owned_by": "sgl",
+                      "root": view.server_args.model_path, "max_model_len": view.context_length})
+    return JSONResponse({"object": "list", "data": cards})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,7 +217,7 @@ def _stream_response(first: list[Any], gen: AsyncIterator[Any], make_chunks: Any
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    state = get_state(request)
+    state = route_completion(get_state(request), body)
     if body.suffix:
         raise RequestError("suffix is not supported")
     if body.best_of is not None and body.best_of != body.n:
@@ -285,7 +290,7 @@ def render_chat(state: ServerState, body: ChatCompletionRequest) -> str:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    state = get_state(request)
+    state = route_chat(get_state(request), body)
     if body.top_logprobs is not None and not body.logprobs:
         raise RequestError("top_logprobs requires logprobs: true")
     prompt = render_chat(state, body)
