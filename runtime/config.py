@@ -191,8 +191,8 @@ class ServerArgs:
             elif f.name == "model_path":  # repeatable: several models on one server (from_cli_args splits)
                 parser.add_argument(flag, action="append", default=None,
                                     help="a model (NAME=PATH or PATH); repeat to serve several (default: default)")
-            elif f.name == "model_paths":
-                continue  # filled from repeated --model-path
+            elif f.name == "model_paths":  # the same as repeating --model-path (both may be combined)
+                parser.add_argument(flag, nargs="*", default=None, help="several models: NAME=PATH or PATH each")
             else:
                 conv = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
                 kwargs: dict[str, Any] = {"type": conv, "default": default}
@@ -211,7 +211,8 @@ class ServerArgs:
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> "ServerArgs":
         values = {f.name: getattr(ns, f.name, None) for f in fields(cls) if f.name not in ("model_path", "model_paths")}
-        values.update(split_model_paths(getattr(ns, "model_path", None), values.get("served_model_name")))
+        paths = list(getattr(ns, "model_path", None) or []) + list(getattr(ns, "model_paths", None) or [])
+        values.update(split_model_paths(paths or None, values.get("served_model_name")))
         return cls(**values)
 
     @classmethod
