@@ -136,3 +136,29 @@ def test_router_decision_in_native_meta_info(server: ServerHandle) -> None:
     assert r["meta_info"]["model"] == "small" and r["text"] in ("yes", "no")
     route = r["meta_info"]["route"]
     assert route["model"] == "small" and route["rejected"] == {} and route["estimated_cost"] > 0
+
+
+def test_one_dsl_program_mixes_models(server: ServerHandle) -> None:
+    import sgl
+
+    @sgl.function
+    def two_models(s):
+        s += "Q: Is the sky blue? Answer yes or no.\nA:"
+        s += sgl.gen("draft", max_tokens=4, temperature=0, model="small")
+        s += "\nFinal answer:"
+        s += sgl.select("final", choices=[" yes", " no"], model="big")
+        s += "\nNote:" + sgl.gen("note", max_tokens=4, temperature=0, model="auto")
+
+    @sgl.function
+    def unknown(s):
+        s += "Hi" + sgl.gen("x", max_tokens=1, model="nope")
+
+    backend = sgl.RuntimeEndpoint(server.url)
+    before = models_stats(server)["big"]["loads"]
+    state = two_models.run(backend=backend)
+    assert state.get_meta_info("draft")["model"] == "small"
+    assert state["final"] in (" yes", " no")
+    assert models_stats(server)["big"]["loads"] > before, "the select ran on big (small was resident before it)"
+    assert state.get_meta_info("note")["model"] == "small"  # short, plain, 4 tokens: the cheap one
+    with pytest.raises(Exception, match="model: 'nope' is not served"):
+        unknown.run(backend=backend)
