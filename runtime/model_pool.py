@@ -180,6 +180,15 @@ class ModelPool:
                     slot.last_load_seconds, slot.size_bytes / 2**20, slot.loads, self.resident_names())
         if self.budget_bytes is not None and slot.size_bytes > self.budget_bytes:
             await self._unload(slot)  # the measured size can never fit: its requests get a 400 (acquire)
+            return
+        # the estimate (file size) was low: unload idle others, least recently used first, until it fits
+        while self.budget_bytes is not None and self.resident_bytes() > self.budget_bytes:
+            idle = [s for s in self.slots.values() if s.engine is not None and s.in_use == 0 and s is not slot]
+            if not idle:
+                logger.warning("resident models exceed --model-memory-budget until busy ones go idle: %s",
+                               self.resident_names())
+                break
+            await self._unload(min(idle, key=lambda s: s.last_used))
 
     async def _unload(self, slot: ModelSlot) -> None:
         engine, slot.engine = slot.engine, None

@@ -173,3 +173,19 @@ def test_doctests(module: str) -> None:
     import importlib
 
     assert doctest.testmod(importlib.import_module(module)).failed == 0
+
+
+def test_an_underestimated_model_evicts_idle_others_once_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool, log = make_pool({"a": 100 * MB, "b": 100 * MB}, budget=250 * MB)
+    pool.slots["b"].measured = False
+    pool.slots["b"].size_bytes = 10 * MB  # the file-size estimate; once loaded it measures 200 MB
+    sizes = {"a": 100 * MB, "b": 200 * MB}
+    monkeypatch.setattr("sgl.runtime.model_pool.engine_memory_bytes", lambda e: sizes[e.args.served_model_name])
+
+    async def run() -> None:
+        for name in ("a", "b"):
+            await pool.acquire(name)
+            pool.release(name)
+
+    asyncio.run(run())
+    assert pool.resident_names() == ["b"] and log == ["load a", "load b", "check a", "unload a"]
