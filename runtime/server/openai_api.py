@@ -281,11 +281,22 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 def render_chat(state: ServerState, body: ChatCompletionRequest) -> str:
     messages = chat_messages(body)
     try:
-        return state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return _without_template_bos(state.tokenizer, state.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     except RequestError:
         raise
     except Exception as exc:  # jinja's raise_exception(...) in a template, e.g. roles must alternate
         raise RequestError(f"messages: the model's chat template rejected them: {exc}") from None
+
+
+def _without_template_bos(tokenizer: Any, prompt: str) -> str:
+    """The engine encodes prompts WITH special tokens; a template that writes BOS itself (Gemma, Llama 3)
+    would then start with two. Drop the template's when the tokenizer adds one (transformers encodes a
+    rendered chat with add_special_tokens=False: the same single BOS)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or not prompt.startswith(bos):
+        return prompt
+    ids = tokenizer.encode("a")
+    return prompt[len(bos):] if ids and ids[0] == tokenizer.bos_token_id else prompt
 
 
 @router.post("/v1/chat/completions")

