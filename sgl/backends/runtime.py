@@ -36,7 +36,7 @@ class Runtime(NativeBackend):
             tok = self.engine.tokenizer
             if getattr(tok, "chat_template", None):
                 self._template = ChatTemplate(
-                    lambda messages: tok.apply_chat_template(messages, add_generation_prompt=False),
+                    lambda messages: _without_template_bos(tok, tok.apply_chat_template(messages, add_generation_prompt=False)),
                     name=f"{self.engine.model_path} (tokenizer)")
             else:
                 self._template = template_for_model_path(str(self.engine.model_path))
@@ -92,3 +92,11 @@ class Runtime(NativeBackend):
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
+
+def _without_template_bos(tok: Any, text: str) -> str:
+    """The engine encodes the program's text with special tokens: drop a BOS the template wrote itself
+    (Gemma, Llama 3) when the tokenizer adds one, so the prompt starts with exactly one."""
+    bos = getattr(tok, "bos_token", None)
+    if bos and text.startswith(bos) and tok.encode("a")[:1] == [tok.bos_token_id]:
+        return text[len(bos):]
+    return text
