@@ -159,6 +159,8 @@ class ServerArgs:
             raise ValueError(f"dp_size must be >= 1 (the number of engine replicas), got {self.dp_size}")
         if self.router_policy not in ROUTER_POLICIES:
             raise ValueError(f"router_policy must be one of {ROUTER_POLICIES}, got {self.router_policy!r}")
+        if (self.model_paths or self.models) and self.dp_size > 1:
+            raise ValueError("several models (--model-path repeated / --models) run in one process; --dp-size must be 1")
         if self.model_memory_budget is not None and self.model_memory_budget <= 0:
             raise ValueError(f"model_memory_budget must be positive GB (or unset), got {self.model_memory_budget}")
         if self.router_balance_threshold < 0:
