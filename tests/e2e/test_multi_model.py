@@ -89,7 +89,10 @@ def test_a_running_model_finishes_before_it_is_unloaded(server: ServerHandle, cl
 
     t = threading.Thread(target=long_small)
     t.start()
-    time.sleep(1.0)  # small is decoding
+    end = time.monotonic() + 60
+    while models_stats(server)["small"]["in_use"] < 1:  # small's request is in flight
+        assert time.monotonic() < end, "the request on small never started"
+        time.sleep(0.05)
     r = client.completions.create(model="big", prompt="Hello", max_tokens=4, temperature=0)
     done["big"] = time.monotonic()
     t.join(timeout=300)
