@@ -59,6 +59,11 @@ class ServerArgs:
     device: str = "auto"
     weight_format: str = "auto"  # auto = native (GGUF blocks in the CPU kernels) when built and quantized, else fp32
     quantize: Optional[str] = None  # q8_0 | q4_0: quantize a Hugging Face folder at load and run native
+    # Several models (runtime/model_pool.py): `--model-path` repeated (NAME=PATH or PATH) fills model_paths
+    model_paths: Optional[list[str]] = None  # all model specs when more than one is served
+    models: Optional[str] = None  # JSON file: [{"name", "model_path", <per-model ServerArgs fields>...}]
+    model_memory_budget: Optional[float] = None  # GB for resident models (weights + KV); None = all stay loaded
+    router_config: Optional[str] = None  # JSON file of the `model: "auto"` router (runtime/model_router.py)
     # Memory and batching
     max_total_tokens: Optional[int] = None  # KV pool slots; None = from mem_fraction_static
     mem_fraction_static: float = 0.25  # fraction of free memory for the KV pool when unset
@@ -216,6 +221,10 @@ class ServerArgs:
         for name in ("max_lora_rank", "max_loaded_loras"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
+        if (self.model_paths or self.models) and self.dp_size > 1:
+            raise ValueError("several models (--model-path repeated / --models) run in one process; --dp-size must be 1")
+        if self.model_memory_budget is not None and self.model_memory_budget <= 0:
+            raise ValueError(f"model_memory_budget must be positive GB (or unset), got {self.model_memory_budget}")
         if self.router_balance_threshold < 0:
             raise ValueError(f"router_balance_threshold must be >= 0, got {self.router_balance_threshold}")
 
@@ -259,6 +268,11 @@ class ServerArgs:
                 parser.add_argument(flag, action=action, default=default)
             elif f.name == "lora_paths":
                 parser.add_argument(flag, nargs="*", default=default)
+            elif f.name == "model_path":  # repeatable: several models on one server (from_cli_args splits)
+                parser.add_argument(flag, action="append", default=None,
+                                    help="a model (NAME=PATH or PATH); repeat to serve several (default: default)")
+            elif f.name == "model_paths":  # the same as repeating --model-path (both may be combined)
+                parser.add_argument(flag, nargs="*", default=None, help="several models: NAME=PATH or PATH each")
             else:
                 conv = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
                 kwargs: dict[str, Any] = {"type": conv, "default": default}
@@ -282,7 +296,10 @@ class ServerArgs:
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> "ServerArgs":
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+        values = {f.name: getattr(ns, f.name, None) for f in fields(cls) if f.name not in ("model_path", "model_paths")}
+        paths = list(getattr(ns, "model_path", None) or []) + list(getattr(ns, "model_paths", None) or [])
+        values.update(split_model_paths(paths or None, values.get("served_model_name")))
+        return cls(**values)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "ServerArgs":
@@ -293,3 +310,19 @@ class ServerArgs:
             raise TypeError(f"unknown server argument(s): {', '.join(unknown)}")
         return cls(**kwargs)
 
+
+def split_model_paths(paths: Any, served_model_name: Optional[str] = None) -> dict[str, Any]:
+    """`--model-path` values (a str, a list, or None) -> ServerArgs fields. One bare path stays exactly as
+    before; one NAME=PATH serves PATH under NAME; several fill model_paths (model_path = the first's path)."""
+    from sgl.runtime.model_names import parse_model_spec
+
+    if paths is None:
+        return {"model_path": "default"}
+    if isinstance(paths, str):
+        paths = [paths]
+    if len(paths) == 1:
+        spec = parse_model_spec(paths[0])
+        if spec.name == spec.model_path:
+            return {"model_path": spec.model_path}
+        return {"model_path": spec.model_path, "served_model_name": served_model_name or spec.name}
+    return {"model_path": parse_model_spec(paths[0]).model_path, "model_paths": list(paths)}

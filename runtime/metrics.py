@@ -112,6 +112,17 @@ class ServerMetrics:
         self.host_kv_total = Gauge("sgl:host_kv_total_tokens", "Host-tier KV slots (--swap-space)", LABELS,
                                    registry=r)
         self._seen: dict[tuple[str, str], float] = {}  # (model, stats key) -> value at the last scrape
+        # several models (runtime/model_pool.py): per served model, from get_stats()["models"]
+        self.model_gauges = {
+            "loaded": Gauge("sgl:model_loaded", "1 when the model is resident", LABELS, registry=r),
+            "loads": Gauge("sgl:model_loads", "Times the model was loaded", LABELS, registry=r),
+            "unloads": Gauge("sgl:model_unloads", "Times the model was unloaded (LRU, memory budget)", LABELS, registry=r),
+            "load_seconds_total": Gauge("sgl:model_load_seconds_total", "Seconds spent loading the model", LABELS,
+                                        registry=r),
+            "last_load_seconds": Gauge("sgl:model_last_load_seconds", "Seconds the last load took", LABELS, registry=r),
+            "size_bytes": Gauge("sgl:model_size_bytes", "Weights + KV pool bytes (measured once loaded)", LABELS,
+                                registry=r),
+        }
 
     def observe_first_token(self, model: str, seconds: float, priority_class: Optional[str] = None) -> None:
         self.ttft.labels(model).observe(seconds)
@@ -158,6 +169,11 @@ class ServerMetrics:
         if "host_kv_total_tokens" in stats:
             self.host_kv_used.labels(model).set(stats.get("host_kv_used_tokens") or 0)
             self.host_kv_total.labels(model).set(stats["host_kv_total_tokens"])
+        for name, entry in (stats.get("models") or {}).items():
+            for key, gauge in self.model_gauges.items():
+                value = entry.get(key)
+                if isinstance(value, (int, float)):  # bools too: loaded -> 1/0
+                    gauge.labels(name).set(float(value))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

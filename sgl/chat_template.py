@@ -27,6 +27,7 @@ Renderer = Callable[[Messages], str]  # messages -> text, without a generation p
 
 # NOTE: no whitespace, so templates that strip or trim the content leave it intact.
 SENTINEL = "\x1eSGL-CONTENT\x1e"
+SENTINEL_CORE = SENTINEL.strip()  # what is left when a template strips whitespace (\x1e counts as such)
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -82,10 +83,12 @@ class ChatTemplate:
         except Exception as e:  # templates raise_exception() on role orders they do not support
             raise ChatTemplateError(f"chat template {self.name!r} cannot render a {role!r} message after "
                                     f"{[m['role'] for m in history]}: {e}") from e
-        at = full.find(SENTINEL)
+        at, width = full.find(SENTINEL), len(SENTINEL)
+        if at < 0:  # a template that trims the content (Gemma's `| trim`) drops the \x1e separators
+            at, width = full.find(SENTINEL_CORE), len(SENTINEL_CORE)
         if at < 0:
             raise ChatTemplateError(f"chat template {self.name!r} does not render the content of a {role!r} message")
-        head, tail = full[:at], full[at + len(SENTINEL):]
+        head, tail = full[:at], full[at + width:]
         if not head.startswith(before):
             # The template rewrote earlier turns once another follows: keep what is already written.
             n = 0

@@ -82,14 +82,17 @@ class SglGen(SglExpr):
 class SglSelect(SglExpr):
     """Pick one of `choices` by its likelihood under the model (see sgl.choices)."""
 
-    def __init__(self, name: Optional[str], choices: list[str], temperature: float, choices_method: Any) -> None:
+    def __init__(self, name: Optional[str], choices: list[str], temperature: float, choices_method: Any,
+                 model: Optional[str] = None) -> None:
         self.name = name
+        self.model = model  # a served model name on a multi-model server; None = the server's default
         self.choices = list(choices)
         self.temperature = temperature
         self.choices_method = choices_method
 
     def __repr__(self) -> str:
-        return f"SglSelect({self.name!r}, choices={self.choices!r}, method={self.choices_method!r})"
+        model = f", model={self.model!r}" if self.model is not None else ""
+        return f"SglSelect({self.name!r}, choices={self.choices!r}, method={self.choices_method!r}{model})"
 
 
 class SglRoleBegin(SglExpr):

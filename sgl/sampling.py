@@ -68,6 +68,7 @@ class GenParams:
     logprob_start_len: Optional[int] = _opt(_REQUEST)
     top_logprobs_num: Optional[int] = _opt(_REQUEST)
     return_text_in_logprobs: Optional[bool] = _opt(_REQUEST)
+    model: Optional[str] = _opt(_REQUEST)  # a served model name (or "auto") of a multi-model server
     dtype: Optional[str] = _opt(_DSL)  # "int" | "float" | "str" | "bool"
 
     def __post_init__(self) -> None:

@@ -105,7 +105,9 @@ def create_app(engine: Any, server_args: Any = None) -> FastAPI:
     args = server_args or engine.server_args
     ctx, vocab = _probe_limits(engine, args)
     console = not getattr(args, "disable_web_console", False)
-    state = ServerState(engine=engine, server_args=args, model_name=args.served_model_name or args.model_path,
+    pool = getattr(engine, "pool", None)  # several models (runtime/model_pool.py): the first one's name
+    state = ServerState(engine=engine, server_args=args,
+                        model_name=pool.names[0] if pool is not None else args.served_model_name or args.model_path,
                         context_length=ctx, vocab_size=vocab,
                         # NOTE: the console's TTFT/ITL percentiles need the recorders; /metrics stays off
                         metrics=get_metrics() if args.enable_metrics or console else None)

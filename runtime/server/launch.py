@@ -85,17 +85,37 @@ def launch_server(server_args: Any) -> int:
     check_security(server_args)  # NOTE: fail before the model loads, not after
     from sgl.runtime.engine import Engine  # NOTE: function-local: the HTTP layer imports no torch
 
-    logger.info("loading model %s", server_args.model_path)
-    engine = Engine(**dataclasses.asdict(server_args))
-    # a fatal engine error stops the server as SIGTERM would (uvicorn's graceful shutdown)
-    engine.on_fatal = lambda message: os.kill(os.getpid(), signal.SIGTERM)
+    if server_args.model_paths or server_args.models:
+        engine: Any = build_multi_model_engine(server_args)
+    else:
+        logger.info("loading model %s", server_args.model_path)
+        engine = Engine(**dataclasses.asdict(server_args))
+        # a fatal engine error stops the server as SIGTERM would (uvicorn's graceful shutdown)
+        engine.on_fatal = lambda message: os.kill(os.getpid(), signal.SIGTERM)
     try:
         serve(engine, server_args)
     finally:
         logger.info("shutting down the engine")
         engine.shutdown()
-    if engine.fatal_error is not None:
+    if getattr(engine, "fatal_error", None) is not None:
         logger.error("server stopped: %s", engine.fatal_error)
         return 1
     logger.info("server stopped")
     return 0
+
+
+def build_multi_model_engine(server_args: Any) -> Any:
+    """Several models (repeated --model-path, or --models FILE): a ModelPool behind a MultiModelEngine. Models
+    load on first use; with no --model-memory-budget the first one loads now (ready as soon as we serve)."""
+    from sgl.runtime.model_names import parse_model_spec, read_models_file
+    from sgl.runtime.model_pool import ModelPool, MultiModelEngine
+
+    specs = [parse_model_spec(p) for p in server_args.model_paths or []]
+    if server_args.models:
+        specs += read_models_file(server_args.models)
+    budget = server_args.model_memory_budget
+    pool = ModelPool(specs, server_args, budget_bytes=int(budget * 2**30) if budget else None)
+    logger.info("serving %d models: %s (memory budget: %s)", len(specs), ", ".join(pool.names),
+                f"{budget} GB" if budget else "none")
+    pool.load_now(pool.names[0])  # the first model is ready when the server is; the others load on first use
+    return MultiModelEngine(pool, router_config=server_args.router_config)

@@ -19,6 +19,7 @@ from sgl.runtime.protocol import RequestError, normalize_generate_input
 from sgl.runtime.server.errors import error_body, error_response
 from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
 from sgl.runtime.server.jsonio import dumps
+from sgl.runtime.server.model_routing import route_generate, tag_output
 from sgl.runtime.server.runner import ClientDisconnected, ServerState, check_requests, collect, merge_streams
 
 logger = logging.getLogger("sgl.server")
@@ -88,8 +89,8 @@ async def generate(request: Request) -> Response:
 
 async def respond_generate(request: Request, body: Any) -> Response:
     """/generate for an already read body (also the decode side of runtime/server/disagg.py)."""
-    state = get_state(request)
     reqs, is_batch = normalize_generate_input(body)
+    state = route_generate(get_state(request), body.get("model"), reqs)
     await check_requests(state, reqs)
     if body.get("stream"):
         first, gen = await start_stream(merge_streams(state, reqs))
@@ -97,8 +98,10 @@ async def respond_generate(request: Request, body: Any) -> Response:
         async def events() -> AsyncIterator[bytes]:
             try:
                 for i, out in first:
+                    out = tag_output(state, out)
                     yield sse({**out, "index": i} if is_batch else out)
                 async for i, out in gen:
+                    out = tag_output(state, out)
                     yield sse({**out, "index": i} if is_batch else out)
             except Exception as exc:
                 yield stream_error(exc)
@@ -111,6 +114,7 @@ async def respond_generate(request: Request, body: Any) -> Response:
         outs = await collect(state, reqs, request)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
+    outs = [tag_output(state, out) for out in outs]
     return JSONResponse(outs if is_batch else outs[0])
 
 

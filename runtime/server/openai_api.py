@@ -22,6 +22,7 @@ from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
 from sgl.runtime.server.native import CLIENT_CLOSED, SSE_DONE, get_state, sse, start_stream, stream_error
 from sgl.runtime.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, chat_messages,
                                                 sampling_dict)
+from sgl.runtime.server.model_routing import route_chat, route_completion
 from sgl.runtime.server.runner import (ClientDisconnected, ServerState, check_requests, collect, count_prompt_tokens,
                                       merge_streams)
 
@@ -32,9 +33,13 @@ Triple = list  # [logprob, token_id, text|None]
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     state = get_state(request)
-    card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "sgl",
-            "root": state.server_args.model_path, "max_model_len": state.context_length}
-    return JSONResponse({"object": "list", "data": [card]})
+    created = int(time.time())
+    cards = []
+    for name in state.served_models:
+        view = state.for_model(name)
+        cards.append({"id": view.model_name, "object": "model", "created": created, "owned_by": "sgl",
+                      "root": view.server_args.model_path, "max_model_len": view.context_length})
+    return JSONResponse({"object": "list", "data": cards})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,7 +219,7 @@ def _stream_response(first: list[Any], gen: AsyncIterator[Any], make_chunks: Any
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    state = get_state(request)
+    state = route_completion(get_state(request), body)
     if body.suffix:
         raise RequestError("suffix is not supported")
     if body.best_of is not None and body.best_of != body.n:
@@ -278,16 +283,27 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 def render_chat(state: ServerState, body: ChatCompletionRequest) -> str:
     messages = chat_messages(body)
     try:
-        return state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return _without_template_bos(state.tokenizer, state.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     except RequestError:
         raise
     except Exception as exc:  # jinja's raise_exception(...) in a template, e.g. roles must alternate
         raise RequestError(f"messages: the model's chat template rejected them: {exc}") from None
 
 
+def _without_template_bos(tokenizer: Any, prompt: str) -> str:
+    """The engine encodes prompts WITH special tokens; a template that writes BOS itself (Gemma, Llama 3)
+    would then start with two. Drop the template's when the tokenizer adds one (transformers encodes a
+    rendered chat with add_special_tokens=False: the same single BOS)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or not prompt.startswith(bos):
+        return prompt
+    ids = tokenizer.encode("a")
+    return prompt[len(bos):] if ids and ids[0] == tokenizer.bos_token_id else prompt
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    state = get_state(request)
+    state = route_chat(get_state(request), body)
     if body.top_logprobs is not None and not body.logprobs:
         raise RequestError("top_logprobs requires logprobs: true")
     prompt = render_chat(state, body)

@@ -12,6 +12,7 @@ The engine is reached only through the contract in the preamble (`stream_request
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -48,10 +49,33 @@ class ServerState:
     metrics: Optional[ServerMetrics] = None
     inflight: dict[str, "RequestTracker"] = field(default_factory=dict)  # rid -> tracker
     tenancy: Optional[Any] = None  # tenancy_routes.TenancyHooks: priority class, cost, usage accounting
+    route_decision: Optional[dict[str, Any]] = None  # model "auto": the router's choice (model_routing.py)
 
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    @property
+    def served_models(self) -> list[str]:
+        """Names of the served models (several with a MultiModelEngine, runtime/model_pool.py)."""
+        pool = getattr(self.engine, "pool", None)
+        return list(pool.names) if pool is not None else [self.model_name]
+
+    def for_model(self, requested: Optional[str]) -> "ServerState":
+        """This state narrowed to the model a request names (`model` field). One model: `self`, as before
+        (the field is not checked). Several: a view whose engine is that model's handle; unknown names
+        are a RequestError naming the field."""
+        pool = getattr(self.engine, "pool", None)
+        if pool is None:
+            return self
+        name, adapter = pool.resolve(requested)
+        if adapter is not None:
+            raise RequestError(f"model: adapter {adapter!r} of {name!r}: LoRA adapters are not served by name here")
+        handle = self.engine.handle(name)
+        slot = pool.slots[name]
+        ctx = slot.args.context_length or (slot.config.max_position_embeddings if slot.config else None)
+        return dataclasses.replace(self, engine=handle, server_args=handle.server_args, model_name=name,
+                                   context_length=ctx, vocab_size=slot.tokenizer.vocab_size)
 
 
 class RequestTracker:

@@ -109,20 +109,23 @@ class NativeBackend(Backend):
             self.send(bodies)
 
     def select(self, prompt: Prompt, choices: list[str], temperature: float,
-               method: ChoicesSamplingMethod) -> ChoicesDecision:
+               method: ChoicesSamplingMethod, model: Optional[str] = None) -> ChoicesDecision:
         if not prompt.text:
             raise ValueError("select: the program has no text before the select to condition on")
-        [pre] = self.send([{"text": prompt.text, "sampling_params": {"max_new_tokens": 0}}])
+        on = {"model": model} if model is not None else {}  # every scoring request on the same model
+        [pre] = self.send([{"text": prompt.text, "sampling_params": {"max_new_tokens": 0}, **on}])
         start = max(int(pre["meta_info"]["prompt_tokens"]) - 2, 0)
+        if model is not None:  # "auto": score every choice on the model the router picked for the prompt
+            on = {"model": pre["meta_info"].get("model", model)}
         scoring = {"sampling_params": {"max_new_tokens": 0, "temperature": 0}, "return_logprob": True,
-                   "return_text_in_logprobs": True, "logprob_start_len": start}
+                   "return_text_in_logprobs": True, "logprob_start_len": start, **on}
         outs = self.send([{"text": prompt.text + c, **scoring} for c in [""] + choices])
         tail_ids = [t[1] for t in outs[0]["meta_info"]["input_token_logprobs"]]
         windows = [o["meta_info"]["input_token_logprobs"] for o in outs[1:]]
         starts = [_choice_start(w, tail_ids) for w in windows]
         per_choice = [w[k:] for w, k in zip(windows, starts)]  # [num_choices][choice tokens] triples
         normalized = [mean_logprob(t) for t in per_choice]
-        uncond = self._unconditional(windows, starts) if method.requires_unconditional_logprobs else None
+        uncond = self._unconditional(windows, starts, on) if method.requires_unconditional_logprobs else None
         decision = method(choices=choices, normalized_prompt_logprobs=normalized, input_token_logprobs=per_choice,
                           output_token_logprobs=[o["meta_info"].get("output_token_logprobs") or [] for o in outs[1:]],
                           unconditional_token_logprobs=uncond)
@@ -130,7 +133,7 @@ class NativeBackend(Backend):
             decision = _sample(choices, normalized, temperature, decision)
         return decision
 
-    def _unconditional(self, windows: list[list[Any]], starts: list[int]) -> list[list[Any]]:
+    def _unconditional(self, windows: list[list[Any]], starts: list[int], on: Optional[dict[str, str]] = None) -> list[list[Any]]:
         """Logprobs of each choice's tokens after only the token before it (no real prompt).
 
         NOTE: SGLang sends the bare choice tokens, whose first token then has no logprob (and a
@@ -141,7 +144,7 @@ class NativeBackend(Backend):
             ids = [t[1] for t in w[max(k - 1, 0):]]
             lengths.append(len(w) - k)
             bodies.append({"input_ids": ids, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-                           "return_text_in_logprobs": True, "logprob_start_len": 0})
+                           "return_text_in_logprobs": True, "logprob_start_len": 0, **(on or {})})
         outs = self.send(bodies)
         return [o["meta_info"]["input_token_logprobs"][-n:] if n else [] for o, n in zip(outs, lengths)]
 

@@ -36,7 +36,7 @@ class Runtime(NativeBackend):
             tok = self.engine.tokenizer
             if getattr(tok, "chat_template", None):
                 self._template = ChatTemplate(
-                    lambda messages: tok.apply_chat_template(messages, add_generation_prompt=False),
+                    lambda messages: _without_template_bos(tok, tok.apply_chat_template(messages, add_generation_prompt=False)),
                     name=f"{self.engine.model_path} (tokenizer)")
             else:
                 self._template = template_for_model_path(str(self.engine.model_path))
@@ -47,6 +47,7 @@ class Runtime(NativeBackend):
 
         reqs, shapes = [], []
         for body in bodies:
+            self._check_model(body.get("model"))
             rs, batched = normalize_generate_input(body)
             reqs.extend(rs)
             shapes.append((len(rs), batched))
@@ -58,7 +59,16 @@ class Runtime(NativeBackend):
             i += count
         return grouped
 
+    def _check_model(self, model: Any) -> None:
+        """An in-process Runtime runs one model: gen/select(model=...) must name it (or be None/"auto")."""
+        served = self.engine.server_args.served_model_name or self.engine.server_args.model_path
+        if model is not None and model not in ("auto", served):
+            raise UnsupportedFeatureError(
+                f"gen/select model={model!r}: this in-process Runtime serves only {served!r}; serve several "
+                "models with `sgl serve --model-path NAME=PATH ...` and use sgl.RuntimeEndpoint")
+
     def _generate_stream(self, body: Body) -> Iterator[dict[str, Any]]:
+        self._check_model(body.get("model"))
         opts = {k: body[k] for k in ("return_logprob", "logprob_start_len", "top_logprobs_num",
                                      "return_text_in_logprobs") if k in body}
         for chunk in self.engine.generate(body["text"], body.get("sampling_params"), stream=True, **opts):
@@ -82,3 +92,11 @@ class Runtime(NativeBackend):
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
+
+def _without_template_bos(tok: Any, text: str) -> str:
+    """The engine encodes the program's text with special tokens: drop a BOS the template wrote itself
+    (Gemma, Llama 3) when the tokenizer adds one, so the prompt starts with exactly one."""
+    bos = getattr(tok, "bos_token", None)
+    if bos and text.startswith(bos) and tok.encode("a")[:1] == [tok.bos_token_id]:
+        return text[len(bos):]
+    return text
