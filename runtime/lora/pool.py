@@ -61,7 +61,7 @@ class AdapterPool:
     def add(self, adapter: LoraAdapter) -> None:
         """Register a freshly loaded (resident) adapter under its name."""
         if adapter.name in self.adapters:
-            raise AdapterError(f"an adapter named {adapter.name!r} is already loaded; unload it first")
+            raise AdapterError(f"lora_name: an adapter named {adapter.name!r} is already loaded; unload it first")
         self.adapters[adapter.name] = adapter
         self.num_loads += 1
         self._touch(adapter)
@@ -69,7 +69,7 @@ class AdapterPool:
     def remove(self, name: str) -> LoraAdapter:
         adapter = self.adapters.pop(name, None)
         if adapter is None:
-            raise AdapterError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
+            raise AdapterError(f"lora_name: no adapter named {name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
         if adapter.refs == 0:  # otherwise its requests keep the weights until they finish
             self._drop(adapter)
         return adapter

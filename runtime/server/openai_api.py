@@ -22,6 +22,7 @@ from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
 from sgl.runtime.server.native import CLIENT_CLOSED, SSE_DONE, get_state, sse, start_stream, stream_error
 from sgl.runtime.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, chat_messages,
                                                 sampling_dict)
+from sgl.runtime.server.lora_routes import adapter_for_model, adapter_model_cards
 from sgl.runtime.server.runner import ClientDisconnected, ServerState, check_requests, collect, merge_streams
 
 router = APIRouter()
@@ -33,7 +34,7 @@ async def list_models(request: Request) -> JSONResponse:
     state = get_state(request)
     card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "sgl",
             "root": state.server_args.model_path, "max_model_len": state.context_length}
-    return JSONResponse({"object": "list", "data": [card]})
+    return JSONResponse({"object": "list", "data": [card, *adapter_model_cards(state, card["created"])]})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,6 +60,7 @@ def _build(state: ServerState, body: Any, prompts: list[Union[str, list[int]]], 
     _check_n(state, body.n)
     if top_n < 0 or top_n > 20:
         raise RequestError(f"top_logprobs must be in [0, 20] (got {top_n})")
+    lora = adapter_for_model(state, body.model)  # "base:adapter" / "adapter" selects a LoRA adapter
     reqs = []
     for p, prompt in enumerate(prompts):
         for k in range(body.n):
@@ -69,7 +71,7 @@ def _build(state: ServerState, body: Any, prompts: list[Union[str, list[int]]], 
                 input_ids=list(prompt) if not isinstance(prompt, str) else None,
                 sampling_params=sp, return_logprob=logprobs, top_logprobs_num=top_n,
                 logprob_start_len=0 if echo_logprobs else -1, return_text_in_logprobs=True,
-                stream=body.stream, priority=body.priority or 0))
+                stream=body.stream, priority=body.priority or 0, lora_path=lora))
     return reqs
 
 
