@@ -84,9 +84,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--new", type=int, default=64, help="new tokens per request")
+    ap.add_argument("--new", type=int, default=32, help="new tokens per request")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3, help="alternated runs; the median is reported")
+    ap.add_argument("--repeats", type=int, default=2, help="alternated runs; the median is reported")
+    ap.add_argument("--segment-loop", action="store_true",
+                    help="always the per-segment loop, never the padded batched matmul (for comparison)")
     ap.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat (a smoke run)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_lora.json"))
     args = ap.parse_args()
@@ -94,6 +96,8 @@ def main() -> None:
         args.new, args.repeats = 16, 1
     torch.set_num_threads(args.threads)
     engine = Engine(model_path="default", num_threads=args.threads, max_loras_per_batch=8, show_progress=False)
+    if args.segment_loop:
+        engine.scheduler.runner._lora_stacks = None  # LoraBatch.from_rows without a stack cache: the loop
     tmp = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     for i in range(8):
         engine.load_lora_adapter(f"lora{i}", write_random_adapter(tmp / f"lora{i}", engine, args.rank, seed=i))
@@ -109,11 +113,13 @@ def main() -> None:
             runs.setdefault(f"batched_{k}", []).append(timed(engine, texts, loras, sp))
             if k > 1:
                 runs.setdefault(f"naive_{k}", []).append(naive(engine, texts, loras, sp))
+        print("run:", {name: round(v[-1], 1) for name, v in runs.items()}, file=sys.stderr, flush=True)
     med = {name: statistics.median(v) for name, v in runs.items()}
     engine.shutdown()
 
     load = os.getloadavg()[0]
-    print(f"\n{args.requests} requests x {args.new} new tokens, rank {args.rank}, {args.threads} thread(s), "
+    print(f"\n{'segment loop' if args.segment_loop else 'auto (stacked bmm from 3 segments)'}: "
+          f"{args.requests} requests x {args.new} new tokens, rank {args.rank}, {args.threads} thread(s), "
           f"load {load:.1f}; median of {args.repeats} alternated runs")
     print(f"| adapters | batched tok/s | vs no adapter (>= 0.8x @ 8) | naive tok/s | batched vs naive (>= 2x @ 8) |")
     print("|---|---|---|---|---|")
@@ -127,7 +133,8 @@ def main() -> None:
         print(f"| {k} | {b:.1f} | {b / med['none']:.2f}x | {f'{n:.1f}' if n else '(= batched)'} | "
               f"{f'{b / n:.2f}x' if n else ''} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"requests": args.requests, "new_tokens": args.new, "rank": args.rank,
+    Path(args.out).write_text(json.dumps({"lora_update": "segment_loop" if args.segment_loop else "auto",
+                                          "requests": args.requests, "new_tokens": args.new, "rank": args.rank,
                                           "threads": args.threads, "load_avg_1m": load, "repeats": args.repeats,
                                           "none_tok_s": med["none"], "rows": rows, "runs": runs}, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
