@@ -147,6 +147,8 @@ def test_bad_lora_requests_are_400s_naming_the_field(server, tmp_path) -> None:
         ("/unload_lora_adapter", [], "lora_name"),
         ("/generate", {"text": "hi", "lora_path": "nope"}, "lora_path"),
         ("/generate", {"text": "hi", "lora_path": 3}, "lora_path"),
+        ("/generate", {"text": ["a", "b"], "lora_path": ["banana"]}, "lora_path"),
+        ("/generate", {"text": "a", "lora_path": ["banana"]}, "lora_path"),
         ("/v1/completions", {"model": "default:nope", "prompt": "hi", "max_tokens": 1}, "model"),
     ]
     for path, body, needle in cases:
