@@ -251,7 +251,7 @@ class Engine:
         Raises AdapterError (a ValueError) naming the problem. The files are read on the calling thread."""
         check_adapter_name(lora_name)
         if self.lora_pool.get(lora_name) is not None:
-            raise AdapterError(f"an adapter named {lora_name!r} is already loaded; unload it first")
+            raise AdapterError(f"lora_name: an adapter named {lora_name!r} is already loaded; unload it first")
         adapter = self._read_adapter(lora_name, lora_path)
         self._call(lambda: self.lora_pool.add(adapter))
         logger.info("LoRA adapter %s loaded from %s (rank %d)", lora_name, adapter.path, adapter.rank)
@@ -274,11 +274,14 @@ class Engine:
     def generate(self, prompt: PromptArg = None, sampling_params: Any = None, input_ids: Any = None,
                  return_logprob: Any = False, logprob_start_len: Any = None, top_logprobs_num: Any = None,
                  return_text_in_logprobs: bool = False, stream: bool = False, rid: Any = None,
-                 priority: Optional[int] = None, priority_class: Optional[str] = None) -> Any:
-        """Generate for one prompt (dict), a list of prompts or n > 1 (list), or stream cumulative dicts."""
+                 priority: Optional[int] = None, priority_class: Optional[str] = None,
+                 lora_path: Any = None) -> Any:
+        """Generate for one prompt (dict), a list of prompts or n > 1 (list), or stream cumulative dicts.
+
+        `lora_path` names a loaded LoRA adapter (SGLang's semantics), one for all prompts or a list."""
         reqs, is_batch = build_requests(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
                                         top_logprobs_num, return_text_in_logprobs, stream, rid, priority,
-                                        priority_class)
+                                        priority_class, lora_path)
         if stream:
             if len(reqs) != 1:
                 raise RequestError("stream=True takes a single prompt with n = 1")
@@ -306,10 +309,10 @@ class Engine:
                              return_logprob: Any = False, logprob_start_len: Any = None,
                              top_logprobs_num: Any = None, return_text_in_logprobs: bool = False,
                              stream: bool = False, rid: Any = None, priority: Optional[int] = None,
-                             priority_class: Optional[str] = None) -> Any:
+                             priority_class: Optional[str] = None, lora_path: Any = None) -> Any:
         reqs, is_batch = build_requests(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
                                         top_logprobs_num, return_text_in_logprobs, stream, rid, priority,
-                                        priority_class)
+                                        priority_class, lora_path)
         if stream:
             if len(reqs) != 1:
                 raise RequestError("stream=True takes a single prompt with n = 1")

@@ -60,12 +60,13 @@ class RequestSink:
 def build_requests(prompt: Any, sampling_params: Any, input_ids: Any, return_logprob: Any,
                    logprob_start_len: Any, top_logprobs_num: Any, return_text_in_logprobs: bool,
                    stream: bool, rid: Any, priority: Optional[int],
-                   priority_class: Optional[str] = None) -> tuple[list[GenerateRequest], bool]:
+                   priority_class: Optional[str] = None, lora_path: Any = None) -> tuple[list[GenerateRequest], bool]:
     body: dict[str, Any] = {"text": prompt, "input_ids": input_ids, "sampling_params": sampling_params or {},
                             "return_logprob": return_logprob, "return_text_in_logprobs": return_text_in_logprobs,
                             "stream": stream}
     for key, value in (("logprob_start_len", logprob_start_len), ("top_logprobs_num", top_logprobs_num),
-                       ("rid", rid), ("priority", priority), ("priority_class", priority_class)):
+                       ("rid", rid), ("priority", priority), ("priority_class", priority_class),
+                       ("lora_path", lora_path)):
         if value is not None:
             body[key] = value
     if body["text"] is None:

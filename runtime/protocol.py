@@ -198,6 +198,11 @@ def normalize_generate_input(body: dict[str, Any]) -> tuple[list[GenerateRequest
         _check(len(sp_raw) == len(items), "sampling_params list must have one entry per prompt")
     else:
         _check(isinstance(sp_raw, dict), "sampling_params must be an object (or a list of objects for a batch)")
+    lora = body.get("lora_path")
+    if isinstance(lora, list):
+        _check(batched and len(lora) == len(items), "lora_path list must have one entry (a name or null) per prompt")
+    _check(all(x is None or isinstance(x, str) for x in (lora if isinstance(lora, list) else [lora])),
+           "lora_path must be the name of a loaded adapter (or null), or a list of them for a batch")
     for key, typ in (("return_logprob", bool), ("return_text_in_logprobs", bool), ("stream", bool)):
         v = body.get(key, False)
         _check(isinstance(v, (bool, list)), f"{key} must be a boolean")

@@ -26,7 +26,7 @@ from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.executor.sampler import logprobs_for_tokens
 from sgl.runtime.executor.verify import VerifyMasks, fill_verify_bitmask, restore_fill_state, sample_verify
 from sgl.runtime.executor.sampling_state import RowSamplingState
-from sgl.runtime.lora.segmented import LoraBatch, lora_order
+from sgl.runtime.lora.segmented import LoraBatch, StackCache, lora_order
 from sgl.runtime.scheduler.request import BatchRow, RowResult, ScheduledBatch
 
 
@@ -41,6 +41,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.kv = KVCache.for_model(config, num_slots, dtype, device)
         self.vocab_size = config.vocab_size
+        self._lora_stacks = StackCache()  # stacked adapter weights of recent adapter sets (runtime/lora/segmented.py)
 
     def _state(self, row: BatchRow) -> RowSamplingState:
         req = row.req
@@ -61,7 +62,7 @@ class ModelRunner:
             device=self.device,
         )
         if order is not None:
-            fb.lora = LoraBatch.from_rows(fb.extend_lens, [r.req.lora for r in rows])
+            fb.lora = LoraBatch.from_rows(fb.extend_lens, [r.req.lora for r in rows], self._lora_stacks, self.device)
         results = self._run(rows, fb)
         if order is None:
             return results

@@ -5,8 +5,9 @@ holds) are reloaded from their folder on their next use. A request takes a refer
 queued (`acquire`) and the scheduler drops it when the request finishes, so the weights of an
 adapter in use never go away, even when it is unloaded meanwhile (unload only removes the name).
 
-Threading: every method runs on the scheduler thread (the engine routes load/unload there), so no
-lock is needed; `names()` is a snapshot read.
+Threading: every mutation runs on the scheduler thread (the engine routes load/unload there), so
+no lock is needed; other threads only call `names()` (a tuple replaced whole on each change) and
+`get()` (one dict lookup).
 
     >>> pool = AdapterPool(loader=None, max_loaded=None)
     >>> pool.names()
@@ -48,12 +49,13 @@ class AdapterPool:
         self.loader = loader
         self.max_loaded = max_loaded
         self.adapters: dict[str, LoraAdapter] = {}  # the registered names
+        self._names: tuple[str, ...] = ()  # snapshot of the keys for other threads
         self._lru: "OrderedDict[int, LoraAdapter]" = OrderedDict()  # resident adapters by uid, oldest first
         self.num_loads = 0  # loads from disk, reloads after eviction included
         self.num_evictions = 0
 
     def names(self) -> list[str]:
-        return list(self.adapters)
+        return list(self._names)
 
     def get(self, name: str) -> Optional[LoraAdapter]:
         return self.adapters.get(name)
@@ -61,15 +63,17 @@ class AdapterPool:
     def add(self, adapter: LoraAdapter) -> None:
         """Register a freshly loaded (resident) adapter under its name."""
         if adapter.name in self.adapters:
-            raise AdapterError(f"an adapter named {adapter.name!r} is already loaded; unload it first")
+            raise AdapterError(f"lora_name: an adapter named {adapter.name!r} is already loaded; unload it first")
         self.adapters[adapter.name] = adapter
+        self._names = tuple(self.adapters)
         self.num_loads += 1
         self._touch(adapter)
 
     def remove(self, name: str) -> LoraAdapter:
         adapter = self.adapters.pop(name, None)
+        self._names = tuple(self.adapters)
         if adapter is None:
-            raise AdapterError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
+            raise AdapterError(f"lora_name: no adapter named {name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
         if adapter.refs == 0:  # otherwise its requests keep the weights until they finish
             self._drop(adapter)
         return adapter

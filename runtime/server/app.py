@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sgl.runtime.metrics import get_metrics
-from sgl.runtime.server import disagg, health, native, openai_api, web_console
+from sgl.runtime.server import disagg, health, lora_routes, native, openai_api, web_console
 from sgl.runtime.server.errors import BodyTooLarge, error_body, install_error_handlers
 from sgl.runtime.server.openapi_spec import install_openapi
 from sgl.runtime.server.runner import ServerState
@@ -119,6 +119,7 @@ def create_app(engine: Any, server_args: Any = None) -> FastAPI:
         app.include_router(disagg.router)  # /disagg/prefill, /disagg/decode
     app.include_router(openai_api.router)
     app.include_router(health.router)
+    app.include_router(lora_routes.router)
     app.include_router(web_console.stats_router)
     if console:
         app.include_router(web_console.page_router)

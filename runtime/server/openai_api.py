@@ -22,6 +22,7 @@ from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
 from sgl.runtime.server.native import CLIENT_CLOSED, SSE_DONE, get_state, sse, start_stream, stream_error
 from sgl.runtime.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, chat_messages,
                                                 sampling_dict)
+from sgl.runtime.server.lora_routes import adapter_for_model, adapter_model_cards
 from sgl.runtime.server.model_routing import route_chat, route_completion
 from sgl.runtime.server.runner import (ClientDisconnected, ServerState, check_requests, collect, count_prompt_tokens,
                                       merge_streams)
@@ -39,7 +40,7 @@ async def list_models(request: Request) -> JSONResponse:
         view = state.for_model(name)
         cards.append({"id": view.model_name, "object": "model", "created": created, "owned_by": "sgl",
                       "root": view.server_args.model_path, "max_model_len": view.context_length})
-    return JSONResponse({"object": "list", "data": cards})
+    return JSONResponse({"object": "list", "data": cards + adapter_model_cards(state, created)})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,6 +66,7 @@ def _build(state: ServerState, body: Any, prompts: list[Union[str, list[int]]], 
     _check_n(state, body.n)
     if top_n < 0 or top_n > 20:
         raise RequestError(f"top_logprobs must be in [0, 20] (got {top_n})")
+    lora = adapter_for_model(state, body.model)  # "base:adapter" / "adapter" selects a LoRA adapter
     reqs = []
     for p, prompt in enumerate(prompts):
         for k in range(body.n):
@@ -76,7 +78,7 @@ def _build(state: ServerState, body: Any, prompts: list[Union[str, list[int]]], 
                 sampling_params=sp, return_logprob=logprobs, top_logprobs_num=top_n,
                 logprob_start_len=0 if echo_logprobs else -1, return_text_in_logprobs=True,
                 stream=body.stream, priority=body.priority or 0,
-                priority_class=body.priority_class))
+                priority_class=body.priority_class, lora_path=lora))
     return reqs
 
 

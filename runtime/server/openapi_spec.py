@@ -78,6 +78,25 @@ class AbortBody(BaseModel):
     abort_all: Optional[bool] = None
 
 
+class LoadLoraBody(BaseModel):
+    """`POST /load_lora_adapter`: register the PEFT folder `lora_path` under `lora_name` (SGLang's body)."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraBody(BaseModel):
+    """`POST /unload_lora_adapter`: forget `lora_name` (its running requests finish with it)."""
+
+    lora_name: str
+
+
+class LoraOutput(BaseModel):
+    success: bool
+    error_message: str
+    loaded_adapters: dict[str, str]  # name -> folder
+
+
 class GenerateOutput(BaseModel):
     text: str
     output_ids: list[int]
@@ -125,6 +144,8 @@ _ROUTES: dict[str, tuple[Optional[type[BaseModel]], dict[str, tuple[str, dict[st
     "/generate": (GenerateBody, {"200": ("the output (a list for a batch), or an SSE stream with `stream`", {
         _JSON: {"anyOf": [GenerateOutput, {"type": "array", "items": GenerateOutput}]}, _SSE: {"type": "string"}})}),
     "/abort_request": (AbortBody, {"200": ("the ids aborted", {_JSON: AbortOutput})}),
+    "/load_lora_adapter": (LoadLoraBody, {"200": ("loaded; every loaded adapter", {_JSON: LoraOutput})}),
+    "/unload_lora_adapter": (UnloadLoraBody, {"200": ("unloaded; the adapters left", {_JSON: LoraOutput})}),
     "/health": (None, {"200": ("serving", {})}),
     "/health_generate": (None, {"200": ("healthy: every check passed (runtime/server/health.py)", {_JSON: _HEALTH}),
                                 "503": ("unhealthy: the checks, the failing ones with ok false", {_JSON: _HEALTH})}),

@@ -11,7 +11,7 @@ import torch
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.lora.adapter import LayerShapes, LoraAdapter, load_adapter
-from sgl.runtime.lora.segmented import LoraBatch, lora_order
+from sgl.runtime.lora.segmented import LoraBatch, StackCache, lora_order
 from sgl.runtime.models.llama import LlamaForCausalLM
 
 from tests.runtime.tiny_llama_oracle import SlotPool
@@ -69,9 +69,11 @@ def peft_greedy(peft_model, prompt: list[int], adapter: Optional[str], n: int) -
 
 
 def mixed_batch_greedy(model: LlamaForCausalLM, prompts: Sequence[list[int]], adapters: Sequence[Optional[LoraAdapter]],
-                       n: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+                       n: int, stacked: bool = False) -> tuple[list[torch.Tensor], list[list[int]]]:
     """One prefill step for all rows (mixed adapters), then n - 1 decode steps; rows are ordered by
-    adapter as the model runner orders them. Returns (each row's prompt logits [L, V], its n greedy tokens)."""
+    adapter as the model runner orders them. Returns (each row's prompt logits [L, V], its n greedy tokens).
+    stacked: the decode steps use the padded batched form (StackedLoras) instead of the segment loop."""
+    cache = StackCache() if stacked else None
     order = lora_order(adapters) or list(range(len(prompts)))
     prompts = [prompts[i] for i in order]
     adapters = [adapters[i] for i in order]
@@ -89,7 +91,8 @@ def mixed_batch_greedy(model: LlamaForCausalLM, prompts: Sequence[list[int]], ad
     for _ in range(n - 1):
         tables = [t + pool.take(1) for t in tables]
         fb = ForwardBatch.from_lists([[o[-1]] for o in outputs], tables)
-        fb.lora = LoraBatch.from_rows(fb.extend_lens, adapters)
+        fb.lora = LoraBatch.from_rows(fb.extend_lens, adapters, cache, min_segments=2)
+        assert (fb.lora.stacked is not None) == stacked
         for o, t in zip(outputs, model.compute_logits(model.forward(fb, kv)).argmax(-1).tolist()):
             o.append(t)
     back = [0] * len(order)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sgl.runtime.lora.adapter import AdapterError
-from sgl.runtime.lora.segmented import LoraBatch, LoraSegment, lora_delta_reference
+from sgl.runtime.lora.segmented import LoraBatch, LoraSegment, StackedLoras, lora_delta_reference, stack_adapters
 
 from tests.runtime.lora_oracle import (ALL_TARGETS, add_random_adapters, adapter_dir, load_ours, mixed_batch_greedy,
                                        peft_greedy, peft_logits)
@@ -43,10 +43,10 @@ def setup(tmp_path_factory):
     return ours, peft_model, adapters, prompts, base_state, out
 
 
-def _check_against_peft(model, setup, tol: float = 1e-4) -> None:
+def _check_against_peft(model, setup, tol: float = 1e-4, stacked: bool = False) -> None:
     _, peft_model, adapters, prompts, _, _ = setup
     rows = [adapters[a] if a else None for a in ROW_ADAPTERS]
-    logits, tokens = mixed_batch_greedy(model, prompts, rows, NEW_TOKENS)
+    logits, tokens = mixed_batch_greedy(model, prompts, rows, NEW_TOKENS, stacked)
     for prompt, name, got_logits, got_tokens in zip(prompts, ROW_ADAPTERS, logits, tokens):
         want = peft_logits(peft_model, prompt, name)
         assert rel_err(got_logits, want) < tol, f"row with adapter {name}: rel err {rel_err(got_logits, want):.2e}"
@@ -60,8 +60,9 @@ def test_adapters_change_the_output(setup) -> None:
         assert rel_err(peft_logits(peft_model, prompts[0], name), base) > 1e-2
 
 
-def test_mixed_batch_equals_peft_fp32(setup) -> None:
-    _check_against_peft(setup[0], setup)
+@pytest.mark.parametrize("stacked", [False, True], ids=["segment_loop", "stacked_bmm"])
+def test_mixed_batch_equals_peft_fp32(setup, stacked: bool) -> None:
+    _check_against_peft(setup[0], setup, stacked=stacked)
 
 
 def test_mixed_batch_equals_peft_native_weights(setup) -> None:
@@ -80,7 +81,7 @@ def test_mixed_batch_equals_peft_native_weights(setup) -> None:
         peft_model.base_model.model.model.embed_tokens.weight.copy_(deq["model.embed_tokens.weight"])
     try:
         adapters = {name: load_ours(native, name, adapter_dir(out, name)) for name in SPECS}
-        _check_against_peft(native, (native, peft_model, adapters, setup[3], None, None))
+        _check_against_peft(native, (native, peft_model, adapters, setup[3], None, None), stacked=True)
     finally:
         with torch.no_grad():  # restore the fp32 base for the other tests of the module
             for name, module in peft_model.base_model.model.named_modules():
@@ -95,12 +96,14 @@ def test_segmented_update_equals_token_by_token_reference(setup) -> None:
     torch.manual_seed(0)
     a1, a2 = adapters["a1"].layers, adapters["a2"].layers
     per_row = [None, None, a1, a1, a1, a2, a2, None]  # token rows, grouped as the runner groups them
-    x = torch.randn(len(per_row), 64)
-    batch = LoraBatch([LoraSegment(2, 5, a1), LoraSegment(5, 7, a2)])
-    for linear, n in (("qkv", 128), ("gate_up", 192)):
-        out = torch.zeros(len(per_row), n)
-        batch.apply(out, x, 1, linear)
-        torch.testing.assert_close(out, lora_delta_reference(x, per_row, 1, linear, n), rtol=1e-5, atol=1e-6)
+    segments = [LoraSegment(2, 5, a1), LoraSegment(5, 7, a2)]
+    stacked = StackedLoras(segments, stack_adapters([a1, a2]), torch.device("cpu"))  # a2 padded from 2 to 3 rows
+    for batch in (LoraBatch(segments), LoraBatch(segments, stacked)):
+        for linear, n_in, n_out in (("qkv", 64, 128), ("o", 64, 64), ("gate_up", 64, 192), ("down", 96, 64)):
+            x = torch.randn(len(per_row), n_in)
+            out = torch.zeros(len(per_row), n_out)
+            batch.apply(out, x, 1, linear)
+            torch.testing.assert_close(out, lora_delta_reference(x, per_row, 1, linear, n_out), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_adapters_are_refused_with_the_reason(setup, tmp_path) -> None:

@@ -98,3 +98,15 @@ def test_parse_lora_paths() -> None:
     assert parse_lora_paths(["x=/a/b", "/c/d/"]) == [("x", "/a/b"), ("d", "/c/d/")]
     with pytest.raises(ValueError, match="twice"):
         parse_lora_paths(["x=/a", "x=/b"])
+
+
+def test_generate_body_lora_path_is_checked() -> None:
+    from sgl.runtime.protocol import RequestError, normalize_generate_input
+
+    reqs, _ = normalize_generate_input({"text": ["a", "b"], "lora_path": ["x", None]})
+    assert [r.lora_path for r in reqs] == ["x", None]
+    assert normalize_generate_input({"text": "a", "lora_path": "x"})[0][0].lora_path == "x"
+    for bad in ({"text": ["a", "b"], "lora_path": ["x"]}, {"text": "a", "lora_path": ["x"]},
+                {"text": "a", "lora_path": 3}, {"text": ["a"], "lora_path": [{}]}):
+        with pytest.raises(RequestError, match="lora_path"):
+            normalize_generate_input(bad)

@@ -1,0 +1,100 @@
+"""LoRA adapters over HTTP (SGLang's routes): `POST /load_lora_adapter {"lora_name", "lora_path"}`,
+`POST /unload_lora_adapter {"lora_name"}`, and the OpenAI `model` field naming an adapter.
+
+Both routes answer SGLang's shape, `{"success": true, "error_message": "", "loaded_adapters":
+{name: path}}`; a refused load/unload is a 400 in our error shape naming the field. Adapter paths
+come only from --lora-paths and /load_lora_adapter (the engine resolves them in one function,
+sgl.runtime.lora.adapter.resolve_adapter_path); a generate request only names a loaded adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from sgl.runtime.protocol import RequestError
+from sgl.runtime.server.native import get_state, read_json
+from sgl.runtime.server.runner import ServerState
+
+router = APIRouter()
+
+
+def _engine_with_lora(state: ServerState) -> Any:
+    engine = state.engine
+    if not hasattr(engine, "load_lora_adapter"):
+        raise RequestError("LoRA adapters cannot be loaded at run time on this server (e.g. behind --dp-size > 1)")
+    return engine
+
+
+def _name(body: Any) -> str:
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object with lora_name")
+    name = body.get("lora_name")
+    if not isinstance(name, str) or not name:
+        raise RequestError("lora_name must be a non-empty string")
+    return name
+
+
+def _reply(adapters: dict[str, Any]) -> JSONResponse:
+    return JSONResponse({"success": True, "error_message": "",
+                         "loaded_adapters": {name: info["path"] for name, info in adapters.items()}})
+
+
+@router.post("/load_lora_adapter")
+async def load_lora_adapter(request: Request) -> JSONResponse:
+    engine = _engine_with_lora(get_state(request))
+    body = await read_json(request)
+    name = _name(body)
+    path = body.get("lora_path")
+    if not isinstance(path, str) or not path:
+        raise RequestError("lora_path must be a non-empty string (a folder in PEFT's layout)")
+    try:  # reads the files: off the event loop
+        adapters = await asyncio.to_thread(engine.load_lora_adapter, name, path)
+    except ValueError as e:  # AdapterError: missing files, unsupported options, shapes, rank, duplicate name
+        raise _named(e, "lora_path") from e
+    return _reply(adapters)
+
+
+@router.post("/unload_lora_adapter")
+async def unload_lora_adapter(request: Request) -> JSONResponse:
+    engine = _engine_with_lora(get_state(request))
+    name = _name(await read_json(request))
+    try:
+        adapters = await asyncio.to_thread(engine.unload_lora_adapter, name)
+    except ValueError as e:
+        raise _named(e, "lora_name") from e
+    return _reply(adapters)
+
+
+def _named(e: ValueError, field: str) -> RequestError:
+    """A 400 whose message starts with the field it is about."""
+    msg = str(e)
+    return RequestError(msg if msg.startswith(("lora_path", "lora_name")) else f"{field}: {msg}")
+
+
+def adapter_for_model(state: ServerState, model: Optional[str]) -> Optional[str]:
+    """The adapter an OpenAI `model` field selects: "base:adapter" or a bare adapter name; None
+    (the base model) for anything else. A "base:adapter" whose adapter is not loaded is a 400."""
+    if not model or not hasattr(state.engine, "lora_names"):
+        return None
+    names = state.engine.lora_names()
+    if model in names:
+        return model
+    base, sep, adapter = model.rpartition(":")
+    if sep and base:
+        if adapter not in names:
+            raise RequestError(f"model: no LoRA adapter named {adapter!r} is loaded "
+                               f"(loaded: {', '.join(names) or 'none'})")
+        return adapter
+    return None
+
+
+def adapter_model_cards(state: ServerState, created: int) -> list[dict[str, Any]]:
+    """/v1/models entries of the loaded adapters (vLLM's shape: `parent` is the base model)."""
+    if not hasattr(state.engine, "lora_names"):
+        return []
+    return [{"id": name, "object": "model", "created": created, "owned_by": "sgl", "parent": state.model_name,
+             "root": name} for name in state.engine.lora_names()]
