@@ -3,8 +3,9 @@
 
 Both routes answer SGLang's shape, `{"success": true, "error_message": "", "loaded_adapters":
 {name: path}}`; a refused load/unload is a 400 in our error shape naming the field. Adapter paths
-come only from --lora-paths and /load_lora_adapter (the engine resolves them in one function,
-sgl.runtime.lora.adapter.resolve_adapter_path); a generate request only names a loaded adapter.
+come only from --lora-paths (trusted: the operator's command line) and /load_lora_adapter, whose
+`lora_path` must resolve inside --allowed-path-roots (none by default: loading by path over HTTP is off)
+and which, with an --api-keys file, takes an admin key. A generate request only names a loaded adapter.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from sgl.runtime.protocol import RequestError
+from sgl.runtime.security import resolve_allowed_path
 from sgl.runtime.server.native import get_state, read_json
 from sgl.runtime.server.runner import ServerState
+from sgl.runtime.server.tenancy_routes import current_tenant
 
 router = APIRouter()
 
@@ -45,12 +48,22 @@ def _reply(adapters: dict[str, Any]) -> JSONResponse:
 
 @router.post("/load_lora_adapter")
 async def load_lora_adapter(request: Request) -> JSONResponse:
-    engine = _engine_with_lora(get_state(request))
+    state = get_state(request)
+    engine = _engine_with_lora(state)
+    tenant = current_tenant.get()
+    if getattr(state.server_args, "api_keys", None) and not tenant.admin:
+        return JSONResponse({"error": {"message": f"key {tenant.name!r} is not an admin key; /load_lora_adapter "
+                                       "needs one (\"admin\": true in --api-keys)", "type": "permission_error",
+                                       "param": None, "code": 403}}, status_code=403)
     body = await read_json(request)
     name = _name(body)
     path = body.get("lora_path")
     if not isinstance(path, str) or not path:
         raise RequestError("lora_path must be a non-empty string (a folder in PEFT's layout)")
+    try:  # NOTE: a request field that names a file: only inside the operator's roots (runtime/security.py)
+        path = str(resolve_allowed_path(path, state.server_args.allowed_path_roots, field="lora_path"))
+    except ValueError as e:
+        raise RequestError(str(e)) from e
     try:  # reads the files: off the event loop
         adapters = await asyncio.to_thread(engine.load_lora_adapter, name, path)
     except ValueError as e:  # AdapterError: missing files, unsupported options, shapes, rank, duplicate name

@@ -45,9 +45,11 @@ def adapters(tmp_path_factory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def server(adapters) -> Iterator[ServerHandle]:
+def server(adapters, tmp_path_factory) -> Iterator[ServerHandle]:
+    # NOTE: /load_lora_adapter reads only inside --allowed-path-roots: the tests' temp folders
     with running_server("--lora-paths", f"banana={adapters['paths']['banana']}", "--max-loaded-loras", "1",
-                        "--max-loras-per-batch", "2") as handle:
+                        "--max-loras-per-batch", "2", "--allowed-path-roots",
+                        str(tmp_path_factory.getbasetemp())) as handle:
         yield handle
 
 
@@ -154,4 +156,7 @@ def test_bad_lora_requests_are_400s_naming_the_field(server, tmp_path) -> None:
     for path, body, needle in cases:
         r = httpx.post(server.url + path, json=body, timeout=60)
         assert r.status_code == 400 and needle in r.json()["error"]["message"], (path, body, r.text)
+    for outside in ("/etc", "../../../../../etc", str(tmp_path) + "/../../.."):
+        r = httpx.post(server.url + "/load_lora_adapter", json={"lora_name": "x", "lora_path": outside}, timeout=60)
+        assert r.status_code == 400 and "allowed roots" in r.json()["error"]["message"], (outside, r.text)
     assert generate(server, "banana")["meta_info"]["finish_reason"]["type"] in ("length", "stop")  # still serving
