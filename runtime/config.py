@@ -21,6 +21,7 @@ SCHEDULE_POLICIES = ("fcfs", "lpm", "priority")
 GRAMMAR_BACKENDS = ("outlines", "xgrammar", "llguidance", "none")
 WEIGHT_FORMATS = ("auto", "fp32", "native")  # runtime/models/loader.py: what auto picks
 QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize for Hugging Face folders (round-to-nearest per 32-block)
+CPU_ACT_QUANTS = ("q16", "none", "q8")  # activations of the native CPU kernels (sgl.kernels.cpu.ACT_QUANT)
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")  # == sgl.runtime.router.policy.POLICIES
 
 
@@ -54,6 +55,7 @@ class ServerArgs:
     device: str = "auto"
     weight_format: str = "auto"  # auto = native (GGUF blocks in the CPU kernels) when built and quantized, else fp32
     quantize: Optional[str] = None  # q8_0 | q4_0: quantize a Hugging Face folder at load and run native
+    cpu_act_quant: str = "q16"  # native CPU kernels: q16 = int16 activations per block (fast, greedy = fp32), none = exact fp32, q8 = llama.cpp's
     # Memory and batching
     max_total_tokens: Optional[int] = None  # KV pool slots; None = from mem_fraction_static
     mem_fraction_static: float = 0.25  # fraction of free memory for the KV pool when unset
@@ -122,6 +124,8 @@ class ServerArgs:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")
+        if self.cpu_act_quant not in CPU_ACT_QUANTS:
+            raise ValueError(f"cpu_act_quant must be one of {CPU_ACT_QUANTS}, got {self.cpu_act_quant!r}")
         if self.quantize is not None and self.quantize not in QUANTIZE_TYPES:
             raise ValueError(f"quantize must be one of {QUANTIZE_TYPES} (or unset), got {self.quantize!r}")
         if self.quantize is not None and self.weight_format == "fp32":
@@ -194,6 +198,8 @@ class ServerArgs:
                     kwargs["choices"] = ROUTER_POLICIES
                 if f.name == "quantize":
                     kwargs["choices"] = QUANTIZE_TYPES
+                if f.name == "cpu_act_quant":
+                    kwargs["choices"] = CPU_ACT_QUANTS
                 parser.add_argument(flag, **kwargs)
 
     @classmethod

@@ -223,6 +223,9 @@ def test_flag_validation() -> None:
         ServerArgs(weight_format="int8")
     with pytest.raises(ValueError, match="quantize must be one of"):
         ServerArgs(quantize="q4_1")
+    with pytest.raises(ValueError, match="cpu_act_quant must be one of"):
+        ServerArgs(cpu_act_quant="int4")
+    assert ServerArgs().cpu_act_quant == "q16"  # the default server's path (greedy tokens = fp32's)
     with pytest.raises(ValueError, match="quantize needs weight_format auto or native"):
         ServerArgs(quantize="q8_0", weight_format="fp32")
     with pytest.raises(ValueError, match="quantize applies to Hugging Face folders"):
@@ -298,6 +301,8 @@ def test_engine_native_end_to_end_and_auto_picks_native() -> None:
         eng = Engine(model_path="default", num_threads=1, max_total_tokens=2048, show_progress=False, weight_format=fmt)
         try:
             assert eng.weight_format == ("native" if fmt == "auto" else "fp32")
+            if fmt == "auto":  # the fixture set "none": the engine applied its --cpu-act-quant default
+                assert cpu_quant.get_act_quant() == "q16"
             outs[fmt] = eng.generate(prompt, params)["output_ids"]
             eng.wait_idle()
             eng.check_integrity()
