@@ -684,6 +684,10 @@ void dequant_rows(const uint8_t* W, int64_t K, float* out, int64_t n0, int64_t n
 
 using Addr = std::uintptr_t;  // a tensor's data_ptr(); 0 = absent (bias, residual)
 
+// decode_attention.cpp
+void decode_attention(Addr q, Addr k, Addr v, Addr slots, Addr lens, Addr out, int64_t B, int64_t H, int64_t Hkv,
+                      int64_t D, int64_t Lmax, int64_t num_slots, double scale, int64_t threads);
+
 void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr,
           Addr bias_addr, Addr resid_addr, int64_t act_mode, int64_t threads) {
   // act_mode: 0 = fp32 activations, 1 = q8 (llama.cpp's Q8_0 of x), 2 = q16 (int16 per block)
@@ -765,4 +769,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "y = x @ W^T (+ bias) (+ residual) on GGUF blocks", py::call_guard<py::gil_scoped_release>());
   m.def("dequant", &dequant, "GGUF blocks -> fp32 rows", py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the instruction set compiled in");
+  m.def("decode_attention", &decode_attention, "one-query-per-row attention over the paged KV pool",
+        py::call_guard<py::gil_scoped_release>());
 }
