@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = [HERE / "quant_gemm.cpp", HERE / "decode_attention.cpp"]
+SOURCES = [HERE / "quant_gemm.cpp", HERE / "decode_attention.cpp", HERE / "rms_norm.cpp"]
 
 
 def isa_flags() -> tuple[str, list[str]]:

@@ -29,71 +29,10 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define SGL_AVX2 1
-#endif
+#include "quant_common.h"
+#include "quant_q16.h"
 
 namespace {
-
-enum class QT { Q4_0, Q4_1, Q8_0, F16 };
-
-// Software prefetch distance in bytes ahead of the weight block being read. Decode streams ~96 MB of
-// weights per token, far past the caches; the hardware prefetchers alone left a 1-thread batch-1 step
-// latency-bound (measured on the default model, interleaved A/B in one process: 0 B -> 640 B -> 2560 B
-// ahead cut the forward ~25-35%; past ~4 KB no further gain). The weight arena lays the matrices out in
-// forward order, so prefetching past a matrix's end warms the next one.
-constexpr int kPrefetch = 2560;
-
-inline void prefetch(const uint8_t* p) {
-#if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(p + kPrefetch, 0, 3);
-#endif
-}
-constexpr int kBlock = 32;
-
-QT parse_qtype(const std::string& s) {
-  if (s == "q4_0") return QT::Q4_0;
-  if (s == "q4_1") return QT::Q4_1;
-  if (s == "q8_0") return QT::Q8_0;
-  if (s == "f16") return QT::F16;
-  throw std::invalid_argument("unknown qtype " + s);
-}
-
-int64_t row_bytes(QT t, int64_t k) {
-  switch (t) {
-    case QT::Q4_0: return k / kBlock * 18;
-    case QT::Q4_1: return k / kBlock * 20;
-    case QT::Q8_0: return k / kBlock * 34;
-    default: return 2 * k;
-  }
-}
-
-inline float f16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-#ifdef SGL_AVX2
-  return _cvtsh_ss(h);
-#else
-  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal: renormalize
-      exp = 1;
-      while (!(mant & 0x400)) { mant <<= 1; exp--; }
-      bits = sign | ((exp + 112) << 23) | ((mant & 0x3ff) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (mant << 13);
-  } else {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-#endif
-}
 
 // ---- the fp32 decode of one block (32 weights), scalar: also the dequantize of the prefill path ----
 template <QT T>
@@ -118,15 +57,7 @@ inline void decode_scalar(const uint8_t* b, float* w) {
   }
 }
 
-constexpr int block_bytes(QT t) { return t == QT::Q4_0 ? 18 : t == QT::Q4_1 ? 20 : t == QT::Q8_0 ? 34 : 64; }
-
 #ifdef SGL_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // One block -> w[0..3] = weights 0-7, 8-15, 16-23, 24-31 as fp32.
 template <QT T>
@@ -354,140 +285,6 @@ inline void dot_q8(const uint8_t* w, const Q8Act& a, int64_t r0, float* res) {
   }
 }
 
-// ---- q16 activations: x quantized per 32-block to int16 (scale amax / 32767: ~1.5e-5 of the block's max,
-// ~250x finer than q8), weights widened to int16, vpmaddwd -> int32 pair sums -> one fp32 FMA per block. ----
-// The affine part stays exact fp32: Q4_1 adds m * xs_b, Q4_0 adds -8 d * xs_b with xs_b the fp32 sum of the
-// x block (so only the d * q * x term sees the int16 rounding). Q4 nibble x int16: |pair sum| <= 2 * 15 *
-// 32767 and Q8_0: 2 * 128 * 32767, so the 16 int32 lanes' sums of one block cannot overflow.
-// Within a block the int16 x are stored even positions first: x_j at perm16(j) (see widen16).
-constexpr int perm16(int j) { return (j & 1) * 16 + (j >> 1); }
-
-// The integer q of weight j of a block (Q8_0: int8; Q4: the nibble 0..15).
-template <QT T>
-inline int q_at(const uint8_t* blk, int j) {
-  if constexpr (T == QT::Q8_0) return int8_t(blk[2 + j]);
-  const uint8_t* qs = blk + (T == QT::Q4_0 ? 2 : 4);
-  return j < 16 ? qs[j] & 15 : qs[j - 16] >> 4;
-}
-
-struct Q16Act {
-  const int16_t* q;   // [M, K], each block in perm16 order
-  const float* d;     // [M, nb] scale of the block
-  const float* s;     // [M, nb] exact fp32 sum of the block
-  int64_t k, nb;
-};
-
-#ifdef SGL_AVX2
-// The block's 32 weights as two int16 vectors, EVEN = weights 0, 2, ..., 30 and ODD = 1, 3, ..., 31 (the
-// order the q16 activations are stored in), built with shifts and masks only: no cross-lane shuffle, so
-// nothing competes for port 5 (pmovzx/pmovsx would: that port bound the first version at ~12 GB/s).
-//   Q4: v = qs | qs (both 128-bit halves), the high half shifted right by 4 (32-bit lanes): 16-bit lane i
-//       of the low half holds bytes 2i, 2i+1 -> & 0xF = weight 2i, >> 8 & 0xF = weight 2i + 1; of the high
-//       half their high nibbles -> weights 16 + 2i, 17 + 2i.
-//   Q8_0: the 32 int8 as 16-bit lanes: (v << 8) >> 8 (arithmetic) = even bytes, v >> 8 = odd bytes.
-template <QT T>
-inline void widen16(const uint8_t* blk, __m256i& even, __m256i& odd) {
-  if constexpr (T == QT::Q8_0) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-    even = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
-    odd = _mm256_srai_epi16(v, 8);
-  } else {
-    const __m256i m4 = _mm256_set1_epi16(0x000F);
-    const __m256i v = _mm256_srlv_epi32(
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == QT::Q4_0 ? 2 : 4)))),
-        _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
-    even = _mm256_and_si256(v, m4);
-    odd = _mm256_and_si256(_mm256_srli_epi16(v, 8), m4);
-  }
-}
-
-inline __m256i dot16(__m256i w0, __m256i w1, __m256i x0, __m256i x1) {
-#if defined(__AVXVNNI__)
-  return _mm256_dpwssd_avx_epi32(_mm256_madd_epi16(w0, x0), w1, x1);
-#else
-  return _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-#endif
-}
-#endif
-
-// The scalar term of a block (exact fp32 affine part): Q4_1 m * xs, Q4_0 -8 d * xs, Q8_0 none.
-template <QT T>
-inline float affine_term(const uint8_t* blk, float xs, float acc) {
-  if constexpr (T == QT::Q4_1) return std::fma(f16(blk + 2), xs, acc);
-  if constexpr (T == QT::Q4_0) return std::fma(-8.f * f16(blk), xs, acc);
-  return acc;
-}
-
-// res[c] = dot(W row w + c * rb, x row `row`) for c < C: each x block is loaded once and serves C weight rows
-// (C = 4 at M = 1: 4 independent chains); C = 1 does a column's arithmetic in the same order as C = 4, so a
-// column's result does not depend on where a thread's range starts (thread counts stay bit-identical).
-template <QT T, int C>
-inline void dot_q16_cols(const uint8_t* w, int64_t rb, const Q16Act& a, int64_t row, float* res) {
-  float scal[C] = {};
-  const int16_t* xq = a.q + row * a.k;
-  const float* xd = a.d + row * a.nb;
-  const float* xs = a.s + row * a.nb;
-#ifdef SGL_AVX2
-  __m256 acc[C];
-  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < a.nb; b++) {
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock + 16));
-    for (int c = 0; c < C; c++) {
-      const uint8_t* blk = w + c * rb + b * block_bytes(T);
-      prefetch(blk);
-      __m256i w0, w1;
-      widen16<T>(blk, w0, w1);
-      const __m256 p = _mm256_cvtepi32_ps(dot16(w0, w1, x0, x1));
-      acc[c] = _mm256_fmadd_ps(p, _mm256_set1_ps(f16(blk) * xd[b]), acc[c]);
-      scal[c] = affine_term<T>(blk, xs[b], scal[c]);
-    }
-  }
-  for (int c = 0; c < C; c++) res[c] = hsum(acc[c]) + scal[c];
-#else
-  for (int c = 0; c < C; c++) {
-    float acc = 0.f;
-    for (int64_t b = 0; b < a.nb; b++) {
-      const uint8_t* blk = w + c * rb + b * block_bytes(T);
-      const int16_t* xb = xq + b * kBlock;
-      int32_t s = 0;
-      for (int j = 0; j < 32; j++) s += int32_t(q_at<T>(blk, j)) * xb[perm16(j)];
-      acc += f16(blk) * xd[b] * float(s);
-      scal[c] = affine_term<T>(blk, xs[b], scal[c]);
-    }
-    res[c] = acc + scal[c];
-  }
-#endif
-}
-
-// res[r] = dot(W row w, x row r0 + r) for r < R (small-M decode): the widened block serves R rows.
-template <QT T, int R>
-inline void dot_q16_rows(const uint8_t* w, const Q16Act& a, int64_t r0, float* res) {
-#ifdef SGL_AVX2
-  __m256 acc[R];
-  float scal[R] = {};
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < a.nb; b++) {
-    const uint8_t* blk = w + b * block_bytes(T);
-    prefetch(blk);
-    __m256i w0, w1;
-    widen16<T>(blk, w0, w1);
-    const float dw = f16(blk);
-    for (int r = 0; r < R; r++) {
-      const int16_t* xb = a.q + (r0 + r) * a.k + b * kBlock;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16));
-      const __m256 p = _mm256_cvtepi32_ps(dot16(w0, w1, x0, x1));
-      acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * a.d[(r0 + r) * a.nb + b]), acc[r]);
-      scal[r] = affine_term<T>(blk, a.s[(r0 + r) * a.nb + b], scal[r]);
-    }
-  }
-  for (int r = 0; r < R; r++) res[r] = hsum(acc[r]) + scal[r];
-#else
-  for (int r = 0; r < R; r++) dot_q16_cols<T, 1>(w, 0, a, r0 + r, res + r);
-#endif
-}
-
 // f16 rows with K % 32 != 0: the tail weights in scalar.
 void f16_tail(const uint8_t* w, const float* x, int64_t ldx, int64_t k0, int64_t k, int R, float* res) {
   for (int r = 0; r < R; r++)
@@ -633,29 +430,6 @@ void quantize_act(const float* x, int64_t M, int64_t K, std::vector<int8_t>& q, 
   }
 }
 
-// x fp32 [M, K] -> int16 per 32-block in perm16 order, scale amax / 32767 (round to nearest even), and the
-// exact fp32 block sums.
-void quantize_act16(const float* x, int64_t M, int64_t K, std::vector<int16_t>& q, std::vector<float>& d,
-                    std::vector<float>& s) {
-  const int64_t nb = K / kBlock;
-  q.resize(M * K);
-  d.resize(M * nb);
-  s.resize(M * nb);
-  for (int64_t i = 0; i < M * nb; i++) {
-    const float* xb = x + i * kBlock;
-    float amax = 0.f, sum = 0.f;
-    for (int j = 0; j < kBlock; j++) {
-      amax = std::max(amax, std::fabs(xb[j]));
-      sum += xb[j];
-    }
-    const float dx = amax / 32767.f, id = dx != 0.f ? 1.f / dx : 0.f;
-    for (int j = 0; j < kBlock; j++)
-      q[i * kBlock + perm16(j)] = int16_t(std::max(-32767.f, std::min(32767.f, std::nearbyint(xb[j] * id))));
-    d[i] = dx;
-    s[i] = sum;
-  }
-}
-
 int64_t grain_for(int64_t n, int64_t threads) {
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, at::get_num_threads()));
   return std::max<int64_t>(16, (n + threads - 1) / threads);
@@ -687,6 +461,8 @@ using Addr = std::uintptr_t;  // a tensor's data_ptr(); 0 = absent (bias, residu
 // decode_attention.cpp
 void decode_attention(Addr q, Addr k, Addr v, Addr slots, Addr lens, Addr out, int64_t B, int64_t H, int64_t Hkv,
                       int64_t D, int64_t Lmax, int64_t num_slots, double scale, int64_t threads);
+// rms_norm.cpp
+void rms_norm(Addr x, Addr w, Addr out, int64_t M, int64_t N, double eps);
 
 void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr,
           Addr bias_addr, Addr resid_addr, int64_t act_mode, int64_t threads) {
@@ -769,6 +545,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "y = x @ W^T (+ bias) (+ residual) on GGUF blocks", py::call_guard<py::gil_scoped_release>());
   m.def("dequant", &dequant, "GGUF blocks -> fp32 rows", py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the instruction set compiled in");
+  m.def("rms_norm", &rms_norm, "RMSNorm rows (fp32)", py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &decode_attention, "one-query-per-row attention over the paged KV pool",
         py::call_guard<py::gil_scoped_release>());
 }
