@@ -18,6 +18,7 @@ dots; "none" is exact fp32 (summation order aside); "q8" is llama.cpp's int8 (th
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -259,8 +260,23 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
                  0 if bias is None else bias.data_ptr(), 0 if residual is None else residual.data_ptr(),
                  _ACT_MODE[act_quant], threads)
         return out
-    # Prefill: MKL on fp32 tiles of PREFILL_TILE output rows dequantized by the kernel (L2-sized scratch).
-    scratch = torch.empty(min(n, PREFILL_TILE), k, dtype=torch.float32)
+    if PREFILL_WHOLE and n * k <= PREFILL_WHOLE_MAX:
+        # Prefill, a layer-sized weight: dequantize it whole into a reused per-thread scratch, then ONE MKL
+        # call writing `out` directly (residual fused by addmm): no per-tile output copies, no fresh
+        # multi-MB allocation (page faults) per call.
+        wf = _scratch(n * k).view(n, k)
+        ext.dequant(w.data.data_ptr(), w.qtype, n, k, wf.data_ptr(), threads)
+        if residual is None:
+            torch.mm(x, wf.T, out=out)
+        elif residual.data_ptr() == out.data_ptr():
+            out.addmm_(x, wf.T)
+        else:
+            torch.addmm(residual, x, wf.T, out=out)
+        if bias is not None:
+            out += bias
+        return out
+    # Prefill, a large weight (the lm_head of a big vocabulary): MKL on fp32 tiles of PREFILL_TILE output rows.
+    scratch = _scratch(min(n, PREFILL_TILE) * k).view(-1, k)
     for n0 in range(0, n, PREFILL_TILE):
         n1 = min(n, n0 + PREFILL_TILE)
         tile = scratch[: n1 - n0]
@@ -272,6 +288,19 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
             y += residual[:, n0:n1]
         out[:, n0:n1] = y
     return out
+
+
+PREFILL_WHOLE = True  # (a switch for benchmarks/bench_kernels_cpu.py's comparison)
+PREFILL_WHOLE_MAX = 4 << 20  # weights up to 4M elements (16 MB fp32) are dequantized whole
+_tls = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A per-thread fp32 buffer of >= numel elements, grown on demand and reused across calls."""
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _tls.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
 
 
 def extension_available() -> bool:

@@ -98,8 +98,13 @@ def test_kernel_matches_reference(mode: str, qtype: str, n: int, k: int, act: st
             f"{qtype} {act} M={m}: max err {err.max().item():.3g}"
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-weight", "tiles"])
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_prefill_path_and_fused_residual_in_place(mode: str, qtype: str) -> None:
+def test_prefill_path_and_fused_residual_in_place(mode: str, qtype: str, whole: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from sgl.kernels.cpu import quant
+
+    monkeypatch.setattr(quant, "PREFILL_WHOLE_MAX", 1 << 30 if whole else 0)  # the large-weight tile path too
     gen = np.random.default_rng(7)
     n, k, m = 1100, 64, PREFILL_M + 5  # > one dequantized tile of output rows
     w = random_weight(qtype, n, k, gen)
@@ -110,6 +115,13 @@ def test_prefill_path_and_fused_residual_in_place(mode: str, qtype: str) -> None
     assert y.data_ptr() == h.data_ptr()
     assert bool(((y - ref).abs() <= sum_order_bound(x, w) + 1e-6 * ref.abs()).all())
     assert torch.equal(quant_linear(x[:3], w), quant_linear(x[:3].clone(), w))
+    bias = torch.from_numpy(gen.standard_normal(n).astype(np.float32))
+    res = torch.from_numpy(gen.standard_normal((m, n)).astype(np.float32))
+    for r in (None, res):  # bias alone, and bias + a residual that is not the output
+        want = quant_linear_reference(x, w, bias, r)
+        y = quant_linear(x, w, bias=bias, residual=r, act_quant="none")
+        adds = bias.abs() + (0 if r is None else r.abs())  # the bias and residual adds' order differs too
+        assert bool(((y - want).abs() <= sum_order_bound(x, w) + 1e-6 * (want.abs() + adds)).all())
 
 
 def q8_bound(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
