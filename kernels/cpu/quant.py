@@ -218,9 +218,10 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
                  act_quant: str | None = None) -> torch.Tensor:
     """y = x @ w.dequantize().T (+ bias) (+ residual); x fp32 [M, K] contiguous -> fp32 [M, N].
 
-    act_quant="q16" quantizes x per 32-block to int16 (scale amax/32767) for int16 dot products: the
-    affine part (Q4_1's m, Q4_0's -8) stays exact fp32 and the rest moves by <= ~1.5e-5 of the block's
-    max |x|; ~2x fewer instructions per weight than fp32 activations. act_quant="q8" is llama.cpp's
+    act_quant="q16" quantizes a single-row x (M = 1, batch-1 decode) per 32-block to int16 (scale
+    amax/32767) for int16 dot products: the affine part (Q4_1's m, Q4_0's -8) stays exact fp32 and the
+    rest moves by <= ~1.5e-5 of the block's max |x|; ~1.5x fewer cycles per weight than fp32 activations.
+    With M >= 2 the fp32 path is faster (a decoded block serves several rows) and q16 runs it. act_quant="q8" is llama.cpp's
     Q8_0 of the activations (int8 dots): cheapest, ~1e-2 error. Tolerances: tests/kernels/test_cpu_quant.py.
     (Without the extension every mode runs the exact reference.) None: the process default (set_act_quant).
     `out` may alias `residual` (the sum is then done in place)."""

@@ -299,40 +299,18 @@ void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K
   float res[8];
   int64_t n = n0;
   if constexpr (T != QT::F16) {
-    if (q16 != nullptr) {
-      if (M == 1) {
-        for (; n < n1;) {
-          const int C = n + 4 <= n1 ? 4 : 1;
-          if (C == 4) dot_q16_cols<T, 4>(W + n * rb, rb, *q16, 0, res);
-          else dot_q16_cols<T, 1>(W + n * rb, rb, *q16, 0, res);
-          for (int c = 0; c < C; c++) {
-            float v = res[c];
-            if (bias != nullptr) v += bias[n + c];
-            if (resid != nullptr) v += resid[n + c];
-            out[n + c] = v;
-          }
-          n += C;
+    if (q16 != nullptr) {  // M == 1 (gemm sets q16 for single rows only)
+      for (; n < n1;) {
+        const int C = n + 4 <= n1 ? 4 : 1;
+        if (C == 4) dot_q16_cols<T, 4>(W + n * rb, rb, *q16, 0, res);
+        else dot_q16_cols<T, 1>(W + n * rb, rb, *q16, 0, res);
+        for (int c = 0; c < C; c++) {
+          float v = res[c];
+          if (bias != nullptr) v += bias[n + c];
+          if (resid != nullptr) v += resid[n + c];
+          out[n + c] = v;
         }
-        return;
-      }
-      for (; n < n1; n++) {
-        const uint8_t* w = W + n * rb;
-        for (int64_t r0 = 0; r0 < M;) {
-          const int R = M - r0 >= 8 ? 8 : M - r0 >= 4 ? 4 : 1;
-          switch (R) {
-            case 8: dot_q16_rows<T, 8>(w, *q16, r0, res); break;
-            case 4: dot_q16_rows<T, 4>(w, *q16, r0, res); break;
-            default: dot_q16_rows<T, 1>(w, *q16, r0, res); break;
-          }
-          for (int r = 0; r < R; r++) {
-            const int64_t o = (r0 + r) * N + n;
-            float v = res[r];
-            if (bias != nullptr) v += bias[n];
-            if (resid != nullptr) v += resid[o];
-            out[o] = v;
-          }
-          r0 += R;
-        }
+        n += C;
       }
       return;
     }
@@ -479,7 +457,10 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
   std::vector<int32_t> qs;
   Q8Act a{};
   if (act_mode < 0 || act_mode > 2) throw std::invalid_argument("bad act_mode");
-  const bool use_q8 = act_mode == 1 && t != QT::F16, use_q16 = act_mode == 2 && t != QT::F16;
+  // q16 only pays at M = 1 (4 weight rows share each x block): with several rows the fp32 paths reuse a
+  // decoded weight block across rows with fewer instructions per row (measured 1 thread, gate_up Q4_1:
+  // M = 1 q16 0.085 ms vs fp32 0.143; M = 2 0.222 vs 0.190; M = 32 4.14 vs 1.86), so batches run fp32.
+  const bool use_q8 = act_mode == 1 && t != QT::F16, use_q16 = act_mode == 2 && t != QT::F16 && M == 1;
   std::vector<int16_t> q16v;
   std::vector<float> d16, s16;
   Q16Act a16{};

@@ -116,34 +116,6 @@ inline void dot_q16_cols(const uint8_t* w, int64_t rb, const Q16Act& a, int64_t 
 #endif
 }
 
-// res[r] = dot(W row w, x row r0 + r) for r < R (small-M decode): the widened block serves R rows.
-template <QT T, int R>
-inline void dot_q16_rows(const uint8_t* w, const Q16Act& a, int64_t r0, float* res) {
-#ifdef SGL_AVX2
-  __m256 acc[R];
-  float scal[R] = {};
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < a.nb; b++) {
-    const uint8_t* blk = w + b * block_bytes(T);
-    prefetch(blk);
-    __m256i w0, w1;
-    widen16<T>(blk, w0, w1);
-    const float dw = f16(blk);
-    for (int r = 0; r < R; r++) {
-      const int16_t* xb = a.q + (r0 + r) * a.k + b * kBlock;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16));
-      const __m256 p = _mm256_cvtepi32_ps(dot16(w0, w1, x0, x1));
-      acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * a.d[(r0 + r) * a.nb + b]), acc[r]);
-      scal[r] = affine_term<T>(blk, a.s[(r0 + r) * a.nb + b], scal[r]);
-    }
-  }
-  for (int r = 0; r < R; r++) res[r] = hsum(acc[r]) + scal[r];
-#else
-  for (int r = 0; r < R; r++) dot_q16_cols<T, 1>(w, 0, a, r0 + r, res + r);
-#endif
-}
-
 // x fp32 [M, K] -> int16 per 32-block in perm16 order, scale amax / 32767 (round to nearest even), and the
 // exact fp32 block sums.
 void quantize_act16(const float* x, int64_t M, int64_t K, std::vector<int16_t>& q, std::vector<float>& d,
