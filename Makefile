@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml Makefile
 
 # The native CPU kernels (C++, the machine's g++, AVX2 when the CPU has it). A failed build is not fatal:
 # sgl.kernels.cpu then warns once and runs its torch reference path.
-$(CPU_EXT): $(STAMP) kernels/cpu/quant_gemm.cpp kernels/cpu/build.py
+$(CPU_EXT): $(STAMP) $(wildcard kernels/cpu/*.cpp kernels/cpu/*.h) kernels/cpu/build.py
 	$(BIN)/python -m sgl.kernels.cpu.build
 
 # Opt-in (Gemma Terms of Use: https://ai.google.dev/gemma/terms): google/gemma-3-270m as a Q4_K_M GGUF,

@@ -202,10 +202,17 @@ def llama_cpp_dir(arg: Optional[str]) -> tuple[Optional[Path], str]:
     return None, f"llama.cpp not built at {d} (run {PEER_SCRIPT} to build it, 6-10 minutes)"
 
 
+# llama.cpp's CPU "extra" buffer types (weight repacking, and AMX where the CPU flags it) are turned off: on
+# this VM the CPU reports amx_int8 but AMX tile use crashes llama.cpp (SIGSEGV in ggml_backend_amx_mul_mat,
+# before the first token). Off, Q4_1 runs ggml-cpu's AVX2 dot products (Q4_1 has no AVX2 repack anyway).
+NO_EXTRA_BUFFERS_BENCH = ["--repack", "0"]
+NO_EXTRA_BUFFERS_SERVER = ["--no-repack"]
+
+
 def llama_bench(d: Path, gguf: str, threads: int, quick: bool) -> dict[str, float]:
     s = sizes(quick)
     cmd = [str(d / "bin/llama-bench"), "-m", gguf, "-t", str(threads), "-p", str(s["prefill_len"]),
-           "-n", str(s["decode_new"]), "-r", str(s["reps"]), "-o", "json"]
+           "-n", str(s["decode_new"]), "-r", str(s["reps"]), "-o", "json", *NO_EXTRA_BUFFERS_BENCH]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     res = {}
     for r in out:
@@ -227,7 +234,8 @@ def llama_server(d: Path, gguf: str, threads: int, rows: list[int], quick: bool)
     parallel = 32
     ctx = parallel * 640  # every slot fits a ~600-token shared-prefix request
     proc = subprocess.Popen([str(d / "bin/llama-server"), "-m", gguf, "-t", str(threads), "-tb", str(threads),
-                             "-c", str(ctx), "--parallel", str(parallel), "--host", "127.0.0.1", "--port", str(port)],
+                             "-c", str(ctx), "--parallel", str(parallel), "--host", "127.0.0.1", "--port", str(port),
+                             *NO_EXTRA_BUFFERS_SERVER],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     res: dict[str, Any] = {}

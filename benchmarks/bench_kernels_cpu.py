@@ -3,7 +3,7 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_kernels_cpu.py [--threads 1 2] [--quick]
 
 Per shape (in K -> out N; SmolLM2-135M: Q4_1 layers, Q8_0 tied lm_head) and M rows: torch
-F.linear on the fp32 dequantized weight, our kernel with fp32 activations and with q8 activations;
+F.linear on the fp32 dequantized weight, our kernel with fp32, q16 (the default) and q8 activations;
 median wall time, weight GB/s (quantized bytes for ours, fp32 bytes for torch) and torch/ours ratio.
 Also the per-token matmul time at M = 1 (30 x the four layer shapes + lm_head) and the crossover of
 the fused kernel vs the dequantize-tile + MKL prefill path. JSON to benchmarks/results/.
@@ -57,17 +57,20 @@ def run(threads: int, ms: list[int], budget: float) -> list[dict]:
             x = torch.randn(m, k, generator=gen)
             out = torch.empty(m, n)
             t_torch = timeit(lambda: F.linear(x, wf), budget)
-            t_fp32 = timeit(lambda: cpu.quant_linear(x, w, out=out), budget)
+            t_fp32 = timeit(lambda: cpu.quant_linear(x, w, out=out, act_quant="none"), budget)
+            t_q16 = timeit(lambda: cpu.quant_linear(x, w, out=out, act_quant="q16"), budget)
             t_q8 = timeit(lambda: cpu.quant_linear(x, w, out=out, act_quant="q8"), budget)
             row = {"threads": threads, "shape": name, "K": k, "N": n, "qtype": qtype, "M": m,
-                   "torch_fp32_ms": t_torch * 1e3, "ours_fp32act_ms": t_fp32 * 1e3, "ours_q8act_ms": t_q8 * 1e3,
+                   "torch_fp32_ms": t_torch * 1e3, "ours_fp32act_ms": t_fp32 * 1e3, "ours_q16act_ms": t_q16 * 1e3,
+                   "ours_q8act_ms": t_q8 * 1e3, "ours_q16act_GBps": w.nbytes() / t_q16 / 1e9, "ratio_q16act": t_torch / t_q16,
                    "torch_GBps": wf.numel() * 4 / t_torch / 1e9, "ours_fp32act_GBps": w.nbytes() / t_fp32 / 1e9,
                    "ours_q8act_GBps": w.nbytes() / t_q8 / 1e9,
                    "ratio_fp32act": t_torch / t_fp32, "ratio_q8act": t_torch / t_q8}
             rows.append(row)
             print(f"{threads}T {name:8s} {qtype} M={m:4d}  torch {row['torch_fp32_ms']:8.3f} ms "
                   f"({row['torch_GBps']:5.1f} GB/s)  fp32-act {row['ours_fp32act_ms']:8.3f} ms "
-                  f"({row['ours_fp32act_GBps']:5.1f} GB/s, x{row['ratio_fp32act']:.2f})  q8-act "
+                  f"({row['ours_fp32act_GBps']:5.1f} GB/s, x{row['ratio_fp32act']:.2f})  q16-act "
+                  f"{row['ours_q16act_ms']:8.3f} ms ({row['ours_q16act_GBps']:5.1f} GB/s, x{row['ratio_q16act']:.2f})  q8-act "
                   f"{row['ours_q8act_ms']:8.3f} ms ({row['ours_q8act_GBps']:5.1f} GB/s, x{row['ratio_q8act']:.2f})",
                   flush=True)
     return rows
@@ -113,19 +116,22 @@ def main() -> None:
         rows += run(t, ms, budget)
         if not args.quick:
             cross += crossover(t, budget)
-        tokens[t] = {k: per_token(rows, t, k) for k in ("torch_fp32_ms", "ours_fp32act_ms", "ours_q8act_ms")}
+        tokens[t] = {k: per_token(rows, t, k) for k in ("torch_fp32_ms", "ours_fp32act_ms", "ours_q16act_ms",
+                                                         "ours_q8act_ms")}
         print(f"{t}T per-token matmul time at M=1 (30 layers + lm_head): " +
               ", ".join(f"{k} {v:.2f} ms" for k, v in tokens[t].items()), flush=True)
-    print("\n| threads | shape | M | torch fp32 ms | fp32-act ms (GB/s) | x | q8-act ms (GB/s) | x |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| threads | shape | M | torch fp32 ms | fp32-act ms (GB/s) | x | q16-act ms (GB/s) | x | q8-act ms (GB/s) | x |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['threads']} | {r['shape']} {r['K']}x{r['N']} {r['qtype']} | {r['M']} | "
               f"{r['torch_fp32_ms']:.3f} | {r['ours_fp32act_ms']:.3f} ({r['ours_fp32act_GBps']:.1f}) | "
-              f"{r['ratio_fp32act']:.2f} | {r['ours_q8act_ms']:.3f} ({r['ours_q8act_GBps']:.1f}) | "
+              f"{r['ratio_fp32act']:.2f} | {r['ours_q16act_ms']:.3f} ({r['ours_q16act_GBps']:.1f}) | "
+              f"{r['ratio_q16act']:.2f} | {r['ours_q8act_ms']:.3f} ({r['ours_q8act_GBps']:.1f}) | "
               f"{r['ratio_q8act']:.2f} |")
     for t, v in tokens.items():
         print(f"| {t} | per token (30 layers + lm_head) | 1 | {v['torch_fp32_ms']:.2f} | "
               f"{v['ours_fp32act_ms']:.2f} | {v['torch_fp32_ms'] / v['ours_fp32act_ms']:.2f} | "
+              f"{v['ours_q16act_ms']:.2f} | {v['torch_fp32_ms'] / v['ours_q16act_ms']:.2f} | "
               f"{v['ours_q8act_ms']:.2f} | {v['torch_fp32_ms'] / v['ours_q8act_ms']:.2f} |")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / ("bench_kernels_cpu_quick.json" if args.quick else "bench_kernels_cpu.json")

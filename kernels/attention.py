@@ -46,6 +46,7 @@ class DecodeGroup:
     batch_size: int  # Bd
     max_len: int  # Lmax
     mask: Optional[torch.Tensor]  # [Bd, 1, 1, Lmax] bool, True = attend; None when no row is padded
+    lens: Optional[torch.Tensor] = None  # [Bd] int64 CPU, the rows' lengths (for sgl.kernels.cpu.decode_attention)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,9 @@ def _build_decode_group(
             mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None]).view(bd, 1, 1, max_len)
     # rows None: the decode rows are exactly the batch, in order (a pure decode step)
     rows_t = None if bd == num_tokens else torch.tensor(rows, dtype=torch.int64, device=device)
-    return DecodeGroup(rows=rows_t, slots=slots, slot_start=start, batch_size=bd, max_len=max_len, mask=mask)
+    lens_cpu = torch.tensor(lens, dtype=torch.int64) if torch.device(device).type == "cpu" else None
+    return DecodeGroup(rows=rows_t, slots=slots, slot_start=start, batch_size=bd, max_len=max_len, mask=mask,
+                       lens=lens_cpu)
 
 
 def paged_attention(

@@ -23,6 +23,8 @@ import torch
 from sgl.kernels import attention as _attention_ref
 from sgl.kernels import bitmask as _bitmask_ref
 from sgl.kernels.attention import AttentionMetadata
+from sgl.kernels.cpu import _ext as _cpu_ext
+from sgl.kernels.cpu import attention as _cpu_attention
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,6 +52,13 @@ def paged_attention(
         from sgl.kernels import triton_attention
 
         return triton_attention.paged_attention(q, k_buf, v_buf, meta, scale)
+    d = meta.decode
+    if (d is not None and d.rows is None and d.lens is not None and q.dtype == torch.float32
+            and k_buf.dtype == torch.float32 and q.device.type == "cpu" and k_buf.is_contiguous()
+            and v_buf.is_contiguous() and _cpu_ext.load() is not None):
+        # a pure decode step on the CPU: the C++ kernel (one call instead of ~10 small torch ops per layer)
+        return _cpu_attention.decode_attention(q.contiguous(), k_buf, v_buf, d.slots.view(d.batch_size, d.max_len),
+                                               d.lens, scale, check=False)
     return _attention_ref.paged_attention(q, k_buf, v_buf, meta, scale)
 
 

@@ -26,6 +26,7 @@ QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize for Hugging Face folders (round-
 SPECULATIVE_ALGORITHMS = ("NGRAM",)  # runtime/speculative/: the drafters built so far
 PREEMPTION_MODES = ("swap", "recompute")
 DISAGGREGATION_MODES = ("prefill", "decode")
+CPU_ACT_QUANTS = ("q16", "none", "q8")  # activations of the native CPU kernels (sgl.kernels.cpu.ACT_QUANT)
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")  # == sgl.runtime.router.policy.POLICIES
 
 
@@ -64,6 +65,7 @@ class ServerArgs:
     models: Optional[str] = None  # JSON file: [{"name", "model_path", <per-model ServerArgs fields>...}]
     model_memory_budget: Optional[float] = None  # GB for resident models (weights + KV); None = all stay loaded
     router_config: Optional[str] = None  # JSON file of the `model: "auto"` router (runtime/model_router.py)
+    cpu_act_quant: str = "q16"  # native CPU kernels: q16 = int16 activations per block (fast, greedy = fp32), none = exact fp32, q8 = llama.cpp's
     # Memory and batching
     max_total_tokens: Optional[int] = None  # KV pool slots; None = from mem_fraction_static
     mem_fraction_static: float = 0.25  # fraction of free memory for the KV pool when unset
@@ -164,6 +166,8 @@ class ServerArgs:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")
+        if self.cpu_act_quant not in CPU_ACT_QUANTS:
+            raise ValueError(f"cpu_act_quant must be one of {CPU_ACT_QUANTS}, got {self.cpu_act_quant!r}")
         if self.quantize is not None and self.quantize not in QUANTIZE_TYPES:
             raise ValueError(f"quantize must be one of {QUANTIZE_TYPES} (or unset), got {self.quantize!r}")
         if self.quantize is not None and self.weight_format == "fp32":
@@ -292,6 +296,8 @@ class ServerArgs:
                     kwargs["choices"] = SPECULATIVE_ALGORITHMS
                 if f.name == "disaggregation_mode":
                     kwargs["choices"] = DISAGGREGATION_MODES
+                if f.name == "cpu_act_quant":
+                    kwargs["choices"] = CPU_ACT_QUANTS
                 parser.add_argument(flag, **kwargs)
 
     @classmethod

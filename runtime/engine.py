@@ -55,6 +55,10 @@ class Engine:
         loaded = load_model(args.model_path, dtype=args.dtype, device="cpu", show_progress=args.show_progress,
                             weight_format=args.weight_format, quantize=args.quantize)
         self.weight_format = loaded.weight_format  # what auto resolved to: "fp32" or "native"
+        if self.weight_format == "native":
+            from sgl.kernels import cpu as cpu_kernels
+
+            cpu_kernels.set_act_quant(args.cpu_act_quant)  # process-wide, as torch's thread count
         self.load_time = time.monotonic() - t0
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

@@ -44,9 +44,9 @@ def _load() -> ModuleType | None:
         return None
     info_path = HERE / "_build_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    if info.get("isa") == "avx2" and platform.machine() in ("x86_64", "AMD64") and \
-            not _cpu_has(["avx2", "fma", "f16c"]):
-        warnings.warn(f"sgl.kernels.cpu: {path.name} was built for AVX2/FMA/F16C, which this CPU lacks; "
+    need = {"avx2": ["avx2", "fma", "f16c"], "avx2+avxvnni": ["avx2", "fma", "f16c", "avx_vnni"]}.get(info.get("isa"), [])
+    if need and platform.machine() in ("x86_64", "AMD64") and not _cpu_has(need):
+        warnings.warn(f"sgl.kernels.cpu: {path.name} was built for {'/'.join(need)}, which this CPU lacks; "
                       "rebuild with `python -m sgl.kernels.cpu.build`; using the torch reference path",
                       stacklevel=3)
         return None

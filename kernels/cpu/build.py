@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = [HERE / "quant_gemm.cpp"]
+SOURCES = [HERE / "quant_gemm.cpp", HERE / "decode_attention.cpp", HERE / "rms_norm.cpp"]
 
 
 def isa_flags() -> tuple[str, list[str]]:
@@ -27,6 +27,8 @@ def isa_flags() -> tuple[str, list[str]]:
         except (OSError, StopIteration):
             flags = set()
         if {"avx2", "fma", "f16c"} <= flags:
+            if "avx_vnni" in flags:  # vpdpwssd: the q16-activation dot's multiply-add in one instruction
+                return "avx2+avxvnni", ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"]
             return "avx2", ["-mavx2", "-mfma", "-mf16c"]
     return "scalar", []
 

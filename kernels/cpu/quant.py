@@ -6,8 +6,9 @@ Layout of `QuantWeight.data` (uint8, contiguous): exactly the GGUF bytes, N rows
     q4_0: 18 B/block = f16 d, u8 qs[16]              w[j] = d * ((qs[j] & 15) - 8), w[j+16] = d * ((qs[j] >> 4) - 8)
     q4_1: 20 B/block = f16 d, f16 m, u8 qs[16]       w[j] = d * (qs[j] & 15) + m,   w[j+16] = d * (qs[j] >> 4) + m
     f16:  2 B/weight, row-major [N, K]
-The kernels read the blocks in place (the per-block f16 scales cost one F16C convert each); a repacked
-layout would have to keep these bytes per weight to be worth it (the GEMV is bandwidth-bound).
+The kernels read the blocks in place (the per-block f16 scales cost one F16C convert each).
+Activations: "q16" (the process default, set_act_quant) quantizes x per 32-block to int16 for integer
+dots; "none" is exact fp32 (summation order aside); "q8" is llama.cpp's int8 (the fastest, ~1e-2 error).
 
 `dequantize` performs the same float32 operations in the same order as runtime/models/dequant.py
 (bit-identical; kernels/ may not import runtime/, hence the copy). `quantize` is round-to-nearest per
@@ -17,6 +18,7 @@ layout would have to keep these bytes per weight to be worth it (the GEMV is ban
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -28,13 +30,15 @@ from sgl.kernels.cpu import _ext
 QTYPES = ("q4_0", "q4_1", "q8_0", "f16")
 BLOCK = 32
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
-ACT_QUANT = ("none", "q8")
+ACT_QUANT = ("none", "q16", "q8")
+_ACT_MODE = {"none": 0, "q8": 1, "q16": 2}  # the extension's act_mode codes
 # Rows (M) from which the launcher dequantizes to fp32 tiles and calls MKL instead of the fused kernel
 # (measured by benchmarks/bench_kernels_cpu.py; see the README's "CPU kernels" table).
 PREFILL_M = int(os.environ.get("SGL_CPU_PREFILL_M", "96"))
 
 PREFILL_TILE = 1024
 _threads: int | None = None
+_act_quant = "q16"  # quant_linear's activation mode when the call names none (set_act_quant)
 
 
 def row_bytes(qtype: str, k: int) -> int:
@@ -211,17 +215,23 @@ def quant_linear_reference(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor |
 
 def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                 act_quant: str = "none") -> torch.Tensor:
+                 act_quant: str | None = None) -> torch.Tensor:
     """y = x @ w.dequantize().T (+ bias) (+ residual); x fp32 [M, K] contiguous -> fp32 [M, N].
 
-    act_quant="q8" quantizes x per 32-block to int8 (llama.cpp's Q8_0 of the activations) for the
-    int8 dot products: cheaper, not exact (see tests/kernels/test_cpu_quant.py for the tolerance).
+    act_quant="q16" quantizes a single-row x (M = 1, batch-1 decode) per 32-block to int16 (scale
+    amax/32767) for int16 dot products: the affine part (Q4_1's m, Q4_0's -8) stays exact fp32 and the
+    rest moves by <= ~1.5e-5 of the block's max |x|; ~1.5x fewer cycles per weight than fp32 activations.
+    With M >= 2 the fp32 path is faster (a decoded block serves several rows) and q16 runs it. act_quant="q8" is llama.cpp's
+    Q8_0 of the activations (int8 dots): cheapest, ~1e-2 error. Tolerances: tests/kernels/test_cpu_quant.py.
+    (Without the extension every mode runs the exact reference.) None: the process default (set_act_quant).
     `out` may alias `residual` (the sum is then done in place)."""
+    if act_quant is None:
+        act_quant = _act_quant
     ext = _ext.load()
     # The decode hot path (~120 calls per token): the cheapest checks that prove the full ones would pass.
     if (ext is not None and type(w) is QuantWeight and x.dtype is torch.float32 and x.dim() == 2
             and x.is_contiguous() and x.shape[1] == w.shape[1] and 0 < x.shape[0] < PREFILL_M
-            and bias is None and x.is_cpu and (act_quant == "none" or act_quant == "q8")):
+            and bias is None and x.is_cpu and act_quant in _ACT_MODE):
         m, n = x.shape[0], w.shape[0]
         if out is None:
             out = torch.empty(m, n, dtype=torch.float32)
@@ -231,7 +241,8 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
                                          and residual.is_contiguous()):
             _check(x, w, bias, residual, out)
         ext.gemm(x.data_ptr(), m, w.data.data_ptr(), w.qtype, n, w.shape[1], out.data_ptr(), 0,
-                 0 if residual is None else residual.data_ptr(), act_quant == "q8", _threads or torch.get_num_threads())
+                 0 if residual is None else residual.data_ptr(), _ACT_MODE[act_quant],
+                 _threads or torch.get_num_threads())
         return out
     _check(x, w, bias, residual, out)
     if act_quant not in ACT_QUANT:
@@ -248,10 +259,25 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
     if m < PREFILL_M:
         ext.gemm(x.data_ptr(), m, w.data.data_ptr(), w.qtype, n, k, out.data_ptr(),
                  0 if bias is None else bias.data_ptr(), 0 if residual is None else residual.data_ptr(),
-                 act_quant == "q8", threads)
+                 _ACT_MODE[act_quant], threads)
         return out
-    # Prefill: MKL on fp32 tiles of PREFILL_TILE output rows dequantized by the kernel (L2-sized scratch).
-    scratch = torch.empty(min(n, PREFILL_TILE), k, dtype=torch.float32)
+    if PREFILL_WHOLE and n * k <= PREFILL_WHOLE_MAX:
+        # Prefill, a layer-sized weight: dequantize it whole into a reused per-thread scratch, then ONE MKL
+        # call writing `out` directly (residual fused by addmm): no per-tile output copies, no fresh
+        # multi-MB allocation (page faults) per call.
+        wf = _scratch(n * k).view(n, k)
+        ext.dequant(w.data.data_ptr(), w.qtype, n, k, wf.data_ptr(), threads)
+        if residual is None:
+            torch.mm(x, wf.T, out=out)
+        elif residual.data_ptr() == out.data_ptr():
+            out.addmm_(x, wf.T)
+        else:
+            torch.addmm(residual, x, wf.T, out=out)
+        if bias is not None:
+            out += bias
+        return out
+    # Prefill, a large weight (the lm_head of a big vocabulary): MKL on fp32 tiles of PREFILL_TILE output rows.
+    scratch = _scratch(min(n, PREFILL_TILE) * k).view(-1, k)
     for n0 in range(0, n, PREFILL_TILE):
         n1 = min(n, n0 + PREFILL_TILE)
         tile = scratch[: n1 - n0]
@@ -265,6 +291,19 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
     return out
 
 
+PREFILL_WHOLE = True  # (a switch for benchmarks/bench_kernels_cpu.py's comparison)
+PREFILL_WHOLE_MAX = 4 << 20  # weights up to 4M elements (16 MB fp32) are dequantized whole
+_tls = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A per-thread fp32 buffer of >= numel elements, grown on demand and reused across calls."""
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _tls.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
 def extension_available() -> bool:
     """True when the compiled extension loaded (and SGL_DISABLE_CPU_EXT is not set)."""
     return _ext.load() is not None
@@ -276,6 +315,18 @@ def set_num_threads(n: int) -> None:
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_threads must be an int >= 1, got {n!r}")
     _threads = n
+
+
+def set_act_quant(mode: str) -> None:
+    """The activation mode quant_linear uses when a call names none ("none" = exact fp32, "q16", "q8")."""
+    global _act_quant
+    if mode not in ACT_QUANT:
+        raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {mode!r}")
+    _act_quant = mode
+
+
+def get_act_quant() -> str:
+    return _act_quant
 
 
 def get_num_threads() -> int:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sgl.kernels.cpu import _ext as _cpu_ext
+from sgl.kernels.cpu import norm as _cpu_norm
 from sgl.kernels.dispatch import paged_attention  # Triton on CUDA, the torch reference on CPU
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
@@ -175,6 +177,9 @@ class LlamaDecoderLayer(nn.Module):
         return self.all_reduce(linear(x, w, bias, residual=h if self.residual_here else None))
 
 
+_CPU_NORM_MAX_ROWS = 64  # decode-sized batches take the C++ norm; prefill chunks keep the torch ops
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, consts: "NormConsts") -> torch.Tensor:
     """HF's RMSNorm, weight * x / sqrt(mean(x^2) + eps), in 4 ops (F.rms_norm runs ~20 on CPU).
 
@@ -183,6 +188,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, consts: "NormConsts") -> tor
     """
     if x.dtype != torch.float32:  # as HF: normalize in fp32, cast, then scale by the weight
         return rms_norm(x.float(), consts.one, consts).to(x.dtype).mul_(weight)
+    if (x.shape[0] <= _CPU_NORM_MAX_ROWS and x.is_cpu and x.dim() == 2 and x.is_contiguous() and weight.dim() == 1
+            and weight.dtype == torch.float32 and _cpu_ext.load()):
+        return _cpu_norm.rms_norm(x, weight, consts.eps)  # one C++ call (decode: the 4 ops below run cold)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [T, 1]
     return torch.addcdiv(consts.zero, x, torch.hypot(norm, consts.eps_n), value=consts.sqrt_n).mul_(weight)
 
@@ -193,6 +201,7 @@ class NormConsts(nn.Module):
     def __init__(self, hidden_size: int, eps: float, device: Union[str, torch.device]) -> None:
         super().__init__()
         self.sqrt_n = hidden_size**0.5
+        self.eps = eps
         for name, value in (("eps_n", (hidden_size * eps) ** 0.5), ("zero", 0.0), ("one", 1.0)):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32, device=device), persistent=False)
 

@@ -59,9 +59,31 @@ def sum_order_bound(x: torch.Tensor, w: QuantWeight, rel: float = 1e-5) -> torch
     return rel * (x.abs() @ w.dequantize().abs().T) + 1e-30
 
 
+def q16_bound(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """Activation int16 rounding (the affine m / -8 terms stay exact fp32): each x[j] moves by at most
+    ~amax(block)/65534 and multiplies d*q, where |d q_j| <= |w_j| + max_b |w| (m and 8d are at most the
+    block's largest |w|); so |error| <= sum_b amax_b/65534 * (||w_b||_1 + 32 max|w_b|) + float slack."""
+    m, k = x.shape
+    wa = w.dequantize().abs().reshape(w.shape[0], k // 32, 32)                          # [N, nb, 32]
+    wmax = wa.amax(-1, keepdim=True)
+    amax = x.reshape(m, k // 32, 32).abs().amax(-1)                                     # [M, nb]
+    rounding = (amax / 65000) @ (wa.sum(-1) + 32 * wmax[..., 0]).T
+    slack = 1e-5 * (x.abs() @ (wa + wmax).reshape(w.shape[0], k).T)
+    return rounding + slack + 1e-30
+
+
+def act_bound(act: str, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """The error allowed for an activation mode: summation order only (fp32 activations, and f16 weights,
+    which always take the fp32 path), or the rounding of the quantized activations."""
+    if act == "none" or w.qtype == "f16":
+        return sum_order_bound(x, w)
+    return q16_bound(x, w) if act == "q16" else q8_bound(x, w)
+
+
+@pytest.mark.parametrize("act", ["none", "q16"])
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("n,k", [(1, 32), (5, 96), (67, 576), (13, 2048)])
-def test_kernel_matches_reference(mode: str, qtype: str, n: int, k: int) -> None:
+def test_kernel_matches_reference(mode: str, qtype: str, n: int, k: int, act: str) -> None:
     gen = np.random.default_rng(n * 1000 + k)
     w = random_weight(qtype, n, k, gen)
     for m in (1, 2, 3, 7, 16, 33, 64):
@@ -69,25 +91,37 @@ def test_kernel_matches_reference(mode: str, qtype: str, n: int, k: int) -> None
         bias = torch.from_numpy(gen.standard_normal(n).astype(np.float32))
         res = torch.from_numpy(gen.standard_normal((m, n)).astype(np.float32))
         ref = quant_linear_reference(x, w, bias, res)
-        y = quant_linear(x, w, bias=bias, residual=res)
+        y = quant_linear(x, w, bias=bias, residual=res, act_quant=act)
         assert y.shape == (m, n) and y.dtype == torch.float32
         err = (y - ref).abs()
-        assert bool((err <= sum_order_bound(x, w) + 1e-6 * res.abs()).all()), \
-            f"{qtype} M={m}: max err {err.max().item():.3g}"
+        assert bool((err <= act_bound(act, x, w) + 1e-6 * res.abs()).all()), \
+            f"{qtype} {act} M={m}: max err {err.max().item():.3g}"
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-weight", "tiles"])
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_prefill_path_and_fused_residual_in_place(mode: str, qtype: str) -> None:
+def test_prefill_path_and_fused_residual_in_place(mode: str, qtype: str, whole: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from sgl.kernels.cpu import quant
+
+    monkeypatch.setattr(quant, "PREFILL_WHOLE_MAX", 1 << 30 if whole else 0)  # the large-weight tile path too
     gen = np.random.default_rng(7)
     n, k, m = 1100, 64, PREFILL_M + 5  # > one dequantized tile of output rows
     w = random_weight(qtype, n, k, gen)
     x = torch.from_numpy(gen.standard_normal((m, k)).astype(np.float32))
     h = torch.from_numpy(gen.standard_normal((m, n)).astype(np.float32))
     ref = quant_linear_reference(x, w, residual=h)
-    y = quant_linear(x, w, out=h, residual=h)  # h + o_proj(o), written into h
+    y = quant_linear(x, w, out=h, residual=h, act_quant="none")  # h + o_proj(o), written into h
     assert y.data_ptr() == h.data_ptr()
     assert bool(((y - ref).abs() <= sum_order_bound(x, w) + 1e-6 * ref.abs()).all())
     assert torch.equal(quant_linear(x[:3], w), quant_linear(x[:3].clone(), w))
+    bias = torch.from_numpy(gen.standard_normal(n).astype(np.float32))
+    res = torch.from_numpy(gen.standard_normal((m, n)).astype(np.float32))
+    for r in (None, res):  # bias alone, and bias + a residual that is not the output
+        want = quant_linear_reference(x, w, bias, r)
+        y = quant_linear(x, w, bias=bias, residual=r, act_quant="none")
+        adds = bias.abs() + (0 if r is None else r.abs())  # the bias and residual adds' order differs too
+        assert bool(((y - want).abs() <= sum_order_bound(x, w) + 1e-6 * (want.abs() + adds)).all())
 
 
 def q8_bound(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
@@ -99,26 +133,56 @@ def q8_bound(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return (amax / 254) @ wl1.T * 1.001 + sum_order_bound(x, w, 1e-4)
 
 
+@pytest.mark.parametrize("act", ["q8", "q16"])
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
-def test_q8_activations_within_their_rounding_bound(mode: str, qtype: str) -> None:
+def test_quantized_activations_within_their_rounding_bound(mode: str, qtype: str, act: str) -> None:
     gen = np.random.default_rng(11)
     w = random_weight(qtype, 37, 320, gen)
     for m in (1, 5, 64):
         x = torch.from_numpy(gen.standard_normal((m, 320)).astype(np.float32))
         x[0, :32] = 0.0  # an all-zero block (scale 0)
-        y = quant_linear(x, w, act_quant="q8")
-        assert bool(((y - quant_linear_reference(x, w)).abs() <= q8_bound(x, w)).all())
+        x[-1, 32:64] *= 1e4  # a block of outliers next to ordinary ones (per-block scales)
+        y = quant_linear(x, w, act_quant=act)
+        assert bool(((y - quant_linear_reference(x, w)).abs() <= act_bound(act, x, w)).all())
 
 
-def test_threads_split_columns_bit_identically(mode: str) -> None:
+def test_q16_runs_single_rows_only(mode: str) -> None:
+    """q16 quantizes x at M = 1 (batch-1 decode); batches take the exact fp32 path, faster there."""
+    gen = np.random.default_rng(5)
+    w = random_weight("q4_1", 64, 256, gen)
+    x = torch.from_numpy(gen.standard_normal((3, 256)).astype(np.float32))
+    assert torch.equal(quant_linear(x, w, act_quant="q16"), quant_linear(x, w, act_quant="none"))
+    if mode == "ext":
+        assert not torch.equal(quant_linear(x[:1], w, act_quant="q16"), quant_linear(x[:1], w, act_quant="none"))
+
+
+def test_q16_is_the_default_activation_mode_and_is_validated() -> None:
+    """q16 keeps the default model's greedy tokens equal to fp32's (tests/runtime/test_native_weights.py),
+    so it is the process default; set_act_quant switches it."""
+    assert cpu.get_act_quant() == "q16"
+    with pytest.raises(ValueError, match="act_quant"):
+        cpu.set_act_quant("q4")
+    w = QuantWeight.quantize(torch.randn(8, 64), "q4_1")
+    x = torch.randn(1, 64)
+    try:
+        cpu.set_act_quant("none")
+        assert torch.equal(quant_linear(x, w), quant_linear(x, w, act_quant="none"))
+    finally:
+        cpu.set_act_quant("q16")
+    assert torch.equal(quant_linear(x, w), quant_linear(x, w, act_quant="q16"))
+
+
+@pytest.mark.parametrize("act", ["none", "q16"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_threads_split_columns_bit_identically(mode: str, act: str, m: int) -> None:
     gen = np.random.default_rng(3)
     w = random_weight("q4_1", 301, 192, gen)
-    x = torch.from_numpy(gen.standard_normal((5, 192)).astype(np.float32))
+    x = torch.from_numpy(gen.standard_normal((m, 192)).astype(np.float32))
     try:
         cpu.set_num_threads(1)
-        one = quant_linear(x, w)
+        one = quant_linear(x, w, act_quant=act)
         cpu.set_num_threads(2)
-        two = quant_linear(x, w)
+        two = quant_linear(x, w, act_quant=act)
     finally:
         cpu._threads = None  # back to torch.get_num_threads()
     assert torch.equal(one, two)
@@ -164,9 +228,10 @@ def test_real_gguf_tensors(mode: str, default_gguf: GGUFReader) -> None:
         assert torch.equal(w.dequantize(), torch.from_numpy(runtime_dequantize(raw, t.tensor_type, (n, k))))
         x = torch.randn(4, k, generator=gen)
         ref = quant_linear_reference(x, w)
-        assert bool(((quant_linear(x, w) - ref).abs() <= sum_order_bound(x, w)).all()), t.name
-        y8 = quant_linear(x, w, act_quant="q8")
-        assert bool(((y8 - ref).abs() <= q8_bound(x, w)).all()), t.name
+        assert bool(((quant_linear(x, w, act_quant="none") - ref).abs() <= sum_order_bound(x, w)).all()), t.name
+        for act in ("q16", "q8"):
+            y = quant_linear(x, w, act_quant=act)
+            assert bool(((y - ref).abs() <= act_bound(act, x, w)).all()), (t.name, act)
 
 
 def test_launcher_rejects_bad_input_clearly() -> None:

@@ -13,6 +13,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from sgl.kernels.cpu import QTYPES, QuantWeight, extension_available
 from sgl.kernels.cpu import _ext as cpu_ext
+from sgl.kernels import cpu as cpu_quant
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.models.config import ModelConfig
 from sgl.runtime.models.gguf_file import GGUFFile
@@ -27,6 +28,22 @@ pytestmark = pytest.mark.timeout(300)
 
 CONFIGS = ("llama_gqa_untied", "llama_mha_tied", "qwen2_bias_tied", "mistral_head_dim")
 BACKENDS = ("extension", "reference")
+
+
+@pytest.fixture(autouse=True)
+def exact_activations(request):
+    """Tests of the tiny random models compare native with fp32 to summation order: fp32 activations.
+    The default activation mode (q16) is tested on the real model's greedy tokens (`default_model` tests)
+    and, on a tiny model, by test_q16_activations_stay_close."""
+    if "default_model" in request.node.name or "q16" in request.node.name:
+        yield
+        return
+    saved = cpu_quant.get_act_quant()
+    cpu_quant.set_act_quant("none")
+    try:
+        yield
+    finally:
+        cpu_quant.set_act_quant(saved)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -77,6 +94,28 @@ def test_native_logits_match_fp32_on_dequantized_weights(name: str, qtype: str, 
     chunk = lambda b, step, left: 8 if step % 2 == 0 else 1  # noqa: E731  (prefill chunks and decode-sized steps)
     for got, want in zip(run_schedule(native, prompts, chunk), run_schedule(ref, prompts, chunk)):
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
+def test_q16_activations_stay_close(qtype: str) -> None:
+    """The default activation mode on a tiny random model: logits within 1e-2 relative of fp32's (random
+    weights amplify the int16 rounding of x: ~3e-4 measured; the real model keeps its greedy tokens)."""
+    if not extension_available():
+        pytest.skip("the sgl.kernels.cpu extension is not built")
+    assert cpu_quant.get_act_quant() == "q16"
+    hf = make_hf_model(tiny_hf_configs()["llama_gqa_untied"])
+    native, ref = quantized_pair(hf.state_dict(), ModelConfig.from_hf(hf.config), qtype)
+    prompts = random_prompts([37], seed=4)  # one sequence: its 1-token steps are M = 1 calls, where q16 runs
+    chunk = lambda b, step, left: 8 if step % 2 == 0 else 1  # noqa: E731
+    got, want = run_schedule(native, prompts, chunk)[0], run_schedule(ref, prompts, chunk)[0]
+    assert_close(got, want, rel=1e-2)
+    cpu_quant.set_act_quant("none")
+    try:
+        exact = run_schedule(native, prompts, chunk)[0]
+    finally:
+        cpu_quant.set_act_quant("q16")
+    assert_close(exact, want)  # fp32 activations: summation order only
+    assert (got - want).abs().max() > (exact - want).abs().max()  # q16 really ran on the M = 1 steps
 
 
 def test_fused_qkv_of_mixed_qtypes_stays_fp32_and_exact() -> None:
@@ -190,6 +229,9 @@ def test_flag_validation() -> None:
         ServerArgs(weight_format="int8")
     with pytest.raises(ValueError, match="quantize must be one of"):
         ServerArgs(quantize="q4_1")
+    with pytest.raises(ValueError, match="cpu_act_quant must be one of"):
+        ServerArgs(cpu_act_quant="int4")
+    assert ServerArgs().cpu_act_quant == "q16"  # the default server's path (greedy tokens = fp32's)
     with pytest.raises(ValueError, match="quantize needs weight_format auto or native"):
         ServerArgs(quantize="q8_0", weight_format="fp32")
     with pytest.raises(ValueError, match="quantize applies to Hugging Face folders"):
@@ -222,12 +264,13 @@ def default_models():
 
 
 def test_default_model_greedy_tokens_equal_fp32(default_models) -> None:
-    """64 greedy tokens for 8 prompts: identical, or (at most 1 of 8) a first divergence at a near-tie,
-    where fp32's logits of the two tokens are within 1e-4 relative of each other."""
+    """64 greedy tokens for 8 prompts, native (default q16 activations, batch 1) vs fp32: identical, or (at
+    most 1 of 8) a first divergence at a near-tie, where fp32's logits of the two are within 1e-4 relative."""
     native, fp32 = default_models
     assert native.weight_format == "native" and fp32.weight_format == "fp32"
     prompts = [native.tokenizer.encode(p) for p in ORACLE_PROMPTS]
-    got = greedy_generate(native.model, prompts, 64)
+    # native one prompt at a time: batch-1 decode steps (M = 1) are where the default q16 activations run
+    got = [greedy_generate(native.model, [p], 64)[0] for p in prompts]
     want = greedy_generate(fp32.model, prompts, 64)
     divergences = []
     for p, g, w in zip(prompts, got, want):
@@ -265,6 +308,8 @@ def test_engine_native_end_to_end_and_auto_picks_native() -> None:
         eng = Engine(model_path="default", num_threads=1, max_total_tokens=2048, show_progress=False, weight_format=fmt)
         try:
             assert eng.weight_format == ("native" if fmt == "auto" else "fp32")
+            if fmt == "auto":  # the fixture set "none": the engine applied its --cpu-act-quant default
+                assert cpu_quant.get_act_quant() == "q16"
             outs[fmt] = eng.generate(prompt, params)["output_ids"]
             eng.wait_idle()
             eng.check_integrity()

@@ -1,0 +1,108 @@
+"""Where a batch-1 decode step of the default model spends its time (issue 14's profile).
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/profile_decode_step.py [--threads 1] [--weight-format native]
+        [--act q16] [--steps 80]
+
+Runs the model directly (no scheduler): a 64-token prompt, then `--steps` greedy decode steps, and
+reports ms per token of the whole step (ForwardBatch build, forward, lm_head, argmax) and, in a second
+pass, of each component, timed by wrapping the functions the layer calls (the wrappers add ~1 us per
+call, so the components' sum exceeds the unwrapped step slightly). Prints the load average: on a
+shared machine read the numbers as shares of the step, not as speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+import sgl.runtime.models.llama as llama  # noqa: E402
+from sgl.kernels import cpu  # noqa: E402
+from sgl.runtime.executor.forward_batch import ForwardBatch  # noqa: E402
+from sgl.runtime.executor.kv_cache import KVCache  # noqa: E402
+from sgl.runtime.models.loader import load_model  # noqa: E402
+
+
+def decode(model, kv, steps: int, on_step=None) -> dict[str, float]:
+    """ms per step of each phase over `steps` steps after 8 warm-up steps."""
+    ids, slots = list(range(100, 164)), list(range(64))
+    with torch.inference_mode():
+        tok = int(model.compute_logits(model(ForwardBatch.from_lists(input_ids=[ids], slot_tables=[slots]), kv)[-1:]).argmax())
+        t = collections.Counter()
+        for step in range(steps + 8):
+            slots.append(64 + step)
+            t0 = time.perf_counter()
+            fb = ForwardBatch.from_lists(input_ids=[[tok]], slot_tables=[slots])
+            t1 = time.perf_counter()
+            h = model(fb, kv)
+            t2 = time.perf_counter()
+            logits = model.compute_logits(h)
+            t3 = time.perf_counter()
+            tok = int(logits.argmax())
+            t4 = time.perf_counter()
+            if step == 7 and on_step is not None:
+                on_step()
+            if step >= 8:
+                for k, v in (("batch build", t1 - t0), ("forward", t2 - t1), ("lm_head", t3 - t2), ("argmax", t4 - t3)):
+                    t[k] += v
+    return {k: v / steps * 1e3 for k, v in t.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weight-format", default="native", choices=["native", "fp32"])
+    ap.add_argument("--act", default="q16", choices=list(cpu.ACT_QUANT))
+    ap.add_argument("--steps", type=int, default=80)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    cpu.set_num_threads(a.threads)
+    cpu.set_act_quant(a.act)
+    lm = load_model("default", dtype="float32", device="cpu", show_progress=False, weight_format=a.weight_format)
+    model = lm.model
+    kv = KVCache.for_model(lm.config, 1024, torch.float32, "cpu")
+    whole = decode(model, kv, a.steps)
+    total = sum(whole.values())
+    print(f"{a.weight_format} act={a.act} {a.threads} thread(s), load {os.getloadavg()[0]:.1f}: "
+          f"{total:.2f} ms/token ({1e3 / total:.1f} tok/s): " + ", ".join(f"{k} {v:.2f}" for k, v in whole.items()))
+
+    acc: collections.Counter = collections.Counter()
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            r = fn(*args, **kwargs)
+            acc[name] += time.perf_counter() - t0
+            return r
+        return run
+
+    def linear(x, w, bias=None, residual=None):
+        t0 = time.perf_counter()
+        r = orig_linear(x, w, bias, residual)
+        acc[f"linear {tuple(w.shape)}"] += time.perf_counter() - t0
+        return r
+
+    orig_linear = llama.linear
+    llama.linear = linear
+    llama.paged_attention = timed("attention", llama.paged_attention)
+    llama.rms_norm = timed("rms_norm", llama.rms_norm)
+    llama.F = type("F", (), {"silu": staticmethod(timed("silu (then * up)", torch.nn.functional.silu))})
+    kv.store = timed("kv store", kv.store)
+    model.rope.apply = timed("rope", model.rope.apply)
+    parts = decode(model, kv, a.steps, on_step=acc.clear)
+    print(f"components (wrapped run: {sum(parts.values()):.2f} ms/token):")
+    for name, v in sorted(acc.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:28s} {v / a.steps * 1e3:7.3f} ms/token")
+    inside = sum(acc.values()) / a.steps * 1e3
+    # the lm_head's linear runs outside forward (compute_logits): add it back when subtracting from forward
+    lm_head = acc[f"linear {(lm.config.vocab_size, lm.config.hidden_size)}"] / a.steps * 1e3
+    print(f"  {'rest of forward (Python, views)':28s} {parts['forward'] - inside + lm_head:7.3f} ms/token")
+
+
+if __name__ == "__main__":
+    main()

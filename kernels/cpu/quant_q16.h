@@ -1,0 +1,142 @@
+// q16 activations for quant_gemm.cpp (included there, after quant_common.h): x quantized per 32-block
+// to int16, weights widened to int16 in registers, integer block dots, the affine part in exact fp32.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "quant_common.h"
+
+namespace {
+
+// ---- q16 activations: x quantized per 32-block to int16 (scale amax / 32767: ~1.5e-5 of the block's max,
+// ~250x finer than q8), weights widened to int16, vpmaddwd -> int32 pair sums -> one fp32 FMA per block. ----
+// The affine part stays exact fp32: Q4_1 adds m * xs_b, Q4_0 adds -8 d * xs_b with xs_b the fp32 sum of the
+// x block (so only the d * q * x term sees the int16 rounding). Q4 nibble x int16: |pair sum| <= 2 * 15 *
+// 32767 and Q8_0: 2 * 128 * 32767, so the 16 int32 lanes' sums of one block cannot overflow.
+// Within a block the int16 x are stored even positions first: x_j at perm16(j) (see widen16).
+constexpr int perm16(int j) { return (j & 1) * 16 + (j >> 1); }
+
+// The integer q of weight j of a block (Q8_0: int8; Q4: the nibble 0..15).
+template <QT T>
+inline int q_at(const uint8_t* blk, int j) {
+  if constexpr (T == QT::Q8_0) return int8_t(blk[2 + j]);
+  const uint8_t* qs = blk + (T == QT::Q4_0 ? 2 : 4);
+  return j < 16 ? qs[j] & 15 : qs[j - 16] >> 4;
+}
+
+struct Q16Act {
+  const int16_t* q;   // [M, K], each block in perm16 order
+  const float* d;     // [M, nb] scale of the block
+  const float* s;     // [M, nb] exact fp32 sum of the block
+  int64_t k, nb;
+};
+
+#ifdef SGL_AVX2
+// The block's 32 weights as two int16 vectors, EVEN = weights 0, 2, ..., 30 and ODD = 1, 3, ..., 31 (the
+// order the q16 activations are stored in), built with shifts and masks only: no cross-lane shuffle, so
+// nothing competes for port 5 (pmovzx/pmovsx would: that port bound the first version at ~12 GB/s).
+//   Q4: v = qs | qs (both 128-bit halves), the high half shifted right by 4 (32-bit lanes): 16-bit lane i
+//       of the low half holds bytes 2i, 2i+1 -> & 0xF = weight 2i, >> 8 & 0xF = weight 2i + 1; of the high
+//       half their high nibbles -> weights 16 + 2i, 17 + 2i.
+//   Q8_0: the 32 int8 as 16-bit lanes: (v << 8) >> 8 (arithmetic) = even bytes, v >> 8 = odd bytes.
+template <QT T>
+inline void widen16(const uint8_t* blk, __m256i& even, __m256i& odd) {
+  if constexpr (T == QT::Q8_0) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    even = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+    odd = _mm256_srai_epi16(v, 8);
+  } else {
+    const __m256i m4 = _mm256_set1_epi16(0x000F);
+    const __m256i v = _mm256_srlv_epi32(
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == QT::Q4_0 ? 2 : 4)))),
+        _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    even = _mm256_and_si256(v, m4);
+    odd = _mm256_and_si256(_mm256_srli_epi16(v, 8), m4);
+  }
+}
+
+inline __m256i dot16(__m256i w0, __m256i w1, __m256i x0, __m256i x1) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(_mm256_madd_epi16(w0, x0), w1, x1);
+#else
+  return _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+#endif
+}
+#endif
+
+// The scalar term of a block (exact fp32 affine part): Q4_1 m * xs, Q4_0 -8 d * xs, Q8_0 none.
+template <QT T>
+inline float affine_term(const uint8_t* blk, float xs, float acc) {
+  if constexpr (T == QT::Q4_1) return std::fma(f16(blk + 2), xs, acc);
+  if constexpr (T == QT::Q4_0) return std::fma(-8.f * f16(blk), xs, acc);
+  return acc;
+}
+
+// res[c] = dot(W row w + c * rb, x row `row`) for c < C: each x block is loaded once and serves C weight rows
+// (C = 4 at M = 1: 4 independent chains); C = 1 does a column's arithmetic in the same order as C = 4, so a
+// column's result does not depend on where a thread's range starts (thread counts stay bit-identical).
+template <QT T, int C>
+inline void dot_q16_cols(const uint8_t* w, int64_t rb, const Q16Act& a, int64_t row, float* res) {
+  float scal[C] = {};
+  const int16_t* xq = a.q + row * a.k;
+  const float* xd = a.d + row * a.nb;
+  const float* xs = a.s + row * a.nb;
+#ifdef SGL_AVX2
+  __m256 acc[C];
+  for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < a.nb; b++) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock + 16));
+    for (int c = 0; c < C; c++) {
+      const uint8_t* blk = w + c * rb + b * block_bytes(T);
+      prefetch(blk);
+      __m256i w0, w1;
+      widen16<T>(blk, w0, w1);
+      const __m256 p = _mm256_cvtepi32_ps(dot16(w0, w1, x0, x1));
+      acc[c] = _mm256_fmadd_ps(p, _mm256_set1_ps(f16(blk) * xd[b]), acc[c]);
+      scal[c] = affine_term<T>(blk, xs[b], scal[c]);
+    }
+  }
+  for (int c = 0; c < C; c++) res[c] = hsum(acc[c]) + scal[c];
+#else
+  for (int c = 0; c < C; c++) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < a.nb; b++) {
+      const uint8_t* blk = w + c * rb + b * block_bytes(T);
+      const int16_t* xb = xq + b * kBlock;
+      int32_t s = 0;
+      for (int j = 0; j < 32; j++) s += int32_t(q_at<T>(blk, j)) * xb[perm16(j)];
+      acc += f16(blk) * xd[b] * float(s);
+      scal[c] = affine_term<T>(blk, xs[b], scal[c]);
+    }
+    res[c] = acc + scal[c];
+  }
+#endif
+}
+
+// x fp32 [M, K] -> int16 per 32-block in perm16 order, scale amax / 32767 (round to nearest even), and the
+// exact fp32 block sums.
+void quantize_act16(const float* x, int64_t M, int64_t K, std::vector<int16_t>& q, std::vector<float>& d,
+                    std::vector<float>& s) {
+  const int64_t nb = K / kBlock;
+  q.resize(M * K);
+  d.resize(M * nb);
+  s.resize(M * nb);
+  for (int64_t i = 0; i < M * nb; i++) {
+    const float* xb = x + i * kBlock;
+    float amax = 0.f, sum = 0.f;
+    for (int j = 0; j < kBlock; j++) {
+      amax = std::max(amax, std::fabs(xb[j]));
+      sum += xb[j];
+    }
+    const float dx = amax / 32767.f, id = dx != 0.f ? 1.f / dx : 0.f;
+    for (int j = 0; j < kBlock; j++)
+      q[i * kBlock + perm16(j)] = int16_t(std::max(-32767.f, std::min(32767.f, std::nearbyint(xb[j] * id))));
+    d[i] = dx;
+    s[i] = sum;
+  }
+}
+
+}  // namespace
