@@ -21,6 +21,7 @@ are duplicates that the caller frees (the tree keeps its own copy).
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 from typing import NamedTuple, Optional
@@ -58,11 +59,22 @@ def _common_len(a: list[int], b: list[int]) -> int:
     return i
 
 
+class Eviction(NamedTuple):
+    """One evicted leaf: `path` is the token ids from the root to the leaf's end; the tree still holds
+    `path[:kept]` (the leaf's parent), nothing under `path[:kept + 1]`. Read by a data-parallel router."""
+    seq: int  # 0, 1, 2, ... per tree, never reused (a reader's cursor)
+    path: list[int]
+    kept: int
+
+
 class RadixCache:
     disabled = False
+    EVICTION_LOG = 256  # evictions remembered for `evictions_since`; older ones are counted as lost
 
     def __init__(self, allocator: SlotAllocator) -> None:
         self.allocator = allocator
+        self.evictions: collections.deque[Eviction] = collections.deque(maxlen=self.EVICTION_LOG)
+        self.eviction_seq = 0
         self.reset()
 
     def reset(self) -> None:
@@ -151,6 +163,7 @@ class RadixCache:
         freed = 0
         while freed < num_tokens and leaves:
             leaf = heapq.heappop(leaves)
+            self._log_eviction(leaf)
             self.allocator.free(leaf.value)
             freed += len(leaf.value)
             self.evictable_size -= len(leaf.key)
@@ -160,6 +173,20 @@ class RadixCache:
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(leaves, parent)
         return freed
+
+    def _log_eviction(self, leaf: TreeNode) -> None:
+        keys, node = [], leaf
+        while node is not None and node is not self.root:
+            keys.append(node.key)
+            node = node.parent
+        path = [t for k in reversed(keys) for t in k]
+        self.evictions.append(Eviction(self.eviction_seq, path, len(path) - len(leaf.key)))
+        self.eviction_seq += 1
+
+    def evictions_since(self, cursor: int) -> tuple[list[Eviction], int, int]:
+        """(evictions with seq >= cursor still in the log, how many fell out of the log, the next cursor)."""
+        first = self.evictions[0].seq if self.evictions else self.eviction_seq
+        return [e for e in self.evictions if e.seq >= cursor], max(0, first - cursor), self.eviction_seq
 
     def _nodes(self) -> list[TreeNode]:
         out, stack = [], [self.root]

@@ -31,6 +31,8 @@ class Policy(Protocol):
 
     def remove_worker(self, worker: str) -> None: ...
 
+    def on_evicted(self, worker: str, text: str, kept: int, before: float) -> None: ...
+
     def clear(self) -> None: ...
 
 
@@ -41,6 +43,9 @@ class _Stateless:
         pass
 
     def remove_worker(self, worker: str) -> None:
+        pass
+
+    def on_evicted(self, worker: str, text: str, kept: int, before: float) -> None:
         pass
 
     def clear(self) -> None:
@@ -107,6 +112,12 @@ class CacheAware:
 
     def remove_worker(self, worker: str) -> None:
         self.tree.remove_worker(worker)
+
+    def on_evicted(self, worker: str, text: str, kept: int, before: float) -> None:
+        """The worker's cache holds `text[:kept]` but nothing under `text[:kept + 1]` any more (an
+        eviction event); entries routed at or after `before` (monotonic) may be cached again and stay."""
+        if kept < len(text):
+            self.tree.forget(worker, text[:kept + 1], before)
 
     def clear(self) -> None:
         self.tree = ApproxTree(self.tree.max_chars)
