@@ -184,9 +184,19 @@ class RadixCache:
         self.eviction_seq += 1
 
     def evictions_since(self, cursor: int) -> tuple[list[Eviction], int, int]:
-        """(evictions with seq >= cursor still in the log, how many fell out of the log, the next cursor)."""
-        first = self.evictions[0].seq if self.evictions else self.eviction_seq
-        return [e for e in self.evictions if e.seq >= cursor], max(0, first - cursor), self.eviction_seq
+        """(evictions with seq >= cursor still in the log, how many fell out of the log, the next cursor).
+
+        NOTE: safe from any thread (an HTTP handler must not wait for a long scheduler step): the seq is
+        read first and the log copied in one C call under the GIL; retried if an append raced the copy."""
+        while True:
+            nxt = self.eviction_seq
+            try:
+                log = tuple(self.evictions)
+                break
+            except RuntimeError:  # deque mutated during iteration
+                continue
+        first = log[0].seq if log else nxt
+        return [e for e in log if cursor <= e.seq < nxt], max(0, min(first, nxt) - cursor), nxt
 
     def _nodes(self) -> list[TreeNode]:
         out, stack = [], [self.root]

@@ -100,11 +100,18 @@ class Router:
                 return
             if r.status_code != 200:
                 return
-            body = r.json()
-            for e in body.get("events", []):
-                self.policy.on_evicted(url, e["text"], int(e["kept"]), self.last_poll[url])
-            self.eviction_events[url] += len(body.get("events", [])) + int(body.get("lost", 0))
-            self.eviction_cursor[url] = int(body["cursor"])
+            try:
+                body = r.json()
+                events = [(str(e["text"]), int(e["kept"])) for e in body.get("events", [])]
+                cursor, lost = int(body["cursor"]), int(body.get("lost", 0))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                logger.warning("worker %s: malformed /cache_evictions answer; not polled any more", url)
+                self.no_eviction_route.add(url)
+                return
+            for text, kept in events:
+                self.policy.on_evicted(url, text, kept, self.last_poll[url])
+            self.eviction_events[url] += len(events) + lost
+            self.eviction_cursor[url] = cursor
             self.last_poll[url] = now
         if self.policy.name == "cache_aware":
             await asyncio.gather(*(one(u) for u in self.pool.healthy() if u not in self.no_eviction_route))
