@@ -79,7 +79,7 @@ class ServerArgs:
     dist_timeout: float = 120.0  # seconds a tensor-parallel collective may wait before the group is declared dead
     dp_size: int = 1
     router_policy: str = "cache_aware"  # --dp-size > 1: the router's policy (runtime/router/policy.py)
-    router_balance_threshold: int = 4  # --dp-size > 1: in-flight requests over the least loaded before balancing
+    router_balance_threshold: int = 8  # --dp-size > 1: in-flight requests over the least loaded before balancing
     speculative_algorithm: Optional[str] = None
     lora_paths: Optional[list[str]] = None
     # Server

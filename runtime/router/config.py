@@ -14,7 +14,7 @@ class RouterArgs:
     prefill: str | None = None  # prefill/decode disaggregation: the prefill server (runtime/router/pd.py)
     decode: str | None = None  # ... and its decode server
     policy: str = "cache_aware"
-    balance_threshold: int = 4  # in-flight requests above the least loaded worker's before cache_aware balances
+    balance_threshold: int = 8  # in-flight requests above the least loaded worker's before cache_aware balances
     cache_threshold: float = 0.5  # share of the prompt a match must cover to count as a cache hit
     max_tree_chars: int = 1 << 20  # per worker, in the approximate tree (LRU pruned beyond)
     health_check_interval: float = 2.0  # seconds between /health probes of each worker
@@ -49,7 +49,7 @@ class RouterArgs:
         p.add_argument("--prefill", default=None, help="PD disaggregation: the --disaggregation-mode prefill server")
         p.add_argument("--decode", default=None, help="PD disaggregation: the --disaggregation-mode decode server")
         p.add_argument("--policy", choices=POLICIES, default="cache_aware")
-        p.add_argument("--balance-threshold", type=int, default=4)
+        p.add_argument("--balance-threshold", type=int, default=8)
         p.add_argument("--cache-threshold", type=float, default=0.5)
         p.add_argument("--max-tree-chars", type=int, default=1 << 20)
         p.add_argument("--health-check-interval", type=float, default=2.0)

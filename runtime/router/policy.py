@@ -1,6 +1,6 @@
 """Routing policies: pick one healthy worker for a request.
 
-    policy = make_policy("cache_aware", balance_threshold=4, cache_threshold=0.5)
+    policy = make_policy("cache_aware", balance_threshold=8, cache_threshold=0.5)
     worker, decision = policy.choose(["http://a", "http://b"], text, loads={"http://a": 0, "http://b": 2})
     policy.on_routed(worker, text)      # cache_aware: remember that worker now caches the prompt
 
@@ -89,7 +89,7 @@ class PowerOfTwo(_Stateless):
 class CacheAware:
     name = "cache_aware"
 
-    def __init__(self, balance_threshold: int = 4, cache_threshold: float = 0.5,
+    def __init__(self, balance_threshold: int = 8, cache_threshold: float = 0.5,
                  max_tree_chars: int = 1 << 20) -> None:
         self.balance_threshold = balance_threshold
         self.cache_threshold = cache_threshold
@@ -123,7 +123,7 @@ class CacheAware:
         self.tree = ApproxTree(self.tree.max_chars)
 
 
-def make_policy(name: str, balance_threshold: int = 4, cache_threshold: float = 0.5,
+def make_policy(name: str, balance_threshold: int = 8, cache_threshold: float = 0.5,
                 max_tree_chars: int = 1 << 20, seed: Optional[int] = None) -> Policy:
     if name == "cache_aware":
         return CacheAware(balance_threshold, cache_threshold, max_tree_chars)
