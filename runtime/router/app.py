@@ -88,11 +88,13 @@ class Router:
 
     async def poll_evictions(self, timeout: float) -> None:
         """Fetch each healthy worker's cache evictions since the last poll and forget them in the tree."""
+        auth = {"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else {}
+
         async def one(url: str) -> None:
             now = time.monotonic()
             try:
                 r = await self.client.get(url + "/cache_evictions", params={"since": self.eviction_cursor[url]},
-                                          timeout=timeout)
+                                          headers=auth, timeout=timeout)
             except httpx.HTTPError:
                 return  # the health probe judges the worker
             if r.status_code == 404:

@@ -21,7 +21,7 @@ class RouterArgs:
     health_failures: int = 2  # consecutive failed probes before a worker is taken out
     host: str = "127.0.0.1"
     port: int = 30000
-    api_key: str | None = None  # checked by the workers (the router forwards Authorization)
+    api_key: str | None = None  # the workers' key for the router's own calls (eviction polls); clients' pass through
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -57,6 +57,8 @@ class RouterArgs:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=30000)
         p.add_argument("--log-level", default="info")
+        p.add_argument("--api-key", default=None, help="the workers' --api-key, for the router's own eviction polls "
+                                                       "(clients' Authorization headers pass through)")
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> "RouterArgs":
@@ -67,4 +69,5 @@ class RouterArgs:
                    decode=ns.decode.rstrip("/") if ns.decode else None,
                    balance_threshold=ns.balance_threshold, cache_threshold=ns.cache_threshold,
                    max_tree_chars=ns.max_tree_chars, health_check_interval=ns.health_check_interval,
-                   health_failures=ns.health_failures, host=ns.host, port=ns.port, log_level=ns.log_level)
+                   health_failures=ns.health_failures, host=ns.host, port=ns.port, log_level=ns.log_level,
+                   api_key=ns.api_key)
