@@ -75,6 +75,7 @@ class Router:
         self.eviction_cursor: dict[str, int] = {u: 0 for u in args.worker_urls}
         self.last_poll: dict[str, float] = {u: start for u in args.worker_urls}
         self.eviction_events: collections.Counter[str] = collections.Counter()
+        self.eviction_polls: collections.Counter[str] = collections.Counter()  # answered polls per worker
         self.no_eviction_route: set[str] = set()  # workers without /cache_evictions (e.g. SGLang's)
 
     def choose(self, text: str) -> Optional[str]:
@@ -115,6 +116,7 @@ class Router:
             self.eviction_events[url] += len(events) + lost
             self.eviction_cursor[url] = cursor
             self.last_poll[url] = now
+            self.eviction_polls[url] += 1
         if self.policy.name == "cache_aware":
             await asyncio.gather(*(one(u) for u in self.pool.healthy() if u not in self.no_eviction_route))
 
@@ -301,7 +303,9 @@ def create_router_app(args: RouterArgs) -> FastAPI:
         return {"policy": router.policy.name, "balance_threshold": args.balance_threshold,
                 "decisions": dict(router.decisions),
                 "workers": [{"url": w.url, "healthy": w.healthy, "inflight": w.inflight, "requests": w.requests,
-                             "errors": w.errors, "eviction_events": router.eviction_events[w.url]} for w in router.pool.workers.values()]}
+                             "errors": w.errors, "eviction_events": router.eviction_events[w.url],
+                             "eviction_cursor": router.eviction_cursor.get(w.url, 0),
+                             "eviction_polls": router.eviction_polls[w.url]} for w in router.pool.workers.values()]}
 
     @app.get("/server_info")
     @app.get("/get_server_info")

@@ -174,8 +174,15 @@ def test_router_forgets_what_a_replica_evicted(dp: DP) -> None:
         assert first.status_code == 200, first.text
         counts = rp.counts()
         owner = next(w for w, n in counts.items() if n == 1)
+
+        def wait_router(key: str, at_least: int) -> None:  # the router's eviction_polls / eviction_cursor
+            end = time.monotonic() + 30
+            while next(w for w in rp.info()["workers"] if w["url"] == owner)[key] < at_least:
+                assert time.monotonic() < end, f"the router's {key} never reached {at_least}"
+                time.sleep(0.1)
+        polls = next(w for w in rp.info()["workers"] if w["url"] == owner)["eviction_polls"]
+        wait_router("eviction_polls", polls + 2)  # a whole poll after the routing: the entry predates it
         cursor = httpx.get(owner + "/cache_evictions", timeout=30).json()["cursor"]
-        time.sleep(1.0)  # a poll after the routing: the entry is older than the next poll's window
         assert httpx.post(owner + "/flush_cache", timeout=30).status_code == 200  # behind the router's back
         ev = httpx.get(owner + "/cache_evictions", params={"since": cursor}, timeout=30).json()
         assert ev["cursor"] > cursor and ev["lost"] == 0
@@ -183,10 +190,7 @@ def test_router_forgets_what_a_replica_evicted(dp: DP) -> None:
         assert any(e["text"].startswith(SYSTEM + "Paris?") for e in ev["events"]), ev
         assert any(e["kept"] == 0 and SYSTEM.startswith(e["text"][:50]) for e in ev["events"]), ev
         assert httpx.get(owner + "/cache_evictions", params={"since": -1}, timeout=30).status_code == 400
-        end = time.monotonic() + 30
-        while not next(w for w in rp.info()["workers"] if w["url"] == owner)["eviction_events"]:
-            assert time.monotonic() < end, "the router never polled the eviction"
-            time.sleep(0.2)
+        wait_router("eviction_cursor", ev["cursor"])
         gen(rp.url, SYSTEM + "Rome?")
         metrics = httpx.get(rp.url + "/metrics").text
         assert 'decision="cache_hit"' not in metrics and 'decision="low_match"} 2' in metrics, metrics
