@@ -94,12 +94,16 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--order", choices=("shuffled", "interleaved"), default="shuffled")
+    ap.add_argument("--balance-threshold", type=int, default=None,
+                    help="the cache_aware router's --router-balance-threshold (default: the server's)")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.num_threads // 2)), "OMP_WAIT_POLICY": "PASSIVE"}
     port = free_port()
     dp = subprocess.Popen([sys.executable, "-m", "sgl.launch_server", "--model-path", "default", "--dp-size", "2",
                            "--num-threads", str(args.num_threads), "--port", str(port), "--max-total-tokens", "32768",
-                           "--log-level", "warning"], env=env, stdin=subprocess.DEVNULL)
+                           "--log-level", "warning"]
+                          + (["--router-balance-threshold", str(args.balance_threshold)]
+                             if args.balance_threshold is not None else []), env=env, stdin=subprocess.DEVNULL)
     procs = [dp]
     try:
         cache_url = f"http://127.0.0.1:{port}"
@@ -128,10 +132,12 @@ def main() -> None:
         out = {"config": vars(args) | {"replicas": 2, "threads_per_replica": max(1, args.num_threads // 2),
                                        "requests": len(prompts)},
                "runs": rows, "median": med,
+               "cache_aware_decisions": httpx.get(cache_url + "/server_info", timeout=30).json()["router"]["decisions"],
                "throughput_ratio_cache_aware_vs_round_robin": med["cache_aware"]["req_per_s"]
                / med["round_robin"]["req_per_s"]}
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "bench_router.json").write_text(json.dumps(out, indent=2))
+        print(f"cache_aware decisions: {out['cache_aware_decisions']}", file=sys.stderr)
         print(f"\n{len(prompts)} requests, {args.system_prompts} system prompts, concurrency {args.concurrency}, "
               f"2 replicas x {max(1, args.num_threads // 2)} thread(s)\n")
         print("| policy | cache hit rate | req/s | wall s | throughput vs round_robin |\n|---|---|---|---|---|")

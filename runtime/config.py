@@ -99,7 +99,7 @@ class ServerArgs:
     dist_timeout: float = 120.0  # seconds a tensor-parallel collective may wait before the group is declared dead
     dp_size: int = 1
     router_policy: str = "cache_aware"  # --dp-size > 1: the router's policy (runtime/router/policy.py)
-    router_balance_threshold: int = 4  # --dp-size > 1: in-flight requests over the least loaded before balancing
+    router_balance_threshold: int = 8  # --dp-size > 1: in-flight requests over the least loaded before balancing
     speculative_algorithm: Optional[str] = None  # NGRAM (runtime/speculative/); None = off
     speculative_num_draft_tokens: int = 4  # draft tokens verified per decoding request and step
     speculative_ngram_min_match_window_size: int = 1  # NGRAM: shortest suffix matched

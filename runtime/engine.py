@@ -390,6 +390,17 @@ class Engine:
                     "radix_num_nodes": len(sched.cache._nodes()) - len(sched.cache.roots), "radix_num_tokens": sched.cache.total_size}
         return self._call(read, timeout=10)
 
+    def cache_evictions(self, cursor: int) -> dict[str, Any]:
+        """The radix tree's evictions since `cursor` as text (for a data-parallel router's approximate tree):
+        {"cursor": next cursor, "lost": evictions that fell out of the log, "events": [{"text", "kept"}]},
+        where the tree no longer holds anything under `text[:kept + 1]` (chars of the decoded path)."""
+        events, lost, nxt = self.scheduler.cache.evictions_since(cursor)  # any thread: no wait for a step
+        out = []
+        for e in events:
+            kept = len(self.tokenizer.decode(e.path[:e.kept]))
+            out.append({"text": self.tokenizer.decode(e.path), "kept": kept})
+        return {"cursor": nxt, "lost": lost, "events": out}
+
     def get_model_info(self) -> dict[str, Any]:
         return {
             "model_path": self.model_path,

@@ -26,6 +26,7 @@ parent; they hold no tokens and are never evicted (an emptied adapter root is dr
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 from typing import NamedTuple, Optional
@@ -64,12 +65,23 @@ def _common_len(a: list[int], b: list[int]) -> int:
     return i
 
 
+class Eviction(NamedTuple):
+    """One evicted leaf: `path` is the token ids from the root to the leaf's end; the tree still holds
+    `path[:kept]` (the leaf's parent), nothing under `path[:kept + 1]`. Read by a data-parallel router."""
+    seq: int  # 0, 1, 2, ... per tree, never reused (a reader's cursor)
+    path: list[int]
+    kept: int
+
+
 class RadixCache:
     disabled = False
     hierarchical = False  # HiRadixCache (hiradix_cache.py): demotes to a host tier instead of evicting
+    EVICTION_LOG = 256  # evictions remembered for `evictions_since`; older ones are counted as lost
 
     def __init__(self, allocator: SlotAllocator) -> None:
         self.allocator = allocator
+        self.evictions: collections.deque[Eviction] = collections.deque(maxlen=self.EVICTION_LOG)
+        self.eviction_seq = 0
         self.reset()
 
     def reset(self) -> None:
@@ -167,6 +179,7 @@ class RadixCache:
         freed = 0
         while freed < num_tokens and leaves:
             leaf = heapq.heappop(leaves)
+            self._log_eviction(leaf)
             self.allocator.free(leaf.value)
             freed += len(leaf.value)
             self.evictable_size -= len(leaf.key)
@@ -178,6 +191,32 @@ class RadixCache:
         for ns in [ns for ns, root in self.roots.items() if ns is not None and not root.children]:
             del self.roots[ns]  # an adapter's emptied namespace
         return freed
+
+    def _log_eviction(self, leaf: TreeNode) -> None:
+        keys, node = [], leaf
+        while node.parent is not None:
+            keys.append(node.key)
+            node = node.parent
+        if node is not self.root:
+            return  # NOTE: an adapter's namespace: the router tracks base-model prefixes only
+        path = [t for k in reversed(keys) for t in k]
+        self.evictions.append(Eviction(self.eviction_seq, path, len(path) - len(leaf.key)))
+        self.eviction_seq += 1
+
+    def evictions_since(self, cursor: int) -> tuple[list[Eviction], int, int]:
+        """(evictions with seq >= cursor still in the log, how many fell out of the log, the next cursor).
+
+        NOTE: safe from any thread (an HTTP handler must not wait for a long scheduler step): the seq is
+        read first and the log copied in one C call under the GIL; retried if an append raced the copy."""
+        while True:
+            nxt = self.eviction_seq
+            try:
+                log = tuple(self.evictions)
+                break
+            except RuntimeError:  # deque mutated during iteration
+                continue
+        first = log[0].seq if log else nxt
+        return [e for e in log if cursor <= e.seq < nxt], max(0, min(first, nxt) - cursor), nxt
 
     def _nodes(self) -> list[TreeNode]:
         out, stack = [], list(self.roots.values())

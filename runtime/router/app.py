@@ -16,6 +16,7 @@ import collections
 import contextlib
 import json
 import logging
+import time
 from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
 import httpx
@@ -68,6 +69,14 @@ class Router:
                                         limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64))
         self.rids: dict[str, str] = {}  # rid of an in-flight request -> its worker
         self.decisions: collections.Counter[str] = collections.Counter()
+        # Eviction events: per worker the next cursor of its /cache_evictions and the monotonic time of
+        # the previous poll (entries routed since then may be cached again: an event does not drop them).
+        start = time.monotonic()
+        self.eviction_cursor: dict[str, int] = {u: 0 for u in args.worker_urls}
+        self.last_poll: dict[str, float] = {u: start for u in args.worker_urls}
+        self.eviction_events: collections.Counter[str] = collections.Counter()
+        self.eviction_polls: collections.Counter[str] = collections.Counter()  # answered polls per worker
+        self.no_eviction_route: set[str] = set()  # workers without /cache_evictions (e.g. SGLang's)
 
     def choose(self, text: str) -> Optional[str]:
         healthy = self.pool.healthy()
@@ -77,6 +86,46 @@ class Router:
         self.decisions[decision] += 1
         self.policy.on_routed(worker, text)
         return worker
+
+    async def poll_evictions(self, timeout: float) -> None:
+        """Fetch each healthy worker's cache evictions since the last poll and forget them in the tree."""
+        auth = {"Authorization": f"Bearer {self.args.api_key}"} if self.args.api_key else {}
+
+        async def one(url: str) -> None:
+            now = time.monotonic()
+            try:
+                r = await self.client.get(url + "/cache_evictions", params={"since": self.eviction_cursor[url]},
+                                          headers=auth, timeout=timeout)
+            except httpx.HTTPError:
+                return  # the health probe judges the worker
+            if r.status_code == 404:
+                self.no_eviction_route.add(url)
+                return
+            if r.status_code != 200:
+                return
+            try:
+                body = r.json()
+                events = [(str(e["text"]), int(e["kept"])) for e in body.get("events", [])]
+                cursor, lost = int(body["cursor"]), int(body.get("lost", 0))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                logger.warning("worker %s: malformed /cache_evictions answer; not polled any more", url)
+                self.no_eviction_route.add(url)
+                return
+            for text, kept in events:
+                self.policy.on_evicted(url, text, kept, self.last_poll[url])
+            self.eviction_events[url] += len(events) + lost
+            self.eviction_cursor[url] = cursor
+            self.last_poll[url] = now
+            self.eviction_polls[url] += 1
+        if self.policy.name == "cache_aware":
+            await asyncio.gather(*(one(u) for u in self.pool.healthy() if u not in self.no_eviction_route))
+
+    async def watch(self, interval: float) -> None:
+        """Health probes, then eviction polls, every `interval` seconds."""
+        while True:
+            await self.pool.probe_once(self.client, timeout=max(2.0, interval))
+            await self.poll_evictions(timeout=max(2.0, interval))
+            await asyncio.sleep(interval)
 
     async def race(self, url: str, aw: Awaitable[T]) -> T:
         """Await `aw` unless the worker is taken out first (then WorkerGone)."""
@@ -118,7 +167,7 @@ def create_router_app(args: RouterArgs) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        probe = asyncio.create_task(router.pool.probe_loop(router.client, args.health_check_interval))
+        probe = asyncio.create_task(router.watch(args.health_check_interval))
         try:
             yield
         finally:
@@ -254,7 +303,9 @@ def create_router_app(args: RouterArgs) -> FastAPI:
         return {"policy": router.policy.name, "balance_threshold": args.balance_threshold,
                 "decisions": dict(router.decisions),
                 "workers": [{"url": w.url, "healthy": w.healthy, "inflight": w.inflight, "requests": w.requests,
-                             "errors": w.errors} for w in router.pool.workers.values()]}
+                             "errors": w.errors, "eviction_events": router.eviction_events[w.url],
+                             "eviction_cursor": router.eviction_cursor.get(w.url, 0),
+                             "eviction_polls": router.eviction_polls[w.url]} for w in router.pool.workers.values()]}
 
     @app.get("/server_info")
     @app.get("/get_server_info")

@@ -14,14 +14,14 @@ class RouterArgs:
     prefill: str | None = None  # prefill/decode disaggregation: the prefill server (runtime/router/pd.py)
     decode: str | None = None  # ... and its decode server
     policy: str = "cache_aware"
-    balance_threshold: int = 4  # in-flight requests above the least loaded worker's before cache_aware balances
+    balance_threshold: int = 8  # in-flight requests above the least loaded worker's before cache_aware balances
     cache_threshold: float = 0.5  # share of the prompt a match must cover to count as a cache hit
     max_tree_chars: int = 1 << 20  # per worker, in the approximate tree (LRU pruned beyond)
     health_check_interval: float = 2.0  # seconds between /health probes of each worker
     health_failures: int = 2  # consecutive failed probes before a worker is taken out
     host: str = "127.0.0.1"
     port: int = 30000
-    api_key: str | None = None  # checked by the workers (the router forwards Authorization)
+    api_key: str | None = None  # the workers' key for the router's own calls (eviction polls); clients' pass through
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -49,7 +49,7 @@ class RouterArgs:
         p.add_argument("--prefill", default=None, help="PD disaggregation: the --disaggregation-mode prefill server")
         p.add_argument("--decode", default=None, help="PD disaggregation: the --disaggregation-mode decode server")
         p.add_argument("--policy", choices=POLICIES, default="cache_aware")
-        p.add_argument("--balance-threshold", type=int, default=4)
+        p.add_argument("--balance-threshold", type=int, default=8)
         p.add_argument("--cache-threshold", type=float, default=0.5)
         p.add_argument("--max-tree-chars", type=int, default=1 << 20)
         p.add_argument("--health-check-interval", type=float, default=2.0)
@@ -57,6 +57,8 @@ class RouterArgs:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=30000)
         p.add_argument("--log-level", default="info")
+        p.add_argument("--api-key", default=None, help="the workers' --api-key, for the router's own eviction polls "
+                                                       "(clients' Authorization headers pass through)")
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> "RouterArgs":
@@ -67,4 +69,5 @@ class RouterArgs:
                    decode=ns.decode.rstrip("/") if ns.decode else None,
                    balance_threshold=ns.balance_threshold, cache_threshold=ns.cache_threshold,
                    max_tree_chars=ns.max_tree_chars, health_check_interval=ns.health_check_interval,
-                   health_failures=ns.health_failures, host=ns.host, port=ns.port, log_level=ns.log_level)
+                   health_failures=ns.health_failures, host=ns.host, port=ns.port, log_level=ns.log_level,
+                   api_key=ns.api_key)

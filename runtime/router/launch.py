@@ -104,6 +104,7 @@ def launch_dp(server_args: Any) -> None:
             time.sleep(0.25)
         launch_router(RouterArgs(worker_urls=urls, policy=server_args.router_policy,
                                  balance_threshold=server_args.router_balance_threshold,
-                                 host=server_args.host, port=server_args.port, log_level=server_args.log_level))
+                                 host=server_args.host, port=server_args.port, log_level=server_args.log_level,
+                                 api_key=server_args.api_key))  # the router's own polls (/cache_evictions)
     finally:
         _stop(procs)

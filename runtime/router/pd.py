@@ -9,13 +9,15 @@ Long prompts thus never share a batch with the decode server's running requests,
 latency does not jump when a prompt arrives. A failure on either side is that request's error (502
 when a server is unreachable, the server's own status otherwise); an exported KV that never reaches
 the decode server is freed by the prefill server after --disaggregation-transfer-timeout.
+POST /v1/completions and /v1/chat/completions (streamed or not) go the same way, marked "openai": the
+prefill server renders the prompt (chat template) and the decode server answers in the OpenAI shape.
 Batches (a list of prompts, n > 1) are not split here yet: they get a 400.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 import httpx
 from fastapi import FastAPI, Request
@@ -46,19 +48,10 @@ def create_pd_app(args: RouterArgs) -> FastAPI:
                 return error_response(503, f"{url} is unreachable: {exc}")
         return Response(status_code=200)
 
-    @app.post("/generate")
-    async def generate(request: Request) -> Response:
-        try:
-            body: Any = await request.json()
-        except ValueError:
-            return error_response(400, "malformed JSON body")
-        if not isinstance(body, dict) or isinstance(body.get("text"), list) or \
-                (body.get("input_ids") and isinstance(body["input_ids"][0], list)):
-            return error_response(400, "the prefill/decode router takes one prompt per request (no batches)")
-        sp = body.get("sampling_params") or {}
-        if isinstance(sp, dict) and sp.get("n", 1) != 1:
-            return error_response(400, "sampling_params.n: the prefill/decode router takes n = 1")
-        prefill_body = {k: v for k, v in body.items() if k not in ("stream", "rid")}
+    async def pd(request: Request, body: Any, openai: Optional[str]) -> Response:
+        """Prefill, then decode (streamed or not); `openai` marks an OpenAI body ("completions" | "chat")."""
+        mark = {"openai": openai} if openai else {}
+        prefill_body = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "rid")} | mark
         try:
             p = await client.post(f"{args.prefill}/disagg/prefill", json=prefill_body, headers=headers(request))
         except httpx.HTTPError as exc:
@@ -66,7 +59,7 @@ def create_pd_app(args: RouterArgs) -> FastAPI:
         if p.status_code != 200:
             return Response(p.content, status_code=p.status_code, media_type="application/json")
         pre = p.json()
-        decode_body = {k: v for k, v in body.items() if k != "text"}
+        decode_body = {k: v for k, v in body.items() if openai or k != "text"} | mark
         decode_body.update(input_ids=pre["input_ids"], kv=pre["kv"])
         req = client.build_request("POST", f"{args.decode}/disagg/decode", json=decode_body, headers=headers(request))
         try:
@@ -89,6 +82,49 @@ def create_pd_app(args: RouterArgs) -> FastAPI:
                 await resp.aclose()
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def json_body(request: Request) -> Any:
+        try:
+            return await request.json()
+        except ValueError:
+            return None
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        body = await json_body(request)
+        if body is None:
+            return error_response(400, "malformed JSON body")
+        if not isinstance(body, dict) or isinstance(body.get("text"), list) or \
+                (body.get("input_ids") and isinstance(body["input_ids"][0], list)):
+            return error_response(400, "the prefill/decode router takes one prompt per request (no batches)")
+        sp = body.get("sampling_params") or {}
+        if isinstance(sp, dict) and sp.get("n", 1) != 1:
+            return error_response(400, "sampling_params.n: the prefill/decode router takes n = 1")
+        return await pd(request, body, None)
+
+    async def openai_route(request: Request, route: str) -> Response:
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            return error_response(400, "malformed JSON body: an object is expected")
+        if body.get("n", 1) != 1:
+            return error_response(400, "n: the prefill/decode router takes n = 1")
+        return await pd(request, body, route)  # the servers check the rest (400 naming the field)
+
+    @app.post("/v1/completions")
+    async def openai_completions(request: Request) -> Response:
+        return await openai_route(request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def openai_chat(request: Request) -> Response:
+        return await openai_route(request, "chat")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            r = await client.get(f"{args.decode}/v1/models", headers=headers(request), timeout=30)
+        except httpx.HTTPError as exc:
+            return error_response(502, f"decode server {args.decode} unreachable: {exc}")
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
 
     @app.on_event("shutdown")
     async def close() -> None:

@@ -1,6 +1,6 @@
 """Routing policies: pick one healthy worker for a request.
 
-    policy = make_policy("cache_aware", balance_threshold=4, cache_threshold=0.5)
+    policy = make_policy("cache_aware", balance_threshold=8, cache_threshold=0.5)
     worker, decision = policy.choose(["http://a", "http://b"], text, loads={"http://a": 0, "http://b": 2})
     policy.on_routed(worker, text)      # cache_aware: remember that worker now caches the prompt
 
@@ -31,6 +31,8 @@ class Policy(Protocol):
 
     def remove_worker(self, worker: str) -> None: ...
 
+    def on_evicted(self, worker: str, text: str, kept: int, before: float) -> None: ...
+
     def clear(self) -> None: ...
 
 
@@ -41,6 +43,9 @@ class _Stateless:
         pass
 
     def remove_worker(self, worker: str) -> None:
+        pass
+
+    def on_evicted(self, worker: str, text: str, kept: int, before: float) -> None:
         pass
 
     def clear(self) -> None:
@@ -84,7 +89,7 @@ class PowerOfTwo(_Stateless):
 class CacheAware:
     name = "cache_aware"
 
-    def __init__(self, balance_threshold: int = 4, cache_threshold: float = 0.5,
+    def __init__(self, balance_threshold: int = 8, cache_threshold: float = 0.5,
                  max_tree_chars: int = 1 << 20) -> None:
         self.balance_threshold = balance_threshold
         self.cache_threshold = cache_threshold
@@ -108,11 +113,17 @@ class CacheAware:
     def remove_worker(self, worker: str) -> None:
         self.tree.remove_worker(worker)
 
+    def on_evicted(self, worker: str, text: str, kept: int, before: float) -> None:
+        """The worker's cache holds `text[:kept]` but nothing under `text[:kept + 1]` any more (an
+        eviction event); entries routed at or after `before` (monotonic) may be cached again and stay."""
+        if kept < len(text):
+            self.tree.forget(worker, text[:kept + 1], before)
+
     def clear(self) -> None:
         self.tree = ApproxTree(self.tree.max_chars)
 
 
-def make_policy(name: str, balance_threshold: int = 4, cache_threshold: float = 0.5,
+def make_policy(name: str, balance_threshold: int = 8, cache_threshold: float = 0.5,
                 max_tree_chars: int = 1 << 20, seed: Optional[int] = None) -> Policy:
     if name == "cache_aware":
         return CacheAware(balance_threshold, cache_threshold, max_tree_chars)

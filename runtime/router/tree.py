@@ -88,6 +88,59 @@ class ApproxTree:
                     not any(worker in c.workers for c in parent.children.values()):
                 leaves.append(parent)
 
+    def forget(self, worker: str, prefix: str, before: float) -> int:
+        """The worker evicted everything under `prefix`: drop it from every node whose text starts with
+        `prefix` and that it last used before `before` (a newer use may have cached the text again).
+        Returns the characters dropped."""
+        if not prefix:
+            return 0
+        node, i = self.root, 0
+        while i < len(prefix):
+            child = node.children.get(prefix[i])
+            if child is None or worker not in child.workers:
+                return 0
+            k = _common(child.edge, prefix, i)
+            if i + k == len(prefix):  # prefix ends inside (or at the end of) child's edge
+                off = len(prefix) - 1 - i  # child's edge from `off` on lies under prefix; before it: kept
+                if off > 0:
+                    self._split(child, off)  # child becomes the lower part
+                node = child
+                break
+            if k < len(child.edge):
+                return 0  # diverges: the worker holds nothing under prefix
+            node, i = child, i + k
+        dropped = 0
+        for n in sorted(self._subtree(node), key=self._depth, reverse=True):  # children before parents
+            stamp = n.workers.get(worker)
+            # a node used since `before`, or with a child that keeps the worker, keeps it (ancestor invariant)
+            if stamp is None or stamp >= before or any(worker in c.workers for c in n.children.values()):
+                continue
+            del n.workers[worker]
+            dropped += len(n.edge)
+        self._drop_empty(node)
+        self.chars[worker] = self.chars.get(worker, 0) - dropped
+        return dropped
+
+    def _drop_empty(self, top: _Node) -> None:
+        for n in sorted(self._subtree(top), key=self._depth, reverse=True):  # leaves first
+            if not n.workers and not n.children and n.parent is not None:
+                del n.parent.children[n.edge[0]]
+
+    def _subtree(self, top: _Node) -> list[_Node]:
+        out, stack = [], [top]
+        while stack:
+            n = stack.pop()
+            out.append(n)
+            stack.extend(n.children.values())
+        return out
+
+    @staticmethod
+    def _depth(n: _Node) -> int:
+        d = 0
+        while n.parent is not None:
+            n, d = n.parent, d + 1
+        return d
+
     def size(self, worker: str) -> int:
         return self.chars.get(worker, 0)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import httpx
 
@@ -70,9 +70,3 @@ class WorkerPool:
                 if w.failures >= self._failures:
                     self.mark_down(url, f"{w.failures} failed /health probes")
         await asyncio.gather(*(one(u) for u in self.workers))
-
-    async def probe_loop(self, client: httpx.AsyncClient, interval: float,
-                         stop: Optional[asyncio.Event] = None) -> None:
-        while stop is None or not stop.is_set():
-            await self.probe_once(client, timeout=max(2.0, interval))
-            await asyncio.sleep(interval)

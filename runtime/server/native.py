@@ -198,6 +198,14 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 
+@router.get("/cache_evictions")
+async def cache_evictions(request: Request, since: int = 0) -> JSONResponse:
+    """What the prefix cache evicted since cursor `since` (as text), for a data-parallel router."""
+    if since < 0:
+        return error_response(400, "since: must be >= 0")
+    return JSONResponse(await asyncio.to_thread(get_state(request).engine.cache_evictions, since))
+
+
 @router.get("/check_integrity")
 async def check_integrity(request: Request) -> JSONResponse:
     """Run the KV pool / radix tree integrity check (meaningful when idle); 500 names the leak."""

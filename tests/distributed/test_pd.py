@@ -5,6 +5,7 @@ a dead decode server is a 502 and the prefill server's KV stays whole."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import time
 from typing import Iterator
 
 import httpx
+import openai
 import pytest
 
 from sgl.runtime.distributed.kv_transfer import READ_MARGIN_S
@@ -92,6 +94,31 @@ def test_greedy_through_pd_equals_one_server_and_starts_from_the_transferred_kv(
     _integrity(decode)
 
 
+def test_openai_routes_through_pd_equal_one_server(pd) -> None:
+    """/v1/chat/completions (and streamed) and /v1/completions through the pair: the decode server starts
+    from the transferred KV (cached = prompt - 1) and the greedy text equals the decode server's alone."""
+    prefill, decode, router = pd
+    messages = [{"role": "user", "content": "Name three colors."}]
+    greedy = {"max_tokens": 12, "temperature": 0}
+    via = openai.OpenAI(base_url=router + "/v1", api_key="x")
+    chat = via.chat.completions.create(model="default", messages=messages, **greedy)
+    assert chat.usage.prompt_tokens_details.cached_tokens == chat.usage.prompt_tokens - 1, chat.usage
+    streamed = "".join(c.choices[0].delta.content or "" for c in via.chat.completions.create(
+        model="default", messages=messages, stream=True, **greedy) if c.choices)
+    comp = via.completions.create(model="default", prompt=PROMPTS[1], **greedy)
+    assert comp.usage.prompt_tokens_details.cached_tokens == comp.usage.prompt_tokens - 1, comp.usage
+    assert httpx.post(decode.url + "/flush_cache", timeout=30).status_code == 200
+    direct = openai.OpenAI(base_url=decode.url + "/v1", api_key="x")
+    want = direct.chat.completions.create(model="default", messages=messages, **greedy)
+    assert chat.choices[0].message.content == want.choices[0].message.content == streamed
+    assert comp.choices[0].text == direct.completions.create(model="default", prompt=PROMPTS[1], **greedy).choices[0].text
+    for body, field in (({"messages": messages, "n": 2}, "n"), ({"model": "default"}, "messages")):
+        r = httpx.post(router + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+    _integrity(prefill)
+    _integrity(decode)
+
+
 def test_bad_transfers_are_clear_errors(pd) -> None:
     prefill, decode, router = pd
     r = httpx.post(decode.url + "/disagg/decode", json={"input_ids": [1, 2], "kv": {"name": "sgl-kv-nope",
@@ -121,10 +148,36 @@ def test_an_undelivered_kv_is_freed_after_the_timeout(pd) -> None:
     _integrity(decode)
 
 
-def test_a_dead_decode_server_is_a_502_and_the_prefill_side_stays_whole(pd) -> None:
+def _mapped(pid: int, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return name in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_a_decode_server_killed_mid_transfer_then_dead_is_a_502_and_the_prefill_side_stays_whole(pd) -> None:
+    """SIGKILL the decode server while /disagg/decode copies a long prompt's KV out of the segment (it has
+    mapped the new segment, the segment is still FULL: the copy did not finish), then route to the dead
+    server: 502; the prefill server frees every exported KV after the timeout and stays whole."""
     prefill, decode, router = pd
-    decode.proc.kill()
-    decode.proc.wait(timeout=10)
+    long_prompt = "Tell me about the sea. " * 300  # ~1,800 tokens: a new, larger segment (~85 MB)
+    pre = httpx.post(prefill.url + "/disagg/prefill", json={"text": long_prompt, "sampling_params": GREEDY},
+                     timeout=300).json()
+    name = pre["kv"]["name"]
+    assert not _mapped(decode.proc.pid, name)  # a segment the decode server never opened
+    with cf.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(httpx.post, decode.url + "/disagg/decode", timeout=120, json={
+            "input_ids": pre["input_ids"], "kv": pre["kv"], "sampling_params": GREEDY})
+        end = time.monotonic() + 60
+        while not _mapped(decode.proc.pid, name):
+            assert time.monotonic() < end and not fut.done(), "the decode server never opened the segment"
+            time.sleep(0.001)
+        decode.proc.kill()
+        decode.proc.wait(timeout=10)
+        assert _held({name}) == {name}, "the copy finished before the kill: not mid-transfer"
+        with pytest.raises(httpx.TransportError):
+            fut.result()
     r = httpx.post(router + "/generate", json={"text": "Once upon a time", "sampling_params": GREEDY}, timeout=60)
     assert r.status_code == 502 and "decode server" in r.text
     assert _held(_segments())  # exported, never taken

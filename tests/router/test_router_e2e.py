@@ -163,3 +163,36 @@ def test_killed_worker_gives_502_and_the_others_continue(dp: DP) -> None:
             assert resp.status_code in (200, 502)  # 502 if its router still thought the victim alive
     finally:
         stop_router(rp)
+
+
+def test_router_forgets_what_a_replica_evicted(dp: DP) -> None:
+    """A replica's evictions reach the router's tree (its /cache_evictions, polled with the health probe):
+    a prefix the replica no longer holds is no longer routed to it as a cache hit."""
+    rp = start_router(dp.workers, "--policy", "cache_aware")
+    try:
+        first = gen(rp.url, SYSTEM + "Paris?")
+        assert first.status_code == 200, first.text
+        counts = rp.counts()
+        owner = next(w for w, n in counts.items() if n == 1)
+
+        def wait_router(key: str, at_least: int) -> None:  # the router's eviction_polls / eviction_cursor
+            end = time.monotonic() + 30
+            while next(w for w in rp.info()["workers"] if w["url"] == owner)[key] < at_least:
+                assert time.monotonic() < end, f"the router's {key} never reached {at_least}"
+                time.sleep(0.1)
+        polls = next(w for w in rp.info()["workers"] if w["url"] == owner)["eviction_polls"]
+        wait_router("eviction_polls", polls + 2)  # a whole poll after the routing: the entry predates it
+        cursor = httpx.get(owner + "/cache_evictions", timeout=30).json()["cursor"]
+        assert httpx.post(owner + "/flush_cache", timeout=30).status_code == 200  # behind the router's back
+        ev = httpx.get(owner + "/cache_evictions", params={"since": cursor}, timeout=30).json()
+        assert ev["cursor"] > cursor and ev["lost"] == 0
+        # leaves first: "...Paris?<output>" (kept: the shared system prompt), then the system prompt (kept 0)
+        assert any(e["text"].startswith(SYSTEM + "Paris?") for e in ev["events"]), ev
+        assert any(e["kept"] == 0 and SYSTEM.startswith(e["text"][:50]) for e in ev["events"]), ev
+        assert httpx.get(owner + "/cache_evictions", params={"since": -1}, timeout=30).status_code == 400
+        wait_router("eviction_cursor", ev["cursor"])
+        gen(rp.url, SYSTEM + "Rome?")
+        metrics = httpx.get(rp.url + "/metrics").text
+        assert 'decision="cache_hit"' not in metrics and 'decision="low_match"} 2' in metrics, metrics
+    finally:
+        stop_router(rp)

@@ -88,3 +88,39 @@ def test_config_validation() -> None:
         RouterArgs(worker_urls=["localhost:1"])
     with pytest.raises(ValueError, match="balance_threshold"):
         RouterArgs(worker_urls=[], balance_threshold=-1)
+
+
+def test_forget_equals_brute_force_on_random_strings() -> None:
+    """An eviction event drops the worker's entries under the prefix that it last used before the poll."""
+    rng = random.Random(1)
+    tree, records = ApproxTree(), {"a": [], "b": []}  # worker -> [(text, time)]
+    clock = 0.0
+    for _ in range(400):
+        clock += 1.0
+        w = rng.choice("ab")
+        if rng.random() < 0.6:
+            t = "".join(rng.choice("xyz") for _ in range(rng.randint(1, 10)))
+            tree.insert(t, w, now=clock)
+            records[w].append((t, clock))
+        else:
+            prefix = "".join(rng.choice("xyz") for _ in range(rng.randint(1, 5)))
+            before = clock - rng.choice([0.0, 5.0, 20.0])
+            tree.forget(w, prefix, before)
+            records[w] = [(t[:len(prefix) - 1], s) if t.startswith(prefix) and s < before else (t, s)
+                          for t, s in records[w]]
+        texts = {k: [t for t, _ in v if t] for k, v in records.items()}
+        q = "".join(rng.choice("xyz") for _ in range(rng.randint(0, 12)))
+        assert tree.match(q) == brute_match(texts, q)
+        for k in "ab":
+            assert tree.size(k) == len({t[:i] for t in texts[k] for i in range(1, len(t) + 1)})
+
+
+def test_cache_aware_follows_evictions() -> None:
+    """After the worker reports evicting a prompt, the policy no longer routes that prompt by cache."""
+    policy = CacheAware(cache_threshold=0.5)
+    policy.tree.insert("system prompt A: question 1", "w1", now=1.0)
+    policy.tree.insert("another prompt B: question 1", "w2", now=1.0)
+    assert policy.choose(["w1", "w2"], "system prompt A: question 2", {})[0] == "w1"
+    policy.on_evicted("w1", "system prompt A: question 1", kept=7, before=2.0)  # kept "system "
+    assert policy.tree.match("system prompt A: question 2") == {"w1": 7}
+    assert policy.choose(["w1", "w2"], "system prompt A: question 2", {})[1] == "low_match"

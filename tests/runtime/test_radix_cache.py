@@ -79,3 +79,24 @@ def test_split_keeps_locks() -> None:
     assert tree.evict(100) == 0
     tree.unlock(m.node)
     assert tree.evict(100) == 4
+
+
+def test_eviction_log_names_each_evicted_leaf_and_what_stays() -> None:
+    """Each evicted leaf is logged with its root path and the length the tree still holds; a reader's
+    cursor skips what it saw, and entries that fell out of the bounded log are counted as lost."""
+    alloc = SlotAllocator(POOL)
+    tree = RadixCache(alloc)
+    tree.insert([1, 2, 3], alloc.alloc(3))
+    tree.insert([1, 2, 4, 5], alloc.alloc(4))  # splits: [1, 2] -> [3], [4, 5]
+    assert tree.evict(1) == 1  # the LRU leaf: [3]
+    events, lost, cursor = tree.evictions_since(0)
+    assert [(e.path, e.kept) for e in events] == [([1, 2, 3], 2)] and lost == 0 and cursor == 1
+    tree.evict(tree.total_size)  # [4, 5], then its parent [1, 2]
+    events, lost, cursor = tree.evictions_since(cursor)
+    assert [(e.path, e.kept) for e in events] == [([1, 2, 4, 5], 2), ([1, 2], 0)] and cursor == 3
+    for _ in range(RadixCache.EVICTION_LOG):
+        tree.insert([7], alloc.alloc(1))
+        tree.evict(1)
+    events, lost, cursor = tree.evictions_since(0)
+    assert lost == 3 and len(events) == RadixCache.EVICTION_LOG and cursor == 3 + RadixCache.EVICTION_LOG
+    tree.check_integrity()
