@@ -63,6 +63,7 @@ class SchemaGuard:
         self.validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
         self._own: dict[str, frozenset[str]] = {}
         self._nodes: dict[tuple[PathElem, ...], list[tuple[str, Any]]] = {}
+        self._unique: dict[tuple[PathElem, ...], bool] = {}
 
     # --- schema walking -------------------------------------------------------------------------
     def _resolve(self, ref: Any) -> Optional[tuple[str, Any]]:
@@ -183,6 +184,14 @@ class SchemaGuard:
         self._own[ptr] = res
         return res
 
+    def unique_items(self, path: tuple[PathElem, ...]) -> bool:
+        """A guarded `uniqueItems: true` applies to the array at `path`: checked item by item."""
+        hit = self._unique.get(path)
+        if hit is None:
+            hit = self._unique[path] = any(n.get("uniqueItems") is True and (p, "uniqueItems") in self.guards
+                                           for p, n in self.nodes_for(path))
+        return hit
+
     def guarded(self, path: tuple[PathElem, ...]) -> bool:
         return any(self.own_keywords(p, n) for p, n in self.nodes_for(path))
 
@@ -207,6 +216,19 @@ def _keyword(err: Any) -> str:
         if k in ("oneOf", "not", "if", "uniqueItems", "format", "multipleOf", "contains", "then", "else"):
             return "if" if k in ("then", "else") else str(k)
     return str(err.validator)
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    """JSON Schema equality: 1 == 1.0, but true != 1; objects by members, arrays element-wise."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
 
 
 def _join(ptr: str, *parts: PathElem) -> str:
@@ -268,9 +290,13 @@ class GuardedMatcher(GrammarMatcher):
     # --- backend hooks ----------------------------------------------------------------------------
     def _fill(self, row: torch.Tensor) -> None:
         self.inner._fill(row)
+        if self.inner.error is not None:  # the backend records its own failures on the inner matcher
+            self._fail(self.inner.error)
 
     def _accept(self, token_id: int) -> bool:
         if not self.inner._accept(token_id):
+            if self.inner.error is not None:
+                self._fail(self.inner.error)
             return False
         self.tokens.append(token_id)
         data = b"" if token_id in self.vocab.eos_token_ids else (self.vocab.decode([token_id]) or b"")
@@ -347,11 +373,26 @@ class GuardedMatcher(GrammarMatcher):
                 lo = mid + 1
         return lo
 
+    def _value(self, start: int, end: int) -> Any:
+        return json.loads(bytes(self.tracker.data[start:end]).decode("utf-8"))
+
+    def _content_start(self, byte: int) -> int:
+        """Where a value's content starts: after a string's opening quote (the quote is not the choice
+        that failed; masking it would push the model into odd tokenizations)."""
+        return byte + 1 if self.tracker.data[byte:byte + 1] == b'"' else byte
+
     def _check(self, c: Closed) -> bool:
-        if not self.guard.guarded(c.path):
-            return False
         try:
-            value = json.loads(bytes(self.tracker.data[c.start:c.end]).decode("utf-8"))
+            if c.siblings and isinstance(c.path[-1], int) and self.guard.unique_items(c.path[:-1]):
+                # uniqueItems holds for every prefix of a valid array: check each element as it closes
+                value = self._value(c.start, c.end)
+                if any(_json_equal(value, self._value(a, b)) for a, b in c.siblings):
+                    v = GuardViolation("uniqueItems", _json_path(c.path[:-1]), f"item {c.path[-1]} repeats an earlier item")
+                    self._violate(v, self._token_at(self._content_start(c.start)))
+                    return True
+            if not self.guard.guarded(c.path):
+                return False
+            value = self._value(c.start, c.end)
         except ValueError:
             return False  # the grammar guarantees JSON; a partial atom is checked when complete
         v = self.guard.check(c.path, value)
@@ -361,7 +402,7 @@ class GuardedMatcher(GrammarMatcher):
         target = c.start
         if c.last_child is not None and self.failures[c.start] <= _FAILURES_BEFORE_WHOLE_VALUE:
             target = c.last_child
-        self._violate(v, self._token_at(target))
+        self._violate(v, self._token_at(self._content_start(target)))
         return True
 
     def _check_document(self) -> None:

@@ -85,6 +85,9 @@ class OutputProcessor:
         }
         if req.grammar is not None and getattr(req.grammar, "budget_closed", False):
             meta["grammar_closed_early"] = True  # the constraint was closed to fit max_new_tokens
+        if getattr(req.grammar, "num_backtracks", 0):  # semantic-guard rollbacks (grammars/guards.py)
+            meta["grammar_backtracks"] = req.grammar.num_backtracks
+            meta["grammar_backtracked_tokens"] = req.grammar.backtracked_tokens
         if req.first_token_time is not None:  # lets a client time TTFT without per-token outputs
             meta["first_token_latency"] = req.first_token_time - req.created_time
         if req.return_logprob:

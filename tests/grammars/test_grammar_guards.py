@@ -65,8 +65,8 @@ def test_rollback_masks_the_opening_token_and_walks_on(compiler, vocab):
     m, at = _walk(g, vocab, text)
     keep = m.take_rollback()
     tokens = vocab.encode(text.encode())
-    # the duplicate is the last child: roll back to the token holding its opening quote (byte 17)
-    start = text.index('"a"]')
+    # the duplicate is the last item: roll back to the token holding its first content byte
+    start = text.index('"a"]') + 1
     assert len(vocab.decode(tokens[:keep])) <= start < len(vocab.decode(tokens[:keep + 1]))
     bad = tokens[keep]
     m.rollback(at + 1 - keep)
