@@ -63,6 +63,8 @@ SUPPORTED = frozenset({"$ref", "type", "enum", "const", "anyOf", "oneOf", "allOf
 # unless trivially true (see _trivial).
 UNSUPPORTED = frozenset({"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$dynamicAnchor",
                          "$recursiveRef", "$recursiveAnchor", "$anchor"})
+# Unsupported keywords a semantic guard can check instead (guard mode; grammars/guards.py)
+GUARDABLE = frozenset({"unevaluatedProperties", "unevaluatedItems"})
 _MAX_DEPENDENCIES = 4  # each doubles the anyOf branches
 _NON_OBJECTS = [{"type": t} for t in ("array", "boolean", "null", "number", "string")]
 
@@ -200,6 +202,9 @@ class _Normalizer:
             raise GrammarError("a subschema must be an object or a boolean", path=_pointer(path))
         for key, val in s.items():
             if key in UNSUPPORTED and not _trivial(key, val):
+                if self.guard and key in GUARDABLE:  # the grammar ignores it; the guard checks it per value
+                    self.guards.append((_pointer(path), key))
+                    continue
                 raise GrammarError(f"JSON Schema keyword {key!r} is not supported by constrained decoding",
                                    keyword=key, path=_pointer(path + (key,)))
         if "$ref" in s:
