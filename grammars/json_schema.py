@@ -65,6 +65,7 @@ UNSUPPORTED = frozenset({"unevaluatedProperties", "unevaluatedItems", "$dynamicR
                          "$recursiveRef", "$recursiveAnchor", "$anchor"})
 # Unsupported keywords a semantic guard can check instead (guard mode; grammars/guards.py)
 GUARDABLE = frozenset({"unevaluatedProperties", "unevaluatedItems"})
+_UNMERGEABLE = frozenset({"pattern", "format", "multipleOf"})  # allOf conflicts a guard can take over
 _MAX_DEPENDENCIES = 4  # each doubles the anyOf branches
 _NON_OBJECTS = [{"type": t} for t in ("array", "boolean", "null", "number", "string")]
 
@@ -419,8 +420,23 @@ class _Normalizer:
         return flat[0] if len(flat) == 1 else {"anyOf": flat}
 
     def combine_all(self, parts: list[Any], path: tuple) -> Any:
-        merged = merge_all([self.inline(p, path) for p in parts], _pointer(path),
-                           inline=lambda x: self.inline(x, path))
+        inline = lambda x: self.inline(x, path)  # noqa: E731
+        parts = [inline(p) for p in parts]
+        try:
+            merged = merge_all(parts, _pointer(path), inline=inline)
+        except GrammarError as e:
+            if not self.guard or e.keyword not in _UNMERGEABLE:
+                raise
+            # two patterns/formats/fractional multipleOfs: the grammar keeps the parts that merge (a
+            # superset); the guard checks the whole node ("allOf" or "$ref" + siblings) per value
+            merged = parts[0]
+            for p in parts[1:]:
+                try:
+                    merged = merge_all([merged, p], _pointer(path), inline=inline)
+                except GrammarError as e2:
+                    if e2.keyword not in _UNMERGEABLE:
+                        raise
+            self.guards += [(_pointer(path), "allOf"), (_pointer(path), "$ref")]
         return self.finish(merged, path)
 
     def finish(self, s: Any, path: tuple) -> Any:

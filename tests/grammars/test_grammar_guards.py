@@ -26,6 +26,9 @@ CASES = [  # (schema, valid instances, (invalid instance, keyword))
     ({"type": "object", "properties": {"n": {"type": "string"}},
       "if": {"properties": {"n": {"pattern": "^[0-9]"}}}, "then": {"properties": {"n": {"maxLength": 2}}}},
      [{"n": "12"}, {"n": "abcd"}], [({"n": "123"}, "if")]),
+    ({"type": "object", "properties": {"s": {"type": "string", "maxLength": 6,
+                                             "allOf": [{"pattern": "^a"}, {"pattern": "b$"}]}}},
+     [{"s": "ab"}, {"s": "axb"}], [({"s": "ax"}, "pattern")]),
     ({"type": "array", "items": {"type": "object", "properties": {"id": {"type": "integer"}}}, "uniqueItems": True},
      [[{"id": 1}, {"id": 2}]], [([{"id": 1}, {"id": 1}], "uniqueItems")]),
 ]
