@@ -38,6 +38,8 @@ _DEFINITE = frozenset({"properties", "patternProperties", "additionalProperties"
                        "additionalItems", "allOf", "$ref"})
 _NOT_SCHEMAS = frozenset({"enum", "const", "$defs", "definitions", "examples", "default", "required"})
 _FAILURES_BEFORE_WHOLE_VALUE = 2  # rollbacks to a value's last child before rolling back the whole value
+# Violations a longer container fixes: the first rollback only reopens it (its closing token masked).
+_NEEDS_MORE = frozenset({"minProperties", "minItems", "required", "contains", "minContains", "dependentRequired"})
 
 
 def _escape(p: str) -> str:
@@ -214,7 +216,7 @@ def _keyword(err: Any) -> str:
     """The outermost keyword of a jsonschema error's schema path that is a guardable keyword."""
     for k in err.absolute_schema_path:
         if k in ("oneOf", "not", "if", "uniqueItems", "format", "multipleOf", "contains", "then", "else",
-                 "unevaluatedProperties", "unevaluatedItems"):
+                 "unevaluatedProperties", "unevaluatedItems", "minProperties", "maxProperties"):
             return "if" if k in ("then", "else") else str(k)
     return str(err.validator)
 
@@ -400,8 +402,13 @@ class GuardedMatcher(GrammarMatcher):
         if v is None:
             return False
         self.failures[c.start] += 1
+        tries = self.failures[c.start]
+        if v.keyword in _NEEDS_MORE and tries == 1 and c.end - c.start > 1:
+            # the container closed too early: take back (and mask) its closing bracket only
+            self._violate(v, self._token_at(c.end - 1))
+            return True
         target = c.start
-        if c.last_child is not None and self.failures[c.start] <= _FAILURES_BEFORE_WHOLE_VALUE:
+        if c.last_child is not None and tries <= _FAILURES_BEFORE_WHOLE_VALUE + (v.keyword in _NEEDS_MORE):
             target = c.last_child
         self._violate(v, self._token_at(self._content_start(target)))
         return True

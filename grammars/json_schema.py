@@ -264,6 +264,12 @@ class _Normalizer:
         if s.get("required"):
             out["required"] = list(dict.fromkeys(s["required"]))
         out = self.exact_extras(s, out, path)
+        if self.guard and isinstance(out, dict) and ("minProperties" in out or "maxProperties" in out) \
+                and set(out.get("properties", {})) - set(out.get("required", [])):
+            # counting optional keys is not in the backends' JSON support (llguidance rejects it): guarded
+            for k in ("minProperties", "maxProperties"):
+                if out.pop(k, None) is not None:
+                    self.guards.append((_pointer(path), k))
         # combinators
         parts: list[Any] = [out] if out != {} else []
         parts += self.contains(s, path)

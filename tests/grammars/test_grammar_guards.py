@@ -29,6 +29,9 @@ CASES = [  # (schema, valid instances, (invalid instance, keyword))
     ({"type": "object", "properties": {"s": {"type": "string", "maxLength": 6,
                                              "allOf": [{"pattern": "^a"}, {"pattern": "b$"}]}}},
      [{"s": "ab"}, {"s": "axb"}], [({"s": "ax"}, "pattern")]),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}, "c": {"type": "integer"}},
+      "minProperties": 2, "maxProperties": 2}, [{"a": 1, "c": 2}], [({"a": 1}, "minProperties"),
+                                                                   ({"a": 1, "b": 2, "c": 3}, "maxProperties")]),
     ({"type": "array", "items": {"type": "object", "properties": {"id": {"type": "integer"}}}, "uniqueItems": True},
      [[{"id": 1}, {"id": 2}]], [([{"id": 1}, {"id": 1}], "uniqueItems")]),
 ]
@@ -83,6 +86,20 @@ def test_rollback_masks_the_opening_token_and_walks_on(compiler, vocab):
     for t in vocab.encode(rest) + [vocab.eos_token_id]:
         assert m.accept(t) and m.take_rollback() is None
     assert m.is_finished() and m.backtracked_tokens == at + 1 - keep
+
+
+def test_too_short_object_is_reopened_first(compiler, vocab):
+    g = _compile(compiler, CASES[-2][0])
+    text = compact({"a": 1})
+    m, at = _walk(g, vocab, text)
+    keep = m.take_rollback()
+    tokens = vocab.encode(text.encode())
+    assert vocab.decode(tokens[:keep + 1]).endswith(b"}"), "only the closing token is taken back"
+    m.rollback(at + 1 - keep)
+    rest = compact({"a": 1, "b": 2}).encode()[len(vocab.decode(tokens[:keep])):]
+    for t in vocab.encode(rest) + [vocab.eos_token_id]:
+        assert m.accept(t) and m.take_rollback() is None
+    assert m.is_finished()
 
 
 def test_budget_spent_fails_naming_the_keyword(compiler, vocab):
