@@ -28,6 +28,12 @@ spec says, so real-world schemas with vendor annotations still compile):
 - ``not`` of a schema that has an exact complement: types (not integer alone), const/enum of
   primitives, required, properties, numeric/length/size bounds, anyOf of those (schema_logic.negate)
 
+Semantic guards (``normalize(..., guard=True)``, the compiler's default): what no grammar enforces
+exactly (overlapping oneOf without complements, uniqueItems over infinite domains, ``not`` of a general
+schema, an ``if`` without a complement, ``unevaluated*``, allOf conflicts of patterns/formats, min/max
+properties over optional keys) is relaxed in the grammar and listed in ``NormalizedSchema.guards``;
+grammars/guards.py checks it per value while decoding.
+
 Example:
     >>> normalize({"allOf": [{"type": "integer", "minimum": 0}, {"maximum": 9}]}).schema
     {'type': 'integer', 'minimum': 0, 'maximum': 9}
