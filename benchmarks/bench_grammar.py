@@ -7,7 +7,9 @@ For every backend, in the same run, over a fixed random sample of each subset:
   the grammar produced validates with `jsonschema` (samples: --walks random walks per schema that pick
   uniformly among allowed tokens, biased toward closing tokens so they finish).
 Backends: sgl-<name> = our JSON-schema normalizer + that engine (what `--grammar-backend <name>` runs);
-sgl-llguidance-lenient = the same with strict_json=False (overlapping oneOf as anyOf, uniqueItems ignored);
+sgl-llguidance = the default: exact encodings + semantic guards with backtracking (grammars/guards.py);
+sgl-llguidance-strict = --json-strict (no guards: what needs one is rejected);
+sgl-llguidance-lenient = strict_json=False (overlapping oneOf as anyOf, uniqueItems ignored);
 raw-<name> = the library's own JSON-schema support on the raw schema (the baselines the issue measured).
 Each backend runs in a worker process that is killed and restarted on a timeout.
 
@@ -34,7 +36,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SGL_SHARED_DATA", ROOT.parent / "shared" / "data")) / "jsonschemabench-dev"
 SUBSETS = ["Glaiveai2K", "Github_trivial", "Github_easy", "Github_medium"]
-BACKENDS = ["sgl-llguidance", "sgl-llguidance-lenient", "sgl-xgrammar", "sgl-outlines", "raw-llguidance",
+BACKENDS = ["sgl-llguidance", "sgl-llguidance-strict", "sgl-llguidance-lenient", "sgl-xgrammar", "sgl-outlines", "raw-llguidance",
             "raw-xgrammar", "raw-outlines"]
 
 
@@ -75,21 +77,23 @@ def _worker(backend: str, tok_path: str, eos: list[int], conn: Any, walks: int, 
         relaxed += [str(w.message) for w in pyw if "strict_json=False" in str(w.message)]
         conn.send(("compiled", (dt, relaxed[:5])))
         rng = random.Random(seed)
-        samples, mask_times, walk_errors = [], [], []
+        samples, mask_times, walk_errors, stats = [], [], [], {"tokens": 0, "backtracks": 0}
         for _ in range(walks):
-            text, err = _random_walk(grammar.matcher(), vocab, rng, max_steps, closing, mask_times, np, torch)
+            text, err = _random_walk(grammar.matcher(), vocab, rng, max_steps, closing, mask_times, np, torch, stats)
             if err:
                 walk_errors.append(err[:200])
             elif text is not None:
                 samples.append(text)
-        conn.send(("walked", {"samples": samples, "mask_us": mask_times, "walk_errors": walk_errors}))
+        conn.send(("walked", {"samples": samples, "mask_us": mask_times, "walk_errors": walk_errors, **stats}))
 
 
 def _make_compile(kind: str, name: str, vocab: Any, GrammarCompiler: Any, GrammarError: Any):
     if kind == "sgl":
         lenient = name.endswith("-lenient")  # overlapping oneOf / uniqueItems accepted with a warning
-        c = GrammarCompiler(vocab, backend=name.removesuffix("-lenient"), strict_json=not lenient)
-        return lambda schema: c.backend.compile(c.to_spec("json_schema", schema))
+        strict = name.endswith("-strict")  # --json-strict: no semantic guards, unenforceable keywords rejected
+        c = GrammarCompiler(vocab, backend=name.removesuffix("-lenient").removesuffix("-strict"),
+                            strict_json=not lenient, guards=not strict)
+        return lambda schema: c.compile_spec(c.to_spec("json_schema", schema))
     if name == "llguidance":
         from llguidance import LLMatcher
         from sgl.grammars.backends.llguidance_backend import LLGuidanceGrammar, LLGuidanceBackend
@@ -118,7 +122,9 @@ def _make_compile(kind: str, name: str, vocab: Any, GrammarCompiler: Any, Gramma
 
 
 def _random_walk(m: Any, vocab: Any, rng: random.Random, max_steps: int, closing: Any, mask_times: list,
-                 np: Any, torch: Any) -> tuple[Optional[str], Optional[str]]:
+                 np: Any, torch: Any, stats: dict) -> tuple[Optional[str], Optional[str]]:
+    """Mask time = fill_bitmask + accept (where semantic guards check closed values); a guard's
+    rollback request is honoured like the scheduler does (truncate, matcher.rollback)."""
     W = (vocab.vocab_size_padded + 31) // 32
     mask = torch.zeros(1, W, dtype=torch.int32)
     out: list[int] = []
@@ -138,9 +144,20 @@ def _random_walk(m: Any, vocab: Any, rng: random.Random, max_steps: int, closing
         t = int(pool[rng.randrange(len(pool))])
         if t == eos:
             return vocab.decode(out).decode("utf-8", errors="replace"), None
-        if not m.accept(t):
+        t1 = time.perf_counter()
+        ok = m.accept(t)
+        mask_times[-1] += (time.perf_counter() - t1) * 1e6
+        if not ok:
             return None, m.error or "accept failed"
         out.append(t)
+        stats["tokens"] += 1
+        keep = m.take_rollback() if hasattr(m, "take_rollback") else None
+        if keep is not None:
+            m.rollback(len(out) - keep)
+            del out[keep:]
+            stats["backtracks"] += 1
+        elif m.error:
+            return None, m.error
     return None, None  # did not finish: not judged
 
 
@@ -281,6 +298,8 @@ def summarize(rows: list[dict]) -> dict:
         "coverage": round(sum(r["correct"] for r in rows) / max(len(rows), 1), 4),
         "compile_ms_p50": _pct(cts, .5), "compile_ms_p90": _pct(cts, .9), "compile_ms_p99": _pct(cts, .99),
         "mask_us_p50": _pct(masks, .5), "mask_us_p99": _pct(masks, .99), "mask_calls": len(masks),
+        "backtracks_per_1k_tokens": round(1000 * sum(r.get("backtracks", 0) for r in rows)
+                                          / max(sum(r.get("tokens", 0) for r in rows), 1), 2),
         "failures": [{k: r.get(k) for k in ("file", "status", "error", "relaxed", "invalid_examples", "walk_errors")}
                      for r in rows if not r["correct"]][:20],
     }
@@ -289,7 +308,7 @@ def summarize(rows: list[dict]) -> dict:
 def print_table(results: dict) -> None:
     ref = results["backends"].get("sgl-llguidance")
     hdr = (f"{'backend':22s} {'subset':15s} {'n':>4s} {'cov%':>6s} {'inval':>5s} {'relax':>5s} {'t/o':>4s} {'c_p50ms':>8s} "
-           f"{'c_p90ms':>8s} {'c_p99ms':>8s} {'m_p50us':>8s} {'m_p99us':>8s}  ratio(p50 compile, mask) vs sgl-llguidance")
+           f"{'c_p90ms':>8s} {'c_p99ms':>8s} {'m_p50us':>8s} {'m_p99us':>8s} {'bt/1k':>6s}  ratio(p50 compile, mask) vs sgl-llguidance")
     print(hdr)
     f = lambda x: "-" if x is None else (f"{x:.1f}" if x < 1000 else f"{x:.0f}")  # noqa: E731
     for b, r in results["backends"].items():
@@ -301,9 +320,12 @@ def print_table(results: dict) -> None:
             print(f"{b:22s} {s:15s} {x['n']:4d} {100 * x['coverage']:6.1f} {x['invalid_schemas']:5d} "
                   f"{x['relaxed_schemas']:5d} {x['timeouts']:4d} "
                   f"{f(x['compile_ms_p50']):>8s} {f(x['compile_ms_p90']):>8s} {f(x['compile_ms_p99']):>8s} "
-                  f"{f(x['mask_us_p50']):>8s} {f(x['mask_us_p99']):>8s}  {ratio}")
+                  f"{f(x['mask_us_p50']):>8s} {f(x['mask_us_p99']):>8s} {x.get('backtracks_per_1k_tokens', 0):6.2f}  {ratio}")
     if "e2e" in results:
         print("e2e:", json.dumps(results["e2e"]))
+    if "on_model" in results:
+        from bench_grammar_model import print_on_model  # noqa: E402
+        print_on_model(results["on_model"])
 
 
 def main() -> None:
@@ -316,10 +338,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backends", nargs="+", default=BACKENDS)
     p.add_argument("--e2e", action="store_true", help="also measure decode tokens/s on the default model")
+    p.add_argument("--on-model", type=int, default=0, metavar="N",
+                   help="also generate greedily (<= 512 tokens) on the default model for N schemas per subset "
+                        "(ours, default mode: guards): coverage, invalid outputs, backtracks per 1K tokens")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_grammar.json"))
     args = p.parse_args()
     t0 = time.perf_counter()
     results = run(args)
+    if args.on_model:
+        from bench_grammar_model import run_on_model  # noqa: E402
+        results["on_model"] = run_on_model(args.on_model, args.seed, SUBSETS, DATA)
     if args.e2e:
         from bench_grammar_e2e import run_e2e  # noqa: E402
         results["e2e"] = run_e2e()

@@ -20,7 +20,10 @@ if TYPE_CHECKING:
     from sgl.grammars.base import GrammarMatcher
     from sgl.grammars.vocabulary import Vocabulary
 
-MARGIN = 2  # tokens: one free token can lengthen the shortest completion; close this much earlier
+# tokens: close this much earlier than the path's length. One free token can lengthen the greedy path by
+# several tokens (e.g. `{"` inside nested arrays adds `":0}` and a closer); with 2, a deeply nested
+# JSONSchemaBench output (Github_easy/o53002, on the default model) ran out of budget mid-closing.
+MARGIN = 6
 # Preference orders. Inside a JSON string (a quote, a brace and a letter all allowed) the quote-led
 # closers come first: a brace there is string content, never progress. Elsewhere bracket closers first
 # (after `{` with optional keys, `}` beats opening a key).

@@ -161,10 +161,7 @@ class GrammarCompiler:
         try:
             with self._lock:
                 spec = self._specs.pop(key, None)
-            spec = spec if spec is not None else self.to_spec(kind, value)
-            grammar = self.backend.compile(spec)
-            if spec.guards:
-                grammar = GuardedGrammar(grammar, SchemaGuard(json.loads(spec.source or "true"), list(spec.guards)))
+            grammar = self.compile_spec(spec if spec is not None else self.to_spec(kind, value))
             grammar.compile_time_s = time.perf_counter() - t0  # type: ignore[attr-defined]
         except Exception as e:  # noqa: BLE001
             timer.cancel()
@@ -202,6 +199,13 @@ class GrammarCompiler:
             del self._cache[keep]
             self._sizes.pop(keep)
             self.stats["evicted_for_bytes"] += 1
+
+    def compile_spec(self, spec: GrammarSpec) -> CompiledGrammar:
+        """Compile a validated spec now (no cache); wraps it with its semantic guards, if any."""
+        grammar = self.backend.compile(spec)
+        if spec.guards:
+            grammar = GuardedGrammar(grammar, SchemaGuard(json.loads(spec.source or "true"), list(spec.guards)))
+        return grammar
 
     def _time_out(self, key: tuple[str, str], fut: Future) -> None:
         if _settle(fut, exc=GrammarTimeout(f"grammar compilation took longer than {self.compile_timeout_s:g} s")):

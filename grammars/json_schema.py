@@ -28,6 +28,12 @@ spec says, so real-world schemas with vendor annotations still compile):
 - ``not`` of a schema that has an exact complement: types (not integer alone), const/enum of
   primitives, required, properties, numeric/length/size bounds, anyOf of those (schema_logic.negate)
 
+Semantic guards (``normalize(..., guard=True)``, the compiler's default): what no grammar enforces
+exactly (overlapping oneOf without complements, uniqueItems over infinite domains, ``not`` of a general
+schema, an ``if`` without a complement, ``unevaluated*``, allOf conflicts of patterns/formats, min/max
+properties over optional keys) is relaxed in the grammar and listed in ``NormalizedSchema.guards``;
+grammars/guards.py checks it per value while decoding.
+
 Example:
     >>> normalize({"allOf": [{"type": "integer", "minimum": 0}, {"maximum": 9}]}).schema
     {'type': 'integer', 'minimum': 0, 'maximum': 9}
@@ -63,6 +69,9 @@ SUPPORTED = frozenset({"$ref", "type", "enum", "const", "anyOf", "oneOf", "allOf
 # unless trivially true (see _trivial).
 UNSUPPORTED = frozenset({"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$dynamicAnchor",
                          "$recursiveRef", "$recursiveAnchor", "$anchor"})
+# Unsupported keywords a semantic guard can check instead (guard mode; grammars/guards.py)
+GUARDABLE = frozenset({"unevaluatedProperties", "unevaluatedItems"})
+_UNMERGEABLE = frozenset({"pattern", "format", "multipleOf"})  # allOf conflicts a guard can take over
 _MAX_DEPENDENCIES = 4  # each doubles the anyOf branches
 _NON_OBJECTS = [{"type": t} for t in ("array", "boolean", "null", "number", "string")]
 
@@ -200,6 +209,9 @@ class _Normalizer:
             raise GrammarError("a subschema must be an object or a boolean", path=_pointer(path))
         for key, val in s.items():
             if key in UNSUPPORTED and not _trivial(key, val):
+                if self.guard and key in GUARDABLE:  # the grammar ignores it; the guard checks it per value
+                    self.guards.append((_pointer(path), key))
+                    continue
                 raise GrammarError(f"JSON Schema keyword {key!r} is not supported by constrained decoding",
                                    keyword=key, path=_pointer(path + (key,)))
         if "$ref" in s:
@@ -258,6 +270,12 @@ class _Normalizer:
         if s.get("required"):
             out["required"] = list(dict.fromkeys(s["required"]))
         out = self.exact_extras(s, out, path)
+        if self.guard and isinstance(out, dict) and ("minProperties" in out or "maxProperties" in out) \
+                and set(out.get("properties", {})) - set(out.get("required", [])):
+            # counting optional keys is not in the backends' JSON support (llguidance rejects it): guarded
+            for k in ("minProperties", "maxProperties"):
+                if out.pop(k, None) is not None:
+                    self.guards.append((_pointer(path), k))
         # combinators
         parts: list[Any] = [out] if out != {} else []
         parts += self.contains(s, path)
@@ -414,8 +432,23 @@ class _Normalizer:
         return flat[0] if len(flat) == 1 else {"anyOf": flat}
 
     def combine_all(self, parts: list[Any], path: tuple) -> Any:
-        merged = merge_all([self.inline(p, path) for p in parts], _pointer(path),
-                           inline=lambda x: self.inline(x, path))
+        inline = lambda x: self.inline(x, path)  # noqa: E731
+        parts = [inline(p) for p in parts]
+        try:
+            merged = merge_all(parts, _pointer(path), inline=inline)
+        except GrammarError as e:
+            if not self.guard or e.keyword not in _UNMERGEABLE:
+                raise
+            # two patterns/formats/fractional multipleOfs: the grammar keeps the parts that merge (a
+            # superset); the guard checks the whole node ("allOf" or "$ref" + siblings) per value
+            merged = parts[0]
+            for p in parts[1:]:
+                try:
+                    merged = merge_all([merged, p], _pointer(path), inline=inline)
+                except GrammarError as e2:
+                    if e2.keyword not in _UNMERGEABLE:
+                        raise
+            self.guards += [(_pointer(path), "allOf"), (_pointer(path), "$ref")]
         return self.finish(merged, path)
 
     def finish(self, s: Any, path: tuple) -> Any:

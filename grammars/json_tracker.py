@@ -30,6 +30,7 @@ class Closed:
     start: int
     end: int
     last_child: Optional[int] = None
+    siblings: tuple[tuple[int, int], ...] = ()  # array elements: the spans of the elements before it
 
 
 @dataclass
@@ -41,6 +42,7 @@ class _Frame:
     key: Optional[str] = None  # objects: the key of the member being read
     expect_key: bool = True  # objects: the next string is a key
     last_child: Optional[int] = None
+    children: list[tuple[int, int]] = field(default_factory=list)  # arrays: spans of the closed elements
 
 
 @dataclass
@@ -137,4 +139,9 @@ class JsonTracker:
     def _close(self, path: tuple[PathElem, ...], start: int, end: int, last_child: Optional[int] = None) -> Closed:
         if not self.stack:
             self.done = True
-        return Closed(path, start, end, last_child)
+            return Closed(path, start, end, last_child)
+        siblings: tuple[tuple[int, int], ...] = ()
+        if self.stack[-1].kind == "[":
+            siblings = tuple(self.stack[-1].children)
+            self.stack[-1].children.append((start, end))
+        return Closed(path, start, end, last_child, siblings)

@@ -87,7 +87,10 @@ class ServerArgs:
     grammar_compile_timeout: float = 30.0
     grammar_cache_max_bytes: int = 64 * 1024 * 1024  # compiled grammars kept (estimated bytes, LRU)
     json_whitespace: str = "compact"
-    json_strict: bool = True  # --no-json-strict: overlapping oneOf as anyOf, uniqueItems ignored (warned)
+    # --json-strict: reject JSON-schema keywords a grammar cannot enforce exactly; default: semantic guards
+    # check them per value and backtrack on a violation (grammars/guards.py)
+    json_strict: bool = False
+    grammar_backtrack_budget: int = 256  # output tokens guard rollbacks may discard; past it: abort naming the keyword
     disable_jump_forward: bool = False
     grammar_budget: bool = True  # --no-grammar-budget: constrained outputs may end on length unparsed
     # Execution
@@ -172,6 +175,8 @@ class ServerArgs:
             raise ValueError(f"quantize must be one of {QUANTIZE_TYPES} (or unset), got {self.quantize!r}")
         if self.quantize is not None and self.weight_format == "fp32":
             raise ValueError("quantize needs weight_format auto or native (quantized weights run native)")
+        if self.grammar_backtrack_budget < 0:
+            raise ValueError("grammar_backtrack_budget must be >= 0")
         if self.json_whitespace not in ("compact", "flexible"):
             raise ValueError("json_whitespace must be 'compact' or 'flexible'")
         for name in ("max_request_new_tokens", "max_batch_size", "max_stop_strings", "max_stop_string_chars",

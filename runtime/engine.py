@@ -235,6 +235,8 @@ class Engine:
                 return
         if matcher is not None and self.server_args.grammar_budget:
             matcher.set_token_budget(req.params.max_new_tokens)  # close the output within the budget
+        if matcher is not None and hasattr(matcher, "set_backtrack_budget"):
+            matcher.set_backtrack_budget(self.server_args.grammar_backtrack_budget)
         self.scheduler.add_request(req)
 
     def _fail(self, r: GenerateRequest, message: str) -> None:
@@ -485,6 +487,6 @@ def _make_grammar_compiler(args: ServerArgs, tokenizer: Any, vocab_size: int) ->
         return None
     vocab = Vocabulary.from_tokenizer(tokenizer.backend, tokenizer.eos_token_ids, vocab_size)
     return GrammarCompiler(vocab, backend=args.grammar_backend, json_whitespace=args.json_whitespace,
-                           compile_timeout_s=args.grammar_compile_timeout, strict_json=args.json_strict,
+                           compile_timeout_s=args.grammar_compile_timeout, guards=not args.json_strict,
                            cache_bytes=args.grammar_cache_max_bytes)
 

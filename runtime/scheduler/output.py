@@ -91,6 +91,9 @@ class OutputProcessor:
         if req.spec_verify_ct:  # speculative decoding (SGLang's names): verify steps, tokens per verify step
             meta["spec_verify_ct"] = req.spec_verify_ct
             meta["spec_accept_length"] = (req.spec_accepted_tokens + req.spec_verify_ct) / req.spec_verify_ct
+        if getattr(req.grammar, "num_backtracks", 0):  # semantic-guard rollbacks (grammars/guards.py)
+            meta["grammar_backtracks"] = req.grammar.num_backtracks
+            meta["grammar_backtracked_tokens"] = req.grammar.backtracked_tokens
         if req.first_token_time is not None:  # lets a client time TTFT without per-token outputs
             meta["first_token_latency"] = req.first_token_time - req.created_time
         if req.return_logprob:

@@ -34,12 +34,23 @@ def load_default_tokenizer():
 
 
 def walk(grammar: Any, vocab: Any, text: str, finish: bool = True) -> bool:
-    """Does the grammar accept `text` (tokenized canonically) followed by EOS?"""
+    """Does the grammar accept `text` (tokenized canonically) followed by EOS? A semantic guard's
+    violation (a rollback request) counts as a rejection."""
+    return walk_how(grammar, vocab, text, finish)[0]
+
+
+def walk_how(grammar: Any, vocab: Any, text: str, finish: bool = True) -> tuple[bool, Optional[str]]:
+    """(accepted, the guarded keyword that rejected it or None)."""
     m = grammar.matcher()
-    for t in vocab.encode(text.encode("utf-8")):
+    take = getattr(m, "take_rollback", None)
+    for t in vocab.encode(text.encode("utf-8")) + ([vocab.eos_token_id] if finish else []):
         if not m.accept(t):
-            return False
-    return m.accept(vocab.eos_token_id) if finish else True
+            return False, None
+        if take is not None and take() is not None:
+            return False, m.violation.keyword
+        if m.error is not None:  # the whole-document safety net
+            return False, "document"
+    return True, None
 
 
 def compact(x: Any) -> str:
@@ -103,6 +114,7 @@ def _extra_schema(schema: dict, key: str) -> Any:
 class SuiteResult:
     per_file: dict = field(default_factory=lambda: defaultdict(Counter))
     failures: list = field(default_factory=list)  # (file, group, test, valid, why)
+    per_guard: Counter = field(default_factory=Counter)  # invalid instances rejected by a guard, per keyword
 
     def totals(self) -> Counter:
         c: Counter = Counter()
@@ -130,7 +142,7 @@ def run_suite(compiler: Any, vocab: Any, drafts=("draft2020-12", "draft7"), file
                 if draft == "draft7" and isinstance(schema, dict) and "$schema" not in schema:
                     schema = dict(schema, **{"$schema": "http://json-schema.org/draft-07/schema#"})
                 try:
-                    norm = normalize_json_schema(schema)
+                    norm = normalize_json_schema(schema, guard=getattr(compiler, "guards", False))
                     grammar = compiler.compile("json_schema", schema, timeout=30)
                 except GrammarError as e:
                     res.per_file[key]["skipped_schema"] += len(group["tests"])
@@ -149,9 +161,14 @@ def run_suite(compiler: Any, vocab: Any, drafts=("draft2020-12", "draft7"), file
                     # or in schema order; 1.0 as given or as 1 (equal in JSON Schema).
                     texts = {compact(data), compact(canonical_order(data, ns, defs))}
                     texts |= {compact(_int_floats(json.loads(t))) for t in texts}
-                    accepted = any(walk(grammar, vocab, t) for t in texts)
+                    hows = [walk_how(grammar, vocab, t) for t in texts]
+                    accepted = any(ok for ok, _ in hows)
                     if accepted == test["valid"]:
                         res.per_file[key]["passed"] += 1
+                        guard = next((g for _, g in hows if g is not None), None)
+                        if not accepted and guard is not None:
+                            res.per_file[key]["rejected_by_guard"] += 1
+                            res.per_guard[guard] += 1
                     else:
                         res.per_file[key]["failed_valid" if test["valid"] else "failed_invalid"] += 1
                         res.failures.append((key, group["description"], test["description"], test["valid"],

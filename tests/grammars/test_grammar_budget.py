@@ -74,3 +74,30 @@ def test_no_budget_means_no_narrowing(compiler, vocab):
     m.fill_bitmask(mask, 0)
     assert sum(bin(int(w)).count("1") for w in mask[0].numpy().view("uint32")) > 1000  # any string char
     assert not m.budget_closed
+
+
+def test_deep_nesting_closes_within_budget(compiler, vocab):
+    """Replay a real greedy output that keeps nesting `[{"type":...,"items":[{...` (the model's ids,
+    recorded on Github_easy/o53002) wherever the mask allows it, else the mask's one token: one free
+    token lengthened the closing path by more than the old 2-token margin, and the output ended unparsed."""
+    import numpy as np
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "budget_deep_nesting_ids.json").read_text())
+    schema = {"type": "object", "properties": {"direction": {"type": "string"}, "items": {
+        "type": "array", "items": {"type": "object"}}, "limit": {"type": "integer"}, "total": {"type": "integer"}}}
+    m = compiler.compile("json_schema", json.dumps(schema)).matcher()
+    m.set_token_budget(rec["max_new_tokens"])
+    mask = torch.zeros((1, (vocab.vocab_size_padded + 31) // 32), dtype=torch.int32)
+    out: list[int] = []
+    while len(out) < rec["max_new_tokens"]:
+        m.fill_bitmask(mask, 0)
+        bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little").astype(bool)
+        want = rec["ids"][len(out)] if len(out) < len(rec["ids"]) else None
+        t = want if want is not None and bits[want] else int(np.flatnonzero(bits)[0])
+        if t == vocab.eos_token_id:
+            break
+        assert m.accept(t)
+        out.append(t)
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), schema)
+    assert m.budget_closed
