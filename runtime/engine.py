@@ -23,6 +23,7 @@ from sgl.runtime.protocol import GenerateRequest, RequestError, finish_reason_ab
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.scheduler.scheduler import Scheduler
+from sgl.runtime.speculative import make_drafter
 
 logger = logging.getLogger("sgl.engine")
 
@@ -53,7 +54,9 @@ class Engine:
         pool_size = args.max_total_tokens or _default_pool_size(loaded.config, args)
         dtype = next(loaded.model.parameters()).dtype
         runner = ModelRunner(loaded.model, loaded.config, pool_size, self.tokenizer.eos_token_ids, dtype=dtype)
-        self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output)
+        drafter = make_drafter(args, pool_size, loaded.config.vocab_size)  # None unless --speculative-algorithm
+        self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
+                                   drafter=drafter)
         self.grammar = _make_grammar_compiler(args, self.tokenizer, loaded.config.vocab_size)
         self._sinks: dict[str, RequestSink] = {}
         self._cancelled: set[str] = set()  # aborted before reaching the scheduler (e.g. compiling)

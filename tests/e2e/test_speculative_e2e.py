@@ -84,3 +84,25 @@ def test_ngram_constrained_batch_valid(engine) -> None:
     for o in outs:
         assert o["meta_info"]["finish_reason"]["type"] == "stop", o
         jsonschema.validate(json.loads(o["text"]), PERSON)
+
+
+def test_draft_model_default_as_its_own_draft(baseline) -> None:
+    """DRAFT with the default model drafting for itself: greedy outputs identical to no speculation,
+    and (same weights, greedy) nearly every draft accepted."""
+    from sgl.runtime.engine import Engine
+
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
+                 speculative_algorithm="DRAFT", speculative_draft_model_path="default",
+                 speculative_num_draft_tokens=3)
+    try:
+        prompts, params = _requests()
+        picks = [0, len(PROMPTS) - 1, len(prompts) - 1]  # an oracle prompt, the copy prompt, json_schema
+        for i in picks:
+            out = eng.generate(prompts[i], params[i])
+            assert out["output_ids"] == baseline[i]["output_ids"], params[i]
+        stats = eng.get_server_info()
+        assert stats["spec_verify_ct"] > 0 and stats["spec_accept_rate"] > 0.8, stats
+        eng.wait_idle()
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
