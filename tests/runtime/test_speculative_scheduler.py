@@ -81,7 +81,7 @@ def test_every_draft_accepted_takes_one_step_per_k_plus_one_tokens() -> None:
     drafter.p_wrong = 0.0
     drafter.rng = random.Random(0)
     drafter.rng.randrange = lambda a, b: b - 1  # always k drafts
-    add(s, "a", [1, 2, 3], max_new_tokens=17)
+    add(s, "a", [1, 2, 3], max_new_tokens=17).spec_accept_prob = 1.0  # the adaptive rule then drafts k
     drain(s)
     assert done["a"].output_ids == reference_output([1, 2, 3], 17)
     # 1 prefill step (token 1), then 4 tokens per verify step: 16 more tokens in 4 steps.
@@ -93,7 +93,7 @@ def test_drafts_never_exceed_max_new_tokens() -> None:
     s, _, done, drafter = make(500, speculative_num_draft_tokens=8)
     drafter.p_wrong = 0.0
     for i, n in enumerate([1, 2, 3, 5, 9]):
-        add(s, f"m{i}", [7, 8, 9 + i], max_new_tokens=n)
+        add(s, f"m{i}", [7, 8, 9 + i], max_new_tokens=n).spec_accept_prob = 1.0
     drain(s)
     for i, n in enumerate([1, 2, 3, 5, 9]):
         assert done[f"m{i}"].output_ids == reference_output([7, 8, 9 + i], n)
@@ -103,8 +103,8 @@ def test_stop_in_the_middle_of_a_verify_step() -> None:
     s, _, done, drafter = make(500, speculative_num_draft_tokens=6)
     drafter.p_wrong = 0.0
     ref = reference_output([1, 2, 3], 20)
-    add(s, "s", [1, 2, 3], max_new_tokens=20, stop=[f"<{ref[6]}>"])
-    add(s, "t", [1, 2, 3], max_new_tokens=20, stop_token_ids=[ref[4]])
+    add(s, "s", [1, 2, 3], max_new_tokens=20, stop=[f"<{ref[6]}>"]).spec_accept_prob = 1.0
+    add(s, "t", [1, 2, 3], max_new_tokens=20, stop_token_ids=[ref[4]]).spec_accept_prob = 1.0
     drain(s)
     assert done["s"].finish_reason == {"type": "stop", "matched": f"<{ref[6]}>"}
     assert done["s"].text == "".join(f"<{t}>" for t in ref[: ref.index(ref[6])])
@@ -125,8 +125,19 @@ def test_meta_info_reports_verify_steps_and_accept_length() -> None:
     s, _, done, drafter = make(500, speculative_num_draft_tokens=3)
     drafter.p_wrong = 0.0
     drafter.rng.randrange = lambda a, b: b - 1  # always k drafts, all right
-    add(s, "a", [1, 2, 3], max_new_tokens=9)
+    add(s, "a", [1, 2, 3], max_new_tokens=9).spec_accept_prob = 1.0
     drain(s)
     meta = s.output.build(done["a"])["meta_info"]
     assert meta["spec_verify_ct"] == 2 and meta["spec_accept_length"] == 4.0  # 1 + 4 + 4 tokens
     assert s.stats.spec_accept_rate == 1.0
+
+
+def test_adaptive_rule_stops_drafting_for_a_request_whose_drafts_fail() -> None:
+    s, _, done, drafter = make(2000, speculative_num_draft_tokens=4)
+    drafter.p_wrong = 1.0  # every draft wrong
+    drafter.rng.randrange = lambda a, b: b - 1
+    add(s, "w", [1, 2, 3], max_new_tokens=60)
+    drain(s)
+    assert done["w"].output_ids == reference_output([1, 2, 3], 60)
+    # a few verify rows teach it that drafts fail; then it drafts only when the estimate drifts back
+    assert s.stats.spec_verify_ct < 20 and s.stats.spec_accepted_tokens == 0
