@@ -106,6 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--algorithms", default="NGRAM,DRAFT", help="comma-separated, besides none")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="fewer documents and questions")
+    ap.add_argument("--reps", type=int, default=2, help="rounds per workload, engines alternating")
     ap.add_argument("--crossover", action="store_true", help="(b) at batch 1/2/4/8 with speculation forced on")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_speculative.json"))
     args = ap.parse_args(argv)
@@ -113,20 +114,33 @@ def main(argv: Optional[list[str]] = None) -> int:
     work = workloads(args.quick)
     algos: list[Optional[str]] = [None] + [a for a in args.algorithms.split(",") if a]
     results: dict[str, dict[str, Any]] = {}
-    for algo in algos:
-        name = algo or "none"
-        eng = Engine(**engine_kwargs(algo, args.threads, None, args.num_draft_tokens))
-        try:
+    # All engines loaded at once; each workload runs engine after engine, `--reps` rounds, so that a
+    # shared machine's load drift hits every algorithm alike (tok/s = all tokens / all seconds).
+    engines = {algo or "none": Engine(**engine_kwargs(algo, args.threads, None, args.num_draft_tokens))
+               for algo in algos}
+    try:
+        for eng in engines.values():
             eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})  # warm-up
-            for wname, (prompts, params, batch) in work.items():
-                if algo == "DRAFT" and wname.startswith("d_"):
-                    continue  # self-draft at batch 8 is off by the max-batch rule anyway: nothing new
-                r = run_workload(eng, prompts, params, batch)
-                results.setdefault(wname, {})[name] = r
-                print(f"{wname:18s} {name:6s} {r['tok_s']:7.1f} tok/s  accept {r['accept_length']}", flush=True)
+        for wname, (prompts, params, batch) in work.items():
+            for rep in range(args.reps):
+                for name, eng in engines.items():
+                    if name == "DRAFT" and wname.startswith("d_"):
+                        continue  # self-draft at batch 8 is off by the max-batch rule anyway: nothing new
+                    r = run_workload(eng, prompts, params, batch)
+                    print(f"{wname:18s} {name:6s} rep {rep} {r['tok_s']:7.1f} tok/s  accept {r['accept_length']}",
+                          flush=True)
+                    acc = results.setdefault(wname, {}).get(name)
+                    if acc is None:
+                        results[wname][name] = r
+                    else:  # sum the rounds (greedy: the same outputs and accept length every round)
+                        acc["seconds"] += r["seconds"]
+                        acc["tokens"] += r["tokens"]
+                        acc["tok_s"] = acc["tokens"] / acc["seconds"]
+        for eng in engines.values():
             eng.wait_idle()
             eng.check_integrity()
-        finally:
+    finally:
+        for eng in engines.values():
             eng.shutdown()
     if args.crossover:
         for algo in algos:

@@ -1,10 +1,11 @@
 """The scheduler's side of speculative decoding: which decoding requests get a draft this step, and
 the acceptance counters. No tensors.
 
-A verify row holds [pending token] + draft, one new KV slot per token. After the step the scheduler
-keeps the slots of the tokens it appended (the pending token's and the accepted drafts'), and frees
-the rest at once: with `m` tokens appended, slots [0, m) hold pending, d_1..d_{m-1}, which equal
-the appended tokens t_0..t_{m-2}; the last appended token becomes the new pending one.
+A verify row holds [pending token(s)] + draft, one new KV slot per token (several pending tokens
+after jump-forward: the forced text, then the drafts). After the step the scheduler keeps the slots
+of the pending tokens and of the accepted drafts, and frees the rest at once: with `m` tokens
+appended, the last pending token and d_1..d_{m-1} (which equal the appended t_0..t_{m-2}) keep
+their slots; the last appended token becomes the new pending one.
 
 Draft length per request (the adaptive rule): a verify row of 1 + j tokens costs about
 1 + VERIFY_COST * j decode steps on a CPU (small-M matmuls are not free), and with a per-draft

@@ -14,7 +14,7 @@ from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.scheduler.scheduler import Scheduler
 
-from .fake_runner import FakeRunner, FakeTokenizer, NoisyOracleDrafter, reference_output
+from .fake_runner import FakeRunner, FakeTokenizer, NoisyOracleDrafter, next_token, reference_output
 from .test_scheduler import random_workload
 
 
@@ -141,3 +141,42 @@ def test_adaptive_rule_stops_drafting_for_a_request_whose_drafts_fail() -> None:
     assert done["w"].output_ids == reference_output([1, 2, 3], 60)
     # a few verify rows teach it that drafts fail; then it drafts only when the estimate drifts back
     assert s.stats.spec_verify_ct < 20 and s.stats.spec_accepted_tokens == 0
+
+
+class ForcingGrammar:
+    """A stand-in matcher (the fake runner never asks for masks): every third accepted token, it
+    forces the reference's next two tokens, as jump-forward text would be."""
+
+    budget_closed = False
+
+    def __init__(self, prompt: list[int]) -> None:
+        self.seq = list(prompt)
+        self.error = None
+
+    def accept(self, token_id: int) -> bool:
+        assert token_id == next_token(self.seq), "only the reference continuation is accepted"
+        self.seq.append(token_id)
+        return True
+
+    def is_finished(self) -> bool:
+        return False
+
+    def jump_forward_tokens(self) -> list[int]:
+        if len(self.seq) % 3:
+            return []
+        a = next_token(self.seq)
+        return [a, next_token(self.seq + [a])]
+
+
+def test_drafts_ride_after_jump_forward_tokens() -> None:
+    s, runner, done, drafter = make(2000, seed=3, speculative_num_draft_tokens=3)
+    for i in range(4):
+        prompt = [5, 6, 7 + i]
+        req = Req(rid=f"g{i}", prompt_ids=prompt, params=SamplingParams(max_new_tokens=40, temperature=0),
+                  arrival=s.next_arrival(), grammar=ForcingGrammar(prompt))
+        s.add_request(req)
+    drain(s)
+    for i in range(4):
+        assert done[f"g{i}"].output_ids == reference_output([5, 6, 7 + i], 40)
+    assert s.stats.jump_forward_tokens > 0
+    assert any(pending > 1 for _, pending, _ in runner.verify_rows)  # forced tokens AND drafts in one row
