@@ -80,7 +80,7 @@ class ServerArgs:
     speculative_algorithm: Optional[str] = None  # NGRAM | DRAFT (runtime/speculative/); None = off
     speculative_draft_model_path: Optional[str] = None  # DRAFT: a small model with the same tokenizer
     speculative_num_draft_tokens: int = 4  # draft tokens verified per decoding request and step
-    speculative_ngram_min_match_window_size: int = 1  # NGRAM: shortest suffix matched
+    speculative_ngram_min_match_window_size: int = 2  # NGRAM: shortest suffix matched (1-grams mostly miss)
     speculative_ngram_max_match_window_size: int = 4  # NGRAM: longest suffix matched (tried first)
     speculative_max_batch: int = 4  # more decoding requests than this in a step: no drafts (compute-bound)
     lora_paths: Optional[list[str]] = None

@@ -71,7 +71,7 @@ def test_ngram_outputs_identical_to_no_speculation(engine, baseline) -> None:
     assert outs[-1]["meta_info"]["spec_verify_ct"] > 0  # drafts ran under the grammar
     assert outs[-2]["meta_info"].get("grammar_closed_early") == baseline[-2]["meta_info"].get("grammar_closed_early")
     copy = outs[len(PROMPTS) - 1]["meta_info"]
-    assert copy["spec_verify_ct"] > 0 and copy["spec_accept_length"] > 1.5  # copying pays
+    assert copy["spec_verify_ct"] > 0 and copy["spec_accept_length"] > 1.3  # copying pays
     stats = engine.get_server_info()
     assert stats["speculative_algorithm"] == "NGRAM" and 0 < stats["spec_accept_rate"] <= 1
     assert b"sgl:spec_accept_length_count" in get_metrics().render()
