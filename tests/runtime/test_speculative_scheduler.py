@@ -180,3 +180,15 @@ def test_drafts_ride_after_jump_forward_tokens() -> None:
         assert done[f"g{i}"].output_ids == reference_output([5, 6, 7 + i], 40)
     assert s.stats.jump_forward_tokens > 0
     assert any(pending > 1 for _, pending, _ in runner.verify_rows)  # forced tokens AND drafts in one row
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(speculative_algorithm="MEDUSA"), "speculative_algorithm must be one of"),
+    (dict(speculative_algorithm="DRAFT"), "speculative_draft_model_path goes with"),
+    (dict(speculative_draft_model_path="default"), "speculative_draft_model_path goes with"),
+    (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=0), "speculative_num_draft_tokens"),
+    (dict(speculative_ngram_min_match_window_size=5), "speculative_ngram_min_match_window_size"),
+])
+def test_speculative_flags_are_validated(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerArgs(**kw)
