@@ -26,6 +26,7 @@ from sgl.runtime.protocol import PRIORITY_CLASSES, GenerateRequest, RequestError
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.scheduler.scheduler import Scheduler
+from sgl.runtime.speculative import make_drafter
 
 logger = logging.getLogger("sgl.engine")
 
@@ -75,8 +76,9 @@ class Engine:
         if args.hierarchical_cache:
             from sgl.runtime.executor.kv_mover import HostKVMover
             cache_mover = HostKVMover(runner.kv, args.host_cache_tokens, args.swap_dir)
+        drafter = make_drafter(args, pool_size, loaded.config.vocab_size)  # None unless --speculative-algorithm
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
-                                   mover=mover, host_pool_size=host_slots, cache_mover=cache_mover)
+                                   drafter=drafter, mover=mover, host_pool_size=host_slots, cache_mover=cache_mover)
         self._model_dtype = dtype
         self.lora_pool = AdapterPool(self._read_adapter, args.max_loaded_loras)
         for name, path in parse_lora_paths(args.lora_paths):

@@ -71,6 +71,7 @@ class Req:
     draft_state: Any = None  # the drafter's per-request state (e.g. the n-gram index)
     spec_verify_ct: int = 0  # verify steps this request ran with a draft
     spec_accepted_tokens: int = 0  # drafts the target accepted over those steps
+    spec_accept_prob: float = 0.6  # estimated per-draft acceptance (scheduler/speculative_rows.py)
 
     def __post_init__(self) -> None:
         assert len(self.prompt_ids) > 0, "a request needs at least one prompt token"

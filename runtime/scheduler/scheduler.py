@@ -278,9 +278,15 @@ class Scheduler:
         n = self._piece_len(req, budget, first)
         if n <= 0 or not self._ensure_free(n):
             return None
-        slots = self.allocator.alloc(n)
+        draft: list[int] = []
+        if self.spec is not None and n == req.pending_len and req.kv_len >= len(req.prompt_ids):
+            # jump-forward text pending (forced tokens, free): drafts ride in the same row
+            draft = self.spec.drafts([req]).get(req, [])
+            if draft and not self._ensure_free(n + len(draft)):
+                draft = []
+        slots = self.allocator.alloc(n + len(draft))
         assert slots is not None
-        return self._row(req, n, slots)
+        return self._row(req, n, slots, draft)
 
     def _row(self, req: Req, n: int, slots: list[int], draft: Optional[list[int]] = None) -> BatchRow:
         start = req.kv_len
@@ -293,7 +299,7 @@ class Scheduler:
             hi = min(start + n, len(req.prompt_ids) - 1)
             targets = [(p - start, req.prompt_ids[p + 1]) for p in range(lo, hi)]
         draft = draft or []
-        assert not draft or (n == 1 and sample), "only a decoding row carries a draft"
+        assert not draft or sample, "drafts follow the row's last pending token"
         return BatchRow(req, fill[start:start + n] + draft, start, slots, sample, targets, len(draft))
 
     def _ensure_free(self, n: int) -> bool:
@@ -469,8 +475,8 @@ class Scheduler:
         """Keep the KV of the verified tokens, free the rejected drafts' slots now (see speculative_rows.py)."""
         assert self.spec is not None
         req = row.req
-        keep = max(appended, 1)  # the pending token's KV is valid even if nothing was appended
-        cut = row.start + keep
+        keep = max(appended, 1)  # the last pending token's KV is valid even if nothing was appended
+        cut = row.start + row.extend_len - row.draft_len - 1 + keep
         assert req.slots[row.start:] == row.new_slots
         self.allocator.free(req.slots[cut:])
         del req.slots[cut:]

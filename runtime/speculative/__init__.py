@@ -16,8 +16,12 @@ from sgl.runtime.config import ServerArgs
 from sgl.runtime.speculative.drafter import Drafter
 
 
-def make_drafter(args: ServerArgs) -> Optional[Drafter]:
-    """The drafter `args.speculative_algorithm` names, or None when speculation is off."""
+def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
+                 target_vocab_size: Optional[int] = None) -> Optional[Drafter]:
+    """The drafter `args.speculative_algorithm` names, or None when speculation is off.
+
+    DRAFT loads its model here and gets a KV pool of `num_slots` (the target's pool size: every
+    running request may need its whole sequence there); its vocabulary must be the target's."""
     if args.speculative_algorithm is None:
         return None
     if args.speculative_algorithm == "NGRAM":
@@ -25,4 +29,18 @@ def make_drafter(args: ServerArgs) -> Optional[Drafter]:
 
         return NgramDrafter(args.speculative_ngram_min_match_window_size,
                             args.speculative_ngram_max_match_window_size)
+    if args.speculative_algorithm == "DRAFT":
+        if num_slots is None or target_vocab_size is None:
+            raise ValueError("DRAFT needs the engine's pool size and vocabulary (Engine builds it)")
+        from sgl.runtime.models.loader import load_model
+        from sgl.runtime.speculative.draft_model import DraftModelDrafter
+
+        assert args.speculative_draft_model_path is not None
+        loaded = load_model(args.speculative_draft_model_path, dtype=args.dtype, device="cpu",
+                            show_progress=False, weight_format=args.weight_format)
+        if loaded.config.vocab_size != target_vocab_size:
+            raise ValueError(f"the draft model's vocabulary has {loaded.config.vocab_size} tokens, the target's "
+                             f"{target_vocab_size}: DRAFT needs a model with the same tokenizer")
+        dtype = next(loaded.model.parameters()).dtype
+        return DraftModelDrafter(loaded.model, loaded.config, num_slots, dtype)
     raise ValueError(f"unknown speculative algorithm {args.speculative_algorithm!r}")

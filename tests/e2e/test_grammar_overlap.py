@@ -7,7 +7,7 @@ import json
 import re
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import jsonschema
 import pytest
@@ -38,13 +38,13 @@ class MaskRecorder:
         self.masks: dict[str, list[torch.Tensor]] = {}  # rid -> its constrained rows' masks, step by step
         self.threads: set[str] = set()
 
-    def __call__(self, rows: list, vocab: int) -> Optional[torch.Tensor]:
-        out = self.inner(rows, vocab)
+    def __call__(self, rows: list, bases: list[int], num_positions: int) -> Any:
+        out = self.inner(rows, bases, num_positions)  # VerifyMasks: a mask per sample position
         if out is not None:
             self.threads.add(threading.current_thread().name)
             for j, r in enumerate(rows):
-                if r.req.grammar is not None:
-                    self.masks.setdefault(r.req.rid, []).append(out[j].clone())
+                if r.req.grammar is not None:  # no drafts here: one position per row, at bases[j]
+                    self.masks.setdefault(r.req.rid, []).append(out.bitmask[bases[j]].clone())
         return out
 
     def __enter__(self) -> "MaskRecorder":

@@ -66,6 +66,7 @@ class FakeRunner:
     def __init__(self) -> None:
         self.kv: dict[int, tuple[int, int]] = {}
         self.batches: list[list[tuple[str, int, int]]] = []  # per step: (rid, start, extend_len)
+        self.verify_rows: list[tuple[str, int, int]] = []  # (rid, pending tokens, draft_len) of rows with drafts
         self.swaps: list[tuple[str, int]] = []  # ("out" | "in", number of slots), every host tier
         self._swap = FakeHostTier(self)
 
@@ -81,6 +82,8 @@ class FakeRunner:
         for row in batch.rows:
             req, fill = row.req, row.req.fill_ids
             n = row.extend_len - row.draft_len  # tokens of fill_ids; a verify row adds its drafts
+            if row.draft_len:
+                self.verify_rows.append((req.rid, n, row.draft_len))
             assert row.start == req.kv_len and row.input_ids[:n] == fill[row.start:row.start + n]
             assert len(row.new_slots) == row.extend_len
             for pos, slot in enumerate(req.slots):

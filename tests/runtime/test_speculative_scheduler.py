@@ -14,7 +14,7 @@ from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.scheduler.scheduler import Scheduler
 
-from .fake_runner import FakeRunner, FakeTokenizer, NoisyOracleDrafter, reference_output
+from .fake_runner import FakeRunner, FakeTokenizer, NoisyOracleDrafter, next_token, reference_output
 from .test_scheduler import random_workload
 
 
@@ -81,7 +81,7 @@ def test_every_draft_accepted_takes_one_step_per_k_plus_one_tokens() -> None:
     drafter.p_wrong = 0.0
     drafter.rng = random.Random(0)
     drafter.rng.randrange = lambda a, b: b - 1  # always k drafts
-    add(s, "a", [1, 2, 3], max_new_tokens=17)
+    add(s, "a", [1, 2, 3], max_new_tokens=17).spec_accept_prob = 1.0  # the adaptive rule then drafts k
     drain(s)
     assert done["a"].output_ids == reference_output([1, 2, 3], 17)
     # 1 prefill step (token 1), then 4 tokens per verify step: 16 more tokens in 4 steps.
@@ -93,7 +93,7 @@ def test_drafts_never_exceed_max_new_tokens() -> None:
     s, _, done, drafter = make(500, speculative_num_draft_tokens=8)
     drafter.p_wrong = 0.0
     for i, n in enumerate([1, 2, 3, 5, 9]):
-        add(s, f"m{i}", [7, 8, 9 + i], max_new_tokens=n)
+        add(s, f"m{i}", [7, 8, 9 + i], max_new_tokens=n).spec_accept_prob = 1.0
     drain(s)
     for i, n in enumerate([1, 2, 3, 5, 9]):
         assert done[f"m{i}"].output_ids == reference_output([7, 8, 9 + i], n)
@@ -103,8 +103,8 @@ def test_stop_in_the_middle_of_a_verify_step() -> None:
     s, _, done, drafter = make(500, speculative_num_draft_tokens=6)
     drafter.p_wrong = 0.0
     ref = reference_output([1, 2, 3], 20)
-    add(s, "s", [1, 2, 3], max_new_tokens=20, stop=[f"<{ref[6]}>"])
-    add(s, "t", [1, 2, 3], max_new_tokens=20, stop_token_ids=[ref[4]])
+    add(s, "s", [1, 2, 3], max_new_tokens=20, stop=[f"<{ref[6]}>"]).spec_accept_prob = 1.0
+    add(s, "t", [1, 2, 3], max_new_tokens=20, stop_token_ids=[ref[4]]).spec_accept_prob = 1.0
     drain(s)
     assert done["s"].finish_reason == {"type": "stop", "matched": f"<{ref[6]}>"}
     assert done["s"].text == "".join(f"<{t}>" for t in ref[: ref.index(ref[6])])
@@ -125,8 +125,70 @@ def test_meta_info_reports_verify_steps_and_accept_length() -> None:
     s, _, done, drafter = make(500, speculative_num_draft_tokens=3)
     drafter.p_wrong = 0.0
     drafter.rng.randrange = lambda a, b: b - 1  # always k drafts, all right
-    add(s, "a", [1, 2, 3], max_new_tokens=9)
+    add(s, "a", [1, 2, 3], max_new_tokens=9).spec_accept_prob = 1.0
     drain(s)
     meta = s.output.build(done["a"])["meta_info"]
     assert meta["spec_verify_ct"] == 2 and meta["spec_accept_length"] == 4.0  # 1 + 4 + 4 tokens
     assert s.stats.spec_accept_rate == 1.0
+
+
+def test_adaptive_rule_stops_drafting_for_a_request_whose_drafts_fail() -> None:
+    s, _, done, drafter = make(2000, speculative_num_draft_tokens=4)
+    drafter.p_wrong = 1.0  # every draft wrong
+    drafter.rng.randrange = lambda a, b: b - 1
+    add(s, "w", [1, 2, 3], max_new_tokens=60)
+    drain(s)
+    assert done["w"].output_ids == reference_output([1, 2, 3], 60)
+    # a few verify rows teach it that drafts fail; then it drafts only when the estimate drifts back
+    assert s.stats.spec_verify_ct < 20 and s.stats.spec_accepted_tokens == 0
+
+
+class ForcingGrammar:
+    """A stand-in matcher (the fake runner never asks for masks): every third accepted token, it
+    forces the reference's next two tokens, as jump-forward text would be."""
+
+    budget_closed = False
+
+    def __init__(self, prompt: list[int]) -> None:
+        self.seq = list(prompt)
+        self.error = None
+
+    def accept(self, token_id: int) -> bool:
+        assert token_id == next_token(self.seq), "only the reference continuation is accepted"
+        self.seq.append(token_id)
+        return True
+
+    def is_finished(self) -> bool:
+        return False
+
+    def jump_forward_tokens(self) -> list[int]:
+        if len(self.seq) % 3:
+            return []
+        a = next_token(self.seq)
+        return [a, next_token(self.seq + [a])]
+
+
+def test_drafts_ride_after_jump_forward_tokens() -> None:
+    s, runner, done, drafter = make(2000, seed=3, speculative_num_draft_tokens=3)
+    for i in range(4):
+        prompt = [5, 6, 7 + i]
+        req = Req(rid=f"g{i}", prompt_ids=prompt, params=SamplingParams(max_new_tokens=40, temperature=0),
+                  arrival=s.next_arrival(), grammar=ForcingGrammar(prompt))
+        s.add_request(req)
+    drain(s)
+    for i in range(4):
+        assert done[f"g{i}"].output_ids == reference_output([5, 6, 7 + i], 40)
+    assert s.stats.jump_forward_tokens > 0
+    assert any(pending > 1 for _, pending, _ in runner.verify_rows)  # forced tokens AND drafts in one row
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(speculative_algorithm="MEDUSA"), "speculative_algorithm must be one of"),
+    (dict(speculative_algorithm="DRAFT"), "speculative_draft_model_path goes with"),
+    (dict(speculative_draft_model_path="default"), "speculative_draft_model_path goes with"),
+    (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=0), "speculative_num_draft_tokens"),
+    (dict(speculative_ngram_min_match_window_size=5), "speculative_ngram_min_match_window_size"),
+])
+def test_speculative_flags_are_validated(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerArgs(**kw)

@@ -23,6 +23,7 @@ from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.scheduler.scheduler import Scheduler
 from sgl.runtime.speculative.drafter import Draft
+from sgl.runtime.speculative.draft_model import DraftModelDrafter
 from sgl.runtime.speculative.ngram import NgramDrafter
 
 
@@ -50,17 +51,21 @@ class RandomDrafter:
         return [Draft([self.rng.randrange(V) for _ in range(self.rng.randrange(k + 1))]) for _ in reqs]
 
 
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+def tiny_model(seed: int, layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
+    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=V, hidden_size=hidden, intermediate_size=48,
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False))
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     m = LlamaForCausalLM(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in m.named_parameters():
             p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    return tiny_model(3)
 
 
 def run(model, prompts: list[list[int]], params: list[SamplingParams], drafter=None, eos=frozenset({1}),
@@ -91,7 +96,18 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("drafter", ["random", "ngram"])
+def _drafter(name: str, model: LlamaForCausalLM):  # noqa: ANN202 - any Drafter
+    if name == "random":
+        return RandomDrafter(1)
+    if name == "ngram":
+        return NgramDrafter(1, 3)
+    if name == "draft_self":  # the target as its own draft: greedy drafts all accepted
+        return DraftModelDrafter(model, model.config, 4096)
+    small = tiny_model(7, layers=1, hidden=16)  # another model with the same vocabulary
+    return DraftModelDrafter(small, small.config, 4096)
+
+
+@pytest.mark.parametrize("drafter", ["random", "ngram", "draft_self", "draft_small"])
 def test_same_tokens_and_logprobs_with_and_without_drafts(model, drafter: str) -> None:
     rng = random.Random(0)
     prompts, params = [], []
@@ -99,10 +115,14 @@ def test_same_tokens_and_logprobs_with_and_without_drafts(model, drafter: str) -
         prompts.append([rng.randrange(V) for _ in range(rng.randrange(2, 12))])
         params.append(SamplingParams(max_new_tokens=rng.randrange(1, 30), **PARAMS[i % len(PARAMS)]))
     base, _ = run(model, prompts, params, logprobs=True)
-    d = RandomDrafter(1) if drafter == "random" else NgramDrafter(1, 3)
+    d = _drafter(drafter, model)
     spec, s = run(model, prompts, params, drafter=d, logprobs=True, speculative_num_draft_tokens=4)
     assert s.stats.spec_verify_ct > 0 and s.stats.spec_accepted_tokens > 0
-    assert s.stats.spec_accepted_tokens < s.stats.spec_draft_tokens
+    assert s.stats.spec_accepted_tokens < s.stats.spec_draft_tokens  # sampled rows reject some
+    if drafter.startswith("draft"):
+        d.propose([], 1)  # sweeps the finished requests' states
+        assert d.used_slots == 0, "the draft pool leaked"
+
     for a, b in zip(base, spec):
         assert b.output_ids == a.output_ids, (a.rid, a.params)
         assert b.finish_reason == a.finish_reason
@@ -110,6 +130,19 @@ def test_same_tokens_and_logprobs_with_and_without_drafts(model, drafter: str) -
         assert [[t for t, _ in top] for top in b.output_top_logprobs] == \
             [[t for t, _ in top] for top in a.output_top_logprobs]
     assert s.allocator.available + s.cache.total_size == s.allocator.size
+
+
+def test_target_as_its_own_draft_accepts_every_greedy_draft(model) -> None:
+    """The draft model's KV bookkeeping (catch-up, rejected tails dropped) is right iff a model
+    drafting for itself has every greedy draft accepted."""
+    rng = random.Random(4)
+    prompts = [[rng.randrange(V) for _ in range(rng.randrange(2, 9))] for _ in range(8)]
+    params = [SamplingParams(max_new_tokens=rng.randrange(5, 40), temperature=0) for _ in prompts]
+    base, _ = run(model, prompts, params, eos=frozenset())
+    d = DraftModelDrafter(model, model.config, 4096)
+    spec, s = run(model, prompts, params, drafter=d, eos=frozenset(), speculative_num_draft_tokens=3)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in base]
+    assert s.stats.spec_draft_tokens > 50 and s.stats.spec_accepted_tokens == s.stats.spec_draft_tokens
 
 
 def _target_probs(model, prompt: list[int], prefix: list[int]) -> torch.Tensor:

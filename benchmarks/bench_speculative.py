@@ -1,0 +1,183 @@
+"""Speculative decoding on the default model: each algorithm vs none, same run, same threads.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_speculative.py --threads 1 [--quick] [--crossover]
+
+Workloads (greedy, one engine per algorithm, loaded one after another):
+  (a) JSON extraction that copies names, cities and years from a ~300-token document (examples/data),
+  (b) chat answers to 32 questions, one request at a time (batch 1),
+  (c) the 6-field schema extraction constrained by json_schema (examples/data/person_extraction.json)
+      over people of examples/data/people.txt, batch 1,
+  (d) (b) in batches of 8 (speculation on only while <= --speculative-max-batch rows decode).
+Per workload and algorithm: output tokens/s, ratio vs none, mean accept length (tokens per verify
+step), outputs token-identical to none, and for (c) the share of outputs valid under jsonschema.
+`--crossover` adds (b) at batch 1/2/4/8 with speculation forced on (max batch 64), to show where
+verify rows stop paying. Algorithms: NGRAM; DRAFT uses the default model as its own draft (an identity
+check: no smaller model with this tokenizer ships here), so its speed ratio is below 1 by construction.
+Prints one table and writes benchmarks/results/bench_speculative.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jsonschema  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from fork_join_agent import questions  # noqa: E402
+
+from sgl.runtime.engine import Engine  # noqa: E402
+
+DATA = ROOT / "examples" / "data"
+PEOPLE = (DATA / "people.txt").read_text().splitlines()
+PERSON = json.loads((DATA / "person_extraction.json").read_text())
+
+
+def chat(user: str) -> str:
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def workloads(quick: bool) -> dict[str, tuple[list[str], dict[str, Any], int]]:
+    """name -> (prompts, sampling params, batch size)."""
+    docs = ["\n".join(PEOPLE[i:i + 12]) for i in range(0, 48, 12)][: 2 if quick else 4]  # ~300 tokens each
+    extract = [chat("List every person in this text as a JSON array of objects with the keys name, job, "
+                    f"city and born.\n\n{d}") for d in docs]
+    qs = [chat(q) for q in questions(8 if quick else 32)]
+    people = [chat("Extract the person as JSON: " + p) for p in PEOPLE[: 3 if quick else 8]]  # as PERSON["prompt"]
+    schema = {"json_schema": json.dumps(PERSON["schema"]), "max_new_tokens": 160, "temperature": 0}
+    return {
+        "a_copy_extraction": (extract, {"max_new_tokens": 192, "temperature": 0}, 1),
+        "b_chat": (qs, {"max_new_tokens": 64, "temperature": 0}, 1),
+        "c_schema": (people, schema, 1),
+        "d_chat_batch8": (qs, {"max_new_tokens": 64, "temperature": 0}, 8),
+    }
+
+
+def run_workload(eng: Engine, prompts: list[str], params: dict[str, Any], batch: int) -> dict[str, Any]:
+    outs: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        res = eng.generate(chunk, [params] * len(chunk))
+        outs += res if isinstance(res, list) else [res]
+    seconds = time.perf_counter() - t0
+    tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    verify = sum(o["meta_info"].get("spec_verify_ct", 0) for o in outs)
+    produced = sum(o["meta_info"].get("spec_accept_length", 0.0) * o["meta_info"].get("spec_verify_ct", 0)
+                   for o in outs)
+    return {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds,
+            "accept_length": produced / verify if verify else None,
+            "output_ids": [o["output_ids"] for o in outs], "texts": [o["text"] for o in outs]}
+
+
+def valid_share(texts: list[str]) -> float:
+    ok = 0
+    for t in texts:
+        try:
+            jsonschema.validate(json.loads(t), PERSON["schema"])
+            ok += 1
+        except (ValueError, jsonschema.ValidationError):
+            pass
+    return ok / len(texts)
+
+
+def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k: int) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
+    if algo is not None:
+        kw.update(speculative_algorithm=algo, speculative_num_draft_tokens=k)
+        if algo == "DRAFT":
+            kw["speculative_draft_model_path"] = "default"
+        if max_batch is not None:
+            kw["speculative_max_batch"] = max_batch
+    return kw
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--algorithms", default="NGRAM,DRAFT", help="comma-separated, besides none")
+    ap.add_argument("--num-draft-tokens", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="fewer documents and questions")
+    ap.add_argument("--reps", type=int, default=2, help="rounds per workload, engines alternating")
+    ap.add_argument("--crossover", action="store_true", help="(b) at batch 1/2/4/8 with speculation forced on")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_speculative.json"))
+    args = ap.parse_args(argv)
+    load_before = os.getloadavg()
+    work = workloads(args.quick)
+    algos: list[Optional[str]] = [None] + [a for a in args.algorithms.split(",") if a]
+    results: dict[str, dict[str, Any]] = {}
+    # All engines loaded at once; each workload runs engine after engine, `--reps` rounds, so that a
+    # shared machine's load drift hits every algorithm alike (tok/s = all tokens / all seconds).
+    engines = {algo or "none": Engine(**engine_kwargs(algo, args.threads, None, args.num_draft_tokens))
+               for algo in algos}
+    try:
+        for eng in engines.values():
+            eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})  # warm-up
+        for wname, (prompts, params, batch) in work.items():
+            for rep in range(args.reps):
+                for name, eng in engines.items():
+                    if name == "DRAFT" and wname.startswith("d_"):
+                        continue  # self-draft at batch 8 is off by the max-batch rule anyway: nothing new
+                    r = run_workload(eng, prompts, params, batch)
+                    print(f"{wname:18s} {name:6s} rep {rep} {r['tok_s']:7.1f} tok/s  accept {r['accept_length']}",
+                          flush=True)
+                    acc = results.setdefault(wname, {}).get(name)
+                    if acc is None:
+                        results[wname][name] = r
+                    else:  # sum the rounds (greedy: the same outputs and accept length every round)
+                        acc["seconds"] += r["seconds"]
+                        acc["tokens"] += r["tokens"]
+                        acc["tok_s"] = acc["tokens"] / acc["seconds"]
+        for eng in engines.values():
+            eng.wait_idle()
+            eng.check_integrity()
+    finally:
+        for eng in engines.values():
+            eng.shutdown()
+    if args.crossover:
+        for algo in [a for a in algos if a != "DRAFT"]:  # self-draft: an identity check, not a speed one
+            eng = Engine(**engine_kwargs(algo, args.threads, 64, args.num_draft_tokens))
+            try:
+                eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})
+                prompts, params, _ = work["b_chat"]
+                for b in (1, 2, 4, 8):
+                    r = run_workload(eng, prompts[:8], params, b)
+                    results.setdefault(f"crossover_b{b}", {})[algo or "none"] = r
+                    print(f"crossover batch {b} {algo or 'none':6s} {r['tok_s']:7.1f} tok/s", flush=True)
+            finally:
+                eng.shutdown()
+    table = []
+    for wname, by_algo in results.items():
+        base = by_algo["none"]
+        for name, r in by_algo.items():
+            same = sum(a == b for a, b in zip(r["output_ids"], base["output_ids"])) / len(base["output_ids"])
+            row = {"workload": wname, "algorithm": name, "tok_s": round(r["tok_s"], 2),
+                   "ratio": round(r["tok_s"] / base["tok_s"], 3), "accept_length": r["accept_length"],
+                   "identical": same, "tokens": r["tokens"]}
+            if wname.startswith("c_"):
+                row["valid"] = valid_share(r["texts"])
+            table.append(row)
+    print(f"\nthreads {args.threads}, load before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
+    print(f"{'workload':18s} {'algo':6s} {'tok/s':>7s} {'ratio':>6s} {'accept':>6s} {'ident':>6s} {'valid':>6s}")
+    for row in table:
+        acc = f"{row['accept_length']:.2f}" if row["accept_length"] else "-"
+        valid = f"{row['valid']:.0%}" if "valid" in row else "-"
+        print(f"{row['workload']:18s} {row['algorithm']:6s} {row['tok_s']:7.1f} {row['ratio']:5.2f}x {acc:>6s} "
+              f"{row['identical']:6.0%} {valid:>6s}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"threads": args.threads, "load_before": load_before,
+                                          "load_after": os.getloadavg(), "num_draft_tokens": args.num_draft_tokens,
+                                          "table": table}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

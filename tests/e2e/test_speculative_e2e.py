@@ -1,0 +1,108 @@
+"""Speculative decoding (NGRAM) on the default model through the Engine: greedy outputs token-identical
+to the same engine without speculation (oracle prompts, a copy-heavy extraction, a json_schema
+request), seeded sampling identical too, constrained outputs valid, metrics and meta_info filled,
+KV integrity after every test (conftest)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from sgl.runtime.metrics import get_metrics
+
+pytestmark = pytest.mark.timeout(600)
+
+_DATA = Path(__file__).resolve().parents[2] / "examples/data"
+_WORKLOAD = json.loads((_DATA / "person_extraction.json").read_text())
+PERSON, PERSON_PROMPT = _WORKLOAD["schema"], _WORKLOAD["prompt"]
+COPY_PROMPT = ("<|im_start|>user\nList every person in this text with their city and year.\n\n"
+               + (_DATA / "people.txt").read_text()[:700] + "<|im_end|>\n<|im_start|>assistant\n")
+PROMPTS = [  # tests/runtime/test_default_model_oracle.py's prompts, then the copy-heavy one
+    "The capital of France is",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+    "def fibonacci(n):",
+    COPY_PROMPT,
+]
+GREEDY = {"max_new_tokens": 48, "temperature": 0}
+SAMPLED = [{"max_new_tokens": 32, "temperature": 0.9, "top_p": 0.95, "sampling_seed": s, "frequency_penalty": 0.3}
+           for s in range(3)]
+SCHEMA = {"json_schema": json.dumps(PERSON), "max_new_tokens": 128, "temperature": 0}
+TIGHT = dict(SCHEMA, max_new_tokens=40)  # the grammar budget closes the JSON early: masks narrow near the end
+
+
+def _requests() -> tuple[list[str], list[dict]]:
+    prompts = PROMPTS + [COPY_PROMPT] * len(SAMPLED) + [PERSON_PROMPT] * 2
+    return prompts, [GREEDY] * len(PROMPTS) + SAMPLED + [TIGHT, SCHEMA]
+
+
+@pytest.fixture(scope="module")
+def baseline() -> list[dict]:
+    from sgl.runtime.engine import Engine
+
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=8192, show_progress=False)
+    try:
+        prompts, params = _requests()
+        return [eng.generate(p, sp) for p, sp in zip(prompts, params)]  # one at a time: batch 1
+    finally:
+        eng.check_integrity()
+        eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from sgl.runtime.engine import Engine
+
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=8192, show_progress=False,
+                 speculative_algorithm="NGRAM", speculative_num_draft_tokens=4)
+    yield eng
+    eng.shutdown()
+
+
+def test_ngram_outputs_identical_to_no_speculation(engine, baseline) -> None:
+    prompts, params = _requests()
+    outs = [engine.generate(p, sp) for p, sp in zip(prompts, params)]
+    for o, b, sp in zip(outs, baseline, params):
+        assert o["output_ids"] == b["output_ids"], sp
+        assert o["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
+    jsonschema.validate(json.loads(outs[-1]["text"]), PERSON)
+    assert outs[-1]["meta_info"]["spec_verify_ct"] > 0  # drafts ran under the grammar
+    assert outs[-2]["meta_info"].get("grammar_closed_early") == baseline[-2]["meta_info"].get("grammar_closed_early")
+    copy = outs[len(PROMPTS) - 1]["meta_info"]
+    assert copy["spec_verify_ct"] > 0 and copy["spec_accept_length"] > 1.3  # copying pays
+    stats = engine.get_server_info()
+    assert stats["speculative_algorithm"] == "NGRAM" and 0 < stats["spec_accept_rate"] <= 1
+    assert b"sgl:spec_accept_length_count" in get_metrics().render()
+
+
+def test_ngram_constrained_batch_valid(engine) -> None:
+    """A batch of sampled json_schema requests (speculation on for each row, masks along the drafts)."""
+    params = [dict(SCHEMA, temperature=1.0, sampling_seed=s) for s in range(4)]
+    outs = engine.generate([PERSON_PROMPT] * len(params), params)
+    for o in outs:
+        assert o["meta_info"]["finish_reason"]["type"] == "stop", o
+        jsonschema.validate(json.loads(o["text"]), PERSON)
+
+
+def test_draft_model_default_as_its_own_draft(baseline) -> None:
+    """DRAFT with the default model drafting for itself: greedy outputs identical to no speculation,
+    and (same weights, greedy) nearly every draft accepted."""
+    from sgl.runtime.engine import Engine
+
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
+                 speculative_algorithm="DRAFT", speculative_draft_model_path="default",
+                 speculative_num_draft_tokens=3)
+    try:
+        prompts, params = _requests()
+        picks = [0, len(PROMPTS) - 1, len(prompts) - 1]  # an oracle prompt, the copy prompt, json_schema
+        for i in picks:
+            out = eng.generate(prompts[i], params[i])
+            assert out["output_ids"] == baseline[i]["output_ids"], params[i]
+        stats = eng.get_server_info()
+        assert stats["spec_verify_ct"] > 0 and stats["spec_accept_rate"] > 0.8, stats
+        eng.wait_idle()
+        eng.check_integrity()
+    finally:
+        eng.shutdown()

@@ -1,0 +1,61 @@
+"""Grammar masks along a draft (runtime/executor/verify.py): position p's mask equals the mask after
+accepting d_1..d_p for real, the draft is cut at the first token the grammar forbids, and the matcher
+ends where it started (no token accepted, no error)."""
+
+from __future__ import annotations
+
+import torch
+
+from sgl.grammars import GrammarCompiler, Vocabulary
+from sgl.kernels.bitmask import allocate_token_bitmask
+from sgl.runtime.executor.verify import fill_verify_bitmask
+
+TOKENS = [b"a", b"b", b"c", b"ab", b"ba", b"1", b"2", b"12", b"x", None]  # id 9 = EOS
+EOS = 9
+V = len(TOKENS)
+
+
+def _matcher():  # noqa: ANN202
+    vocab = Vocabulary.from_bytes(TOKENS, eos_token_id=EOS)
+    return GrammarCompiler(vocab).compile("regex", "(a|b)+[12]x")
+
+
+def _masks_by_hand(compiled, prefix: list[int], draft: list[int]) -> list[torch.Tensor]:
+    m = compiled.matcher()
+    for t in prefix:
+        assert m.accept(t)
+    out = []
+    for t in [None] + draft:
+        if t is not None:
+            assert m.accept(t)
+        mask = allocate_token_bitmask(1, V)
+        m.fill_bitmask(mask, 0)
+        out.append(mask[0].clone())
+    return out
+
+
+def test_masks_along_a_valid_draft_then_cut_at_forbidden_token() -> None:
+    compiled = _matcher()
+    g = compiled.matcher()
+    assert g.accept(0)  # "a"
+    draft = [3, 5, 8, 2]  # "ab" "1" "x" then "c": forbidden after the regex completed
+    other = None  # an unconstrained row in the same batch
+    vm = fill_verify_bitmask([other, g], [0, 5], [[1, 1, 1, 1, 1], draft], 10, V)
+    assert vm.drafts == [[1, 1, 1, 1, 1], [3, 5, 8]]
+    want = _masks_by_hand(compiled, [0], [3, 5, 8])
+    for p, m in enumerate(want):
+        assert torch.equal(vm.bitmask[5 + p], m), p
+    assert bool((vm.bitmask[:5] == -1).all())  # the unconstrained row: everything allowed
+    assert g.error is None
+    # The matcher is where it was: it accepts the same continuation for real.
+    for t in [3, 5, 8]:
+        assert g.accept(t)
+    assert g.is_finished() or g.accept(EOS)
+
+
+def test_first_draft_forbidden_gives_empty_draft() -> None:
+    compiled = _matcher()
+    g = compiled.matcher()
+    vm = fill_verify_bitmask([g], [0], [[5, 0]], 3, V)  # "1" cannot come first
+    assert vm.drafts == [[]]
+    assert g.error is None and g.accept(0)
