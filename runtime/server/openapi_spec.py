@@ -135,6 +135,8 @@ class OpenAIResponse(BaseModel):
 
 
 _JSON, _SSE, _TEXT = "application/json", "text/event-stream", "text/plain"
+# One server-sent event (what schemathesis validates per event): `data:` is a JSON chunk or [DONE]
+_EVENT: dict[str, Any] = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 _OBJECT: dict[str, Any] = {"type": "object"}
 _HEALTH: dict[str, Any] = {"type": "object", "required": ["healthy", "checks"],
                            "properties": {"healthy": {"type": "boolean"}, "checks": {"type": "object"}}}
@@ -142,7 +144,7 @@ _HEALTH: dict[str, Any] = {"type": "object", "required": ["healthy", "checks"],
 # path -> (request body model, {status: (description, {content type: schema})}); errors added below
 _ROUTES: dict[str, tuple[Optional[type[BaseModel]], dict[str, tuple[str, dict[str, Any]]]]] = {
     "/generate": (GenerateBody, {"200": ("the output (a list for a batch), or an SSE stream with `stream`", {
-        _JSON: {"anyOf": [GenerateOutput, {"type": "array", "items": GenerateOutput}]}, _SSE: {"type": "string"}})}),
+        _JSON: {"anyOf": [GenerateOutput, {"type": "array", "items": GenerateOutput}]}, _SSE: _EVENT})}),
     "/abort_request": (AbortBody, {"200": ("the ids aborted", {_JSON: AbortOutput})}),
     "/load_lora_adapter": (LoadLoraBody, {"200": ("loaded; every loaded adapter", {_JSON: LoraOutput})}),
     "/unload_lora_adapter": (UnloadLoraBody, {"200": ("unloaded; the adapters left", {_JSON: LoraOutput})}),
@@ -160,9 +162,9 @@ _ROUTES: dict[str, tuple[Optional[type[BaseModel]], dict[str, tuple[str, dict[st
     "/check_integrity": (None, {"200": ("the KV pool and radix tree are consistent", {_JSON: IntegrityOutput}),
                                 "500": ("a leak, named", {_JSON: ErrorBody})}),
     "/v1/completions": (CompletionRequest, {"200": ("a completion, or an SSE stream", {
-        _JSON: OpenAIResponse, _SSE: {"type": "string"}})}),
+        _JSON: OpenAIResponse, _SSE: _EVENT})}),
     "/v1/chat/completions": (ChatCompletionRequest, {"200": ("a chat completion, or an SSE stream", {
-        _JSON: OpenAIResponse, _SSE: {"type": "string"}})}),
+        _JSON: OpenAIResponse, _SSE: _EVENT})}),
 }
 for _p in ("/generate", "/v1/completions", "/v1/chat/completions"):  # runtime/server/tenancy_routes.py
     _ROUTES[_p][1]["429"] = ("over the key's daily token budget or request rate (Retry-After)", {_JSON: ErrorBody})

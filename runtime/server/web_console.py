@@ -77,16 +77,12 @@ def _num(stats: dict[str, Any], key: str) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
-def _spec_accept_length(state: ServerState) -> Optional[float]:
-    """Mean accepted tokens per speculative step (None until a drafter records one)."""
-    if state.metrics is None:
+def _spec_accept_length(stats: dict[str, Any]) -> Optional[float]:
+    """Mean tokens per speculative verify step of this engine (None until a drafter ran one)."""
+    if not _num(stats, "spec_verify_ct"):
         return None
-    total = count = 0.0
-    for metric in state.metrics.spec_accept_length.collect():
-        for s in metric.samples:
-            total += s.value if s.name.endswith("_sum") else 0.0
-            count += s.value if s.name.endswith("_count") else 0.0
-    return total / count if count else None
+    value = stats.get("spec_accept_length")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 async def build_stats(state: ServerState, rates: RateTracker) -> dict[str, Any]:
@@ -123,7 +119,7 @@ async def build_stats(state: ServerState, rates: RateTracker) -> dict[str, Any]:
                   "disabled": bool(getattr(state.server_args, "disable_radix_cache", False))},
         # Hooks for later features; each stays null/empty until its engine part reports it.
         "speculative": {"algorithm": getattr(state.server_args, "speculative_algorithm", None),
-                        "mean_accept_length": _spec_accept_length(state)},
+                        "mean_accept_length": _spec_accept_length(stats)},
         "queues": stats.get("per_class_queues") or {"default": queue},  # waiting requests per priority class
         "host_kv": {"used": stats.get("host_kv_used_tokens"), "total": stats.get("host_kv_total_tokens")},
         "adapters": stats.get("lora_adapters") or list(getattr(state.server_args, "lora_paths", None) or []),

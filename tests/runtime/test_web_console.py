@@ -59,7 +59,15 @@ def test_page_served_and_open_without_key() -> None:
     stats = c.get("/v1/stats", headers={"Authorization": "Bearer k"}).json()
     assert stats["kv"] == {"total": 1000, "in_use": 200, "cached": 50, "free": 750, "token_usage": 0.25}
     assert (stats["num_running_reqs"], stats["num_queue_reqs"], stats["radix"]["num_nodes"]) == (1, 2, 3)
+    # NOTE: from this engine's own counters, never the process-wide histogram other engines filled
     assert stats["queues"] == {"default": 2} and stats["speculative"]["mean_accept_length"] is None
+
+
+def test_stats_speculative_accept_length_is_the_engines_own() -> None:
+    c = client()
+    c.app.state.sgl.engine.get_stats = lambda: {"num_running_reqs": 1, "num_queue_reqs": 0, "spec_verify_ct": 4,
+                                                "spec_accept_length": 2.5, "max_total_tokens": 1000}
+    assert c.get("/v1/stats").json()["speculative"]["mean_accept_length"] == 2.5
 
 
 def test_disable_web_console() -> None:
