@@ -45,6 +45,7 @@ class Engine:
         self.server_args = args = ServerArgs.from_kwargs(model_path=model_path, **server_args)
         self.fatal_error: Optional[str] = None  # set when the engine can run no more steps (a TP rank died)
         self.on_fatal: Optional[Callable[[str], None]] = None  # the server stops itself here
+        self._step_failures = 0  # consecutive scheduler steps that failed as a whole (two: fatal)
         self.tp = None  # tensor parallelism: rank 0's handle (runtime/distributed/launch.py)
         if args.tp_size > 1:
             from sgl.runtime.distributed.launch import TensorParallel, threads_per_rank
@@ -114,12 +115,21 @@ class Engine:
                 continue
             try:
                 self.scheduler.step()
+                self._step_failures = 0
             except TensorParallelError as e:  # a rank is gone: no step can run again
                 self._fatal(self.tp.diagnose(str(e)) if self.tp is not None else str(e))
-            except Exception as e:  # a bug: fail the requests in flight, keep serving
-                logger.exception("scheduler step failed")
-                for req in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    self.scheduler.abort(req.rid, f"internal error: {type(e).__name__}: {e}")
+            except Exception as e:  # noqa: BLE001
+                # NOTE: one request's failure never gets here (the scheduler reruns a failed batch row by row
+                # and fails only the rows that fail alone). Here every row failed: fail the running requests
+                # (500) and keep serving; a second such step in a row means the engine is broken: stop loudly.
+                self._step_failures += 1
+                message = f"internal error: {type(e).__name__}: {e}"
+                logger.exception("scheduler step failed (%d in a row)", self._step_failures)
+                if self._step_failures >= 2:
+                    self._fatal(f"the scheduler step failed twice in a row, last: {message}")
+                else:
+                    for req in list(self.scheduler.running):
+                        self.scheduler.abort(req.rid, message, internal=True)
             if not self.scheduler.has_work:
                 self.scheduler.check_integrity()
 
@@ -132,7 +142,7 @@ class Engine:
         if hasattr(self, "_commands"):  # (not while still loading: rank 0's rendezvous fails on its own)
             def stop() -> None:
                 for req in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    self.scheduler.abort(req.rid, f"engine stopped: {message}")
+                    self.scheduler.abort(req.rid, f"engine stopped: {message}", internal=True)
                 self._stopped.set()
             self._commands.put(stop)
         if self.on_fatal is not None:

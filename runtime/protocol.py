@@ -25,6 +25,10 @@ class RequestError(ValueError):
     """Bad input from a user: becomes HTTP 400 (the message names the field)."""
 
 
+class InternalError(RuntimeError):
+    """The engine failed a request by its own fault (a bug, a kernel error): becomes HTTP 500."""
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise RequestError(msg)
@@ -252,3 +256,18 @@ def finish_reason_length(length: int) -> dict[str, Any]:
 
 def finish_reason_abort(message: str) -> dict[str, Any]:
     return {"type": "abort", "message": message}
+
+
+def finish_reason_internal_error(message: str) -> dict[str, Any]:
+    """An abort caused by a bug or a kernel failure, not by the request: the server answers 500 (SGLang's
+    abort finish reasons carry a status_code the same way)."""
+    return {"type": "abort", "message": message, "status_code": 500}
+
+
+def internal_error_of(outputs: Any) -> Optional[str]:
+    """The message of the first output (a dict or a list of them) that ended on an internal error, or None."""
+    for out in outputs if isinstance(outputs, list) else [outputs]:
+        reason = (out.get("meta_info") or {}).get("finish_reason") if isinstance(out, dict) else None
+        if isinstance(reason, dict) and reason.get("status_code") == 500:
+            return str(reason.get("message"))
+    return None

@@ -4,3 +4,5 @@
 class TensorParallelError(RuntimeError):
     """A collective failed or timed out, or a rank exited: the group cannot run another step.
     The engine treats it as fatal (every request is aborted and a server shuts down)."""
+
+    fatal = True  # NOTE: the scheduler never retries a fatal error row by row (runtime/scheduler/scheduler.py)

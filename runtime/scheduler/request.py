@@ -169,6 +169,7 @@ class RowResult:
     prompt_logprobs: list[float] = field(default_factory=list)  # one per logprob_target
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     error: Optional[str] = None  # the row could not sample (e.g. grammar allows no token)
+    internal: bool = False  # `error` is a bug or kernel failure (HTTP 500), not the request's fault
     # A verify row's further tokens after token_id (accepted drafts, then the target's own token), in order.
     next_token_ids: list[int] = field(default_factory=list)
     next_logprobs: list[Optional[float]] = field(default_factory=list)

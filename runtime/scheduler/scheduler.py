@@ -24,7 +24,7 @@ from sgl.runtime.cache.hiradix_cache import HiRadixCache
 from sgl.runtime.cache.host_pool import HostPool, KVMover
 from sgl.runtime.cache.radix_cache import NoPrefixCache, RadixCache
 from sgl.runtime.config import ServerArgs
-from sgl.runtime.protocol import finish_reason_abort, finish_reason_length
+from sgl.runtime.protocol import finish_reason_abort, finish_reason_internal_error, finish_reason_length
 from sgl.runtime.scheduler.fair_share import CLASS_RANK, FairShare
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.policy import order_waiting
@@ -52,6 +52,7 @@ class StepStats:
     prefill_tokens_computed: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    num_isolated_failures: int = 0  # requests failed alone after their batch raised (crash safety)
     jump_forward_tokens: int = 0
     # speculative decoding (all 0 when off); spec_accept_rate = accepted / proposed drafts
     spec_verify_ct: int = 0
@@ -126,11 +127,11 @@ class Scheduler:
         self.stats.prompt_tokens_total += len(req.prompt_ids)
         self.waiting.append(req)
 
-    def abort(self, rid: str, message: str = "aborted by the client") -> bool:
-        """End a queued or running request; False when no such request is here."""
+    def abort(self, rid: str, message: str = "aborted by the client", internal: bool = False) -> bool:
+        """End a queued or running request (`internal`: our failure, HTTP 500); False when no such request."""
         for req in self.waiting + self.running:
             if req.rid == rid and not req.finished:
-                req.finish_reason = finish_reason_abort(message)
+                req.finish_reason = (finish_reason_internal_error if internal else finish_reason_abort)(message)
                 self._finish(req)
                 return True
         return False
@@ -158,16 +159,47 @@ class Scheduler:
             return
         try:
             results = self.runner.run(batch)
+        except Exception as exc:
+            if getattr(exc, "fatal", False) or len(batch.rows) == 1:
+                self._free_new_slots(batch.rows)
+                raise
+            results = self._isolate(batch, exc)
         except BaseException:
-            # NOTE: the rows' new slots are not yet in req.slots: hand them back, or they leak
-            for row in batch.rows:
-                self.allocator.free(row.new_slots)
+            self._free_new_slots(batch.rows)
             raise
         assert len(results) == len(batch.rows)
         self.stats.num_steps += 1
         for row, res in zip(batch.rows, results):
             self._process(row, res)
         self._update_gauges()
+
+    def _free_new_slots(self, rows: list[BatchRow]) -> None:
+        # NOTE: the rows' new slots are not yet in req.slots: hand them back, or they leak
+        for row in rows:
+            self.allocator.free(row.new_slots)
+            row.new_slots = []
+
+    def _isolate(self, batch: ScheduledBatch, exc: Exception) -> list[RowResult]:
+        """The batch raised: run its rows one at a time so only the request that fails alone fails (its
+        new KV is dropped, never cached) and the others' step goes on. Every row failing alone means the
+        step itself cannot run: re-raise the first error (the engine counts consecutive failures)."""
+        results: list[RowResult] = []
+        failed: list[BatchRow] = []
+        for row in batch.rows:
+            try:
+                results.append(self.runner.run(ScheduledBatch([row]))[0])
+            except Exception as e:  # noqa: BLE001 - this one request's failure, reported to it
+                if getattr(e, "fatal", False):
+                    self._free_new_slots(batch.rows)
+                    raise
+                failed.append(row)
+                results.append(RowResult(None, error=f"internal error: {type(e).__name__}: {e}", internal=True))
+        if len(failed) == len(batch.rows):
+            self._free_new_slots(batch.rows)
+            raise exc
+        self._free_new_slots(failed)
+        self.stats.num_isolated_failures += len(failed)
+        return results
 
     def _schedule(self) -> ScheduledBatch:
         rows: list[BatchRow] = []
@@ -434,7 +466,7 @@ class Scheduler:
         if req.finished:  # aborted while the step ran
             return
         if res.error is not None:
-            req.finish_reason = finish_reason_abort(res.error)
+            req.finish_reason = (finish_reason_internal_error if res.internal else finish_reason_abort)(res.error)
             if row.draft_len:
                 self._trim_verify_row(row, res, 0)
         elif res.token_id is not None:

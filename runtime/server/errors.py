@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sgl.runtime.protocol import RequestError
+from sgl.runtime.protocol import InternalError, RequestError
 
 logger = logging.getLogger("sgl.server")
 
@@ -85,6 +85,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         return error_response(400, str(exc))
+
+    @app.exception_handler(InternalError)
+    async def _internal_error(_: Request, exc: InternalError) -> JSONResponse:
+        return error_response(500, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

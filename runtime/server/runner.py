@@ -25,7 +25,7 @@ from starlette.requests import Request
 
 from sgl.runtime.limits import RequestLimits, check_costs
 from sgl.runtime.metrics import ServerMetrics
-from sgl.runtime.protocol import GenerateRequest, RequestError
+from sgl.runtime.protocol import GenerateRequest, InternalError, RequestError, internal_error_of
 
 logger = logging.getLogger("sgl.server")
 
@@ -283,6 +283,14 @@ async def _wait_disconnect(request: Request, poll_s: float = 0.25) -> None:
         await asyncio.sleep(poll_s)
 
 
+def _no_internal_error(outs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A request the engine failed by its own fault is a 500 naming the error, not a 200 (crash safety)."""
+    message = internal_error_of(outs)
+    if message is not None:
+        raise InternalError(message)
+    return outs
+
+
 async def collect(state: ServerState, reqs: list[GenerateRequest],
                   request: Optional[Request] = None) -> list[dict[str, Any]]:
     """Run `reqs` concurrently to completion. If `request`'s client disconnects first, abort them
@@ -292,10 +300,10 @@ async def collect(state: ServerState, reqs: list[GenerateRequest],
     watcher = asyncio.ensure_future(_wait_disconnect(request)) if request is not None else None
     try:
         if watcher is None:
-            return list(await gathered)
+            return _no_internal_error(list(await gathered))
         done, _ = await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if gathered in done:
-            return list(gathered.result())
+            return _no_internal_error(list(gathered.result()))
         raise ClientDisconnected()
     finally:
         for t in tasks:

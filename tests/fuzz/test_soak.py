@@ -1,4 +1,4 @@
-"""A 60-second soak in CI (benchmarks/soak.py; `make soak` runs 30 minutes): mixed traffic (streams,
+"""A 3-minute soak in CI (benchmarks/soak.py; `make soak` runs 30 minutes): mixed traffic (streams,
 disconnects, aborts, constrained, chat, bad requests) on the tier's server, then: no 5xx, no client
 error, fds and threads flat, RSS slope under a generous bound after the warm-up, KV integrity."""
 
@@ -14,7 +14,7 @@ from tests.e2e.server_helpers import ServerHandle
 
 pytestmark = pytest.mark.timeout(400)
 
-SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
+SECONDS = float(os.environ.get("SOAK_SECONDS", "180"))
 
 
 def test_soak(server: ServerHandle) -> None:
