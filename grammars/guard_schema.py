@@ -14,6 +14,7 @@ from typing import Any, Optional
 import jsonschema
 
 from sgl.grammars.json_tracker import PathElem
+from sgl.grammars.schema_logic import json_equal  # noqa: F401 - JSON Schema equality, one definition
 
 # Edges to subschemas that apply to a value's children (or the value itself: allOf, $ref) for sure.
 _DEFINITE = frozenset({"properties", "patternProperties", "additionalProperties", "items", "prefixItems",
@@ -200,17 +201,6 @@ def _keyword(err: Any) -> str:
     return str(err.validator)
 
 
-def json_equal(a: Any, b: Any) -> bool:
-    """JSON Schema equality: 1 == 1.0, but true != 1; objects by members, arrays element-wise."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
-    return type(a) is type(b) and a == b
 
 
 def _join(ptr: str, *parts: PathElem) -> str:

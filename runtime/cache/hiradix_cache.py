@@ -54,23 +54,9 @@ class HiRadixCache(RadixCache):
         self.demoted_tokens = 0
 
     # ---- lookup: device nodes only; host nodes are promoted first -------------------------
-    def match_prefix(self, key: list[int], namespace: Optional[int] = None) -> MatchResult:
-        node, slots = self._root(namespace), []
-        now = next(_clock)
-        while key:
-            child = node.children.get(key[0])
-            if child is None or child.on_host:
-                break
-            child.last_access = now
-            n = _common_len(child.key, key)
-            if n < len(child.key):
-                child = self._split(child, n)
-                slots.extend(child.value)
-                node = child
-                break
-            slots.extend(child.value)
-            node, key = child, key[n:]
-        return MatchResult(slots, node)
+    @staticmethod
+    def _matchable(node: TreeNode) -> bool:
+        return not node.on_host  # host nodes are promoted (copied back) before a match uses them
 
     def _host_path(self, key: list[int], namespace: Optional[int] = None) -> list[TreeNode]:
         """The host nodes `key` runs through after its device prefix (a partly matched one is split)."""

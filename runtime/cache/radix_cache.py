@@ -108,7 +108,7 @@ class RadixCache:
         now = next(_clock)
         while key:
             child = node.children.get(key[0])
-            if child is None:
+            if child is None or not self._matchable(child):
                 break
             child.last_access = now
             n = _common_len(child.key, key)
@@ -120,6 +120,11 @@ class RadixCache:
             slots.extend(child.value)
             node, key = child, key[n:]
         return MatchResult(slots, node)
+
+    @staticmethod
+    def _matchable(node: TreeNode) -> bool:
+        """A node whose KV a match may use (HiRadixCache: not one demoted to the host tier)."""
+        return True
 
     def _split(self, child: TreeNode, n: int) -> TreeNode:
         """Split `child` after n tokens; returns the new upper node (which keeps child's locks)."""
