@@ -49,9 +49,11 @@ def test_max_tokens_cut_still_parses(engine):
     schema = {"type": "object", "properties": {"story": {"type": "string"}, "moral": {"type": "string"}},
               "required": ["story", "moral"]}
     prompt = "Write a very long, detailed story about a dragon and a knight, as JSON with fields story and moral:"
-    out = engine.generate(prompt, {"json_schema": json.dumps(schema), "max_new_tokens": 64, "temperature": 1.0,
-                                   "sampling_seed": 0})
-    meta = out["meta_info"]
-    jsonschema.validate(json.loads(out["text"]), schema)
-    assert meta["finish_reason"]["type"] == "length" and meta["grammar_closed_early"] is True, meta
-    assert meta["completion_tokens"] <= 64
+    # NOTE: a budget the sampled story always outruns (the model may close a short story itself at 64)
+    for seed in (0, 1):
+        out = engine.generate(prompt, {"json_schema": json.dumps(schema), "max_new_tokens": 24, "temperature": 1.0,
+                                       "sampling_seed": seed})
+        meta = out["meta_info"]
+        jsonschema.validate(json.loads(out["text"]), schema)
+        assert meta["finish_reason"]["type"] == "length" and meta["grammar_closed_early"] is True, meta
+        assert meta["completion_tokens"] <= 24
