@@ -185,8 +185,8 @@ class Engine:
         ids = r.input_ids if r.input_ids is not None else self.tokenizer.encode(r.text or "")
         if not ids:
             raise RequestError("the prompt is empty: text must contain at least one token")
-        if any(t >= self.model_config.vocab_size for t in ids):
-            raise RequestError(f"input_ids contains a token id >= vocab size {self.model_config.vocab_size}")
+        if any(not 0 <= t < self.model_config.vocab_size for t in ids):
+            raise RequestError(f"input_ids contains a token id outside the vocabulary [0, {self.model_config.vocab_size})")
         validate_prompt_length(len(ids), r.sampling_params.max_new_tokens, self.context_length)
         return ids
 

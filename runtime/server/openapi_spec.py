@@ -169,6 +169,8 @@ _ROUTES: dict[str, tuple[Optional[type[BaseModel]], dict[str, tuple[str, dict[st
 for _p in ("/generate", "/v1/completions", "/v1/chat/completions"):  # runtime/server/tenancy_routes.py
     _ROUTES[_p][1]["429"] = ("over the key's daily token budget or request rate (Retry-After)", {_JSON: ErrorBody})
     _ROUTES[_p][1]["503"] = ("the queue is at --max-queue-depth (Retry-After)", {_JSON: ErrorBody})
+    _ROUTES[_p][1]["500"] = ("the engine failed this request by its own fault (crash safety: the error is named; "
+                             "other requests go on)", {_JSON: ErrorBody})
 for _p in ("/model_info", "/get_model_info", "/server_info", "/get_server_info", "/version", "/get_version",
            "/v1/models"):
     _ROUTES[_p] = (None, {"200": ("an object", {_JSON: _OBJECT})})

@@ -193,11 +193,12 @@ async def check_requests(state: ServerState, reqs: list[GenerateRequest]) -> Non
             raise RequestError(f"sampling_params.n must be at most {max_n} (got {sp.n})")
         if req.input_ids is not None:
             num = len(req.input_ids)
-            if state.vocab_size is not None:
-                bad = [t for t in req.input_ids if t >= state.vocab_size]
-                if bad:
-                    raise RequestError(f"input_ids contains token id {bad[0]}, outside the vocabulary "
-                                       f"(size {state.vocab_size})")
+            # NOTE: the OpenAI routes' token-id prompts reach here unchecked: a negative id would index the
+            # embedding out of range inside the step (found by tests/fuzz)
+            bad = [t for t in req.input_ids if t < 0 or (state.vocab_size is not None and t >= state.vocab_size)]
+            if bad:
+                raise RequestError(f"input_ids contains token id {bad[0]}, outside the vocabulary "
+                                   f"[0, {state.vocab_size})")
         else:
             text = req.text or ""
             if not text:

@@ -143,6 +143,9 @@ OPENAI_CASES: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
     ("completion temperature", "/v1/completions", {"prompt": "x", "temperature": -0.5}, ("temperature",)),
     ("completion empty prompt", "/v1/completions", {"prompt": ""}, ("text",)),
     ("completion prompt type", "/v1/completions", {"prompt": {"a": 1}}, ("prompt",)),
+    # found by tests/fuzz: a negative token id used to index the embedding out of range inside the step (500)
+    ("completion negative token id", "/v1/completions", {"prompt": [[-930, 810]]}, ("input_ids", "vocabulary")),
+    ("completion token id past vocab", "/v1/completions", {"prompt": [5, 10**7]}, ("input_ids", "vocabulary")),
     ("completion two formats", "/v1/completions",
      {"prompt": "x", "regex": "a", "response_format": {"type": "json_object"}}, ("regex",)),
     ("completion json_schema without schema", "/v1/completions",
