@@ -160,7 +160,7 @@ class Scheduler:
         try:
             results = self.runner.run(batch)
         except Exception as exc:
-            if getattr(exc, "fatal", False) or len(batch.rows) == 1:
+            if getattr(exc, "fatal", False):
                 self._free_new_slots(batch.rows)
                 raise
             results = self._isolate(batch, exc)
@@ -181,8 +181,13 @@ class Scheduler:
 
     def _isolate(self, batch: ScheduledBatch, exc: Exception) -> list[RowResult]:
         """The batch raised: run its rows one at a time so only the request that fails alone fails (its
-        new KV is dropped, never cached) and the others' step goes on. Every row failing alone means the
-        step itself cannot run: re-raise the first error (the engine counts consecutive failures)."""
+        new KV is dropped, never cached) and the others' step goes on. When two or more different requests
+        all fail alone, the step itself cannot run: re-raise (the engine counts consecutive such steps). A
+        one-row batch's failure is that request's own (no rerun)."""
+        if len(batch.rows) == 1:
+            self._free_new_slots(batch.rows)
+            self.stats.num_isolated_failures += 1
+            return [RowResult(None, error=f"internal error: {type(exc).__name__}: {exc}", internal=True)]
         results: list[RowResult] = []
         failed: list[BatchRow] = []
         for row in batch.rows:

@@ -72,3 +72,13 @@ def test_a_step_that_fails_for_every_row_is_raised_with_no_leak() -> None:
     runner.broken = False
     drain(s)  # and the requests are still whole: they finish normally
     assert done["a"].output_ids == reference_output([1, 2, 3], 4)
+
+
+def test_a_request_failing_alone_in_its_step_is_its_own_failure() -> None:
+    s, _, done = poisoned()
+    add(s, "poison", [1, 2, 3], 4)
+    drain(s)  # never raises: a one-row batch cannot tell a broken engine from a bad request
+    assert done["poison"].finish_reason["status_code"] == 500
+    add(s, "fine", [1, 2, 3], 4)
+    drain(s)
+    assert done["fine"].output_ids == reference_output([1, 2, 3], 4)
