@@ -206,10 +206,12 @@ def test_concurrent_shared_prefix_is_computed_once() -> None:
 
 
 def test_failed_step_returns_its_new_slots() -> None:
-    """A runner that raises mid-step (a bug, a backend failure) must not leak the batch's fresh KV slots:
-    the engine aborts the requests in flight and the integrity check holds afterwards."""
+    """A runner that raises mid-step (a bug, a backend failure) must not leak the batch's fresh KV slots,
+    whether the step is raised (every one of two requests fails alone) or the failure is one request's
+    own (a one-request step: that request ends with a 500); the integrity check holds afterwards."""
     s, runner, done = make_scheduler(500)
     add(s, "a", list(range(1, 30)), 10)
+    add(s, "b", list(range(40, 60)), 10)
     s.step()  # prefill
     real_run = runner.run
 
@@ -218,9 +220,12 @@ def test_failed_step_returns_its_new_slots() -> None:
 
     runner.run = failing_run  # type: ignore[method-assign]
     with pytest.raises(RuntimeError):
-        s.step()  # a decode step: one new slot allocated, then the runner fails
+        s.step()  # a decode step of two rows: new slots allocated, then the runner fails for both
+    s.check_integrity()
+    s.abort("b", "internal error", internal=True)  # what Engine._loop does after a failed step
+    s.step()  # "a" alone: its own failure, not raised
+    s.check_integrity()
     runner.run = real_run  # type: ignore[method-assign]
-    s.abort("a", "internal error")  # what Engine._loop does after a failed step
-    assert done["a"].finish_reason["type"] == "abort"
+    assert done["a"].finish_reason["status_code"] == 500 and done["b"].finish_reason["status_code"] == 500
     run_to_end(s)
     assert s.allocator.available + s.cache.total_size == 500
