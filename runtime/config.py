@@ -28,6 +28,11 @@ PREEMPTION_MODES = ("swap", "recompute")
 DISAGGREGATION_MODES = ("prefill", "decode")
 CPU_ACT_QUANTS = ("q16", "none", "q8")  # activations of the native CPU kernels (sgl.kernels.cpu.ACT_QUANT)
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")  # == sgl.runtime.router.policy.POLICIES
+# field -> the values its CLI flag accepts (argparse choices)
+_CHOICES = {"schedule_policy": SCHEDULE_POLICIES, "grammar_backend": GRAMMAR_BACKENDS, "weight_format": WEIGHT_FORMATS,
+            "preemption_mode": PREEMPTION_MODES, "router_policy": ROUTER_POLICIES, "quantize": QUANTIZE_TYPES,
+            "speculative_algorithm": SPECULATIVE_ALGORITHMS, "disaggregation_mode": DISAGGREGATION_MODES,
+            "cpu_act_quant": CPU_ACT_QUANTS}
 
 
 def _physical_cores() -> int:
@@ -288,24 +293,8 @@ class ServerArgs:
             else:
                 conv = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
                 kwargs: dict[str, Any] = {"type": conv, "default": default}
-                if f.name == "schedule_policy":
-                    kwargs["choices"] = SCHEDULE_POLICIES
-                if f.name == "grammar_backend":
-                    kwargs["choices"] = GRAMMAR_BACKENDS
-                if f.name == "weight_format":
-                    kwargs["choices"] = WEIGHT_FORMATS
-                if f.name == "preemption_mode":
-                    kwargs["choices"] = PREEMPTION_MODES
-                if f.name == "router_policy":
-                    kwargs["choices"] = ROUTER_POLICIES
-                if f.name == "quantize":
-                    kwargs["choices"] = QUANTIZE_TYPES
-                if f.name == "speculative_algorithm":
-                    kwargs["choices"] = SPECULATIVE_ALGORITHMS
-                if f.name == "disaggregation_mode":
-                    kwargs["choices"] = DISAGGREGATION_MODES
-                if f.name == "cpu_act_quant":
-                    kwargs["choices"] = CPU_ACT_QUANTS
+                if f.name in _CHOICES:
+                    kwargs["choices"] = _CHOICES[f.name]
                 parser.add_argument(flag, **kwargs)
 
     @classmethod
