@@ -20,7 +20,7 @@ from typing import Any, Iterable, Optional, Union
 from tokenizers import Tokenizer as BackendTokenizer
 
 from sgl.runtime.chat_template import render_chat_template
-from sgl.runtime.tokenizer_gguf import build_gguf_backend, set_bos_eos_insertion
+from sgl.runtime.tokenizer_gguf import cached_gguf_backend, set_bos_eos_insertion
 
 # End-of-turn tokens: when the chat template writes one, generation stops at it too.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>",
@@ -171,7 +171,7 @@ class Tokenizer:
         else:
             meta = metadata_from_reader(source)
         tokens = meta["tokenizer.ggml.tokens"]
-        backend = build_gguf_backend(meta)
+        backend = cached_gguf_backend(meta)  # built once per vocabulary (Gemma: seconds), then cached
 
         def token(key: str) -> Optional[str]:
             i = meta.get(f"tokenizer.ggml.{key}")

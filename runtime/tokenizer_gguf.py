@@ -15,6 +15,7 @@ user-defined tokens become plain added tokens (always matched whole, as llama.cp
 from __future__ import annotations
 
 import logging
+import os
 from functools import lru_cache
 from typing import Any
 
@@ -189,4 +190,63 @@ def build_gguf_backend(meta: dict[str, Any]) -> Tokenizer:
         raise ValueError(f"GGUF tokenizer model {model!r} is not supported (supported: 'gpt2' byte-level BPE, "
                          "'llama' SentencePiece BPE); load the model from a Hugging Face folder instead")
     _add_gguf_added_tokens(backend, tokens, types)
+    return backend
+
+
+# Bump when build_gguf_backend changes what it builds: cached tokenizers of an older build are then rebuilt.
+_BUILD_VERSION = 1
+# content key -> the built backend, shared in this process. NOTE: safe to share: the only later change to a
+# backend is Tokenizer._set_bos_eos's post-processor, which the same tokenizer.ggml.* entries (in the key)
+# set identically every time; grammars/vocabulary.py encodes with a private copy.
+_BUILT: dict[str, Tokenizer] = {}
+
+
+def _content_key(meta: dict[str, Any]) -> str:
+    """A hash of everything build_gguf_backend reads (the tokenizer.ggml.* entries), so a cached tokenizer is
+    reused only for the same vocabulary, whatever the file is called."""
+    import hashlib
+
+    h = hashlib.sha256(f"v{_BUILD_VERSION}".encode())
+    for key in sorted(k for k in meta if k.startswith("tokenizer.ggml.")):
+        value = meta[key]
+        h.update(key.encode() + b"\0")
+        h.update("\0".join(map(str, value)).encode() if isinstance(value, list) else repr(value).encode())
+        h.update(b"\1")
+    return h.hexdigest()[:32]
+
+
+def cache_dir() -> str:
+    """Where built tokenizers are kept: $SGL_CACHE_DIR/tokenizers, else ~/.cache/sgl/tokenizers."""
+    root = os.environ.get("SGL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sgl")
+    return os.path.join(root, "tokenizers")
+
+
+def cached_gguf_backend(meta: dict[str, Any]) -> Tokenizer:
+    """build_gguf_backend(meta), built once per vocabulary: this process's built tokenizer, else the on-disk
+    cache's (tokenizers' JSON), else built now and saved there.
+
+    NOTE: Gemma 3's 262K-token SentencePiece vocabulary takes seconds to turn into BPE merges in Python
+    (sentencepiece_merges); before this every model load (the pool's startup read, each engine load, each
+    reload after an LRU unload) rebuilt it. A cache that cannot be written (read-only home) only costs the
+    rebuild in the next process."""
+    key = _content_key(meta)
+    if key in _BUILT:
+        return _BUILT[key]
+    path = os.path.join(cache_dir(), f"gguf-{key}.json")
+    backend = None
+    if os.path.isfile(path):
+        try:
+            backend = Tokenizer.from_file(path)
+        except Exception:  # noqa: BLE001 - a truncated or foreign cache entry is a miss
+            logger.warning("tokenizer cache entry %s is unreadable; rebuilding it", path)
+    if backend is None:
+        backend = build_gguf_backend(meta)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            backend.save(tmp)
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+        except OSError as e:
+            logger.info("cannot cache the tokenizer in %s: %s", path, e)
+    _BUILT[key] = backend
     return backend
