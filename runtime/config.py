@@ -69,6 +69,7 @@ class ServerArgs:
     model_paths: Optional[list[str]] = None  # all model specs when more than one is served
     models: Optional[str] = None  # JSON file: [{"name", "model_path", <per-model ServerArgs fields>...}]
     model_memory_budget: Optional[float] = None  # GB for resident models (weights + KV); None = all stay loaded
+    model_fair_wait: float = 5.0  # s a request waits for memory before the busy models it waits for drain
     router_config: Optional[str] = None  # JSON file of the `model: "auto"` router (runtime/model_router.py)
     cpu_act_quant: str = "q16"  # native CPU kernels: q16 = int16 activations per block (fast, greedy = fp32), none = exact fp32, q8 = llama.cpp's
     # Memory and batching
@@ -240,6 +241,8 @@ class ServerArgs:
                 raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
         if (self.model_paths or self.models) and self.dp_size > 1:
             raise ValueError("several models (--model-path repeated / --models) run in one process; --dp-size must be 1")
+        if self.model_fair_wait < 0:
+            raise ValueError(f"model_fair_wait must be >= 0 seconds, got {self.model_fair_wait}")
         if self.model_memory_budget is not None and self.model_memory_budget <= 0:
             raise ValueError(f"model_memory_budget must be positive GB (or unset), got {self.model_memory_budget}")
         if self.router_balance_threshold < 0:

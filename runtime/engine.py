@@ -16,12 +16,13 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
-from sgl.runtime.config import ServerArgs
+from sgl.runtime.config import ServerArgs, split_model_paths
 from sgl.runtime.distributed.errors import TensorParallelError
 from sgl.runtime.metrics import record_grammar_compilation
 from sgl.runtime.engine_io import (RequestSink, build_requests, finished_dict, validate_prompt_length)
-from sgl.runtime.lora.adapter import AdapterError, LayerShapes, LoraAdapter, check_adapter_name, load_adapter
-from sgl.runtime.lora.pool import AdapterPool, parse_lora_paths
+from sgl.runtime.engine_setup import default_pool_size, hierarchical_cache_mover, host_kv_tier, make_grammar_compiler
+from sgl.runtime.lora.adapter import AdapterError
+from sgl.runtime.lora.engine_adapters import EngineLoraMixin
 from sgl.runtime.protocol import PRIORITY_CLASSES, GenerateRequest, RequestError, finish_reason_abort
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
@@ -33,8 +34,21 @@ logger = logging.getLogger("sgl.engine")
 PromptArg = Union[str, list[str], None]
 
 
-class Engine:
-    def __init__(self, model_path: str = "default", **server_args: Any) -> None:
+class Engine(EngineLoraMixin):
+    def __new__(cls, model_path: Any = "default", **server_args: Any) -> Any:
+        """Several models (a list of NAME=PATH / PATH, or a `models` file) make a MultiEngine
+        (runtime/multi_engine.py: the same API plus `model=`); one model, an Engine."""
+        if (not isinstance(model_path, str) and len(model_path) > 1) or server_args.get("models") \
+                or server_args.get("model_paths"):
+            from sgl.runtime.multi_engine import MultiEngine
+
+            return MultiEngine(model_path, **server_args)  # NOTE: not an Engine, so __init__ is not run
+        return super().__new__(cls)
+
+    def __init__(self, model_path: Any = "default", **server_args: Any) -> None:
+        # one `NAME=PATH` serves PATH under NAME, as `--model-path NAME=PATH` does
+        server_args.update(split_model_paths(model_path, server_args.get("served_model_name")))
+        model_path = server_args.pop("model_path")
         if "OMP_WAIT_POLICY" not in os.environ:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # only effective before torch starts its pool
         import torch
@@ -66,25 +80,20 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.model_path
         self.context_length = args.context_length or loaded.config.max_position_embeddings
-        pool_size = args.max_total_tokens or _default_pool_size(loaded.config, args)
+        pool_size = args.max_total_tokens or default_pool_size(loaded.config, args)
         dtype = next(loaded.model.parameters()).dtype
         model, local_config = loaded.model, loaded.config
         if self.tp is not None:  # rank 0 keeps its shard and drives the others through each step
             model, local_config = self.tp.attach(loaded.model, pool_size, dtype, on_fatal=self._fatal)
         runner = ModelRunner(model, local_config, pool_size, self.tokenizer.eos_token_ids, dtype=dtype)
-        mover, host_slots = _host_kv_tier(runner.kv, args)
-        cache_mover = None
-        if args.hierarchical_cache:
-            from sgl.runtime.executor.kv_mover import HostKVMover
-            cache_mover = HostKVMover(runner.kv, args.host_cache_tokens, args.swap_dir)
+        mover, host_slots = host_kv_tier(runner.kv, args)  # runtime/engine_setup.py
+        cache_mover = hierarchical_cache_mover(runner.kv, args)
         drafter = make_drafter(args, pool_size, loaded.config.vocab_size)  # None unless --speculative-algorithm
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
                                    drafter=drafter, mover=mover, host_pool_size=host_slots, cache_mover=cache_mover)
         self._model_dtype = dtype
-        self.lora_pool = AdapterPool(self._read_adapter, args.max_loaded_loras)
-        for name, path in parse_lora_paths(args.lora_paths):
-            self.lora_pool.add(self._read_adapter(name, path))
-        self.grammar = _make_grammar_compiler(args, self.tokenizer, loaded.config.vocab_size)
+        self._init_lora()  # runtime/lora/engine_adapters.py: the adapter pool, --lora-paths read now
+        self.grammar = make_grammar_compiler(args, self.tokenizer, loaded.config.vocab_size)
         self.disagg = None  # prefill/decode disaggregation: this engine's KV export/import (runtime/distributed/disagg.py)
         if args.disaggregation_mode is not None:
             from sgl.runtime.distributed.disagg import Disaggregation
@@ -175,13 +184,7 @@ class Engine:
 
     # ---- submission ------------------------------------------------------------------------
     def _tokenize(self, r: GenerateRequest) -> list[int]:
-        if r.lora_path is not None:
-            if not isinstance(r.lora_path, str):
-                raise RequestError("lora_path must be the name of a loaded adapter (a string)")
-            if self.lora_pool.get(r.lora_path) is None:
-                raise RequestError(f"lora_path: no adapter named {r.lora_path!r} is loaded (loaded: "
-                                   f"{', '.join(self.lora_pool.names()) or 'none'}; start with --lora-paths "
-                                   "or POST /load_lora_adapter)")
+        self._check_lora_path(r)
         ids = r.input_ids if r.input_ids is not None else self.tokenizer.encode(r.text or "")
         if not ids:
             raise RequestError("the prompt is empty: text must contain at least one token")
@@ -255,38 +258,6 @@ class Engine:
         sink = self._sinks.pop(r.rid, None)
         if sink is not None:
             sink.put(finished_dict(r.rid, finish_reason_abort(message)), True)
-
-    # ---- LoRA adapters ---------------------------------------------------------------------------
-    def _read_adapter(self, name: str, path: str) -> "LoraAdapter":
-        cfg = self.model_config
-        shapes = LayerShapes.for_llama(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim,
-                                       cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size)
-        return load_adapter(name, path, shapes, cfg.num_hidden_layers, self._model_dtype, self.server_args.max_lora_rank)
-
-    def load_lora_adapter(self, lora_name: str, lora_path: str) -> dict[str, Any]:
-        """Register a PEFT adapter folder under `lora_name` (requests then select it by that name).
-
-        Raises AdapterError (a ValueError) naming the problem. The files are read on the calling thread."""
-        check_adapter_name(lora_name)
-        if self.lora_pool.get(lora_name) is not None:
-            raise AdapterError(f"lora_name: an adapter named {lora_name!r} is already loaded; unload it first")
-        adapter = self._read_adapter(lora_name, lora_path)
-        self._call(lambda: self.lora_pool.add(adapter))
-        logger.info("LoRA adapter %s loaded from %s (rank %d)", lora_name, adapter.path, adapter.rank)
-        return self.lora_adapters()
-
-    def unload_lora_adapter(self, lora_name: str) -> dict[str, Any]:
-        """Forget `lora_name`: new requests naming it get a 400; requests already queued finish with it."""
-        self._call(lambda: self.lora_pool.remove(lora_name))
-        logger.info("LoRA adapter %s unloaded", lora_name)
-        return self.lora_adapters()
-
-    def lora_adapters(self) -> dict[str, Any]:
-        """name -> {path, rank, scaling, resident, active_requests} of every loaded adapter."""
-        return self._call(self.lora_pool.info, timeout=10)
-
-    def lora_names(self) -> list[str]:
-        return self.lora_pool.names()
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(self, prompt: PromptArg = None, sampling_params: Any = None, input_ids: Any = None,
@@ -460,45 +431,4 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
-
-
-def _host_kv_tier(kv: Any, args: ServerArgs) -> tuple[Any, int]:
-    """The host tier for swap preemption (`--swap-space` GB; none in recompute mode or at 0 GB)."""
-    from sgl.runtime.executor.kv_mover import HostKVMover
-
-    per_slot = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * kv.k.element_size()
-    slots = int(args.swap_space * 1e9) // per_slot if args.preemption_mode == "swap" else 0
-    if slots < 1:
-        return None, 0
-    return HostKVMover(kv, slots, args.swap_dir), slots
-
-
-def _default_pool_size(config: Any, args: ServerArgs) -> int:
-    from sgl.runtime.executor.kv_cache import KVCache
-
-    per_slot = KVCache.bytes_per_slot(config, 4 if args.dtype in ("auto", "float32") else 2)
-    avail = 8 << 30
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    # NOTE: capped: a CPU serves a handful of long sequences, not a GPU's worth.
-    return max(2048, min(int(avail * args.mem_fraction_static / per_slot), 131072))
-
-
-def _make_grammar_compiler(args: ServerArgs, tokenizer: Any, vocab_size: int) -> Any:
-    if args.grammar_backend == "none":
-        return None
-    try:
-        from sgl.grammars import GrammarCompiler, Vocabulary
-    except ImportError:
-        logger.warning("sgl.grammars is not available: constrained decoding is disabled")
-        return None
-    vocab = Vocabulary.from_tokenizer(tokenizer.backend, tokenizer.eos_token_ids, vocab_size)
-    return GrammarCompiler(vocab, backend=args.grammar_backend, json_whitespace=args.json_whitespace,
-                           compile_timeout_s=args.grammar_compile_timeout, guards=not args.json_strict,
-                           cache_bytes=args.grammar_cache_max_bytes)
 

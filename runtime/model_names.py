@@ -9,6 +9,8 @@ request's `model` field onto a served model.
     ('small', 'my-adapter')
     >>> resolve_model_name(None, ["small", "big"])
     ('small', None)
+    >>> resolve_model_adapter("banana", ["small", "big"], {"small": [], "big": ["banana"]})
+    ('big', 'banana')
 
 No torch here: the HTTP layer resolves names.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from sgl.runtime.protocol import RequestError
 
@@ -84,5 +86,38 @@ def resolve_model_name(requested: Optional[str], served: Sequence[str]) -> tuple
     base, sep, adapter = requested.partition(":")
     if sep and base in served and adapter:
         return base, adapter
+    raise RequestError(f"model: {requested!r} is not served; served models: {', '.join(served)}"
+                       + (f" (or {AUTO_MODEL!r})" if len(served) > 1 else ""))
+
+
+def resolve_model_adapter(requested: Optional[str], served: Sequence[str], adapters: Mapping[str, Sequence[str]],
+                          check: bool = True) -> tuple[str, Optional[str]]:
+    """A request's `model` -> (served model, LoRA adapter or None), adapters being each model's loaded ones.
+
+    None/"" -> (served[0], None); a served name -> (name, None); "base:adapter" -> (base, adapter), a
+    RequestError when base holds no adapter of that name; a bare adapter name -> the one model holding it (a
+    RequestError when several do: "base:adapter" says which). Anything else is a RequestError naming the served
+    models, unless `check` is False (one model served: the field is not checked, as OpenAI clients send their
+    own model names): then any "x:adapter" of a loaded adapter selects it, and anything else is the model.
+    """
+    if not requested or requested in served:
+        return (requested or served[0]), None
+    holders = [m for m in served if requested in adapters.get(m, ())]
+    if len(holders) == 1:
+        return holders[0], requested
+    if len(holders) > 1:
+        raise RequestError(f"model: adapter {requested!r} is loaded on several models ({', '.join(holders)}); "
+                           f"say which with \"base:adapter\", e.g. {holders[0] + ':' + requested!r}")
+    base, sep, adapter = requested.rpartition(":")
+    if not check and len(served) == 1:
+        base = served[0] if sep and base else base
+    if sep and base in served and adapter:
+        loaded = list(adapters.get(base, ()))
+        if adapter not in loaded:
+            raise RequestError(f"model: no LoRA adapter named {adapter!r} is loaded on {base!r} "
+                               f"(loaded there: {', '.join(loaded) or 'none'})")
+        return base, adapter
+    if not check:
+        return served[0], None
     raise RequestError(f"model: {requested!r} is not served; served models: {', '.join(served)}"
                        + (f" (or {AUTO_MODEL!r})" if len(served) > 1 else ""))

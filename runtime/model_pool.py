@@ -2,14 +2,17 @@
 when the next one does not fit `--model-memory-budget`.
 
     pool = ModelPool(specs, base_args, budget_bytes=2 * 2**30)    # specs: runtime/model_names.py
-    engine = MultiModelEngine(pool)                               # what the HTTP routes talk to
-    handle = engine.handle("small")                               # one model, the single-engine contract
-    async for out in handle.stream_request(req): ...              # loads "small" first if needed
+    engine = await pool.acquire("small")                          # loads "small" first if needed
+    ...                                                           # (runtime/model_handles.py: the routes' view)
+    pool.release("small")
 
 Invariants:
 * a model with requests in flight (`in_use` > 0) is never unloaded: its running requests finish first;
 * a request for a model that does not fit waits (in arrival order per model) until enough in-use models
   become idle and are unloaded; a model whose size alone exceeds the budget fails its requests with a 400;
+* fairness: after `fair_wait_s` (--model-fair-wait) of waiting, the busy models it waits for drain (new
+  requests for them wait, running ones finish) until it is loaded: no model waits forever behind a stream
+  of requests for a resident one;
 * one load or unload at a time (`_lock`); a model's KV integrity is checked before it is unloaded;
 * sizes: before a model's first load, its file size on disk (a lower bound); after, the measured bytes of
   its weights and KV pool (`engine_memory_bytes`).
@@ -26,10 +29,10 @@ import logging
 import os
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from sgl.runtime.model_names import ModelSpec, check_unique, resolve_model_name
-from sgl.runtime.protocol import GenerateRequest, RequestError
+from sgl.runtime.model_names import ModelSpec, check_unique, resolve_model_adapter, resolve_model_name
+from sgl.runtime.protocol import RequestError
 
 logger = logging.getLogger("sgl.models")
 
@@ -74,6 +77,8 @@ class ModelSlot:
     config: Optional[Any] = None  # ModelConfig from the file header (context length, vocab) before any load
     engine: Optional[Any] = None
     in_use: int = 0  # requests in flight (streams open) on this model
+    waiting: int = 0  # requests waiting for this model to load (or to stop draining)
+    draining: bool = False  # a waiting model needs its memory: new requests wait, running ones finish
     last_used: float = 0.0  # monotonic time of the last acquire/release: LRU order
     size_bytes: int = 0  # measured after a load; before: the file size (a lower bound)
     measured: bool = False
@@ -86,24 +91,66 @@ class ModelSlot:
 class ModelPool:
     def __init__(self, specs: Sequence[ModelSpec], base_args: Any, budget_bytes: Optional[int] = None,
                  engine_factory: Optional[Callable[[Any], Any]] = None,
-                 tokenizer_loader: Optional[Callable[[str], tuple[Any, str, Any]]] = None) -> None:
+                 tokenizer_loader: Optional[Callable[[str], tuple[Any, str, Any]]] = None,
+                 fair_wait_s: float = 5.0) -> None:
         check_unique(specs)
         self.budget_bytes = budget_bytes
+        self.fair_wait_s = fair_wait_s  # --model-fair-wait: the longest a model waits before busy ones drain
         self._factory = engine_factory or _build_engine
         load_tok = tokenizer_loader or _load_tokenizer
         self.slots: dict[str, ModelSlot] = {}
         for spec in specs:
             args = base_args.replace(model_path=spec.model_path, served_model_name=spec.name, model_paths=None,
-                                     models=None, **spec.overrides)
+                                     models=None, lora_paths=spec.overrides.get("lora_paths"), **{
+                                         k: v for k, v in spec.overrides.items() if k != "lora_paths"})
             tokenizer, path, config = load_tok(args.model_path)
             self.slots[spec.name] = ModelSlot(spec, args, tokenizer, path, config, size_bytes=_file_bytes(path))
         self.names = list(self.slots)
+        if base_args.lora_paths:  # global --lora-paths: each adapter goes to the base model(s) it belongs to
+            from sgl.runtime.lora.placement import place_lora_paths
+
+            for name, own in place_lora_paths(base_args.lora_paths, self._adapter_bases()).items():
+                slot = self.slots[name]
+                slot.args = slot.args.replace(lora_paths=list(slot.args.lora_paths or []) + own or None)
         self._lock = asyncio.Lock()  # loads and unloads, one at a time
         self._changed = asyncio.Event()  # set when a model becomes idle (a waiting load may proceed)
         self._thread_lock = threading.Lock()  # guards in_use/last_used against the sync API
 
     def resolve(self, requested: Optional[str]) -> tuple[str, Optional[str]]:
         return resolve_model_name(requested, self.names)
+
+    def resolve_adapter(self, requested: Optional[str]) -> tuple[str, Optional[str]]:
+        """`model` -> (served model, its LoRA adapter or None): "base:adapter" or a bare adapter name."""
+        return resolve_model_adapter(requested, self.names, {n: self.adapter_names(n) for n in self.names})
+
+    # ---- LoRA adapters: each belongs to its base model(s) (runtime/lora/placement.py) ----------------
+    def _adapter_bases(self) -> dict[str, tuple[str, str, Any]]:
+        return {n: (s.spec.model_path, s.resolved_path, s.config) for n, s in self.slots.items() if s.config is not None}
+
+    def adapter_names(self, name: str) -> list[str]:
+        """The adapters of model `name`: its engine's when resident, else those it will load (its lora_paths)."""
+        from sgl.runtime.lora.pool import parse_lora_paths
+
+        slot = self.slots[name]
+        if slot.engine is not None and hasattr(slot.engine, "lora_names"):
+            return list(slot.engine.lora_names())
+        return [n for n, _ in parse_lora_paths(slot.args.lora_paths)]
+
+    def bases_for_adapter(self, lora_name: str, lora_path: str, base: Optional[str] = None) -> list[str]:
+        """The models a run-time adapter goes to (AdapterError naming the misfit, or an unknown base)."""
+        from sgl.runtime.lora.placement import choose_bases
+
+        return choose_bases(lora_name, lora_path, self._adapter_bases(), base)
+
+    def register_adapter(self, name: str, lora_name: str, lora_path: Optional[str]) -> None:
+        """Record (path) or forget (None) an adapter of model `name` in its args, so a reload keeps it."""
+        from sgl.runtime.lora.pool import parse_lora_paths
+
+        slot = self.slots[name]
+        kept = [f"{n}={p}" for n, p in parse_lora_paths(slot.args.lora_paths) if n != lora_name]
+        if lora_path is not None:
+            kept.append(f"{lora_name}={lora_path}")
+        slot.args = slot.args.replace(lora_paths=kept or None)
 
     def resident_bytes(self, exclude: str = "") -> int:
         return sum(s.size_bytes for n, s in self.slots.items() if s.engine is not None and n != exclude)
@@ -114,36 +161,72 @@ class ModelPool:
             return
         for other in self.slots.values():
             if other.measured and other.resolved_path == slot.resolved_path and \
-                    other.args.replace(served_model_name=None) == slot.args.replace(served_model_name=None):
+                    other.args.replace(served_model_name=None, lora_paths=None) == \
+                    slot.args.replace(served_model_name=None, lora_paths=None):
                 slot.size_bytes = max(slot.size_bytes, other.size_bytes)
 
     async def acquire(self, name: str) -> Any:
-        """The engine of `name`, loaded if needed; counts one request in flight until `release(name)`."""
+        """The engine of `name`, loaded if needed; counts one request in flight until `release(name)`.
+
+        Fairness: a request whose model cannot load because busy models hold the memory waits at most
+        `fair_wait_s`; then those models drain (their new requests wait, their running ones finish), so they go
+        idle and are unloaded. A stream of requests for a resident model cannot starve a waiting one; the
+        drained model's own requests get the same bounded wait in turn."""
         slot = self.slots[name]
-        with self._thread_lock:
-            slot.in_use += 1  # NOTE: counted before any wait, so it cannot be unloaded under us once loaded
-            slot.last_used = time.monotonic()
+        slot.waiting += 1
+        since = time.monotonic()
         try:
-            while slot.engine is None:
-                self._estimate(slot)
-                if self.budget_bytes is not None and slot.size_bytes > self.budget_bytes:
-                    raise RequestError(f"model: {name!r} needs {slot.size_bytes / 2**30:.2f} GB, over "
-                                       f"--model-memory-budget {self.budget_bytes / 2**30:.2f} GB; it can never be loaded")
-                self._changed.clear()
-                async with self._lock:
-                    if slot.engine is not None:
-                        break
-                    if await self._make_room(slot):
-                        await self._load(slot)
-                        continue
+            while True:
+                if slot.engine is not None and not slot.draining:
+                    with self._thread_lock:  # NOTE: no await between a usable check and this count
+                        slot.in_use += 1
+                        slot.last_used = time.monotonic()
+                    return slot.engine
+                if slot.engine is None:
+                    self._estimate(slot)
+                    if self.budget_bytes is not None and slot.size_bytes > self.budget_bytes:
+                        raise RequestError(f"model: {name!r} needs {slot.size_bytes / 2**30:.2f} GB, over "
+                                           f"--model-memory-budget {self.budget_bytes / 2**30:.2f} GB; it can never "
+                                           "be loaded")
+                    self._changed.clear()
+                    async with self._lock:
+                        if slot.engine is None and await self._make_room(slot):
+                            await self._load(slot)
+                            self._undrain()  # the waiting model is in: the drained ones may load again
+                        if slot.engine is not None:
+                            continue
+                    if time.monotonic() - since >= self.fair_wait_s:
+                        self._drain_for(slot)
                 try:  # busy models hold the memory: wait for one to go idle (re-check at least every 0.5 s)
                     await asyncio.wait_for(self._changed.wait(), 0.5)
                 except asyncio.TimeoutError:
                     pass
-            return slot.engine
-        except BaseException:
-            self.release(name)
-            raise
+        finally:
+            slot.waiting -= 1
+            if not any(s.waiting and s.engine is None for s in self.slots.values()):
+                self._undrain()  # nobody waits for memory any more (e.g. the waiter went away)
+
+    def _drain_for(self, slot: ModelSlot) -> None:
+        """Mark busy resident models draining, least recently used first, until `slot` would fit once they
+        are unloaded."""
+        assert self.budget_bytes is not None
+        need = self.resident_bytes() + slot.size_bytes - self.budget_bytes
+        for other in sorted(self.slots.values(), key=lambda s: s.last_used):
+            if need <= 0:
+                break
+            if other is slot or other.engine is None:
+                continue
+            if not other.draining:
+                other.draining = True
+                logger.info("draining model %s: %s has waited %.1fs for memory (--model-fair-wait)",
+                            other.spec.name, slot.spec.name, self.fair_wait_s)
+            need -= other.size_bytes
+
+    def _undrain(self) -> None:
+        if any(s.draining for s in self.slots.values()):
+            for s in self.slots.values():
+                s.draining = False
+            self._changed.set()
 
     def release(self, name: str) -> None:
         slot = self.slots[name]
@@ -158,7 +241,8 @@ class ModelPool:
         if self.budget_bytes is None:
             return True
         while self.resident_bytes() + slot.size_bytes > self.budget_bytes:
-            idle = [s for s in self.slots.values() if s.engine is not None and s.in_use == 0 and s is not slot]
+            idle = [s for s in self.slots.values() if s.engine is not None and s.in_use == 0 and s is not slot
+                    and (s.waiting == 0 or s.draining)]  # (its own waiters are about to use it, unless drained)
             if not idle:
                 return False
             await self._unload(min(idle, key=lambda s: s.last_used))
@@ -192,6 +276,7 @@ class ModelPool:
 
     async def _unload(self, slot: ModelSlot) -> None:
         engine, slot.engine = slot.engine, None
+        slot.draining = False
         assert engine is not None
         await asyncio.to_thread(_check_and_shutdown, engine)
         slot.unloads += 1
@@ -208,7 +293,8 @@ class ModelPool:
         return [n for n, s in self.slots.items() if s.engine is not None]
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        return {n: {"loaded": s.engine is not None, "in_use": s.in_use, "loads": s.loads, "unloads": s.unloads,
+        return {n: {"loaded": s.engine is not None, "in_use": s.in_use, "waiting": s.waiting,
+                    "draining": s.draining, "loads": s.loads, "unloads": s.unloads,
                     "size_bytes": s.size_bytes, "size_measured": s.measured,
                     "last_load_seconds": round(s.last_load_seconds, 3),
                     "load_seconds_total": round(s.load_seconds_total, 3)} for n, s in self.slots.items()}
@@ -247,115 +333,3 @@ def _load_tokenizer(model_path: str) -> tuple[Any, str, Any]:
     from sgl.runtime.tokenizer import Tokenizer
 
     return Tokenizer.from_folder(path), path, read_hf_config(path)
-
-
-class ModelHandle:
-    """One served model under the single-engine contract the routes use (runner.py's preamble)."""
-
-    def __init__(self, pool: ModelPool, name: str) -> None:
-        self.pool, self.name = pool, name
-        self.slot = pool.slots[name]
-        self.tokenizer = self.slot.tokenizer
-        self.server_args = self.slot.args
-
-    async def stream_request(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
-        engine = await self.pool.acquire(self.name)
-        try:
-            async for out in engine.stream_request(req):
-                yield out
-        finally:
-            self.pool.release(self.name)
-
-    def abort(self, rid: str) -> None:
-        if self.slot.engine is not None:
-            self.slot.engine.abort(rid)
-
-    def get_stats(self) -> dict[str, Any]:
-        return self.slot.engine.get_stats() if self.slot.engine is not None else {}
-
-    def get_model_info(self) -> dict[str, Any]:
-        info = {"model_path": self.slot.resolved_path, "tokenizer_path": self.slot.resolved_path,
-                "served_model_name": self.name, "is_generation": True, "loaded": self.slot.engine is not None,
-                "chat_template": self.tokenizer.chat_template}
-        if self.slot.engine is not None:
-            info.update(self.slot.engine.get_model_info())
-        return info
-
-    def get_server_info(self) -> dict[str, Any]:
-        return self.slot.engine.get_server_info() if self.slot.engine is not None else {}
-
-    def flush_cache(self) -> bool:
-        return self.slot.engine.flush_cache() if self.slot.engine is not None else True
-
-    def check_integrity(self) -> None:
-        if self.slot.engine is not None:
-            self.slot.engine.check_integrity()
-
-
-class MultiModelEngine:
-    """The engine the server holds when several models are served: the first model's tokenizer and args for
-    whatever names no model; per-request routing through `handle(name)`; stats and integrity over all."""
-
-    def __init__(self, pool: ModelPool, router_config: Optional[str] = None) -> None:
-        from sgl.runtime.model_router import ModelRouter
-
-        self.pool = pool
-        # --router-config fixed at startup; else the default rule set, rebuilt per call from current sizes
-        self._router = ModelRouter.from_file(router_config, pool.names) if router_config else None
-        self.handles = {n: ModelHandle(pool, n) for n in pool.names}
-        first = self.handles[pool.names[0]]
-        self.tokenizer, self.server_args = first.tokenizer, first.server_args
-
-    def handle(self, name: str) -> ModelHandle:
-        return self.handles[name]
-
-    def router(self) -> Any:
-        """The `model: "auto"` router (runtime/model_router.py)."""
-        from sgl.runtime.model_router import ModelRouter
-
-        if self._router is not None:
-            return self._router
-        for slot in self.pool.slots.values():
-            self.pool._estimate(slot)
-        return ModelRouter.default(self.pool.names, {n: s.size_bytes / 2**30 for n, s in self.pool.slots.items()})
-
-    async def stream_request(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
-        async for out in self.handles[self.pool.names[0]].stream_request(req):
-            yield out
-
-    def abort(self, rid: str) -> None:
-        for h in self.handles.values():
-            h.abort(rid)
-
-    def get_stats(self) -> dict[str, Any]:
-        """Numbers summed over resident models (the keys /metrics and /health read), plus `models`."""
-        total: dict[str, Any] = {}
-        for h in self.handles.values():
-            for k, v in h.get_stats().items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    total[k] = total.get(k, 0) + v
-        total["models"] = self.pool.stats()
-        return total
-
-    def get_model_info(self) -> dict[str, Any]:
-        info = self.handles[self.pool.names[0]].get_model_info()
-        info["served_models"] = list(self.pool.names)
-        return info
-
-    def get_server_info(self) -> dict[str, Any]:
-        return {"models": self.pool.stats(), **self.get_stats()}
-
-    def flush_cache(self) -> bool:
-        return all([h.flush_cache() for h in self.handles.values()])
-
-    def check_integrity(self) -> None:
-        for h in self.handles.values():
-            h.check_integrity()
-
-    def wait_idle(self, timeout: float = 60.0) -> None:
-        for slot in self.pool.slots.values():
-            if slot.engine is not None:
-                slot.engine.wait_idle(timeout)
-
-    def shutdown(self) -> None:
-        self.pool.shutdown()

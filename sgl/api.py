@@ -56,6 +56,7 @@ def gen(
     json_schema: Optional[Schema] = None,
     ebnf: Optional[str] = None,
     model: Optional[str] = None,
+    lora_path: Optional[str] = None,
 ) -> SglExpr:
     """Generate text into variable `name`. Unset parameters come from `.run(...)` defaults, then
     from the runtime's defaults (max_new_tokens 128, temperature 1.0, ...).
@@ -63,12 +64,15 @@ def gen(
     Constraints (at most one): `dtype` (int/float/str/bool), `regex`, `json_schema` (a JSON string,
     a dict or a pydantic model class; `state.parsed(name)` then returns the parsed object), `ebnf`,
     or `choices` (which makes this a `select`). `model`: which served model runs this gen on a server
-    that serves several (`sgl serve --model-path small=... --model-path big=...`; "auto" = the router).
+    that serves several (`sgl serve --model-path small=... --model-path big=...`; "auto" = the router), or a
+    LoRA adapter as the OpenAI routes take it ("base:adapter" or a bare "adapter"). `lora_path`: a loaded
+    LoRA adapter's name (SGLang's field), for this call only.
 
         >>> sgl.gen("answer", max_tokens=32, stop="\\n")                # doctest: +SKIP
     """
     if choices is not None:
-        return select(name, choices, temperature or 0.0, choices_method or token_length_normalized, model=model)
+        return select(name, choices, temperature or 0.0, choices_method or token_length_normalized, model=model,
+                      lora_path=lora_path)
     params = GenParams(
         max_new_tokens=max_tokens, min_new_tokens=min_tokens, n=n, stop=stop, stop_token_ids=stop_token_ids,
         stop_regex=stop_regex, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -76,7 +80,7 @@ def gen(
         repetition_penalty=repetition_penalty, ignore_eos=ignore_eos, sampling_seed=sampling_seed,
         regex=regex, json_schema=schema_to_str(json_schema) if json_schema is not None else None, ebnf=ebnf,
         return_logprob=return_logprob, logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
-        return_text_in_logprobs=return_text_in_logprobs, model=model,
+        return_text_in_logprobs=return_text_in_logprobs, model=model, lora_path=lora_path,
         dtype=normalize_dtype(dtype) if dtype is not None else None,
     )
     params.to_sampling_params()  # validate here: the error points at the gen call
@@ -95,18 +99,21 @@ def gen_string(name: Optional[str] = None, **kwargs: Any) -> SglExpr:
 
 def select(name: Optional[str] = None, choices: Optional[list[str]] = None, temperature: float = 0.0,
            choices_method: Union[ChoicesSamplingMethod, str] = token_length_normalized,
-           model: Optional[str] = None) -> SglExpr:
+           model: Optional[str] = None, lora_path: Optional[str] = None) -> SglExpr:
     """Append the choice the model finds most likely, and store it in variable `name`.
 
     `choices_method`: `sgl.token_length_normalized` (default: highest mean logprob per token),
     `sgl.greedy_token_selection`, or `sgl.unconditional_likelihood_normalized`. temperature > 0
-    samples a choice with probability softmax(mean logprob / temperature). `model`: as in `gen`.
+    samples a choice with probability softmax(mean logprob / temperature). `model`, `lora_path`: as in `gen`
+    (every choice is scored on that model / adapter).
     """
     if not choices or not all(isinstance(c, str) for c in choices):
         raise ValueError("select: choices must be a non-empty list of strings")
     if model is not None and not isinstance(model, str):
         raise ValueError("select: model must be a served model name (a string)")
-    return SglSelect(name, choices, temperature, choices_method, model)
+    if lora_path is not None and not isinstance(lora_path, str):
+        raise ValueError("select: lora_path must be a loaded adapter's name (a string)")
+    return SglSelect(name, choices, temperature, choices_method, model, lora_path)
 
 
 def _role(role: str, expr: Any = None) -> SglExprList:

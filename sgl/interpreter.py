@@ -282,7 +282,8 @@ class StreamExecutor:
         if not node.choices:
             raise ProgramError("select needs at least one choice")
         method = resolve_choices_method(node.choices_method)
-        extra = {"model": node.model} if node.model is not None else {}  # older backends take no model
+        # older backends take neither keyword: pass only what is set
+        extra = {k: v for k, v in (("model", node.model), ("lora_path", node.lora_path)) if v is not None}
         decision = self.backend.select(self._prompt(), node.choices, node.temperature, method, **extra)
         self._fill(decision.decision)
         self._set(node.name, decision.decision, decision.meta_info)

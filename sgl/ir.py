@@ -83,15 +83,17 @@ class SglSelect(SglExpr):
     """Pick one of `choices` by its likelihood under the model (see sgl.choices)."""
 
     def __init__(self, name: Optional[str], choices: list[str], temperature: float, choices_method: Any,
-                 model: Optional[str] = None) -> None:
+                 model: Optional[str] = None, lora_path: Optional[str] = None) -> None:
         self.name = name
         self.model = model  # a served model name on a multi-model server; None = the server's default
+        self.lora_path = lora_path  # a loaded LoRA adapter's name; None = the base model
         self.choices = list(choices)
         self.temperature = temperature
         self.choices_method = choices_method
 
     def __repr__(self) -> str:
         model = f", model={self.model!r}" if self.model is not None else ""
+        model += f", lora_path={self.lora_path!r}" if self.lora_path is not None else ""
         return f"SglSelect({self.name!r}, choices={self.choices!r}, method={self.choices_method!r}{model})"
 
 

@@ -69,6 +69,7 @@ class GenParams:
     top_logprobs_num: Optional[int] = _opt(_REQUEST)
     return_text_in_logprobs: Optional[bool] = _opt(_REQUEST)
     model: Optional[str] = _opt(_REQUEST)  # a served model name (or "auto") of a multi-model server
+    lora_path: Optional[str] = _opt(_REQUEST)  # a loaded LoRA adapter's name (SGLang's native field)
     dtype: Optional[str] = _opt(_DSL)  # "int" | "float" | "str" | "bool"
 
     def __post_init__(self) -> None:
@@ -112,7 +113,7 @@ class GenParams:
         return out
 
     def request_options(self) -> dict[str, Any]:
-        """The top-level /generate keys (logprob options) that are set."""
+        """The top-level /generate keys (logprob options, model, lora_path) that are set."""
         return {k: v for k, v in self._items(_REQUEST) if v is not None}
 
     @property

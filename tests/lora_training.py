@@ -75,3 +75,21 @@ def train_secret_word_adapter(out_dir: str, word: str, steps: int = 12, rank: in
     for p in hf_model.parameters():
         p.requires_grad_(False)
     return out_dir
+
+
+_TRAINED: dict[str, str] = {}
+
+
+def trained_adapter(word: str) -> str:
+    """The secret-word adapter for `word`, trained once per test process (a temporary folder) and shared by
+    the modules that only need a real adapter, not PEFT's answers."""
+    if word not in _TRAINED:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix=f"sgl-lora-{word}-")
+        atexit.register(shutil.rmtree, root, True)
+        torch.set_num_threads(1)
+        _TRAINED[word] = train_secret_word_adapter(os.path.join(root, word), word)
+    return _TRAINED[word]

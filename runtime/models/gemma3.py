@@ -109,6 +109,8 @@ class Gemma3DecoderLayer(nn.Module):
         t = h.shape[0]
         x = gemma_rms_norm(h, self.input_norm, self.eps)
         qkv = x @ self.qkv_t  # [T, (H + 2 Hkv) D]
+        if fb.lora is not None:  # LoRA (runtime/lora/): each adapter segment adds x @ A @ B, as in llama.py
+            fb.lora.apply(qkv, x, layer_id, "qkv")
         q = gemma_rms_norm(qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim), self.q_norm, self.eps)
         k = gemma_rms_norm(
             qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim), self.k_norm, self.eps
@@ -118,11 +120,20 @@ class Gemma3DecoderLayer(nn.Module):
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         kv.store(layer_id, fb.out_cache_loc, k, v)
         o = paged_attention(q, kv.k_buffer(layer_id), kv.v_buffer(layer_id), attn, self.scale)  # [T, H, D]
-        h = h + gemma_rms_norm(o.reshape(t, self.q_size) @ self.o_t, self.post_attn_norm, self.eps)
+        o = o.reshape(t, self.q_size)
+        attn_out = o @ self.o_t  # [T, hidden]: LoRA deltas go in before Gemma's post-norms
+        if fb.lora is not None:
+            fb.lora.apply(attn_out, o, layer_id, "o")
+        h = h + gemma_rms_norm(attn_out, self.post_attn_norm, self.eps)
         x = gemma_rms_norm(h, self.pre_ffw_norm, self.eps)
         gate_up = x @ self.gate_up_t  # [T, 2I]
+        if fb.lora is not None:
+            fb.lora.apply(gate_up, x, layer_id, "gate_up")
         gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
-        mlp = (F.gelu(gate, approximate="tanh") * up) @ self.down_t
+        act = F.gelu(gate, approximate="tanh") * up
+        mlp = act @ self.down_t
+        if fb.lora is not None:
+            fb.lora.apply(mlp, act, layer_id, "down")
         return h + gemma_rms_norm(mlp, self.post_ffw_norm, self.eps)
 
 

@@ -86,6 +86,8 @@ def launch_server(server_args: Any) -> int:
     from sgl.runtime.engine import Engine  # NOTE: function-local: the HTTP layer imports no torch
 
     if server_args.model_paths or server_args.models:
+        from sgl.runtime.model_handles import build_multi_model_engine
+
         engine: Any = build_multi_model_engine(server_args)
     else:
         logger.info("loading model %s", server_args.model_path)
@@ -102,20 +104,3 @@ def launch_server(server_args: Any) -> int:
         return 1
     logger.info("server stopped")
     return 0
-
-
-def build_multi_model_engine(server_args: Any) -> Any:
-    """Several models (repeated --model-path, or --models FILE): a ModelPool behind a MultiModelEngine. Models
-    load on first use; with no --model-memory-budget the first one loads now (ready as soon as we serve)."""
-    from sgl.runtime.model_names import parse_model_spec, read_models_file
-    from sgl.runtime.model_pool import ModelPool, MultiModelEngine
-
-    specs = [parse_model_spec(p) for p in server_args.model_paths or []]
-    if server_args.models:
-        specs += read_models_file(server_args.models)
-    budget = server_args.model_memory_budget
-    pool = ModelPool(specs, server_args, budget_bytes=int(budget * 2**30) if budget else None)
-    logger.info("serving %d models: %s (memory budget: %s)", len(specs), ", ".join(pool.names),
-                f"{budget} GB" if budget else "none")
-    pool.load_now(pool.names[0])  # the first model is ready when the server is; the others load on first use
-    return MultiModelEngine(pool, router_config=server_args.router_config)

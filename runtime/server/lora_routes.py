@@ -1,5 +1,7 @@
 """LoRA adapters over HTTP (SGLang's routes): `POST /load_lora_adapter {"lora_name", "lora_path"}`,
-`POST /unload_lora_adapter {"lora_name"}`, and the OpenAI `model` field naming an adapter.
+`POST /unload_lora_adapter {"lora_name"}`, and /v1/models' adapter entries. With several base models, both
+routes take an optional `base` (a served model name; without it the adapter goes to the models it fits,
+runtime/lora/placement.py) and `loaded_adapters` is keyed "base:adapter".
 
 Both routes answer SGLang's shape, `{"success": true, "error_message": "", "loaded_adapters":
 {name: path}}`; a refused load/unload is a 400 in our error shape naming the field. Adapter paths
@@ -41,6 +43,17 @@ def _name(body: Any) -> str:
     return name
 
 
+def _base(state: ServerState, body: dict[str, Any]) -> Optional[str]:
+    """The body's optional `base` (our extension): the served model the adapter belongs to. One model served:
+    it must be that model's name."""
+    base = body.get("base")
+    if base is None:
+        return None
+    if not isinstance(base, str) or base not in state.served_models:
+        raise RequestError(f"base: {base!r} is not a served model (served: {', '.join(state.served_models)})")
+    return base if getattr(state.engine, "pool", None) is not None else None
+
+
 def _reply(adapters: dict[str, Any]) -> JSONResponse:
     return JSONResponse({"success": True, "error_message": "",
                          "loaded_adapters": {name: info["path"] for name, info in adapters.items()}})
@@ -64,8 +77,12 @@ async def load_lora_adapter(request: Request) -> JSONResponse:
         path = str(resolve_allowed_path(path, state.server_args.allowed_path_roots, field="lora_path"))
     except ValueError as e:
         raise RequestError(str(e)) from e
+    base = _base(state, body)
     try:  # reads the files: off the event loop
-        adapters = await asyncio.to_thread(engine.load_lora_adapter, name, path)
+        if base is not None or getattr(engine, "pool", None) is not None:  # several models: on its base(s)
+            adapters = await asyncio.to_thread(engine.load_lora_adapter, name, path, base)
+        else:
+            adapters = await asyncio.to_thread(engine.load_lora_adapter, name, path)
     except ValueError as e:  # AdapterError: missing files, unsupported options, shapes, rank, duplicate name
         raise _named(e, "lora_path") from e
     return _reply(adapters)
@@ -73,10 +90,15 @@ async def load_lora_adapter(request: Request) -> JSONResponse:
 
 @router.post("/unload_lora_adapter")
 async def unload_lora_adapter(request: Request) -> JSONResponse:
-    engine = _engine_with_lora(get_state(request))
-    name = _name(await read_json(request))
+    state = get_state(request)
+    engine = _engine_with_lora(state)
+    body = await read_json(request)
+    name, base = _name(body), _base(state, body)
     try:
-        adapters = await asyncio.to_thread(engine.unload_lora_adapter, name)
+        if base is not None or getattr(engine, "pool", None) is not None:
+            adapters = await asyncio.to_thread(engine.unload_lora_adapter, name, base)
+        else:
+            adapters = await asyncio.to_thread(engine.unload_lora_adapter, name)
     except ValueError as e:
         raise _named(e, "lora_name") from e
     return _reply(adapters)
@@ -88,26 +110,14 @@ def _named(e: ValueError, field: str) -> RequestError:
     return RequestError(msg if msg.startswith(("lora_path", "lora_name")) else f"{field}: {msg}")
 
 
-def adapter_for_model(state: ServerState, model: Optional[str]) -> Optional[str]:
-    """The adapter an OpenAI `model` field selects: "base:adapter" or a bare adapter name; None
-    (the base model) for anything else. A "base:adapter" whose adapter is not loaded is a 400."""
-    if not model or not hasattr(state.engine, "lora_names"):
-        return None
-    names = state.engine.lora_names()
-    if model in names:
-        return model
-    base, sep, adapter = model.rpartition(":")
-    if sep and base:
-        if adapter not in names:
-            raise RequestError(f"model: no LoRA adapter named {adapter!r} is loaded "
-                               f"(loaded: {', '.join(names) or 'none'})")
-        return adapter
-    return None
-
-
 def adapter_model_cards(state: ServerState, created: int) -> list[dict[str, Any]]:
-    """/v1/models entries of the loaded adapters (vLLM's shape: `parent` is the base model)."""
-    if not hasattr(state.engine, "lora_names"):
+    """/v1/models entries of the loaded adapters (vLLM's shape: `parent` is the base model). Several models:
+    one "base:adapter" entry per adapter of each base."""
+    engine = state.engine
+    if hasattr(engine, "adapters_by_model"):
+        return [{"id": f"{base}:{name}", "object": "model", "created": created, "owned_by": "sgl", "parent": base,
+                 "root": name} for base, names in engine.adapters_by_model().items() for name in names]
+    if not hasattr(engine, "lora_names"):
         return []
     return [{"id": name, "object": "model", "created": created, "owned_by": "sgl", "parent": state.model_name,
-             "root": name} for name in state.engine.lora_names()]
+             "root": name} for name in engine.lora_names()]

@@ -80,11 +80,17 @@ def route_completion(state: ServerState, body: CompletionRequest) -> ServerState
 
 
 def route_generate(state: ServerState, model: Optional[str], reqs: list[GenerateRequest]) -> ServerState:
-    """Native /generate: the body's optional `model` field (an extension of SGLang's API)."""
+    """Native /generate: the body's optional `model` field (an extension of SGLang's API): a served model,
+    "auto", or a LoRA adapter as the OpenAI routes take it ("base:adapter" / "adapter", for requests without
+    their own `lora_path`)."""
     if model is not None and not isinstance(model, str):
         raise RequestError("model must be a string (a served model name, or 'auto')")
     if model != AUTO_MODEL or not _multi(state):
-        return state.for_model(model)
+        view = state.for_model(model)
+        for r in reqs:  # `model: "base:adapter"` as the OpenAI routes take it; a request's own lora_path wins
+            if r.lora_path is None:
+                r.lora_path = view.adapter
+        return view
 
     def count(handle: Any) -> int:
         return max(len(r.input_ids) if r.input_ids is not None else len(handle.tokenizer.encode(r.text or ""))

@@ -22,7 +22,7 @@ from sgl.runtime.server.jsonio import SafeJSONResponse as JSONResponse
 from sgl.runtime.server.native import CLIENT_CLOSED, SSE_DONE, get_state, sse, start_stream, stream_error
 from sgl.runtime.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, chat_messages,
                                                 sampling_dict)
-from sgl.runtime.server.lora_routes import adapter_for_model, adapter_model_cards
+from sgl.runtime.server.lora_routes import adapter_model_cards
 from sgl.runtime.server.model_routing import route_chat, route_completion
 from sgl.runtime.server.runner import (ClientDisconnected, ServerState, check_requests, collect, count_prompt_tokens,
                                       merge_streams)
@@ -66,7 +66,7 @@ def _build(state: ServerState, body: Any, prompts: list[Union[str, list[int]]], 
     _check_n(state, body.n)
     if top_n < 0 or top_n > 20:
         raise RequestError(f"top_logprobs must be in [0, 20] (got {top_n})")
-    lora = adapter_for_model(state, body.model)  # "base:adapter" / "adapter" selects a LoRA adapter
+    lora = state.adapter  # "base:adapter" / "adapter" in `model` selects a LoRA adapter (ServerState.for_model)
     reqs = []
     for p, prompt in enumerate(prompts):
         for k in range(body.n):

@@ -25,6 +25,7 @@ from starlette.requests import Request
 
 from sgl.runtime.limits import RequestLimits, check_costs
 from sgl.runtime.metrics import ServerMetrics
+from sgl.runtime.model_names import resolve_model_adapter
 from sgl.runtime.protocol import GenerateRequest, InternalError, RequestError, internal_error_of
 
 logger = logging.getLogger("sgl.server")
@@ -50,6 +51,7 @@ class ServerState:
     inflight: dict[str, "RequestTracker"] = field(default_factory=dict)  # rid -> tracker
     tenancy: Optional[Any] = None  # tenancy_routes.TenancyHooks: priority class, cost, usage accounting
     route_decision: Optional[dict[str, Any]] = None  # model "auto": the router's choice (model_routing.py)
+    adapter: Optional[str] = None  # the LoRA adapter the `model` field named ("base:adapter" / "adapter")
 
     @property
     def tokenizer(self) -> Any:
@@ -62,20 +64,21 @@ class ServerState:
         return list(pool.names) if pool is not None else [self.model_name]
 
     def for_model(self, requested: Optional[str]) -> "ServerState":
-        """This state narrowed to the model a request names (`model` field). One model: `self`, as before
-        (the field is not checked). Several: a view whose engine is that model's handle; unknown names
-        are a RequestError naming the field."""
+        """This state narrowed to the model a request names (`model` field), with `adapter` set when the field
+        names a LoRA adapter ("base:adapter" or a bare adapter name). One model: `self` (the field is not
+        otherwise checked, as before). Several: a view whose engine is that model's handle; unknown names are a
+        RequestError naming the field."""
         pool = getattr(self.engine, "pool", None)
         if pool is None:
-            return self
-        name, adapter = pool.resolve(requested)
-        if adapter is not None:
-            raise RequestError(f"model: adapter {adapter!r} of {name!r}: LoRA adapters are not served by name here")
+            names = self.engine.lora_names() if hasattr(self.engine, "lora_names") else []
+            _, adapter = resolve_model_adapter(requested, [self.model_name], {self.model_name: names}, check=False)
+            return dataclasses.replace(self, adapter=adapter) if adapter is not None else self
+        name, adapter = pool.resolve_adapter(requested)
         handle = self.engine.handle(name)
         slot = pool.slots[name]
         ctx = slot.args.context_length or (slot.config.max_position_embeddings if slot.config else None)
         return dataclasses.replace(self, engine=handle, server_args=handle.server_args, model_name=name,
-                                   context_length=ctx, vocab_size=slot.tokenizer.vocab_size)
+                                   context_length=ctx, vocab_size=slot.tokenizer.vocab_size, adapter=adapter)
 
 
 class RequestTracker:

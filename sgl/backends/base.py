@@ -60,7 +60,8 @@ class Backend:
         yield self.generate(prompt, params)
 
     def select(self, prompt: Prompt, choices: list[str], temperature: float,
-               method: ChoicesSamplingMethod, model: Optional[str] = None) -> ChoicesDecision:
+               method: ChoicesSamplingMethod, model: Optional[str] = None,
+               lora_path: Optional[str] = None) -> ChoicesDecision:
         raise UnsupportedFeatureError(f"{type(self).__name__} cannot score choices (select)")
 
     def prefill(self, texts: list[str]) -> None:

@@ -109,14 +109,17 @@ class NativeBackend(Backend):
             self.send(bodies)
 
     def select(self, prompt: Prompt, choices: list[str], temperature: float,
-               method: ChoicesSamplingMethod, model: Optional[str] = None) -> ChoicesDecision:
+               method: ChoicesSamplingMethod, model: Optional[str] = None,
+               lora_path: Optional[str] = None) -> ChoicesDecision:
         if not prompt.text:
             raise ValueError("select: the program has no text before the select to condition on")
+        adapter = {"lora_path": lora_path} if lora_path is not None else {}
         on = {"model": model} if model is not None else {}  # every scoring request on the same model
-        [pre] = self.send([{"text": prompt.text, "sampling_params": {"max_new_tokens": 0}, **on}])
+        [pre] = self.send([{"text": prompt.text, "sampling_params": {"max_new_tokens": 0}, **on, **adapter}])
         start = max(int(pre["meta_info"]["prompt_tokens"]) - 2, 0)
         if model is not None:  # "auto": score every choice on the model the router picked for the prompt
             on = {"model": pre["meta_info"].get("model", model)}
+        on.update(adapter)
         scoring = {"sampling_params": {"max_new_tokens": 0, "temperature": 0}, "return_logprob": True,
                    "return_text_in_logprobs": True, "logprob_start_len": start, **on}
         outs = self.send([{"text": prompt.text + c, **scoring} for c in [""] + choices])

@@ -48,7 +48,10 @@ class OpenAI(Backend):
                 "OpenAI backend: gen must come right after sgl.assistant_begin() (or inside sgl.assistant(...)); "
                 "a chat API writes a whole assistant turn and cannot continue partial text")
         sp = params.to_sampling_params()
-        kw: dict[str, Any] = {"model": params.model or self.model, "messages": prompt.messages}
+        model = params.model or self.model
+        if params.lora_path is not None:  # an adapter as OpenAI-style servers (ours, vLLM) name it
+            model = f"{model}:{params.lora_path}"
+        kw: dict[str, Any] = {"model": model, "messages": prompt.messages}
         for ours, theirs in (("max_new_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
                              ("n", "n"), ("stop", "stop"), ("frequency_penalty", "frequency_penalty"),
                              ("presence_penalty", "presence_penalty"), ("sampling_seed", "seed")):
@@ -86,7 +89,8 @@ class OpenAI(Backend):
             yield GenResult(text, {"id": chunk.id, "finish_reason": _finish(finish)})
 
     def select(self, prompt: Prompt, choices: list[str], temperature: float,
-               method: ChoicesSamplingMethod, model: Optional[str] = None) -> ChoicesDecision:
+               method: ChoicesSamplingMethod, model: Optional[str] = None,
+               lora_path: Optional[str] = None) -> ChoicesDecision:
         """A chat API returns no prompt logprobs, so choices cannot be scored; with extra fields the
         endpoint generates under a regex that admits exactly the choices (greedy)."""
         if not self.extra_fields:
@@ -94,7 +98,8 @@ class OpenAI(Backend):
                                           "return; use an endpoint with SGLang's extra fields (regex) or "
                                           "sgl.RuntimeEndpoint")
         regex = "(" + "|".join(re.escape(c) for c in choices) + ")"
-        res = self.generate(prompt, GenParams(regex=regex, temperature=temperature, max_new_tokens=64, model=model))
+        res = self.generate(prompt, GenParams(regex=regex, temperature=temperature, max_new_tokens=64, model=model,
+                                                  lora_path=lora_path))
         text = res.text if isinstance(res.text, str) else res.text[0]
         if text not in choices:
             raise UnsupportedFeatureError(f"OpenAI backend: the endpoint ignored the choice regex (got {text!r})")

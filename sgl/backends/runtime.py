@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Optional
 
+from sgl.backends.base import UnsupportedFeatureError
 from sgl.backends.native import Body, NativeBackend, Response
 from sgl.chat_template import ChatTemplate, template_for_model_path
 
@@ -18,11 +19,12 @@ from sgl.chat_template import ChatTemplate, template_for_model_path
 class Runtime(NativeBackend):
     """Run programs on an in-process `sgl.runtime.engine.Engine`.
 
-    `server_args` are `ServerArgs` fields (num_threads=1, max_total_tokens=8192, ...). Pass an
-    existing engine with `engine=` to share it.
+    `server_args` are `ServerArgs` fields (num_threads=1, max_total_tokens=8192, lora_paths=[...], ...). Pass an
+    existing engine with `engine=` to share it. Several models: `model_path=["small=default", "big=PATH"]`
+    (with `model_memory_budget=` GB, as the server's flags); `gen/select(model="big")` then picks one.
     """
 
-    def __init__(self, model_path: str = "default", *, engine: Any = None, **server_args: Any) -> None:
+    def __init__(self, model_path: Any = "default", *, engine: Any = None, **server_args: Any) -> None:
         super().__init__()
         if engine is None:
             from sgl.runtime.engine import Engine  # NOTE: lazy: `import sgl` must not import torch
@@ -45,13 +47,15 @@ class Runtime(NativeBackend):
     def _generate(self, bodies: list[Body]) -> list[Response]:
         from sgl.runtime.protocol import normalize_generate_input
 
-        reqs, shapes = [], []
+        reqs, shapes, models = [], [], []
         for body in bodies:
-            self._check_model(body.get("model"))
+            model = self._route(body)
             rs, batched = normalize_generate_input(body)
             reqs.extend(rs)
+            models.extend([model] * len(rs))
             shapes.append((len(rs), batched))
-        outs = self.engine.submit_and_wait(reqs)  # one submission: the scheduler batches them together
+        # one submission: the scheduler(s) batch them together
+        outs = self.engine.submit_and_wait(reqs, models) if self._multi else self.engine.submit_and_wait(reqs)
         grouped: list[Response] = []
         i = 0
         for count, batched in shapes:
@@ -59,18 +63,39 @@ class Runtime(NativeBackend):
             i += count
         return grouped
 
-    def _check_model(self, model: Any) -> None:
-        """An in-process Runtime runs one model: gen/select(model=...) must name it (or be None/"auto")."""
+    @property
+    def _multi(self) -> bool:
+        return hasattr(self.engine, "pool")  # several models (sgl.runtime.multi_engine.MultiEngine)
+
+    def _route(self, body: Body) -> Optional[str]:
+        """The body's `model` field as the server takes it: on one model, a LoRA adapter ("base:adapter" or a
+        bare adapter name) becomes the body's `lora_path` (its own lora_path wins), and any other name must be
+        the served one (or None/"auto"). On several models: returned for the engine to route."""
+        model = body.pop("model", None)
+        if self._multi:
+            return model
+        from sgl.runtime.model_names import resolve_model_adapter
+
         served = self.engine.server_args.served_model_name or self.engine.server_args.model_path
-        if model is not None and model not in ("auto", served):
+        if model is None or model in ("auto", served):
+            return None
+        _, adapter = resolve_model_adapter(model, [served], {served: self.engine.lora_names()}, check=False)
+        if adapter is None:
             raise UnsupportedFeatureError(
-                f"gen/select model={model!r}: this in-process Runtime serves only {served!r}; serve several "
-                "models with `sgl serve --model-path NAME=PATH ...` and use sgl.RuntimeEndpoint")
+                f"gen/select model={model!r}: this in-process Runtime serves only {served!r} (adapters: "
+                f"{', '.join(self.engine.lora_names()) or 'none'}); serve several models with "
+                "sgl.Runtime(model_path=['small=default', 'big=...'])")
+        if body.get("lora_path") is None:
+            body["lora_path"] = adapter
+        return None
 
     def _generate_stream(self, body: Body) -> Iterator[dict[str, Any]]:
-        self._check_model(body.get("model"))
+        body = dict(body)
+        model = self._route(body)
         opts = {k: body[k] for k in ("return_logprob", "logprob_start_len", "top_logprobs_num",
-                                     "return_text_in_logprobs") if k in body}
+                                     "return_text_in_logprobs", "lora_path") if k in body}
+        if self._multi:
+            opts["model"] = model
         for chunk in self.engine.generate(body["text"], body.get("sampling_params"), stream=True, **opts):
             yield chunk
 

@@ -39,11 +39,11 @@ class SizedEngine:
         self.log.append(f"unload {self.args.served_model_name}")
 
 
-def make_pool(sizes: dict[str, int], budget: int) -> tuple[ModelPool, list[str]]:
+def make_pool(sizes: dict[str, int], budget: int, fair_wait_s: float = 5.0) -> tuple[ModelPool, list[str]]:
     log: list[str] = []
     specs = [ModelSpec(name, "default") for name in sizes]
     pool = ModelPool(specs, ServerArgs(), budget_bytes=budget, engine_factory=lambda a: SizedEngine(a, log),
-                     tokenizer_loader=lambda path: (None, f"/models/{path}", None))
+                     tokenizer_loader=lambda path: (None, f"/models/{path}", None), fair_wait_s=fair_wait_s)
     for name, size in sizes.items():
         pool.slots[name].size_bytes, pool.slots[name].measured = size, True
     return pool, log
@@ -85,6 +85,44 @@ def test_a_busy_model_is_not_unloaded_the_next_waits() -> None:
 
     assert asyncio.run(run()) == ["a done", "b loaded"]
     assert log == ["load a", "check a", "unload a", "load b"]
+
+
+def test_a_waiting_model_is_not_starved_by_a_stream_for_the_resident_one() -> None:
+    """Requests for a overlap without a gap (a is never idle); b waits at most fair_wait_s, then a drains:
+    its running request finishes, it is unloaded, b loads; a's next requests wait their turn and get a back."""
+    pool, log = make_pool({"a": 100 * MB, "b": 100 * MB}, budget=150 * MB, fair_wait_s=0.3)
+
+    async def one_a() -> None:
+        await pool.acquire("a")
+        await asyncio.sleep(0.1)
+        pool.release("a")
+
+    async def run() -> tuple[float, int, int]:
+        stop = asyncio.Event()
+
+        async def stream() -> int:  # a new request for a every 0.05 s, each running 0.1 s
+            tasks = []
+            while not stop.is_set():
+                tasks.append(asyncio.create_task(one_a()))
+                await asyncio.sleep(0.05)
+            await asyncio.gather(*tasks)
+            return len(tasks)
+
+        streaming = asyncio.create_task(stream())
+        await asyncio.sleep(0.2)
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(pool.acquire("b"), 3.0)  # without fairness: waits until the stream ends (never)
+        waited = asyncio.get_running_loop().time() - t0
+        pool.release("b")
+        await asyncio.sleep(0.5)  # a's requests queued behind the drain now run again, on a reloaded a
+        stop.set()
+        sent = await asyncio.wait_for(streaming, 5.0)
+        return waited, sent, pool.slots["a"].loads
+
+    waited, sent, a_loads = asyncio.run(run())
+    assert 0.3 <= waited < 1.5, waited  # bounded: fair_wait_s plus the drained request's 0.1 s
+    assert log[:6] == ["load a", "check a", "unload a", "load b", "check b", "unload b"] and a_loads == 2
+    assert sent > 10 and all(s.in_use == 0 and s.waiting == 0 and not s.draining for s in pool.slots.values())
 
 
 def test_a_model_over_the_budget_is_a_request_error() -> None:

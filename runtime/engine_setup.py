@@ -1,0 +1,67 @@
+"""How the engine sizes and assembles its parts: the KV pool's default size, the host tier for swap
+preemption and the hierarchical prefix cache, and the grammar compiler.
+
+    pool_size = args.max_total_tokens or default_pool_size(config, args)
+    mover, host_slots = host_kv_tier(runner.kv, args)       # (None, 0) in recompute mode or at 0 GB
+    cache_mover = hierarchical_cache_mover(runner.kv, args)   # None unless --hierarchical-cache
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from sgl.runtime.config import ServerArgs
+
+logger = logging.getLogger("sgl.engine")
+
+
+def hierarchical_cache_mover(kv: Any, args: ServerArgs) -> Optional[Any]:
+    """The host tier of the hierarchical prefix cache (`--hierarchical-cache`, `--host-cache-tokens`)."""
+    if not args.hierarchical_cache:
+        return None
+    from sgl.runtime.executor.kv_mover import HostKVMover
+
+    return HostKVMover(kv, args.host_cache_tokens, args.swap_dir)
+
+
+def host_kv_tier(kv: Any, args: ServerArgs) -> tuple[Any, int]:
+    """The host tier for swap preemption (`--swap-space` GB; none in recompute mode or at 0 GB)."""
+    from sgl.runtime.executor.kv_mover import HostKVMover
+
+    per_slot = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * kv.k.element_size()
+    slots = int(args.swap_space * 1e9) // per_slot if args.preemption_mode == "swap" else 0
+    if slots < 1:
+        return None, 0
+    return HostKVMover(kv, slots, args.swap_dir), slots
+
+
+def default_pool_size(config: Any, args: ServerArgs) -> int:
+    from sgl.runtime.executor.kv_cache import KVCache
+
+    per_slot = KVCache.bytes_per_slot(config, 4 if args.dtype in ("auto", "float32") else 2)
+    avail = 8 << 30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    # NOTE: capped: a CPU serves a handful of long sequences, not a GPU's worth.
+    return max(2048, min(int(avail * args.mem_fraction_static / per_slot), 131072))
+
+
+def make_grammar_compiler(args: ServerArgs, tokenizer: Any, vocab_size: int) -> Any:
+    if args.grammar_backend == "none":
+        return None
+    try:
+        from sgl.grammars import GrammarCompiler, Vocabulary
+    except ImportError:
+        logger.warning("sgl.grammars is not available: constrained decoding is disabled")
+        return None
+    vocab = Vocabulary.from_tokenizer(tokenizer.backend, tokenizer.eos_token_ids, vocab_size)
+    return GrammarCompiler(vocab, backend=args.grammar_backend, json_whitespace=args.json_whitespace,
+                           compile_timeout_s=args.grammar_compile_timeout, guards=not args.json_strict,
+                           cache_bytes=args.grammar_cache_max_bytes)
+
