@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import httpx
@@ -16,6 +18,7 @@ import openai
 import pytest
 
 from tests.e2e.server_helpers import ServerHandle, running_server
+from tests.lora_training import QUESTION, trained_adapter
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,9 +41,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     models = folder / "models.json"  # a per-model arg: this one's KV pool alone is over the budget
     models.write_text(json.dumps([{"name": "huge", "model_path": "default", "max_total_tokens": 20000}]))
     # BASE_ARGS serve "default" too (loaded at startup): three models of ~190 MB plus "huge"
+    # a LoRA adapter of "big" only (adapters belong to base models); run-time loads read under the test's tmp
     with running_server("--model-path", "small=default", "--model-path", "big=default", "--models", str(models),
                         "--max-total-tokens", "2048", "--model-memory-budget", "0.3",
-                        "--router-config", str(router)) as handle:
+                        "--router-config", str(router), "--lora-paths", f"big:banana={trained_adapter('banana')}",
+                        "--allowed-path-roots", str(tmp_path_factory.getbasetemp())) as handle:
         yield handle
     assert handle.proc.returncode == 0, handle.log()[-3000:]
 
@@ -55,7 +60,7 @@ def models_stats(server: ServerHandle) -> dict[str, Any]:
 
 
 def test_models_lists_every_served_model(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list().data] == ["default", "small", "big", "huge"]
+    assert [m.id for m in client.models.list().data] == ["default", "small", "big", "huge", "big:banana"]
 
 
 def test_alternating_models_load_and_unload_lru(server: ServerHandle, client: openai.OpenAI) -> None:
@@ -184,3 +189,33 @@ def test_default_and_gemma_on_one_server() -> None:
         handle.wait_idle(timeout=60)
         r = httpx.get(handle.url + "/check_integrity", timeout=60)
         assert r.status_code == 200 and r.json()["ok"] is True
+
+
+def test_an_adapter_belongs_to_its_base_model(server: ServerHandle, client: openai.OpenAI, tmp_path) -> None:
+    """`model: "big:banana"` (or the bare "banana") runs big with the adapter; small has none (a 400 naming
+    it); a run-time adapter whose shapes do not fit the named base is a 400 naming the misfit."""
+    from tests.runtime.test_lora_placement import write_adapter
+
+    def ask(model: str) -> str:
+        r = client.completions.create(model=model, prompt=QUESTION, max_tokens=8, temperature=0)
+        return r.choices[0].text
+
+    assert "banana" in ask("big:banana") and "banana" in ask("banana") and "banana" not in ask("big")
+    r = httpx.post(server.url + "/v1/completions", json={"model": "small:banana", "prompt": "Hi"}, timeout=300)
+    assert r.status_code == 400 and "no LoRA adapter named 'banana' is loaded on 'small'" in r.text, r.text
+    native = httpx.post(server.url + "/generate", timeout=300, json={
+        "model": "big:banana", "text": QUESTION, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}).json()
+    assert "banana" in native["text"] and native["meta_info"]["model"] == "big"
+    odd = SimpleNamespace(hidden_size=40, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=10, num_hidden_layers=2)
+    misfit = write_adapter(str(tmp_path / "misfit"), odd)
+    r = httpx.post(server.url + "/load_lora_adapter", json={"lora_name": "misfit", "lora_path": misfit, "base": "small"},
+                   timeout=60)
+    assert r.status_code == 400 and "does not fit base model 'small': layer 0" in r.text, r.text
+    copy = shutil.copytree(trained_adapter("banana"), tmp_path / "banana2")  # inside --allowed-path-roots
+    r = httpx.post(server.url + "/load_lora_adapter", timeout=60, json={
+        "lora_name": "banana2", "lora_path": str(copy), "base": "small"})
+    assert r.status_code == 200 and "small:banana2" in r.json()["loaded_adapters"], r.text
+    assert "banana" in ask("small:banana2")
+    r = httpx.post(server.url + "/unload_lora_adapter", json={"lora_name": "banana2", "base": "small"}, timeout=60)
+    assert r.status_code == 200 and "small:banana2" not in r.json()["loaded_adapters"]
