@@ -9,6 +9,7 @@ preemption and the hierarchical prefix cache, and the grammar compiler.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any, Optional
 
 from sgl.runtime.config import ServerArgs
@@ -60,8 +61,30 @@ def make_grammar_compiler(args: ServerArgs, tokenizer: Any, vocab_size: int) -> 
     except ImportError:
         logger.warning("sgl.grammars is not available: constrained decoding is disabled")
         return None
-    vocab = Vocabulary.from_tokenizer(tokenizer.backend, tokenizer.eos_token_ids, vocab_size)
+    vocab = _vocabulary(Vocabulary, tokenizer, vocab_size)
     return GrammarCompiler(vocab, backend=args.grammar_backend, json_whitespace=args.json_whitespace,
                            compile_timeout_s=args.grammar_compile_timeout, guards=not args.json_strict,
                            cache_bytes=args.grammar_cache_max_bytes)
 
+
+
+# (id of a tokenizer backend, EOS ids, logits width) -> (that backend, its grammar Vocabulary). NOTE: GGUF
+# tokenizers are shared per vocabulary within the process (tokenizer_gguf.cached_gguf_backend), so an engine
+# reloaded after an LRU unload finds its Vocabulary here (Gemma 3's 262K tokens: seconds to build). The
+# backend is held so its id cannot be reused by another while cached; at most _MAX_VOCABS are kept.
+_VOCABS: "OrderedDict[tuple[int, frozenset[int], int], tuple[Any, Any]]" = OrderedDict()
+_MAX_VOCABS = 4
+
+
+def _vocabulary(vocabulary_cls: Any, tokenizer: Any, vocab_size: int) -> Any:
+    """The grammar Vocabulary of `tokenizer`, built once per tokenizer backend (a frozen, shareable value)."""
+    key = (id(tokenizer.backend), frozenset(tokenizer.eos_token_ids), vocab_size)
+    hit = _VOCABS.get(key)
+    if hit is not None and hit[0] is tokenizer.backend:
+        _VOCABS.move_to_end(key)
+        return hit[1]
+    vocab = vocabulary_cls.from_tokenizer(tokenizer.backend, tokenizer.eos_token_ids, vocab_size)
+    _VOCABS[key] = (tokenizer.backend, vocab)
+    while len(_VOCABS) > _MAX_VOCABS:
+        _VOCABS.popitem(last=False)
+    return vocab

@@ -83,18 +83,20 @@ class LoadLoraBody(BaseModel):
 
     lora_name: str
     lora_path: str
+    base: Optional[str] = None  # several base models: the one it belongs to (else every base it fits)
 
 
 class UnloadLoraBody(BaseModel):
     """`POST /unload_lora_adapter`: forget `lora_name` (its running requests finish with it)."""
 
     lora_name: str
+    base: Optional[str] = None  # several base models: only this one's (else every base's)
 
 
 class LoraOutput(BaseModel):
     success: bool
     error_message: str
-    loaded_adapters: dict[str, str]  # name -> folder
+    loaded_adapters: dict[str, str]  # name -> folder ("base:name" with several base models)
 
 
 class GenerateOutput(BaseModel):
