@@ -4,6 +4,10 @@ from any number of threads or event loops.
     >>> eng = Engine(model_path="default", num_threads=1)            # doctest: +SKIP
     >>> eng.generate("The capital of France is", {"max_new_tokens": 8, "temperature": 0})["text"]  # doctest: +SKIP
     ' Paris...'
+
+The engine's other parts: how its pieces are sized and assembled (runtime/engine_setup.py), its LoRA
+adapters (runtime/lora/engine_adapters.py), what it reports (runtime/engine_info.py). Several models in one
+process: `Engine(model_path=[...])` is a MultiEngine (runtime/multi_engine.py).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from sgl.runtime.config import ServerArgs, split_model_paths
 from sgl.runtime.distributed.errors import TensorParallelError
 from sgl.runtime.metrics import record_grammar_compilation
 from sgl.runtime.engine_io import (RequestSink, build_requests, finished_dict, validate_prompt_length)
+from sgl.runtime.engine_info import EngineInfoMixin
 from sgl.runtime.engine_setup import default_pool_size, hierarchical_cache_mover, host_kv_tier, make_grammar_compiler
 from sgl.runtime.lora.adapter import AdapterError
 from sgl.runtime.lora.engine_adapters import EngineLoraMixin
-from sgl.runtime.protocol import PRIORITY_CLASSES, GenerateRequest, RequestError, finish_reason_abort
+from sgl.runtime.protocol import GenerateRequest, RequestError, finish_reason_abort
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.scheduler.scheduler import Scheduler
@@ -34,7 +39,7 @@ logger = logging.getLogger("sgl.engine")
 PromptArg = Union[str, list[str], None]
 
 
-class Engine(EngineLoraMixin):
+class Engine(EngineLoraMixin, EngineInfoMixin):
     def __new__(cls, model_path: Any = "default", **server_args: Any) -> Any:
         """Several models (a list of NAME=PATH / PATH, or a `models` file) make a MultiEngine
         (runtime/multi_engine.py: the same API plus `model=`); one model, an Engine."""
@@ -347,63 +352,6 @@ class Engine(EngineLoraMixin):
             if time.monotonic() > end:
                 raise TimeoutError("engine did not become idle")
             time.sleep(0.01)
-
-    def get_stats(self) -> dict[str, Any]:
-        s = self.scheduler.stats
-        stats = dict(vars(s), max_total_tokens=self.scheduler.allocator.size)
-        # NOTE: the step gauges go stale once the engine idles (no step runs to refresh them); the counts
-        # are read live (len() of a list is atomic under the GIL) so /metrics and /server_info drop to 0.
-        stats["num_running_reqs"] = len(self.scheduler.running)
-        waiting = list(self.scheduler.waiting)
-        stats["num_queue_reqs"] = len(waiting)
-        stats["per_class_queues"] = {c: sum(r.priority_class == c for r in waiting) for c in PRIORITY_CLASSES}
-        stats["lora_adapters"] = self.lora_pool.names()
-        stats["lora_loads"], stats["lora_evictions"] = self.lora_pool.num_loads, self.lora_pool.num_evictions
-        return stats
-
-    def get_cache_stats(self) -> dict[str, int]:
-        """KV pool split (free + cached + in use == total) and the radix tree's size (nodes, tokens).
-
-        NOTE: read on the scheduler thread (the tree changes under a step); costs one tree walk.
-        """
-        def read() -> dict[str, int]:
-            sched = self.scheduler
-            # in use = held by requests or locked tree nodes; cached = evictable tree nodes
-            free, cached = sched.allocator.available, sched.cache.evictable_size
-            return {"kv_total_tokens": sched.allocator.size, "kv_free_tokens": free,
-                    "kv_cached_tokens": cached, "kv_in_use_tokens": sched.allocator.size - free - cached,
-                    "radix_num_nodes": len(sched.cache._nodes()) - len(sched.cache.roots), "radix_num_tokens": sched.cache.total_size}
-        return self._call(read, timeout=10)
-
-    def cache_evictions(self, cursor: int) -> dict[str, Any]:
-        """The radix tree's evictions since `cursor` as text (for a data-parallel router's approximate tree):
-        {"cursor": next cursor, "lost": evictions that fell out of the log, "events": [{"text", "kept"}]},
-        where the tree no longer holds anything under `text[:kept + 1]` (chars of the decoded path)."""
-        events, lost, nxt = self.scheduler.cache.evictions_since(cursor)  # any thread: no wait for a step
-        out = []
-        for e in events:
-            kept = len(self.tokenizer.decode(e.path[:e.kept]))
-            out.append({"text": self.tokenizer.decode(e.path), "kept": kept})
-        return {"cursor": nxt, "lost": lost, "events": out}
-
-    def get_model_info(self) -> dict[str, Any]:
-        return {
-            "model_path": self.model_path,
-            "tokenizer_path": self.server_args.tokenizer_path or self.model_path,
-            "served_model_name": self.server_args.served_model_name or self.server_args.model_path,
-            "is_generation": True,
-            "context_length": self.context_length,
-            "vocab_size": self.model_config.vocab_size,
-            "chat_template": self.tokenizer.chat_template,
-        }
-
-    def get_server_info(self) -> dict[str, Any]:
-        info = {k: v for k, v in vars(self.server_args).items() if k != "api_key"}
-        info.update(self.get_stats())
-        kv = getattr(self.scheduler.runner, "kv", None)  # NOTE: first-touched KV pages (reads smaps: not in get_stats)
-        info["kv_pool_resident_bytes"] = kv.resident_bytes() if hasattr(kv, "resident_bytes") else 0
-        info["version"] = "0.1.0"
-        return info
 
     def shutdown(self) -> None:
         if self._stopped.is_set():
