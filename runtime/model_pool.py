@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from sgl.runtime.model_names import ModelSpec, check_unique, resolve_model_adapter, resolve_model_name
+from sgl.runtime.model_names import ModelSpec, check_unique, resolve_model_adapter
 from sgl.runtime.protocol import RequestError
 
 logger = logging.getLogger("sgl.models")
@@ -115,9 +115,6 @@ class ModelPool:
         self._lock = asyncio.Lock()  # loads and unloads, one at a time
         self._changed = asyncio.Event()  # set when a model becomes idle (a waiting load may proceed)
         self._thread_lock = threading.Lock()  # guards in_use/last_used against the sync API
-
-    def resolve(self, requested: Optional[str]) -> tuple[str, Optional[str]]:
-        return resolve_model_name(requested, self.names)
 
     def resolve_adapter(self, requested: Optional[str]) -> tuple[str, Optional[str]]:
         """`model` -> (served model, its LoRA adapter or None): "base:adapter" or a bare adapter name."""
