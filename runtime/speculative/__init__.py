@@ -10,18 +10,21 @@ One module per algorithm; `make_drafter` picks it from `--speculative-algorithm`
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from typing import Any, Optional
 
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.speculative.drafter import Drafter
 
 
 def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
-                 target_vocab_size: Optional[int] = None) -> Optional[Drafter]:
+                 target_vocab_size: Optional[int] = None, target_model: Any = None) -> Optional[Drafter]:
     """The drafter `args.speculative_algorithm` names, or None when speculation is off.
 
     DRAFT loads its model here and gets a KV pool of `num_slots` (the target's pool size: every
-    running request may need its whole sequence there); its vocabulary must be the target's."""
+    running request may need its whole sequence there); its vocabulary must be the target's.
+    MEDUSA loads its heads (the shipped ones for the default model when no path is given) and shares
+    `target_model`'s lm_head; it reads the runner's hidden states (`needs_hidden`)."""
     if args.speculative_algorithm is None:
         return None
     if args.speculative_algorithm == "NGRAM":
@@ -43,4 +46,14 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
                              f"{target_vocab_size}: DRAFT needs a model with the same tokenizer")
         dtype = next(loaded.model.parameters()).dtype
         return DraftModelDrafter(loaded.model, loaded.config, num_slots, dtype)
+    if args.speculative_algorithm == "MEDUSA":
+        if target_model is None:
+            raise ValueError("MEDUSA needs the target model (Engine builds it)")
+        from sgl.runtime.speculative.medusa import DEFAULT_CHOICES, MedusaDrafter, load_medusa_heads, shipped_heads_path
+
+        cfg = target_model.config
+        path = args.speculative_draft_model_path or shipped_heads_path(args.model_path)
+        heads = load_medusa_heads(path, cfg.hidden_size, cfg.vocab_size)
+        choices = json.loads(args.speculative_medusa_choices) if args.speculative_medusa_choices else DEFAULT_CHOICES
+        return MedusaDrafter(heads, target_model.compute_logits, choices)
     raise ValueError(f"unknown speculative algorithm {args.speculative_algorithm!r}")
