@@ -5,7 +5,10 @@ A verify row holds [pending token(s)] + draft, one new KV slot per token (severa
 after jump-forward: the forced text, then the drafts). After the step the scheduler keeps the slots
 of the pending tokens and of the accepted drafts, and frees the rest at once: with `m` tokens
 appended, the last pending token and d_1..d_{m-1} (which equal the appended t_0..t_{m-2}) keep
-their slots; the last appended token becomes the new pending one.
+their slots; the last appended token becomes the new pending one. A tree draft is the same with
+d_1..d_{m-1} the first m - 1 nodes of the accepted path (RowResult.draft_path): the pool is
+token-slot based, so the request's slot table just takes those nodes' slots in path order (their K/V
+were computed at the positions the path gives them) and the other nodes' slots go back to the pool.
 
 The adaptive rule: a verify row of 1 + j tokens costs about 1 + VERIFY_COST * j decode steps on a
 CPU (small-M matmuls are not free), so drafts that keep failing slow a request down. Each request
@@ -24,7 +27,7 @@ from typing import Optional, Sequence
 
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.metrics import record_spec_accept_length
-from sgl.runtime.speculative.drafter import Drafter
+from sgl.runtime.speculative.drafter import Draft, Drafter
 from sgl.runtime.cache.allocator import SlotAllocator
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
 
@@ -56,12 +59,13 @@ class SpeculativeRows:
         self.max_batch = args.speculative_max_batch
         self.stats = SpecStats()
 
-    def drafts(self, decoding: Sequence[Req]) -> dict[Req, list[int]]:
+    def drafts(self, decoding: Sequence[Req]) -> dict[Req, Draft]:
         """Non-empty drafts for some of `decoding` (requests with one pending token), or {}.
 
         No drafts when the batch is compute-bound (more rows than `--speculative-max-batch`): a
         verify row of 1 + k tokens then costs about 1 + k decode rows. A draft never asks for more
-        tokens than the request may still produce (t_0 plus k accepted drafts <= room)."""
+        tokens than the request may still produce (t_0 plus the accepted path <= room): a tree is cut
+        by depth."""
         if not decoding or len(decoding) > self.max_batch:
             return {}
         want = {}
@@ -72,15 +76,20 @@ class SpeculativeRows:
             else:
                 want[req] = self.k
         asking = [r for r in decoding if want[r] > 0]
-        out: dict[Req, list[int]] = {}
+        out: dict[Req, Draft] = {}
         if not asking:
             return out
         for req, draft in zip(asking, self.drafter.propose(asking, max(want[r] for r in asking))):
             room = req.params.max_new_tokens - len(req.output_ids) - 1
-            ids = draft.token_ids[: max(0, min(want[req], room))]
-            if ids:
-                out[req] = list(ids)
+            cut = draft.cut(max(0, room), want[req])
+            if len(cut):
+                out[req] = cut
         return out
+
+    def observe(self, row: BatchRow, res: RowResult) -> None:
+        """Hand the row's kept hidden states to a drafter that reads them (MEDUSA, EAGLE)."""
+        if res.hidden_states is not None and hasattr(self.drafter, "observe_hidden"):
+            self.drafter.observe_hidden(row.req, row.start, res.hidden_states)
 
     def record(self, req: Req, draft_len: int, accepted: int) -> None:
         """One verify row ran: `accepted` of its `draft_len` drafts matched the target's tokens."""
@@ -98,14 +107,28 @@ class SpeculativeRows:
 
     def trim_verify_row(self, allocator: SlotAllocator, row: BatchRow, res: RowResult, appended: int) -> None:
         """After a verify row's step (its new slots already in `req.slots`): keep the KV of the pending
-        token(s) and the accepted drafts, free the rejected drafts' slots now (module docstring)."""
+        token(s) and the accepted drafts (a tree: its accepted path, in order), free the rejected
+        drafts' slots now (module docstring)."""
         req = row.req
-        keep = max(appended, 1)  # the last pending token's KV is valid even if nothing was appended
-        cut = row.start + row.extend_len - row.draft_len - 1 + keep
         assert req.slots[row.start:] == row.new_slots
-        allocator.free(req.slots[cut:])
-        del req.slots[cut:]
+        kept, freed = verify_row_slots(row, res, appended)
+        allocator.free(freed)
+        req.slots[row.start:] = kept
         self.record(req, row.draft_len, len(res.next_token_ids))
+
+
+def verify_row_slots(row: BatchRow, res: RowResult, appended: int) -> tuple[list[int], list[int]]:
+    """(kept, freed) of the row's new slots when `appended` of its produced tokens were kept (the
+    pending tokens' slots stay even when nothing was appended: their K/V is valid)."""
+    pending = row.extend_len - row.draft_len
+    nodes = row.new_slots[pending:]
+    keep = max(appended, 1) - 1  # accepted drafts whose tokens were appended (t_0..t_{m-2})
+    # a chain's accepted drafts are its first nodes; a tree's are its accepted path
+    path = list(range(keep)) if row.draft_parents is None else res.draft_path[:keep]
+    kept = row.new_slots[:pending] + [nodes[c] for c in path]
+    on_path = set(path)
+    return kept, [s for c, s in enumerate(nodes) if c not in on_path]
+
 
 def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter]) -> Optional[SpeculativeRows]:
     return SpeculativeRows(args, drafter) if drafter is not None else None

@@ -10,10 +10,14 @@ import random
 import pytest
 import torch
 
+from scipy.stats import chisquare
+
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
+from sgl.runtime.protocol import SamplingParams
+from sgl.runtime.speculative.drafter import Draft
 
-from tests.runtime.test_speculative_verify import V, tiny_model
+from tests.runtime.test_speculative_verify import PARAMS, V, _target_probs, run, tiny_model
 
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,3 +55,107 @@ def test_tree_forward_equals_each_path_alone(seed: int) -> None:
         ids = prompt[:-1] + path
         want = model.compute_logits(model(ForwardBatch.from_lists([ids], [list(range(len(ids)))]), ref_kv))[-1]
         torch.testing.assert_close(logits[1 + node], want, atol=1e-4, rtol=1e-4)
+
+
+class RandomTreeDrafter:
+    """Random trees over the small vocabulary (siblings may repeat a token: the walk takes the first)."""
+
+    name = "random_tree"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def propose(self, reqs, k: int):  # noqa: ANN001, ANN201 - the Drafter protocol
+        out = []
+        for _ in reqs:
+            tokens, parents = random_tree(self.rng, self.rng.randrange(k + 1))
+            out.append(Draft(tokens, parents))
+        return out
+
+
+class GreedyTreeDrafter:
+    """The target's own greedy path, three deep, with a wrong sibling before every path node: every
+    path node must be found among its siblings and accepted."""
+
+    name = "greedy_tree"
+
+    def __init__(self, model) -> None:  # noqa: ANN001
+        self.model = model
+
+    def propose(self, reqs, k: int):  # noqa: ANN001, ANN201
+        out = []
+        for req in reqs:
+            seq = list(req.fill_ids)
+            tokens, parents, parent = [], [], -1
+            for _ in range(3):
+                nxt = int(_greedy(self.model, seq))
+                tokens += [(nxt + 1) % V, nxt]
+                parents += [parent, parent]
+                parent = len(tokens) - 1
+                seq.append(nxt)
+            out.append(Draft(tokens, parents))
+        return out
+
+
+def _greedy(model, seq: list[int]) -> int:  # noqa: ANN001
+    kv = KVCache.for_model(model.config, len(seq), torch.float32)
+    with torch.inference_mode():
+        return int(model.compute_logits(model(ForwardBatch.from_lists([seq], [list(range(len(seq)))]), kv)[-1:]).argmax())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_same_tokens_and_logprobs_with_and_without_tree_drafts(seed: int) -> None:
+    model = tiny_model(3)
+    rng = random.Random(seed)
+    prompts, params = [], []
+    for i in range(24):
+        prompts.append([rng.randrange(V) for _ in range(rng.randrange(2, 12))])
+        params.append(SamplingParams(max_new_tokens=rng.randrange(1, 30), **PARAMS[i % len(PARAMS)]))
+    base, _ = run(model, prompts, params, logprobs=True)
+    spec, s = run(model, prompts, params, drafter=RandomTreeDrafter(seed), logprobs=True,
+                  speculative_num_draft_tokens=6)  # run() checks KV integrity after every step
+    assert s.stats.spec_verify_ct > 0 and 0 < s.stats.spec_accepted_tokens < s.stats.spec_draft_tokens
+    for a, b in zip(base, spec):
+        assert b.output_ids == a.output_ids, (a.rid, a.params)
+        assert b.finish_reason == a.finish_reason
+        assert b.output_logprobs == pytest.approx(a.output_logprobs, abs=1e-4)
+    assert s.allocator.available + s.cache.total_size == s.allocator.size
+
+
+def test_greedy_path_hidden_among_siblings_is_accepted_whole() -> None:
+    model = tiny_model(3)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(V) for _ in range(rng.randrange(2, 9))] for _ in range(6)]
+    params = [SamplingParams(max_new_tokens=rng.randrange(8, 30), temperature=0) for _ in prompts]
+    base, _ = run(model, prompts, params, eos=frozenset())
+    spec, s = run(model, prompts, params, drafter=GreedyTreeDrafter(model), eos=frozenset(),
+                  speculative_num_draft_tokens=6)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in base]
+    # every verify row accepts its whole 3-deep path (rows cut short by max_new_tokens excepted)
+    assert s.stats.spec_accepted_tokens >= 3 * s.stats.spec_verify_ct - 3 * len(prompts)
+
+
+def test_tree_distribution_equals_target_chi_square() -> None:
+    """Tokens 2 and 3 of temperature-1 samples, verified through random trees (several candidate
+    children per node): joint counts over 4000 seeds vs the exact target probabilities."""
+    model = tiny_model(3)
+    prompt = [2, 4, 0, 3]
+    n = 4000
+    params = [SamplingParams(max_new_tokens=3, temperature=1.0, sampling_seed=10_000 + i) for i in range(n)]
+    outs, s = run(model, [prompt] * n, params, drafter=RandomTreeDrafter(5), eos=frozenset(),
+                  speculative_num_draft_tokens=5)
+    assert s.stats.spec_accepted_tokens > 300 and s.stats.spec_draft_tokens - s.stats.spec_accepted_tokens > 1000
+    counts = torch.zeros(V, V, dtype=torch.float64)
+    for r in outs:
+        counts[r.output_ids[1], r.output_ids[2]] += 1
+    expected = torch.zeros(V, V, dtype=torch.float64)
+    p1 = _target_probs(model, prompt, [])
+    for a in range(V):
+        p2 = _target_probs(model, prompt, [a])
+        for b in range(V):
+            expected[b] += p1[a] * p2[b] * _target_probs(model, prompt, [a, b])
+    keep = expected.flatten() * n >= 5
+    obs, exp = counts.flatten()[keep], expected.flatten()[keep] * n
+    exp *= obs.sum() / exp.sum()
+    stat = chisquare(obs.numpy(), exp.numpy())
+    assert stat.pvalue > 1e-3, stat
