@@ -12,6 +12,9 @@ path; both write identical masks.
 A verify row (speculative decoding, `BatchRow.draft_len > 0`) gets logits at all of its 1 + k
 positions; `verify.sample_verify` turns them into the row's produced tokens (RowResult.token_id, then
 next_token_ids). A plain decode row is the case k = 0.
+
+`capture_hidden` (MEDUSA/EAGLE drafters turn it on): each RowResult also carries the final-normed
+hidden states of the row's kept input tokens (RowResult.hidden_states), copied out of the step.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from sgl.runtime.scheduler.request import BatchRow, RowResult, ScheduledBatch
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: Any, num_slots: int, eos_token_ids: frozenset[int],
-                 dtype: torch.dtype = torch.float32, device: str = "cpu", overlap_grammar: bool = True) -> None:
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", overlap_grammar: bool = True,
+                 capture_hidden: bool = False) -> None:
         self.model = model
+        self.capture_hidden = capture_hidden  # fill RowResult.hidden_states (speculative heads read them)
         self.overlap_grammar = overlap_grammar
         self._mask_worker: Optional[ThreadPoolExecutor] = None  # created on the first constrained step
         self.config = config
@@ -123,6 +128,14 @@ class ModelRunner:
                 res.next_token_ids = out.token_ids[1:]
                 res.next_logprobs = list(out.logprobs[1:])
                 res.next_top_logprobs = out.top_logprobs[1:]
+
+        if self.capture_hidden:
+            for i, r in enumerate(rows):
+                res = results[i]
+                if res.error is not None:
+                    continue
+                kept = r.extend_len - r.draft_len + (len(res.next_token_ids) if r.sample else 0)
+                res.hidden_states = hidden[offsets[i]:offsets[i] + kept].clone()  # [kept, H]
 
         if lp_index:
             top_k = max(rows[i].req.top_logprobs_num for i in set(lp_owner))

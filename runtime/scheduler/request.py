@@ -174,3 +174,9 @@ class RowResult:
     next_token_ids: list[int] = field(default_factory=list)
     next_logprobs: list[Optional[float]] = field(default_factory=list)
     next_top_logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
+    # The final-normed hidden states of the row's input tokens that stay in the sequence, [m, hidden]
+    # float tensor (a copy): every input of a prefill chunk; for a verify row the pending token(s) and
+    # the accepted drafts (m = extend_len - draft_len + len(next_token_ids)), so the last one is the
+    # state that predicted the row's last produced token. Only when the runner's `capture_hidden` is
+    # on (MEDUSA and EAGLE drafters read it); None otherwise or when the row failed.
+    hidden_states: Any = None
