@@ -23,7 +23,7 @@ SCHEDULE_POLICIES = ("fcfs", "lpm", "priority")
 GRAMMAR_BACKENDS = ("outlines", "xgrammar", "llguidance", "none")
 WEIGHT_FORMATS = ("auto", "fp32", "native")  # runtime/models/loader.py: what auto picks
 QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize for Hugging Face folders (round-to-nearest per 32-block)
-SPECULATIVE_ALGORITHMS = ("NGRAM", "DRAFT")  # runtime/speculative/: the drafters built so far
+SPECULATIVE_ALGORITHMS = ("NGRAM", "DRAFT", "EAGLE")  # runtime/speculative/: the drafters built so far
 PREEMPTION_MODES = ("swap", "recompute")
 DISAGGREGATION_MODES = ("prefill", "decode")
 CPU_ACT_QUANTS = ("q16", "none", "q8")  # activations of the native CPU kernels (sgl.kernels.cpu.ACT_QUANT)
@@ -109,8 +109,10 @@ class ServerArgs:
     router_policy: str = "cache_aware"  # --dp-size > 1: the router's policy (runtime/router/policy.py)
     router_balance_threshold: int = 8  # --dp-size > 1: in-flight requests over the least loaded before balancing
     speculative_algorithm: Optional[str] = None  # NGRAM | DRAFT (runtime/speculative/); None = off
-    speculative_draft_model_path: Optional[str] = None  # DRAFT: a small model with the same tokenizer
+    speculative_draft_model_path: Optional[str] = None  # DRAFT: a small model with the same tokenizer; EAGLE: the head (None = shipped)
     speculative_num_draft_tokens: int = 4  # draft tokens verified per decoding request and step
+    speculative_num_steps: Optional[int] = None  # EAGLE: head steps per draft (chain: = num_draft_tokens when unset)
+    speculative_eagle_topk: int = 1  # EAGLE: branches per head step (1 = a chain; the chain verify path)
     speculative_ngram_min_match_window_size: int = 2  # NGRAM: shortest suffix matched (1-grams mostly miss)
     speculative_ngram_max_match_window_size: int = 4  # NGRAM: longest suffix matched (tried first)
     speculative_max_batch: int = 4  # more decoding requests than this in a step: no drafts (compute-bound)
@@ -208,8 +210,15 @@ class ServerArgs:
         if self.speculative_algorithm is not None and self.speculative_algorithm not in SPECULATIVE_ALGORITHMS:
             raise ValueError(f"speculative_algorithm must be one of {SPECULATIVE_ALGORITHMS} (or unset), "
                              f"got {self.speculative_algorithm!r}")
-        if (self.speculative_algorithm == "DRAFT") != (self.speculative_draft_model_path is not None):
-            raise ValueError("speculative_draft_model_path goes with (and only with) speculative_algorithm DRAFT")
+        if self.speculative_algorithm == "DRAFT" and self.speculative_draft_model_path is None:
+            raise ValueError("speculative_algorithm DRAFT needs speculative_draft_model_path")
+        if self.speculative_draft_model_path is not None and self.speculative_algorithm not in ("DRAFT", "EAGLE"):
+            raise ValueError("speculative_draft_model_path goes with speculative_algorithm DRAFT or EAGLE")
+        if self.speculative_eagle_topk != 1:
+            raise ValueError(f"speculative_eagle_topk must be 1 (EAGLE drafts a chain; token trees are not built yet), "
+                             f"got {self.speculative_eagle_topk}")
+        if self.speculative_num_steps is not None and self.speculative_num_steps < 1:
+            raise ValueError(f"speculative_num_steps must be positive, got {self.speculative_num_steps}")
         if self.speculative_num_draft_tokens < 1:
             raise ValueError(f"speculative_num_draft_tokens must be positive, got {self.speculative_num_draft_tokens}")
         if not 1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size:

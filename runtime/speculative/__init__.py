@@ -10,18 +10,19 @@ One module per algorithm; `make_drafter` picks it from `--speculative-algorithm`
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.speculative.drafter import Drafter
 
 
 def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
-                 target_vocab_size: Optional[int] = None) -> Optional[Drafter]:
+                 target_vocab_size: Optional[int] = None, runner: Any = None) -> Optional[Drafter]:
     """The drafter `args.speculative_algorithm` names, or None when speculation is off.
 
     DRAFT loads its model here and gets a KV pool of `num_slots` (the target's pool size: every
-    running request may need its whole sequence there); its vocabulary must be the target's."""
+    running request may need its whole sequence there); its vocabulary must be the target's.
+    EAGLE reads the target's hidden states: it needs the engine's ModelRunner (`runner`)."""
     if args.speculative_algorithm is None:
         return None
     if args.speculative_algorithm == "NGRAM":
@@ -43,4 +44,10 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
                              f"{target_vocab_size}: DRAFT needs a model with the same tokenizer")
         dtype = next(loaded.model.parameters()).dtype
         return DraftModelDrafter(loaded.model, loaded.config, num_slots, dtype)
+    if args.speculative_algorithm == "EAGLE":
+        if runner is None:
+            raise ValueError("EAGLE needs the engine's model runner (Engine builds it)")
+        from sgl.runtime.speculative.eagle import make_eagle_drafter
+
+        return make_eagle_drafter(args.speculative_draft_model_path, runner, args.speculative_num_steps)
     raise ValueError(f"unknown speculative algorithm {args.speculative_algorithm!r}")

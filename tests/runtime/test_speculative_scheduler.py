@@ -184,7 +184,7 @@ def test_drafts_ride_after_jump_forward_tokens() -> None:
 
 @pytest.mark.parametrize("kw,message", [
     (dict(speculative_algorithm="MEDUSA"), "speculative_algorithm must be one of"),
-    (dict(speculative_algorithm="DRAFT"), "speculative_draft_model_path goes with"),
+    (dict(speculative_algorithm="DRAFT"), "DRAFT needs speculative_draft_model_path"),
     (dict(speculative_draft_model_path="default"), "speculative_draft_model_path goes with"),
     (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=0), "speculative_num_draft_tokens"),
     (dict(speculative_ngram_min_match_window_size=5), "speculative_ngram_min_match_window_size"),
