@@ -77,8 +77,7 @@ class Engine:
         if args.hierarchical_cache:
             from sgl.runtime.executor.kv_mover import HostKVMover
             cache_mover = HostKVMover(runner.kv, args.host_cache_tokens, args.swap_dir)
-        drafter = make_drafter(args, pool_size, loaded.config.vocab_size, target_model=model)  # None unless --speculative-algorithm
-        runner.capture_hidden = bool(getattr(drafter, "needs_hidden", False))  # MEDUSA/EAGLE read hidden states
+        drafter = make_drafter(args, pool_size, loaded.config.vocab_size, runner=runner)  # None unless --speculative-algorithm
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
                                    drafter=drafter, mover=mover, host_pool_size=host_slots, cache_mover=cache_mover)
         self._model_dtype = dtype

@@ -20,7 +20,7 @@ hidden states of the row's kept input tokens (RowResult.hidden_states), copied o
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -39,6 +39,8 @@ class ModelRunner:
                  capture_hidden: bool = False) -> None:
         self.model = model
         self.capture_hidden = capture_hidden  # fill RowResult.hidden_states (speculative heads read them)
+        # Called with (rows, results) after every run, results in row order (EAGLE files the states)
+        self.hidden_observer: Optional[Callable[[list[BatchRow], list[RowResult]], None]] = None
         self.overlap_grammar = overlap_grammar
         self._mask_worker: Optional[ThreadPoolExecutor] = None  # created on the first constrained step
         self.config = config
@@ -71,12 +73,14 @@ class ModelRunner:
         if order is not None:
             fb.lora = LoraBatch.from_rows(fb.extend_lens, [r.req.lora for r in rows], self._lora_stacks, self.device)
         results = self._run(rows, fb)
-        if order is None:
-            return results
-        unsorted: list[RowResult] = [results[0]] * len(results)
-        for j, i in enumerate(order):
-            unsorted[i] = results[j]
-        return unsorted
+        if order is not None:
+            unsorted: list[RowResult] = [results[0]] * len(results)
+            for j, i in enumerate(order):
+                unsorted[i] = results[j]
+            results = unsorted
+        if self.hidden_observer is not None:
+            self.hidden_observer(batch.rows, results)
+        return results
 
     def _run(self, rows: list[BatchRow], fb: ForwardBatch) -> list[RowResult]:
         results = [RowResult(token_id=None) for _ in rows]

@@ -396,8 +396,6 @@ class Scheduler:
                 self._jump_forward(req)
         elif req.pending_len == 0 and req.params.max_new_tokens == 0:
             req.finish_reason = finish_reason_length(0)
-        if self.spec is not None and res.hidden_states is not None:
-            self.spec.observe(row, res)  # MEDUSA/EAGLE drafters read the kept hidden states
         if req.finished:
             self._finish(req)
             return

@@ -86,11 +86,6 @@ class SpeculativeRows:
                 out[req] = cut
         return out
 
-    def observe(self, row: BatchRow, res: RowResult) -> None:
-        """Hand the row's kept hidden states to a drafter that reads them (MEDUSA, EAGLE)."""
-        if res.hidden_states is not None and hasattr(self.drafter, "observe_hidden"):
-            self.drafter.observe_hidden(row.req, row.start, res.hidden_states)
-
     def record(self, req: Req, draft_len: int, accepted: int) -> None:
         """One verify row ran: `accepted` of its `draft_len` drafts matched the target's tokens."""
         record_spec_accept_length(1 + accepted)  # tokens this verify step produced

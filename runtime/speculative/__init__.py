@@ -18,13 +18,14 @@ from sgl.runtime.speculative.drafter import Drafter
 
 
 def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
-                 target_vocab_size: Optional[int] = None, target_model: Any = None) -> Optional[Drafter]:
+                 target_vocab_size: Optional[int] = None, runner: Any = None) -> Optional[Drafter]:
     """The drafter `args.speculative_algorithm` names, or None when speculation is off.
 
     DRAFT loads its model here and gets a KV pool of `num_slots` (the target's pool size: every
     running request may need its whole sequence there); its vocabulary must be the target's.
+    MEDUSA and EAGLE read the target's hidden states: they need the engine's ModelRunner (`runner`);
     MEDUSA loads its heads (the shipped ones for the default model when no path is given) and shares
-    `target_model`'s lm_head; it reads the runner's hidden states (`needs_hidden`)."""
+    the runner's model's lm_head."""
     if args.speculative_algorithm is None:
         return None
     if args.speculative_algorithm == "NGRAM":
@@ -47,13 +48,22 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
         dtype = next(loaded.model.parameters()).dtype
         return DraftModelDrafter(loaded.model, loaded.config, num_slots, dtype)
     if args.speculative_algorithm == "MEDUSA":
-        if target_model is None:
-            raise ValueError("MEDUSA needs the target model (Engine builds it)")
+        if runner is None:
+            raise ValueError("MEDUSA needs the engine's model runner (Engine builds it)")
         from sgl.runtime.speculative.medusa import DEFAULT_CHOICES, MedusaDrafter, load_medusa_heads, shipped_heads_path
 
-        cfg = target_model.config
+        cfg = runner.config
         path = args.speculative_draft_model_path or shipped_heads_path(args.model_path)
         heads = load_medusa_heads(path, cfg.hidden_size, cfg.vocab_size)
         choices = json.loads(args.speculative_medusa_choices) if args.speculative_medusa_choices else DEFAULT_CHOICES
-        return MedusaDrafter(heads, target_model.compute_logits, choices)
+        drafter = MedusaDrafter(heads, runner.model.compute_logits, choices)
+        runner.capture_hidden = True
+        runner.hidden_observer = drafter.observe
+        return drafter
+    if args.speculative_algorithm == "EAGLE":
+        if runner is None:
+            raise ValueError("EAGLE needs the engine's model runner (Engine builds it)")
+        from sgl.runtime.speculative.eagle import make_eagle_drafter
+
+        return make_eagle_drafter(args.speculative_draft_model_path, runner, args.speculative_num_steps)
     raise ValueError(f"unknown speculative algorithm {args.speculative_algorithm!r}")

@@ -17,9 +17,9 @@ Checkpoints (`--speculative-draft-model-path DIR`): `DIR/config.json` with `medu
 with `{i}.{j}.linear.weight` [H, H], `{i}.{j}.linear.bias` [H] for head i's ResBlock j, and
 optionally `{i}.{num_layers}.weight` [V, H], head i's own lm_head.
 
-The drafter needs the runner's hidden states (`needs_hidden`): the scheduler hands each row's kept
-hidden states to `observe_hidden`, and a request without the state of index len(fill_ids) - 2 (e.g.
-right after jump-forward text) gets no draft that step.
+The drafter needs the runner's hidden states: the runner (capture_hidden, hidden_observer) hands
+each step's rows and their kept hidden states to `observe`, and a request without the state of
+index len(fill_ids) - 2 (e.g. right after jump-forward text) gets no draft that step.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgl.runtime.scheduler.request import Req
+from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
 from sgl.runtime.speculative.drafter import Draft
 
 # A small static tree for a CPU (every node costs a verify row): the top-3 of head 0, the top-2 of
@@ -177,7 +177,6 @@ class _HiddenRows:
 
 class MedusaDrafter:
     name = "MEDUSA"
-    needs_hidden = True
 
     def __init__(self, heads: MedusaHeads, shared_lm_head: Any,
                  choices: Sequence[Sequence[int]] = DEFAULT_CHOICES) -> None:
@@ -187,9 +186,12 @@ class MedusaDrafter:
         self.branching = [1 + max((c[d] for c in self.choices if len(c) > d), default=0)
                           for d in range(heads.num_heads)]  # top-k taken from each head
 
-    def observe_hidden(self, req: Req, start: int, hidden: Any) -> None:
-        """A step kept `hidden` [m, H]: the states of fill indices start .. start + m - 1."""
-        req.draft_state = _HiddenRows(start, hidden)
+    def observe(self, rows: Sequence[BatchRow], results: Sequence[RowResult]) -> None:
+        """After each step (ModelRunner.hidden_observer): a row kept `hidden_states` [m, H], the
+        states of fill indices row.start .. row.start + m - 1."""
+        for row, res in zip(rows, results):
+            if res.hidden_states is not None and res.hidden_states.shape[0] > 0:
+                row.req.draft_state = _HiddenRows(row.start, res.hidden_states)
 
     @torch.inference_mode()
     def propose(self, reqs: Sequence[Req], k: int) -> list[Draft]:
