@@ -118,6 +118,8 @@ class ServerArgs:
     speculative_eagle_topk: int = 1  # EAGLE: branches per head step (1 = a chain; the chain verify path)
     speculative_ngram_min_match_window_size: int = 2  # NGRAM: shortest suffix matched (1-grams mostly miss)
     speculative_ngram_max_match_window_size: int = 4  # NGRAM: longest suffix matched (tried first)
+    speculative_ngram_max_bfs_breadth: int = 1  # NGRAM: continuations merged into one draft tree (1 = a chain)
+    speculative_ngram_capacity: int = 0  # NGRAM: tokens of finished requests matched too (0 = own sequence only)
     speculative_max_batch: int = 4  # more decoding requests than this in a step: no drafts (compute-bound)
     # LoRA (runtime/lora/): `name=path` or a bare path (named by its folder); more at run time via /load_lora_adapter
     lora_paths: Optional[list[str]] = None
@@ -239,6 +241,8 @@ class ServerArgs:
         if not 1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size:
             raise ValueError("need 1 <= speculative_ngram_min_match_window_size <= "
                              "speculative_ngram_max_match_window_size")
+        if self.speculative_ngram_max_bfs_breadth < 1 or self.speculative_ngram_capacity < 0:
+            raise ValueError("speculative_ngram_max_bfs_breadth must be >= 1 and speculative_ngram_capacity >= 0")
         if self.speculative_max_batch < 0:
             raise ValueError(f"speculative_max_batch must be >= 0, got {self.speculative_max_batch}")
         if self.tp_size < 1:

@@ -32,7 +32,8 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
         from sgl.runtime.speculative.ngram import NgramDrafter
 
         return NgramDrafter(args.speculative_ngram_min_match_window_size,
-                            args.speculative_ngram_max_match_window_size)
+                            args.speculative_ngram_max_match_window_size,
+                            args.speculative_ngram_max_bfs_breadth, args.speculative_ngram_capacity)
     if args.speculative_algorithm == "DRAFT":
         if num_slots is None or target_vocab_size is None:
             raise ValueError("DRAFT needs the engine's pool size and vocabulary (Engine builds it)")
