@@ -10,14 +10,18 @@ d_1..d_{m-1} the first m - 1 nodes of the accepted path (RowResult.draft_path): 
 token-slot based, so the request's slot table just takes those nodes' slots in path order (their K/V
 were computed at the positions the path gives them) and the other nodes' slots go back to the pool.
 
-The adaptive rule: a verify row of 1 + j tokens costs about 1 + VERIFY_COST * j decode steps on a
-CPU (small-M matmuls are not free), so drafts that keep failing slow a request down. Each request
-keeps an estimate of its per-draft acceptance (`Req.spec_accept_prob`, an exponential average over
-its verify rows); below VERIFY_COST (where even one draft no longer pays) it stops drafting, and the
-estimate drifts back toward the prior step by step, so it tries again later. Otherwise it asks for k.
-Measured on the default model (NGRAM, 1 thread): a fixed-length ladder (+2 after a full accept, as
-Hugging Face's assisted generation) lost ~30% of the accepted tokens of copy phases, because
-acceptance is bimodal (copying or not) and each copy phase restarted short.
+The adaptive rule: a verify row of 1 + j tokens costs verify_cost(j) decode steps on a CPU (small-M
+matmuls are not free: measured on the default model, 1 thread, `bench_speculative.py --verify-cost`:
+1.51x at j = 1, 1.77x at 2, 2.73x at 4, 3.53x at 8; the attention is not the cost: the same rows laid
+out as decode rows take as long). Each request keeps an estimate a of its per-draft acceptance
+(`Req.spec_accept_prob`, an exponential average over its verify rows) and asks for the draft length j
+<= k that maximizes the expected tokens per step over the cost, (1 - a^(j+1)) / (1 - a) / verify_cost(j)
+(Leviathan et al.'s speedup with our cost curve): long drafts while it copies (a near 1), short ones
+on chat, none when even one draft does not pay; the estimate then drifts back toward the prior step
+by step, so it tries again later. A tree's nodes count as its j. Measured on the default model
+(NGRAM, 1 thread): a fixed-length ladder (+2 after a full accept, as Hugging Face's assisted
+generation) lost ~30% of the accepted tokens of copy phases, because acceptance is bimodal (copying
+or not) and each copy phase restarted short; the EMA reaches a = 0.9 after two full accepts.
 """
 
 from __future__ import annotations
@@ -48,8 +52,23 @@ class SpecStats:
         return (self.accepted_tokens + self.verify_ct) / self.verify_ct if self.verify_ct else 0.0
 
 
-VERIFY_COST = 0.25  # extra decode-step cost per verified draft token (measured: 5 tokens ~ 1.9x one, 1 thread)
 PRIOR, EMA, DRIFT = 0.6, 0.5, 0.1  # acceptance prior, weight of the newest verify row, pull back when idle
+
+
+def verify_cost(j: int) -> float:
+    """Decode steps one verify row of 1 + j tokens costs (a fit of the measurements above)."""
+    return 1.0 + 0.45 * j ** 0.85
+
+
+def best_draft_len(a: float, k: int) -> int:
+    """The j in 0..k maximizing expected tokens per step / cost for per-draft acceptance a."""
+    best, best_rate = 0, 1.0
+    for j in range(1, k + 1):
+        expected = j + 1.0 if a >= 1.0 else (1.0 - a ** (j + 1)) / (1.0 - a)
+        rate = expected / verify_cost(j)
+        if rate > best_rate:
+            best, best_rate = j, rate
+    return best
 
 
 class SpeculativeRows:
@@ -70,11 +89,9 @@ class SpeculativeRows:
             return {}
         want = {}
         for req in decoding:
-            if req.spec_accept_prob < VERIFY_COST:
+            want[req] = best_draft_len(req.spec_accept_prob, self.k)
+            if want[req] == 0:
                 req.spec_accept_prob += DRIFT * (PRIOR - req.spec_accept_prob)
-                want[req] = 0
-            else:
-                want[req] = self.k
         asking = [r for r in decoding if want[r] > 0]
         out: dict[Req, Draft] = {}
         if not asking:
@@ -86,12 +103,14 @@ class SpeculativeRows:
                 out[req] = cut
         return out
 
-    def record(self, req: Req, draft_len: int, accepted: int) -> None:
-        """One verify row ran: `accepted` of its `draft_len` drafts matched the target's tokens."""
+    def record(self, req: Req, draft_len: int, accepted: int, depth: Optional[int] = None) -> None:
+        """One verify row ran: `accepted` of its `draft_len` drafts matched the target's tokens
+        (`depth`: a tree's deepest level; a chain's is its length)."""
         record_spec_accept_length(1 + accepted)  # tokens this verify step produced
-        # MLE of a per-draft acceptance probability from one row: `accepted` successes, then one
-        # rejection unless every draft was accepted.
-        observed = accepted / (accepted + (accepted < draft_len))
+        # MLE of a per-level acceptance probability from one row: `accepted` successes, then one
+        # rejection unless the path reached the deepest level.
+        depth = draft_len if depth is None else depth
+        observed = accepted / (accepted + (accepted < depth))
         req.spec_accept_prob = (1 - EMA) * req.spec_accept_prob + EMA * observed
         req.spec_verify_ct += 1
         req.spec_accepted_tokens += accepted
@@ -109,7 +128,8 @@ class SpeculativeRows:
         kept, freed = verify_row_slots(row, res, appended)
         allocator.free(freed)
         req.slots[row.start:] = kept
-        self.record(req, row.draft_len, len(res.next_token_ids))
+        depth = None if row.draft_parents is None else max(Draft(row.draft, row.draft_parents).depths())
+        self.record(req, row.draft_len, len(res.next_token_ids), depth)
 
 
 def verify_row_slots(row: BatchRow, res: RowResult, appended: int) -> tuple[list[int], list[int]]:
