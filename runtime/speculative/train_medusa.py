@@ -112,7 +112,7 @@ def train(data: Any, target: Any, args: argparse.Namespace, log: Callable[[str],
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * sel.shape[0]
+            total += float(loss.detach()) * sel.shape[0]
             step += 1
         acc = accuracy(heads, lm_head_t, test_h, test_t)
         log(f"medusa: epoch {epoch + 1}/{args.medusa_epochs} loss {total / train_h.shape[0]:.3f}, held-out top-1 "
