@@ -127,7 +127,7 @@ def test_tree_drafts_identical_to_no_speculation(baseline, kw: dict) -> None:
             assert out["output_ids"] == baseline[i]["output_ids"], params[i]
         jsonschema.validate(json.loads(outs[-1]["text"]), PERSON)
         stats = eng.get_server_info()
-        assert stats["spec_verify_ct"] > 0 and stats["spec_accept_length"] > 1.2, stats
+        assert stats["spec_verify_ct"] > 0 and stats["spec_accepted_tokens"] > 0, stats
         eng.wait_idle()
         eng.check_integrity()
     finally:
