@@ -66,22 +66,23 @@ class MedusaHeads(nn.Module):
             self.lm_heads = nn.ParameterList(nn.Parameter(torch.zeros(vocab_size, hidden_size, dtype=dtype))
                                              for _ in range(num_heads))
 
-    def features(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> [num_heads, N, H], each head's ResBlocks applied."""
+    def features(self, hidden: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
+        """hidden [N, H] -> [heads, N, H], the first `num_heads` heads' ResBlocks applied (all by default)."""
         out = []
-        for blocks in self.blocks:
+        for blocks in list(self.blocks)[:num_heads]:
             x = hidden
             for lin in blocks:
                 x = x + F.silu(lin(x))
             out.append(x)
         return torch.stack(out)
 
-    def logits(self, hidden: torch.Tensor, shared_lm_head: Any) -> torch.Tensor:
-        """[num_heads, N, V] float32; `shared_lm_head([M, H]) -> [M, V]` is the target's compute_logits."""
-        feats = self.features(hidden)
+    def logits(self, hidden: torch.Tensor, shared_lm_head: Any, num_heads: Optional[int] = None) -> torch.Tensor:
+        """[heads, N, V] float32 of the first `num_heads` heads (all by default);
+        `shared_lm_head([M, H]) -> [M, V]` is the target's compute_logits."""
+        feats = self.features(hidden, num_heads)
+        n = hidden.shape[0]
         if self.lm_heads is None:
-            n = hidden.shape[0]
-            return shared_lm_head(feats.reshape(-1, self.hidden_size)).view(self.num_heads, n, -1)
+            return shared_lm_head(feats.reshape(-1, self.hidden_size)).view(feats.shape[0], n, -1)
         return torch.stack([f @ w.t() for f, w in zip(feats, self.lm_heads)]).float()
 
     def state_dict_medusa(self) -> dict[str, torch.Tensor]:
@@ -206,10 +207,11 @@ class MedusaDrafter:
         out = [Draft([]) for _ in reqs]
         if not rows:
             return out
-        logits = self.heads.logits(torch.stack(rows), self.shared_lm_head)  # [heads, N, V]
-        top = [logits[i].topk(self.branching[i], dim=-1).indices.tolist() for i in range(self.heads.num_heads)]
         choices = sorted(self.choices, key=lambda c: (len(c), c))[:k]
+        depth = min(self.heads.num_heads, max(len(c) for c in choices))  # NOTE: each head costs an lm_head matmul
+        logits = self.heads.logits(torch.stack(rows), self.shared_lm_head, depth)  # [depth, N, V]
+        top = [logits[i].topk(self.branching[i], dim=-1).indices.tolist() for i in range(depth)]
         for a, j in enumerate(have):
-            tree = build_tree(choices, [top[i][a] for i in range(self.heads.num_heads)])
+            tree = build_tree(choices, [top[i][a] for i in range(depth)])
             out[j] = Draft(tree.token_ids, tree.parents)
         return out
