@@ -148,8 +148,8 @@ class ModelRunner:
                     kept = pending + (len(res.next_token_ids) if r.sample else 0)
                     res.hidden_states = hidden[offsets[i]:offsets[i] + kept].clone()  # [kept, H]
                 else:  # tree: the pending token(s), then the accepted path's nodes
-                    idx = list(range(pending)) + [pending + c for c in res.draft_path]
-                    res.hidden_states = hidden.index_select(0, torch.tensor([offsets[i] + x for x in idx]))
+                    idx = [offsets[i] + x for x in list(range(pending)) + [pending + c for c in res.draft_path]]
+                    res.hidden_states = hidden.index_select(0, torch.tensor(idx, device=self.device))
 
         if lp_index:
             top_k = max(rows[i].req.top_logprobs_num for i in set(lp_owner))
