@@ -47,3 +47,22 @@ def test_no_hidden_states_unless_asked() -> None:
     req = Req(rid="r", prompt_ids=[2, 3], params=SamplingParams(temperature=0.0), arrival=0)
     (res,) = runner.run(ScheduledBatch([BatchRow(req, [2, 3], 0, [0, 1], True, [])]))
     assert res.hidden_states is None
+
+
+def test_tree_row_carries_the_accepted_paths_states() -> None:
+    model = tiny_model(5)
+    runner = ModelRunner(model, model.config, 64, frozenset(), capture_hidden=True)
+    prompt = [2, 3, 4, 5, 2, 3]
+    req = Req(rid="r", prompt_ids=prompt, params=SamplingParams(temperature=0.0, max_new_tokens=16), arrival=0)
+    (res,) = runner.run(ScheduledBatch([BatchRow(req, prompt, 0, list(range(6)), True, [])]))
+    req.slots, req.output_ids = list(range(6)), [res.token_id]
+    seq = prompt + [res.token_id]
+    g1 = int(model.compute_logits(_reference_hidden(model, seq)[-1:]).argmax())
+    g2 = int(model.compute_logits(_reference_hidden(model, seq + [g1])[-1:]).argmax())
+    wrong = (g1 + 1) % model.config.vocab_size
+    # nodes: 0 = wrong (child of the pending token), 1 = g1 (its sibling), 2 = g2 (child of g1)
+    row = BatchRow(req, [res.token_id, wrong, g1, g2], 6, [6, 9, 7, 8], True, [], draft_len=3,
+                   draft_parents=[-1, -1, 1])
+    (vres,) = runner.run(ScheduledBatch([row]))
+    assert vres.draft_path == [1, 2] and [vres.token_id] + vres.next_token_ids[:1] == [g1, g2]
+    assert torch.allclose(vres.hidden_states, _reference_hidden(model, seq + [g1, g2])[6:], atol=1e-5)
