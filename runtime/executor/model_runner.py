@@ -12,12 +12,15 @@ path; both write identical masks.
 A verify row (speculative decoding, `BatchRow.draft_len > 0`) gets logits at all of its 1 + k
 positions; `verify.sample_verify` turns them into the row's produced tokens (RowResult.token_id, then
 next_token_ids). A plain decode row is the case k = 0.
+
+`capture_hidden` (MEDUSA/EAGLE drafters turn it on): each RowResult also carries the final-normed
+hidden states of the row's kept input tokens (RowResult.hidden_states), copied out of the step.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -32,8 +35,12 @@ from sgl.runtime.scheduler.request import BatchRow, RowResult, ScheduledBatch
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: Any, num_slots: int, eos_token_ids: frozenset[int],
-                 dtype: torch.dtype = torch.float32, device: str = "cpu", overlap_grammar: bool = True) -> None:
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", overlap_grammar: bool = True,
+                 capture_hidden: bool = False) -> None:
         self.model = model
+        self.capture_hidden = capture_hidden  # fill RowResult.hidden_states (speculative heads read them)
+        # Called with (rows, results) after every run, results in row order (EAGLE files the states)
+        self.hidden_observer: Optional[Callable[[list[BatchRow], list[RowResult]], None]] = None
         self.overlap_grammar = overlap_grammar
         self._mask_worker: Optional[ThreadPoolExecutor] = None  # created on the first constrained step
         self.config = config
@@ -56,20 +63,24 @@ class ModelRunner:
         order = lora_order([r.req.lora for r in rows])
         if order is not None:
             rows = [rows[i] for i in order]
+        trees = [r.draft_parents for r in rows]
         fb = ForwardBatch.from_lists(
             input_ids=[r.input_ids for r in rows],
             slot_tables=[r.req.slots + r.new_slots for r in rows],
             device=self.device,
+            trees=trees if any(t is not None for t in trees) else None,
         )
         if order is not None:
             fb.lora = LoraBatch.from_rows(fb.extend_lens, [r.req.lora for r in rows], self._lora_stacks, self.device)
         results = self._run(rows, fb)
-        if order is None:
-            return results
-        unsorted: list[RowResult] = [results[0]] * len(results)
-        for j, i in enumerate(order):
-            unsorted[i] = results[j]
-        return unsorted
+        if order is not None:
+            unsorted: list[RowResult] = [results[0]] * len(results)
+            for j, i in enumerate(order):
+                unsorted[i] = results[j]
+            results = unsorted
+        if self.hidden_observer is not None:
+            self.hidden_observer(batch.rows, results)
+        return results
 
     def _run(self, rows: list[BatchRow], fb: ForwardBatch) -> list[RowResult]:
         results = [RowResult(token_id=None) for _ in rows]
@@ -108,13 +119,15 @@ class ModelRunner:
         if sample_rows:
             states = [self._state(rows[i]) for i in sample_rows]
             top_nums = [rows[i].req.top_logprobs_num if rows[i].req.return_logprob else 0 for i in sample_rows]
-            drafts = masks.drafts if masks is not None else [rows[i].draft for i in sample_rows]
-            outs = sample_verify(logits, bases, drafts, states, masks.bitmask if masks is not None else None,
-                                 top_nums)
+            outs = sample_verify(logits, bases, [rows[i].draft for i in sample_rows], states,
+                                 masks.bitmask if masks is not None else None, top_nums,
+                                 parents=[rows[i].draft_parents for i in sample_rows],
+                                 alive=masks.alive if masks is not None else None)
             for j, i in enumerate(sample_rows):
                 res, out, g = results[i], outs[j], rows[i].req.grammar
                 if masks is not None and g is not None and masks.fill_states[j] is not None:
-                    restore_fill_state(g, masks.fill_states[j][max(len(out.token_ids), 1) - 1])
+                    last = out.path[-1] + 1 if out.path else 0  # the position of the last sample
+                    restore_fill_state(g, masks.fill_states[j][last])
                 if not out.token_ids:
                     res.error = (g.error if g is not None else None) or out.failure or \
                         "the constraint allows no token here (no continuation satisfies it)"
@@ -123,6 +136,20 @@ class ModelRunner:
                 res.next_token_ids = out.token_ids[1:]
                 res.next_logprobs = list(out.logprobs[1:])
                 res.next_top_logprobs = out.top_logprobs[1:]
+                res.draft_path = out.path
+
+        if self.capture_hidden:
+            for i, r in enumerate(rows):
+                res = results[i]
+                if res.error is not None:
+                    continue
+                pending = r.extend_len - r.draft_len
+                if r.draft_parents is None:  # prefill chunk, decode or chain: a contiguous run of inputs
+                    kept = pending + (len(res.next_token_ids) if r.sample else 0)
+                    res.hidden_states = hidden[offsets[i]:offsets[i] + kept].clone()  # [kept, H]
+                else:  # tree: the pending token(s), then the accepted path's nodes
+                    idx = [offsets[i] + x for x in list(range(pending)) + [pending + c for c in res.draft_path]]
+                    res.hidden_states = hidden.index_select(0, torch.tensor(idx, device=self.device))
 
         if lp_index:
             top_k = max(rows[i].req.top_logprobs_num for i in set(lp_owner))
@@ -158,4 +185,4 @@ class ModelRunner:
         if not any(r.req.grammar is not None for r in rows):
             return None
         return fill_verify_bitmask([r.req.grammar for r in rows], bases, [r.draft for r in rows],
-                                   num_positions, self.vocab_size)
+                                   num_positions, self.vocab_size, parents=[r.draft_parents for r in rows])

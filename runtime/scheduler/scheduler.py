@@ -35,7 +35,7 @@ from sgl.runtime.scheduler.rollback import apply_guard
 from sgl.runtime.scheduler.speculative_rows import make_speculative_rows
 from sgl.runtime.scheduler.stats import StepStats
 from sgl.runtime.speculative import make_drafter
-from sgl.runtime.speculative.drafter import Drafter
+from sgl.runtime.speculative.drafter import Draft, Drafter
 
 
 class ModelRunnerLike(Protocol):
@@ -154,8 +154,8 @@ class Scheduler:
             if victim in decoding:
                 decoding.remove(victim)
         for req in sorted(decoding, key=lambda r: r.arrival):
-            draft = drafts.get(req, [])
-            slots = self.allocator.alloc(1 + len(draft))
+            draft = drafts.get(req)
+            slots = self.allocator.alloc(1 + (len(draft) if draft is not None else 0))
             assert slots is not None
             rows.append(self._row(req, 1, slots, draft))
         # 2. prefill: in-flight chunks, then waiting requests (fair_share.py's order). A realtime request
@@ -253,17 +253,17 @@ class Scheduler:
         n = self._piece_len(req, budget, first)
         if n <= 0 or not self._ensure_free(n):
             return None
-        draft: list[int] = []
+        draft: Optional[Draft] = None
         if self.spec is not None and n == req.pending_len and req.kv_len >= len(req.prompt_ids):
             # jump-forward text pending (forced tokens, free): drafts ride in the same row
-            draft = self.spec.drafts([req]).get(req, [])
-            if draft and not self._ensure_free(n + len(draft)):
-                draft = []
-        slots = self.allocator.alloc(n + len(draft))
+            draft = self.spec.drafts([req]).get(req)
+            if draft is not None and not self._ensure_free(n + len(draft)):
+                draft = None
+        slots = self.allocator.alloc(n + (len(draft) if draft is not None else 0))
         assert slots is not None
         return self._row(req, n, slots, draft)
 
-    def _row(self, req: Req, n: int, slots: list[int], draft: Optional[list[int]] = None) -> BatchRow:
+    def _row(self, req: Req, n: int, slots: list[int], draft: Optional[Draft] = None) -> BatchRow:
         start = req.kv_len
         fill = req.fill_ids
         sample = start + n == len(fill) and len(req.output_ids) < req.params.max_new_tokens
@@ -273,9 +273,10 @@ class Scheduler:
             lo = max(start, req.logprob_start_len - 1, 0)
             hi = min(start + n, len(req.prompt_ids) - 1)
             targets = [(p - start, req.prompt_ids[p + 1]) for p in range(lo, hi)]
-        draft = draft or []
-        assert not draft or sample, "drafts follow the row's last pending token"
-        return BatchRow(req, fill[start:start + n] + draft, start, slots, sample, targets, len(draft))
+        draft = draft or Draft([])
+        assert not len(draft) or sample, "drafts follow the row's last pending token"
+        return BatchRow(req, fill[start:start + n] + draft.token_ids, start, slots, sample, targets, len(draft),
+                        draft.parents)
 
     def _ensure_free(self, n: int) -> bool:
         short = n - self.allocator.available

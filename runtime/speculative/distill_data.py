@@ -1,0 +1,222 @@
+"""Self-distillation data for draft heads (EAGLE, MEDUSA): the target model writes its own answers.
+
+No published heads exist for the default model and no hub is reachable, so heads learn from text the
+target generates itself (greedy, as the benchmark decodes) for prompts from a shipped corpus:
+  - chat turns: question templates x topics (below; the benchmark's "What should a ROLE know about
+    TOPIC?" questions are held out: none of these templates is that one),
+  - extraction: people of examples/data/people.txt from line 48 on (lines 0-47 are the benchmark's
+    (a) documents and (c) people), both free-form and constrained by the 6-field person schema.
+
+For each sequence (prompt + answer) one forward pass of the target records, per position j:
+    tokens[j]  the token,
+    hidden[j]  the target's last hidden state (final-normed, what its lm_head reads) [H] fp16,
+    argmax[j]  the target's greedy next token at j (= tokens[j + 1] inside the answer).
+The whole set is one safetensors file under ~/.cache/sgl/distill/ (or $SGL_CACHE_DIR/distill/), keyed
+by a hash of the model file, the prompts, the generation settings and FORMAT_VERSION, so a rerun of
+the training command skips generation.
+
+    >>> len(chat_prompts(12)), chat_prompts(2)[0].startswith("<|im_start|>user")
+    (12, True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+FORMAT_VERSION = 1
+ROOT = Path(__file__).resolve().parents[2]
+DATA_DIR = ROOT / "examples" / "data"
+HELD_OUT_PEOPLE = 48  # people.txt lines the benchmark uses (bench_speculative.py workloads (a) and (c))
+
+TEMPLATES = [
+    "Explain {t} to a beginner in a few sentences.",
+    "Give me three practical tips about {t}.",
+    "Write a short paragraph about {t}.",
+    "What are common mistakes people make with {t}?",
+    "Why is {t} important? Answer briefly.",
+    "Describe a typical day that involves {t}.",
+    "Write a short story about someone learning {t}.",
+    "List the pros and cons of {t}.",
+]
+TOPICS = [
+    "photosynthesis", "the water cycle", "volcanoes", "the solar system", "electric cars", "recycling",
+    "healthy breakfast", "writing emails", "job interviews", "budgeting", "meditation", "yoga",
+    "chess", "playing the guitar", "baking bread", "growing tomatoes", "camping", "swimming",
+    "painting with watercolors", "learning to code", "Python lists", "databases", "the internet",
+    "climate change", "honey bees", "the Roman empire", "ancient Egypt", "the moon landing",
+    "dinosaurs", "rainbows", "earthquakes", "coffee", "tea", "dogs", "cats", "birds in winter",
+    "friendship", "teamwork", "reading books", "museums", "trains", "airports", "the ocean",
+    "mountains", "snow", "summer holidays", "birthday parties", "music festivals", "soccer",
+    "basketball", "marathons", "vitamins", "drinking water", "washing hands", "smartphones",
+    "social media", "passwords", "robots", "electricity", "magnets", "gravity", "the human heart",
+]
+
+
+def chat(user: str) -> str:
+    """The default model's chat turn (its template without a system prompt, as the benchmark writes it)."""
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def chat_prompts(n: int) -> list[str]:
+    """n chat prompts, templates varying fastest so any prefix of the list mixes all of them."""
+    qs = [tpl.format(t=t) for t in TOPICS for tpl in TEMPLATES]
+    return [chat(q) for q in qs[:n]]
+
+
+def extraction_prompts(n: int) -> tuple[list[str], list[str]]:
+    """(free-form, schema-constrained) prompts over people not used by the benchmark, n of each at most."""
+    people = (DATA_DIR / "people.txt").read_text().splitlines()[HELD_OUT_PEOPLE:][:n]
+    free = [chat("List the facts about this person as JSON with the keys name, job, city and born.\n\n" + p)
+            for p in people]
+    constrained = [chat("Extract the person as JSON: " + p) for p in people]
+    return free, constrained
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """What to generate. The defaults take ~10 minutes on 2 cores (about 45k tokens)."""
+
+    model_path: str = "default"
+    num_chat: int = 320
+    num_extraction: int = 100  # of each kind
+    max_new_tokens: int = 128
+    batch_size: int = 32
+
+    def prompts(self) -> list[tuple[str, dict[str, Any]]]:
+        greedy = {"temperature": 0.0, "max_new_tokens": self.max_new_tokens}
+        free, constrained = extraction_prompts(self.num_extraction)
+        schema = json.loads((DATA_DIR / "person_extraction.json").read_text())["schema"]
+        out = [(p, greedy) for p in chat_prompts(self.num_chat) + free]
+        out += [(p, {**greedy, "json_schema": json.dumps(schema)}) for p in constrained]
+        return out
+
+
+@dataclass
+class DistillData:
+    """Sequences concatenated: sequence s is rows offsets[s]:offsets[s+1]; its first prompt_lens[s] rows
+    are the prompt."""
+
+    tokens: torch.Tensor  # [N] int64
+    hidden: torch.Tensor  # [N, H] float16: the target's final-normed hidden state at each position
+    argmax: torch.Tensor  # [N] int64: the target's greedy next token at each position
+    offsets: torch.Tensor  # [S + 1] int64
+    prompt_lens: torch.Tensor  # [S] int64
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.prompt_lens)
+
+    def sequence(self, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a, b = int(self.offsets[s]), int(self.offsets[s + 1])
+        return self.tokens[a:b], self.hidden[a:b], self.argmax[a:b]
+
+    def save(self, path: Path, meta: dict[str, str]) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"tokens": self.tokens, "hidden": self.hidden, "argmax": self.argmax, "offsets": self.offsets,
+                   "prompt_lens": self.prompt_lens}, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # NOTE: atomic: an interrupted run never leaves a truncated cache file
+
+    @classmethod
+    def load(cls, path: Path) -> "DistillData":
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        return cls(t["tokens"].long(), t["hidden"], t["argmax"].long(), t["offsets"].long(), t["prompt_lens"].long())
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SGL_CACHE_DIR") or Path.home() / ".cache" / "sgl") / "distill"
+
+
+def cache_key(spec: DistillSpec, resolved_model: str) -> str:
+    st = os.stat(resolved_model) if os.path.isfile(resolved_model) else None
+    ident = {"v": FORMAT_VERSION, "model": os.path.abspath(resolved_model),
+             "size": st.st_size if st else None, "mtime": int(st.st_mtime) if st else None,
+             "prompts": spec.prompts(), "max_new_tokens": spec.max_new_tokens}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_or_generate(spec: DistillSpec, log: Callable[[str], None] = print,
+                     path: Optional[Path] = None) -> DistillData:
+    """The cached data set for `spec`, generating it first when missing."""
+    from sgl.runtime.models.default_model import resolve_model_path
+
+    resolved = resolve_model_path(spec.model_path)
+    path = path or cache_dir() / f"{cache_key(spec, resolved)}.safetensors"
+    if path.exists():
+        log(f"distillation data: cached {path}")
+        return DistillData.load(path)
+    data = generate(spec, log)
+    data.save(path, {"model": resolved, "format_version": str(FORMAT_VERSION)})
+    log(f"distillation data: {len(data.tokens)} tokens in {data.num_sequences} sequences -> {path}")
+    return data
+
+
+def generate(spec: DistillSpec, log: Callable[[str], None] = print) -> DistillData:
+    """Greedy answers from the engine, then one forward pass per batch of sequences for the states."""
+    from sgl.runtime.engine import Engine
+
+    prompts = spec.prompts()
+    t0 = time.monotonic()
+    eng = Engine(spec.model_path, max_running_requests=spec.batch_size, show_progress=False)
+    try:
+        seqs: list[tuple[list[int], list[int]]] = []  # (prompt ids, output ids)
+        for i in range(0, len(prompts), spec.batch_size):
+            chunk = prompts[i:i + spec.batch_size]
+            outs = eng.generate([p for p, _ in chunk], [params for _, params in chunk])
+            for (p, _), o in zip(chunk, outs):
+                seqs.append((eng.tokenizer.encode(p), list(o["output_ids"])))
+            log(f"distillation data: generated {len(seqs)}/{len(prompts)} answers ({time.monotonic() - t0:.0f} s)")
+        model = eng.scheduler.runner.model
+        config = eng.model_config
+        data = record_states(model, config, seqs)
+    finally:
+        eng.shutdown()
+    log(f"distillation data: hidden states recorded ({time.monotonic() - t0:.0f} s)")
+    return data
+
+
+@torch.inference_mode()
+def record_states(model: Any, config: Any, seqs: list[tuple[list[int], list[int]]],
+                  tokens_per_batch: int = 2048) -> DistillData:
+    """Run `model` over each prompt + answer (a scratch KV pool) and keep every position's state."""
+    from sgl.runtime.executor.forward_batch import ForwardBatch
+    from sgl.runtime.executor.kv_cache import KVCache
+
+    full = [p + o for p, o in seqs]
+    longest = max(len(s) for s in full)
+    pool = max(tokens_per_batch, longest)
+    kv = KVCache.for_model(config, pool, torch.float32, "cpu")
+    hidden_parts, argmax_parts = [], []
+    i = 0
+    while i < len(full):
+        batch, used = [], 0
+        while i < len(full) and (not batch or used + len(full[i]) <= pool):
+            batch.append(full[i])
+            used += len(full[i])
+            i += 1
+        tables, start = [], 0
+        for s in batch:
+            tables.append(list(range(start, start + len(s))))
+            start += len(s)
+        fb = ForwardBatch.from_lists(batch, tables)
+        h = model(fb, kv)  # [T, H]
+        hidden_parts.append(h.to(torch.float16))
+        argmax_parts.append(model.compute_logits(h).argmax(-1))
+    lens = torch.tensor([len(s) for s in full], dtype=torch.int64)
+    return DistillData(
+        tokens=torch.tensor([t for s in full for t in s], dtype=torch.int64),
+        hidden=torch.cat(hidden_parts), argmax=torch.cat(argmax_parts).long(),
+        offsets=torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]),
+        prompt_lens=torch.tensor([len(p) for p, _ in seqs], dtype=torch.int64))

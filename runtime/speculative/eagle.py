@@ -1,0 +1,174 @@
+"""EAGLE: the feature-level drafter (runtime/speculative/eagle_head.py) inside the scheduler's step.
+
+The target's runner hands over, after every step, the final-normed hidden states of the tokens each
+row keeps (ModelRunner.capture_hidden + hidden_observer): `observe` files them per request by
+position. Per request the drafter keeps
+    feats[p - feat_lo]   the target's state f_p for positions feat_lo <= p < feat_hi,
+    kv                   the head's own keys/values, entry j at position base + j, computed from
+                         (t_{base+j}, f_{base+j-1}), all true (drafted entries are dropped after use),
+    tokens               the token of each entry.
+`propose` (fill = t_0..t_n, t_n pending):
+  1. keeps the longest prefix of the head's entries whose tokens still equal fill's (a rejected draft
+     changed a token; `observe` also cuts entries whose feature was recomputed), then one batched
+     extend adds the entries up to position n -> g_n -> d_1 = argmax over the draft vocabulary;
+  2. k - 1 batched steps: the entry (d_j, g_{n+j-1}) at position n + j -> g_{n+j} -> d_{j+1};
+  3. drops the drafted entries (positions > n): their features were the head's own.
+Positions whose states the target never computed (a radix-cache hit on the prompt) have no features:
+the head's context then starts at the first computed position (base = feat_lo), whose entry reads a
+zero feature (it has no predecessor: the same at position 0, and in training).
+Drafts are greedy over the head's logits (q one-hot), as drafter.py's verify rule assumes.
+State is dropped when a request finishes (swept at the next observe/propose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from sgl.runtime.models.native_weights import embedding_rows
+from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
+from sgl.runtime.speculative.drafter import Draft
+from sgl.runtime.speculative.eagle_head import EagleHead, HeadKV, head_extend
+
+
+@dataclass
+class _Seq:
+    kv: HeadKV
+    feats: torch.Tensor  # [cap, H] float32: f_p at row p - feat_lo
+    feat_lo: int = 0
+    feat_hi: int = 0  # positions [feat_lo, feat_hi) hold the target's states
+    base: int = -1  # position of the head's entry 0 (-1: not started); its entry reads a zero feature
+    tokens: list[int] = field(default_factory=list)  # token of each head entry (len == kv.length)
+
+    def cut_entries(self, n: int) -> None:
+        """Keep the first n head entries."""
+        n = max(0, min(n, len(self.tokens)))
+        del self.tokens[n:]
+        self.kv.truncate(n)
+
+
+class EagleDrafter:
+    name = "EAGLE"
+
+    def __init__(self, head: EagleHead, target: Any, num_steps: Optional[int] = None) -> None:
+        """`target`: the LlamaForCausalLM whose states the head reads (its embedding and lm_head rows);
+        `num_steps`: at most this many head steps (drafted tokens) per request and step."""
+        self.head = head
+        self.num_steps = num_steps
+        self.target = target
+        self.hidden_size = head.config.hidden_size
+        self.d2t = head.draft_to_target  # [Vd] int64
+        with torch.inference_mode():
+            rows = head.lm_head.weight if head.lm_head is not None else embedding_rows(self.d2t, target.lm_head)
+            self.lm_head_t = rows.float().t().contiguous()  # [H, Vd]: the draft vocabulary's logits
+        self._seqs: dict[Req, _Seq] = {}
+
+    # -- the target's states, after each step (ModelRunner.hidden_observer) --------------------------
+    def observe(self, rows: Sequence[BatchRow], results: Sequence[RowResult]) -> None:
+        self._sweep()
+        for row, res in zip(rows, results):
+            h = res.hidden_states
+            if h is None or h.shape[0] == 0:
+                continue
+            seq = self._seqs.get(row.req)
+            if seq is None:
+                seq = self._seqs[row.req] = _Seq(HeadKV.empty(self.head.config),
+                                                 torch.zeros(max(64, 2 * h.shape[0]), self.hidden_size))
+            start, m = row.start, h.shape[0]
+            if not seq.feat_lo <= start <= seq.feat_hi:  # a gap (e.g. a cache hit): restart the context here
+                seq.feat_lo = seq.feat_hi = start
+                seq.base = -1
+                seq.cut_entries(0)
+            end = start + m
+            if end - seq.feat_lo > seq.feats.shape[0]:
+                grown = torch.zeros(max(end - seq.feat_lo, 2 * seq.feats.shape[0]), self.hidden_size)
+                grown[: seq.feat_hi - seq.feat_lo] = seq.feats[: seq.feat_hi - seq.feat_lo]
+                seq.feats = grown
+            seq.feats[start - seq.feat_lo:end - seq.feat_lo] = h.float()
+            seq.feat_hi = end
+            if seq.base >= 0:  # entries at positions > start read a feature just rewritten
+                seq.cut_entries(start + 1 - seq.base)
+
+    # -- drafting ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, reqs: Sequence[Req], k: int) -> list[Draft]:
+        self._sweep()
+        k = min(k, self.num_steps or k)
+        live: list[tuple[Req, _Seq, list[int], list[int]]] = []  # (req, seq, new tokens, their positions)
+        for req in reqs:
+            seq, n = self._seqs.get(req), len(req.fill_ids) - 1
+            if seq is None or seq.feat_hi < n or seq.feat_lo > n or k < 1:
+                continue  # the state that predicted the pending token is not there: no draft
+            if seq.base < 0:
+                seq.base = seq.feat_lo
+            fill = req.fill_ids
+            keep = 0
+            limit = min(len(seq.tokens), n - seq.base)  # entry n is always recomputed: its g_n starts the draft
+            while keep < limit and seq.tokens[keep] == fill[seq.base + keep]:
+                keep += 1
+            seq.cut_entries(keep)
+            first = seq.base + keep
+            live.append((req, seq, fill[first:n + 1], list(range(first, n + 1))))
+        drafts: dict[Req, list[int]] = {req: [] for req in reqs}
+        if not live:
+            return [Draft([]) for _ in reqs]
+        # Step 1: catch up to the pending token; steps 2..k: one drafted entry each.
+        ids = [t for _, _, toks, _ in live for t in toks]
+        pos = [p for _, _, _, ps in live for p in ps]
+        feats = torch.cat([self._feats(seq, ps[0], ps[-1]) for _, seq, _, ps in live])
+        counts = [len(toks) for _, _, toks, _ in live]
+        for _, seq, toks, _ in live:
+            seq.tokens += toks
+        n_true = [len(seq.tokens) for _, seq, _, _ in live]
+        g = head_extend(self.head, self._embed(ids), feats, torch.tensor(pos), [s.kv for _, s, _, _ in live], counts)
+        last = torch.tensor(counts).cumsum(0) - 1
+        g = g.index_select(0, last)  # [B, H]: g_n of each request
+        positions = torch.tensor([ps[-1] for _, _, _, ps in live])
+        for step in range(k):
+            tok = self.d2t.index_select(0, (g @ self.lm_head_t).argmax(-1))  # [B] target ids
+            for (req, _, _, _), t in zip(live, tok.tolist()):
+                drafts[req].append(int(t))
+            if step == k - 1:
+                break
+            positions = positions + 1
+            g = head_extend(self.head, self._embed(tok.tolist()), g, positions, [s.kv for _, s, _, _ in live],
+                            [1] * len(live))
+        for (_, seq, _, _), n in zip(live, n_true):
+            seq.cut_entries(n)  # drafted entries read the head's own features: never kept
+        return [Draft(drafts[req]) for req in reqs]
+
+    def _feats(self, seq: _Seq, first: int, last: int) -> torch.Tensor:
+        """[last - first + 1, H]: f_{p-1} for the entries p = first..last; the context's first entry
+        (p == base) has no predecessor and reads zeros (as in training, train_eagle.py)."""
+        lo = seq.feat_lo
+        if first > seq.base:
+            return seq.feats[first - 1 - lo:last - lo]
+        return torch.cat([seq.feats.new_zeros(1, self.hidden_size), seq.feats[first - lo:last - lo]])
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        return embedding_rows(torch.tensor(ids, dtype=torch.int64), self.target.embed).float()
+
+    def _sweep(self) -> None:
+        for req in [r for r in self._seqs if r.finished]:
+            del self._seqs[req]
+
+    @property
+    def num_tracked(self) -> int:
+        return len(self._seqs)
+
+
+def make_eagle_drafter(path: Optional[str], runner: Any, num_steps: Optional[int] = None) -> EagleDrafter:
+    """The head at `path` (None: the shipped head of the default model) over the runner's model; turns
+    on the runner's hidden-state capture and subscribes to it."""
+    from sgl.runtime.speculative.eagle_io import DEFAULT_HEAD, load_head
+
+    head_path = path or DEFAULT_HEAD
+    if not path and not DEFAULT_HEAD.exists():
+        raise ValueError("no EAGLE head ships for this build; pass --speculative-draft-model-path")
+    head = load_head(head_path, runner.config)
+    drafter = EagleDrafter(head, runner.model, num_steps)
+    runner.capture_hidden = True
+    runner.hidden_observer = drafter.observe
+    return drafter

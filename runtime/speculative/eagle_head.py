@@ -1,0 +1,221 @@
+"""The EAGLE head: a one-layer, feature-level drafter (EAGLE-1/2's layout), with an optional reduced
+draft vocabulary (EAGLE-3's d2t).
+
+At sequence position i the head reads the embedding of token t_i and the target's last hidden state
+f_{i-1} (the state that predicted t_i) and predicts f_i:
+
+    x   = fc([embed(t_i); f_{i-1}])                       [H]   (EAGLE's order: embedding first)
+    g_i = x + attn(x) ; g_i += mlp(rms_norm(g_i))         one Llama layer of the target's shape; as in
+                                                          EAGLE-1 the layer has no input norm
+    (g_i = rms_norm(g_i, norm) when the checkpoint has a final `norm.weight`, as EAGLE-3's do)
+    logits over the draft vocabulary = g_i @ lm_head_rows^T, draft id d -> target id d2t[d]
+
+Drafting runs the head autoregressively on its own predictions: (t_{n+1} := d_1, f_n := g_n) and so on.
+The lm_head rows are the target's (its rows at the draft vocabulary's ids), unless the checkpoint
+brings its own `lm_head.weight` (EAGLE-3). A reduced vocabulary keeps a draft step a small fraction
+of a target step: the target's full lm_head (49k x 576) is ~15% of its step on the CPU.
+
+Weight names are EAGLE's published ones: fc.weight (fc.bias), layers.0.self_attn.{q,k,v,o}_proj.weight,
+layers.0.mlp.{gate,up,down}_proj.weight, layers.0.post_attention_layernorm.weight, optional norm.weight,
+d2t (int64 offsets: target id = d + d2t[d]), lm_head.weight; layers.0.input_layernorm.weight and
+embed_tokens.weight are accepted and ignored (EAGLE-1 skips layer 0's input norm; the embedding is the
+target's). Loading: runtime/speculative/eagle_io.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgl.runtime.models.rotary import rope_inv_freq
+
+
+@dataclass(frozen=True)
+class EagleConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    vocab_size: int  # the target's
+    draft_vocab_size: int  # == vocab_size: no reduction
+    rope_scaling: Optional[dict[str, Any]] = None
+    fc_bias: bool = False
+    attention_bias: bool = False
+    final_norm: bool = False
+    own_lm_head: bool = False  # the checkpoint carries lm_head.weight [draft_vocab_size, H]
+
+    @classmethod
+    def from_target(cls, target: Any, draft_vocab_size: Optional[int] = None, **kw: Any) -> "EagleConfig":
+        """The head of a target ModelConfig's shape (one of its layers)."""
+        return cls(hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
+                   num_attention_heads=target.num_attention_heads, num_key_value_heads=target.num_key_value_heads,
+                   head_dim=target.head_dim, rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta,
+                   max_position_embeddings=target.max_position_embeddings, vocab_size=target.vocab_size,
+                   draft_vocab_size=draft_vocab_size or target.vocab_size, rope_scaling=target.rope_scaling,
+                   attention_bias=target.attention_bias, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EagleConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotate-half RoPE. x [..., T, heads, D]; cos/sin [..., T, 1, D]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+class _Attention(nn.Module):
+    def __init__(self, c: EagleConfig) -> None:
+        super().__init__()
+        H, D = c.hidden_size, c.head_dim
+        self.q_proj = nn.Linear(H, c.num_attention_heads * D, bias=c.attention_bias)
+        self.k_proj = nn.Linear(H, c.num_key_value_heads * D, bias=c.attention_bias)
+        self.v_proj = nn.Linear(H, c.num_key_value_heads * D, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * D, H, bias=False)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, c: EagleConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+
+class _Layer(nn.Module):
+    def __init__(self, c: EagleConfig) -> None:
+        super().__init__()
+        self.self_attn = _Attention(c)
+        self.mlp = _Mlp(c)
+        self.post_attention_layernorm = nn.Parameter(torch.ones(c.hidden_size))
+
+
+# attend(q [..., T, Hq, D], k [..., T, Hkv, D], v) -> [..., T, Hq, D]: the caller's causal attention
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class EagleHead(nn.Module):
+    def __init__(self, config: EagleConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.fc = nn.Linear(2 * c.hidden_size, c.hidden_size, bias=c.fc_bias)
+        self.layers = nn.ModuleList([_Layer(c)])
+        self.norm = nn.Parameter(torch.ones(c.hidden_size)) if c.final_norm else None
+        self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False) if c.own_lm_head else None
+        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.int64))  # target = d + d2t[d]
+        inv_freq, self.rope_scale = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def draft_to_target(self) -> torch.Tensor:
+        """[Vd] int64 target token id of each draft id."""
+        return torch.arange(self.config.draft_vocab_size) + self.d2t
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [..., T] -> cos, sin [..., T, 1, D]."""
+        ang = positions.unsqueeze(-1).float() * self.inv_freq  # [..., T, D/2]
+        ang = torch.cat([ang, ang], dim=-1).unsqueeze(-2)
+        return ang.cos() * self.rope_scale, ang.sin() * self.rope_scale
+
+    def block(self, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
+              attend: Attend) -> torch.Tensor:
+        """embeds, feats [..., T, H]; positions [..., T] -> predicted features [..., T, H]."""
+        c, layer = self.config, self.layers[0]
+        lead = embeds.shape[:-1]
+        x = self.fc(torch.cat([embeds, feats], dim=-1))
+        a = layer.self_attn
+        q = a.q_proj(x).view(*lead, c.num_attention_heads, c.head_dim)
+        k = a.k_proj(x).view(*lead, c.num_key_value_heads, c.head_dim)
+        v = a.v_proj(x).view(*lead, c.num_key_value_heads, c.head_dim)
+        cos, sin = self.rope(positions)
+        o = attend(rotate(q, cos, sin), rotate(k, cos, sin), v)
+        h = x + a.o_proj(o.reshape(*lead, c.num_attention_heads * c.head_dim))
+        m = rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps)
+        h = h + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(m)) * layer.mlp.up_proj(m))
+        return rms_norm(h, self.norm, c.rms_norm_eps) if self.norm is not None else h
+
+    def forward_train(self, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Dense causal attention over [B, L] sequences (padding at the end is never attended)."""
+        groups = self.config.num_attention_heads // self.config.num_key_value_heads
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, L, D]
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+        return self.block(embeds, feats, positions, attend)
+
+
+@dataclass
+class HeadKV:
+    """One sequence's keys/values in the head (rotated keys), positions [0, len) of its own context."""
+
+    k: torch.Tensor  # [cap, Hkv, D]
+    v: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, c: EagleConfig, cap: int = 64) -> "HeadKV":
+        z = torch.zeros(cap, c.num_key_value_heads, c.head_dim)
+        return cls(z, z.clone())
+
+    def truncate(self, n: int) -> None:
+        self.length = min(self.length, n)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = self.length + k.shape[0]
+        if n > self.k.shape[0]:
+            cap = max(n, 2 * self.k.shape[0])
+            self.k = torch.cat([self.k[: self.length], self.k.new_zeros(cap - self.length, *self.k.shape[1:])])
+            self.v = torch.cat([self.v[: self.length], self.v.new_zeros(cap - self.length, *self.v.shape[1:])])
+        self.k[self.length:n] = k
+        self.v[self.length:n] = v
+        self.length = n
+
+
+@torch.inference_mode()
+def head_extend(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
+                caches: list[HeadKV], counts: list[int]) -> torch.Tensor:
+    """Run new entries of several sequences (sequence-major: counts[b] rows of sequence b) against each
+    one's cache, appending their keys/values. embeds/feats [T, H], positions [T] -> [T, H]."""
+    c = head.config
+    groups = c.num_attention_heads // c.num_key_value_heads
+    scale = c.head_dim ** -0.5
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)  # [T, Hq, D]
+        o = 0
+        for cache, n in zip(caches, counts):
+            start = cache.length
+            cache.append(k[o:o + n], v[o:o + n])
+            keys = cache.k[: cache.length].repeat_interleave(groups, 1).transpose(0, 1)  # [Hq, S, D]
+            vals = cache.v[: cache.length].repeat_interleave(groups, 1).transpose(0, 1)
+            qs = q[o:o + n].transpose(0, 1)  # [Hq, n, D]
+            scores = (qs @ keys.transpose(1, 2)) * scale  # [Hq, n, S]
+            if n > 1:  # query j (at cache index start + j) sees keys <= start + j
+                causal = torch.arange(cache.length) > (start + torch.arange(n)).unsqueeze(1)
+                scores = scores.masked_fill(causal, float("-inf"))
+            out[o:o + n] = (scores.softmax(-1) @ vals).transpose(0, 1)
+            o += n
+        return out
+
+    return head.block(embeds, feats, positions, attend)

@@ -1,0 +1,42 @@
+"""Self-distillation data (runtime/speculative/distill_data.py) on the default model: the recorded
+states agree with the engine's own greedy answers, and a rerun reads the cache instead of generating."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sgl.runtime.speculative import distill_data
+from sgl.runtime.speculative.distill_data import DistillSpec, load_or_generate
+
+
+def test_held_out_prompts_are_not_the_benchmarks() -> None:
+    import sys
+
+    sys.path.insert(0, str(distill_data.ROOT / "examples"))
+    from fork_join_agent import questions
+
+    bench = {distill_data.chat(q) for q in questions(50)}
+    people = (distill_data.DATA_DIR / "people.txt").read_text().splitlines()[:distill_data.HELD_OUT_PEOPLE]
+    prompts = [p for p, _ in DistillSpec().prompts()]
+    assert not bench & set(prompts)
+    assert not any(person in p for person in people for p in prompts)
+
+
+def test_states_match_greedy_answers_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SGL_CACHE_DIR", str(tmp_path))
+    spec = DistillSpec(num_chat=3, num_extraction=1, max_new_tokens=12, batch_size=4)
+    logs: list[str] = []
+    data = load_or_generate(spec, logs.append)
+    assert data.num_sequences == 5 and data.hidden.shape == (len(data.tokens), 576)
+    for s in range(data.num_sequences - 1):  # the last one is grammar-constrained: its argmax may be masked
+        tokens, hidden, argmax = data.sequence(s)
+        p = int(data.prompt_lens[s])
+        # the target's greedy choice at each answer position is the next answer token
+        assert argmax[p - 1:-1].tolist() == tokens[p:].tolist()
+        assert hidden.abs().sum(-1).min() > 0
+    again = load_or_generate(spec, logs.append)
+    assert any("cached" in line for line in logs)
+    assert again.tokens.tolist() == data.tokens.tolist()
+    assert len(list((tmp_path / "distill").glob("*.safetensors"))) == 1

@@ -1,0 +1,197 @@
+"""EAGLE on tiny random models: the head's incremental KV equals its dense forward; a head built to
+reproduce a one-layer target exactly has every greedy draft accepted (so the drafter feeds it the
+right tokens, positions and context); any head leaves outputs token-identical (greedy and seeded
+sampling) with KV integrity after every step; checkpoints load in our layout and EAGLE's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgl.runtime.config import ServerArgs
+from sgl.runtime.executor.model_runner import ModelRunner
+from sgl.runtime.models.config import ModelConfig
+from sgl.runtime.models.llama import LlamaForCausalLM
+from sgl.runtime.protocol import SamplingParams
+from sgl.runtime.scheduler.output import OutputProcessor
+from sgl.runtime.scheduler.request import Req
+from sgl.runtime.scheduler.scheduler import Scheduler
+from sgl.runtime.speculative.eagle import EagleDrafter
+from sgl.runtime.speculative.eagle_head import EagleConfig, EagleHead, HeadKV, head_extend
+from sgl.runtime.speculative.eagle_io import load_head, save_head
+
+from .test_speculative_verify import PARAMS, Tok, tiny_model
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def random_head(target_cfg: ModelConfig, seed: int = 0, **kw) -> EagleHead:
+    torch.manual_seed(seed)
+    head = EagleHead(EagleConfig.from_target(target_cfg, **kw))
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    return head.eval()
+
+
+def run(model, prompts, params, head=None, eos=frozenset({1}), **kw):
+    pool = 4096
+    runner = ModelRunner(model, model.config, pool, eos)
+    drafter = None
+    if head is not None:
+        drafter = EagleDrafter(head, model)
+        runner.capture_hidden, runner.hidden_observer = True, drafter.observe
+    done: dict[str, Req] = {}
+    args = ServerArgs(speculative_max_batch=256, max_running_requests=256, **kw)
+    s = Scheduler(args, runner, OutputProcessor(Tok(eos)), pool,
+                  lambda r: done.__setitem__(r.rid, r) if r.finished else None, drafter=drafter)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        s.add_request(Req(rid=str(i), prompt_ids=p, params=sp, arrival=s.next_arrival(), return_logprob=True,
+                          top_logprobs_num=2))
+    while s.has_work:
+        s.step()
+        s.check_integrity()
+    return [done[str(i)] for i in range(len(prompts))], s, drafter
+
+
+def test_incremental_head_equals_dense_forward() -> None:
+    cfg = tiny_model(1).config
+    head = random_head(cfg, fc_bias=True, final_norm=True)
+    L = 10
+    emb, feats, pos = torch.randn(L, cfg.hidden_size), torch.randn(L, cfg.hidden_size), torch.arange(5, 5 + L)
+    with torch.no_grad():
+        dense = head.forward_train(emb[None], feats[None], pos[None])[0]
+    kv, o, outs = HeadKV.empty(head.config, cap=2), 0, []
+    for n in (3, 1, 4, 2):  # chunks, growing the cache past its capacity
+        outs.append(head_extend(head, emb[o:o + n], feats[o:o + n], pos[o:o + n], [kv], [n]))
+        o += n
+    assert torch.allclose(torch.cat(outs), dense, atol=1e-5)
+
+
+def exact_target_and_head() -> tuple[LlamaForCausalLM, EagleHead]:
+    """A one-layer target whose embedding rows have rms 1 and whose input norm is ones (so the norm is
+    the identity), and a head with the target's layer and final norm whose fc passes the embedding
+    through: the head's state at every position is the target's."""
+    model = tiny_model(5, layers=1)
+    with torch.no_grad():
+        w = model.hf_weights()
+        emb = w["model.embed_tokens.weight"]
+        emb.div_(emb.pow(2).mean(-1, keepdim=True).sqrt())
+        w["model.layers.0.input_layernorm.weight"].fill_(1.0)
+        head = EagleHead(EagleConfig.from_target(model.config, final_norm=True))
+        H = model.config.hidden_size
+        head.fc.weight.zero_()
+        head.fc.weight[:, :H] = torch.eye(H)
+        layer = head.layers[0]
+        for part in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(layer.self_attn, part).weight.copy_(w[f"model.layers.0.self_attn.{part}.weight"])
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            getattr(layer.mlp, part).weight.copy_(w[f"model.layers.0.mlp.{part}.weight"])
+        layer.post_attention_layernorm.copy_(w["model.layers.0.post_attention_layernorm.weight"])
+        head.norm.copy_(w["model.norm.weight"])
+    return model, head.eval()
+
+
+def test_exact_head_has_every_greedy_draft_accepted() -> None:
+    model, head = exact_target_and_head()
+    prompts = [[2, 3, 4, 5], [5, 4, 3, 2, 0, 0, 3], [3]]
+    params = [SamplingParams(temperature=0, max_new_tokens=25)] * 3
+    no_eos = frozenset({99})  # (ignore_eos would mask a token the head may still propose)
+    base, _, _ = run(model, prompts, params, eos=no_eos)
+    spec, s, drafter = run(model, prompts, params, head=head, eos=no_eos, speculative_num_draft_tokens=4,
+                           chunked_prefill_size=3)  # prompts in chunks: the states arrive in pieces
+    assert [r.output_ids for r in spec] == [r.output_ids for r in base]
+    assert s.stats.spec_draft_tokens > 20 and s.stats.spec_accepted_tokens == s.stats.spec_draft_tokens
+    drafter.propose([], 1)
+    assert drafter.num_tracked == 0, "finished requests' head states were kept"
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_any_head_keeps_outputs_identical(reduced: bool) -> None:
+    import random
+
+    model = tiny_model(3)
+    head = random_head(model.config, seed=1, draft_vocab_size=4 if reduced else None)
+    if reduced:  # draft vocabulary {0, 2, 3, 5}: target id = d + d2t[d]
+        head.d2t.copy_(torch.tensor([0, 1, 1, 2]))
+    rng = random.Random(0)
+    prompts, params = [], []
+    for i in range(18):
+        prompts.append([rng.randrange(6) for _ in range(rng.randrange(2, 12))])
+        params.append(SamplingParams(max_new_tokens=rng.randrange(1, 30), **PARAMS[i % len(PARAMS)]))
+    base, _, _ = run(model, prompts, params)
+    spec, s, drafter = run(model, prompts, params, head=head, speculative_num_draft_tokens=3)
+    assert s.stats.spec_verify_ct > 0 and 0 < s.stats.spec_accepted_tokens < s.stats.spec_draft_tokens
+    for a, b in zip(base, spec):
+        assert b.output_ids == a.output_ids, (a.rid, a.params)
+        assert b.output_logprobs == pytest.approx(a.output_logprobs, abs=1e-4)
+    if reduced:
+        assert s.stats.spec_draft_tokens > 0
+    drafter.propose([], 1)
+    assert drafter.num_tracked == 0
+
+
+def _outputs(head: EagleHead, cfg: ModelConfig) -> torch.Tensor:
+    torch.manual_seed(9)
+    emb, feats = torch.randn(1, 7, cfg.hidden_size), torch.randn(1, 7, cfg.hidden_size)
+    with torch.no_grad():
+        return head.forward_train(emb, feats, torch.arange(7)[None])
+
+
+def test_our_file_round_trips_in_fp16(tmp_path: Path) -> None:
+    cfg = tiny_model(3).config
+    head = random_head(cfg, draft_vocab_size=4)
+    head.d2t.copy_(torch.tensor([0, 1, 1, 2]))
+    path = save_head(head, tmp_path / "h.safetensors")
+    back = load_head(path, cfg)
+    assert back.config == head.config and back.d2t.tolist() == [0, 1, 1, 2]
+    assert torch.allclose(_outputs(back, cfg), _outputs(head, cfg), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_published_eagle_layout_loads(tmp_path: Path, fmt: str) -> None:
+    """EAGLE-1/2's release: config.json (a one-layer LlamaConfig) + weights named fc.*, layers.0.*,
+    with layer 0's unused input norm and a copy of the embedding."""
+    cfg = tiny_model(3).config
+    head = random_head(cfg, fc_bias=True)
+    sd = {k: v.clone() for k, v in head.state_dict().items() if k != "d2t"}
+    sd["layers.0.input_layernorm.weight"] = torch.ones(cfg.hidden_size)
+    sd["embed_tokens.weight"] = torch.randn(cfg.vocab_size, cfg.hidden_size)
+    folder = tmp_path / "eagle"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": cfg.hidden_size, "intermediate_size": 48,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1, "rms_norm_eps": 1e-6,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": 256, "rope_theta": cfg.rope_theta}))
+    if fmt == "bin":
+        torch.save(sd, folder / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        save_file(sd, str(folder / "model.safetensors"))
+    back = load_head(folder, cfg)
+    assert back.config.fc_bias and not back.config.final_norm
+    assert torch.allclose(_outputs(back, cfg), _outputs(head, cfg), atol=1e-6)
+
+
+def test_bad_checkpoints_are_refused(tmp_path: Path) -> None:
+    cfg = tiny_model(3).config
+    other = tiny_model(3, hidden=16).config
+    path = save_head(random_head(other), tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="hidden size 16"):
+        load_head(path, cfg)
+    folder = tmp_path / "e3"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 4}))
+    torch.save({"midlayer.self_attn.q_proj.weight": torch.zeros(32, 64), "fc.weight": torch.zeros(32, 96)},
+               folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="EAGLE-3"):
+        load_head(folder, cfg)
+
+
+def test_topk_above_one_is_refused_until_trees() -> None:
+    with pytest.raises(ValueError, match="speculative_eagle_topk"):
+        ServerArgs(speculative_algorithm="EAGLE", speculative_eagle_topk=4)
