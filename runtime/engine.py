@@ -121,7 +121,10 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
                 block = not self.scheduler.has_work
                 while True:
                     cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-                    cmd()
+                    try:
+                        cmd()
+                    except Exception:  # noqa: BLE001 - a bug in one command must not stop the scheduler thread
+                        logger.exception("engine command %r failed", cmd)
                     block = False
             except queue.Empty:
                 pass
@@ -234,7 +237,8 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
                 if not cache_hit:
                     record_grammar_compilation(time.monotonic() - t0)
             except Exception as e:  # a compile error or timeout ends this request only
-                self._commands.put(lambda: self._fail(r, f"grammar compilation failed: {e}"))
+                message = f"grammar compilation failed: {e}"  # NOTE: `e` is unbound once the except block ends
+                self._commands.put(lambda: self._fail(r, message))
                 return
             self._commands.put(lambda: self._add(r, ids, matcher))
 
