@@ -3,12 +3,12 @@
 //
 // decode_layer, for the token's residual stream h [hidden] (updated in place):
 //   x = rms_norm(h) * ln1                         (each thread, redundantly: no barrier)
-//   qkv = x @ Wqkv^T (+ qkv_bias)                 columns in chunks over the threads      | barrier
+//   qkv = x @ Wqkv^T (+ qkv_bias)                 columns in chunks over the threads      | done
 //   per kv head g (chunks): rope k_g, store k_g/v_g at slots[L - 1] (the new token's slot is the last), rope the G = H/Hkv query heads of g,
-//   attention of those heads over slots[0..L) (the new token's slot included)             | barrier
-//   h = (attn @ Wo^T (+ o_bias)) + h               columns in chunks                       | barrier
+//   attention of those heads over slots[0..L) (the new token's slot included)             | done
+//   h = (attn @ Wo^T (+ o_bias)) + h               columns in chunks                       | done
 //   x = rms_norm(h) * ln2                          (each thread)
-//   act[j] = silu(x @ Wgate_j) * (x @ Wup_j)       j in chunks (gate row j and up row I + j) | barrier
+//   act[j] = silu(x @ Wgate_j) * (x @ Wup_j)       j in chunks (gate row j and up row I + j) | done
 //   h = (act @ Wdown^T) + h                        columns in chunks                       | join
 // Weights are GGUF blocks (Q4_0 / Q4_1 / Q8_0) in the layout of quant.py; qkv rows are [q | k | v] and
 // gate_up rows [gate | up] (llama.py's fused layout). The matmuls use the q16 activations of
@@ -16,8 +16,9 @@
 // [D] cos / signed-sin rows of the position (rotary.py), attention decode_attention.cpp's two-pass
 // softmax: so the layer computes what llama.py's unfused path computes, up to float rounding.
 // A column's arithmetic does not depend on the chunking (dot_q16_cols' C = 1 and C = 4 agree), so the
-// result is bit-identical for every thread count. Chunks are taken from an atomic counter: on a loaded
-// machine a descheduled thread's share is taken by the others.
+// result is bit-identical for every thread count. Chunks are taken from an atomic counter and a phase ends
+// when its chunks are done (thread_pool.h): on a loaded machine a descheduled thread's share is taken by
+// the others, and the caller alone can run the whole layer.
 // Why: the unfused layer is ~15 torch ops + 4 GEMV calls, each after a ~2 MB weight stream that evicts
 // the caches (llama.py's note), and 4+ fork/joins; here the small ops run on cache-hot data, in one fork.
 #include <algorithm>
@@ -90,20 +91,11 @@ QT block_qtype(int64_t code) {
   }
 }
 
-// Chunks of [0, n) handed out by an atomic counter; chunk sizes are multiples of 4 (whole C = 4 groups).
-struct Chunks {
-  std::atomic<int64_t> next{0};
-  int64_t n = 0, size = 1;
-  void reset(int64_t total, int threads) {
-    next.store(0, std::memory_order_relaxed);
-    n = total;
-    size = threads <= 1 ? total : std::max<int64_t>(16, (total / (4 * threads) + 3) / 4 * 4);
-  }
-  template <class F>
-  void each(F&& f) {
-    for (int64_t s; (s = next.fetch_add(size, std::memory_order_relaxed)) < n;) f(s, std::min(n, s + size));
-  }
-};
+// Chunk size of a phase of n output columns: about 4 chunks per thread (a late or slow thread's share is
+// taken by the others), a multiple of 4 (whole C = 4 column groups), at least 16 columns.
+int64_t chunk_for(int64_t n, int threads) {
+  return threads <= 1 ? n : std::max<int64_t>(16, (n / (4 * threads) + 3) / 4 * 4);
+}
 
 // RoPE "rotate half": out_j = x_j cos_j + x_{(j + D/2) % D} sin_signed_j.
 inline void rope(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
@@ -172,67 +164,77 @@ void attend_kv_head(const Layer& p, const float* qkv, int64_t g, float* attn, st
 
 void run_layer(const Layer& p, int threads) {
   const int64_t D = p.D, nqkv = (p.H + 2 * p.Hkv) * D, qd = p.H * D;
-  static thread_local std::vector<float> qkv_s, attn_s, act_s;  // shared by the task's threads (caller-owned)
+  static thread_local std::vector<float> qkv_s, attn_s, act_s;  // shared by the call's threads (caller-owned)
   qkv_s.resize(nqkv);
   attn_s.resize(qd);
   act_s.resize(p.I);
   float *qkv = qkv_s.data(), *attn = attn_s.data(), *act = act_s.data();
-  Chunks c_qkv, c_attn, c_o, c_gu, c_down;
-  c_qkv.reset(nqkv, threads);
-  c_attn.next.store(0);
-  c_o.reset(p.hidden, threads);
-  c_gu.reset(p.I, threads);
-  c_down.reset(p.hidden, threads);
-  sgl_cpu::SpinBarrier barrier(threads);
+  sgl_cpu::Phase ph_qkv, ph_attn, ph_o, ph_gu, ph_down;
+  ph_qkv.reset(nqkv, chunk_for(nqkv, threads));
+  ph_attn.reset(p.Hkv, 1);
+  ph_o.reset(p.hidden, chunk_for(p.hidden, threads));
+  ph_gu.reset(p.I, chunk_for(p.I, threads));
+  ph_down.reset(p.hidden, chunk_for(p.hidden, threads));
   const int64_t rb_qkv = row_bytes(p.tqkv, p.hidden), rb_o = row_bytes(p.to, qd);
   const int64_t rb_gu = row_bytes(p.tgu, p.hidden), rb_d = row_bytes(p.td, p.I);
-  sgl_cpu::parallel_run(threads, [&](int, int) {
-    static thread_local std::vector<float> x;
+  // Every thread walks the phases in order; it prepares a phase's input (its own copy of the normed and
+  // q16-quantized activations) only when the phase has work left, and waits for each phase to be done
+  // before the next (the next phase reads all of its output).
+  sgl_cpu::parallel_run(threads, [&] {
+    static thread_local std::vector<float> x, gate, up, scores;
     static thread_local Act16 a;
-    static thread_local std::vector<float> scores, gate, up;
     x.resize(std::max({p.hidden, qd, p.I}));
-    // qkv
-    rms_norm_row(p.h, p.ln1, p.hidden, p.eps, x.data());
-    quantize_act16(x.data(), 1, p.hidden, a.q, a.d, a.s);
-    Q16Act ax = a.view(p.hidden);
-    c_qkv.each([&](int64_t n0, int64_t n1) {
-      gemv_rows_any(p.tqkv, p.wqkv + n0 * rb_qkv, rb_qkv, n1 - n0, ax, qkv + n0,
-                    p.qkv_bias != nullptr ? p.qkv_bias + n0 : nullptr, nullptr);
-    });
-    barrier.wait();
+    if (ph_qkv.has_work()) {
+      rms_norm_row(p.h, p.ln1, p.hidden, p.eps, x.data());
+      quantize_act16(x.data(), 1, p.hidden, a.q, a.d, a.s);
+      const Q16Act ax = a.view(p.hidden);
+      ph_qkv.work([&](int64_t n0, int64_t n1) {
+        gemv_rows_any(p.tqkv, p.wqkv + n0 * rb_qkv, rb_qkv, n1 - n0, ax, qkv + n0,
+                      p.qkv_bias != nullptr ? p.qkv_bias + n0 : nullptr, nullptr);
+      });
+    }
+    ph_qkv.wait_done();
     // rope + KV store + attention, by kv head
-    for (int64_t g; (g = c_attn.next.fetch_add(1, std::memory_order_relaxed)) < p.Hkv;)
-      attend_kv_head(p, qkv, g, attn, scores);
-    barrier.wait();
-    // o projection + residual
-    quantize_act16(attn, 1, qd, a.q, a.d, a.s);
-    Q16Act ao = a.view(qd);
-    c_o.each([&](int64_t n0, int64_t n1) {
-      gemv_rows_any(p.to, p.wo + n0 * rb_o, rb_o, n1 - n0, ao, p.h + n0, p.o_bias != nullptr ? p.o_bias + n0 : nullptr,
-                    p.h + n0);
+    ph_attn.work([&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; g++) attend_kv_head(p, qkv, g, attn, scores);
     });
-    barrier.wait();
+    ph_attn.wait_done();
+    // o projection + residual (in place on h: a column reads only its own h entry)
+    if (ph_o.has_work()) {
+      quantize_act16(attn, 1, qd, a.q, a.d, a.s);
+      const Q16Act ao = a.view(qd);
+      ph_o.work([&](int64_t n0, int64_t n1) {
+        gemv_rows_any(p.to, p.wo + n0 * rb_o, rb_o, n1 - n0, ao, p.h + n0,
+                      p.o_bias != nullptr ? p.o_bias + n0 : nullptr, p.h + n0);
+      });
+    }
+    ph_o.wait_done();
     // gate/up + silu * up
-    rms_norm_row(p.h, p.ln2, p.hidden, p.eps, x.data());
-    quantize_act16(x.data(), 1, p.hidden, a.q, a.d, a.s);
-    Q16Act a2 = a.view(p.hidden);
-    c_gu.each([&](int64_t j0, int64_t j1) {
-      gate.resize(j1 - j0);
-      up.resize(j1 - j0);
-      gemv_rows_any(p.tgu, p.wgu + j0 * rb_gu, rb_gu, j1 - j0, a2, gate.data(), nullptr, nullptr);
-      gemv_rows_any(p.tgu, p.wgu + (p.I + j0) * rb_gu, rb_gu, j1 - j0, a2, up.data(), nullptr, nullptr);
-      for (int64_t j = j0; j < j1; j++) {
-        const float gv = gate[j - j0];
-        act[j] = gv / (1.f + std::exp(-gv)) * up[j - j0];
-      }
-    });
-    barrier.wait();
+    if (ph_gu.has_work()) {
+      rms_norm_row(p.h, p.ln2, p.hidden, p.eps, x.data());
+      quantize_act16(x.data(), 1, p.hidden, a.q, a.d, a.s);
+      const Q16Act a2 = a.view(p.hidden);
+      ph_gu.work([&](int64_t j0, int64_t j1) {
+        gate.resize(j1 - j0);
+        up.resize(j1 - j0);
+        gemv_rows_any(p.tgu, p.wgu + j0 * rb_gu, rb_gu, j1 - j0, a2, gate.data(), nullptr, nullptr);
+        gemv_rows_any(p.tgu, p.wgu + (p.I + j0) * rb_gu, rb_gu, j1 - j0, a2, up.data(), nullptr, nullptr);
+        for (int64_t j = j0; j < j1; j++) {
+          const float gv = gate[j - j0];
+          act[j] = gv / (1.f + std::exp(-gv)) * up[j - j0];
+        }
+      });
+    }
+    ph_gu.wait_done();
     // down projection + residual
-    quantize_act16(act, 1, p.I, a.q, a.d, a.s);
-    Q16Act ad = a.view(p.I);
-    c_down.each([&](int64_t n0, int64_t n1) {
-      gemv_rows_any(p.td, p.wd + n0 * rb_d, rb_d, n1 - n0, ad, p.h + n0, nullptr, p.h + n0);
-    });
+    if (ph_down.has_work()) {
+      quantize_act16(act, 1, p.I, a.q, a.d, a.s);
+      const Q16Act ad = a.view(p.I);
+      ph_down.work([&](int64_t n0, int64_t n1) {
+        gemv_rows_any(p.td, p.wd + n0 * rb_d, rb_d, n1 - n0, ad, p.h + n0, nullptr, p.h + n0);
+      });
+    }
+    ph_down.wait_done();
   });
 }
 
@@ -273,12 +275,13 @@ void gemv(Addr x, Addr w, int64_t qtype, int64_t N, int64_t K, Addr out, Addr bi
   const float* r = reinterpret_cast<const float*>(resid);
   const int64_t rb = row_bytes(t, K);
   const int nt = int(std::max<int64_t>(1, threads));
-  Chunks chunks;
-  chunks.reset(N, nt);
-  sgl_cpu::parallel_run(nt, [&](int, int) {
-    chunks.each([&](int64_t n0, int64_t n1) {
+  sgl_cpu::Phase phase;
+  phase.reset(N, chunk_for(N, nt));
+  sgl_cpu::parallel_run(nt, [&] {
+    phase.work([&](int64_t n0, int64_t n1) {
       gemv_rows_any(t, W + n0 * rb, rb, n1 - n0, av, o + n0, b != nullptr ? b + n0 : nullptr,
                     r != nullptr ? r + n0 : nullptr);
     });
+    phase.wait_done();
   });
 }

@@ -25,14 +25,13 @@ namespace sgl_cpu {
 
 namespace {
 
-int64_t spin_ns() {
-  static const int64_t ns = [] {
-    const char* s = std::getenv("SGL_CPU_SPIN_US");
-    const long us = s != nullptr ? std::strtol(s, nullptr, 10) : 200;
-    return int64_t(us < 0 ? 0 : us) * 1000;
-  }();
-  return ns;
-}
+std::atomic<int64_t> g_spin_ns{[] {
+  const char* s = std::getenv("SGL_CPU_SPIN_US");
+  const long us = s != nullptr ? std::strtol(s, nullptr, 10) : 200;
+  return int64_t(us < 0 ? 0 : us) * 1000;
+}()};
+
+int64_t spin_ns() { return g_spin_ns.load(std::memory_order_relaxed); }
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -79,62 +78,58 @@ void await_change(const std::atomic<uint32_t>& word, uint32_t seen, std::atomic<
   sleepers.fetch_sub(1, std::memory_order_seq_cst);
 }
 
-void publish(std::atomic<uint32_t>& word, std::atomic<int>& sleepers) {
-  word.fetch_add(1, std::memory_order_seq_cst);
+void publish(std::atomic<uint32_t>& word, std::atomic<int>& sleepers, uint32_t amount) {
+  word.fetch_add(amount, std::memory_order_seq_cst);
   if (sleepers.load(std::memory_order_seq_cst) > 0) wake_all(word);
-}
-
-void SpinBarrier::wait() {
-  const uint32_t g = gen_.load(std::memory_order_acquire);
-  if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-    arrived_.store(0, std::memory_order_relaxed);
-    publish(gen_, sleepers_);  // release: every thread's writes before the barrier are visible after it
-  } else {
-    await_change(gen_, g, sleepers_);
-  }
 }
 
 namespace {
 
 class Pool {
  public:
-  void run(int threads, const std::function<void(int, int)>& task) {
+  void run(int threads, const std::function<void()>& task) {
     std::lock_guard<std::mutex> lock(mu_);
-    while (int(workers_) < threads - 1) start_worker(int(workers_++) + 1);
+    while (int(workers_) < threads - 1) start_worker();
     task_ = &task;
-    active_ = threads;
-    pending_.store(int(workers_), std::memory_order_relaxed);  // every worker acknowledges each task
+    allowed_.store(threads - 1, std::memory_order_relaxed);
+    open_.store(true, std::memory_order_seq_cst);
     publish(go_, go_sleepers_);
-    task(0, threads);
-    while (true) {
-      const uint32_t d = done_.load(std::memory_order_acquire);
-      if (pending_.load(std::memory_order_acquire) == 0) break;
-      await_change(done_, d, done_sleepers_);
+    task();
+    // Close, then wait for the helpers inside (they can only be finishing claimed work or leaving):
+    // a helper raises refs_ before it reads open_, both seq_cst, so it either sees closed or is waited for.
+    open_.store(false, std::memory_order_seq_cst);
+    for (int i = 1; refs_.load(std::memory_order_seq_cst) != 0; i++) {
+      SGL_PAUSE();
+      if (i % 256 == 0) std::this_thread::yield();  // a helper descheduled inside: let it run
     }
     task_ = nullptr;
   }
 
  private:
-  void start_worker(int index) {
+  void start_worker() {
+    workers_++;
     const uint32_t first = go_.load(std::memory_order_acquire);
-    std::thread([this, index, first] {
+    std::thread([this, first] {
       uint32_t seen = first;
       while (true) {
         await_change(go_, seen, go_sleepers_);
         seen = go_.load(std::memory_order_acquire);
-        if (index < active_) (*task_)(index, active_);
-        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) publish(done_, done_sleepers_);
+        refs_.fetch_add(1, std::memory_order_seq_cst);
+        // only threads - 1 helpers take part (a pool grown for 4 threads serves a 2-thread call)
+        if (open_.load(std::memory_order_seq_cst) && allowed_.fetch_sub(1, std::memory_order_acq_rel) > 0)
+          (*task_)();
+        refs_.fetch_sub(1, std::memory_order_seq_cst);
       }
     }).detach();  // lives as long as the process; it sleeps on a futex when idle
   }
 
   std::mutex mu_;
   size_t workers_ = 0;
-  const std::function<void(int, int)>* task_ = nullptr;
-  int active_ = 1;
-  std::atomic<int> pending_{0};
-  std::atomic<uint32_t> go_{0}, done_{0};
-  std::atomic<int> go_sleepers_{0}, done_sleepers_{0};
+  const std::function<void()>* task_ = nullptr;
+  std::atomic<bool> open_{false};
+  std::atomic<int> refs_{0}, allowed_{0};
+  std::atomic<uint32_t> go_{0};
+  std::atomic<int> go_sleepers_{0};
 };
 
 Pool* g_pool = nullptr;
@@ -143,9 +138,11 @@ std::once_flag g_atfork_once;
 
 }  // namespace
 
-void parallel_run(int threads, const std::function<void(int, int)>& task) {
+void set_spin_us(int64_t us) { g_spin_ns.store((us < 0 ? 0 : us) * 1000, std::memory_order_relaxed); }
+
+void parallel_run(int threads, const std::function<void()>& task) {
   if (threads <= 1) {
-    task(0, 1);
+    task();
     return;
   }
 #if defined(__linux__)

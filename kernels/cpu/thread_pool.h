@@ -1,15 +1,20 @@
-// A small persistent thread pool for the batch-1 decode kernels (decode_layer.cpp): one fork per call,
-// spin barriers inside it.
+// A small persistent thread pool for the batch-1 decode kernels (decode_layer.cpp): one wake-up per call,
+// phases synchronized by completed work, never by thread arrival.
 //
 // Why not at::parallel_for: a batch-1 decode step makes ~150 parallel calls of 10-100 us each, and with
 // OMP_WAIT_POLICY=PASSIVE (mandatory on a shared machine) every OpenMP fork/join and barrier sleeps in the
-// kernel and pays a futex wake-up (tens of us) on each side. Here a worker that finished a task spins for
-// `SGL_CPU_SPIN_US` (default 200 us: longer than the Python gap between two layers' calls, shorter than a
-// scheduler step) and only then sleeps on a futex, so the calls of one step find it awake; barriers spin
-// the same way. The caller is thread 0 of every task.
+// kernel and pays a futex wake-up (tens of us) on each side; and a team barrier waits for EVERY thread, so
+// on a loaded machine one descheduled thread stalls the step for a whole time slice (llama-bench at 2
+// threads on this VM under load: 1.5 tok/s vs 23 at 1 thread).
+// Here:
+//   - the caller is a worker too and may do all the work alone: a phase is over when its work items are
+//     done (`Phase::wait_done`), whoever did them; a helper that wakes late joins at the current phase or
+//     finds nothing left. So a descheduled helper costs at most the items it already claimed.
+//   - an idle helper spins for `SGL_CPU_SPIN_US` (default 200 us: longer than the Python gap between two
+//     layers' calls, shorter than a scheduler step), then sleeps on a futex; waits inside a call do the same.
 // Invariants: run() is serialized by a mutex (two engines in one process take turns); a task never throws
-// (the launchers validate first); after fork() the child gets a fresh pool (the parent's workers do not exist
-// there). Linux uses a futex to sleep; elsewhere a sleeping waiter polls with yields.
+// (the launchers validate first); run() returns only after no helper is inside the task (a reference count
+// checked against a closed flag, Dekker-style); after fork() the child gets a fresh pool.
 #pragma once
 
 #include <atomic>
@@ -21,24 +26,46 @@ namespace sgl_cpu {
 // Waits until `word` != `seen`: spins for the spin budget, then sleeps; `sleepers` counts the sleepers so
 // a publisher only makes the wake-up system call when somebody sleeps.
 void await_change(const std::atomic<uint32_t>& word, uint32_t seen, std::atomic<int>& sleepers);
-// word += 1 and wakes whoever sleeps on it.
-void publish(std::atomic<uint32_t>& word, std::atomic<int>& sleepers);
+// word += amount and wakes whoever sleeps on it.
+void publish(std::atomic<uint32_t>& word, std::atomic<int>& sleepers, uint32_t amount = 1);
 
-// A reusable barrier of `n` threads (sense by generation counter).
-class SpinBarrier {
- public:
-  explicit SpinBarrier(int n) : n_(n) {}
-  void wait();
+// A phase of `n` work items handed out in chunks by an atomic counter. Any number of threads may take part.
+struct Phase {
+  std::atomic<int64_t> next{0};
+  std::atomic<uint32_t> done{0};
+  std::atomic<int> sleepers{0};
+  int64_t n = 0, chunk = 1;
 
- private:
-  const int n_;
-  std::atomic<int> arrived_{0};
-  std::atomic<uint32_t> gen_{0};
-  std::atomic<int> sleepers_{0};
+  void reset(int64_t items, int64_t chunk_size) {
+    next.store(0, std::memory_order_relaxed);
+    done.store(0, std::memory_order_relaxed);
+    n = items;
+    chunk = chunk_size < 1 ? 1 : chunk_size;
+  }
+  bool has_work() const { return next.load(std::memory_order_relaxed) < n; }
+  // Runs f(i0, i1) on chunks until none is left; returns whether this thread did any.
+  template <class F>
+  bool work(F&& f) {
+    bool any = false;
+    for (int64_t s; (s = next.fetch_add(chunk, std::memory_order_acq_rel)) < n;) {
+      const int64_t e = s + chunk < n ? s + chunk : n;
+      f(s, e);
+      publish(done, sleepers, uint32_t(e - s));  // release: the chunk's writes are visible to wait_done
+      any = true;
+    }
+    return any;
+  }
+  void wait_done() {
+    for (uint32_t d; (d = done.load(std::memory_order_acquire)) < uint32_t(n);) await_change(done, d, sleepers);
+  }
 };
 
-// Runs task(thread_index, num_threads) on `threads` threads (the caller is index 0) and returns when all
-// finished. threads <= 1 runs inline.
-void parallel_run(int threads, const std::function<void(int, int)>& task);
+// Runs task() on the caller and on up to threads - 1 helpers (whichever wake while the call runs) and
+// returns when the caller's task() returned and no helper is inside it. threads <= 1 runs inline. The task
+// must itself wait for the work it depends on (Phase::wait_done): a helper may run it late or never.
+void parallel_run(int threads, const std::function<void()>& task);
+
+// The spin budget of a waiting thread (SGL_CPU_SPIN_US at start-up), for benchmarks.
+void set_spin_us(int64_t us);
 
 }  // namespace sgl_cpu
