@@ -313,6 +313,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--llama-cpp-dir", default=None, help="folder with bin/llama-bench and bin/llama-server")
+    ap.add_argument("--out", default=None, help="JSON file name in benchmarks/results/ (default bench_cpu[_quick].json)")
     ap.add_argument("--worker", nargs=2, metavar=("WHAT", "THREADS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -362,7 +363,7 @@ def main() -> None:
         print(f"skipped: {s}")
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"bench_cpu{'_quick' if a.quick else ''}.json"
+    path = out_dir / (a.out or f"bench_cpu{'_quick' if a.quick else ''}.json")
     path.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}", file=sys.stderr)
 

@@ -447,7 +447,7 @@ void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqk
                   int64_t Hkv, int64_t D, int64_t I, Addr cos, Addr sin, Addr kbuf, Addr vbuf, int64_t num_slots,
                   Addr slots, int64_t L, double scale, int64_t threads);
 void gemv(Addr x, Addr w, int64_t qtype, int64_t N, int64_t K, Addr out, Addr bias, Addr resid, int64_t threads);
-namespace sgl_cpu { void set_spin_us(int64_t us); }  // thread_pool.cpp
+namespace sgl_cpu { void set_spin_us(int64_t us); void set_adaptive(bool on); }  // thread_pool.cpp
 
 void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr,
           Addr bias_addr, Addr resid_addr, int64_t act_mode, int64_t threads) {
@@ -539,6 +539,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x @ W^T (+ bias) (+ residual) for one row (q16 activations, decode pool)",
         py::call_guard<py::gil_scoped_release>());
   m.def("set_spin_us", &sgl_cpu::set_spin_us, "how long an idle decode-pool thread spins before it sleeps");
+  m.def("set_adaptive", &sgl_cpu::set_adaptive, "False: decode calls always use the pool's helpers");
   m.def("decode_attention", &decode_attention, "one-query-per-row attention over the paged KV pool",
         py::call_guard<py::gil_scoped_release>());
 }

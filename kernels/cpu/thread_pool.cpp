@@ -158,4 +158,39 @@ void parallel_run(int threads, const std::function<void()>& task) {
   pool->run(threads, task);
 }
 
+std::atomic<bool> g_adaptive{[] {
+  const char* s = std::getenv("SGL_CPU_ADAPTIVE");
+  return s == nullptr || std::strtol(s, nullptr, 10) != 0;
+}()};
+
+void set_adaptive(bool on) { g_adaptive.store(on, std::memory_order_relaxed); }
+
+void parallel_run_adaptive(int threads, AdaptiveSite& site, double work, const std::function<void()>& task) {
+  if (threads <= 1) {
+    task();
+    return;
+  }
+  if (!g_adaptive.load(std::memory_order_relaxed)) {
+    parallel_run(threads, task);
+    return;
+  }
+  const int64_t c = site.calls++ % AdaptiveSite::kPeriod;
+  if (c >= 2 * AdaptiveSite::kProbe) {  // exploit
+    if (site.helpers) parallel_run(threads, task);
+    else task();
+    return;
+  }
+  const int arm = c < AdaptiveSite::kProbe ? 0 : 1;  // probe: alone first, then with the helpers
+  if (c == 0) site.ns[0] = site.ns[1] = site.work[0] = site.work[1] = 0;
+  const int64_t t0 = now_ns();
+  if (arm == 1) parallel_run(threads, task);
+  else task();
+  if (c % AdaptiveSite::kProbe >= AdaptiveSite::kWarm) {
+    site.ns[arm] += double(now_ns() - t0);
+    site.work[arm] += work;
+  }
+  if (c == 2 * AdaptiveSite::kProbe - 1 && site.work[0] > 0 && site.work[1] > 0)
+    site.helpers = site.ns[1] / site.work[1] < 0.9 * (site.ns[0] / site.work[0]);
+}
+
 }  // namespace sgl_cpu

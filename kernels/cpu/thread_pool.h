@@ -65,6 +65,26 @@ struct Phase {
 // must itself wait for the work it depends on (Phase::wait_done): a helper may run it late or never.
 void parallel_run(int threads, const std::function<void()>& task);
 
+// A call site that picks, by measurement, between running its calls alone and with the helpers. On a
+// machine shared with other processes a helper is often descheduled while it holds claimed work, and the
+// caller then waits for it: with 2 threads under load a decode step measured SLOWER than with 1 (18.9 vs
+// 28.3 tok/s at load average ~11). Every `kPeriod` calls the site runs kProbe calls alone and kProbe with
+// the helpers (the first kWarm of each not timed: a sleeping helper's wake-up), compares the time per unit
+// of work, and uses the faster way for the rest of the period (the helpers only when clearly faster).
+// Results never depend on the choice (the kernels are bit-identical across thread counts). Unsynchronized
+// statistics: two engines sharing a site only blur its measurement.
+struct AdaptiveSite {
+  static constexpr int64_t kPeriod = 256, kProbe = 16, kWarm = 4;
+  int64_t calls = 0;
+  double ns[2] = {0, 0}, work[2] = {0, 0};  // [alone, helpers] in the current probe
+  bool helpers = true;
+};
+// parallel_run(threads, task), or task() alone, as `site` decides; `work` is the call's size (any unit
+// proportional to its cost, e.g. weight bytes) so calls of different shapes compare.
+void parallel_run_adaptive(int threads, AdaptiveSite& site, double work, const std::function<void()>& task);
+// false: every call runs with the helpers (tests of the threaded path; SGL_CPU_ADAPTIVE=0 at start-up).
+void set_adaptive(bool on);
+
 // The spin budget of a waiting thread (SGL_CPU_SPIN_US at start-up), for benchmarks.
 void set_spin_us(int64_t us);
 

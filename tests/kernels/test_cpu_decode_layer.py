@@ -17,14 +17,18 @@ from tests.kernels.test_cpu_quant import q16_bound
 
 
 @pytest.fixture(params=["ext", "ref"])
-def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(_ext, "disabled", request.param == "ref")
     if request.param == "ext":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if not cpu.extension_available():
                 pytest.skip("the C++ extension is not built (python -m sgl.kernels.cpu.build)")
-    return request.param
+        _ext.load().set_adaptive(False)  # every multi-thread call really uses the pool's helpers
+        yield request.param
+        _ext.load().set_adaptive(True)
+        return
+    yield request.param
 
 
 def make_layer(gen: torch.Generator, qtype: str, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int,
@@ -141,3 +145,21 @@ def test_gemv_matches_reference_and_gemm(mode: str, qtype: str, n: int, k: int) 
         y = torch.empty(1, n)
         ext.gemm(x.data_ptr(), 1, w.data.data_ptr(), qtype, n, k, y.data_ptr(), 0, r.data_ptr(), 2, 1)
         assert torch.equal(outs[0], y)
+
+
+def test_adaptive_pool_keeps_results(mode: str) -> None:
+    """The adaptive call sites (alone or with helpers, by measurement) give the same bits as always-helpers."""
+    if mode != "ext":
+        pytest.skip("the pool exists in the extension only")
+    gen = torch.Generator().manual_seed(9)
+    w = QuantWeight.quantize(torch.randn(256, 64, generator=gen), "q4_1")
+    x = torch.randn(1, 64, generator=gen)
+    old = quant._threads
+    try:
+        cpu.set_num_threads(2)
+        forced = quant_linear(x, w, act_quant="q16")
+        _ext.load().set_adaptive(True)
+        for _ in range(80):  # through a probe of both ways and into the chosen one
+            assert torch.equal(quant_linear(x, w, act_quant="q16"), forced)
+    finally:
+        quant._threads = old
