@@ -23,13 +23,13 @@ from sgl.kernels.cpu.decode_layer import QTYPE_CODE, DecodeLayerWeights, decode_
 from sgl.kernels.cpu.quant import QuantWeight, get_act_quant
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
-from sgl.runtime.models.rotary import RopeTables, RotaryEmbedding
+from sgl.runtime.models.rotary import RopeTables
 
 if TYPE_CHECKING:
     from sgl.runtime.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 ENABLED = True
-LayerRunner = Callable[["LlamaDecoderLayer", torch.Tensor, int], torch.Tensor]
+LayerRunner = Callable[["LlamaDecoderLayer", torch.Tensor, int, RopeTables], torch.Tensor]
 
 
 def layer_weights(layer: "LlamaDecoderLayer") -> Optional[DecodeLayerWeights]:
@@ -52,9 +52,8 @@ def layer_weights(layer: "LlamaDecoderLayer") -> Optional[DecodeLayerWeights]:
     return built
 
 
-def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv: KVCache, rope_tables: RopeTables,
-               rope: RotaryEmbedding) -> Optional[LayerRunner]:
-    """A runner `(layer, h, layer_id) -> h` for this step's layers, or None (run the torch path)."""
+def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv: KVCache) -> Optional[LayerRunner]:
+    """A runner `(layer, h, layer_id, rope_tables) -> h` for this step's layers, or None (run the torch path)."""
     if not (ENABLED and model.native and h.shape[0] == 1 and fb.lora is None):
         return None
     d = fb.attn.decode
@@ -66,17 +65,17 @@ def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv:
     slots = fb.slot_tables[0]
     if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.device.type != "cpu":
         return None
-    cos, sin = rope_tables.cos.view(-1), rope_tables.sin_signed.view(-1)  # the position's [D] rows (T = 1)
-    if not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32):
-        return None
+    rows: list[torch.Tensor] = []  # the position's cos / signed-sin rows [D], taken from the first layer's tables
 
-    def run(layer: "LlamaDecoderLayer", x: torch.Tensor, layer_id: int) -> torch.Tensor:
+    def run(layer: "LlamaDecoderLayer", x: torch.Tensor, layer_id: int, rope_tables: RopeTables) -> torch.Tensor:
         w = layer_weights(layer)
         if w is None:
-            return layer.forward(x, rope_tables, rope, fb, kv, layer_id)
+            return layer.forward(x, rope_tables, model.rope, fb, kv, layer_id)
+        if not rows:
+            rows.extend((rope_tables.cos.reshape(-1).contiguous(), rope_tables.sin_signed.reshape(-1).contiguous()))
         if not x.is_contiguous():
             x = x.contiguous()
-        return decode_layer(x, w, cos, sin, kv.k_buffer(layer_id), kv.v_buffer(layer_id), slots, layer.scale,
+        return decode_layer(x, w, rows[0], rows[1], kv.k_buffer(layer_id), kv.v_buffer(layer_id), slots, layer.scale,
                             check=False)
 
     return run

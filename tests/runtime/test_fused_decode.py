@@ -87,3 +87,28 @@ def test_fused_decode_off_with_fp32_activations(count_fused: list[int]) -> None:
     finally:
         cpu.set_act_quant("q16")
     assert count_fused[0] == 0  # the kernel computes q16 activations: exact mode keeps the unfused path
+
+
+def test_engine_decode_takes_the_fused_path(count_fused: list[int]) -> None:
+    """Through the real scheduler and runner (default model, native, 2 threads): single-request decode
+    steps run fused, and the greedy tokens equal the unfused layers' (and the KV stays intact)."""
+    from sgl.runtime.engine import Engine
+
+    params = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+    eng = Engine(model_path="default", num_threads=2, max_total_tokens=2048, show_progress=False)
+    try:
+        fused = eng.generate("The capital of France is", params)["output_ids"]
+        layers = 30  # SmolLM2-135M
+        assert count_fused[0] == (12 - 1) * layers, count_fused[0]  # every decode step, every layer
+        fused_decode.ENABLED = False
+        try:
+            eng.flush_cache()
+            unfused = eng.generate("The capital of France is", params)["output_ids"]
+        finally:
+            fused_decode.ENABLED = True
+        assert count_fused[0] == (12 - 1) * layers
+        assert fused == unfused
+        eng.wait_idle()
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
