@@ -6,7 +6,8 @@
 Rows (each at every thread count, every peer on the same file):
 1. batch-1 decode tok/s, 128 new tokens after a 64-token prompt, vs llama-bench tg128 and HF generate;
    also the fraction of the Q4_1 bandwidth floor (read bandwidth measured in the same process /
-   Q4_1 weight bytes per token);
+   Q4_1 weight bytes per token); 1b. decode CPU ms per token (process CPU time, tg129 minus tg17:
+   load-independent, what a quiet machine's 1-thread step would take; see decode_cpu_ms);
 2. prefill tok/s of a 512-token prompt vs llama-bench pp512 and HF;
 3. 32 concurrent requests x 128 new tokens, output tok/s, vs llama-server --parallel 32;
 4. 64 requests sharing a ~500-token system prompt (+ ~50-token question, 32 new tokens): total
@@ -17,7 +18,7 @@ Plus the resident set (VmRSS after the runs, VmHWM peak) of our engine per weigh
 Every configuration of ours runs in a fresh subprocess (its own thread count, clean RSS); a peer
 that is not built, or a weight format the engine cannot run, is skipped with the reason. Ours runs
 in-process (`Engine.generate`); llama-server is driven over HTTP on 127.0.0.1. Prints the table and
-writes benchmarks/results/bench_cpu[_quick].json.
+writes benchmarks/results/bench_cpu[_quick].json (or --out NAME).
 """
 
 from __future__ import annotations
@@ -85,6 +86,37 @@ def rss_mb() -> dict[str, float]:
     return out
 
 
+# Decode CPU time per token (row 1b): the process's CPU seconds for N2 new tokens minus those for N1, over
+# N2 - N1 (the prompt, set-up and first tokens cancel). On a shared machine the wall clock measures the
+# scheduler's share as much as the code; CPU time does not (memory stalls count as CPU time, preemption
+# does not), so at 1 thread it estimates the quiet-machine step. At 2 threads it also counts the time a
+# helper spins for work (ours and llama.cpp's), so compare it at 1 thread.
+CPU_N1, CPU_N2 = 17, 129
+
+
+def decode_cpu_ms(eng: Any, prompt: list[int], greedy: dict[str, Any], reps: int) -> float:
+    def cpu_of(n: int) -> float:
+        eng.flush_cache()
+        c = time.process_time()
+        eng.generate(input_ids=prompt, sampling_params={"max_new_tokens": n, **greedy})
+        return time.process_time() - c
+    runs = [(cpu_of(CPU_N2) - cpu_of(CPU_N1)) / (CPU_N2 - CPU_N1) * 1e3 for _ in range(reps)]
+    return statistics.median(runs)
+
+
+def llama_bench_cpu_ms(d: Path, gguf: str, threads: int, reps: int) -> float:
+    """llama-bench's CPU ms per decode token, by the same difference (tg CPU_N2 minus tg CPU_N1 runs)."""
+    import resource
+
+    def cpu_of(n: int) -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([str(d / "bin/llama-bench"), "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(n),
+                        "-r", str(reps), "-o", "json", *NO_EXTRA_BUFFERS_BENCH], capture_output=True, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return (cpu_of(CPU_N2) - cpu_of(CPU_N1)) / ((CPU_N2 - CPU_N1) * reps) * 1e3
+
+
 # ---- ours (one subprocess per weight format x threads) ------------------------------------------
 def worker_ours(fmt: str, threads: int, rows: list[int], quick: bool) -> dict[str, Any]:
     import torch
@@ -111,6 +143,7 @@ def worker_ours(fmt: str, threads: int, rows: list[int], quick: bool) -> dict[st
             m = eng.generate(input_ids=prompt, sampling_params={"max_new_tokens": s["decode_new"], **greedy})["meta_info"]
             runs.append((m["completion_tokens"] - 1) / (m["e2e_latency"] - m["first_token_latency"]))
         res["decode_tps"] = statistics.median(runs)
+        res["decode_cpu_ms_per_token"] = decode_cpu_ms(eng, prompt, greedy, s["reps"])
     if 2 in rows:
         ids = tok.encode(text_of(400, 2))[: s["prefill_len"]]
         assert len(ids) == s["prefill_len"], len(ids)
@@ -179,6 +212,7 @@ def worker_hf(threads: int, rows: list[int], quick: bool) -> dict[str, Any]:
                 model.generate(ids, max_new_tokens=s["decode_new"], min_new_tokens=s["decode_new"], do_sample=False)
                 runs.append((s["decode_new"] - 1) / (time.perf_counter() - t - t1))
             res["decode_tps"] = statistics.median(runs)
+        res["decode_cpu_ms_per_token"] = decode_cpu_ms(eng, prompt, greedy, s["reps"])
         if 2 in rows:
             ids = torch.tensor([tok.encode(text_of(400, 2))[: s["prefill_len"]]])
             runs = []
@@ -313,6 +347,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--llama-cpp-dir", default=None, help="folder with bin/llama-bench and bin/llama-server")
+    ap.add_argument("--out", default=None, help="JSON file name in benchmarks/results/ (default bench_cpu[_quick].json)")
     ap.add_argument("--worker", nargs=2, metavar=("WHAT", "THREADS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -346,6 +381,9 @@ def main() -> None:
             if {1, 2} & set(a.rows):
                 print(f"llama-bench, {t} thread(s) ...", file=sys.stderr, flush=True)
                 results["llama_bench"][str(t)] = llama_bench(d, gguf, t, a.quick)
+                if 1 in a.rows:
+                    results["llama_bench"][str(t)]["decode_cpu_ms_per_token"] = llama_bench_cpu_ms(
+                        d, gguf, t, sizes(a.quick)["reps"])
             if {3, 4} & set(a.rows):
                 print(f"llama-server, {t} thread(s) ...", file=sys.stderr, flush=True)
                 results["llama_server"][str(t)] = llama_server(d, gguf, t, a.rows, a.quick)
@@ -362,7 +400,7 @@ def main() -> None:
         print(f"skipped: {s}")
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"bench_cpu{'_quick' if a.quick else ''}.json"
+    path = out_dir / (a.out or f"bench_cpu{'_quick' if a.quick else ''}.json")
     path.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}", file=sys.stderr)
 
@@ -389,6 +427,9 @@ def build_table(r: dict[str, Any], threads: list[int], formats: list[str], q41_b
             fr = " / ".join(f"{v / floor:.0%}" if v and floor else "n/a" for v in vals)
             add("1 decode tok/s (b1, 64+128)", t, vals, lb.get("decode_tps"), hf.get("decode_tps"),
                 extra=f"; of Q4_1 floor {fmt(floor)} tok/s: {fr}")
+            cpu = ours(t, "decode_cpu_ms_per_token")
+            add("1b decode CPU ms/token (lower better)", t, cpu, lb.get("decode_cpu_ms_per_token"), None,
+                lower_better=True, extra=" (llama.cpp/ours)")
         if 2 in r["rows"]:
             add("2 prefill tok/s (512)", t, ours(t, "prefill_tps"), lb.get("prefill_tps"), hf.get("prefill_tps"))
         if 3 in r["rows"]:

@@ -5,7 +5,8 @@
 
 Runs the model directly (no scheduler): a 64-token prompt, then `--steps` greedy decode steps, and
 reports ms per token of the whole step (ForwardBatch build, forward, lm_head, argmax) and, in a second
-pass, of each component, timed by wrapping the functions the layer calls (the wrappers add ~1 us per
+pass, of each component (with the fused batch-1 layer, the default: the layer's one C++ call; --unfused:
+the torch path's parts), timed by wrapping the functions the layer calls (the wrappers add ~1 us per
 call, so the components' sum exceeds the unwrapped step slightly). Prints the load average: on a
 shared machine read the numbers as shares of the step, not as speeds.
 """
@@ -21,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+import sgl.runtime.models.fused_decode as fused_decode  # noqa: E402
 import sgl.runtime.models.llama as llama  # noqa: E402
 from sgl.kernels import cpu  # noqa: E402
 from sgl.runtime.executor.forward_batch import ForwardBatch  # noqa: E402
@@ -59,7 +61,10 @@ def main() -> None:
     ap.add_argument("--weight-format", default="native", choices=["native", "fp32"])
     ap.add_argument("--act", default="q16", choices=list(cpu.ACT_QUANT))
     ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--unfused", action="store_true",
+                    help="run every layer's torch path (runtime/models/fused_decode.py off) instead of one C++ call")
     a = ap.parse_args()
+    fused_decode.ENABLED = not a.unfused
     torch.set_num_threads(a.threads)
     cpu.set_num_threads(a.threads)
     cpu.set_act_quant(a.act)
@@ -68,7 +73,7 @@ def main() -> None:
     kv = KVCache.for_model(lm.config, 1024, torch.float32, "cpu")
     whole = decode(model, kv, a.steps)
     total = sum(whole.values())
-    print(f"{a.weight_format} act={a.act} {a.threads} thread(s), load {os.getloadavg()[0]:.1f}: "
+    print(f"{a.weight_format} act={a.act} {'unfused' if a.unfused else 'fused'} {a.threads} thread(s), load {os.getloadavg()[0]:.1f}: "
           f"{total:.2f} ms/token ({1e3 / total:.1f} tok/s): " + ", ".join(f"{k} {v:.2f}" for k, v in whole.items()))
 
     acc: collections.Counter = collections.Counter()
@@ -94,6 +99,8 @@ def main() -> None:
     llama.F = type("F", (), {"silu": staticmethod(timed("silu (then * up)", torch.nn.functional.silu))})
     kv.store = timed("kv store", kv.store)
     model.rope.apply = timed("rope", model.rope.apply)
+    fused_decode.decode_layer = timed("fused layer (C++: norms, 4 matmuls, rope, kv, attention)",
+                                      fused_decode.decode_layer)
     parts = decode(model, kv, a.steps, on_step=acc.clear)
     print(f"components (wrapped run: {sum(parts.values()):.2f} ms/token):")
     for name, v in sorted(acc.items(), key=lambda kv: -kv[1]):

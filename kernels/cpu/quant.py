@@ -240,6 +240,11 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
         if residual is not None and not (residual.dtype is torch.float32 and residual.shape == (m, n)
                                          and residual.is_contiguous()):
             _check(x, w, bias, residual, out)
+        if m == 1 and act_quant == "q16" and w.qtype in _GEMV_QTYPE and _has_gemv(ext):
+            # one row (batch-1 decode, the lm_head): the decode pool's gemv, the same bits as gemm's q16 path
+            ext.gemv(x.data_ptr(), w.data.data_ptr(), _GEMV_QTYPE[w.qtype], n, w.shape[1], out.data_ptr(), 0,
+                     0 if residual is None else residual.data_ptr(), _threads or torch.get_num_threads())
+            return out
         ext.gemm(x.data_ptr(), m, w.data.data_ptr(), w.qtype, n, w.shape[1], out.data_ptr(), 0,
                  0 if residual is None else residual.data_ptr(), _ACT_MODE[act_quant],
                  _threads or torch.get_num_threads())
@@ -289,6 +294,14 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
             y += residual[:, n0:n1]
         out[:, n0:n1] = y
     return out
+
+
+_GEMV_QTYPE = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # decode_layer.cpp's qtype codes
+
+
+def _has_gemv(ext: object) -> bool:
+    # An extension built before decode_layer.cpp existed has no gemv: gemm serves (the same numbers).
+    return hasattr(ext, "gemv")
 
 
 PREFILL_WHOLE = True  # (a switch for benchmarks/bench_kernels_cpu.py's comparison)

@@ -30,7 +30,7 @@ inline void prefetch(const uint8_t* p) {
 }
 constexpr int kBlock = 32;
 
-QT parse_qtype(const std::string& s) {
+inline QT parse_qtype(const std::string& s) {
   if (s == "q4_0") return QT::Q4_0;
   if (s == "q4_1") return QT::Q4_1;
   if (s == "q8_0") return QT::Q8_0;

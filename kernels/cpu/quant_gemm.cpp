@@ -441,6 +441,13 @@ void decode_attention(Addr q, Addr k, Addr v, Addr slots, Addr lens, Addr out, i
                       int64_t D, int64_t Lmax, int64_t num_slots, double scale, int64_t threads);
 // rms_norm.cpp
 void rms_norm(Addr x, Addr w, Addr out, int64_t M, int64_t N, double eps);
+// decode_layer.cpp (batch-1 decode on the decode thread pool)
+void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqkv, Addr qkv_bias, Addr wo,
+                  int64_t to, Addr o_bias, Addr wgu, int64_t tgu, Addr wd, int64_t td, int64_t hidden, int64_t H,
+                  int64_t Hkv, int64_t D, int64_t I, Addr cos, Addr sin, Addr kbuf, Addr vbuf, int64_t num_slots,
+                  Addr slots, int64_t L, double scale, int64_t threads);
+void gemv(Addr x, Addr w, int64_t qtype, int64_t N, int64_t K, Addr out, Addr bias, Addr resid, int64_t threads);
+namespace sgl_cpu { void set_spin_us(int64_t us); void set_adaptive(bool on); }  // thread_pool.cpp
 
 void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr,
           Addr bias_addr, Addr resid_addr, int64_t act_mode, int64_t threads) {
@@ -527,6 +534,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "GGUF blocks -> fp32 rows", py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the instruction set compiled in");
   m.def("rms_norm", &rms_norm, "RMSNorm rows (fp32)", py::call_guard<py::gil_scoped_release>());
+  m.def("decode_layer", &decode_layer, "one decoder layer for one token (batch-1 decode), in place on h",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("gemv", &gemv, "y = x @ W^T (+ bias) (+ residual) for one row (q16 activations, decode pool)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("set_spin_us", &sgl_cpu::set_spin_us, "how long an idle decode-pool thread spins before it sleeps");
+  m.def("set_adaptive", &sgl_cpu::set_adaptive, "False: decode calls always use the pool's helpers");
   m.def("decode_attention", &decode_attention, "one-query-per-row attention over the paged KV pool",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -34,6 +34,7 @@ from sgl.kernels.dispatch import paged_attention  # Triton on CUDA, the torch re
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.models.config import ModelConfig
+from sgl.runtime.models.fused_decode import fused_step
 from sgl.runtime.models.native_weights import (LinearWeight, Payload, RawBlocks, describe, embedding_rows, fuse_rows,
                                                linear, pack_quant_weights, to_linear)
 from sgl.runtime.models.rotary import RopeTables, RotaryEmbedding
@@ -257,10 +258,14 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, fb: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Runs the batch's new tokens, writes their K/V into `kv`; returns [T, hidden] final-normed states."""
         self.rope.ensure(max(fb.seq_lens))
-        rope_tables = self.rope.lookup(fb.positions)  # shared by all layers
         h = embedding_rows(fb.input_ids, self.embed)  # [T, hidden]
+        fused = fused_step(self, h, fb, kv)  # batch-1 native decode: a C++ call per layer (fused_decode.py)
+        rope_tables = self.rope.lookup(fb.positions, matrices=fused is None)  # shared by all layers
         for i, layer in enumerate(self.layers):
-            h = layer.forward(h, rope_tables, self.rope, fb, kv, i)  # NOTE: .forward skips nn.Module hook dispatch
+            if fused is not None:
+                h = fused(layer, h, i, rope_tables)
+            else:
+                h = layer.forward(h, rope_tables, self.rope, fb, kv, i)  # NOTE: .forward skips nn.Module hook dispatch
         return rms_norm(h, self.norm, self.norm_consts)
 
     @torch.inference_mode()

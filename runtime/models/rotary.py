@@ -129,12 +129,13 @@ class RotaryEmbedding:
         if num_positions > self.cos.shape[0]:
             self._build(max(num_positions, 2 * self.cos.shape[0]))
 
-    def lookup(self, positions: torch.Tensor) -> RopeTables:
-        """positions [T] -> the tables for those positions (call once per step)."""
+    def lookup(self, positions: torch.Tensor, matrices: bool = True) -> RopeTables:
+        """positions [T] -> the tables for those positions (call once per step). matrices=False skips the
+        per-token rotation matrices (a step whose layers rotate in C++, runtime/models/fused_decode.py)."""
         cos = self.cos.index_select(0, positions)  # [T, D]
         sin = self.sin_signed.index_select(0, positions)  # [T, D]
-        matrices = None
-        if positions.shape[0] <= MAX_MATRIX_TOKENS:
+        want_matrices, matrices = matrices, None
+        if want_matrices and positions.shape[0] <= MAX_MATRIX_TOKENS:
             # out_j = x_j cos_j + x_{(j + D/2) % D} sin_signed_j  <=>  out = x @ R, with
             # R[j, j] = cos_j and R[(j + D/2) % D, j] = sin_signed_j (the other entries add exact zeros)
             d = self.head_dim

@@ -1,0 +1,345 @@
+// One Llama decoder layer for ONE token (batch-1 decode) in one call, and the M = 1 GEMV, on the decode
+// thread pool (thread_pool.h).
+//
+// decode_layer, for the token's residual stream h [hidden] (updated in place):
+//   x = rms_norm(h) * ln1                         (each thread, redundantly: no barrier)
+//   qkv = x @ Wqkv^T (+ qkv_bias)                 columns in chunks over the threads      | done
+//   per kv head g (chunks): rope k_g, store k_g/v_g at slots[L - 1] (the new token's slot is the last), rope the G = H/Hkv query heads of g,
+//   attention of those heads over slots[0..L) (the new token's slot included)             | done
+//   h = (attn @ Wo^T (+ o_bias)) + h               columns in chunks                       | done
+//   x = rms_norm(h) * ln2                          (each thread)
+//   act[j] = silu(x @ Wgate_j) * (x @ Wup_j)       j in chunks (gate row j and up row I + j) | done
+//   h = (act @ Wdown^T) + h                        columns in chunks                       | join
+// Weights are GGUF blocks (Q4_0 / Q4_1 / Q8_0) in the layout of quant.py; qkv rows are [q | k | v] and
+// gate_up rows [gate | up] (llama.py's fused layout). The matmuls use the q16 activations of
+// quant_q16.h (the default act mode), the norm rms_norm.cpp's formula, RoPE "rotate half" with the
+// [D] cos / signed-sin rows of the position (rotary.py), attention decode_attention.cpp's two-pass
+// softmax: so the layer computes what llama.py's unfused path computes, up to float rounding.
+// A column's arithmetic does not depend on the chunking (dot_q16_cols' C = 1 and C = 4 agree), so the
+// result is bit-identical for every thread count. Chunks are taken from an atomic counter and a phase ends
+// when its chunks are done (thread_pool.h): on a loaded machine a descheduled thread's share is taken by
+// the others, and the caller alone can run the whole layer.
+// Why: the unfused layer is ~15 torch ops + 4 GEMV calls, each after a ~2 MB weight stream that evicts
+// the caches (llama.py's note), and 4+ fork/joins; here the small ops run on cache-hot data, in one fork.
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "quant_common.h"
+#include "quant_q16.h"
+#include "thread_pool.h"
+
+namespace {
+
+using Addr = std::uintptr_t;
+
+// Per-thread scratch of the q16 activations of one row (reused across calls: no malloc per layer).
+struct Act16 {
+  std::vector<int16_t> q;
+  std::vector<float> d, s;
+  Q16Act view(int64_t k) const { return Q16Act{q.data(), d.data(), s.data(), k, k / kBlock}; }
+};
+
+// rms_norm.cpp's arithmetic (double sum of squares, (x * r) * w in float), one row.
+void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* out) {
+  double ss = 0.0;
+  for (int64_t j = 0; j < n; j++) ss += double(x[j]) * double(x[j]);
+  const float r = float(1.0 / std::sqrt(ss / double(n) + double(eps)));
+  for (int64_t j = 0; j < n; j++) out[j] = (x[j] * r) * w[j];
+}
+
+// out[c] = (dot(W row c, x) (+ bias[c])) (+ resid[c]) for c < count; W points at the first row. The
+// additions in gemm_cols' order, so the unfused quant_linear gives the same bits.
+#ifdef SGL_AVX2
+// dot_q16_cols<T, 4> with the 4 blocks' f16 scales (and Q4_1 mins) converted in ONE vcvtph2ps and the
+// affine terms of the 4 columns in one vector FMA: ~5 fewer uops per block and column than the scalar
+// header decode (the M = 1 matmuls are instruction-bound once the weights stream from memory at full
+// speed). Per column the same operations in the same order as dot_q16_cols<T, 1> (a lane of a vector
+// mul/fma rounds as the scalar one), so the results are bit-identical to it and to gemm's q16 path.
+template <QT T>
+inline void dot_q16_cols4(const uint8_t* w, int64_t rb, const Q16Act& a, float* res) {
+  const int16_t* xq = a.q;
+  __m256 acc[4];
+  for (int c = 0; c < 4; c++) acc[c] = _mm256_setzero_ps();
+  __m256 scal = _mm256_setzero_ps();  // Q4_1: lanes 1, 3, 5, 7 = m_c * xs sums; Q4_0: lanes 0..3 = -8 d_c * xs
+  const __m256i lane0 = _mm256_set1_epi32(0), lane1 = _mm256_set1_epi32(T == QT::Q4_1 ? 2 : 1),
+                lane2 = _mm256_set1_epi32(T == QT::Q4_1 ? 4 : 2), lane3 = _mm256_set1_epi32(T == QT::Q4_1 ? 6 : 3);
+  for (int64_t b = 0; b < a.nb; b++) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock + 16));
+    const uint8_t* blk = w + b * block_bytes(T);
+    __m256 hdr;  // Q4_1: d0 m0 d1 m1 d2 m2 d3 m3; Q4_0 / Q8_0: d0 d1 d2 d3 (upper lanes unused)
+    if constexpr (T == QT::Q4_1) {
+      uint32_t h[4];
+      for (int c = 0; c < 4; c++) std::memcpy(&h[c], blk + c * rb, 4);
+      hdr = _mm256_cvtph_ps(_mm_setr_epi32(int(h[0]), int(h[1]), int(h[2]), int(h[3])));
+    } else {
+      uint16_t h[4];
+      for (int c = 0; c < 4; c++) std::memcpy(&h[c], blk + c * rb, 2);
+      hdr = _mm256_cvtph_ps(_mm_setr_epi16(short(h[0]), short(h[1]), short(h[2]), short(h[3]), 0, 0, 0, 0));
+    }
+    const __m256 dx = _mm256_mul_ps(hdr, _mm256_set1_ps(a.d[b]));  // d_c * xd_b (as f16(blk) * xd[b])
+    if constexpr (T == QT::Q4_1) scal = _mm256_fmadd_ps(hdr, _mm256_set1_ps(a.s[b]), scal);
+    if constexpr (T == QT::Q4_0) scal = _mm256_fmadd_ps(_mm256_mul_ps(hdr, _mm256_set1_ps(-8.f)), _mm256_set1_ps(a.s[b]), scal);
+    const __m256i lanes[4] = {lane0, lane1, lane2, lane3};
+    for (int c = 0; c < 4; c++) {
+      const uint8_t* bc = blk + c * rb;
+      prefetch(bc);
+      __m256i w0, w1;
+      widen16<T>(bc, w0, w1);
+      const __m256 p = _mm256_cvtepi32_ps(dot16(w0, w1, x0, x1));
+      acc[c] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(dx, lanes[c]), acc[c]);
+    }
+  }
+  alignas(32) float sc[8];
+  _mm256_store_ps(sc, scal);
+  for (int c = 0; c < 4; c++) {
+    const float s = T == QT::Q4_1 ? sc[2 * c + 1] : T == QT::Q4_0 ? sc[c] : 0.f;
+    res[c] = hsum(acc[c]) + s;
+  }
+}
+#endif
+
+template <QT T>
+void gemv_rows(const uint8_t* W, int64_t rb, int64_t count, const Q16Act& a, float* out, const float* bias,
+               const float* resid) {
+  float res[4];
+  for (int64_t n = 0; n < count;) {
+    const int C = n + 4 <= count ? 4 : 1;
+#ifdef SGL_AVX2
+    if (C == 4) dot_q16_cols4<T>(W + n * rb, rb, a, res);
+#else
+    if (C == 4) dot_q16_cols<T, 4>(W + n * rb, rb, a, 0, res);
+#endif
+    else dot_q16_cols<T, 1>(W + n * rb, rb, a, 0, res);
+    for (int c = 0; c < C; c++) {
+      float v = res[c];
+      if (bias != nullptr) v += bias[n + c];
+      if (resid != nullptr) v += resid[n + c];
+      out[n + c] = v;
+    }
+    n += C;
+  }
+}
+
+void gemv_rows_any(QT t, const uint8_t* W, int64_t rb, int64_t count, const Q16Act& a, float* out,
+                   const float* bias, const float* resid) {
+  switch (t) {
+    case QT::Q4_0: gemv_rows<QT::Q4_0>(W, rb, count, a, out, bias, resid); break;
+    case QT::Q4_1: gemv_rows<QT::Q4_1>(W, rb, count, a, out, bias, resid); break;
+    case QT::Q8_0: gemv_rows<QT::Q8_0>(W, rb, count, a, out, bias, resid); break;
+    default: break;  // F16 is rejected before the parallel region
+  }
+}
+
+QT block_qtype(int64_t code) {
+  switch (code) {
+    case 0: return QT::Q4_0;
+    case 1: return QT::Q4_1;
+    case 2: return QT::Q8_0;
+    default: throw std::invalid_argument("decode kernels take qtype codes 0 (q4_0), 1 (q4_1), 2 (q8_0)");
+  }
+}
+
+// Chunk size of a phase of n output columns: about 4 chunks per thread (a late or slow thread's share is
+// taken by the others), a multiple of 4 (whole C = 4 column groups), at least 16 columns.
+int64_t chunk_for(int64_t n, int threads) {
+  return threads <= 1 ? n : std::max<int64_t>(16, (n / (4 * threads) + 3) / 4 * 4);
+}
+
+// RoPE "rotate half": out_j = x_j cos_j + x_{(j + D/2) % D} sin_signed_j.
+inline void rope(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t j = 0; j < D; j++) out[j] = x[j] * cos[j] + x[j < half ? j + half : j - half] * sin[j];
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  int64_t j = 0;
+  float s = 0.f;
+#ifdef SGL_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; j + 16 <= d; j += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+  }
+  s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; j < d; j++) s += a[j] * b[j];
+  return s;
+}
+
+struct Layer {
+  float* h;
+  const float *ln1, *ln2;
+  float eps;
+  const uint8_t *wqkv, *wo, *wgu, *wd;
+  QT tqkv, to, tgu, td;
+  const float *qkv_bias, *o_bias;
+  int64_t hidden, H, Hkv, D, I;
+  const float *cos, *sin;
+  float *kbuf, *vbuf;
+  const int64_t* slots;
+  int64_t L, out_slot;
+  float scale;
+};
+
+// Attention of kv head g's query heads for the one token (keys/values of slots[0..L)); stores k/v first.
+void attend_kv_head(const Layer& p, const float* qkv, int64_t g, float* attn, std::vector<float>& scores) {
+  const int64_t D = p.D, G = p.H / p.Hkv, row = p.Hkv * D;
+  float* kdst = p.kbuf + p.out_slot * row + g * D;
+  rope(qkv + (p.H + g) * D, p.cos, p.sin, D, kdst);
+  const float* vsrc = qkv + (p.H + p.Hkv + g) * D;
+  std::copy(vsrc, vsrc + D, p.vbuf + p.out_slot * row + g * D);
+  scores.resize(G * p.L);
+  float qr[512];  // D <= 512 (checked by the launcher)
+  for (int64_t i = 0; i < G; i++) {
+    const int64_t hq = g * G + i;
+    rope(qkv + hq * D, p.cos, p.sin, D, qr);
+    float* s = scores.data() + i * p.L;
+    for (int64_t l = 0; l < p.L; l++) s[l] = dot(qr, p.kbuf + p.slots[l] * row + g * D, D) * p.scale;
+    const float mx = *std::max_element(s, s + p.L);
+    float sum = 0.f;
+    for (int64_t l = 0; l < p.L; l++) sum += (s[l] = std::exp(s[l] - mx));
+    float* o = attn + hq * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t l = 0; l < p.L; l++) {
+      const float* v = p.vbuf + p.slots[l] * row + g * D;
+      const float w = s[l];
+      for (int64_t j = 0; j < D; j++) o[j] += w * v[j];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t j = 0; j < D; j++) o[j] *= inv;
+  }
+}
+
+void run_layer(const Layer& p, int threads) {
+  const int64_t D = p.D, nqkv = (p.H + 2 * p.Hkv) * D, qd = p.H * D;
+  static thread_local std::vector<float> qkv_s, attn_s, act_s;  // shared by the call's threads (caller-owned)
+  qkv_s.resize(nqkv);
+  attn_s.resize(qd);
+  act_s.resize(p.I);
+  float *qkv = qkv_s.data(), *attn = attn_s.data(), *act = act_s.data();
+  sgl_cpu::Phase ph_qkv, ph_attn, ph_o, ph_gu, ph_down;
+  ph_qkv.reset(nqkv, chunk_for(nqkv, threads));
+  ph_attn.reset(p.Hkv, 1);
+  ph_o.reset(p.hidden, chunk_for(p.hidden, threads));
+  ph_gu.reset(p.I, chunk_for(p.I, threads));
+  ph_down.reset(p.hidden, chunk_for(p.hidden, threads));
+  const int64_t rb_qkv = row_bytes(p.tqkv, p.hidden), rb_o = row_bytes(p.to, qd);
+  const int64_t rb_gu = row_bytes(p.tgu, p.hidden), rb_d = row_bytes(p.td, p.I);
+  // Every thread walks the phases in order; it prepares a phase's input (its own copy of the normed and
+  // q16-quantized activations) only when the phase has work left, and waits for each phase to be done
+  // before the next (the next phase reads all of its output).
+  static sgl_cpu::AdaptiveSite site;
+  const double work = double(rb_qkv * nqkv + rb_o * p.hidden + rb_gu * 2 * p.I + rb_d * p.hidden);  // weight bytes
+  sgl_cpu::parallel_run_adaptive(threads, site, work, [&] {
+    static thread_local std::vector<float> x, gate, up, scores;
+    static thread_local Act16 a;
+    x.resize(std::max({p.hidden, qd, p.I}));
+    if (ph_qkv.has_work()) {
+      rms_norm_row(p.h, p.ln1, p.hidden, p.eps, x.data());
+      quantize_act16(x.data(), 1, p.hidden, a.q, a.d, a.s);
+      const Q16Act ax = a.view(p.hidden);
+      ph_qkv.work([&](int64_t n0, int64_t n1) {
+        gemv_rows_any(p.tqkv, p.wqkv + n0 * rb_qkv, rb_qkv, n1 - n0, ax, qkv + n0,
+                      p.qkv_bias != nullptr ? p.qkv_bias + n0 : nullptr, nullptr);
+      });
+    }
+    ph_qkv.wait_done();
+    // rope + KV store + attention, by kv head
+    ph_attn.work([&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; g++) attend_kv_head(p, qkv, g, attn, scores);
+    });
+    ph_attn.wait_done();
+    // o projection + residual (in place on h: a column reads only its own h entry)
+    if (ph_o.has_work()) {
+      quantize_act16(attn, 1, qd, a.q, a.d, a.s);
+      const Q16Act ao = a.view(qd);
+      ph_o.work([&](int64_t n0, int64_t n1) {
+        gemv_rows_any(p.to, p.wo + n0 * rb_o, rb_o, n1 - n0, ao, p.h + n0,
+                      p.o_bias != nullptr ? p.o_bias + n0 : nullptr, p.h + n0);
+      });
+    }
+    ph_o.wait_done();
+    // gate/up + silu * up
+    if (ph_gu.has_work()) {
+      rms_norm_row(p.h, p.ln2, p.hidden, p.eps, x.data());
+      quantize_act16(x.data(), 1, p.hidden, a.q, a.d, a.s);
+      const Q16Act a2 = a.view(p.hidden);
+      ph_gu.work([&](int64_t j0, int64_t j1) {
+        gate.resize(j1 - j0);
+        up.resize(j1 - j0);
+        gemv_rows_any(p.tgu, p.wgu + j0 * rb_gu, rb_gu, j1 - j0, a2, gate.data(), nullptr, nullptr);
+        gemv_rows_any(p.tgu, p.wgu + (p.I + j0) * rb_gu, rb_gu, j1 - j0, a2, up.data(), nullptr, nullptr);
+        for (int64_t j = j0; j < j1; j++) {
+          const float gv = gate[j - j0];
+          act[j] = gv / (1.f + std::exp(-gv)) * up[j - j0];
+        }
+      });
+    }
+    ph_gu.wait_done();
+    // down projection + residual
+    if (ph_down.has_work()) {
+      quantize_act16(act, 1, p.I, a.q, a.d, a.s);
+      const Q16Act ad = a.view(p.I);
+      ph_down.work([&](int64_t n0, int64_t n1) {
+        gemv_rows_any(p.td, p.wd + n0 * rb_d, rb_d, n1 - n0, ad, p.h + n0, nullptr, p.h + n0);
+      });
+    }
+    ph_down.wait_done();
+  });
+}
+
+}  // namespace
+
+void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqkv, Addr qkv_bias, Addr wo,
+                  int64_t to, Addr o_bias, Addr wgu, int64_t tgu, Addr wd, int64_t td, int64_t hidden, int64_t H,
+                  int64_t Hkv, int64_t D, int64_t I, Addr cos, Addr sin, Addr kbuf, Addr vbuf, int64_t num_slots,
+                  Addr slots, int64_t L, double scale, int64_t threads) {
+  if (hidden <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D > 512 || D % 2 || I <= 0 || hidden % kBlock ||
+      (H * D) % kBlock || I % kBlock || L < 1)
+    throw std::invalid_argument("bad decode_layer shape");
+  const int64_t* sl = reinterpret_cast<const int64_t*>(slots);
+  for (int64_t l = 0; l < L; l++)
+    if (sl[l] < 0 || sl[l] >= num_slots) throw std::invalid_argument("decode_layer: slot out of range");
+  Layer p{reinterpret_cast<float*>(h), reinterpret_cast<const float*>(ln1), reinterpret_cast<const float*>(ln2),
+          float(eps), reinterpret_cast<const uint8_t*>(wqkv), reinterpret_cast<const uint8_t*>(wo),
+          reinterpret_cast<const uint8_t*>(wgu), reinterpret_cast<const uint8_t*>(wd), block_qtype(tqkv),
+          block_qtype(to), block_qtype(tgu), block_qtype(td), reinterpret_cast<const float*>(qkv_bias),
+          reinterpret_cast<const float*>(o_bias), hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
+          reinterpret_cast<const float*>(sin), reinterpret_cast<float*>(kbuf), reinterpret_cast<float*>(vbuf), sl,
+          L, sl[L - 1], float(scale)};
+  run_layer(p, int(std::max<int64_t>(1, threads)));
+}
+
+// y[N] = x[K] @ W^T (+ bias) (+ residual), one row, q16 activations, on the decode pool: the M = 1 path of
+// quant_linear (the lm_head of a decode step: 49152 rows split over the threads). Bit-identical to gemm's
+// q16 path.
+void gemv(Addr x, Addr w, int64_t qtype, int64_t N, int64_t K, Addr out, Addr bias, Addr resid, int64_t threads) {
+  const QT t = block_qtype(qtype);
+  if (N <= 0 || K <= 0 || K % kBlock) throw std::invalid_argument("bad gemv shape");
+  Act16 a;
+  quantize_act16(reinterpret_cast<const float*>(x), 1, K, a.q, a.d, a.s);
+  const Q16Act av = a.view(K);
+  const uint8_t* W = reinterpret_cast<const uint8_t*>(w);
+  float* o = reinterpret_cast<float*>(out);
+  const float* b = reinterpret_cast<const float*>(bias);
+  const float* r = reinterpret_cast<const float*>(resid);
+  const int64_t rb = row_bytes(t, K);
+  const int nt = int(std::max<int64_t>(1, threads));
+  sgl_cpu::Phase phase;
+  phase.reset(N, chunk_for(N, nt));
+  static sgl_cpu::AdaptiveSite site;
+  sgl_cpu::parallel_run_adaptive(nt, site, double(rb * N), [&] {
+    phase.work([&](int64_t n0, int64_t n1) {
+      gemv_rows_any(t, W + n0 * rb, rb, n1 - n0, av, o + n0, b != nullptr ? b + n0 : nullptr,
+                    r != nullptr ? r + n0 : nullptr);
+    });
+    phase.wait_done();
+  });
+}

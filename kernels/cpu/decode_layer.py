@@ -1,0 +1,151 @@
+"""One Llama decoder layer for one token (batch-1 decode) in one C++ call: launcher + torch reference.
+
+`DecodeLayerWeights` holds a layer's weights (GGUF blocks q4_0/q4_1/q8_0 for the four matmuls, fused as
+llama.py lays them out: qkv rows [q | k | v], gate_up rows [gate | up]) and is validated once;
+`decode_layer(h, w, cos, sin, k_buf, v_buf, slots, scale)` then runs, for h [1, hidden] (in place):
+
+    x = rms_norm(h) * ln1;  q, k, v = x @ Wqkv^T (+ bias);  rope(q), rope(k) with the position's
+    cos / signed-sin rows [D];  k_buf[slots[-1]] = k, v_buf[slots[-1]] = v;  attention of q over the
+    slots (GQA: query head i reads kv head i // (H / Hkv));  h += attn @ Wo^T (+ bias);
+    x = rms_norm(h) * ln2;  h += (silu(x @ Wgate^T) * (x @ Wup^T)) @ Wdown^T
+
+`slots` [L] int64 is the row's slot table, the new token's slot last. The kernel (decode_layer.cpp)
+quantizes activations to q16 as quant_linear's default mode; `decode_layer_reference` (dequantize + mm,
+torch softmax) is the oracle of tests/kernels/test_cpu_decode_layer.py and the path without the extension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from sgl.kernels.cpu import _ext
+from sgl.kernels.cpu.attention import decode_attention_reference
+from sgl.kernels.cpu.norm import rms_norm_reference
+from sgl.kernels.cpu.quant import QuantWeight, get_num_threads, quant_linear_reference
+
+QTYPE_CODE = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # decode_layer.cpp's block_qtype
+
+
+def _vec(name: str, t: Optional[torch.Tensor], n: int) -> None:
+    if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (n,) or not t.is_contiguous()
+                          or t.device.type != "cpu"):
+        raise ValueError(f"{name} must be a contiguous float32 CPU vector [{n}], got {t.dtype} {tuple(t.shape)}")
+
+
+@dataclass(frozen=True)
+class DecodeLayerWeights:
+    input_layernorm: torch.Tensor  # [hidden]
+    post_attention_layernorm: torch.Tensor  # [hidden]
+    eps: float
+    qkv: QuantWeight  # [(H + 2 Hkv) D, hidden]
+    qkv_bias: Optional[torch.Tensor]  # [(H + 2 Hkv) D]
+    o: QuantWeight  # [hidden, H D]
+    o_bias: Optional[torch.Tensor]  # [hidden]
+    gate_up: QuantWeight  # [2 I, hidden]
+    down: QuantWeight  # [hidden, I]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if h <= 0 or hk <= 0 or h % hk or d <= 0 or d % 2 or d > 512:
+            raise ValueError(f"heads {h}/{hk} x head_dim {d}: need H % Hkv == 0 and an even head_dim <= 512")
+        for name in ("qkv", "o", "gate_up", "down"):
+            w = getattr(self, name)
+            if not isinstance(w, QuantWeight) or w.qtype not in QTYPE_CODE:
+                raise ValueError(f"{name} must be a QuantWeight of {tuple(QTYPE_CODE)}, got {describe(w)}")
+        hidden = self.qkv.shape[1]
+        inter = self.gate_up.shape[0] // 2
+        want = {"qkv": ((h + 2 * hk) * d, hidden), "o": (hidden, h * d), "gate_up": (2 * inter, hidden),
+                "down": (hidden, inter)}
+        for name, shape in want.items():
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"{name} has shape {getattr(self, name).shape}, the layer needs {shape}")
+        _vec("input_layernorm", self.input_layernorm, hidden)
+        _vec("post_attention_layernorm", self.post_attention_layernorm, hidden)
+        _vec("qkv_bias", self.qkv_bias, (h + 2 * hk) * d)
+        _vec("o_bias", self.o_bias, hidden)
+        # the kernel's weight arguments, computed once (the decode hot path makes ~30 calls per token)
+        object.__setattr__(self, "ext_args", (
+            self.input_layernorm.data_ptr(), self.post_attention_layernorm.data_ptr(), float(self.eps),
+            self.qkv.data.data_ptr(), QTYPE_CODE[self.qkv.qtype], 0 if self.qkv_bias is None else self.qkv_bias.data_ptr(),
+            self.o.data.data_ptr(), QTYPE_CODE[self.o.qtype], 0 if self.o_bias is None else self.o_bias.data_ptr(),
+            self.gate_up.data.data_ptr(), QTYPE_CODE[self.gate_up.qtype], self.down.data.data_ptr(),
+            QTYPE_CODE[self.down.qtype], hidden, h, hk, d, inter))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.qkv.shape[1]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.gate_up.shape[0] // 2
+
+
+def describe(w: object) -> str:
+    return f"QuantWeight {w.qtype}" if isinstance(w, QuantWeight) else type(w).__name__
+
+
+def _check_call(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin: torch.Tensor, k_buf: torch.Tensor,
+                v_buf: torch.Tensor, slots: torch.Tensor) -> None:
+    if h.dtype != torch.float32 or tuple(h.shape) != (1, w.hidden_size) or not h.is_contiguous() or not h.is_cpu:
+        raise ValueError(f"h must be a contiguous float32 CPU tensor [1, {w.hidden_size}], got {h.dtype} {tuple(h.shape)}")
+    _vec("cos", cos, w.head_dim)
+    _vec("sin", sin, w.head_dim)
+    shape = (w.num_kv_heads, w.head_dim)
+    for name, t in (("k_buf", k_buf), ("v_buf", v_buf)):
+        if t.dtype != torch.float32 or t.dim() != 3 or tuple(t.shape[1:]) != shape or not t.is_contiguous() or not t.is_cpu:
+            raise ValueError(f"{name} must be a contiguous float32 CPU tensor [slots, {shape[0]}, {shape[1]}], "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    if k_buf.shape != v_buf.shape:
+        raise ValueError(f"k_buf {tuple(k_buf.shape)} and v_buf {tuple(v_buf.shape)} differ")
+    if slots.dtype != torch.int64 or slots.dim() != 1 or slots.numel() < 1 or not slots.is_contiguous():
+        raise ValueError(f"slots must be a contiguous int64 vector [L >= 1], got {slots.dtype} {tuple(slots.shape)}")
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [heads, D] -> x cos + rotate_half(x) sin, sin signed (rotary.py's layout)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), -1) * sin
+
+
+def decode_layer_reference(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin: torch.Tensor,
+                           k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
+    """The oracle (fp32 activations, dequantized weights); writes k/v and h in place, returns h."""
+    _check_call(h, w, cos, sin, k_buf, v_buf, slots)
+    nh, nk, d = w.num_heads, w.num_kv_heads, w.head_dim
+    x = rms_norm_reference(h, w.input_layernorm, w.eps)
+    qkv = quant_linear_reference(x, w.qkv, w.qkv_bias)[0]
+    q = _rope(qkv[: nh * d].view(nh, d), cos, sin)
+    k = _rope(qkv[nh * d : (nh + nk) * d].view(nk, d), cos, sin)
+    slot = int(slots[-1])
+    k_buf[slot] = k
+    v_buf[slot] = qkv[(nh + nk) * d :].view(nk, d)
+    attn = decode_attention_reference(q[None].contiguous(), k_buf, v_buf, slots[None], slots.new_tensor([slots.numel()]),
+                                      scale)
+    h.copy_(quant_linear_reference(attn.view(1, nh * d), w.o, w.o_bias, residual=h))
+    x = rms_norm_reference(h, w.post_attention_layernorm, w.eps)
+    gate_up = quant_linear_reference(x, w.gate_up)
+    inter = w.intermediate_size
+    act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    h.copy_(quant_linear_reference(act, w.down, residual=h))
+    return h
+
+
+def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin: torch.Tensor, k_buf: torch.Tensor,
+                 v_buf: torch.Tensor, slots: torch.Tensor, scale: float, check: bool = True) -> torch.Tensor:
+    """The layer (module docstring) in place on h [1, hidden]; returns h. check=False skips the per-call
+    Python checks (the caller built the tensors itself, as runtime/models/fused_decode.py); the kernel still
+    rejects slots out of range."""
+    ext = _ext.load()
+    if check or ext is None:
+        _check_call(h, w, cos, sin, k_buf, v_buf, slots)
+    if ext is None or not hasattr(ext, "decode_layer"):
+        return decode_layer_reference(h, w, cos, sin, k_buf, v_buf, slots, scale)
+    ext.decode_layer(h.data_ptr(), *w.ext_args, cos.data_ptr(), sin.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
+                     k_buf.shape[0], slots.data_ptr(), slots.numel(), float(scale), get_num_threads())
+    return h
