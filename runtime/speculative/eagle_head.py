@@ -164,6 +164,48 @@ class EagleHead(nn.Module):
 
         return self.block(embeds, feats, positions, attend)
 
+    def forward_unrolled(self, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
+                         depth: int) -> list[torch.Tensor]:
+        """Training-time test (EAGLE-3's idea): the head's outputs at draft steps 1..depth, each
+        position seeing what it would see while drafting. [B, L, H] inputs -> depth x [B, L, H].
+
+        Step s's entry at position p reads (embed(t_p), g^{s-1}_{p-1}) (step s-1's output one position
+        back; step 1 reads the target's feature) and attends to the true entries at positions
+        <= p - (s-1) plus, for i = 2..s, step i's entry at position p - (s-i): while drafting, d_s's
+        entry sits on top of the true context and of the drafted entries before it."""
+        c = self.config
+        groups = c.num_attention_heads // c.num_key_value_heads
+        scale = c.head_dim ** -0.5
+        L = embeds.shape[1]
+        keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (k, v) [B, Hq, L, D]
+        outs: list[torch.Tensor] = []
+        for s in range(1, depth + 1):
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: int = s) -> torch.Tensor:
+                q = q.transpose(1, 2)  # [B, Hq, L, D]
+                k, v = (t.transpose(1, 2).repeat_interleave(groups, 1) for t in (k, v))
+                keys.append((k, v))
+                k1, v1 = keys[0]
+                sc = (q @ k1.transpose(-1, -2)) * scale  # [B, Hq, L, L]
+                p = torch.arange(L)
+                sc = sc.masked_fill(p.unsqueeze(0) > (p - (s - 1)).unsqueeze(1), float("-inf"))
+                diag, vals = [], []
+                for i in range(2, s + 1):  # step i's entry at p - (s - i): shift right by s - i
+                    ki, vi = keys[i - 1]
+                    sh = s - i
+                    ki = F.pad(ki, (0, 0, sh, 0))[:, :, :L]
+                    vals.append(F.pad(vi, (0, 0, sh, 0))[:, :, :L])
+                    d = (q * ki).sum(-1, keepdim=True) * scale  # [B, Hq, L, 1]
+                    diag.append(d.masked_fill((p < sh).view(1, 1, L, 1), float("-inf")))
+                attn = torch.cat([sc] + diag, dim=-1).softmax(-1)
+                o = attn[..., :L] @ v1
+                for j, vi in enumerate(vals):
+                    o = o + attn[..., L + j:L + j + 1] * vi
+                return o.transpose(1, 2)
+
+            prev = feats if s == 1 else F.pad(outs[-1], (0, 0, 1, 0))[:, :L]  # g^{s-1}_{p-1}; zeros at p = 0
+            outs.append(self.block(embeds, prev, positions, attend))
+        return outs
+
 
 @dataclass
 class HeadKV:

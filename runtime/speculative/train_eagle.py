@@ -8,8 +8,9 @@ Per sequence t_0..t_L with the target's states f_0..f_L and greedy next tokens a
 W_d are the target's lm_head rows of the draft vocabulary: the `--eagle-draft-vocab` tokens the target
 chooses most often in the data (EAGLE-3's d2t), frozen. The layer starts from the target's last decoder
 layer (same shape), fc from [0 | I] (the feature passed through) plus noise: both train faster than
-random starts. Uniform noise on the input features (EAGLE's) makes the head robust to reading its own,
-imperfect, states when it drafts several tokens.
+random starts. Uniform noise on the input features (EAGLE's), and training the later draft steps on the head's
+own states (`--eagle-depth`, EAGLE-3's training-time test: eagle_head.forward_unrolled), make it
+robust to reading its own, imperfect, states when it drafts several tokens.
 Reports the held-out top-1 accuracy of the first draft token (the acceptance rate of d_1 under greedy).
 """
 
@@ -29,6 +30,9 @@ from sgl.runtime.speculative.eagle_head import EagleConfig, EagleHead
 from sgl.runtime.speculative.eagle_io import DEFAULT_HEAD, save_head
 
 
+STEP_WEIGHT = 0.7  # loss weight of draft step s is STEP_WEIGHT ** (s - 1): the first token matters most
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("eagle")
     g.add_argument("--eagle-epochs", type=int, default=4)
@@ -37,6 +41,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--eagle-draft-vocab", type=int, default=8192,
                    help="draft vocabulary size (0: the full vocabulary)")
     g.add_argument("--eagle-ce-weight", type=float, default=0.5, help="weight of the token loss vs the regression")
+    g.add_argument("--eagle-depth", type=int, default=3,
+                   help="draft steps trained (training-time test: step s reads the head's own step s-1 state)")
     g.add_argument("--eagle-noise", type=float, default=0.2, help="uniform feature noise, in units of the states' std")
 
 
@@ -129,12 +135,15 @@ def train(data: DistillData, target: Any, args: argparse.Namespace, log: Callabl
         for ids in _batches(data, train_ids, args.eagle_batch_size, max_len, shuffle=True):
             emb, fin, fout, labels, pos = _tensors(data, ids, embed, t2d, max_len)
             fin = fin + (torch.rand_like(fin) - 0.5) * (2 * args.eagle_noise * std)
-            g = head.forward_train(emb, fin, pos)
             valid = (pos < torch.tensor([[min(int(data.offsets[s + 1] - data.offsets[s]), max_len)] for s in ids]))
-            vloss = (F.smooth_l1_loss(g, fout, reduction="none").mean(-1) * valid).sum() / valid.sum()
-            logits = g @ w_draft.t()  # [B, L, Vd]
-            ploss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-            loss = vloss + args.eagle_ce_weight * ploss
+            loss = torch.zeros(())
+            for step, g in enumerate(head.forward_unrolled(emb, fin, pos, args.eagle_depth)):
+                # step s + 1's entries exist from position s on (s drafted entries before them)
+                g, f, lab, ok = g[:, step:], fout[:, step:], labels[:, step:], valid[:, step:]
+                vloss = (F.smooth_l1_loss(g, f, reduction="none").mean(-1) * ok).sum() / ok.sum().clamp(min=1)
+                logits = g @ w_draft.t()  # [B, L, Vd]
+                ploss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+                loss = loss + STEP_WEIGHT ** step * (vloss + args.eagle_ce_weight * ploss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 0.5)

@@ -195,3 +195,23 @@ def test_bad_checkpoints_are_refused(tmp_path: Path) -> None:
 def test_topk_above_one_is_refused_until_trees() -> None:
     with pytest.raises(ValueError, match="speculative_eagle_topk"):
         ServerArgs(speculative_algorithm="EAGLE", speculative_eagle_topk=4)
+
+
+def test_unrolled_training_steps_equal_drafting() -> None:
+    """forward_unrolled's step s at position p == what the drafter computes for d_s's entry there."""
+    cfg = tiny_model(1).config
+    head = random_head(cfg, final_norm=True)
+    L, H = 9, cfg.hidden_size
+    emb, feats = torch.randn(L, H), torch.randn(L, H)
+    feats[0] = 0
+    with torch.no_grad():
+        steps = head.forward_unrolled(emb[None], feats[None], torch.arange(L)[None], depth=3)
+    for n in (2, 5):  # true entries 0..n, then draft entries n+1, n+2 (their tokens: t_{n+1}, t_{n+2})
+        kv = HeadKV.empty(head.config)
+        g = head_extend(head, emb[:n + 1], feats[:n + 1], torch.arange(n + 1), [kv], [n + 1])
+        assert torch.allclose(g, steps[0][0, :n + 1], atol=1e-5)
+        g = g[-1:]
+        for s in (2, 3):
+            p = n + s - 1
+            g = head_extend(head, emb[p:p + 1], g, torch.tensor([p]), [kv], [1])
+            assert torch.allclose(g[0], steps[s - 1][0, p], atol=1e-5), (n, s)

@@ -32,7 +32,7 @@ def test_training_raises_accuracy_and_the_file_drafts(tmp_path: Path) -> None:
         seqs.append((prompt, seq[len(prompt):]))
     data = record_states(model, model.config, seqs)
     args = argparse.Namespace(eagle_epochs=10, eagle_lr=3e-3, eagle_batch_size=8, eagle_draft_vocab=5,
-                              eagle_ce_weight=0.5, eagle_noise=0.1, out=str(tmp_path / "head.safetensors"))
+                              eagle_ce_weight=0.5, eagle_noise=0.1, eagle_depth=2, out=str(tmp_path / "head.safetensors"))
     logs: list[str] = []
     out = train(data, model, args, logs.append)
     accs = [float(line.rsplit("accuracy ", 1)[1].split()[0]) for line in logs if "accuracy" in line]
