@@ -5,7 +5,7 @@ Per sequence t_0..t_L with the target's states f_0..f_L and greedy next tokens a
 (embed(t_p), f_{p-1}) (a zero feature at p = 0, as the drafter's first entry) and learns
     g_p ~ f_p                (smooth L1, EAGLE's feature regression)
     argmax(g_p W_d^T) = a_p  (cross-entropy over the draft vocabulary; a_p outside it is not scored)
-W_d are the target's lm_head rows of the draft vocabulary: the `--eagle-draft-vocab` tokens the target
+g_p passes a final norm initialised to the target's (the states are final-normed). W_d are the target's lm_head rows of the draft vocabulary: the `--eagle-draft-vocab` tokens the target
 chooses most often in the data (EAGLE-3's d2t), frozen. The layer starts from the target's last decoder
 layer (same shape), fc from [0 | I] (the feature passed through) plus noise: both train faster than
 random starts. Uniform noise on the input features (EAGLE's), and training the later draft steps on the head's
@@ -35,13 +35,13 @@ STEP_WEIGHT = 0.7  # loss weight of draft step s is STEP_WEIGHT ** (s - 1): the 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("eagle")
-    g.add_argument("--eagle-epochs", type=int, default=4)
-    g.add_argument("--eagle-lr", type=float, default=1e-3)
+    g.add_argument("--eagle-epochs", type=int, default=3)
+    g.add_argument("--eagle-lr", type=float, default=2e-3)
     g.add_argument("--eagle-batch-size", type=int, default=16, help="sequences per optimizer step")
-    g.add_argument("--eagle-draft-vocab", type=int, default=8192,
+    g.add_argument("--eagle-draft-vocab", type=int, default=4096,
                    help="draft vocabulary size (0: the full vocabulary)")
     g.add_argument("--eagle-ce-weight", type=float, default=0.5, help="weight of the token loss vs the regression")
-    g.add_argument("--eagle-depth", type=int, default=3,
+    g.add_argument("--eagle-depth", type=int, default=2,
                    help="draft steps trained (training-time test: step s reads the head's own step s-1 state)")
     g.add_argument("--eagle-noise", type=float, default=0.2, help="uniform feature noise, in units of the states' std")
 
@@ -57,7 +57,9 @@ def draft_vocabulary(data: DistillData, size: int, vocab_size: int) -> torch.Ten
 def init_head(target: Any, vocab_ids: torch.Tensor) -> EagleHead:
     """Our head for `target` (an fp32 LlamaForCausalLM): layer = the target's last, fc = [0 | I] + noise."""
     cfg = target.config
-    head = EagleHead(EagleConfig.from_target(cfg, draft_vocab_size=len(vocab_ids)))
+    # NOTE: a final norm (EAGLE-3's; EAGLE-1 has none) initialised to the target's: the regression
+    # targets are final-normed states, and the target's last layer alone scales its input ~30x.
+    head = EagleHead(EagleConfig.from_target(cfg, draft_vocab_size=len(vocab_ids), final_norm=True))
     w = target.hf_weights()
     last = f"model.layers.{cfg.num_hidden_layers - 1}"
     H = cfg.hidden_size
@@ -69,6 +71,7 @@ def init_head(target: Any, vocab_ids: torch.Tensor) -> EagleHead:
         for part in ("gate_proj", "up_proj", "down_proj"):
             getattr(layer.mlp, part).weight.copy_(w[f"{last}.mlp.{part}.weight"])
         layer.post_attention_layernorm.copy_(w[f"{last}.post_attention_layernorm.weight"])
+        head.norm.copy_(w["model.norm.weight"])
         head.fc.weight.normal_(0.0, 0.02)
         head.fc.weight[:, H:] += torch.eye(H)
         for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -128,6 +131,7 @@ def train(data: DistillData, target: Any, args: argparse.Namespace, log: Callabl
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * i / steps)))
     log(f"eagle: {len(train_ids)} train / {len(held)} held-out sequences, {steps} steps")
     log(f"eagle: before training, held-out first-token accuracy {evaluate(head, data, held, embed, t2d, w_draft):.3f}")
+    out = Path(args.out) if args.out else DEFAULT_HEAD
     t0 = time.monotonic()
     for epoch in range(args.eagle_epochs):
         head.train()
@@ -151,12 +155,14 @@ def train(data: DistillData, target: Any, args: argparse.Namespace, log: Callabl
             sched.step()
             tot += float(loss.detach())
             n += 1
+            if n % 10 == 0:
+                log(f"eagle: epoch {epoch + 1} step {n:.0f} loss {tot / n:.4f} ({time.monotonic() - t0:.0f} s)")
         acc = evaluate(head, data, held, embed, t2d, w_draft)
         log(f"eagle: epoch {epoch + 1}/{args.eagle_epochs} loss {tot / max(n, 1):.4f}, held-out first-token "
             f"accuracy {acc:.3f} ({time.monotonic() - t0:.0f} s)")
-    out = Path(args.out) if args.out else DEFAULT_HEAD
-    save_head(head.eval(), out, {"trained_on": f"{len(data.tokens)} tokens, {S} sequences",
-                                 "held_out_first_token_accuracy": f"{acc:.4f}"})
+        # saved after every epoch: an interrupted run leaves a usable head
+        save_head(head.eval(), out, {"trained_on": f"{len(data.tokens)} tokens, {S} sequences",
+                                     "epochs": str(epoch + 1), "held_out_first_token_accuracy": f"{acc:.4f}"})
     return out
 
 
