@@ -37,7 +37,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("eagle")
     g.add_argument("--eagle-epochs", type=int, default=3)
     g.add_argument("--eagle-lr", type=float, default=2e-3)
-    g.add_argument("--eagle-batch-size", type=int, default=16, help="sequences per optimizer step")
+    g.add_argument("--eagle-batch-size", type=int, default=4, help="sequences per optimizer step")
     g.add_argument("--eagle-draft-vocab", type=int, default=4096,
                    help="draft vocabulary size (0: the full vocabulary)")
     g.add_argument("--eagle-ce-weight", type=float, default=0.5, help="weight of the token loss vs the regression")

@@ -37,12 +37,12 @@ def random_head(target_cfg: ModelConfig, seed: int = 0, **kw) -> EagleHead:
     return head.eval()
 
 
-def run(model, prompts, params, head=None, eos=frozenset({1}), **kw):
+def run(model, prompts, params, head=None, eos=frozenset({1}), quantize=None, **kw):
     pool = 4096
     runner = ModelRunner(model, model.config, pool, eos)
     drafter = None
     if head is not None:
-        drafter = EagleDrafter(head, model)
+        drafter = EagleDrafter(head, model, quantize=quantize)
         runner.capture_hidden, runner.hidden_observer = True, drafter.observe
     done: dict[str, Req] = {}
     args = ServerArgs(speculative_max_batch=256, max_running_requests=256, **kw)
@@ -109,8 +109,8 @@ def test_exact_head_has_every_greedy_draft_accepted() -> None:
     assert drafter.num_tracked == 0, "finished requests' head states were kept"
 
 
-@pytest.mark.parametrize("reduced", [False, True])
-def test_any_head_keeps_outputs_identical(reduced: bool) -> None:
+@pytest.mark.parametrize("reduced,quantize", [(False, None), (True, None), (True, "q8_0")])
+def test_any_head_keeps_outputs_identical(reduced: bool, quantize) -> None:
     import random
 
     model = tiny_model(3)
@@ -123,7 +123,7 @@ def test_any_head_keeps_outputs_identical(reduced: bool) -> None:
         prompts.append([rng.randrange(6) for _ in range(rng.randrange(2, 12))])
         params.append(SamplingParams(max_new_tokens=rng.randrange(1, 30), **PARAMS[i % len(PARAMS)]))
     base, _, _ = run(model, prompts, params)
-    spec, s, drafter = run(model, prompts, params, head=head, speculative_num_draft_tokens=3)
+    spec, s, drafter = run(model, prompts, params, head=head, quantize=quantize, speculative_num_draft_tokens=3)
     assert s.stats.spec_verify_ct > 0 and 0 < s.stats.spec_accepted_tokens < s.stats.spec_draft_tokens
     for a, b in zip(base, spec):
         assert b.output_ids == a.output_ids, (a.rid, a.params)
@@ -215,3 +215,16 @@ def test_unrolled_training_steps_equal_drafting() -> None:
             p = n + s - 1
             g = head_extend(head, emb[p:p + 1], g, torch.tensor([p]), [kv], [1])
             assert torch.allclose(g[0], steps[s - 1][0, p], atol=1e-5), (n, s)
+
+
+def test_quantized_head_drafts_like_the_fp32_one() -> None:
+    """q8_0 inference weights: the head's states stay within quantization error of the fp32 ones."""
+    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, rms_norm_eps=1e-6))
+    head = random_head(cfg, fc_bias=True, final_norm=True)
+    emb, feats = torch.randn(6, 64), torch.randn(6, 64)
+    ref = head_extend(head, emb, feats, torch.arange(6), [HeadKV.empty(head.config)], [6])
+    head.quantize_for_inference("q8_0")
+    got = head_extend(head, emb, feats, torch.arange(6), [HeadKV.empty(head.config)], [6])
+    assert not torch.equal(got, ref) and torch.allclose(got, ref, atol=0.05 * float(ref.abs().max()))
