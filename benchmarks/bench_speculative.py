@@ -11,8 +11,12 @@ Workloads (greedy, one engine per algorithm, loaded one after another):
 Per workload and algorithm: output tokens/s, ratio vs none, mean accept length (tokens per verify
 step), outputs token-identical to none, and for (c) the share of outputs valid under jsonschema.
 `--crossover` adds (b) at batch 1/2/4/8 with speculation forced on (max batch 64), to show where
-verify rows stop paying. Algorithms: NGRAM; DRAFT uses the default model as its own draft (an identity
-check: no smaller model with this tokenizer ships here), so its speed ratio is below 1 by construction.
+verify rows stop paying. `--verify-cost` times one forward step of a verify row of 1 + j tokens over a
+300-token context against a plain decode step (where a speculative step's time goes).
+Algorithms: NGRAM (chain, own sequence); NGRAM_TREE (NGRAM with 3 continuations merged into a tree
+and finished requests' sequences matched too); MEDUSA (the shipped self-distilled heads, a static
+tree); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
+tokenizer ships here), so its speed ratio is below 1 by construction.
 Prints one table and writes benchmarks/results/bench_speculative.json.
 """
 
@@ -93,11 +97,45 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
     kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
     if algo is not None:
         kw.update(speculative_algorithm=algo, speculative_num_draft_tokens=k)
+        if algo == "NGRAM_TREE":
+            kw.update(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=3,
+                      speculative_ngram_capacity=1 << 16)
         if algo == "DRAFT":
             kw["speculative_draft_model_path"] = "default"
         if max_batch is not None:
             kw["speculative_max_batch"] = max_batch
     return kw
+
+
+def verify_cost(threads: int, reps: int = 15) -> list[dict[str, Any]]:
+    """Median forward time of one row of 1 + j new tokens over a 300-token cached context, vs j = 0."""
+    import statistics
+
+    import torch
+
+    from sgl.runtime.executor.forward_batch import ForwardBatch
+
+    eng = Engine(**engine_kwargs(None, threads, None, 4))
+    try:
+        model, kv = eng.scheduler.runner.model, eng.scheduler.runner.kv
+        ctx = list(range(1000, 1300))
+        with torch.inference_mode():
+            model(ForwardBatch.from_lists([ctx], [list(range(300))]), kv)
+            rows = []
+            for j in (0, 1, 2, 4, 8):
+                times = []
+                for _ in range(reps):
+                    fb = ForwardBatch.from_lists([ctx[:1 + j]], [list(range(300 + 1 + j))])
+                    t0 = time.perf_counter()
+                    model.compute_logits(model(fb, kv))
+                    times.append(time.perf_counter() - t0)
+                rows.append({"draft_tokens": j, "ms": 1000 * statistics.median(times)})
+        for r in rows:
+            r["vs_decode"] = round(r["ms"] / rows[0]["ms"], 3)
+            print(f"verify row 1+{r['draft_tokens']}: {r['ms']:.2f} ms ({r['vs_decode']:.2f}x a decode step)", flush=True)
+        return rows
+    finally:
+        eng.shutdown()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -108,10 +146,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer documents and questions")
     ap.add_argument("--reps", type=int, default=2, help="rounds per workload, engines alternating")
     ap.add_argument("--crossover", action="store_true", help="(b) at batch 1/2/4/8 with speculation forced on")
+    ap.add_argument("--verify-cost", action="store_true", help="time verify rows of 1 + j tokens vs one decode step")
+    ap.add_argument("--workloads", default="a,b,c,d", help="comma-separated workload letters")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_speculative.json"))
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
-    work = workloads(args.quick)
+    work = {k: v for k, v in workloads(args.quick).items() if k[0] in args.workloads.split(",")}
+    cost = verify_cost(args.threads) if args.verify_cost else None
     algos: list[Optional[str]] = [None] + [a for a in args.algorithms.split(",") if a]
     results: dict[str, dict[str, Any]] = {}
     # All engines loaded at once; each workload runs engine after engine, `--reps` rounds, so that a
@@ -175,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"threads": args.threads, "load_before": load_before,
                                           "load_after": os.getloadavg(), "num_draft_tokens": args.num_draft_tokens,
-                                          "table": table}, indent=1))
+                                          "table": table, "verify_cost": cost}, indent=1))
     return 0
 
 

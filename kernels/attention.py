@@ -4,7 +4,10 @@ A batch mixes sequences in two states (the same call serves prefill, chunked pre
 
 - decode: one new query token (extend_len == 1) attending to all `seq_len` keys of its sequence;
 - extend: `extend_len` new query tokens at positions `prefix_len .. seq_len - 1`, attending to the
-  cached prefix in full and causally among themselves (query i sees keys 0 .. prefix_len + i).
+  cached prefix in full and causally among themselves (query i sees keys 0 .. prefix_len + i);
+- tree extend (speculative tree verification): the same, but among the new tokens a given
+  `[extend_len, extend_len]` mask replaces causality (a draft node sees the prefix, the pending token
+  and its own ancestors, never its siblings' branches).
 
 K/V live in per-layer pools `[num_slots, Hkv, D]`; a sequence's keys are the rows of its slot table
 (`[seq_len]` slot ids, the cached prefix first, then the new tokens' slots). The new tokens' K/V must
@@ -58,6 +61,7 @@ class ExtendSegment:
     slots: torch.Tensor  # [seq_len] int64
     slot_start: Optional[int]  # slots == slot_start + arange(seq_len): read a view, no gather
     mask: Optional[torch.Tensor]  # [E, seq_len] bool, True = attend; None = plain causal (no prefix)
+    tree: bool = False  # the mask's last E columns are a tree mask, not causal (Triton: the torch path runs)
 
 
 @dataclass(frozen=True)
@@ -74,25 +78,35 @@ class AttentionMetadata:
         slot_tables: Sequence[SlotTable],
         device: Union[str, torch.device] = "cpu",
         sliding_window: Optional[int] = None,
+        tree_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
     ) -> "AttentionMetadata":
         """Index tensors for one step. `slot_tables[b]` has `seq_lens[b]` slots; queries are sequence-major.
 
         `sliding_window` W (Gemma's local layers, HF's semantics): the query at position p sees only keys
-        at positions p - W < k <= p. Tables are cut to the keys some query of the step can see."""
+        at positions p - W < k <= p. Tables are cut to the keys some query of the step can see.
+
+        `tree_masks[b]` ([extend_len, extend_len] bool, True = attend, or None = causal): which of its own
+        new tokens each new token of sequence b sees (it always sees the whole prefix). Needs no window."""
         assert len(extend_lens) == len(seq_lens) == len(slot_tables), "one extend_len, seq_len, slot table per sequence"
+        assert tree_masks is None or (len(tree_masks) == len(extend_lens) and sliding_window is None)
         tables = [_as_index(t, device) for t in slot_tables]
         decode_rows: list[int] = []
         decode_tables: list[torch.Tensor] = []
         extends: list[ExtendSegment] = []
         row = 0
-        for ext, seq, table in zip(extend_lens, seq_lens, tables):
+        for b, (ext, seq, table) in enumerate(zip(extend_lens, seq_lens, tables)):
+            tree = None if tree_masks is None else tree_masks[b]
             assert 1 <= ext <= seq, f"need 1 <= extend_len <= seq_len, got {ext}, {seq}"
             assert table.numel() == seq, f"slot table has {table.numel()} slots for seq_len {seq}"
             prefix = seq - ext
             first_key = 0 if sliding_window is None else max(0, prefix - sliding_window + 1)  # first query's window
             if first_key > 0:
                 table = table[first_key:]
-            if ext == 1:
+            if tree is not None and ext > 1:
+                assert tree.shape == (ext, ext) and tree.dtype == torch.bool, f"tree mask of {tuple(tree.shape)} for {ext} tokens"
+                mask = torch.cat([torch.ones(ext, seq - ext, dtype=torch.bool, device=device), tree.to(device)], 1)
+                extends.append(ExtendSegment(row, row + ext, table, _contiguous_start(table), mask, tree=True))
+            elif ext == 1:
                 decode_rows.append(row)
                 decode_tables.append(table)
             else:

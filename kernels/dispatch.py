@@ -48,7 +48,9 @@ def paged_attention(
     q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """`sgl.kernels.attention.paged_attention` (same arguments and result), in Triton on CUDA."""
-    if use_triton(q):
+    if use_triton(q) and not any(seg.tree for seg in meta.extends):
+        # NOTE: tree masks (speculative verification) take the torch reference below: the Triton extend
+        # kernel only knows causal masks
         from sgl.kernels import triton_attention
 
         return triton_attention.paged_attention(q, k_buf, v_buf, meta, scale)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Optional
@@ -23,7 +24,7 @@ SCHEDULE_POLICIES = ("fcfs", "lpm", "priority")
 GRAMMAR_BACKENDS = ("outlines", "xgrammar", "llguidance", "none")
 WEIGHT_FORMATS = ("auto", "fp32", "native")  # runtime/models/loader.py: what auto picks
 QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize for Hugging Face folders (round-to-nearest per 32-block)
-SPECULATIVE_ALGORITHMS = ("NGRAM", "DRAFT", "EAGLE")  # runtime/speculative/: the drafters built so far
+SPECULATIVE_ALGORITHMS = ("NGRAM", "DRAFT", "MEDUSA", "EAGLE")  # runtime/speculative/: the drafters built so far
 PREEMPTION_MODES = ("swap", "recompute")
 DISAGGREGATION_MODES = ("prefill", "decode")
 CPU_ACT_QUANTS = ("q16", "none", "q8")  # activations of the native CPU kernels (sgl.kernels.cpu.ACT_QUANT)
@@ -108,13 +109,17 @@ class ServerArgs:
     dp_size: int = 1
     router_policy: str = "cache_aware"  # --dp-size > 1: the router's policy (runtime/router/policy.py)
     router_balance_threshold: int = 8  # --dp-size > 1: in-flight requests over the least loaded before balancing
-    speculative_algorithm: Optional[str] = None  # NGRAM | DRAFT (runtime/speculative/); None = off
-    speculative_draft_model_path: Optional[str] = None  # DRAFT: a small model with the same tokenizer; EAGLE: the head (None = shipped)
+    speculative_algorithm: Optional[str] = None  # NGRAM | DRAFT | MEDUSA | EAGLE (runtime/speculative/); None = off
+    # DRAFT: a small model with the same tokenizer; MEDUSA, EAGLE: the head (None = the shipped one)
+    speculative_draft_model_path: Optional[str] = None
+    speculative_medusa_choices: Optional[str] = None  # MEDUSA: the static tree as JSON ([[0], [1], [0, 0]]); None = default
     speculative_num_draft_tokens: int = 4  # draft tokens verified per decoding request and step
     speculative_num_steps: Optional[int] = None  # EAGLE: head steps per draft (chain: = num_draft_tokens when unset)
     speculative_eagle_topk: int = 1  # EAGLE: branches per head step (1 = a chain; the chain verify path)
     speculative_ngram_min_match_window_size: int = 2  # NGRAM: shortest suffix matched (1-grams mostly miss)
     speculative_ngram_max_match_window_size: int = 4  # NGRAM: longest suffix matched (tried first)
+    speculative_ngram_max_bfs_breadth: int = 1  # NGRAM: continuations merged into one draft tree (1 = a chain)
+    speculative_ngram_capacity: int = 0  # NGRAM: tokens of finished requests matched too (0 = own sequence only)
     speculative_max_batch: int = 4  # more decoding requests than this in a step: no drafts (compute-bound)
     # LoRA (runtime/lora/): `name=path` or a bare path (named by its folder); more at run time via /load_lora_adapter
     lora_paths: Optional[list[str]] = None
@@ -212,8 +217,20 @@ class ServerArgs:
                              f"got {self.speculative_algorithm!r}")
         if self.speculative_algorithm == "DRAFT" and self.speculative_draft_model_path is None:
             raise ValueError("speculative_algorithm DRAFT needs speculative_draft_model_path")
-        if self.speculative_draft_model_path is not None and self.speculative_algorithm not in ("DRAFT", "EAGLE"):
-            raise ValueError("speculative_draft_model_path goes with speculative_algorithm DRAFT or EAGLE")
+        if self.speculative_draft_model_path is not None and self.speculative_algorithm not in ("DRAFT", "MEDUSA", "EAGLE"):
+            raise ValueError("speculative_draft_model_path goes with speculative_algorithm DRAFT, MEDUSA or EAGLE")
+        if self.speculative_medusa_choices is not None:
+            if self.speculative_algorithm != "MEDUSA":
+                raise ValueError("speculative_medusa_choices goes with speculative_algorithm MEDUSA")
+            try:
+                choices = json.loads(self.speculative_medusa_choices)
+                ok = isinstance(choices, list) and choices and all(
+                    isinstance(c, list) and c and all(isinstance(i, int) and i >= 0 for i in c) for c in choices)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError("speculative_medusa_choices must be a JSON list of non-empty lists of top-k "
+                                 f"indices such as [[0], [1], [0, 0]], got {self.speculative_medusa_choices!r}")
         if self.speculative_eagle_topk != 1:
             raise ValueError(f"speculative_eagle_topk must be 1 (EAGLE drafts a chain; token trees are not built yet), "
                              f"got {self.speculative_eagle_topk}")
@@ -224,6 +241,8 @@ class ServerArgs:
         if not 1 <= self.speculative_ngram_min_match_window_size <= self.speculative_ngram_max_match_window_size:
             raise ValueError("need 1 <= speculative_ngram_min_match_window_size <= "
                              "speculative_ngram_max_match_window_size")
+        if self.speculative_ngram_max_bfs_breadth < 1 or self.speculative_ngram_capacity < 0:
+            raise ValueError("speculative_ngram_max_bfs_breadth must be >= 1 and speculative_ngram_capacity >= 0")
         if self.speculative_max_batch < 0:
             raise ValueError(f"speculative_max_batch must be >= 0, got {self.speculative_max_batch}")
         if self.tp_size < 1:

@@ -11,6 +11,14 @@ Token rows are sequence-major: sequence 0's new tokens, then sequence 1's, and s
     ([3, 1], [3, 4], [0, 1, 2, 3], [0, 1, 2, 13])
     >>> fb.last_token_indices.tolist()   # rows whose hidden state predicts each sequence's next token
     [2, 3]
+
+A tree verify row (speculative decoding) ends in draft nodes given by their parents (-1 = the pending
+token before them): node j sits at position pending + depth(j) and sees only the prefix, the pending
+token(s) and its own ancestors. Below: pending 7, then nodes 8 and 9 both children of 7 (depth 1).
+
+    >>> fb = ForwardBatch.from_lists(input_ids=[[7, 8, 9]], slot_tables=[[0, 1, 2, 3]], trees=[[-1, -1]])
+    >>> fb.positions.tolist(), fb.tree_masks[0].int().tolist()
+    ([1, 2, 2], [[1, 0, 0], [1, 1, 0], [1, 0, 1]])
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ class ForwardBatch:
     seq_lens: list[int]  # [B] total tokens per sequence after this step (prefix + new)
     slot_tables: list[torch.Tensor]  # [B], each [seq_len] int64: prefix slots, then out_cache_loc's segment
     lora: Optional[Any] = field(default=None, repr=False)  # a LoraBatch (runtime/lora/segmented.py) or None
+    # [B] each None (causal) or [extend_len, extend_len] bool: which new tokens each new token sees (trees)
+    tree_masks: Optional[list[Optional[torch.Tensor]]] = field(default=None, repr=False)
     # Derived once per step, shared by every layer:
     attn: AttentionMetadata = field(init=False, repr=False)
     last_token_indices: torch.Tensor = field(init=False, repr=False)  # [B] int64 row of each sequence's last token
@@ -45,7 +55,8 @@ class ForwardBatch:
         for ext, seq, table in zip(self.extend_lens, self.seq_lens, self.slot_tables):
             assert 1 <= ext <= seq, f"need 1 <= extend_len <= seq_len, got {ext}, {seq}"
             assert table.shape == (seq,), f"slot table of {tuple(table.shape)} for seq_len {seq}"
-        self.attn = AttentionMetadata.build(self.extend_lens, self.seq_lens, self.slot_tables, self.input_ids.device)
+        self.attn = AttentionMetadata.build(self.extend_lens, self.seq_lens, self.slot_tables, self.input_ids.device,
+                                            tree_masks=self.tree_masks)
         ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0) - 1
         self.last_token_indices = ends.to(self.input_ids.device)
 
@@ -71,11 +82,13 @@ class ForwardBatch:
         input_ids: Sequence[Sequence[int]],
         slot_tables: Sequence[Union[Sequence[int], torch.Tensor]],
         device: Union[str, torch.device] = "cpu",
+        trees: Optional[Sequence[Optional[Sequence[int]]]] = None,
     ) -> "ForwardBatch":
         """Build from per-sequence new token ids and whole-sequence slot tables.
 
         `slot_tables[b]` covers the whole sequence (prefix + new), so seq_len = its length and the new
-        tokens sit at positions prefix_len .. seq_len - 1 in the slots at its tail.
+        tokens sit at positions prefix_len .. seq_len - 1 in the slots at its tail. `trees[b]` (None = a
+        chain): the parents of sequence b's last len(trees[b]) new tokens, a draft tree (module docstring).
         """
         assert len(input_ids) == len(slot_tables), "one slot table per sequence"
         tables = [
@@ -86,7 +99,17 @@ class ForwardBatch:
         extend_lens = [len(ids) for ids in input_ids]
         seq_lens = [t.numel() for t in tables]
         flat_ids = [tok for ids in input_ids for tok in ids]
-        positions = [p for e, s in zip(extend_lens, seq_lens) for p in range(s - e, s)]
+        positions: list[int] = []
+        masks: Optional[list[Optional[torch.Tensor]]] = None
+        for b, (e, s) in enumerate(zip(extend_lens, seq_lens)):
+            parents = None if trees is None else trees[b]
+            if not parents:
+                positions.extend(range(s - e, s))
+                continue
+            pos, mask = tree_layout(e - len(parents), parents)
+            positions.extend(s - e + p for p in pos)
+            masks = masks if masks is not None else [None] * len(extend_lens)
+            masks[b] = mask.to(device)
         if len(tables) == 1:
             out_loc = tables[0][seq_lens[0] - extend_lens[0]:]
         else:
@@ -98,4 +121,23 @@ class ForwardBatch:
             extend_lens=extend_lens,
             seq_lens=seq_lens,
             slot_tables=tables,
+            tree_masks=masks,
         )
+
+
+def tree_layout(num_pending: int, parents: Sequence[int]) -> tuple[list[int], torch.Tensor]:
+    """Offsets (from the first new token) and the [E, E] attention mask of `num_pending` causal
+    tokens followed by tree nodes; parents[j] < j is node j's parent node, -1 the last pending token."""
+    assert num_pending >= 1
+    e = num_pending + len(parents)
+    mask = torch.ones(e, e, dtype=torch.bool).tril_()
+    mask[num_pending:, num_pending:] = False
+    depth: list[int] = []  # node j's depth below the last pending token (its children: 1)
+    for j, par in enumerate(parents):
+        assert -1 <= par < j, f"node {j}: parent {par} must be -1 or an earlier node"
+        row = num_pending + j
+        if par >= 0:
+            mask[row, num_pending:] = mask[num_pending + par, num_pending:]  # the parent's ancestors
+        mask[row, row] = True
+        depth.append(1 + (depth[par] if par >= 0 else 0))
+    return list(range(num_pending)) + [num_pending - 1 + d for d in depth], mask

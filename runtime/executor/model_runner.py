@@ -63,10 +63,12 @@ class ModelRunner:
         order = lora_order([r.req.lora for r in rows])
         if order is not None:
             rows = [rows[i] for i in order]
+        trees = [r.draft_parents for r in rows]
         fb = ForwardBatch.from_lists(
             input_ids=[r.input_ids for r in rows],
             slot_tables=[r.req.slots + r.new_slots for r in rows],
             device=self.device,
+            trees=trees if any(t is not None for t in trees) else None,
         )
         if order is not None:
             fb.lora = LoraBatch.from_rows(fb.extend_lens, [r.req.lora for r in rows], self._lora_stacks, self.device)
@@ -117,13 +119,15 @@ class ModelRunner:
         if sample_rows:
             states = [self._state(rows[i]) for i in sample_rows]
             top_nums = [rows[i].req.top_logprobs_num if rows[i].req.return_logprob else 0 for i in sample_rows]
-            drafts = masks.drafts if masks is not None else [rows[i].draft for i in sample_rows]
-            outs = sample_verify(logits, bases, drafts, states, masks.bitmask if masks is not None else None,
-                                 top_nums)
+            outs = sample_verify(logits, bases, [rows[i].draft for i in sample_rows], states,
+                                 masks.bitmask if masks is not None else None, top_nums,
+                                 parents=[rows[i].draft_parents for i in sample_rows],
+                                 alive=masks.alive if masks is not None else None)
             for j, i in enumerate(sample_rows):
                 res, out, g = results[i], outs[j], rows[i].req.grammar
                 if masks is not None and g is not None and masks.fill_states[j] is not None:
-                    restore_fill_state(g, masks.fill_states[j][max(len(out.token_ids), 1) - 1])
+                    last = out.path[-1] + 1 if out.path else 0  # the position of the last sample
+                    restore_fill_state(g, masks.fill_states[j][last])
                 if not out.token_ids:
                     res.error = (g.error if g is not None else None) or out.failure or \
                         "the constraint allows no token here (no continuation satisfies it)"
@@ -132,14 +136,20 @@ class ModelRunner:
                 res.next_token_ids = out.token_ids[1:]
                 res.next_logprobs = list(out.logprobs[1:])
                 res.next_top_logprobs = out.top_logprobs[1:]
+                res.draft_path = out.path
 
         if self.capture_hidden:
             for i, r in enumerate(rows):
                 res = results[i]
                 if res.error is not None:
                     continue
-                kept = r.extend_len - r.draft_len + (len(res.next_token_ids) if r.sample else 0)
-                res.hidden_states = hidden[offsets[i]:offsets[i] + kept].clone()  # [kept, H]
+                pending = r.extend_len - r.draft_len
+                if r.draft_parents is None:  # prefill chunk, decode or chain: a contiguous run of inputs
+                    kept = pending + (len(res.next_token_ids) if r.sample else 0)
+                    res.hidden_states = hidden[offsets[i]:offsets[i] + kept].clone()  # [kept, H]
+                else:  # tree: the pending token(s), then the accepted path's nodes
+                    idx = list(range(pending)) + [pending + c for c in res.draft_path]
+                    res.hidden_states = hidden.index_select(0, torch.tensor([offsets[i] + x for x in idx]))
 
         if lp_index:
             top_k = max(rows[i].req.top_logprobs_num for i in set(lp_owner))
@@ -175,4 +185,4 @@ class ModelRunner:
         if not any(r.req.grammar is not None for r in rows):
             return None
         return fill_verify_bitmask([r.req.grammar for r in rows], bases, [r.draft for r in rows],
-                                   num_positions, self.vocab_size)
+                                   num_positions, self.vocab_size, parents=[r.draft_parents for r in rows])

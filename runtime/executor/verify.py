@@ -1,21 +1,27 @@
-"""Sampling a verify row (speculative decoding): logits at the pending token and at every draft.
+"""Sampling a verify row (speculative decoding): logits at the pending token and at every draft node.
 
-Row j of a step has positions 0..k_j (its pending token, then drafts d_1..d_k). The sampler walks the
-positions in order, all live rows of the batch together at each position:
+Row j of a step has positions 0..k_j: its pending token, then draft nodes 1..k_j. The drafts form a
+tree given by parents (node i's parent node, or -1 = the pending token; a chain is parents
+[-1, 0, 1, ...], the default). The sampler walks every live row of the batch together, one produced
+token per row and iteration, from the pending token down the tree:
 
-    t_p ~ target(· | tokens so far)            (the row's own sampling: greedy, penalties, seed, mask)
-    if p == k_j or t_p != d_{p+1}: stop        (t_p is the target's own token: correction or bonus)
+    t ~ target(· | tokens so far)              (the row's own sampling: greedy, penalties, seed, mask)
+    if some live child c of the current node has token t: accept c, sample next at c's position
+    else stop                                  (t is the target's own token: correction or bonus)
 
-Each sampled token is appended to the row's sampling state before position p + 1 is sampled, so
-penalties, min_new_tokens and the row's generator see exactly the tokens accepted before p, as
-without speculation. Greedy rows produce the target's argmax chain; sampled rows draw one uniform
-per produced token from their own generator, so a seeded request gives the SAME tokens with and
-without speculation. For a one-hot draft distribution this is the speculative-sampling rule
-(accept d with min(1, p(d)/q(d)) = p(d); else a token from norm(max(0, p - q)) = p without d).
+Each sampled token is appended to the row's sampling state before the next one is sampled, so
+penalties, min_new_tokens and the row's generator see exactly the tokens accepted before, as without
+speculation. Greedy rows follow the target's argmax chain; sampled rows draw one uniform per produced
+token from their own generator, so a seeded request gives the SAME tokens with and without
+speculation. For one-hot draft distributions this is the (multi-candidate) speculative-sampling rule
+of SpecInfer/EAGLE: try the children in turn, accepting child c with min(1, p'(c)/1) where p' is the
+residual after the earlier children were rejected (p with them removed, renormalized); child c is then
+accepted with probability exactly p(c), and on rejection of all, the token comes from p restricted to
+the non-children, renormalized: the same law as "draw t ~ p and accept the child equal to t".
 
-Grammar rows: the mask at position p is the matcher's after accepting d_1..d_p; the walk
-(`fill_verify_bitmask`, on the mask thread) stops at the first draft the mask forbids, so later
-drafts are never verified, and rolls the matcher back to where it started.
+Grammar rows: the mask at a node is the matcher's after accepting the node's path; the walk
+(`fill_verify_bitmask`, on the mask thread) cuts every node the mask forbids with its subtree (such a
+node can never be sampled), and rolls the matcher back to where it started.
 """
 
 from __future__ import annotations
@@ -37,19 +43,37 @@ class RowOutcome:
     top_logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
     failure: Optional[str] = None  # position 0 had no samplable token (the row produced nothing)
     failure_from_sampler: bool = False
+    path: list[int] = field(default_factory=list)  # the accepted draft nodes, root first (len(token_ids) - 1)
+
+
+def _children(parents: Sequence[int], alive: Optional[Sequence[bool]]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for c, par in enumerate(parents):
+        if alive is None or alive[c]:
+            out.setdefault(par, []).append(c)
+    return out
+
+
+def chain_parents(n: int) -> list[int]:
+    return list(range(-1, n - 1))
 
 
 def sample_verify(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[Sequence[int]],
                   states: Sequence[RowSamplingState], bitmask: Optional[torch.Tensor],
-                  top_nums: Sequence[int]) -> list[RowOutcome]:
-    """logits: [P, V] float32, row j's positions at bases[j] .. bases[j] + len(drafts[j]);
-    bitmask: [P, W] int32 or None (same row order). Appends every produced token to its state."""
+                  top_nums: Sequence[int], parents: Optional[Sequence[Optional[Sequence[int]]]] = None,
+                  alive: Optional[Sequence[Optional[Sequence[bool]]]] = None) -> list[RowOutcome]:
+    """logits: [P, V] float32, row j's positions at bases[j] (pending) .. bases[j] + len(drafts[j]);
+    bitmask: [P, W] int32 or None (same row order); parents[j]: row j's tree (None: a chain);
+    alive[j]: which nodes may be accepted (None: all). Appends every produced token to its state."""
     n = len(states)
     outs = [RowOutcome() for _ in range(n)]
+    kids = [_children(chain_parents(len(drafts[j])) if parents is None or parents[j] is None else parents[j],
+                      None if alive is None else alive[j]) for j in range(n)]
+    cur = [-1] * n  # the node whose logits are sampled next (-1: the pending token)
     live = list(range(n))
-    p = 0
+    first = True
     while live:
-        idx = [bases[j] + p for j in live]
+        idx = [bases[j] + 1 + cur[j] for j in live]
         sel = torch.tensor(idx, dtype=torch.long)
         sub = logits if idx == list(range(logits.shape[0])) else logits.index_select(0, sel)
         mask = None if bitmask is None else (bitmask if sub is logits else bitmask.index_select(0, sel))
@@ -58,19 +82,22 @@ def sample_verify(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[S
         nxt = []
         for a, j in enumerate(live):
             if a in failed:
-                if p == 0:  # nothing produced: the row fails as a plain decode would
+                if first:  # nothing produced: the row fails as a plain decode would
                     outs[j].failure = res.failure_messages.get(a)
                     outs[j].failure_from_sampler = True
-                continue  # later positions: stop; the next step meets the same state at position 0
+                continue  # later positions: stop; the next step meets the same state at the pending token
             tok = res.token_ids[a]
             states[j].append(tok)
             outs[j].token_ids.append(tok)
             outs[j].logprobs.append(res.logprobs[a])
             outs[j].top_logprobs.append(res.top_logprobs[a] if res.top_logprobs is not None else None)
-            if p < len(drafts[j]) and tok == drafts[j][p]:
+            child = next((c for c in kids[j].get(cur[j], ()) if drafts[j][c] == tok), None)
+            if child is not None:
+                outs[j].path.append(child)
+                cur[j] = child
                 nxt.append(j)
         live = nxt
-        p += 1
+        first = False
     return outs
 
 
@@ -78,8 +105,8 @@ def sample_verify(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[S
 @dataclass
 class VerifyMasks:
     bitmask: torch.Tensor  # [P, W] int32
-    drafts: list[list[int]]  # per row: the drafts that may be verified (cut at the first forbidden one)
-    fill_states: list[Optional[list[tuple[Any, Any]]]]  # per row: matcher budget state after each fill
+    alive: list[Optional[list[bool]]]  # per row: the nodes that may be verified (None: no grammar, all)
+    fill_states: list[Optional[list[Optional[tuple[Any, Any]]]]]  # per row, per position: budget state after its fill
 
 
 def _fill_state(g: Any) -> tuple[Any, Any]:
@@ -97,36 +124,46 @@ def restore_fill_state(g: Any, state: tuple[Any, Any]) -> None:
 
 
 def fill_verify_bitmask(grammars: Sequence[Any], bases: Sequence[int], drafts: Sequence[Sequence[int]],
-                        num_positions: int, vocab_size: int) -> VerifyMasks:
-    """Masks for every sample position (rows without a grammar: all ones)."""
+                        num_positions: int, vocab_size: int,
+                        parents: Optional[Sequence[Optional[Sequence[int]]]] = None) -> VerifyMasks:
+    """Masks for every sample position (rows without a grammar: all ones). A node the mask of its
+    parent forbids, or the matcher rejects, is cut with its subtree (alive False, its row unfilled)."""
     mask = allocate_token_bitmask(num_positions, vocab_size)
-    cut: list[list[int]] = []
-    states: list[Optional[list[tuple[Any, Any]]]] = []
-    for g, base, draft in zip(grammars, bases, drafts):
+    alive_rows: list[Optional[list[bool]]] = []
+    states: list[Optional[list[Optional[tuple[Any, Any]]]]] = []
+    for j, (g, base, draft) in enumerate(zip(grammars, bases, drafts)):
         if g is None:
-            cut.append(list(draft))
+            alive_rows.append(None)
             states.append(None)
             continue
+        par = chain_parents(len(draft)) if parents is None or parents[j] is None else parents[j]
+        kids = _children(par, None)
+        alive = [False] * len(draft)
+        row_states: list[Optional[tuple[Any, Any]]] = [None] * (1 + len(draft))
         g.fill_bitmask(mask, base)
-        row_states = [_fill_state(g)]
-        accepted = 0
-        for p, d in enumerate(draft):
-            if g.error is not None or not int(mask[base + p, d // 32]) >> (d % 32) & 1:
-                break  # the mask forbids d: it can never be the sampled token at p
-            if not g.accept(d):
-                break
-            accepted += 1
-            error_before = g.error
-            g.fill_bitmask(mask, base + p + 1)
-            if g.error is not error_before:  # a speculative state must not end the request
-                g.error = error_before
-                accepted_ok = accepted - 1
+        row_states[0] = _fill_state(g)
+
+        def walk(node: int) -> None:  # the matcher has accepted the path to `node` and filled its row
+            for c in kids.get(node, ()):
+                restore_fill_state(g, row_states[1 + node])  # siblings start from the parent's countdown
+                d = draft[c]
+                if g.error is not None or not int(mask[base + 1 + node, d // 32]) >> (d % 32) & 1:
+                    continue  # the mask forbids d: it can never be the sampled token here
+                if not g.accept(d):
+                    continue
+                error_before = g.error
+                g.fill_bitmask(mask, base + 1 + c)
+                if g.error is not error_before:  # a speculative state must not end the request
+                    g.error = error_before
+                    g.rollback(1)
+                    continue
+                alive[c] = True
+                row_states[1 + c] = _fill_state(g)
+                walk(c)
                 g.rollback(1)
-                accepted = accepted_ok
-                break
-            row_states.append(_fill_state(g))
-        g.rollback(accepted)
-        cut.append(list(draft[:accepted]))
+
+        walk(-1)
+        alive_rows.append(alive)
         states.append(row_states)
         restore_fill_state(g, row_states[0])
-    return VerifyMasks(mask, cut, states)
+    return VerifyMasks(mask, alive_rows, states)

@@ -142,6 +142,10 @@ class BatchRow:
     # new slot each; the row samples at every one of its 1 + draft_len positions, in order, while the
     # sampled token equals the next draft (runtime/executor/verify.py).
     draft_len: int = 0
+    # A tree of drafts (None: a chain): draft node j's parent node, or -1 for the last pending token.
+    # Node j's KV slot is new_slots[extend_len - draft_len + j]; it sits at position
+    # start + extend_len - draft_len - 1 + depth(j) and attends to the prefix and its ancestors only.
+    draft_parents: Optional[list[int]] = None
 
     @property
     def extend_len(self) -> int:
@@ -174,9 +178,10 @@ class RowResult:
     next_token_ids: list[int] = field(default_factory=list)
     next_logprobs: list[Optional[float]] = field(default_factory=list)
     next_top_logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
+    draft_path: list[int] = field(default_factory=list)  # a verify row's accepted draft nodes, in order
     # The final-normed hidden states of the row's input tokens that stay in the sequence, [m, hidden]
     # float tensor (a copy): every input of a prefill chunk; for a verify row the pending token(s) and
-    # the accepted drafts (m = extend_len - draft_len + len(next_token_ids)), so the last one is the
+    # the accepted drafts (m = extend_len - draft_len + len(draft_path)), so the last one is the
     # state that predicted the row's last produced token. Only when the runner's `capture_hidden` is
     # on (MEDUSA and EAGLE drafters read it); None otherwise or when the row failed.
     hidden_states: Any = None

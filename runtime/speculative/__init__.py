@@ -10,6 +10,7 @@ One module per algorithm; `make_drafter` picks it from `--speculative-algorithm`
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 from sgl.runtime.config import ServerArgs
@@ -22,14 +23,17 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
 
     DRAFT loads its model here and gets a KV pool of `num_slots` (the target's pool size: every
     running request may need its whole sequence there); its vocabulary must be the target's.
-    EAGLE reads the target's hidden states: it needs the engine's ModelRunner (`runner`)."""
+    MEDUSA and EAGLE read the target's hidden states: they need the engine's ModelRunner (`runner`);
+    MEDUSA loads its heads (the shipped ones for the default model when no path is given) and shares
+    the runner's model's lm_head."""
     if args.speculative_algorithm is None:
         return None
     if args.speculative_algorithm == "NGRAM":
         from sgl.runtime.speculative.ngram import NgramDrafter
 
         return NgramDrafter(args.speculative_ngram_min_match_window_size,
-                            args.speculative_ngram_max_match_window_size)
+                            args.speculative_ngram_max_match_window_size,
+                            args.speculative_ngram_max_bfs_breadth, args.speculative_ngram_capacity)
     if args.speculative_algorithm == "DRAFT":
         if num_slots is None or target_vocab_size is None:
             raise ValueError("DRAFT needs the engine's pool size and vocabulary (Engine builds it)")
@@ -44,6 +48,19 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
                              f"{target_vocab_size}: DRAFT needs a model with the same tokenizer")
         dtype = next(loaded.model.parameters()).dtype
         return DraftModelDrafter(loaded.model, loaded.config, num_slots, dtype)
+    if args.speculative_algorithm == "MEDUSA":
+        if runner is None:
+            raise ValueError("MEDUSA needs the engine's model runner (Engine builds it)")
+        from sgl.runtime.speculative.medusa import DEFAULT_CHOICES, MedusaDrafter, load_medusa_heads, shipped_heads_path
+
+        cfg = runner.config
+        path = args.speculative_draft_model_path or shipped_heads_path(args.model_path)
+        heads = load_medusa_heads(path, cfg.hidden_size, cfg.vocab_size)
+        choices = json.loads(args.speculative_medusa_choices) if args.speculative_medusa_choices else DEFAULT_CHOICES
+        drafter = MedusaDrafter(heads, runner.model.compute_logits, choices)
+        runner.capture_hidden = True
+        runner.hidden_observer = drafter.observe
+        return drafter
     if args.speculative_algorithm == "EAGLE":
         if runner is None:
             raise ValueError("EAGLE needs the engine's model runner (Engine builds it)")

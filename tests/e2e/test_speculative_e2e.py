@@ -106,3 +106,32 @@ def test_draft_model_default_as_its_own_draft(baseline) -> None:
         eng.check_integrity()
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(speculative_algorithm="MEDUSA"),  # the shipped self-distilled heads, a static tree
+    dict(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=3, speculative_ngram_capacity=4096),
+], ids=["medusa", "ngram_tree"])
+def test_tree_drafts_identical_to_no_speculation(baseline, kw: dict) -> None:
+    """Token trees on the default model (tree attention mask, path acceptance, path slots kept): greedy
+    and json_schema outputs identical to no speculation, the constrained one valid. (Seeded sampling
+    is exact in law, and identical with exact fp32 activations; under the default q16 activation
+    quantization of one-row matmuls a verify row's logits differ from a decode step's by ~4e-3, which
+    can flip a sampled token near a CDF boundary: the tiny-model tests check seeded identity.)"""
+    from sgl.runtime.engine import Engine
+
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
+                 speculative_num_draft_tokens=6, **kw)
+    try:
+        prompts, params = _requests()
+        picks = [1, len(PROMPTS) - 1, len(prompts) - 1]  # haiku, copy, json_schema
+        outs = [eng.generate(prompts[i], params[i]) for i in picks]
+        for i, out in zip(picks, outs):
+            assert out["output_ids"] == baseline[i]["output_ids"], params[i]
+        jsonschema.validate(json.loads(outs[-1]["text"]), PERSON)
+        stats = eng.get_server_info()
+        assert stats["spec_verify_ct"] > 0 and stats["spec_accepted_tokens"] > 0, stats
+        eng.wait_idle()
+        eng.check_integrity()
+    finally:
+        eng.shutdown()

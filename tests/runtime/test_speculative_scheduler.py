@@ -183,8 +183,11 @@ def test_drafts_ride_after_jump_forward_tokens() -> None:
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(speculative_algorithm="MEDUSA"), "speculative_algorithm must be one of"),
+    (dict(speculative_algorithm="MAGIC"), "speculative_algorithm must be one of"),
     (dict(speculative_algorithm="DRAFT"), "DRAFT needs speculative_draft_model_path"),
+    (dict(speculative_algorithm="NGRAM", speculative_medusa_choices="[[0]]"), "goes with speculative_algorithm MEDUSA"),
+    (dict(speculative_algorithm="MEDUSA", speculative_medusa_choices="[[0], []]"), "JSON list of non-empty"),
+    (dict(speculative_algorithm="MEDUSA", speculative_medusa_choices="[[0"), "JSON list of non-empty"),
     (dict(speculative_draft_model_path="default"), "speculative_draft_model_path goes with"),
     (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=0), "speculative_num_draft_tokens"),
     (dict(speculative_ngram_min_match_window_size=5), "speculative_ngram_min_match_window_size"),

@@ -101,13 +101,15 @@ def _drafter(name: str, model: LlamaForCausalLM):  # noqa: ANN202 - any Drafter
         return RandomDrafter(1)
     if name == "ngram":
         return NgramDrafter(1, 3)
+    if name == "ngram_tree":  # several continuations as one tree, finished requests' sequences too
+        return NgramDrafter(1, 3, max_breadth=3, capacity=2000)
     if name == "draft_self":  # the target as its own draft: greedy drafts all accepted
         return DraftModelDrafter(model, model.config, 4096)
     small = tiny_model(7, layers=1, hidden=16)  # another model with the same vocabulary
     return DraftModelDrafter(small, small.config, 4096)
 
 
-@pytest.mark.parametrize("drafter", ["random", "ngram", "draft_self", "draft_small"])
+@pytest.mark.parametrize("drafter", ["random", "ngram", "ngram_tree", "draft_self", "draft_small"])
 def test_same_tokens_and_logprobs_with_and_without_drafts(model, drafter: str) -> None:
     rng = random.Random(0)
     prompts, params = [], []

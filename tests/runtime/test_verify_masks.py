@@ -41,7 +41,7 @@ def test_masks_along_a_valid_draft_then_cut_at_forbidden_token() -> None:
     draft = [3, 5, 8, 2]  # "ab" "1" "x" then "c": forbidden after the regex completed
     other = None  # an unconstrained row in the same batch
     vm = fill_verify_bitmask([other, g], [0, 5], [[1, 1, 1, 1, 1], draft], 10, V)
-    assert vm.drafts == [[1, 1, 1, 1, 1], [3, 5, 8]]
+    assert vm.alive == [None, [True, True, True, False]]
     want = _masks_by_hand(compiled, [0], [3, 5, 8])
     for p, m in enumerate(want):
         assert torch.equal(vm.bitmask[5 + p], m), p
@@ -57,5 +57,21 @@ def test_first_draft_forbidden_gives_empty_draft() -> None:
     compiled = _matcher()
     g = compiled.matcher()
     vm = fill_verify_bitmask([g], [0], [[5, 0]], 3, V)  # "1" cannot come first
-    assert vm.drafts == [[]]
+    assert vm.alive == [[False, False]]
     assert g.error is None and g.accept(0)
+
+
+def test_tree_nodes_the_grammar_forbids_are_cut_with_their_subtrees() -> None:
+    compiled = _matcher()
+    g = compiled.matcher()
+    assert g.accept(0)  # "a"
+    # pending -> 3 ("ab") -> {5 ("1") -> 8 ("x"), 2 ("c": forbidden) -> 5}; pending -> 8 (forbidden) -> 3
+    draft, parents = [3, 5, 2, 8, 5, 8, 3], [-1, 0, 0, 1, 2, -1, 5]
+    vm = fill_verify_bitmask([g], [0], [draft], 1 + len(draft), V, parents=[parents])
+    assert vm.alive == [[True, True, False, True, False, False, False]]
+    want = _masks_by_hand(compiled, [0], [3, 5, 8])
+    for node, m in zip([-1, 0, 1, 3], want):
+        assert torch.equal(vm.bitmask[1 + node], m), node
+    assert g.error is None
+    for t in [3, 5, 8]:
+        assert g.accept(t)
