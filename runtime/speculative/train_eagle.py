@@ -163,22 +163,33 @@ def train(data: DistillData, target: Any, args: argparse.Namespace, log: Callabl
         # saved after every epoch: an interrupted run leaves a usable head
         save_head(head.eval(), out, {"trained_on": f"{len(data.tokens)} tokens, {S} sequences",
                                      "epochs": str(epoch + 1), "held_out_first_token_accuracy": f"{acc:.4f}"})
+    chain = evaluate(head, data, held, embed, t2d, w_draft, depth=3)
+    log("eagle: held-out chain acceptance (all of d_1..d_s right) " + ", ".join(
+        f"s={i + 1}: {a:.3f}" for i, a in enumerate(chain)))
     return out
 
 
 @torch.no_grad()
 def evaluate(head: EagleHead, data: DistillData, seqs: list[int], embed: torch.Tensor, t2d: torch.Tensor,
-             w_draft: torch.Tensor) -> float:
-    """Share of answer positions whose first draft token (true features) equals the target's choice."""
+             w_draft: torch.Tensor, depth: int = 1) -> "float | list[float]":
+    """Share of answer positions whose draft token equals the target's choice: the first draft token
+    (true features; a float), or each of draft steps 1..depth (a list; step s reads the head's own
+    states as while drafting, and is right only where steps 1..s-1 were: the chain's acceptance)."""
     head.eval()
-    hit = tot = 0
+    hits, tot = [0] * depth, 0
     for ids in _batches(data, seqs, 16, 512, shuffle=False):
         emb, fin, _, labels, pos = _tensors(data, ids, embed, t2d, 512)
-        pred = (head.forward_train(emb, fin, pos) @ w_draft.t()).argmax(-1)
+        preds = [(g @ w_draft.t()).argmax(-1) for g in head.forward_unrolled(emb, fin, pos, depth)]
         for b, s in enumerate(ids):
             p = int(data.prompt_lens[s]) - 1  # from the last prompt token: the answer's predictions
             n = min(int(data.offsets[s + 1] - data.offsets[s]), 512)
-            lab = labels[b, p:n]
-            hit += int(((pred[b, p:n] == lab) & (lab >= 0)).sum())
-            tot += n - p
-    return hit / max(tot, 1)
+            ok = torch.ones(n - p - depth + 1, dtype=torch.bool) if n - p - depth + 1 > 0 else None
+            if ok is None:
+                continue
+            for step in range(depth):  # d_{step+1} drafted from position q sits at q + step
+                lab = labels[b, p + step:n - depth + 1 + step]
+                ok = ok & (preds[step][b, p + step:n - depth + 1 + step] == lab) & (lab >= 0)
+                hits[step] += int(ok.sum())
+            tot += n - p - depth + 1
+    accs = [h / max(tot, 1) for h in hits]
+    return accs[0] if depth == 1 else accs
