@@ -51,6 +51,11 @@ class _Seq:
 
 class EagleDrafter:
     name = "EAGLE"
+    # Features older than the head's context needs are dropped (a request's buffer would otherwise
+    # hold its whole sequence): kept from TRIM_MARGIN positions before the last true entry, the
+    # buffer compacted once COMPACT_AT positions are droppable. A rollback (grammar backtracking)
+    # past the kept window restarts the head's context there, as after a cache hit.
+    TRIM_MARGIN, COMPACT_AT = 64, 256
 
     def __init__(self, head: EagleHead, target: Any, num_steps: Optional[int] = None,
                  quantize: Optional[str] = None) -> None:
@@ -120,6 +125,9 @@ class EagleDrafter:
                 keep += 1
             seq.cut_entries(keep)
             first = seq.base + keep
+            if (first == seq.base < seq.feat_lo) or (first > seq.base and first - 1 < seq.feat_lo):
+                seq.cut_entries(0)  # the features this context needs were trimmed: restart it
+                seq.base = first = seq.feat_lo
             live.append((req, seq, fill[first:n + 1], list(range(first, n + 1))))
         drafts: dict[Req, list[int]] = {req: [] for req in reqs}
         if not live:
@@ -147,7 +155,16 @@ class EagleDrafter:
                             [1] * len(live))
         for (_, seq, _, _), n in zip(live, n_true):
             seq.cut_entries(n)  # drafted entries read the head's own features: never kept
+            self._trim(seq)
         return [Draft(drafts[req]) for req in reqs]
+
+    def _trim(self, seq: _Seq) -> None:
+        keep_from = seq.base + len(seq.tokens) - 1 - self.TRIM_MARGIN
+        drop = keep_from - seq.feat_lo
+        if drop >= self.COMPACT_AT:
+            kept = seq.feats[drop:seq.feat_hi - seq.feat_lo]
+            seq.feats = torch.cat([kept, kept.new_zeros(max(64, kept.shape[0]), self.hidden_size)])
+            seq.feat_lo = keep_from
 
     def _feats(self, seq: _Seq, first: int, last: int) -> torch.Tensor:
         """[last - first + 1, H]: f_{p-1} for the entries p = first..last; the context's first entry

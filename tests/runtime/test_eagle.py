@@ -95,7 +95,11 @@ def exact_target_and_head() -> tuple[LlamaForCausalLM, EagleHead]:
     return model, head.eval()
 
 
-def test_exact_head_has_every_greedy_draft_accepted() -> None:
+@pytest.mark.parametrize("trim", [False, True])
+def test_exact_head_has_every_greedy_draft_accepted(trim: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if trim:  # old features dropped after every step, the buffers compacted: drafts must not change
+        monkeypatch.setattr(EagleDrafter, "TRIM_MARGIN", 2)
+        monkeypatch.setattr(EagleDrafter, "COMPACT_AT", 1)
     model, head = exact_target_and_head()
     prompts = [[2, 3, 4, 5], [5, 4, 3, 2, 0, 0, 3], [3]]
     params = [SamplingParams(temperature=0, max_new_tokens=25)] * 3
@@ -228,3 +232,31 @@ def test_quantized_head_drafts_like_the_fp32_one() -> None:
     head.quantize_for_inference("q8_0")
     got = head_extend(head, emb, feats, torch.arange(6), [HeadKV.empty(head.config)], [6])
     assert not torch.equal(got, ref) and torch.allclose(got, ref, atol=0.05 * float(ref.abs().max()))
+
+
+def test_trimming_old_features_changes_no_draft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head that reads its features: the same drafts whether old features are kept or dropped."""
+    model = tiny_model(3)
+    head = random_head(model.config, seed=2)
+    prompts = [[2, 3, 4, 5, 0, 2], [5, 4, 3], [3, 3, 2, 0, 4, 5, 2, 2]]
+    params = [SamplingParams(temperature=0, max_new_tokens=40)] * 3
+
+    def drafts(trim: bool) -> list:
+        seen: list = []
+        orig = EagleDrafter.propose
+
+        def propose(self, reqs, k):
+            out = orig(self, reqs, k)
+            seen.extend((r.rid, len(r.fill_ids), d.token_ids) for r, d in zip(reqs, out))
+            return out
+
+        with monkeypatch.context() as m:
+            m.setattr(EagleDrafter, "propose", propose)
+            if trim:
+                m.setattr(EagleDrafter, "TRIM_MARGIN", 2)
+                m.setattr(EagleDrafter, "COMPACT_AT", 1)
+            run(model, prompts, params, head=head, eos=frozenset({99}), speculative_num_draft_tokens=3)
+        return seen
+
+    kept = drafts(False)
+    assert len(kept) >= 5 and kept == drafts(True)
