@@ -186,14 +186,17 @@ class EagleDrafter:
         return len(self._seqs)
 
 
-def make_eagle_drafter(path: Optional[str], runner: Any, num_steps: Optional[int] = None) -> EagleDrafter:
-    """The head at `path` (None: the shipped head of the default model) over the runner's model; turns
-    on the runner's hidden-state capture and subscribes to it."""
+def make_eagle_drafter(path: Optional[str], runner: Any, num_steps: Optional[int] = None,
+                       model_path: str = "default") -> EagleDrafter:
+    """The head at `path` (None: the shipped head, for the default model only) over the runner's
+    model; turns on the runner's hidden-state capture and subscribes to it."""
     from sgl.runtime.speculative.eagle_io import DEFAULT_HEAD, load_head
 
     head_path = path or DEFAULT_HEAD
-    if not path and not DEFAULT_HEAD.exists():
-        raise ValueError("no EAGLE head ships for this build; pass --speculative-draft-model-path")
+    if not path and (model_path != "default" or not DEFAULT_HEAD.exists()):
+        raise ValueError(f"EAGLE on {model_path!r} needs --speculative-draft-model-path (an EAGLE head: "
+                         "train one with `python -m sgl.runtime.speculative.train --algorithm eagle "
+                         "--model-path ...`)")
     head = load_head(head_path, runner.config)
     # a quantized (native) target runs the head quantized too; an fp32 target keeps it fp32
     quantize = "q8_0" if getattr(runner.model, "native", False) else None

@@ -260,3 +260,12 @@ def test_trimming_old_features_changes_no_draft(monkeypatch: pytest.MonkeyPatch)
 
     kept = drafts(False)
     assert len(kept) >= 5 and kept == drafts(True)
+
+
+def test_no_shipped_head_for_other_models() -> None:
+    from sgl.runtime.speculative.eagle import make_eagle_drafter
+
+    model = tiny_model(3)
+    runner = ModelRunner(model, model.config, 64, frozenset({1}))
+    with pytest.raises(ValueError, match="needs --speculative-draft-model-path"):
+        make_eagle_drafter(None, runner, model_path="/some/llama")
