@@ -15,7 +15,7 @@ verify rows stop paying. `--verify-cost` times one forward step of a verify row 
 300-token context against a plain decode step (where a speculative step's time goes).
 Algorithms: NGRAM (chain, own sequence); NGRAM_TREE (NGRAM with 3 continuations merged into a tree
 and finished requests' sequences matched too); MEDUSA (the shipped self-distilled heads, a static
-tree); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
+tree); EAGLE (the shipped self-distilled one-layer head, a chain, q8_0 draft steps); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
 tokenizer ships here), so its speed ratio is below 1 by construction.
 Prints one table and writes benchmarks/results/bench_speculative.json.
 """

@@ -66,5 +66,6 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
             raise ValueError("EAGLE needs the engine's model runner (Engine builds it)")
         from sgl.runtime.speculative.eagle import make_eagle_drafter
 
-        return make_eagle_drafter(args.speculative_draft_model_path, runner, args.speculative_num_steps)
+        return make_eagle_drafter(args.speculative_draft_model_path, runner, args.speculative_num_steps,
+                                  args.model_path)
     raise ValueError(f"unknown speculative algorithm {args.speculative_algorithm!r}")

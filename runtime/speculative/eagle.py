@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from sgl.runtime.models.native_weights import embedding_rows
+from sgl.runtime.models.native_weights import embedding_rows, linear
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
 from sgl.runtime.speculative.drafter import Draft
 from sgl.runtime.speculative.eagle_head import EagleHead, HeadKV, head_extend
@@ -51,10 +51,18 @@ class _Seq:
 
 class EagleDrafter:
     name = "EAGLE"
+    # Features older than the head's context needs are dropped (a request's buffer would otherwise
+    # hold its whole sequence): kept from TRIM_MARGIN positions before the last true entry, the
+    # buffer compacted once COMPACT_AT positions are droppable. A rollback (grammar backtracking)
+    # past the kept window restarts the head's context there, as after a cache hit.
+    TRIM_MARGIN, COMPACT_AT = 64, 256
 
-    def __init__(self, head: EagleHead, target: Any, num_steps: Optional[int] = None) -> None:
+    def __init__(self, head: EagleHead, target: Any, num_steps: Optional[int] = None,
+                 quantize: Optional[str] = None) -> None:
         """`target`: the LlamaForCausalLM whose states the head reads (its embedding and lm_head rows);
-        `num_steps`: at most this many head steps (drafted tokens) per request and step."""
+        `num_steps`: at most this many head steps (drafted tokens) per request and step; `quantize`
+        ("q8_0"): the head's linears and draft lm_head rows in blocks for the CPU kernels (a draft step
+        reads ~4x fewer bytes; measured in the README)."""
         self.head = head
         self.num_steps = num_steps
         self.target = target
@@ -62,7 +70,14 @@ class EagleDrafter:
         self.d2t = head.draft_to_target  # [Vd] int64
         with torch.inference_mode():
             rows = head.lm_head.weight if head.lm_head is not None else embedding_rows(self.d2t, target.lm_head)
-            self.lm_head_t = rows.float().t().contiguous()  # [H, Vd]: the draft vocabulary's logits
+            rows = rows.float().contiguous()  # [Vd, H]: the draft vocabulary's logits
+            if quantize is not None:
+                from sgl.runtime.models.native_weights import fuse_rows, to_linear
+
+                head.quantize_for_inference(quantize)
+                self.lm_head = to_linear(fuse_rows([rows], quantize))
+            else:
+                self.lm_head = rows.t().contiguous()  # [H, Vd], as an fp32 LinearWeight
         self._seqs: dict[Req, _Seq] = {}
 
     # -- the target's states, after each step (ModelRunner.hidden_observer) --------------------------
@@ -110,6 +125,9 @@ class EagleDrafter:
                 keep += 1
             seq.cut_entries(keep)
             first = seq.base + keep
+            if (first == seq.base < seq.feat_lo) or (first > seq.base and first - 1 < seq.feat_lo):
+                seq.cut_entries(0)  # the features this context needs were trimmed: restart it
+                seq.base = first = seq.feat_lo
             live.append((req, seq, fill[first:n + 1], list(range(first, n + 1))))
         drafts: dict[Req, list[int]] = {req: [] for req in reqs}
         if not live:
@@ -127,7 +145,7 @@ class EagleDrafter:
         g = g.index_select(0, last)  # [B, H]: g_n of each request
         positions = torch.tensor([ps[-1] for _, _, _, ps in live])
         for step in range(k):
-            tok = self.d2t.index_select(0, (g @ self.lm_head_t).argmax(-1))  # [B] target ids
+            tok = self.d2t.index_select(0, linear(g.contiguous(), self.lm_head).argmax(-1))  # [B] target ids
             for (req, _, _, _), t in zip(live, tok.tolist()):
                 drafts[req].append(int(t))
             if step == k - 1:
@@ -137,7 +155,16 @@ class EagleDrafter:
                             [1] * len(live))
         for (_, seq, _, _), n in zip(live, n_true):
             seq.cut_entries(n)  # drafted entries read the head's own features: never kept
+            self._trim(seq)
         return [Draft(drafts[req]) for req in reqs]
+
+    def _trim(self, seq: _Seq) -> None:
+        keep_from = seq.base + len(seq.tokens) - 1 - self.TRIM_MARGIN
+        drop = keep_from - seq.feat_lo
+        if drop >= self.COMPACT_AT:
+            kept = seq.feats[drop:seq.feat_hi - seq.feat_lo]
+            seq.feats = torch.cat([kept, kept.new_zeros(max(64, kept.shape[0]), self.hidden_size)])
+            seq.feat_lo = keep_from
 
     def _feats(self, seq: _Seq, first: int, last: int) -> torch.Tensor:
         """[last - first + 1, H]: f_{p-1} for the entries p = first..last; the context's first entry
@@ -159,16 +186,21 @@ class EagleDrafter:
         return len(self._seqs)
 
 
-def make_eagle_drafter(path: Optional[str], runner: Any, num_steps: Optional[int] = None) -> EagleDrafter:
-    """The head at `path` (None: the shipped head of the default model) over the runner's model; turns
-    on the runner's hidden-state capture and subscribes to it."""
+def make_eagle_drafter(path: Optional[str], runner: Any, num_steps: Optional[int] = None,
+                       model_path: str = "default") -> EagleDrafter:
+    """The head at `path` (None: the shipped head, for the default model only) over the runner's
+    model; turns on the runner's hidden-state capture and subscribes to it."""
     from sgl.runtime.speculative.eagle_io import DEFAULT_HEAD, load_head
 
     head_path = path or DEFAULT_HEAD
-    if not path and not DEFAULT_HEAD.exists():
-        raise ValueError("no EAGLE head ships for this build; pass --speculative-draft-model-path")
+    if not path and (model_path != "default" or not DEFAULT_HEAD.exists()):
+        raise ValueError(f"EAGLE on {model_path!r} needs --speculative-draft-model-path (an EAGLE head: "
+                         "train one with `python -m sgl.runtime.speculative.train --algorithm eagle "
+                         "--model-path ...`)")
     head = load_head(head_path, runner.config)
-    drafter = EagleDrafter(head, runner.model, num_steps)
+    # a quantized (native) target runs the head quantized too; an fp32 target keeps it fp32
+    quantize = "q8_0" if getattr(runner.model, "native", False) else None
+    drafter = EagleDrafter(head, runner.model, num_steps, quantize)
     runner.capture_hidden = True
     runner.hidden_observer = drafter.observe
     return drafter

@@ -136,21 +136,55 @@ class EagleHead(nn.Module):
         ang = torch.cat([ang, ang], dim=-1).unsqueeze(-2)
         return ang.cos() * self.rope_scale, ang.sin() * self.rope_scale
 
+    def quantize_for_inference(self, qtype: str = "q8_0") -> None:
+        """Drafting reads every weight once per step, so on the CPU its cost is the bytes: keep the
+        linears as `qtype` blocks for the quantized kernels (q/k/v and gate/up fused as the target's).
+        Training and forward_train keep using the fp32 modules; drafts only need to be good, not exact."""
+        from sgl.runtime.models.native_weights import fuse_rows, to_linear
+
+        a, m = self.layers[0].self_attn, self.layers[0].mlp
+
+        def q(*ws: torch.Tensor) -> Any:
+            return to_linear(fuse_rows([w.detach().float() for w in ws], qtype))
+
+        bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach()
+        self._quant = {"fc": q(self.fc.weight), "qkv": q(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                       "qkv_bias": bias, "o": q(a.o_proj.weight), "gate_up": q(m.gate_proj.weight, m.up_proj.weight),
+                       "down": q(m.down_proj.weight)}
+
+    _quant: Optional[dict[str, Any]] = None
+
     def block(self, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
               attend: Attend) -> torch.Tensor:
         """embeds, feats [..., T, H]; positions [..., T] -> predicted features [..., T, H]."""
         c, layer = self.config, self.layers[0]
         lead = embeds.shape[:-1]
-        x = self.fc(torch.cat([embeds, feats], dim=-1))
-        a = layer.self_attn
-        q = a.q_proj(x).view(*lead, c.num_attention_heads, c.head_dim)
-        k = a.k_proj(x).view(*lead, c.num_key_value_heads, c.head_dim)
-        v = a.v_proj(x).view(*lead, c.num_key_value_heads, c.head_dim)
+        a, mlp, qw = layer.self_attn, layer.mlp, self._quant
+        nq, nkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        if qw is None:
+            x = self.fc(torch.cat([embeds, feats], dim=-1))
+            q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+        else:  # inference on [T, H] rows: the quantized kernels
+            from sgl.runtime.models.native_weights import linear
+
+            x = linear(torch.cat([embeds, feats], dim=-1), qw["fc"], self.fc.bias)
+            qkv = linear(x, qw["qkv"], qw["qkv_bias"])
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+        q = q.reshape(*lead, c.num_attention_heads, c.head_dim)
+        k = k.reshape(*lead, c.num_key_value_heads, c.head_dim)
+        v = v.reshape(*lead, c.num_key_value_heads, c.head_dim)
         cos, sin = self.rope(positions)
-        o = attend(rotate(q, cos, sin), rotate(k, cos, sin), v)
-        h = x + a.o_proj(o.reshape(*lead, c.num_attention_heads * c.head_dim))
-        m = rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps)
-        h = h + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(m)) * layer.mlp.up_proj(m))
+        o = attend(rotate(q, cos, sin), rotate(k, cos, sin), v).reshape(*lead, nq)
+        if qw is None:
+            h = x + a.o_proj(o)
+            m = rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps)
+            h = h + mlp.down_proj(F.silu(mlp.gate_proj(m)) * mlp.up_proj(m))
+        else:
+            h = linear(o.contiguous(), qw["o"], residual=x)
+            m = rms_norm(h, layer.post_attention_layernorm, c.rms_norm_eps)
+            gate_up = linear(m, qw["gate_up"])
+            inter = c.intermediate_size
+            h = linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], qw["down"], residual=h)
         return rms_norm(h, self.norm, c.rms_norm_eps) if self.norm is not None else h
 
     def forward_train(self, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -163,6 +197,48 @@ class EagleHead(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
         return self.block(embeds, feats, positions, attend)
+
+    def forward_unrolled(self, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
+                         depth: int) -> list[torch.Tensor]:
+        """Training-time test (EAGLE-3's idea): the head's outputs at draft steps 1..depth, each
+        position seeing what it would see while drafting. [B, L, H] inputs -> depth x [B, L, H].
+
+        Step s's entry at position p reads (embed(t_p), g^{s-1}_{p-1}) (step s-1's output one position
+        back; step 1 reads the target's feature) and attends to the true entries at positions
+        <= p - (s-1) plus, for i = 2..s, step i's entry at position p - (s-i): while drafting, d_s's
+        entry sits on top of the true context and of the drafted entries before it."""
+        c = self.config
+        groups = c.num_attention_heads // c.num_key_value_heads
+        scale = c.head_dim ** -0.5
+        L = embeds.shape[1]
+        keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (k, v) [B, Hq, L, D]
+        outs: list[torch.Tensor] = []
+        for s in range(1, depth + 1):
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: int = s) -> torch.Tensor:
+                q = q.transpose(1, 2)  # [B, Hq, L, D]
+                k, v = (t.transpose(1, 2).repeat_interleave(groups, 1) for t in (k, v))
+                keys.append((k, v))
+                k1, v1 = keys[0]
+                sc = (q @ k1.transpose(-1, -2)) * scale  # [B, Hq, L, L]
+                p = torch.arange(L)
+                sc = sc.masked_fill(p.unsqueeze(0) > (p - (s - 1)).unsqueeze(1), float("-inf"))
+                diag, vals = [], []
+                for i in range(2, s + 1):  # step i's entry at p - (s - i): shift right by s - i
+                    ki, vi = keys[i - 1]
+                    sh = s - i
+                    ki = F.pad(ki, (0, 0, sh, 0))[:, :, :L]
+                    vals.append(F.pad(vi, (0, 0, sh, 0))[:, :, :L])
+                    d = (q * ki).sum(-1, keepdim=True) * scale  # [B, Hq, L, 1]
+                    diag.append(d.masked_fill((p < sh).view(1, 1, L, 1), float("-inf")))
+                attn = torch.cat([sc] + diag, dim=-1).softmax(-1)
+                o = attn[..., :L] @ v1
+                for j, vi in enumerate(vals):
+                    o = o + attn[..., L + j:L + j + 1] * vi
+                return o.transpose(1, 2)
+
+            prev = feats if s == 1 else F.pad(outs[-1], (0, 0, 1, 0))[:, :L]  # g^{s-1}_{p-1}; zeros at p = 0
+            outs.append(self.block(embeds, prev, positions, attend))
+        return outs
 
 
 @dataclass

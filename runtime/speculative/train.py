@@ -69,8 +69,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     data = load_or_generate(spec, log, Path(args.data) if args.data else None)
     from sgl.runtime.models.loader import load_model
 
-    target = load_model(args.model_path, show_progress=False)
-    out = trainer.train(data, target, args, log)
+    target = load_model(args.model_path, show_progress=False, weight_format="fp32")  # trainers read fp32 weights
+    out = trainer.train(data, target.model, args, log)
     log(f"wrote {out}")
     return 0
 

@@ -37,12 +37,12 @@ def random_head(target_cfg: ModelConfig, seed: int = 0, **kw) -> EagleHead:
     return head.eval()
 
 
-def run(model, prompts, params, head=None, eos=frozenset({1}), **kw):
+def run(model, prompts, params, head=None, eos=frozenset({1}), quantize=None, **kw):
     pool = 4096
     runner = ModelRunner(model, model.config, pool, eos)
     drafter = None
     if head is not None:
-        drafter = EagleDrafter(head, model)
+        drafter = EagleDrafter(head, model, quantize=quantize)
         runner.capture_hidden, runner.hidden_observer = True, drafter.observe
     done: dict[str, Req] = {}
     args = ServerArgs(speculative_max_batch=256, max_running_requests=256, **kw)
@@ -95,7 +95,11 @@ def exact_target_and_head() -> tuple[LlamaForCausalLM, EagleHead]:
     return model, head.eval()
 
 
-def test_exact_head_has_every_greedy_draft_accepted() -> None:
+@pytest.mark.parametrize("trim", [False, True])
+def test_exact_head_has_every_greedy_draft_accepted(trim: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if trim:  # old features dropped after every step, the buffers compacted: drafts must not change
+        monkeypatch.setattr(EagleDrafter, "TRIM_MARGIN", 2)
+        monkeypatch.setattr(EagleDrafter, "COMPACT_AT", 1)
     model, head = exact_target_and_head()
     prompts = [[2, 3, 4, 5], [5, 4, 3, 2, 0, 0, 3], [3]]
     params = [SamplingParams(temperature=0, max_new_tokens=25)] * 3
@@ -109,8 +113,8 @@ def test_exact_head_has_every_greedy_draft_accepted() -> None:
     assert drafter.num_tracked == 0, "finished requests' head states were kept"
 
 
-@pytest.mark.parametrize("reduced", [False, True])
-def test_any_head_keeps_outputs_identical(reduced: bool) -> None:
+@pytest.mark.parametrize("reduced,quantize", [(False, None), (True, None), (True, "q8_0")])
+def test_any_head_keeps_outputs_identical(reduced: bool, quantize) -> None:
     import random
 
     model = tiny_model(3)
@@ -123,7 +127,7 @@ def test_any_head_keeps_outputs_identical(reduced: bool) -> None:
         prompts.append([rng.randrange(6) for _ in range(rng.randrange(2, 12))])
         params.append(SamplingParams(max_new_tokens=rng.randrange(1, 30), **PARAMS[i % len(PARAMS)]))
     base, _, _ = run(model, prompts, params)
-    spec, s, drafter = run(model, prompts, params, head=head, speculative_num_draft_tokens=3)
+    spec, s, drafter = run(model, prompts, params, head=head, quantize=quantize, speculative_num_draft_tokens=3)
     assert s.stats.spec_verify_ct > 0 and 0 < s.stats.spec_accepted_tokens < s.stats.spec_draft_tokens
     for a, b in zip(base, spec):
         assert b.output_ids == a.output_ids, (a.rid, a.params)
@@ -195,3 +199,73 @@ def test_bad_checkpoints_are_refused(tmp_path: Path) -> None:
 def test_topk_above_one_is_refused_until_trees() -> None:
     with pytest.raises(ValueError, match="speculative_eagle_topk"):
         ServerArgs(speculative_algorithm="EAGLE", speculative_eagle_topk=4)
+
+
+def test_unrolled_training_steps_equal_drafting() -> None:
+    """forward_unrolled's step s at position p == what the drafter computes for d_s's entry there."""
+    cfg = tiny_model(1).config
+    head = random_head(cfg, final_norm=True)
+    L, H = 9, cfg.hidden_size
+    emb, feats = torch.randn(L, H), torch.randn(L, H)
+    feats[0] = 0
+    with torch.no_grad():
+        steps = head.forward_unrolled(emb[None], feats[None], torch.arange(L)[None], depth=3)
+    for n in (2, 5):  # true entries 0..n, then draft entries n+1, n+2 (their tokens: t_{n+1}, t_{n+2})
+        kv = HeadKV.empty(head.config)
+        g = head_extend(head, emb[:n + 1], feats[:n + 1], torch.arange(n + 1), [kv], [n + 1])
+        assert torch.allclose(g, steps[0][0, :n + 1], atol=1e-5)
+        g = g[-1:]
+        for s in (2, 3):
+            p = n + s - 1
+            g = head_extend(head, emb[p:p + 1], g, torch.tensor([p]), [kv], [1])
+            assert torch.allclose(g[0], steps[s - 1][0, p], atol=1e-5), (n, s)
+
+
+def test_quantized_head_drafts_like_the_fp32_one() -> None:
+    """q8_0 inference weights: the head's states stay within quantization error of the fp32 ones."""
+    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, rms_norm_eps=1e-6))
+    head = random_head(cfg, fc_bias=True, final_norm=True)
+    emb, feats = torch.randn(6, 64), torch.randn(6, 64)
+    ref = head_extend(head, emb, feats, torch.arange(6), [HeadKV.empty(head.config)], [6])
+    head.quantize_for_inference("q8_0")
+    got = head_extend(head, emb, feats, torch.arange(6), [HeadKV.empty(head.config)], [6])
+    assert not torch.equal(got, ref) and torch.allclose(got, ref, atol=0.05 * float(ref.abs().max()))
+
+
+def test_trimming_old_features_changes_no_draft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head that reads its features: the same drafts whether old features are kept or dropped."""
+    model = tiny_model(3)
+    head = random_head(model.config, seed=2)
+    prompts = [[2, 3, 4, 5, 0, 2], [5, 4, 3], [3, 3, 2, 0, 4, 5, 2, 2]]
+    params = [SamplingParams(temperature=0, max_new_tokens=40)] * 3
+
+    def drafts(trim: bool) -> list:
+        seen: list = []
+        orig = EagleDrafter.propose
+
+        def propose(self, reqs, k):
+            out = orig(self, reqs, k)
+            seen.extend((r.rid, len(r.fill_ids), d.token_ids) for r, d in zip(reqs, out))
+            return out
+
+        with monkeypatch.context() as m:
+            m.setattr(EagleDrafter, "propose", propose)
+            if trim:
+                m.setattr(EagleDrafter, "TRIM_MARGIN", 2)
+                m.setattr(EagleDrafter, "COMPACT_AT", 1)
+            run(model, prompts, params, head=head, eos=frozenset({99}), speculative_num_draft_tokens=3)
+        return seen
+
+    kept = drafts(False)
+    assert len(kept) >= 5 and kept == drafts(True)
+
+
+def test_no_shipped_head_for_other_models() -> None:
+    from sgl.runtime.speculative.eagle import make_eagle_drafter
+
+    model = tiny_model(3)
+    runner = ModelRunner(model, model.config, 64, frozenset({1}))
+    with pytest.raises(ValueError, match="needs --speculative-draft-model-path"):
+        make_eagle_drafter(None, runner, model_path="/some/llama")
