@@ -54,9 +54,11 @@ def sizes(quick: bool) -> dict[str, int]:
             "shared_reqs": 8 if quick else 64, "json_new": 48 if quick else 96, "reps": 1 if quick else 3}
 
 
+SYSTEM_PROMPT = "You are a careful assistant. " + text_of(265, 3)  # ~500 tokens
+
+
 def shared_prompts(n: int) -> list[str]:
-    system = "You are a careful assistant. " + text_of(265, 3)  # ~500 tokens
-    return [system + " Question %d: " % i + text_of(24, 100 + i) for i in range(n)]  # ~50 tokens each
+    return [SYSTEM_PROMPT + " Question %d: " % i + text_of(24, 100 + i) for i in range(n)]  # ~50 tokens each
 
 
 def gguf_path() -> str:
@@ -254,7 +256,7 @@ def llama_server(d: Path, gguf: str, threads: int, rows: list[int], quick: bool)
         def run(prompts: list[str], n_new: int, cache: bool) -> tuple[float, int]:
             def one(p: str) -> int:
                 r = httpx.post(url + "/completion", json={"prompt": p, "n_predict": n_new, "temperature": 0,
-                                                          "ignore_eos": True, "cache_prompt": cache}, timeout=600)
+                                                          "ignore_eos": True, "cache_prompt": cache}, timeout=3600)
                 r.raise_for_status()
                 return int(r.json()["tokens_predicted"])
             t = time.perf_counter()
@@ -268,8 +270,11 @@ def llama_server(d: Path, gguf: str, threads: int, rows: list[int], quick: bool)
             res["b32_tps"] = n / dt
         if 4 in rows:
             qs = shared_prompts(s["shared_reqs"])
-            res["shared_cold_s"], _ = run(qs, 32, True)
-            res["shared_total_s"], _ = run(qs, 32, True)  # warm: the same workload again, cache_prompt on
+            # Warm every slot's prompt cache with the shared system prompt (llama-server caches per slot and
+            # gives a request the idle slot whose cached prompt matches best): one concurrent request per slot.
+            # (Warming with the whole workload cost 35K prefill tokens: past an hour at 1 thread under load.)
+            res["warm_up_s"], _ = run([SYSTEM_PROMPT] * min(parallel, len(qs)), 1, True)
+            res["shared_total_s"], _ = run(qs, 32, True)  # the workload, cache_prompt on, the prefix cached
         res["rss_mb"] = _proc_rss_mb(proc.pid)
     finally:
         proc.terminate()
@@ -345,10 +350,11 @@ def main() -> None:
         if d is not None:
             if {1, 2} & set(a.rows):
                 print(f"llama-bench, {t} thread(s) ...", file=sys.stderr, flush=True)
-                results["llama_bench"][str(t)] = llama_bench(d, gguf, t, a.quick)
+                results["llama_bench"][str(t)] = _peer(lambda: llama_bench(d, gguf, t, a.quick), results)
             if {3, 4} & set(a.rows):
                 print(f"llama-server, {t} thread(s) ...", file=sys.stderr, flush=True)
-                results["llama_server"][str(t)] = llama_server(d, gguf, t, a.rows, a.quick)
+                results["llama_server"][str(t)] = _peer(lambda: llama_server(d, gguf, t, a.rows, a.quick), results)
+        _write(results, a.quick, partial=True)  # a later failure keeps what was measured
     results["wall_s"] = time.perf_counter() - t_start
     results["machine"]["load_avg_end"] = os.getloadavg()
 
@@ -360,11 +366,24 @@ def main() -> None:
         print(line)
     for s in results["skipped"]:
         print(f"skipped: {s}")
+    print(f"wrote {_write(results, a.quick, partial=False)}", file=sys.stderr)
+
+
+def _peer(run: Any, results: dict[str, Any]) -> dict[str, Any]:
+    """A peer's measurement, or {"error": ...} (a crashed or timed-out peer must not lose ours)."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - reported in the JSON and the table's skipped lines
+        results["skipped"].append(f"peer failed: {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _write(results: dict[str, Any], quick: bool, partial: bool) -> Path:
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"bench_cpu{'_quick' if a.quick else ''}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}", file=sys.stderr)
+    path = out_dir / f"bench_cpu{'_quick' if quick else ''}.json"
+    path.write_text(json.dumps({**results, "partial": partial}, indent=2))
+    return path
 
 
 def build_table(r: dict[str, Any], threads: list[int], formats: list[str], q41_bytes: int) -> list[str]:
