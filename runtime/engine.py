@@ -22,6 +22,7 @@ from sgl.runtime.metrics import record_grammar_compilation
 from sgl.runtime.engine_io import (RequestSink, build_requests, finished_dict, validate_prompt_length)
 from sgl.runtime.lora.adapter import AdapterError, LayerShapes, LoraAdapter, check_adapter_name, load_adapter
 from sgl.runtime.lora.pool import AdapterPool, parse_lora_paths
+from sgl.runtime.malloc_policy import set_mmap_threshold
 from sgl.runtime.protocol import PRIORITY_CLASSES, GenerateRequest, RequestError, finish_reason_abort
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
@@ -37,6 +38,7 @@ class Engine:
     def __init__(self, model_path: str = "default", **server_args: Any) -> None:
         if "OMP_WAIT_POLICY" not in os.environ:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # only effective before torch starts its pool
+        set_mmap_threshold()  # a prefill's large temporaries go back to the OS (runtime/malloc_policy.py)
         import torch
 
         from sgl.runtime.executor.model_runner import ModelRunner
