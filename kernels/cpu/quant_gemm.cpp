@@ -295,18 +295,8 @@ void f16_tail(const uint8_t* w, const float* x, int64_t ldx, int64_t k0, int64_t
 // Output columns per cache block of the multi-row path (gemm_cols): 64 weight rows are <= 40 KB (Q8_0, K 576).
 constexpr int64_t kColChunk = 64;
 
-// Rows of x per tile for `rest` remaining rows: 8 (a decoded block serves 8 rows), then <= 4 + the rest; with
-// fp32 activations on an AVX-512 CPU, 16 while the tile (16 x K fp32) fits L1 (K <= 640: 40 KB).
-inline int tile_rows(int64_t rest, int64_t K, bool fp32_act) {
-  const int r = rest >= 8 ? 8 : int(std::min<int64_t>(4, rest));
-#ifdef SGL_AVX512_TILE
-  if (fp32_act && rest >= 16 && K <= 640 && have_avx512()) return 16;
-#else
-  (void)K;
-  (void)fp32_act;
-#endif
-  return r;
-}
+// Rows of x per tile for `rest` remaining rows: 8 (a decoded block serves 8 rows), then <= 4 + the rest.
+inline int tile_rows(int64_t rest) { return rest >= 8 ? 8 : int(std::min<int64_t>(4, rest)); }
 
 // res[0..R) = dot(weight row w, x rows r0..r0+R) (xr = x row r0), by the tile kernel for R and the mode.
 template <QT T>
@@ -323,13 +313,13 @@ inline void tile_dot(const uint8_t* w, const float* xr, int64_t K, int64_t nb, i
     return;
   }
 #ifdef SGL_AVX512_TILE
-  if (R >= 2 && have_avx512()) {  // fp32 activations, 2+ rows: the zmm tile (quant_gemm_avx512.h says why)
+  if (have_avx512()) {  // fp32 activations: the zmm tile (quant_gemm_avx512.h says why), every R
     switch (R) {
-      case 16: dot_fp32_512<T, 16>(w, xr, K, nb, res); break;
       case 8: dot_fp32_512<T, 8>(w, xr, K, nb, res); break;
       case 4: dot_fp32_512<T, 4>(w, xr, K, nb, res); break;
       case 3: dot_fp32_512<T, 3>(w, xr, K, nb, res); break;
-      default: dot_fp32_512<T, 2>(w, xr, K, nb, res); break;
+      case 2: dot_fp32_512<T, 2>(w, xr, K, nb, res); break;
+      default: dot_fp32_512<T, 1>(w, xr, K, nb, res); break;
     }
     if (T == QT::F16 && nb * kBlock < K) f16_tail(w, xr, K, nb * kBlock, K, R, res);
     return;
@@ -360,7 +350,7 @@ void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K
                const float* bias, const float* resid, const Q8Act* q8, const Q16Act* q16, const float* xsum,
                int64_t n0, int64_t n1) {
   const int64_t rb = row_bytes(T, K), nb = K / kBlock;
-  float res[16];
+  float res[8];
   int64_t n = n0;
   if constexpr (T != QT::F16) {
     if (q16 != nullptr) {  // M == 1 (gemm sets q16 for single rows only)
@@ -406,7 +396,7 @@ void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K
   for (int64_t c0 = n; c0 < n1; c0 += kColChunk) {
     const int64_t c1 = std::min(n1, c0 + kColChunk);
     for (int64_t r0 = 0; r0 < M;) {
-      const int R = tile_rows(M - r0, K, q8 == nullptr);
+      const int R = tile_rows(M - r0);
       const float* xr = x + r0 * K;
       for (int64_t nn = c0; nn < c1; nn++) {
         const uint8_t* w = W + nn * rb;

@@ -2,10 +2,10 @@
 // quant_common.h). Compiled into the AVX2 build with per-function target attributes and chosen at run time
 // (`have_avx512()`), so one .so serves AVX2-only CPUs (Zen 3) and AVX-512 ones (the CI/VM Xeon).
 //
-// Why: with M >= 3 rows the fused kernel is compute-bound, not weight-stream-bound: each decoded weight block
+// Why: with several rows the fused kernel is compute-bound, not weight-stream-bound: each decoded weight block
 // is FMA'd into every row. An AVX2 block is 4 x 8 lanes (4 FMAs per row); a zmm block is 2 x 16 lanes (2 FMAs
 // per row, each with its x load folded in), and the block decode (nibbles -> fp32, one FMA for d*q + m) is
-// 2 instead of 4 vector ops, shared by up to 16 rows (32 zmm registers hold 16 accumulators + the block).
+// 2 instead of 4 vector ops, shared by up to 8 rows.
 // Same numbers as the AVX2 tile up to summation order (the fp32 path's contract: tests/kernels compare against
 // the dequantize + mm reference).
 #pragma once
@@ -58,14 +58,15 @@ SGL_TARGET_512 inline void decode512(const uint8_t* b, __m512& w0, __m512& w1) {
 }
 
 // res[r] = dot(W row `w`, x row r) for r < R over nb full blocks; x rows are ldx floats apart.
-// R <= 8: two accumulators per row (the 2 FMAs of a block go to different chains); R = 16: one per row
-// (16 independent chains already cover the FMA latency), 16 + 2 zmm registers.
+// Two accumulators per row (a block's 2 FMAs go to different chains), for every R <= 8 (16 + 2 zmm registers):
+// a row's arithmetic is the same in every tile size and position, so a prompt's rows (prefill under
+// SGL_CPU_PREFILL_M rows) get the same numbers alone and batched with others (seeded sampling then gives the
+// same tokens whatever the batch: tests/e2e/test_engine.py). The remaining batch dependence is M = 1's q16
+// activations vs fp32 ones with 2+ rows.
 template <QT T, int R>
 SGL_TARGET_512 inline void dot_fp32_512(const uint8_t* w, const float* x, int64_t ldx, int64_t nb, float* res) {
-  constexpr int A = R <= 8 ? 2 : 1;
-  __m512 acc[R][A];
-  for (int r = 0; r < R; r++)
-    for (int a = 0; a < A; a++) acc[r][a] = _mm512_setzero_ps();
+  __m512 acc[R][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     __m512 w0, w1;
     prefetch(w + b * block_bytes(T));
@@ -73,10 +74,10 @@ SGL_TARGET_512 inline void dot_fp32_512(const uint8_t* w, const float* x, int64_
     for (int r = 0; r < R; r++) {
       const float* xp = x + r * ldx + b * kBlock;
       acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[r][0]);
-      acc[r][A - 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + 16), acc[r][A - 1]);
+      acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + 16), acc[r][1]);
     }
   }
-  for (int r = 0; r < R; r++) res[r] = _mm512_reduce_add_ps(A == 2 ? _mm512_add_ps(acc[r][0], acc[r][A - 1]) : acc[r][0]);
+  for (int r = 0; r < R; r++) res[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
 }  // namespace
