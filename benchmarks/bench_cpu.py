@@ -334,6 +334,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--llama-cpp-dir", default=None, help="folder with bin/llama-bench and bin/llama-server")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_cpu[_quick].json)")
     ap.add_argument("--worker", nargs=2, metavar=("WHAT", "THREADS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -370,7 +371,7 @@ def main() -> None:
             if {3, 4} & set(a.rows):
                 print(f"llama-server, {t} thread(s) ...", file=sys.stderr, flush=True)
                 results["llama_server"][str(t)] = _peer(lambda: llama_server(d, gguf, t, a.rows, a.quick), results)
-        _write(results, a.quick, partial=True)  # a later failure keeps what was measured
+        _write(results, a.quick, partial=True, out=a.out)  # a later failure keeps what was measured
     results["wall_s"] = time.perf_counter() - t_start
     results["machine"]["load_avg_end"] = os.getloadavg()
 
@@ -382,7 +383,7 @@ def main() -> None:
         print(line)
     for s in results["skipped"]:
         print(f"skipped: {s}")
-    print(f"wrote {_write(results, a.quick, partial=False)}", file=sys.stderr)
+    print(f"wrote {_write(results, a.quick, partial=False, out=a.out)}", file=sys.stderr)
 
 
 def _peer(run: Any, results: dict[str, Any]) -> dict[str, Any]:
@@ -394,10 +395,10 @@ def _peer(run: Any, results: dict[str, Any]) -> dict[str, Any]:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def _write(results: dict[str, Any], quick: bool, partial: bool) -> Path:
+def _write(results: dict[str, Any], quick: bool, partial: bool, out: Optional[str] = None) -> Path:
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"bench_cpu{'_quick' if quick else ''}.json"
+    path = Path(out) if out else out_dir / f"bench_cpu{'_quick' if quick else ''}.json"
     path.write_text(json.dumps({**results, "partial": partial}, indent=2))
     return path
 
