@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "quant_common.h"
@@ -298,29 +299,30 @@ constexpr int64_t kColChunk = 64;
 // Rows of x per tile for `rest` remaining rows: 8 (a decoded block serves 8 rows), then <= 4 + the rest.
 inline int tile_rows(int64_t rest) { return rest >= 8 ? 8 : int(std::min<int64_t>(4, rest)); }
 
+// f(std::integral_constant<int, R>{}) for a tile's row count R in {1, 2, 3, 4, 8} (tile_rows): the tile kernels
+// take R as a template argument (their accumulators are registers).
+template <class F>
+inline void with_rows(int R, F&& f) {
+  switch (R) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 // res[0..R) = dot(weight row w, x rows r0..r0+R) (xr = x row r0), by the tile kernel for R and the mode.
 template <QT T>
 inline void tile_dot(const uint8_t* w, const float* xr, int64_t K, int64_t nb, int R, int64_t r0, const Q8Act* q8,
                      const float* xsum, float* res) {
   if (q8 != nullptr && T != QT::F16) {
-    switch (R) {
-      case 8: dot_q8<T, 8>(w, *q8, r0, res); break;
-      case 4: dot_q8<T, 4>(w, *q8, r0, res); break;
-      case 3: dot_q8<T, 3>(w, *q8, r0, res); break;
-      case 2: dot_q8<T, 2>(w, *q8, r0, res); break;
-      default: dot_q8<T, 1>(w, *q8, r0, res); break;
-    }
+    with_rows(R, [&](auto r) { dot_q8<T, decltype(r)::value>(w, *q8, r0, res); });
     return;
   }
 #ifdef SGL_AVX512_TILE
   if (have_avx512()) {  // fp32 activations: the zmm tile (quant_gemm_avx512.h says why), every R
-    switch (R) {
-      case 8: dot_fp32_512<T, 8>(w, xr, K, nb, res); break;
-      case 4: dot_fp32_512<T, 4>(w, xr, K, nb, res); break;
-      case 3: dot_fp32_512<T, 3>(w, xr, K, nb, res); break;
-      case 2: dot_fp32_512<T, 2>(w, xr, K, nb, res); break;
-      default: dot_fp32_512<T, 1>(w, xr, K, nb, res); break;
-    }
+    with_rows(R, [&](auto r) { dot_fp32_512<T, decltype(r)::value>(w, xr, K, nb, res); });
     if (T == QT::F16 && nb * kBlock < K) f16_tail(w, xr, K, nb * kBlock, K, R, res);
     return;
   }
@@ -335,13 +337,7 @@ inline void tile_dot(const uint8_t* w, const float* xr, int64_t K, int64_t nb, i
   }
 #endif
   (void)xsum;
-  switch (R) {
-    case 8: dot_fp32<T, 8>(w, xr, K, nb, res); break;
-    case 4: dot_fp32<T, 4>(w, xr, K, nb, res); break;
-    case 3: dot_fp32<T, 3>(w, xr, K, nb, res); break;
-    case 2: dot_fp32<T, 2>(w, xr, K, nb, res); break;
-    default: dot_fp32<T, 1>(w, xr, K, nb, res); break;
-  }
+  with_rows(R, [&](auto r) { dot_fp32<T, decltype(r)::value>(w, xr, K, nb, res); });
   if (T == QT::F16 && nb * kBlock < K) f16_tail(w, xr, K, nb * kBlock, K, R, res);
 }
 
