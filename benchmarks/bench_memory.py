@@ -3,10 +3,10 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_memory.py [--threads 1] [--formats fp32 native] [--no-stages]
 
 Per weight format: a real `sgl.launch_server` on 127.0.0.1 (its own process, so nothing of this script
-is counted), its VmRSS when healthy, then after a short chat completion (openai SDK), a ~512-token prompt
+is counted), its VmRSS when healthy, then after a short chat completion (openai SDK), a 701-token prompt
 and a JSON-schema request (httpx on /generate); VmHWM is the peak. Then (unless --no-stages) the same
 requests in-process, with /proc/self/smaps_rollup read after each load stage (import torch, import the
-engine, load the weights + KV pool, the grammar compiler, the first step, the 512-token prompt): what is
+engine, load the weights + KV pool, the grammar compiler, the first step, the 701-token prompt): what is
 resident besides the weights. Prints both tables; JSON to benchmarks/results/bench_memory.json.
 """
 
@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSON = json.loads((ROOT / "examples/data/person_extraction.json").read_text())
-LONG_PROMPT = "alpha bravo charlie delta echo " * 100  # ~500 tokens
+LONG_PROMPT = "alpha bravo charlie delta echo " * 100  # 701 tokens with the default tokenizer
 
 
 def status_mb(pid: int | str = "self") -> dict[str, float]:
@@ -90,7 +90,7 @@ def stages(fmt: str, threads: int) -> list[tuple[str, dict[str, float]]]:
     eng.generate("Say hello.", {"max_new_tokens": 16, "temperature": 0})
     out.append(("first requests (16 tokens)", status_mb()))
     eng.generate(LONG_PROMPT, {"max_new_tokens": 16, "temperature": 0})
-    out.append(("a ~512-token prompt", status_mb()))
+    out.append(("a 701-token prompt", status_mb()))
     eng.generate(PERSON["prompt"], {"max_new_tokens": 64, "temperature": 0, "json_schema": json.dumps(PERSON["schema"])})
     out.append(("a JSON-schema request", status_mb()))
     out.append(("(KV pool resident)", {"Rss": eng.scheduler.runner.kv.resident_bytes() / 2**20}))
