@@ -7,7 +7,6 @@ from typing import Iterator
 
 import pytest
 
-from sgl.kernels import cpu as cpu_kernels
 from sgl.runtime.engine import Engine
 from sgl.runtime.protocol import RequestError
 
@@ -98,18 +97,22 @@ def test_closing_a_stream_aborts_and_frees_kv(engine: Engine) -> None:
 
 
 def test_seeds_reproducible_regardless_of_batch(engine: Engine) -> None:
-    # The seed's plumbing, with exact fp32 activations: the native default (q16 activations for single-row
-    # calls, fp32 with 2+ rows) moves a decode step's logits by up to ~5e-3 between alone and batched
-    # (measured on this model), enough to flip a temperature-1 draw now and then; fp32 at every M leaves only
-    # the summation order (~1e-6).
+    """The sampler's seeded draws do not depend on the batch. Run with exact fp32 activations: the default
+    q16 activations quantize single-row (batch-1) steps only, so a row's logits alone and in a batch
+    differ by ~2-4e-4 relative by design (the batch-1 decode's speed; greedy tokens are tested against
+    fp32 in tests/runtime/test_native_weights.py), which can move a temperature-1 draw across a token
+    boundary: measured on this prompt, token 10 with the fused batch-1 layer."""
+    from sgl.kernels import cpu
+
     sp = {"max_new_tokens": 16, "temperature": 1.0, "sampling_seed": 1234}
-    cpu_kernels.set_act_quant("none")
+    saved = cpu.get_act_quant()
+    cpu.set_act_quant("none")
     try:
         alone = engine.generate(PROMPTS[0], sp)["output_ids"]
         batch = engine.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]],
                                 [dict(sp, sampling_seed=9), sp, {"max_new_tokens": 5}])
     finally:
-        cpu_kernels.set_act_quant(engine.server_args.cpu_act_quant)
+        cpu.set_act_quant(saved)
     assert batch[1]["output_ids"] == alone
 
 
