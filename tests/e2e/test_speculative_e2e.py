@@ -33,6 +33,22 @@ SCHEMA = {"json_schema": json.dumps(PERSON), "max_new_tokens": 128, "temperature
 TIGHT = dict(SCHEMA, max_new_tokens=40)  # the grammar budget closes the JSON early: masks narrow near the end
 
 
+# Both engines run exact fp32 activations. The native default quantizes single-row steps (q16) and runs verify
+# rows (2+ tokens) in fp32: that moves a step's logits by up to ~5e-3, enough to flip a temperature-0.9 draw
+# now and then (it flipped token 27 of a SAMPLED request once the multi-row kernel's summation order changed).
+# With fp32 at every M only the summation order differs, and "identical" is what speculation must give.
+EXACT = {"cpu_act_quant": "none"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_act_quant():
+    from sgl.kernels import cpu
+
+    saved = cpu.get_act_quant()
+    yield
+    cpu.set_act_quant(saved)  # process-wide (Engine sets it): later modules get the default back
+
+
 def _requests() -> tuple[list[str], list[dict]]:
     prompts = PROMPTS + [COPY_PROMPT] * len(SAMPLED) + [PERSON_PROMPT] * 2
     return prompts, [GREEDY] * len(PROMPTS) + SAMPLED + [TIGHT, SCHEMA]
@@ -42,7 +58,7 @@ def _requests() -> tuple[list[str], list[dict]]:
 def baseline() -> list[dict]:
     from sgl.runtime.engine import Engine
 
-    eng = Engine(model_path="default", num_threads=1, max_total_tokens=8192, show_progress=False)
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=8192, show_progress=False, **EXACT)
     try:
         prompts, params = _requests()
         return [eng.generate(p, sp) for p, sp in zip(prompts, params)]  # one at a time: batch 1
@@ -56,7 +72,7 @@ def engine():
     from sgl.runtime.engine import Engine
 
     eng = Engine(model_path="default", num_threads=1, max_total_tokens=8192, show_progress=False,
-                 speculative_algorithm="NGRAM", speculative_num_draft_tokens=4)
+                 speculative_algorithm="NGRAM", speculative_num_draft_tokens=4, **EXACT)
     yield eng
     eng.shutdown()
 
