@@ -1,7 +1,7 @@
-"""Where a batch-1 decode step of the default model spends its time (issue 14's profile).
+"""Where a decode step of the default model spends its time (issue 14's profile), at batch 1 or more.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/profile_decode_step.py [--threads 1] [--weight-format native]
-        [--act q16] [--steps 80]
+        [--act q16] [--steps 80] [--batch 32]
 
 Runs the model directly (no scheduler): a 64-token prompt, then `--steps` greedy decode steps, and
 reports ms per token of the whole step (ForwardBatch build, forward, lm_head, argmax) and, in a second
@@ -30,22 +30,28 @@ from sgl.runtime.executor.kv_cache import KVCache  # noqa: E402
 from sgl.runtime.models.loader import load_model  # noqa: E402
 
 
-def decode(model, kv, steps: int, on_step=None) -> dict[str, float]:
-    """ms per step of each phase over `steps` steps after 8 warm-up steps."""
-    ids, slots = list(range(100, 164)), list(range(64))
+def decode(model, kv, steps: int, on_step=None, batch: int = 1) -> dict[str, float]:
+    """ms per step of each phase over `steps` steps after 8 warm-up steps; `batch` rows of different lengths
+    (row b: a 64 + 4b token prompt), as a continuous batch of that many requests decodes."""
+    stride = 64 + 4 * batch + steps + 8  # slots per row
+    ids = [list(range(100, 164 + 4 * b)) for b in range(batch)]
+    slots = [list(range(b * stride, b * stride + len(ids[b]))) for b in range(batch)]
     with torch.inference_mode():
-        tok = int(model.compute_logits(model(ForwardBatch.from_lists(input_ids=[ids], slot_tables=[slots]), kv)[-1:]).argmax())
+        h = model(ForwardBatch.from_lists(input_ids=ids, slot_tables=slots), kv)
+        ends = torch.tensor([len(i) for i in ids]).cumsum(0) - 1
+        toks = model.compute_logits(h[ends]).argmax(-1).tolist()
         t = collections.Counter()
         for step in range(steps + 8):
-            slots.append(64 + step)
+            for b in range(batch):
+                slots[b].append(slots[b][-1] + 1)
             t0 = time.perf_counter()
-            fb = ForwardBatch.from_lists(input_ids=[[tok]], slot_tables=[slots])
+            fb = ForwardBatch.from_lists(input_ids=[[tok] for tok in toks], slot_tables=slots)
             t1 = time.perf_counter()
             h = model(fb, kv)
             t2 = time.perf_counter()
             logits = model.compute_logits(h)
             t3 = time.perf_counter()
-            tok = int(logits.argmax())
+            toks = logits.argmax(-1).tolist()
             t4 = time.perf_counter()
             if step == 7 and on_step is not None:
                 on_step()
@@ -63,6 +69,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--unfused", action="store_true",
                     help="run every layer's torch path (runtime/models/fused_decode.py off) instead of one C++ call")
+    ap.add_argument("--batch", type=int, default=1, help="rows per decode step (rows of different lengths)")
     a = ap.parse_args()
     fused_decode.ENABLED = not a.unfused
     torch.set_num_threads(a.threads)
@@ -70,11 +77,12 @@ def main() -> None:
     cpu.set_act_quant(a.act)
     lm = load_model("default", dtype="float32", device="cpu", show_progress=False, weight_format=a.weight_format)
     model = lm.model
-    kv = KVCache.for_model(lm.config, 1024, torch.float32, "cpu")
-    whole = decode(model, kv, a.steps)
+    kv = KVCache.for_model(lm.config, a.batch * (64 + 4 * a.batch + a.steps + 8), torch.float32, "cpu")
+    whole = decode(model, kv, a.steps, batch=a.batch)
     total = sum(whole.values())
-    print(f"{a.weight_format} act={a.act} {'unfused' if a.unfused else 'fused'} {a.threads} thread(s), load {os.getloadavg()[0]:.1f}: "
-          f"{total:.2f} ms/token ({1e3 / total:.1f} tok/s): " + ", ".join(f"{k} {v:.2f}" for k, v in whole.items()))
+    print(f"{a.weight_format} act={a.act} {'unfused' if a.unfused else 'fused'} {a.threads} thread(s), batch {a.batch}, "
+          f"load {os.getloadavg()[0]:.1f}: {total:.2f} ms/step ({a.batch * 1e3 / total:.1f} tok/s): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in whole.items()))
 
     acc: collections.Counter = collections.Counter()
 
@@ -101,14 +109,14 @@ def main() -> None:
     model.rope.apply = timed("rope", model.rope.apply)
     fused_decode.decode_layer = timed("fused layer (C++: norms, 4 matmuls, rope, kv, attention)",
                                       fused_decode.decode_layer)
-    parts = decode(model, kv, a.steps, on_step=acc.clear)
-    print(f"components (wrapped run: {sum(parts.values()):.2f} ms/token):")
+    parts = decode(model, kv, a.steps, on_step=acc.clear, batch=a.batch)
+    print(f"components (wrapped run: {sum(parts.values()):.2f} ms/step):")
     for name, v in sorted(acc.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:28s} {v / a.steps * 1e3:7.3f} ms/token")
+        print(f"  {name:28s} {v / a.steps * 1e3:7.3f} ms/step")
     inside = sum(acc.values()) / a.steps * 1e3
     # the lm_head's linear runs outside forward (compute_logits): add it back when subtracting from forward
     lm_head = acc[f"linear {(lm.config.vocab_size, lm.config.hidden_size)}"] / a.steps * 1e3
-    print(f"  {'rest of forward (Python, views)':28s} {parts['forward'] - inside + lm_head:7.3f} ms/token")
+    print(f"  {'rest of forward (Python, views)':28s} {parts['forward'] - inside + lm_head:7.3f} ms/step")
 
 
 if __name__ == "__main__":

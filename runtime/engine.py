@@ -28,6 +28,7 @@ from sgl.runtime.engine_info import EngineInfoMixin
 from sgl.runtime.engine_setup import default_pool_size, hierarchical_cache_mover, host_kv_tier, make_grammar_compiler
 from sgl.runtime.lora.adapter import AdapterError
 from sgl.runtime.lora.engine_adapters import EngineLoraMixin
+from sgl.runtime.malloc_policy import set_mmap_threshold
 from sgl.runtime.protocol import GenerateRequest, RequestError, finish_reason_abort
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
@@ -56,6 +57,7 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
         model_path = server_args.pop("model_path")
         if "OMP_WAIT_POLICY" not in os.environ:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # only effective before torch starts its pool
+        set_mmap_threshold()  # a prefill's large temporaries go back to the OS (runtime/malloc_policy.py)
         import torch
 
         from sgl.runtime.executor.model_runner import ModelRunner

@@ -51,6 +51,55 @@ inline void axpy(float a, const float* x, float* y, int64_t d) {  // y += a * x
   for (; j < d; j++) y[j] += a * x[j];
 }
 
+#ifdef SGL_ATTN_AVX2
+// exp of 8 floats (Cephes' expf: x = n ln2 + r, a degree-5 polynomial in r, 2^n by exponent bits): ~1e-7
+// relative error for the softmax range (x <= 0; below -88.4 it clamps to ~1e-38, i.e. 0 in the sum).
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+#endif
+
+// s[0..n) <- exp(s - max s); returns their sum (the softmax before its normalization). At decode with
+// batches this is ~n x G x layers exps per row and step: the scalar std::exp loop was most of the attention.
+inline float exp_shifted(float* s, int64_t n) {
+  float mx = -INFINITY, sum = 0.f;
+  int64_t l = 0;
+#ifdef SGL_ATTN_AVX2
+  __m256 vm = _mm256_set1_ps(-INFINITY);
+  for (; l + 8 <= n; l += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + l));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vm);
+  for (float v : lanes) mx = std::max(mx, v);
+#endif
+  for (; l < n; l++) mx = std::max(mx, s[l]);
+  l = 0;
+#ifdef SGL_ATTN_AVX2
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vs = _mm256_setzero_ps();
+  for (; l + 8 <= n; l += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + l), vmx));
+    _mm256_storeu_ps(s + l, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  _mm256_store_ps(lanes, vs);
+  for (float v : lanes) sum += v;
+#endif
+  for (; l < n; l++) sum += (s[l] = std::exp(s[l] - mx));
+  return sum;
+}
+
 }  // namespace
 
 void decode_attention(std::uintptr_t q_addr, std::uintptr_t k_addr, std::uintptr_t v_addr, std::uintptr_t slots_addr,
@@ -86,9 +135,7 @@ void decode_attention(std::uintptr_t q_addr, std::uintptr_t k_addr, std::uintptr
       float* og = out + (b * H + kvh * G) * D;
       for (int64_t g = 0; g < G; g++) {
         float* s = scores.data() + g * len;
-        const float mx = *std::max_element(s, s + len);
-        float sum = 0.f;
-        for (int64_t l = 0; l < len; l++) sum += (s[l] = std::exp(s[l] - mx));
+        const float sum = exp_shifted(s, len);
         std::fill(og + g * D, og + (g + 1) * D, 0.f);
         for (int64_t l = 0; l < len; l++) axpy(s[l], vb + sl[l] * row_stride + kvh * D, og + g * D, D);
         const float inv = 1.f / sum;

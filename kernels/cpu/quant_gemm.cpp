@@ -27,10 +27,12 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "quant_common.h"
 #include "quant_q16.h"
+#include "quant_gemm_avx512.h"
 
 namespace {
 
@@ -291,6 +293,54 @@ void f16_tail(const uint8_t* w, const float* x, int64_t ldx, int64_t k0, int64_t
     for (int64_t j = k0; j < k; j++) res[r] += f16(w + 2 * j) * x[r * ldx + j];
 }
 
+// Output columns per cache block of the multi-row path (gemm_cols): 64 weight rows are <= 40 KB (Q8_0, K 576).
+constexpr int64_t kColChunk = 64;
+
+// Rows of x per tile for `rest` remaining rows: 8 (a decoded block serves 8 rows), then <= 4 + the rest.
+inline int tile_rows(int64_t rest) { return rest >= 8 ? 8 : int(std::min<int64_t>(4, rest)); }
+
+// f(std::integral_constant<int, R>{}) for a tile's row count R in {1, 2, 3, 4, 8} (tile_rows): the tile kernels
+// take R as a template argument (their accumulators are registers).
+template <class F>
+inline void with_rows(int R, F&& f) {
+  switch (R) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+// res[0..R) = dot(weight row w, x rows r0..r0+R) (xr = x row r0), by the tile kernel for R and the mode.
+template <QT T>
+inline void tile_dot(const uint8_t* w, const float* xr, int64_t K, int64_t nb, int R, int64_t r0, const Q8Act* q8,
+                     const float* xsum, float* res) {
+  if (q8 != nullptr && T != QT::F16) {
+    with_rows(R, [&](auto r) { dot_q8<T, decltype(r)::value>(w, *q8, r0, res); });
+    return;
+  }
+#ifdef SGL_AVX512_TILE
+  if (have_avx512()) {  // fp32 activations: the zmm tile (quant_gemm_avx512.h says why), every R
+    with_rows(R, [&](auto r) { dot_fp32_512<T, decltype(r)::value>(w, xr, K, nb, res); });
+    if (T == QT::F16 && nb * kBlock < K) f16_tail(w, xr, K, nb * kBlock, K, R, res);
+    return;
+  }
+#endif
+#ifdef SGL_AVX2
+  if constexpr (T == QT::Q4_0 || T == QT::Q4_1) {
+    if (R <= 2 && xsum != nullptr) {
+      if (R == 2) dot_fp32_factored<T, 2>(w, xr, K, xsum + r0 * nb, nb, res);
+      else dot_fp32_factored<T, 1>(w, xr, K, xsum + r0 * nb, nb, res);
+      return;
+    }
+  }
+#endif
+  (void)xsum;
+  with_rows(R, [&](auto r) { dot_fp32<T, decltype(r)::value>(w, xr, K, nb, res); });
+  if (T == QT::F16 && nb * kBlock < K) f16_tail(w, xr, K, nb * kBlock, K, R, res);
+}
+
 template <QT T>
 void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K, float* out,
                const float* bias, const float* resid, const Q8Act* q8, const Q16Act* q16, const float* xsum,
@@ -334,46 +384,26 @@ void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K
     }
   }
 #endif
-  for (; n < n1; n++) {
-    const uint8_t* w = W + n * rb;
-    // Row tiles of 8 (the decoded block serves 8 rows), then one tile of the remaining 1..7 rows as <= 4 + rest.
+  // Cache blocking (M >= 2): chunks of kColChunk output columns, whose weight rows stay in L2; within a chunk
+  // each row tile of x (R rows x K fp32, L1-sized) runs over every column of the chunk before the next tile.
+  // (The other order, every row tile per column, re-read all of x from L2 for each output column: at M = 32
+  // the lm_head streamed 49152 x 74 KB = 3.6 GB of x per call, the bound of the whole step.)
+  // A row's tile and its place in it depend only on M and K, so results do not depend on the thread split.
+  for (int64_t c0 = n; c0 < n1; c0 += kColChunk) {
+    const int64_t c1 = std::min(n1, c0 + kColChunk);
     for (int64_t r0 = 0; r0 < M;) {
-      const int R = M - r0 >= 8 ? 8 : int(std::min<int64_t>(4, M - r0));
-      if (q8 != nullptr && T != QT::F16) {
-        switch (R) {
-          case 8: dot_q8<T, 8>(w, *q8, r0, res); break;
-          case 4: dot_q8<T, 4>(w, *q8, r0, res); break;
-          case 3: dot_q8<T, 3>(w, *q8, r0, res); break;
-          case 2: dot_q8<T, 2>(w, *q8, r0, res); break;
-          default: dot_q8<T, 1>(w, *q8, r0, res); break;
+      const int R = tile_rows(M - r0);
+      const float* xr = x + r0 * K;
+      for (int64_t nn = c0; nn < c1; nn++) {
+        const uint8_t* w = W + nn * rb;
+        tile_dot<T>(w, xr, K, nb, R, r0, q8, xsum, res);
+        for (int r = 0; r < R; r++) {
+          const int64_t o = (r0 + r) * N + nn;
+          float v = res[r];
+          if (bias != nullptr) v += bias[nn];
+          if (resid != nullptr) v += resid[o];
+          out[o] = v;
         }
-      } else {
-        const float* xr = x + r0 * K;
-#ifdef SGL_AVX2
-        if constexpr (T == QT::Q4_0 || T == QT::Q4_1) {
-          if (R <= 2 && xsum != nullptr) {
-            if (R == 2) dot_fp32_factored<T, 2>(w, xr, K, xsum + r0 * nb, nb, res);
-            else dot_fp32_factored<T, 1>(w, xr, K, xsum + r0 * nb, nb, res);
-            goto store;
-          }
-        }
-#endif
-        switch (R) {
-          case 8: dot_fp32<T, 8>(w, xr, K, nb, res); break;
-          case 4: dot_fp32<T, 4>(w, xr, K, nb, res); break;
-          case 3: dot_fp32<T, 3>(w, xr, K, nb, res); break;
-          case 2: dot_fp32<T, 2>(w, xr, K, nb, res); break;
-          default: dot_fp32<T, 1>(w, xr, K, nb, res); break;
-        }
-        if (T == QT::F16 && nb * kBlock < K) f16_tail(w, xr, K, nb * kBlock, K, R, res);
-      }
-    store:  // NOLINT: the factored path jumps here
-      for (int r = 0; r < R; r++) {
-        const int64_t o = (r0 + r) * N + n;
-        float v = res[r];
-        if (bias != nullptr) v += bias[n];
-        if (resid != nullptr) v += resid[o];
-        out[o] = v;
       }
       r0 += R;
     }
@@ -519,12 +549,16 @@ void dequant(Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr o
 
 std::string isa() {
 #if defined(SGL_AVX2) && defined(__AVXVNNI__)
-  return "avx2+avxvnni";
+  std::string s = "avx2+avxvnni";
 #elif defined(SGL_AVX2)
-  return "avx2";
+  std::string s = "avx2";
 #else
-  return "scalar";
+  std::string s = "scalar";
 #endif
+#ifdef SGL_AVX512_TILE
+  if (have_avx512()) s += " (avx512 multi-row tile)";
+#endif
+  return s;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -16,7 +16,6 @@ import torch
 from sgl.kernels.dispatch import store_kvcache
 from sgl.runtime.memory_probe import resident_bytes
 from sgl.runtime.models.config import ModelConfig
-from sgl.runtime.models.weight_arena import alloc_huge
 
 
 class KVCache:
@@ -43,10 +42,12 @@ class KVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (num_layers, num_slots, num_kv_heads, head_dim)
-        numel = num_layers * num_slots * num_kv_heads * head_dim
-        # huge pages: attention reads each sequence's K/V rows once per layer per step
-        self.k = alloc_huge(numel, dtype, self.device).view(shape)
-        self.v = alloc_huge(numel, dtype, self.device).view(shape)
+        # NOTE: plain 4 KiB pages, NOT huge pages (weight_arena.alloc_huge): the first token stored touches one
+        # page per layer and pool, so 2 MiB pages made the default model's first step add 120 MB of resident
+        # set (30 layers x K/V x 2 MiB, each page ~2,700 slots of which one was used).
+        # Lazily touched pages: the resident KV grows with the slots used (a large pool costs no RSS upfront).
+        self.k = torch.empty(shape, dtype=dtype, device=self.device)
+        self.v = torch.empty(shape, dtype=dtype, device=self.device)
         self._k_layers = list(self.k.unbind(0))  # [num_slots, Hkv, D] views, one per layer
         self._v_layers = list(self.v.unbind(0))
 

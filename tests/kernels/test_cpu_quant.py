@@ -173,7 +173,7 @@ def test_q16_is_the_default_activation_mode_and_is_validated() -> None:
 
 
 @pytest.mark.parametrize("act", ["none", "q16"])
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 33])  # 33: 16-row tiles and 64-column cache blocks split over threads
 def test_threads_split_columns_bit_identically(mode: str, act: str, m: int) -> None:
     gen = np.random.default_rng(3)
     w = random_weight("q4_1", 301, 192, gen)
