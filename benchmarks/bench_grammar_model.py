@@ -177,8 +177,8 @@ def run_on_model(n: int, seed: int, subsets: list[str], data: Path, max_new_toke
                 s = summarize(rows, time.perf_counter() - t0)
                 s["load"] = os.getloadavg()
                 out["results"].setdefault(backend, {})[subset] = s
-                print(f"  on-model {backend:15s} {subset:15s} " + json.dumps({k: v for k, v in s.items() if k != "rows"}),
-                      flush=True)
+                brief = {k: v for k, v in s.items() if k != "rows"}
+                print(f"  on-model {backend:15s} {subset:15s} {json.dumps(brief)}", flush=True)
                 if out_path is not None:  # partial results survive an interrupted run
                     out_path.write_text(json.dumps(out, indent=1))
         eng.grammar = ours
