@@ -46,6 +46,7 @@ class SchemaGuard:
         self._own: dict[str, frozenset[str]] = {}
         self._nodes: dict[tuple[PathElem, ...], list[tuple[str, Any]]] = {}
         self._unique: dict[tuple[PathElem, ...], bool] = {}
+        self._max_contains: dict[tuple[PathElem, ...], list[tuple[Any, int]]] = {}
 
     # --- schema walking -------------------------------------------------------------------------
     def _resolve(self, ref: Any) -> Optional[tuple[str, Any]]:
@@ -174,6 +175,16 @@ class SchemaGuard:
                                            for p, n in self.nodes_for(path))
         return hit
 
+    def max_contains(self, path: tuple[PathElem, ...]) -> list[tuple[Any, int]]:
+        """(validator of `contains`, maxContains) of each guarded maxContains on the array at `path`: a
+        prefix with more matches than that is already a violation, so items are counted as they close."""
+        hit = self._max_contains.get(path)
+        if hit is None:
+            hit = self._max_contains[path] = [
+                (self.validator.evolve(schema=n["contains"]), int(n["maxContains"])) for p, n in self.nodes_for(path)
+                if (p, "maxContains") in self.guards and "contains" in n and "maxContains" in n]
+        return hit
+
     def guarded(self, path: tuple[PathElem, ...]) -> bool:
         return any(self.own_keywords(p, n) for p, n in self.nodes_for(path))
 
@@ -195,7 +206,7 @@ class SchemaGuard:
 def _keyword(err: Any) -> str:
     """The outermost keyword of a jsonschema error's schema path that is a guardable keyword."""
     for k in err.absolute_schema_path:
-        if k in ("oneOf", "not", "if", "uniqueItems", "format", "multipleOf", "contains", "then", "else",
+        if k in ("oneOf", "not", "if", "uniqueItems", "format", "multipleOf", "contains", "maxContains", "then", "else",
                  "unevaluatedProperties", "unevaluatedItems", "minProperties", "maxProperties"):
             return "if" if k in ("then", "else") else str(k)
     return str(err.validator)

@@ -381,8 +381,17 @@ class _Normalizer:
         if lo == 0 and hi is None:
             return []
         c = self.node(s["contains"], path + ("contains",))
-        branches = logic.contains_branches(c, lo, hi, s.get("maxItems"), lambda x: self.inline(x, path),
-                                           _pointer(path + ("contains",)))
+        inline, where = (lambda x: self.inline(x, path)), _pointer(path + ("contains",))
+        try:
+            branches = logic.contains_branches(c, lo, hi, s.get("maxItems"), inline, where)
+        except GrammarError as e:
+            if not self.guard:
+                raise
+            if hi is not None:  # `contains` has no complement: the grammar counts the lower bound only
+                self.relax("maxContains", path, e)
+                return self.contains({k: v for k, v in s.items() if k != "maxContains"}, path)
+            self.relax("contains", path, e)  # too many required matches to expand: the guard counts them
+            return []
         return [self.any_of([{"type": [x for x in logic._ALL if x != "array"]}] + branches)]
 
     def if_then_else(self, s: dict, path: tuple) -> list[Any]:
