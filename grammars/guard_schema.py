@@ -47,6 +47,7 @@ class SchemaGuard:
         self._nodes: dict[tuple[PathElem, ...], list[tuple[str, Any]]] = {}
         self._unique: dict[tuple[PathElem, ...], bool] = {}
         self._max_contains: dict[tuple[PathElem, ...], list[tuple[Any, int]]] = {}
+        self._validators: dict[str, Any] = {}  # schema pointer -> a validator of that node (built once)
 
     # --- schema walking -------------------------------------------------------------------------
     def _resolve(self, ref: Any) -> Optional[tuple[str, Any]]:
@@ -193,7 +194,12 @@ class SchemaGuard:
         for ptr, node in self.nodes_for(path):
             if not self.own_keywords(ptr, node):
                 continue
-            err = jsonschema.exceptions.best_match(self.validator.evolve(schema=node).iter_errors(value))
+            v = self._validators.get(ptr)
+            if v is None:
+                v = self._validators[ptr] = self.validator.evolve(schema=node)
+            if v.is_valid(value):  # NOTE: stops at the first error; the best match is looked for only on a miss
+                continue
+            err = jsonschema.exceptions.best_match(v.iter_errors(value))
             if err is not None:
                 return GuardViolation(_keyword(err), json_path(path), err.message[:200])
         return None
