@@ -254,6 +254,7 @@ class _Normalizer(Relaxations):
             out["required"] = list(dict.fromkeys(s["required"]))
         out = self.exact_extras(s, out, path)
         out = self.guard_property_counts(out, path)
+        out = self.guard_pattern_overlap(out, path)
         # combinators
         parts: list[Any] = [out] if out != {} else []
         parts += self.contains(s, path)

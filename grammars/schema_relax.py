@@ -1,6 +1,7 @@
-"""The normalizer's policy for JSON Schema keywords a grammar may not enforce exactly: overlapping `oneOf`,
-`if/then/else`, `contains`/`maxContains`, `uniqueItems`, `propertyNames`, allOf conflicts (patterns, formats, fractional multipleOfs),
-min/maxProperties over optional keys, `unevaluated*`.
+"""The normalizer's policy for JSON Schema keywords a grammar may not enforce exactly: overlapping
+`oneOf`, overlapping `patternProperties`, `if/then/else`, `contains`/`maxContains`, `uniqueItems`,
+`propertyNames`, allOf conflicts (patterns, formats, fractional multipleOfs), min/maxProperties over
+optional keys, `unevaluated*`.
 
 Each tries the exact rewrite first (grammars/schema_logic.py). When there is none, `relax` decides by
 mode: guard mode (the compiler's default) keeps a relaxed, SUPERSET grammar part and records
@@ -80,6 +81,19 @@ class Relaxations:
                 if out.pop(k, None) is not None:
                     self.guards.append((pointer(path), k))
         return out
+
+    def guard_pattern_overlap(self, out: Any, path: tuple) -> Any:
+        """patternProperties whose regexes may overlap (a key matching several must satisfy each schema):
+        backends require disjoint patterns, so the grammar gets ONE pattern (their alternation) whose value
+        is any of their schemas (a superset) and the guard checks the object."""
+        pats = out.get("patternProperties") if isinstance(out, dict) else None
+        if not pats or len(pats) < 2 or not _may_overlap(list(pats)):
+            return out
+        self.relax("patternProperties", path, GrammarError(
+            "patternProperties regexes may overlap (a key matching several must satisfy each schema)",
+            keyword="patternProperties", path=pointer(path + ("patternProperties",))))
+        merged = "|".join(f"(?:{p})" for p in pats)
+        return dict(out, patternProperties={merged: self.any_of(list(pats.values()))})
 
     # --- keywords -----------------------------------------------------------------------------------
     def one_of(self, subs: list[Any], out: dict, path: tuple) -> Any:
@@ -209,6 +223,17 @@ class Relaxations:
 
     def _recursive(self, b: Any) -> bool:
         return isinstance(b, dict) and set(b) == {"$ref"} and b["$ref"].rsplit("/", 1)[-1] in self.in_progress
+
+
+def _may_overlap(patterns: list[str]) -> bool:
+    """Whether some key may match two of `patterns` (llguidance decides; without it, assume so)."""
+    try:
+        from llguidance import LLMatcher
+    except ImportError:
+        return True
+    grammar = LLMatcher.grammar_from_json_schema({"type": "object", "patternProperties": {p: {} for p in patterns}})
+    is_err, msgs = LLMatcher.validate_grammar_with_warnings(grammar, None)
+    return bool(is_err) and any("not disjoint" in m for m in msgs)
 
 
 def _single_type_family(branches: list[Any]) -> Optional[str]:

@@ -37,6 +37,9 @@ CASES = [  # (schema, valid instances, (invalid instance, keyword))
     # maxContains over a `contains` without a complement (a pattern): counted item by item
     ({"type": "array", "items": {"type": "string"}, "contains": {"pattern": "^a"}, "maxContains": 2},
      [["ab", "b", "ac"], ["a"]], [(["ab", "ac", "b", "ad"], "maxContains")]),
+    # overlapping patternProperties: one alternation in the grammar, the key matching both checked against both
+    ({"type": "object", "patternProperties": {"^a": {"type": "integer"}, "b$": {"minimum": 5}},
+      "additionalProperties": False}, [{"ab": 7}, {"a": 1}, {"b": 9}], [({"ab": 3}, "patternProperties")]),
     # more required matches than positions a grammar expands: the guard counts them when the array closes
     ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 1}, "minContains": 9},
      [[1] * 9], [([1] * 8, "contains")]),
