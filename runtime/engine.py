@@ -226,7 +226,9 @@ class Engine:
                 if not cache_hit:
                     record_grammar_compilation(time.monotonic() - t0)
             except Exception as e:  # a compile error or timeout ends this request only
-                self._commands.put(lambda: self._fail(r, f"grammar compilation failed: {e}"))
+                # NOTE: the message is built here: Python clears `e` when the except block ends
+                message = f"grammar compilation failed: {e}"
+                self._commands.put(lambda: self._fail(r, message))
                 return
             self._commands.put(lambda: self._add(r, ids, matcher))
 

@@ -103,3 +103,21 @@ def test_jump_forward_saves_forward_passes(engine):
     jsonschema.validate(json.loads(text), schema)
     jsonschema.validate(json.loads(text2), schema)
     assert with_jf <= 0.7 * without_jf, (with_jf, without_jf)
+
+
+@pytest.mark.timeout(120)
+def test_compile_failure_ends_that_request_and_the_engine_serves_on(engine):
+    """A grammar that fails to compile after validation (here: the compile timeout) ends that request
+    with abort naming the failure; the scheduler thread lives on (the failure message was once built
+    from an `except` variable Python had already cleared: NameError, dead scheduler, hung requests)."""
+    timeout = engine.grammar.compile_timeout_s
+    engine.grammar.compile_timeout_s = 1e-9  # the timer fires long before this compile (tens of ms) ends
+    big = {"type": "object", "properties": {f"f{i}": {"type": "string", "pattern": f"^x{i}[a-z]+$"} for i in range(200)}}
+    try:
+        out = engine.generate("JSON: ", {"json_schema": json.dumps(big), "max_new_tokens": 8})
+    finally:
+        engine.grammar.compile_timeout_s = timeout
+    reason = out["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and "grammar compilation failed" in reason["message"], reason
+    out = engine.generate("Digits: ", {"regex": "[0-9]{4}", "max_new_tokens": 8, "temperature": 0})
+    assert re.fullmatch("[0-9]{4}", out["text"]), out
