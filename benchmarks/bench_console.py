@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,31 +22,15 @@ from typing import Any
 
 import httpx
 
+from sgl.runtime.processes import start_healthy_server
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a short story about a lighthouse keeper and a storm:"
 
 
 def launch(num_threads: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": str(num_threads), "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen([sys.executable, "-m", "sgl.launch_server", "--model-path", "default", "--port",
-                             str(port), "--num-threads", str(num_threads), "--max-total-tokens", "16384",
-                             "--log-level", "warning"], env=env, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 300
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start")
+    return start_healthy_server(["--model-path", "default", "--max-total-tokens", "16384", "--log-level", "warning"],
+                                num_threads)
 
 
 def cpu_seconds(pid: int) -> float:

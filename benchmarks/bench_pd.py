@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,14 +31,10 @@ from typing import Any
 
 import httpx
 
+from sgl.runtime.processes import free_port, wait_healthy
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- 1. transfer ------------------------------------------------------------------------------
@@ -105,19 +100,6 @@ def start(args: list[str]) -> tuple[subprocess.Popen, str]:
                              "--port", str(port), "--max-total-tokens", "16384", "--log-level", "warning", *args],
                             env=ENV, stdin=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(url: str, proc: subprocess.Popen) -> None:
-    end = time.monotonic() + 300
-    while time.monotonic() < end:
-        assert proc.poll() is None, f"{url} exited"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"{url} not healthy")
 
 
 def long_prompt(i: int, tokens: int) -> list[int]:

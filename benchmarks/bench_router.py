@@ -20,8 +20,6 @@ import concurrent.futures as cf
 import json
 import os
 import random
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from sgl.runtime.processes import free_port, stop_processes, wait_healthy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOPICS = ["hotel bookings in Lisbon", "train tickets across Japan", "ski holidays in the Alps", "museum tours in Cairo",
@@ -42,26 +42,6 @@ def system_prompt(i: int) -> str:
     rules = " ".join(f"Rule {k}: when a customer asks about {topic}, check the season, the budget, the group "
                      f"size and the travel dates before suggesting anything." for k in range(1, 9))
     return f"You are the agency's assistant for {topic} (desk {i}). {rules} Answer briefly.\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 400) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"{url} not healthy after {timeout}s")
 
 
 def run(url: str, workers: list[str], prompts: list[str], concurrency: int, max_new: int) -> dict[str, Any]:
@@ -146,14 +126,7 @@ def main() -> None:
             print(f"| {k}{' (1 replica)' if k == 'single_server' else ''} | {m['hit_rate']:.1%} | "
                   f"{m['req_per_s']:.2f} | {m['wall_s']:.1f} | {m['req_per_s'] / med['round_robin']['req_per_s']:.2f}x |")
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
+        stop_processes(reversed(procs))
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import httpx
+
+from sgl.runtime.processes import start_healthy_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("time year people way day man thing woman life child world school state family student group country "
@@ -227,29 +228,9 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> Optional[Path
 
 def launch(args: argparse.Namespace) -> subprocess.Popen:
     """Start our server on a free loopback port; sets args.base_url."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "sgl.launch_server", "--model-path", args.model_path, "--port", str(port),
-           "--log-level", "warning", *(["--num-threads", str(args.num_threads)] if args.num_threads else []),
-           *args.server_args]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    if args.num_threads:
-        env["OMP_NUM_THREADS"] = str(args.num_threads)
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
-    args.base_url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 300
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(args.base_url + "/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start in 300 s")
+    proc, args.base_url = start_healthy_server(["--model-path", args.model_path, "--log-level", "warning",
+                                                *args.server_args], args.num_threads or None)
+    return proc
 
 
 def print_table(results: list[dict[str, Any]]) -> None:

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from sgl.runtime.processes import start_healthy_server
 from sgl.runtime.tenancy import Prices, Tenancy, Usage, UsageLedger, parse_api_keys
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,26 +46,8 @@ def ledger_cost(path: str, n: int) -> float:
 
 
 def launch(num_threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": str(num_threads), "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen([sys.executable, "-m", "sgl.launch_server", "--model-path", "default", "--port",
-                             str(port), "--num-threads", str(num_threads), "--max-total-tokens", "16384",
-                             "--log-level", "warning", *extra], env=env, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 300
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start")
+    return start_healthy_server(["--model-path", "default", "--max-total-tokens", "16384", "--log-level", "warning",
+                                 *extra], num_threads)
 
 
 def timed(c: httpx.Client, method: str, url: str, **kw: Any) -> float:

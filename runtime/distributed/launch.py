@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from sgl.runtime.distributed.driver import TPDriver
 from sgl.runtime.distributed.group import TPGroup
 from sgl.runtime.distributed.sharding import ShardPlan, shard_model
 from sgl.runtime.models.config import ModelConfig
+from sgl.runtime.processes import free_port
 
 logger = logging.getLogger("sgl.distributed")
 
@@ -45,12 +45,6 @@ def launched_by_torchrun() -> bool:
 
 def threads_per_rank(args: Any) -> int:
     return max(1, args.resolved_num_threads // args.tp_size)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -73,7 +67,7 @@ class TensorParallel:
                                  f"runs on rank 0 of a world of exactly --tp-size {args.tp_size}")
             return tp
         os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
         threads = threads_per_rank(args)
         spec = tempfile.NamedTemporaryFile("w", prefix="sgl-tp-", suffix=".json", delete=False)
         json.dump(dataclasses.asdict(args), spec)  # each rank takes threads_per_rank(args)

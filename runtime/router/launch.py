@@ -16,16 +16,15 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-import httpx
 import uvicorn
 
+from sgl.runtime.processes import free_port, stop_processes, wait_healthy
 from sgl.runtime.router.app import create_router_app
 from sgl.runtime.router.pd import create_pd_app
 from sgl.runtime.router.config import RouterArgs
@@ -51,24 +50,6 @@ def launch_router(args: RouterArgs) -> None:
             signal.signal(sig, handler)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=10)
-
-
 def launch_dp(server_args: Any) -> None:
     """`sgl serve --dp-size N`: N replica processes behind one router on server_args.host/port."""
     n = server_args.dp_size
@@ -78,7 +59,7 @@ def launch_dp(server_args: Any) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
     try:
         for i in range(n):
-            port = _free_port(server_args.host)
+            port = free_port(server_args.host)
             replica = dataclasses.replace(server_args, dp_size=1, port=port, num_threads=threads,
                                           random_seed=server_args.random_seed + i)
             spec = tempfile.NamedTemporaryFile("w", prefix=f"sgl-replica{i}-port{port}-", suffix=".json", delete=False)
@@ -88,23 +69,12 @@ def launch_dp(server_args: Any) -> None:
                                           env=env, stdin=subprocess.DEVNULL))
             urls.append(f"http://{server_args.host}:{port}")
             logger.info("replica %d: %s (%d threads)", i, urls[-1], threads)
-        end = time.monotonic() + REPLICA_STARTUP_TIMEOUT_S
-        pending = set(range(n))
-        while pending:
-            for i in list(pending):
-                if procs[i].poll() is not None:
-                    raise RuntimeError(f"replica {i} exited with {procs[i].returncode} during start-up")
-                try:
-                    if httpx.get(urls[i] + "/health", timeout=2).status_code == 200:
-                        pending.discard(i)
-                except httpx.HTTPError:
-                    pass
-            if time.monotonic() > end:
-                raise RuntimeError(f"replicas {sorted(pending)} not healthy after {REPLICA_STARTUP_TIMEOUT_S}s")
-            time.sleep(0.25)
+        end = time.monotonic() + REPLICA_STARTUP_TIMEOUT_S  # NOTE: one deadline: they start in parallel
+        for url, proc in zip(urls, procs):
+            wait_healthy(url, proc, timeout=max(1.0, end - time.monotonic()))
         launch_router(RouterArgs(worker_urls=urls, policy=server_args.router_policy,
                                  balance_threshold=server_args.router_balance_threshold,
                                  host=server_args.host, port=server_args.port, log_level=server_args.log_level,
                                  api_key=server_args.api_key))  # the router's own polls (/cache_evictions)
     finally:
-        _stop(procs)
+        stop_processes(procs)

@@ -9,8 +9,11 @@ token-identical (the sampling state, seeded generator included, stays on the req
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+from sgl.runtime.cache.allocator import SlotAllocator
+from sgl.runtime.cache.hiradix_cache import HiRadixCache
+from sgl.runtime.cache.host_pool import HostPool
 from sgl.runtime.scheduler.fair_share import CLASS_RANK
 from sgl.runtime.scheduler.request import Req
 
@@ -26,3 +29,31 @@ def preemption_victim(running: list[Req], below_rank: Optional[int] = None) -> O
     cands = [r for r in running if below_rank is None or (
         CLASS_RANK[r.priority_class] < below_rank and r.num_latency_preemptions < MAX_LATENCY_PREEMPTIONS)]
     return min(cands, key=lambda r: (CLASS_RANK[r.priority_class], r.priority, -r.arrival), default=None)
+
+
+
+def swap_in(swap: HostPool, allocator: SlotAllocator, ensure_free: Callable[[int], bool], req: Req) -> bool:
+    """Copy a swapped request's KV rows back into fresh device slots (no recompute); False when the
+    pool cannot make room now. The caller moves the request from waiting to running."""
+    n = len(req.host_slots)
+    if not ensure_free(n):
+        return False
+    slots = allocator.alloc(n)
+    assert slots is not None
+    swap.swap_in(req.host_slots, slots)
+    req.host_slots, req.slots, req.cached_len, req.last_node = [], slots, 0, None
+    return True
+
+
+def promote_prefix(cache: HiRadixCache, ensure_free: Callable[[int], bool], key: list[int],
+                   namespace: Optional[int] = None) -> None:
+    """Copy the host-tier part of `key`'s cached prefix back to device slots (instead of a prefill)."""
+    n = cache.host_prefix_len(key, namespace)
+    if n == 0:
+        return
+    m = cache.match_prefix(key, namespace)
+    cache.lock(m.node)  # NOTE: making room must not demote the device part of this very prefix
+    room = ensure_free(n)
+    cache.unlock(m.node)
+    if room:
+        cache.promote(key, namespace)

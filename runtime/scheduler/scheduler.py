@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
 from sgl.runtime.cache.allocator import SlotAllocator
@@ -28,51 +28,18 @@ from sgl.runtime.protocol import finish_reason_abort, finish_reason_internal_err
 from sgl.runtime.scheduler.fair_share import CLASS_RANK, FairShare
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.policy import order_waiting
-from sgl.runtime.scheduler.preemption import preemption_victim
+from sgl.runtime.scheduler.crash_safety import free_new_slots, isolate_failure
+from sgl.runtime.scheduler.preemption import preemption_victim, promote_prefix, swap_in
 from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
 from sgl.runtime.scheduler.rollback import apply_guard
 from sgl.runtime.scheduler.speculative_rows import make_speculative_rows
+from sgl.runtime.scheduler.stats import StepStats
 from sgl.runtime.speculative import make_drafter
 from sgl.runtime.speculative.drafter import Drafter
 
 
 class ModelRunnerLike(Protocol):
     def run(self, batch: ScheduledBatch) -> list[RowResult]: ...
-
-
-@dataclass
-class StepStats:
-    num_running_reqs: int = 0
-    num_queue_reqs: int = 0
-    token_usage: float = 0.0
-    cache_hit_rate: float = 0.0
-    prompt_tokens_total: int = 0
-    cached_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    prefill_tokens_computed: int = 0
-    num_preemptions: int = 0
-    num_steps: int = 0
-    num_isolated_failures: int = 0  # requests failed alone after their batch raised (crash safety)
-    jump_forward_tokens: int = 0
-    # speculative decoding (all 0 when off); spec_accept_rate = accepted / proposed drafts
-    spec_verify_ct: int = 0
-    spec_draft_tokens: int = 0
-    spec_accepted_tokens: int = 0
-    spec_accept_rate: float = 0.0
-    spec_accept_length: float = 0.0
-    num_preemptions_swap: int = 0
-    num_preemptions_recompute: int = 0
-    swap_out_bytes: int = 0
-    swap_in_bytes: int = 0
-    host_kv_used_tokens: int = 0
-    host_kv_total_tokens: int = 0
-    host_cache_tokens: int = 0  # --hierarchical-cache: prefix tokens held in the host tier
-    host_cache_promoted_tokens: int = 0  # copied back instead of prefilled
-    host_cache_demoted_tokens: int = 0
-    per_class_queues: dict[str, int] = field(default_factory=dict)  # waiting requests per priority class
-    per_class_prefill_tokens: dict[str, int] = field(default_factory=dict)  # prefill tokens admitted per class
-    num_backtracks: int = 0  # semantic-guard rollbacks (runtime/scheduler/rollback.py)
-    backtracked_tokens: int = 0  # output tokens thrown away by them
 
 
 OutputCallback = Callable[[Req], None]
@@ -161,50 +128,17 @@ class Scheduler:
             results = self.runner.run(batch)
         except Exception as exc:
             if getattr(exc, "fatal", False):
-                self._free_new_slots(batch.rows)
+                free_new_slots(self.allocator, batch.rows)
                 raise
-            results = self._isolate(batch, exc)
+            results = isolate_failure(self.runner, self.allocator, self.stats, batch, exc)
         except BaseException:
-            self._free_new_slots(batch.rows)
+            free_new_slots(self.allocator, batch.rows)
             raise
         assert len(results) == len(batch.rows)
         self.stats.num_steps += 1
         for row, res in zip(batch.rows, results):
             self._process(row, res)
         self._update_gauges()
-
-    def _free_new_slots(self, rows: list[BatchRow]) -> None:
-        # NOTE: the rows' new slots are not yet in req.slots: hand them back, or they leak
-        for row in rows:
-            self.allocator.free(row.new_slots)
-            row.new_slots = []
-
-    def _isolate(self, batch: ScheduledBatch, exc: Exception) -> list[RowResult]:
-        """The batch raised: run its rows one at a time so only the request that fails alone fails (its
-        new KV is dropped, never cached) and the others' step goes on. When two or more different requests
-        all fail alone, the step itself cannot run: re-raise (the engine counts consecutive such steps). A
-        one-row batch's failure is that request's own (no rerun)."""
-        if len(batch.rows) == 1:
-            self._free_new_slots(batch.rows)
-            self.stats.num_isolated_failures += 1
-            return [RowResult(None, error=f"internal error: {type(exc).__name__}: {exc}", internal=True)]
-        results: list[RowResult] = []
-        failed: list[BatchRow] = []
-        for row in batch.rows:
-            try:
-                results.append(self.runner.run(ScheduledBatch([row]))[0])
-            except Exception as e:  # noqa: BLE001 - this one request's failure, reported to it
-                if getattr(e, "fatal", False):
-                    self._free_new_slots(batch.rows)
-                    raise
-                failed.append(row)
-                results.append(RowResult(None, error=f"internal error: {type(e).__name__}: {e}", internal=True))
-        if len(failed) == len(batch.rows):
-            self._free_new_slots(batch.rows)
-            raise exc
-        self._free_new_slots(failed)
-        self.stats.num_isolated_failures += len(failed)
-        return results
 
     def _schedule(self) -> ScheduledBatch:
         rows: list[BatchRow] = []
@@ -271,7 +205,11 @@ class Scheduler:
                 blocked = True
                 continue
             if req.host_slots:
-                if not self._swap_in(req):
+                if swap_in(self.swap, self.allocator, self._ensure_free, req):
+                    self.waiting.remove(req)
+                    req.status = ReqStatus.RUNNING
+                    self.running.append(req)
+                else:
                     blocked = True
                 continue
             self._match(req)
@@ -349,23 +287,10 @@ class Scheduler:
     def _match(self, req: Req) -> None:
         assert req.kv_len == 0 and req.last_node is None
         if isinstance(self.cache, HiRadixCache):
-            self._promote(req.fill_ids[: req.max_prefix_len], req.cache_namespace)
+            promote_prefix(self.cache, self._ensure_free, req.fill_ids[: req.max_prefix_len], req.cache_namespace)
         m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len], req.cache_namespace)
         self.cache.lock(m.node)
         req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(m.slots)
-
-    def _promote(self, key: list[int], namespace: Optional[int] = None) -> None:
-        """Copy the host-tier part of `key`'s cached prefix back to device slots (instead of a prefill)."""
-        assert isinstance(self.cache, HiRadixCache)
-        n = self.cache.host_prefix_len(key, namespace)
-        if n == 0:
-            return
-        m = self.cache.match_prefix(key, namespace)
-        self.cache.lock(m.node)  # NOTE: making room must not demote the device part of this very prefix
-        room = self._ensure_free(n)
-        self.cache.unlock(m.node)
-        if room:
-            self.cache.promote(key, namespace)
 
     def _rematch(self, req: Req) -> None:
         """An in-flight chunked request picks up what others cached since its last chunk (e.g. the
@@ -440,20 +365,6 @@ class Scheduler:
         self._preempt(victim)
         return True
 
-    def _swap_in(self, req: Req) -> bool:
-        """Resume a swapped request: copy its KV rows back into fresh device slots (no recompute)."""
-        n = len(req.host_slots)
-        if not self._ensure_free(n):
-            return False
-        slots = self.allocator.alloc(n)
-        assert slots is not None
-        self.swap.swap_in(req.host_slots, slots)
-        req.host_slots, req.slots, req.cached_len, req.last_node = [], slots, 0, None
-        self.waiting.remove(req)
-        req.status = ReqStatus.RUNNING
-        self.running.append(req)
-        return True
-
     # ---- results ---------------------------------------------------------------------------
     def _process(self, row: BatchRow, res: RowResult) -> None:
         req = row.req
@@ -473,11 +384,11 @@ class Scheduler:
         if res.error is not None:
             req.finish_reason = (finish_reason_internal_error if res.internal else finish_reason_abort)(res.error)
             if row.draft_len:
-                self._trim_verify_row(row, res, 0)
+                self.spec.trim_verify_row(self.allocator, row, res, 0)
         elif res.token_id is not None:
             appended = self._append_sampled(req, res)
             if row.draft_len:
-                self._trim_verify_row(row, res, appended)
+                self.spec.trim_verify_row(self.allocator, row, res, appended)
             if req.grammar is not None:
                 apply_guard(self, req)  # a semantic guard may roll the request back (or abort it)
             if req.grammar is not None and not req.finished and not self.args.disable_jump_forward:
@@ -507,17 +418,6 @@ class Scheduler:
             if req.finished or getattr(req.grammar, "pending", None) is not None:
                 break  # NOTE: a guard violation: the rest of a verified draft is not kept (apply_guard rolls back)
         return appended
-
-    def _trim_verify_row(self, row: BatchRow, res: RowResult, appended: int) -> None:
-        """Keep the KV of the verified tokens, free the rejected drafts' slots now (see speculative_rows.py)."""
-        assert self.spec is not None
-        req = row.req
-        keep = max(appended, 1)  # the last pending token's KV is valid even if nothing was appended
-        cut = row.start + row.extend_len - row.draft_len - 1 + keep
-        assert req.slots[row.start:] == row.new_slots
-        self.allocator.free(req.slots[cut:])
-        del req.slots[cut:]
-        self.spec.record(req, row.draft_len, len(res.next_token_ids))
 
     def _append(self, req: Req, token_id: int, logprob: Optional[float],
                 top: Optional[list[tuple[int, float]]]) -> None:

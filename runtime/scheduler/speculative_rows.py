@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.metrics import record_spec_accept_length
 from sgl.runtime.speculative.drafter import Drafter
-from sgl.runtime.scheduler.request import Req
+from sgl.runtime.cache.allocator import SlotAllocator
+from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
 
 
 @dataclass
@@ -94,6 +95,17 @@ class SpeculativeRows:
         self.stats.draft_tokens += draft_len
         self.stats.accepted_tokens += accepted
 
+
+    def trim_verify_row(self, allocator: SlotAllocator, row: BatchRow, res: RowResult, appended: int) -> None:
+        """After a verify row's step (its new slots already in `req.slots`): keep the KV of the pending
+        token(s) and the accepted drafts, free the rejected drafts' slots now (module docstring)."""
+        req = row.req
+        keep = max(appended, 1)  # the last pending token's KV is valid even if nothing was appended
+        cut = row.start + row.extend_len - row.draft_len - 1 + keep
+        assert req.slots[row.start:] == row.new_slots
+        allocator.free(req.slots[cut:])
+        del req.slots[cut:]
+        self.record(req, row.draft_len, len(res.next_token_ids))
 
 def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter]) -> Optional[SpeculativeRows]:
     return SpeculativeRows(args, drafter) if drafter is not None else None

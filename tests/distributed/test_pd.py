@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from sgl.runtime.distributed.kv_transfer import READ_MARGIN_S
+from sgl.runtime.processes import wait_healthy
 from tests.e2e.server_helpers import ServerHandle, free_port, start_server
 
 PROMPTS = ["The capital of France is", "List three prime numbers:", "A haiku about the sea:"]
@@ -58,15 +59,7 @@ def pd() -> Iterator[tuple[ServerHandle, ServerHandle, str]]:
                                decode.url, "--port", str(port)], stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        end = time.monotonic() + 30
-        while True:
-            assert router.poll() is None and time.monotonic() < end, "router did not start"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(url, router, timeout=30, interval=0.1)
         yield prefill, decode, url
     finally:
         router.terminate()

@@ -4,13 +4,13 @@ gloo ranks against the unsharded model (logits and greedy tokens), fp32 and nati
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch.multiprocessing as mp
 
 from sgl.runtime.distributed.sharding import ShardPlan, even_bounds
 from sgl.runtime.models.config import ModelConfig
+from sgl.runtime.processes import free_port
 from tests.distributed import tp_harness
 
 
@@ -53,12 +53,6 @@ def test_impossible_head_split_names_the_reason() -> None:
         ShardPlan.for_model(_config(6, 2), 0, 4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SPECS = {
     "gqa_divides_untied": dict(hidden=64, inter=128, heads=4, kv_heads=2, head_dim=16),
     "gqa_3kv_over_2_bias_tied": dict(hidden=96, inter=96, heads=6, kv_heads=3, head_dim=16, bias=True, tied=True),
@@ -72,7 +66,7 @@ SPECS = {
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_two_ranks_match_the_unsharded_model(tmp_path, name: str) -> None:
     out = tmp_path / "rank0.json"
-    mp.start_processes(tp_harness.run_rank, args=(2, _free_port(), SPECS[name], str(out)), nprocs=2,
+    mp.start_processes(tp_harness.run_rank, args=(2, free_port(), SPECS[name], str(out)), nprocs=2,
                        start_method="fork", join=True)
     result = json.loads(out.read_text())
     assert result["tokens"] == result["ref_tokens"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,16 +14,12 @@ from typing import Any, Iterator, Optional
 
 import httpx
 
+from sgl.runtime.processes import free_port, stop_processes, wait_healthy
+
 # Small pool: the tests' requests are short, and CI memory is shared.
 BASE_ARGS = ["--model-path", "default", "--num-threads", "1", "--max-total-tokens", "16384",
              "--enable-metrics", "--log-level", "info"]
 STARTUP_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -60,13 +54,7 @@ class ServerHandle:
             time.sleep(0.1)
 
     def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_processes([self.proc], timeout)
         return self.proc.returncode
 
 
@@ -83,18 +71,12 @@ def start_server(*extra: str, api_key: Optional[str] = None, command: Optional[l
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
     handle = ServerHandle(f"http://127.0.0.1:{port}", proc, log.name, api_key)
-    end = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} during startup:\n{handle.log()[-4000:]}")
-        try:
-            if httpx.get(handle.url + "/health", timeout=2).status_code == 200:
-                return handle
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    handle.stop()
-    raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{handle.log()[-4000:]}")
+    try:
+        wait_healthy(handle.url, proc, timeout=STARTUP_TIMEOUT_S)
+    except RuntimeError as e:
+        handle.stop()
+        raise RuntimeError(f"{e}:\n{handle.log()[-4000:]}") from None
+    return handle
 
 
 @contextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Iterator
 import httpx
 import pytest
 
+from sgl.runtime.processes import stop_processes, wait_healthy
 from tests.e2e.server_helpers import ServerHandle, free_port, start_server
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
@@ -87,22 +87,13 @@ def start_router(workers: list[str], *extra: str) -> RouterProc:
            "--health-check-interval", "0.3", "--health-failures", "1", *extra]
     proc = subprocess.Popen(cmd, env=ENV, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        assert proc.poll() is None, f"router exited with {proc.returncode}"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return RouterProc(url, proc)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("router not healthy after 30s")
+    try:
+        wait_healthy(url, proc, timeout=30, interval=0.1)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return RouterProc(url, proc)
 
 
 def stop_router(r: RouterProc) -> None:
-    r.proc.send_signal(signal.SIGTERM)
-    try:
-        r.proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        r.proc.kill()
+    stop_processes([r.proc], timeout=20)
