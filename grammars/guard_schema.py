@@ -212,8 +212,9 @@ class SchemaGuard:
 def _keyword(err: Any) -> str:
     """The outermost keyword of a jsonschema error's schema path that is a guardable keyword."""
     for k in err.absolute_schema_path:
-        if k in ("oneOf", "not", "if", "uniqueItems", "format", "multipleOf", "contains", "maxContains", "then", "else",
-                 "unevaluatedProperties", "unevaluatedItems", "minProperties", "maxProperties", "patternProperties"):
+        if k in ("oneOf", "not", "if", "uniqueItems", "format", "multipleOf", "contains", "maxContains", "then",
+                 "else", "unevaluatedProperties", "unevaluatedItems", "minProperties", "maxProperties",
+                 "patternProperties"):
             return "if" if k in ("then", "else") else str(k)
     return str(err.validator)
 

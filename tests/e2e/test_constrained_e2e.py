@@ -112,7 +112,8 @@ def test_compile_failure_ends_that_request_and_the_engine_serves_on(engine):
     from an `except` variable Python had already cleared: NameError, dead scheduler, hung requests)."""
     timeout = engine.grammar.compile_timeout_s
     engine.grammar.compile_timeout_s = 1e-9  # the timer fires long before this compile (tens of ms) ends
-    big = {"type": "object", "properties": {f"f{i}": {"type": "string", "pattern": f"^x{i}[a-z]+$"} for i in range(200)}}
+    big = {"type": "object",
+           "properties": {f"f{i}": {"type": "string", "pattern": f"^x{i}[a-z]+$"} for i in range(200)}}
     try:
         out = engine.generate("JSON: ", {"json_schema": json.dumps(big), "max_new_tokens": 8})
     finally:
