@@ -101,3 +101,25 @@ def test_deep_nesting_closes_within_budget(compiler, vocab):
         out.append(t)
     jsonschema.validate(json.loads(vocab.decode(out).decode()), schema)
     assert m.budget_closed
+
+
+@pytest.mark.parametrize("schema, prefix", [
+    # the model wrote digits into a `time`'s fraction: only "Z" or an offset ends it (greedy: "0" forever)
+    ({"type": "object", "properties": {"t": {"type": "string", "format": "time"}}, "required": ["t"]},
+     '{"t":"20:00:00.0000000000000000000'),
+    # a key that must match a pattern with "://": greedy picked letters ("null") forever
+    ({"type": "object", "patternProperties": {'^[a-zA-Z]+://[^ "]+$': {}}, "additionalProperties": False},
+     '{"onOneVersionOneVersionOneVersion'),
+])
+def test_closing_path_when_the_greedy_walk_loops(compiler, vocab, schema, prefix):
+    """Recorded from the on-model benchmark (Glaiveai2K create_calendar_event, Github_trivial o88603):
+    these outputs ended on length unparsed; the seeded fallback walks find a completion."""
+    m = compiler.compile("json_schema", schema, timeout=30).matcher()
+    for t in vocab.encode(prefix.encode()):
+        assert m.accept(t)
+    path = closing_path(m, 64)
+    assert path is not None and len(path) <= 64
+    # NOTE: no format checker: the grammar's `time` allows any fraction length; jsonschema's checker (the
+    # format guard) wants at most 6 digits, which no completion of this prefix can give
+    jsonschema.validate(json.loads(prefix + vocab.decode(path).decode()), schema)
+    assert m._num_accepted == len(vocab.encode(prefix.encode()))  # the matcher is where it was
