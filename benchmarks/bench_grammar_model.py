@@ -57,11 +57,11 @@ class RawCompiler:
     def compile_async(self, kind: str, value: Any) -> "Future[Any]":
         fut: Future = Future()
         fut.set_running_or_notify_cancel()
-        timer = threading.Timer(self.timeout_s, _settle, args=(fut, None, TimeoutError("compile timeout")))
-        timer.daemon = True
-        timer.start()
 
-        def run() -> None:
+        def run() -> None:  # NOTE: the timer starts with the compile, not while queued behind others
+            timer = threading.Timer(self.timeout_s, _settle, args=(fut, None, TimeoutError("compile timeout")))
+            timer.daemon = True
+            timer.start()
             try:
                 grammar = _NoBudget(self._compile(value if isinstance(value, str) else json.dumps(value)))
             except Exception as e:  # noqa: BLE001
