@@ -61,6 +61,10 @@ class GrammarMatcher(ABC):
         self._budget: Optional[int] = None  # max_new_tokens, once `set_token_budget` was called
         self._budget_check_at = 0  # recompute the closing path once the remaining budget is <= this
         self.budget_closed = False  # the mask was narrowed to close the output within the budget
+        # The committed closing path once narrowing started: (accepted-token count it applies at, its
+        # rest). Followed token by token: a recomputed path need not be the rest of the last one (the
+        # fallback walks are not greedy), and switching paths near the end can run out of budget.
+        self._closing: Optional[tuple[int, list[int]]] = None
 
     def set_token_budget(self, max_new_tokens: int) -> None:
         """Close the output within `max_new_tokens` accepted tokens (see sgl.grammars.budget)."""
@@ -174,7 +178,16 @@ class GrammarMatcher(ABC):
         """Narrow `out` to the closing path's next token once the remaining budget is within MARGIN of
         the path's length. The path is recomputed at most every 8 tokens, every token near the end."""
         remaining = self._budget - self._num_accepted  # type: ignore[operator]
-        if remaining > self._budget_check_at or remaining <= 0:
+        if remaining <= 0:
+            return
+        if self._closing is not None:
+            at, rest = self._closing
+            if at == self._num_accepted and (not rest or self._allows(rest[0])):
+                self._closing = (at + 1, rest[1:])
+                self._narrow(out, rest[:1])
+                return
+            self._closing = None  # rolled back or left the path: recompute
+        if remaining > self._budget_check_at:
             return
         path = closing_path(self, min(remaining + 16, 512))
         if path is None:  # no greedy completion in sight: try again a few tokens later
@@ -185,9 +198,14 @@ class GrammarMatcher(ABC):
             self._budget_check_at = remaining - 1 if remaining <= window else max(window, remaining - 8)
             return
         self._budget_check_at = remaining - 1
+        self._closing = (self._num_accepted + 1, path[1:])
+        self._narrow(out, path[:1])
+
+    def _narrow(self, out: torch.Tensor, tokens: list[int]) -> None:
+        """Allow only `tokens` (none: only EOS) in `out`."""
         before = out.clone()
         out.zero_()
-        for t in (path[:1] if path else sorted(self.vocab.eos_token_ids)):
+        for t in (tokens or sorted(self.vocab.eos_token_ids)):
             out[t // 32] |= _bit(t % 32)
         if not torch.equal(before, out):  # closed early only if the narrowing removed a choice
             self.budget_closed = True

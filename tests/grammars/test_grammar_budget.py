@@ -123,3 +123,28 @@ def test_closing_path_when_the_greedy_walk_loops(compiler, vocab, schema, prefix
     # format guard) wants at most 6 digits, which no completion of this prefix can give
     jsonschema.validate(json.loads(prefix + vocab.decode(path).decode()), schema)
     assert m._num_accepted == len(vocab.encode(prefix.encode()))  # the matcher is where it was
+
+
+@pytest.mark.parametrize("budget", [24, 48])
+def test_pattern_key_closes_within_budget(compiler, vocab, budget):
+    """A stubborn writer of letters into a key that needs "://" (Github_trivial o88603 on the model): the
+    closing path comes from the fallback walks, and once narrowing starts it is followed to the end."""
+    schema = {"type": "object", "patternProperties": {'^[a-zA-Z]+://[^ "]+$': {}}, "additionalProperties": False}
+    m = compiler.compile("json_schema", schema, timeout=30).matcher()
+    m.set_token_budget(budget)
+    out = vocab.encode(b'{"onOne')
+    for t in out:
+        assert m.accept(t)
+    mask = torch.zeros((1, (vocab.vocab_size_padded + 31) // 32), dtype=torch.int32)
+    letters = vocab.encode(b"Version")[0]
+    while len(out) < budget and not m.is_finished():
+        m.fill_bitmask(mask, 0)
+        allowed = lambda t: bool(mask[0, t // 32].item() >> (t % 32) & 1)  # noqa: E731
+        t = letters if allowed(letters) else next(w * 32 + j for w in range(mask.shape[1]) for j in range(32)
+                                                  if mask[0, w].item() >> j & 1)
+        if t in vocab.eos_token_ids:
+            break
+        assert m.accept(t)
+        out.append(t)
+    assert len(out) <= budget and m.budget_closed
+    jsonschema.validate(json.loads(vocab.decode(out).decode("utf-8")), schema)
