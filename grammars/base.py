@@ -189,9 +189,12 @@ class GrammarMatcher(ABC):
             self._closing = None  # rolled back or left the path: recompute
         if remaining > self._budget_check_at:
             return
-        path = closing_path(self, min(remaining + 16, 512))
+        path = closing_path(self, min(remaining + 16, 512), fallback_limit=remaining)
         if path is None:  # no greedy completion in sight: try again a few tokens later
             self._budget_check_at = remaining - 4
+            return
+        if len(path) > remaining:  # NOTE: never commit to a path longer than the budget left
+            self._budget_check_at = remaining - 1
             return
         if remaining > len(path) + MARGIN:
             window = len(path) + MARGIN + 16

@@ -64,13 +64,15 @@ def _candidates(vocab: "Vocabulary") -> tuple[list[int], list[int], list[int], l
     return res
 
 
-def closing_path(m: "GrammarMatcher", limit: int) -> Optional[list[int]]:
+def closing_path(m: "GrammarMatcher", limit: int, fallback_limit: Optional[int] = None) -> Optional[list[int]]:
     """Up to `limit` tokens after which the grammar may end ([] if it may end now); None if neither the
-    greedy walk nor the seeded fallback walks get there within `limit` (or the backend cannot tell)."""
+    greedy walk nor the seeded fallback walks (up to `fallback_limit` tokens, default `limit`) get there
+    (or the backend cannot tell)."""
     in_string, elsewhere, probes, pool = _candidates(m.vocab)
     best = _walk(m, limit, lambda inside: in_string if inside else elsewhere, probes)
     if best is not None:
         return best
+    limit = limit if fallback_limit is None else min(limit, fallback_limit)
     for seed in range(_RETRIES):
         rng = random.Random(seed)
         order = list(pool)
