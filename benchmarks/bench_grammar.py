@@ -77,7 +77,7 @@ def _worker(backend: str, tok_path: str, eos: list[int], conn: Any, walks: int, 
         relaxed += [str(w.message) for w in pyw if "strict_json=False" in str(w.message)]
         conn.send(("compiled", (dt, relaxed[:5])))
         rng = random.Random(seed)
-        samples, mask_times, walk_errors, stats = [], [], [], {"tokens": 0, "backtracks": 0}
+        samples, mask_times, walk_errors, stats = [], [], [], {"tokens": 0, "backtracks": 0, "mask_cpu_us": []}
         for _ in range(walks):
             text, err = _random_walk(grammar.matcher(), vocab, rng, max_steps, closing, mask_times, np, torch, stats)
             if err:
@@ -123,16 +123,19 @@ def _make_compile(kind: str, name: str, vocab: Any, GrammarCompiler: Any, Gramma
 
 def _random_walk(m: Any, vocab: Any, rng: random.Random, max_steps: int, closing: Any, mask_times: list,
                  np: Any, torch: Any, stats: dict) -> tuple[Optional[str], Optional[str]]:
-    """Mask time = fill_bitmask + accept (where semantic guards check closed values); a guard's
-    rollback request is honoured like the scheduler does (truncate, matcher.rollback)."""
+    """Mask time = fill_bitmask + accept (where semantic guards check closed values), wall clock and this
+    thread's CPU time (the latter does not count the time other processes held the core: a loaded
+    machine inflates wall-clock percentiles); a guard's rollback request is honoured like the scheduler
+    does (truncate, matcher.rollback)."""
     W = (vocab.vocab_size_padded + 31) // 32
     mask = torch.zeros(1, W, dtype=torch.int32)
     out: list[int] = []
     eos = vocab.eos_token_id
     for _ in range(max_steps):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time_ns(), time.perf_counter()
         m.fill_bitmask(mask, 0)
         mask_times.append((time.perf_counter() - t0) * 1e6)
+        stats["mask_cpu_us"].append((time.thread_time_ns() - c0) / 1e3)
         if m.error:
             return None, m.error
         bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little")[: vocab.vocab_size_padded].astype(bool)
@@ -144,9 +147,10 @@ def _random_walk(m: Any, vocab: Any, rng: random.Random, max_steps: int, closing
         t = int(pool[rng.randrange(len(pool))])
         if t == eos:
             return vocab.decode(out).decode("utf-8", errors="replace"), None
-        t1 = time.perf_counter()
+        c1, t1 = time.thread_time_ns(), time.perf_counter()
         ok = m.accept(t)
         mask_times[-1] += (time.perf_counter() - t1) * 1e6
+        stats["mask_cpu_us"][-1] += (time.thread_time_ns() - c1) / 1e3
         if not ok:
             return None, m.error or "accept failed"
         out.append(t)
@@ -273,9 +277,9 @@ def run(args: argparse.Namespace) -> dict:
                 text = path.read_text()
                 res = judge(text, worker.run(text, args.seed + i, args.timeout))
                 res.pop("samples", None)
-                mask_us = res.pop("mask_us", [])
+                mask_us, mask_cpu = res.pop("mask_us", []), res.pop("mask_cpu_us", [])
                 rows.append(dict(res, file=path.name, mask_us_summary=[_pct(mask_us, .5), _pct(mask_us, .99)],
-                                 _mask=mask_us))
+                                 _mask=mask_us, _mask_cpu=mask_cpu))
             per_subset[subset] = summarize(rows)
             print(f"  {backend:22s} {subset:15s} {json.dumps({k: v for k, v in per_subset[subset].items() if k != 'failures'})}",
                   flush=True)
@@ -289,6 +293,7 @@ def summarize(rows: list[dict]) -> dict:
     compiled = [r for r in rows if r["status"] == "compiled"]
     cts = [r["compile_s"] * 1e3 for r in compiled]
     masks = [x for r in rows for x in r.get("_mask", [])]
+    cpu = [x for r in rows for x in r.get("_mask_cpu", [])]
     return {
         "n": len(rows), "compiled": len(compiled), "timeouts": sum(r["status"] == "timeout" for r in rows),
         "errors": sum(r["status"] == "error" for r in rows),
@@ -298,6 +303,7 @@ def summarize(rows: list[dict]) -> dict:
         "coverage": round(sum(r["correct"] for r in rows) / max(len(rows), 1), 4),
         "compile_ms_p50": _pct(cts, .5), "compile_ms_p90": _pct(cts, .9), "compile_ms_p99": _pct(cts, .99),
         "mask_us_p50": _pct(masks, .5), "mask_us_p99": _pct(masks, .99), "mask_calls": len(masks),
+        "mask_cpu_us_p50": _pct(cpu, .5), "mask_cpu_us_p99": _pct(cpu, .99),
         "backtracks_per_1k_tokens": round(1000 * sum(r.get("backtracks", 0) for r in rows)
                                           / max(sum(r.get("tokens", 0) for r in rows), 1), 2),
         "failures": [{k: r.get(k) for k in ("file", "status", "error", "relaxed", "invalid_examples", "walk_errors")}
@@ -308,7 +314,7 @@ def summarize(rows: list[dict]) -> dict:
 def print_table(results: dict) -> None:
     ref = results["backends"].get("sgl-llguidance")
     hdr = (f"{'backend':22s} {'subset':15s} {'n':>4s} {'cov%':>6s} {'inval':>5s} {'relax':>5s} {'t/o':>4s} {'c_p50ms':>8s} "
-           f"{'c_p90ms':>8s} {'c_p99ms':>8s} {'m_p50us':>8s} {'m_p99us':>8s} {'bt/1k':>6s}  ratio(p50 compile, mask) vs sgl-llguidance")
+           f"{'c_p90ms':>8s} {'c_p99ms':>8s} {'m_p50us':>8s} {'m_p99us':>8s} {'cpu_p99':>8s} {'bt/1k':>6s}  ratio(p50 compile, mask) vs sgl-llguidance")
     print(hdr)
     f = lambda x: "-" if x is None else (f"{x:.1f}" if x < 1000 else f"{x:.0f}")  # noqa: E731
     for b, r in results["backends"].items():
@@ -320,7 +326,8 @@ def print_table(results: dict) -> None:
             print(f"{b:22s} {s:15s} {x['n']:4d} {100 * x['coverage']:6.1f} {x['invalid_schemas']:5d} "
                   f"{x['relaxed_schemas']:5d} {x['timeouts']:4d} "
                   f"{f(x['compile_ms_p50']):>8s} {f(x['compile_ms_p90']):>8s} {f(x['compile_ms_p99']):>8s} "
-                  f"{f(x['mask_us_p50']):>8s} {f(x['mask_us_p99']):>8s} {x.get('backtracks_per_1k_tokens', 0):6.2f}  {ratio}")
+                  f"{f(x['mask_us_p50']):>8s} {f(x['mask_us_p99']):>8s} {f(x.get('mask_cpu_us_p99')):>8s} "
+                  f"{x.get('backtracks_per_1k_tokens', 0):6.2f}  {ratio}")
     if "e2e" in results:
         print("e2e:", json.dumps(results["e2e"]))
     if "on_model" in results:
@@ -340,14 +347,15 @@ def main() -> None:
     p.add_argument("--e2e", action="store_true", help="also measure decode tokens/s on the default model")
     p.add_argument("--on-model", type=int, default=0, metavar="N",
                    help="also generate greedily (<= 512 tokens) on the default model for N schemas per subset "
-                        "(ours, default mode: guards): coverage, invalid outputs, backtracks per 1K tokens")
+                        "(ours, raw llguidance, raw xgrammar; bench_grammar_model.py): coverage, invalid outputs, "
+                        "backtracks per 1K tokens")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_grammar.json"))
     args = p.parse_args()
     t0 = time.perf_counter()
     results = run(args)
     if args.on_model:
-        from bench_grammar_model import run_on_model  # noqa: E402
-        results["on_model"] = run_on_model(args.on_model, args.seed, SUBSETS, DATA)
+        from bench_grammar_model import MODEL_BACKENDS, run_on_model  # noqa: E402
+        results["on_model"] = run_on_model(args.on_model, args.seed, SUBSETS, DATA, backends=tuple(MODEL_BACKENDS))
     if args.e2e:
         from bench_grammar_e2e import run_e2e  # noqa: E402
         results["e2e"] = run_e2e()

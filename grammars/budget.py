@@ -14,7 +14,8 @@ at most the path length + `MARGIN`, the mask allows only the path's next token.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import random
+from typing import TYPE_CHECKING, Callable, Optional
 
 if TYPE_CHECKING:
     from sgl.grammars.base import GrammarMatcher
@@ -32,11 +33,16 @@ _CLOSERS = ['}]}', '}}', ']}', '}]', ']]', '}', ']', ')', '>']
 _VALUES = ["0", '""', "null", "[]", "{}", "true", "false", "1", ",", ":", '"', "{", "[", "a", "A", "-", ".", "e",
            "x", " "]
 _PROBES = ['"', "}", "a"]  # all three allowed: inside a string
+# Fallback when the greedy walk loops without ending (it keeps picking a token that never completes the
+# value: "0" forever in a `time`'s fraction that needs "Z", "null" forever in a key whose pattern needs
+# "://"): a few seeded walks over these candidates in shuffled orders; the shortest that ends wins.
+_EXTRA = ["Z", "/", "+", "T", "@", "_", "0", "1", "-", ":", ".", '"', "}", "]", ",", "a", "A", "x", " "]
+_RETRIES = 6
 _CANDIDATES: dict[int, tuple["Vocabulary", tuple]] = {}  # id(vocab) -> (vocab kept alive, ids)
 
 
-def _candidates(vocab: "Vocabulary") -> tuple[list[int], list[int], list[int]]:
-    """(in-string order, elsewhere order, probes) as token ids of the texts above that are single
+def _candidates(vocab: "Vocabulary") -> tuple[list[int], list[int], list[int], list[int]]:
+    """(in-string order, elsewhere order, probes, fallback pool) as token ids of the texts above that are single
     tokens of `vocab` (cached per vocabulary)."""
     cached = _CANDIDATES.get(id(vocab))
     if cached is not None and cached[0] is vocab:
@@ -52,16 +58,38 @@ def _candidates(vocab: "Vocabulary") -> tuple[list[int], list[int], list[int]]:
             if len(toks) == 1 and toks[0] not in out:
                 out.append(toks[0])
         return out
-    res = (ids(_IN_STRING + _CLOSERS + _VALUES), ids(_CLOSERS + _VALUES + _IN_STRING), ids(_PROBES))
+    res = (ids(_IN_STRING + _CLOSERS + _VALUES), ids(_CLOSERS + _VALUES + _IN_STRING), ids(_PROBES),
+           ids(_IN_STRING + _CLOSERS + _VALUES + _EXTRA))
     _CANDIDATES[id(vocab)] = (vocab, res)
     return res
 
 
-def closing_path(m: "GrammarMatcher", limit: int) -> Optional[list[int]]:
-    """Up to `limit` tokens after which the grammar may end ([] if it may end now); None if the greedy
-    walk does not get there within `limit` (or the backend cannot tell)."""
+def closing_path(m: "GrammarMatcher", limit: int, fallback_limit: Optional[int] = None) -> Optional[list[int]]:
+    """Up to `limit` tokens after which the grammar may end ([] if it may end now); None if neither the
+    greedy walk nor the seeded fallback walks (up to `fallback_limit` tokens, default `limit`) get there
+    (or the backend cannot tell)."""
+    in_string, elsewhere, probes, pool = _candidates(m.vocab)
+    best = _walk(m, limit, lambda inside: in_string if inside else elsewhere, probes)
+    if best is not None:
+        return best
+    limit = limit if fallback_limit is None else min(limit, fallback_limit)
+    for seed in range(_RETRIES):
+        rng = random.Random(seed)
+        order = list(pool)
+        best = _shorter(best, _walk(m, limit if best is None else len(best) - 1,
+                                    lambda inside: rng.sample(order, len(order)), probes))
+    return best
+
+
+def _shorter(a: Optional[list[int]], b: Optional[list[int]]) -> Optional[list[int]]:
+    return b if a is None or (b is not None and len(b) < len(a)) else a
+
+
+def _walk(m: "GrammarMatcher", limit: int, order: Callable[[bool], list[int]],
+          probes: list[int]) -> Optional[list[int]]:
+    """One walk from the matcher's state: forced tokens, else the first allowed token of `order(inside a
+    string)`, else any allowed token. The matcher is left where it started."""
     path: list[int] = []
-    in_string, elsewhere, probes = _candidates(m.vocab)
     fork = m._fork()
     owner, m = m, (fork if fork is not None else m)  # walk the fork if there is one: nothing to undo
     try:
@@ -73,7 +101,7 @@ def closing_path(m: "GrammarMatcher", limit: int) -> Optional[list[int]]:
                 step = forced[:1]
             else:
                 inside = len(probes) == len(_PROBES) and all(m._allows(t) for t in probes)
-                step = next(([t] for t in (in_string if inside else elsewhere) if m._allows(t)), [])
+                step = next(([t] for t in order(inside) if m._allows(t)), [])
             if not step:
                 t = m._any_allowed()
                 if t is None:

@@ -205,6 +205,7 @@ class GrammarCompiler:
         grammar = self.backend.compile(spec)
         if spec.guards:
             grammar = GuardedGrammar(grammar, SchemaGuard(json.loads(spec.source or "true"), list(spec.guards)))
+        grammar.warm()  # NOTE: off the mask path: the first mask is the slowest
         return grammar
 
     def _time_out(self, key: tuple[str, str], fut: Future) -> None:

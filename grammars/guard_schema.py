@@ -46,6 +46,8 @@ class SchemaGuard:
         self._own: dict[str, frozenset[str]] = {}
         self._nodes: dict[tuple[PathElem, ...], list[tuple[str, Any]]] = {}
         self._unique: dict[tuple[PathElem, ...], bool] = {}
+        self._max_contains: dict[tuple[PathElem, ...], list[tuple[Any, int]]] = {}
+        self._validators: dict[str, Any] = {}  # schema pointer -> a validator of that node (built once)
 
     # --- schema walking -------------------------------------------------------------------------
     def _resolve(self, ref: Any) -> Optional[tuple[str, Any]]:
@@ -174,6 +176,16 @@ class SchemaGuard:
                                            for p, n in self.nodes_for(path))
         return hit
 
+    def max_contains(self, path: tuple[PathElem, ...]) -> list[tuple[Any, int]]:
+        """(validator of `contains`, maxContains) of each guarded maxContains on the array at `path`: a
+        prefix with more matches than that is already a violation, so items are counted as they close."""
+        hit = self._max_contains.get(path)
+        if hit is None:
+            hit = self._max_contains[path] = [
+                (self.validator.evolve(schema=n["contains"]), int(n["maxContains"])) for p, n in self.nodes_for(path)
+                if (p, "maxContains") in self.guards and "contains" in n and "maxContains" in n]
+        return hit
+
     def guarded(self, path: tuple[PathElem, ...]) -> bool:
         return any(self.own_keywords(p, n) for p, n in self.nodes_for(path))
 
@@ -182,7 +194,12 @@ class SchemaGuard:
         for ptr, node in self.nodes_for(path):
             if not self.own_keywords(ptr, node):
                 continue
-            err = jsonschema.exceptions.best_match(self.validator.evolve(schema=node).iter_errors(value))
+            v = self._validators.get(ptr)
+            if v is None:
+                v = self._validators[ptr] = self.validator.evolve(schema=node)
+            if v.is_valid(value):  # NOTE: stops at the first error; the best match is looked for only on a miss
+                continue
+            err = jsonschema.exceptions.best_match(v.iter_errors(value))
             if err is not None:
                 return GuardViolation(_keyword(err), json_path(path), err.message[:200])
         return None
@@ -195,8 +212,9 @@ class SchemaGuard:
 def _keyword(err: Any) -> str:
     """The outermost keyword of a jsonschema error's schema path that is a guardable keyword."""
     for k in err.absolute_schema_path:
-        if k in ("oneOf", "not", "if", "uniqueItems", "format", "multipleOf", "contains", "then", "else",
-                 "unevaluatedProperties", "unevaluatedItems", "minProperties", "maxProperties"):
+        if k in ("oneOf", "not", "if", "uniqueItems", "format", "multipleOf", "contains", "maxContains", "then",
+                 "else", "unevaluatedProperties", "unevaluatedItems", "minProperties", "maxProperties",
+                 "patternProperties"):
             return "if" if k in ("then", "else") else str(k)
     return str(err.validator)
 

@@ -184,6 +184,8 @@ class GuardedMatcher(GrammarMatcher):
                     v = GuardViolation("uniqueItems", json_path(c.path[:-1]), f"item {c.path[-1]} repeats an earlier item")
                     self._violate(v, self._token_at(self._content_start(c.start)))
                     return True
+            if c.path and isinstance(c.path[-1], int) and self._too_many_contained(c):
+                return True
             if not self.guard.guarded(c.path):
                 return False
             value = self._value(c.start, c.end)
@@ -203,6 +205,17 @@ class GuardedMatcher(GrammarMatcher):
             target = c.last_child
         self._violate(v, self._token_at(self._content_start(target)))
         return True
+
+    def _too_many_contained(self, c: Closed) -> bool:
+        """maxContains counted item by item (more matches than allowed in a prefix stays a violation):
+        a violation takes back the item that closed."""
+        for contains, hi in self.guard.max_contains(c.path[:-1]):
+            items = [self._value(a, b) for a, b in c.siblings] + [self._value(c.start, c.end)]
+            if sum(contains.is_valid(x) for x in items) > hi:
+                v = GuardViolation("maxContains", json_path(c.path[:-1]), f"more than {hi} items match 'contains'")
+                self._violate(v, self._token_at(self._content_start(c.start)))
+                return True
+        return False
 
     def _check_document(self) -> None:
         try:

@@ -32,7 +32,8 @@ Semantic guards (``normalize(..., guard=True)``, the compiler's default): what n
 exactly (overlapping oneOf without complements, uniqueItems over infinite domains, ``not`` of a general
 schema, an ``if`` without a complement, ``unevaluated*``, allOf conflicts of patterns/formats, min/max
 properties over optional keys) is relaxed in the grammar and listed in ``NormalizedSchema.guards``;
-grammars/guards.py checks it per value while decoding.
+grammars/guards.py checks it per value while decoding. That policy (exact rewrite, else guard / reject /
+warn by mode) lives in grammars/schema_relax.py.
 
 Example:
     >>> normalize({"allOf": [{"type": "integer", "minimum": 0}, {"maximum": 9}]}).schema
@@ -41,7 +42,6 @@ Example:
 from __future__ import annotations
 
 import json
-import warnings as _warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 from urllib.parse import unquote
@@ -51,7 +51,9 @@ from jsonschema.exceptions import SchemaError
 
 from sgl.grammars.errors import GrammarError
 from sgl.grammars import schema_logic as logic
-from sgl.grammars.schema_merge import JSON_TYPES, is_disjoint, merge_all
+from sgl.grammars.schema_merge import JSON_TYPES, merge_all
+from sgl.grammars.schema_relax import Relaxations
+from sgl.grammars.schema_relax import pointer as _pointer
 
 FORMATS = frozenset({"date-time", "date", "time", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri"})
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
@@ -69,9 +71,6 @@ SUPPORTED = frozenset({"$ref", "type", "enum", "const", "anyOf", "oneOf", "allOf
 # unless trivially true (see _trivial).
 UNSUPPORTED = frozenset({"unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$dynamicAnchor",
                          "$recursiveRef", "$recursiveAnchor", "$anchor"})
-# Unsupported keywords a semantic guard can check instead (guard mode; grammars/guards.py)
-GUARDABLE = frozenset({"unevaluatedProperties", "unevaluatedItems"})
-_UNMERGEABLE = frozenset({"pattern", "format", "multipleOf"})  # allOf conflicts a guard can take over
 _MAX_DEPENDENCIES = 4  # each doubles the anyOf branches
 _NON_OBJECTS = [{"type": t} for t in ("array", "boolean", "null", "number", "string")]
 
@@ -112,10 +111,6 @@ def check_metaschema(schema: Union[dict, bool]) -> None:
         raise GrammarError(f"invalid JSON schema: {e.message}", keyword=str(e.validator), path=path) from None
 
 
-def _pointer(path: tuple) -> str:
-    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in path)
-
-
 def _is_draft7_or_older(root: Any) -> bool:
     s = root.get("$schema", "") if isinstance(root, dict) else ""
     return any(d in s for d in ("draft-07", "draft-06", "draft-04", "draft-03"))
@@ -130,7 +125,9 @@ def _trivial(key: str, value: Any) -> bool:
     return False
 
 
-class _Normalizer:
+class _Normalizer(Relaxations):
+    """Normalizes one schema; the keywords a grammar may not enforce exactly are Relaxations' (schema_relax.py)."""
+
     def __init__(self, root: Any, strict: bool, guard: bool = False):
         self.root = root
         self.strict = strict
@@ -141,19 +138,6 @@ class _Normalizer:
         self.def_names: dict[str, str] = {}  # ref pointer -> def name
         self.in_progress: set[str] = set()
         self.warnings: list[str] = []
-
-    def relax(self, keyword: str, path: tuple, error: GrammarError) -> None:
-        """A keyword the grammar cannot enforce at `path`: a guard (guard mode), a warning (lax), else `error`."""
-        if self.guard:
-            self.guards.append((_pointer(path), keyword))
-        elif self.strict:
-            raise error
-        else:
-            self.warn(f"{_pointer(path)}: {keyword} relaxed (strict_json=False): {error.message}")
-
-    def warn(self, msg: str) -> None:
-        self.warnings.append(msg)
-        _warnings.warn(msg, stacklevel=4)
 
     # --- $ref -------------------------------------------------------------------------------------
     def resolve(self, ref: str, path: tuple) -> tuple[Any, tuple]:
@@ -209,8 +193,7 @@ class _Normalizer:
             raise GrammarError("a subschema must be an object or a boolean", path=_pointer(path))
         for key, val in s.items():
             if key in UNSUPPORTED and not _trivial(key, val):
-                if self.guard and key in GUARDABLE:  # the grammar ignores it; the guard checks it per value
-                    self.guards.append((_pointer(path), key))
+                if self.guard_unsupported(key, path):
                     continue
                 raise GrammarError(f"JSON Schema keyword {key!r} is not supported by constrained decoding",
                                    keyword=key, path=_pointer(path + (key,)))
@@ -270,12 +253,8 @@ class _Normalizer:
         if s.get("required"):
             out["required"] = list(dict.fromkeys(s["required"]))
         out = self.exact_extras(s, out, path)
-        if self.guard and isinstance(out, dict) and ("minProperties" in out or "maxProperties" in out) \
-                and set(out.get("properties", {})) - set(out.get("required", [])):
-            # counting optional keys is not in the backends' JSON support (llguidance rejects it): guarded
-            for k in ("minProperties", "maxProperties"):
-                if out.pop(k, None) is not None:
-                    self.guards.append((_pointer(path), k))
+        out = self.guard_property_counts(out, path)
+        out = self.guard_pattern_overlap(out, path)
         # combinators
         parts: list[Any] = [out] if out != {} else []
         parts += self.contains(s, path)
@@ -291,37 +270,7 @@ class _Normalizer:
         if "anyOf" in s:
             parts.append(self.any_of([self.node(x, path + ("anyOf", i)) for i, x in enumerate(s["anyOf"])]))
         if "oneOf" in s:
-            branches = [self.node(x, path + ("oneOf", i)) for i, x in enumerate(s["oneOf"])]
-            family = _single_type_family(branches)
-            if family is not None:
-                # NOTE: exact: a value of another type matches EVERY branch, so oneOf (>= 2 branches) rejects it
-                branches = [dict(b, type=family) for b in branches]
-            concrete = []
-            for b in branches:  # judged together with the sibling keywords (e.g. the parent's `type`)
-                c = self.inline(b, path) if not self._recursive(b) else b
-                if out and not self._recursive(b):
-                    try:
-                        c = merge_all([out, c], _pointer(path), inline=lambda x: self.inline(x, path))
-                    except GrammarError:
-                        pass
-                if c is not False:
-                    concrete.append(c)
-            exact, disjoint = None, is_disjoint(concrete)
-            if not disjoint:
-                try:
-                    exact = self.exact_one_of(branches, path)
-                except GrammarError:
-                    exact = None
-            if exact is not None:
-                parts.append(exact)
-            elif not disjoint:
-                self.relax("oneOf", path, GrammarError(
-                    "oneOf branches may overlap, so 'exactly one' cannot be enforced; use anyOf, or make the "
-                    "branches disjoint (different types, const/enum discriminators)", keyword="oneOf",
-                    path=_pointer(path + ("oneOf",))))
-                parts.append(self.any_of(branches))  # at least one; the guard checks "exactly one"
-            else:
-                parts.append(self.any_of(branches))
+            parts.append(self.one_of(s["oneOf"], out, path))
         if not parts:
             return {}
         if len(parts) == 1:
@@ -353,71 +302,6 @@ class _Normalizer:
         """`not`, exactly (see schema_logic.negate for the shapes that have a complement)."""
         return logic.negate(self.node(sub, path), lambda x: self.inline(x, path), _pointer(path))
 
-    def exact_extras(self, s: dict, out: dict, path: tuple) -> Any:
-        """propertyNames and uniqueItems folded into this node's own keywords `out`."""
-        inline = lambda x: self.inline(x, path)  # noqa: E731
-        if "propertyNames" in s:
-            names = self.node(s["propertyNames"], path + ("propertyNames",))
-            out = logic.property_names(out, names, inline, _pointer(path + ("propertyNames",)))
-            if not isinstance(out, dict):
-                return out
-        if s.get("uniqueItems") is not True:
-            return out
-        where = _pointer(path + ("uniqueItems",))
-        unique = logic.unique_items(out, inline, where)
-        if unique is not None:
-            return unique
-        self.relax("uniqueItems", path, GrammarError(
-            "uniqueItems: true over an infinite item domain cannot be enforced by a grammar",
-            keyword="uniqueItems", path=where))
-        return out
-
-    def contains(self, s: dict, path: tuple) -> list[Any]:
-        """contains/minContains/maxContains as one anyOf part (draft <= 7: no min/maxContains)."""
-        if "contains" not in s:
-            return []
-        lo = 1 if self.draft7 else int(s.get("minContains", 1))
-        hi = None if self.draft7 or "maxContains" not in s else int(s["maxContains"])
-        if lo == 0 and hi is None:
-            return []
-        c = self.node(s["contains"], path + ("contains",))
-        branches = logic.contains_branches(c, lo, hi, s.get("maxItems"), lambda x: self.inline(x, path),
-                                           _pointer(path + ("contains",)))
-        return [self.any_of([{"type": [x for x in logic._ALL if x != "array"]}] + branches)]
-
-    def if_then_else(self, s: dict, path: tuple) -> list[Any]:
-        """if/then/else == anyOf[if AND then, (not if) AND else], exact when `if` has a complement."""
-        if "if" not in s or ("then" not in s and "else" not in s):
-            return []
-        cond = self.node(s["if"], path + ("if",))
-        then = self.node(s.get("then", True), path + ("then",))
-        other = self.node(s.get("else", True), path + ("else",))
-        inline = lambda x: self.inline(x, path)  # noqa: E731
-        try:
-            neg = logic.negate(cond, inline, _pointer(path + ("if",)))
-        except GrammarError as e:
-            self.relax("if", path, GrammarError(f"'if' cannot be decided by a grammar: {e.message}", keyword="if",
-                                                path=_pointer(path + ("if",))))
-            # relaxed: (if and then) or else; the guard checks that a value failing `if` passes `else`
-            yes = merge_all([inline(cond), inline(then)], _pointer(path), inline=inline)
-            return [self.any_of([yes, other])]
-        yes = merge_all([inline(cond), inline(then)], _pointer(path), inline=inline)
-        no = merge_all([inline(neg), inline(other)], _pointer(path), inline=inline)
-        return [self.any_of([yes, no])]
-
-    def exact_one_of(self, branches: list[Any], path: tuple) -> Any:
-        """oneOf == anyOf_i (B_i AND NOT B_j for j != i); GrammarError if some branch has no complement."""
-        inline = lambda x: self.inline(x, path)  # noqa: E731
-        negs = [logic.negate(b, inline, _pointer(path + ("oneOf", i))) for i, b in enumerate(branches)]
-        out = []
-        for i, b in enumerate(branches):
-            parts = [inline(b)] + [inline(n) for j, n in enumerate(negs) if j != i]
-            out.append(merge_all(parts, _pointer(path + ("oneOf", i)), inline=inline))
-        return self.any_of(out)
-
-    def _recursive(self, b: Any) -> bool:
-        return isinstance(b, dict) and set(b) == {"$ref"} and b["$ref"].rsplit("/", 1)[-1] in self.in_progress
-
     def any_of(self, branches: list[Any]) -> Any:
         flat: list[Any] = []
         for b in branches:
@@ -430,26 +314,6 @@ class _Normalizer:
         if not flat:
             return False
         return flat[0] if len(flat) == 1 else {"anyOf": flat}
-
-    def combine_all(self, parts: list[Any], path: tuple) -> Any:
-        inline = lambda x: self.inline(x, path)  # noqa: E731
-        parts = [inline(p) for p in parts]
-        try:
-            merged = merge_all(parts, _pointer(path), inline=inline)
-        except GrammarError as e:
-            if not self.guard or e.keyword not in _UNMERGEABLE:
-                raise
-            # two patterns/formats/fractional multipleOfs: the grammar keeps the parts that merge (a
-            # superset); the guard checks the whole node ("allOf" or "$ref" + siblings) per value
-            merged = parts[0]
-            for p in parts[1:]:
-                try:
-                    merged = merge_all([merged, p], _pointer(path), inline=inline)
-                except GrammarError as e2:
-                    if e2.keyword not in _UNMERGEABLE:
-                        raise
-            self.guards += [(_pointer(path), "allOf"), (_pointer(path), "$ref")]
-        return self.finish(merged, path)
 
     def finish(self, s: Any, path: tuple) -> Any:
         """Filter enum/const by their sibling assertions (so backends see a plain value list)."""
@@ -469,23 +333,6 @@ class _Normalizer:
         if not values:
             return False
         return {"const": values[0]} if len(values) == 1 else {"enum": values}
-
-
-_FAMILIES = {"object": {"properties", "required", "additionalProperties", "patternProperties", "minProperties",
-                        "maxProperties"},
-             "string": {"minLength", "maxLength", "pattern", "format"},
-             "array": {"items", "prefixItems", "minItems", "maxItems"},
-             "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}}
-
-
-def _single_type_family(branches: list[Any]) -> Optional[str]:
-    """The one JSON type every (untyped) branch constrains, if they all only use that type's keywords."""
-    if len(branches) < 2 or not all(isinstance(b, dict) and b for b in branches):
-        return None
-    for fam, kws in _FAMILIES.items():
-        if all(set(b) <= kws for b in branches):
-            return fam
-    return None
 
 
 def _json_equal(a: Any, b: Any) -> bool:

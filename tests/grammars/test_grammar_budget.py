@@ -101,3 +101,50 @@ def test_deep_nesting_closes_within_budget(compiler, vocab):
         out.append(t)
     jsonschema.validate(json.loads(vocab.decode(out).decode()), schema)
     assert m.budget_closed
+
+
+@pytest.mark.parametrize("schema, prefix", [
+    # the model wrote digits into a `time`'s fraction: only "Z" or an offset ends it (greedy: "0" forever)
+    ({"type": "object", "properties": {"t": {"type": "string", "format": "time"}}, "required": ["t"]},
+     '{"t":"20:00:00.0000000000000000000'),
+    # a key that must match a pattern with "://": greedy picked letters ("null") forever
+    ({"type": "object", "patternProperties": {'^[a-zA-Z]+://[^ "]+$': {}}, "additionalProperties": False},
+     '{"onOneVersionOneVersionOneVersion'),
+])
+def test_closing_path_when_the_greedy_walk_loops(compiler, vocab, schema, prefix):
+    """Recorded from the on-model benchmark (Glaiveai2K create_calendar_event, Github_trivial o88603):
+    these outputs ended on length unparsed; the seeded fallback walks find a completion."""
+    m = compiler.compile("json_schema", schema, timeout=30).matcher()
+    for t in vocab.encode(prefix.encode()):
+        assert m.accept(t)
+    path = closing_path(m, 64)
+    assert path is not None and len(path) <= 64
+    # NOTE: no format checker: the grammar's `time` allows any fraction length; jsonschema's checker (the
+    # format guard) wants at most 6 digits, which no completion of this prefix can give
+    jsonschema.validate(json.loads(prefix + vocab.decode(path).decode()), schema)
+    assert m._num_accepted == len(vocab.encode(prefix.encode()))  # the matcher is where it was
+
+
+@pytest.mark.parametrize("budget", [24, 48])
+def test_pattern_key_closes_within_budget(compiler, vocab, budget):
+    """A stubborn writer of letters into a key that needs "://" (Github_trivial o88603 on the model): the
+    closing path comes from the fallback walks, and once narrowing starts it is followed to the end."""
+    schema = {"type": "object", "patternProperties": {'^[a-zA-Z]+://[^ "]+$': {}}, "additionalProperties": False}
+    m = compiler.compile("json_schema", schema, timeout=30).matcher()
+    m.set_token_budget(budget)
+    out = vocab.encode(b'{"onOne')
+    for t in out:
+        assert m.accept(t)
+    mask = torch.zeros((1, (vocab.vocab_size_padded + 31) // 32), dtype=torch.int32)
+    letters = vocab.encode(b"Version")[0]
+    while len(out) < budget and not m.is_finished():
+        m.fill_bitmask(mask, 0)
+        allowed = lambda t: bool(mask[0, t // 32].item() >> (t % 32) & 1)  # noqa: E731
+        t = letters if allowed(letters) else next(w * 32 + j for w in range(mask.shape[1]) for j in range(32)
+                                                  if mask[0, w].item() >> j & 1)
+        if t in vocab.eos_token_ids:
+            break
+        assert m.accept(t)
+        out.append(t)
+    assert len(out) <= budget and m.budget_closed
+    jsonschema.validate(json.loads(vocab.decode(out).decode("utf-8")), schema)

@@ -34,6 +34,15 @@ CASES = [  # (schema, valid instances, (invalid instance, keyword))
                                                                    ({"a": 1, "b": 2, "c": 3}, "maxProperties")]),
     ({"type": "array", "items": {"type": "object", "properties": {"id": {"type": "integer"}}}, "uniqueItems": True},
      [[{"id": 1}, {"id": 2}]], [([{"id": 1}, {"id": 1}], "uniqueItems")]),
+    # maxContains over a `contains` without a complement (a pattern): counted item by item
+    ({"type": "array", "items": {"type": "string"}, "contains": {"pattern": "^a"}, "maxContains": 2},
+     [["ab", "b", "ac"], ["a"]], [(["ab", "ac", "b", "ad"], "maxContains")]),
+    # overlapping patternProperties: one alternation in the grammar, the key matching both checked against both
+    ({"type": "object", "patternProperties": {"^a": {"type": "integer"}, "b$": {"minimum": 5}},
+      "additionalProperties": False}, [{"ab": 7}, {"a": 1}, {"b": 9}], [({"ab": 3}, "patternProperties")]),
+    # more required matches than positions a grammar expands: the guard counts them when the array closes
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 1}, "minContains": 9},
+     [[1] * 9], [([1] * 8, "contains")]),
 ]
 
 
@@ -89,7 +98,7 @@ def test_rollback_masks_the_opening_token_and_walks_on(compiler, vocab):
 
 
 def test_too_short_object_is_reopened_first(compiler, vocab):
-    g = _compile(compiler, CASES[-2][0])
+    g = _compile(compiler, CASES[5][0])  # minProperties
     text = compact({"a": 1})
     m, at = _walk(g, vocab, text)
     keep = m.take_rollback()

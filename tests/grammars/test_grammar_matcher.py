@@ -218,12 +218,12 @@ def test_unsatisfiable_mid_generation_is_an_error_state(vocab, compiler):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_initial_mask_is_shared_and_exact(vocab, backend):
-    """A grammar's first mask is computed once and copied by later matchers; it equals the mask a
+    """A grammar's first mask is computed once, at compile time, and copied by every matcher; it equals the mask a
     fresh backend matcher computes, and a matcher rolled back to the start gets it again."""
     c = compiler_for(vocab, backend)
     g = c.compile("json_schema", {"type": "object", "properties": {"name": {"type": "string"}}})
+    assert g._initial.words is not None  # computed by the compile thread (warm), before any request
     first = allowed(vocab, g.matcher())
-    assert g._initial.words is not None
     fresh = g._new_matcher()  # no shared slot: computes the mask itself
     assert allowed(vocab, fresh) == first
     m = g.matcher()
