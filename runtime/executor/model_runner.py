@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from sgl.kernels.cpu.quant import get_act_quant, set_act_quant
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.executor.sampler import logprobs_for_tokens
@@ -72,7 +73,7 @@ class ModelRunner:
         )
         if order is not None:
             fb.lora = LoraBatch.from_rows(fb.extend_lens, [r.req.lora for r in rows], self._lora_stacks, self.device)
-        results = self._run(rows, fb)
+        results = self._run_exact(rows, fb) if _lone_prompt_token(rows) else self._run(rows, fb)
         if order is not None:
             unsorted: list[RowResult] = [results[0]] * len(results)
             for j, i in enumerate(order):
@@ -81,6 +82,15 @@ class ModelRunner:
         if self.hidden_observer is not None:
             self.hidden_observer(batch.rows, results)
         return results
+
+    def _run_exact(self, rows: list[BatchRow], fb: ForwardBatch) -> list[RowResult]:
+        """A prompt token computed alone runs exact fp32 activations (see _lone_prompt_token)."""
+        mode = get_act_quant()
+        set_act_quant("none")
+        try:
+            return self._run(rows, fb)
+        finally:
+            set_act_quant(mode)
 
     def _run(self, rows: list[BatchRow], fb: ForwardBatch) -> list[RowResult]:
         results = [RowResult(token_id=None) for _ in rows]
@@ -186,3 +196,11 @@ class ModelRunner:
             return None
         return fill_verify_bitmask([r.req.grammar for r in rows], bases, [r.draft for r in rows],
                                    num_positions, self.vocab_size, parents=[r.draft_parents for r in rows])
+
+
+def _lone_prompt_token(rows: list[BatchRow]) -> bool:
+    """A step of one row holding one PROMPT token: the last prompt token recomputed after a full-prefix cache
+    hit. The default q16 activations apply to one-row matmuls only, so without this the same token would see
+    q16 here but fp32 in a whole-prompt prefill, and a near-tie first output token would flip with the cache
+    state (measured: a greedy chat answer changed on its second, cached run). Generated tokens keep q16."""
+    return len(rows) == 1 and rows[0].extend_len == 1 and rows[0].start < len(rows[0].req.prompt_ids)

@@ -10,7 +10,7 @@ import torch
 from sgl.runtime.executor.kv_cache import KVCache
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident_bytes reads /proc/self/smaps")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident_bytes reads /proc/self/pagemap")
 def test_first_token_touches_a_page_per_layer_not_a_huge_page() -> None:
     # the default model's per-layer geometry (3 kv heads x 64), 8 layers, 16K slots: 12 MiB per layer and pool
     kv = KVCache(num_layers=8, num_slots=16384, num_kv_heads=3, head_dim=64, dtype=torch.float32)
