@@ -2,6 +2,8 @@
 // the prefetch distance, a horizontal sum. Everything in an anonymous namespace: one translation unit.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -29,6 +31,17 @@ inline void prefetch(const uint8_t* p) {
 #endif
 }
 constexpr int kBlock = 32;
+
+// max |x| and the exact fp32 sum of one 32-block of activations: the scale and the affine term of both
+// activation quantizations (q8: quant_q8.h, q16: quant_q16.h).
+inline void block_amax_sum(const float* xb, float& amax, float& sum) {
+  amax = 0.f;
+  sum = 0.f;
+  for (int j = 0; j < kBlock; j++) {
+    amax = std::max(amax, std::fabs(xb[j]));
+    sum += xb[j];
+  }
+}
 
 inline QT parse_qtype(const std::string& s) {
   if (s == "q4_0") return QT::Q4_0;

@@ -126,11 +126,8 @@ void quantize_act16(const float* x, int64_t M, int64_t K, std::vector<int16_t>& 
   s.resize(M * nb);
   for (int64_t i = 0; i < M * nb; i++) {
     const float* xb = x + i * kBlock;
-    float amax = 0.f, sum = 0.f;
-    for (int j = 0; j < kBlock; j++) {
-      amax = std::max(amax, std::fabs(xb[j]));
-      sum += xb[j];
-    }
+    float amax, sum;
+    block_amax_sum(xb, amax, sum);
     const float dx = amax / 32767.f, id = dx != 0.f ? 1.f / dx : 0.f;
     for (int j = 0; j < kBlock; j++)
       q[i * kBlock + perm16(j)] = int16_t(std::max(-32767.f, std::min(32767.f, std::nearbyint(xb[j] * id))));

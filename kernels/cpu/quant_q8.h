@@ -89,11 +89,8 @@ void quantize_act(const float* x, int64_t M, int64_t K, std::vector<int8_t>& q, 
   qs.resize(M * nb);
   for (int64_t i = 0; i < M * nb; i++) {
     const float* xb = x + i * kBlock;
-    float amax = 0.f, sum = 0.f;
-    for (int j = 0; j < kBlock; j++) {
-      amax = std::max(amax, std::fabs(xb[j]));
-      sum += xb[j];
-    }
+    float amax, sum;
+    block_amax_sum(xb, amax, sum);
     const float dx = amax / 127.f, id = dx != 0.f ? 1.f / dx : 0.f;
     int32_t qsum = 0;
     for (int j = 0; j < kBlock; j++) {
