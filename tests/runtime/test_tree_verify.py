@@ -10,14 +10,13 @@ import random
 import pytest
 import torch
 
-from scipy.stats import chisquare
 
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.protocol import SamplingParams
 from sgl.runtime.speculative.drafter import Draft
 
-from tests.runtime.test_speculative_verify import PARAMS, V, _target_probs, run, tiny_model
+from tests.runtime.test_speculative_verify import PARAMS, V, assert_tokens_2_3_follow_target, run, tiny_model
 
 
 pytestmark = pytest.mark.timeout(300)
@@ -149,17 +148,4 @@ def test_tree_distribution_equals_target_chi_square() -> None:
     outs, s = run(model, [prompt] * n, params, drafter=RandomTreeDrafter(5), eos=frozenset(),
                   speculative_num_draft_tokens=5)
     assert s.stats.spec_accepted_tokens > 300 and s.stats.spec_draft_tokens - s.stats.spec_accepted_tokens > 1000
-    counts = torch.zeros(V, V, dtype=torch.float64)
-    for r in outs:
-        counts[r.output_ids[1], r.output_ids[2]] += 1
-    expected = torch.zeros(V, V, dtype=torch.float64)
-    p1 = _target_probs(model, prompt, [])
-    for a in range(V):
-        p2 = _target_probs(model, prompt, [a])
-        for b in range(V):
-            expected[b] += p1[a] * p2[b] * _target_probs(model, prompt, [a, b])
-    keep = expected.flatten() * n >= 5
-    obs, exp = counts.flatten()[keep], expected.flatten()[keep] * n
-    exp *= obs.sum() / exp.sum()
-    stat = chisquare(obs.numpy(), exp.numpy())
-    assert stat.pvalue > 1e-3, stat
+    assert_tokens_2_3_follow_target(model, prompt, outs)
