@@ -32,6 +32,7 @@
 
 #include "quant_common.h"
 #include "quant_q16.h"
+#include "attention_common.h"
 #include "thread_pool.h"
 
 namespace {
@@ -158,20 +159,6 @@ inline void rope(const float* x, const float* cos, const float* sin, int64_t D, 
   for (int64_t j = 0; j < D; j++) out[j] = x[j] * cos[j] + x[j < half ? j + half : j - half] * sin[j];
 }
 
-inline float dot(const float* a, const float* b, int64_t d) {
-  int64_t j = 0;
-  float s = 0.f;
-#ifdef SGL_AVX2
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; j + 16 <= d; j += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
-  }
-  s = hsum(_mm256_add_ps(acc0, acc1));
-#endif
-  for (; j < d; j++) s += a[j] * b[j];
-  return s;
-}
 
 struct Layer {
   float* h;
@@ -202,16 +189,10 @@ void attend_kv_head(const Layer& p, const float* qkv, int64_t g, float* attn, st
     rope(qkv + hq * D, p.cos, p.sin, D, qr);
     float* s = scores.data() + i * p.L;
     for (int64_t l = 0; l < p.L; l++) s[l] = dot(qr, p.kbuf + p.slots[l] * row + g * D, D) * p.scale;
-    const float mx = *std::max_element(s, s + p.L);
-    float sum = 0.f;
-    for (int64_t l = 0; l < p.L; l++) sum += (s[l] = std::exp(s[l] - mx));
+    const float sum = exp_shifted(s, p.L);
     float* o = attn + hq * D;
     std::fill(o, o + D, 0.f);
-    for (int64_t l = 0; l < p.L; l++) {
-      const float* v = p.vbuf + p.slots[l] * row + g * D;
-      const float w = s[l];
-      for (int64_t j = 0; j < D; j++) o[j] += w * v[j];
-    }
+    for (int64_t l = 0; l < p.L; l++) axpy(s[l], p.vbuf + p.slots[l] * row + g * D, o, D);
     const float inv = 1.f / sum;
     for (int64_t j = 0; j < D; j++) o[j] *= inv;
   }

@@ -1,0 +1,93 @@
+// Attention pieces shared by the decode kernels (decode_attention.cpp: batches over the paged pool;
+// decode_layer.cpp: the fused batch-1 layer): dot, axpy and the shifted exp of a score row (8-wide on AVX2).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SGL_ATTN_AVX2 1
+#endif
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  int64_t j = 0;
+  float s = 0.f;
+#ifdef SGL_ATTN_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; j + 16 <= d; j += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+  }
+  __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  s = _mm_cvtss_f32(h);
+#endif
+  for (; j < d; j++) s += a[j] * b[j];
+  return s;
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t d) {  // y += a * x
+  int64_t j = 0;
+#ifdef SGL_ATTN_AVX2
+  const __m256 av = _mm256_set1_ps(a);
+  for (; j + 8 <= d; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+#endif
+  for (; j < d; j++) y[j] += a * x[j];
+}
+
+#ifdef SGL_ATTN_AVX2
+// exp of 8 floats (Cephes' expf: x = n ln2 + r, a degree-5 polynomial in r, 2^n by exponent bits): ~1e-7
+// relative error for the softmax range (x <= 0; below -88.4 it clamps to ~1e-38, i.e. 0 in the sum).
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+#endif
+
+// s[0..n) <- exp(s - max s); returns their sum (the softmax before its normalization). At decode with
+// batches this is ~n x G x layers exps per row and step: the scalar std::exp loop was most of the attention.
+inline float exp_shifted(float* s, int64_t n) {
+  float mx = -INFINITY, sum = 0.f;
+  int64_t l = 0;
+#ifdef SGL_ATTN_AVX2
+  __m256 vm = _mm256_set1_ps(-INFINITY);
+  for (; l + 8 <= n; l += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + l));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vm);
+  for (float v : lanes) mx = std::max(mx, v);
+#endif
+  for (; l < n; l++) mx = std::max(mx, s[l]);
+  l = 0;
+#ifdef SGL_ATTN_AVX2
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vs = _mm256_setzero_ps();
+  for (; l + 8 <= n; l += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + l), vmx));
+    _mm256_storeu_ps(s + l, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  _mm256_store_ps(lanes, vs);
+  for (float v : lanes) sum += v;
+#endif
+  for (; l < n; l++) sum += (s[l] = std::exp(s[l] - mx));
+  return sum;
+}
+
+}  // namespace
