@@ -282,19 +282,9 @@ void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K
   float res[8];
   int64_t n = n0;
   if constexpr (T != QT::F16) {
-    if (q16 != nullptr) {  // M == 1 (gemm sets q16 for single rows only)
-      for (; n < n1;) {
-        const int C = n + 4 <= n1 ? 4 : 1;
-        if (C == 4) dot_q16_cols<T, 4>(W + n * rb, rb, *q16, 0, res);
-        else dot_q16_cols<T, 1>(W + n * rb, rb, *q16, 0, res);
-        for (int c = 0; c < C; c++) {
-          float v = res[c];
-          if (bias != nullptr) v += bias[n + c];
-          if (resid != nullptr) v += resid[n + c];
-          out[n + c] = v;
-        }
-        n += C;
-      }
+    if (q16 != nullptr) {  // M == 1 (gemm sets q16 for single rows only): the same kernel as gemv
+      gemv_rows<T>(W + n0 * rb, rb, n1 - n0, *q16, out + n0, bias != nullptr ? bias + n0 : nullptr,
+                   resid != nullptr ? resid + n0 : nullptr);
       return;
     }
   }
