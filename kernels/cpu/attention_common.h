@@ -90,4 +90,34 @@ inline float exp_shifted(float* s, int64_t n) {
   return sum;
 }
 
+// Attention of the query heads of kv heads [h0, h1) over len keys/values. Key l of kv head h is the D floats
+// at kbuf + slots[l] * stride + h * D (values at vbuf likewise); the G query heads of kv head h are the rows
+// (h - h0) * G .. + G of q [(h1 - h0) * G, D] and of out. out = softmax(q k^T * scale) v per query head.
+// Each slot's K (and V) row of the heads is read ONCE, contiguously, for all of their query heads: a
+// head-outer loop re-read a slot's row G times, and splitting (row, kv head) pairs over threads read 1/Hkv
+// of each pool row at a stride, which the hardware prefetchers stream badly (at batch 32 the pool's rows,
+// ~300 MB per step, come from memory). Per query head the operations and their order are those of a
+// head-outer loop (dot per key, exp_shifted, l-ascending axpy, then * 1 / sum), so the results do not depend
+// on the head range. scores: (h1 - h0) * G * (len + 1) floats of scratch.
+inline void attend_heads(const float* q, int64_t h0, int64_t h1, int64_t G, int64_t D, const float* kbuf,
+                         const float* vbuf, const int64_t* slots, int64_t len, int64_t stride, float scale,
+                         float* scores, float* out) {
+  const int64_t nq = (h1 - h0) * G;
+  for (int64_t l = 0; l < len; l++) {
+    const float* k = kbuf + slots[l] * stride + h0 * D;
+    for (int64_t i = 0; i < nq; i++) scores[i * len + l] = dot(q + i * D, k + (i / G) * D, D) * scale;
+  }
+  float* sums = scores + nq * len;
+  for (int64_t i = 0; i < nq; i++) sums[i] = exp_shifted(scores + i * len, len);
+  std::fill(out, out + nq * D, 0.f);
+  for (int64_t l = 0; l < len; l++) {
+    const float* v = vbuf + slots[l] * stride + h0 * D;
+    for (int64_t i = 0; i < nq; i++) axpy(scores[i * len + l], v + (i / G) * D, out + i * D, D);
+  }
+  for (int64_t i = 0; i < nq; i++) {
+    const float inv = 1.f / sums[i];
+    for (int64_t j = 0; j < D; j++) out[i * D + j] *= inv;
+  }
+}
+
 }  // namespace

@@ -2,8 +2,8 @@
 //
 //   q [B, H, D], k_buf/v_buf [num_slots, Hkv, D], slots [B, Lmax] (row b's first lens[b] entries are its
 //   slot table; the rest is padding and never read), out [B, H, D]. Query head h reads kv head h / (H / Hkv).
-// Work split: (row, kv head) pairs over at::parallel_for; the G = H / Hkv query heads of a kv head share
-// each K/V row load (GQA without repeating K/V). Softmax in two passes over the scores (max, then exp/sum),
+// Work split: rows over at::parallel_for (pairs of row and kv head when the batch has fewer rows than threads);
+// attend_heads reads each slot's K/V row once for all query heads (GQA without repeating K/V). Softmax in two passes over the scores (max, then exp/sum),
 // output = sum_l p_l v_l / sum_l p_l: the same quantity as torch's scaled_dot_product_attention, up to
 // rounding (tests/kernels/test_cpu_attention.py compares against sgl.kernels.attention.paged_attention).
 // Replaces ~10 small torch ops per layer (index/view/SDPA) at decode, where each runs cold after a weight
@@ -36,27 +36,16 @@ void decode_attention(std::uintptr_t q_addr, std::uintptr_t k_addr, std::uintptr
   const int64_t G = H / Hkv, row_stride = Hkv * D;
   const float sc = float(scale);
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, at::get_num_threads()));
-  const int64_t grain = std::max<int64_t>(1, (B * Hkv + threads - 1) / threads);
-  at::parallel_for(0, B * Hkv, grain, [&](int64_t i0, int64_t i1) {
+  // Rows over threads, each row's kv heads together (one contiguous pass over its pool rows); a batch of
+  // fewer rows than threads splits (row, kv head) pairs instead, so one long row still uses every thread.
+  const int64_t parts = B >= threads ? 1 : Hkv, grain = std::max<int64_t>(1, (B * parts + threads - 1) / threads);
+  at::parallel_for(0, B * parts, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     for (int64_t i = i0; i < i1; i++) {
-      const int64_t b = i / Hkv, kvh = i % Hkv, len = lens[b];
-      const int64_t* sl = slots + b * Lmax;
-      scores.assign(G * len, 0.f);
-      const float* qg = q + (b * H + kvh * G) * D;  // the G query heads of this kv head, consecutive
-      for (int64_t l = 0; l < len; l++) {
-        const float* k = kb + sl[l] * row_stride + kvh * D;
-        for (int64_t g = 0; g < G; g++) scores[g * len + l] = dot(qg + g * D, k, D) * sc;
-      }
-      float* og = out + (b * H + kvh * G) * D;
-      for (int64_t g = 0; g < G; g++) {
-        float* s = scores.data() + g * len;
-        const float sum = exp_shifted(s, len);
-        std::fill(og + g * D, og + (g + 1) * D, 0.f);
-        for (int64_t l = 0; l < len; l++) axpy(s[l], vb + sl[l] * row_stride + kvh * D, og + g * D, D);
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j < D; j++) og[g * D + j] *= inv;
-      }
+      const int64_t b = i / parts, h0 = parts == 1 ? 0 : i % parts, h1 = parts == 1 ? Hkv : h0 + 1, len = lens[b];
+      scores.resize((h1 - h0) * G * (len + 1));
+      attend_heads(q + (b * H + h0 * G) * D, h0, h1, G, D, kb, vb, slots + b * Lmax, len, row_stride, sc,
+                   scores.data(), out + (b * H + h0 * G) * D);
     }
   });
 }

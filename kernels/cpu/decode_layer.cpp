@@ -109,20 +109,12 @@ void attend_kv_head(const Layer& p, const float* qkv, int64_t g, float* attn, st
   rope(qkv + (p.H + g) * D, p.cos, p.sin, D, kdst);
   const float* vsrc = qkv + (p.H + p.Hkv + g) * D;
   std::copy(vsrc, vsrc + D, p.vbuf + p.out_slot * row + g * D);
-  scores.resize(G * p.L);
-  float qr[512];  // D <= 512 (checked by the launcher)
-  for (int64_t i = 0; i < G; i++) {
-    const int64_t hq = g * G + i;
-    rope(qkv + hq * D, p.cos, p.sin, D, qr);
-    float* s = scores.data() + i * p.L;
-    for (int64_t l = 0; l < p.L; l++) s[l] = dot(qr, p.kbuf + p.slots[l] * row + g * D, D) * p.scale;
-    const float sum = exp_shifted(s, p.L);
-    float* o = attn + hq * D;
-    std::fill(o, o + D, 0.f);
-    for (int64_t l = 0; l < p.L; l++) axpy(s[l], p.vbuf + p.slots[l] * row + g * D, o, D);
-    const float inv = 1.f / sum;
-    for (int64_t j = 0; j < D; j++) o[j] *= inv;
-  }
+  scores.resize(G * (p.L + 1));
+  static thread_local std::vector<float> q_roped;  // the G query heads after RoPE
+  q_roped.resize(G * D);
+  float* qr = q_roped.data();
+  for (int64_t i = 0; i < G; i++) rope(qkv + (g * G + i) * D, p.cos, p.sin, D, qr + i * D);
+  attend_heads(qr, g, g + 1, G, D, p.kbuf, p.vbuf, p.slots, p.L, row, p.scale, scores.data(), attn + g * G * D);
 }
 
 void run_layer(const Layer& p, int threads) {

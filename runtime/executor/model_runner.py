@@ -132,7 +132,8 @@ class ModelRunner:
             outs = sample_verify(logits, bases, [rows[i].draft for i in sample_rows], states,
                                  masks.bitmask if masks is not None else None, top_nums,
                                  parents=[rows[i].draft_parents for i in sample_rows],
-                                 alive=masks.alive if masks is not None else None)
+                                 alive=masks.alive if masks is not None else None,
+                                 want_logprobs=[rows[i].req.return_logprob for i in sample_rows])
             for j, i in enumerate(sample_rows):
                 res, out, g = results[i], outs[j], rows[i].req.grammar
                 if masks is not None and g is not None and masks.fill_states[j] is not None:

@@ -39,7 +39,7 @@ from sgl.runtime.executor.sampling_state import RowSamplingState
 @dataclass
 class RowOutcome:
     token_ids: list[int] = field(default_factory=list)  # produced tokens, in order
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[Optional[float]] = field(default_factory=list)
     top_logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
     failure: Optional[str] = None  # position 0 had no samplable token (the row produced nothing)
     failure_from_sampler: bool = False
@@ -61,10 +61,12 @@ def chain_parents(n: int) -> list[int]:
 def sample_verify(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[Sequence[int]],
                   states: Sequence[RowSamplingState], bitmask: Optional[torch.Tensor],
                   top_nums: Sequence[int], parents: Optional[Sequence[Optional[Sequence[int]]]] = None,
-                  alive: Optional[Sequence[Optional[Sequence[bool]]]] = None) -> list[RowOutcome]:
+                  alive: Optional[Sequence[Optional[Sequence[bool]]]] = None,
+                  want_logprobs: Optional[Sequence[bool]] = None) -> list[RowOutcome]:
     """logits: [P, V] float32, row j's positions at bases[j] (pending) .. bases[j] + len(drafts[j]);
     bitmask: [P, W] int32 or None (same row order); parents[j]: row j's tree (None: a chain);
-    alive[j]: which nodes may be accepted (None: all). Appends every produced token to its state."""
+    alive[j]: which nodes may be accepted (None: all); want_logprobs[j]: whether row j reports logprobs
+    (None: every row). Appends every produced token to its state."""
     n = len(states)
     outs = [RowOutcome() for _ in range(n)]
     kids = [_children(chain_parents(len(drafts[j])) if parents is None or parents[j] is None else parents[j],
@@ -77,7 +79,8 @@ def sample_verify(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[S
         sel = torch.tensor(idx, dtype=torch.long)
         sub = logits if idx == list(range(logits.shape[0])) else logits.index_select(0, sel)
         mask = None if bitmask is None else (bitmask if sub is logits else bitmask.index_select(0, sel))
-        res = sample(sub, [states[j] for j in live], mask, [top_nums[j] for j in live])
+        res = sample(sub, [states[j] for j in live], mask, [top_nums[j] for j in live],
+                     None if want_logprobs is None else [want_logprobs[j] for j in live])
         failed = set(res.failed_rows)
         nxt = []
         for a, j in enumerate(live):

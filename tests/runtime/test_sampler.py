@@ -140,6 +140,22 @@ def test_greedy_is_argmax_and_ties_pick_the_first():
     assert res.top_logprobs is None and res.failed_rows == []
 
 
+def test_only_rows_that_want_logprobs_get_them_and_tokens_do_not_change():
+    logits = randn(4, 30, seed=5, scale=2.0)
+    rows = [state(temperature=0.0), state(temperature=0.9, sampling_seed=3), state(temperature=0.0),
+            state(temperature=0.0)]
+    every = sample(logits, rows)
+    rows = [state(temperature=0.0), state(temperature=0.9, sampling_seed=3), state(temperature=0.0),
+            state(temperature=0.0)]
+    some = sample(logits, rows, None, [0, 0, 0, 2], want_logprobs=[False, True, False, False])
+    assert some.token_ids == every.token_ids
+    # row 3 asked for top logprobs only: it still gets its own token's logprob
+    assert some.logprobs[0] is None and some.logprobs[2] is None
+    assert some.logprobs[1] == every.logprobs[1] and some.logprobs[3] == every.logprobs[3]
+    with pytest.raises(ValueError, match="want_logprobs"):
+        sample(logits, rows, None, None, want_logprobs=[True])
+
+
 def test_top_k_1_is_greedy_whatever_the_temperature():
     logits = randn(4, 30, seed=2)
     rows = [state(temperature=1.5, top_k=1, sampling_seed=i) for i in range(4)]
