@@ -90,6 +90,17 @@ inline float exp_shifted(float* s, int64_t n) {
   return sum;
 }
 
+// Slots ahead that attend_heads prefetches. A sequence's slots are rarely adjacent in the pool (page size 1:
+// at batch 32 its decode tokens sit 32 slots apart, 24 KB), so neither the hardware prefetchers nor the
+// out-of-order window hide the misses: at 32 rows x ~91 slots, 30 layers, 1 thread the prefetch took a
+// step's attention from 30.7 to 20.9 ms (/tmp-style microbenchmark in the PR note; main: 34.4 ms).
+constexpr int64_t kAttnAhead = 8;
+
+inline void prefetch_bytes(const float* p, int64_t bytes) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 // Attention of the query heads of kv heads [h0, h1) over len keys/values. Key l of kv head h is the D floats
 // at kbuf + slots[l] * stride + h * D (values at vbuf likewise); the G query heads of kv head h are the rows
 // (h - h0) * G .. + G of q [(h1 - h0) * G, D] and of out. out = softmax(q k^T * scale) v per query head.
@@ -102,8 +113,12 @@ inline float exp_shifted(float* s, int64_t n) {
 inline void attend_heads(const float* q, int64_t h0, int64_t h1, int64_t G, int64_t D, const float* kbuf,
                          const float* vbuf, const int64_t* slots, int64_t len, int64_t stride, float scale,
                          float* scores, float* out) {
-  const int64_t nq = (h1 - h0) * G;
+  const int64_t nq = (h1 - h0) * G, row_bytes = (h1 - h0) * D * int64_t(sizeof(float));
   for (int64_t l = 0; l < len; l++) {
+    if (l + kAttnAhead < len) {  // both K and V: the V pass below then reads them from L2
+      prefetch_bytes(kbuf + slots[l + kAttnAhead] * stride + h0 * D, row_bytes);
+      prefetch_bytes(vbuf + slots[l + kAttnAhead] * stride + h0 * D, row_bytes);
+    }
     const float* k = kbuf + slots[l] * stride + h0 * D;
     for (int64_t i = 0; i < nq; i++) scores[i * len + l] = dot(q + i * D, k + (i / G) * D, D) * scale;
   }
