@@ -109,6 +109,7 @@ def main() -> None:
     model.rope.apply = timed("rope", model.rope.apply)
     fused_decode.decode_layer = timed("fused layer (C++: norms, 4 matmuls, rope, kv, attention)",
                                       fused_decode.decode_layer)
+    fused_decode.decode_stack = timed("fused layers (C++: every layer in one call)", fused_decode.decode_stack)
     parts = decode(model, kv, a.steps, on_step=acc.clear, batch=a.batch)
     print(f"components (wrapped run: {sum(parts.values()):.2f} ms/step):")
     for name, v in sorted(acc.items(), key=lambda kv: -kv[1]):

@@ -197,16 +197,29 @@ void run_layer(const Layer& p, int threads) {
 
 }  // namespace
 
+namespace {
+
+void check_shape(int64_t hidden, int64_t H, int64_t Hkv, int64_t D, int64_t I, int64_t L) {
+  if (hidden <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D > 512 || D % 2 || I <= 0 || hidden % kBlock ||
+      (H * D) % kBlock || I % kBlock || L < 1)
+    throw std::invalid_argument("bad decode_layer shape");
+}
+
+const int64_t* checked_slots(Addr slots, int64_t L, int64_t num_slots) {
+  const int64_t* sl = reinterpret_cast<const int64_t*>(slots);
+  for (int64_t l = 0; l < L; l++)
+    if (sl[l] < 0 || sl[l] >= num_slots) throw std::invalid_argument("decode_layer: slot out of range");
+  return sl;
+}
+
+}  // namespace
+
 void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqkv, Addr qkv_bias, Addr wo,
                   int64_t to, Addr o_bias, Addr wgu, int64_t tgu, Addr wd, int64_t td, int64_t hidden, int64_t H,
                   int64_t Hkv, int64_t D, int64_t I, Addr cos, Addr sin, Addr kbuf, Addr vbuf, int64_t num_slots,
                   Addr slots, int64_t L, double scale, int64_t threads) {
-  if (hidden <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D > 512 || D % 2 || I <= 0 || hidden % kBlock ||
-      (H * D) % kBlock || I % kBlock || L < 1)
-    throw std::invalid_argument("bad decode_layer shape");
-  const int64_t* sl = reinterpret_cast<const int64_t*>(slots);
-  for (int64_t l = 0; l < L; l++)
-    if (sl[l] < 0 || sl[l] >= num_slots) throw std::invalid_argument("decode_layer: slot out of range");
+  check_shape(hidden, H, Hkv, D, I, L);
+  const int64_t* sl = checked_slots(slots, L, num_slots);
   Layer p{reinterpret_cast<float*>(h), reinterpret_cast<const float*>(ln1), reinterpret_cast<const float*>(ln2),
           float(eps), reinterpret_cast<const uint8_t*>(wqkv), reinterpret_cast<const uint8_t*>(wo),
           reinterpret_cast<const uint8_t*>(wgu), reinterpret_cast<const uint8_t*>(wd), block_qtype(tqkv),
@@ -215,6 +228,31 @@ void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqk
           reinterpret_cast<const float*>(sin), reinterpret_cast<float*>(kbuf), reinterpret_cast<float*>(vbuf), sl,
           L, sl[L - 1], float(scale)};
   run_layer(p, int(std::max<int64_t>(1, threads)));
+}
+
+// decode_layer for n layers in a row (the whole decoder stack of a batch-1 decode step: one Python -> C++
+// call per step instead of one per layer). Layer i's own arguments are row i of `table`, int64 [n, 14]:
+// ln1, ln2, wqkv, tqkv, qkv_bias, wo, to, o_bias, wgu, tgu, wd, td, kbuf, vbuf (decode_layer.py's DecodeStack
+// builds it once); the shapes, eps, position and slot table are the same for every layer.
+void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv, int64_t D,
+                   int64_t I, Addr cos, Addr sin, int64_t num_slots, Addr slots, int64_t L, double scale,
+                   int64_t threads) {
+  check_shape(hidden, H, Hkv, D, I, L);
+  const int64_t* sl = checked_slots(slots, L, num_slots);
+  const int64_t* t = reinterpret_cast<const int64_t*>(table);
+  std::vector<Layer> layers;
+  layers.reserve(n);
+  for (int64_t i = 0; i < n; i++, t += 14) {  // every qtype checked before the first layer runs
+    layers.push_back(Layer{
+        reinterpret_cast<float*>(h), reinterpret_cast<const float*>(t[0]), reinterpret_cast<const float*>(t[1]),
+        float(eps), reinterpret_cast<const uint8_t*>(t[2]), reinterpret_cast<const uint8_t*>(t[5]),
+        reinterpret_cast<const uint8_t*>(t[8]), reinterpret_cast<const uint8_t*>(t[10]), block_qtype(t[3]),
+        block_qtype(t[6]), block_qtype(t[9]), block_qtype(t[11]), reinterpret_cast<const float*>(t[4]),
+        reinterpret_cast<const float*>(t[7]), hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
+        reinterpret_cast<const float*>(sin), reinterpret_cast<float*>(t[12]), reinterpret_cast<float*>(t[13]), sl,
+        L, sl[L - 1], float(scale)});
+  }
+  for (const Layer& p : layers) run_layer(p, int(std::max<int64_t>(1, threads)));
 }
 
 // y[N] = x[K] @ W^T (+ bias) (+ residual), one row, q16 activations, on the decode pool: the M = 1 path of

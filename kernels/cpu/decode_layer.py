@@ -96,6 +96,12 @@ def _check_call(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin: 
         raise ValueError(f"h must be a contiguous float32 CPU tensor [1, {w.hidden_size}], got {h.dtype} {tuple(h.shape)}")
     _vec("cos", cos, w.head_dim)
     _vec("sin", sin, w.head_dim)
+    _check_bufs(w, k_buf, v_buf)
+    if slots.dtype != torch.int64 or slots.dim() != 1 or slots.numel() < 1 or not slots.is_contiguous():
+        raise ValueError(f"slots must be a contiguous int64 vector [L >= 1], got {slots.dtype} {tuple(slots.shape)}")
+
+
+def _check_bufs(w: DecodeLayerWeights, k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
     shape = (w.num_kv_heads, w.head_dim)
     for name, t in (("k_buf", k_buf), ("v_buf", v_buf)):
         if t.dtype != torch.float32 or t.dim() != 3 or tuple(t.shape[1:]) != shape or not t.is_contiguous() or not t.is_cpu:
@@ -103,8 +109,6 @@ def _check_call(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin: 
                              f"got {t.dtype} {tuple(t.shape)}")
     if k_buf.shape != v_buf.shape:
         raise ValueError(f"k_buf {tuple(k_buf.shape)} and v_buf {tuple(v_buf.shape)} differ")
-    if slots.dtype != torch.int64 or slots.dim() != 1 or slots.numel() < 1 or not slots.is_contiguous():
-        raise ValueError(f"slots must be a contiguous int64 vector [L >= 1], got {slots.dtype} {tuple(slots.shape)}")
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -148,4 +152,46 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin:
         return decode_layer_reference(h, w, cos, sin, k_buf, v_buf, slots, scale)
     ext.decode_layer(h.data_ptr(), *w.ext_args, cos.data_ptr(), sin.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
                      k_buf.shape[0], slots.data_ptr(), slots.numel(), float(scale), get_num_threads())
+    return h
+
+
+@dataclass(frozen=True)
+class DecodeStack:
+    """Several layers' DecodeLayerWeights with their KV pools, for `decode_stack`: a batch-1 decode step's whole
+    decoder in one call. Built (and validated) once; `table` is the kernel's int64 [n, 14] argument rows."""
+    layers: tuple[DecodeLayerWeights, ...]
+    k_bufs: tuple[torch.Tensor, ...]  # per layer [slots, Hkv, D]
+    v_bufs: tuple[torch.Tensor, ...]
+
+    def __post_init__(self) -> None:
+        if not self.layers or not len(self.layers) == len(self.k_bufs) == len(self.v_bufs):
+            raise ValueError(f"{len(self.layers)} layers need as many k/v buffers, got {len(self.k_bufs)}/{len(self.v_bufs)}")
+        w0 = self.layers[0]
+        shape = (w0.hidden_size, w0.num_heads, w0.num_kv_heads, w0.head_dim, w0.intermediate_size, w0.eps)
+        for i, (w, k, v) in enumerate(zip(self.layers, self.k_bufs, self.v_bufs)):
+            if (w.hidden_size, w.num_heads, w.num_kv_heads, w.head_dim, w.intermediate_size, w.eps) != shape:
+                raise ValueError(f"layer {i}'s shape or eps differs from layer 0's: one stack takes one shape")
+            _check_bufs(w, k, v)
+            if k.shape[0] != self.k_bufs[0].shape[0]:
+                raise ValueError(f"layer {i}'s KV pool has {k.shape[0]} slots, layer 0's {self.k_bufs[0].shape[0]}")
+        rows = [[a[0], a[1], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], k.data_ptr(), v.data_ptr()]
+                for a, k, v in ((w.ext_args, k, v) for w, k, v in zip(self.layers, self.k_bufs, self.v_bufs))]
+        object.__setattr__(self, "table", torch.tensor(rows, dtype=torch.int64))  # [n, 14]
+
+
+def decode_stack(h: torch.Tensor, stack: DecodeStack, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                 scale: float, check: bool = True) -> torch.Tensor:
+    """decode_layer for every layer of `stack` in order, in place on h [1, hidden]; returns h. The same bits
+    as calling decode_layer layer by layer (the kernel runs the same per-layer code)."""
+    ext = _ext.load()
+    w0 = stack.layers[0]
+    if check or ext is None:
+        _check_call(h, w0, cos, sin, stack.k_bufs[0], stack.v_bufs[0], slots)
+    if ext is None or not hasattr(ext, "decode_layers"):
+        for w, k, v in zip(stack.layers, stack.k_bufs, stack.v_bufs):
+            decode_layer(h, w, cos, sin, k, v, slots, scale, check=False)
+        return h
+    ext.decode_layers(h.data_ptr(), stack.table.data_ptr(), len(stack.layers), float(w0.eps), w0.hidden_size,
+                      w0.num_heads, w0.num_kv_heads, w0.head_dim, w0.intermediate_size, cos.data_ptr(), sin.data_ptr(),
+                      stack.k_bufs[0].shape[0], slots.data_ptr(), slots.numel(), float(scale), get_num_threads())
     return h

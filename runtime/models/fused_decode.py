@@ -1,7 +1,8 @@
 """Batch-1 native decode: each Llama layer in ONE C++ call (sgl.kernels.cpu.decode_layer) where it applies.
 
-`LlamaForCausalLM.forward` asks `fused_step(...)` once per step; it returns a runner for the step's layers
-when the step is one decode token of one sequence, the model holds native GGUF weights, the activations
+`LlamaForCausalLM.forward` asks `fused_step(...)` once per step; it returns a runner for the step's whole
+decoder (every layer in ONE call, `decode_stack`, when every layer fuses: one Python -> C++ transition per
+step) when the step is one decode token of one sequence, the model holds native GGUF weights, the activations
 run in q16 (the process default; the kernel computes what the unfused q16 path computes), no LoRA, and
 the extension has the kernel. Otherwise None, and every layer runs `LlamaDecoderLayer.forward` (the torch
 path, which stays the reference the tests compare against). A layer whose weights cannot fuse (an fp32
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from sgl.kernels.cpu import _ext
-from sgl.kernels.cpu.decode_layer import QTYPE_CODE, DecodeLayerWeights, decode_layer
+from sgl.kernels.cpu.decode_layer import QTYPE_CODE, DecodeLayerWeights, DecodeStack, decode_layer, decode_stack
 from sgl.kernels.cpu.quant import QuantWeight, get_act_quant
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from sgl.runtime.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 ENABLED = True
-LayerRunner = Callable[["LlamaDecoderLayer", torch.Tensor, int, RopeTables], torch.Tensor]
+StackRunner = Callable[[torch.Tensor, RopeTables], torch.Tensor]  # (h, rope tables) -> h after every layer
 
 
 def layer_weights(layer: "LlamaDecoderLayer") -> Optional[DecodeLayerWeights]:
@@ -52,8 +53,24 @@ def layer_weights(layer: "LlamaDecoderLayer") -> Optional[DecodeLayerWeights]:
     return built
 
 
-def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv: KVCache) -> Optional[LayerRunner]:
-    """A runner `(layer, h, layer_id, rope_tables) -> h` for this step's layers, or None (run the torch path)."""
+def model_stack(model: "LlamaForCausalLM", kv: KVCache) -> Optional[DecodeStack]:
+    """Every layer's weights and KV pool as one DecodeStack (cached on the model, rebuilt when a layer's weights
+    or the pool change), or None when a layer cannot fuse or the layers' attention scales differ."""
+    ws = [layer_weights(layer) for layer in model.layers]
+    key = (tuple(map(id, ws)), id(kv), kv.k_buffer(0).data_ptr())
+    cached = model.__dict__.get("_fused_stack")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    stack = None
+    if all(w is not None for w in ws) and len({layer.scale for layer in model.layers}) == 1:
+        n = len(ws)
+        stack = DecodeStack(tuple(ws), tuple(kv.k_buffer(i) for i in range(n)), tuple(kv.v_buffer(i) for i in range(n)))
+    model.__dict__["_fused_stack"] = (key, stack, ws)  # NOTE: holds ws, so the ids in the key stay theirs
+    return stack
+
+
+def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv: KVCache) -> Optional[StackRunner]:
+    """A runner `(h, rope_tables) -> h` for this step's decoder layers, or None (run the torch path)."""
     if not (ENABLED and model.native and h.shape[0] == 1 and fb.lora is None):
         return None
     d = fb.attn.decode
@@ -65,17 +82,20 @@ def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv:
     slots = fb.slot_tables[0]
     if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.device.type != "cpu":
         return None
-    rows: list[torch.Tensor] = []  # the position's cos / signed-sin rows [D], taken from the first layer's tables
+    stack = model_stack(model, kv)
 
-    def run(layer: "LlamaDecoderLayer", x: torch.Tensor, layer_id: int, rope_tables: RopeTables) -> torch.Tensor:
-        w = layer_weights(layer)
-        if w is None:
-            return layer.forward(x, rope_tables, model.rope, fb, kv, layer_id)
-        if not rows:
-            rows.extend((rope_tables.cos.reshape(-1).contiguous(), rope_tables.sin_signed.reshape(-1).contiguous()))
+    def run(x: torch.Tensor, rope_tables: RopeTables) -> torch.Tensor:
+        cos, sin = rope_tables.cos.reshape(-1).contiguous(), rope_tables.sin_signed.reshape(-1).contiguous()  # [D]
         if not x.is_contiguous():
             x = x.contiguous()
-        return decode_layer(x, w, rows[0], rows[1], kv.k_buffer(layer_id), kv.v_buffer(layer_id), slots, layer.scale,
-                            check=False)
+        if stack is not None:
+            return decode_stack(x, stack, cos, sin, slots, model.layers[0].scale, check=False)
+        for i, layer in enumerate(model.layers):  # some layer cannot fuse: layer by layer
+            w = layer_weights(layer)
+            if w is None:
+                x = layer.forward(x, rope_tables, model.rope, fb, kv, i)
+            else:
+                x = decode_layer(x, w, cos, sin, kv.k_buffer(i), kv.v_buffer(i), slots, layer.scale, check=False)
+        return x
 
     return run

@@ -259,12 +259,12 @@ class LlamaForCausalLM(nn.Module):
         """Runs the batch's new tokens, writes their K/V into `kv`; returns [T, hidden] final-normed states."""
         self.rope.ensure(max(fb.seq_lens))
         h = embedding_rows(fb.input_ids, self.embed)  # [T, hidden]
-        fused = fused_step(self, h, fb, kv)  # batch-1 native decode: a C++ call per layer (fused_decode.py)
+        fused = fused_step(self, h, fb, kv)  # batch-1 native decode: the layers in C++ (fused_decode.py)
         rope_tables = self.rope.lookup(fb.positions, matrices=fused is None)  # shared by all layers
-        for i, layer in enumerate(self.layers):
-            if fused is not None:
-                h = fused(layer, h, i, rope_tables)
-            else:
+        if fused is not None:
+            h = fused(h, rope_tables)
+        else:
+            for i, layer in enumerate(self.layers):
                 h = layer.forward(h, rope_tables, self.rope, fb, kv, i)  # NOTE: .forward skips nn.Module hook dispatch
         return rms_norm(h, self.norm, self.norm_consts)
 

@@ -11,7 +11,8 @@ import torch
 
 from sgl.kernels import cpu
 from sgl.kernels.cpu import _ext, quant
-from sgl.kernels.cpu.decode_layer import DecodeLayerWeights, decode_layer, decode_layer_reference
+from sgl.kernels.cpu.decode_layer import (DecodeLayerWeights, DecodeStack, decode_layer, decode_layer_reference,
+                                         decode_stack)
 from sgl.kernels.cpu.quant import QuantWeight, quant_linear, quant_linear_reference
 from tests.kernels.test_cpu_quant import q16_bound
 
@@ -75,6 +76,37 @@ def test_decode_layer_matches_reference(mode: str, qtype: str, heads: int, kv_he
     torch.testing.assert_close(k_buf, k_ref, rtol=2e-4, atol=2e-4)  # only the new token's slot changed
     torch.testing.assert_close(v_buf, v_ref, rtol=2e-4, atol=2e-4)
     assert not torch.equal(h, h_ref.new_zeros(h_ref.shape))
+
+
+@pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
+def test_decode_stack_is_decode_layer_layer_by_layer(mode: str, qtype: str) -> None:
+    """The whole stack in one call gives the bits of calling decode_layer per layer (h and every KV pool)."""
+    gen = torch.Generator().manual_seed(11)
+    hidden, heads, kv_heads, head_dim, inter, n, length, num_slots = 64, 4, 2, 32, 96, 3, 40, 64
+    layers = [make_layer(gen, qtype, hidden, heads, kv_heads, head_dim, inter, bias=i == 1) for i in range(n)]
+    ks = [torch.randn(num_slots, kv_heads, head_dim, generator=gen) for _ in range(n)]
+    vs = [torch.randn(num_slots, kv_heads, head_dim, generator=gen) for _ in range(n)]
+    slots = torch.randperm(num_slots, generator=gen)[:length].contiguous()
+    cos, sin = rope_rows(head_dim, length - 1)
+    h = torch.randn(1, hidden, generator=gen)
+    h1, ks1, vs1 = h.clone(), [k.clone() for k in ks], [v.clone() for v in vs]
+    for w, k, v in zip(layers, ks1, vs1):
+        decode_layer(h1, w, cos, sin, k, v, slots, head_dim**-0.5)
+    out = decode_stack(h, DecodeStack(tuple(layers), tuple(ks), tuple(vs)), cos, sin, slots, head_dim**-0.5)
+    assert out.data_ptr() == h.data_ptr()
+    assert torch.equal(h, h1)
+    assert all(torch.equal(a, b) for a, b in zip(ks + vs, ks1 + vs1))
+
+
+def test_decode_stack_rejects_layers_of_different_shapes() -> None:
+    gen = torch.Generator().manual_seed(12)
+    a = make_layer(gen, "q8_0", 64, 4, 2, 32, 96, bias=False)
+    b = make_layer(gen, "q8_0", 64, 4, 2, 32, 128, bias=False)  # another intermediate size
+    kv = [torch.zeros(8, 2, 32) for _ in range(2)]
+    with pytest.raises(ValueError, match="layer 1's shape"):
+        DecodeStack((a, b), tuple(kv), tuple(kv))
+    with pytest.raises(ValueError, match="2 layers need as many"):
+        DecodeStack((a, a), tuple(kv[:1]), tuple(kv))
 
 
 def test_decode_layer_thread_counts_are_bit_identical(mode: str) -> None:

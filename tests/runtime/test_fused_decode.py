@@ -1,4 +1,4 @@
-"""The fused batch-1 decode path (runtime/models/fused_decode.py: one C++ call per layer) against the unfused
+"""The fused batch-1 decode path (runtime/models/fused_decode.py: the layers in one C++ call) against the unfused
 layer (LlamaDecoderLayer.forward, the reference) on tiny random models with native weights: the same logits
 up to float rounding, the path really taken on single-sequence decode steps, and not taken where it does
 not apply (batches of several rows, prefill chunks, fp32 activations, LoRA-free fp32 models)."""
@@ -20,15 +20,20 @@ pytestmark = pytest.mark.skipif(not extension_available(), reason="the sgl.kerne
 
 @pytest.fixture
 def count_fused(monkeypatch) -> list[int]:
-    """Counts the fused kernel's calls (the real kernel runs)."""
+    """Counts the layers the fused kernels run (the real kernels run): decode_stack's layers and decode_layer's."""
     calls = [0]
-    real = fused_decode.decode_layer
+    real_layer, real_stack = fused_decode.decode_layer, fused_decode.decode_stack
 
-    def counted(*args, **kwargs):
+    def counted_layer(*args, **kwargs):
         calls[0] += 1
-        return real(*args, **kwargs)
+        return real_layer(*args, **kwargs)
 
-    monkeypatch.setattr(fused_decode, "decode_layer", counted)
+    def counted_stack(h, stack, *args, **kwargs):
+        calls[0] += len(stack.layers)
+        return real_stack(h, stack, *args, **kwargs)
+
+    monkeypatch.setattr(fused_decode, "decode_layer", counted_layer)
+    monkeypatch.setattr(fused_decode, "decode_stack", counted_stack)
     return calls
 
 
