@@ -181,6 +181,7 @@ def worker_ours(fmt: str, threads: int, rows: list[int], quick: bool) -> dict[st
         schema = json.dumps(PERSON["schema"])
         for b in (1, 8):
             runs: dict[str, list[float]] = {"json": [], "same_len": [], "unconstrained": []}
+            cpu_runs: dict[str, list[float]] = {k: [] for k in runs}  # tokens per CPU-second (all threads)
             for rep in range(s["reps"]):
                 seeds = [100 * rep + i for i in range(b)]
                 ps = [{"max_new_tokens": s["json_new"], "temperature": 1.0, "sampling_seed": x, "json_schema": schema}
@@ -191,13 +192,15 @@ def worker_ours(fmt: str, threads: int, rows: list[int], quick: bool) -> dict[st
                         ps = [{"max_new_tokens": n, "temperature": 1.0, "sampling_seed": x, "ignore_eos": True}
                               for x, n in zip(seeds, lens if label == "same_len" else [s["json_new"]] * b)]
                     eng.generate([PERSON["prompt"]] * b, ps)  # NOTE: warm: the prompt is cached, decode dominates
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     outs = eng.generate([PERSON["prompt"]] * b, ps)
-                    dt = time.perf_counter() - t
+                    dt, dc = time.perf_counter() - t, time.process_time() - c
                     if label == "json":
                         lens = [o["meta_info"]["completion_tokens"] for o in outs]
                     runs[label].append(sum(o["meta_info"]["completion_tokens"] for o in outs) / dt)
+                    cpu_runs[label].append(sum(o["meta_info"]["completion_tokens"] for o in outs) / dc)
             res[f"json_b{b}"] = {k: statistics.median(v) for k, v in runs.items()}
+            res[f"json_b{b}_per_cpu_s"] = {k: statistics.median(v) for k, v in cpu_runs.items()}
     res["rss_end_mb"] = rss_mb()
     eng.check_integrity()
     eng.shutdown()
@@ -480,6 +483,11 @@ def build_table(r: dict[str, Any], threads: list[int], formats: list[str], q41_b
                          + (f"; same lengths {j['same_len']:.1f} ({j['json'] / j['same_len']:.2f}x)" if "same_len" in j else "")
                          if j else "n/a" for j in js]
                 lines.append(f"| 5 JSON vs free tok/s, batch {b} | {t} | " + " | ".join(cells) + " | - | - | - |")
+                cs = ours(t, f"json_b{b}_per_cpu_s")
+                if any(cs):
+                    cells = [f"{j['json']:.1f} vs {j['unconstrained']:.1f} ({j['json'] / j['unconstrained']:.2f}x); "
+                             f"same lengths {j['same_len']:.1f} ({j['json'] / j['same_len']:.2f}x)" if j else "n/a" for j in cs]
+                    lines.append(f"| 5 JSON vs free tokens per CPU-s, batch {b} | {t} | " + " | ".join(cells) + " | - | - | - |")
     for t in threads:
         rss = [r["ours"].get(f"{wf}/{t}", {}).get("rss_end_mb", {}) for wf in formats]
         ls = r["llama_server"].get(str(t), {})
