@@ -343,6 +343,8 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
     async def stream_request(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         """Cumulative outputs of one request; closing or cancelling the iterator aborts it."""
         sink = RequestSink.for_loop(asyncio.get_running_loop())
+        if req.sampling_params.constraint is not None and self._grammar.peek() is None:
+            await asyncio.to_thread(self._grammar.get)  # its one build (~1 s) must not stall the event loop
         self._submit([req], [sink])
         finished = False
         try:

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -90,9 +92,30 @@ def test_engine_builds_grammars_on_first_constrained_request_and_drops_scratch_w
             # fp32: 1536 x 2 x 576 x 4 B = 7 MB); going idle gave it back
             assert max(released, default=0) >= 2 * 1536 * 576 * 4, released
         person = json.loads((ROOT / "examples/data/person_extraction.json").read_text())
-        out = eng.generate(person["prompt"], {"max_new_tokens": 96, "temperature": 0,
-                                              "json_schema": json.dumps(person["schema"])})
+        build = eng._grammar._build
+        eng._grammar._build = lambda: time.sleep(3.0) or build()  # a slow first build (a big vocabulary)
+
+        async def serve() -> tuple[dict, float]:
+            # the server's path: the first constrained request's build must not stall the event loop
+            gaps, done = [0.0], asyncio.Event()
+
+            async def tick() -> None:
+                last = time.monotonic()
+                while not done.is_set():
+                    await asyncio.sleep(0.02)
+                    gaps.append(time.monotonic() - last)
+                    last = time.monotonic()
+
+            ticker = asyncio.create_task(tick())
+            out = await eng.async_generate(person["prompt"], {"max_new_tokens": 96, "temperature": 0,
+                                                              "json_schema": json.dumps(person["schema"])})
+            done.set()
+            await ticker
+            return out, max(gaps)
+
+        out, stall = asyncio.run(serve())
         assert eng._grammar.peek() is not None
+        assert stall < 1.5, f"the event loop stalled {stall:.2f} s while the grammar compiler was built"
         assert set(json.loads(out["text"])) <= set(person["schema"]["properties"])
         eng.check_integrity()
     finally:
