@@ -73,7 +73,8 @@ class LazyGrammar:
 
     NOTE: why lazily: its tokenizer tables (the grammar Vocabulary and the backend's token trie: ~30 MB
     resident on the default model, benchmarks/bench_memory.py) are memory a server that never sees a
-    constrained request does not need; building them costs the first constrained request ~0.3 s once.
+    constrained request does not need; building them costs the first constrained request once (2.1 s at
+    load 9; async requests await it on a worker thread, Engine.stream_request).
     `get()` may run on any thread (request validation runs on the caller's); the lock makes one build.
     """
 
