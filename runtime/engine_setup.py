@@ -71,7 +71,7 @@ def make_grammar_compiler(args: ServerArgs, tokenizer: Any, vocab_size: int) -> 
 class LazyGrammar:
     """The engine's grammar compiler, built by `build` on the first `get()` (the first constrained request).
 
-    NOTE: why lazily: its tokenizer tables (the grammar Vocabulary and the backend's token trie: ~30 MB
+    NOTE: why lazily: its tokenizer tables (the grammar Vocabulary and the backend's token trie: ~37 MB
     resident on the default model, benchmarks/bench_memory.py) are memory a server that never sees a
     constrained request does not need; building them costs the first constrained request once (2.1 s at
     load 9; async requests await it on a worker thread, Engine.stream_request).
