@@ -12,7 +12,8 @@ Rows (each at every thread count, every peer on the same file):
 3. 32 concurrent requests x 128 new tokens, output tok/s, vs llama-server --parallel 32;
 4. 64 requests sharing a ~500-token system prompt (+ ~50-token question, 32 new tokens): total
    time vs llama-server with its prompt cache warm (the workload run once before, cache_prompt);
-5. JSON-schema constrained vs unconstrained decode tok/s at batch 1 and batch 8 (ours only).
+5. JSON-schema constrained vs unconstrained decode tok/s at batch 1 and batch 8 (ours only); also vs the
+   same work unconstrained (each row as many tokens as its JSON row: the cost of constraining alone).
 Plus the resident set (VmRSS after the runs, VmHWM peak) of our engine per weight format. Rows 3 and 4 also
 report CPU seconds (user + system, all threads; ours: time.process_time, llama-server: /proc/PID/stat), which
 a shared machine disturbs far less than the wall time.
@@ -173,21 +174,33 @@ def worker_ours(fmt: str, threads: int, rows: list[int], quick: bool) -> dict[st
         res["shared_total_s"] = time.perf_counter() - t  # cold cache: the first request computes the prefix
         res["shared_cpu_s"] = time.process_time() - c
     if 5 in rows:
+        # NOTE: "unconstrained" runs every row json_new tokens in lockstep; a JSON row ends when its object
+        # closes (46-71 tokens here), so at batch 8 its batch thins out at the end and its tok/s drops for
+        # that alone. "same_len" is the same work unconstrained: each row's max_new_tokens = the JSON row's
+        # count (ignore_eos), so the ratio json / same_len is the cost of constraining itself.
         schema = json.dumps(PERSON["schema"])
         for b in (1, 8):
-            tps = {}
-            for label in ("unconstrained", "json"):
-                runs = []
-                for rep in range(s["reps"]):
-                    ps = [{"max_new_tokens": s["json_new"], "temperature": 1.0, "sampling_seed": 100 * rep + i,
-                           **({"json_schema": schema} if label == "json" else {"ignore_eos": True})}
-                          for i in range(b)]
+            runs: dict[str, list[float]] = {"json": [], "same_len": [], "unconstrained": []}
+            cpu_runs: dict[str, list[float]] = {k: [] for k in runs}  # tokens per CPU-second (all threads)
+            for rep in range(s["reps"]):
+                seeds = [100 * rep + i for i in range(b)]
+                ps = [{"max_new_tokens": s["json_new"], "temperature": 1.0, "sampling_seed": x, "json_schema": schema}
+                      for x in seeds]
+                lens: list[int] = []
+                for label in ("json", "same_len", "unconstrained"):
+                    if label != "json":
+                        ps = [{"max_new_tokens": n, "temperature": 1.0, "sampling_seed": x, "ignore_eos": True}
+                              for x, n in zip(seeds, lens if label == "same_len" else [s["json_new"]] * b)]
                     eng.generate([PERSON["prompt"]] * b, ps)  # NOTE: warm: the prompt is cached, decode dominates
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     outs = eng.generate([PERSON["prompt"]] * b, ps)
-                    runs.append(sum(o["meta_info"]["completion_tokens"] for o in outs) / (time.perf_counter() - t))
-                tps[label] = statistics.median(runs)
-            res[f"json_b{b}"] = tps
+                    dt, dc = time.perf_counter() - t, time.process_time() - c
+                    if label == "json":
+                        lens = [o["meta_info"]["completion_tokens"] for o in outs]
+                    runs[label].append(sum(o["meta_info"]["completion_tokens"] for o in outs) / dt)
+                    cpu_runs[label].append(sum(o["meta_info"]["completion_tokens"] for o in outs) / dc)
+            res[f"json_b{b}"] = {k: statistics.median(v) for k, v in runs.items()}
+            res[f"json_b{b}_per_cpu_s"] = {k: statistics.median(v) for k, v in cpu_runs.items()}
     res["rss_end_mb"] = rss_mb()
     eng.check_integrity()
     eng.shutdown()
@@ -467,8 +480,14 @@ def build_table(r: dict[str, Any], threads: list[int], formats: list[str], q41_b
             for b in (1, 8):
                 js = ours(t, f"json_b{b}")
                 cells = [f"{j['json']:.1f} vs {j['unconstrained']:.1f} ({j['json'] / j['unconstrained']:.2f}x)"
+                         + (f"; same lengths {j['same_len']:.1f} ({j['json'] / j['same_len']:.2f}x)" if "same_len" in j else "")
                          if j else "n/a" for j in js]
                 lines.append(f"| 5 JSON vs free tok/s, batch {b} | {t} | " + " | ".join(cells) + " | - | - | - |")
+                cs = ours(t, f"json_b{b}_per_cpu_s")
+                if any(cs):
+                    cells = [f"{j['json']:.1f} vs {j['unconstrained']:.1f} ({j['json'] / j['unconstrained']:.2f}x); "
+                             f"same lengths {j['same_len']:.1f} ({j['json'] / j['same_len']:.2f}x)" if j else "n/a" for j in cs]
+                    lines.append(f"| 5 JSON vs free tokens per CPU-s, batch {b} | {t} | " + " | ".join(cells) + " | - | - | - |")
     for t in threads:
         rss = [r["ours"].get(f"{wf}/{t}", {}).get("rss_end_mb", {}) for wf in formats]
         ls = r["llama_server"].get(str(t), {})

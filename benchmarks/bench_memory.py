@@ -6,8 +6,9 @@ Per weight format: a real `sgl.launch_server` on 127.0.0.1 (its own process, so 
 is counted), its VmRSS when healthy, then after a short chat completion (openai SDK), a 701-token prompt
 and a JSON-schema request (httpx on /generate); VmHWM is the peak. Then (unless --no-stages) the same
 requests in-process, with /proc/self/smaps_rollup read after each load stage (import torch, import the
-engine, load the weights + KV pool, the grammar compiler, the first step, the 701-token prompt): what is
-resident besides the weights. Prints both tables; JSON to benchmarks/results/bench_memory.json.
+engine, load the weights + KV pool, the first step, the 701-token prompt, the JSON-schema request and within
+it the grammar compiler, which the engine builds on the first constrained request): what is resident besides
+the weights. Prints both tables; JSON to benchmarks/results/bench_memory.json.
 """
 
 from __future__ import annotations
@@ -75,22 +76,21 @@ def stages(fmt: str, threads: int) -> list[tuple[str, dict[str, float]]]:
     out.append(("import torch", status_mb()))
     from sgl.runtime import engine as engine_mod
     out.append(("import the engine", status_mb()))
-    grammar = engine_mod._make_grammar_compiler
-    marks: list[tuple[str, dict[str, float]]] = []
+    grammar = engine_mod.make_grammar_compiler
 
-    def timed_grammar(*a: Any, **k: Any) -> Any:
-        marks.append(("weights + KV pool + scheduler", status_mb()))
+    def timed_grammar(*a: Any, **k: Any) -> Any:  # NOTE: built lazily, by the first constrained request
         g = grammar(*a, **k)
-        marks.append(("grammar compiler (tokenizer tables)", status_mb()))
+        out.append(("  of which the grammar compiler", {"Rss": status_mb()["Rss"] - before}))
         return g
 
-    engine_mod._make_grammar_compiler = timed_grammar
+    engine_mod.make_grammar_compiler = timed_grammar
     eng = engine_mod.Engine(num_threads=threads, show_progress=False, weight_format=fmt)
-    out += marks
+    out.append(("weights + KV pool + scheduler (idle)", status_mb()))
     eng.generate("Say hello.", {"max_new_tokens": 16, "temperature": 0})
     out.append(("first requests (16 tokens)", status_mb()))
     eng.generate(LONG_PROMPT, {"max_new_tokens": 16, "temperature": 0})
     out.append(("a 701-token prompt", status_mb()))
+    before = status_mb()["Rss"]
     eng.generate(PERSON["prompt"], {"max_new_tokens": 64, "temperature": 0, "json_schema": json.dumps(PERSON["schema"])})
     out.append(("a JSON-schema request", status_mb()))
     out.append(("(KV pool resident)", {"Rss": eng.scheduler.runner.kv.resident_bytes() / 2**20}))
@@ -133,9 +133,9 @@ def main() -> None:
         for name, m in rows:
             rss = m["Rss"]
             split = f" ({m['Anonymous']:.0f} / {m['file']:.0f})" if "Anonymous" in m else ""
-            delta = f"  +{rss - prev:.0f}" if not name.startswith("(") else ""
+            delta = f"  +{rss - prev:.0f}" if not name.startswith(("(", " ")) else ""
             print(f"  {name:40s} {rss:6.0f}{split}{delta}")
-            if not name.startswith("("):
+            if not name.startswith(("(", " ")):
                 prev = rss
     out = ROOT / "benchmarks" / "results" / "bench_memory.json"
     out.parent.mkdir(exist_ok=True)

@@ -22,10 +22,12 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 from sgl.runtime.config import ServerArgs, split_model_paths
 from sgl.runtime.distributed.errors import TensorParallelError
+from sgl.runtime.idle_memory import release_idle_memory
 from sgl.runtime.metrics import record_grammar_compilation
 from sgl.runtime.engine_io import (RequestSink, build_requests, finished_dict, validate_prompt_length)
 from sgl.runtime.engine_info import EngineInfoMixin
-from sgl.runtime.engine_setup import default_pool_size, hierarchical_cache_mover, host_kv_tier, make_grammar_compiler
+from sgl.runtime.engine_setup import (LazyGrammar, default_pool_size, hierarchical_cache_mover, host_kv_tier,
+                                      make_grammar_compiler)
 from sgl.runtime.lora.adapter import AdapterError
 from sgl.runtime.lora.engine_adapters import EngineLoraMixin
 from sgl.runtime.malloc_policy import set_mmap_threshold
@@ -100,7 +102,8 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
                                    drafter=drafter, mover=mover, host_pool_size=host_slots, cache_mover=cache_mover)
         self._model_dtype = dtype
         self._init_lora()  # runtime/lora/engine_adapters.py: the adapter pool, --lora-paths read now
-        self.grammar = make_grammar_compiler(args, self.tokenizer, loaded.config.vocab_size)
+        vocab_size = loaded.config.vocab_size  # (the lambda must not keep `loaded`, whose weights it would pin)
+        self._grammar = LazyGrammar(lambda: make_grammar_compiler(args, self.tokenizer, vocab_size))
         self.disagg = None  # prefill/decode disaggregation: this engine's KV export/import (runtime/distributed/disagg.py)
         if args.disaggregation_mode is not None:
             from sgl.runtime.distributed.disagg import Disaggregation
@@ -111,6 +114,7 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
         self._commands: "queue.Queue[Callable[[], None]]" = queue.Queue()
         self._stopped = threading.Event()
         self._loop_error: Optional[BaseException] = None
+        release_idle_memory()  # the loader's freed temporaries (the tokenizer's JSON parse: ~15 MB)
         self._thread = threading.Thread(target=self._loop, name="sgl-scheduler", daemon=True)
         self._thread.start()
         logger.info("engine ready: %s, KV pool %d tokens, %d thread(s), loaded in %.1fs",
@@ -151,6 +155,7 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
                         self.scheduler.abort(req.rid, message, internal=True)
             if not self.scheduler.has_work:
                 self.scheduler.check_integrity()
+                release_idle_memory()  # runtime/idle_memory.py: the prefill scratch and free heap pages
 
     def _fatal(self, message: str) -> None:
         """The engine cannot run another step (any thread): abort everything, stop, tell the server."""
@@ -202,6 +207,15 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
             raise RequestError(f"input_ids contains a token id outside the vocabulary [0, {self.model_config.vocab_size})")
         validate_prompt_length(len(ids), r.sampling_params.max_new_tokens, self.context_length)
         return ids
+
+    @property
+    def grammar(self) -> Any:
+        """The grammar compiler (None with grammar_backend "none"), built on the first constrained request."""
+        return self._grammar.get()
+
+    @grammar.setter
+    def grammar(self, compiler: Any) -> None:
+        self._grammar.set(compiler)
 
     def _submit(self, reqs: list[GenerateRequest], sinks: list[RequestSink]) -> None:
         """Validate everything first (a bad request raises before any is queued), then queue."""
@@ -329,6 +343,8 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
     async def stream_request(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         """Cumulative outputs of one request; closing or cancelling the iterator aborts it."""
         sink = RequestSink.for_loop(asyncio.get_running_loop())
+        if req.sampling_params.constraint is not None and self._grammar.peek() is None:
+            await asyncio.to_thread(self._grammar.get)  # its one build (~1 s) must not stall the event loop
         self._submit([req], [sink])
         finished = False
         try:
@@ -373,8 +389,9 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
         self._thread.join(timeout=10)
         if hasattr(self.scheduler.runner, "close"):  # the grammar-mask worker thread
             self.scheduler.runner.close()
-        if self.grammar is not None and hasattr(self.grammar, "shutdown"):
-            self.grammar.shutdown()
+        grammar = self._grammar.peek()  # (never built just to be shut down)
+        if grammar is not None and hasattr(grammar, "shutdown"):
+            grammar.shutdown()
         if self.tp is not None:
             self.tp.shutdown()
         if self.disagg is not None:

@@ -1,5 +1,5 @@
 """How the engine sizes and assembles its parts: the KV pool's default size, the host tier for swap
-preemption and the hierarchical prefix cache, and the grammar compiler.
+preemption and the hierarchical prefix cache, and the grammar compiler (built on first use: LazyGrammar).
 
     pool_size = args.max_total_tokens or default_pool_size(config, args)
     mover, host_slots = host_kv_tier(runner.kv, args)       # (None, 0) in recompute mode or at 0 GB
@@ -9,8 +9,9 @@ preemption and the hierarchical prefix cache, and the grammar compiler.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sgl.runtime.config import ServerArgs
 
@@ -65,6 +66,40 @@ def make_grammar_compiler(args: ServerArgs, tokenizer: Any, vocab_size: int) -> 
     return GrammarCompiler(vocab, backend=args.grammar_backend, json_whitespace=args.json_whitespace,
                            compile_timeout_s=args.grammar_compile_timeout, guards=not args.json_strict,
                            cache_bytes=args.grammar_cache_max_bytes)
+
+
+class LazyGrammar:
+    """The engine's grammar compiler, built by `build` on the first `get()` (the first constrained request).
+
+    NOTE: why lazily: its tokenizer tables (the grammar Vocabulary and the backend's token trie: ~37 MB
+    resident on the default model, benchmarks/bench_memory.py) are memory a server that never sees a
+    constrained request does not need; building them costs the first constrained request once (2.1 s at
+    load 9; async requests await it on a worker thread, Engine.stream_request).
+    `get()` may run on any thread (request validation runs on the caller's); the lock makes one build.
+    """
+
+    _UNBUILT = object()
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build = build
+        self._value: Any = self._UNBUILT
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        """The compiler (built now if it is not yet), or None when grammars are off or unavailable."""
+        if self._value is self._UNBUILT:
+            with self._lock:
+                if self._value is self._UNBUILT:
+                    self._value = self._build()
+        return self._value
+
+    def peek(self) -> Any:
+        """The compiler if it was built, else None (never builds it: shutdown, tests)."""
+        return None if self._value is self._UNBUILT else self._value
+
+    def set(self, value: Any) -> None:
+        """Replace the compiler (benchmarks swap in other backends)."""
+        self._value = value
 
 
 

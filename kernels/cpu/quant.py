@@ -317,6 +317,16 @@ def _scratch(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
+def release_scratch() -> int:
+    """Drop the calling thread's prefill scratch (the next prefill allocates it again); returns its bytes.
+
+    NOTE: it is as large as the largest layer weight in fp32 (the default model's gate_up: 7 MB) and would
+    otherwise stay resident for the life of the thread; the engine drops it when it goes idle."""
+    buf = getattr(_tls, "buf", None)
+    _tls.buf = None
+    return 0 if buf is None else buf.numel() * buf.element_size()
+
+
 def extension_available() -> bool:
     """True when the compiled extension loaded (and SGL_DISABLE_CPU_EXT is not set)."""
     return _ext.load() is not None

@@ -188,6 +188,7 @@ def _iter_weights(
             elif permuted and ".self_attn.k_proj." in name:
                 rows = unpermute_qk_rows(rows, config.num_key_value_heads)
             yield name, RawBlocks(rows, tensor.qtype.name.lower(), (tensor.shape[0], tensor.shape[1]))
+            file.drop_pages()  # consumed: copied by to_linear, or held as a view (q, k before v) that refaults
             continue
         weight = torch.from_numpy(dequantize_tensor(tensor))
         if gemma and name.endswith("norm.weight"):
@@ -197,6 +198,7 @@ def _iter_weights(
         elif permuted and ".self_attn.k_proj." in name:
             weight = unpermute_qk(weight, config.num_key_value_heads)
         yield name, weight.contiguous()
+        file.drop_pages()
 
 
 def read_gguf(path: str, show_progress: bool = True, native: bool = False) -> GGUFModel:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import dataclasses
-import warnings
 
 import numpy as np
 import torch
@@ -84,9 +83,10 @@ def fuse_rows(parts: list[Payload], quantize: Optional[str]) -> Payload:
 def to_linear(p: Payload) -> LinearWeight:
     """A fused payload as the forward pass holds it: QuantWeight for supported raw blocks, else fp32 [K, N]."""
     if isinstance(p, RawBlocks) and p.qtype in QTYPES:
-        with warnings.catch_warnings():  # a read-only file mapping: only read, then copied by pack_quant_weights
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return QuantWeight.from_gguf(torch.from_numpy(np.ascontiguousarray(p.data)), p.qtype, p.shape)
+        # NOTE: a view of the read-only file mapping is copied now, so the loader can unmap the file's pages
+        # as it goes (GGUFFile.drop_pages): the load's peak is then the weights once, not also the file
+        data = np.ascontiguousarray(p.data) if p.data.flags.writeable else np.array(p.data, order="C")
+        return QuantWeight.from_gguf(torch.from_numpy(data), p.qtype, p.shape)
     rows = p.to_float() if isinstance(p, RawBlocks) else p
     return rows.t().contiguous()
 
@@ -126,13 +126,16 @@ def pack_quant_weights(slots: list[tuple[object, str]]) -> torch.Tensor:
     """Move the QuantWeights at `owner.__dict__[attr]` into one huge-page buffer, in the given order
     (the order a forward pass reads them: see weight_arena.py for why), 64-byte aligned each.
     Afterwards nothing refers to the loader's bytes (the file mapping can close). Returns the buffer."""
-    found = [(owner, attr, w) for owner, attr in slots if isinstance(w := owner.__dict__[attr], QuantWeight)]
-    sizes = [(w.nbytes() + 63) // 64 * 64 for _, _, w in found]
+    found = [(owner, attr) for owner, attr in slots if isinstance(owner.__dict__[attr], QuantWeight)]
+    sizes = [(owner.__dict__[attr].nbytes() + 63) // 64 * 64 for owner, attr in found]
     buf = alloc_huge(sum(sizes), torch.uint8)
     offset = 0
-    for (owner, attr, w), size in zip(found, sizes):
+    for (owner, attr), size in zip(found, sizes):
+        w = owner.__dict__[attr]
         view = buf[offset : offset + w.nbytes()].view(w.data.shape)
         view.copy_(w.data)
+        # NOTE: the loader's copy is freed here, one weight at a time (nothing else holds it), so the peak
+        # is about one arena plus one weight, not two arenas
         owner.__dict__[attr] = dataclasses.replace(w, data=view)
         offset += size
     return buf
