@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "quant_common.h"
@@ -69,9 +70,10 @@ inline void pack_pairs(const Q16Act& a, int64_t M, Q16Pairs& p) {
 #endif
 #define SGL_TARGET_Q16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
+// SGL_CPU_Q16_NO_TILE=1 takes the per-row path instead (what an AVX2-only CPU runs; a test compares the two)
 inline bool have_q16_tile() {
   static const bool ok = have_avx512() && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512vnni");
+                         __builtin_cpu_supports("avx512vnni") && std::getenv("SGL_CPU_Q16_NO_TILE") == nullptr;
   return ok;
 }
 

@@ -6,6 +6,10 @@ Above Q16_MAX_ROWS rows (prefill) gemm runs fp32 activations."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -13,7 +17,7 @@ import pytest
 import torch
 
 from sgl.kernels import cpu
-from sgl.kernels.cpu import QuantWeight, quant_linear
+from sgl.kernels.cpu import QuantWeight, _ext, quant_linear
 from sgl.kernels.cpu.quant import BLOCK_BYTES, Q16_MAX_ROWS
 
 
@@ -81,3 +85,31 @@ def test_q16_is_not_fp32_below_the_limit_and_is_fp32_above() -> None:
     small = x[:5].contiguous()
     assert not torch.equal(quant_linear(small, w, act_quant="q16"), quant_linear(small, w, act_quant="none"))
     assert torch.equal(quant_linear(x, w, act_quant="q16"), quant_linear(x, w, act_quant="none"))
+
+
+def test_the_per_row_path_gives_the_tiles_bits() -> None:
+    """A CPU without AVX-512 VNNI runs the q16 batch row by row (gemv_rows); this one runs the row-pair tile.
+    Both give every row its M = 1 bits, so they agree bit for bit (the per-row path forced by env)."""
+    script = (
+        "import numpy as np, torch, sys\n"
+        "from sgl.kernels.cpu import QuantWeight, quant_linear\n"
+        "gen = np.random.default_rng(7)\n"
+        "outs = []\n"
+        "for qt in ('q4_0', 'q4_1', 'q8_0'):\n"
+        "    w = QuantWeight.quantize(torch.from_numpy(gen.standard_normal((70, 160)).astype(np.float32)), qt)\n"
+        "    x = torch.from_numpy(gen.standard_normal((9, 160)).astype(np.float32))\n"
+        "    outs.append(quant_linear(x, w, act_quant='q16'))\n"
+        "torch.save(outs, sys.argv[1])\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for env in ({}, {"SGL_CPU_Q16_NO_TILE": "1"}):
+            path = os.path.join(tmp, f"{len(results)}.pt")
+            subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=120)
+            results.append(torch.load(path))
+        isa = subprocess.run([sys.executable, "-c", "from sgl.kernels.cpu import _ext; print(_ext.load().isa())"],
+                             check=True, capture_output=True, text=True, env={**os.environ, "SGL_CPU_Q16_NO_TILE": "1"})
+    assert "q16" not in isa.stdout  # the override took the per-row path
+    if "q16" not in _ext.load().isa():
+        pytest.skip("this CPU has no AVX-512 VNNI: both runs took the per-row path")
+    for tile, rows in zip(*results):
+        assert torch.equal(tile, rows)
