@@ -143,10 +143,20 @@ def main() -> None:
         for r in small:
             print(f"| {r['threads']} | {r['shape']} {r['K']}x{r['N']} {r['qtype']} | {r['M']} | {r['fp32act_ms']:.3f} | "
                   f"{r['q16act_ms']:.3f} | {r['q16_vs_fp32']:.2f} | {r['q16_x_m1']:.2f} |")
+        steps = {}  # a decode step's matmuls: 30 x (qkv + o + gate_up + down) + lm_head, per thread count and M
+        for r in small:
+            st = steps.setdefault(f"{r['threads']}T M={r['M']}", {"fp32act_ms": 0.0, "q16act_ms": 0.0})
+            n = 1 if r["shape"] == "lm_head" else LAYERS
+            st["fp32act_ms"] += n * r["fp32act_ms"]
+            st["q16act_ms"] += n * r["q16act_ms"]
+        for k, v in steps.items():
+            print(f"| {k.split()[0][:-1]} | per decode step (30 layers + lm_head) | {k.split('=')[1]} | "
+                  f"{v['fp32act_ms']:.2f} | {v['q16act_ms']:.2f} | {v['fp32act_ms'] / v['q16act_ms']:.2f} | |")
         RESULTS.mkdir(exist_ok=True)
         info = {"isa": cpu._ext.load().isa(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "loadavg": os.getloadavg()}
-        (RESULTS / "bench_kernels_cpu_small_m.json").write_text(json.dumps({"info": info, "rows": small}, indent=1) + "\n")
+        (RESULTS / "bench_kernels_cpu_small_m.json").write_text(
+            json.dumps({"info": info, "rows": small, "per_step_ms": steps}, indent=1) + "\n")
         return
     ms = [1, 8] if args.quick else [1, 8, 32, 64, 512]
     budget = 0.1 if args.quick else 0.4
