@@ -33,7 +33,7 @@ constexpr int64_t kQ16MaxRows = 64;
 // x of a q16 batch re-laid for the row-pair tile: pair p = rows 2p, 2p + 1 (an odd M's last pair has a zero row).
 //   q: [P][nb][64] int16 per block: x0 of row 2p | x0 of row 2p+1 | x1 of row 2p | x1 of row 2p+1 (x0 = the
 //      block's first 16 perm16 values, x1 the last 16), so one zmm load gives a pair's half block.
-//   d: [P][nb][16]: xd of row 2p x 8 | xd of row 2p+1 x 8 (the lanes' activation scales).
+//   d: [P][nb][2]: xd of rows 2p, 2p+1 (the activation scales).
 //   s: [nb][ld] the block sums transposed (ld >= 2P + 16: a 16-row vector load from any pair stays inside).
 struct Q16Pairs {
   std::vector<int16_t> q;
@@ -46,7 +46,7 @@ inline void pack_pairs(const Q16Act& a, int64_t M, Q16Pairs& p) {
   p.nb = a.nb;
   p.ld = 2 * p.pairs + 16;
   p.q.assign(p.pairs * a.nb * 64, 0);
-  p.d.assign(p.pairs * a.nb * 16, 0.f);
+  p.d.assign(p.pairs * a.nb * 2, 0.f);
   p.s.assign(a.nb * p.ld, 0.f);
   for (int64_t r = 0; r < M; r++) {
     const int64_t pr = r / 2, h = r % 2;
@@ -55,7 +55,7 @@ inline void pack_pairs(const Q16Act& a, int64_t M, Q16Pairs& p) {
       int16_t* dst = p.q.data() + (pr * a.nb + b) * 64;
       std::memcpy(dst + 16 * h, src, 16 * sizeof(int16_t));
       std::memcpy(dst + 32 + 16 * h, src + 16, 16 * sizeof(int16_t));
-      std::fill_n(p.d.data() + (pr * a.nb + b) * 16 + 8 * h, 8, a.d[r * a.nb + b]);
+      p.d[(pr * a.nb + b) * 2 + h] = a.d[r * a.nb + b];
       p.s[b * p.ld + r] = a.s[r * a.nb + b];
     }
   }
@@ -105,38 +105,42 @@ SGL_TARGET_Q16 inline void dot_q16_tile(const uint8_t* w, int64_t rb, const Q16P
   }
   const int64_t nb = a.nb;
   for (int64_t b = 0; b < nb; b++) {
-    __m512i x0[P], x1[P];
-    for (int p = 0; p < P; p++) {
-      const int16_t* xq = a.q.data() + ((p0 + p) * nb + b) * 64;
-      x0[p] = _mm512_loadu_si512(xq);
-      x1[p] = _mm512_loadu_si512(xq + 32);
-    }
     const __m512 xs = _mm512_loadu_ps(a.s.data() + b * a.ld + 2 * p0);
     const uint8_t* blk0 = w + b * block_bytes(T);
-    // the C blocks' f16 headers in one convert (as dot_q16_cols4): Q4_1 lanes d0 m0 d1 m1 ..; else d0 d1 ..
-    __m512 hdr;
+    // the pairs' activation scales as lanes [xd_r x 8 | xd_r+1 x 8], built once per block into an L1-hot stack
+    // line (a 16-float copy per pair and block in memory measured ~10% slower at K = 1536: L1 footprint)
+    alignas(64) float xdx[P][16];
+    for (int p = 0; p < P; p++) {
+      const float* d2 = a.d.data() + ((p0 + p) * nb + b) * 2;
+      _mm512_store_ps(xdx[p], _mm512_insertf32x8(_mm512_set1_ps(d2[0]), _mm256_set1_ps(d2[1]), 1));
+    }
+    // the C blocks' f16 headers in one convert (as dot_q16_cols4), stored so that each column's d (and m) is a
+    // broadcast load, not a port-5 permute: Q4_1 hf = d0 m0 d1 m1 ..; else d0 d1 ..
+    alignas(32) float hf[8];
     if constexpr (T == QT::Q4_1) {
       uint32_t h[4] = {};
       for (int c = 0; c < C; c++) std::memcpy(&h[c], blk0 + c * rb, 4);
-      hdr = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_setr_epi32(int(h[0]), int(h[1]), int(h[2]), int(h[3]))));
+      _mm256_store_ps(hf, _mm256_cvtph_ps(_mm_setr_epi32(int(h[0]), int(h[1]), int(h[2]), int(h[3]))));
     } else {
       uint16_t h[4] = {};
       for (int c = 0; c < C; c++) std::memcpy(&h[c], blk0 + c * rb, 2);
-      hdr = _mm512_castps256_ps512(
-          _mm256_cvtph_ps(_mm_setr_epi16(short(h[0]), short(h[1]), short(h[2]), short(h[3]), 0, 0, 0, 0)));
+      _mm256_store_ps(hf, _mm256_cvtph_ps(_mm_setr_epi16(short(h[0]), short(h[1]), short(h[2]), short(h[3]), 0, 0, 0, 0)));
     }
     for (int c = 0; c < C; c++) {
       const uint8_t* blk = blk0 + c * rb;
       prefetch(blk);
       __m512i w0, w1;
       widen16x2<T>(blk, w0, w1);
-      const __m512 dv = _mm512_permutexvar_ps(_mm512_set1_epi32(T == QT::Q4_1 ? 2 * c : c), hdr);  // d_c
-      if constexpr (T == QT::Q4_1)
-        scal[c] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_set1_epi32(2 * c + 1), hdr), xs, scal[c]);
-      if constexpr (T == QT::Q4_0) scal[c] = _mm512_fmadd_ps(_mm512_mul_ps(dv, _mm512_set1_ps(-8.f)), xs, scal[c]);
+      const float dw = hf[T == QT::Q4_1 ? 2 * c : c];
+      const __m512 dv = _mm512_set1_ps(dw);  // d_c
+      if constexpr (T == QT::Q4_1) scal[c] = _mm512_fmadd_ps(_mm512_set1_ps(hf[2 * c + 1]), xs, scal[c]);
+      if constexpr (T == QT::Q4_0) scal[c] = _mm512_fmadd_ps(_mm512_set1_ps(-8.f * dw), xs, scal[c]);
       for (int p = 0; p < P; p++) {
-        const __m512i dot = _mm512_dpwssd_epi32(_mm512_madd_epi16(w0, x0[p]), w1, x1[p]);
-        const __m512 scale = _mm512_mul_ps(dv, _mm512_loadu_ps(a.d.data() + ((p0 + p) * nb + b) * 16));
+        // the pair's x straight from L1 (memory operands: no registers held across the columns)
+        const int16_t* xq = a.q.data() + ((p0 + p) * nb + b) * 64;
+        const __m512i dot = _mm512_dpwssd_epi32(_mm512_madd_epi16(w0, _mm512_loadu_si512(xq)), w1,
+                                                _mm512_loadu_si512(xq + 32));
+        const __m512 scale = _mm512_mul_ps(dv, _mm512_load_ps(xdx[p]));  // d_c * xd (as the M = 1 kernel)
         acc[c][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[c][p]);
       }
     }
@@ -171,8 +175,8 @@ SGL_TARGET_Q16 void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64
   float res[4 * 8];
   for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
     const int64_t c1 = std::min(n1, c0 + kChunk);
-    // 4 pairs x 4 columns: 16 accumulators + 8 x + 4 scalar-term zmm of the 32 (measured 1 thread, M = 8..32:
-    // 3 pairs were 5-25% slower, 2 pairs 5-20%)
+    // 4 pairs x 4 columns: 16 zmm accumulators + 4 scalar-term vectors (x comes from L1 as memory operands).
+    // Measured 1 thread, M = 8..32: 3 pairs 5-25% slower, 2 pairs 5-20%, 8 pairs x 2 columns no faster.
     for (int64_t p0 = 0; p0 < a.pairs; p0 += 4) {
       const int P = int(std::min<int64_t>(4, a.pairs - p0));
       with_pairs(P, [&](auto pc) {
