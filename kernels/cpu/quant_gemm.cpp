@@ -8,7 +8,8 @@
 //   q16:  (the default) x is quantized per 32-block to int16 (scale amax/32767); the weights are widened
 //         to int16 with shifts/masks, block dots are vpmaddwd (+ vpdpwssd with AVX-VNNI) -> int32 -> one
 //         fp32 FMA per block; the affine part (Q4_1's m, Q4_0's -8) is applied to the exact fp32 block
-//         sums of x. ~1.4x fewer cycles per weight than fp32, error ~1e-5 relative.
+//         sums of x. ~2x fewer cycles per weight than fp32 at M = 1, error ~1e-5 relative. Up to kQ16MaxRows
+//         rows; 2+ rows run quant_q16_tile.h, which gives every row the bits of that row alone (M = 1).
 //   q8:   x is quantized per 32-block to int8 with an fp32 scale (llama.cpp's Q8_0 of the activations);
 //         block dots are int8 x (u)int8 -> int16 pairs (maddubs) -> int32 (madd) -> one fp32 FMA per block.
 // Every weight read is prefetched kPrefetch bytes ahead (decode is a stream of ~96 MB per token).
