@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sgl.kernels import cpu
-from sgl.kernels.cpu import QuantWeight, _ext, quant_linear
+from sgl.kernels.cpu import QuantWeight, quant_linear
 from sgl.kernels.cpu.quant import BLOCK_BYTES, Q16_MAX_ROWS
 
 
@@ -92,24 +92,23 @@ def test_the_per_row_path_gives_the_tiles_bits() -> None:
     Both give every row its M = 1 bits, so they agree bit for bit (the per-row path forced by env)."""
     script = (
         "import numpy as np, torch, sys\n"
-        "from sgl.kernels.cpu import QuantWeight, quant_linear\n"
+        "from sgl.kernels.cpu import QuantWeight, _ext, quant_linear\n"
         "gen = np.random.default_rng(7)\n"
         "outs = []\n"
         "for qt in ('q4_0', 'q4_1', 'q8_0'):\n"
         "    w = QuantWeight.quantize(torch.from_numpy(gen.standard_normal((70, 160)).astype(np.float32)), qt)\n"
         "    x = torch.from_numpy(gen.standard_normal((9, 160)).astype(np.float32))\n"
         "    outs.append(quant_linear(x, w, act_quant='q16'))\n"
-        "torch.save(outs, sys.argv[1])\n")
+        "torch.save({'isa': _ext.load().isa(), 'outs': outs}, sys.argv[1])\n")
     with tempfile.TemporaryDirectory() as tmp:
         results = []
         for env in ({}, {"SGL_CPU_Q16_NO_TILE": "1"}):
             path = os.path.join(tmp, f"{len(results)}.pt")
             subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=120)
             results.append(torch.load(path))
-        isa = subprocess.run([sys.executable, "-c", "from sgl.kernels.cpu import _ext; print(_ext.load().isa())"],
-                             check=True, capture_output=True, text=True, env={**os.environ, "SGL_CPU_Q16_NO_TILE": "1"})
-    assert "q16" not in isa.stdout  # the override took the per-row path
-    if "q16" not in _ext.load().isa():
+    tile, rows = results
+    assert "q16" not in rows["isa"]  # the override took the per-row path
+    if "q16" not in tile["isa"]:
         pytest.skip("this CPU has no AVX-512 VNNI: both runs took the per-row path")
-    for tile, rows in zip(*results):
-        assert torch.equal(tile, rows)
+    for a, b in zip(tile["outs"], rows["outs"]):
+        assert torch.equal(a, b)
