@@ -97,6 +97,31 @@ def crossover(threads: int, budget: float) -> list[dict]:
     return rows
 
 
+def small_m(threads: int, budget: float) -> list[dict]:
+    """The q16 small-M GEMM (each row the same bits as M = 1) vs the fp32-activation small-M path, per shape
+    and M in 1..64, both in this run; `x_m1` = the q16 time / its M = 1 time (weight-stream-bound: ~1)."""
+    torch.set_num_threads(threads)
+    cpu.set_num_threads(threads)
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    for name, k, n, qtype in SHAPES:
+        w = cpu.QuantWeight.quantize(torch.randn(n, k, generator=gen) * 0.05, qtype)
+        t1 = None
+        for m in (1, 2, 4, 8, 16, 32, 64):
+            x = torch.randn(m, k, generator=gen)
+            out = torch.empty(m, n)
+            t_fp32 = timeit(lambda: cpu.quant_linear(x, w, out=out, act_quant="none"), budget)
+            t_q16 = timeit(lambda: cpu.quant_linear(x, w, out=out, act_quant="q16"), budget)
+            t1 = t1 or t_q16
+            row = {"threads": threads, "shape": name, "K": k, "N": n, "qtype": qtype, "M": m,
+                   "fp32act_ms": t_fp32 * 1e3, "q16act_ms": t_q16 * 1e3, "q16_vs_fp32": t_fp32 / t_q16,
+                   "q16_x_m1": t_q16 / t1}
+            rows.append(row)
+            print(f"{threads}T small-M {name:8s} M={m:3d}  fp32-act {t_fp32 * 1e3:8.3f} ms  q16 {t_q16 * 1e3:8.3f} ms"
+                  f"  fp32/q16 x{row['q16_vs_fp32']:.2f}  q16 / its M=1 x{row['q16_x_m1']:.2f}", flush=True)
+    return rows
+
+
 def per_token(rows: list[dict], threads: int, key: str) -> float:
     by = {r["shape"]: r[key] for r in rows if r["threads"] == threads and r["M"] == 1}
     return sum(by[s] for s in ("qkv", "o", "gate_up", "down")) * LAYERS + by["lm_head"]
@@ -106,9 +131,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--quick", action="store_true", help="M in {1, 8}, short budgets")
+    ap.add_argument("--small-m", action="store_true",
+                    help="only the q16 small-M GEMM vs the fp32 small-M path, M = 1..64 (-> bench_kernels_cpu_small_m.json)")
     args = ap.parse_args()
     if not cpu.extension_available():
         raise SystemExit("the C++ extension is not built: python -m sgl.kernels.cpu.build")
+    if args.small_m:
+        small = [r for t in args.threads for r in small_m(t, 0.3)]
+        print("\n| threads | shape | M | fp32-act ms | q16 ms | fp32 / q16 | q16 / q16 at M=1 |")
+        print("|---|---|---|---|---|---|---|")
+        for r in small:
+            print(f"| {r['threads']} | {r['shape']} {r['K']}x{r['N']} {r['qtype']} | {r['M']} | {r['fp32act_ms']:.3f} | "
+                  f"{r['q16act_ms']:.3f} | {r['q16_vs_fp32']:.2f} | {r['q16_x_m1']:.2f} |")
+        steps = {}  # a decode step's matmuls: 30 x (qkv + o + gate_up + down) + lm_head, per thread count and M
+        for r in small:
+            st = steps.setdefault(f"{r['threads']}T M={r['M']}", {"fp32act_ms": 0.0, "q16act_ms": 0.0})
+            n = 1 if r["shape"] == "lm_head" else LAYERS
+            st["fp32act_ms"] += n * r["fp32act_ms"]
+            st["q16act_ms"] += n * r["q16act_ms"]
+        for k, v in steps.items():
+            print(f"| {k.split()[0][:-1]} | per decode step (30 layers + lm_head) | {k.split('=')[1]} | "
+                  f"{v['fp32act_ms']:.2f} | {v['q16act_ms']:.2f} | {v['fp32act_ms'] / v['q16act_ms']:.2f} | |")
+        RESULTS.mkdir(exist_ok=True)
+        info = {"isa": cpu._ext.load().isa(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "loadavg": os.getloadavg()}
+        (RESULTS / "bench_kernels_cpu_small_m.json").write_text(
+            json.dumps({"info": info, "rows": small, "per_step_ms": steps}, indent=1) + "\n")
+        return
     ms = [1, 8] if args.quick else [1, 8, 32, 64, 512]
     budget = 0.1 if args.quick else 0.4
     rows, cross, tokens = [], [], {}

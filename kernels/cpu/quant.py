@@ -35,6 +35,9 @@ _ACT_MODE = {"none": 0, "q8": 1, "q16": 2}  # the extension's act_mode codes
 # Rows (M) from which the launcher dequantizes to fp32 tiles and calls MKL instead of the fused kernel
 # (measured by benchmarks/bench_kernels_cpu.py; see the README's "CPU kernels" table).
 PREFILL_M = int(os.environ.get("SGL_CPU_PREFILL_M", "96"))
+# Rows up to which act_quant="q16" applies (quant_q16_tile.h's kQ16MaxRows): each row then gets the same bits
+# as alone (batch-invariant decode batches and speculative verify rows); more rows run fp32 activations.
+Q16_MAX_ROWS = 64
 
 PREFILL_TILE = 1024
 _threads: int | None = None
@@ -218,10 +221,11 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
                  act_quant: str | None = None) -> torch.Tensor:
     """y = x @ w.dequantize().T (+ bias) (+ residual); x fp32 [M, K] contiguous -> fp32 [M, N].
 
-    act_quant="q16" quantizes a single-row x (M = 1, batch-1 decode) per 32-block to int16 (scale
-    amax/32767) for int16 dot products: the affine part (Q4_1's m, Q4_0's -8) stays exact fp32 and the
-    rest moves by <= ~1.5e-5 of the block's max |x|; ~1.5x fewer cycles per weight than fp32 activations.
-    With M >= 2 the fp32 path is faster (a decoded block serves several rows) and q16 runs it. act_quant="q8" is llama.cpp's
+    act_quant="q16" quantizes x (M <= Q16_MAX_ROWS rows: decode batches, verify rows) per 32-block to int16
+    (scale amax/32767) for int16 dot products: the affine part (Q4_1's m, Q4_0's -8) stays exact fp32 and the
+    rest moves by <= ~1.5e-5 of the block's max |x|; ~2x fewer cycles per weight than fp32 activations at
+    M = 1. Each row gets the same bits as alone (batch-invariant); more rows (prefill) and f16 weights run
+    fp32 activations. act_quant="q8" is llama.cpp's
     Q8_0 of the activations (int8 dots): cheapest, ~1e-2 error. Tolerances: tests/kernels/test_cpu_quant.py.
     (Without the extension every mode runs the exact reference.) None: the process default (set_act_quant).
     `out` may alias `residual` (the sum is then done in place)."""

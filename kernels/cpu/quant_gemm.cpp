@@ -8,7 +8,8 @@
 //   q16:  (the default) x is quantized per 32-block to int16 (scale amax/32767); the weights are widened
 //         to int16 with shifts/masks, block dots are vpmaddwd (+ vpdpwssd with AVX-VNNI) -> int32 -> one
 //         fp32 FMA per block; the affine part (Q4_1's m, Q4_0's -8) is applied to the exact fp32 block
-//         sums of x. ~1.4x fewer cycles per weight than fp32, error ~1e-5 relative.
+//         sums of x. ~2x fewer cycles per weight than fp32 at M = 1, error ~1e-5 relative. Up to kQ16MaxRows
+//         rows; 2+ rows run quant_q16_tile.h, which gives every row the bits of that row alone (M = 1).
 //   q8:   x is quantized per 32-block to int8 with an fp32 scale (llama.cpp's Q8_0 of the activations);
 //         block dots are int8 x (u)int8 -> int16 pairs (maddubs) -> int32 (madd) -> one fp32 FMA per block.
 // Every weight read is prefetched kPrefetch bytes ahead (decode is a stream of ~96 MB per token).
@@ -34,6 +35,7 @@
 #include "quant_q16.h"
 #include "quant_q8.h"
 #include "quant_gemm_avx512.h"
+#include "quant_q16_tile.h"
 
 namespace {
 
@@ -276,18 +278,11 @@ inline void tile_dot(const uint8_t* w, const float* xr, int64_t K, int64_t nb, i
 
 template <QT T>
 void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K, float* out,
-               const float* bias, const float* resid, const Q8Act* q8, const Q16Act* q16, const float* xsum,
-               int64_t n0, int64_t n1) {
+               const float* bias, const float* resid, const Q8Act* q8, const float* xsum, int64_t n0,
+               int64_t n1) {
   const int64_t rb = row_bytes(T, K), nb = K / kBlock;
   float res[8];
   int64_t n = n0;
-  if constexpr (T != QT::F16) {
-    if (q16 != nullptr) {  // M == 1 (gemm sets q16 for single rows only): the same kernel as gemv
-      gemv_rows<T>(W + n0 * rb, rb, n1 - n0, *q16, out + n0, bias != nullptr ? bias + n0 : nullptr,
-                   resid != nullptr ? resid + n0 : nullptr);
-      return;
-    }
-  }
 #ifdef SGL_AVX2
   // Q4 only: the Q8_0 variant measured ~1.8x slower than dot_fp32<Q8_0, 1> on the lm_head shape.
   if constexpr (T == QT::Q4_0 || T == QT::Q4_1) {
@@ -392,24 +387,37 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
   std::vector<int32_t> qs;
   Q8Act a{};
   if (act_mode < 0 || act_mode > 2) throw std::invalid_argument("bad act_mode");
-  // q16 only pays at M = 1 (4 weight rows share each x block): with several rows the fp32 paths reuse a
-  // decoded weight block across rows with fewer instructions per row (measured 1 thread, gate_up Q4_1:
-  // M = 1 q16 0.085 ms vs fp32 0.143; M = 2 0.222 vs 0.190; M = 32 4.14 vs 1.86), so batches run fp32.
-  const bool use_q8 = act_mode == 1 && t != QT::F16, use_q16 = act_mode == 2 && t != QT::F16 && M == 1;
-  std::vector<int16_t> q16v;
-  std::vector<float> d16, s16;
-  Q16Act a16{};
-  if (use_q16) {
+  // q16 up to kQ16MaxRows rows (decode batches, verify rows): each row the same bits as alone (quant_q16_tile.h);
+  // more rows (prefill) run fp32, where a decoded weight block serves many rows at fewer instructions per row.
+  const bool use_q8 = act_mode == 1 && t != QT::F16;
+  if (act_mode == 2 && t != QT::F16 && M <= kQ16MaxRows) {
+    std::vector<int16_t> q16v;
+    std::vector<float> d16, s16;
     quantize_act16(xp, M, K, q16v, d16, s16);
-    a16 = Q16Act{q16v.data(), d16.data(), s16.data(), K, K / kBlock};
+    const Q16Act a16{q16v.data(), d16.data(), s16.data(), K, K / kBlock};
+    Q16Pairs pairs;
+    const Q16Pairs* pp = nullptr;
+#ifdef SGL_AVX512_TILE
+    if (M >= 2 && have_q16_tile()) {
+      pack_pairs(a16, M, pairs);
+      pp = &pairs;
+    }
+#endif
+    at::parallel_for(0, N, grain_for(N, threads), [&](int64_t n0, int64_t n1) {
+      switch (t) {
+        case QT::Q4_0: gemm_q16_cols<QT::Q4_0>(W, M, N, K, a16, pp, op, b, rs, n0, n1); break;
+        case QT::Q4_1: gemm_q16_cols<QT::Q4_1>(W, M, N, K, a16, pp, op, b, rs, n0, n1); break;
+        default: gemm_q16_cols<QT::Q8_0>(W, M, N, K, a16, pp, op, b, rs, n0, n1); break;
+      }
+    });
+    return;
   }
-  const Q16Act* a16p = use_q16 ? &a16 : nullptr;
   if (use_q8) {
     quantize_act(xp, M, K, q, d, s, qs);
     a = Q8Act{q.data(), d.data(), s.data(), qs.data(), K, K / kBlock};
   }
   std::vector<float> xsum_buf;  // fp32 path, Q4_*: the block sums of x for the factored dot (R <= 2)
-  if (!use_q8 && !use_q16 && (t == QT::Q4_0 || t == QT::Q4_1)) {
+  if (!use_q8 && (t == QT::Q4_0 || t == QT::Q4_1)) {
     const int64_t nb = K / kBlock;
     xsum_buf.resize(M * nb);
     for (int64_t i = 0; i < M * nb; i++) {
@@ -422,10 +430,10 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
   const Q8Act* ap = use_q8 ? &a : nullptr;
   at::parallel_for(0, N, grain_for(N, threads), [&](int64_t n0, int64_t n1) {
     switch (t) {
-      case QT::Q4_0: gemm_cols<QT::Q4_0>(xp, W, M, N, K, op, b, rs, ap, a16p, xs, n0, n1); break;
-      case QT::Q4_1: gemm_cols<QT::Q4_1>(xp, W, M, N, K, op, b, rs, ap, a16p, xs, n0, n1); break;
-      case QT::Q8_0: gemm_cols<QT::Q8_0>(xp, W, M, N, K, op, b, rs, ap, a16p, xs, n0, n1); break;
-      case QT::F16: gemm_cols<QT::F16>(xp, W, M, N, K, op, b, rs, ap, a16p, xs, n0, n1); break;
+      case QT::Q4_0: gemm_cols<QT::Q4_0>(xp, W, M, N, K, op, b, rs, ap, xs, n0, n1); break;
+      case QT::Q4_1: gemm_cols<QT::Q4_1>(xp, W, M, N, K, op, b, rs, ap, xs, n0, n1); break;
+      case QT::Q8_0: gemm_cols<QT::Q8_0>(xp, W, M, N, K, op, b, rs, ap, xs, n0, n1); break;
+      case QT::F16: gemm_cols<QT::F16>(xp, W, M, N, K, op, b, rs, ap, xs, n0, n1); break;
     }
   });
 }
@@ -455,6 +463,7 @@ std::string isa() {
 #endif
 #ifdef SGL_AVX512_TILE
   if (have_avx512()) s += " (avx512 multi-row tile)";
+  if (have_q16_tile()) s += " (q16 avx512-vnni row-pair tile)";
 #endif
   return s;
 }

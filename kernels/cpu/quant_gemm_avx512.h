@@ -61,8 +61,8 @@ SGL_TARGET_512 inline void decode512(const uint8_t* b, __m512& w0, __m512& w1) {
 // Two accumulators per row (a block's 2 FMAs go to different chains), for every R <= 8 (16 + 2 zmm registers):
 // a row's arithmetic is the same in every tile size and position, so a prompt's rows (prefill under
 // SGL_CPU_PREFILL_M rows) get the same numbers alone and batched with others (seeded sampling then gives the
-// same tokens whatever the batch: tests/e2e/test_engine.py). The remaining batch dependence is M = 1's q16
-// activations vs fp32 ones with 2+ rows.
+// same tokens whatever the batch). With the default q16 activations, 2..64 rows run quant_q16_tile.h instead
+// (every row the bits of M = 1); this tile serves --cpu-act-quant none and 65+ rows.
 template <QT T, int R>
 SGL_TARGET_512 inline void dot_fp32_512(const uint8_t* w, const float* x, int64_t ldx, int64_t nb, float* res) {
   __m512 acc[R][2];

@@ -188,7 +188,8 @@ inline void dot_q16_cols4(const uint8_t* w, int64_t rb, const Q16Act& a, float* 
 #endif
 
 // out[c] = (dot(W row c, x) (+ bias[c])) (+ resid[c]) for c < count; W points at the first row. One kernel
-// for gemv, gemm's single row and the fused decode layer, so all three give the same bits.
+// for gemv, gemm's single row and the fused decode layer, so all three give the same bits; quant_q16_tile.h
+// reproduces its per-lane operations for batches (keep the two in step: tests/kernels/test_cpu_q16_batch.py).
 template <QT T>
 void gemv_rows(const uint8_t* W, int64_t rb, int64_t count, const Q16Act& a, float* out, const float* bias,
                const float* resid) {

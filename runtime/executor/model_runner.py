@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from sgl.kernels.cpu.quant import get_act_quant, set_act_quant
+from sgl.kernels.cpu.quant import Q16_MAX_ROWS, get_act_quant, set_act_quant
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.executor.sampler import logprobs_for_tokens
@@ -200,8 +200,11 @@ class ModelRunner:
 
 
 def _lone_prompt_token(rows: list[BatchRow]) -> bool:
-    """A step of one row holding one PROMPT token: the last prompt token recomputed after a full-prefix cache
-    hit. The default q16 activations apply to one-row matmuls only, so without this the same token would see
-    q16 here but fp32 in a whole-prompt prefill, and a near-tie first output token would flip with the cache
-    state (measured: a greedy chat answer changed on its second, cached run). Generated tokens keep q16."""
-    return len(rows) == 1 and rows[0].extend_len == 1 and rows[0].start < len(rows[0].req.prompt_ids)
+    """A step of one row holding one PROMPT token of a prompt longer than Q16_MAX_ROWS: the last prompt token
+    recomputed after a full-prefix cache hit. The default q16 activations apply up to Q16_MAX_ROWS rows (each
+    row then has the same bits as alone), so a longer prompt's whole prefill ran fp32; without this its last
+    token would see q16 here but fp32 uncached, and a near-tie first output token would flip with the cache
+    state (measured: a greedy chat answer changed on its second, cached run). A shorter prompt prefilled in
+    q16 (alone in its step) and keeps q16 here. Generated tokens keep q16."""
+    return (len(rows) == 1 and rows[0].extend_len == 1 and rows[0].start < len(rows[0].req.prompt_ids)
+            and len(rows[0].req.prompt_ids) > Q16_MAX_ROWS)

@@ -33,20 +33,9 @@ SCHEMA = {"json_schema": json.dumps(PERSON), "max_new_tokens": 128, "temperature
 TIGHT = dict(SCHEMA, max_new_tokens=40)  # the grammar budget closes the JSON early: masks narrow near the end
 
 
-# Both engines run exact fp32 activations. The native default quantizes single-row steps (q16) and runs verify
-# rows (2+ tokens) in fp32: that moves a step's logits by up to ~5e-3, enough to flip a temperature-0.9 draw
-# now and then (it flipped token 27 of a SAMPLED request once the multi-row kernel's summation order changed).
-# With fp32 at every M only the summation order differs, and "identical" is what speculation must give.
-EXACT = {"cpu_act_quant": "none"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_act_quant():
-    from sgl.kernels import cpu
-
-    saved = cpu.get_act_quant()
-    yield
-    cpu.set_act_quant(saved)  # process-wide (Engine sets it): later modules get the default back
+# Both engines run the default q16 activations: a verify row (2+ tokens) gets the same matmul bits as a decode
+# step of that token alone (the batch-invariant q16 small-M GEMM, tests/kernels/test_cpu_q16_batch.py), so
+# greedy and seeded outputs are identical, as speculation must give.
 
 
 def _requests() -> tuple[list[str], list[dict]]:
@@ -58,7 +47,7 @@ def _requests() -> tuple[list[str], list[dict]]:
 def baseline() -> list[dict]:
     from sgl.runtime.engine import Engine
 
-    eng = Engine(model_path="default", num_threads=1, max_total_tokens=8192, show_progress=False, **EXACT)
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=8192, show_progress=False)
     try:
         prompts, params = _requests()
         return [eng.generate(p, sp) for p, sp in zip(prompts, params)]  # one at a time: batch 1
@@ -72,7 +61,7 @@ def engine():
     from sgl.runtime.engine import Engine
 
     eng = Engine(model_path="default", num_threads=1, max_total_tokens=8192, show_progress=False,
-                 speculative_algorithm="NGRAM", speculative_num_draft_tokens=4, **EXACT)
+                 speculative_algorithm="NGRAM", speculative_num_draft_tokens=4)
     yield eng
     eng.shutdown()
 
@@ -109,7 +98,7 @@ def test_draft_model_default_as_its_own_draft(baseline) -> None:
 
     eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
                  speculative_algorithm="DRAFT", speculative_draft_model_path="default",
-                 speculative_num_draft_tokens=3, **EXACT)
+                 speculative_num_draft_tokens=3)
     try:
         prompts, params = _requests()
         picks = [0, len(PROMPTS) - 1, len(prompts) - 1]  # an oracle prompt, the copy prompt, json_schema
@@ -130,14 +119,11 @@ def test_draft_model_default_as_its_own_draft(baseline) -> None:
 ], ids=["medusa", "ngram_tree"])
 def test_tree_drafts_identical_to_no_speculation(baseline, kw: dict) -> None:
     """Token trees on the default model (tree attention mask, path acceptance, path slots kept): greedy
-    and json_schema outputs identical to no speculation, the constrained one valid. (Seeded sampling
-    is exact in law, and identical with exact fp32 activations; under the default q16 activation
-    quantization of one-row matmuls a verify row's logits differ from a decode step's by ~4e-3, which
-    can flip a sampled token near a CDF boundary: the tiny-model tests check seeded identity.)"""
+    and json_schema outputs identical to no speculation, the constrained one valid."""
     from sgl.runtime.engine import Engine
 
     eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
-                 speculative_num_draft_tokens=6, **kw, **EXACT)
+                 speculative_num_draft_tokens=6, **kw)
     try:
         prompts, params = _requests()
         picks = [1, len(PROMPTS) - 1, len(prompts) - 1]  # haiku, copy, json_schema

@@ -146,16 +146,6 @@ def test_quantized_activations_within_their_rounding_bound(mode: str, qtype: str
         assert bool(((y - quant_linear_reference(x, w)).abs() <= act_bound(act, x, w)).all())
 
 
-def test_q16_runs_single_rows_only(mode: str) -> None:
-    """q16 quantizes x at M = 1 (batch-1 decode); batches take the exact fp32 path, faster there."""
-    gen = np.random.default_rng(5)
-    w = random_weight("q4_1", 64, 256, gen)
-    x = torch.from_numpy(gen.standard_normal((3, 256)).astype(np.float32))
-    assert torch.equal(quant_linear(x, w, act_quant="q16"), quant_linear(x, w, act_quant="none"))
-    if mode == "ext":
-        assert not torch.equal(quant_linear(x[:1], w, act_quant="q16"), quant_linear(x[:1], w, act_quant="none"))
-
-
 def test_q16_is_the_default_activation_mode_and_is_validated() -> None:
     """q16 keeps the default model's greedy tokens equal to fp32's (tests/runtime/test_native_weights.py),
     so it is the process default; set_act_quant switches it."""

@@ -1,0 +1,114 @@
+"""The q16 small-M GEMM is batch-invariant: every row of a batch (2 <= M <= 64) gets the SAME BITS as that
+row alone (M = 1: the decode pool's gemv), for every block type, any thread split of the columns, with
+bias and residual. So a request's logits do not depend on the batch it runs in, nor on speculation
+verifying its tokens (kernels/cpu/quant_q16_tile.h states the per-lane contract).
+Above Q16_MAX_ROWS rows (prefill) gemm runs fp32 activations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sgl.kernels import cpu
+from sgl.kernels.cpu import QuantWeight, quant_linear
+from sgl.kernels.cpu.quant import BLOCK_BYTES, Q16_MAX_ROWS
+
+
+@pytest.fixture(autouse=True)
+def ext() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not cpu.extension_available():
+            pytest.skip("the C++ extension is not built (python -m sgl.kernels.cpu.build)")
+
+
+def raw_weight(qtype: str, n: int, k: int, gen: np.random.Generator) -> QuantWeight:
+    """Random raw blocks: every nibble/byte value, scales of both signs over 5 decades."""
+    nb = n * k // 32
+    raw = gen.integers(0, 256, size=(nb, BLOCK_BYTES[qtype]), dtype=np.uint8)
+    scale = gen.choice([1e-4, 0.01, 0.3, 4.0], size=nb) * gen.choice([-1.0, 1.0], size=nb)
+    raw[:, 0:2] = scale.astype(np.float16).reshape(-1, 1).view(np.uint8)
+    if qtype == "q4_1":
+        raw[:, 2:4] = (gen.standard_normal(nb) * 0.1).astype(np.float16).reshape(-1, 1).view(np.uint8)
+    return QuantWeight.from_gguf(raw.reshape(n, -1), qtype, (n, k))
+
+
+def with_threads(n: int, fn):
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        cpu.set_num_threads(n)
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+        cpu._threads = None  # back to torch.get_num_threads()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_every_row_of_a_batch_has_the_bits_of_that_row_alone(qtype: str, threads: int) -> None:
+    gen = np.random.default_rng(11)
+    # N = 301: 4-column tiles plus a tail, and a 2-thread split at column 151 (not a multiple of 4)
+    for n, k in ((301, 96), (67, 1536)):
+        w = raw_weight(qtype, n, k, gen)
+        bias = torch.from_numpy(gen.standard_normal(n).astype(np.float32))
+        for m in (2, 3, 8, 9, 17, Q16_MAX_ROWS):
+            x = torch.from_numpy(gen.standard_normal((m, k)).astype(np.float32))
+            x[0, :32] = 0.0  # an all-zero block (scale 0)
+            x[-1, 32:64] *= 1e4  # outliers in one block
+            resid = torch.from_numpy(gen.standard_normal((m, n)).astype(np.float32))
+
+            def run(rows: slice, use_bias: bool) -> torch.Tensor:
+                return quant_linear(x[rows].contiguous(), w, bias=bias if use_bias else None,
+                                    residual=resid[rows].clone(), act_quant="q16")
+
+            for use_bias in (False, True):
+                batch = with_threads(threads, lambda: run(slice(0, m), use_bias))
+                for i in range(m):
+                    alone = with_threads(threads, lambda: run(slice(i, i + 1), use_bias))
+                    assert torch.equal(batch[i], alone[0]), (qtype, n, k, m, i, use_bias)
+
+
+def test_q16_is_not_fp32_below_the_limit_and_is_fp32_above() -> None:
+    """The batch really runs q16 (not the exact fp32 path, which would make the test above pass at M = 1 only
+    by accident), and prefill-sized batches (> Q16_MAX_ROWS rows) run fp32 activations."""
+    gen = np.random.default_rng(5)
+    w = raw_weight("q4_1", 64, 256, gen)
+    x = torch.from_numpy(gen.standard_normal((Q16_MAX_ROWS + 1, 256)).astype(np.float32))
+    small = x[:5].contiguous()
+    assert not torch.equal(quant_linear(small, w, act_quant="q16"), quant_linear(small, w, act_quant="none"))
+    assert torch.equal(quant_linear(x, w, act_quant="q16"), quant_linear(x, w, act_quant="none"))
+
+
+def test_the_per_row_path_gives_the_tiles_bits() -> None:
+    """A CPU without AVX-512 VNNI runs the q16 batch row by row (gemv_rows); this one runs the row-pair tile.
+    Both give every row its M = 1 bits, so they agree bit for bit (the per-row path forced by env)."""
+    script = (
+        "import numpy as np, torch, sys\n"
+        "from sgl.kernels.cpu import QuantWeight, _ext, quant_linear\n"
+        "gen = np.random.default_rng(7)\n"
+        "outs = []\n"
+        "for qt in ('q4_0', 'q4_1', 'q8_0'):\n"
+        "    w = QuantWeight.quantize(torch.from_numpy(gen.standard_normal((70, 160)).astype(np.float32)), qt)\n"
+        "    x = torch.from_numpy(gen.standard_normal((9, 160)).astype(np.float32))\n"
+        "    outs.append(quant_linear(x, w, act_quant='q16'))\n"
+        "torch.save({'isa': _ext.load().isa(), 'outs': outs}, sys.argv[1])\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for env in ({}, {"SGL_CPU_Q16_NO_TILE": "1"}):
+            path = os.path.join(tmp, f"{len(results)}.pt")
+            subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=120)
+            results.append(torch.load(path))
+    tile, rows = results
+    assert "q16" not in rows["isa"]  # the override took the per-row path
+    if "q16" not in tile["isa"]:
+        pytest.skip("this CPU has no AVX-512 VNNI: both runs took the per-row path")
+    for a, b in zip(tile["outs"], rows["outs"]):
+        assert torch.equal(a, b)
