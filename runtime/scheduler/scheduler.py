@@ -124,11 +124,8 @@ class Scheduler:
         self._update_gauges()
         if not batch.rows:
             return
-        t0 = time.perf_counter()
         try:
             results = self.runner.run(batch)
-            if self.spec is not None:  # the adaptive draft length's cost curve (speculative_rows.MeasuredCost)
-                self.spec.observe_step(batch.rows, time.perf_counter() - t0)
         except Exception as exc:
             if getattr(exc, "fatal", False):
                 free_new_slots(self.allocator, batch.rows)

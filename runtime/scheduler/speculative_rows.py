@@ -16,8 +16,7 @@ matmuls are not free: measured on the default model, 1 thread, `bench_speculativ
 out as decode rows take as long). Each request keeps an estimate a of its per-draft acceptance
 (`Req.spec_accept_prob`, an exponential average over its verify rows) and asks for the draft length j
 <= k that maximizes the expected tokens per step over the cost, (1 - a^(j+1)) / (1 - a) / verify_cost(j)
-(Leviathan et al.'s speedup with our cost curve, whose c is measured while serving: MeasuredCost):
-long drafts while it copies (a near 1), short ones
+(Leviathan et al.'s speedup with our cost curve): long drafts while it copies (a near 1), short ones
 on chat, none when even one draft does not pay; the estimate then drifts back toward the prior step
 by step, so it tries again later. A tree's nodes count as its j. Measured on the default model
 (NGRAM, 1 thread): a fixed-length ladder (+2 after a full accept, as Hugging Face's assisted
@@ -54,52 +53,19 @@ class SpecStats:
 
 
 PRIOR, EMA, DRIFT = 0.6, 0.5, 0.1  # acceptance prior, weight of the newest verify row, pull back when idle
-COST_PRIOR, COST_EXP = 0.45, 0.85  # verify_cost(j) = 1 + c j^0.85, c fitted to the measurements above
-COST_MIN, COST_MAX = 0.05, 0.9  # bounds of a measured c (0.9: with every draft accepted, k drafts still pay)
-DECODE_EMA, COST_EMA = 0.1, 0.05  # weights of the newest step in the measured decode time and c
 
 
-def verify_cost(j: int, c: float = COST_PRIOR) -> float:
+def verify_cost(j: int) -> float:
     """Decode steps one verify row of 1 + j tokens costs (a fit of the measurements above)."""
-    return 1.0 + c * j ** COST_EXP
+    return 1.0 + 0.45 * j ** 0.85
 
 
-class MeasuredCost:
-    """The verify cost curve's c, measured on this machine and model while serving.
-
-    Steps of exactly one decoding row are timed (the scheduler's runner.run, wall clock): plain decode
-    steps give an average decode time t_0; each verify step of j drafts gives one observation
-    c = (t / t_0 - 1) / j^0.85 (t / t_0 clamped to [1, 1 + j]), averaged, and c is kept within
-    [COST_MIN, COST_MAX]. So the rule follows the kernels: faster small-M matmuls (issue 14) lower c
-    and drafts get longer; a machine where a verify row costs more shortens them. Starts at the prior."""
-
-    def __init__(self) -> None:
-        self.c = COST_PRIOR
-        self.decode_seconds: Optional[float] = None
-        self.observations = 0
-
-    def observe(self, draft_len: int, seconds: float) -> None:
-        if draft_len == 0:
-            d = self.decode_seconds
-            self.decode_seconds = seconds if d is None else (1 - DECODE_EMA) * d + DECODE_EMA * seconds
-            return
-        if self.decode_seconds is None:
-            return
-        ratio = min(max(seconds / self.decode_seconds, 1.0), 1.0 + draft_len)
-        c = (ratio - 1.0) / draft_len ** COST_EXP
-        self.c = min(max((1 - COST_EMA) * self.c + COST_EMA * c, COST_MIN), COST_MAX)
-        self.observations += 1
-
-    def __call__(self, j: int) -> float:
-        return verify_cost(j, self.c)
-
-
-def best_draft_len(a: float, k: int, c: float = COST_PRIOR) -> int:
+def best_draft_len(a: float, k: int) -> int:
     """The j in 0..k maximizing expected tokens per step / cost for per-draft acceptance a."""
     best, best_rate = 0, 1.0
     for j in range(1, k + 1):
         expected = j + 1.0 if a >= 1.0 else (1.0 - a ** (j + 1)) / (1.0 - a)
-        rate = expected / verify_cost(j, c)
+        rate = expected / verify_cost(j)
         if rate > best_rate:
             best, best_rate = j, rate
     return best
@@ -111,12 +77,6 @@ class SpeculativeRows:
         self.k = args.speculative_num_draft_tokens
         self.max_batch = args.speculative_max_batch
         self.stats = SpecStats()
-        self.cost = MeasuredCost()
-
-    def observe_step(self, rows: Sequence[BatchRow], seconds: float) -> None:
-        """The scheduler timed a step's forward: one decoding row (a decode or verify row) feeds the cost."""
-        if len(rows) == 1 and rows[0].extend_len == 1 + rows[0].draft_len:
-            self.cost.observe(rows[0].draft_len, seconds)
 
     def drafts(self, decoding: Sequence[Req]) -> dict[Req, Draft]:
         """Non-empty drafts for some of `decoding` (requests with one pending token), or {}.
@@ -129,7 +89,7 @@ class SpeculativeRows:
             return {}
         want = {}
         for req in decoding:
-            want[req] = best_draft_len(req.spec_accept_prob, self.k, self.cost.c)
+            want[req] = best_draft_len(req.spec_accept_prob, self.k)
             if want[req] == 0:
                 req.spec_accept_prob += DRIFT * (PRIOR - req.spec_accept_prob)
         asking = [r for r in decoding if want[r] > 0]

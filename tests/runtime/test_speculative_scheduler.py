@@ -13,8 +13,6 @@ from sgl.runtime.protocol import SamplingParams
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.scheduler.scheduler import Scheduler
-from sgl.runtime.scheduler.speculative_rows import (COST_MAX, COST_MIN, COST_PRIOR, MeasuredCost, best_draft_len,
-                                                    verify_cost)
 
 from .fake_runner import FakeRunner, FakeTokenizer, NoisyOracleDrafter, next_token, reference_output
 from .test_scheduler import random_workload
@@ -30,8 +28,6 @@ def make(pool: int, seed: int = 0, **kw) -> tuple[Scheduler, FakeRunner, dict[st
 
     kw.setdefault("speculative_max_batch", 64)
     s = Scheduler(ServerArgs(**kw), runner, OutputProcessor(FakeTokenizer()), pool, on_output, drafter=drafter)
-    # NOTE: the fake runner's step times say nothing of a verify row's cost: the rule keeps the prior curve
-    s.spec.observe_step = lambda rows, seconds: None
     return s, runner, done, drafter
 
 
@@ -199,30 +195,3 @@ def test_drafts_ride_after_jump_forward_tokens() -> None:
 def test_speculative_flags_are_validated(kw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ServerArgs(**kw)
-
-
-def test_measured_cost_follows_the_step_times() -> None:
-    cost = MeasuredCost()
-    assert cost.c == COST_PRIOR and cost(4) == verify_cost(4)
-    cost.observe(4, 0.05)  # no decode time yet: nothing to compare with
-    assert cost.observations == 0
-    for _ in range(200):  # decode 10 ms, a verify row of 1 + 4 tokens 20 ms: 2x a decode step
-        cost.observe(0, 0.010)
-        cost.observe(4, 0.020)
-    assert cost(4) == pytest.approx(2.0, rel=0.01)
-    for _ in range(200):  # a verify row as cheap as a decode step: c stops at its floor
-        cost.observe(4, 0.009)
-    assert cost.c == COST_MIN
-    # cheaper verify rows make the rule draft longer at the same acceptance, never shorter
-    lens = [best_draft_len(0.7, 8, c) for c in (COST_MAX, COST_PRIOR, 0.2, COST_MIN)]
-    assert lens == sorted(lens) and lens[0] < lens[-1]
-
-
-def test_the_scheduler_times_single_decoding_rows_for_the_cost() -> None:
-    runner, done, drafter = FakeRunner(), {}, NoisyOracleDrafter(0)
-    s = Scheduler(ServerArgs(speculative_num_draft_tokens=4), runner, OutputProcessor(FakeTokenizer()), 2000,
-                  lambda req: None, drafter=drafter)
-    add(s, "c", [1, 2, 3], max_new_tokens=40)
-    drain(s)
-    assert s.spec.cost.decode_seconds is not None and s.spec.cost.observations > 0
-    assert COST_MIN <= s.spec.cost.c <= COST_MAX
