@@ -180,7 +180,8 @@ def generate(spec: DistillSpec, log: Callable[[str], None] = print) -> DistillDa
                  disable_radix_cache=True)
     try:
         runner = eng.scheduler.runner
-        recorder = StateRecorder(runner.model)
+        recorder = StateRecorder(runner.model, lambda n: log(
+            f"distillation data: {n}/{len(prompts)} requests started ({time.monotonic() - t0:.0f} s)"))
         runner.capture_hidden = True
         runner.hidden_observer = recorder.observe
         outs = eng.generate([p for p, _ in prompts], [params for _, params in prompts])
@@ -204,8 +205,9 @@ class StateRecorder:
     what verification accepts); at prompt positions, the target's argmax over its logits (computed
     here from the prefill states, the one lm_head pass this adds)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, progress: Optional[Callable[[int], None]] = None) -> None:
         self.model = model
+        self.progress = progress  # called with the number of requests seen, at every 64th
         self.states: dict[str, dict[int, torch.Tensor]] = {}  # rid -> position -> [H] float16
         self.prompt_argmax: dict[str, dict[int, int]] = {}  # rid -> prompt position -> argmax
         self.reqs: dict[str, Any] = {}  # rid -> the Req (its prompt_ids and, once finished, output_ids)
@@ -218,6 +220,8 @@ class StateRecorder:
             req = row.req
             if req.rid not in self.states:
                 self.states[req.rid], self.prompt_argmax[req.rid], self.reqs[req.rid] = {}, {}, req
+                if self.progress is not None and len(self.reqs) % 64 == 0:
+                    self.progress(len(self.reqs))
             by_pos = self.states[req.rid]
             hid = res.hidden_states.to(torch.float16)
             for i in range(hid.shape[0]):
