@@ -158,7 +158,7 @@ def main() -> None:
     if a.fold_max_rows is not None:
         import sgl.kernels.attention as attention
 
-        attention.FOLD_MAX_ROWS = a.fold_max_rows  # noqa
+        attention.FOLD_MAX_ROWS = a.fold_max_rows
     load = os.getloadavg()
     algo = None if a.algorithm == "none" else a.algorithm
     eng = Engine(**engine_kwargs(algo, a.threads, None, a.num_draft_tokens))
