@@ -30,7 +30,7 @@ each extend sequence (few per step under a prefill token budget) gets its own ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -52,6 +52,9 @@ class DecodeGroup:
     lens: Optional[torch.Tensor] = None  # [Bd] int64 CPU, the rows' lengths (for sgl.kernels.cpu.decode_attention)
 
 
+FOLD_MAX_ROWS = 64  # extends of at most this many queries with a mask take the grouped-query layout (_extend)
+
+
 @dataclass(frozen=True)
 class ExtendSegment:
     """One sequence with extend_len > 1: queries `q_start:q_end` of the batch."""
@@ -62,6 +65,19 @@ class ExtendSegment:
     slot_start: Optional[int]  # slots == slot_start + arange(seq_len): read a view, no gather
     mask: Optional[torch.Tensor]  # [E, seq_len] bool, True = attend; None = plain causal (no prefix)
     tree: bool = False  # the mask's last E columns are a tree mask, not causal (Triton: the torch path runs)
+    # G -> the mask as an additive [G * E, seq_len] float bias, rows g-major (built by the first layer
+    # of the step that needs it, shared by the others)
+    _biases: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def grouped_bias(self, group: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (group, dtype)
+        bias = self._biases.get(key)
+        if bias is None:
+            assert self.mask is not None
+            bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            bias.masked_fill_(~self.mask, float("-inf"))
+            bias = self._biases[key] = bias.repeat(group, 1)
+        return bias
 
 
 @dataclass(frozen=True)
@@ -190,6 +206,8 @@ def paged_attention(
     d = meta.decode
     if d is not None and d.rows is None:  # pure decode: no scatter
         return _decode(q, k_buf, v_buf, d, scale, num_kv_heads, group)
+    if d is None and len(meta.extends) == 1:  # one sequence (a prefill, a verify row): no scatter either
+        return _extend(q, k_buf, v_buf, meta.extends[0], scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
     if d is not None:
         out.index_copy_(0, d.rows, _decode(q.index_select(0, d.rows), k_buf, v_buf, d, scale, num_kv_heads, group))
@@ -235,6 +253,17 @@ def _extend(
 ) -> torch.Tensor:
     k, v = _read_kv(k_buf, v_buf, seg.slots, seg.slot_start)  # [L, Hkv, D]
     k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+    num_q, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if seg.mask is not None and num_q <= FOLD_MAX_ROWS:
+        # NOTE: a few queries over a cached prefix (speculative verify rows, short chunks): the G query
+        # heads of a kv head become G * E query rows of that kv head (no K/V repeat), with the mask as an
+        # additive bias. 15-35% less than enable_gqa with a bool mask on the CPU at E = 5-9 (L 300-1000).
+        group = num_heads // num_kv_heads
+        qg = q.view(num_q, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * num_q, head_dim)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=seg.grouped_bias(group, q.dtype), scale=scale)
+        o = o.view(num_kv_heads, group, num_q, head_dim).permute(2, 0, 1, 3)  # [E, Hkv, G, D]
+        return o.contiguous().view(num_q, num_heads, head_dim)  # NOTE: contiguous: callers view it as [E, H * D]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, E, D]
     o = F.scaled_dot_product_attention(
         qh, k, v, attn_mask=seg.mask, is_causal=seg.mask is None, scale=scale, enable_gqa=True

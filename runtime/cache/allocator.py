@@ -44,7 +44,10 @@ class SlotAllocator:
         return out
 
     def free(self, slots: Iterable[int]) -> None:
-        for s in slots:
+        # NOTE: pushed highest first, so the lowest freed slot is allocated first: a request that frees
+        # the tail of its own allocation (a verify row's rejected drafts) gets it back in order next
+        # step, and its slot table stays consecutive (attention reads its K/V as a view, no gather).
+        for s in sorted(slots, reverse=True):
             if self._is_free[s]:
                 raise AssertionError(f"double free of KV slot {s}")
             self._is_free[s] = 1

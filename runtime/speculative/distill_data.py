@@ -7,10 +7,14 @@ target generates itself (greedy, as the benchmark decodes) for prompts from a sh
   - extraction: people of examples/data/people.txt from line 48 on (lines 0-47 are the benchmark's
     (a) documents and (c) people), both free-form and constrained by the 6-field person schema.
 
-For each sequence (prompt + answer) one forward pass of the target records, per position j:
+The engine records, per position j of each sequence (prompt + answer, as it computes them: no second
+forward pass; StateRecorder):
     tokens[j]  the token,
     hidden[j]  the target's last hidden state (final-normed, what its lm_head reads) [H] fp16,
-    argmax[j]  the target's greedy next token at j (= tokens[j + 1] inside the answer).
+    argmax[j]  the target's greedy next token at j (= tokens[j + 1] inside the answer; under a grammar
+               the masked choice, which is what verification accepts).
+The answer's last token is never fed back (nor are forced tokens that end a constrained answer), so a
+sequence ends at its last computed position, whose argmax is the token after it.
 The whole set is one safetensors file under ~/.cache/sgl/distill/ (or $SGL_CACHE_DIR/distill/), keyed
 by a hash of the model file, the prompts, the generation settings and FORMAT_VERSION, so a rerun of
 the training command skips generation.
@@ -31,7 +35,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: states captured during generation, answer argmax = the produced token
 ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = ROOT / "examples" / "data"
 HELD_OUT_PEOPLE = 48  # people.txt lines the benchmark uses (bench_speculative.py workloads (a) and (c))
@@ -82,13 +86,13 @@ def extraction_prompts(n: int) -> tuple[list[str], list[str]]:
 
 @dataclass(frozen=True)
 class DistillSpec:
-    """What to generate. The defaults take ~10 minutes on 2 cores (about 45k tokens)."""
+    """What to generate (about 60k tokens with the defaults). `batch_size` requests decode at once."""
 
     model_path: str = "default"
     num_chat: int = 320
     num_extraction: int = 100  # of each kind
     max_new_tokens: int = 128
-    batch_size: int = 32
+    batch_size: int = 64
 
     def prompts(self) -> list[tuple[str, dict[str, Any]]]:
         greedy = {"temperature": 0.0, "max_new_tokens": self.max_new_tokens}
@@ -164,27 +168,94 @@ def load_or_generate(spec: DistillSpec, log: Callable[[str], None] = print,
 
 
 def generate(spec: DistillSpec, log: Callable[[str], None] = print) -> DistillData:
-    """Greedy answers from the engine, then one forward pass per batch of sequences for the states."""
+    """Greedy answers from the engine, every prompt in flight at once (continuous batching keeps
+    `batch_size` rows decoding), with the states captured as the engine computes them (StateRecorder):
+    no second forward pass over the sequences."""
     from sgl.runtime.engine import Engine
 
     prompts = spec.prompts()
     t0 = time.monotonic()
-    eng = Engine(spec.model_path, max_running_requests=spec.batch_size, show_progress=False)
+    # NOTE: no radix cache: a cached prefix is not recomputed, so its positions would have no state
+    eng = Engine(spec.model_path, max_running_requests=spec.batch_size, show_progress=False,
+                 disable_radix_cache=True)
     try:
-        seqs: list[tuple[list[int], list[int]]] = []  # (prompt ids, output ids)
-        for i in range(0, len(prompts), spec.batch_size):
-            chunk = prompts[i:i + spec.batch_size]
-            outs = eng.generate([p for p, _ in chunk], [params for _, params in chunk])
-            for (p, _), o in zip(chunk, outs):
-                seqs.append((eng.tokenizer.encode(p), list(o["output_ids"])))
-            log(f"distillation data: generated {len(seqs)}/{len(prompts)} answers ({time.monotonic() - t0:.0f} s)")
-        model = eng.scheduler.runner.model
-        config = eng.model_config
-        data = record_states(model, config, seqs)
+        runner = eng.scheduler.runner
+        recorder = StateRecorder(runner.model, lambda n: log(
+            f"distillation data: {n}/{len(prompts)} requests started ({time.monotonic() - t0:.0f} s)"))
+        runner.capture_hidden = True
+        runner.hidden_observer = recorder.observe
+        outs = eng.generate([p for p, _ in prompts], [params for _, params in prompts])
+        outs = outs if isinstance(outs, list) else [outs]
+        log(f"distillation data: generated {len(outs)} answers with their states ({time.monotonic() - t0:.0f} s)")
+        data = recorder.data([o["meta_info"]["id"] for o in outs])
     finally:
         eng.shutdown()
-    log(f"distillation data: hidden states recorded ({time.monotonic() - t0:.0f} s)")
     return data
+
+
+class StateRecorder:
+    """Files the states the runner computes (ModelRunner.hidden_observer) by request and position.
+
+    A row computes its request's tokens at positions start .. start + kept - 1 (RowResult.hidden_states:
+    [kept, H]); a position computed again (a preempted request's recompute) keeps the newer state. Every
+    position of prompt + answer is computed except the answer's last token (never fed back) and forced
+    tokens that end a constrained answer, so a sequence is filed up to its last computed position, whose
+    greedy choice is the token after it.
+    argmax: inside the answer, the token the engine produced next (under a grammar, the masked choice:
+    what verification accepts); at prompt positions, the target's argmax over its logits (computed
+    here from the prefill states, the one lm_head pass this adds)."""
+
+    def __init__(self, model: Any, progress: Optional[Callable[[int], None]] = None) -> None:
+        self.model = model
+        self.progress = progress  # called with the number of requests seen, at every 64th
+        self.states: dict[str, dict[int, torch.Tensor]] = {}  # rid -> position -> [H] float16
+        self.prompt_argmax: dict[str, dict[int, int]] = {}  # rid -> prompt position -> argmax
+        self.reqs: dict[str, Any] = {}  # rid -> the Req (its prompt_ids and, once finished, output_ids)
+
+    @torch.inference_mode()
+    def observe(self, rows: list[Any], results: list[Any]) -> None:
+        for row, res in zip(rows, results):
+            if res.hidden_states is None:
+                continue
+            req = row.req
+            if req.rid not in self.states:
+                self.states[req.rid], self.prompt_argmax[req.rid], self.reqs[req.rid] = {}, {}, req
+                if self.progress is not None and len(self.reqs) % 64 == 0:
+                    self.progress(len(self.reqs))
+            by_pos = self.states[req.rid]
+            hid = res.hidden_states.to(torch.float16)
+            for i in range(hid.shape[0]):
+                by_pos[row.start + i] = hid[i]
+            # prompt positions before the last one: their greedy choice is not an answer token
+            n_prompt = min(hid.shape[0], len(req.prompt_ids) - 1 - row.start)
+            if n_prompt > 0:
+                am = self.model.compute_logits(res.hidden_states[:n_prompt]).argmax(-1).tolist()
+                for i, a in enumerate(am):
+                    self.prompt_argmax[req.rid][row.start + i] = a
+
+    def data(self, rids: list[str]) -> DistillData:
+        """The data set of the finished requests `rids`, in that order."""
+        tokens: list[int] = []
+        argmax: list[int] = []
+        hidden, lens, prompt_lens = [], [], []
+        for rid in rids:
+            prompt, answer = list(self.reqs[rid].prompt_ids), list(self.reqs[rid].output_ids)
+            fill, by_pos, pam = prompt + answer, self.states[rid], self.prompt_argmax[rid]
+            n = 0  # positions with a state, from 0 (the answer's last token, and forced tokens that ended
+            while n < len(fill) - 1 and n in by_pos:  # the request after jump-forward, were never fed)
+                n += 1
+            assert n >= len(prompt), f"request {rid}: no state at prompt position {n}"
+            tokens += fill[:n]
+            hidden.append(torch.stack([by_pos[j] for j in range(n)]))
+            argmax += [pam[j] for j in range(len(prompt) - 1)] + fill[len(prompt):n + 1]
+            lens.append(n)
+            prompt_lens.append(len(prompt))
+        lens_t = torch.tensor(lens, dtype=torch.int64)
+        return DistillData(
+            tokens=torch.tensor(tokens, dtype=torch.int64), hidden=torch.cat(hidden),
+            argmax=torch.tensor(argmax, dtype=torch.int64),
+            offsets=torch.cat([torch.zeros(1, dtype=torch.int64), lens_t.cumsum(0)]),
+            prompt_lens=torch.tensor(prompt_lens, dtype=torch.int64))
 
 
 @torch.inference_mode()

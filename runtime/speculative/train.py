@@ -52,10 +52,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
 
     def log(msg: str) -> None:
-        print(f"[{time.monotonic() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+        # NOTE: wall time and this process's CPU time (all its threads): on a shared machine the CPU time
+        # over the thread count is what the run would take on its own cores
+        print(f"[{time.monotonic() - t0:6.0f} s, cpu {time.process_time() - c0:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
     try:
         trainer = importlib.import_module(TRAINERS[args.algorithm])

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from sgl.kernels import attention
 from sgl.kernels.attention import AttentionMetadata, paged_attention
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,7 +58,11 @@ def random_batch(rng: random.Random, num_slots: int, max_seq: int, decode_only: 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (6, 1), (9, 3)])
 @pytest.mark.parametrize("decode_only", [False, True])
 @pytest.mark.parametrize("contiguous", [False, True])
-def test_paged_attention_matches_naive(num_heads: int, num_kv_heads: int, decode_only: bool, contiguous: bool) -> None:
+@pytest.mark.parametrize("fold", [True, False])
+def test_paged_attention_matches_naive(num_heads: int, num_kv_heads: int, decode_only: bool, contiguous: bool,
+                                       fold: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not fold:  # every extend through enable_gqa with a bool mask (else: short ones in the grouped layout)
+        monkeypatch.setattr(attention, "FOLD_MAX_ROWS", 0)
     rng = random.Random(1000 * num_heads + 10 * num_kv_heads + decode_only + 2 * contiguous)
     torch.manual_seed(rng.randint(0, 2**31))
     head_dim, num_slots = 16, 256
@@ -78,6 +83,7 @@ def test_paged_attention_matches_naive(num_heads: int, num_kv_heads: int, decode
         got = paged_attention(q, k_buf, v_buf, meta, scale)
         want = naive_attention(q, k_buf, v_buf, extend_lens, seq_lens, tables, scale)
         assert got.shape == q.shape and got.dtype == q.dtype
+        assert got.is_contiguous()  # NOTE: the layers view it as [T, H * D]
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"{extend_lens=} {seq_lens=}")
 
 
