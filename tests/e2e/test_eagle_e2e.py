@@ -25,11 +25,22 @@ REQUESTS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_act_quant():
+    from sgl.kernels import cpu
+
+    saved = cpu.get_act_quant()
+    yield
+    cpu.set_act_quant(saved)  # process-wide (Engine sets it): later modules get the default back
+
+
 def _engine(**kw):
-    """The default q16 activations on both sides: a verify row's matmuls give the bits of a decode step."""
+    """Exact fp32 activations on both sides (see test_speculative_e2e.py's EXACT: under q16 a verify row's
+    attention and a decode step's differ by summation order, which q16's rounding amplifies to ~1e-5)."""
     from sgl.runtime.engine import Engine
 
-    return Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False, **kw)
+    return Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
+                  cpu_act_quant="none", **kw)
 
 
 def test_eagle_outputs_identical_and_drafts_accepted() -> None:
