@@ -5,7 +5,7 @@ torch reference path (dequantize + mm) after one warning."""
 
 from sgl.kernels.cpu.quant import (ACT_QUANT, QTYPES, QuantWeight, extension_available, get_act_quant,
                                    get_num_threads, quant_linear, quant_linear_reference, set_act_quant,
-                                   set_num_threads)
+                                   set_num_threads, set_q16_batches)
 
 __all__ = ["ACT_QUANT", "QTYPES", "QuantWeight", "extension_available", "get_act_quant", "get_num_threads",
-           "quant_linear", "quant_linear_reference", "set_act_quant", "set_num_threads"]
+           "quant_linear", "quant_linear_reference", "set_act_quant", "set_num_threads", "set_q16_batches"]

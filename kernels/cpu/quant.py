@@ -42,6 +42,15 @@ Q16_MAX_ROWS = 64
 PREFILL_TILE = 1024
 _threads: int | None = None
 _act_quant = "q16"  # quant_linear's activation mode when the call names none (set_act_quant)
+# Whether that process default q16 also covers calls of 2..Q16_MAX_ROWS rows (set_q16_batches). Off: a call that
+# names no mode runs q16 at M = 1 only and fp32 activations for batches, as before the q16 small-M GEMM. Why
+# off, although the tile gives each row its M = 1 bits: q16's rounding to int16 amplifies ~1e-7 differences
+# to ~1e-5, and a cached prompt's last token is recomputed by another attention kernel than its prefill's
+# (the C++ decode kernel, not SDPA), so its K/V differ by ~1e-7; with q16 batches a seeded request drifted
+# with the cache state (tests/e2e/test_server_openai.py's n/seed test, token 6 of the third choice), and a
+# verify row's SDPA attention flipped a seeded NGRAM draw. Reusing the cached K/V of that token (and one
+# attention kernel for verify rows and decode) would let it be on; it saves ~10% of the matmuls at 32 rows.
+_q16_batches = False
 
 
 def row_bytes(qtype: str, k: int) -> int:
@@ -221,7 +230,8 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
                  act_quant: str | None = None) -> torch.Tensor:
     """y = x @ w.dequantize().T (+ bias) (+ residual); x fp32 [M, K] contiguous -> fp32 [M, N].
 
-    act_quant="q16" quantizes x (M <= Q16_MAX_ROWS rows: decode batches, verify rows) per 32-block to int16
+    act_quant="q16" quantizes x (M <= Q16_MAX_ROWS rows; the process default only at M = 1 unless
+    set_q16_batches(True)) per 32-block to int16
     (scale amax/32767) for int16 dot products: the affine part (Q4_1's m, Q4_0's -8) stays exact fp32 and the
     rest moves by <= ~1.5e-5 of the block's max |x|; ~2x fewer cycles per weight than fp32 activations at
     M = 1. Each row gets the same bits as alone (batch-invariant); more rows (prefill) and f16 weights run
@@ -231,6 +241,8 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
     `out` may alias `residual` (the sum is then done in place)."""
     if act_quant is None:
         act_quant = _act_quant
+        if act_quant == "q16" and not _q16_batches and x.dim() == 2 and x.shape[0] > 1:
+            act_quant = "none"  # batches run fp32 activations unless set_q16_batches(True) (see _q16_batches)
     ext = _ext.load()
     # The decode hot path (~120 calls per token): the cheapest checks that prove the full ones would pass.
     if (ext is not None and type(w) is QuantWeight and x.dtype is torch.float32 and x.dim() == 2
@@ -354,6 +366,13 @@ def set_act_quant(mode: str) -> None:
 
 def get_act_quant() -> str:
     return _act_quant
+
+
+def set_q16_batches(on: bool) -> None:
+    """Whether the default q16 mode also applies to calls of 2..Q16_MAX_ROWS rows (off by default: see
+    _q16_batches). A call naming act_quant="q16" always gets it."""
+    global _q16_batches
+    _q16_batches = bool(on)
 
 
 def get_num_threads() -> int:

@@ -73,8 +73,7 @@ class ModelRunner:
         )
         if order is not None:
             fb.lora = LoraBatch.from_rows(fb.extend_lens, [r.req.lora for r in rows], self._lora_stacks, self.device)
-        exact = get_act_quant() == "q16" and _exact_step(rows)  # (q8 and none apply as set)
-        results = self._run_exact(rows, fb) if exact else self._run(rows, fb)
+        results = self._run_exact(rows, fb) if _lone_prompt_token(rows) else self._run(rows, fb)
         if order is not None:
             unsorted: list[RowResult] = [results[0]] * len(results)
             for j, i in enumerate(order):
@@ -85,7 +84,7 @@ class ModelRunner:
         return results
 
     def _run_exact(self, rows: list[BatchRow], fb: ForwardBatch) -> list[RowResult]:
-        """A step other than a lone decode token runs exact fp32 activations (see _exact_step)."""
+        """A prompt token computed alone runs exact fp32 activations (see _lone_prompt_token)."""
         mode = get_act_quant()
         set_act_quant("none")
         try:
@@ -200,15 +199,10 @@ class ModelRunner:
                                    num_positions, self.vocab_size, parents=[r.draft_parents for r in rows])
 
 
-def _exact_step(rows: list[BatchRow]) -> bool:
-    """Whether this step runs exact fp32 activations: every step but a lone decode token (one row, one token,
-    not a prompt token), which keeps q16 (the fused batch-1 layer). So prompts, decode batches and verify rows
-    run fp32, as before the q16 small-M GEMM.
-    Why not q16 for batches, although its matmuls give a row the same bits alone and batched: q16's rounding
-    to int16 amplifies ~1e-7 differences to ~1e-5, and a cached prompt's last token is recomputed by another
-    attention kernel (the C++ decode kernel, not the prefill's SDPA): its K/V differ by ~1e-7 from the
-    uncached run's, so with q16 batches the same seeded request drifted with the cache state (the OpenAI
-    `n`/`seed` test's third choice, token 6). The fix is to reuse the cached K/V of that token instead of
-    recomputing it; until then batches stay fp32. A prompt token recomputed alone runs fp32 too (a near-tie
-    first token flipped "The" -> "La" on a cached re-run)."""
-    return len(rows) > 1 or rows[0].extend_len > 1 or rows[0].start < len(rows[0].req.prompt_ids)
+def _lone_prompt_token(rows: list[BatchRow]) -> bool:
+    """A step of one row holding one PROMPT token: the last prompt token recomputed after a full-prefix cache
+    hit. The default q16 activations apply to one-row matmuls only (sgl.kernels.cpu.quant: set_q16_batches),
+    so without this the same token would see q16 here but fp32 in a whole-prompt prefill, and a near-tie first
+    output token would flip with the cache state (measured: a greedy chat answer changed on its second, cached
+    run). Generated tokens keep q16."""
+    return len(rows) == 1 and rows[0].extend_len == 1 and rows[0].start < len(rows[0].req.prompt_ids)

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from sgl.kernels.cpu import set_act_quant
 from sgl.runtime.distributed.group import TPGroup
 from sgl.runtime.distributed.sharding import ShardPlan, shard_model
 from sgl.runtime.executor.forward_batch import ForwardBatch
@@ -67,10 +66,6 @@ def greedy(model: LlamaForCausalLM, num_kv_heads: int) -> tuple[list[list[int]],
 def run_rank(rank: int, world: int, port: int, spec: dict[str, Any], out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    # NOTE: exact activations: this compares the sharding's arithmetic. With the default q16 activations
-    # the sharded and the unsharded native model differ by ~1e-4 of the logits, the size of q16's own
-    # rounding on these random tiny weights (a cut block's shard runs fp32, for one).
-    set_act_quant("none")
     group = TPGroup.init(rank, world, timeout_s=60)
     try:
         model = build_model(spec)

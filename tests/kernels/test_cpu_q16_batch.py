@@ -87,6 +87,24 @@ def test_q16_is_not_fp32_below_the_limit_and_is_fp32_above() -> None:
     assert torch.equal(quant_linear(x, w, act_quant="q16"), quant_linear(x, w, act_quant="none"))
 
 
+def test_the_default_mode_runs_batches_fp32_unless_q16_batches_is_on() -> None:
+    """quant_linear without act_quant: q16 at one row, fp32 activations for batches (the engine's default,
+    quant._q16_batches says why), the q16 tile once set_q16_batches(True)."""
+    from sgl.kernels.cpu import get_act_quant, set_q16_batches
+
+    assert get_act_quant() == "q16"
+    gen = np.random.default_rng(6)
+    w = raw_weight("q4_1", 64, 256, gen)
+    x = torch.from_numpy(gen.standard_normal((4, 256)).astype(np.float32))
+    assert torch.equal(quant_linear(x, w), quant_linear(x, w, act_quant="none"))
+    assert torch.equal(quant_linear(x[:1].contiguous(), w), quant_linear(x[:1].contiguous(), w, act_quant="q16"))
+    set_q16_batches(True)
+    try:
+        assert torch.equal(quant_linear(x, w), quant_linear(x, w, act_quant="q16"))
+    finally:
+        set_q16_batches(False)
+
+
 def test_the_per_row_path_gives_the_tiles_bits() -> None:
     """A CPU without AVX-512 VNNI runs the q16 batch row by row (gemv_rows); this one runs the row-pair tile.
     Both give every row its M = 1 bits, so they agree bit for bit (the per-row path forced by env)."""
