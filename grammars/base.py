@@ -64,6 +64,8 @@ class GrammarMatcher(ABC):
         # The committed closing path once narrowing started: (accepted-token count it applies at, its
         # rest). Followed token by token: a recomputed path need not be the rest of the last one (the
         # fallback walks are not greedy), and switching paths near the end can run out of budget.
+        # NOTE: `accept` advances it too: jump-forward accepts forced tokens without a mask, and a
+        # path dropped there (Github_trivial o9816 on the model) left no room for a new one.
         self._closing: Optional[tuple[int, list[int]]] = None
 
     def set_token_budget(self, max_new_tokens: int) -> None:
@@ -121,6 +123,10 @@ class GrammarMatcher(ABC):
         if not ok:
             self._fail(f"token {token_id} ({self.vocab.decode([token_id])!r}) is not allowed by the grammar")
             return False
+        if self._closing is not None:  # a token taken without a mask (jump-forward) may be the path's next
+            at, rest = self._closing
+            if at == self._num_accepted and rest and rest[0] == token_id:
+                self._closing = (at + 1, rest[1:])
         self._num_accepted += 1
         if token_id in self.vocab.eos_token_ids:
             self._eos_accepted = True

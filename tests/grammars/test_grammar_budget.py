@@ -148,3 +148,39 @@ def test_pattern_key_closes_within_budget(compiler, vocab, budget):
         out.append(t)
     assert len(out) <= budget and m.budget_closed
     jsonschema.validate(json.loads(vocab.decode(out).decode("utf-8")), schema)
+
+
+def test_closing_path_survives_jump_forward(compiler, vocab):
+    """Replay a real greedy output (Github_trivial o9816 on the default model: `"data-type":"json"` over
+    and over under an object-or-array oneOf with a key pattern) in the scheduler's order: the forced
+    tokens (jump-forward) are accepted without a mask, then the mask, then the recorded id if allowed.
+    The forced `"` after `,` used to drop the committed closing path, no new one fit in the budget left,
+    and the output ended on length unparsed."""
+    import numpy as np
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "budget_jump_forward_ids.json").read_text())
+    key = {"^[0-9a-zA-Z_-]{1,255}$": {"type": ["string", "number", "boolean", "null"]}}
+    row = {"type": "object", "patternProperties": key, "additionalProperties": False}
+    schema = {"oneOf": [row, {"type": "array", "items": row}]}
+    m = compiler.compile("json_schema", json.dumps(schema)).matcher()
+    budget = rec["max_new_tokens"]
+    m.set_token_budget(budget)
+    mask = torch.zeros((1, (vocab.vocab_size_padded + 31) // 32), dtype=torch.int32)
+    out: list[int] = []
+    while len(out) < budget and not m.is_finished():
+        for t in m.jump_forward_tokens()[: budget - len(out)]:  # as Scheduler._jump_forward
+            assert m.accept(t)
+            out.append(t)
+        if len(out) >= budget or m.is_finished():
+            break
+        m.fill_bitmask(mask, 0)
+        bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little").astype(bool)
+        want = rec["ids"][len(out)] if len(out) < len(rec["ids"]) else None
+        t = want if want is not None and bits[want] else int(np.flatnonzero(bits)[0])
+        if t in vocab.eos_token_ids:
+            break
+        assert m.accept(t)
+        out.append(t)
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), schema)
+    assert m.budget_closed
