@@ -184,3 +184,32 @@ def test_closing_path_survives_jump_forward(compiler, vocab):
         out.append(t)
     jsonschema.validate(json.loads(vocab.decode(out).decode()), schema)
     assert m.budget_closed
+
+
+def test_closing_path_writes_pattern_witnesses(compiler, vocab):
+    """Recorded from the on-model benchmark (Github_easy o12621): digits forever inside a string whose
+    unanchored pattern is a timestamp, and a second such string still required. No one-token walk spells
+    the pattern; the witness walks write a matching suffix here and the whole witness in `modified`."""
+    pattern = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}.\d{6}"
+    schema = {"type": "object", "properties": {"created": {"type": "string", "pattern": pattern},
+                                               "modified": {"type": "string", "pattern": pattern}},
+              "required": ["created", "modified"]}
+    prefix = '{"created":"2023-01-01T12:32:12.14.10000000000'
+    m = compiler.compile("json_schema", schema, timeout=30).matcher()
+    for t in vocab.encode(prefix.encode()):
+        assert m.accept(t)
+    assert m.witnesses
+    path = closing_path(m, 160)
+    assert path is not None
+    jsonschema.validate(json.loads(prefix + vocab.decode(path).decode()), schema)
+    m.witnesses = ()
+    assert closing_path(m, 160) is None  # what the walks did before
+
+
+@pytest.mark.parametrize("pattern", [r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}", r"^[a-zA-Z]+://[^ \"]+$", r"^(foo|ab)+$",
+                                     r"[^a-z]\w\s\S\W", r"^\$[A-Z]{3}[.]?$"])
+def test_shortest_match_matches(pattern):
+    from sgl.grammars.witness import shortest_match
+
+    w = shortest_match(pattern)
+    assert w is not None and re.search(pattern, w) and '"' not in w and "\\" not in w
