@@ -72,6 +72,7 @@ class GrammarMatcher(ABC):
         # Strings that match the grammar's patterns/formats (sgl.grammars.witness), set by
         # `CompiledGrammar.matcher`: the closing walks try them where one-token choices never end.
         self.witnesses: tuple[bytes, ...] = ()
+        self._recent_paths: list[int] = []  # lengths of the last 8 closing paths computed
 
     def set_token_budget(self, max_new_tokens: int) -> None:
         """Close the output within `max_new_tokens` accepted tokens (see sgl.grammars.budget)."""
@@ -214,8 +215,13 @@ class GrammarMatcher(ABC):
         if len(path) > remaining:  # NOTE: never commit to a path longer than the budget left
             self._budget_check_at = remaining - 1
             return
-        if remaining > len(path) + MARGIN:
-            window = len(path) + MARGIN + 16
+        # NOTE: commit by the longest of the recent paths, not only this one: one token can lengthen the
+        # path a lot (`},` then a forced `{"price` opens an item whose required keys must all be written:
+        # 5 -> 15 tokens in Glaiveai2K generate_invoice on the model); closing early is still valid.
+        self._recent_paths = (self._recent_paths + [len(path)])[-8:]
+        longest = max(self._recent_paths)
+        if remaining > longest + MARGIN:
+            window = longest + MARGIN + 16
             self._budget_check_at = remaining - 1 if remaining <= window else max(window, remaining - 8)
             return
         self._budget_check_at = remaining - 1

@@ -38,6 +38,9 @@ _PROBES = ['"', "}", "a"]  # all three allowed: inside a string
 # "://"): a few seeded walks over these candidates in shuffled orders; the shortest that ends wins.
 _EXTRA = ["Z", "/", "+", "T", "@", "_", "0", "1", "-", ":", ".", '"', "}", "]", ",", "a", "A", "x", " "]
 _RETRIES = 6
+# The greedy walk demotes a token it picked this many times in a row: a number's "0" (or a key's "a")
+# repeated loops until the limit where "," ends the value (Glaiveai2K generate_invoice on the model).
+_TIRED = 3
 _SUFFIXES: dict[tuple[int, bytes], tuple["Vocabulary", list[list[int]]]] = {}
 _CANDIDATES: dict[int, tuple["Vocabulary", tuple]] = {}  # id(vocab) -> (vocab kept alive, ids)
 
@@ -147,6 +150,8 @@ def _walk(m: "GrammarMatcher", limit: int, order: Callable[[bool], list[int]], p
     opened) the first of `starts` the grammar takes in full, else the first allowed token of
     `order(inside a string)`, else any allowed token. The matcher is left where it started."""
     path: list[int] = []
+    tired: set[int] = set()
+    run = 0
     fork = m._fork()
     owner, m = m, (fork if fork is not None else m)  # walk the fork if there is one: nothing to undo
     try:
@@ -171,7 +176,13 @@ def _walk(m: "GrammarMatcher", limit: int, order: Callable[[bool], list[int]], p
                 step = forced[:1]
             else:
                 inside = len(probes) == len(_PROBES) and all(m._allows(t) for t in probes)
-                step = next(([t] for t in order(inside) if m._allows(t)), [])
+                ranked = order(inside)
+                if tired:  # NOTE: a token picked _TIRED times in a row goes last ("0" forever in a number)
+                    ranked = [t for t in ranked if t not in tired] + [t for t in ranked if t in tired]
+                step = next(([t] for t in ranked if m._allows(t)), [])
+                run = run + 1 if step and path and step[0] == path[-1] else 1
+                if step and run >= _TIRED:
+                    tired.add(step[0])
             if not step:
                 t = m._any_allowed()
                 if t is None:

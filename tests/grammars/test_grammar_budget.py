@@ -156,7 +156,6 @@ def test_closing_path_survives_jump_forward(compiler, vocab):
     tokens (jump-forward) are accepted without a mask, then the mask, then the recorded id if allowed.
     The forced `"` after `,` used to drop the committed closing path, no new one fit in the budget left,
     and the output ended on length unparsed."""
-    import numpy as np
     from pathlib import Path
 
     rec = json.loads((Path(__file__).parent / "data" / "budget_jump_forward_ids.json").read_text())
@@ -164,7 +163,36 @@ def test_closing_path_survives_jump_forward(compiler, vocab):
     row = {"type": "object", "patternProperties": key, "additionalProperties": False}
     schema = {"oneOf": [row, {"type": "array", "items": row}]}
     m = compiler.compile("json_schema", json.dumps(schema)).matcher()
-    budget = rec["max_new_tokens"]
+    out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), schema)
+    assert m.budget_closed
+
+
+def test_closing_commits_by_the_longest_recent_path(compiler, vocab):
+    """Replay a real greedy output (Glaiveai2K generate_invoice on the default model: the same order item
+    over and over). `},` and a forced `{"price` open a new item whose required keys must all be written,
+    and the closing path grows from ~5 to ~15 tokens in one step: committing by the current path's
+    length (+6) came too late and the output ended on length unparsed."""
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "budget_required_item_ids.json").read_text())
+    item = {"type": "object", "properties": {"price": {"type": "number"}, "product_name": {"type": "string"},
+                                             "quantity": {"type": "integer"}},
+            "required": ["product_name", "quantity", "price"]}
+    schema = {"type": "object", "properties": {"customer_name": {"type": "string"},
+                                               "order_items": {"type": "array", "items": item}},
+              "required": ["customer_name", "order_items"]}
+    m = compiler.compile("json_schema", json.dumps(schema)).matcher()
+    out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), schema)
+    assert m.budget_closed
+
+
+def _replay_with_jump_forward(m, vocab, ids: list[int], budget: int) -> list[int]:
+    """The scheduler's order: forced tokens (jump-forward) without a mask, then the mask, then the
+    recorded id if the mask allows it, else the mask's first token."""
+    import numpy as np
+
     m.set_token_budget(budget)
     mask = torch.zeros((1, (vocab.vocab_size_padded + 31) // 32), dtype=torch.int32)
     out: list[int] = []
@@ -176,14 +204,13 @@ def test_closing_path_survives_jump_forward(compiler, vocab):
             break
         m.fill_bitmask(mask, 0)
         bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little").astype(bool)
-        want = rec["ids"][len(out)] if len(out) < len(rec["ids"]) else None
+        want = ids[len(out)] if len(out) < len(ids) else None
         t = want if want is not None and bits[want] else int(np.flatnonzero(bits)[0])
         if t in vocab.eos_token_ids:
             break
         assert m.accept(t)
         out.append(t)
-    jsonschema.validate(json.loads(vocab.decode(out).decode()), schema)
-    assert m.budget_closed
+    return out
 
 
 def test_closing_path_writes_pattern_witnesses(compiler, vocab):
