@@ -99,7 +99,7 @@ def _witness_walk(m: "GrammarMatcher", suffixes: list[list[int]], limit: int, or
     """The first suffix of a witness (shortest first: the most progress already made) that the matcher
     allows, written out, then the greedy walk to the end."""
     for toks in suffixes:
-        if len(toks) >= limit or not m._allows(toks[0]):
+        if not toks or len(toks) >= limit or not m._allows(toks[0]):
             continue
         path = _walk(m, limit, order, probes, toks, starts)
         if path is not None:
@@ -115,7 +115,7 @@ def _witness_suffixes(vocab: "Vocabulary", witnesses: tuple[bytes, ...]) -> list
         cached = _SUFFIXES.get(key)
         if cached is None or cached[0] is not vocab:
             try:
-                cached = (vocab, [vocab.encode(w[k:]) for k in range(len(w) - 1, -1, -1)])
+                cached = (vocab, [toks for toks in (vocab.encode(w[k:]) for k in range(len(w) - 1, -1, -1)) if toks])
             except Exception:  # noqa: BLE001 - a test vocabulary without a tokenizer
                 cached = (vocab, [])
             _SUFFIXES[key] = cached

@@ -240,3 +240,12 @@ def test_shortest_match_matches(pattern):
 
     w = shortest_match(pattern)
     assert w is not None and re.search(pattern, w) and '"' not in w and "\\" not in w
+
+
+def test_closing_path_with_a_witness_no_token_spells(compiler, vocab):
+    """The regex's witness "a\\x04" ends in a byte no token holds (its suffix tokenizes to nothing): no
+    closing path, and no exception (the request then ends on the mask's own 'unsatisfiable' error)."""
+    m = compiler.compile("regex", "a\\x04").matcher()
+    assert m.witnesses == (b"a\x04",)
+    assert m.accept(vocab.encode(b"a")[0])
+    assert closing_path(m, 8) is None
