@@ -122,10 +122,13 @@ def _settle(fut: Future, result: Any, exc: Any) -> None:
 
 
 def sample_files(n: int, seed: int, subsets: list[str], data: Path) -> dict[str, list[Path]]:
-    """bench_grammar's fixed sample: the same seeded draw per subset, so the first N agree across runs."""
+    """bench_grammar's fixed sample: the same seeded draw per subset, so the first N agree across runs.
+    NOTE: one RNG draws for EVERY subset in SUBSETS order (as bench_grammar.py does), then the asked ones
+    are kept: drawing only for `subsets` made a subset's sample depend on the --subsets list."""
     rng = random.Random(seed)
-    files = {s: sorted((data / s).glob("*.json")) for s in subsets}
-    return {s: rng.sample(fs, min(n, len(fs))) for s, fs in files.items()}
+    files = {s: sorted((data / s).glob("*.json")) for s in SUBSETS}
+    drawn = {s: rng.sample(fs, min(n, len(fs))) for s, fs in files.items()}
+    return {s: drawn[s] for s in subsets}
 
 
 def _judge(schema: Any, text: str) -> bool:

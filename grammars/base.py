@@ -17,6 +17,7 @@ import torch
 from sgl.grammars.budget import MARGIN, closing_path
 from sgl.grammars.errors import GrammarError
 from sgl.grammars.vocabulary import Vocabulary
+from sgl.grammars.witness import witnesses
 
 KINDS = ("regex", "json_schema", "ebnf", "choices")
 
@@ -54,6 +55,7 @@ class GrammarMatcher(ABC):
         self._eos_accepted = False
         self._words = (vocab.vocab_size_padded + 31) // 32  # bitmask words this vocabulary needs
         self._num_accepted = 0  # tokens accepted and not rolled back
+        self._head: list[int] = []  # the first min(_num_accepted, HEAD_TOKENS) of them (the mask cache's key)
         # The compiled grammar's slot for its first mask (the same for every fresh matcher), set by
         # `CompiledGrammar.matcher`. NOTE: the first masks of a grammar are its slowest (~150 us with
         # llguidance vs ~6 us later); a job of many requests with one schema computes it once.
@@ -64,7 +66,13 @@ class GrammarMatcher(ABC):
         # The committed closing path once narrowing started: (accepted-token count it applies at, its
         # rest). Followed token by token: a recomputed path need not be the rest of the last one (the
         # fallback walks are not greedy), and switching paths near the end can run out of budget.
+        # NOTE: `accept` advances it too: jump-forward accepts forced tokens without a mask, and a
+        # path dropped there (Github_trivial o9816 on the model) left no room for a new one.
         self._closing: Optional[tuple[int, list[int]]] = None
+        # Strings that match the grammar's patterns/formats (sgl.grammars.witness), set by
+        # `CompiledGrammar.matcher`: the closing walks try them where one-token choices never end.
+        self.witnesses: tuple[bytes, ...] = ()
+        self._recent_paths: list[int] = []  # lengths of the last 8 closing paths computed
 
     def set_token_budget(self, max_new_tokens: int) -> None:
         """Close the output within `max_new_tokens` accepted tokens (see sgl.grammars.budget)."""
@@ -82,14 +90,18 @@ class GrammarMatcher(ABC):
         if out.shape[0] < self._words:
             raise ValueError(f"bitmask has {out.shape[0]} words per row, need {self._words}")
         if self.error is None and not self._eos_accepted:
-            cache = self._initial_mask if self._num_accepted == 0 else None
+            cache = self._initial_mask if self._num_accepted <= HEAD_TOKENS else None
             try:
-                if cache is not None and cache.words is not None:
-                    out[: self._words].copy_(cache.words)
+                words = None if cache is None else cache.words if self._num_accepted == 0 else \
+                    cache.heads.get(tuple(self._head))
+                if words is not None:
+                    out[: self._words].copy_(words)
                 else:
                     self._fill(out[: self._words])
-                    if cache is not None:
+                    if cache is not None and self._num_accepted == 0:
                         cache.words = out[: self._words].clone()
+                    elif cache is not None and len(cache.heads) < MAX_HEADS and self.error is None:
+                        cache.heads[tuple(self._head)] = out[: self._words].clone()
             except Exception as e:  # noqa: BLE001 - any backend failure ends this request only
                 self._fail(f"grammar backend failed to compute the mask: {e}")
             else:
@@ -121,6 +133,12 @@ class GrammarMatcher(ABC):
         if not ok:
             self._fail(f"token {token_id} ({self.vocab.decode([token_id])!r}) is not allowed by the grammar")
             return False
+        if self._closing is not None:  # a token taken without a mask (jump-forward) may be the path's next
+            at, rest = self._closing
+            if at == self._num_accepted and rest and rest[0] == token_id:
+                self._closing = (at + 1, rest[1:])
+        if self._num_accepted < HEAD_TOKENS:
+            self._head.append(int(token_id))
         self._num_accepted += 1
         if token_id in self.vocab.eos_token_ids:
             self._eos_accepted = True
@@ -135,6 +153,7 @@ class GrammarMatcher(ABC):
         try:
             self._rollback(n)
             self._num_accepted = max(0, self._num_accepted - n)
+            del self._head[self._num_accepted:]
         except Exception as e:  # noqa: BLE001
             self._fail(f"grammar backend failed to roll back {n} tokens: {e}")
 
@@ -196,8 +215,13 @@ class GrammarMatcher(ABC):
         if len(path) > remaining:  # NOTE: never commit to a path longer than the budget left
             self._budget_check_at = remaining - 1
             return
-        if remaining > len(path) + MARGIN:
-            window = len(path) + MARGIN + 16
+        # NOTE: commit by the longest of the recent paths, not only this one: one token can lengthen the
+        # path a lot (`},` then a forced `{"price` opens an item whose required keys must all be written:
+        # 5 -> 15 tokens in Glaiveai2K generate_invoice on the model); closing early is still valid.
+        self._recent_paths = (self._recent_paths + [len(path)])[-8:]
+        longest = max(self._recent_paths)
+        if remaining > longest + MARGIN:
+            window = longest + MARGIN + 16
             self._budget_check_at = remaining - 1 if remaining <= window else max(window, remaining - 8)
             return
         self._budget_check_at = remaining - 1
@@ -264,13 +288,23 @@ def _bit(j: int) -> int:
     return -(1 << 31) if j == 31 else (1 << j)
 
 
-class InitialMask:
-    """A compiled grammar's first bitmask row, computed by its first matcher and copied by the rest."""
+# The first masks after the same few tokens are the same for every request of a grammar and among its
+# slowest (llguidance builds its lexer states lazily: 0.3-0.9 ms right after `{"` of a pattern-keyed
+# object): masks after up to HEAD_TOKENS tokens are kept per grammar, at most MAX_HEADS (6 KiB each).
+HEAD_TOKENS = 3
+MAX_HEADS = 16
 
-    __slots__ = ("words",)
+
+class InitialMask:
+    """A compiled grammar's first bitmask rows: the first (`words`, computed by the compile thread) and
+    those after each of up to MAX_HEADS token prefixes of at most HEAD_TOKENS tokens (`heads`),
+    computed by the first matcher that gets there and copied by the rest."""
+
+    __slots__ = ("words", "heads")
 
     def __init__(self) -> None:
         self.words: Optional[torch.Tensor] = None  # [W] int32
+        self.heads: dict[tuple[int, ...], torch.Tensor] = {}  # token prefix -> [W] int32
 
 
 class CompiledGrammar(ABC):
@@ -283,7 +317,10 @@ class CompiledGrammar(ABC):
         m = self._new_matcher()
         if "_initial" not in self.__dict__:
             self._initial = InitialMask()
+            spec = getattr(self, "spec", None)
+            self._witnesses = witnesses(spec.kind, spec.value) if spec is not None else ()
         m._initial_mask = self._initial
+        m.witnesses = self._witnesses
         return m
 
     def warm(self) -> None:

@@ -15,7 +15,7 @@ at most the path length + `MARGIN`, the mask allows only the path's next token.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 if TYPE_CHECKING:
     from sgl.grammars.base import GrammarMatcher
@@ -38,6 +38,10 @@ _PROBES = ['"', "}", "a"]  # all three allowed: inside a string
 # "://"): a few seeded walks over these candidates in shuffled orders; the shortest that ends wins.
 _EXTRA = ["Z", "/", "+", "T", "@", "_", "0", "1", "-", ":", ".", '"', "}", "]", ",", "a", "A", "x", " "]
 _RETRIES = 6
+# The greedy walk demotes a token it picked this many times in a row: a number's "0" (or a key's "a")
+# repeated loops until the limit where "," ends the value (Glaiveai2K generate_invoice on the model).
+_TIRED = 3
+_SUFFIXES: dict[tuple[int, bytes], tuple["Vocabulary", list[list[int]]]] = {}
 _CANDIDATES: dict[int, tuple["Vocabulary", tuple]] = {}  # id(vocab) -> (vocab kept alive, ids)
 
 
@@ -66,42 +70,119 @@ def _candidates(vocab: "Vocabulary") -> tuple[list[int], list[int], list[int], l
 
 def closing_path(m: "GrammarMatcher", limit: int, fallback_limit: Optional[int] = None) -> Optional[list[int]]:
     """Up to `limit` tokens after which the grammar may end ([] if it may end now); None if neither the
-    greedy walk nor the seeded fallback walks (up to `fallback_limit` tokens, default `limit`) get there
-    (or the backend cannot tell)."""
+    greedy walk nor the witness walks nor the seeded fallback walks (up to `fallback_limit` tokens,
+    default `limit`) get there (or the backend cannot tell). Witnesses (`m.witnesses`,
+    sgl.grammars.witness: strings matching the schema's patterns and formats) are written in full where
+    a string opens and a quote cannot close it yet; a witness walk first writes the shortest suffix of
+    one that the current string takes."""
     in_string, elsewhere, probes, pool = _candidates(m.vocab)
-    best = _walk(m, limit, lambda inside: in_string if inside else elsewhere, probes)
+    greedy = lambda inside: in_string if inside else elsewhere  # noqa: E731
+    wit = _witness_suffixes(m.vocab, getattr(m, "witnesses", ()))
+    starts = [suffixes[-1] for suffixes in wit if suffixes]  # each witness in full
+    best = _walk(m, limit, greedy, probes, starts=starts)
     if best is not None:
         return best
     limit = limit if fallback_limit is None else min(limit, fallback_limit)
+    for suffixes in wit:
+        best = _shorter(best, _witness_walk(m, suffixes, limit if best is None else len(best) - 1, greedy, probes,
+                                            starts))
     for seed in range(_RETRIES):
         rng = random.Random(seed)
         order = list(pool)
         best = _shorter(best, _walk(m, limit if best is None else len(best) - 1,
-                                    lambda inside: rng.sample(order, len(order)), probes))
+                                    lambda inside: rng.sample(order, len(order)), probes, starts=starts))
     return best
+
+
+def _witness_walk(m: "GrammarMatcher", suffixes: list[list[int]], limit: int, order: Callable[[bool], list[int]],
+                  probes: list[int], starts: list[list[int]]) -> Optional[list[int]]:
+    """The first suffix of a witness (shortest first: the most progress already made) that the matcher
+    allows, written out, then the greedy walk to the end."""
+    for toks in suffixes:
+        if not toks or len(toks) >= limit or not m._allows(toks[0]):
+            continue
+        path = _walk(m, limit, order, probes, toks, starts)
+        if path is not None:
+            return path
+    return None
+
+
+def _witness_suffixes(vocab: "Vocabulary", witnesses: tuple[bytes, ...]) -> list[list[list[int]]]:
+    """Per witness, its non-empty suffixes (shortest first) as token ids (cached per vocabulary)."""
+    out = []
+    for w in witnesses:
+        key = (id(vocab), w)
+        cached = _SUFFIXES.get(key)
+        if cached is None or cached[0] is not vocab:
+            try:
+                cached = (vocab, [toks for toks in (vocab.encode(w[k:]) for k in range(len(w) - 1, -1, -1)) if toks])
+            except Exception:  # noqa: BLE001 - a test vocabulary without a tokenizer
+                cached = (vocab, [])
+            _SUFFIXES[key] = cached
+        out.append(cached[1])
+    return out
+
+
+def _take_one_of(m: "GrammarMatcher", options: list[list[int]], room: int) -> list[int]:
+    """Accept the first option the grammar takes in full (within `room` tokens); [] if none. A
+    partly taken option is rolled back (each token is checked before it is accepted: no error state)."""
+    for toks in options:
+        if not toks or len(toks) > room or not m._allows(toks[0]):
+            continue
+        k = 0
+        while k < len(toks) and m._allows(toks[k]) and m._accept(toks[k]):
+            k += 1
+        if k == len(toks):
+            return list(toks)
+        if k:
+            m._rollback(k)
+    return []
 
 
 def _shorter(a: Optional[list[int]], b: Optional[list[int]]) -> Optional[list[int]]:
     return b if a is None or (b is not None and len(b) < len(a)) else a
 
 
-def _walk(m: "GrammarMatcher", limit: int, order: Callable[[bool], list[int]],
-          probes: list[int]) -> Optional[list[int]]:
-    """One walk from the matcher's state: forced tokens, else the first allowed token of `order(inside a
-    string)`, else any allowed token. The matcher is left where it started."""
+def _walk(m: "GrammarMatcher", limit: int, order: Callable[[bool], list[int]], probes: list[int],
+          prefix: Sequence[int] = (), starts: Sequence[list[int]] = ()) -> Optional[list[int]]:
+    """One walk from the matcher's state: `prefix` first (None if the grammar refuses it), then forced
+    tokens, else (right after a quote, when a quote cannot follow: a string with a pattern or format
+    opened) the first of `starts` the grammar takes in full, else the first allowed token of
+    `order(inside a string)`, else any allowed token. The matcher is left where it started."""
     path: list[int] = []
+    tired: set[int] = set()
+    run = 0
     fork = m._fork()
     owner, m = m, (fork if fork is not None else m)  # walk the fork if there is one: nothing to undo
     try:
         while not m._can_end():
             if len(path) >= limit:
                 return None
+            if len(path) < len(prefix):
+                if not m._allows(prefix[len(path)]):
+                    return None
+                if not m._accept(prefix[len(path)]):
+                    return None
+                path.append(prefix[len(path)])
+                continue
             forced = m._forced_tokens()
+            if not forced and starts and path and (m.vocab.token_bytes[path[-1]] or b"").endswith(b'"') \
+                    and not m._allows(probes[0]):
+                taken = _take_one_of(m, list(starts), limit - len(path))
+                if taken:
+                    path += taken
+                    continue
             if forced:
                 step = forced[:1]
             else:
                 inside = len(probes) == len(_PROBES) and all(m._allows(t) for t in probes)
-                step = next(([t] for t in order(inside) if m._allows(t)), [])
+                ranked = order(inside)
+                if tired:  # NOTE: a token picked _TIRED times in a row goes last ("0" forever in a number)
+                    ranked = [t for t in ranked if t not in tired] + [t for t in ranked if t in tired]
+                step = next(([t] for t in ranked if m._allows(t)), [])
+                run = run + 1 if step and path and step[0] == path[-1] else 1
+                if step and run >= _TIRED:
+                    tired.add(step[0])
             if not step:
                 t = m._any_allowed()
                 if t is None:

@@ -148,3 +148,104 @@ def test_pattern_key_closes_within_budget(compiler, vocab, budget):
         out.append(t)
     assert len(out) <= budget and m.budget_closed
     jsonschema.validate(json.loads(vocab.decode(out).decode("utf-8")), schema)
+
+
+def test_closing_path_survives_jump_forward(compiler, vocab):
+    """Replay a real greedy output (Github_trivial o9816 on the default model: `"data-type":"json"` over
+    and over under an object-or-array oneOf with a key pattern) in the scheduler's order: the forced
+    tokens (jump-forward) are accepted without a mask, then the mask, then the recorded id if allowed.
+    The forced `"` after `,` used to drop the committed closing path, no new one fit in the budget left,
+    and the output ended on length unparsed."""
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "budget_jump_forward_ids.json").read_text())
+    key = {"^[0-9a-zA-Z_-]{1,255}$": {"type": ["string", "number", "boolean", "null"]}}
+    row = {"type": "object", "patternProperties": key, "additionalProperties": False}
+    schema = {"oneOf": [row, {"type": "array", "items": row}]}
+    m = compiler.compile("json_schema", json.dumps(schema)).matcher()
+    out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), schema)
+    assert m.budget_closed
+
+
+def test_closing_commits_by_the_longest_recent_path(compiler, vocab):
+    """Replay a real greedy output (Glaiveai2K generate_invoice on the default model: the same order item
+    over and over). `},` and a forced `{"price` open a new item whose required keys must all be written,
+    and the closing path grows from ~5 to ~15 tokens in one step: committing by the current path's
+    length (+6) came too late and the output ended on length unparsed."""
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "budget_required_item_ids.json").read_text())
+    item = {"type": "object", "properties": {"price": {"type": "number"}, "product_name": {"type": "string"},
+                                             "quantity": {"type": "integer"}},
+            "required": ["product_name", "quantity", "price"]}
+    schema = {"type": "object", "properties": {"customer_name": {"type": "string"},
+                                               "order_items": {"type": "array", "items": item}},
+              "required": ["customer_name", "order_items"]}
+    m = compiler.compile("json_schema", json.dumps(schema)).matcher()
+    out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), schema)
+    assert m.budget_closed
+
+
+def _replay_with_jump_forward(m, vocab, ids: list[int], budget: int) -> list[int]:
+    """The scheduler's order: forced tokens (jump-forward) without a mask, then the mask, then the
+    recorded id if the mask allows it, else the mask's first token."""
+    import numpy as np
+
+    m.set_token_budget(budget)
+    mask = torch.zeros((1, (vocab.vocab_size_padded + 31) // 32), dtype=torch.int32)
+    out: list[int] = []
+    while len(out) < budget and not m.is_finished():
+        for t in m.jump_forward_tokens()[: budget - len(out)]:  # as Scheduler._jump_forward
+            assert m.accept(t)
+            out.append(t)
+        if len(out) >= budget or m.is_finished():
+            break
+        m.fill_bitmask(mask, 0)
+        bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little").astype(bool)
+        want = ids[len(out)] if len(out) < len(ids) else None
+        t = want if want is not None and bits[want] else int(np.flatnonzero(bits)[0])
+        if t in vocab.eos_token_ids:
+            break
+        assert m.accept(t)
+        out.append(t)
+    return out
+
+
+def test_closing_path_writes_pattern_witnesses(compiler, vocab):
+    """Recorded from the on-model benchmark (Github_easy o12621): digits forever inside a string whose
+    unanchored pattern is a timestamp, and a second such string still required. No one-token walk spells
+    the pattern; the witness walks write a matching suffix here and the whole witness in `modified`."""
+    pattern = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}.\d{6}"
+    schema = {"type": "object", "properties": {"created": {"type": "string", "pattern": pattern},
+                                               "modified": {"type": "string", "pattern": pattern}},
+              "required": ["created", "modified"]}
+    prefix = '{"created":"2023-01-01T12:32:12.14.10000000000'
+    m = compiler.compile("json_schema", schema, timeout=30).matcher()
+    for t in vocab.encode(prefix.encode()):
+        assert m.accept(t)
+    assert m.witnesses
+    path = closing_path(m, 160)
+    assert path is not None
+    jsonschema.validate(json.loads(prefix + vocab.decode(path).decode()), schema)
+    m.witnesses = ()
+    assert closing_path(m, 160) is None  # what the walks did before
+
+
+@pytest.mark.parametrize("pattern", [r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}", r"^[a-zA-Z]+://[^ \"]+$", r"^(foo|ab)+$",
+                                     r"[^a-z]\w\s\S\W", r"^\$[A-Z]{3}[.]?$"])
+def test_shortest_match_matches(pattern):
+    from sgl.grammars.witness import shortest_match
+
+    w = shortest_match(pattern)
+    assert w is not None and re.search(pattern, w) and '"' not in w and "\\" not in w
+
+
+def test_closing_path_with_a_witness_no_token_spells(compiler, vocab):
+    """The regex's witness "a\\x04" ends in a byte no token holds (its suffix tokenizes to nothing): no
+    closing path, and no exception (the request then ends on the mask's own 'unsatisfiable' error)."""
+    m = compiler.compile("regex", "a\\x04").matcher()
+    assert m.witnesses == (b"a\x04",)
+    assert m.accept(vocab.encode(b"a")[0])
+    assert closing_path(m, 8) is None

@@ -233,3 +233,21 @@ def test_initial_mask_is_shared_and_exact(vocab, backend):
     assert after != first
     m.rollback(1)
     assert allowed(vocab, m) == first
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_masks_are_shared_and_exact(vocab, backend):
+    """The masks after the first few tokens are kept per grammar and copied by later matchers with the same
+    prefix: each equals what a fresh backend matcher computes, along two prefixes and after a rollback."""
+    c = compiler_for(vocab, backend)
+    g = c.compile("json_schema", {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}}})
+    for text in (b'{"name":"ab"}', b'{"n":12}', b'{"name":"ab"}'):
+        toks = vocab.encode(text)
+        m, fresh = g.matcher(), g._new_matcher()  # fresh: no shared slot, computes every mask itself
+        for i, t in enumerate(toks[:5]):
+            assert allowed(vocab, m) == allowed(vocab, fresh), (text, i)
+            assert m.accept(t) and fresh.accept(t)
+        m.rollback(3)
+        fresh.rollback(3)
+        assert allowed(vocab, m) == allowed(vocab, fresh)
+    assert 0 < len(g._initial.heads) <= 16
