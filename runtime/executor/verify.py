@@ -109,21 +109,25 @@ def sample_verify(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[S
 class VerifyMasks:
     bitmask: torch.Tensor  # [P, W] int32
     alive: list[Optional[list[bool]]]  # per row: the nodes that may be verified (None: no grammar, all)
-    fill_states: list[Optional[list[Optional[tuple[Any, Any]]]]]  # per row, per position: budget state after its fill
+    fill_states: list[Optional[list[Optional[tuple[Any, ...]]]]]  # per row, per position: budget state after its fill
 
 
-def _fill_state(g: Any) -> tuple[Any, Any]:
-    # NOTE: fill_bitmask advances the matcher's budget countdown (sgl.grammars.budget); after
-    # verification the countdown must be the one of the last position actually sampled.
-    return getattr(g, "_budget_check_at", None), getattr(g, "budget_closed", None)
+_NO_ATTR = object()
+_FILL_ATTRS = ("_budget_check_at", "budget_closed", "_closing", "_recent_paths")
 
 
-def restore_fill_state(g: Any, state: tuple[Any, Any]) -> None:
-    check_at, closed = state
-    if check_at is not None:
-        g._budget_check_at = check_at
-    if closed is not None:
-        g.budget_closed = closed
+def _fill_state(g: Any) -> tuple[Any, ...]:
+    # NOTE: fill_bitmask advances the matcher's budget countdown and its closing-path memory (the committed
+    # path, the recent paths' lengths: sgl.grammars.budget / base); after verification they must be those of
+    # the last position actually sampled, as without speculation. (Each attribute is replaced, never mutated
+    # in place, so keeping references is a snapshot.)
+    return tuple(getattr(g, a, _NO_ATTR) for a in _FILL_ATTRS)
+
+
+def restore_fill_state(g: Any, state: tuple[Any, ...]) -> None:
+    for a, v in zip(_FILL_ATTRS, state):
+        if v is not _NO_ATTR:
+            setattr(g, a, v)
 
 
 def fill_verify_bitmask(grammars: Sequence[Any], bases: Sequence[int], drafts: Sequence[Sequence[int]],
@@ -133,7 +137,7 @@ def fill_verify_bitmask(grammars: Sequence[Any], bases: Sequence[int], drafts: S
     parent forbids, or the matcher rejects, is cut with its subtree (alive False, its row unfilled)."""
     mask = allocate_token_bitmask(num_positions, vocab_size)
     alive_rows: list[Optional[list[bool]]] = []
-    states: list[Optional[list[Optional[tuple[Any, Any]]]]] = []
+    states: list[Optional[list[Optional[tuple[Any, ...]]]]] = []
     for j, (g, base, draft) in enumerate(zip(grammars, bases, drafts)):
         if g is None:
             alive_rows.append(None)
@@ -142,7 +146,7 @@ def fill_verify_bitmask(grammars: Sequence[Any], bases: Sequence[int], drafts: S
         par = chain_parents(len(draft)) if parents is None or parents[j] is None else parents[j]
         kids = _children(par, None)
         alive = [False] * len(draft)
-        row_states: list[Optional[tuple[Any, Any]]] = [None] * (1 + len(draft))
+        row_states: list[Optional[tuple[Any, ...]]] = [None] * (1 + len(draft))
         g.fill_bitmask(mask, base)
         row_states[0] = _fill_state(g)
 
