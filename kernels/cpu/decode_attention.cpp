@@ -2,13 +2,12 @@
 //
 //   q [B, H, D], k_buf/v_buf [num_slots, Hkv, D], slots [B, Lmax] (row b's first lens[b] entries are its
 //   slot table; the rest is padding and never read), out [B, H, D]. Query head h reads kv head h / (H / Hkv).
-// Work split: rows over at::parallel_for (pairs of row and kv head when the batch has fewer rows than threads);
+// Work split: rows over the decode pool (pairs of row and kv head when the batch has fewer rows than threads);
 // attend_heads reads each slot's K/V row once for all query heads (GQA without repeating K/V). Softmax in two passes over the scores (max, then exp/sum),
 // output = sum_l p_l v_l / sum_l p_l: the same quantity as torch's scaled_dot_product_attention, up to
 // rounding (tests/kernels/test_cpu_attention.py compares against sgl.kernels.attention.paged_attention).
 // Replaces ~10 small torch ops per layer (index/view/SDPA) at decode, where each runs cold after a weight
 // stream (the note in runtime/models/llama.py).
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -17,6 +16,7 @@
 #include <vector>
 
 #include "attention_common.h"
+#include "thread_pool.h"
 
 void decode_attention(std::uintptr_t q_addr, std::uintptr_t k_addr, std::uintptr_t v_addr, std::uintptr_t slots_addr,
                       std::uintptr_t lens_addr, std::uintptr_t out_addr, int64_t B, int64_t H, int64_t Hkv, int64_t D,
@@ -35,17 +35,28 @@ void decode_attention(std::uintptr_t q_addr, std::uintptr_t k_addr, std::uintptr
   }
   const int64_t G = H / Hkv, row_stride = Hkv * D;
   const float sc = float(scale);
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, at::get_num_threads()));
-  // Rows over threads, each row's kv heads together (one contiguous pass over its pool rows); a batch of
-  // fewer rows than threads splits (row, kv head) pairs instead, so one long row still uses every thread.
-  const int64_t parts = B >= threads ? 1 : Hkv, grain = std::max<int64_t>(1, (B * parts + threads - 1) / threads);
-  at::parallel_for(0, B * parts, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores;
+  threads = std::max<int64_t>(1, threads);
+  // Rows on the decode pool (thread_pool.h), one (row, kv heads) item at a time from an atomic counter (rows
+  // differ in length), each row's kv heads together (one contiguous pass over its pool rows); a batch of fewer
+  // rows than threads splits (row, kv head) pairs instead, so one long row still uses every thread.
+  const int64_t parts = B >= threads ? 1 : Hkv;
+  auto rows = [&](int64_t i0, int64_t i1) {
+    static thread_local std::vector<float> scores;
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / parts, h0 = parts == 1 ? 0 : i % parts, h1 = parts == 1 ? Hkv : h0 + 1, len = lens[b];
       scores.resize((h1 - h0) * G * (len + 1));
       attend_heads(q + (b * H + h0 * G) * D, h0, h1, G, D, kb, vb, slots + b * Lmax, len, row_stride, sc,
                    scores.data(), out + (b * H + h0 * G) * D);
     }
+  };
+  if (threads <= 1) {
+    rows(0, B * parts);
+    return;
+  }
+  sgl_cpu::Phase ph;
+  ph.reset(B * parts, 1);
+  sgl_cpu::parallel_run(int(threads), [&] {
+    ph.work(rows);
+    ph.wait_done();
   });
 }
