@@ -334,24 +334,6 @@ int64_t grain_for(int64_t n, int64_t threads) {
   return std::max<int64_t>(16, (n + threads - 1) / threads);
 }
 
-// Output columns [0, n) over the decode pool (thread_pool.h) in chunks of 64 taken from an atomic counter:
-// its helpers spin a moment between calls, so a decode step's ~120 batch matmuls do not each pay an OpenMP
-// fork whose sleeping (PASSIVE) workers need a futex wake-up. A column's result does not depend on the split.
-template <class F>
-void columns_on_pool(int64_t n, int64_t threads, F&& f) {
-  threads = std::max<int64_t>(1, threads);
-  if (threads == 1 || n <= 64) {
-    f(0, n);
-    return;
-  }
-  sgl_cpu::Phase ph;
-  ph.reset(n, 64);
-  sgl_cpu::parallel_run(int(threads), [&] {
-    ph.work(f);
-    ph.wait_done();
-  });
-}
-
 template <QT T>
 void dequant_rows(const uint8_t* W, int64_t K, float* out, int64_t n0, int64_t n1) {
   const int64_t rb = row_bytes(T, K), nb = K / kBlock;
@@ -447,7 +429,7 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
   }
   const float* xs = xsum_buf.empty() ? nullptr : xsum_buf.data();
   const Q8Act* ap = use_q8 ? &a : nullptr;
-  columns_on_pool(N, threads, [&](int64_t n0, int64_t n1) {
+  sgl_cpu::columns_on_pool(N, threads, [&](int64_t n0, int64_t n1) {
     switch (t) {
       case QT::Q4_0: gemm_cols<QT::Q4_0>(xp, W, M, N, K, op, b, rs, ap, xs, n0, n1); break;
       case QT::Q4_1: gemm_cols<QT::Q4_1>(xp, W, M, N, K, op, b, rs, ap, xs, n0, n1); break;

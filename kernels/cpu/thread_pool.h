@@ -17,6 +17,7 @@
 // checked against a closed flag, Dekker-style); after fork() the child gets a fresh pool.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -87,5 +88,23 @@ void set_adaptive(bool on);
 
 // The spin budget of a waiting thread (SGL_CPU_SPIN_US at start-up), for benchmarks.
 void set_spin_us(int64_t us);
+
+// Items (a GEMM's output columns) [0, n) over the decode pool in chunks of 64 taken from an atomic counter:
+// its helpers spin a moment between calls, so a decode step's ~120 batch matmuls do not each pay an OpenMP
+// fork whose sleeping (PASSIVE) workers need a futex wake-up. A column's result does not depend on the split.
+template <class F>
+void columns_on_pool(int64_t n, int64_t threads, F&& f) {
+  threads = std::max<int64_t>(1, threads);
+  if (threads == 1 || n <= 64) {
+    f(0, n);
+    return;
+  }
+  Phase ph;
+  ph.reset(n, 64);
+  parallel_run(int(threads), [&] {
+    ph.work(f);
+    ph.wait_done();
+  });
+}
 
 }  // namespace sgl_cpu
