@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from proc_stats import cpu_seconds, status_mb  # noqa: E402 - benchmarks/, the script's folder
 from sgl.runtime.processes import free_port, wait_healthy  # noqa: E402 - no torch: after the OMP policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,14 +82,6 @@ def read_bandwidth_gbs() -> float:
         x.sum()
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best / 1e9
-
-
-def rss_mb() -> dict[str, float]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return out
 
 
 # Decode CPU time per token (row 1b): the process's CPU seconds for N2 new tokens minus those for N1, over
@@ -134,7 +127,7 @@ def worker_ours(fmt: str, threads: int, rows: list[int], quick: bool) -> dict[st
     if eng.weight_format != fmt:
         eng.shutdown()
         return {"skipped": f"weight format {fmt} unavailable (auto resolved to {eng.weight_format})"}
-    res["rss_after_load_mb"] = rss_mb()
+    res["rss_after_load_mb"] = status_mb()
     tok = eng.tokenizer
     greedy = {"temperature": 0, "ignore_eos": True}
     eng.generate(text_of(8, 0), {"max_new_tokens": 8, **greedy})  # warm-up
@@ -201,7 +194,7 @@ def worker_ours(fmt: str, threads: int, rows: list[int], quick: bool) -> dict[st
                     cpu_runs[label].append(sum(o["meta_info"]["completion_tokens"] for o in outs) / dc)
             res[f"json_b{b}"] = {k: statistics.median(v) for k, v in runs.items()}
             res[f"json_b{b}_per_cpu_s"] = {k: statistics.median(v) for k, v in cpu_runs.items()}
-    res["rss_end_mb"] = rss_mb()
+    res["rss_end_mb"] = status_mb()
     eng.check_integrity()
     eng.shutdown()
     return res
@@ -302,20 +295,20 @@ def llama_server(d: Path, gguf: str, threads: int, rows: list[int], quick: bool)
 
         run([text_of(8, 0)], 8, False)  # warm-up
         if 3 in rows:
-            c = _proc_cpu_s(proc.pid)
+            c = cpu_seconds(proc.pid)
             dt, n = run([text_of(10 + i % 7, i) for i in range(s["b32_reqs"])], s["b32_new"], False)
             res["b32_tps"] = n / dt
-            res["b32_tok_per_cpu_s"] = n / (_proc_cpu_s(proc.pid) - c)
+            res["b32_tok_per_cpu_s"] = n / (cpu_seconds(proc.pid) - c)
         if 4 in rows:
             qs = shared_prompts(s["shared_reqs"])
             # Warm every slot's prompt cache with the shared system prompt (llama-server caches per slot and
             # gives a request the idle slot whose cached prompt matches best): one concurrent request per slot.
             # (Warming with the whole workload cost 35K prefill tokens: past an hour at 1 thread under load.)
             res["warm_up_s"], _ = run([SYSTEM_PROMPT] * min(parallel, len(qs)), 1, True)
-            c = _proc_cpu_s(proc.pid)
+            c = cpu_seconds(proc.pid)
             res["shared_total_s"], _ = run(qs, 32, True)  # the workload, cache_prompt on, the prefix cached
-            res["shared_cpu_s"] = _proc_cpu_s(proc.pid) - c
-        res["rss_mb"] = _proc_rss_mb(proc.pid)
+            res["shared_cpu_s"] = cpu_seconds(proc.pid) - c
+        res["rss_mb"] = status_mb(proc.pid)["VmRSS"]
     finally:
         proc.terminate()
         try:
@@ -323,20 +316,6 @@ def llama_server(d: Path, gguf: str, threads: int, rows: list[int], quick: bool)
         except subprocess.TimeoutExpired:
             proc.kill()
     return res
-
-
-def _proc_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, every thread) a process has used: on a shared machine the wall time of a
-    run depends on what else runs, its CPU time much less (both sides are measured the same way)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
-
-
-def _proc_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # ---- driver -----------------------------------------------------------------------------------------

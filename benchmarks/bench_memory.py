@@ -22,24 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from proc_stats import status_mb  # benchmarks/, the script's folder
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSON = json.loads((ROOT / "examples/data/person_extraction.json").read_text())
 LONG_PROMPT = "alpha bravo charlie delta echo " * 100  # 701 tokens with the default tokenizer
-
-
-def status_mb(pid: int | str = "self") -> dict[str, float]:
-    """VmRSS / VmHWM and the anonymous / file-backed split of the resident set, MB."""
-    out: dict[str, float] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith(("Anonymous:", "Rss:")):
-            out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    out["file"] = out.get("Rss", 0.0) - out.get("Anonymous", 0.0)
-    return out
 
 
 def requests(url: str) -> None:
