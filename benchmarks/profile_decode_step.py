@@ -45,7 +45,7 @@ def decode(model, kv, steps: int, on_step=None, batch: int = 1) -> dict[str, flo
             for b in range(batch):
                 slots[b].append(slots[b][-1] + 1)
             t0 = time.perf_counter()
-            fb = ForwardBatch.from_lists(input_ids=[[tok] for tok in toks], slot_tables=slots)
+            fb = ForwardBatch.from_lists(input_ids=[[tok] for tok in toks], slot_tables=slots, generated_only=True)
             t1 = time.perf_counter()
             h = model(fb, kv)
             t2 = time.perf_counter()

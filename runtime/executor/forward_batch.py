@@ -42,6 +42,15 @@ class ForwardBatch:
     lora: Optional[Any] = field(default=None, repr=False)  # a LoraBatch (runtime/lora/segmented.py) or None
     # [B] each None (causal) or [extend_len, extend_len] bool: which new tokens each new token sees (trees)
     tree_masks: Optional[list[Optional[torch.Tensor]]] = field(default=None, repr=False)
+    # Every new token is a generated one (decode steps, speculative verify rows), none a prompt token: such a
+    # step may run the fused multi-row decoder (runtime/models/fused_decode.py), whose rows compute what a
+    # batch-1 decode step computes; prompt tokens keep the prefill path (one numerics per prompt token).
+    generated_only: bool = False
+    # [B] or None: sequence b's last new token is its FINAL prompt token (the one whose logits start its
+    # generation). Where the fused path applies, that token runs as a decode row after the others
+    # (runtime/models/fused_decode.py: split_final_tokens), so its K/V and logits have the bits of a
+    # batch-1 decode step whether the prompt was just prefilled or found in the cache.
+    final_prompt: Optional[list[bool]] = None
     # Derived once per step, shared by every layer:
     attn: AttentionMetadata = field(init=False, repr=False)
     last_token_indices: torch.Tensor = field(init=False, repr=False)  # [B] int64 row of each sequence's last token
@@ -83,6 +92,8 @@ class ForwardBatch:
         slot_tables: Sequence[Union[Sequence[int], torch.Tensor]],
         device: Union[str, torch.device] = "cpu",
         trees: Optional[Sequence[Optional[Sequence[int]]]] = None,
+        generated_only: bool = False,
+        final_prompt: Optional[list[bool]] = None,
     ) -> "ForwardBatch":
         """Build from per-sequence new token ids and whole-sequence slot tables.
 
@@ -122,6 +133,8 @@ class ForwardBatch:
             seq_lens=seq_lens,
             slot_tables=tables,
             tree_masks=masks,
+            generated_only=generated_only,
+            final_prompt=final_prompt,
         )
 
 

@@ -12,8 +12,8 @@ Why: at batch 1 the unfused layer is ~15 small torch ops and 4 GEMV calls, each 
 a ~2 MB weight stream and each call a fork/join of the thread pool; profile: benchmarks/profile_decode_step.py.
 `ENABLED = False` turns the path off (the profile's A/B and the tests).
 
-A step of 2..64 token rows (a decode batch, speculative verify rows, short extends; any mix) with the same
-conditions runs `decode_rows`: the stack for all rows in one call, each row with the bits decode_stack gives
+A step of 2..64 generated token rows (`fb.generated_only`: a decode batch, speculative verify rows; prompt
+tokens keep the prefill path) with the same conditions runs `decode_rows`: the stack for all rows in one call, each row with the bits decode_stack gives
 that token alone, so a decode batch is batch-invariant and a verify row computes what the decode step
 without speculation computes. Row t's slot list is its sequence's slot table up to its own slot (a tree
 node's: the prefix, its ancestors and itself). `ROWS_ENABLED = False` keeps such steps on the torch path.
@@ -111,6 +111,52 @@ def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv:
     return run
 
 
+def _rows_possible(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache) -> bool:
+    """The conditions of the fused paths that do not depend on the step's shape."""
+    if not (ENABLED and ROWS_ENABLED and getattr(model, "native", False) and fb.lora is None
+            and kv.dtype == torch.float32 and kv.device.type == "cpu" and get_act_quant() == "q16"):
+        return False
+    ext = _ext.load()
+    return ext is not None and hasattr(ext, "decode_rows") and model_stack(model, kv) is not None
+
+
+def fuses_final_tokens(model: object, fb: ForwardBatch, kv: KVCache) -> bool:
+    """Whether `model.forward` runs this step's final prompt tokens (fb.final_prompt) as decode rows: then a
+    prompt's first output token has the same bits whether the prompt was prefilled or found in the cache."""
+    from sgl.runtime.models.llama import LlamaForCausalLM
+
+    return (isinstance(model, LlamaForCausalLM) and fb.final_prompt is not None and any(fb.final_prompt)
+            and fb.tree_masks is None and _rows_possible(model, fb, kv))
+
+
+def split_final_tokens(model: "LlamaForCausalLM", fb: ForwardBatch,
+                       kv: KVCache) -> Optional[tuple[Optional[ForwardBatch], ForwardBatch, torch.Tensor, torch.Tensor]]:
+    """(the step without its final prompt tokens or None, those tokens as decode rows, the token rows of each
+    in fb) when the step holds prompt rows whose final token should run as a decode row; else None.
+    The first part runs first (it writes the K/V the final tokens attend to)."""
+    if fb.generated_only or not fuses_final_tokens(model, fb, kv):
+        return None
+    finals = [b for b, f in enumerate(fb.final_prompt) if f]
+    if len(finals) > MAX_ROWS:
+        return None
+    ends = torch.tensor(fb.extend_lens, dtype=torch.int64).cumsum(0)
+    ids = fb.input_ids.tolist()
+    head_ids, head_tables, head_rows, tail_rows = [], [], [], []
+    for b, (ext, seq, table) in enumerate(zip(fb.extend_lens, fb.seq_lens, fb.slot_tables)):
+        end = int(ends[b])
+        keep = ext - 1 if fb.final_prompt[b] else ext
+        if keep > 0:
+            head_ids.append(ids[end - ext : end - ext + keep])
+            head_tables.append(table[: seq - ext + keep])
+            head_rows.extend(range(end - ext, end - ext + keep))
+        if fb.final_prompt[b]:
+            tail_rows.append(end - 1)
+    head = (ForwardBatch.from_lists(head_ids, head_tables, device=fb.input_ids.device) if head_ids else None)
+    tail = ForwardBatch.from_lists([[ids[r]] for r in tail_rows], [fb.slot_tables[b] for b in finals],
+                                   device=fb.input_ids.device, generated_only=True)
+    return head, tail, torch.tensor(head_rows, dtype=torch.int64), torch.tensor(tail_rows, dtype=torch.int64)
+
+
 def row_slot_lists(fb: ForwardBatch) -> Optional[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
     """(addresses [T], lengths [T], the tensors that own them) of every token row's slot list, or None when a
     slot table is not a contiguous int64 CPU tensor. A chain row's list is a prefix of its table (no copy);
@@ -138,7 +184,7 @@ def row_slot_lists(fb: ForwardBatch) -> Optional[tuple[torch.Tensor, torch.Tenso
 
 
 def _rows_step(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache, ext: object) -> Optional[StackRunner]:
-    if not (ROWS_ENABLED and fb.num_tokens <= MAX_ROWS and hasattr(ext, "decode_rows")):
+    if not (ROWS_ENABLED and fb.generated_only and fb.num_tokens <= MAX_ROWS and hasattr(ext, "decode_rows")):
         return None
     stack = model_stack(model, kv)
     lists = row_slot_lists(fb) if stack is not None else None

@@ -35,7 +35,7 @@ from sgl.kernels.dispatch import paged_attention  # Triton on CUDA, the torch re
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.models.config import ModelConfig
-from sgl.runtime.models.fused_decode import fused_step
+from sgl.runtime.models.fused_decode import fused_step, split_final_tokens
 from sgl.runtime.models.native_weights import (LinearWeight, Payload, RawBlocks, describe, embedding_rows, fuse_rows,
                                                linear, pack_quant_weights, to_linear)
 from sgl.runtime.models.rotary import RopeTables, RotaryEmbedding
@@ -259,21 +259,33 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, fb: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Runs the batch's new tokens, writes their K/V into `kv`; returns [T, hidden] final-normed states."""
         self.rope.ensure(max(fb.seq_lens))
+        split = split_final_tokens(self, fb, kv)  # final prompt tokens as decode rows (fused_decode.py)
+        if split is None:
+            return rms_norm(self._layers(fb, kv), self.norm, self.norm_consts)
+        head, tail, head_rows, tail_rows = split
+        h = torch.empty(fb.num_tokens, self.config.hidden_size, dtype=torch.float32, device=fb.input_ids.device)
+        if head is not None:
+            h[head_rows] = self._layers(head, kv)
+        h[tail_rows] = self._layers(tail, kv)
+        return rms_norm(h, self.norm, self.norm_consts)
+
+    def _layers(self, fb: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """The embedding and every decoder layer: [T, hidden] before the final norm."""
         h = embedding_rows(fb.input_ids, self.embed)  # [T, hidden]
-        fused = fused_step(self, h, fb, kv)  # batch-1 native decode: the layers in C++ (fused_decode.py)
+        fused = fused_step(self, h, fb, kv)  # native decode: the layers in C++ (fused_decode.py)
         rope_tables = self.rope.lookup(fb.positions, matrices=fused is None)  # shared by all layers
         if fused is not None:
-            h = fused(h, rope_tables)
-        else:
-            for i, layer in enumerate(self.layers):
-                h = layer.forward(h, rope_tables, self.rope, fb, kv, i)  # NOTE: .forward skips nn.Module hook dispatch
-        return rms_norm(h, self.norm, self.norm_consts)
+            return fused(h, rope_tables)
+        for i, layer in enumerate(self.layers):
+            h = layer.forward(h, rope_tables, self.rope, fb, kv, i)  # NOTE: .forward skips nn.Module hook dispatch
+        return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
         if isinstance(self.lm_head, QuantWeight) and hidden.shape[0] <= Q16_MAX_ROWS and get_act_quant() == "q16":
-            # decode / verify rows: q16 as a batch-1 step's lm_head, so each row's logits have its bits alone
+            # q16 as a batch-1 decode step's lm_head, for up to 64 rows (decode batches, verify rows, the first
+            # token of prompts): each row's logits get the bits it gets alone (quant_q16_tile.h)
             logits = quant_linear(hidden.contiguous(), self.lm_head, act_quant="q16")
         else:
             logits = linear(hidden, self.lm_head).float()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -96,9 +96,11 @@ class SlotPool:
 ChunkFn = Callable[[int, int, int], int]
 
 
-def run_schedule(model: LlamaForCausalLM, prompts: list[list[int]], chunk: ChunkFn, seed: int = 0) -> list[torch.Tensor]:
+def run_schedule(model: LlamaForCausalLM, prompts: list[list[int]], chunk: ChunkFn, seed: int = 0,
+                 generated_from: Optional[int] = None) -> list[torch.Tensor]:
     """Feed every prompt through our model in steps decided by `chunk`; one batch per step mixing all
-    sequences that have tokens left. Returns each prompt's logits [L, V], one row per token."""
+    sequences that have tokens left. Returns each prompt's logits [L, V], one row per token. Tokens from
+    index `generated_from` on count as generated ones (ForwardBatch.generated_only: decode steps)."""
     cfg = model.config
     kv = KVCache.for_model(cfg, num_slots=sum(map(len, prompts)) + 64, dtype=torch.float32)
     pool = SlotPool(kv.num_slots, seed)
@@ -116,7 +118,8 @@ def run_schedule(model: LlamaForCausalLM, prompts: list[list[int]], chunk: Chunk
         step += 1
         if not batch:
             continue
-        fb = ForwardBatch.from_lists([ids for _, ids in batch], [tables[b] for b, _ in batch])
+        generated = generated_from is not None and all(done[b] >= generated_from for b, _ in batch)
+        fb = ForwardBatch.from_lists([ids for _, ids in batch], [tables[b] for b, _ in batch], generated_only=generated)
         logits = model.compute_logits(model.forward(fb, kv))  # [T, V]
         row = 0
         for b, ids in batch:
@@ -136,7 +139,7 @@ def greedy_generate(model: LlamaForCausalLM, prompts: list[list[int]], max_new_t
     outputs = [[t] for t in next_ids]
     for _ in range(max_new_tokens - 1):
         tables = [t + pool.take(1) for t in tables]
-        fb = ForwardBatch.from_lists([[o[-1]] for o in outputs], tables)
+        fb = ForwardBatch.from_lists([[o[-1]] for o in outputs], tables, generated_only=True)
         next_ids = model.compute_logits(model.forward(fb, kv)).argmax(-1).tolist()
         for o, t in zip(outputs, next_ids):
             o.append(t)
