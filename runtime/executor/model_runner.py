@@ -168,7 +168,14 @@ class ModelRunner:
 
         if lp_index:
             top_k = max(rows[i].req.top_logprobs_num for i in set(lp_owner))
-            logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(lp_index, device=self.device)))
+            # prompt logprobs: fp32 activations whatever the row count (q16 is for up to 64 sampling rows: see
+            # LlamaForCausalLM.compute_logits), so a prompt's scores do not depend on how many rows ask for them
+            mode = get_act_quant()
+            set_act_quant("none")
+            try:
+                logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(lp_index, device=self.device)))
+            finally:
+                set_act_quant(mode)
             lps, tops = logprobs_for_tokens(logits, torch.tensor(lp_targets, device=self.device), top_k)
             for j, i in enumerate(lp_owner):
                 results[i].prompt_logprobs.append(float(lps[j]))

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from sgl.kernels.cpu.quant import set_act_quant
 from sgl.runtime.distributed.group import TPGroup
 from sgl.runtime.distributed.sharding import ShardPlan, shard_model
 from sgl.runtime.executor.forward_batch import ForwardBatch
@@ -66,6 +67,9 @@ def greedy(model: LlamaForCausalLM, num_kv_heads: int) -> tuple[list[list[int]],
 def run_rank(rank: int, world: int, port: int, spec: dict[str, Any], out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    # exact fp32 activations on both sides: q16's rounding would amplify the all-reduce's summation order
+    # (~1e-7) past the bound; the sharding math is what this compares
+    set_act_quant("none")
     group = TPGroup.init(rank, world, timeout_s=60)
     try:
         model = build_model(spec)

@@ -46,7 +46,10 @@ def test_select_picks_what_the_logprobs_say(rt):
 
     expected, scores = chosen_by_logprobs(direct, rt.engine.tokenizer.encode, prompt, choices)
     assert st["verdict"] == expected
-    assert st.get_meta_info("verdict")["normalized_prompt_logprobs"] == pytest.approx(scores, abs=1e-3)
+    # 5e-3: select first prefills the bare prompt, whose final token runs as a decode row (q16 activations,
+    # fused_decode.split_final_tokens) and is cached so; the oracle's requests may recompute it in a prefill
+    # chunk (fp32): the scores of the same tokens then differ by up to ~2e-3 at logprob -13
+    assert st.get_meta_info("verdict")["normalized_prompt_logprobs"] == pytest.approx(scores, abs=5e-3)
 
 
 @pytest.mark.parametrize("method", ["greedy_token_selection", "unconditional_likelihood_normalized"])
