@@ -29,6 +29,7 @@ class SlotAllocator:
         # default model's 122K-slot pool, tests/runtime/test_slot_allocator.py), the array 4.
         self._free = _stack(size)
         self._is_free = bytearray(b"\x01") * size
+        self._freed_below = 0  # every slot freed since the last `take_freed_runs` is below this
 
     @property
     def available(self) -> int:
@@ -59,8 +60,28 @@ class SlotAllocator:
                 raise AssertionError(f"double free of KV slot {s}")
             is_free[s] = 1
         self._free.fromlist(order)
+        if order and order[0] >= self._freed_below:
+            self._freed_below = order[0] + 1
+
+    def take_freed_runs(self, min_len: int = 1) -> list[tuple[int, int]]:
+        """Maximal runs [start, end) of at least `min_len` free slots that start below every slot freed since
+        the last call (the KV pages such a run covers may be resident; slots never handed out were never
+        written). Resets that mark: the next call looks only at what is freed after this one."""
+        hi, is_free, runs, pos = self._freed_below, self._is_free, [], 0
+        while pos < hi:  # NOTE: bytearray.find scans in C: ~50 us for 100K slots
+            start = is_free.find(1, pos, hi)
+            if start < 0:
+                break
+            end = is_free.find(0, start)  # (whole: a page may straddle a run freed now and one freed before)
+            end = self.size if end < 0 else end
+            if end - start >= min_len:
+                runs.append((start, end))
+            pos = end
+        self._freed_below = 0
+        return runs
 
     def clear(self) -> None:
+        self._freed_below = self.size  # (held slots were written: the next take looks at the whole pool)
         self._free = _stack(self.size)
         self._is_free = bytearray(b"\x01") * self.size
 
