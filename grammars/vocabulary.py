@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional, Sequence
 
+from sgl.grammars.token_table import TokenTable
+
 _SPM_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SPM_SPACE = "\u2581"  # "▁"
 
@@ -86,7 +88,7 @@ class Vocabulary:
     Invariants: ``len(token_bytes) == vocab_size <= vocab_size_padded``; every EOS id < vocab_size.
     """
 
-    token_bytes: tuple[Optional[bytes], ...]
+    token_bytes: TokenTable  # id -> bytes (None: special), one blob (grammars/token_table.py)
     eos_token_ids: frozenset[int]
     vocab_size_padded: int
     special_token_ids: frozenset[int] = frozenset()
@@ -114,7 +116,7 @@ class Vocabulary:
 
     def decode(self, token_ids: Sequence[int]) -> bytes:
         """Concatenated bytes of `token_ids` (special tokens contribute nothing)."""
-        return b"".join(self.token_bytes[t] or b"" for t in token_ids if t < self.vocab_size)
+        return self.token_bytes.join(token_ids)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, eos_token_ids: frozenset[int],
@@ -150,7 +152,7 @@ class Vocabulary:
                 out.append(tok.replace(_SPM_SPACE, " ").encode("utf-8"))
             else:
                 out.append(tok.encode("utf-8"))
-        return cls(token_bytes=tuple(out), eos_token_ids=eos, special_token_ids=frozenset(special | eos),
+        return cls(token_bytes=TokenTable(out), eos_token_ids=eos, special_token_ids=frozenset(special | eos),
                    vocab_size_padded=max(size, vocab_size_padded or size), tokenizer=private_encoder(tokenizer))
 
     @classmethod
@@ -162,7 +164,7 @@ class Vocabulary:
         >>> v.decode([2, 0])
         b'aba'
         """
-        tb = tuple(None if i == eos_token_id else b for i, b in enumerate(token_bytes))
+        tb = TokenTable(None if i == eos_token_id else b for i, b in enumerate(token_bytes))
         return cls(token_bytes=tb, eos_token_ids=frozenset({eos_token_id}),
                    special_token_ids=frozenset(i for i, b in enumerate(tb) if b is None),
                    vocab_size_padded=vocab_size_padded or len(tb))
