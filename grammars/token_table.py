@@ -49,6 +49,8 @@ class TokenTable(Sequence[Optional[bytes]]):
             return [self[k] for k in range(*i.indices(len(self)))]
         if i < 0:
             i += len(self._ends)
+            if i < 0:
+                raise IndexError("token id out of range")
         if self._none[i]:  # (IndexError past the end, as a tuple's)
             return None
         return self._blob[self._ends[i - 1] if i else 0:self._ends[i]]

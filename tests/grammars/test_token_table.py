@@ -16,12 +16,13 @@ def test_reads_like_a_tuple() -> None:
     assert t[-1] == b"\xff" and t[1:4] == items[1:4] and t == items and t == TokenTable(items)
     assert t != TokenTable(items[:-1] + [b"\xfe"]) and hash(t) == hash(TokenTable(items))
     assert t.join([0, 1, 3, 99, 5]) == b'a {"' + "é".encode()  # None and ids past the end: nothing
-    try:
-        t[len(items)]
-    except IndexError:
-        pass
-    else:
-        raise AssertionError("past the end must raise IndexError")
+    for bad in (len(items), -len(items) - 1):
+        try:
+            t[bad]
+        except IndexError:
+            pass
+        else:
+            raise AssertionError(f"t[{bad}] must raise IndexError, as a tuple's")
 
 
 def _python_bytes(build) -> tuple[object, int]:
