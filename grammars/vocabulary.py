@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional, Sequence
 
+from sgl.grammars.token_table import TokenTable
+
 _SPM_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SPM_SPACE = "\u2581"  # "▁"
 
@@ -51,6 +53,34 @@ def _component_types(component: Any) -> set[str]:
     return set(re.findall(r"([A-Za-z]+)\(", text))
 
 
+def private_encoder(tokenizer: Any) -> Any:
+    """A `tokenizers.Tokenizer` that encodes like `tokenizer` but reads special tokens inside text ("<|im_end|>")
+    as plain text, never as the special token: grammar text (forced continuations, test instances) must not
+    produce special tokens, and the caller's tokenizer (the server's) must keep parsing them.
+
+    NOTE: it shares `tokenizer`'s model (the BPE vocabulary and merges: ~10 MB on a 49K vocabulary) instead of
+    copying it through JSON: `tokenizer.model` is a handle on the same Rust object, which only reads it
+    (the model sits behind a read-write lock; its word cache has its own lock). Only the added tokens
+    are per tokenizer: re-added here and checked to keep their ids (a mismatch falls back to the JSON copy).
+    """
+    def configured(encoder: Any) -> Any:
+        encoder.encode_special_tokens = True
+        encoder.no_padding()
+        encoder.no_truncation()
+        return encoder
+
+    encoder = type(tokenizer)(tokenizer.model)
+    for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        if getattr(tokenizer, part) is not None:
+            setattr(encoder, part, getattr(tokenizer, part))
+    added = tokenizer.get_added_tokens_decoder()  # id -> AddedToken (its special flag kept)
+    encoder.add_tokens([added[i] for i in sorted(added)])
+    if all(encoder.token_to_id(t.content) == i for i, t in added.items()) \
+            and encoder.get_vocab_size(with_added_tokens=True) == tokenizer.get_vocab_size(with_added_tokens=True):
+        return configured(encoder)
+    return configured(type(tokenizer).from_str(tokenizer.to_str()))
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """Token id -> bytes (None for special tokens), the EOS ids and the padded vocabulary size.
@@ -58,7 +88,7 @@ class Vocabulary:
     Invariants: ``len(token_bytes) == vocab_size <= vocab_size_padded``; every EOS id < vocab_size.
     """
 
-    token_bytes: tuple[Optional[bytes], ...]
+    token_bytes: TokenTable  # id -> bytes (None: special), one blob (grammars/token_table.py)
     eos_token_ids: frozenset[int]
     vocab_size_padded: int
     special_token_ids: frozenset[int] = frozenset()
@@ -86,7 +116,7 @@ class Vocabulary:
 
     def decode(self, token_ids: Sequence[int]) -> bytes:
         """Concatenated bytes of `token_ids` (special tokens contribute nothing)."""
-        return b"".join(self.token_bytes[t] or b"" for t in token_ids if t < self.vocab_size)
+        return self.token_bytes.join(token_ids)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, eos_token_ids: frozenset[int],
@@ -122,14 +152,8 @@ class Vocabulary:
                 out.append(tok.replace(_SPM_SPACE, " ").encode("utf-8"))
             else:
                 out.append(tok.encode("utf-8"))
-        # NOTE: a private copy that encodes "<|im_end|>" inside text as plain text, never as the special
-        # token: grammar text (forced continuations, test instances) must not produce special tokens.
-        encoder = type(tokenizer).from_str(tokenizer.to_str())
-        encoder.encode_special_tokens = True
-        encoder.no_padding()
-        encoder.no_truncation()
-        return cls(token_bytes=tuple(out), eos_token_ids=eos, special_token_ids=frozenset(special | eos),
-                   vocab_size_padded=max(size, vocab_size_padded or size), tokenizer=encoder)
+        return cls(token_bytes=TokenTable(out), eos_token_ids=eos, special_token_ids=frozenset(special | eos),
+                   vocab_size_padded=max(size, vocab_size_padded or size), tokenizer=private_encoder(tokenizer))
 
     @classmethod
     def from_bytes(cls, token_bytes: Sequence[Optional[bytes]], eos_token_id: int,
@@ -140,7 +164,7 @@ class Vocabulary:
         >>> v.decode([2, 0])
         b'aba'
         """
-        tb = tuple(None if i == eos_token_id else b for i, b in enumerate(token_bytes))
+        tb = TokenTable(None if i == eos_token_id else b for i, b in enumerate(token_bytes))
         return cls(token_bytes=tb, eos_token_ids=frozenset({eos_token_id}),
                    special_token_ids=frozenset(i for i, b in enumerate(tb) if b is None),
                    vocab_size_padded=vocab_size_padded or len(tb))

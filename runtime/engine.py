@@ -155,7 +155,7 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
                         self.scheduler.abort(req.rid, message, internal=True)
             if not self.scheduler.has_work:
                 self.scheduler.check_integrity()
-                release_idle_memory()  # runtime/idle_memory.py: the prefill scratch and free heap pages
+                self._release_idle_memory()
 
     def _fatal(self, message: str) -> None:
         """The engine cannot run another step (any thread): abort everything, stop, tell the server."""
@@ -363,7 +363,17 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
             self._cancelled.add(rid)  # not queued yet: its grammar is still compiling
 
     def flush_cache(self) -> bool:
-        return bool(self._call(self.scheduler.flush_cache))
+        def flush() -> bool:
+            flushed = self.scheduler.flush_cache()
+            if flushed:  # NOTE: a command: no step follows while idle, so it gives the freed KV pages back itself
+                self._release_idle_memory()
+            return flushed
+        return bool(self._call(flush))
+
+    def _release_idle_memory(self) -> int:
+        """On the scheduler thread, idle: the prefill scratch, the KV pages of freed slots, free heap pages
+        (runtime/idle_memory.py)."""
+        return release_idle_memory(self.scheduler.allocator, getattr(self.scheduler.runner, "kv", None))
 
     def check_integrity(self) -> None:
         self._call(self.scheduler.check_integrity)

@@ -1,10 +1,14 @@
 """Memory the engine gives back to the OS when it goes idle (after its load, and when the last request ends).
 
-    release_idle_memory()   # on the scheduler thread: its prefill scratch, then every malloc arena's free pages
+    release_idle_memory(allocator, kv)   # on the scheduler thread: its prefill scratch, the KV pages of freed
+                                         # slots, then every malloc arena's free pages
 
 What is given back, measured on the default model (benchmarks/bench_memory.py, native weights):
   * the native kernels' prefill scratch (sgl.kernels.cpu.quant._scratch): one fp32 copy of the largest
     layer weight, 7 MB, per thread that ran a prefill; it stays allocated between prefills;
+  * the KV pool's pages of slots freed since the last idle (evicted or flushed prefixes, preempted requests,
+    rejected drafts): a freed slot's page stayed resident before, the pool's resident set a high-water mark;
+    the radix cache's slots (cached prefixes, for reuse) stay, as SGLang and vLLM keep theirs;
   * free pages inside glibc's heaps (malloc_trim): the tokenizer's JSON parse leaves ~15 MB of freed
     chunks in the main heap at load, and a prompt's small temporaries leave more in the scheduler
     thread's arena. glibc returns the top of a heap by itself but keeps free chunks below live ones.
@@ -17,16 +21,27 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import sys
+from typing import Any, Optional
 
 
-def release_idle_memory() -> int:
-    """Drop the calling thread's prefill scratch and trim every malloc arena; returns the scratch's bytes."""
+def release_idle_memory(allocator: Optional[Any] = None, kv: Optional[Any] = None) -> int:
+    """Drop the calling thread's prefill scratch, the KV pages of slots freed since the last call (with the
+    scheduler's `allocator` and the runner's `kv`), and trim every malloc arena; returns the bytes dropped."""
     from sgl.kernels.cpu.quant import release_scratch
 
     freed = release_scratch()
+    if allocator is not None and kv is not None:
+        freed += release_free_kv(allocator, kv)
     trim_heaps()
     return freed
+
+
+def release_free_kv(allocator: Any, kv: Any) -> int:
+    """The KV pool's pages that only free slots use, freed since the last call (a `SlotAllocator` and its
+    `KVCache`): evicted or flushed prefixes, preempted requests, rejected drafts. Bytes dropped."""
+    return kv.drop_slots(allocator.take_freed_runs(min_len=max(1, mmap.PAGESIZE // kv.slot_bytes)))
 
 
 def trim_heaps() -> bool:

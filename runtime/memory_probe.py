@@ -8,7 +8,7 @@ write, so the process RSS rises as the allocator hands out slots the pool never 
 the pool's size, and then stays. A soak that wants to see leaks subtracts this from the RSS.
 
 Counted page by page from /proc/self/pagemap (bit 63: present, bit 62: swapped; readable without
-privileges, only the frame numbers are hidden). An earlier version scaled each /proc/self/smaps
+privileges, only the frame numbers are hidden). `drop_pages` gives such pages back. An earlier version scaled each /proc/self/smaps
 mapping's Rss by the share the ranges cover; once the pool was plain malloc memory, the kernel merged
 its mappings with neighbours that were touched differently and the estimate read half the truth (the
 CI soak then saw the other half as a 117 MB/min "leak"). Linux only; elsewhere 0. No torch here.
@@ -16,7 +16,10 @@ CI soak then saw the other half as a 117 MB/min "leak"). Linux only; elsewhere 0
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -43,3 +46,34 @@ def resident_bytes(ranges: Sequence[tuple[int, int]], pagemap_path: str = PAGEMA
     except OSError:
         return 0
     return touched * page
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def drop_pages(ranges: Sequence[tuple[int, int]]) -> int:
+    """madvise(MADV_DONTNEED) on the whole pages inside each [start, end) of private anonymous memory: the OS
+    takes them back, and the next write (or read) of one faults in a zeroed page. Returns the bytes advised.
+
+    NOTE: the contents of those pages are LOST: only for memory no one reads before writing it again (the KV
+    pool's free slots, runtime/executor/kv_cache.py). A page shared with bytes outside a range is kept.
+    Linux only; elsewhere nothing is dropped (0)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    libc = _libc()
+    dropped = 0
+    for a, b in ranges:
+        first, last = -(-a // page) * page, (b // page) * page  # whole pages inside [a, b)
+        if last > first and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0:
+            dropped += last - first
+    return dropped
+
+
+_LIBC: list[ctypes.CDLL] = []
+
+
+def _libc() -> ctypes.CDLL:
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True))
+    return _LIBC[0]

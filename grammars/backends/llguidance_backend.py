@@ -28,11 +28,7 @@ class _TokenizerAdapter:
 
     def __init__(self, vocab: Vocabulary):
         self.vocab = vocab
-        n = vocab.vocab_size_padded
-        # NOTE: special tokens need distinct non-empty names for llguidance; padding ids get empty bytes
-        # (llguidance never allows an empty token).
-        self.tokens = [vocab.token_bytes[i] if i < vocab.vocab_size and vocab.token_bytes[i] is not None
-                       else (f"<|special_{i}|>".encode() if i < vocab.vocab_size else b"") for i in range(n)]
+        self.tokens = _token_list(vocab)  # read once, by LLTokenizer (LLGuidanceBackend drops it then)
         self.special_token_ids = sorted(vocab.special_token_ids)
         self.eos_token_id = vocab.eos_token_id
         self.bos_token_id = None
@@ -41,7 +37,15 @@ class _TokenizerAdapter:
     def __call__(self, data: bytes) -> list[int]:
         if isinstance(data, str):
             data = data.encode("utf-8")
-        return self.vocab.encode(data) if self.vocab.tokenizer is not None else _greedy(self.tokens, data)
+        return self.vocab.encode(data) if self.vocab.tokenizer is not None else _greedy(_token_list(self.vocab), data)
+
+
+def _token_list(vocab: Vocabulary) -> list[bytes]:
+    """Bytes per id over the padded vocabulary, as llguidance takes them. NOTE: special tokens need distinct
+    non-empty names for llguidance; padding ids get empty bytes (llguidance never allows an empty token)."""
+    table = vocab.token_bytes
+    return [b if (b := table[i]) is not None else f"<|special_{i}|>".encode() for i in range(vocab.vocab_size)] \
+        + [b""] * (vocab.vocab_size_padded - vocab.vocab_size)
 
 
 def _greedy(tokens: list[bytes], data: bytes) -> list[int]:
@@ -150,8 +154,12 @@ class LLGuidanceBackend(GrammarBackend):
 
     def __init__(self, vocab: Vocabulary, options: BackendOptions):
         super().__init__(vocab, options)
-        self._tok = LLTokenizer(llguidance.TokenizerWrapper(_TokenizerAdapter(vocab)),  # type: ignore[arg-type]
-                                n_vocab=vocab.vocab_size_padded, eos_token=sorted(vocab.eos_token_ids))
+        adapter = _TokenizerAdapter(vocab)
+        wrapper = llguidance.TokenizerWrapper(adapter)  # type: ignore[arg-type]
+        self._tok = LLTokenizer(wrapper, n_vocab=vocab.vocab_size_padded, eos_token=sorted(vocab.eos_token_ids))
+        # NOTE: LLTokenizer copied the tokens into its own trie; it keeps the wrapper only to call it (encode):
+        # the 49K-entry list of bytes (~2 MB) is not read again
+        adapter.tokens = wrapper.tokens = []
 
     def check(self, spec: GrammarSpec) -> None:
         _validate(_to_grammar(spec), None)

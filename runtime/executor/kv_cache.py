@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 
 from sgl.kernels.dispatch import store_kvcache
-from sgl.runtime.memory_probe import resident_bytes
+from sgl.runtime.memory_probe import drop_pages, resident_bytes
 from sgl.runtime.models.config import ModelConfig
 
 
@@ -73,6 +73,24 @@ class KVCache:
         if self.device.type != "cpu":
             return 0
         return resident_bytes([(t.data_ptr(), t.data_ptr() + t.nbytes) for t in (self.k, self.v)])
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot in one layer's K (or V) pool (768 on the default model: a 4 KiB page holds 5.3
+        slots, so a run of free slots gives pages back from 6 slots on)."""
+        return self.num_kv_heads * self.head_dim * self.k.element_size()
+
+    def drop_slots(self, runs: Sequence[tuple[int, int]]) -> int:
+        """Give the OS back the pages of every layer's K and V pools that lie wholly inside the slot runs
+        [start, end) (free slots: their contents are dropped, the next `store` faults in zeroed pages).
+        Returns the bytes dropped. NOTE: only for FREE slots: attention reads a slot only after its sequence
+        stored it, and a free slot belongs to no sequence. 0 off CPU."""
+        if self.device.type != "cpu" or not runs:
+            return 0
+        per = self.slot_bytes
+        ranges = [(t.data_ptr() + a * per, t.data_ptr() + b * per)
+                  for t in self._k_layers + self._v_layers for a, b in runs]
+        return drop_pages(ranges)
 
     def k_buffer(self, layer: int) -> torch.Tensor:
         return self._k_layers[layer]  # [num_slots, Hkv, D]

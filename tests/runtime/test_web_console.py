@@ -124,3 +124,16 @@ def test_recent_latency_percentiles() -> None:
 def test_validate_bounds_its_input() -> None:
     r = client().post("/v1/validate", json={"kind": "regex", "spec": "a*", "text": "a" * 40_000})
     assert r.status_code == 400 and "text" in r.text and "limit" in r.text
+
+
+def test_validators_are_imported_on_first_use() -> None:
+    # lark and jsonschema only serve /v1/validate: importing them with the app kept 4.6 MB resident in
+    # every server (benchmarks/bench_memory.py); the first validation imports them
+    import subprocess
+    import sys
+
+    code = ("import sys; import sgl.runtime.server.app; print(sorted(m for m in ('lark', 'jsonschema') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    assert validate_output("ebnf", 'start: "a"+', "aaa")["valid"]
+    assert not validate_output("json_schema", '{"type": "integer"}', '"x"')["valid"]
