@@ -46,11 +46,12 @@ class ForwardBatch:
     # step may run the fused multi-row decoder (runtime/models/fused_decode.py), whose rows compute what a
     # batch-1 decode step computes; prompt tokens keep the prefill path (one numerics per prompt token).
     generated_only: bool = False
-    # [B] or None: sequence b's last new token is its FINAL prompt token (the one whose logits start its
-    # generation). Where the fused path applies, that token runs as a decode row after the others
-    # (runtime/models/fused_decode.py: split_final_tokens), so its K/V and logits have the bits of a
-    # batch-1 decode step whether the prompt was just prefilled or found in the cache.
-    final_prompt: Optional[list[bool]] = None
+    # [B] or None: how many of sequence b's last new tokens are sampled from like decode tokens: all of a
+    # generated sequence's (decode, verify), 1 for a chunk that ends its prompt (the FINAL prompt token, whose
+    # logits start its generation), else 0. Where the fused path applies, these run as decode rows after the
+    # step's other tokens (runtime/models/fused_decode.py: split_decode_tails), so their K/V and logits have
+    # the bits of a batch-1 decode step whatever else is in the step and whether the prompt was cached.
+    decode_tails: Optional[list[int]] = None
     # Derived once per step, shared by every layer:
     attn: AttentionMetadata = field(init=False, repr=False)
     last_token_indices: torch.Tensor = field(init=False, repr=False)  # [B] int64 row of each sequence's last token
@@ -93,7 +94,7 @@ class ForwardBatch:
         device: Union[str, torch.device] = "cpu",
         trees: Optional[Sequence[Optional[Sequence[int]]]] = None,
         generated_only: bool = False,
-        final_prompt: Optional[list[bool]] = None,
+        decode_tails: Optional[list[int]] = None,
     ) -> "ForwardBatch":
         """Build from per-sequence new token ids and whole-sequence slot tables.
 
@@ -134,7 +135,7 @@ class ForwardBatch:
             slot_tables=tables,
             tree_masks=masks,
             generated_only=generated_only,
-            final_prompt=final_prompt,
+            decode_tails=decode_tails,
         )
 
 

@@ -31,7 +31,7 @@ from sgl.runtime.executor.sampler import logprobs_for_tokens
 from sgl.runtime.executor.verify import VerifyMasks, fill_verify_bitmask, restore_fill_state, sample_verify
 from sgl.runtime.executor.sampling_state import RowSamplingState
 from sgl.runtime.lora.segmented import LoraBatch, StackCache, lora_order
-from sgl.runtime.models.fused_decode import fuses_final_tokens
+from sgl.runtime.models.fused_decode import fuses_decode_tails
 from sgl.runtime.scheduler.request import BatchRow, RowResult, ScheduledBatch
 
 
@@ -72,11 +72,11 @@ class ModelRunner:
             device=self.device,
             trees=trees if any(t is not None for t in trees) else None,
             generated_only=all(r.start >= len(r.req.prompt_ids) for r in rows),
-            final_prompt=[r.start + r.extend_len == len(r.req.prompt_ids) for r in rows],
+            decode_tails=[_decode_tail(r) for r in rows],
         )
         if order is not None:
             fb.lora = LoraBatch.from_rows(fb.extend_lens, [r.req.lora for r in rows], self._lora_stacks, self.device)
-        exact = _lone_prompt_token(rows) and not fuses_final_tokens(self.model, fb, self.kv)
+        exact = _lone_prompt_token(rows) and not fuses_decode_tails(self.model, fb, self.kv)
         results = self._run_exact(rows, fb) if exact else self._run(rows, fb)
         if order is not None:
             unsorted: list[RowResult] = [results[0]] * len(results)
@@ -210,11 +210,19 @@ class ModelRunner:
                                    num_positions, self.vocab_size, parents=[r.draft_parents for r in rows])
 
 
+def _decode_tail(r: BatchRow) -> int:
+    """How many of the row's last new tokens are sampled from like decode tokens (ForwardBatch.decode_tails)."""
+    prompt = len(r.req.prompt_ids)
+    if r.start >= prompt:
+        return r.extend_len  # decode / verify
+    return 1 if r.start + r.extend_len == prompt else 0  # the chunk that ends the prompt: its final token
+
+
 def _lone_prompt_token(rows: list[BatchRow]) -> bool:
     """A step of one row holding one PROMPT token: the last prompt token recomputed after a full-prefix cache
     hit. The default q16 activations apply to one-row matmuls only (sgl.kernels.cpu.quant: set_q16_batches),
     so without this the same token would see q16 here but fp32 in a whole-prompt prefill, and a near-tie first
     output token would flip with the cache state (measured: a greedy chat answer changed on its second, cached
     run). Generated tokens keep q16. Where the model runs every final prompt token as a decode row
-    (fused_decode.fuses_final_tokens: the prefill does so too), the token keeps that path instead."""
+    (fused_decode.fuses_decode_tails: the prefill does so too), the token keeps that path instead."""
     return len(rows) == 1 and rows[0].extend_len == 1 and rows[0].start < len(rows[0].req.prompt_ids)

@@ -120,40 +120,43 @@ def _rows_possible(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache) -> 
     return ext is not None and hasattr(ext, "decode_rows") and model_stack(model, kv) is not None
 
 
-def fuses_final_tokens(model: object, fb: ForwardBatch, kv: KVCache) -> bool:
-    """Whether `model.forward` runs this step's final prompt tokens (fb.final_prompt) as decode rows: then a
-    prompt's first output token has the same bits whether the prompt was prefilled or found in the cache."""
+def fuses_decode_tails(model: object, fb: ForwardBatch, kv: KVCache) -> bool:
+    """Whether `model.forward` runs this step's decode tails (fb.decode_tails: generated tokens and final prompt
+    tokens) as decode rows: then a prompt's first output token has the same bits whether the prompt was
+    prefilled or found in the cache, and a decode row the same bits whether a prefill shares its step."""
     from sgl.runtime.models.llama import LlamaForCausalLM
 
-    return (isinstance(model, LlamaForCausalLM) and fb.final_prompt is not None and any(fb.final_prompt)
+    return (isinstance(model, LlamaForCausalLM) and fb.decode_tails is not None and any(fb.decode_tails)
             and fb.tree_masks is None and _rows_possible(model, fb, kv))
 
 
-def split_final_tokens(model: "LlamaForCausalLM", fb: ForwardBatch,
+def split_decode_tails(model: "LlamaForCausalLM", fb: ForwardBatch,
                        kv: KVCache) -> Optional[tuple[Optional[ForwardBatch], ForwardBatch, torch.Tensor, torch.Tensor]]:
-    """(the step without its final prompt tokens or None, those tokens as decode rows, the token rows of each
-    in fb) when the step holds prompt rows whose final token should run as a decode row; else None.
-    The first part runs first (it writes the K/V the final tokens attend to)."""
-    if fb.generated_only or not fuses_final_tokens(model, fb, kv):
+    """(the step's other tokens or None, its decode tails as decode rows, the token rows of each in fb) when the
+    step mixes prompt tokens with decode tails; else None (a generated-only step runs decode_rows whole).
+    The first part runs first (it writes the K/V the tails attend to)."""
+    if fb.generated_only or not fuses_decode_tails(model, fb, kv):
         return None
-    finals = [b for b, f in enumerate(fb.final_prompt) if f]
-    if len(finals) > MAX_ROWS:
+    tails = fb.decode_tails
+    if sum(tails) > MAX_ROWS:
         return None
-    ends = torch.tensor(fb.extend_lens, dtype=torch.int64).cumsum(0)
     ids = fb.input_ids.tolist()
-    head_ids, head_tables, head_rows, tail_rows = [], [], [], []
-    for b, (ext, seq, table) in enumerate(zip(fb.extend_lens, fb.seq_lens, fb.slot_tables)):
-        end = int(ends[b])
-        keep = ext - 1 if fb.final_prompt[b] else ext
+    head_ids, head_tables, head_rows, tail_ids, tail_tables, tail_rows = [], [], [], [], [], []
+    end = 0
+    for ext, seq, table, n in zip(fb.extend_lens, fb.seq_lens, fb.slot_tables, tails):
+        begin, end = end, end + ext
+        keep = ext - n
         if keep > 0:
-            head_ids.append(ids[end - ext : end - ext + keep])
-            head_tables.append(table[: seq - ext + keep])
-            head_rows.extend(range(end - ext, end - ext + keep))
-        if fb.final_prompt[b]:
-            tail_rows.append(end - 1)
-    head = (ForwardBatch.from_lists(head_ids, head_tables, device=fb.input_ids.device) if head_ids else None)
-    tail = ForwardBatch.from_lists([[ids[r]] for r in tail_rows], [fb.slot_tables[b] for b in finals],
-                                   device=fb.input_ids.device, generated_only=True)
+            head_ids.append(ids[begin : begin + keep])
+            head_tables.append(table[: seq - n])
+            head_rows.extend(range(begin, begin + keep))
+        if n > 0:
+            tail_ids.append(ids[begin + keep : end])
+            tail_tables.append(table)
+            tail_rows.extend(range(begin + keep, end))
+    device = fb.input_ids.device
+    head = ForwardBatch.from_lists(head_ids, head_tables, device=device) if head_ids else None
+    tail = ForwardBatch.from_lists(tail_ids, tail_tables, device=device, generated_only=True)
     return head, tail, torch.tensor(head_rows, dtype=torch.int64), torch.tensor(tail_rows, dtype=torch.int64)
 
 

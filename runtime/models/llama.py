@@ -35,7 +35,7 @@ from sgl.kernels.dispatch import paged_attention  # Triton on CUDA, the torch re
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.models.config import ModelConfig
-from sgl.runtime.models.fused_decode import fused_step, split_final_tokens
+from sgl.runtime.models.fused_decode import fused_step, split_decode_tails
 from sgl.runtime.models.native_weights import (LinearWeight, Payload, RawBlocks, describe, embedding_rows, fuse_rows,
                                                linear, pack_quant_weights, to_linear)
 from sgl.runtime.models.rotary import RopeTables, RotaryEmbedding
@@ -259,7 +259,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, fb: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Runs the batch's new tokens, writes their K/V into `kv`; returns [T, hidden] final-normed states."""
         self.rope.ensure(max(fb.seq_lens))
-        split = split_final_tokens(self, fb, kv)  # final prompt tokens as decode rows (fused_decode.py)
+        split = split_decode_tails(self, fb, kv)  # generated and final prompt tokens as decode rows (fused_decode.py)
         if split is None:
             return rms_norm(self._layers(fb, kv), self.norm, self.norm_consts)
         head, tail, head_rows, tail_rows = split

@@ -68,7 +68,7 @@ def test_select_picks_what_the_logprobs_say(ep, server):
     expected, scores = chosen_by_logprobs(direct, encode, prompt, ["yes", "no", "maybe"])
     assert st["verdict"] == expected
     # 5e-3: select first prefills the bare prompt, whose final token runs as a decode row (q16 activations,
-    # fused_decode.split_final_tokens) and is cached so; the oracle's requests may recompute it in a prefill
+    # fused_decode.split_decode_tails) and is cached so; the oracle's requests may recompute it in a prefill
     # chunk (fp32): the scores of the same tokens then differ by up to ~2e-3 at logprob -13
     assert st.get_meta_info("verdict")["normalized_prompt_logprobs"] == pytest.approx(scores, abs=5e-3)
 

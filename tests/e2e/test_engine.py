@@ -173,7 +173,7 @@ def test_async_generate(engine: Engine) -> None:
 
 def test_a_cached_prompt_gives_the_uncached_first_token(engine: Engine) -> None:
     """After a full-prefix cache hit the prompt's last token is recomputed alone (one row, one token). A fresh
-    prefill runs that final token as a decode row too (fused_decode.split_final_tokens), so both runs give it
+    prefill runs that final token as a decode row too (fused_decode.split_decode_tails), so both runs give it
     the same bits: this chat prompt's first token is a near tie (logprobs -1.7341 vs -1.7359) that flipped
     ("The" -> "La") on the cached run when the two paths differed. Every output logprob is bit-identical."""
     prompt = ("<|im_start|>system\nYou are a concise assistant.<|im_end|>\n<|im_start|>user\nWhat is the capital "

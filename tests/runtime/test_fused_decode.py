@@ -133,3 +133,30 @@ def test_engine_decode_takes_the_fused_path(count_fused: list[int]) -> None:
         eng.check_integrity()
     finally:
         eng.shutdown()
+
+
+def test_a_decode_row_beside_a_prefill_chunk_keeps_its_bits(count_fused: list[int]) -> None:
+    """A step mixing one sequence's decode token with another's prompt chunk (ForwardBatch.decode_tails) runs
+    the chunk first, then the decode token as a decode row: its logits are those of decoding alone."""
+    from sgl.runtime.executor.forward_batch import ForwardBatch
+    from sgl.runtime.executor.kv_cache import KVCache
+
+    hf = make_hf_model(tiny_hf_configs()["llama_gqa_untied"])
+    native, _ = quantized_pair(hf.state_dict(), ModelConfig.from_hf(hf.config), "q4_1")
+    pa, pb = random_prompts([12, 20], seed=4)
+    table_a, table_b = list(range(0, 13)), list(range(40, 60))
+
+    def step(mixed: bool) -> torch.Tensor:
+        kv = KVCache.for_model(native.config, num_slots=64, dtype=torch.float32)
+        native.forward(ForwardBatch.from_lists([pa], [table_a[:12]]), kv)
+        if not mixed:
+            fb = ForwardBatch.from_lists([[7]], [table_a], generated_only=True, decode_tails=[1])
+            return native.compute_logits(native.forward(fb, kv))[0]
+        fb = ForwardBatch.from_lists([[7], pb], [table_a, table_b], decode_tails=[1, 0])
+        return native.compute_logits(native.forward(fb, kv)[:1])[0]
+
+    alone = step(mixed=False)
+    before = count_fused[0]
+    mixed = step(mixed=True)
+    assert count_fused[0] - before == native.config.num_hidden_layers  # the decode row, fused; the chunk not
+    assert torch.equal(mixed, alone)
