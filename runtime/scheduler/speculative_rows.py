@@ -21,8 +21,9 @@ the draft length j <= k that maximizes the expected tokens per step over the cos
 A request that does not draft still learns its rate: the drafter proposes a *shadow* draft that is
 not verified (no row, no KV), and the tokens the request then produces score it exactly as a verify
 row would have (the longest draft prefix, or tree path, they follow). So a copy phase is found without
-paying for a verify row. NGRAM drafts in microseconds and shadows every idle step; a drafter costing
-more than SHADOW_BUDGET of a decode step per draft shadows every SHADOW_EVERY-th idle step.
+paying for a verify row. Shadows cost the drafter's time only, kept under SHADOW_BUDGET of a decode step
+on average: NGRAM drafts in microseconds and shadows k tokens every idle step; a head (EAGLE, ~7% of a
+decode step per drafted token here) shadows SHADOW_LEN tokens every ~10th idle step.
 Measured on the default model (NGRAM, 1 thread): a fixed-length ladder (+2 after a full accept, as
 Hugging Face's assisted generation) lost ~30% of the accepted tokens of copy phases, because
 acceptance is bimodal (copying or not) and each copy phase restarted short; the EMA reaches a = 0.9
@@ -31,6 +32,7 @@ after two full accepts. `--speculative-always-draft` skips the rule (every row d
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -60,7 +62,7 @@ class SpecStats:
 
 
 PRIOR, EMA, DRIFT = 0.6, 0.5, 0.1  # default acceptance prior, weight of the newest row, pull back when idle
-SHADOW_EVERY, SHADOW_BUDGET = 8, 0.03  # a drafter costing > 3% of a decode step per draft shadows every 8th idle step
+SHADOW_BUDGET, SHADOW_LEN = 0.03, 4  # shadow drafts' average cost per idle step (decode steps); their length if costly
 DRAFT_TIME_EMA = 0.2
 
 
@@ -118,6 +120,8 @@ class SpeculativeRows:
         want: dict[Req, int] = {}
         shadow: list[Req] = []
         per_draft = self.per_draft
+        shadow_len = self.k if per_draft * self.k <= SHADOW_BUDGET else min(self.k, SHADOW_LEN)
+        shadow_every = max(1, math.ceil(per_draft * shadow_len / SHADOW_BUDGET))
         for req in decoding:
             if req.spec_accept_prob is None:
                 req.spec_accept_prob = self.prior
@@ -126,8 +130,7 @@ class SpeculativeRows:
             if want[req] == 0:
                 req.spec_accept_prob += DRIFT * (self.prior - req.spec_accept_prob)
                 req.spec_idle_steps += 1
-                if req.spec_shadow is None and (per_draft * self.k <= SHADOW_BUDGET
-                                                or req.spec_idle_steps % SHADOW_EVERY == 0):
+                if req.spec_shadow is None and req.spec_idle_steps % shadow_every == 0:
                     shadow.append(req)
             else:
                 req.spec_idle_steps = 0
@@ -135,13 +138,13 @@ class SpeculativeRows:
         out: dict[Req, Draft] = {}
         if not asking and not shadow:
             return out
-        k = max([want[r] for r in asking] + ([self.k] if shadow else []))
-        t0 = time.perf_counter()
+        k = max([want[r] for r in asking] + ([shadow_len] if shadow else []))
+        t0 = time.process_time()
         proposed = self.drafter.propose(asking + shadow, k)
-        self.draft_seconds += DRAFT_TIME_EMA * ((time.perf_counter() - t0) / k - self.draft_seconds)
+        self.draft_seconds += DRAFT_TIME_EMA * ((time.process_time() - t0) / k - self.draft_seconds)
         for req, draft in zip(asking + shadow, proposed):
             room = req.params.max_new_tokens - len(req.output_ids) - 1
-            cut = draft.cut(max(0, room), want[req] or None)
+            cut = draft.cut(max(0, room), want[req] or shadow_len)
             if not len(cut):
                 continue
             if want[req]:

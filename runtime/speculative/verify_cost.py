@@ -11,8 +11,9 @@ model and KV pool before it serves (`measure_verify_cost`, ~0.1-0.4 s on 1 threa
 
     cost(j) = time(forward + lm_head of one row of 1 + j new tokens) / time(the same for 1 token)
 
-over a short dummy context, min over interleaved repetitions (a shared machine's preemptions only
-ever add time), at j = 1, 2, 4, 8, ... up to k, linear in between. `VerifyCost.assumed` is the old
+over a short dummy context, at j = 1..8, 16, 32, ... and k, linear in between. Times are the process's
+CPU time (time.process_time), min over interleaved repetitions: on a shared machine wall time swung the
+ratios by 40% between two measurements a second apart (the other jobs' preemptions), CPU time hardly. `VerifyCost.assumed` is the old
 fitted curve, for schedulers built without an engine (tests with fake runners) and tensor-parallel
 engines (every rank would have to join the timing steps).
 """
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 CONTEXT = 32  # dummy tokens before the timed rows: attention over a short prefix, as early in a request
-REPS = 3  # interleaved rounds; each length's min is kept
+REPS = 2  # interleaved rounds after a warm-up round; each length's min is kept (CPU time: stable)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class VerifyCost:
     """cost(j): decode steps one verify row of 1 + j tokens costs; points[i] = (j, cost), j ascending, (0, 1.0) first."""
 
     points: tuple[tuple[int, float], ...]
-    decode_seconds: float = 0.0  # one decode step as measured (0: not measured)
+    decode_seconds: float = 0.0  # one decode step as measured, process CPU seconds (0: not measured)
     source: str = "assumed"  # "measured" | "assumed"
 
     def __post_init__(self) -> None:
@@ -59,12 +60,14 @@ class VerifyCost:
 
 
 def draft_lengths(k: int) -> list[int]:
-    """The lengths timed: powers of two below k, and k."""
-    out, j = [], 1
+    """The lengths timed: every j up to 8 (kernels pick tiles by row count: on the default model a row of
+    1 + 4 cost 4.1 decode steps and one of 1 + 2 cost 2.4, so no straight line fits), then powers of two, and k."""
+    out = list(range(1, min(k, 8) + 1))
+    j = 16
     while j < k:
         out.append(j)
         j *= 2
-    return out + [k]
+    return out + ([k] if k > 8 else [])
 
 
 def measure_verify_cost(model: Any, kv: Any, k: int, vocab_size: int, reps: int = REPS,
@@ -85,9 +88,9 @@ def measure_verify_cost(model: Any, kv: Any, k: int, vocab_size: int, reps: int 
         for rep in range(reps + 1):  # round 0 warms every path (first calls allocate)
             for j in lengths:
                 fb = ForwardBatch.from_lists([ctx[context:context + 1 + j]], [list(range(context + 1 + j))])
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 model.compute_logits(model(fb, kv))
-                dt = time.perf_counter() - t0
+                dt = time.process_time() - t0
                 if rep:
                     best[j] = min(best[j], dt)
     base = best[0]

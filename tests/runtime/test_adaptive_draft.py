@@ -32,7 +32,8 @@ def test_cost_interpolates_and_extrapolates() -> None:
     assert MEASURED(3) == pytest.approx((2.51 + 3.09) / 2)
     assert MEASURED(6) == pytest.approx((3.09 + 4.88) / 2)
     assert EXPENSIVE(5) == pytest.approx(6.0)  # the last slope goes on
-    assert draft_lengths(8) == [1, 2, 4, 8] and draft_lengths(6) == [1, 2, 4, 6] and draft_lengths(1) == [1]
+    assert draft_lengths(8) == list(range(1, 9)) and draft_lengths(3) == [1, 2, 3]
+    assert draft_lengths(40) == list(range(1, 9)) + [16, 32, 40]
 
 
 @pytest.mark.parametrize("a", [0.0, 0.5, 0.9, 0.999])
@@ -121,5 +122,5 @@ def test_measured_cost_on_a_tiny_model() -> None:
     kv = KVCache.for_model(model.config, 64, torch.float32, "cpu")
     cost = measure_verify_cost(model, kv, 4, model.config.vocab_size, reps=1)
     assert cost.source == "measured" and cost.decode_seconds > 0
-    assert [j for j, _ in cost.points] == [0, 1, 2, 4]
+    assert [j for j, _ in cost.points] == [0, 1, 2, 3, 4]
     assert all(c > 0 for _, c in cost.points)
