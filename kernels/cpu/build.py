@@ -16,7 +16,7 @@ import tempfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCES = [HERE / "quant_gemm.cpp", HERE / "decode_attention.cpp", HERE / "rms_norm.cpp", HERE / "decode_layer.cpp",
-           HERE / "thread_pool.cpp"]
+           HERE / "decode_rows.cpp", HERE / "thread_pool.cpp"]
 
 
 def isa_flags() -> tuple[str, list[str]]:

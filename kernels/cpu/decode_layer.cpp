@@ -33,59 +33,10 @@
 #include "quant_common.h"
 #include "quant_q16.h"
 #include "attention_common.h"
+#include "decode_common.h"
 #include "thread_pool.h"
 
 namespace {
-
-using Addr = std::uintptr_t;
-
-// Per-thread scratch of the q16 activations of one row (reused across calls: no malloc per layer).
-struct Act16 {
-  std::vector<int16_t> q;
-  std::vector<float> d, s;
-  Q16Act view(int64_t k) const { return Q16Act{q.data(), d.data(), s.data(), k, k / kBlock}; }
-};
-
-// rms_norm.cpp's arithmetic (double sum of squares, (x * r) * w in float), one row.
-void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* out) {
-  double ss = 0.0;
-  for (int64_t j = 0; j < n; j++) ss += double(x[j]) * double(x[j]);
-  const float r = float(1.0 / std::sqrt(ss / double(n) + double(eps)));
-  for (int64_t j = 0; j < n; j++) out[j] = (x[j] * r) * w[j];
-}
-
-// gemv_rows (quant_q16.h) for a run-time block type.
-void gemv_rows_any(QT t, const uint8_t* W, int64_t rb, int64_t count, const Q16Act& a, float* out,
-                   const float* bias, const float* resid) {
-  switch (t) {
-    case QT::Q4_0: gemv_rows<QT::Q4_0>(W, rb, count, a, out, bias, resid); break;
-    case QT::Q4_1: gemv_rows<QT::Q4_1>(W, rb, count, a, out, bias, resid); break;
-    case QT::Q8_0: gemv_rows<QT::Q8_0>(W, rb, count, a, out, bias, resid); break;
-    default: break;  // F16 is rejected before the parallel region
-  }
-}
-
-QT block_qtype(int64_t code) {
-  switch (code) {
-    case 0: return QT::Q4_0;
-    case 1: return QT::Q4_1;
-    case 2: return QT::Q8_0;
-    default: throw std::invalid_argument("decode kernels take qtype codes 0 (q4_0), 1 (q4_1), 2 (q8_0)");
-  }
-}
-
-// Chunk size of a phase of n output columns: about 4 chunks per thread (a late or slow thread's share is
-// taken by the others), a multiple of 4 (whole C = 4 column groups), at least 16 columns.
-int64_t chunk_for(int64_t n, int threads) {
-  return threads <= 1 ? n : std::max<int64_t>(16, (n / (4 * threads) + 3) / 4 * 4);
-}
-
-// RoPE "rotate half": out_j = x_j cos_j + x_{(j + D/2) % D} sin_signed_j.
-inline void rope(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
-  const int64_t half = D / 2;
-  for (int64_t j = 0; j < D; j++) out[j] = x[j] * cos[j] + x[j < half ? j + half : j - half] * sin[j];
-}
-
 
 struct Layer {
   float* h;

@@ -195,3 +195,47 @@ def decode_stack(h: torch.Tensor, stack: DecodeStack, cos: torch.Tensor, sin: to
                       w0.num_heads, w0.num_kv_heads, w0.head_dim, w0.intermediate_size, cos.data_ptr(), sin.data_ptr(),
                       stack.k_bufs[0].shape[0], slots.data_ptr(), slots.numel(), float(scale), get_num_threads())
     return h
+
+
+MAX_ROWS = 64  # decode_rows.cpp's kQ16MaxRows (quant_q16_tile.h)
+
+
+def decode_rows(h: torch.Tensor, stack: DecodeStack, cos: torch.Tensor, sin: torch.Tensor, row_slots: torch.Tensor,
+                row_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The stack for M token rows at once, in place on h [M, hidden] (M <= MAX_ROWS); returns h. Row t is one
+    token with its position's cos / signed-sin rows (cos, sin [M, D]) and its slot list: `row_slots[t]` is the
+    ADDRESS of a contiguous int64 slot list of `row_lens[t]` entries, the token's own slot last (a decode row:
+    its sequence's slot table; verify row j of a chain: the table up to its own slot). Every row's K/V is
+    stored before any row attends. Each row gets the bits decode_stack computes for that token alone
+    (tests/kernels/test_cpu_decode_rows.py). The caller keeps the slot lists alive for the call. Without the
+    kernel: one decode_stack per row, in order (the same result)."""
+    ext = _ext.load()
+    w0 = stack.layers[0]
+    m = h.shape[0]
+    if not (h.dtype == torch.float32 and h.is_contiguous() and h.dim() == 2 and 1 <= m <= MAX_ROWS
+            and h.shape[1] == w0.hidden_size):
+        raise ValueError(f"h must be a contiguous float32 [1..{MAX_ROWS}, {w0.hidden_size}] tensor, got {tuple(h.shape)}")
+    if tuple(cos.shape) != (m, w0.head_dim) or tuple(sin.shape) != (m, w0.head_dim) or not (
+            cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError(f"cos/sin must be contiguous [{m}, {w0.head_dim}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    for name, t in (("row_slots", row_slots), ("row_lens", row_lens)):
+        if t.dtype != torch.int64 or tuple(t.shape) != (m,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous int64 [{m}] tensor, got {t.dtype} {tuple(t.shape)}")
+    if ext is None or not hasattr(ext, "decode_rows"):
+        for t in range(m):
+            n = int(row_lens[t])
+            slots = _slot_list(int(row_slots[t]), n)
+            decode_stack(h[t : t + 1], stack, cos[t], sin[t], slots, scale)
+        return h
+    ext.decode_rows(h.data_ptr(), m, stack.table.data_ptr(), len(stack.layers), float(w0.eps), w0.hidden_size,
+                    w0.num_heads, w0.num_kv_heads, w0.head_dim, w0.intermediate_size, cos.data_ptr(), sin.data_ptr(),
+                    row_slots.data_ptr(), row_lens.data_ptr(), stack.k_bufs[0].shape[0], float(scale),
+                    get_num_threads())
+    return h
+
+
+def _slot_list(addr: int, n: int) -> torch.Tensor:
+    """The int64 [n] slot list at `addr` (a copy), for the path without the kernel."""
+    import ctypes
+
+    return torch.tensor((ctypes.c_int64 * n).from_address(addr)[:], dtype=torch.int64)

@@ -371,6 +371,9 @@ void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, in
                    int64_t I, Addr cos, Addr sin, int64_t num_slots, Addr slots, int64_t L, double scale,
                    int64_t threads);
 void gemv(Addr x, Addr w, int64_t qtype, int64_t N, int64_t K, Addr out, Addr bias, Addr resid, int64_t threads);
+void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv,
+                 int64_t D, int64_t I, Addr cos, Addr sin, Addr row_slots, Addr row_lens, int64_t num_slots,
+                 double scale, int64_t threads);
 namespace sgl_cpu { void set_spin_us(int64_t us); void set_adaptive(bool on); }  // thread_pool.cpp
 
 void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr,
@@ -479,6 +482,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layer", &decode_layer, "one decoder layer for one token (batch-1 decode), in place on h",
         py::call_guard<py::gil_scoped_release>());
   m.def("decode_layers", &decode_layers, "decode_layer for a stack of layers (rows of an int64 table), in place on h",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("decode_rows", &decode_rows, "the decoder stack for up to 64 token rows (decode batch, verify rows)",
         py::call_guard<py::gil_scoped_release>());
   m.def("gemv", &gemv, "y = x @ W^T (+ bias) (+ residual) for one row (q16 activations, decode pool)",
         py::call_guard<py::gil_scoped_release>());

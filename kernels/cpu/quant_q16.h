@@ -116,15 +116,10 @@ inline void dot_q16_cols(const uint8_t* w, int64_t rb, const Q16Act& a, int64_t 
 #endif
 }
 
-// x fp32 [M, K] -> int16 per 32-block in perm16 order, scale amax / 32767 (round to nearest even), and the
-// exact fp32 block sums.
-void quantize_act16(const float* x, int64_t M, int64_t K, std::vector<int16_t>& q, std::vector<float>& d,
-                    std::vector<float>& s) {
-  const int64_t nb = K / kBlock;
-  q.resize(M * K);
-  d.resize(M * nb);
-  s.resize(M * nb);
-  for (int64_t i = 0; i < M * nb; i++) {
+// nb blocks of x -> int16 per 32-block in perm16 order (q [nb * 32]), scale amax / 32767 (round to nearest
+// even: d [nb]), and the exact fp32 block sums (s [nb]). Pointers: a row of a batch writes its part in place.
+inline void quantize_blocks16(const float* x, int64_t nb, int16_t* q, float* d, float* s) {
+  for (int64_t i = 0; i < nb; i++) {
     const float* xb = x + i * kBlock;
     float amax, sum;
     block_amax_sum(xb, amax, sum);
@@ -134,6 +129,16 @@ void quantize_act16(const float* x, int64_t M, int64_t K, std::vector<int16_t>& 
     d[i] = dx;
     s[i] = sum;
   }
+}
+
+// x fp32 [M, K] -> its q16 blocks (quantize_blocks16), into vectors sized here.
+inline void quantize_act16(const float* x, int64_t M, int64_t K, std::vector<int16_t>& q, std::vector<float>& d,
+                    std::vector<float>& s) {
+  const int64_t nb = K / kBlock;
+  q.resize(M * K);
+  d.resize(M * nb);
+  s.resize(M * nb);
+  quantize_blocks16(x, M * nb, q.data(), d.data(), s.data());
 }
 
 // ---- M = 1 q16 GEMV over a range of weight rows (the batch-1 decode layer, gemv and gemm's single row) ----

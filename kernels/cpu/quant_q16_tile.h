@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "quant_common.h"
@@ -41,24 +42,32 @@ struct Q16Pairs {
   int64_t pairs = 0, nb = 0, ld = 0;
 };
 
-inline void pack_pairs(const Q16Act& a, int64_t M, Q16Pairs& p) {
+// Sizes p for M rows of nb blocks (zeroed: an odd M's last pair has a zero row); pack_row then fills row r.
+inline void size_pairs(int64_t M, int64_t nb, Q16Pairs& p) {
   p.pairs = (M + 1) / 2;
-  p.nb = a.nb;
+  p.nb = nb;
   p.ld = 2 * p.pairs + 16;
-  p.q.assign(p.pairs * a.nb * 64, 0);
-  p.d.assign(p.pairs * a.nb * 2, 0.f);
-  p.s.assign(a.nb * p.ld, 0.f);
-  for (int64_t r = 0; r < M; r++) {
-    const int64_t pr = r / 2, h = r % 2;
-    for (int64_t b = 0; b < a.nb; b++) {
-      const int16_t* src = a.q + r * a.k + b * kBlock;
-      int16_t* dst = p.q.data() + (pr * a.nb + b) * 64;
-      std::memcpy(dst + 16 * h, src, 16 * sizeof(int16_t));
-      std::memcpy(dst + 32 + 16 * h, src + 16, 16 * sizeof(int16_t));
-      p.d[(pr * a.nb + b) * 2 + h] = a.d[r * a.nb + b];
-      p.s[b * p.ld + r] = a.s[r * a.nb + b];
-    }
+  p.q.assign(p.pairs * nb * 64, 0);
+  p.d.assign(p.pairs * nb * 2, 0.f);
+  p.s.assign(nb * p.ld, 0.f);
+}
+
+// Row r of p from its q16 blocks (q [nb * 32], d [nb], s [nb]); rows write disjoint parts of p.
+inline void pack_row(const int16_t* q, const float* d, const float* s, int64_t r, Q16Pairs& p) {
+  const int64_t pr = r / 2, h = r % 2;
+  for (int64_t b = 0; b < p.nb; b++) {
+    const int16_t* src = q + b * kBlock;
+    int16_t* dst = p.q.data() + (pr * p.nb + b) * 64;
+    std::memcpy(dst + 16 * h, src, 16 * sizeof(int16_t));
+    std::memcpy(dst + 32 + 16 * h, src + 16, 16 * sizeof(int16_t));
+    p.d[(pr * p.nb + b) * 2 + h] = d[b];
+    p.s[b * p.ld + r] = s[b];
   }
+}
+
+inline void pack_pairs(const Q16Act& a, int64_t M, Q16Pairs& p) {
+  size_pairs(M, a.nb, p);
+  for (int64_t r = 0; r < M; r++) pack_row(a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, r, p);
 }
 
 #ifdef SGL_AVX512_TILE

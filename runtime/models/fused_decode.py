@@ -1,4 +1,4 @@
-"""Batch-1 native decode: each Llama layer in ONE C++ call (sgl.kernels.cpu.decode_layer) where it applies.
+"""Native decode: the Llama decoder stack in ONE C++ call (sgl.kernels.cpu.decode_layer) where it applies.
 
 `LlamaForCausalLM.forward` asks `fused_step(...)` once per step; it returns a runner for the step's whole
 decoder (every layer in ONE call, `decode_stack`, when every layer fuses: one Python -> C++ transition per
@@ -11,6 +11,12 @@ fallback, f16 blocks, a tensor-parallel shard) runs its own forward inside a fus
 Why: at batch 1 the unfused layer is ~15 small torch ops and 4 GEMV calls, each small op running cold after
 a ~2 MB weight stream and each call a fork/join of the thread pool; profile: benchmarks/profile_decode_step.py.
 `ENABLED = False` turns the path off (the profile's A/B and the tests).
+
+A step of 2..64 token rows (a decode batch, speculative verify rows, short extends; any mix) with the same
+conditions runs `decode_rows`: the stack for all rows in one call, each row with the bits decode_stack gives
+that token alone, so a decode batch is batch-invariant and a verify row computes what the decode step
+without speculation computes. Row t's slot list is its sequence's slot table up to its own slot (a tree
+node's: the prefix, its ancestors and itself). `ROWS_ENABLED = False` keeps such steps on the torch path.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from sgl.kernels.cpu import _ext
-from sgl.kernels.cpu.decode_layer import QTYPE_CODE, DecodeLayerWeights, DecodeStack, decode_layer, decode_stack
+from sgl.kernels.cpu.decode_layer import (MAX_ROWS, QTYPE_CODE, DecodeLayerWeights, DecodeStack, decode_layer,
+                                         decode_rows, decode_stack)
 from sgl.kernels.cpu.quant import QuantWeight, get_act_quant
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
@@ -30,6 +37,7 @@ if TYPE_CHECKING:
     from sgl.runtime.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 ENABLED = True
+ROWS_ENABLED = True
 StackRunner = Callable[[torch.Tensor, RopeTables], torch.Tensor]  # (h, rope tables) -> h after every layer
 
 
@@ -71,14 +79,16 @@ def model_stack(model: "LlamaForCausalLM", kv: KVCache) -> Optional[DecodeStack]
 
 def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv: KVCache) -> Optional[StackRunner]:
     """A runner `(h, rope_tables) -> h` for this step's decoder layers, or None (run the torch path)."""
-    if not (ENABLED and model.native and h.shape[0] == 1 and fb.lora is None):
-        return None
-    d = fb.attn.decode
-    if d is None or d.batch_size != 1 or d.rows is not None or kv.dtype != torch.float32 or kv.device.type != "cpu":
+    if not (ENABLED and model.native and fb.lora is None and kv.dtype == torch.float32 and kv.device.type == "cpu"):
         return None
     ext = _ext.load()
     if ext is None or not hasattr(ext, "decode_layer") or get_act_quant() != "q16":
         return None
+    if h.shape[0] > 1:
+        return _rows_step(model, fb, kv, ext)
+    d = fb.attn.decode
+    if d is None or d.batch_size != 1 or d.rows is not None:
+        return _rows_step(model, fb, kv, ext)
     slots = fb.slot_tables[0]
     if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.device.type != "cpu":
         return None
@@ -97,5 +107,54 @@ def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv:
             else:
                 x = decode_layer(x, w, cos, sin, kv.k_buffer(i), kv.v_buffer(i), slots, layer.scale, check=False)
         return x
+
+    return run
+
+
+def row_slot_lists(fb: ForwardBatch) -> Optional[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+    """(addresses [T], lengths [T], the tensors that own them) of every token row's slot list, or None when a
+    slot table is not a contiguous int64 CPU tensor. A chain row's list is a prefix of its table (no copy);
+    a tree node's is built: the prefix and pending slots it sees, then its ancestors and itself."""
+    addrs: list[int] = []
+    lens: list[int] = []
+    owners: list[torch.Tensor] = []
+    for b, (table, ext, seq) in enumerate(zip(fb.slot_tables, fb.extend_lens, fb.seq_lens)):
+        if table.dtype != torch.int64 or not table.is_contiguous() or table.device.type != "cpu":
+            return None
+        mask = None if fb.tree_masks is None else fb.tree_masks[b]
+        prefix = seq - ext
+        if mask is None:
+            addrs.extend([table.data_ptr()] * ext)
+            lens.extend(range(prefix + 1, seq + 1))
+            owners.append(table)
+            continue
+        new = table[prefix:]
+        for j in range(ext):
+            row = torch.cat((table[:prefix], new[mask[j]]))
+            addrs.append(row.data_ptr())
+            lens.append(row.numel())
+            owners.append(row)
+    return torch.tensor(addrs, dtype=torch.int64), torch.tensor(lens, dtype=torch.int64), owners
+
+
+def _rows_step(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache, ext: object) -> Optional[StackRunner]:
+    if not (ROWS_ENABLED and fb.num_tokens <= MAX_ROWS and hasattr(ext, "decode_rows")):
+        return None
+    stack = model_stack(model, kv)
+    lists = row_slot_lists(fb) if stack is not None else None
+    if lists is None:
+        return None
+    addrs, lens, owners = lists
+
+    def run(x: torch.Tensor, rope_tables: RopeTables) -> torch.Tensor:
+        t = x.shape[0]
+        cos = rope_tables.cos.reshape(t, -1).contiguous()  # [T, D]
+        sin = rope_tables.sin_signed.reshape(t, -1).contiguous()
+        if not x.is_contiguous():
+            x = x.contiguous()
+        decode_rows(x, stack, cos, sin, addrs, lens, model.layers[0].scale)
+        return x
+
+    run.owners = owners  # type: ignore[attr-defined]  # NOTE: addrs point into them: alive as long as run
 
     return run

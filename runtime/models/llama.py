@@ -30,6 +30,7 @@ from torch import nn
 
 from sgl.kernels.cpu import _ext as _cpu_ext
 from sgl.kernels.cpu import norm as _cpu_norm
+from sgl.kernels.cpu.quant import Q16_MAX_ROWS, QuantWeight, get_act_quant, quant_linear
 from sgl.kernels.dispatch import paged_attention  # Triton on CUDA, the torch reference on CPU
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
@@ -271,7 +272,11 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
-        logits = linear(hidden, self.lm_head).float()
+        if isinstance(self.lm_head, QuantWeight) and hidden.shape[0] <= Q16_MAX_ROWS and get_act_quant() == "q16":
+            # decode / verify rows: q16 as a batch-1 step's lm_head, so each row's logits have its bits alone
+            logits = quant_linear(hidden.contiguous(), self.lm_head, act_quant="q16")
+        else:
+            logits = linear(hidden, self.lm_head).float()
         return logits if self.gather_vocab is None else self.gather_vocab(logits)
 
     def hf_weights(self) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
-"""The fused batch-1 decode path (runtime/models/fused_decode.py: the layers in one C++ call) against the unfused
-layer (LlamaDecoderLayer.forward, the reference) on tiny random models with native weights: the same logits
-up to float rounding, the path really taken on single-sequence decode steps, and not taken where it does
-not apply (batches of several rows, prefill chunks, fp32 activations, LoRA-free fp32 models)."""
+"""The fused decode paths (runtime/models/fused_decode.py: the layers in one C++ call, for one token or for up
+to 64 token rows) against the unfused layer (LlamaDecoderLayer.forward, the reference) on tiny random models
+with native weights: the same logits up to float rounding, the path really taken on decode steps, batches and
+short chunks, a batch's rows bit-identical to each row alone, and not taken where it does not apply (fp32
+activations, fp32 models, chunks of more than 64 rows)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ pytestmark = pytest.mark.skipif(not extension_available(), reason="the sgl.kerne
 
 @pytest.fixture
 def count_fused(monkeypatch) -> list[int]:
-    """Counts the layers the fused kernels run (the real kernels run): decode_stack's layers and decode_layer's."""
+    """Counts the token-layers the fused kernels run (the real kernels run): decode_stack's layers, decode_layer's,
+    and decode_rows' layers x rows."""
     calls = [0]
-    real_layer, real_stack = fused_decode.decode_layer, fused_decode.decode_stack
+    real_layer, real_stack, real_rows = fused_decode.decode_layer, fused_decode.decode_stack, fused_decode.decode_rows
 
     def counted_layer(*args, **kwargs):
         calls[0] += 1
@@ -32,7 +34,12 @@ def count_fused(monkeypatch) -> list[int]:
         calls[0] += len(stack.layers)
         return real_stack(h, stack, *args, **kwargs)
 
+    def counted_rows(h, stack, *args, **kwargs):
+        calls[0] += len(stack.layers) * h.shape[0]
+        return real_rows(h, stack, *args, **kwargs)
+
     monkeypatch.setattr(fused_decode, "decode_layer", counted_layer)
+    monkeypatch.setattr(fused_decode, "decode_rows", counted_rows)
     monkeypatch.setattr(fused_decode, "decode_stack", counted_stack)
     return calls
 
@@ -57,7 +64,7 @@ def test_fused_decode_equals_unfused_layers(name: str, qtype: str, count_fused: 
     want = run(native, prompts, fused=False)[0]
     assert count_fused[0] == 0
     got = run(native, prompts, fused=True)[0]
-    assert count_fused[0] == (40 - 8) * cfg.num_hidden_layers  # every 1-token step, every layer
+    assert count_fused[0] == 40 * cfg.num_hidden_layers  # the 8-token chunk (decode_rows) and every 1-token step
     # Both paths quantize activations to q16 (and the rope, silu and softmax roundings differ), which random
     # tiny weights amplify to ~1e-4 of the logits: so the fused error against the exact fp32 model must be
     # of the same size as the unfused one's (measured 0.9-1.1x), and both paths close to each other.
@@ -65,20 +72,27 @@ def test_fused_decode_equals_unfused_layers(name: str, qtype: str, count_fused: 
     err_fused, err_unfused = (got - exact).abs().max(), (want - exact).abs().max()
     assert err_fused <= 1.5 * err_unfused + 1e-6 * exact.abs().max(), (err_fused, err_unfused)
     assert_close(got, want, rel=1e-3)
-    assert torch.equal(got[:8], want[:8])  # the prefill chunk is the same code
 
 
-def test_fused_decode_only_for_one_sequence(count_fused: list[int]) -> None:
+def test_batches_fuse_and_each_row_has_its_bits_alone(count_fused: list[int]) -> None:
+    """Two sequences decoding together (decode_rows) produce the logits of each decoding alone (decode_stack):
+    bit for bit, so batch composition never changes a request's tokens. A 70-token chunk stays unfused."""
     hf = make_hf_model(tiny_hf_configs()["llama_gqa_untied"])
     native, ref = quantized_pair(hf.state_dict(), ModelConfig.from_hf(hf.config), "q4_1")
+    layers = native.config.num_hidden_layers
     prompts = random_prompts([9, 12], seed=2)
-    batched = greedy_generate(native, prompts, 6)  # two rows per decode step: the unfused layers
-    assert count_fused[0] == 0
-    alone = [greedy_generate(native, [p], 6)[0] for p in prompts]  # one row: fused
-    assert count_fused[0] == 2 * 5 * native.config.num_hidden_layers
+    batched = greedy_generate(native, prompts, 6)
+    assert count_fused[0] == (9 + 12 + 2 * 5) * layers
+    alone = [greedy_generate(native, [p], 6)[0] for p in prompts]
     assert alone == batched
+    one_step = lambda b, step, left: 1 if step else 8  # noqa: E731
+    rows = run_schedule(native, prompts, one_step)  # per-step logits of both sequences, decoded together
+    solo = [run_schedule(native, [p], one_step)[0] for p in prompts]
+    assert all(torch.equal(r, s) for r, s in zip(rows, solo))  # the chunk and every decode step: the same bits
+    before = count_fused[0]
     greedy_generate(ref, prompts[:1], 4)  # an fp32 model never fuses
-    assert count_fused[0] == 2 * 5 * native.config.num_hidden_layers
+    greedy_generate(native, random_prompts([70], seed=3), 1)  # 70 rows: the torch path (decode_rows takes <= 64)
+    assert count_fused[0] == before
 
 
 def test_fused_decode_off_with_fp32_activations(count_fused: list[int]) -> None:
@@ -95,23 +109,25 @@ def test_fused_decode_off_with_fp32_activations(count_fused: list[int]) -> None:
 
 
 def test_engine_decode_takes_the_fused_path(count_fused: list[int]) -> None:
-    """Through the real scheduler and runner (default model, native, 2 threads): single-request decode
+    """Through the real scheduler and runner (default model, native, 2 threads): the prompt and the decode
     steps run fused, and the greedy tokens equal the unfused layers' (and the KV stays intact)."""
     from sgl.runtime.engine import Engine
 
     params = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
     eng = Engine(model_path="default", num_threads=2, max_total_tokens=2048, show_progress=False)
     try:
-        fused = eng.generate("The capital of France is", params)["output_ids"]
+        out = eng.generate("The capital of France is", params)
+        fused, prompt = out["output_ids"], out["meta_info"]["prompt_tokens"]
         layers = 30  # SmolLM2-135M
-        assert count_fused[0] == (12 - 1) * layers, count_fused[0]  # every decode step, every layer
+        want = (prompt + 12 - 1) * layers  # the short prompt's chunk (decode_rows) and every decode step, every layer
+        assert count_fused[0] == want, count_fused[0]
         fused_decode.ENABLED = False
         try:
             eng.flush_cache()
             unfused = eng.generate("The capital of France is", params)["output_ids"]
         finally:
             fused_decode.ENABLED = True
-        assert count_fused[0] == (12 - 1) * layers
+        assert count_fused[0] == want
         assert fused == unfused
         eng.wait_idle()
         eng.check_integrity()

@@ -1,0 +1,238 @@
+// A decoder stack for a small batch of token rows (M <= kQ16MaxRows) in one call: the decode batches of
+// continuous batching and the verify rows of speculative decoding, each row computed with the SAME BITS as
+// decode_layer.cpp computes that token alone (a batch-1 decode step).
+//
+// Row t is one token: its residual stream h[t] [hidden], its position's cos / signed-sin rows [D], and its slot
+// list (row_slots[t], row_lens[t] entries; the token's own slot LAST). A decode row's list is its sequence's
+// slot table; verify row j of a chain is the table up to its own slot (the rows before it in the same
+// sequence included); a tree row lists the prefix, its ancestors and itself. Per layer:
+//   prep   x_t = rms_norm(h_t) * ln1, q16-quantized and packed for the row-pair tile   (rows over threads)
+//   qkv    x @ Wqkv^T (+ bias) for all rows                                              (columns)
+//   store  rope k, store k / v of every row at its slot                                  (rows)
+//   attn   rope q, attention of the row's heads over its slot list                       (rows, or row x kv head)
+//   o      h += attn @ Wo^T (+ bias)                                                     (prep by rows, columns)
+//   gu     act = silu(x2 @ Wgate^T) * (x2 @ Wup^T), x2 = rms_norm(h) * ln2              (prep by rows, columns)
+//   down   h += act @ Wdown^T                                                            (prep by rows, columns)
+// Every row's K/V is stored before any row attends, so a verify row sees the draft rows before it.
+// Same bits as decode_layer per row: the per-row small ops are decode_common.h's; the matmuls are quant_q16_tile.h's
+// batch-invariant q16 GEMM (every row the bits of gemv_rows on that row alone; elsewhere gemv_rows per row);
+// attention is attend_heads (attention_common.h), whose per-head arithmetic does not depend on the head range.
+// Why: a 32-row decode step through llama.py's torch path is ~15 torch ops per layer, each parallelized by
+// OpenMP (which scales poorly at 2 threads under PASSIVE), plus fp32-activation matmuls; a verify row
+// computed there differs from a decode step in the last bits. tests/kernels/test_cpu_decode_rows.py checks
+// the bits against decode_stack.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "quant_common.h"
+#include "quant_q16.h"
+#include "quant_gemm_avx512.h"
+#include "quant_q16_tile.h"
+#include "attention_common.h"
+#include "decode_common.h"
+#include "thread_pool.h"
+
+namespace {
+
+// The q16 activations of M rows: row-major blocks (q / d / s as quantize_act16 lays them) and, where the tile
+// runs, the row-pair layout. Sized once per call; rows fill their own parts.
+struct RowsAct {
+  std::vector<int16_t> q;
+  std::vector<float> d, s;
+  Q16Pairs pairs;
+  int64_t M = 0, K = 0, nb = 0;
+  bool tile = false;
+
+  void size(int64_t m, int64_t k, bool use_tile) {
+    M = m, K = k, nb = k / kBlock, tile = use_tile;
+    q.resize(M * K);
+    d.resize(M * nb);
+    s.resize(M * nb);
+    if (tile) size_pairs(M, nb, pairs);
+  }
+  void set_row(int64_t r, const float* x) {  // x [K] -> row r
+    quantize_blocks16(x, nb, q.data() + r * K, d.data() + r * nb, s.data() + r * nb);
+    if (tile) pack_row(q.data() + r * K, d.data() + r * nb, s.data() + r * nb, r, pairs);
+  }
+  Q16Act view() const { return Q16Act{q.data(), d.data(), s.data(), K, nb}; }
+};
+
+// out[r, n] (row stride ldo) = x_r . W row n (+ bias[n]) (+ resid[r, n]) for n in [n0, n1), every row r.
+void gemm_rows(QT t, const uint8_t* W, int64_t K, const RowsAct& a, float* out, int64_t ldo, const float* bias,
+               const float* resid, int64_t n0, int64_t n1) {
+  const Q16Act av = a.view();
+  const Q16Pairs* pp = a.tile ? &a.pairs : nullptr;
+  switch (t) {
+    case QT::Q4_0: gemm_q16_cols<QT::Q4_0>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
+    case QT::Q4_1: gemm_q16_cols<QT::Q4_1>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
+    default: gemm_q16_cols<QT::Q8_0>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
+  }
+}
+
+struct Rows {
+  float* h;  // [M, hidden]
+  int64_t M;
+  const float *cos, *sin;  // [M, D]
+  const int64_t* const* slots;  // [M] slot lists
+  const int64_t* lens;  // [M]
+  float scale;
+};
+
+struct LayerW {
+  const float *ln1, *ln2, *qkv_bias, *o_bias;
+  const uint8_t *wqkv, *wo, *wgu, *wd;
+  QT tqkv, to, tgu, td;
+  float *kbuf, *vbuf;
+};
+
+struct Shape {
+  int64_t hidden, H, Hkv, D, I;
+  float eps;
+};
+
+// Per-call scratch, shared by the call's threads (each writes its own rows / columns).
+struct Scratch {
+  std::vector<float> qkv, attn, act;
+  RowsAct a_h, a_attn, a_act;
+};
+
+void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc, int threads) {
+  const int64_t M = r.M, D = s.D, G = s.H / s.Hkv, nqkv = (s.H + 2 * s.Hkv) * D, qd = s.H * D, kvrow = s.Hkv * D;
+  float *qkv = sc.qkv.data(), *attn = sc.attn.data(), *act = sc.act.data();
+  // attention items: rows, or (row, kv head) pairs when there are fewer rows than threads (decode_attention.cpp)
+  const int64_t parts = M >= threads ? 1 : s.Hkv;
+  const int64_t cq = chunk_for(nqkv, threads), ch = chunk_for(s.hidden, threads), ci = chunk_for(s.I, threads);
+  sgl_cpu::Phase prep1, ph_qkv, store, ph_attn, prep2, ph_o, prep3, ph_gu, prep4, ph_down;
+  prep1.reset(M, 1), ph_qkv.reset(nqkv, cq), store.reset(M, 1), ph_attn.reset(M * parts, 1);
+  prep2.reset(M, 1), ph_o.reset(s.hidden, ch), prep3.reset(M, 1), ph_gu.reset(s.I, ci);
+  prep4.reset(M, 1), ph_down.reset(s.hidden, ch);
+  const int64_t rb_gu = row_bytes(w.tgu, s.hidden);
+  auto body = [&] {
+    static thread_local std::vector<float> xr, gate, up, scores, qr;
+    xr.resize(std::max(s.hidden, qd));
+    prep1.work([&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) {
+        rms_norm_row(r.h + t * s.hidden, w.ln1, s.hidden, s.eps, xr.data());
+        sc.a_h.set_row(t, xr.data());
+      }
+    });
+    prep1.wait_done();
+    ph_qkv.work([&](int64_t n0, int64_t n1) {
+      gemm_rows(w.tqkv, w.wqkv, s.hidden, sc.a_h, qkv, nqkv, w.qkv_bias, nullptr, n0, n1);
+    });
+    ph_qkv.wait_done();
+    store.work([&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) {
+        const int64_t slot = r.slots[t][r.lens[t] - 1];
+        const float* row = qkv + t * nqkv;
+        for (int64_t g = 0; g < s.Hkv; g++)
+          rope(row + (s.H + g) * D, r.cos + t * D, r.sin + t * D, D, w.kbuf + slot * kvrow + g * D);
+        std::copy(row + (s.H + s.Hkv) * D, row + nqkv, w.vbuf + slot * kvrow);
+      }
+    });
+    store.wait_done();
+    ph_attn.work([&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; i++) {
+        const int64_t t = i / parts, g0 = parts == 1 ? 0 : i % parts, g1 = parts == 1 ? s.Hkv : g0 + 1;
+        const int64_t nq = (g1 - g0) * G, len = r.lens[t];
+        qr.resize(nq * D);
+        for (int64_t j = 0; j < nq; j++)
+          rope(qkv + t * nqkv + (g0 * G + j) * D, r.cos + t * D, r.sin + t * D, D, qr.data() + j * D);
+        scores.resize(nq * (len + 1));
+        attend_heads(qr.data(), g0, g1, G, D, w.kbuf, w.vbuf, r.slots[t], len, kvrow, r.scale, scores.data(),
+                     attn + t * qd + g0 * G * D);
+      }
+    });
+    ph_attn.wait_done();
+    prep2.work([&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) sc.a_attn.set_row(t, attn + t * qd);
+    });
+    prep2.wait_done();
+    ph_o.work([&](int64_t n0, int64_t n1) {  // in place on h: an entry reads only itself
+      gemm_rows(w.to, w.wo, qd, sc.a_attn, r.h, s.hidden, w.o_bias, r.h, n0, n1);
+    });
+    ph_o.wait_done();
+    prep3.work([&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) {
+        rms_norm_row(r.h + t * s.hidden, w.ln2, s.hidden, s.eps, xr.data());
+        sc.a_h.set_row(t, xr.data());
+      }
+    });
+    prep3.wait_done();
+    ph_gu.work([&](int64_t j0, int64_t j1) {  // gate and up of columns [j0, j1) as [M, j1 - j0] tiles
+      const int64_t n = j1 - j0;
+      gate.resize(M * n);
+      up.resize(M * n);
+      gemm_rows(w.tgu, w.wgu + j0 * rb_gu, s.hidden, sc.a_h, gate.data(), n, nullptr, nullptr, 0, n);
+      gemm_rows(w.tgu, w.wgu + (s.I + j0) * rb_gu, s.hidden, sc.a_h, up.data(), n, nullptr, nullptr, 0, n);
+      for (int64_t t = 0; t < M; t++)
+        for (int64_t j = 0; j < n; j++) {
+          const float gv = gate[t * n + j];
+          act[t * s.I + j0 + j] = gv / (1.f + std::exp(-gv)) * up[t * n + j];
+        }
+    });
+    ph_gu.wait_done();
+    prep4.work([&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) sc.a_act.set_row(t, act + t * s.I);
+    });
+    prep4.wait_done();
+    ph_down.work([&](int64_t n0, int64_t n1) {
+      gemm_rows(w.td, w.wd, s.I, sc.a_act, r.h, s.hidden, nullptr, r.h, n0, n1);
+    });
+    ph_down.wait_done();
+  };
+  if (threads <= 1) body();
+  else sgl_cpu::parallel_run(threads, body);
+}
+
+}  // namespace
+
+// The decoder stack (the layers of decode_layer.py's DecodeStack table, int64 [n, 14]) for M token rows, in
+// place on h [M, hidden]. cos / sin [M, D]; row_slots [M] the addresses of the rows' int64 slot lists and
+// row_lens [M] their lengths (each row's own slot last). Validates every slot before any layer runs.
+void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv,
+                 int64_t D, int64_t I, Addr cos, Addr sin, Addr row_slots, Addr row_lens, int64_t num_slots,
+                 double scale, int64_t threads) {
+  if (M < 1 || M > kQ16MaxRows) throw std::invalid_argument("decode_rows takes 1..64 rows");
+  if (n < 1 || hidden <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D > 512 || D % 2 || I <= 0 ||
+      hidden % kBlock || (H * D) % kBlock || I % kBlock)
+    throw std::invalid_argument("bad decode_rows shape");
+  const int64_t* const* slots = reinterpret_cast<const int64_t* const*>(row_slots);
+  const int64_t* lens = reinterpret_cast<const int64_t*>(row_lens);
+  for (int64_t t = 0; t < M; t++) {
+    if (lens[t] < 1 || slots[t] == nullptr) throw std::invalid_argument("decode_rows: empty slot list");
+    for (int64_t l = 0; l < lens[t]; l++)
+      if (slots[t][l] < 0 || slots[t][l] >= num_slots) throw std::invalid_argument("decode_rows: slot out of range");
+  }
+  const int64_t* tb = reinterpret_cast<const int64_t*>(table);
+  std::vector<LayerW> layers;
+  layers.reserve(n);
+  for (int64_t i = 0; i < n; i++, tb += 14) {  // ln1, ln2, wqkv, tqkv, qkv_bias, wo, to, o_bias, wgu, tgu, wd, td, k, v
+    layers.push_back(LayerW{
+        reinterpret_cast<const float*>(tb[0]), reinterpret_cast<const float*>(tb[1]),
+        reinterpret_cast<const float*>(tb[4]), reinterpret_cast<const float*>(tb[7]),
+        reinterpret_cast<const uint8_t*>(tb[2]), reinterpret_cast<const uint8_t*>(tb[5]),
+        reinterpret_cast<const uint8_t*>(tb[8]), reinterpret_cast<const uint8_t*>(tb[10]), block_qtype(tb[3]),
+        block_qtype(tb[6]), block_qtype(tb[9]), block_qtype(tb[11]), reinterpret_cast<float*>(tb[12]),
+        reinterpret_cast<float*>(tb[13])});
+  }
+  const Shape s{hidden, H, Hkv, D, I, float(eps)};
+  const Rows r{reinterpret_cast<float*>(h), M, reinterpret_cast<const float*>(cos),
+               reinterpret_cast<const float*>(sin), slots, lens, float(scale)};
+  bool tile = false;
+#ifdef SGL_AVX512_TILE
+  tile = M >= 2 && have_q16_tile();
+#endif
+  static thread_local Scratch sc;  // the caller's: reused across steps (no malloc per layer)
+  sc.qkv.resize(M * (H + 2 * Hkv) * D);
+  sc.attn.resize(M * H * D);
+  sc.act.resize(M * I);
+  sc.a_h.size(M, hidden, tile);
+  sc.a_attn.size(M, H * D, tile);
+  sc.a_act.size(M, I, tile);
+  const int nt = int(std::max<int64_t>(1, threads));
+  for (const LayerW& w : layers) run_layer_rows(r, w, s, sc, nt);
+}

@@ -1,0 +1,157 @@
+"""sgl.kernels.cpu.decode_rows (the decoder stack for a batch of token rows) gives every row the BITS of
+decode_stack on that token alone: decode batches of sequences of different lengths, verify rows of a chain
+(each row sees the rows before it), tree rows, 1 and 2 threads, the row-pair tile and the per-row path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sgl.kernels import cpu
+from sgl.kernels.cpu import _ext, quant
+from sgl.kernels.cpu.decode_layer import MAX_ROWS, DecodeStack, decode_rows, decode_stack
+from tests.kernels.test_cpu_decode_layer import make_layer, mode  # noqa: F401  (mode: the ext / ref fixture)
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS, SLOTS = 64, 4, 2, 32, 96, 3, 256
+
+
+def rope(positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    from sgl.runtime.models.rotary import RotaryEmbedding
+
+    r = RotaryEmbedding(HEAD_DIM, 10000.0, None, 4096)
+    idx = torch.tensor(positions)
+    return r.cos[idx].contiguous(), r.sin_signed[idx].contiguous()
+
+
+def make_stack(seed: int, qtype: str) -> DecodeStack:
+    gen = torch.Generator().manual_seed(seed)
+    layers = [make_layer(gen, qtype, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, bias=i == 1) for i in range(LAYERS)]
+    ks = [torch.randn(SLOTS, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(LAYERS)]
+    vs = [torch.randn(SLOTS, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(LAYERS)]
+    return DecodeStack(tuple(layers), tuple(ks), tuple(vs))
+
+
+def clone(stack: DecodeStack) -> DecodeStack:
+    return DecodeStack(stack.layers, tuple(k.clone() for k in stack.k_bufs), tuple(v.clone() for v in stack.v_bufs))
+
+
+def run_rows(stack: DecodeStack, h: torch.Tensor, lists: list[torch.Tensor], positions: list[int]) -> torch.Tensor:
+    cos, sin = rope(positions)
+    addrs = torch.tensor([t.data_ptr() for t in lists], dtype=torch.int64)
+    lens = torch.tensor([t.numel() for t in lists], dtype=torch.int64)
+    return decode_rows(h, stack, cos, sin, addrs, lens, HEAD_DIM**-0.5)
+
+
+def run_one_by_one(stack: DecodeStack, h: torch.Tensor, lists: list[torch.Tensor], positions: list[int]) -> torch.Tensor:
+    for t, (slots, pos) in enumerate(zip(lists, positions)):
+        cos, sin = rope([pos])
+        decode_stack(h[t : t + 1], stack, cos[0], sin[0], slots, HEAD_DIM**-0.5)
+    return h
+
+
+def assert_same(a: DecodeStack, b: DecodeStack, ha: torch.Tensor, hb: torch.Tensor) -> None:
+    assert torch.equal(ha, hb), f"max diff {(ha - hb).abs().max().item()}"
+    for x, y in zip(a.k_bufs + a.v_bufs, b.k_bufs + b.v_bufs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 32])
+def test_decode_batch_rows_match_batch_one(mode: str, qtype: str, rows: int) -> None:
+    """Sequences of different lengths, scattered slots: each row as decode_stack alone."""
+    gen = torch.Generator().manual_seed(rows)
+    stack = make_stack(rows, qtype)
+    perm = torch.randperm(SLOTS, generator=gen)
+    lists, positions, used = [], [], 0
+    for t in range(rows):
+        n = 1 + (7 * t + 3) % 6 if rows == 32 else 1 + 13 * t % 40
+        lists.append(perm[used : used + n].contiguous())
+        positions.append(n - 1)
+        used += n
+    h = torch.randn(rows, HIDDEN, generator=gen)
+    ref, h_ref = clone(stack), h.clone()
+    out = run_rows(stack, h, lists, positions)
+    assert out.data_ptr() == h.data_ptr()
+    assert_same(stack, ref, h, run_one_by_one(ref, h_ref, lists, positions))
+
+
+def test_verify_chain_and_tree_rows(mode: str) -> None:
+    """A chain of 1 + 4 rows of one sequence (row j sees rows < j: its list is the table up to its slot), and
+    tree rows (node lists: prefix, ancestors, itself) next to a decode row of another sequence."""
+    gen = torch.Generator().manual_seed(3)
+    stack = make_stack(3, "q4_1")
+    table = torch.randperm(SLOTS, generator=gen)[:45].contiguous()  # 40 cached + 5 new
+    chain = [table[: 41 + j] for j in range(5)]
+    h = torch.randn(5, HIDDEN, generator=gen)
+    ref, h_ref = clone(stack), h.clone()
+    run_rows(stack, h, chain, [40 + j for j in range(5)])
+    assert_same(stack, ref, h, run_one_by_one(ref, h_ref, chain, [40 + j for j in range(5)]))
+
+    # tree: pending p, nodes a (child of p) and b (child of p), c (child of a); plus another sequence's decode row
+    other = torch.randperm(SLOTS, generator=gen)[:20]
+    other = other[~torch.isin(other, table)].contiguous()
+    pre, p, a, b, c = table[:40], table[40:41], table[41:42], table[42:43], table[43:44]
+    lists = [torch.cat([pre, p]), torch.cat([pre, p, a]), torch.cat([pre, p, b]), torch.cat([pre, p, a, c]), other]
+    positions = [40, 41, 41, 42, other.numel() - 1]
+    h = torch.randn(5, HIDDEN, generator=gen)
+    ref, h_ref = clone(stack), h.clone()
+    run_rows(stack, h, lists, positions)
+    assert_same(stack, ref, h, run_one_by_one(ref, h_ref, lists, positions))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_rows_thread_counts_are_bit_identical(mode: str, threads: int) -> None:
+    gen = torch.Generator().manual_seed(9)
+    stack = make_stack(9, "q4_1")
+    perm = torch.randperm(SLOTS, generator=gen)
+    lists = [perm[8 * t : 8 * t + 1 + t % 8].contiguous() for t in range(12)]
+    positions = [lst.numel() - 1 for lst in lists]
+    h = torch.randn(12, HIDDEN, generator=gen)
+    ref, h_ref = clone(stack), h.clone()
+    run_rows(ref, h_ref, lists, positions)
+    old = quant._threads
+    try:
+        cpu.set_num_threads(threads)
+        run_rows(stack, h, lists, positions)
+    finally:
+        quant._threads = old
+    assert_same(stack, ref, h, h_ref)
+
+
+def test_per_row_path_matches_tile(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGL_CPU_Q16_NO_TILE (what an AVX2-only CPU runs) gives the same bits; checked in a subprocess because
+    the choice is made once per process."""
+    if mode == "ref":
+        pytest.skip("the tile is the kernel's")
+    import subprocess
+    import sys
+
+    code = ("import torch, tests.kernels.test_cpu_decode_rows as t;"
+            "s = t.make_stack(4, 'q4_0'); g = torch.Generator().manual_seed(4);"
+            "p = torch.randperm(t.SLOTS, generator=g); L = [p[10 * i: 10 * i + 3 + i].contiguous() for i in range(9)];"
+            "h = torch.randn(9, t.HIDDEN, generator=g); t.run_rows(s, h, L, [x.numel() - 1 for x in L]);"
+            "print(h.double().sum().item(), h.abs().double().sum().item())")
+    outs = []
+    for env in ({}, {"SGL_CPU_Q16_NO_TILE": "1"}):
+        import os
+
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout.strip())
+    assert outs[0] == outs[1]
+
+
+def test_rows_reject_bad_input(mode: str) -> None:
+    stack = make_stack(1, "q8_0")
+    lists = [torch.tensor([0, 1], dtype=torch.int64)]
+    h = torch.randn(1, HIDDEN)
+    with pytest.raises(ValueError, match="h must be"):
+        run_rows(stack, torch.randn(MAX_ROWS + 1, HIDDEN), lists * (MAX_ROWS + 1), [1] * (MAX_ROWS + 1))
+    with pytest.raises(ValueError, match="cos/sin"):
+        run_rows(stack, torch.randn(2, HIDDEN), lists, [1])
+    if mode == "ext":
+        bad = [torch.tensor([0, SLOTS], dtype=torch.int64)]
+        with pytest.raises(ValueError, match="slot out of range"):
+            run_rows(stack, h, bad, [1])
+    assert _ext is not None
