@@ -116,6 +116,31 @@ def test_adaptive_rule_on_a_measured_cost(baseline) -> None:
         eng.shutdown()
 
 
+def test_default_activations_identical_to_no_speculation() -> None:
+    """The production kernels: default q16 activations, verify rows through decode_rows (each token row the bits
+    of a batch-1 decode step: runtime/models/fused_decode.py). Greedy, seeded and json_schema outputs equal no
+    speculation's (the tests above compare exact fp32 activations). These three also matched with verify rows on
+    the torch path (ROWS_ENABLED off): the bit-identity itself is tests/kernels/test_cpu_decode_rows.py's."""
+    from sgl.runtime.engine import Engine
+
+    seeded = {"max_new_tokens": 48, "temperature": 0.6, "top_p": 0.95, "sampling_seed": 7}  # copies: drafts match
+    picks = [(COPY_PROMPT, GREEDY), (COPY_PROMPT, seeded), (PERSON_PROMPT, SCHEMA)]
+    outs = {}
+    for name, kw in (("none", {}), ("ngram", dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=7, **ALWAYS))):
+        eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False, **kw)
+        try:
+            outs[name] = [eng.generate(p, sp) for p, sp in picks]
+            eng.wait_idle()
+            eng.check_integrity()
+        finally:
+            eng.shutdown()
+    for o, b, (_, sp) in zip(outs["ngram"], outs["none"], picks):
+        assert o["output_ids"] == b["output_ids"], sp
+    assert [o["meta_info"].get("spec_verify_ct", 0) > 0 for o in outs["ngram"]] == [True, True, True], \
+        [o["meta_info"] for o in outs["ngram"]]
+    jsonschema.validate(json.loads(outs["ngram"][-1]["text"]), PERSON)
+
+
 def test_ngram_constrained_batch_valid(engine) -> None:
     """A batch of sampled json_schema requests (speculation on for each row, masks along the drafts)."""
     params = [dict(SCHEMA, temperature=1.0, sampling_seed=s) for s in range(4)]
