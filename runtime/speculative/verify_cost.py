@@ -80,6 +80,9 @@ def measure_verify_cost(model: Any, kv: Any, k: int, vocab_size: int, reps: int 
 
     from sgl.runtime.executor.forward_batch import ForwardBatch
 
+    context = min(context, kv.num_slots - 1 - k)
+    if context < 1:  # a pool too small to time in: the assumed curve
+        return VerifyCost.assumed()
     lengths = [0] + draft_lengths(k)
     ctx = [(7 * i + 1) % vocab_size for i in range(context + 1 + k)]  # dummy ids
     best = {j: float("inf") for j in lengths}

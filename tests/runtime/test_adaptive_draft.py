@@ -124,3 +124,11 @@ def test_measured_cost_on_a_tiny_model() -> None:
     assert cost.source == "measured" and cost.decode_seconds > 0
     assert [j for j, _ in cost.points] == [0, 1, 2, 3, 4]
     assert all(c > 0 for _, c in cost.points)
+
+
+def test_a_pool_too_small_to_time_in_keeps_the_assumed_curve() -> None:
+    model = tiny_model(0)
+    kv = KVCache.for_model(model.config, 6, torch.float32, "cpu")
+    assert measure_verify_cost(model, kv, 8, model.config.vocab_size).source == "assumed"
+    assert measure_verify_cost(model, KVCache.for_model(model.config, 12, torch.float32, "cpu"), 8,
+                               model.config.vocab_size, reps=1).source == "measured"  # a shorter context
