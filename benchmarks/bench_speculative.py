@@ -112,31 +112,19 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
     return kw
 
 
-def verify_cost(threads: int, reps: int = 15) -> list[dict[str, Any]]:
-    """Median forward time of one row of 1 + j new tokens over a 300-token cached context, vs j = 0."""
-    import statistics
-
-    import torch
-
-    from sgl.runtime.executor.forward_batch import ForwardBatch
+def verify_cost(threads: int, k: int, reps: int = 15) -> list[dict[str, Any]]:
+    """The engine's own start-up measurement (runtime/speculative/verify_cost.py), over a 300-token context and
+    more rounds: forward + lm_head of one row of 1 + j new tokens vs one of 1 token (min over rounds)."""
+    from sgl.runtime.speculative.verify_cost import measure_verify_cost
 
     eng = Engine(**engine_kwargs(None, threads, None, 4))
     try:
-        model, kv = eng.scheduler.runner.model, eng.scheduler.runner.kv
-        ctx = list(range(1000, 1300))
-        with torch.inference_mode():
-            model(ForwardBatch.from_lists([ctx], [list(range(300))]), kv)
-            rows = []
-            for j in (0, 1, 2, 4, 8):
-                times = []
-                for _ in range(reps):
-                    fb = ForwardBatch.from_lists([ctx[:1 + j]], [list(range(300 + 1 + j))])
-                    t0 = time.perf_counter()
-                    model.compute_logits(model(fb, kv))
-                    times.append(time.perf_counter() - t0)
-                rows.append({"draft_tokens": j, "ms": 1000 * statistics.median(times)})
+        runner = eng.scheduler.runner
+        eng.wait_idle()
+        cost = measure_verify_cost(runner.model, runner.kv, k, runner.vocab_size, reps=reps, context=300)
+        rows = [{"draft_tokens": j, "ms": round(1000 * c * cost.decode_seconds, 2), "vs_decode": round(c, 3)}
+                for j, c in cost.points]
         for r in rows:
-            r["vs_decode"] = round(r["ms"] / rows[0]["ms"], 3)
             print(f"verify row 1+{r['draft_tokens']}: {r['ms']:.2f} ms ({r['vs_decode']:.2f}x a decode step)", flush=True)
         return rows
     finally:
@@ -157,13 +145,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
     work = {k: v for k, v in workloads(args.quick).items() if k[0] in args.workloads.split(",")}
-    cost = verify_cost(args.threads) if args.verify_cost else None
+    cost = verify_cost(args.threads, max(8, args.num_draft_tokens)) if args.verify_cost else None
     algos: list[Optional[str]] = [None] + [a for a in args.algorithms.split(",") if a]
     results: dict[str, dict[str, Any]] = {}
     # All engines loaded at once; each workload runs engine after engine, `--reps` rounds, so that a
     # shared machine's load drift hits every algorithm alike (tok/s = all tokens / all seconds).
     engines = {algo or "none": Engine(**engine_kwargs(algo, args.threads, None, args.num_draft_tokens))
                for algo in algos}
+    # each engine's start-up verify cost (what its adaptive rule uses): [[j, decode steps], ...]
+    engine_costs = {name: eng.get_server_info().get("spec_verify_cost") for name, eng in engines.items()}
+    for name, c in engine_costs.items():
+        if c:
+            print(f"{name}: verify cost " + ", ".join(f"1+{j}: {x:.2f}x" for j, x in c[1:]), flush=True)
     try:
         for eng in engines.values():
             eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})  # warm-up
@@ -226,7 +219,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"threads": args.threads, "load_before": load_before,
                                           "load_after": os.getloadavg(), "num_draft_tokens": args.num_draft_tokens,
-                                          "table": table, "verify_cost": cost}, indent=1))
+                                          "table": table, "verify_cost": cost,
+                                          "engine_verify_cost": engine_costs}, indent=1))
     return 0
 
 

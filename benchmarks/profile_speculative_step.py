@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=1, help="prompts of the workload to run")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--always-draft", action="store_true", help="every decoding row drafts (no adaptive rule)")
     ap.add_argument("--fold-max-rows", type=int, default=None,
                     help="A/B: sgl.kernels.attention.FOLD_MAX_ROWS (0: every extend takes the enable_gqa bool-mask path)")
     a = ap.parse_args()
@@ -161,7 +162,10 @@ def main() -> None:
         attention.FOLD_MAX_ROWS = a.fold_max_rows
     load = os.getloadavg()
     algo = None if a.algorithm == "none" else a.algorithm
-    eng = Engine(**engine_kwargs(algo, a.threads, None, a.num_draft_tokens))
+    kw = engine_kwargs(algo, a.threads, None, a.num_draft_tokens)
+    if a.always_draft and algo is not None:
+        kw["speculative_always_draft"] = True
+    eng = Engine(**kw)
     try:
         eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})  # warm-up, not profiled
         ph = Phases()

@@ -122,6 +122,8 @@ class ServerArgs:
     speculative_ngram_max_bfs_breadth: int = 1  # NGRAM: continuations merged into one draft tree (1 = a chain)
     speculative_ngram_capacity: int = 0  # NGRAM: tokens of finished requests matched too (0 = own sequence only)
     speculative_max_batch: int = 4  # more decoding requests than this in a step: no drafts (compute-bound)
+    # every decoding row drafts num_draft_tokens, whatever the measured verify cost (tests that need verify rows)
+    speculative_always_draft: bool = False
     # LoRA (runtime/lora/): `name=path` or a bare path (named by its folder); more at run time via /load_lora_adapter
     lora_paths: Optional[list[str]] = None
     max_loras_per_batch: int = 8  # distinct adapters in one batch (requests over it wait)

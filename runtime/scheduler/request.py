@@ -71,7 +71,9 @@ class Req:
     draft_state: Any = None  # the drafter's per-request state (e.g. the n-gram index)
     spec_verify_ct: int = 0  # verify steps this request ran with a draft
     spec_accepted_tokens: int = 0  # drafts the target accepted over those steps
-    spec_accept_prob: float = 0.6  # estimated per-draft acceptance (scheduler/speculative_rows.py)
+    spec_accept_prob: Optional[float] = None  # estimated per-draft acceptance (scheduler/speculative_rows.py); None: the prior
+    spec_shadow: Any = None  # (len(output_ids) when drafted, Draft): a draft not verified, scored on the tokens that follow
+    spec_idle_steps: int = 0  # decode steps since the last draft (shadow or verified)
 
     def __post_init__(self) -> None:
         assert len(self.prompt_ids) > 0, "a request needs at least one prompt token"

@@ -10,28 +10,38 @@ d_1..d_{m-1} the first m - 1 nodes of the accepted path (RowResult.draft_path): 
 token-slot based, so the request's slot table just takes those nodes' slots in path order (their K/V
 were computed at the positions the path gives them) and the other nodes' slots go back to the pool.
 
-The adaptive rule: a verify row of 1 + j tokens costs verify_cost(j) decode steps on a CPU (small-M
-matmuls are not free: measured on the default model, 1 thread, `bench_speculative.py --verify-cost`:
-1.51x at j = 1, 1.77x at 2, 2.73x at 4, 3.53x at 8; the attention is not the cost: the same rows laid
-out as decode rows take as long). Each request keeps an estimate a of its per-draft acceptance
-(`Req.spec_accept_prob`, an exponential average over its verify rows) and asks for the draft length j
-<= k that maximizes the expected tokens per step over the cost, (1 - a^(j+1)) / (1 - a) / verify_cost(j)
-(Leviathan et al.'s speedup with our cost curve): long drafts while it copies (a near 1), short ones
-on chat, none when even one draft does not pay; the estimate then drifts back toward the prior step
-by step, so it tries again later. A tree's nodes count as its j. Measured on the default model
-(NGRAM, 1 thread): a fixed-length ladder (+2 after a full accept, as Hugging Face's assisted
-generation) lost ~30% of the accepted tokens of copy phases, because acceptance is bimodal (copying
-or not) and each copy phase restarted short; the EMA reaches a = 0.9 after two full accepts.
+The adaptive rule: a verify row of 1 + j tokens costs cost(j) decode steps (runtime/speculative/
+verify_cost.py: timed on the engine's own model when it starts, plus the drafter's own time per
+drafted token, an average of its `propose` calls). Each request keeps an estimate a of its per-draft
+acceptance (`Req.spec_accept_prob`, an exponential average; it starts at the drafter's
+`accept_prior`: NGRAM drafts only after a match, so its prior is higher than a head's) and asks for
+the draft length j <= k that maximizes the expected tokens per step over the cost,
+(1 - a^(j+1)) / (1 - a) / cost(j) (Leviathan et al.'s speedup): long drafts while it copies (a near
+1), short ones on chat, none when even the best draft does not pay.
+A request that does not draft still learns its rate: the drafter proposes a *shadow* draft that is
+not verified (no row, no KV), and the tokens the request then produces score it exactly as a verify
+row would have (the longest draft prefix, or tree path, they follow). So a copy phase is found without
+paying for a verify row. Shadows cost the drafter's time only, kept under SHADOW_BUDGET (1%) of a decode
+step on average: NGRAM drafts in microseconds and shadows k tokens every idle step; EAGLE's head (its
+draft steps with their catch-up cost ~10% of a decode step per token here) shadows SHADOW_LEN tokens
+every ~40th idle step. (At a 3% budget EAGLE ran 0.93x of no speculation on chat without drafting once.)
+Measured on the default model (NGRAM, 1 thread): a fixed-length ladder (+2 after a full accept, as
+Hugging Face's assisted generation) lost ~30% of the accepted tokens of copy phases, because
+acceptance is bimodal (copying or not) and each copy phase restarted short; the EMA reaches a = 0.9
+after two full accepts. `--speculative-always-draft` skips the rule (every row drafts k: tests).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.metrics import record_spec_accept_length
 from sgl.runtime.speculative.drafter import Draft, Drafter
+from sgl.runtime.speculative.verify_cost import VerifyCost
 from sgl.runtime.cache.allocator import SlotAllocator
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
 
@@ -52,31 +62,52 @@ class SpecStats:
         return (self.accepted_tokens + self.verify_ct) / self.verify_ct if self.verify_ct else 0.0
 
 
-PRIOR, EMA, DRIFT = 0.6, 0.5, 0.1  # acceptance prior, weight of the newest verify row, pull back when idle
+PRIOR, EMA, DRIFT = 0.6, 0.5, 0.1  # default acceptance prior, weight of the newest row, pull back when idle
+SHADOW_BUDGET, SHADOW_LEN = 0.01, 4  # shadow drafts' average cost per idle step (decode steps); their length if costly
+DRAFT_TIME_EMA = 0.2
 
 
-def verify_cost(j: int) -> float:
-    """Decode steps one verify row of 1 + j tokens costs (a fit of the measurements above)."""
-    return 1.0 + 0.45 * j ** 0.85
-
-
-def best_draft_len(a: float, k: int) -> int:
-    """The j in 0..k maximizing expected tokens per step / cost for per-draft acceptance a."""
+def best_draft_len(a: float, k: int, cost: "VerifyCost | None" = None, per_draft: float = 0.0) -> int:
+    """The j in 0..k maximizing expected tokens per step / (cost(j) + j * per_draft) for per-draft acceptance a."""
+    cost = cost or VerifyCost.assumed()
     best, best_rate = 0, 1.0
     for j in range(1, k + 1):
         expected = j + 1.0 if a >= 1.0 else (1.0 - a ** (j + 1)) / (1.0 - a)
-        rate = expected / verify_cost(j)
+        rate = expected / (cost(j) + j * per_draft)
         if rate > best_rate:
             best, best_rate = j, rate
     return best
 
 
+def followed(draft: Draft, produced: Sequence[int]) -> tuple[int, bool]:
+    """(drafts the produced tokens follow, final?): the longest chain prefix / tree path matching `produced`;
+    final once a token left the draft or a leaf was reached (more tokens cannot change the count)."""
+    parents = draft.parents if draft.parents is not None else list(range(-1, len(draft) - 1))
+    node, n = -1, 0
+    for tok in produced:
+        kids = [c for c, p in enumerate(parents) if p == node]
+        node = next((c for c in kids if draft.token_ids[c] == tok), -2)
+        if node == -2:
+            return n, True
+        n += 1
+    return n, not any(p == node for p in parents)
+
+
 class SpeculativeRows:
-    def __init__(self, args: ServerArgs, drafter: Drafter) -> None:
+    def __init__(self, args: ServerArgs, drafter: Drafter, cost: Optional[VerifyCost] = None) -> None:
         self.drafter = drafter
         self.k = args.speculative_num_draft_tokens
         self.max_batch = args.speculative_max_batch
+        self.always = args.speculative_always_draft
+        self.cost = cost or VerifyCost.assumed()  # the engine sets the measured one before serving
+        self.prior = float(getattr(drafter, "accept_prior", PRIOR))
+        self.draft_seconds = 0.0  # drafter time per drafted token (an average of propose calls)
         self.stats = SpecStats()
+
+    @property
+    def per_draft(self) -> float:
+        """The drafter's time per drafted token in decode steps (0 until both are measured)."""
+        return self.draft_seconds / self.cost.decode_seconds if self.cost.decode_seconds > 0 else 0.0
 
     def drafts(self, decoding: Sequence[Req]) -> dict[Req, Draft]:
         """Non-empty drafts for some of `decoding` (requests with one pending token), or {}.
@@ -84,40 +115,75 @@ class SpeculativeRows:
         No drafts when the batch is compute-bound (more rows than `--speculative-max-batch`): a
         verify row of 1 + k tokens then costs about 1 + k decode rows. A draft never asks for more
         tokens than the request may still produce (t_0 plus the accepted path <= room): a tree is cut
-        by depth."""
+        by depth. Requests the rule keeps from drafting may get a shadow draft (module docstring)."""
         if not decoding or len(decoding) > self.max_batch:
             return {}
-        want = {}
+        want: dict[Req, int] = {}
+        shadow: list[Req] = []
+        per_draft = self.per_draft
+        shadow_len = self.k if per_draft * self.k <= SHADOW_BUDGET else min(self.k, SHADOW_LEN)
+        shadow_every = max(1, math.ceil(per_draft * shadow_len / SHADOW_BUDGET))
         for req in decoding:
-            want[req] = best_draft_len(req.spec_accept_prob, self.k)
+            if req.spec_accept_prob is None:
+                req.spec_accept_prob = self.prior
+            self._settle_shadow(req)
+            want[req] = self.k if self.always else best_draft_len(req.spec_accept_prob, self.k, self.cost, per_draft)
             if want[req] == 0:
-                req.spec_accept_prob += DRIFT * (PRIOR - req.spec_accept_prob)
+                req.spec_accept_prob += DRIFT * (self.prior - req.spec_accept_prob)
+                req.spec_idle_steps += 1
+                if req.spec_shadow is None and req.spec_idle_steps % shadow_every == 0:
+                    shadow.append(req)
+            else:
+                req.spec_idle_steps = 0
         asking = [r for r in decoding if want[r] > 0]
         out: dict[Req, Draft] = {}
-        if not asking:
+        if not asking and not shadow:
             return out
-        for req, draft in zip(asking, self.drafter.propose(asking, max(want[r] for r in asking))):
+        k = max([want[r] for r in asking] + ([shadow_len] if shadow else []))
+        t0 = time.process_time()
+        proposed = self.drafter.propose(asking + shadow, k)
+        self.draft_seconds += DRAFT_TIME_EMA * ((time.process_time() - t0) / k - self.draft_seconds)
+        for req, draft in zip(asking + shadow, proposed):
             room = req.params.max_new_tokens - len(req.output_ids) - 1
-            cut = draft.cut(max(0, room), want[req])
-            if len(cut):
+            cut = draft.cut(max(0, room), want[req] or shadow_len)
+            if not len(cut):
+                continue
+            if want[req]:
                 out[req] = cut
+            else:
+                req.spec_shadow = (len(req.output_ids), cut)
         return out
+
+    def _settle_shadow(self, req: Req) -> None:
+        """Score the request's shadow draft once the tokens produced since decide it (module docstring)."""
+        if req.spec_shadow is None:
+            return
+        start, draft = req.spec_shadow
+        if len(req.output_ids) < start:  # rolled back (a grammar guard): nothing to score
+            req.spec_shadow = None
+            return
+        accepted, final = followed(draft, req.output_ids[start:])
+        if final:
+            req.spec_shadow = None
+            self._learn(req, accepted, max(draft.depths()))
+
+    def _learn(self, req: Req, accepted: int, depth: int) -> None:
+        # MLE of a per-level acceptance probability from one row: `accepted` successes, then one
+        # rejection unless the path reached the deepest level.
+        observed = accepted / (accepted + (accepted < depth))
+        prior = self.prior if req.spec_accept_prob is None else req.spec_accept_prob
+        req.spec_accept_prob = (1 - EMA) * prior + EMA * observed
 
     def record(self, req: Req, draft_len: int, accepted: int, depth: Optional[int] = None) -> None:
         """One verify row ran: `accepted` of its `draft_len` drafts matched the target's tokens
         (`depth`: a tree's deepest level; a chain's is its length)."""
         record_spec_accept_length(1 + accepted)  # tokens this verify step produced
-        # MLE of a per-level acceptance probability from one row: `accepted` successes, then one
-        # rejection unless the path reached the deepest level.
-        depth = draft_len if depth is None else depth
-        observed = accepted / (accepted + (accepted < depth))
-        req.spec_accept_prob = (1 - EMA) * req.spec_accept_prob + EMA * observed
+        self._learn(req, accepted, draft_len if depth is None else depth)
         req.spec_verify_ct += 1
         req.spec_accepted_tokens += accepted
         self.stats.verify_ct += 1
         self.stats.draft_tokens += draft_len
         self.stats.accepted_tokens += accepted
-
 
     def trim_verify_row(self, allocator: SlotAllocator, row: BatchRow, res: RowResult, appended: int) -> None:
         """After a verify row's step (its new slots already in `req.slots`): keep the KV of the pending

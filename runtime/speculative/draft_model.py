@@ -34,6 +34,7 @@ class _DraftSeq:
 
 class DraftModelDrafter:
     name = "DRAFT"
+    accept_prior = 0.7  # per-draft acceptance before a request has any (speculative_rows.py): a model agrees often
 
     def __init__(self, model: Any, config: Any, num_slots: int, dtype: torch.dtype = torch.float32,
                  device: str = "cpu") -> None:

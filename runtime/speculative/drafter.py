@@ -60,6 +60,8 @@ class Draft:
 
 class Drafter(Protocol):
     name: str
+    accept_prior: float  # a request's per-draft acceptance estimate before its first observation
+
 
     def propose(self, reqs: Sequence[Req], k: int) -> list[Draft]:
         """At most `k` tokens per request, continuing `req.fill_ids` (whose last token is pending).

@@ -51,6 +51,7 @@ class _Seq:
 
 class EagleDrafter:
     name = "EAGLE"
+    accept_prior = 0.5  # per-draft acceptance before a request has any (speculative_rows.py)
     # Features older than the head's context needs are dropped (a request's buffer would otherwise
     # hold its whole sequence): kept from TRIM_MARGIN positions before the last true entry, the
     # buffer compacted once COMPACT_AT positions are droppable. A rollback (grammar backtracking)

@@ -178,6 +178,7 @@ class _HiddenRows:
 
 class MedusaDrafter:
     name = "MEDUSA"
+    accept_prior = 0.4  # per-draft acceptance before a request has any: heads two+ tokens ahead guess less
 
     def __init__(self, heads: MedusaHeads, shared_lm_head: Any,
                  choices: Sequence[Sequence[int]] = DEFAULT_CHOICES) -> None:

@@ -81,6 +81,9 @@ class _SharedIndex:
 
 class NgramDrafter:
     name = "NGRAM"
+    # per-draft acceptance before a request has any (speculative_rows.py): a draft exists only after a 2-4 token
+    # match, and matches mostly mean copying
+    accept_prior = 0.8
 
     def __init__(self, min_n: int = 1, max_n: int = 4, max_breadth: int = 1, capacity: int = 0) -> None:
         assert 1 <= min_n <= max_n and max_breadth >= 1

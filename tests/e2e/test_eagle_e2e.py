@@ -50,7 +50,9 @@ def test_eagle_outputs_identical_and_drafts_accepted() -> None:
     finally:
         base.check_integrity()
         base.shutdown()
-    eng = _engine(speculative_algorithm="EAGLE", speculative_num_draft_tokens=4)
+    # every decoding row drafts (the identity check needs verify rows whatever the measured cost); 2 tokens:
+    # the accept rate below is per drafted token, and the head's second token is right less often
+    eng = _engine(speculative_algorithm="EAGLE", speculative_num_draft_tokens=2, speculative_always_draft=True)
     try:
         outs = [eng.generate(p, sp) for p, sp in REQUESTS]
         for o, b, (_, sp) in zip(outs, expected, REQUESTS):
@@ -59,8 +61,7 @@ def test_eagle_outputs_identical_and_drafts_accepted() -> None:
         stats = eng.get_server_info()
         assert stats["speculative_algorithm"] == "EAGLE"
         # the trained head: far above chance (a random head's drafts over 49k tokens are ~never
-        # accepted); 0.26 when written (held-out first-token accuracy 0.375; the adaptive rule
-        # stops drafting where it fails)
+        # accepted); 0.26 when written with the adaptive rule (held-out first-token accuracy 0.375)
         assert stats["spec_verify_ct"] > 0 and stats["spec_accept_rate"] > 0.15, stats
         assert outs[1]["meta_info"]["spec_verify_ct"] > 0
         eng.wait_idle()

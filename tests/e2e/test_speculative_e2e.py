@@ -39,6 +39,7 @@ TIGHT = dict(SCHEMA, max_new_tokens=40)  # the grammar budget closes the JSON ea
 # rounding to ~1e-5, flipped token 27 of a temperature-0.9 draw. With fp32 activations only the order differs,
 # and "identical" is what speculation must give.
 EXACT = {"cpu_act_quant": "none"}
+ALWAYS = {"speculative_always_draft": True}  # every decoding row drafts: the identity tests see verify rows whatever the cost
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,7 +74,7 @@ def engine():
     from sgl.runtime.engine import Engine
 
     eng = Engine(model_path="default", num_threads=1, max_total_tokens=8192, show_progress=False,
-                 speculative_algorithm="NGRAM", speculative_num_draft_tokens=4, **EXACT)
+                 speculative_algorithm="NGRAM", speculative_num_draft_tokens=4, **ALWAYS, **EXACT)
     yield eng
     eng.shutdown()
 
@@ -94,6 +95,52 @@ def test_ngram_outputs_identical_to_no_speculation(engine, baseline) -> None:
     assert b"sgl:spec_accept_length_count" in get_metrics().render()
 
 
+def test_adaptive_rule_on_a_measured_cost(baseline) -> None:
+    """The default (adaptive) engine times its verify rows at start (server_info), then drafts where that cost
+    pays: the copy prompt's copy phases are found (shadow drafts) and verified; output identical."""
+    from sgl.runtime.engine import Engine
+
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
+                 speculative_algorithm="NGRAM", speculative_num_draft_tokens=4, **EXACT)
+    try:
+        info = eng.get_server_info()
+        assert info["spec_verify_cost_source"] == "measured"
+        assert [j for j, _ in info["spec_verify_cost"]] == [0, 1, 2, 3, 4] and info["spec_verify_cost"][0][1] == 1.0
+        i = len(PROMPTS) - 1
+        out = eng.generate(PROMPTS[i], GREEDY)
+        assert out["output_ids"] == baseline[i]["output_ids"]
+        assert out["meta_info"]["spec_verify_ct"] > 0, out["meta_info"]  # its copy phases drafted
+        eng.wait_idle()
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
+
+
+def test_default_activations_identical_to_no_speculation() -> None:
+    """The production kernels: default q16 activations, verify rows through decode_rows (each token row the bits
+    of a batch-1 decode step: runtime/models/fused_decode.py). Greedy, seeded and json_schema outputs equal no
+    speculation's (the tests above compare exact fp32 activations). These three also matched with verify rows on
+    the torch path (ROWS_ENABLED off): the bit-identity itself is tests/kernels/test_cpu_decode_rows.py's."""
+    from sgl.runtime.engine import Engine
+
+    seeded = {"max_new_tokens": 48, "temperature": 0.6, "top_p": 0.95, "sampling_seed": 7}  # copies: drafts match
+    picks = [(COPY_PROMPT, GREEDY), (COPY_PROMPT, seeded), (PERSON_PROMPT, SCHEMA)]
+    outs = {}
+    for name, kw in (("none", {}), ("ngram", dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=7, **ALWAYS))):
+        eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False, **kw)
+        try:
+            outs[name] = [eng.generate(p, sp) for p, sp in picks]
+            eng.wait_idle()
+            eng.check_integrity()
+        finally:
+            eng.shutdown()
+    for o, b, (_, sp) in zip(outs["ngram"], outs["none"], picks):
+        assert o["output_ids"] == b["output_ids"], sp
+    assert [o["meta_info"].get("spec_verify_ct", 0) > 0 for o in outs["ngram"]] == [True, True, True], \
+        [o["meta_info"] for o in outs["ngram"]]
+    jsonschema.validate(json.loads(outs["ngram"][-1]["text"]), PERSON)
+
+
 def test_ngram_constrained_batch_valid(engine) -> None:
     """A batch of sampled json_schema requests (speculation on for each row, masks along the drafts)."""
     params = [dict(SCHEMA, temperature=1.0, sampling_seed=s) for s in range(4)]
@@ -110,7 +157,7 @@ def test_draft_model_default_as_its_own_draft(baseline) -> None:
 
     eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
                  speculative_algorithm="DRAFT", speculative_draft_model_path="default",
-                 speculative_num_draft_tokens=3, **EXACT)
+                 speculative_num_draft_tokens=3, **ALWAYS, **EXACT)
     try:
         prompts, params = _requests()
         picks = [0, len(PROMPTS) - 1, len(prompts) - 1]  # an oracle prompt, the copy prompt, json_schema
@@ -138,7 +185,7 @@ def test_tree_drafts_identical_to_no_speculation(baseline, kw: dict) -> None:
     from sgl.runtime.engine import Engine
 
     eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
-                 speculative_num_draft_tokens=6, **kw, **EXACT)
+                 speculative_num_draft_tokens=6, **kw, **ALWAYS, **EXACT)
     try:
         prompts, params = _requests()
         picks = [1, len(PROMPTS) - 1, len(prompts) - 1]  # haiku, copy, json_schema

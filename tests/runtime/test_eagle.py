@@ -113,6 +113,63 @@ def test_exact_head_has_every_greedy_draft_accepted(trim: bool, monkeypatch: pyt
     assert drafter.num_tracked == 0, "finished requests' head states were kept"
 
 
+def run_with_rollback(model, head, prompt: list[int], at_len: int, keep: int, **kw) -> tuple[Req, Scheduler]:
+    """One greedy request; once it has `at_len` output tokens it is rolled back to its first `keep` output tokens (as a
+    grammar guard does: runtime/scheduler/rollback.py) and three other tokens than before are forced after them
+    (as jump-forward appends them), so the positions after `keep` get other tokens and target states than before,
+    and the next draft starts past positions whose head entries are stale."""
+    from sgl.runtime.scheduler.rollback import roll_back
+
+    no_eos = frozenset({99})
+    runner = ModelRunner(model, model.config, 512, no_eos)
+    drafter = None
+    if head is not None:
+        drafter = EagleDrafter(head, model)
+        runner.capture_hidden, runner.hidden_observer = True, drafter.observe
+    s = Scheduler(ServerArgs(speculative_always_draft=True, **kw), runner, OutputProcessor(Tok(no_eos)), 512,
+                  lambda r: None, drafter=drafter)
+    req = Req(rid="r", prompt_ids=prompt, params=SamplingParams(temperature=0, max_new_tokens=40),
+              arrival=s.next_arrival())
+    s.add_request(req)
+    rolled = False
+    for _ in range(200):
+        if not s.has_work:
+            break
+        s.step()
+        s.check_integrity()
+        seq = drafter._seqs.get(req) if drafter is not None else None
+        if seq is not None and seq.base >= 0:  # the head's context holds the request's true tokens only
+            assert seq.tokens == req.fill_ids[seq.base:seq.base + len(seq.tokens)]
+        if not rolled and len(req.output_ids) >= at_len:
+            assert not req.finished
+            rolled = True
+            forced = [(t + 1) % model.config.vocab_size for t in req.output_ids[keep:keep + 3]]
+            roll_back(s, req, keep)
+            for t in forced:
+                s._append(req, t, 0.0, [])
+    assert req.finished and rolled
+    return req, s
+
+
+@pytest.mark.parametrize("trim", [False, True])
+def test_rollback_drops_the_heads_stale_states(trim: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a rollback the rewritten positions' target states replace the old ones in the head's context:
+    with the exact head every draft is still accepted (a stale state or head entry would draft the old
+    continuation). With old features trimmed (TRIM_MARGIN 2) the rollback lands before the kept window: the
+    head's context restarts there (drafts may then miss) and outputs stay identical."""
+    if trim:
+        monkeypatch.setattr(EagleDrafter, "TRIM_MARGIN", 2)
+        monkeypatch.setattr(EagleDrafter, "COMPACT_AT", 1)
+    model, head = exact_target_and_head()
+    prompt = [2, 3, 4, 5, 0, 3]
+    base, _ = run_with_rollback(model, None, prompt, at_len=12, keep=2)
+    spec, s = run_with_rollback(model, head, prompt, at_len=12, keep=2, speculative_num_draft_tokens=4)
+    assert spec.output_ids == base.output_ids and s.stats.num_backtracks == 0  # (roll_back called directly)
+    assert s.stats.spec_draft_tokens > 20
+    if not trim:
+        assert s.stats.spec_accepted_tokens == s.stats.spec_draft_tokens
+
+
 @pytest.mark.parametrize("reduced,quantize", [(False, None), (True, None), (True, "q8_0")])
 def test_any_head_keeps_outputs_identical(reduced: bool, quantize) -> None:
     import random

@@ -1,0 +1,100 @@
+"""What a verify row costs, in decode steps: measured on the engine's own model when it starts.
+
+A verify row of 1 + j tokens (the pending token and j drafts) replaces one decode step of that
+request; the adaptive rule (runtime/scheduler/speculative_rows.py) drafts only when the expected
+tokens per row pay for cost(j). On a CPU cost(j) is nothing like 1: batch-1 decode runs a fused
+path that a row of 2+ tokens may not take, and small-M matmuls still stream weights per row block
+(measured on the default model, 1 thread, fused batch-1 decode vs the unfused verify row: 2.06x at
+j = 1, 2.51x at 2, 3.09x at 4, 4.88x at 8). Kernels change (a multi-row fused decoder makes a row of
+2-9 tokens cost much closer to one step), so the cost is not assumed but timed on the engine's own
+model and KV pool before it serves (`measure_verify_cost`, ~0.1-0.4 s on 1 thread):
+
+    cost(j) = time(forward + lm_head of one row of 1 + j new tokens) / time(the same for 1 token)
+
+over a short dummy context, at j = 1..8, 16, 32, ... and k, linear in between. Times are the process's
+CPU time (time.process_time), min over interleaved repetitions: on a shared machine wall time swung the
+ratios by 40% between two measurements a second apart (the other jobs' preemptions), CPU time hardly. `VerifyCost.assumed` is the old
+fitted curve, for schedulers built without an engine (tests with fake runners) and tensor-parallel
+engines (every rank would have to join the timing steps).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+CONTEXT = 32  # dummy tokens before the timed rows: attention over a short prefix, as early in a request
+REPS = 2  # interleaved rounds after a warm-up round; each length's min is kept (CPU time: stable)
+
+
+@dataclass(frozen=True)
+class VerifyCost:
+    """cost(j): decode steps one verify row of 1 + j tokens costs; points[i] = (j, cost), j ascending, (0, 1.0) first."""
+
+    points: tuple[tuple[int, float], ...]
+    decode_seconds: float = 0.0  # one decode step as measured, process CPU seconds (0: not measured)
+    source: str = "assumed"  # "measured" | "assumed"
+
+    def __post_init__(self) -> None:
+        assert self.points and self.points[0] == (0, 1.0), "cost(0) is one decode step"
+        assert all(a[0] < b[0] for a, b in zip(self.points, self.points[1:])), "j ascending"
+
+    @classmethod
+    def assumed(cls) -> "VerifyCost":
+        """The curve 1 + 0.45 j^0.85 (fitted before batch-1 decode was fused; kept for tests and TP)."""
+        return cls(tuple((j, 1.0 + 0.45 * j ** 0.85 if j else 1.0) for j in range(0, 17)))
+
+    def __call__(self, j: int) -> float:
+        pts = self.points
+        for (j0, c0), (j1, c1) in zip(pts, pts[1:]):
+            if j <= j1:
+                return c0 + (c1 - c0) * (j - j0) / (j1 - j0)
+        if len(pts) == 1:
+            return 1.0
+        (j0, c0), (j1, c1) = pts[-2], pts[-1]  # past the last point: its slope goes on
+        return c1 + (c1 - c0) * (j - j1) / (j1 - j0)
+
+    def describe(self) -> str:
+        return ", ".join(f"1+{j}: {c:.2f}x" for j, c in self.points[1:]) + f" ({self.source})"
+
+
+def draft_lengths(k: int) -> list[int]:
+    """The lengths timed: every j up to 8 (kernels pick tiles by row count: on the default model a row of
+    1 + 4 cost 4.1 decode steps and one of 1 + 2 cost 2.4, so no straight line fits), then powers of two, and k."""
+    out = list(range(1, min(k, 8) + 1))
+    j = 16
+    while j < k:
+        out.append(j)
+        j *= 2
+    return out + ([k] if k > 8 else [])
+
+
+def measure_verify_cost(model: Any, kv: Any, k: int, vocab_size: int, reps: int = REPS,
+                        context: int = CONTEXT) -> VerifyCost:
+    """Time one row of 1 + j tokens for j in 0 and draft_lengths(k) on `model` over pool `kv`.
+
+    Writes K/V into slots [0, context + 1 + k) of the pool: call it before the pool holds anything
+    (the engine does, before its scheduler thread starts); later writes overwrite them."""
+    import torch
+
+    from sgl.runtime.executor.forward_batch import ForwardBatch
+
+    context = min(context, kv.num_slots - 1 - k)
+    if context < 1:  # a pool too small to time in: the assumed curve
+        return VerifyCost.assumed()
+    lengths = [0] + draft_lengths(k)
+    ctx = [(7 * i + 1) % vocab_size for i in range(context + 1 + k)]  # dummy ids
+    best = {j: float("inf") for j in lengths}
+    with torch.inference_mode():
+        model(ForwardBatch.from_lists([ctx[:context]], [list(range(context))]), kv)
+        for rep in range(reps + 1):  # round 0 warms every path (first calls allocate)
+            for j in lengths:
+                fb = ForwardBatch.from_lists([ctx[context:context + 1 + j]], [list(range(context + 1 + j))])
+                t0 = time.process_time()
+                model.compute_logits(model(fb, kv))
+                dt = time.process_time() - t0
+                if rep:
+                    best[j] = min(best[j], dt)
+    base = best[0]
+    return VerifyCost(tuple([(0, 1.0)] + [(j, best[j] / base) for j in lengths[1:]]), base, "measured")

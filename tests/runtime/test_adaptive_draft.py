@@ -1,0 +1,134 @@
+"""The adaptive draft length (runtime/scheduler/speculative_rows.py) over a verify cost
+(runtime/speculative/verify_cost.py): no draft where the cost says none pays, k where it does;
+shadow drafts find a copy phase without verify rows; `speculative_always_draft` ignores the cost;
+outputs stay the reference's either way. The cost is measured on a real (tiny) model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sgl.runtime.config import ServerArgs
+from sgl.runtime.executor.kv_cache import KVCache
+from sgl.runtime.protocol import SamplingParams
+from sgl.runtime.scheduler.output import OutputProcessor
+from sgl.runtime.scheduler.request import Req
+from sgl.runtime.scheduler.scheduler import Scheduler
+from sgl.runtime.scheduler.speculative_rows import best_draft_len, followed
+from sgl.runtime.speculative.drafter import Draft
+from sgl.runtime.speculative.verify_cost import VerifyCost, draft_lengths, measure_verify_cost
+
+from .fake_runner import FakeRunner, FakeTokenizer, next_token, reference_output
+from .test_speculative_verify import tiny_model
+
+# The default model's verify rows on 1 thread before a multi-row fused decoder (README): no draft pays below ~0.8
+MEASURED = VerifyCost(((0, 1.0), (1, 2.06), (2, 2.51), (4, 3.09), (8, 4.88)), 0.01, "measured")
+CHEAP = VerifyCost(((0, 1.0), (1, 1.02), (8, 1.16)), 0.01, "measured")  # verify nearly free
+EXPENSIVE = VerifyCost(((0, 1.0), (1, 2.0)), 0.01, "measured")  # a row of 1 + j costs 1 + j steps: never pays
+
+
+def test_cost_interpolates_and_extrapolates() -> None:
+    assert MEASURED(0) == 1.0 and MEASURED(4) == pytest.approx(3.09)
+    assert MEASURED(3) == pytest.approx((2.51 + 3.09) / 2)
+    assert MEASURED(6) == pytest.approx((3.09 + 4.88) / 2)
+    assert EXPENSIVE(5) == pytest.approx(6.0)  # the last slope goes on
+    assert draft_lengths(8) == list(range(1, 9)) and draft_lengths(3) == [1, 2, 3]
+    assert draft_lengths(40) == list(range(1, 9)) + [16, 32, 40]
+
+
+@pytest.mark.parametrize("a", [0.0, 0.5, 0.9, 0.999])
+def test_no_draft_when_the_cost_says_none_pays(a: float) -> None:
+    assert best_draft_len(a, 8, EXPENSIVE) == 0
+
+
+def test_drafts_when_it_pays() -> None:
+    assert best_draft_len(1.0, 8, EXPENSIVE) == 0  # even a sure draft only breaks even
+    assert best_draft_len(0.9, 8, CHEAP) == 8  # cheap verify rows: the whole k
+    assert best_draft_len(0.6, 8, MEASURED) == 0  # chat-like acceptance does not pay a 2x row
+    assert best_draft_len(0.97, 8, MEASURED) >= 4  # copying does
+    assert best_draft_len(0.97, 8, MEASURED, per_draft=1.0) == 0  # unless drafting itself costs a step per token
+
+
+def test_followed_scores_chains_and_trees() -> None:
+    chain = Draft([5, 6, 7])
+    assert followed(chain, []) == (0, False)
+    assert followed(chain, [5, 6]) == (2, False)
+    assert followed(chain, [5, 9, 7]) == (1, True)
+    assert followed(chain, [5, 6, 7, 8]) == (3, True)
+    tree = Draft([5, 6, 8, 9], [-1, 0, -1, 2])  # 5 -> 6 and 8 -> 9
+    assert followed(tree, [8, 9]) == (2, True)  # a leaf: final
+    assert followed(tree, [8]) == (1, False)
+    assert followed(tree, [7]) == (0, True)
+
+
+class OracleDrafter:
+    """The fake target's true continuation (every draft accepted), or a wrong one."""
+
+    name = "oracle"
+
+    def __init__(self, right: bool = True, prior: float = 0.5) -> None:
+        self.right, self.accept_prior, self.calls = right, prior, 0
+
+    def propose(self, reqs, k):  # noqa: ANN001, ANN201 - the Drafter protocol
+        self.calls += 1
+        out = []
+        for req in reqs:
+            seq, draft = list(req.fill_ids), []
+            for _ in range(k):
+                t = next_token(seq) if self.right else (next_token(seq) % 50) + 1000
+                draft.append(t)
+                seq.append(t)
+            out.append(Draft(draft))
+        return out
+
+
+def run(drafter: OracleDrafter, cost: VerifyCost, max_new: int = 60, **kw) -> tuple[Scheduler, Req]:
+    args = ServerArgs(speculative_num_draft_tokens=4, speculative_max_batch=8, **kw)
+    s = Scheduler(args, FakeRunner(), OutputProcessor(FakeTokenizer()), 400, lambda r: None, drafter=drafter)
+    s.spec.cost = cost
+    req = Req(rid="r", prompt_ids=[3, 4, 5], params=SamplingParams(temperature=0, max_new_tokens=max_new),
+              arrival=s.next_arrival())
+    s.add_request(req)
+    for _ in range(500):
+        if not s.has_work:
+            break
+        s.step()
+        s.check_integrity()
+    assert req.finished and req.output_ids == reference_output([3, 4, 5], max_new)
+    return s, req
+
+
+def test_shadow_drafts_find_a_copy_phase_below_the_prior() -> None:
+    # prior 0.5 under MEASURED: no draft pays; the shadows score 4/4 and the request starts drafting
+    s, req = run(OracleDrafter(right=True, prior=0.5), MEASURED)
+    assert req.spec_verify_ct > 0 and req.spec_accept_prob > 0.9
+    assert s.spec.stats.accepted_tokens == s.spec.stats.draft_tokens  # verified drafts were all right
+    assert s.stats.num_steps < 60 / 2
+
+
+def test_wrong_drafts_never_reach_a_verify_row() -> None:
+    s, req = run(OracleDrafter(right=False, prior=0.5), MEASURED)
+    assert s.spec.stats.verify_ct == 0 and req.spec_accept_prob < 0.5
+    assert s.spec.drafter.calls > 10  # it kept shadowing (NGRAM-cheap), learning nothing pays
+
+
+def test_always_draft_ignores_the_cost() -> None:
+    s, req = run(OracleDrafter(right=False, prior=0.5), EXPENSIVE, speculative_always_draft=True)
+    assert s.spec.stats.verify_ct > 50 and s.spec.stats.accepted_tokens == 0
+
+
+def test_measured_cost_on_a_tiny_model() -> None:
+    model = tiny_model(0)
+    kv = KVCache.for_model(model.config, 64, torch.float32, "cpu")
+    cost = measure_verify_cost(model, kv, 4, model.config.vocab_size, reps=1)
+    assert cost.source == "measured" and cost.decode_seconds > 0
+    assert [j for j, _ in cost.points] == [0, 1, 2, 3, 4]
+    assert all(c > 0 for _, c in cost.points)
+
+
+def test_a_pool_too_small_to_time_in_keeps_the_assumed_curve() -> None:
+    model = tiny_model(0)
+    kv = KVCache.for_model(model.config, 6, torch.float32, "cpu")
+    assert measure_verify_cost(model, kv, 8, model.config.vocab_size).source == "assumed"
+    assert measure_verify_cost(model, KVCache.for_model(model.config, 12, torch.float32, "cpu"), 8,
+                               model.config.vocab_size, reps=1).source == "measured"  # a shorter context
