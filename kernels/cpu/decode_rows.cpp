@@ -224,7 +224,7 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
                reinterpret_cast<const float*>(sin), slots, lens, float(scale)};
   bool tile = false;
 #ifdef SGL_AVX512_TILE
-  tile = M >= 2 && have_q16_tile();
+  tile = M >= kQ16TileMinRows && have_q16_tile();
 #endif
   static thread_local Scratch sc;  // the caller's: reused across steps (no malloc per layer)
   sc.qkv.resize(M * (H + 2 * Hkv) * D);

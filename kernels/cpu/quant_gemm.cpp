@@ -402,7 +402,7 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
     Q16Pairs pairs;
     const Q16Pairs* pp = nullptr;
 #ifdef SGL_AVX512_TILE
-    if (M >= 2 && have_q16_tile()) {
+    if (M >= kQ16TileMinRows && have_q16_tile()) {
       pack_pairs(a16, M, pairs);
       pp = &pairs;
     }

@@ -30,6 +30,10 @@ namespace {
 // Rows up to which gemm runs q16 activations (the default act mode): decode batches and speculative verify rows
 // are batch-invariant up to here. Above it (prefill) the fp32 / MKL paths are faster. Mirrored by quant.py.
 constexpr int64_t kQ16MaxRows = 64;
+// Rows from which the row-pair tile runs (where the machine has it); fewer rows run gemm_q16_rows, whose
+// 256-bit row pairs were faster there (1 thread, 3072 x 576 Q4_1: M = 2 0.115 vs 0.140 ms, M = 3 equal, M = 4
+// 0.220 vs 0.193).
+constexpr int64_t kQ16TileMinRows = 4;
 
 // x of a q16 batch re-laid for the row-pair tile: pair p = rows 2p, 2p + 1 (an odd M's last pair has a zero row).
 //   q: [P][nb][64] int16 per block: x0 of row 2p | x0 of row 2p+1 | x1 of row 2p | x1 of row 2p+1 (x0 = the
@@ -213,15 +217,43 @@ SGL_TARGET_Q16 void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64
 #endif
 #endif
 
-// The portable way to the same bits (AVX2 without AVX-512 VNNI, the scalar build): gemv_rows per row, in
-// 64-column cache blocks so a block's weight rows stay in L2 across the rows.
+// The portable way to the same bits (AVX2 without AVX-512 VNNI, the scalar build), and the faster one at a few
+// rows: in 64-column cache blocks (a block's weight rows stay in L2 across the rows), rows in pairs through
+// dot_q16_cols4_rows (each weight block widened once for both rows; AVX2 builds), the rest per row (gemv_rows).
 template <QT T>
 void gemm_q16_rows(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16Act& a, float* out,
                    const float* bias, const float* resid, int64_t n0, int64_t n1) {
   constexpr int64_t kChunk = 64;
   for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
     const int64_t c1 = std::min(n1, c0 + kChunk);
-    for (int64_t r = 0; r < M; r++) {
+    int64_t r = 0;
+#ifdef SGL_AVX2
+    for (; r + 2 <= M; r += 2) {
+      float res[8];
+      for (int64_t n = c0; n < c1;) {
+        if (n + 4 <= c1) {
+          dot_q16_cols4_rows<T, 2>(W + n * rb, rb, a, r, res);
+          for (int c = 0; c < 4; c++)
+            for (int j = 0; j < 2; j++) {
+              const int64_t o = (r + j) * N + n + c;
+              float v = res[c * 2 + j];
+              if (bias != nullptr) v += bias[n + c];
+              if (resid != nullptr) v += resid[o];
+              out[o] = v;
+            }
+          n += 4;
+          continue;
+        }
+        for (int64_t j = 0; j < 2; j++) {  // a tail column: per row (dot_q16_cols<T, 1>: the same bits)
+          const Q16Act row{a.q + (r + j) * a.k, a.d + (r + j) * a.nb, a.s + (r + j) * a.nb, a.k, a.nb};
+          gemv_rows<T>(W + n * rb, rb, 1, row, out + (r + j) * N + n, bias != nullptr ? bias + n : nullptr,
+                       resid != nullptr ? resid + (r + j) * N + n : nullptr);
+        }
+        n += 1;
+      }
+    }
+#endif
+    for (; r < M; r++) {
       const Q16Act row{a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, a.k, a.nb};
       gemv_rows<T>(W + c0 * rb, rb, c1 - c0, row, out + r * N + c0, bias != nullptr ? bias + c0 : nullptr,
                    resid != nullptr ? resid + r * N + c0 : nullptr);
@@ -235,7 +267,7 @@ void gemm_q16_cols(const uint8_t* W, int64_t M, int64_t N, int64_t K, const Q16A
                    float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
   const int64_t rb = row_bytes(T, K);
 #ifdef SGL_AVX512_TILE
-  if (pairs != nullptr) {
+  if (pairs != nullptr && M >= kQ16TileMinRows) {
     gemm_q16_tile<T>(W, rb, M, N, *pairs, out, bias, resid, n0, n1);
     return;
   }
