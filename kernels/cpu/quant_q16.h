@@ -143,58 +143,14 @@ inline void quantize_act16(const float* x, int64_t M, int64_t K, std::vector<int
 
 // ---- M = 1 q16 GEMV over a range of weight rows (the batch-1 decode layer, gemv and gemm's single row) ----
 #ifdef SGL_AVX2
-// dot_q16_cols<T, 4> with the 4 blocks' f16 scales (and Q4_1 mins) converted in ONE vcvtph2ps and the
-// affine terms of the 4 columns in one vector FMA: ~5 fewer uops per block and column than the scalar
-// header decode (the M = 1 matmuls are instruction-bound once the weights stream from memory at full
-// speed). Per column the same operations in the same order as dot_q16_cols<T, 1> (a lane of a vector
-// mul/fma rounds as the scalar one), so the results are bit-identical to it and to gemm's q16 path.
-template <QT T>
-inline void dot_q16_cols4(const uint8_t* w, int64_t rb, const Q16Act& a, float* res) {
-  const int16_t* xq = a.q;
-  __m256 acc[4];
-  for (int c = 0; c < 4; c++) acc[c] = _mm256_setzero_ps();
-  __m256 scal = _mm256_setzero_ps();  // Q4_1: lanes 1, 3, 5, 7 = m_c * xs sums; Q4_0: lanes 0..3 = -8 d_c * xs
-  const __m256i lane0 = _mm256_set1_epi32(0), lane1 = _mm256_set1_epi32(T == QT::Q4_1 ? 2 : 1),
-                lane2 = _mm256_set1_epi32(T == QT::Q4_1 ? 4 : 2), lane3 = _mm256_set1_epi32(T == QT::Q4_1 ? 6 : 3);
-  for (int64_t b = 0; b < a.nb; b++) {
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock + 16));
-    const uint8_t* blk = w + b * block_bytes(T);
-    __m256 hdr;  // Q4_1: d0 m0 d1 m1 d2 m2 d3 m3; Q4_0 / Q8_0: d0 d1 d2 d3 (upper lanes unused)
-    if constexpr (T == QT::Q4_1) {
-      uint32_t h[4];
-      for (int c = 0; c < 4; c++) std::memcpy(&h[c], blk + c * rb, 4);
-      hdr = _mm256_cvtph_ps(_mm_setr_epi32(int(h[0]), int(h[1]), int(h[2]), int(h[3])));
-    } else {
-      uint16_t h[4];
-      for (int c = 0; c < 4; c++) std::memcpy(&h[c], blk + c * rb, 2);
-      hdr = _mm256_cvtph_ps(_mm_setr_epi16(short(h[0]), short(h[1]), short(h[2]), short(h[3]), 0, 0, 0, 0));
-    }
-    const __m256 dx = _mm256_mul_ps(hdr, _mm256_set1_ps(a.d[b]));  // d_c * xd_b (as f16(blk) * xd[b])
-    if constexpr (T == QT::Q4_1) scal = _mm256_fmadd_ps(hdr, _mm256_set1_ps(a.s[b]), scal);
-    if constexpr (T == QT::Q4_0) scal = _mm256_fmadd_ps(_mm256_mul_ps(hdr, _mm256_set1_ps(-8.f)), _mm256_set1_ps(a.s[b]), scal);
-    const __m256i lanes[4] = {lane0, lane1, lane2, lane3};
-    for (int c = 0; c < 4; c++) {
-      const uint8_t* bc = blk + c * rb;
-      prefetch(bc);
-      __m256i w0, w1;
-      widen16<T>(bc, w0, w1);
-      const __m256 p = _mm256_cvtepi32_ps(dot16(w0, w1, x0, x1));
-      acc[c] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(dx, lanes[c]), acc[c]);
-    }
-  }
-  alignas(32) float sc[8];
-  _mm256_store_ps(sc, scal);
-  for (int c = 0; c < 4; c++) {
-    const float s = T == QT::Q4_1 ? sc[2 * c + 1] : T == QT::Q4_0 ? sc[c] : 0.f;
-    res[c] = hsum(acc[c]) + s;
-  }
-}
-
-// dot_q16_cols4 for R rows of x at once (rows r0 .. r0 + R of a): res[c * R + r]. Each weight block is widened
-// once and serves the R rows; per row the operations of dot_q16_cols4 in the same order (its own dx, scal and
-// accumulators), so every row gets the bits it gets alone. Why: at M = 2..7 the widening is a third of the
-// per-row work, and 256-bit ops issue on two ports where the 512-bit row-pair tile's issue on one.
+// dot_q16_cols<T, 4> for R rows of x at once (rows r0 .. r0 + R of a): res[c * R + r]. The 4 blocks' f16 scales
+// (and Q4_1 mins) are converted in ONE vcvtph2ps and the affine terms in one vector FMA: ~5 fewer uops per
+// block and column than the scalar header decode (the M = 1 matmuls are instruction-bound once the weights
+// stream from memory at full speed). Per row and column the same operations in the same order as
+// dot_q16_cols<T, 1> (a lane of a vector mul/fma rounds as the scalar one), so a row's results are bit-identical
+// to it, whatever R, and to gemm's q16 path. R = 2 widens each weight block once for both rows (M = 2 on a
+// 3072 x 576 Q4_1 matrix, 1 thread: 0.113 ms, two single rows 0.14; a 4-row version was no faster than the
+// 512-bit tile: the per-row dot, convert, scale and FMA are most of the work).
 template <QT T, int R>
 inline void dot_q16_cols4_rows(const uint8_t* w, int64_t rb, const Q16Act& a, int64_t r0, float* res) {
   __m256 acc[4][R], scal[R];
@@ -247,6 +203,12 @@ inline void dot_q16_cols4_rows(const uint8_t* w, int64_t rb, const Q16Act& a, in
       res[c * R + r] = hsum(acc[c][r]) + s;
     }
   }
+}
+
+// The M = 1 kernel: 4 columns of one row.
+template <QT T>
+inline void dot_q16_cols4(const uint8_t* w, int64_t rb, const Q16Act& a, float* res) {
+  dot_q16_cols4_rows<T, 1>(w, rb, a, 0, res);
 }
 #endif
 
