@@ -8,6 +8,7 @@ mask moves it into an error state (`matcher.error` is the message) from which it
 from __future__ import annotations
 
 import importlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -72,7 +73,9 @@ class GrammarMatcher(ABC):
         # Strings that match the grammar's patterns/formats (sgl.grammars.witness), set by
         # `CompiledGrammar.matcher`: the closing walks try them where one-token choices never end.
         self.witnesses: tuple[bytes, ...] = ()
-        self._recent_paths: list[int] = []  # lengths of the last 8 closing paths computed
+        # (accepted-token count, length) of the last 8 closing paths computed. NOTE: replaced, never
+        # mutated in place (runtime/executor/verify.py snapshots it by reference).
+        self._recent_paths: list[tuple[int, int]] = []
 
     def set_token_budget(self, max_new_tokens: int) -> None:
         """Close the output within `max_new_tokens` accepted tokens (see sgl.grammars.budget)."""
@@ -218,10 +221,14 @@ class GrammarMatcher(ABC):
         # NOTE: commit by the longest of the recent paths, not only this one: one token can lengthen the
         # path a lot (`},` then a forced `{"price` opens an item whose required keys must all be written:
         # 5 -> 15 tokens in Glaiveai2K generate_invoice on the model); closing early is still valid.
-        self._recent_paths = (self._recent_paths + [len(path)])[-8:]
-        longest = max(self._recent_paths)
-        if remaining > longest + MARGIN:
-            window = longest + MARGIN + 16
+        self._recent_paths = (self._recent_paths + [(self._num_accepted, len(path))])[-8:]
+        longest = max(n for _, n in self._recent_paths)
+        # NOTE: and ahead of the path's growth: a path that grows with the output (nesting deeper one level
+        # per few tokens, Github_medium o69631) narrows the gap by 1 + rate per token, so it could pass
+        # MARGIN between two checks.
+        lead = math.ceil(GROWTH_LOOKAHEAD * _growth_rate(self._recent_paths))
+        if remaining > longest + MARGIN + lead:
+            window = longest + MARGIN + lead + 16
             self._budget_check_at = remaining - 1 if remaining <= window else max(window, remaining - 8)
             return
         self._budget_check_at = remaining - 1
@@ -281,6 +288,16 @@ class GrammarMatcher(ABC):
                 if row[w] >> j & 1 and t not in self.vocab.eos_token_ids:
                     return t
         return None
+
+
+# tokens: commit this many tokens of path growth early (see `_close_within_budget`).
+GROWTH_LOOKAHEAD = 8
+
+
+def _growth_rate(recent: list[tuple[int, int]]) -> float:
+    """Closing-path tokens gained per accepted token over the recent paths (0 if shrinking or one path)."""
+    (a0, n0), (a1, n1) = recent[0], recent[-1]
+    return max(0.0, (n1 - n0) / (a1 - a0)) if a1 > a0 else 0.0
 
 
 def _bit(j: int) -> int:

@@ -249,3 +249,17 @@ def test_closing_path_with_a_witness_no_token_spells(compiler, vocab):
     assert m.witnesses == (b"a\x04",)
     assert m.accept(vocab.encode(b"a")[0])
     assert closing_path(m, 8) is None
+
+
+def test_closing_path_through_deep_nesting(compiler, vocab):
+    """Replay a real greedy output (Github_medium o69631 on the default model: `{"type":` nested one
+    level per two tokens under `additionalProperties: true`). The greedy walk demoted `}}` after 3
+    picks and opened keys instead, so from depth ~9 on no greedy path ended; the fallback walks' paths
+    (40-400 tokens) never fit the budget left, and the output ended on length unparsed."""
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "budget_nested_keys_ids.json").read_text())
+    m = compiler.compile("json_schema", json.dumps(rec["schema"])).matcher()
+    out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), rec["schema"])
+    assert m.budget_closed
