@@ -188,9 +188,25 @@ def test_closing_commits_by_the_longest_recent_path(compiler, vocab):
     assert m.budget_closed
 
 
+def test_overlapping_oneof_replay_ends_valid(compiler, vocab):
+    """Replay a real greedy output (Glaiveai2K calculate_area_4c8e9fd1 on the default model:
+    `{"dimensions":{"properties":{"properties":...` under a oneOf whose branches differ by an optional
+    `shape` const). As a guard, the object closed by budget closing matched every branch; the rollback
+    (~490 tokens) exceeded the backtrack budget and the request aborted. Exact now: the grammar
+    itself keeps exactly one branch, and the output validates."""
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "guard_oneof_abort_ids.json").read_text())
+    m = compiler.compile("json_schema", json.dumps(rec["schema"])).matcher()
+    out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
+    assert m.error is None, m.error
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), rec["schema"])
+
+
 def _replay_with_jump_forward(m, vocab, ids: list[int], budget: int) -> list[int]:
     """The scheduler's order: forced tokens (jump-forward) without a mask, then the mask, then the
-    recorded id if the mask allows it, else the mask's first token."""
+    recorded id if the mask allows it, else the mask's first token; a guard's rollback as the
+    scheduler does it (runtime/scheduler/rollback.py)."""
     import numpy as np
 
     m.set_token_budget(budget)
@@ -210,6 +226,10 @@ def _replay_with_jump_forward(m, vocab, ids: list[int], budget: int) -> list[int
             break
         assert m.accept(t)
         out.append(t)
+        keep = m.take_rollback() if hasattr(m, "take_rollback") else None
+        if keep is not None:
+            m.rollback(len(out) - keep)
+            del out[keep:]
     return out
 
 
