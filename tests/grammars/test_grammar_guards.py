@@ -40,6 +40,9 @@ CASES = [  # (schema, valid instances, (invalid instance, keyword))
     # overlapping patternProperties: one alternation in the grammar, the key matching both checked against both
     ({"type": "object", "patternProperties": {"^a": {"type": "integer"}, "b$": {"minimum": 5}},
       "additionalProperties": False}, [{"ab": 7}, {"a": 1}, {"b": 9}], [({"ab": 3}, "patternProperties")]),
+    # a long maxLength beside a pattern: the grammar keeps the pattern, the guard the length (mask speed)
+    ({"type": "object", "properties": {"e": {"type": "string", "pattern": "^[a-z]+@[a-z]+$", "maxLength": 64}}},
+     [{"e": "ab@cd"}, {"e": "a" * 60 + "@cd"}], [({"e": "a" * 64 + "@cd"}, "maxLength")]),
     # more required matches than positions a grammar expands: the guard counts them when the array closes
     ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 1}, "minContains": 9},
      [[1] * 9], [([1] * 8, "contains")]),
