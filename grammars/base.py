@@ -73,7 +73,8 @@ class GrammarMatcher(ABC):
         # Strings that match the grammar's patterns/formats (sgl.grammars.witness), set by
         # `CompiledGrammar.matcher`: the closing walks try them where one-token choices never end.
         self.witnesses: tuple[bytes, ...] = ()
-        # (accepted-token count, length) of the last 8 closing paths computed. NOTE: replaced, never
+        # (accepted-token count, length) of the closing paths computed over the last RECENT_TOKENS
+        # accepted tokens. NOTE: replaced, never
         # mutated in place (runtime/executor/verify.py snapshots it by reference).
         self._recent_paths: list[tuple[int, int]] = []
 
@@ -221,7 +222,11 @@ class GrammarMatcher(ABC):
         # NOTE: commit by the longest of the recent paths, not only this one: one token can lengthen the
         # path a lot (`},` then a forced `{"price` opens an item whose required keys must all be written:
         # 5 -> 15 tokens in Glaiveai2K generate_invoice on the model); closing early is still valid.
-        self._recent_paths = (self._recent_paths + [(self._num_accepted, len(path))])[-8:]
+        # NOTE: a window of tokens, not of paths: near the end a path is computed every token, and 8 paths
+        # back no longer reached the last item's opening (Github_easy o45164: 6 required keys per item,
+        # `},{"` lengthens the path 2 -> 37 once per ~80 tokens; it never committed and ended unparsed)
+        self._recent_paths = [(a, n) for a, n in self._recent_paths if a > self._num_accepted - RECENT_TOKENS] \
+            + [(self._num_accepted, len(path))]
         longest = max(n for _, n in self._recent_paths)
         # NOTE: and ahead of the path's growth: a path that grows with the output (nesting deeper one level
         # per few tokens, Github_medium o69631) narrows the gap by 1 + rate per token, so it could pass
@@ -290,8 +295,10 @@ class GrammarMatcher(ABC):
         return None
 
 
-# tokens: commit this many tokens of path growth early (see `_close_within_budget`).
+# tokens: commit this many tokens of path growth early, and by the longest closing path computed over
+# this many accepted tokens (see `_close_within_budget`)
 GROWTH_LOOKAHEAD = 8
+RECENT_TOKENS = 128
 
 
 def _growth_rate(recent: list[tuple[int, int]]) -> float:

@@ -188,6 +188,20 @@ def test_closing_commits_by_the_longest_recent_path(compiler, vocab):
     assert m.budget_closed
 
 
+def test_closing_commits_by_the_paths_of_the_last_tokens(compiler, vocab):
+    """Replay a real greedy output (Github_easy o45164 on the default model: an array of items with 6
+    required keys each). `},{"` lengthens the closing path from 2 to 37 tokens once per ~80 tokens; near
+    the end a path is computed every token, so the last 8 paths (the old memory) no longer held the 37:
+    closing never started and the output ended on length unparsed."""
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "budget_item_period_ids.json").read_text())
+    m = compiler.compile("json_schema", json.dumps(rec["schema"])).matcher()
+    out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), rec["schema"])
+    assert m.budget_closed
+
+
 def test_overlapping_oneof_replay_ends_valid(compiler, vocab):
     """Replay a real greedy output (Glaiveai2K calculate_area_4c8e9fd1 on the default model:
     `{"dimensions":{"properties":{"properties":...` under a oneOf whose branches differ by an optional
