@@ -127,6 +127,9 @@ def sample_files(n: int, seed: int, subsets: list[str], data: Path) -> dict[str,
     are kept: drawing only for `subsets` made a subset's sample depend on the --subsets list."""
     rng = random.Random(seed)
     files = {s: sorted((data / s).glob("*.json")) for s in SUBSETS}
+    missing = [s for s in subsets if not files.get(s)]
+    if missing:
+        raise SystemExit(f"no schemas for {missing} under {data} (set SGL_SHARED_DATA to the shared data folder)")
     drawn = {s: rng.sample(fs, min(n, len(fs))) for s, fs in files.items()}
     return {s: drawn[s] for s in subsets}
 

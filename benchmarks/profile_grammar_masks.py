@@ -6,9 +6,11 @@ and the p99 steps (schema, step, allowed-token count, the text before, matcher t
     OMP_NUM_THREADS=1 python benchmarks/profile_grammar_masks.py --subset Github_trivial --n 60
     OMP_NUM_THREADS=1 python benchmarks/profile_grammar_masks.py --subset Github_trivial --n 60 --off
 
-`--off` turns off this session's two mask levers for an A/B in the same conditions: the masks cached
-after the first HEAD_TOKENS tokens (grammars/base.py) and dropping patterns every string matches
-(grammars/json_schema.py). Run on and off alternately: on a shared machine p99 moves by ~20% run to run.
+`--keep-long-bounds` keeps a long maxLength beside a format/pattern in the grammar instead of the guard
+(grammars/schema_relax.py `guard_long_format_bound`). `--off` turns off the two earlier mask levers for
+an A/B in the same conditions: the masks cached after the first HEAD_TOKENS tokens (grammars/base.py)
+and dropping patterns every string matches (grammars/json_schema.py). `--out F` appends the summary
+line (JSON) to F. Run on and off alternately: on a shared machine p99 moves by ~20% run to run.
 """
 from __future__ import annotations
 
@@ -28,7 +30,10 @@ def main() -> None:
     p.add_argument("--subset", default="Github_trivial")
     p.add_argument("--n", type=int, default=60, help="schemas (a seeded sample of the subset)")
     p.add_argument("--off", action="store_true", help="disable the head-mask cache and the vacuous-pattern drop")
+    p.add_argument("--keep-long-bounds", action="store_true",
+                   help="keep long maxLength bounds beside a format/pattern in the grammar (no guard)")
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--out", default=None, help="append the summary as one JSON line to this file")
     args = p.parse_args()
     warnings.simplefilter("ignore")
     import sys
@@ -44,6 +49,9 @@ def main() -> None:
     from grammar_testlib import load_default_tokenizer  # noqa: E402
 
     torch.set_num_threads(1)
+    if args.keep_long_bounds:
+        import sgl.grammars.schema_relax as relax
+        relax._LONG_STRING = relax._HUGE_STRING = 1 << 62
     if args.off:
         base.HEAD_TOKENS = 0
         js.matches_every_string = lambda pattern: False
@@ -92,8 +100,16 @@ def main() -> None:
                     del out[keep:]
     us = sorted(r[0] for r in rows)
     pct = {q: us[int(q * (len(us) - 1))] for q in (0.5, 0.9, 0.99)}
-    print(f"{args.subset} ({'off' if args.off else 'on'}): {len(rows)} steps over {len(files)} schemas, thread CPU us "
+    mode = ("off" if args.off else "on") + (", long bounds kept" if args.keep_long_bounds else "")
+    print(f"{args.subset} ({mode}): {len(rows)} steps over {len(files)} schemas, thread CPU us "
           f"p50 {pct[0.5]:.1f} p90 {pct[0.9]:.1f} p99 {pct[0.99]:.1f} (load {os.getloadavg()[0]:.1f})")
+    if args.out:
+        import json
+        with open(args.out, "a") as f:
+            f.write(json.dumps({"subset": args.subset, "mode": mode, "schemas": len(files), "steps": len(rows),
+                                "thread_cpu_us": {str(q): round(v, 1) for q, v in pct.items()},
+                                "steps_over_200us": sum(r[0] > 200 for r in rows), "load": os.getloadavg()[0],
+                                "threads": 1}) + "\n")
     for r in sorted((r for r in rows if r[0] >= pct[0.99]), reverse=True)[: args.top]:
         print(f"{r[0]:7.0f} us (fill {r[1]:.0f}, accept {r[2]:.0f})  {r[3]} step {r[4]}  allowed {r[5]}  {r[6]!r}  {r[7]}")
 

@@ -8,6 +8,7 @@ mask moves it into an error state (`matcher.error` is the message) from which it
 from __future__ import annotations
 
 import importlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -72,7 +73,10 @@ class GrammarMatcher(ABC):
         # Strings that match the grammar's patterns/formats (sgl.grammars.witness), set by
         # `CompiledGrammar.matcher`: the closing walks try them where one-token choices never end.
         self.witnesses: tuple[bytes, ...] = ()
-        self._recent_paths: list[int] = []  # lengths of the last 8 closing paths computed
+        # (accepted-token count, length) of the closing paths computed over the last RECENT_TOKENS
+        # accepted tokens. NOTE: replaced, never
+        # mutated in place (runtime/executor/verify.py snapshots it by reference).
+        self._recent_paths: list[tuple[int, int]] = []
 
     def set_token_budget(self, max_new_tokens: int) -> None:
         """Close the output within `max_new_tokens` accepted tokens (see sgl.grammars.budget)."""
@@ -218,10 +222,18 @@ class GrammarMatcher(ABC):
         # NOTE: commit by the longest of the recent paths, not only this one: one token can lengthen the
         # path a lot (`},` then a forced `{"price` opens an item whose required keys must all be written:
         # 5 -> 15 tokens in Glaiveai2K generate_invoice on the model); closing early is still valid.
-        self._recent_paths = (self._recent_paths + [len(path)])[-8:]
-        longest = max(self._recent_paths)
-        if remaining > longest + MARGIN:
-            window = longest + MARGIN + 16
+        # NOTE: a window of tokens, not of paths: near the end a path is computed every token, and 8 paths
+        # back no longer reached the last item's opening (Github_easy o45164: 6 required keys per item,
+        # `},{"` lengthens the path 2 -> 37 once per ~80 tokens; it never committed and ended unparsed)
+        self._recent_paths = [(a, n) for a, n in self._recent_paths if a > self._num_accepted - RECENT_TOKENS] \
+            + [(self._num_accepted, len(path))]
+        longest = max(n for _, n in self._recent_paths)
+        # NOTE: and ahead of the path's growth: a path that grows with the output (nesting deeper one level
+        # per few tokens, Github_medium o69631) narrows the gap by 1 + rate per token, so it could pass
+        # MARGIN between two checks.
+        lead = math.ceil(GROWTH_LOOKAHEAD * _growth_rate(self._recent_paths))
+        if remaining > longest + MARGIN + lead:
+            window = longest + MARGIN + lead + 16
             self._budget_check_at = remaining - 1 if remaining <= window else max(window, remaining - 8)
             return
         self._budget_check_at = remaining - 1
@@ -281,6 +293,18 @@ class GrammarMatcher(ABC):
                 if row[w] >> j & 1 and t not in self.vocab.eos_token_ids:
                     return t
         return None
+
+
+# tokens: commit this many tokens of path growth early, and by the longest closing path computed over
+# this many accepted tokens (see `_close_within_budget`)
+GROWTH_LOOKAHEAD = 8
+RECENT_TOKENS = 128
+
+
+def _growth_rate(recent: list[tuple[int, int]]) -> float:
+    """Closing-path tokens gained per accepted token over the recent paths (0 if shrinking or one path)."""
+    (a0, n0), (a1, n1) = recent[0], recent[-1]
+    return max(0.0, (n1 - n0) / (a1 - a0)) if a1 > a0 else 0.0
 
 
 def _bit(j: int) -> int:

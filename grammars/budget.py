@@ -40,7 +40,13 @@ _EXTRA = ["Z", "/", "+", "T", "@", "_", "0", "1", "-", ":", ".", '"', "}", "]", 
 _RETRIES = 6
 # The greedy walk demotes a token it picked this many times in a row: a number's "0" (or a key's "a")
 # repeated loops until the limit where "," ends the value (Glaiveai2K generate_invoice on the model).
+# Closers (`}`, `]}`, ...) are exempt on the first walk: each closes a level, so repeating them is
+# progress; demoting `}}` at depth > 6 made the walk open keys forever (Github_medium o69631 on the
+# model, `{"type":` nested ~200 deep: no greedy path, the fallback's 40-400 came too late). A closer
+# repeated as string content (a pattern string that takes no quote yet) loops instead: the second walk
+# demotes closers too.
 _TIRED = 3
+_CLOSER_BYTES = frozenset(b'"}])>')
 _SUFFIXES: dict[tuple[int, bytes], tuple["Vocabulary", list[list[int]]]] = {}
 _CANDIDATES: dict[int, tuple["Vocabulary", tuple]] = {}  # id(vocab) -> (vocab kept alive, ids)
 
@@ -79,7 +85,9 @@ def closing_path(m: "GrammarMatcher", limit: int, fallback_limit: Optional[int] 
     greedy = lambda inside: in_string if inside else elsewhere  # noqa: E731
     wit = _witness_suffixes(m.vocab, getattr(m, "witnesses", ()))
     starts = [suffixes[-1] for suffixes in wit if suffixes]  # each witness in full
-    best = _walk(m, limit, greedy, probes, starts=starts)
+    best = _walk(m, limit, greedy, probes, starts=starts, tire_closers=False)
+    if best is None:
+        best = _walk(m, limit, greedy, probes, starts=starts)
     if best is not None:
         return best
     limit = limit if fallback_limit is None else min(limit, fallback_limit)
@@ -139,16 +147,22 @@ def _take_one_of(m: "GrammarMatcher", options: list[list[int]], room: int) -> li
     return []
 
 
+def _is_closer(vocab: "Vocabulary", token_id: int) -> bool:
+    text = vocab.token_bytes[token_id] or b""
+    return bool(text) and all(c in _CLOSER_BYTES for c in text)
+
+
 def _shorter(a: Optional[list[int]], b: Optional[list[int]]) -> Optional[list[int]]:
     return b if a is None or (b is not None and len(b) < len(a)) else a
 
 
 def _walk(m: "GrammarMatcher", limit: int, order: Callable[[bool], list[int]], probes: list[int],
-          prefix: Sequence[int] = (), starts: Sequence[list[int]] = ()) -> Optional[list[int]]:
+          prefix: Sequence[int] = (), starts: Sequence[list[int]] = (), tire_closers: bool = True) -> Optional[list[int]]:
     """One walk from the matcher's state: `prefix` first (None if the grammar refuses it), then forced
     tokens, else (right after a quote, when a quote cannot follow: a string with a pattern or format
     opened) the first of `starts` the grammar takes in full, else the first allowed token of
-    `order(inside a string)`, else any allowed token. The matcher is left where it started."""
+    `order(inside a string)`, else any allowed token. A token picked _TIRED times in a row goes last
+    (closers too only with `tire_closers`). The matcher is left where it started."""
     path: list[int] = []
     tired: set[int] = set()
     run = 0
@@ -181,7 +195,7 @@ def _walk(m: "GrammarMatcher", limit: int, order: Callable[[bool], list[int]], p
                     ranked = [t for t in ranked if t not in tired] + [t for t in ranked if t in tired]
                 step = next(([t] for t in ranked if m._allows(t)), [])
                 run = run + 1 if step and path and step[0] == path[-1] else 1
-                if step and run >= _TIRED:
+                if step and run >= _TIRED and (tire_closers or not _is_closer(m.vocab, step[0])):
                     tired.add(step[0])
             if not step:
                 t = m._any_allowed()

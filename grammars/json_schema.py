@@ -260,6 +260,7 @@ class _Normalizer(Relaxations):
         out = self.exact_extras(s, out, path)
         out = self.guard_property_counts(out, path)
         out = self.guard_pattern_overlap(out, path)
+        out = self.guard_long_format_bound(out, path)
         # combinators
         parts: list[Any] = [out] if out != {} else []
         parts += self.contains(s, path)

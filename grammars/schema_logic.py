@@ -159,6 +159,20 @@ def _esc(c: str) -> str:
     return f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}"
 
 
+# complement regex -> the strings it excludes, so that two of them merge (`complement_intersection`)
+_COMPLEMENTED: dict[str, frozenset[str]] = {}
+
+
+def complement_intersection(patterns: list[str], where: str) -> Optional[str]:
+    """not-in(A) and not-in(B) == not-in(A | B): the merge of complement regexes of string sets (e.g.
+    `shape` is neither "circle" nor "rectangle", from an overlapping oneOf's exact encoding); None if
+    some pattern is not such a complement."""
+    sets = [_COMPLEMENTED.get(p) for p in patterns]
+    if any(x is None for x in sets):
+        return None
+    return string_complement_regex(sorted(frozenset().union(*sets)), where)  # type: ignore[arg-type]
+
+
 def string_complement_regex(strings: list[str], where: str) -> str:
     """An anchored regex matching every string NOT in `strings` (built over their trie)."""
     if sum(len(x) + 1 for x in strings) > _MAX_COMPLEMENT_CHARS:
@@ -177,7 +191,10 @@ def string_complement_regex(strings: list[str], where: str) -> str:
         alts += [_esc(k) + "(?:" + comp(node[k]) + ")" for k in kids]
         return "|".join(alts)
 
-    return "^(?:" + comp(trie) + ")$"
+    out = "^(?:" + comp(trie) + ")$"
+    if len(_COMPLEMENTED) < 4096:  # NOTE: bounded; a miss only means two such patterns do not merge
+        _COMPLEMENTED[out] = frozenset(strings)
+    return out
 
 
 # --- propertyNames ---------------------------------------------------------------------------------

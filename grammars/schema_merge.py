@@ -184,6 +184,13 @@ def _merge2(a: Any, b: Any, where: str, inline: Inline) -> Any:
             if k == "multipleOf" and all(float(v).is_integer() for v in vals):
                 out[k] = math.lcm(*(int(float(v)) for v in vals))
                 continue
+            if k == "pattern":
+                # NOTE: imported here: schema_logic builds on this module (merge_all)
+                from sgl.grammars.schema_logic import complement_intersection
+                both = complement_intersection(vals, where)
+                if both is not None:
+                    out[k] = both
+                    continue
             raise GrammarError(f"allOf combines two different {k!r} values, which cannot be merged",
                                keyword=k, path=where)
         if vals:

@@ -22,6 +22,10 @@ from sgl.grammars.schema_merge import is_disjoint, merge_all
 
 # Unsupported keywords a semantic guard can check instead (guard mode; grammars/guards.py)
 GUARDABLE = frozenset({"unevaluatedProperties", "unevaluatedItems"})
+# characters: a maxLength at least this long beside a format goes to the guard (see
+# `guard_long_format_bound`); the model rarely writes such a string, so the guard rarely rolls back
+_LONG_STRING = 64
+_HUGE_STRING = 1000  # beside a pattern
 _UNMERGEABLE = frozenset({"pattern", "format", "multipleOf"})  # allOf conflicts a guard can take over
 _FAMILIES = {"object": {"properties", "required", "additionalProperties", "patternProperties", "minProperties",
                         "maxProperties"},
@@ -80,6 +84,23 @@ class Relaxations:
             for k in ("minProperties", "maxProperties"):
                 if out.pop(k, None) is not None:
                     self.guards.append((pointer(path), k))
+        return out
+
+    def guard_long_format_bound(self, out: Any, path: tuple) -> Any:
+        """A long `maxLength` on a string with a `format` (and no pattern): in guard mode the guard checks
+        the length when the string closes. NOTE: llguidance intersects the format's regex with the length
+        counter, so every character lands in a new lexer state and each mask inside the string costs
+        0.4-1.4 ms (Github_easy o9778, email with maxLength 1024: 162 of that subset's 259 steps over
+        200 us); without the bound the regex's states repeat (~0.1 ms). Short bounds stay in the grammar,
+        and so do bounds beside a `pattern`: a counted pattern (`^(?:\\S+\\s+){0,49}\\S+$`, Github_medium
+        o21142) is as slow without the bound, and the bound keeps such strings short; but not huge ones
+        (`maxLength: 5000` beside `{0,99}` words, Github_easy o21053: llguidance's lexer ran out of
+        expressions mid-output on the model and the request aborted)."""
+        bound = out.get("maxLength", 0) if self.guard and isinstance(out, dict) else 0
+        if bound and (("format" in out and "pattern" not in out and bound >= _LONG_STRING)
+                      or ("pattern" in out and bound >= _HUGE_STRING)):
+            del out["maxLength"]
+            self.guards.append((pointer(path), "maxLength"))
         return out
 
     def guard_pattern_overlap(self, out: Any, path: tuple) -> Any:

@@ -188,9 +188,39 @@ def test_closing_commits_by_the_longest_recent_path(compiler, vocab):
     assert m.budget_closed
 
 
+def test_closing_commits_by_the_paths_of_the_last_tokens(compiler, vocab):
+    """Replay a real greedy output (Github_easy o45164 on the default model: an array of items with 6
+    required keys each). `},{"` lengthens the closing path from 2 to 37 tokens once per ~80 tokens; near
+    the end a path is computed every token, so the last 8 paths (the old memory) no longer held the 37:
+    closing never started and the output ended on length unparsed."""
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "budget_item_period_ids.json").read_text())
+    m = compiler.compile("json_schema", json.dumps(rec["schema"])).matcher()
+    out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), rec["schema"])
+    assert m.budget_closed
+
+
+def test_overlapping_oneof_replay_ends_valid(compiler, vocab):
+    """Replay a real greedy output (Glaiveai2K calculate_area_4c8e9fd1 on the default model:
+    `{"dimensions":{"properties":{"properties":...` under a oneOf whose branches differ by an optional
+    `shape` const). As a guard, the object closed by budget closing matched every branch; the rollback
+    (~490 tokens) exceeded the backtrack budget and the request aborted. Exact now: the grammar
+    itself keeps exactly one branch, and the output validates."""
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "guard_oneof_abort_ids.json").read_text())
+    m = compiler.compile("json_schema", json.dumps(rec["schema"])).matcher()
+    out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
+    assert m.error is None, m.error
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), rec["schema"])
+
+
 def _replay_with_jump_forward(m, vocab, ids: list[int], budget: int) -> list[int]:
     """The scheduler's order: forced tokens (jump-forward) without a mask, then the mask, then the
-    recorded id if the mask allows it, else the mask's first token."""
+    recorded id if the mask allows it, else the mask's first token; a guard's rollback as the
+    scheduler does it (runtime/scheduler/rollback.py)."""
     import numpy as np
 
     m.set_token_budget(budget)
@@ -210,6 +240,10 @@ def _replay_with_jump_forward(m, vocab, ids: list[int], budget: int) -> list[int
             break
         assert m.accept(t)
         out.append(t)
+        keep = m.take_rollback() if hasattr(m, "take_rollback") else None
+        if keep is not None:
+            m.rollback(len(out) - keep)
+            del out[keep:]
     return out
 
 
@@ -249,3 +283,17 @@ def test_closing_path_with_a_witness_no_token_spells(compiler, vocab):
     assert m.witnesses == (b"a\x04",)
     assert m.accept(vocab.encode(b"a")[0])
     assert closing_path(m, 8) is None
+
+
+def test_closing_path_through_deep_nesting(compiler, vocab):
+    """Replay a real greedy output (Github_medium o69631 on the default model: `{"type":` nested one
+    level per two tokens under `additionalProperties: true`). The greedy walk demoted `}}` after 3
+    picks and opened keys instead, so from depth ~9 on no greedy path ended; the fallback walks' paths
+    (40-400 tokens) never fit the budget left, and the output ended on length unparsed."""
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "budget_nested_keys_ids.json").read_text())
+    m = compiler.compile("json_schema", json.dumps(rec["schema"])).matcher()
+    out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
+    jsonschema.validate(json.loads(vocab.decode(out).decode()), rec["schema"])
+    assert m.budget_closed

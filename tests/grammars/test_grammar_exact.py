@@ -12,6 +12,10 @@ from sgl.grammars.schema_logic import string_complement_regex
 
 from .grammar_testlib import compact, walk
 
+# oneOf whose branches differ only by a string const on an optional key (Glaiveai2K calculate_area): an
+# object without `shape` matches every branch. Exact since "not circle" and "not square" merge into one
+# complement regex (was a guard, and on the model a guard abort: every rollback landed in the same place).
+SHAPES = {"type": "object", "oneOf": [{"properties": {"shape": {"const": c}}} for c in ("circle", "square", "circ")]}
 CASES = [
     # (name, schema, valid instances, invalid instances)
     ("not-enum", {"type": "object", "properties": {"a": {"not": {"enum": ["x", "xy", 3, True]}}}, "required": ["a"]},
@@ -28,6 +32,8 @@ CASES = [
      [{}, {"b": 1}, {"a": 1, "b": 2}], [{"a": 1}]),
     ("oneOf-overlap", {"oneOf": [{"type": "number", "minimum": 0}, {"type": "number", "maximum": 10}]},
      [-5, 11, 20.5], [0, 5, 10, "s"]),
+    ("oneOf-string-discriminators", SHAPES, [{"shape": "circle"}, {"shape": "square", "r": 1}],
+     [{}, {"r": 1}, {"shape": "oval"}, {"shape": 1}, "circle"]),
     ("propertyNames-enum", {"type": "object", "propertyNames": {"enum": ["a", "b"]},
                             "additionalProperties": {"type": "integer"}},
      [{}, {"a": 1}, {"a": 1, "b": 2}], [{"c": 1}, {"a": "s"}]),
@@ -58,6 +64,11 @@ def test_exact_encoding(compiler, vocab, name, schema, valid, invalid):
     grammar = compiler.compile("json_schema", schema, timeout=30)
     assert [x for x in valid if not walk(grammar, vocab, compact(x))] == []
     assert [x for x in invalid if walk(grammar, vocab, compact(x))] == []
+
+
+def test_overlapping_string_consts_need_no_guard():
+    """The merge of two string complements is their union's complement: no guard is left."""
+    assert normalize_json_schema(SHAPES).guards == []
 
 
 @pytest.mark.parametrize("strings", [["a"], ["", "ab", "abc"], ["x\ny", "é", "\U0001f600", "a.b*"]])

@@ -40,6 +40,15 @@ CASES = [  # (schema, valid instances, (invalid instance, keyword))
     # overlapping patternProperties: one alternation in the grammar, the key matching both checked against both
     ({"type": "object", "patternProperties": {"^a": {"type": "integer"}, "b$": {"minimum": 5}},
       "additionalProperties": False}, [{"ab": 7}, {"a": 1}, {"b": 9}], [({"ab": 3}, "patternProperties")]),
+    # a long maxLength beside a format: the grammar keeps the format, the guard the length (mask speed)
+    ({"type": "object", "properties": {"e": {"type": "string", "format": "email", "maxLength": 64}}},
+     [{"e": "ab@cd.ef"}, {"e": "a" * 56 + "@cd.ef"}], [({"e": "a" * 64 + "@cd.ef"}, "maxLength")]),
+    # a huge maxLength beside a counted pattern (Github_easy o21053): llguidance's lexer ran out of
+    # expressions 4 tokens into the string; the guard checks the length
+    ({"type": "object", "properties": {"q": {"type": "string", "minLength": 1, "maxLength": 5000,
+                                             "pattern": "^$|(^(?:\\S+\\s+){0,99}\\S+$)"}}},
+     [{"q": "What is the difference between a question and an answer?"}],
+     [({"q": " ".join(["x" * 60] * 90)}, "maxLength")]),
     # more required matches than positions a grammar expands: the guard counts them when the array closes
     ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 1}, "minContains": 9},
      [[1] * 9], [([1] * 8, "contains")]),
@@ -55,6 +64,7 @@ def _compile(compiler, schema):
 def _walk(grammar, vocab, text: str) -> tuple[GuardedMatcher, Optional[int]]:
     """Feed `text` + EOS; stop at the first violation. Returns (matcher, token index of the violation)."""
     m = grammar.matcher()
+    m.set_backtrack_budget(10 ** 6)  # a violation asks for its rollback, however long the value
     for i, t in enumerate(vocab.encode(text.encode()) + [vocab.eos_token_id]):
         assert m.accept(t), m.error
         if m.take_rollback() is not None:
