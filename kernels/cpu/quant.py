@@ -17,10 +17,12 @@ dots; "none" is exact fp32 (summation order aside); "q8" is llama.cpp's int8 (th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -366,6 +368,17 @@ def set_act_quant(mode: str) -> None:
 
 def get_act_quant() -> str:
     return _act_quant
+
+
+@contextlib.contextmanager
+def exact_activations() -> Iterator[None]:
+    """set_act_quant("none") for the block, the previous mode restored after it (also when it raises)."""
+    mode = _act_quant
+    set_act_quant("none")
+    try:
+        yield
+    finally:
+        set_act_quant(mode)
 
 
 def set_q16_batches(on: bool) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from sgl.kernels.cpu.quant import get_act_quant, set_act_quant
+from sgl.kernels.cpu.quant import exact_activations
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.executor.sampler import logprobs_for_tokens
@@ -89,12 +89,8 @@ class ModelRunner:
 
     def _run_exact(self, rows: list[BatchRow], fb: ForwardBatch) -> list[RowResult]:
         """A prompt token computed alone runs exact fp32 activations (see _lone_prompt_token)."""
-        mode = get_act_quant()
-        set_act_quant("none")
-        try:
+        with exact_activations():
             return self._run(rows, fb)
-        finally:
-            set_act_quant(mode)
 
     def _run(self, rows: list[BatchRow], fb: ForwardBatch) -> list[RowResult]:
         results = [RowResult(token_id=None) for _ in rows]
@@ -170,12 +166,8 @@ class ModelRunner:
             top_k = max(rows[i].req.top_logprobs_num for i in set(lp_owner))
             # prompt logprobs: fp32 activations whatever the row count (q16 is for up to 64 sampling rows: see
             # LlamaForCausalLM.compute_logits), so a prompt's scores do not depend on how many rows ask for them
-            mode = get_act_quant()
-            set_act_quant("none")
-            try:
+            with exact_activations():
                 logits = self.model.compute_logits(hidden.index_select(0, torch.tensor(lp_index, device=self.device)))
-            finally:
-                set_act_quant(mode)
             lps, tops = logprobs_for_tokens(logits, torch.tensor(lp_targets, device=self.device), top_k)
             for j, i in enumerate(lp_owner):
                 results[i].prompt_logprobs.append(float(lps[j]))

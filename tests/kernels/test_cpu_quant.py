@@ -266,3 +266,13 @@ def test_env_var_disables_the_extension(monkeypatch: pytest.MonkeyPatch) -> None
     finally:
         monkeypatch.delenv("SGL_DISABLE_CPU_EXT")
         importlib.reload(_ext)
+
+
+def test_exact_activations_restores_the_mode_even_on_error() -> None:
+    before = cpu.get_act_quant()
+    with cpu.quant.exact_activations():
+        assert cpu.get_act_quant() == "none"
+    assert cpu.get_act_quant() == before
+    with pytest.raises(RuntimeError), cpu.quant.exact_activations():
+        raise RuntimeError("boom")
+    assert cpu.get_act_quant() == before

@@ -15,6 +15,8 @@ import pytest
 
 from sgl.runtime.engine_setup import LazyGrammar
 
+from . import malloc_probe
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # In a fresh interpreter: 40 MB of small blocks (served from the heap, below the mmap threshold), one block
@@ -41,8 +43,7 @@ print(rss() - before)
 
 
 def retained_mb(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip())
+    return malloc_probe.retained_mb(SCRIPT, mode)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")

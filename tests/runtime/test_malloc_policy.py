@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
+
+from . import malloc_probe
 
 # In a fresh interpreter: malloc + touch + free a 20 MB block twice (as two prefills' temporaries), then print
 # how much of the resident set that left behind, in MB.
@@ -28,8 +29,7 @@ print(rss() - before)
 
 
 def retained_mb(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip())
+    return malloc_probe.retained_mb(SCRIPT, mode)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
