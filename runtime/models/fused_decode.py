@@ -79,10 +79,8 @@ def model_stack(model: "LlamaForCausalLM", kv: KVCache) -> Optional[DecodeStack]
 
 def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv: KVCache) -> Optional[StackRunner]:
     """A runner `(h, rope_tables) -> h` for this step's decoder layers, or None (run the torch path)."""
-    if not (ENABLED and model.native and fb.lora is None and kv.dtype == torch.float32 and kv.device.type == "cpu"):
-        return None
-    ext = _ext.load()
-    if ext is None or not hasattr(ext, "decode_layer") or get_act_quant() != "q16":
+    ext = _fusable(model, fb, kv)
+    if ext is None or not hasattr(ext, "decode_layer"):
         return None
     if h.shape[0] > 1:
         return _rows_step(model, fb, kv, ext)
@@ -111,13 +109,18 @@ def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv:
     return run
 
 
+def _fusable(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache) -> Optional[object]:
+    """The extension when the conditions of the fused paths that do not depend on the step's shape hold (native
+    weights, no LoRA, an fp32 CPU KV pool, q16 activations), else None."""
+    if not (ENABLED and getattr(model, "native", False) and fb.lora is None and kv.dtype == torch.float32
+            and kv.device.type == "cpu" and get_act_quant() == "q16"):
+        return None
+    return _ext.load()
+
+
 def _rows_possible(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache) -> bool:
-    """The conditions of the fused paths that do not depend on the step's shape."""
-    if not (ENABLED and ROWS_ENABLED and getattr(model, "native", False) and fb.lora is None
-            and kv.dtype == torch.float32 and kv.device.type == "cpu" and get_act_quant() == "q16"):
-        return False
-    ext = _ext.load()
-    return ext is not None and hasattr(ext, "decode_rows") and model_stack(model, kv) is not None
+    ext = _fusable(model, fb, kv)
+    return ROWS_ENABLED and hasattr(ext, "decode_rows") and model_stack(model, kv) is not None
 
 
 def fuses_decode_tails(model: object, fb: ForwardBatch, kv: KVCache) -> bool:
