@@ -217,11 +217,15 @@ def paged_attention(
 
 
 def _read_kv(
-    k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, start: Optional[int]
+    k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, start: Optional[int], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K/V rows of `slots` in the queries' dtype (a pool of another dtype, e.g. `--kv-cache-dtype fp16`
+    under fp32 activations, is widened after the gather: exact)."""
     if start is not None:  # consecutive slots: a view of the pool
-        return k_buf[start : start + slots.numel()], v_buf[start : start + slots.numel()]
-    return k_buf.index_select(0, slots), v_buf.index_select(0, slots)
+        k, v = k_buf[start : start + slots.numel()], v_buf[start : start + slots.numel()]
+    else:
+        k, v = k_buf.index_select(0, slots), v_buf.index_select(0, slots)
+    return k.to(dtype), v.to(dtype)
 
 
 def _decode(
@@ -236,7 +240,7 @@ def _decode(
     bd, num_heads, head_dim = q.shape
     # NOTE: one query per sequence, so the G query heads sharing a kv head become G query rows of
     # that kv head: GQA without repeating K/V. index_select is ~4x faster than advanced indexing.
-    k, v = _read_kv(k_buf, v_buf, d.slots, d.slot_start)  # [Bd * L, Hkv, D]
+    k, v = _read_kv(k_buf, v_buf, d.slots, d.slot_start, q.dtype)  # [Bd * L, Hkv, D]
     k = k.view(bd, d.max_len, num_kv_heads, head_dim).transpose(1, 2)  # [Bd, Hkv, L, D]
     v = v.view(bd, d.max_len, num_kv_heads, head_dim).transpose(1, 2)
     qg = q.view(bd, num_kv_heads, group, head_dim)  # [Bd, Hkv, G, D]
@@ -251,7 +255,7 @@ def _extend(
     seg: ExtendSegment,
     scale: float,
 ) -> torch.Tensor:
-    k, v = _read_kv(k_buf, v_buf, seg.slots, seg.slot_start)  # [L, Hkv, D]
+    k, v = _read_kv(k_buf, v_buf, seg.slots, seg.slot_start, q.dtype)  # [L, Hkv, D]
     k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
     num_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]

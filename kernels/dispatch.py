@@ -56,7 +56,7 @@ def paged_attention(
         return triton_attention.paged_attention(q, k_buf, v_buf, meta, scale)
     d = meta.decode
     if (d is not None and d.rows is None and d.lens is not None and q.dtype == torch.float32
-            and k_buf.dtype == torch.float32 and q.device.type == "cpu" and k_buf.is_contiguous()
+            and k_buf.dtype in _cpu_attention.KV_DTYPES and q.device.type == "cpu" and k_buf.is_contiguous()
             and v_buf.is_contiguous() and _cpu_ext.load() is not None):
         # a pure decode step on the CPU: the C++ kernel (one call instead of ~10 small torch ops per layer)
         return _cpu_attention.decode_attention(q.contiguous(), k_buf, v_buf, d.slots.view(d.batch_size, d.max_len),

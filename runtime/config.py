@@ -28,12 +28,13 @@ SPECULATIVE_ALGORITHMS = ("NGRAM", "DRAFT", "MEDUSA", "EAGLE")  # runtime/specul
 PREEMPTION_MODES = ("swap", "recompute")
 DISAGGREGATION_MODES = ("prefill", "decode")
 CPU_ACT_QUANTS = ("q16", "none", "q8")  # activations of the native CPU kernels (sgl.kernels.cpu.ACT_QUANT)
+KV_CACHE_DTYPES = ("auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16")  # runtime/executor/kv_cache.py
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")  # == sgl.runtime.router.policy.POLICIES
 # field -> the values its CLI flag accepts (argparse choices)
 _CHOICES = {"schedule_policy": SCHEDULE_POLICIES, "grammar_backend": GRAMMAR_BACKENDS, "weight_format": WEIGHT_FORMATS,
             "preemption_mode": PREEMPTION_MODES, "router_policy": ROUTER_POLICIES, "quantize": QUANTIZE_TYPES,
             "speculative_algorithm": SPECULATIVE_ALGORITHMS, "disaggregation_mode": DISAGGREGATION_MODES,
-            "cpu_act_quant": CPU_ACT_QUANTS}
+            "cpu_act_quant": CPU_ACT_QUANTS, "kv_cache_dtype": KV_CACHE_DTYPES}
 
 
 def _physical_cores() -> int:
@@ -75,6 +76,10 @@ class ServerArgs:
     cpu_act_quant: str = "q16"  # native CPU kernels: q16 = int16 activations per block (fast, greedy = fp32), none = exact fp32, q8 = llama.cpp's
     # Memory and batching
     max_total_tokens: Optional[int] = None  # KV pool slots; None = from mem_fraction_static
+    # KV pool element type. auto = fp16 for native GGUF weights on the CPU (half the KV memory and attention
+    # bytes; llama.cpp's default f16 KV), else the model dtype. fp16/bf16 under fp32 activations: stored
+    # rounded to nearest, widened exactly when read (runtime/executor/kv_cache.py)
+    kv_cache_dtype: str = "auto"
     mem_fraction_static: float = 0.25  # fraction of free memory for the KV pool when unset
     max_running_requests: int = 64
     max_prefill_tokens: int = 4096  # per-step token budget for prefill work
@@ -185,6 +190,8 @@ class ServerArgs:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.cpu_act_quant not in CPU_ACT_QUANTS:
             raise ValueError(f"cpu_act_quant must be one of {CPU_ACT_QUANTS}, got {self.cpu_act_quant!r}")
         if self.quantize is not None and self.quantize not in QUANTIZE_TYPES:

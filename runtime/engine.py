@@ -26,8 +26,8 @@ from sgl.runtime.idle_memory import release_idle_memory
 from sgl.runtime.metrics import record_grammar_compilation
 from sgl.runtime.engine_io import (RequestSink, build_requests, finished_dict, validate_prompt_length)
 from sgl.runtime.engine_info import EngineInfoMixin
-from sgl.runtime.engine_setup import (LazyGrammar, default_pool_size, hierarchical_cache_mover, host_kv_tier,
-                                      make_grammar_compiler)
+from sgl.runtime.engine_setup import (LazyGrammar, default_pool_size, engine_kv_dtype, hierarchical_cache_mover,
+                                      host_kv_tier, make_grammar_compiler)
 from sgl.runtime.lora.adapter import AdapterError
 from sgl.runtime.lora.engine_adapters import EngineLoraMixin
 from sgl.runtime.malloc_policy import set_mmap_threshold
@@ -89,12 +89,13 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.model_path
         self.context_length = args.context_length or loaded.config.max_position_embeddings
-        pool_size = args.max_total_tokens or default_pool_size(loaded.config, args)
         dtype = next(loaded.model.parameters()).dtype
+        kv_dtype = engine_kv_dtype(args, dtype, native=self.weight_format == "native" and self.tp is None)
+        pool_size = args.max_total_tokens or default_pool_size(loaded.config, args, kv_dtype)
         model, local_config = loaded.model, loaded.config
         if self.tp is not None:  # rank 0 keeps its shard and drives the others through each step
             model, local_config = self.tp.attach(loaded.model, pool_size, dtype, on_fatal=self._fatal)
-        runner = ModelRunner(model, local_config, pool_size, self.tokenizer.eos_token_ids, dtype=dtype)
+        runner = ModelRunner(model, local_config, pool_size, self.tokenizer.eos_token_ids, dtype=kv_dtype)
         mover, host_slots = host_kv_tier(runner.kv, args)  # runtime/engine_setup.py
         cache_mover = hierarchical_cache_mover(runner.kv, args)
         drafter = make_drafter(args, pool_size, loaded.config.vocab_size, runner=runner)  # None unless --speculative-algorithm

@@ -77,6 +77,8 @@ class EngineInfoMixin:
         info.update(self.get_stats())
         kv = getattr(self.scheduler.runner, "kv", None)  # NOTE: first-touched KV pages (reads smaps: not in get_stats)
         info["kv_pool_resident_bytes"] = kv.resident_bytes() if hasattr(kv, "resident_bytes") else 0
+        if kv is not None:  # what --kv-cache-dtype auto resolved to (kv_cache_dtype above is the flag)
+            info["kv_cache_dtype_resolved"] = str(kv.dtype).removeprefix("torch.")
         spec = getattr(self.scheduler, "spec", None)
         if spec is not None:  # decode steps a verify row of 1 + j tokens costs: [[j, cost], ...] (verify_cost.py)
             info["spec_verify_cost"] = [list(p) for p in spec.cost.points]

@@ -1,7 +1,7 @@
 """How the engine sizes and assembles its parts: the KV pool's default size, the host tier for swap
 preemption and the hierarchical prefix cache, and the grammar compiler (built on first use: LazyGrammar).
 
-    pool_size = args.max_total_tokens or default_pool_size(config, args)
+    pool_size = args.max_total_tokens or default_pool_size(config, args, kv_dtype)  # kv_dtype: engine_kv_dtype
     mover, host_slots = host_kv_tier(runner.kv, args)       # (None, 0) in recompute mode or at 0 GB
     cache_mover = hierarchical_cache_mover(runner.kv, args)   # None unless --hierarchical-cache
 """
@@ -38,10 +38,23 @@ def host_kv_tier(kv: Any, args: ServerArgs) -> tuple[Any, int]:
     return HostKVMover(kv, slots, args.swap_dir), slots
 
 
-def default_pool_size(config: Any, args: ServerArgs) -> int:
+def engine_kv_dtype(args: ServerArgs, model_dtype: Any, native: bool) -> Any:
+    """The KV pool's torch dtype for `--kv-cache-dtype` (resolve_kv_dtype; `native`: the weights run in the CPU
+    kernels). Tensor-parallel ranks build their pools in the model dtype, so a different one is rejected there."""
+    from sgl.runtime.executor.kv_cache import resolve_kv_dtype
+
+    kv_dtype = resolve_kv_dtype(args.kv_cache_dtype, model_dtype, native)
+    if args.tp_size > 1 and kv_dtype != model_dtype:
+        raise ValueError(f"kv_cache_dtype {args.kv_cache_dtype} with tp_size > 1: tensor-parallel ranks keep the KV "
+                         f"cache in the model dtype ({str(model_dtype).removeprefix('torch.')}); use auto")
+    return kv_dtype
+
+
+def default_pool_size(config: Any, args: ServerArgs, kv_dtype: Any) -> int:
+    """Slots of the KV pool (`kv_dtype`: a torch dtype) that fit mem_fraction_static of the available memory."""
     from sgl.runtime.executor.kv_cache import KVCache
 
-    per_slot = KVCache.bytes_per_slot(config, 4 if args.dtype in ("auto", "float32") else 2)
+    per_slot = KVCache.bytes_per_slot(config, kv_dtype)
     avail = 8 << 30
     try:
         with open("/proc/meminfo") as f:

@@ -1,26 +1,57 @@
 // Attention pieces shared by the decode kernels (decode_attention.cpp: batches over the paged pool;
-// decode_layer.cpp: the fused batch-1 layer): dot, axpy and the shifted exp of a score row (8-wide on AVX2).
+// decode_layer.cpp: the fused batch-1 layer; decode_rows.cpp: rows): dot, axpy and the shifted exp of a score
+// row (8-wide on AVX2), over a KV pool of fp32 or of fp16 (`--kv-cache-dtype fp16`: Half below).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#include "quant_common.h"  // f16_bits_to_f32
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SGL_ATTN_AVX2 1
 #endif
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t d) {
+// An element of an fp16 KV pool: IEEE half bits (torch.float16's layout). Values are rounded to nearest-even
+// when stored (as torch's .to(torch.float16): the torch store path and these kernels write the same bits) and
+// widened exactly when read, so a pool's entries read the same in every kernel and in the torch path.
+struct Half {
+  uint16_t bits;
+};
+
+inline float kv_f32(float x) { return x; }
+inline float kv_f32(Half h) { return f16_bits_to_f32(h.bits); }
+
+#ifdef SGL_ATTN_AVX2
+inline __m256 kv_load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 kv_load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+
+// dst[0..n) = x[0..n) in the pool's element type.
+inline void kv_store(const float* x, int64_t n, float* dst) { std::copy(x, x + n, dst); }
+inline void kv_store(const float* x, int64_t n, Half* dst) {
+  int64_t j = 0;
+#ifdef SGL_ATTN_AVX2
+  for (; j + 8 <= n; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; j < n; j++) dst[j].bits = f32_to_f16_bits(x[j]);
+}
+
+template <typename KV>
+inline float dot(const float* a, const KV* b, int64_t d) {
   int64_t j = 0;
   float s = 0.f;
 #ifdef SGL_ATTN_AVX2
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; j + 16 <= d; j += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), kv_load8(b + j), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), kv_load8(b + j + 8), acc1);
   }
   __m256 acc = _mm256_add_ps(acc0, acc1);
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -28,17 +59,18 @@ inline float dot(const float* a, const float* b, int64_t d) {
   h = _mm_add_ss(h, _mm_movehdup_ps(h));
   s = _mm_cvtss_f32(h);
 #endif
-  for (; j < d; j++) s += a[j] * b[j];
+  for (; j < d; j++) s = std::fma(a[j], kv_f32(b[j]), s);  // fma: the same rounding in every instantiation
   return s;
 }
 
-inline void axpy(float a, const float* x, float* y, int64_t d) {  // y += a * x
+template <typename KV>
+inline void axpy(float a, const KV* x, float* y, int64_t d) {  // y += a * x
   int64_t j = 0;
 #ifdef SGL_ATTN_AVX2
   const __m256 av = _mm256_set1_ps(a);
-  for (; j + 8 <= d; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+  for (; j + 8 <= d; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, kv_load8(x + j), _mm256_loadu_ps(y + j)));
 #endif
-  for (; j < d; j++) y[j] += a * x[j];
+  for (; j < d; j++) y[j] = std::fma(a, kv_f32(x[j]), y[j]);
 }
 
 #ifdef SGL_ATTN_AVX2
@@ -94,15 +126,16 @@ inline float exp_shifted(float* s, int64_t n) {
 // dot(q, k[c], d) * scale for the 4 keys k[0..3] (d % 16 == 0), with dot()'s FMAs and its reduction tree per
 // key (acc0 + acc1; low + high half; lanes 0 + 2 and 1 + 3; then their sum): the same bits, the four keys'
 // chains interleaved and their horizontal sums done together (~2/3 of dot()'s instructions per key).
-inline void dot4(const float* q, const float* const k[4], int64_t d, float scale, float* s0, float* s1, float* s2,
+template <typename KV>
+inline void dot4(const float* q, const KV* const k[4], int64_t d, float scale, float* s0, float* s1, float* s2,
                  float* s3) {
   __m256 a0[4], a1[4];
   for (int c = 0; c < 4; c++) a0[c] = a1[c] = _mm256_setzero_ps();
   for (int64_t j = 0; j < d; j += 16) {
     const __m256 q0 = _mm256_loadu_ps(q + j), q1 = _mm256_loadu_ps(q + j + 8);
     for (int c = 0; c < 4; c++) {
-      a0[c] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k[c] + j), a0[c]);
-      a1[c] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k[c] + j + 8), a1[c]);
+      a0[c] = _mm256_fmadd_ps(q0, kv_load8(k[c] + j), a0[c]);
+      a1[c] = _mm256_fmadd_ps(q1, kv_load8(k[c] + j + 8), a1[c]);
     }
   }
   __m256 t[4];
@@ -118,12 +151,13 @@ inline void dot4(const float* q, const float* const k[4], int64_t d, float scale
 
 // out[0..64) += sum over the n rows r: a[r] * v[r][0..64), the rows in order: axpy()'s FMAs with the 64 outputs
 // held in registers across the rows instead of loaded and stored per row.
-inline void axpy64_rows(const float* a, int64_t a_stride, const float* const* v, int64_t n, float* out) {
+template <typename KV>
+inline void axpy64_rows(const float* a, int64_t a_stride, const KV* const* v, int64_t n, float* out) {
   __m256 acc[8];
   for (int j = 0; j < 8; j++) acc[j] = _mm256_loadu_ps(out + 8 * j);
   for (int64_t r = 0; r < n; r++) {
     const __m256 av = _mm256_set1_ps(a[r * a_stride]);
-    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(av, _mm256_loadu_ps(v[r] + 8 * j), acc[j]);
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(av, kv_load8(v[r] + 8 * j), acc[j]);
   }
   for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + 8 * j, acc[j]);
 }
@@ -135,7 +169,7 @@ inline void axpy64_rows(const float* a, int64_t a_stride, const float* const* v,
 // step's attention from 30.7 to 20.9 ms (/tmp-style microbenchmark in the PR note; main: 34.4 ms).
 constexpr int64_t kAttnAhead = 8;
 
-inline void prefetch_bytes(const float* p, int64_t bytes) {
+inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
@@ -149,23 +183,24 @@ inline void prefetch_bytes(const float* p, int64_t bytes) {
 // ~300 MB per step, come from memory). Per query head the operations and their order are those of a
 // head-outer loop (dot per key, exp_shifted, l-ascending axpy, then * 1 / sum), so the results do not depend
 // on the head range. scores: (h1 - h0) * G * (len + 1) floats of scratch.
-inline void attend_heads(const float* q, int64_t h0, int64_t h1, int64_t G, int64_t D, const float* kbuf,
-                         const float* vbuf, const int64_t* slots, int64_t len, int64_t stride, float scale,
+template <typename KV>
+inline void attend_heads(const float* q, int64_t h0, int64_t h1, int64_t G, int64_t D, const KV* kbuf,
+                         const KV* vbuf, const int64_t* slots, int64_t len, int64_t stride, float scale,
                          float* scores, float* out) {
-  const int64_t nq = (h1 - h0) * G, row_bytes = (h1 - h0) * D * int64_t(sizeof(float));
+  const int64_t nq = (h1 - h0) * G, row_bytes = (h1 - h0) * D * int64_t(sizeof(KV));
   for (int64_t l = 0; l < len; l++) {
     if (l + kAttnAhead < len) {  // both K and V: the V pass below then reads them from L2
       prefetch_bytes(kbuf + slots[l + kAttnAhead] * stride + h0 * D, row_bytes);
       prefetch_bytes(vbuf + slots[l + kAttnAhead] * stride + h0 * D, row_bytes);
     }
-    const float* k = kbuf + slots[l] * stride + h0 * D;
+    const KV* k = kbuf + slots[l] * stride + h0 * D;
 #ifdef SGL_ATTN_AVX2
     if (D % 16 == 0 && l + 4 <= len) {  // 4 keys at once (the same bits as dot())
       for (int64_t c = 1; c < 4 && l + c + kAttnAhead < len; c++) {
         prefetch_bytes(kbuf + slots[l + c + kAttnAhead] * stride + h0 * D, row_bytes);
         prefetch_bytes(vbuf + slots[l + c + kAttnAhead] * stride + h0 * D, row_bytes);
       }
-      const float* k4[4];
+      const KV* k4[4];
       for (int64_t i = 0; i < nq; i++) {
         const int64_t off = h0 * D + (i / G) * D;
         for (int c = 0; c < 4; c++) k4[c] = kbuf + slots[l + c] * stride + off;
@@ -186,14 +221,14 @@ inline void attend_heads(const float* q, int64_t h0, int64_t h1, int64_t G, int6
   // Tiles of kTile slots: each query head's output chunk of 64 stays in registers across the tile (its V
   // rows then come from L1 for the G heads that share them); per output the same FMAs in slot order.
   constexpr int64_t kTile = 16;
-  const float* vt[kTile];
+  const KV* vt[kTile];
   for (; l + kTile <= len; l += kTile) {
     for (int64_t i = 0; i < nq; i++) {
       const int64_t off = h0 * D + (i / G) * D;
       for (int64_t t = 0; t < kTile; t++) vt[t] = vbuf + slots[l + t] * stride + off;
       int64_t d0 = 0;
       for (; d0 + 64 <= D; d0 += 64) {
-        const float* vd[kTile];
+        const KV* vd[kTile];
         for (int64_t t = 0; t < kTile; t++) vd[t] = vt[t] + d0;
         axpy64_rows(scores + i * len + l, 1, vd, kTile, out + i * D + d0);
       }
@@ -202,7 +237,7 @@ inline void attend_heads(const float* q, int64_t h0, int64_t h1, int64_t G, int6
   }
 #endif
   for (; l < len; l++) {
-    const float* v = vbuf + slots[l] * stride + h0 * D;
+    const KV* v = vbuf + slots[l] * stride + h0 * D;
     for (int64_t i = 0; i < nq; i++) axpy(scores[i * len + l], v + (i / G) * D, out + i * D, D);
   }
   for (int64_t i = 0; i < nq; i++) {
@@ -210,5 +245,30 @@ inline void attend_heads(const float* q, int64_t h0, int64_t h1, int64_t G, int6
     for (int64_t j = 0; j < D; j++) out[i * D + j] *= inv;
   }
 }
+
+// The KV pool as the kernels receive it: its K and V base addresses and element type (fp32 or fp16).
+struct KVPool {
+  void *k, *v;
+  bool half;
+  // attend_heads over this pool (the arguments of attend_heads after the pool's two buffers).
+  void attend(const float* q, int64_t h0, int64_t h1, int64_t G, int64_t D, const int64_t* slots, int64_t len,
+              int64_t stride, float scale, float* scores, float* out) const {
+    if (half)
+      attend_heads(q, h0, h1, G, D, static_cast<const Half*>(k), static_cast<const Half*>(v), slots, len, stride,
+                   scale, scores, out);
+    else
+      attend_heads(q, h0, h1, G, D, static_cast<const float*>(k), static_cast<const float*>(v), slots, len, stride,
+                   scale, scores, out);
+  }
+  // Element `off` of the K (V) pool <- x[0..n).
+  void store_k(int64_t off, const float* x, int64_t n) const { store(k, off, x, n); }
+  void store_v(int64_t off, const float* x, int64_t n) const { store(v, off, x, n); }
+
+ private:
+  void store(void* base, int64_t off, const float* x, int64_t n) const {
+    if (half) kv_store(x, n, static_cast<Half*>(base) + off);
+    else kv_store(x, n, static_cast<float*>(base) + off);
+  }
+};
 
 }  // namespace

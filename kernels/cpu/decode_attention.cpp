@@ -1,4 +1,5 @@
-// Batch decode attention over the paged KV pool (one query token per sequence), fp32.
+// Batch decode attention over the paged KV pool (one query token per sequence): fp32 queries and outputs,
+// a pool of fp32 or fp16 (kv_half) entries.
 //
 //   q [B, H, D], k_buf/v_buf [num_slots, Hkv, D], slots [B, Lmax] (row b's first lens[b] entries are its
 //   slot table; the rest is padding and never read), out [B, H, D]. Query head h reads kv head h / (H / Hkv).
@@ -20,11 +21,10 @@
 
 void decode_attention(std::uintptr_t q_addr, std::uintptr_t k_addr, std::uintptr_t v_addr, std::uintptr_t slots_addr,
                       std::uintptr_t lens_addr, std::uintptr_t out_addr, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                      int64_t Lmax, int64_t num_slots, double scale, int64_t threads) {
+                      int64_t Lmax, int64_t num_slots, double scale, int64_t kv_half, int64_t threads) {
   if (B <= 0 || H <= 0 || Hkv <= 0 || D <= 0 || H % Hkv || Lmax <= 0) throw std::invalid_argument("bad attention shape");
   const float* q = reinterpret_cast<const float*>(q_addr);
-  const float* kb = reinterpret_cast<const float*>(k_addr);
-  const float* vb = reinterpret_cast<const float*>(v_addr);
+  const KVPool pool{reinterpret_cast<void*>(k_addr), reinterpret_cast<void*>(v_addr), kv_half != 0};
   const int64_t* slots = reinterpret_cast<const int64_t*>(slots_addr);
   const int64_t* lens = reinterpret_cast<const int64_t*>(lens_addr);
   float* out = reinterpret_cast<float*>(out_addr);
@@ -45,8 +45,8 @@ void decode_attention(std::uintptr_t q_addr, std::uintptr_t k_addr, std::uintptr
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / parts, h0 = parts == 1 ? 0 : i % parts, h1 = parts == 1 ? Hkv : h0 + 1, len = lens[b];
       scores.resize((h1 - h0) * G * (len + 1));
-      attend_heads(q + (b * H + h0 * G) * D, h0, h1, G, D, kb, vb, slots + b * Lmax, len, row_stride, sc,
-                   scores.data(), out + (b * H + h0 * G) * D);
+      pool.attend(q + (b * H + h0 * G) * D, h0, h1, G, D, slots + b * Lmax, len, row_stride, sc, scores.data(),
+                  out + (b * H + h0 * G) * D);
     }
   };
   if (threads <= 1) {

@@ -47,7 +47,7 @@ struct Layer {
   const float *qkv_bias, *o_bias;
   int64_t hidden, H, Hkv, D, I;
   const float *cos, *sin;
-  float *kbuf, *vbuf;
+  KVPool kv;  // fp32 or fp16 entries
   const int64_t* slots;
   int64_t L, out_slot;
   float scale;
@@ -56,16 +56,15 @@ struct Layer {
 // Attention of kv head g's query heads for the one token (keys/values of slots[0..L)); stores k/v first.
 void attend_kv_head(const Layer& p, const float* qkv, int64_t g, float* attn, std::vector<float>& scores) {
   const int64_t D = p.D, G = p.H / p.Hkv, row = p.Hkv * D;
-  float* kdst = p.kbuf + p.out_slot * row + g * D;
-  rope(qkv + (p.H + g) * D, p.cos, p.sin, D, kdst);
-  const float* vsrc = qkv + (p.H + p.Hkv + g) * D;
-  std::copy(vsrc, vsrc + D, p.vbuf + p.out_slot * row + g * D);
-  scores.resize(G * (p.L + 1));
-  static thread_local std::vector<float> q_roped;  // the G query heads after RoPE
-  q_roped.resize(G * D);
+  static thread_local std::vector<float> q_roped;  // the G query heads after RoPE, then k_g
+  q_roped.resize((G + 1) * D);
   float* qr = q_roped.data();
+  rope(qkv + (p.H + g) * D, p.cos, p.sin, D, qr + G * D);
+  p.kv.store_k(p.out_slot * row + g * D, qr + G * D, D);
+  p.kv.store_v(p.out_slot * row + g * D, qkv + (p.H + p.Hkv + g) * D, D);
+  scores.resize(G * (p.L + 1));
   for (int64_t i = 0; i < G; i++) rope(qkv + (g * G + i) * D, p.cos, p.sin, D, qr + i * D);
-  attend_heads(qr, g, g + 1, G, D, p.kbuf, p.vbuf, p.slots, p.L, row, p.scale, scores.data(), attn + g * G * D);
+  p.kv.attend(qr, g, g + 1, G, D, p.slots, p.L, row, p.scale, scores.data(), attn + g * G * D);
 }
 
 void run_layer(const Layer& p, int threads) {
@@ -168,7 +167,7 @@ const int64_t* checked_slots(Addr slots, int64_t L, int64_t num_slots) {
 void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqkv, Addr qkv_bias, Addr wo,
                   int64_t to, Addr o_bias, Addr wgu, int64_t tgu, Addr wd, int64_t td, int64_t hidden, int64_t H,
                   int64_t Hkv, int64_t D, int64_t I, Addr cos, Addr sin, Addr kbuf, Addr vbuf, int64_t num_slots,
-                  Addr slots, int64_t L, double scale, int64_t threads) {
+                  Addr slots, int64_t L, double scale, int64_t kv_half, int64_t threads) {
   check_shape(hidden, H, Hkv, D, I, L);
   const int64_t* sl = checked_slots(slots, L, num_slots);
   Layer p{reinterpret_cast<float*>(h), reinterpret_cast<const float*>(ln1), reinterpret_cast<const float*>(ln2),
@@ -176,18 +175,19 @@ void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqk
           reinterpret_cast<const uint8_t*>(wgu), reinterpret_cast<const uint8_t*>(wd), block_qtype(tqkv),
           block_qtype(to), block_qtype(tgu), block_qtype(td), reinterpret_cast<const float*>(qkv_bias),
           reinterpret_cast<const float*>(o_bias), hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
-          reinterpret_cast<const float*>(sin), reinterpret_cast<float*>(kbuf), reinterpret_cast<float*>(vbuf), sl,
-          L, sl[L - 1], float(scale)};
+          reinterpret_cast<const float*>(sin),
+          KVPool{reinterpret_cast<void*>(kbuf), reinterpret_cast<void*>(vbuf), kv_half != 0}, sl, L, sl[L - 1],
+          float(scale)};
   run_layer(p, int(std::max<int64_t>(1, threads)));
 }
 
 // decode_layer for n layers in a row (the whole decoder stack of a batch-1 decode step: one Python -> C++
 // call per step instead of one per layer). Layer i's own arguments are row i of `table`, int64 [n, 14]:
 // ln1, ln2, wqkv, tqkv, qkv_bias, wo, to, o_bias, wgu, tgu, wd, td, kbuf, vbuf (decode_layer.py's DecodeStack
-// builds it once); the shapes, eps, position and slot table are the same for every layer.
+// builds it once); the shapes, eps, position, slot table and KV element type are the same for every layer.
 void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv, int64_t D,
                    int64_t I, Addr cos, Addr sin, int64_t num_slots, Addr slots, int64_t L, double scale,
-                   int64_t threads) {
+                   int64_t kv_half, int64_t threads) {
   check_shape(hidden, H, Hkv, D, I, L);
   const int64_t* sl = checked_slots(slots, L, num_slots);
   const int64_t* t = reinterpret_cast<const int64_t*>(table);
@@ -200,8 +200,9 @@ void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, in
         reinterpret_cast<const uint8_t*>(t[8]), reinterpret_cast<const uint8_t*>(t[10]), block_qtype(t[3]),
         block_qtype(t[6]), block_qtype(t[9]), block_qtype(t[11]), reinterpret_cast<const float*>(t[4]),
         reinterpret_cast<const float*>(t[7]), hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
-        reinterpret_cast<const float*>(sin), reinterpret_cast<float*>(t[12]), reinterpret_cast<float*>(t[13]), sl,
-        L, sl[L - 1], float(scale)});
+        reinterpret_cast<const float*>(sin),
+        KVPool{reinterpret_cast<void*>(t[12]), reinterpret_cast<void*>(t[13]), kv_half != 0}, sl, L, sl[L - 1],
+        float(scale)});
   }
   for (const Layer& p : layers) run_layer(p, int(std::max<int64_t>(1, threads)));
 }

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from sgl.kernels.cpu import _ext
-from sgl.kernels.cpu.attention import decode_attention_reference
+from sgl.kernels.cpu.attention import KV_DTYPES, decode_attention_reference, kv_half
 from sgl.kernels.cpu.norm import rms_norm_reference
 from sgl.kernels.cpu.quant import QuantWeight, get_num_threads, quant_linear_reference
 
@@ -104,11 +104,11 @@ def _check_call(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin: 
 def _check_bufs(w: DecodeLayerWeights, k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
     shape = (w.num_kv_heads, w.head_dim)
     for name, t in (("k_buf", k_buf), ("v_buf", v_buf)):
-        if t.dtype != torch.float32 or t.dim() != 3 or tuple(t.shape[1:]) != shape or not t.is_contiguous() or not t.is_cpu:
-            raise ValueError(f"{name} must be a contiguous float32 CPU tensor [slots, {shape[0]}, {shape[1]}], "
+        if t.dtype not in KV_DTYPES or t.dim() != 3 or tuple(t.shape[1:]) != shape or not t.is_contiguous() or not t.is_cpu:
+            raise ValueError(f"{name} must be a contiguous float32 or float16 CPU tensor [slots, {shape[0]}, {shape[1]}], "
                              f"got {t.dtype} {tuple(t.shape)}")
-    if k_buf.shape != v_buf.shape:
-        raise ValueError(f"k_buf {tuple(k_buf.shape)} and v_buf {tuple(v_buf.shape)} differ")
+    if k_buf.shape != v_buf.shape or k_buf.dtype != v_buf.dtype:
+        raise ValueError(f"k_buf {k_buf.dtype} {tuple(k_buf.shape)} and v_buf {v_buf.dtype} {tuple(v_buf.shape)} differ")
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin:
     if ext is None or not hasattr(ext, "decode_layer"):
         return decode_layer_reference(h, w, cos, sin, k_buf, v_buf, slots, scale)
     ext.decode_layer(h.data_ptr(), *w.ext_args, cos.data_ptr(), sin.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
-                     k_buf.shape[0], slots.data_ptr(), slots.numel(), float(scale), get_num_threads())
+                     k_buf.shape[0], slots.data_ptr(), slots.numel(), float(scale), kv_half(k_buf), get_num_threads())
     return h
 
 
@@ -172,8 +172,9 @@ class DecodeStack:
             if (w.hidden_size, w.num_heads, w.num_kv_heads, w.head_dim, w.intermediate_size, w.eps) != shape:
                 raise ValueError(f"layer {i}'s shape or eps differs from layer 0's: one stack takes one shape")
             _check_bufs(w, k, v)
-            if k.shape[0] != self.k_bufs[0].shape[0]:
-                raise ValueError(f"layer {i}'s KV pool has {k.shape[0]} slots, layer 0's {self.k_bufs[0].shape[0]}")
+            if k.shape[0] != self.k_bufs[0].shape[0] or k.dtype != self.k_bufs[0].dtype:
+                raise ValueError(f"layer {i}'s KV pool ({k.shape[0]} slots of {k.dtype}) differs from layer 0's "
+                                 f"({self.k_bufs[0].shape[0]} of {self.k_bufs[0].dtype})")
         rows = [[a[0], a[1], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], k.data_ptr(), v.data_ptr()]
                 for a, k, v in ((w.ext_args, k, v) for w, k, v in zip(self.layers, self.k_bufs, self.v_bufs))]
         object.__setattr__(self, "table", torch.tensor(rows, dtype=torch.int64))  # [n, 14]
@@ -193,7 +194,8 @@ def decode_stack(h: torch.Tensor, stack: DecodeStack, cos: torch.Tensor, sin: to
         return h
     ext.decode_layers(h.data_ptr(), stack.table.data_ptr(), len(stack.layers), float(w0.eps), w0.hidden_size,
                       w0.num_heads, w0.num_kv_heads, w0.head_dim, w0.intermediate_size, cos.data_ptr(), sin.data_ptr(),
-                      stack.k_bufs[0].shape[0], slots.data_ptr(), slots.numel(), float(scale), get_num_threads())
+                      stack.k_bufs[0].shape[0], slots.data_ptr(), slots.numel(), float(scale), kv_half(stack.k_bufs[0]),
+                      get_num_threads())
     return h
 
 
@@ -230,7 +232,7 @@ def decode_rows(h: torch.Tensor, stack: DecodeStack, cos: torch.Tensor, sin: tor
     ext.decode_rows(h.data_ptr(), m, stack.table.data_ptr(), len(stack.layers), float(w0.eps), w0.hidden_size,
                     w0.num_heads, w0.num_kv_heads, w0.head_dim, w0.intermediate_size, cos.data_ptr(), sin.data_ptr(),
                     row_slots.data_ptr(), row_lens.data_ptr(), stack.k_bufs[0].shape[0], float(scale),
-                    get_num_threads())
+                    kv_half(stack.k_bufs[0]), get_num_threads())
     return h
 
 

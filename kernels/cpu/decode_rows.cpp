@@ -85,7 +85,7 @@ struct LayerW {
   const float *ln1, *ln2, *qkv_bias, *o_bias;
   const uint8_t *wqkv, *wo, *wgu, *wd;
   QT tqkv, to, tgu, td;
-  float *kbuf, *vbuf;
+  KVPool kv;  // fp32 or fp16 entries
 };
 
 struct Shape {
@@ -111,7 +111,7 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
   prep4.reset(M, 1), ph_down.reset(s.hidden, ch);
   const int64_t rb_gu = row_bytes(w.tgu, s.hidden);
   auto body = [&] {
-    static thread_local std::vector<float> xr, gate, up, scores, qr;
+    static thread_local std::vector<float> xr, gate, up, scores, qr, kr;
     xr.resize(std::max(s.hidden, qd));
     prep1.work([&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; t++) {
@@ -128,9 +128,10 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
       for (int64_t t = t0; t < t1; t++) {
         const int64_t slot = r.slots[t][r.lens[t] - 1];
         const float* row = qkv + t * nqkv;
-        for (int64_t g = 0; g < s.Hkv; g++)
-          rope(row + (s.H + g) * D, r.cos + t * D, r.sin + t * D, D, w.kbuf + slot * kvrow + g * D);
-        std::copy(row + (s.H + s.Hkv) * D, row + nqkv, w.vbuf + slot * kvrow);
+        kr.resize(kvrow);
+        for (int64_t g = 0; g < s.Hkv; g++) rope(row + (s.H + g) * D, r.cos + t * D, r.sin + t * D, D, kr.data() + g * D);
+        w.kv.store_k(slot * kvrow, kr.data(), kvrow);
+        w.kv.store_v(slot * kvrow, row + (s.H + s.Hkv) * D, kvrow);
       }
     });
     store.wait_done();
@@ -142,8 +143,7 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
         for (int64_t j = 0; j < nq; j++)
           rope(qkv + t * nqkv + (g0 * G + j) * D, r.cos + t * D, r.sin + t * D, D, qr.data() + j * D);
         scores.resize(nq * (len + 1));
-        attend_heads(qr.data(), g0, g1, G, D, w.kbuf, w.vbuf, r.slots[t], len, kvrow, r.scale, scores.data(),
-                     attn + t * qd + g0 * G * D);
+        w.kv.attend(qr.data(), g0, g1, G, D, r.slots[t], len, kvrow, r.scale, scores.data(), attn + t * qd + g0 * G * D);
       }
     });
     ph_attn.wait_done();
@@ -195,7 +195,7 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
 // row_lens [M] their lengths (each row's own slot last). Validates every slot before any layer runs.
 void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv,
                  int64_t D, int64_t I, Addr cos, Addr sin, Addr row_slots, Addr row_lens, int64_t num_slots,
-                 double scale, int64_t threads) {
+                 double scale, int64_t kv_half, int64_t threads) {
   if (M < 1 || M > kQ16MaxRows) throw std::invalid_argument("decode_rows takes 1..64 rows");
   if (n < 1 || hidden <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D > 512 || D % 2 || I <= 0 ||
       hidden % kBlock || (H * D) % kBlock || I % kBlock)
@@ -216,8 +216,8 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
         reinterpret_cast<const float*>(tb[4]), reinterpret_cast<const float*>(tb[7]),
         reinterpret_cast<const uint8_t*>(tb[2]), reinterpret_cast<const uint8_t*>(tb[5]),
         reinterpret_cast<const uint8_t*>(tb[8]), reinterpret_cast<const uint8_t*>(tb[10]), block_qtype(tb[3]),
-        block_qtype(tb[6]), block_qtype(tb[9]), block_qtype(tb[11]), reinterpret_cast<float*>(tb[12]),
-        reinterpret_cast<float*>(tb[13])});
+        block_qtype(tb[6]), block_qtype(tb[9]), block_qtype(tb[11]),
+        KVPool{reinterpret_cast<void*>(tb[12]), reinterpret_cast<void*>(tb[13]), kv_half != 0}});
   }
   const Shape s{hidden, H, Hkv, D, I, float(eps)};
   const Rows r{reinterpret_cast<float*>(h), M, reinterpret_cast<const float*>(cos),

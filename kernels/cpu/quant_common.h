@@ -51,7 +51,7 @@ inline QT parse_qtype(const std::string& s) {
   throw std::invalid_argument("unknown qtype " + s);
 }
 
-int64_t row_bytes(QT t, int64_t k) {
+inline int64_t row_bytes(QT t, int64_t k) {
   switch (t) {
     case QT::Q4_0: return k / kBlock * 18;
     case QT::Q4_1: return k / kBlock * 20;
@@ -60,9 +60,9 @@ int64_t row_bytes(QT t, int64_t k) {
   }
 }
 
-inline float f16(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
+// IEEE half bits <-> float. The float -> half direction rounds to nearest-even (as F16C's
+// _MM_FROUND_TO_NEAREST_INT and torch's .to(torch.float16)); overflow gives inf, NaN stays NaN.
+inline float f16_bits_to_f32(uint16_t h) {
 #ifdef SGL_AVX2
   return _cvtsh_ss(h);
 #else
@@ -84,6 +84,35 @@ inline float f16(const uint8_t* p) {
   std::memcpy(&f, &bits, 4);
   return f;
 #endif
+}
+
+inline uint16_t f32_to_f16_bits(float x) {
+#ifdef SGL_AVX2
+  return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  const uint32_t sign = (b >> 16) & 0x8000, absb = b & 0x7fffffffu;
+  if (absb >= 0x7f800000u) return uint16_t(sign | 0x7c00 | (absb > 0x7f800000u ? 0x200 : 0));  // inf / NaN
+  if (absb >= 0x477ff000u) return uint16_t(sign | 0x7c00);  // rounds past 65504: inf
+  if (absb < 0x38800000u) {  // below 2^-14: a subnormal half (or 0), RNE on the shifted mantissa
+    if (absb < 0x33000000u) return uint16_t(sign);  // below half of the smallest subnormal (2^-25): 0
+    const uint32_t e = absb >> 23, m = (absb & 0x7fffff) | 0x800000, shift = 126 - e;  // 2^-24 units
+    uint32_t q = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (q & 1))) q++;
+    return uint16_t(sign | q);
+  }
+  uint32_t r = absb - 0x38000000u;  // rebias the exponent (127 -> 15): bits [10..] hold exp and mantissa
+  r += 0xfff + ((r >> 13) & 1);     // round to nearest-even at bit 13
+  return uint16_t(sign | (r >> 13));
+#endif
+}
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return f16_bits_to_f32(h);
 }
 
 constexpr int block_bytes(QT t) { return t == QT::Q4_0 ? 18 : t == QT::Q4_1 ? 20 : t == QT::Q8_0 ? 34 : 64; }

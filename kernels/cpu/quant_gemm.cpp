@@ -359,21 +359,21 @@ using Addr = std::uintptr_t;  // a tensor's data_ptr(); 0 = absent (bias, residu
 
 // decode_attention.cpp
 void decode_attention(Addr q, Addr k, Addr v, Addr slots, Addr lens, Addr out, int64_t B, int64_t H, int64_t Hkv,
-                      int64_t D, int64_t Lmax, int64_t num_slots, double scale, int64_t threads);
+                      int64_t D, int64_t Lmax, int64_t num_slots, double scale, int64_t kv_half, int64_t threads);
 // rms_norm.cpp
 void rms_norm(Addr x, Addr w, Addr out, int64_t M, int64_t N, double eps);
 // decode_layer.cpp (batch-1 decode on the decode thread pool)
 void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqkv, Addr qkv_bias, Addr wo,
                   int64_t to, Addr o_bias, Addr wgu, int64_t tgu, Addr wd, int64_t td, int64_t hidden, int64_t H,
                   int64_t Hkv, int64_t D, int64_t I, Addr cos, Addr sin, Addr kbuf, Addr vbuf, int64_t num_slots,
-                  Addr slots, int64_t L, double scale, int64_t threads);
+                  Addr slots, int64_t L, double scale, int64_t kv_half, int64_t threads);
 void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv, int64_t D,
                    int64_t I, Addr cos, Addr sin, int64_t num_slots, Addr slots, int64_t L, double scale,
-                   int64_t threads);
+                   int64_t kv_half, int64_t threads);
 void gemv(Addr x, Addr w, int64_t qtype, int64_t N, int64_t K, Addr out, Addr bias, Addr resid, int64_t threads);
 void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv,
                  int64_t D, int64_t I, Addr cos, Addr sin, Addr row_slots, Addr row_lens, int64_t num_slots,
-                 double scale, int64_t threads);
+                 double scale, int64_t kv_half, int64_t threads);
 namespace sgl_cpu { void set_spin_us(int64_t us); void set_adaptive(bool on); }  // thread_pool.cpp
 
 void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr,

@@ -18,6 +18,24 @@ from sgl.runtime.memory_probe import drop_pages, resident_bytes
 from sgl.runtime.models.config import ModelConfig
 
 
+KV_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}  # --kv-cache-dtype (runtime/config.py)
+
+
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype, native: bool) -> torch.dtype:
+    """The KV pool's element type for `--kv-cache-dtype name`. auto: fp16 when the weights run native (GGUF blocks
+    in the CPU kernels, which read and write fp16 pools; llama.cpp's default KV type), else the model dtype.
+
+        >>> resolve_kv_dtype("auto", torch.float32, native=True), resolve_kv_dtype("auto", torch.float32, native=False)
+        (torch.float16, torch.float32)
+    """
+    if name == "auto":
+        return torch.float16 if native else model_dtype
+    if name not in KV_DTYPE_NAMES:
+        raise ValueError(f"kv_cache_dtype must be auto or one of {sorted(KV_DTYPE_NAMES)}, got {name!r}")
+    return KV_DTYPE_NAMES[name]
+
+
 class KVCache:
     """K and V pools, each [num_layers, num_slots, Hkv, D]; `k_buffer(layer)` is a [num_slots, Hkv, D] view.
 

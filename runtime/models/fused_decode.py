@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from sgl.kernels.cpu import _ext
+from sgl.kernels.cpu.attention import KV_DTYPES
 from sgl.kernels.cpu.decode_layer import (MAX_ROWS, QTYPE_CODE, DecodeLayerWeights, DecodeStack, decode_layer,
                                          decode_rows, decode_stack)
 from sgl.kernels.cpu.quant import QuantWeight, get_act_quant
@@ -111,8 +112,8 @@ def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv:
 
 def _fusable(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache) -> Optional[object]:
     """The extension when the conditions of the fused paths that do not depend on the step's shape hold (native
-    weights, no LoRA, an fp32 CPU KV pool, q16 activations), else None."""
-    if not (ENABLED and getattr(model, "native", False) and fb.lora is None and kv.dtype == torch.float32
+    weights, no LoRA, an fp32 or fp16 CPU KV pool, q16 activations), else None."""
+    if not (ENABLED and getattr(model, "native", False) and fb.lora is None and kv.dtype in KV_DTYPES
             and kv.device.type == "cpu" and get_act_quant() == "q16"):
         return None
     return _ext.load()
