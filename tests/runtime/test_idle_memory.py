@@ -151,8 +151,8 @@ def test_engine_builds_grammars_on_first_constrained_request_and_drops_scratch_w
         assert set(json.loads(out["text"])) <= set(person["schema"]["properties"])
         eng.check_integrity()
         kv = eng.scheduler.runner.kv
-        cached = kv.resident_bytes()  # the radix cache's prefixes (~800 tokens x 46 KB): kept for reuse
-        assert cached > 20 << 20, cached
+        cached = kv.resident_bytes()  # the radix cache's prefixes (~800 tokens x 23 KB, an fp16 pool): kept
+        assert cached > 10 << 20, cached
         assert eng.flush_cache()  # their slots are free now: their pages go back (they stayed resident before)
         assert kv.resident_bytes() < cached / 10, (kv.resident_bytes(), cached)
         eng.check_integrity()
