@@ -10,14 +10,7 @@ import torch
 
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.engine import Engine
-
-PROMPTS = [
-    "The capital of France is",
-    "Write a haiku about the sea.\n",
-    "List three prime numbers: 2, 3,",
-    "def fibonacci(n):\n    ",
-]
-GREEDY = {"max_new_tokens": 24, "temperature": 0}
+from tests.e2e.test_engine import GREEDY, PROMPTS
 
 
 def make(kv_cache_dtype: str) -> Engine:
