@@ -74,6 +74,9 @@ class GGUFModel:
     def iter_weights(self, native: bool, show_progress: bool = True) -> Iterator[tuple[str, Payload]]:
         """A fresh pass over the weights (`weights` is the one read_gguf made, with its `native`)."""
         return _iter_weights(self.file, self.config, show_progress, native)
+
+    def native_qtypes(self) -> dict[str, str]:
+        return native_qtypes(self.file, self.config.architecture)
     tokenizer: Tokenizer
     chat_template: Optional[str]
 
@@ -93,6 +96,13 @@ def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> Optional[str]
     if m is None or m.group(2) not in names:
         return None
     return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
+
+
+def native_qtypes(file: GGUFFile, architecture: str) -> dict[str, str]:
+    """HF name -> qtype ("q4_1", "q8_0", ...) of every 2-D tensor as native iteration yields it (RawBlocks),
+    read from the header: what LlamaForCausalLM.load_native_weights lays its weight arena out by."""
+    return {name: t.qtype.name.lower() for t in file.tensors
+            if len(t.shape) == 2 and (name := hf_tensor_name(t.name, architecture)) is not None}
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:

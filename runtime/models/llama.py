@@ -36,8 +36,8 @@ from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.models.config import ModelConfig
 from sgl.runtime.models.fused_decode import fused_step, split_decode_tails
-from sgl.runtime.models.native_weights import (LinearWeight, Payload, RawBlocks, describe, embedding_rows, fuse_rows,
-                                               linear, pack_quant_weights, to_linear)
+from sgl.runtime.models.native_weights import (ArenaPlan, LinearWeight, Payload, RawBlocks, describe, embedding_rows,
+                                               fuse_rows, linear, pack_quant_weights, to_linear)
 from sgl.runtime.models.rotary import RopeTables, RotaryEmbedding
 from sgl.runtime.models.weight_arena import pack_parameters
 
@@ -343,15 +343,22 @@ class LlamaForCausalLM(nn.Module):
         return out
 
     @torch.no_grad()
-    def load_native_weights(self, weights: Iterable[tuple[str, Payload]], quantize: Optional[str] = None) -> list[str]:
+    def load_native_weights(self, weights: Iterable[tuple[str, Payload]], quantize: Optional[str] = None,
+                            part_qtypes: Optional[dict[str, str]] = None) -> list[str]:
         """Native mode: build each LinearWeight from its parts as they arrive (fuse_rows: raw GGUF blocks
         stay as they are; with `quantize` fp32 parts are quantized), copy norms and biases.
+        `part_qtypes` (HF name -> the qtype of its raw blocks, from a GGUF header): the arena is laid out
+        first and each weight's blocks are copied from the file straight into it (ArenaPlan).
 
         Same errors as load_weights. Returns the linear weights that had to stay fp32 ("name (types)").
         """
         assert self.native, "load_native_weights needs LlamaForCausalLM(..., native=True)"
         targets = self.hf_weights()  # norms and biases
         groups = self._linear_parts()
+        slots = [(layer, name) for layer in self.layers for name in layer.LINEARS] + [(self, "embed")]
+        if not self.config.tie_word_embeddings:
+            slots.append((self, "lm_head"))
+        arena = ArenaPlan(slots, groups, part_qtypes) if part_qtypes is not None and quantize is None else None
         part_of = {part: (key, rows, k) for key, (parts, all_rows, k) in groups.items() for part, rows in zip(parts, all_rows)}
         pending: dict[tuple[object, str], dict[str, Payload]] = {}
         loaded: set[str] = set()
@@ -368,8 +375,10 @@ class LlamaForCausalLM(nn.Module):
                 parts[name] = payload
                 loaded.add(name)
                 if len(parts) == len(groups[key][0]):  # all parts in: build, and let the parts go
-                    fused = fuse_rows([parts[p] for p in groups[key][0]], quantize)
-                    weight = to_linear(fused)
+                    ordered = [parts[p] for p in groups[key][0]]
+                    weight = arena.fill(key, ordered) if arena is not None else None
+                    if weight is None:
+                        weight = to_linear(fuse_rows(ordered, quantize))
                     if isinstance(weight, torch.Tensor):
                         fp32_kept.append(f"{groups[key][0][0]} ({', '.join(sorted({describe(p) for p in parts.values()}))})")
                     owner, attr = key
@@ -386,10 +395,8 @@ class LlamaForCausalLM(nn.Module):
             dst.copy_(tensor)
             loaded.add(name)
         _check_names(self.config.architecture, unexpected, (set(targets) | set(part_of)) - loaded)
-        slots = [(layer, name) for layer in self.layers for name in layer.LINEARS] + [(self, "embed")]
-        if not self.config.tie_word_embeddings:
-            slots.append((self, "lm_head"))
-        self._weights_buffer_native = pack_quant_weights(slots)
+        planned = arena is not None and arena.holds_all(slots)
+        self._weights_buffer_native = arena.buffer if planned else pack_quant_weights(slots)
         if self.config.tie_word_embeddings:
             self.__dict__["lm_head"] = self.embed  # one table: rows for the lookup, the matrix for the logits
         return fp32_kept

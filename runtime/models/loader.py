@@ -108,7 +108,8 @@ def load_model(
         fmt = resolve_weight_format(weight_format, device, torch_dtype, gguf.quantized, None)
         model = LlamaForCausalLM(gguf.config, dtype=torch_dtype, device=device, native=fmt == "native")
         if fmt == "native":
-            kept = model.load_native_weights(gguf.iter_weights(native=True, show_progress=show_progress))
+            kept = model.load_native_weights(gguf.iter_weights(native=True, show_progress=show_progress),
+                                             part_qtypes=gguf.native_qtypes())
             if kept:
                 logger.warning("native weights: no CPU kernel for %s; kept as fp32", "; ".join(kept))
         else:

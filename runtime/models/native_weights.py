@@ -29,6 +29,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 
 from sgl.kernels.cpu import QTYPES, QuantWeight, quant_linear
+from sgl.kernels.cpu.quant import row_bytes as quant_row_bytes
 from sgl.runtime.models.dequant import dequantize
 from sgl.runtime.models.weight_arena import alloc_huge
 
@@ -120,6 +121,56 @@ def embedding_rows(ids: torch.Tensor, w: LinearWeight) -> torch.Tensor:
 
 def weight_nbytes(w: LinearWeight) -> int:
     return w.nbytes() if isinstance(w, QuantWeight) else w.numel() * w.element_size()
+
+
+Slot = tuple[object, str]  # (owner, attribute) of a LinearWeight
+PartGroups = dict[Slot, tuple[tuple[str, ...], tuple[int, ...], int]]  # -> (HF part names, their rows, K)
+
+
+class ArenaPlan:
+    """The weight arena laid out BEFORE the weights are read: each fused weight whose parts are all raw blocks of
+    one kernel-supported qtype (known from the file's header: `part_qtypes`, HF part name -> qtype) gets its
+    slot in `slots` order (a forward pass's), 64-byte aligned, and `fill` copies its parts' rows from the file
+    straight into that slot. Why: built afterwards (pack_quant_weights), every weight was first copied out of
+    the file mapping and then into the arena, and the load's peak held both copies of the largest one (the
+    28.7 MB embedding of the default model) plus the weights not yet packed."""
+
+    def __init__(self, slots: list[Slot], groups: PartGroups, part_qtypes: dict[str, str]) -> None:
+        self.plan: dict[Slot, tuple[int, str, int, int]] = {}  # slot -> (offset, qtype, N, K)
+        offset = 0
+        for slot in slots:
+            parts, rows, k = groups[slot]
+            qtypes = {part_qtypes.get(p) for p in parts}
+            qtype = next(iter(qtypes))
+            if len(qtypes) != 1 or qtype not in QTYPES or (qtype != "f16" and k % 32):
+                continue  # fused from mixed types, or no kernel: fp32 (fuse_rows), outside the arena
+            self.plan[slot] = (offset, qtype, sum(rows), k)
+            offset += (sum(rows) * quant_row_bytes(qtype, k) + 63) // 64 * 64
+        self.buffer = alloc_huge(max(offset, 1), torch.uint8)  # untouched pages: no resident set until filled
+
+    def fill(self, slot: Slot, parts: list[Payload]) -> Optional[QuantWeight]:
+        """The planned slot's QuantWeight with `parts`' rows copied in, or None if the slot is not planned or the
+        parts differ from the header's types (then the caller fuses them as before)."""
+        if slot not in self.plan:
+            return None
+        offset, qtype, n, k = self.plan[slot]
+        if not all(isinstance(p, RawBlocks) and p.qtype == qtype and p.shape[1] == k for p in parts):
+            return None
+        if sum(p.shape[0] for p in parts) != n:
+            return None
+        rb = quant_row_bytes(qtype, k)
+        rows = self.buffer[offset : offset + n * rb].view(n, rb).numpy()
+        r = 0
+        for p in parts:  # a view of the file mapping (or q/k's un-permuted copy): one copy, into the arena
+            np.copyto(rows[r : r + p.shape[0]], p.data)
+            r += p.shape[0]
+        return QuantWeight.from_gguf(self.buffer[offset : offset + n * rb], qtype, (n, k))
+
+    def holds_all(self, slots: list[Slot]) -> bool:
+        """Every QuantWeight at `slots` lives in this arena (else pack_quant_weights must build one)."""
+        lo, hi = self.buffer.data_ptr(), self.buffer.data_ptr() + self.buffer.numel()
+        return all(not isinstance(o.__dict__[a], QuantWeight) or lo <= o.__dict__[a].data.data_ptr() < hi
+                   for o, a in slots)
 
 
 def pack_quant_weights(slots: list[tuple[object, str]]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from sgl.kernels import cpu as cpu_quant
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.models.config import ModelConfig
 from sgl.runtime.models.gguf_file import GGUFFile
-from sgl.runtime.models.gguf_loader import _iter_weights, permute_qk
+from sgl.runtime.models.gguf_loader import _iter_weights, native_qtypes, permute_qk
 from sgl.runtime.models.llama import LlamaForCausalLM
 from sgl.runtime.models.loader import load_model
 from sgl.runtime.models.native_weights import RawBlocks
@@ -177,16 +177,24 @@ def _write_gguf(path: str, hf, cfg: ModelConfig, qtype: str) -> None:
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_gguf_round_trip_native_equals_fp32(tmp_path, qtype: str) -> None:
-    """Raw blocks read from a GGUF file (q/k rows unpermuted as bytes, fused as bytes) vs the fp32 loader."""
+@pytest.mark.parametrize("planned", [False, True])
+def test_gguf_round_trip_native_equals_fp32(tmp_path, qtype: str, planned: bool) -> None:
+    """Raw blocks read from a GGUF file (q/k rows unpermuted as bytes, fused as bytes) vs the fp32 loader.
+    planned: the arena laid out from the header first, each weight copied from the file straight into it."""
     hf = make_hf_model(tiny_hf_configs()["llama_gqa_untied"])
     cfg = ModelConfig.from_hf(hf.config)
     path = str(tmp_path / f"tiny-{qtype}.gguf")
     _write_gguf(path, hf, cfg, qtype)
     native, ref = LlamaForCausalLM(cfg, native=True), LlamaForCausalLM(cfg)
-    assert native.load_native_weights(_iter_weights(GGUFFile(path), cfg, False, native=True)) == []
+    file = GGUFFile(path)
+    kinds = native_qtypes(file, cfg.architecture) if planned else None
+    assert native.load_native_weights(_iter_weights(file, cfg, False, native=True), part_qtypes=kinds) == []
     ref.load_weights(_iter_weights(GGUFFile(path), cfg, False, native=False))
     assert isinstance(native.layers[1].qkv, QuantWeight) and native.layers[1].qkv.qtype == qtype
+    buf = native._weights_buffer_native
+    lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel()
+    offsets = [w.data.data_ptr() for layer in native.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    assert all(lo <= p < hi for p in offsets) and offsets == sorted(offsets)  # one arena, in forward order
     prompts = random_prompts([30, 9], seed=5)
     chunk = lambda b, step, left: left if step == 0 else 1  # noqa: E731
     for got, want in zip(run_schedule(native, prompts, chunk), run_schedule(ref, prompts, chunk)):
