@@ -27,32 +27,49 @@ namespace {
 constexpr int64_t kQ16MaxRows = 64;
 // Rows from which the tile runs (where the machine has it): from 2, each weight block widened once per tile.
 constexpr int64_t kQ16TileMinRows = 2;
-// Rows per tile: 8 accumulators + 4 weight quarters + 4 scalar-term vectors + temporaries fit the 32 zmm.
-constexpr int kQ16TileRows = 8;
+// Rows per tile at most: 12 accumulators + 4 weight quarters + 3 scalar-term vectors + constants and temporaries
+// fit the 32 zmm; so a verify row of 1 + 8 tokens (9 rows) is one tile: each weight block widened once.
+constexpr int kQ16TileRows = 12;
 
-// What the tile needs beside the row-major q16 activations: the block sums transposed, s[b * ld + r] (so that
-// one masked load gives a block's sums of a tile's rows for the scalar-term FMA). (The name is historical: the
-// previous contract's tile packed rows in pairs.)
+// The x of a batch re-laid for the tile (Q16TileX, quant_q16_zmm.h): M rows in tiles of `rows` (the last one
+// shorter; rows = ceil(M / tiles), tiles = ceil(M / kQ16TileRows)); tile t, block b, row j of the tile:
+//   q [t][b][rows][32] int16 (perm16 order), d and s [t][b][rows] (+ 4 floats of padding: the scalar-term
+//   loads read 4 rows at a time). (The name is historical: the first tile packed rows in pairs.)
 struct Q16Pairs {
-  std::vector<float> s;
-  int64_t nb = 0, ld = 0;
+  std::vector<int16_t> q;
+  std::vector<float> d, s;
+  int64_t M = 0, nb = 0, rows = 0;
+  Q16TileX tile(int64_t t) const {
+    const int64_t o = t * nb * rows;
+    return Q16TileX{q.data() + o * kBlock, d.data() + o, s.data() + o, rows * kBlock, rows};
+  }
 };
 
 // Sizes p for M rows of nb blocks; pack_row then fills row r (rows write disjoint parts of p).
 inline void size_pairs(int64_t M, int64_t nb, Q16Pairs& p) {
+  const int64_t tiles = (M + kQ16TileRows - 1) / kQ16TileRows;
+  p.M = M;
   p.nb = nb;
-  p.ld = M + kQ16TileRows;
-  p.s.assign(nb * p.ld, 0.f);
+  p.rows = (M + tiles - 1) / tiles;
+  p.q.assign(tiles * nb * p.rows * kBlock, 0);
+  p.d.assign(tiles * nb * p.rows + 4, 0.f);
+  p.s.assign(tiles * nb * p.rows + 4, 0.f);
 }
 
-// Row r of p from its q16 blocks (q [nb * 32] unused: the tile reads the row-major blocks; d [nb], s [nb]).
-inline void pack_row(const int16_t* /*q*/, const float* /*d*/, const float* s, int64_t r, Q16Pairs& p) {
-  for (int64_t b = 0; b < p.nb; b++) p.s[b * p.ld + r] = s[b];
+// Row r of p from its q16 blocks (q [nb * 32], d [nb], s [nb], as quantize_blocks16 writes them).
+inline void pack_row(const int16_t* q, const float* d, const float* s, int64_t r, Q16Pairs& p) {
+  const int64_t t = r / p.rows, j = r % p.rows;
+  for (int64_t b = 0; b < p.nb; b++) {
+    const int64_t o = (t * p.nb + b) * p.rows + j;
+    std::memcpy(p.q.data() + o * kBlock, q + b * kBlock, kBlock * sizeof(int16_t));
+    p.d[o] = d[b];
+    p.s[o] = s[b];
+  }
 }
 
 inline void pack_pairs(const Q16Act& a, int64_t M, Q16Pairs& p) {
   size_pairs(M, a.nb, p);
-  for (int64_t r = 0; r < M; r++) pack_row(nullptr, nullptr, a.s + r * a.nb, r, p);
+  for (int64_t r = 0; r < M; r++) pack_row(a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, r, p);
 }
 
 inline bool have_q16_tile() {
@@ -73,8 +90,8 @@ void gemv_rows(const uint8_t* W, int64_t rb, int64_t count, const Q16Act& a, flo
     int C = 1;
 #ifdef SGL_Q16_ZMM
     if (n + 4 <= count && have_q16_zmm()) {
-      dot_q16_quad<T, 1>(W + n * rb, rb, a, 0, a.s, 1, out + n, 0, bias != nullptr ? bias + n : nullptr,
-                         resid != nullptr ? resid + n : nullptr);
+      dot_q16_quad<T, 1>(W + n * rb, rb, a.nb, Q16TileX{a.q, a.d, a.s, kBlock, 1}, out + n, 0,
+                         bias != nullptr ? bias + n : nullptr, resid != nullptr ? resid + n : nullptr);
       n += 4;
       continue;
     }
@@ -103,6 +120,10 @@ void gemv_rows(const uint8_t* W, int64_t rb, int64_t count, const Q16Act& a, flo
 template <class F>
 inline void with_tile_rows(int R, F&& f) {
   switch (R) {
+    case 12: f(std::integral_constant<int, 12>{}); break;
+    case 11: f(std::integral_constant<int, 11>{}); break;
+    case 10: f(std::integral_constant<int, 10>{}); break;
+    case 9: f(std::integral_constant<int, 9>{}); break;
     case 8: f(std::integral_constant<int, 8>{}); break;
     case 7: f(std::integral_constant<int, 7>{}); break;
     case 6: f(std::integral_constant<int, 6>{}); break;
@@ -115,7 +136,7 @@ inline void with_tile_rows(int R, F&& f) {
 }
 
 // out rows 0..M of columns [n0, n1): cache blocks of 64 columns (their weight rows stay in L1/L2 across the row
-// tiles), in each the tiles of up to 8 rows x 4 columns; the < 4 tail columns one at a time (dot_q16_col).
+// tiles), in each the tiles of up to kQ16TileRows rows x 4 columns; the < 4 tail columns one at a time (dot_q16_col).
 template <QT T>
 void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16Act& a, const Q16Pairs& p,
                    float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
@@ -128,15 +149,15 @@ void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16
   };
   for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
     const int64_t c1 = std::min(n1, c0 + kChunk);
-    for (int64_t r0 = 0; r0 < M; r0 += kQ16TileRows) {
-      const int R = int(std::min<int64_t>(kQ16TileRows, M - r0));
+    for (int64_t r0 = 0, t = 0; r0 < M; r0 += p.rows, t++) {
+      const int R = int(std::min<int64_t>(p.rows, M - r0));
+      const Q16TileX x = p.tile(t);
       with_tile_rows(R, [&](auto rc) {
         constexpr int RR = decltype(rc)::value;
         int64_t n = c0;
-        for (; n + 4 <= c1; n += 4) {
-          dot_q16_quad<T, RR>(W + n * rb, rb, a, r0, p.s.data() + r0, p.ld, out + r0 * N + n, N,
-                              bias != nullptr ? bias + n : nullptr, resid != nullptr ? resid + r0 * N + n : nullptr);
-        }
+        for (; n + 4 <= c1; n += 4)
+          dot_q16_quad<T, RR>(W + n * rb, rb, p.nb, x, out + r0 * N + n, N, bias != nullptr ? bias + n : nullptr,
+                              resid != nullptr ? resid + r0 * N + n : nullptr);
         for (; n < c1; n++)
           for (int r = 0; r < RR; r++) put(r0 + r, n, dot_q16_col<T>(W + n * rb, a, r0 + r));
       });
@@ -161,7 +182,7 @@ void gemm_q16_rows(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16
   }
 }
 
-// gemm's q16 path for the output columns [n0, n1) (pairs: the tile's transposed block sums, or null: per row).
+// gemm's q16 path for the output columns [n0, n1) (pairs: a packed for the tile, or null: per row).
 template <QT T>
 void gemm_q16_cols(const uint8_t* W, int64_t M, int64_t N, int64_t K, const Q16Act& a, const Q16Pairs* pairs,
                    float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {

@@ -78,28 +78,37 @@ SGL_TARGET_Q16 inline __m512 lane_sums4(__m512 v) {
   return _mm512_add_ps(t, _mm512_permute_ps(t, _MM_SHUFFLE(2, 3, 0, 1)));
 }
 
-// out[r * ldo + c] = the contract's y (+ bias[c]) (+ resid[r * ldo + c]) for column c < 4 (W rows w + c * rb) and row
-// r0 + r of a (r < R); out and resid point at (row r0, the first column). xs: the rows' block sums as
-// xs[b * ld + r] (R = 1: a.s's row, ld = 1; batches: transposed, Q16Pairs).
+// The x of a tile of rows as the kernel reads it: row r of block b at q + b * bq + r * 32 (perm16 order), its
+// scale and block sum at d / s + b * bds + r. M = 1 reads a row-major row ({q, d, s, 32, 1}); batches read
+// Q16Tiles (quant_q16_tile.h), where a tile's rows of a block are adjacent: constant address offsets per row.
+struct Q16TileX {
+  const int16_t* q;
+  const float *d, *s;
+  int64_t bq, bds;
+};
+
+// out[r * ldo + c] = the contract's y (+ bias[c]) (+ resid[r * ldo + c]) for column c < 4 (W rows w + c * rb, nb
+// blocks) and row r < R of x; out and resid point at (the tile's first row, the first column).
 template <QT T, int R>
-SGL_TARGET_Q16 inline void dot_q16_quad(const uint8_t* w, int64_t rb, const Q16Act& a, int64_t r0, const float* xs,
-                                        int64_t ld, float* out, int64_t ldo, const float* bias, const float* resid) {
-  static_assert(R >= 1 && R <= 8, "rows per tile");
+SGL_TARGET_Q16 inline void dot_q16_quad(const uint8_t* w, int64_t rb, int64_t nb, const Q16TileX& x, float* out,
+                                        int64_t ldo, const float* bias, const float* resid) {
+  static_assert(R >= 1 && R <= 12, "rows per tile");
+  constexpr int G = (R + 3) / 4;          // R > 1: the scalar terms of 4 rows x 4 columns per zmm
   constexpr bool kMagic = T != QT::Q8_0;  // Q4: |I| < 2^22, float(I) = bits(I + 0x4B400000) - 1.5 * 2^23
   const __m512i magic_i = _mm512_set1_epi32(0x4B400000);
   const __m512 magic_f = _mm512_set1_ps(12582912.f);
   // f16 header lanes -> [d_c x 4 | ..] (Q4_1 headers convert to d0 m0 d1 m1 ..; the others to d0 d1 ..)
   const __m512i didx = T == QT::Q4_1 ? _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6)
                                      : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  const __mmask8 rmask = __mmask8((1u << R) - 1);
+  const __m512i midx = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);  // Q4_1: [m_c x 4 | ..]
   __m512 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
   __m256 scal1 = _mm256_setzero_ps();  // R = 1: header lanes x xs (Q4_1: m_c in lane 2c + 1; Q4_0: -8 d_c in lane c)
-  __m256 scal[4];                      // R > 1: column c's scalar term, lane r = row r0 + r
-  for (int c = 0; c < 4; c++) scal[c] = _mm256_setzero_ps();
-  const int16_t* xq = a.q + r0 * a.k;
-  const float* xd = a.d + r0 * a.nb;
-  for (int64_t b = 0; b < a.nb; b++) {
+  __m512 scal[G];                      // R > 1: lane 4c + j = column c, row 4g + j
+  for (int g = 0; g < G; g++) scal[g] = _mm512_setzero_ps();
+  const int16_t* xq = x.q;
+  const float *xd = x.d, *xs = x.s;
+  for (int64_t b = 0; b < nb; b++, xq += x.bq, xd += x.bds, xs += x.bds) {
     const uint8_t* blk = w + b * block_bytes(T);
     for (int c = 0; c < 4; c++) prefetch(blk + c * rb);
     __m256 hdr;
@@ -114,42 +123,43 @@ SGL_TARGET_Q16 inline void dot_q16_quad(const uint8_t* w, int64_t rb, const Q16A
     }
     const __m512 dv = _mm512_permutexvar_ps(didx, _mm512_castps256_ps512(hdr));
     if constexpr (T != QT::Q8_0) {
-      const __m256 term = T == QT::Q4_1 ? hdr : _mm256_mul_ps(hdr, _mm256_set1_ps(-8.f));
       if constexpr (R == 1) {
-        scal1 = _mm256_fmadd_ps(term, _mm256_set1_ps(xs[b * ld]), scal1);
+        const __m256 term = T == QT::Q4_1 ? hdr : _mm256_mul_ps(hdr, _mm256_set1_ps(-8.f));
+        scal1 = _mm256_fmadd_ps(term, _mm256_set1_ps(xs[0]), scal1);
       } else {
-        alignas(32) float tv[8];
-        _mm256_store_ps(tv, term);
-        const __m256 xsv = _mm256_maskz_loadu_ps(rmask, xs + b * ld);
-        for (int c = 0; c < 4; c++)
-          scal[c] = _mm256_fmadd_ps(_mm256_set1_ps(tv[T == QT::Q4_1 ? 2 * c + 1 : c]), xsv, scal[c]);
+        const __m512 mv = T == QT::Q4_1 ? _mm512_permutexvar_ps(midx, _mm512_castps256_ps512(hdr))
+                                        : _mm512_mul_ps(dv, _mm512_set1_ps(-8.f));
+        for (int g = 0; g < G; g++)
+          scal[g] = _mm512_fmadd_ps(mv, _mm512_broadcast_f32x4(_mm_loadu_ps(xs + 4 * g)), scal[g]);
       }
     }
     __m512i wq[4];
     widen_quarters4<T>(blk, rb, wq);
     for (int r = 0; r < R; r++) {
-      const int16_t* xb = xq + r * a.k + b * kBlock;
+      const int16_t* xb = xq + r * kBlock;
       __m512i I = _mm512_madd_epi16(wq[0], xquarter(xb, 0));
       I = _mm512_dpwssd_epi32(I, wq[1], xquarter(xb, 1));
       I = _mm512_dpwssd_epi32(I, wq[2], xquarter(xb, 2));
       I = _mm512_dpwssd_epi32(I, wq[3], xquarter(xb, 3));
       const __m512 f = kMagic ? _mm512_sub_ps(_mm512_castsi512_ps(_mm512_add_epi32(I, magic_i)), magic_f)
                               : _mm512_cvtepi32_ps(I);
-      const __m512 s = _mm512_mul_ps(dv, _mm512_set1_ps(xd[r * a.nb + b]));
-      acc[r] = _mm512_fmadd_ps(f, s, acc[r]);
+      acc[r] = _mm512_fmadd_ps(f, _mm512_mul_ps(dv, _mm512_set1_ps(xd[r])), acc[r]);
     }
   }
   // the scalar terms as [column 0 .. 3] per row
-  alignas(32) float st[4][8];
+  alignas(64) float st[G][16];
   if constexpr (R == 1) {
     const __m256i pick = T == QT::Q4_1 ? _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0) : _mm256_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0);
     _mm_store_ps(st[0], _mm256_castps256_ps128(_mm256_permutevar8x32_ps(scal1, pick)));
   } else {
-    for (int c = 0; c < 4; c++) _mm256_store_ps(st[c], scal[c]);
+    for (int g = 0; g < G; g++) _mm512_store_ps(st[g], scal[g]);
   }
   for (int r = 0; r < R; r++) {
     __m128 y = _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, lane_sums4(acc[r])));
-    if constexpr (T != QT::Q8_0) y = _mm_add_ps(y, R == 1 ? _mm_load_ps(st[0]) : _mm_setr_ps(st[0][r], st[1][r], st[2][r], st[3][r]));
+    if constexpr (T != QT::Q8_0) {
+      const float* sg = st[r / 4] + r % 4;
+      y = _mm_add_ps(y, R == 1 ? _mm_load_ps(st[0]) : _mm_setr_ps(sg[0], sg[4], sg[8], sg[12]));
+    }
     if (bias != nullptr) y = _mm_add_ps(y, _mm_loadu_ps(bias));
     if (resid != nullptr) y = _mm_add_ps(y, _mm_loadu_ps(resid + r * ldo));
     _mm_storeu_ps(out + r * ldo, y);
