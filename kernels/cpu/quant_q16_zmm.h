@@ -24,6 +24,15 @@
 
 namespace {
 
+// The x of a tile of rows as the kernel reads it: row r of block b at q + b * bq + r * 32 (perm16 order), its
+// scale and block sum at d / s + b * bds + r. M = 1 reads a row-major row ({q, d, s, 32, 1}); batches read
+// Q16Tiles (quant_q16_tile.h), where a tile's rows of a block are adjacent: constant address offsets per row.
+struct Q16TileX {
+  const int16_t* q;
+  const float *d, *s;
+  int64_t bq, bds;
+};
+
 #ifdef SGL_AVX512_TILE
 // GCC 12's avx512fintrin.h trips -W(maybe-)uninitialized on its own `__Y = __Y` placeholders (as quant_gemm_avx512.h)
 #if defined(__GNUC__) && !defined(__clang__)
@@ -78,15 +87,6 @@ SGL_TARGET_Q16 inline __m512 lane_sums4(__m512 v) {
   const __m512 t = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
   return _mm512_add_ps(t, _mm512_permute_ps(t, _MM_SHUFFLE(2, 3, 0, 1)));
 }
-
-// The x of a tile of rows as the kernel reads it: row r of block b at q + b * bq + r * 32 (perm16 order), its
-// scale and block sum at d / s + b * bds + r. M = 1 reads a row-major row ({q, d, s, 32, 1}); batches read
-// Q16Tiles (quant_q16_tile.h), where a tile's rows of a block are adjacent: constant address offsets per row.
-struct Q16TileX {
-  const int16_t* q;
-  const float *d, *s;
-  int64_t bq, bds;
-};
 
 // out[r * ldo + c] = the contract's y (+ bias[c]) (+ resid[r * ldo + c]) for column c < 4 (W rows w + c * rb, nb
 // blocks) and row r < R of x; out and resid point at (the tile's first row, the first column).
