@@ -8,7 +8,7 @@
 // uops only), 1 vpmaddwd + 3 vpdpwssd give I, then convert, one scale multiply (d_c * xd as [d_c x 4 | ..] times
 // a broadcast xd) and one FMA for all 4 columns. So an extra row costs ~7-8 zmm uops per 4 column-blocks, 4 of
 // them the int dots on port 0 (the floor), where the previous 8-lane contract paid a convert, a multiply and an
-// FMA per column (a row pair per zmm: 10 uops per 4 column-blocks and row, 6 of them on port 0).
+// FMA per column (as a row pair per zmm: 10 uops per 4 column-blocks and row, 6 of them on port 0).
 // Q4's int-to-float of every other row is an integer add and a float subtract (exact for |I| < 2^22, which Q4's
 // bound keeps: the same value as vcvtdq2ps), which can run on port 5 beside the FMAs, not on port 0 beside
 // the dots: measured 3-5% faster than all converts or all add/subtracts (1 thread, 9 rows).
