@@ -1,7 +1,7 @@
 """The q16 small-M GEMM is batch-invariant: every row of a batch (2 <= M <= 64) gets the SAME BITS as that
 row alone (M = 1: the decode pool's gemv), for every block type, any thread split of the columns, with
 bias and residual. So a request's logits do not depend on the batch it runs in, nor on speculation
-verifying its tokens (kernels/cpu/quant_q16_tile.h states the per-lane contract).
+verifying its tokens (kernels/cpu/quant_q16.h states the per-lane contract).
 Above Q16_MAX_ROWS rows (prefill) gemm runs fp32 activations."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_the_default_mode_runs_batches_fp32_unless_q16_batches_is_on() -> None:
 
 
 def test_the_per_row_path_gives_the_tiles_bits() -> None:
-    """A CPU without AVX-512 VNNI runs the q16 batch row by row (gemv_rows); this one runs the row-pair tile.
+    """A CPU without AVX-512 VNNI runs the q16 batch row by row (gemv_rows); this one runs the AVX-512 4-column tile.
     Both give every row its M = 1 bits, so they agree bit for bit (the per-row path forced by env)."""
     script = (
         "import numpy as np, torch, sys\n"
