@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "quant_common.h"
-#include "quant_q16.h"
+#include "quant_q16_tile.h"
 
 namespace {
 

@@ -467,7 +467,7 @@ std::string isa() {
 #endif
 #ifdef SGL_AVX512_TILE
   if (have_avx512()) s += " (avx512 multi-row tile)";
-  if (have_q16_tile()) s += " (q16 avx512-vnni row-pair tile)";
+  if (have_q16_tile()) s += " (q16 avx512-vnni 4-column tile)";
 #endif
   return s;
 }

@@ -90,7 +90,11 @@ def measure_verify_cost(model: Any, kv: Any, k: int, vocab_size: int, reps: int 
         model(ForwardBatch.from_lists([ctx[:context]], [list(range(context))]), kv)
         for rep in range(reps + 1):  # round 0 warms every path (first calls allocate)
             for j in lengths:
-                fb = ForwardBatch.from_lists([ctx[context:context + 1 + j]], [list(range(context + 1 + j))])
+                # generated_only: the scheduler's decode and verify rows are (model_runner), and it routes them
+                # to the fused C++ decoder (decode_stack / decode_rows); without it a 1 + j row took the prefill
+                # path, ~1.5-2x dearer than the verify steps really are, and the rule drafted too little
+                fb = ForwardBatch.from_lists([ctx[context:context + 1 + j]], [list(range(context + 1 + j))],
+                                             generated_only=True)
                 t0 = time.process_time()
                 model.compute_logits(model(fb, kv))
                 dt = time.process_time() - t0

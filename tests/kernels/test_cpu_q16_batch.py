@@ -1,7 +1,7 @@
 """The q16 small-M GEMM is batch-invariant: every row of a batch (2 <= M <= 64) gets the SAME BITS as that
 row alone (M = 1: the decode pool's gemv), for every block type, any thread split of the columns, with
 bias and residual. So a request's logits do not depend on the batch it runs in, nor on speculation
-verifying its tokens (kernels/cpu/quant_q16_tile.h states the per-lane contract).
+verifying its tokens (kernels/cpu/quant_q16.h states the per-lane contract).
 Above Q16_MAX_ROWS rows (prefill) gemm runs fp32 activations."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_the_default_mode_runs_batches_fp32_unless_q16_batches_is_on() -> None:
 
 
 def test_the_per_row_path_gives_the_tiles_bits() -> None:
-    """A CPU without AVX-512 VNNI runs the q16 batch row by row (gemv_rows); this one runs the row-pair tile.
+    """A CPU without AVX-512 VNNI runs the q16 batch row by row (gemv_rows); this one runs the AVX-512 4-column tile.
     Both give every row its M = 1 bits, so they agree bit for bit (the per-row path forced by env)."""
     script = (
         "import numpy as np, torch, sys\n"
@@ -130,3 +130,31 @@ def test_the_per_row_path_gives_the_tiles_bits() -> None:
         pytest.skip("this CPU has no AVX-512 VNNI: both runs took the per-row path")
     for a, b in zip(tile["outs"], rows["outs"]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_a_column_has_the_same_bits_in_every_kernel(qtype: str) -> None:
+    """The block-dot contract (kernels/cpu/quant_q16.h) is computed by a 4-column vector kernel and, for the
+    < 4 tail columns, by its scalar statement: dropping the first `off` weight rows moves every column between
+    the two, and its bits must not change. Includes the extreme block (every nibble / byte at its maximum,
+    x at +-32767 after quantization), where Q4's exact int-to-float trick is at its bound (|I| < 2^22)."""
+    gen = np.random.default_rng(21)
+    n, k = 11, 160
+    nb_row = k // 32
+    raw = gen.integers(0, 256, size=(n * nb_row, BLOCK_BYTES[qtype]), dtype=np.uint8)
+    scale = gen.choice([1e-3, 0.3, 4.0], size=n * nb_row) * gen.choice([-1.0, 1.0], size=n * nb_row)
+    raw[:, 0:2] = scale.astype(np.float16).reshape(-1, 1).view(np.uint8)
+    if qtype == "q4_1":
+        raw[:, 2:4] = (gen.standard_normal(n * nb_row) * 0.1).astype(np.float16).reshape(-1, 1).view(np.uint8)
+    hdr = 2 if qtype != "q4_1" else 4
+    raw[0:nb_row, hdr:] = 0xFF if qtype != "q8_0" else 0x80  # column 0: nibbles 15 / bytes -128 in every block
+    raw[nb_row:2 * nb_row, hdr:] = 0xFF if qtype != "q8_0" else 0x7F  # column 1: 15 / 127
+    raw = raw.reshape(n, -1)
+    for m in (1, 9):
+        x = torch.from_numpy(gen.standard_normal((m, k)).astype(np.float32))
+        x[0, :32] = 3.0  # a constant block: every int16 at 32767
+        x[-1, 32:64] = -2.0  # and at -32767
+        full = quant_linear(x, QuantWeight.from_gguf(raw, qtype, (n, k)), act_quant="q16")
+        for off in (1, 2, 3):
+            w = QuantWeight.from_gguf(np.ascontiguousarray(raw[off:]), qtype, (n - off, k))
+            assert torch.equal(quant_linear(x, w, act_quant="q16"), full[:, off:]), (qtype, m, off)

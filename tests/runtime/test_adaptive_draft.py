@@ -132,3 +132,24 @@ def test_a_pool_too_small_to_time_in_keeps_the_assumed_curve() -> None:
     assert measure_verify_cost(model, kv, 8, model.config.vocab_size).source == "assumed"
     assert measure_verify_cost(model, KVCache.for_model(model.config, 12, torch.float32, "cpu"), 8,
                                model.config.vocab_size, reps=1).source == "measured"  # a shorter context
+
+
+def test_the_cost_times_rows_as_the_scheduler_runs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler's decode and verify rows are generated-only batches (model_runner), which take the fused
+    C++ decoder; the timed rows must be too (they were timed as prompt rows: the prefill path, ~2x dearer)."""
+    from sgl.runtime.executor.forward_batch import ForwardBatch
+
+    built: list[tuple[int, bool]] = []
+    original = ForwardBatch.from_lists.__func__
+
+    def spy(cls, input_ids, slot_tables, *args, **kwargs):  # type: ignore[no-untyped-def]
+        built.append((len(input_ids[0]), bool(kwargs.get("generated_only", False))))
+        return original(cls, input_ids, slot_tables, *args, **kwargs)
+
+    monkeypatch.setattr(ForwardBatch, "from_lists", classmethod(spy))
+    model = tiny_model(0)
+    kv = KVCache.for_model(model.config, 64, torch.float32, "cpu")
+    measure_verify_cost(model, kv, 4, model.config.vocab_size, reps=1)
+    context, *rows = built
+    assert not context[1]  # the context is a prompt
+    assert sorted({n for n, _ in rows}) == [1, 2, 3, 4, 5] and all(g for _, g in rows)
