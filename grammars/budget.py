@@ -102,6 +102,15 @@ def closing_path(m: "GrammarMatcher", limit: int, fallback_limit: Optional[int] 
     return best
 
 
+def greedy_path_length(m: "GrammarMatcher", limit: int) -> Optional[int]:
+    """The length of the first greedy walk's path (closers never tired) within `limit` tokens, or None:
+    how far the end is when `closing_path` found nothing within the budget (a measure, not a path to
+    follow; one walk, no fallbacks)."""
+    in_string, elsewhere, probes, _ = _candidates(m.vocab)
+    path = _walk(m, limit, lambda inside: in_string if inside else elsewhere, probes, tire_closers=False)
+    return None if path is None else len(path)
+
+
 def _witness_walk(m: "GrammarMatcher", suffixes: list[list[int]], limit: int, order: Callable[[bool], list[int]],
                   probes: list[int], starts: list[list[int]]) -> Optional[list[int]]:
     """The first suffix of a witness (shortest first: the most progress already made) that the matcher

@@ -297,3 +297,36 @@ def test_closing_path_through_deep_nesting(compiler, vocab):
     out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
     jsonschema.validate(json.loads(vocab.decode(out).decode()), rec["schema"])
     assert m.budget_closed
+
+
+def test_no_closing_walks_while_the_end_is_far_past_the_budget(compiler, vocab, monkeypatch):
+    """Github_medium o83287 on the model: 67 required keys whose values have 6 required keys each, so the
+    shortest output is ~2200 tokens and none fits in max_new_tokens=512. The closing walks found nothing
+    and ran again every 4 tokens: ~0.1 s each, ~12 s of the scheduler thread per request. One greedy
+    walk past the budget now says how far the end is, and the next check waits for a quarter of the gap."""
+    import numpy as np
+
+    import sgl.grammars.base as base
+
+    item = {"type": "object", "additionalProperties": False,
+            "properties": {"unit": {"type": ["string", "null"]}, "type": {"enum": ["uint32", "string", "array"]},
+                           "nullable": {"type": "boolean"}, "def": {"type": ["string", "number", "array", "null"]},
+                           "comments": {"type": "string"}, "per": {"enum": ["job", "core"]}},
+            "required": ["unit", "type", "nullable", "def", "comments", "per"]}
+    keys = [f"metric_{i}" for i in range(40)]
+    schema = {"type": "object", "required": ["version", "fields"], "properties": {
+        "fields": {"type": "object", "additionalProperties": item, "required": keys}, "version": {"type": "number"}}}
+    calls = []
+    monkeypatch.setattr(base, "closing_path", lambda *a, **k: calls.append(1) or closing_path(*a, **k))
+    nest = '"type":"string","nullable":false,"def":[{'
+    ids = vocab.encode(('{"fields":{"metric_0":{"unit":"id",' + nest * 40).encode())
+    budget = 256
+    m = compiler.compile("json_schema", json.dumps(schema)).matcher()
+    m.set_token_budget(budget)
+    mask = torch.zeros((1, (vocab.vocab_size_padded + 31) // 32), dtype=torch.int32)
+    for k in range(budget):
+        m.fill_bitmask(mask, 0)
+        bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little").astype(bool)
+        assert bits[ids[k]]  # the output as written: nothing fits, so nothing is narrowed
+        assert m.accept(ids[k])
+    assert not m.budget_closed and len(calls) <= 2, len(calls)  # was 60 (one per 4 tokens)
