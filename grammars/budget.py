@@ -10,7 +10,9 @@ an upper bound on the shortest completion (greedy, not a search), which is what 
 following it always ends in an accepted output within its length.
 
 Used by `GrammarMatcher.fill_bitmask` once `set_token_budget` was called: when the remaining budget is
-at most the path length + `MARGIN`, the mask allows only the path's next token.
+at most the path length + `MARGIN`, the mask allows only the path's next token. When no path fits in
+the budget left, `greedy_path_length` (one walk past the budget) says how far the end is, and the
+next check waits accordingly (`GrammarMatcher._budget_backoff`).
 """
 from __future__ import annotations
 
@@ -107,7 +109,9 @@ def greedy_path_length(m: "GrammarMatcher", limit: int) -> Optional[int]:
     how far the end is when `closing_path` found nothing within the budget (a measure, not a path to
     follow; one walk, no fallbacks)."""
     in_string, elsewhere, probes, _ = _candidates(m.vocab)
-    path = _walk(m, limit, lambda inside: in_string if inside else elsewhere, probes, tire_closers=False)
+    starts = [suffixes[-1] for suffixes in _witness_suffixes(m.vocab, getattr(m, "witnesses", ())) if suffixes]
+    path = _walk(m, limit, lambda inside: in_string if inside else elsewhere, probes, starts=starts,
+                 tire_closers=False)
     return None if path is None else len(path)
 
 
