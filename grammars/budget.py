@@ -118,13 +118,18 @@ def greedy_path_length(m: "GrammarMatcher", limit: int) -> Optional[int]:
 def _witness_walk(m: "GrammarMatcher", suffixes: list[list[int]], limit: int, order: Callable[[bool], list[int]],
                   probes: list[int], starts: list[list[int]]) -> Optional[list[int]]:
     """The first suffix of a witness (shortest first: the most progress already made) that the matcher
-    allows, written out, then the greedy walk to the end."""
+    allows, written out and closed by a quote where the grammar takes one, then the greedy walk to the end.
+    NOTE: the quote first: a pattern string takes no `}`, so the walk does not know it is inside a string
+    and prefers "0" to `"`; after `.php` of `^[\w\-\./]+\.php+$` it wrote "0" and never matched again
+    (Github_medium o63939 on the model: no path, the output ended on length unparsed)."""
+    quote = probes[:1]
     for toks in suffixes:
         if not toks or len(toks) >= limit or not m._allows(toks[0]):
             continue
-        path = _walk(m, limit, order, probes, toks, starts)
-        if path is not None:
-            return path
+        for prefix in ([*toks, *quote], toks) if quote else (toks,):
+            path = _walk(m, limit, order, probes, prefix, starts)
+            if path is not None:
+                return path
     return None
 
 

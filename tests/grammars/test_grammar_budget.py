@@ -330,3 +330,35 @@ def test_no_closing_walks_while_the_end_is_far_past_the_budget(compiler, vocab, 
         assert bits[ids[k]]  # the output as written: nothing fits, so nothing is narrowed
         assert m.accept(ids[k])
     assert not m.budget_closed and len(calls) <= 2, len(calls)  # was 60 (one per 4 tokens)
+
+
+def test_witness_suffix_is_closed_by_its_quote(compiler, vocab):
+    """Github_medium o63939 on the model: `.json.json...` written into a string whose pattern needs a
+    `.php` end, then 6 required keys. A pattern string takes no `}`, so the walk did not know it was in a
+    string: after the witness suffix `.php` it preferred "0" to the quote and never matched again (no
+    closing path; the output ended on length unparsed). The suffix is now closed by its quote."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["file", "name", "timeout"],
+              "properties": {"file": {"type": "string", "minLength": 16, "maxLength": 1024,
+                                      "pattern": "^[\\w\\-\\./]+\\.php+$"},
+                             "name": {"type": "string", "maxLength": 64}, "timeout": {"type": "integer", "minimum": 1}}}
+    prefix = '{"file":"file' + ".json" * 20
+    m = compiler.compile("json_schema", json.dumps(schema)).matcher()
+    for t in vocab.encode(prefix.encode()):
+        assert m.accept(t)
+    path = closing_path(m, 160)
+    assert path is not None
+    jsonschema.validate(json.loads(prefix + vocab.decode(path).decode()), schema)
+
+
+def test_uncounted_pattern_keeps_its_long_bound_in_the_grammar(compiler, vocab):
+    """The same string on the model: with `maxLength: 1024` moved to the guard, budget closing closed a
+    1,200-character string, the guard rolled it back at the deadline, and the output ended unparsed. Only a
+    counted pattern's huge bound goes to the guard (test_grammar_guards.py, Github_easy o21053)."""
+    schema = {"type": "object", "properties": {"file": {"type": "string", "maxLength": 1024,
+                                                        "pattern": "^[\\w\\-\\./]+\\.php+$"}}}
+    g = compiler.compile("json_schema", json.dumps(schema))
+    assert type(g).__name__ != "GuardedGrammar"
+    m = g.matcher()
+    for t in vocab.encode(('{"file":"' + "x" * 1020).encode()):
+        assert m.accept(t)
+    assert not m._allows(vocab.encode(b"xxxxxxxx")[0])  # the grammar counts the length
