@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from sgl.grammars.budget import MARGIN, closing_path
+from sgl.grammars.budget import MARGIN, closing_path, greedy_path_length
 from sgl.grammars.errors import GrammarError
 from sgl.grammars.vocabulary import Vocabulary
 from sgl.grammars.witness import witnesses
@@ -77,6 +77,7 @@ class GrammarMatcher(ABC):
         # accepted tokens. NOTE: replaced, never
         # mutated in place (runtime/executor/verify.py snapshots it by reference).
         self._recent_paths: list[tuple[int, int]] = []
+        self._far_walk_failed = False  # `_budget_backoff`'s greedy walk found no end once: it is not tried again
 
     def set_token_budget(self, max_new_tokens: int) -> None:
         """Close the output within `max_new_tokens` accepted tokens (see sgl.grammars.budget)."""
@@ -213,8 +214,8 @@ class GrammarMatcher(ABC):
         if remaining > self._budget_check_at:
             return
         path = closing_path(self, min(remaining + 16, 512), fallback_limit=remaining)
-        if path is None:  # no greedy completion in sight: try again a few tokens later
-            self._budget_check_at = remaining - 4
+        if path is None:  # no completion within the budget left: try again a few tokens later
+            self._budget_check_at = remaining - self._budget_backoff(remaining)
             return
         if len(path) > remaining:  # NOTE: never commit to a path longer than the budget left
             self._budget_check_at = remaining - 1
@@ -239,6 +240,22 @@ class GrammarMatcher(ABC):
         self._budget_check_at = remaining - 1
         self._closing = (self._num_accepted + 1, path[1:])
         self._narrow(out, path[:1])
+
+    def _budget_backoff(self, remaining: int) -> int:
+        """Tokens to wait before the next closing walk when none fit in `remaining`: 4, or a quarter of
+        the gap when one greedy walk (up to FAR_WALK x remaining) ends that far past the budget.
+        NOTE: the walks that found nothing cost ~0.1 s per call; every 4 tokens that was ~12 s of the
+        scheduler thread over a 512-token request whose shortest completion is ~2900 tokens
+        (Github_medium o83287: 67 required keys whose values have 6 required keys each), which no
+        model output can close. The path shortens by at most a few tokens per accepted token (each
+        writes what the path would), so a quarter of the gap is passed before the path can fit."""
+        if self._far_walk_failed:  # NOTE: a walk that loops costs its whole limit: probe once, not per check
+            return 4
+        far = greedy_path_length(self, min(FAR_WALK * remaining, FAR_WALK_CAP))
+        if far is None:
+            self._far_walk_failed = True
+            return 4
+        return max(4, (far - remaining) // 4)
 
     def _narrow(self, out: torch.Tensor, tokens: list[int]) -> None:
         """Allow only `tokens` (none: only EOS) in `out`."""
@@ -299,6 +316,9 @@ class GrammarMatcher(ABC):
 # this many accepted tokens (see `_close_within_budget`)
 GROWTH_LOOKAHEAD = 8
 RECENT_TOKENS = 128
+# budget closing's probe of how far the end is (`_budget_backoff`): a walk of up to FAR_WALK x the budget left
+FAR_WALK = 8
+FAR_WALK_CAP = 8192
 
 
 def _growth_rate(recent: list[tuple[int, int]]) -> float:

@@ -10,7 +10,9 @@ an upper bound on the shortest completion (greedy, not a search), which is what 
 following it always ends in an accepted output within its length.
 
 Used by `GrammarMatcher.fill_bitmask` once `set_token_budget` was called: when the remaining budget is
-at most the path length + `MARGIN`, the mask allows only the path's next token.
+at most the path length + `MARGIN`, the mask allows only the path's next token. When no path fits in
+the budget left, `greedy_path_length` (one walk past the budget) says how far the end is, and the
+next check waits accordingly (`GrammarMatcher._budget_backoff`).
 """
 from __future__ import annotations
 
@@ -102,16 +104,32 @@ def closing_path(m: "GrammarMatcher", limit: int, fallback_limit: Optional[int] 
     return best
 
 
+def greedy_path_length(m: "GrammarMatcher", limit: int) -> Optional[int]:
+    """The length of the first greedy walk's path (closers never tired) within `limit` tokens, or None:
+    how far the end is when `closing_path` found nothing within the budget (a measure, not a path to
+    follow; one walk, no fallbacks)."""
+    in_string, elsewhere, probes, _ = _candidates(m.vocab)
+    starts = [suffixes[-1] for suffixes in _witness_suffixes(m.vocab, getattr(m, "witnesses", ())) if suffixes]
+    path = _walk(m, limit, lambda inside: in_string if inside else elsewhere, probes, starts=starts,
+                 tire_closers=False)
+    return None if path is None else len(path)
+
+
 def _witness_walk(m: "GrammarMatcher", suffixes: list[list[int]], limit: int, order: Callable[[bool], list[int]],
                   probes: list[int], starts: list[list[int]]) -> Optional[list[int]]:
     """The first suffix of a witness (shortest first: the most progress already made) that the matcher
-    allows, written out, then the greedy walk to the end."""
+    allows, written out and closed by a quote where the grammar takes one, then the greedy walk to the end.
+    NOTE: the quote first: a pattern string takes no `}`, so the walk does not know it is inside a string
+    and prefers "0" to `"`; after `.php` of `^[\w\-\./]+\.php+$` it wrote "0" and never matched again
+    (Github_medium o63939 on the model: no path, the output ended on length unparsed)."""
+    quote = probes[:1]
     for toks in suffixes:
         if not toks or len(toks) >= limit or not m._allows(toks[0]):
             continue
-        path = _walk(m, limit, order, probes, toks, starts)
-        if path is not None:
-            return path
+        for prefix in ([*toks, *quote], toks) if quote else (toks,):
+            path = _walk(m, limit, order, probes, prefix, starts)
+            if path is not None:
+                return path
     return None
 
 

@@ -13,6 +13,7 @@ normalizer's state and calls back its `node`, `inline`, `any_of` and `finish`.
 """
 from __future__ import annotations
 
+import re
 import warnings as _warnings
 from typing import Any, Optional
 
@@ -26,6 +27,7 @@ GUARDABLE = frozenset({"unevaluatedProperties", "unevaluatedItems"})
 # `guard_long_format_bound`); the model rarely writes such a string, so the guard rarely rolls back
 _LONG_STRING = 64
 _HUGE_STRING = 1000  # beside a pattern
+_COUNTED = re.compile(r"\{\d*,?\d*\}")  # a counted repetition `{n}`, `{n,m}` in a pattern
 _UNMERGEABLE = frozenset({"pattern", "format", "multipleOf"})  # allOf conflicts a guard can take over
 _FAMILIES = {"object": {"properties", "required", "additionalProperties", "patternProperties", "minProperties",
                         "maxProperties"},
@@ -96,9 +98,14 @@ class Relaxations:
         o21142) is as slow without the bound, and the bound keeps such strings short; but not huge ones
         (`maxLength: 5000` beside `{0,99}` words, Github_easy o21053: llguidance's lexer ran out of
         expressions mid-output on the model and the request aborted)."""
+        # NOTE: only beside a COUNTED pattern: an uncounted one (`^[\w\-\./]+\.php+$`, Github_medium o63939)
+        # runs out of nothing, and with the bound in the guard instead, budget closing wrote a string over
+        # the bound (the model's `.json.json...` for 500 tokens), the guard rolled it back at the deadline
+        # and the output ended on length unparsed
         bound = out.get("maxLength", 0) if self.guard and isinstance(out, dict) else 0
+        counted = isinstance(out.get("pattern"), str) and _COUNTED.search(out["pattern"]) is not None
         if bound and (("format" in out and "pattern" not in out and bound >= _LONG_STRING)
-                      or ("pattern" in out and bound >= _HUGE_STRING)):
+                      or (counted and bound >= _HUGE_STRING)):
             del out["maxLength"]
             self.guards.append((pointer(path), "maxLength"))
         return out

@@ -297,3 +297,68 @@ def test_closing_path_through_deep_nesting(compiler, vocab):
     out = _replay_with_jump_forward(m, vocab, rec["ids"], rec["max_new_tokens"])
     jsonschema.validate(json.loads(vocab.decode(out).decode()), rec["schema"])
     assert m.budget_closed
+
+
+def test_no_closing_walks_while_the_end_is_far_past_the_budget(compiler, vocab, monkeypatch):
+    """Github_medium o83287 on the model: 67 required keys whose values have 6 required keys each, so the
+    shortest output is ~2200 tokens and none fits in max_new_tokens=512. The closing walks found nothing
+    and ran again every 4 tokens: ~0.1 s each, ~12 s of the scheduler thread per request. One greedy
+    walk past the budget now says how far the end is, and the next check waits for a quarter of the gap."""
+    import numpy as np
+
+    import sgl.grammars.base as base
+
+    item = {"type": "object", "additionalProperties": False,
+            "properties": {"unit": {"type": ["string", "null"]}, "type": {"enum": ["uint32", "string", "array"]},
+                           "nullable": {"type": "boolean"}, "def": {"type": ["string", "number", "array", "null"]},
+                           "comments": {"type": "string"}, "per": {"enum": ["job", "core"]}},
+            "required": ["unit", "type", "nullable", "def", "comments", "per"]}
+    keys = [f"metric_{i}" for i in range(40)]
+    schema = {"type": "object", "required": ["version", "fields"], "properties": {
+        "fields": {"type": "object", "additionalProperties": item, "required": keys}, "version": {"type": "number"}}}
+    calls = []
+    monkeypatch.setattr(base, "closing_path", lambda *a, **k: calls.append(1) or closing_path(*a, **k))
+    nest = '"type":"string","nullable":false,"def":[{'
+    ids = vocab.encode(('{"fields":{"metric_0":{"unit":"id",' + nest * 40).encode())
+    budget = 256
+    m = compiler.compile("json_schema", json.dumps(schema)).matcher()
+    m.set_token_budget(budget)
+    mask = torch.zeros((1, (vocab.vocab_size_padded + 31) // 32), dtype=torch.int32)
+    for k in range(budget):
+        m.fill_bitmask(mask, 0)
+        bits = np.unpackbits(mask.numpy().view(np.uint8), bitorder="little").astype(bool)
+        assert bits[ids[k]]  # the output as written: nothing fits, so nothing is narrowed
+        assert m.accept(ids[k])
+    assert not m.budget_closed and len(calls) <= 2, len(calls)  # was 60 (one per 4 tokens)
+
+
+def test_witness_suffix_is_closed_by_its_quote(compiler, vocab):
+    """Github_medium o63939 on the model: `.json.json...` written into a string whose pattern needs a
+    `.php` end, then 6 required keys. A pattern string takes no `}`, so the walk did not know it was in a
+    string: after the witness suffix `.php` it preferred "0" to the quote and never matched again (no
+    closing path; the output ended on length unparsed). The suffix is now closed by its quote."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["file", "name", "timeout"],
+              "properties": {"file": {"type": "string", "minLength": 16, "maxLength": 1024,
+                                      "pattern": "^[\\w\\-\\./]+\\.php+$"},
+                             "name": {"type": "string", "maxLength": 64}, "timeout": {"type": "integer", "minimum": 1}}}
+    prefix = '{"file":"file' + ".json" * 20
+    m = compiler.compile("json_schema", json.dumps(schema)).matcher()
+    for t in vocab.encode(prefix.encode()):
+        assert m.accept(t)
+    path = closing_path(m, 160)
+    assert path is not None
+    jsonschema.validate(json.loads(prefix + vocab.decode(path).decode()), schema)
+
+
+def test_uncounted_pattern_keeps_its_long_bound_in_the_grammar(compiler, vocab):
+    """The same string on the model: with `maxLength: 1024` moved to the guard, budget closing closed a
+    1,200-character string, the guard rolled it back at the deadline, and the output ended unparsed. Only a
+    counted pattern's huge bound goes to the guard (test_grammar_guards.py, Github_easy o21053)."""
+    schema = {"type": "object", "properties": {"file": {"type": "string", "maxLength": 1024,
+                                                        "pattern": "^[\\w\\-\\./]+\\.php+$"}}}
+    g = compiler.compile("json_schema", json.dumps(schema))
+    assert type(g).__name__ != "GuardedGrammar"
+    m = g.matcher()
+    for t in vocab.encode(('{"file":"' + "x" * 1020).encode()):
+        assert m.accept(t)
+    assert not m._allows(vocab.encode(b"xxxxxxxx")[0])  # the grammar counts the length
