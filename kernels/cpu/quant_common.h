@@ -8,6 +8,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -113,6 +114,17 @@ inline float f16(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
   return f16_bits_to_f32(h);
+}
+
+// f(std::integral_constant<int, R>{}) for the run-time R among the compile-time Rs (the LAST of them when R is none):
+// the tile kernels take their row count as a template argument (their accumulators are registers).
+template <int... Rs, class F>
+inline void with_int(int r, F&& f) {
+  static_assert(sizeof...(Rs) > 0);
+  if (!((r == Rs ? (f(std::integral_constant<int, Rs>{}), true) : false) || ...)) {
+    constexpr int last[] = {Rs...};
+    f(std::integral_constant<int, last[sizeof...(Rs) - 1]>{});
+  }
 }
 
 constexpr int block_bytes(QT t) { return t == QT::Q4_0 ? 18 : t == QT::Q4_1 ? 20 : t == QT::Q8_0 ? 34 : 64; }

@@ -239,13 +239,7 @@ inline int tile_rows(int64_t rest) { return rest >= 8 ? 8 : int(std::min<int64_t
 // take R as a template argument (their accumulators are registers).
 template <class F>
 inline void with_rows(int R, F&& f) {
-  switch (R) {
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{}); break;
-  }
+  with_int<8, 4, 3, 2, 1>(R, f);
 }
 
 // res[0..R) = dot(weight row w, x rows r0..r0+R) (xr = x row r0), by the tile kernel for R and the mode.

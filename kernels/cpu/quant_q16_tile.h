@@ -119,20 +119,7 @@ void gemv_rows(const uint8_t* W, int64_t rb, int64_t count, const Q16Act& a, flo
 // f(std::integral_constant<int, R>{}) for R in 1..kQ16TileRows.
 template <class F>
 inline void with_tile_rows(int R, F&& f) {
-  switch (R) {
-    case 12: f(std::integral_constant<int, 12>{}); break;
-    case 11: f(std::integral_constant<int, 11>{}); break;
-    case 10: f(std::integral_constant<int, 10>{}); break;
-    case 9: f(std::integral_constant<int, 9>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{}); break;
-  }
+  with_int<12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1>(R, f);
 }
 
 // out rows 0..M of columns [n0, n1): cache blocks of 64 columns (their weight rows stay in L1/L2 across the row
