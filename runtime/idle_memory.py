@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 import sys
@@ -56,11 +57,17 @@ def free_mkl_buffers() -> bool:
     import torch
 
     try:
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        lib.mkl_serv_free_buffers()
+        _library(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).mkl_serv_free_buffers()
         return True
     except (OSError, AttributeError):  # torch without MKL (ARM builds), or another platform's library name
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _library(path: Optional[str]) -> ctypes.CDLL:
+    """A shared library opened once (None: the C library). find_library runs `ldconfig -p` in a subprocess:
+    too dear to repeat every time the engine goes idle."""
+    return ctypes.CDLL(path if path is not None else ctypes.util.find_library("c") or "libc.so.6")
 
 
 def trim_heaps() -> bool:
@@ -68,8 +75,7 @@ def trim_heaps() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(ctypes.c_size_t(0))
+        _library(None).malloc_trim(ctypes.c_size_t(0))
         return True
     except (OSError, AttributeError):  # musl and others: no malloc_trim
         return False
