@@ -9,8 +9,9 @@ Workloads (greedy, one engine per algorithm, loaded one after another):
       over people of examples/data/people.txt, batch 1,
   (d) (b) in batches of 8 (speculation on only while <= --speculative-max-batch rows decode).
 Per workload and algorithm: output tokens/s and tokens per CPU-second of the process (both as ratios
-vs none; on a shared machine the CPU-time ratio is the steadier one), mean accept length (tokens per verify
-step), outputs token-identical to none, and for (c) the share of outputs valid under jsonschema.
+vs none; on a shared machine the CPU-time ratio is the steadier one), decode tokens/s (the time after
+each request's first token: speculation does not change the prefill; wall time), mean accept length
+(tokens per verify step), outputs token-identical to none, and for (c) the share of outputs valid under jsonschema.
 `--crossover` adds (b) at batch 1/2/4/8 with speculation forced on (max batch 64), to show where
 verify rows stop paying. `--verify-cost` times one forward step of a verify row of 1 + j tokens over a
 300-token context against a plain decode step (where a speculative step's time goes).
@@ -78,11 +79,15 @@ def run_workload(eng: Engine, prompts: list[str], params: dict[str, Any], batch:
     # machine's other jobs stretch wall time far more than they stretch this
     cpu = time.process_time() - c0
     tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    # the decode phase (after each request's first token: speculation does not touch its prefill), wall time
+    decode_s = sum(o["meta_info"]["e2e_latency"] - o["meta_info"].get("first_token_latency", 0.0) for o in outs)
+    decode_tokens = tokens - sum(1 for o in outs if o["meta_info"]["completion_tokens"])
     verify = sum(o["meta_info"].get("spec_verify_ct", 0) for o in outs)
     produced = sum(o["meta_info"].get("spec_accept_length", 0.0) * o["meta_info"].get("spec_verify_ct", 0)
                    for o in outs)
     return {"seconds": seconds, "cpu_seconds": cpu, "tokens": tokens, "tok_s": tokens / seconds,
-            "tok_cpu_s": tokens / cpu,
+            "tok_cpu_s": tokens / cpu, "decode_seconds": decode_s, "decode_tokens": decode_tokens,
+            "decode_tok_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
             "accept_length": produced / verify if verify else None,
             "output_ids": [o["output_ids"] for o in outs], "texts": [o["text"] for o in outs]}
 
@@ -165,6 +170,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for name, eng in engines.items():
                     if name == "DRAFT" and wname.startswith("d_"):
                         continue  # self-draft at batch 8 is off by the max-batch rule anyway: nothing new
+                    # NOTE: every round starts cold: a warm radix cache would skip the prefill of a repeated
+                    # prompt, and NGRAM's shared index would hold this very output from the round before
+                    assert eng.flush_cache()
                     r = run_workload(eng, prompts, params, batch)
                     print(f"{wname:18s} {name:6s} rep {rep} {r['tok_s']:7.1f} tok/s {r['tok_cpu_s']:7.1f} tok/cpu-s  "
                           f"accept {r['accept_length']}", flush=True)
@@ -177,6 +185,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         acc["tokens"] += r["tokens"]
                         acc["tok_s"] = acc["tokens"] / acc["seconds"]
                         acc["tok_cpu_s"] = acc["tokens"] / acc["cpu_seconds"]
+                        acc["decode_seconds"] += r["decode_seconds"]
+                        acc["decode_tokens"] += r["decode_tokens"]
+                        acc["decode_tok_s"] = acc["decode_tokens"] / acc["decode_seconds"]
         for eng in engines.values():
             eng.wait_idle()
             eng.check_integrity()
@@ -202,19 +213,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             same = sum(a == b for a, b in zip(r["output_ids"], base["output_ids"])) / len(base["output_ids"])
             row = {"workload": wname, "algorithm": name, "tok_s": round(r["tok_s"], 2),
                    "ratio": round(r["tok_s"] / base["tok_s"], 3), "tok_cpu_s": round(r["tok_cpu_s"], 2),
-                   "cpu_ratio": round(r["tok_cpu_s"] / base["tok_cpu_s"], 3), "accept_length": r["accept_length"],
+                   "cpu_ratio": round(r["tok_cpu_s"] / base["tok_cpu_s"], 3),
+                   "decode_tok_s": round(r["decode_tok_s"], 2),
+                   "decode_ratio": round(r["decode_tok_s"] / base["decode_tok_s"], 3), "accept_length": r["accept_length"],
                    "identical": same, "tokens": r["tokens"]}
             if wname.startswith("c_"):
                 row["valid"] = valid_share(r["texts"])
             table.append(row)
     print(f"\nthreads {args.threads}, load before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
-    print(f"{'workload':18s} {'algo':6s} {'tok/s':>7s} {'ratio':>6s} {'tok/cpu-s':>9s} {'ratio':>6s} {'accept':>6s} "
+    print(f"{'workload':18s} {'algo':6s} {'tok/s':>7s} {'ratio':>6s} {'tok/cpu-s':>9s} {'ratio':>6s} "
+          f"{'decode tok/s':>12s} {'ratio':>6s} {'accept':>6s} "
           f"{'ident':>6s} {'valid':>6s}")
     for row in table:
         acc = f"{row['accept_length']:.2f}" if row["accept_length"] else "-"
         valid = f"{row['valid']:.0%}" if "valid" in row else "-"
         print(f"{row['workload']:18s} {row['algorithm']:6s} {row['tok_s']:7.1f} {row['ratio']:5.2f}x "
-              f"{row['tok_cpu_s']:9.1f} {row['cpu_ratio']:5.2f}x {acc:>6s} "
+              f"{row['tok_cpu_s']:9.1f} {row['cpu_ratio']:5.2f}x {row['decode_tok_s']:12.1f} {row['decode_ratio']:5.2f}x {acc:>6s} "
               f"{row['identical']:6.0%} {valid:>6s}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"threads": args.threads, "load_before": load_before,

@@ -116,6 +116,8 @@ class Scheduler:
         else:
             self.cache.evict(self.cache.total_size)
         assert self.cache.total_size == 0
+        if self.spec is not None:
+            self.spec.flush()
         return True
 
     # ---- one step ------------------------------------------------------------------------

@@ -109,6 +109,12 @@ class SpeculativeRows:
         """The drafter's time per drafted token in decode steps (0 until both are measured)."""
         return self.draft_seconds / self.cost.decode_seconds if self.cost.decode_seconds > 0 else 0.0
 
+    def flush(self) -> None:
+        """Drop what the drafter caches across requests (NGRAM's finished sequences), if anything."""
+        flush = getattr(self.drafter, "flush", None)  # optional: only cross-request drafters have one
+        if flush is not None:
+            flush()
+
     def drafts(self, decoding: Sequence[Req]) -> dict[Req, Draft]:
         """Non-empty drafts for some of `decoding` (requests with one pending token), or {}.
 

@@ -91,6 +91,12 @@ class NgramDrafter:
         self.shared = _SharedIndex(min_n, max_n, max_breadth, capacity) if capacity > 0 else None
         self._live: dict[Req, None] = {}  # requests seen, filed into the shared index when they finish
 
+    def flush(self) -> None:
+        """Forget the finished requests' sequences (with the radix cache: the server's /flush_cache)."""
+        if self.shared is not None:
+            self.shared = _SharedIndex(self.min_n, self.max_n, self.max_breadth, self.shared.capacity)
+            self._live.clear()
+
     def propose(self, reqs: Sequence[Req], k: int) -> list[Draft]:
         if self.shared is not None:
             for r in [r for r in self._live if r.finished]:

@@ -56,3 +56,21 @@ def test_shared_continuations_merge_into_a_trie() -> None:
     draft = d.propose([_req("q", [0, 1, 2])], 4)[0]
     # newest first: [7, 7, 7, ...] gets 4 tokens, then [3, 9] and [3, 4] (k // 2) share their first node
     assert (draft.token_ids, draft.parents) == ([7, 7, 7, 3, 9, 4], [-1, 0, 1, -1, 3, 3])
+
+
+def test_flush_forgets_finished_sequences_through_the_scheduler_hook() -> None:
+    from sgl.runtime.config import ServerArgs
+    from sgl.runtime.scheduler.speculative_rows import SpeculativeRows
+
+    d = NgramDrafter(2, 3, capacity=100)
+    rows = SpeculativeRows(ServerArgs(model_path="default", speculative_algorithm="NGRAM"), d)
+    a = _req("a", [1, 2, 3], [40, 41, 42, 43, 44])
+    d.propose([a], 4)
+    a.finish_reason = {"type": "stop"}
+    assert d.propose([_req("b", [9, 8, 41, 42])], 3)[0].token_ids == [43, 44]
+    rows.flush()  # what Scheduler.flush_cache calls (the server's /flush_cache)
+    assert d.propose([_req("c", [9, 8, 41, 42])], 3)[0].token_ids == []
+    f = _req("f", [1, 2, 3], [40, 41, 42, 50])  # the index fills again after a flush
+    d.propose([f], 4)
+    f.finish_reason = {"type": "stop"}
+    assert d.propose([_req("e", [9, 8, 41, 42])], 3)[0].token_ids == [50]
