@@ -88,6 +88,10 @@ class OutputProcessor:
             meta["num_preemptions"] = req.num_preemptions
         if req.grammar is not None and getattr(req.grammar, "budget_closed", False):
             meta["grammar_closed_early"] = True  # the constraint was closed to fit max_new_tokens
+        elif req.grammar is not None and req.finish_reason is not None and req.finish_reason.get("type") == "length" \
+                and not req.grammar.is_finished():
+            # NOTE: no valid completion fitted in max_new_tokens (or budget closing is off): the text does not parse
+            meta["grammar_incomplete"] = True
         if req.spec_verify_ct:  # speculative decoding (SGLang's names): verify steps, tokens per verify step
             meta["spec_verify_ct"] = req.spec_verify_ct
             meta["spec_accept_length"] = (req.spec_accepted_tokens + req.spec_verify_ct) / req.spec_verify_ct

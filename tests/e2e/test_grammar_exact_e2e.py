@@ -57,3 +57,20 @@ def test_max_tokens_cut_still_parses(engine):
         jsonschema.validate(json.loads(out["text"]), schema)
         assert meta["finish_reason"]["type"] == "length" and meta["grammar_closed_early"] is True, meta
         assert meta["completion_tokens"] <= 24
+        assert "grammar_incomplete" not in meta
+
+
+def test_no_valid_completion_within_the_budget_is_flagged(engine):
+    # the shortest valid document has 12 required keys of ~30 characters: far more than 16 tokens
+    keys = [f"required_field_number_{i}_with_a_long_name" for i in range(12)]
+    schema = {"type": "object", "properties": {k: {"type": "integer"} for k in keys}, "required": keys,
+              "additionalProperties": False}
+    out = engine.generate("A JSON object:", {"json_schema": json.dumps(schema), "max_new_tokens": 16, "temperature": 0})
+    meta = out["meta_info"]
+    assert meta["finish_reason"]["type"] == "length" and meta["grammar_incomplete"] is True, meta
+    assert "grammar_closed_early" not in meta
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out["text"])
+    done = engine.generate("A JSON object:", {"json_schema": json.dumps(schema), "max_new_tokens": 400, "temperature": 0})
+    jsonschema.validate(json.loads(done["text"]), schema)
+    assert "grammar_incomplete" not in done["meta_info"]
