@@ -11,6 +11,7 @@
 
 #include "quant_common.h"
 #include "quant_q16_tile.h"
+#include "attention_common.h"
 
 namespace {
 
@@ -49,6 +50,28 @@ inline QT block_qtype(int64_t code) {
     case 2: return QT::Q8_0;
     default: throw std::invalid_argument("decode kernels take qtype codes 0 (q4_0), 1 (q4_1), 2 (q8_0)");
   }
+}
+
+// One decoder layer's weights and KV pool. A decoder stack passes them as the rows of decode_layer.py's
+// DecodeStack table, int64 [n, kStackColumns] (built once per model): ln1, ln2, wqkv, tqkv, qkv_bias, wo, to,
+// o_bias, wgu, tgu, wd, td, kbuf, vbuf (addresses, and block types as quant.py numbers them).
+struct LayerW {
+  const float *ln1, *ln2, *qkv_bias, *o_bias;
+  const uint8_t *wqkv, *wo, *wgu, *wd;
+  QT tqkv, to, tgu, td;
+  KVPool kv;  // fp32 or fp16 entries
+};
+
+constexpr int64_t kStackColumns = 14;
+
+// Row `t` of the DecodeStack table (block_qtype rejects an unknown type before any layer runs).
+inline LayerW stack_layer(const int64_t* t, bool kv_half) {
+  return LayerW{reinterpret_cast<const float*>(t[0]), reinterpret_cast<const float*>(t[1]),
+                reinterpret_cast<const float*>(t[4]), reinterpret_cast<const float*>(t[7]),
+                reinterpret_cast<const uint8_t*>(t[2]), reinterpret_cast<const uint8_t*>(t[5]),
+                reinterpret_cast<const uint8_t*>(t[8]), reinterpret_cast<const uint8_t*>(t[10]), block_qtype(t[3]),
+                block_qtype(t[6]), block_qtype(t[9]), block_qtype(t[11]),
+                KVPool{reinterpret_cast<void*>(t[12]), reinterpret_cast<void*>(t[13]), kv_half}};
 }
 
 // Chunk size of a phase of n output columns: about 4 chunks per thread (a late or slow thread's share is

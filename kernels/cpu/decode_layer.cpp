@@ -15,7 +15,7 @@
 // quant_q16.h (the default act mode), the norm rms_norm.cpp's formula, RoPE "rotate half" with the
 // [D] cos / signed-sin rows of the position (rotary.py), attention decode_attention.cpp's two-pass
 // softmax: so the layer computes what llama.py's unfused path computes, up to float rounding.
-// A column's arithmetic does not depend on the chunking (dot_q16_cols' C = 1 and C = 4 agree), so the
+// A column's arithmetic does not depend on the chunking (gemv_rows' contract: quant_q16_tile.h), so the
 // result is bit-identical for every thread count. Chunks are taken from an atomic counter and a phase ends
 // when its chunks are done (thread_pool.h): on a loaded machine a descheduled thread's share is taken by
 // the others, and the caller alone can run the whole layer.
@@ -40,14 +40,10 @@ namespace {
 
 struct Layer {
   float* h;
-  const float *ln1, *ln2;
+  LayerW w;
   float eps;
-  const uint8_t *wqkv, *wo, *wgu, *wd;
-  QT tqkv, to, tgu, td;
-  const float *qkv_bias, *o_bias;
   int64_t hidden, H, Hkv, D, I;
   const float *cos, *sin;
-  KVPool kv;  // fp32 or fp16 entries
   const int64_t* slots;
   int64_t L, out_slot;
   float scale;
@@ -60,11 +56,11 @@ void attend_kv_head(const Layer& p, const float* qkv, int64_t g, float* attn, st
   q_roped.resize((G + 1) * D);
   float* qr = q_roped.data();
   rope(qkv + (p.H + g) * D, p.cos, p.sin, D, qr + G * D);
-  p.kv.store_k(p.out_slot * row + g * D, qr + G * D, D);
-  p.kv.store_v(p.out_slot * row + g * D, qkv + (p.H + p.Hkv + g) * D, D);
+  p.w.kv.store_k(p.out_slot * row + g * D, qr + G * D, D);
+  p.w.kv.store_v(p.out_slot * row + g * D, qkv + (p.H + p.Hkv + g) * D, D);
   scores.resize(G * (p.L + 1));
   for (int64_t i = 0; i < G; i++) rope(qkv + (g * G + i) * D, p.cos, p.sin, D, qr + i * D);
-  p.kv.attend(qr, g, g + 1, G, D, p.slots, p.L, row, p.scale, scores.data(), attn + g * G * D);
+  p.w.kv.attend(qr, g, g + 1, G, D, p.slots, p.L, row, p.scale, scores.data(), attn + g * G * D);
 }
 
 void run_layer(const Layer& p, int threads) {
@@ -80,8 +76,8 @@ void run_layer(const Layer& p, int threads) {
   ph_o.reset(p.hidden, chunk_for(p.hidden, threads));
   ph_gu.reset(p.I, chunk_for(p.I, threads));
   ph_down.reset(p.hidden, chunk_for(p.hidden, threads));
-  const int64_t rb_qkv = row_bytes(p.tqkv, p.hidden), rb_o = row_bytes(p.to, qd);
-  const int64_t rb_gu = row_bytes(p.tgu, p.hidden), rb_d = row_bytes(p.td, p.I);
+  const int64_t rb_qkv = row_bytes(p.w.tqkv, p.hidden), rb_o = row_bytes(p.w.to, qd);
+  const int64_t rb_gu = row_bytes(p.w.tgu, p.hidden), rb_d = row_bytes(p.w.td, p.I);
   // Every thread walks the phases in order; it prepares a phase's input (its own copy of the normed and
   // q16-quantized activations) only when the phase has work left, and waits for each phase to be done
   // before the next (the next phase reads all of its output).
@@ -92,12 +88,12 @@ void run_layer(const Layer& p, int threads) {
     static thread_local Act16 a;
     x.resize(std::max({p.hidden, qd, p.I}));
     if (ph_qkv.has_work()) {
-      rms_norm_row(p.h, p.ln1, p.hidden, p.eps, x.data());
+      rms_norm_row(p.h, p.w.ln1, p.hidden, p.eps, x.data());
       quantize_act16(x.data(), 1, p.hidden, a.q, a.d, a.s);
       const Q16Act ax = a.view(p.hidden);
       ph_qkv.work([&](int64_t n0, int64_t n1) {
-        gemv_rows_any(p.tqkv, p.wqkv + n0 * rb_qkv, rb_qkv, n1 - n0, ax, qkv + n0,
-                      p.qkv_bias != nullptr ? p.qkv_bias + n0 : nullptr, nullptr);
+        gemv_rows_any(p.w.tqkv, p.w.wqkv + n0 * rb_qkv, rb_qkv, n1 - n0, ax, qkv + n0,
+                      p.w.qkv_bias != nullptr ? p.w.qkv_bias + n0 : nullptr, nullptr);
       });
     }
     ph_qkv.wait_done();
@@ -111,21 +107,21 @@ void run_layer(const Layer& p, int threads) {
       quantize_act16(attn, 1, qd, a.q, a.d, a.s);
       const Q16Act ao = a.view(qd);
       ph_o.work([&](int64_t n0, int64_t n1) {
-        gemv_rows_any(p.to, p.wo + n0 * rb_o, rb_o, n1 - n0, ao, p.h + n0,
-                      p.o_bias != nullptr ? p.o_bias + n0 : nullptr, p.h + n0);
+        gemv_rows_any(p.w.to, p.w.wo + n0 * rb_o, rb_o, n1 - n0, ao, p.h + n0,
+                      p.w.o_bias != nullptr ? p.w.o_bias + n0 : nullptr, p.h + n0);
       });
     }
     ph_o.wait_done();
     // gate/up + silu * up
     if (ph_gu.has_work()) {
-      rms_norm_row(p.h, p.ln2, p.hidden, p.eps, x.data());
+      rms_norm_row(p.h, p.w.ln2, p.hidden, p.eps, x.data());
       quantize_act16(x.data(), 1, p.hidden, a.q, a.d, a.s);
       const Q16Act a2 = a.view(p.hidden);
       ph_gu.work([&](int64_t j0, int64_t j1) {
         gate.resize(j1 - j0);
         up.resize(j1 - j0);
-        gemv_rows_any(p.tgu, p.wgu + j0 * rb_gu, rb_gu, j1 - j0, a2, gate.data(), nullptr, nullptr);
-        gemv_rows_any(p.tgu, p.wgu + (p.I + j0) * rb_gu, rb_gu, j1 - j0, a2, up.data(), nullptr, nullptr);
+        gemv_rows_any(p.w.tgu, p.w.wgu + j0 * rb_gu, rb_gu, j1 - j0, a2, gate.data(), nullptr, nullptr);
+        gemv_rows_any(p.w.tgu, p.w.wgu + (p.I + j0) * rb_gu, rb_gu, j1 - j0, a2, up.data(), nullptr, nullptr);
         for (int64_t j = j0; j < j1; j++) {
           const float gv = gate[j - j0];
           act[j] = gv / (1.f + std::exp(-gv)) * up[j - j0];
@@ -138,7 +134,7 @@ void run_layer(const Layer& p, int threads) {
       quantize_act16(act, 1, p.I, a.q, a.d, a.s);
       const Q16Act ad = a.view(p.I);
       ph_down.work([&](int64_t n0, int64_t n1) {
-        gemv_rows_any(p.td, p.wd + n0 * rb_d, rb_d, n1 - n0, ad, p.h + n0, nullptr, p.h + n0);
+        gemv_rows_any(p.w.td, p.w.wd + n0 * rb_d, rb_d, n1 - n0, ad, p.h + n0, nullptr, p.h + n0);
       });
     }
     ph_down.wait_done();
@@ -170,21 +166,21 @@ void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqk
                   Addr slots, int64_t L, double scale, int64_t kv_half, int64_t threads) {
   check_shape(hidden, H, Hkv, D, I, L);
   const int64_t* sl = checked_slots(slots, L, num_slots);
-  Layer p{reinterpret_cast<float*>(h), reinterpret_cast<const float*>(ln1), reinterpret_cast<const float*>(ln2),
-          float(eps), reinterpret_cast<const uint8_t*>(wqkv), reinterpret_cast<const uint8_t*>(wo),
-          reinterpret_cast<const uint8_t*>(wgu), reinterpret_cast<const uint8_t*>(wd), block_qtype(tqkv),
-          block_qtype(to), block_qtype(tgu), block_qtype(td), reinterpret_cast<const float*>(qkv_bias),
-          reinterpret_cast<const float*>(o_bias), hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
-          reinterpret_cast<const float*>(sin),
-          KVPool{reinterpret_cast<void*>(kbuf), reinterpret_cast<void*>(vbuf), kv_half != 0}, sl, L, sl[L - 1],
-          float(scale)};
+  const LayerW w{reinterpret_cast<const float*>(ln1), reinterpret_cast<const float*>(ln2),
+                 reinterpret_cast<const float*>(qkv_bias), reinterpret_cast<const float*>(o_bias),
+                 reinterpret_cast<const uint8_t*>(wqkv), reinterpret_cast<const uint8_t*>(wo),
+                 reinterpret_cast<const uint8_t*>(wgu), reinterpret_cast<const uint8_t*>(wd), block_qtype(tqkv),
+                 block_qtype(to), block_qtype(tgu), block_qtype(td),
+                 KVPool{reinterpret_cast<void*>(kbuf), reinterpret_cast<void*>(vbuf), kv_half != 0}};
+  const Layer p{reinterpret_cast<float*>(h), w, float(eps), hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
+                reinterpret_cast<const float*>(sin), sl, L, sl[L - 1], float(scale)};
   run_layer(p, int(std::max<int64_t>(1, threads)));
 }
 
 // decode_layer for n layers in a row (the whole decoder stack of a batch-1 decode step: one Python -> C++
-// call per step instead of one per layer). Layer i's own arguments are row i of `table`, int64 [n, 14]:
-// ln1, ln2, wqkv, tqkv, qkv_bias, wo, to, o_bias, wgu, tgu, wd, td, kbuf, vbuf (decode_layer.py's DecodeStack
-// builds it once); the shapes, eps, position, slot table and KV element type are the same for every layer.
+// call per step instead of one per layer). Layer i's weights and KV pool are row i of `table` (decode_layer.py's
+// DecodeStack: decode_common.h's stack_layer reads it); the shapes, eps, position, slot table and KV element
+// type are the same for every layer.
 void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv, int64_t D,
                    int64_t I, Addr cos, Addr sin, int64_t num_slots, Addr slots, int64_t L, double scale,
                    int64_t kv_half, int64_t threads) {
@@ -193,17 +189,10 @@ void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, in
   const int64_t* t = reinterpret_cast<const int64_t*>(table);
   std::vector<Layer> layers;
   layers.reserve(n);
-  for (int64_t i = 0; i < n; i++, t += 14) {  // every qtype checked before the first layer runs
-    layers.push_back(Layer{
-        reinterpret_cast<float*>(h), reinterpret_cast<const float*>(t[0]), reinterpret_cast<const float*>(t[1]),
-        float(eps), reinterpret_cast<const uint8_t*>(t[2]), reinterpret_cast<const uint8_t*>(t[5]),
-        reinterpret_cast<const uint8_t*>(t[8]), reinterpret_cast<const uint8_t*>(t[10]), block_qtype(t[3]),
-        block_qtype(t[6]), block_qtype(t[9]), block_qtype(t[11]), reinterpret_cast<const float*>(t[4]),
-        reinterpret_cast<const float*>(t[7]), hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
-        reinterpret_cast<const float*>(sin),
-        KVPool{reinterpret_cast<void*>(t[12]), reinterpret_cast<void*>(t[13]), kv_half != 0}, sl, L, sl[L - 1],
-        float(scale)});
-  }
+  for (int64_t i = 0; i < n; i++)  // every row parsed (its qtypes checked) before the first layer runs
+    layers.push_back(Layer{reinterpret_cast<float*>(h), stack_layer(t + i * kStackColumns, kv_half != 0), float(eps),
+                           hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
+                           reinterpret_cast<const float*>(sin), sl, L, sl[L - 1], float(scale)});
   for (const Layer& p : layers) run_layer(p, int(std::max<int64_t>(1, threads)));
 }
 

@@ -158,7 +158,8 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin:
 @dataclass(frozen=True)
 class DecodeStack:
     """Several layers' DecodeLayerWeights with their KV pools, for `decode_stack`: a batch-1 decode step's whole
-    decoder in one call. Built (and validated) once; `table` is the kernel's int64 [n, 14] argument rows."""
+    decoder in one call. Built (and validated) once; `table` is the kernel's int64 [n, 14] argument rows
+    (decode_common.h's stack_layer reads them)."""
     layers: tuple[DecodeLayerWeights, ...]
     k_bufs: tuple[torch.Tensor, ...]  # per layer [slots, Hkv, D]
     v_bufs: tuple[torch.Tensor, ...]

@@ -6,7 +6,7 @@
 // list (row_slots[t], row_lens[t] entries; the token's own slot LAST). A decode row's list is its sequence's
 // slot table; verify row j of a chain is the table up to its own slot (the rows before it in the same
 // sequence included); a tree row lists the prefix, its ancestors and itself. Per layer:
-//   prep   x_t = rms_norm(h_t) * ln1, q16-quantized and packed for the row-pair tile   (rows over threads)
+//   prep   x_t = rms_norm(h_t) * ln1, q16-quantized and packed for the tile              (rows over threads)
 //   qkv    x @ Wqkv^T (+ bias) for all rows                                              (columns)
 //   store  rope k, store k / v of every row at its slot                                  (rows)
 //   attn   rope q, attention of the row's heads over its slot list                       (rows, or row x kv head)
@@ -38,11 +38,11 @@
 namespace {
 
 // The q16 activations of M rows: row-major blocks (q / d / s as quantize_act16 lays them) and, where the tile
-// runs, the row-pair layout. Sized once per call; rows fill their own parts.
+// runs, the tile's layout (quant_q16_tile.h). Sized once per call; rows fill their own parts.
 struct RowsAct {
   std::vector<int16_t> q;
   std::vector<float> d, s;
-  Q16Pairs pairs;
+  Q16Tiled tiled;
   int64_t M = 0, K = 0, nb = 0;
   bool tile = false;
 
@@ -51,11 +51,11 @@ struct RowsAct {
     q.resize(M * K);
     d.resize(M * nb);
     s.resize(M * nb);
-    if (tile) size_pairs(M, nb, pairs);
+    if (tile) size_tiled(M, nb, tiled);
   }
   void set_row(int64_t r, const float* x) {  // x [K] -> row r
     quantize_blocks16(x, nb, q.data() + r * K, d.data() + r * nb, s.data() + r * nb);
-    if (tile) pack_row(q.data() + r * K, d.data() + r * nb, s.data() + r * nb, r, pairs);
+    if (tile) pack_row(q.data() + r * K, d.data() + r * nb, s.data() + r * nb, r, tiled);
   }
   Q16Act view() const { return Q16Act{q.data(), d.data(), s.data(), K, nb}; }
 };
@@ -64,7 +64,7 @@ struct RowsAct {
 void gemm_rows(QT t, const uint8_t* W, int64_t K, const RowsAct& a, float* out, int64_t ldo, const float* bias,
                const float* resid, int64_t n0, int64_t n1) {
   const Q16Act av = a.view();
-  const Q16Pairs* pp = a.tile ? &a.pairs : nullptr;
+  const Q16Tiled* pp = a.tile ? &a.tiled : nullptr;
   switch (t) {
     case QT::Q4_0: gemm_q16_cols<QT::Q4_0>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
     case QT::Q4_1: gemm_q16_cols<QT::Q4_1>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
@@ -79,13 +79,6 @@ struct Rows {
   const int64_t* const* slots;  // [M] slot lists
   const int64_t* lens;  // [M]
   float scale;
-};
-
-struct LayerW {
-  const float *ln1, *ln2, *qkv_bias, *o_bias;
-  const uint8_t *wqkv, *wo, *wgu, *wd;
-  QT tqkv, to, tgu, td;
-  KVPool kv;  // fp32 or fp16 entries
 };
 
 struct Shape {
@@ -190,7 +183,7 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
 
 }  // namespace
 
-// The decoder stack (the layers of decode_layer.py's DecodeStack table, int64 [n, 14]) for M token rows, in
+// The decoder stack (the layers of decode_layer.py's DecodeStack table: decode_common.h) for M token rows, in
 // place on h [M, hidden]. cos / sin [M, D]; row_slots [M] the addresses of the rows' int64 slot lists and
 // row_lens [M] their lengths (each row's own slot last). Validates every slot before any layer runs.
 void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv,
@@ -210,15 +203,7 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
   const int64_t* tb = reinterpret_cast<const int64_t*>(table);
   std::vector<LayerW> layers;
   layers.reserve(n);
-  for (int64_t i = 0; i < n; i++, tb += 14) {  // ln1, ln2, wqkv, tqkv, qkv_bias, wo, to, o_bias, wgu, tgu, wd, td, k, v
-    layers.push_back(LayerW{
-        reinterpret_cast<const float*>(tb[0]), reinterpret_cast<const float*>(tb[1]),
-        reinterpret_cast<const float*>(tb[4]), reinterpret_cast<const float*>(tb[7]),
-        reinterpret_cast<const uint8_t*>(tb[2]), reinterpret_cast<const uint8_t*>(tb[5]),
-        reinterpret_cast<const uint8_t*>(tb[8]), reinterpret_cast<const uint8_t*>(tb[10]), block_qtype(tb[3]),
-        block_qtype(tb[6]), block_qtype(tb[9]), block_qtype(tb[11]),
-        KVPool{reinterpret_cast<void*>(tb[12]), reinterpret_cast<void*>(tb[13]), kv_half != 0}});
-  }
+  for (int64_t i = 0; i < n; i++) layers.push_back(stack_layer(tb + i * kStackColumns, kv_half != 0));
   const Shape s{hidden, H, Hkv, D, I, float(eps)};
   const Rows r{reinterpret_cast<float*>(h), M, reinterpret_cast<const float*>(cos),
                reinterpret_cast<const float*>(sin), slots, lens, float(scale)};

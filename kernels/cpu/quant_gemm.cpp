@@ -393,12 +393,12 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
     std::vector<float> d16, s16;
     quantize_act16(xp, M, K, q16v, d16, s16);
     const Q16Act a16{q16v.data(), d16.data(), s16.data(), K, K / kBlock};
-    Q16Pairs pairs;
-    const Q16Pairs* pp = nullptr;
+    Q16Tiled tiled;
+    const Q16Tiled* pp = nullptr;
 #ifdef SGL_AVX512_TILE
     if (M >= kQ16TileMinRows && have_q16_tile()) {
-      pack_pairs(a16, M, pairs);
-      pp = &pairs;
+      pack_tiled(a16, M, tiled);
+      pp = &tiled;
     }
 #endif
     at::parallel_for(0, N, grain_for(N, threads), [&](int64_t n0, int64_t n1) {

@@ -4,7 +4,7 @@
 // AVX2 2-column, AVX-512 4-column x R-row kernels), and a column's arithmetic does not depend on which
 // kernel, tile or thread range computed it.
 //
-// Where the machine has AVX-512 VNNI (have_q16_tile()) a tile of 4 columns x up to 8 rows widens each weight
+// Where the machine has AVX-512 VNNI (have_q16_tile()) a tile of 4 columns x up to kQ16TileRows rows widens each weight
 // block once for all its rows (quant_q16_zmm.h); elsewhere (AVX2 only, the scalar build; SGL_CPU_Q16_NO_TILE=1)
 // the rows run gemv_rows one at a time: the same bits (tests/kernels/test_cpu_q16_batch.py,
 // test_cpu_decode_rows.py compare the two).
@@ -34,8 +34,8 @@ constexpr int kQ16TileRows = 12;
 // The x of a batch re-laid for the tile (Q16TileX, quant_q16_zmm.h): M rows in tiles of `rows` (the last one
 // shorter; rows = ceil(M / tiles), tiles = ceil(M / kQ16TileRows)); tile t, block b, row j of the tile:
 //   q [t][b][rows][32] int16 (perm16 order), d and s [t][b][rows] (+ 4 floats of padding: the scalar-term
-//   loads read 4 rows at a time). (The name is historical: the first tile packed rows in pairs.)
-struct Q16Pairs {
+//   loads read 4 rows at a time).
+struct Q16Tiled {
   std::vector<int16_t> q;
   std::vector<float> d, s;
   int64_t M = 0, nb = 0, rows = 0;
@@ -46,7 +46,7 @@ struct Q16Pairs {
 };
 
 // Sizes p for M rows of nb blocks; pack_row then fills row r (rows write disjoint parts of p).
-inline void size_pairs(int64_t M, int64_t nb, Q16Pairs& p) {
+inline void size_tiled(int64_t M, int64_t nb, Q16Tiled& p) {
   const int64_t tiles = (M + kQ16TileRows - 1) / kQ16TileRows;
   p.M = M;
   p.nb = nb;
@@ -57,7 +57,7 @@ inline void size_pairs(int64_t M, int64_t nb, Q16Pairs& p) {
 }
 
 // Row r of p from its q16 blocks (q [nb * 32], d [nb], s [nb], as quantize_blocks16 writes them).
-inline void pack_row(const int16_t* q, const float* d, const float* s, int64_t r, Q16Pairs& p) {
+inline void pack_row(const int16_t* q, const float* d, const float* s, int64_t r, Q16Tiled& p) {
   const int64_t t = r / p.rows, j = r % p.rows;
   for (int64_t b = 0; b < p.nb; b++) {
     const int64_t o = (t * p.nb + b) * p.rows + j;
@@ -67,8 +67,8 @@ inline void pack_row(const int16_t* q, const float* d, const float* s, int64_t r
   }
 }
 
-inline void pack_pairs(const Q16Act& a, int64_t M, Q16Pairs& p) {
-  size_pairs(M, a.nb, p);
+inline void pack_tiled(const Q16Act& a, int64_t M, Q16Tiled& p) {
+  size_tiled(M, a.nb, p);
   for (int64_t r = 0; r < M; r++) pack_row(a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, r, p);
 }
 
@@ -125,7 +125,7 @@ inline void with_tile_rows(int R, F&& f) {
 // out rows 0..M of columns [n0, n1): cache blocks of 64 columns (their weight rows stay in L1/L2 across the row
 // tiles), in each the tiles of up to kQ16TileRows rows x 4 columns; the < 4 tail columns one at a time (dot_q16_col).
 template <QT T>
-void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16Act& a, const Q16Pairs& p,
+void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16Act& a, const Q16Tiled& p,
                    float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
   constexpr int64_t kChunk = 64;
   const auto put = [&](int64_t r, int64_t n, float v) {
@@ -169,18 +169,18 @@ void gemm_q16_rows(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16
   }
 }
 
-// gemm's q16 path for the output columns [n0, n1) (pairs: a packed for the tile, or null: per row).
+// gemm's q16 path for the output columns [n0, n1) (tiled: a packed for the tile, or null: per row).
 template <QT T>
-void gemm_q16_cols(const uint8_t* W, int64_t M, int64_t N, int64_t K, const Q16Act& a, const Q16Pairs* pairs,
+void gemm_q16_cols(const uint8_t* W, int64_t M, int64_t N, int64_t K, const Q16Act& a, const Q16Tiled* tiled,
                    float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
   const int64_t rb = row_bytes(T, K);
 #ifdef SGL_Q16_ZMM
-  if (pairs != nullptr && M >= kQ16TileMinRows && have_q16_zmm()) {
-    gemm_q16_tile<T>(W, rb, M, N, a, *pairs, out, bias, resid, n0, n1);
+  if (tiled != nullptr && M >= kQ16TileMinRows && have_q16_zmm()) {
+    gemm_q16_tile<T>(W, rb, M, N, a, *tiled, out, bias, resid, n0, n1);
     return;
   }
 #endif
-  (void)pairs;
+  (void)tiled;
   gemm_q16_rows<T>(W, rb, M, N, a, out, bias, resid, n0, n1);
 }
 
