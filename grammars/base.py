@@ -39,6 +39,8 @@ class GrammarSpec:
     # relaxes, and the user's original schema (JSON) they are checked against. Backends ignore both.
     guards: tuple[tuple[str, str], ...] = ()
     source: Optional[str] = None
+    # the normalized schema with the long string bounds the guards defer kept (None: none deferred)
+    exact_value: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import threading
 import time
@@ -106,7 +108,10 @@ class GrammarCompiler:
             norm = normalize(value, strict=self.strict_json, guard=self.guards)  # type: ignore[arg-type]
             if norm.guards:
                 source = json.dumps(parse_schema(value))  # type: ignore[arg-type]
-                return GrammarSpec("json_schema", norm.to_json(), guards=tuple(norm.guards), source=source, **ws)
+                exact = normalize(value, strict=self.strict_json, guard=True,  # type: ignore[arg-type]
+                                  exact_bounds=True).to_json() if norm.deferred_bounds else None
+                return GrammarSpec("json_schema", norm.to_json(), guards=tuple(norm.guards), source=source,
+                                   exact_value=exact, **ws)
             return GrammarSpec("json_schema", norm.to_json(), **ws)
         if not isinstance(value, str) or not value:
             raise GrammarError(f"{kind} must be a non-empty string")
@@ -204,7 +209,12 @@ class GrammarCompiler:
         """Compile a validated spec now (no cache); wraps it with its semantic guards, if any."""
         grammar = self.backend.compile(spec)
         if spec.guards:
-            grammar = GuardedGrammar(grammar, SchemaGuard(json.loads(spec.source or "true"), list(spec.guards)))
+            exact = None
+            if spec.exact_value is not None:
+                exact_spec = dataclasses.replace(spec, value=spec.exact_value, guards=(), exact_value=None)
+                exact = functools.partial(self.backend.compile, exact_spec)  # compiled when first needed
+            grammar = GuardedGrammar(grammar, SchemaGuard(json.loads(spec.source or "true"), list(spec.guards)),
+                                     exact)
         grammar.warm()  # NOTE: off the mask path: the first mask is the slowest
         return grammar
 

@@ -47,6 +47,7 @@ class SchemaGuard:
         self._nodes: dict[tuple[PathElem, ...], list[tuple[str, Any]]] = {}
         self._unique: dict[tuple[PathElem, ...], bool] = {}
         self._max_contains: dict[tuple[PathElem, ...], list[tuple[Any, int]]] = {}
+        self._max_length: dict[tuple[PathElem, ...], Optional[int]] = {}
         self._validators: dict[str, Any] = {}  # schema pointer -> a validator of that node (built once)
 
     # --- schema walking -------------------------------------------------------------------------
@@ -184,6 +185,15 @@ class SchemaGuard:
             hit = self._max_contains[path] = [
                 (self.validator.evolve(schema=n["contains"]), int(n["maxContains"])) for p, n in self.nodes_for(path)
                 if (p, "maxContains") in self.guards and "contains" in n and "maxContains" in n]
+        return hit
+
+    def max_length(self, path: tuple[PathElem, ...]) -> Optional[int]:
+        """The smallest guarded `maxLength` that applies to the string at `path` for sure, or None."""
+        hit = self._max_length.get(path, 0)
+        if hit == 0:
+            bounds = [int(n["maxLength"]) for p, n in self.nodes_for(path)
+                      if (p, "maxLength") in self.guards and isinstance(n.get("maxLength"), int)]
+            hit = self._max_length[path] = min(bounds) if bounds else None
         return hit
 
     def guarded(self, path: tuple[PathElem, ...]) -> bool:

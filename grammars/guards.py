@@ -19,9 +19,10 @@ the keyword (the request ends with finish_reason abort).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import defaultdict
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -29,31 +30,51 @@ from sgl.grammars.base import CompiledGrammar, GrammarMatcher, _bit
 from sgl.grammars.guard_schema import GuardViolation, SchemaGuard, json_equal, json_path
 from sgl.grammars.json_tracker import Closed, JsonTracker
 
+_SWITCH_SLACK = 64  # bytes beyond one token's: room for the pattern's end after the switch
 _FAILURES_BEFORE_WHOLE_VALUE = 2  # rollbacks to a value's last child before rolling back the whole value
 # Violations a longer container fixes: the first rollback only reopens it (its closing token masked).
 _NEEDS_MORE = frozenset({"minProperties", "minItems", "required", "contains", "minContains", "dependentRequired"})
 
 
 class GuardedGrammar(CompiledGrammar):
-    """A compiled grammar whose matchers carry the schema's guard."""
+    """A compiled grammar whose matchers carry the schema's guard. `exact`: compiles the same schema with
+    the long string bounds the guard defers kept (json_schema.normalize(exact_bounds=True)), or None."""
 
-    def __init__(self, inner: CompiledGrammar, guard: SchemaGuard):
+    def __init__(self, inner: CompiledGrammar, guard: SchemaGuard,
+                 exact: Optional[Callable[[], CompiledGrammar]] = None):
         self.inner = inner
         self.spec = inner.spec
         self.guard = guard
         self.compile_time_s = getattr(inner, "compile_time_s", 0.0)
+        self._exact_compile = exact
+        self._exact: Optional[CompiledGrammar] = None
+        self._exact_lock = threading.Lock()
+        self.switch_margin = 0  # bytes before a deferred bound where matchers switch (set by the first one)
+
+    def exact_matcher(self) -> Optional[GrammarMatcher]:
+        """A fresh matcher of the exact grammar (compiled once, on first use), or None."""
+        if self._exact_compile is None:
+            return None
+        with self._exact_lock:
+            if self._exact is None:
+                self._exact = self._exact_compile()
+        return self._exact.matcher()
 
     def _new_matcher(self) -> GrammarMatcher:
-        return GuardedMatcher(self.inner.matcher(), self.guard)
+        return GuardedMatcher(self.inner.matcher(), self.guard, grammar=self)
 
 
 class GuardedMatcher(GrammarMatcher):
     """A backend matcher + a guard + forbidden (position, token) pairs. See the module docstring."""
 
-    def __init__(self, inner: GrammarMatcher, guard: SchemaGuard, backtrack_budget: int = 256):
+    def __init__(self, inner: GrammarMatcher, guard: SchemaGuard, backtrack_budget: int = 256,
+                 grammar: Optional[GuardedGrammar] = None):
         super().__init__(inner.vocab)
         self.inner = inner
         self.guard = guard
+        self.grammar = grammar if grammar is not None and grammar._exact_compile is not None else None
+        if self.grammar is not None and not self.grammar.switch_margin:  # the longest token + slack
+            self.grammar.switch_margin = max(len(b) for b in inner.vocab.token_bytes if b) + _SWITCH_SLACK
         self.backtrack_budget = backtrack_budget
         self.tracker = JsonTracker()
         self.tokens: list[int] = []  # accepted tokens (== the request's output ids)
@@ -64,6 +85,7 @@ class GuardedMatcher(GrammarMatcher):
         self.violation: Optional[GuardViolation] = None
         self.backtracked_tokens = 0
         self.num_backtracks = 0
+        self.num_switches = 0  # to the exact grammar near a deferred bound
         self.guard_time_s = 0.0
 
     def set_backtrack_budget(self, tokens: int) -> None:
@@ -80,6 +102,27 @@ class GuardedMatcher(GrammarMatcher):
                 out[t // 32] &= ~_bit(t % 32)
             if not out.numpy().any():  # nothing else left here: allow them again (the budget bounds retries)
                 out.copy_(before)
+
+    def _switch_near_bound(self) -> None:
+        """Inside a string whose guarded `maxLength` was deferred (schema_relax.guard_long_format_bound), once
+        its bytes come within the switch margin of the bound: continue on the exact grammar (the bound kept),
+        the tokens so far replayed into it (checked after each accepted token: every later mask and probe,
+        budget closing's included, is the exact grammar's). From there its masks keep the string within the
+        bound and leave room to complete its pattern, as if the bound had been in the grammar from the start
+        (one token adds less than the margin). If the replay fails (the pattern cannot end in the room
+        left), the guard still checks the string when it closes."""
+        s = self.tracker.scalar
+        if s is None or s[0] != '"' or s[2]:
+            return
+        bound = self.guard.max_length(s[3])
+        if bound is None or len(self.tracker.data) - s[1] - 1 + self.grammar.switch_margin < bound:
+            return
+        grammar, self.grammar = self.grammar, None  # one switch per matcher (the exact grammar has every bound)
+        exact = grammar.exact_matcher()
+        if exact is None or not all(exact.accept(t) for t in self.tokens) or exact.error is not None:
+            return
+        self.inner = exact
+        self.num_switches += 1
 
     # --- backend hooks ----------------------------------------------------------------------------
     def _fill(self, row: torch.Tensor) -> None:
@@ -105,6 +148,8 @@ class GuardedMatcher(GrammarMatcher):
         else:
             if self.tracker.done and self.tracker.scalar is None and not self.tracker.stack and closed:
                 self._check_document()
+        if self.grammar is not None and self.pending is None:
+            self._switch_near_bound()
         self.guard_time_s += time.perf_counter() - t0
         return True
 

@@ -83,6 +83,7 @@ class NormalizedSchema:
     schema: Union[dict, bool]
     warnings: list[str] = field(default_factory=list)
     guards: list[tuple[str, str]] = field(default_factory=list)  # (schema pointer, keyword) left to guards
+    deferred_bounds: bool = False  # a long maxLength went to the guard until the string nears it (guards.py)
 
     def to_json(self) -> str:
         return json.dumps(self.schema, separators=(",", ":"), ensure_ascii=False)
@@ -129,10 +130,12 @@ def _trivial(key: str, value: Any) -> bool:
 class _Normalizer(Relaxations):
     """Normalizes one schema; the keywords a grammar may not enforce exactly are Relaxations' (schema_relax.py)."""
 
-    def __init__(self, root: Any, strict: bool, guard: bool = False):
+    def __init__(self, root: Any, strict: bool, guard: bool = False, exact_bounds: bool = False):
         self.root = root
         self.strict = strict
         self.guard = guard  # relax what no grammar can enforce and record a semantic guard for it
+        self.exact_bounds = exact_bounds  # keep the bounds that guard mode defers near (schema_relax.py)
+        self.deferred_bounds = False  # some long bound was deferred: an exact variant exists
         self.guards: list[tuple[str, str]] = []  # (schema pointer of the node, keyword): see grammars/guards.py
         self.draft7 = _is_draft7_or_older(root)
         self.defs: dict[str, Any] = {}  # def name -> normalized schema
@@ -347,17 +350,19 @@ def _json_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def normalize(value: Union[str, dict, bool], *, strict: bool = True, guard: bool = False) -> NormalizedSchema:
+def normalize(value: Union[str, dict, bool], *, strict: bool = True, guard: bool = False,
+              exact_bounds: bool = False) -> NormalizedSchema:
     """Validate `value` (a JSON string or dict) and normalize it. Raises GrammarError.
 
     What no grammar can enforce (overlapping ``oneOf``, ``uniqueItems: true`` over infinite domains,
     ``not`` without a complement, an ``if`` with no complement): guard=True relaxes it and lists it in
     `guards` (checked per value by grammars/guards.py); else strict=True rejects it, strict=False relaxes
-    it with a warning (outputs may then violate it).
+    it with a warning (outputs may then violate it). exact_bounds=True keeps the long string bounds that
+    guard mode defers (`deferred_bounds`): the grammar a guarded matcher switches to near such a bound.
     """
     root = parse_schema(value)
     check_metaschema(root)
-    n = _Normalizer(root, strict, guard)
+    n = _Normalizer(root, strict, guard, exact_bounds)
     body = n.node(root, ())
     if body is False:
         raise GrammarError("the schema allows no value (its constraints contradict each other)", path="/")
@@ -365,7 +370,7 @@ def normalize(value: Union[str, dict, bool], *, strict: bool = True, guard: bool
         used = _used_defs(body, n.defs)
         if used:
             body = dict(body, **{"$defs": {k: n.defs[k] for k in sorted(used)}})
-    return NormalizedSchema(body, n.warnings, sorted(set(n.guards)))
+    return NormalizedSchema(body, n.warnings, sorted(set(n.guards)), n.deferred_bounds)
 
 
 def _used_defs(body: Any, defs: dict[str, Any]) -> set[str]:
