@@ -117,7 +117,7 @@ def greedy_path_length(m: "GrammarMatcher", limit: int) -> Optional[int]:
 
 def _witness_walk(m: "GrammarMatcher", suffixes: list[list[int]], limit: int, order: Callable[[bool], list[int]],
                   probes: list[int], starts: list[list[int]]) -> Optional[list[int]]:
-    """The first suffix of a witness (shortest first: the most progress already made) that the matcher
+    r"""The first suffix of a witness (shortest first: the most progress already made) that the matcher
     allows, written out and closed by a quote where the grammar takes one, then the greedy walk to the end.
     NOTE: the quote first: a pattern string takes no `}`, so the walk does not know it is inside a string
     and prefers "0" to `"`; after `.php` of `^[\w\-\./]+\.php+$` it wrote "0" and never matched again
