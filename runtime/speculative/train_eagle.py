@@ -43,7 +43,22 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--eagle-ce-weight", type=float, default=0.5, help="weight of the token loss vs the regression")
     g.add_argument("--eagle-depth", type=int, default=2,
                    help="draft steps trained (training-time test: step s reads the head's own step s-1 state)")
+    g.add_argument("--eagle-soft", type=float, default=1.0,
+                   help="share of the token loss against the target's distribution (soft labels; the rest: its argmax)")
+    g.add_argument("--eagle-temperature", type=float, default=1.0, help="softmax temperature of the soft labels")
     g.add_argument("--eagle-noise", type=float, default=0.2, help="uniform feature noise, in units of the states' std")
+
+
+def soft_label_loss(logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """EAGLE's classification loss: cross-entropy of the head's distribution against the TARGET's
+    (softmax of the target's lm_head over its true state, both over the draft vocabulary), averaged over
+    the positions where `mask` [B, L] holds. logits, target_logits [B, L, Vd]. For fixed targets it is
+    minimised, at the target's entropy, by logits equal to the target's up to a constant per position:
+    the head learns the target's whole ranking, not only its argmax (a hard label)."""
+    p = F.softmax(target_logits / temperature, dim=-1)
+    ce = -(p * F.log_softmax(logits / temperature, dim=-1)).sum(-1)  # [B, L]
+    return (ce * mask).sum() / mask.sum().clamp(min=1)
 
 
 def draft_vocabulary(data: DistillData, size: int, vocab_size: int) -> torch.Tensor:
@@ -140,13 +155,17 @@ def train(data: DistillData, target: Any, args: argparse.Namespace, log: Callabl
             emb, fin, fout, labels, pos = _tensors(data, ids, embed, t2d, max_len)
             fin = fin + (torch.rand_like(fin) - 0.5) * (2 * args.eagle_noise * std)
             valid = (pos < torch.tensor([[min(int(data.offsets[s + 1] - data.offsets[s]), max_len)] for s in ids]))
+            with torch.no_grad():  # the target's own logits over the draft vocabulary, from its true states
+                target_logits = fout @ w_draft.t()  # [B, L, Vd]
             loss = torch.zeros(())
             for step, g in enumerate(head.forward_unrolled(emb, fin, pos, args.eagle_depth)):
                 # step s + 1's entries exist from position s on (s drafted entries before them)
                 g, f, lab, ok = g[:, step:], fout[:, step:], labels[:, step:], valid[:, step:]
                 vloss = (F.smooth_l1_loss(g, f, reduction="none").mean(-1) * ok).sum() / ok.sum().clamp(min=1)
                 logits = g @ w_draft.t()  # [B, L, Vd]
-                ploss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+                hard = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+                soft = soft_label_loss(logits, target_logits[:, step:], ok, args.eagle_temperature)
+                ploss = (1 - args.eagle_soft) * hard + args.eagle_soft * soft
                 loss = loss + STEP_WEIGHT ** step * (vloss + args.eagle_ce_weight * ploss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
