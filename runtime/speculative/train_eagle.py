@@ -3,8 +3,10 @@
 
 Per sequence t_0..t_L with the target's states f_0..f_L and greedy next tokens a_0..a_L, entry p reads
 (embed(t_p), f_{p-1}) (a zero feature at p = 0, as the drafter's first entry) and learns
-    g_p ~ f_p                (smooth L1, EAGLE's feature regression)
-    argmax(g_p W_d^T) = a_p  (cross-entropy over the draft vocabulary; a_p outside it is not scored)
+    g_p ~ f_p                        (smooth L1, EAGLE's feature regression)
+    softmax(g_p W_d^T) ~ softmax(f_p W_d^T)   (EAGLE's token loss: cross-entropy against the target's
+                                     distribution over the draft vocabulary, `--eagle-soft 1`; the share
+                                     1 - soft is against its greedy choice a_p, not scored outside it)
 g_p passes a final norm initialised to the target's (the states are final-normed). W_d are the target's lm_head rows of the draft vocabulary: the `--eagle-draft-vocab` tokens the target
 chooses most often in the data (EAGLE-3's d2t), frozen. The layer starts from the target's last decoder
 layer (same shape), fc from [0 | I] (the feature passed through) plus noise: both train faster than
@@ -12,6 +14,10 @@ random starts. Uniform noise on the input features (EAGLE's), and training the l
 own states (`--eagle-depth`, EAGLE-3's training-time test: eagle_head.forward_unrolled), make it
 robust to reading its own, imperfect, states when it drafts several tokens.
 Reports the held-out top-1 accuracy of the first draft token (the acceptance rate of d_1 under greedy).
+The defaults are the shipped head's. Measured on the default model (2 epochs over 61k tokens, held-out
+first-token accuracy, one run each: differences under ~0.02 are noise): soft labels 0.252 vs the
+argmax's 0.209 at token-loss weight 2 (half of each: 0.234; at weight 0.5: 0.218 vs 0.221); soft-label
+weight 0.5 / 2 / 5: 0.218 / 0.252 / 0.201; lr 1e-3 / 2e-3 / 5e-3 (weight 2): 0.217 / 0.252 / 0.150.
 """
 
 from __future__ import annotations
@@ -35,12 +41,12 @@ STEP_WEIGHT = 0.7  # loss weight of draft step s is STEP_WEIGHT ** (s - 1): the 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("eagle")
-    g.add_argument("--eagle-epochs", type=int, default=8)
+    g.add_argument("--eagle-epochs", type=int, default=10)
     g.add_argument("--eagle-lr", type=float, default=2e-3)
     g.add_argument("--eagle-batch-size", type=int, default=4, help="sequences per optimizer step")
     g.add_argument("--eagle-draft-vocab", type=int, default=4096,
                    help="draft vocabulary size (0: the full vocabulary)")
-    g.add_argument("--eagle-ce-weight", type=float, default=0.5, help="weight of the token loss vs the regression")
+    g.add_argument("--eagle-ce-weight", type=float, default=2.0, help="weight of the token loss vs the regression")
     g.add_argument("--eagle-depth", type=int, default=2,
                    help="draft steps trained (training-time test: step s reads the head's own step s-1 state)")
     g.add_argument("--eagle-soft", type=float, default=1.0,
