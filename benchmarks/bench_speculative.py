@@ -103,7 +103,8 @@ def valid_share(texts: list[str]) -> float:
     return ok / len(texts)
 
 
-def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k: int) -> dict[str, Any]:
+def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k: int,
+                  eagle_head: Optional[str] = None) -> dict[str, Any]:
     kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
     if algo is not None:
         kw.update(speculative_algorithm=algo, speculative_num_draft_tokens=k)
@@ -112,6 +113,8 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
                       speculative_ngram_capacity=1 << 16)
         if algo == "DRAFT":
             kw["speculative_draft_model_path"] = "default"
+        if algo == "EAGLE" and eagle_head is not None:
+            kw["speculative_draft_model_path"] = eagle_head
         if max_batch is not None:
             kw["speculative_max_batch"] = max_batch
     return kw
@@ -146,6 +149,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--crossover", action="store_true", help="(b) at batch 1/2/4/8 with speculation forced on")
     ap.add_argument("--verify-cost", action="store_true", help="time verify rows of 1 + j tokens vs one decode step")
     ap.add_argument("--workloads", default="a,b,c,d", help="comma-separated workload letters")
+    ap.add_argument("--eagle-head", default=None, help="EAGLE's head file (default: the shipped one)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_speculative.json"))
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
@@ -155,7 +159,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     # All engines loaded at once; each workload runs engine after engine, `--reps` rounds, so that a
     # shared machine's load drift hits every algorithm alike (tok/s = all tokens / all seconds).
-    engines = {algo or "none": Engine(**engine_kwargs(algo, args.threads, None, args.num_draft_tokens))
+    engines = {algo or "none": Engine(**engine_kwargs(algo, args.threads, None, args.num_draft_tokens, args.eagle_head))
                for algo in algos}
     # each engine's start-up verify cost (what its adaptive rule uses): [[j, decode steps], ...]
     engine_costs = {name: eng.get_server_info().get("spec_verify_cost") for name, eng in engines.items()}
@@ -196,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             eng.shutdown()
     if args.crossover:
         for algo in [a for a in algos if a != "DRAFT"]:  # self-draft: an identity check, not a speed one
-            eng = Engine(**engine_kwargs(algo, args.threads, 64, args.num_draft_tokens))
+            eng = Engine(**engine_kwargs(algo, args.threads, 64, args.num_draft_tokens, args.eagle_head))
             try:
                 eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})
                 prompts, params, _ = work["b_chat"]
@@ -239,6 +243,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"threads": args.threads, "load_before": load_before,
                                           "load_after": os.getloadavg(), "num_draft_tokens": args.num_draft_tokens,
+                                          "eagle_head": args.eagle_head,
                                           "table": table, "verify_cost": cost,
                                           "engine_verify_cost": engine_costs}, indent=1))
     return 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,14 @@ TEMPLATES = [
     "Describe a typical day that involves {t}.",
     "Write a short story about someone learning {t}.",
     "List the pros and cons of {t}.",
+    "How do I get started with {t}?",
+    "Tell me some interesting facts about {t}.",
+    "What is the most important thing to understand about {t}?",
+    "Summarize the history of {t} in a few sentences.",
+    "How would you explain {t} to a ten-year-old?",
+    "What questions do people often ask about {t}?",
+    "Give a step-by-step guide related to {t}.",
+    "Compare {t} with something similar and explain the difference.",
 ]
 TOPICS = [
     "photosynthesis", "the water cycle", "volcanoes", "the solar system", "electric cars", "recycling",
@@ -61,6 +70,17 @@ TOPICS = [
     "mountains", "snow", "summer holidays", "birthday parties", "music festivals", "soccer",
     "basketball", "marathons", "vitamins", "drinking water", "washing hands", "smartphones",
     "social media", "passwords", "robots", "electricity", "magnets", "gravity", "the human heart",
+    "knitting", "photography", "bird watching", "hiking boots", "solar panels", "wind turbines",
+    "the stock market", "credit cards", "renting an apartment", "moving to a new city", "email etiquette",
+    "video games", "board games", "the piano", "jazz", "opera", "poetry", "novels", "libraries",
+    "the printing press", "the Industrial Revolution", "the Renaissance", "castles", "pyramids",
+    "rain forests", "deserts", "glaciers", "hurricanes", "tornadoes", "the immune system", "the brain",
+    "bones", "teeth", "nutrition labels", "vegetarian cooking", "pizza", "chocolate", "spices",
+    "fermentation", "bicycles", "airplanes", "ships", "bridges", "skyscrapers", "3D printing",
+    "artificial intelligence", "spreadsheets", "web browsers", "cloud storage", "backups",
+    "keyboards", "batteries", "light bulbs", "telescopes", "microscopes", "atoms", "chemistry",
+    "fractions", "geometry", "probability", "maps", "volunteering", "parenting", "pets", "horses",
+    "whales", "sharks", "ants", "mushrooms", "trees", "flowers", "compost", "the seasons",
 ]
 
 
@@ -70,8 +90,10 @@ def chat(user: str) -> str:
 
 
 def chat_prompts(n: int) -> list[str]:
-    """n chat prompts, templates varying fastest so any prefix of the list mixes all of them."""
+    """n chat prompts: every template x topic pair in a fixed shuffled order, so any prefix of the list
+    mixes all templates and topics."""
     qs = [tpl.format(t=t) for t in TOPICS for tpl in TEMPLATES]
+    random.Random(0).shuffle(qs)
     return [chat(q) for q in qs[:n]]
 
 
@@ -86,11 +108,11 @@ def extraction_prompts(n: int) -> tuple[list[str], list[str]]:
 
 @dataclass(frozen=True)
 class DistillSpec:
-    """What to generate (about 60k tokens with the defaults). `batch_size` requests decode at once."""
+    """What to generate (about 150k tokens with the defaults). `batch_size` requests decode at once."""
 
     model_path: str = "default"
-    num_chat: int = 320
-    num_extraction: int = 100  # of each kind
+    num_chat: int = 960
+    num_extraction: int = 152  # of each kind (people.txt lines 48-199: all the held-in people)
     max_new_tokens: int = 128
     batch_size: int = 64
 

@@ -61,8 +61,9 @@ def test_eagle_outputs_identical_and_drafts_accepted() -> None:
         stats = eng.get_server_info()
         assert stats["speculative_algorithm"] == "EAGLE"
         # the trained head: far above chance (a random head's drafts over 49k tokens are ~never
-        # accepted); 0.26 when written with the adaptive rule (held-out first-token accuracy 0.375)
-        assert stats["spec_verify_ct"] > 0 and stats["spec_accept_rate"] > 0.15, stats
+        # accepted); 0.249 with the shipped head (held-out first-token accuracy 0.489), 0.151 with
+        # the previous one (0.347): the bound fails if a worse head ships
+        assert stats["spec_verify_ct"] > 0 and stats["spec_accept_rate"] > 0.2, stats
         assert outs[1]["meta_info"]["spec_verify_ct"] > 0
         eng.wait_idle()
         eng.check_integrity()
