@@ -189,12 +189,11 @@ class SchemaGuard:
 
     def max_length(self, path: tuple[PathElem, ...]) -> Optional[int]:
         """The smallest guarded `maxLength` that applies to the string at `path` for sure, or None."""
-        hit = self._max_length.get(path, 0)
-        if hit == 0:
+        if path not in self._max_length:
             bounds = [int(n["maxLength"]) for p, n in self.nodes_for(path)
                       if (p, "maxLength") in self.guards and isinstance(n.get("maxLength"), int)]
-            hit = self._max_length[path] = min(bounds) if bounds else None
-        return hit
+            self._max_length[path] = min(bounds) if bounds else None
+        return self._max_length[path]
 
     def guarded(self, path: tuple[PathElem, ...]) -> bool:
         return any(self.own_keywords(p, n) for p, n in self.nodes_for(path))

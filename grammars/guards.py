@@ -49,7 +49,6 @@ class GuardedGrammar(CompiledGrammar):
         self._exact_compile = exact
         self._exact: Optional[CompiledGrammar] = None
         self._exact_lock = threading.Lock()
-        self.switch_margin = 0  # bytes before a deferred bound where matchers switch (set by the first one)
 
     def exact_matcher(self) -> Optional[GrammarMatcher]:
         """A fresh matcher of the exact grammar (compiled once, on first use), or None."""
@@ -73,8 +72,7 @@ class GuardedMatcher(GrammarMatcher):
         self.inner = inner
         self.guard = guard
         self.grammar = grammar if grammar is not None and grammar._exact_compile is not None else None
-        if self.grammar is not None and not self.grammar.switch_margin:  # the longest token + slack
-            self.grammar.switch_margin = max(len(b) for b in inner.vocab.token_bytes if b) + _SWITCH_SLACK
+        self.switch_margin = inner.vocab.token_bytes.max_len + _SWITCH_SLACK  # one token can add at most max_len
         self.backtrack_budget = backtrack_budget
         self.tracker = JsonTracker()
         self.tokens: list[int] = []  # accepted tokens (== the request's output ids)
@@ -115,7 +113,7 @@ class GuardedMatcher(GrammarMatcher):
         if s is None or s[0] != '"' or s[2]:
             return
         bound = self.guard.max_length(s[3])
-        if bound is None or len(self.tracker.data) - s[1] - 1 + self.grammar.switch_margin < bound:
+        if bound is None or len(self.tracker.data) - s[1] - 1 + self.switch_margin < bound:
             return
         grammar, self.grammar = self.grammar, None  # one switch per matcher (the exact grammar has every bound)
         exact = grammar.exact_matcher()

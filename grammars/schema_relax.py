@@ -105,18 +105,17 @@ class Relaxations:
         # the bound (the model's `.json.json...` for 500 tokens), the guard rolled it back at the deadline
         # and the output ended on length unparsed
         bound = out.get("maxLength", 0) if self.guard and isinstance(out, dict) else 0
-        counted = isinstance(out.get("pattern"), str) and _COUNTED.search(out["pattern"]) is not None
-        if bound and (("format" in out and "pattern" not in out and bound >= _LONG_STRING)
-                      or (counted and bound >= _HUGE_STRING)):
+        pattern = out.get("pattern") if isinstance(out.get("pattern"), str) else None
+        counted = pattern is not None and _COUNTED.search(pattern) is not None
+        # Deferred (an uncounted pattern's huge bound): the guard holds it, and the matcher switches to the
+        # exact grammar (this bound kept) once such a string nears it (guards.py `_switch_near_bound`). So the
+        # masks of the string's first ~900 characters cost ~20 us instead of ~0.5 ms, and its end is exact.
+        deferred = pattern is not None and not counted and bound >= _HUGE_STRING and not self.exact_bounds
+        if bound and (("format" in out and pattern is None and bound >= _LONG_STRING)
+                      or (counted and bound >= _HUGE_STRING) or deferred):
             del out["maxLength"]
             self.guards.append((pointer(path), "maxLength"))
-        elif bound >= _HUGE_STRING and isinstance(out.get("pattern"), str) and not self.exact_bounds:
-            # Deferred: the guard holds it, and the matcher switches to the exact grammar (this bound kept)
-            # once such a string nears it (guards.py `GuardedMatcher._switch_near_bound`). So the masks of the
-            # string's first ~900 characters cost ~20 us instead of ~0.5 ms, and the end is still exact.
-            del out["maxLength"]
-            self.guards.append((pointer(path), "maxLength"))
-            self.deferred_bounds = True
+            self.deferred_bounds |= deferred
         return out
 
     def guard_pattern_overlap(self, out: Any, path: tuple) -> Any:

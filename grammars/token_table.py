@@ -6,8 +6,8 @@ offsets hold the token's bytes plus 4. Reads return a new `bytes` (a slice of th
 per token at decode time and once per token when a backend builds its own tables.
 
     >>> t = TokenTable([b"a", None, b" {"])
-    >>> len(t), t[2], t[1], list(t)
-    (3, b' {', None, [b'a', None, b' {'])
+    >>> len(t), t[2], t[1], list(t), t.max_len
+    (3, b' {', None, [b'a', None, b' {'], 2)
 """
 from __future__ import annotations
 
@@ -18,22 +18,24 @@ from typing import Iterable, Iterator, Optional, Sequence, Union, overload
 class TokenTable(Sequence[Optional[bytes]]):
     """An immutable sequence of `bytes | None`, stored as one blob + end offsets + None flags."""
 
-    __slots__ = ("_blob", "_ends", "_none")
+    __slots__ = ("_blob", "_ends", "_none", "max_len")
 
     def __init__(self, items: Iterable[Optional[bytes]]) -> None:
         parts: list[bytes] = []
         ends = array("i")
         none = bytearray()
-        end = 0
+        end = longest = 0
         for b in items:
             none.append(b is None)
             if b is not None:
                 parts.append(b)
                 end += len(b)
+                longest = max(longest, len(b))
             ends.append(end)
         self._blob = b"".join(parts)
         self._ends = ends  # _ends[i]: where token i's bytes end in the blob; they start at _ends[i - 1] (0 first)
         self._none = bytes(none)
+        self.max_len = longest  # bytes of the longest token
 
     def __len__(self) -> int:
         return len(self._ends)
