@@ -70,15 +70,16 @@ class GGUFModel:
     weights: Iterator[tuple[str, Payload]]  # (HF name, float32 tensor | RawBlocks), lazily, once
     quantized: bool  # some linear weight is in a block format the CPU kernels run (q4_0, q4_1, q8_0, f16)
     file: GGUFFile
+    tokenizer: Tokenizer
+    chat_template: Optional[str]
 
     def iter_weights(self, native: bool, show_progress: bool = True) -> Iterator[tuple[str, Payload]]:
         """A fresh pass over the weights (`weights` is the one read_gguf made, with its `native`)."""
         return _iter_weights(self.file, self.config, show_progress, native)
 
     def native_qtypes(self) -> dict[str, str]:
+        """HF name -> qtype of each 2-D tensor, from the header (module-level native_qtypes)."""
         return native_qtypes(self.file, self.config.architecture)
-    tokenizer: Tokenizer
-    chat_template: Optional[str]
 
 
 def hf_tensor_name(gguf_name: str, architecture: str = "llama") -> Optional[str]:
