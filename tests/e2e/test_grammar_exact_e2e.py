@@ -71,6 +71,7 @@ def test_no_valid_completion_within_the_budget_is_flagged(engine):
     assert "grammar_closed_early" not in meta
     with pytest.raises(json.JSONDecodeError):
         json.loads(out["text"])
-    done = engine.generate("A JSON object:", {"json_schema": json.dumps(schema), "max_new_tokens": 400, "temperature": 0})
+    done = engine.generate("A JSON object:", {"json_schema": json.dumps(schema), "max_new_tokens": 400,
+                                              "temperature": 0})
     jsonschema.validate(json.loads(done["text"]), schema)
     assert "grammar_incomplete" not in done["meta_info"]
