@@ -17,7 +17,8 @@ verify rows stop paying. `--verify-cost` times one forward step of a verify row 
 300-token context against a plain decode step (where a speculative step's time goes).
 Algorithms: NGRAM (chain, own sequence); NGRAM_TREE (NGRAM with 3 continuations merged into a tree
 and finished requests' sequences matched too); MEDUSA (the shipped self-distilled heads, a static
-tree); EAGLE (the shipped self-distilled one-layer head, a chain, q8_0 draft steps); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
+tree); EAGLE (the shipped self-distilled one-layer head, a chain, q8_0 draft steps); EAGLE_TREE (the same head
+drafting token trees, `--eagle-topk` children per node); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
 tokenizer ships here), so its speed ratio is below 1 by construction.
 Prints one table and writes benchmarks/results/bench_speculative.json.
 """
@@ -104,8 +105,11 @@ def valid_share(texts: list[str]) -> float:
 
 
 def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k: int,
-                  eagle_head: Optional[str] = None) -> dict[str, Any]:
+                  eagle_head: Optional[str] = None, eagle_topk: int = 4,
+                  act_quant: Optional[str] = None) -> dict[str, Any]:
     kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
+    if act_quant is not None:
+        kw["cpu_act_quant"] = act_quant
     if algo is not None:
         kw.update(speculative_algorithm=algo, speculative_num_draft_tokens=k)
         if algo == "NGRAM_TREE":
@@ -113,19 +117,21 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
                       speculative_ngram_capacity=1 << 16)
         if algo == "DRAFT":
             kw["speculative_draft_model_path"] = "default"
-        if algo == "EAGLE" and eagle_head is not None:
+        if algo == "EAGLE_TREE":
+            kw.update(speculative_algorithm="EAGLE", speculative_eagle_topk=eagle_topk)
+        if algo.startswith("EAGLE") and eagle_head is not None:
             kw["speculative_draft_model_path"] = eagle_head
         if max_batch is not None:
             kw["speculative_max_batch"] = max_batch
     return kw
 
 
-def verify_cost(threads: int, k: int, reps: int = 15) -> list[dict[str, Any]]:
+def verify_cost(threads: int, k: int, reps: int = 15, act_quant: Optional[str] = None) -> list[dict[str, Any]]:
     """The engine's own start-up measurement (runtime/speculative/verify_cost.py), over a 300-token context and
     more rounds: forward + lm_head of one row of 1 + j new tokens vs one of 1 token (min over rounds)."""
     from sgl.runtime.speculative.verify_cost import measure_verify_cost
 
-    eng = Engine(**engine_kwargs(None, threads, None, 4))
+    eng = Engine(**engine_kwargs(None, threads, None, 4, act_quant=act_quant))
     try:
         runner = eng.scheduler.runner
         eng.wait_idle()
@@ -150,16 +156,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--verify-cost", action="store_true", help="time verify rows of 1 + j tokens vs one decode step")
     ap.add_argument("--workloads", default="a,b,c,d", help="comma-separated workload letters")
     ap.add_argument("--eagle-head", default=None, help="EAGLE's head file (default: the shipped one)")
+    ap.add_argument("--eagle-topk", type=int, default=4, help="EAGLE_TREE's --speculative-eagle-topk")
+    ap.add_argument("--cpu-act-quant", default=None, help="every engine's --cpu-act-quant (default: the engine's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_speculative.json"))
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
     work = {k: v for k, v in workloads(args.quick).items() if k[0] in args.workloads.split(",")}
-    cost = verify_cost(args.threads, max(8, args.num_draft_tokens)) if args.verify_cost else None
+    cost = verify_cost(args.threads, max(8, args.num_draft_tokens), act_quant=args.cpu_act_quant) if args.verify_cost else None
     algos: list[Optional[str]] = [None] + [a for a in args.algorithms.split(",") if a]
     results: dict[str, dict[str, Any]] = {}
     # All engines loaded at once; each workload runs engine after engine, `--reps` rounds, so that a
     # shared machine's load drift hits every algorithm alike (tok/s = all tokens / all seconds).
-    engines = {algo or "none": Engine(**engine_kwargs(algo, args.threads, None, args.num_draft_tokens, args.eagle_head))
+    engines = {algo or "none": Engine(**engine_kwargs(algo, args.threads, None, args.num_draft_tokens, args.eagle_head,
+                                                      args.eagle_topk, args.cpu_act_quant))
                for algo in algos}
     # each engine's start-up verify cost (what its adaptive rule uses): [[j, decode steps], ...]
     engine_costs = {name: eng.get_server_info().get("spec_verify_cost") for name, eng in engines.items()}
@@ -200,7 +209,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             eng.shutdown()
     if args.crossover:
         for algo in [a for a in algos if a != "DRAFT"]:  # self-draft: an identity check, not a speed one
-            eng = Engine(**engine_kwargs(algo, args.threads, 64, args.num_draft_tokens, args.eagle_head))
+            eng = Engine(**engine_kwargs(algo, args.threads, 64, args.num_draft_tokens, args.eagle_head, args.eagle_topk,
+                                         args.cpu_act_quant))
             try:
                 eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})
                 prompts, params, _ = work["b_chat"]
@@ -243,7 +253,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"threads": args.threads, "load_before": load_before,
                                           "load_after": os.getloadavg(), "num_draft_tokens": args.num_draft_tokens,
-                                          "eagle_head": args.eagle_head,
+                                          "eagle_head": args.eagle_head, "eagle_topk": args.eagle_topk,
+                                          "cpu_act_quant": args.cpu_act_quant,
                                           "table": table, "verify_cost": cost,
                                           "engine_verify_cost": engine_costs}, indent=1))
     return 0

@@ -120,8 +120,8 @@ class ServerArgs:
     speculative_draft_model_path: Optional[str] = None
     speculative_medusa_choices: Optional[str] = None  # MEDUSA: the static tree as JSON ([[0], [1], [0, 0]]); None = default
     speculative_num_draft_tokens: int = 4  # draft tokens verified per decoding request and step
-    speculative_num_steps: Optional[int] = None  # EAGLE: head steps per draft (chain: = num_draft_tokens when unset)
-    speculative_eagle_topk: int = 1  # EAGLE: branches per head step (1 = a chain; the chain verify path)
+    speculative_num_steps: Optional[int] = None  # EAGLE: head steps per draft (unset: num_draft_tokens for a chain, 4 for a tree)
+    speculative_eagle_topk: int = 1  # EAGLE: children per expanded node and nodes expanded per level (1 = a chain)
     speculative_ngram_min_match_window_size: int = 2  # NGRAM: shortest suffix matched (1-grams mostly miss)
     speculative_ngram_max_match_window_size: int = 4  # NGRAM: longest suffix matched (tried first)
     speculative_ngram_max_bfs_breadth: int = 1  # NGRAM: continuations merged into one draft tree (1 = a chain)
@@ -241,9 +241,8 @@ class ServerArgs:
             if not ok:
                 raise ValueError("speculative_medusa_choices must be a JSON list of non-empty lists of top-k "
                                  f"indices such as [[0], [1], [0, 0]], got {self.speculative_medusa_choices!r}")
-        if self.speculative_eagle_topk != 1:
-            raise ValueError(f"speculative_eagle_topk must be 1 (EAGLE drafts a chain; token trees are not built yet), "
-                             f"got {self.speculative_eagle_topk}")
+        if not 1 <= self.speculative_eagle_topk <= 16:
+            raise ValueError(f"speculative_eagle_topk must be 1..16, got {self.speculative_eagle_topk}")
         if self.speculative_num_steps is not None and self.speculative_num_steps < 1:
             raise ValueError(f"speculative_num_steps must be positive, got {self.speculative_num_steps}")
         if self.speculative_num_draft_tokens < 1:

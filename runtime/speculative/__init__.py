@@ -67,5 +67,5 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
         from sgl.runtime.speculative.eagle import make_eagle_drafter
 
         return make_eagle_drafter(args.speculative_draft_model_path, runner, args.speculative_num_steps,
-                                  args.model_path)
+                                  args.model_path, args.speculative_eagle_topk)
     raise ValueError(f"unknown speculative algorithm {args.speculative_algorithm!r}")

@@ -30,7 +30,7 @@ import torch
 from sgl.runtime.models.native_weights import embedding_rows, linear
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
 from sgl.runtime.speculative.drafter import Draft
-from sgl.runtime.speculative.eagle_head import EagleHead, HeadKV, head_extend
+from sgl.runtime.speculative.eagle_head import EagleHead, HeadKV, head_extend, head_tree_step
 
 
 @dataclass
@@ -57,15 +57,18 @@ class EagleDrafter:
     # buffer compacted once COMPACT_AT positions are droppable. A rollback (grammar backtracking)
     # past the kept window restarts the head's context there, as after a cache hit.
     TRIM_MARGIN, COMPACT_AT = 64, 256
+    TREE_DEPTH = 4  # a tree's head steps when --speculative-num-steps is unset
 
     def __init__(self, head: EagleHead, target: Any, num_steps: Optional[int] = None,
-                 quantize: Optional[str] = None) -> None:
+                 quantize: Optional[str] = None, topk: int = 1) -> None:
         """`target`: the LlamaForCausalLM whose states the head reads (its embedding and lm_head rows);
-        `num_steps`: at most this many head steps (drafted tokens) per request and step; `quantize`
-        ("q8_0"): the head's linears and draft lm_head rows in blocks for the CPU kernels (a draft step
-        reads ~4x fewer bytes; measured in the README)."""
+        `num_steps`: at most this many head steps (a chain: drafted tokens; a tree: its depth, default
+        TREE_DEPTH) per request and step; `quantize` ("q8_0"): the head's linears and draft lm_head rows in
+        blocks for the CPU kernels (a draft step reads ~4x fewer bytes; measured in the README); `topk` > 1:
+        draft a token tree (`_tree`)."""
         self.head = head
         self.num_steps = num_steps
+        self.topk = topk
         self.target = target
         self.hidden_size = head.config.hidden_size
         self.d2t = head.draft_to_target  # [Vd] int64
@@ -111,7 +114,8 @@ class EagleDrafter:
     @torch.inference_mode()
     def propose(self, reqs: Sequence[Req], k: int) -> list[Draft]:
         self._sweep()
-        k = min(k, self.num_steps or k)
+        if self.topk == 1:  # a chain's head steps are its tokens; a tree's (its depth) are capped in _tree
+            k = min(k, self.num_steps or k)
         live: list[tuple[Req, _Seq, list[int], list[int]]] = []  # (req, seq, new tokens, their positions)
         for req in reqs:
             seq, n = self._seqs.get(req), len(req.fill_ids) - 1
@@ -145,6 +149,12 @@ class EagleDrafter:
         last = torch.tensor(counts).cumsum(0) - 1
         g = g.index_select(0, last)  # [B, H]: g_n of each request
         positions = torch.tensor([ps[-1] for _, _, _, ps in live])
+        if self.topk > 1:
+            trees = {req: self._tree(seq, g[i:i + 1], int(positions[i]), k) for i, (req, seq, _, _) in enumerate(live)}
+            for (_, seq, _, _), n in zip(live, n_true):
+                seq.cut_entries(n)
+                self._trim(seq)
+            return [trees.get(req, Draft([])) for req in reqs]
         for step in range(k):
             tok = self.d2t.index_select(0, linear(g.contiguous(), self.lm_head).argmax(-1))  # [B] target ids
             for (req, _, _, _), t in zip(live, tok.tolist()):
@@ -158,6 +168,43 @@ class EagleDrafter:
             seq.cut_entries(n)  # drafted entries read the head's own features: never kept
             self._trim(seq)
         return [Draft(drafts[req]) for req in reqs]
+
+    def _tree(self, seq: _Seq, g: torch.Tensor, n: int, budget: int) -> Draft:
+        """A token tree of at most `budget` nodes after the pending token at position n (g [1, H]: g_n), EAGLE-2's
+        way: each level expands the `topk` best frontier nodes by their `topk` likeliest children (one head step
+        of topk rows, each attending to its own path: head_tree_step); every child is a candidate scored by its
+        path's summed log-probability under the head; the tree is the `budget` best-scored candidates. A child
+        never scores above its parent, so the chosen set holds every chosen node's ancestors."""
+        K, depth = self.topk, min(budget, self.num_steps or self.TREE_DEPTH)
+        logp = torch.log_softmax(linear(g.contiguous(), self.lm_head), -1)[0]
+        top = logp.topk(min(K, logp.numel()))
+        ids: list[int] = top.indices.tolist()  # draft-vocabulary ids of every candidate, in creation order
+        parents: list[int] = [-1] * len(ids)
+        scores: list[float] = top.values.tolist()
+        frontier = list(range(len(ids)))
+        feats = g.expand(len(frontier), -1)  # the state each frontier node's entry reads (its parent's output)
+        anc_k = anc_v = None  # [F, t, Hkv, D]: the frontier nodes' ancestors' head entries
+        for t in range(1, depth):
+            emb = self._embed(self.d2t[torch.tensor([ids[f] for f in frontier])].tolist())
+            pos = torch.full((len(frontier),), n + t, dtype=torch.int64)
+            out, k, v = head_tree_step(self.head, emb, feats.contiguous(), pos, seq.kv, anc_k, anc_v)
+            own_k = k[:, None] if anc_k is None else torch.cat([anc_k, k[:, None]], 1)
+            own_v = v[:, None] if anc_v is None else torch.cat([anc_v, v[:, None]], 1)
+            child = torch.log_softmax(linear(out, self.lm_head), -1).topk(K, -1)  # [F, K]
+            cand = torch.tensor([scores[f] for f in frontier])[:, None] + child.values  # [F, K] path scores
+            first = len(ids)
+            ids += child.indices.flatten().tolist()
+            parents += [f for f in frontier for _ in range(K)]
+            scores += cand.flatten().tolist()
+            best = cand.flatten().topk(min(K, cand.numel())).indices  # the next frontier: K best of F x K
+            rows = best // K
+            frontier = [first + int(b) for b in best]
+            feats, anc_k, anc_v = out[rows], own_k[rows], own_v[rows]
+        chosen = sorted(sorted(range(len(ids)), key=lambda j: (-scores[j], j))[:budget])  # creation order
+        index = {j: i for i, j in enumerate(chosen)}
+        tokens = self.d2t[torch.tensor([ids[j] for j in chosen], dtype=torch.int64)].tolist()
+        tree = [index[parents[j]] if parents[j] >= 0 else -1 for j in chosen]
+        return Draft(tokens, tree if any(p != j - 1 for j, p in enumerate(tree)) else None)
 
     def _trim(self, seq: _Seq) -> None:
         keep_from = seq.base + len(seq.tokens) - 1 - self.TRIM_MARGIN
@@ -188,7 +235,7 @@ class EagleDrafter:
 
 
 def make_eagle_drafter(path: Optional[str], runner: Any, num_steps: Optional[int] = None,
-                       model_path: str = "default") -> EagleDrafter:
+                       model_path: str = "default", topk: int = 1) -> EagleDrafter:
     """The head at `path` (None: the shipped head, for the default model only) over the runner's
     model; turns on the runner's hidden-state capture and subscribes to it."""
     from sgl.runtime.speculative.eagle_io import DEFAULT_HEAD, load_head
@@ -201,7 +248,7 @@ def make_eagle_drafter(path: Optional[str], runner: Any, num_steps: Optional[int
     head = load_head(head_path, runner.config)
     # a quantized (native) target runs the head quantized too; an fp32 target keeps it fp32
     quantize = "q8_0" if getattr(runner.model, "native", False) else None
-    drafter = EagleDrafter(head, runner.model, num_steps, quantize)
+    drafter = EagleDrafter(head, runner.model, num_steps, quantize, topk)
     runner.capture_hidden = True
     runner.hidden_observer = drafter.observe
     return drafter

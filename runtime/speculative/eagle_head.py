@@ -295,3 +295,35 @@ def head_extend(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor, posi
         return out
 
     return head.block(embeds, feats, positions, attend)
+
+
+@torch.inference_mode()
+def head_tree_step(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
+                   cache: HeadKV, anc_k: Optional[torch.Tensor],
+                   anc_v: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One level of a draft tree of ONE sequence: n frontier nodes (rows), node r attending to the sequence's
+    true entries (cache, left unchanged), its ancestors' entries anc_k/anc_v[r] [n, t, Hkv, D] (t = its depth
+    - 1; None at depth 1) and itself. embeds/feats [n, H], positions [n] -> (g [n, H], the nodes' keys and
+    values [n, Hkv, D]): what head_extend computes for a chain, with each node's context its own path."""
+    c = head.config
+    hkv, groups, d = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads, c.head_dim
+    scale = d ** -0.5
+    entries: list[torch.Tensor] = []
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        entries.extend((k, v))
+        n = q.shape[0]
+        qg = q.reshape(n, hkv, groups, d)  # query head h * groups + g reads kv head h (repeat_interleave's order)
+        keys, vals = cache.k[: cache.length], cache.v[: cache.length]  # [L, Hkv, D]
+        own_k = k[:, None] if anc_k is None else torch.cat([anc_k, k[:, None]], 1)  # [n, t + 1, Hkv, D]
+        own_v = v[:, None] if anc_v is None else torch.cat([anc_v, v[:, None]], 1)
+        scores = torch.cat([torch.einsum("nhgd,lhd->nhgl", qg, keys),
+                            torch.einsum("nhgd,nthd->nhgt", qg, own_k)], -1) * scale
+        p = scores.softmax(-1)
+        length = keys.shape[0]
+        out = (torch.einsum("nhgl,lhd->nhgd", p[..., :length], vals)
+               + torch.einsum("nhgt,nthd->nhgd", p[..., length:], own_v))
+        return out.reshape(n, hkv * groups, d)
+
+    g = head.block(embeds, feats, positions, attend)
+    return g, entries[0], entries[1]

@@ -43,6 +43,15 @@ def _engine(**kw):
                   cpu_act_quant="none", **kw)
 
 
+def _identical_outputs(eng, expected: list[dict]) -> list[dict]:
+    """REQUESTS through `eng`: the same output ids as `expected`, the json_schema output valid."""
+    outs = [eng.generate(p, sp) for p, sp in REQUESTS]
+    for o, b, (_, sp) in zip(outs, expected, REQUESTS):
+        assert o["output_ids"] == b["output_ids"], sp
+    jsonschema.validate(json.loads(outs[-1]["text"]), PERSON)
+    return outs
+
+
 def test_eagle_outputs_identical_and_drafts_accepted() -> None:
     base = _engine()
     try:
@@ -54,10 +63,7 @@ def test_eagle_outputs_identical_and_drafts_accepted() -> None:
     # the accept rate below is per drafted token, and the head's second token is right less often
     eng = _engine(speculative_algorithm="EAGLE", speculative_num_draft_tokens=2, speculative_always_draft=True)
     try:
-        outs = [eng.generate(p, sp) for p, sp in REQUESTS]
-        for o, b, (_, sp) in zip(outs, expected, REQUESTS):
-            assert o["output_ids"] == b["output_ids"], sp
-        jsonschema.validate(json.loads(outs[-1]["text"]), PERSON)
+        outs = _identical_outputs(eng, expected)
         stats = eng.get_server_info()
         assert stats["speculative_algorithm"] == "EAGLE"
         # the trained head: far above chance (a random head's drafts over 49k tokens are ~never
@@ -65,6 +71,20 @@ def test_eagle_outputs_identical_and_drafts_accepted() -> None:
         # the previous one (0.347): the bound fails if a worse head ships
         assert stats["spec_verify_ct"] > 0 and stats["spec_accept_rate"] > 0.2, stats
         assert outs[1]["meta_info"]["spec_verify_ct"] > 0
+        eng.wait_idle()
+        eng.check_integrity()
+        assert eng.scheduler.spec.drafter.propose([], 1) == [] and eng.scheduler.spec.drafter.num_tracked == 0
+        chain_length = stats["spec_accept_length"]
+    finally:
+        eng.shutdown()
+    # token trees (--speculative-eagle-topk 3): the same outputs; 4 nodes, so the 2-token chain's path is in reach
+    # and two more candidates beside it: more tokens per verify step than the chain
+    eng = _engine(speculative_algorithm="EAGLE", speculative_num_draft_tokens=4, speculative_eagle_topk=3,
+                  speculative_num_steps=2, speculative_always_draft=True)
+    try:
+        outs = _identical_outputs(eng, expected)
+        stats = eng.get_server_info()
+        assert stats["spec_verify_ct"] > 0 and stats["spec_accept_length"] > chain_length, (stats, chain_length)
         eng.wait_idle()
         eng.check_integrity()
         assert eng.scheduler.spec.drafter.propose([], 1) == [] and eng.scheduler.spec.drafter.num_tracked == 0

@@ -37,12 +37,12 @@ def random_head(target_cfg: ModelConfig, seed: int = 0, **kw) -> EagleHead:
     return head.eval()
 
 
-def run(model, prompts, params, head=None, eos=frozenset({1}), quantize=None, **kw):
+def run(model, prompts, params, head=None, eos=frozenset({1}), quantize=None, topk=1, **kw):
     pool = 4096
     runner = ModelRunner(model, model.config, pool, eos)
     drafter = None
     if head is not None:
-        drafter = EagleDrafter(head, model, quantize=quantize)
+        drafter = EagleDrafter(head, model, quantize=quantize, topk=topk)
         runner.capture_hidden, runner.hidden_observer = True, drafter.observe
     done: dict[str, Req] = {}
     args = ServerArgs(speculative_max_batch=256, max_running_requests=256, **kw)
@@ -55,6 +55,18 @@ def run(model, prompts, params, head=None, eos=frozenset({1}), quantize=None, **
         s.step()
         s.check_integrity()
     return [done[str(i)] for i in range(len(prompts))], s, drafter
+
+
+def mixed_requests() -> tuple[list[list[int]], list[SamplingParams]]:
+    """18 random prompts, each with one of PARAMS' sampling settings and a random budget."""
+    import random
+
+    rng = random.Random(0)
+    prompts, params = [], []
+    for i in range(18):
+        prompts.append([rng.randrange(6) for _ in range(rng.randrange(2, 12))])
+        params.append(SamplingParams(max_new_tokens=rng.randrange(1, 30), **PARAMS[i % len(PARAMS)]))
+    return prompts, params
 
 
 def test_incremental_head_equals_dense_forward() -> None:
@@ -172,17 +184,11 @@ def test_rollback_drops_the_heads_stale_states(trim: bool, monkeypatch: pytest.M
 
 @pytest.mark.parametrize("reduced,quantize", [(False, None), (True, None), (True, "q8_0")])
 def test_any_head_keeps_outputs_identical(reduced: bool, quantize) -> None:
-    import random
-
     model = tiny_model(3)
     head = random_head(model.config, seed=1, draft_vocab_size=4 if reduced else None)
     if reduced:  # draft vocabulary {0, 2, 3, 5}: target id = d + d2t[d]
         head.d2t.copy_(torch.tensor([0, 1, 1, 2]))
-    rng = random.Random(0)
-    prompts, params = [], []
-    for i in range(18):
-        prompts.append([rng.randrange(6) for _ in range(rng.randrange(2, 12))])
-        params.append(SamplingParams(max_new_tokens=rng.randrange(1, 30), **PARAMS[i % len(PARAMS)]))
+    prompts, params = mixed_requests()
     base, _, _ = run(model, prompts, params)
     spec, s, drafter = run(model, prompts, params, head=head, quantize=quantize, speculative_num_draft_tokens=3)
     assert s.stats.spec_verify_ct > 0 and 0 < s.stats.spec_accepted_tokens < s.stats.spec_draft_tokens
@@ -253,9 +259,61 @@ def test_bad_checkpoints_are_refused(tmp_path: Path) -> None:
         load_head(folder, cfg)
 
 
-def test_topk_above_one_is_refused_until_trees() -> None:
-    with pytest.raises(ValueError, match="speculative_eagle_topk"):
-        ServerArgs(speculative_algorithm="EAGLE", speculative_eagle_topk=4)
+def test_topk_out_of_range_is_refused() -> None:
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="speculative_eagle_topk"):
+            ServerArgs(speculative_algorithm="EAGLE", speculative_eagle_topk=bad)
+
+
+@pytest.mark.parametrize("quantize", [None, "q8_0"])
+def test_token_trees_keep_outputs_identical(quantize) -> None:
+    """topk > 1: trees of up to 5 nodes (3 children per expanded node, 3 nodes expanded per level), verified in one
+    row with a tree mask: greedy and sampled outputs and logprobs as without speculation, and the tree's
+    extra branches accept drafts the chain's single path would have missed."""
+    model = tiny_model(3)
+    head = random_head(model.config, seed=1)
+    prompts, params = mixed_requests()
+    base, _, _ = run(model, prompts, params)
+    chain, sc, _ = run(model, prompts, params, head=head, quantize=quantize, speculative_num_draft_tokens=5,
+                       speculative_always_draft=True)
+    spec, s, drafter = run(model, prompts, params, head=head, quantize=quantize, topk=3,
+                           speculative_num_draft_tokens=5, speculative_always_draft=True)
+    for a, b in zip(base, spec):
+        assert b.output_ids == a.output_ids, (a.rid, a.params)
+        assert b.output_logprobs == pytest.approx(a.output_logprobs, abs=1e-4)
+    assert s.stats.spec_verify_ct > 0
+    assert s.stats.spec_accepted_tokens / s.stats.spec_verify_ct > sc.stats.spec_accepted_tokens / sc.stats.spec_verify_ct
+    drafter.propose([], 1)
+    assert drafter.num_tracked == 0
+
+
+def test_token_tree_shape() -> None:
+    """A tree's nodes come parents first, at most `budget` of them, at most num_steps deep; its first level holds
+    the head's topk likeliest tokens, so the chain's draft d_1 is among them and the chain's d_1 d_2 is a path."""
+    model = tiny_model(3)
+    head = random_head(model.config, seed=2)
+    prompt = [[2, 3, 4, 5, 0, 3]]
+    params = [SamplingParams(temperature=0, max_new_tokens=3)]
+    _, s, chain = run(model, prompt, params, head=head)
+    req = Req(rid="x", prompt_ids=[2, 3, 4, 5, 0, 3, 1, 2], params=params[0], arrival=0)
+    trees = EagleDrafter(head, model, topk=3, num_steps=3)
+    for drafter in (chain, trees):  # the target's states of the 8 tokens: one prefill through a runner
+        runner = ModelRunner(model, model.config, 64, frozenset({99}))
+        runner.capture_hidden, runner.hidden_observer = True, drafter.observe
+        sch = Scheduler(ServerArgs(), runner, OutputProcessor(Tok(frozenset({99}))), 64, lambda r: None)
+        sch.add_request(req)
+        sch.step()
+        req = Req(rid="x", prompt_ids=req.prompt_ids, params=params[0], arrival=0)
+    r1 = next(iter(chain._seqs)); r2 = next(iter(trees._seqs))
+    line = chain.propose([r1], 2)[0]
+    tree = trees.propose([r2], 7)[0]
+    assert len(tree) <= 7 and tree.parents is not None
+    depths = tree.depths()
+    assert max(depths) <= 3 and sum(d == 1 for d in depths) == 3
+    first = [j for j, d in enumerate(depths) if d == 1]
+    assert line.token_ids[0] in [tree.token_ids[j] for j in first]
+    j = next(j for j in first if tree.token_ids[j] == line.token_ids[0])
+    assert line.token_ids[1] in [tree.token_ids[c] for c, p in enumerate(tree.parents) if p == j]
 
 
 def test_unrolled_training_steps_equal_drafting() -> None:
