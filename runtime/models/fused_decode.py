@@ -12,10 +12,13 @@ Why: at batch 1 the unfused layer is ~15 small torch ops and 4 GEMV calls, each 
 a ~2 MB weight stream and each call a fork/join of the thread pool; profile: benchmarks/profile_decode_step.py.
 `ENABLED = False` turns the path off (the profile's A/B and the tests).
 
-A step of 2..64 generated token rows (`fb.generated_only`: a decode batch, speculative verify rows; prompt
-tokens keep the prefill path) with the same conditions runs `decode_rows`: the stack for all rows in one call, each row with the bits decode_stack gives
-that token alone, so a decode batch is batch-invariant and a verify row computes what the decode step
-without speculation computes. Row t's slot list is its sequence's slot table up to its own slot (a tree
+A step of 2..64 token rows with the same conditions runs `decode_rows`: the stack for all rows in one call, each
+row with the bits decode_stack gives that token alone, so a decode batch is batch-invariant and a verify row
+computes what the decode step without speculation computes. That holds for generated tokens (a decode batch,
+speculative verify rows) and for a short step's prompt tokens too (at most SHORT_STEP_ROWS tokens in all: a short
+prompt, the last chunk of a long one, a few prompts joining a decode batch), where the rows' q16 GEMM beats the
+prefill path's small-M fp32 GEMM (~1.5x at 8..64 tokens, 1 thread: README "Short prompts as decode rows"); longer
+steps keep the prefill path (from 96 rows MKL on dequantized weights, faster per token than the tile). Row t's slot list is its sequence's slot table up to its own slot (a tree
 node's: the prefix, its ancestors and itself). `ROWS_ENABLED = False` keeps such steps on the torch path.
 """
 
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 
 ENABLED = True
 ROWS_ENABLED = True
+SHORT_STEP_ROWS = MAX_ROWS  # a step of at most this many tokens runs decode_rows whole, prompt tokens included
 StackRunner = Callable[[torch.Tensor, RopeTables], torch.Tensor]  # (h, rope tables) -> h after every layer
 
 
@@ -137,9 +141,9 @@ def fuses_decode_tails(model: object, fb: ForwardBatch, kv: KVCache) -> bool:
 def split_decode_tails(model: "LlamaForCausalLM", fb: ForwardBatch,
                        kv: KVCache) -> Optional[tuple[Optional[ForwardBatch], ForwardBatch, torch.Tensor, torch.Tensor]]:
     """(the step's other tokens or None, its decode tails as decode rows, the token rows of each in fb) when the
-    step mixes prompt tokens with decode tails; else None (a generated-only step runs decode_rows whole).
+    step mixes prompt tokens with decode tails; else None (a generated-only or short step runs decode_rows whole).
     The first part runs first (it writes the K/V the tails attend to)."""
-    if fb.generated_only or not fuses_decode_tails(model, fb, kv):
+    if fb.generated_only or fb.num_tokens <= SHORT_STEP_ROWS or not fuses_decode_tails(model, fb, kv):
         return None
     tails = fb.decode_tails
     if sum(tails) > MAX_ROWS:
@@ -191,7 +195,8 @@ def row_slot_lists(fb: ForwardBatch) -> Optional[tuple[torch.Tensor, torch.Tenso
 
 
 def _rows_step(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache, ext: object) -> Optional[StackRunner]:
-    if not (ROWS_ENABLED and fb.generated_only and fb.num_tokens <= MAX_ROWS and hasattr(ext, "decode_rows")):
+    short = fb.num_tokens <= SHORT_STEP_ROWS and fb.tree_masks is None  # prompt rows too (module docstring)
+    if not (ROWS_ENABLED and (fb.generated_only or short) and fb.num_tokens <= MAX_ROWS and hasattr(ext, "decode_rows")):
         return None
     stack = model_stack(model, kv)
     lists = row_slot_lists(fb) if stack is not None else None

@@ -1,8 +1,8 @@
 """The fused decode paths (runtime/models/fused_decode.py: the layers in one C++ call, for one token or for up
 to 64 token rows) against the unfused layer (LlamaDecoderLayer.forward, the reference) on tiny random models
-with native weights: the same logits up to float rounding, the path really taken on decode steps and decode
-batches, a batch's rows bit-identical to each row alone, and not taken where it does not apply (prompt
-tokens, fp32 activations, fp32 models)."""
+with native weights: the same logits up to float rounding, the path really taken on decode steps, decode
+batches and short steps' prompt tokens, a batch's rows bit-identical to each row alone, and not taken where it
+does not apply (long prompt chunks, fp32 activations, fp32 models)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(not extension_available(), reason="the sgl.kerne
 @pytest.fixture
 def count_fused(monkeypatch) -> list[int]:
     """Counts the token-layers the fused kernels run (the real kernels run): decode_stack's layers, decode_layer's,
-    and decode_rows' layers x rows."""
+    and decode_rows' layers x rows. Short steps' prompt rows stay on the prefill path here (SHORT_STEP_ROWS 0), as
+    these tests are about decode rows; test_short_steps_run_prompt_tokens_as_decode_rows is about them."""
+    monkeypatch.setattr(fused_decode, "SHORT_STEP_ROWS", 0)
     calls = [0]
     real_layer, real_stack, real_rows = fused_decode.decode_layer, fused_decode.decode_stack, fused_decode.decode_rows
 
@@ -160,3 +162,23 @@ def test_a_decode_row_beside_a_prefill_chunk_keeps_its_bits(count_fused: list[in
     mixed = step(mixed=True)
     assert count_fused[0] - before == native.config.num_hidden_layers  # the decode row, fused; the chunk not
     assert torch.equal(mixed, alone)
+
+
+def test_short_steps_run_prompt_tokens_as_decode_rows(count_fused: list[int], monkeypatch) -> None:
+    """A step of at most SHORT_STEP_ROWS tokens runs its prompt tokens as decode rows too: each prompt token gets the
+    bits it gets when it is fed one token per step (a row's bits depend on its own slot list only), so a short
+    prompt's logits do not depend on how it was chunked; close to the prefill path's; longer steps keep it."""
+    monkeypatch.setattr(fused_decode, "SHORT_STEP_ROWS", 16)
+    hf = make_hf_model(tiny_hf_configs()["llama_gqa_untied"])
+    native, _ = quantized_pair(hf.state_dict(), ModelConfig.from_hf(hf.config), "q4_1")
+    layers = native.config.num_hidden_layers
+    prompts = random_prompts([12], seed=5)
+    whole = run_schedule(native, prompts, lambda b, step, left: 12 if step == 0 else 1)[0]  # one 12-token step
+    assert count_fused[0] == 12 * layers  # the prompt's rows, fused
+    by_token = run_schedule(native, prompts, lambda b, step, left: 1)[0]
+    assert torch.equal(whole, by_token)
+    monkeypatch.setattr(fused_decode, "SHORT_STEP_ROWS", 8)  # a 12-token step: the prefill path
+    before = count_fused[0]
+    prefill = run_schedule(native, prompts, lambda b, step, left: 12 if step == 0 else 1)[0]
+    assert count_fused[0] == before
+    assert_close(whole, prefill, rel=1e-3)
