@@ -1,6 +1,6 @@
 """Short prompts: the prefill path vs decode rows (runtime/models/fused_decode.py SHORT_STEP_ROWS), default model.
 
-    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_prefill_rows.py [--lengths 8 16 40 64 100 320]
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_prefill_rows.py [--lengths 8 16 40 64 100 320] [--act q8]
 
 Per prompt length L (random token ids): `model.forward` of the whole prompt in one step on the prefill path (fp32
 activations; MKL on dequantized weights from 96 rows) vs the same tokens as decode rows (`decode_rows`, q16, in
@@ -53,10 +53,12 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 40, 64, 100, 320])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--act", default="q16", choices=["q16", "q8"], help="the activation mode (--cpu-act-quant)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_prefill_rows.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cpu.set_num_threads(a.threads)
+    cpu.set_act_quant(a.act)
     lm = load_model("default", dtype="float32", device="cpu", show_progress=False, weight_format="native")
     kv = KVCache.for_model(lm.config, max(a.lengths) + 8, torch.float32, "cpu")
     g = torch.Generator().manual_seed(0)
@@ -69,8 +71,8 @@ def main() -> None:
         table.append({"tokens": n, "prefill_path_ms": round(path, 1), "rows_ms": round(rows, 1),
                       "rows_speedup": round(path / rows, 2)})
         print(f"{n:5d} tokens: prefill path {path:7.1f} ms, decode rows {rows:7.1f} ms, {path / rows:.2f}x", flush=True)
-    print(f"threads {a.threads}, load {load:.1f} -> {os.getloadavg()[0]:.1f}")
-    Path(a.out).write_text(json.dumps({"threads": a.threads, "load": [load, os.getloadavg()[0]], "table": table},
+    print(f"act {a.act}, threads {a.threads}, load {load:.1f} -> {os.getloadavg()[0]:.1f}")
+    Path(a.out).write_text(json.dumps({"act": a.act, "threads": a.threads, "load": [load, os.getloadavg()[0]], "table": table},
                                       indent=1))
 
 
