@@ -1,0 +1,224 @@
+// Attention of a GROUP of query rows that share a slot-list prefix (the 1 + k verify rows of one sequence: row
+// j's list is the sequence's table up to its own slot; tree rows: the prefix, ancestors, itself), for
+// decode_rows.cpp and decode_attention.cpp. Each shared key/value row is read once for all rows of the group
+// instead of once per row: a 1 + 8 chain over 400 slots re-read the prefix's K/V 9 times per layer.
+//
+// Contract: every row's result has the BITS of attend_heads (attention_common.h) on that row alone. Per query
+// head the operations and their order are attend_heads': a score per key is dot(q, k) * scale (dot4 and dot
+// give the same bits: attention_common.h), exp_shifted over the row's own score row, the output's FMAs over
+// the keys in ascending order (axpy64_rows and axpy do the same FMA per element), then * (1 / sum). Only the
+// loop nest changes (keys outer, rows inner), and a key's score or an output element's FMA chain does not
+// depend on it. tests/kernels/test_cpu_attention_rows.py checks the bits.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#include "attention_common.h"
+
+namespace {
+
+// Rows [first, first + count) of a call; their lists all begin with `shared` equal slots.
+struct RowGroup {
+  int64_t first, count, shared;
+};
+
+// Rows that share a prefix group only while each has at most this many keys of its own: a group computes
+// every row's scores before any row's values, so long own parts (decode rows of requests that share only a
+// cached prompt) would lose attend_heads' K/V reuse from L2 between a row's two passes.
+constexpr int64_t kMaxOwnKeys = 64;
+
+// Consecutive rows whose lists begin with the same slots as the run's first row (values compared; a chain's
+// rows point into one table), `shared` = the shortest such common prefix, each row's own part at most
+// kMaxOwnKeys. Rows of another sequence share no slot with it, or a cached prompt prefix whose K/V is the same
+// for both (grouping them is as exact). Once per call: the lists do not change across layers.
+// SGL_CPU_ATTN_NO_GROUPS=1 (read once) runs every row alone: the A/B of the benchmarks.
+inline std::vector<RowGroup> group_rows(const int64_t* const* slots, const int64_t* lens, int64_t M) {
+  static const bool off = std::getenv("SGL_CPU_ATTN_NO_GROUPS") != nullptr;
+  std::vector<RowGroup> groups;
+  for (int64_t t = 0; t < M;) {
+    RowGroup g{t, 1, lens[t]};
+    int64_t longest = lens[t];
+    for (int64_t u = t + 1; u < M && !off; u++) {
+      const int64_t n = std::min(lens[u], lens[t]);
+      int64_t c = 0;
+      if (slots[u] == slots[t]) c = n;
+      else
+        while (c < n && slots[u][c] == slots[t][c]) c++;
+      const int64_t shared = std::min(g.shared, c), top = std::max(longest, lens[u]);
+      if (c == 0 || top - shared > kMaxOwnKeys) break;
+      g.count++, g.shared = shared, longest = top;
+    }
+    groups.push_back(g);
+    t += g.count;
+  }
+  return groups;
+}
+
+// A work item of the attention phase: rows [r0, r1) of group `group`, kv heads [h0, h1).
+struct AttnItem {
+  int64_t group, r0, r1, h0, h1;
+};
+
+// The attention phase's items. One thread: one item per group (all rows, all kv heads). More threads: a
+// group's rows share its K/V, so a group splits by kv heads (each item reads 1/Hkv of the rows' K/V, once),
+// and by rows too when Hkv items would leave a thread idle (Hkv % threads != 0: 3 kv heads on 2 threads
+// gave one thread 2 heads, the other 1). Lone rows keep decode_attention's rule: whole rows when there are
+// at least as many of them as threads, else (row, kv head) pairs. Results do not depend on the items.
+inline std::vector<AttnItem> attn_items(const std::vector<RowGroup>& groups, int64_t Hkv, int64_t threads) {
+  std::vector<AttnItem> items;
+  const bool split_rows = threads > 1 && int64_t(groups.size()) < threads;
+  for (int64_t i = 0; i < int64_t(groups.size()); i++) {
+    const RowGroup& g = groups[i];
+    const bool grouped = g.count > 1;
+    const int64_t heads = threads <= 1 ? 1 : grouped || split_rows ? Hkv : 1;
+    const int64_t chunks = grouped && threads > 1 && Hkv % threads ? std::min(g.count, threads) : 1;
+    for (int64_t c = 0; c < chunks; c++) {
+      const int64_t r0 = g.count * c / chunks, r1 = g.count * (c + 1) / chunks;
+      for (int64_t h = 0; h < heads; h++)
+        items.push_back(heads == 1 ? AttnItem{i, r0, r1, 0, Hkv} : AttnItem{i, r0, r1, h, h + 1});
+    }
+  }
+  return items;
+}
+
+// out[r][0..D) += sum over keys l in [l0, l1) of p[l] * v_l (row r's query head i: p = its score row, v_l the
+// kv head's value row at slots[l]): per output element the FMAs in key order, as attend_heads.
+template <typename KV>
+inline void accumulate_values(const float* p, const KV* vbuf, const int64_t* slots, int64_t l0, int64_t l1,
+                              int64_t stride, int64_t off, int64_t D, float* out) {
+  int64_t l = l0;
+#ifdef SGL_ATTN_AVX2
+  constexpr int64_t kTile = 16;
+  const KV* vt[kTile];
+  for (; l < l1; l += kTile) {
+    const int64_t n = std::min(kTile, l1 - l);
+    for (int64_t t = 0; t < n; t++) vt[t] = vbuf + slots[l + t] * stride + off;
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) {
+      const KV* vd[kTile];
+      for (int64_t t = 0; t < n; t++) vd[t] = vt[t] + d0;
+      axpy64_rows(p + l, 1, vd, n, out + d0);
+    }
+    for (int64_t t = 0; d0 < D && t < n; t++) axpy(p[l + t], vt[t] + d0, out + d0, D - d0);
+  }
+#endif
+  for (; l < l1; l++) axpy(p[l], vbuf + slots[l] * stride + off, out, D);
+}
+
+// Attention of R rows over kv heads [h0, h1) (attend_heads' arguments per row: q[r] [(h1 - h0) G, D], the
+// slot list slots[r][0..lens[r]), out[r]), where slots[r][l] == slots[0][l] for l < P <= every lens[r].
+// scores: sum over r of (h1 - h0) G (lens[r] + 1) floats of scratch.
+template <typename KV>
+inline void attend_group(const float* const* q, const int64_t* const* slots, const int64_t* lens, int64_t R,
+                         int64_t P, int64_t h0, int64_t h1, int64_t G, int64_t D, const KV* kbuf, const KV* vbuf,
+                         int64_t stride, float scale, float* scores, float* const* out) {
+  const int64_t nq = (h1 - h0) * G, row_bytes = (h1 - h0) * D * int64_t(sizeof(KV)), base = h0 * D;
+  static thread_local std::vector<float*> srow;  // row r's scores [nq, lens[r]] then its nq sums
+  srow.resize(R);
+  for (int64_t r = 0, off = 0; r < R; off += nq * (lens[r] + 1), r++) srow[r] = scores + off;
+  const int64_t* sh = slots[0];
+  // scores of the shared keys: each key's K rows (4 at a time) stay in L1 across the rows' query heads
+  int64_t l = 0;
+  auto prefetch = [&](int64_t from, int64_t to) {
+    for (int64_t c = from; c < to && c + kAttnAhead < P; c++) {
+      prefetch_bytes(kbuf + sh[c + kAttnAhead] * stride + base, row_bytes);
+      prefetch_bytes(vbuf + sh[c + kAttnAhead] * stride + base, row_bytes);
+    }
+  };
+#ifdef SGL_ATTN_AVX2
+  if (D % 16 == 0)
+    for (; l + 4 <= P; l += 4) {
+      prefetch(l, l + 4);
+      const KV* k4[4];
+      for (int64_t i = 0; i < nq; i++) {
+        const int64_t off = base + (i / G) * D;
+        for (int c = 0; c < 4; c++) k4[c] = kbuf + sh[l + c] * stride + off;
+        for (int64_t r = 0; r < R; r++) {
+          float* s = srow[r] + i * lens[r] + l;
+          dot4(q[r] + i * D, k4, D, scale, s, s + 1, s + 2, s + 3);
+        }
+      }
+    }
+#endif
+  for (; l < P; l++) {
+    prefetch(l, l + 1);
+    const KV* k = kbuf + sh[l] * stride + base;
+    for (int64_t i = 0; i < nq; i++)
+      for (int64_t r = 0; r < R; r++) srow[r][i * lens[r] + l] = dot(q[r] + i * D, k + (i / G) * D, D) * scale;
+  }
+  // each row's own keys [P, lens[r]) (a chain row's drafts before it and itself: just stored, in cache)
+  for (int64_t r = 0; r < R; r++) {
+    const int64_t len = lens[r], *sl = slots[r];
+    for (int64_t j = P; j < len;) {
+#ifdef SGL_ATTN_AVX2
+      const int64_t step = D % 16 == 0 && j + 4 <= len ? 4 : 1;
+#else
+      const int64_t step = 1;
+#endif
+      for (int64_t c = j; c < j + step && c + kAttnAhead < len; c++) {
+        prefetch_bytes(kbuf + sl[c + kAttnAhead] * stride + base, row_bytes);
+        prefetch_bytes(vbuf + sl[c + kAttnAhead] * stride + base, row_bytes);
+      }
+      for (int64_t i = 0; i < nq; i++) {
+        const int64_t off = base + (i / G) * D;
+        float* s = srow[r] + i * len + j;
+#ifdef SGL_ATTN_AVX2
+        if (step == 4) {
+          const KV* k4[4] = {kbuf + sl[j] * stride + off, kbuf + sl[j + 1] * stride + off,
+                             kbuf + sl[j + 2] * stride + off, kbuf + sl[j + 3] * stride + off};
+          dot4(q[r] + i * D, k4, D, scale, s, s + 1, s + 2, s + 3);
+          continue;
+        }
+#endif
+        *s = dot(q[r] + i * D, kbuf + sl[j] * stride + off, D) * scale;
+      }
+      j += step;
+    }
+  }
+  for (int64_t r = 0; r < R; r++) {
+    float* sums = srow[r] + nq * lens[r];
+    for (int64_t i = 0; i < nq; i++) sums[i] = exp_shifted(srow[r] + i * lens[r], lens[r]);
+    std::fill(out[r], out[r] + nq * D, 0.f);
+  }
+  // values: tiles of shared keys (in L1 for the rows' query heads), then each row's rest in key order
+  constexpr int64_t kTile = 16;
+  int64_t lt = 0;
+  for (; lt + kTile <= P; lt += kTile)
+    for (int64_t i = 0; i < nq; i++)
+      for (int64_t r = 0; r < R; r++)
+        accumulate_values(srow[r] + i * lens[r], vbuf, sh, lt, lt + kTile, stride, base + (i / G) * D, D,
+                          out[r] + i * D);
+  for (int64_t r = 0; r < R; r++) {
+    const float* sums = srow[r] + nq * lens[r];
+    for (int64_t i = 0; i < nq; i++) {
+      float* o = out[r] + i * D;
+      accumulate_values(srow[r] + i * lens[r], vbuf, slots[r], lt, lens[r], stride, base + (i / G) * D, D, o);
+      const float inv = 1.f / sums[i];
+      for (int64_t j = 0; j < D; j++) o[j] *= inv;
+    }
+  }
+}
+
+// attend_group over a pool (KVPool::attend's dispatch on the element type).
+inline void attend_group(const KVPool& kv, const float* const* q, const int64_t* const* slots, const int64_t* lens,
+                         int64_t R, int64_t P, int64_t h0, int64_t h1, int64_t G, int64_t D, int64_t stride,
+                         float scale, float* scores, float* const* out) {
+  if (kv.half)
+    attend_group(q, slots, lens, R, P, h0, h1, G, D, static_cast<const Half*>(kv.k), static_cast<const Half*>(kv.v),
+                 stride, scale, scores, out);
+  else
+    attend_group(q, slots, lens, R, P, h0, h1, G, D, static_cast<const float*>(kv.k), static_cast<const float*>(kv.v),
+                 stride, scale, scores, out);
+}
+
+// Scratch floats attend_group needs for rows [r0, r1) of a group over kv heads [h0, h1).
+inline int64_t group_scores_size(const int64_t* lens, int64_t r0, int64_t r1, int64_t nq) {
+  int64_t n = 0;
+  for (int64_t r = r0; r < r1; r++) n += nq * (lens[r] + 1);
+  return n;
+}
+
+}  // namespace
