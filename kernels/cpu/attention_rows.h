@@ -84,122 +84,113 @@ inline std::vector<AttnItem> attn_items(const std::vector<RowGroup>& groups, int
   return items;
 }
 
-// out[r][0..D) += sum over keys l in [l0, l1) of p[l] * v_l (row r's query head i: p = its score row, v_l the
-// kv head's value row at slots[l]): per output element the FMAs in key order, as attend_heads.
-template <typename KV>
-inline void accumulate_values(const float* p, const KV* vbuf, const int64_t* slots, int64_t l0, int64_t l1,
-                              int64_t stride, int64_t off, int64_t D, float* out) {
-  int64_t l = l0;
-#ifdef SGL_ATTN_AVX2
-  constexpr int64_t kTile = 16;
-  const KV* vt[kTile];
-  for (; l < l1; l += kTile) {
-    const int64_t n = std::min(kTile, l1 - l);
-    for (int64_t t = 0; t < n; t++) vt[t] = vbuf + slots[l + t] * stride + off;
-    int64_t d0 = 0;
-    for (; d0 + 64 <= D; d0 += 64) {
-      const KV* vd[kTile];
-      for (int64_t t = 0; t < n; t++) vd[t] = vt[t] + d0;
-      axpy64_rows(p + l, 1, vd, n, out + d0);
-    }
-    for (int64_t t = 0; d0 < D && t < n; t++) axpy(p[l + t], vt[t] + d0, out + d0, D - d0);
-  }
-#endif
-  for (; l < l1; l++) axpy(p[l], vbuf + slots[l] * stride + off, out, D);
-}
-
 // Attention of R rows over kv heads [h0, h1) (attend_heads' arguments per row: q[r] [(h1 - h0) G, D], the
 // slot list slots[r][0..lens[r]), out[r]), where slots[r][l] == slots[0][l] for l < P <= every lens[r].
-// scores: sum over r of (h1 - h0) G (lens[r] + 1) floats of scratch.
-template <typename KV>
-inline void attend_group(const float* const* q, const int64_t* const* slots, const int64_t* lens, int64_t R,
-                         int64_t P, int64_t h0, int64_t h1, int64_t G, int64_t D, const KV* kbuf, const KV* vbuf,
-                         int64_t stride, float scale, float* scores, float* const* out) {
-  const int64_t nq = (h1 - h0) * G, row_bytes = (h1 - h0) * D * int64_t(sizeof(KV)), base = h0 * D;
+// scores: sum over r of (h1 - h0) G (lens[r] + 1) floats of scratch. Ops: Ymm or Zmm (attention_common.h).
+template <typename Ops, typename KV>
+inline void attend_group_with(const float* const* q, const int64_t* const* slots, const int64_t* lens, int64_t R,
+                              int64_t P, int64_t h0, int64_t h1, int64_t G, int64_t D, const KV* kbuf, const KV* vbuf,
+                              int64_t stride, float scale, float* scores, float* const* out) {
+  const int64_t nkv = h1 - h0, nq = nkv * G, row_bytes = nkv * D * int64_t(sizeof(KV)), base = h0 * D;
   static thread_local std::vector<float*> srow;  // row r's scores [nq, lens[r]] then its nq sums
   srow.resize(R);
   for (int64_t r = 0, off = 0; r < R; off += nq * (lens[r] + 1), r++) srow[r] = scores + off;
   const int64_t* sh = slots[0];
-  // scores of the shared keys: each key's K rows (4 at a time) stay in L1 across the rows' query heads
   int64_t l = 0;
-  auto prefetch = [&](int64_t from, int64_t to) {
-    for (int64_t c = from; c < to && c + kAttnAhead < P; c++) {
-      prefetch_bytes(kbuf + sh[c + kAttnAhead] * stride + base, row_bytes);
-      prefetch_bytes(vbuf + sh[c + kAttnAhead] * stride + base, row_bytes);
-    }
-  };
 #ifdef SGL_ATTN_AVX2
+  // scores of the shared keys, 4 at a time: their K rows stay in L1 across the rows (2 at a time) and heads
   if (D % 16 == 0)
     for (; l + 4 <= P; l += 4) {
-      prefetch(l, l + 4);
+      for (int64_t c = l; c < l + 4 && c + kAttnAhead < P; c++) {
+        prefetch_bytes(kbuf + sh[c + kAttnAhead] * stride + base, row_bytes);
+        prefetch_bytes(vbuf + sh[c + kAttnAhead] * stride + base, row_bytes);
+      }
       const KV* k4[4];
       for (int64_t i = 0; i < nq; i++) {
-        const int64_t off = base + (i / G) * D;
-        for (int c = 0; c < 4; c++) k4[c] = kbuf + sh[l + c] * stride + off;
-        for (int64_t r = 0; r < R; r++) {
-          float* s = srow[r] + i * lens[r] + l;
-          dot4(q[r] + i * D, k4, D, scale, s, s + 1, s + 2, s + 3);
-        }
+        for (int c = 0; c < 4; c++) k4[c] = kbuf + sh[l + c] * stride + base + (i / G) * D;
+        int64_t r = 0;
+        for (; r + 2 <= R; r += 2)
+          Ops::dot4x2(q[r] + i * D, k4, q[r + 1] + i * D, k4, D, scale, srow[r] + i * lens[r] + l,
+                      srow[r + 1] + i * lens[r + 1] + l);
+        if (r < R) Ops::dot4(q[r] + i * D, k4, D, scale, srow[r] + i * lens[r] + l);
       }
     }
 #endif
   for (; l < P; l++) {
-    prefetch(l, l + 1);
+    if (l + kAttnAhead < P) {
+      prefetch_bytes(kbuf + sh[l + kAttnAhead] * stride + base, row_bytes);
+      prefetch_bytes(vbuf + sh[l + kAttnAhead] * stride + base, row_bytes);
+    }
     const KV* k = kbuf + sh[l] * stride + base;
     for (int64_t i = 0; i < nq; i++)
-      for (int64_t r = 0; r < R; r++) srow[r][i * lens[r] + l] = dot(q[r] + i * D, k + (i / G) * D, D) * scale;
+      for (int64_t r = 0; r < R; r++) srow[r][i * lens[r] + l] = Ops::dot(q[r] + i * D, k + (i / G) * D, D) * scale;
   }
   // each row's own keys [P, lens[r]) (a chain row's drafts before it and itself: just stored, in cache)
-  for (int64_t r = 0; r < R; r++) {
-    const int64_t len = lens[r], *sl = slots[r];
-    for (int64_t j = P; j < len;) {
-#ifdef SGL_ATTN_AVX2
-      const int64_t step = D % 16 == 0 && j + 4 <= len ? 4 : 1;
-#else
-      const int64_t step = 1;
-#endif
-      for (int64_t c = j; c < j + step && c + kAttnAhead < len; c++) {
-        prefetch_bytes(kbuf + sl[c + kAttnAhead] * stride + base, row_bytes);
-        prefetch_bytes(vbuf + sl[c + kAttnAhead] * stride + base, row_bytes);
-      }
-      for (int64_t i = 0; i < nq; i++) {
-        const int64_t off = base + (i / G) * D;
-        float* s = srow[r] + i * len + j;
-#ifdef SGL_ATTN_AVX2
-        if (step == 4) {
-          const KV* k4[4] = {kbuf + sl[j] * stride + off, kbuf + sl[j + 1] * stride + off,
-                             kbuf + sl[j + 2] * stride + off, kbuf + sl[j + 3] * stride + off};
-          dot4(q[r] + i * D, k4, D, scale, s, s + 1, s + 2, s + 3);
-          continue;
-        }
-#endif
-        *s = dot(q[r] + i * D, kbuf + sl[j] * stride + off, D) * scale;
-      }
-      j += step;
-    }
-  }
+  for (int64_t r = 0; r < R; r++)
+    scores_keys<Ops>(q[r], nq, G, D, h0, kbuf, vbuf, slots[r], P, lens[r], lens[r], stride, scale, srow[r]);
   for (int64_t r = 0; r < R; r++) {
     float* sums = srow[r] + nq * lens[r];
-    for (int64_t i = 0; i < nq; i++) sums[i] = exp_shifted(srow[r] + i * lens[r], lens[r]);
+    for (int64_t i = 0; i < nq; i++) sums[i] = Ops::exp_shifted(srow[r] + i * lens[r], lens[r]);
     std::fill(out[r], out[r] + nq * D, 0.f);
   }
-  // values: tiles of shared keys (in L1 for the rows' query heads), then each row's rest in key order
-  constexpr int64_t kTile = 16;
+  // values: tiles of shared keys (in L1 for the rows' query heads; rows 2 at a time), then each row's rest
   int64_t lt = 0;
+#ifdef SGL_ATTN_AVX2
+  constexpr int64_t kTile = 16;
+  const KV* vt[kTile];
   for (; lt + kTile <= P; lt += kTile)
-    for (int64_t i = 0; i < nq; i++)
-      for (int64_t r = 0; r < R; r++)
-        accumulate_values(srow[r] + i * lens[r], vbuf, sh, lt, lt + kTile, stride, base + (i / G) * D, D,
-                          out[r] + i * D);
+    for (int64_t i = 0; i < nq; i++) {
+      for (int64_t t = 0; t < kTile; t++) vt[t] = vbuf + sh[lt + t] * stride + base + (i / G) * D;
+      int64_t r = 0;
+      for (; r + 2 <= R; r += 2) {
+        const float *pa = srow[r] + i * lens[r] + lt, *pb = srow[r + 1] + i * lens[r + 1] + lt;
+        float *oa = out[r] + i * D, *ob = out[r + 1] + i * D;
+        int64_t d0 = 0;
+        for (; d0 + 64 <= D; d0 += 64) Ops::axpy64_rows2(pa, vt, oa + d0, pb, vt, ob + d0, d0, kTile);
+        for (int64_t t = 0; d0 < D && t < kTile; t++) {
+          axpy(pa[t], vt[t] + d0, oa + d0, D - d0);
+          axpy(pb[t], vt[t] + d0, ob + d0, D - d0);
+        }
+      }
+      if (r < R) {
+        const float* pa = srow[r] + i * lens[r] + lt;
+        float* oa = out[r] + i * D;
+        int64_t d0 = 0;
+        for (; d0 + 64 <= D; d0 += 64) Ops::axpy64_rows(pa, vt, d0, kTile, oa + d0);
+        for (int64_t t = 0; d0 < D && t < kTile; t++) axpy(pa[t], vt[t] + d0, oa + d0, D - d0);
+      }
+    }
+#endif
   for (int64_t r = 0; r < R; r++) {
+    values_keys<Ops>(srow[r], lens[r], nq, G, D, h0, vbuf, slots[r], lt, lens[r], stride, out[r]);
     const float* sums = srow[r] + nq * lens[r];
     for (int64_t i = 0; i < nq; i++) {
-      float* o = out[r] + i * D;
-      accumulate_values(srow[r] + i * lens[r], vbuf, slots[r], lt, lens[r], stride, base + (i / G) * D, D, o);
       const float inv = 1.f / sums[i];
-      for (int64_t j = 0; j < D; j++) o[j] *= inv;
+      for (int64_t j = 0; j < D; j++) out[r][i * D + j] *= inv;
     }
   }
+}
+
+#ifdef SGL_ATTN_ZMM
+// attend_group_with<Zmm> compiled for AVX-512 (as attend_heads_zmm).
+template <typename KV>
+SGL_TARGET_ATTN_ZMM __attribute__((flatten)) void attend_group_zmm(const float* const* q, const int64_t* const* slots,
+                                                                   const int64_t* lens, int64_t R, int64_t P,
+                                                                   int64_t h0, int64_t h1, int64_t G, int64_t D,
+                                                                   const KV* kbuf, const KV* vbuf, int64_t stride,
+                                                                   float scale, float* scores, float* const* out) {
+  attend_group_with<Zmm>(q, slots, lens, R, P, h0, h1, G, D, kbuf, vbuf, stride, scale, scores, out);
+}
+#endif
+
+template <typename KV>
+inline void attend_group(const float* const* q, const int64_t* const* slots, const int64_t* lens, int64_t R,
+                         int64_t P, int64_t h0, int64_t h1, int64_t G, int64_t D, const KV* kbuf, const KV* vbuf,
+                         int64_t stride, float scale, float* scores, float* const* out) {
+#ifdef SGL_ATTN_ZMM
+  if (have_attn_zmm()) return attend_group_zmm(q, slots, lens, R, P, h0, h1, G, D, kbuf, vbuf, stride, scale, scores, out);
+#endif
+  attend_group_with<Ymm>(q, slots, lens, R, P, h0, h1, G, D, kbuf, vbuf, stride, scale, scores, out);
 }
 
 // attend_group over a pool (KVPool::attend's dispatch on the element type).

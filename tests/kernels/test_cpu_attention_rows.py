@@ -93,3 +93,44 @@ def test_decode_rows_chain_matches_decode_stack_per_token(threads: int, kv_dtype
     ref, h_ref = clone(stack), h.clone()
     run_rows(stack, h, chain, positions)
     assert_same(stack, ref, h, run_one_by_one(ref, h_ref, chain, positions))
+
+
+def _avx512() -> bool:
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return {"avx512f", "avx512vl", "avx512dq"} <= set(flags)
+
+
+def test_avx512_loops_give_the_avx2_bits() -> None:
+    """The AVX-512 row loops (attention_zmm.h) and the AVX2 ones (what an AVX2-only CPU runs,
+    SGL_CPU_ATTN_NO_ZMM=1) give the same bits: lone rows (lengths 1..301, so every key and D tail), groups, fp32
+    and fp16, D = 64 / 80 / 20, odd head counts (head pairs across kv heads). In subprocesses: the choice is
+    made once per process."""
+    if not cpu.extension_available() or not _avx512():
+        pytest.skip("needs the C++ extension on an AVX-512 CPU")
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import hashlib, torch
+import tests.kernels.test_cpu_attention_rows as t
+from sgl.kernels.cpu.attention import decode_attention
+for H, K, D in ((9, 3, 64), (5, 5, 80), (6, 2, 20)):
+    for dt in (torch.float32, torch.float16):
+        g = torch.Generator().manual_seed(D)
+        p = torch.randperm(900, generator=g)
+        L = [p[:n] for n in (1, 2, 3, 5, 16, 17, 33, 64, 301)] + [p[400:520 + j] for j in range(9)]
+        k, v = (torch.randn(900, K, D, generator=g).to(dt) for _ in range(2))
+        o = decode_attention(torch.randn(len(L), H, D, generator=g), k, v, *t.batch(L), D ** -0.5)
+        print(hashlib.sha256(o.numpy().tobytes()).hexdigest())
+"""
+    outs = []
+    for env in ({}, {"SGL_CPU_ATTN_NO_ZMM": "1"}):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout.strip())
+    assert outs[0] == outs[1]
