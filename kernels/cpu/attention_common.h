@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "quant_common.h"  // f16_bits_to_f32
@@ -166,34 +167,23 @@ inline void axpy64_rows(const float* a, const KV* const* v, int64_t off, int64_t
 
 // The row loops of attend_heads / attend_group (attention_rows.h) as a type, so that each kernel is compiled
 // twice with the same bits: Ymm (the AVX2 loops above; dot and exp_shifted alone in the scalar build) and Zmm
-// (attention_zmm.h: AVX-512, chosen at run time). The x2 forms do two query rows (scores) or two outputs
-// (values) per call: Zmm interleaves them (independent FMA chains: one pair's 4 chains wait on the FMA
-// latency), Ymm calls the single form twice.
+// (attention_zmm.h: AVX-512, chosen at run time). The N-row forms take N = 1, 2 or 4 query rows that read the
+// same keys / values (the G query heads of a kv head, a group's rows): Zmm loads each K / V vector once for
+// the N rows and keeps 4N FMA chains in flight (4 chains wait on the FMA latency); Ymm runs the rows one by one.
 struct Ymm {
   template <typename KV>
   static float dot(const float* a, const KV* b, int64_t d) { return ::dot(a, b, d); }
   static float exp_shifted(float* s, int64_t n) { return ::exp_shifted(s, n); }
 #ifdef SGL_ATTN_AVX2
-  // sa[c] = dot(qa, ka[c]) * scale, sb[c] = dot(qb, kb[c]) * scale for c < 4 (d % 16 == 0)
-  template <typename KV>
-  static void dot4x2(const float* qa, const KV* const ka[4], const float* qb, const KV* const kb[4], int64_t d,
-                     float scale, float* sa, float* sb) {
-    ::dot4(qa, ka, d, scale, sa, sa + 1, sa + 2, sa + 3);
-    ::dot4(qb, kb, d, scale, sb, sb + 1, sb + 2, sb + 3);
+  // s[m][c] = dot(q[m], k[c], d) * scale for m < N, c < 4 (d % 16 == 0)
+  template <int N, typename KV>
+  static void dot4n(const float* const* q, const KV* const k[4], int64_t d, float scale, float* const* s) {
+    for (int m = 0; m < N; m++) ::dot4(q[m], k, d, scale, s[m], s[m] + 1, s[m] + 2, s[m] + 3);
   }
-  template <typename KV>
-  static void dot4(const float* q, const KV* const k[4], int64_t d, float scale, float* s) {
-    ::dot4(q, k, d, scale, s, s + 1, s + 2, s + 3);
-  }
-  template <typename KV>
-  static void axpy64_rows(const float* a, const KV* const* v, int64_t off, int64_t n, float* out) {
-    ::axpy64_rows(a, v, off, n, out);
-  }
-  template <typename KV>
-  static void axpy64_rows2(const float* a, const KV* const* va, float* outa, const float* b, const KV* const* vb,
-                           float* outb, int64_t off, int64_t n) {
-    ::axpy64_rows(a, va, off, n, outa);
-    ::axpy64_rows(b, vb, off, n, outb);
+  // out[m][0..64) += sum over r < n of p[m][r] * v[r][off .. off + 64), for m < N
+  template <int N, typename KV>
+  static void axpy64n(const float* const* p, const KV* const* v, int64_t off, int64_t n, float* const* out) {
+    for (int m = 0; m < N; m++) ::axpy64_rows(p[m], v, off, n, out[m]);
   }
 #endif
 };
@@ -215,16 +205,31 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
-// scores[i * len + l] = dot(q_i, k_l) * scale for the nq query heads i of kv heads [h0, ..) (head i reads kv
-// head h0 + i / G) and the keys l in [l0, l1) (key l: the row at kbuf + slots[l] * stride + h0 * D + ..). Keys 4
-// at a time where D % 16 == 0 (dot4: dot()'s bits), query heads 2 at a time. Prefetches the K and V rows of
-// the slot kAttnAhead ahead (below l1): the value pass then reads them from L2.
+// A query vector of an attention call: q [D], its score row (key l's score at s[l]) and its output [D].
+struct QueryRow {
+  const float* q;
+  float* s;
+  float* out;
+};
+
+// f(i, N) for the rows [0, n) in chunks of N = 4, then 2, then 1 (N a compile-time constant).
+template <class F>
+inline void by_4_2_1(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) f(i, std::integral_constant<int, 4>{});
+  for (; i + 2 <= n; i += 2) f(i, std::integral_constant<int, 2>{});
+  for (; i < n; i++) f(i, std::integral_constant<int, 1>{});
+}
+
+// row.s[l] = dot(row.q, k_l) * scale for the keys l in [l0, l1) and the rows that read kv head h0 + g
+// (rows[first[g] .. first[g + 1]), g < nkv); key l of kv head h: the D values at kbuf + slots[l] * stride +
+// h * D. Keys 4 at a time where D % 16 == 0 (dot4: dot()'s bits). Prefetches the K and V rows of the slot
+// kAttnAhead ahead (below l1): the value pass then reads them from L2.
 template <typename Ops, typename KV>
-inline void scores_keys(const float* q, int64_t nq, int64_t G, int64_t D, int64_t h0, const KV* kbuf, const KV* vbuf,
-                        const int64_t* slots, int64_t l0, int64_t l1, int64_t len, int64_t stride, float scale,
-                        float* scores) {
-  const int64_t row_bytes = (nq / G) * D * int64_t(sizeof(KV)), base = h0 * D;
-  for (int64_t l = l0; l < l1; l++) {
+inline void scores_rows(const QueryRow* rows, const int64_t* first, int64_t nkv, int64_t D, int64_t h0, const KV* kbuf,
+                        const KV* vbuf, const int64_t* slots, int64_t l0, int64_t l1, int64_t stride, float scale) {
+  const int64_t row_bytes = nkv * D * int64_t(sizeof(KV)), base = h0 * D;
+  for (int64_t l = l0; l < l1;) {
 #ifdef SGL_ATTN_AVX2
     const int64_t step = D % 16 == 0 && l + 4 <= l1 ? 4 : 1;
 #else
@@ -234,67 +239,66 @@ inline void scores_keys(const float* q, int64_t nq, int64_t G, int64_t D, int64_
       prefetch_bytes(kbuf + slots[c + kAttnAhead] * stride + base, row_bytes);
       prefetch_bytes(vbuf + slots[c + kAttnAhead] * stride + base, row_bytes);
     }
+    for (int64_t g = 0; g < nkv; g++) {
+      const QueryRow* rg = rows + first[g];
 #ifdef SGL_ATTN_AVX2
-    if (step == 4) {
-      const KV *ka[4], *kb[4];
-      for (int64_t i = 0; i < nq; i += 2) {
-        for (int c = 0; c < 4; c++) ka[c] = kbuf + slots[l + c] * stride + base + (i / G) * D;
-        float* s = scores + i * len + l;
-        if (i + 1 < nq) {
-          for (int c = 0; c < 4; c++) kb[c] = kbuf + slots[l + c] * stride + base + ((i + 1) / G) * D;
-          Ops::dot4x2(q + i * D, ka, q + (i + 1) * D, kb, D, scale, s, s + len);
-        } else {
-          Ops::dot4(q + i * D, ka, D, scale, s);
-        }
+      if (step == 4) {
+        const KV* k4[4];
+        for (int c = 0; c < 4; c++) k4[c] = kbuf + slots[l + c] * stride + base + g * D;
+        by_4_2_1(first[g + 1] - first[g], [&](int64_t i, auto N) {
+          constexpr int n = decltype(N)::value;
+          const float* qs[n];
+          float* ss[n];
+          for (int m = 0; m < n; m++) qs[m] = rg[i + m].q, ss[m] = rg[i + m].s + l;
+          Ops::template dot4n<n>(qs, k4, D, scale, ss);
+        });
+        continue;
       }
-      l += 3;
-      continue;
-    }
 #endif
-    const KV* k = kbuf + slots[l] * stride + base;
-    for (int64_t i = 0; i < nq; i++) scores[i * len + l] = Ops::dot(q + i * D, k + (i / G) * D, D) * scale;
+      const KV* k = kbuf + slots[l] * stride + base + g * D;
+      for (int64_t i = 0; i < first[g + 1] - first[g]; i++) rg[i].s[l] = Ops::dot(rg[i].q, k, D) * scale;
+    }
+    l += step;
   }
 }
 
-// out_i[0..D) += sum over keys l in [l0, l1) of p_i[l] * v_l (v_l: kv head h0 + i / G's value row at slots[l];
-// p_i = scores + i * len) for the nq query heads: per output element the FMAs in key order (axpy's).
+// row.out[0..D) += sum over keys l in [l0, l1) of row.s[l] * v_l (kv head h0 + g's value row at slots[l] for
+// the rows of kv head g, as scores_rows): per output element the FMAs in key order (axpy's).
 template <typename Ops, typename KV>
-inline void values_keys(const float* scores, int64_t len, int64_t nq, int64_t G, int64_t D, int64_t h0,
-                        const KV* vbuf, const int64_t* slots, int64_t l0, int64_t l1, int64_t stride, float* out) {
+inline void values_rows(const QueryRow* rows, const int64_t* first, int64_t nkv, int64_t D, int64_t h0, const KV* vbuf,
+                        const int64_t* slots, int64_t l0, int64_t l1, int64_t stride) {
   int64_t l = l0;
 #ifdef SGL_ATTN_AVX2
-  // Tiles of kTile slots: each query head's output chunk of 64 stays in registers across the tile (its V
-  // rows then come from L1 for the G heads that share them).
+  // Tiles of kTile slots: a row's output chunk of 64 stays in registers across the tile (the V rows then
+  // come from L1 for the rows that share them).
   constexpr int64_t kTile = 16;
-  static thread_local std::vector<const KV*> vt;  // [kv head][tile slot] value rows
-  const int64_t nkv = nq / G;
-  vt.resize(nkv * kTile);
+  const KV* vt[kTile];
   for (; l < l1; l += kTile) {
-    const int64_t n = std::min(kTile, l1 - l);
-    for (int64_t g = 0; g < nkv; g++)
-      for (int64_t t = 0; t < n; t++) vt[g * kTile + t] = vbuf + slots[l + t] * stride + (h0 + g) * D;
-    for (int64_t i = 0; i < nq; i += 2) {
-      const bool two = i + 1 < nq;
-      const KV* const* va = vt.data() + (i / G) * kTile;
-      const KV* const* vb = two ? vt.data() + ((i + 1) / G) * kTile : va;
-      const float *pa = scores + i * len + l, *pb = pa + len;
-      float *oa = out + i * D, *ob = oa + D;
-      int64_t d0 = 0;
-      for (; d0 + 64 <= D; d0 += 64) {
-        if (two) Ops::axpy64_rows2(pa, va, oa + d0, pb, vb, ob + d0, d0, n);
-        else Ops::axpy64_rows(pa, va, d0, n, oa + d0);
-      }
-      for (int64_t t = 0; d0 < D && t < n; t++) {
-        axpy(pa[t], va[t] + d0, oa + d0, D - d0);
-        if (two) axpy(pb[t], vb[t] + d0, ob + d0, D - d0);
-      }
+    const int64_t cnt = std::min(kTile, l1 - l);
+    for (int64_t g = 0; g < nkv; g++) {
+      for (int64_t t = 0; t < cnt; t++) vt[t] = vbuf + slots[l + t] * stride + (h0 + g) * D;
+      const QueryRow* rg = rows + first[g];
+      by_4_2_1(first[g + 1] - first[g], [&](int64_t i, auto N) {
+        constexpr int n = decltype(N)::value;
+        const float* ps[n];
+        float* os[n];
+        for (int m = 0; m < n; m++) ps[m] = rg[i + m].s + l;
+        int64_t d0 = 0;
+        for (; d0 + 64 <= D; d0 += 64) {
+          for (int m = 0; m < n; m++) os[m] = rg[i + m].out + d0;
+          Ops::template axpy64n<n>(ps, vt, d0, cnt, os);
+        }
+        for (int64_t t = 0; d0 < D && t < cnt; t++)
+          for (int m = 0; m < n; m++) axpy(ps[m][t], vt[t] + d0, rg[i + m].out + d0, D - d0);
+      });
     }
   }
 #endif
-  for (; l < l1; l++) {
-    const KV* v = vbuf + slots[l] * stride + h0 * D;
-    for (int64_t i = 0; i < nq; i++) axpy(scores[i * len + l], v + (i / G) * D, out + i * D, D);
-  }
+  for (; l < l1; l++)
+    for (int64_t g = 0; g < nkv; g++) {
+      const KV* v = vbuf + slots[l] * stride + (h0 + g) * D;
+      for (int64_t i = first[g]; i < first[g + 1]; i++) axpy(rows[i].s[l], v, rows[i].out, D);
+    }
 }
 
 // Attention of the query heads of kv heads [h0, h1) over len keys/values. Key l of kv head h is the D floats
@@ -310,12 +314,18 @@ template <typename Ops, typename KV>
 inline void attend_heads_with(const float* q, int64_t h0, int64_t h1, int64_t G, int64_t D, const KV* kbuf,
                               const KV* vbuf, const int64_t* slots, int64_t len, int64_t stride, float scale,
                               float* scores, float* out) {
-  const int64_t nq = (h1 - h0) * G;
-  scores_keys<Ops>(q, nq, G, D, h0, kbuf, vbuf, slots, 0, len, len, stride, scale, scores);
+  const int64_t nkv = h1 - h0, nq = nkv * G;
+  static thread_local std::vector<QueryRow> rows;
+  static thread_local std::vector<int64_t> first;
+  rows.resize(nq);
+  first.resize(nkv + 1);
+  for (int64_t i = 0; i < nq; i++) rows[i] = QueryRow{q + i * D, scores + i * len, out + i * D};
+  for (int64_t g = 0; g <= nkv; g++) first[g] = g * G;
+  scores_rows<Ops>(rows.data(), first.data(), nkv, D, h0, kbuf, vbuf, slots, 0, len, stride, scale);
   float* sums = scores + nq * len;
   for (int64_t i = 0; i < nq; i++) sums[i] = Ops::exp_shifted(scores + i * len, len);
   std::fill(out, out + nq * D, 0.f);
-  values_keys<Ops>(scores, len, nq, G, D, h0, vbuf, slots, 0, len, stride, out);
+  values_rows<Ops>(rows.data(), first.data(), nkv, D, h0, vbuf, slots, 0, len, stride);
   for (int64_t i = 0; i < nq; i++) {
     const float inv = 1.f / sums[i];
     for (int64_t j = 0; j < D; j++) out[i * D + j] *= inv;

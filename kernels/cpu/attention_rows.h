@@ -87,83 +87,42 @@ inline std::vector<AttnItem> attn_items(const std::vector<RowGroup>& groups, int
 // Attention of R rows over kv heads [h0, h1) (attend_heads' arguments per row: q[r] [(h1 - h0) G, D], the
 // slot list slots[r][0..lens[r]), out[r]), where slots[r][l] == slots[0][l] for l < P <= every lens[r].
 // scores: sum over r of (h1 - h0) G (lens[r] + 1) floats of scratch. Ops: Ymm or Zmm (attention_common.h).
+// The shared keys run for all the rows' query heads of a kv head at once (scores_rows / values_rows take
+// them 4 at a time: each K / V vector loaded once for 4 of them), then each row's own keys.
 template <typename Ops, typename KV>
 inline void attend_group_with(const float* const* q, const int64_t* const* slots, const int64_t* lens, int64_t R,
                               int64_t P, int64_t h0, int64_t h1, int64_t G, int64_t D, const KV* kbuf, const KV* vbuf,
                               int64_t stride, float scale, float* scores, float* const* out) {
-  const int64_t nkv = h1 - h0, nq = nkv * G, row_bytes = nkv * D * int64_t(sizeof(KV)), base = h0 * D;
-  static thread_local std::vector<float*> srow;  // row r's scores [nq, lens[r]] then its nq sums
-  srow.resize(R);
-  for (int64_t r = 0, off = 0; r < R; off += nq * (lens[r] + 1), r++) srow[r] = scores + off;
-  const int64_t* sh = slots[0];
-  int64_t l = 0;
-#ifdef SGL_ATTN_AVX2
-  // scores of the shared keys, 4 at a time: their K rows stay in L1 across the rows (2 at a time) and heads
-  if (D % 16 == 0)
-    for (; l + 4 <= P; l += 4) {
-      for (int64_t c = l; c < l + 4 && c + kAttnAhead < P; c++) {
-        prefetch_bytes(kbuf + sh[c + kAttnAhead] * stride + base, row_bytes);
-        prefetch_bytes(vbuf + sh[c + kAttnAhead] * stride + base, row_bytes);
-      }
-      const KV* k4[4];
-      for (int64_t i = 0; i < nq; i++) {
-        for (int c = 0; c < 4; c++) k4[c] = kbuf + sh[l + c] * stride + base + (i / G) * D;
-        int64_t r = 0;
-        for (; r + 2 <= R; r += 2)
-          Ops::dot4x2(q[r] + i * D, k4, q[r + 1] + i * D, k4, D, scale, srow[r] + i * lens[r] + l,
-                      srow[r + 1] + i * lens[r + 1] + l);
-        if (r < R) Ops::dot4(q[r] + i * D, k4, D, scale, srow[r] + i * lens[r] + l);
-      }
+  const int64_t nkv = h1 - h0, nq = nkv * G;
+  // by_head: the query rows by kv head (g, then row r, then head), first[g] = g R G; by_row: row r's nq rows
+  // from r nq, kv head g's from r nq + g G (first_row[g] = g G).
+  static thread_local std::vector<QueryRow> by_head, by_row;
+  static thread_local std::vector<int64_t> first, first_row;
+  by_head.resize(R * nq);
+  by_row.resize(R * nq);
+  first.resize(nkv + 1);
+  first_row.resize(nkv + 1);
+  for (int64_t r = 0, off = 0; r < R; off += nq * (lens[r] + 1), r++)
+    for (int64_t i = 0; i < nq; i++) {
+      const QueryRow row{q[r] + i * D, scores + off + i * lens[r], out[r] + i * D};
+      by_row[r * nq + i] = row;
+      by_head[(i / G) * R * G + r * G + i % G] = row;
     }
-#endif
-  for (; l < P; l++) {
-    if (l + kAttnAhead < P) {
-      prefetch_bytes(kbuf + sh[l + kAttnAhead] * stride + base, row_bytes);
-      prefetch_bytes(vbuf + sh[l + kAttnAhead] * stride + base, row_bytes);
-    }
-    const KV* k = kbuf + sh[l] * stride + base;
-    for (int64_t i = 0; i < nq; i++)
-      for (int64_t r = 0; r < R; r++) srow[r][i * lens[r] + l] = Ops::dot(q[r] + i * D, k + (i / G) * D, D) * scale;
-  }
+  for (int64_t g = 0; g <= nkv; g++) first[g] = g * R * G, first_row[g] = g * G;
+  scores_rows<Ops>(by_head.data(), first.data(), nkv, D, h0, kbuf, vbuf, slots[0], 0, P, stride, scale);
   // each row's own keys [P, lens[r]) (a chain row's drafts before it and itself: just stored, in cache)
   for (int64_t r = 0; r < R; r++)
-    scores_keys<Ops>(q[r], nq, G, D, h0, kbuf, vbuf, slots[r], P, lens[r], lens[r], stride, scale, srow[r]);
+    scores_rows<Ops>(by_row.data() + r * nq, first_row.data(), nkv, D, h0, kbuf, vbuf, slots[r], P, lens[r], stride,
+                     scale);
   for (int64_t r = 0; r < R; r++) {
-    float* sums = srow[r] + nq * lens[r];
-    for (int64_t i = 0; i < nq; i++) sums[i] = Ops::exp_shifted(srow[r] + i * lens[r], lens[r]);
+    float* sums = by_row[r * nq].s + nq * lens[r];
+    for (int64_t i = 0; i < nq; i++) sums[i] = Ops::exp_shifted(by_row[r * nq + i].s, lens[r]);
     std::fill(out[r], out[r] + nq * D, 0.f);
   }
-  // values: tiles of shared keys (in L1 for the rows' query heads; rows 2 at a time), then each row's rest
-  int64_t lt = 0;
-#ifdef SGL_ATTN_AVX2
-  constexpr int64_t kTile = 16;
-  const KV* vt[kTile];
-  for (; lt + kTile <= P; lt += kTile)
-    for (int64_t i = 0; i < nq; i++) {
-      for (int64_t t = 0; t < kTile; t++) vt[t] = vbuf + sh[lt + t] * stride + base + (i / G) * D;
-      int64_t r = 0;
-      for (; r + 2 <= R; r += 2) {
-        const float *pa = srow[r] + i * lens[r] + lt, *pb = srow[r + 1] + i * lens[r + 1] + lt;
-        float *oa = out[r] + i * D, *ob = out[r + 1] + i * D;
-        int64_t d0 = 0;
-        for (; d0 + 64 <= D; d0 += 64) Ops::axpy64_rows2(pa, vt, oa + d0, pb, vt, ob + d0, d0, kTile);
-        for (int64_t t = 0; d0 < D && t < kTile; t++) {
-          axpy(pa[t], vt[t] + d0, oa + d0, D - d0);
-          axpy(pb[t], vt[t] + d0, ob + d0, D - d0);
-        }
-      }
-      if (r < R) {
-        const float* pa = srow[r] + i * lens[r] + lt;
-        float* oa = out[r] + i * D;
-        int64_t d0 = 0;
-        for (; d0 + 64 <= D; d0 += 64) Ops::axpy64_rows(pa, vt, d0, kTile, oa + d0);
-        for (int64_t t = 0; d0 < D && t < kTile; t++) axpy(pa[t], vt[t] + d0, oa + d0, D - d0);
-      }
-    }
-#endif
+  values_rows<Ops>(by_head.data(), first.data(), nkv, D, h0, vbuf, slots[0], 0, P, stride);
   for (int64_t r = 0; r < R; r++) {
-    values_keys<Ops>(srow[r], lens[r], nq, G, D, h0, vbuf, slots[r], lt, lens[r], stride, out[r]);
-    const float* sums = srow[r] + nq * lens[r];
+    values_rows<Ops>(by_row.data() + r * nq, first_row.data(), nkv, D, h0, vbuf, slots[r], P, lens[r], stride);
+    const float* sums = by_row[r * nq].s + nq * lens[r];
     for (int64_t i = 0; i < nq; i++) {
       const float inv = 1.f / sums[i];
       for (int64_t j = 0; j < D; j++) out[r][i * D + j] *= inv;

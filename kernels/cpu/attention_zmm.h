@@ -46,6 +46,16 @@ SGL_TARGET_ATTN_ZMM inline __m256 halves_sum(__m512 a) {
   return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
 }
 
+// Per 128-bit lane: [x0 + x2, x1 + x3, y0 + y2, y1 + y3] (dot()'s h + movehl(h) for two accumulators).
+SGL_TARGET_ATTN_ZMM inline __m512 pair_sums(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_ps(x, y, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+// Per 128-bit lane: [x0 + x1, x2 + x3, y0 + y1, y2 + y3] (dot()'s last add for four accumulators).
+SGL_TARGET_ATTN_ZMM inline __m512 lane_sums(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // exp256 on 16 lanes (the same operations per lane).
 SGL_TARGET_ATTN_ZMM inline __m512 exp512(__m512 x) {
   x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
@@ -80,87 +90,78 @@ struct Zmm {
     return s;
   }
 
-  template <typename KV>
-  SGL_TARGET_ATTN_ZMM static inline void dot4(const float* q, const KV* const k[4], int64_t d, float scale, float* s) {
-    __m512 a[4];
-    for (int c = 0; c < 4; c++) a[c] = _mm512_setzero_ps();
+  // s[m][c] = dot(q[m], k[c], d) * scale for m < N (1, 2, 4), c < 4 (d % 16 == 0). Accumulator a[4m + c] holds
+  // AVX2's (acc0, acc1) of row m and key c; the reduction applies dot()'s tree to each accumulator, several at
+  // once (128-bit lane shuffles keep their sums apart):
+  //   t = low 8 + high 8 lanes (acc0 + acc1);  h = t's low 4 + high 4;  (h0 + h2) + (h1 + h3);  * scale.
+  template <int N, typename KV>
+  SGL_TARGET_ATTN_ZMM static inline void dot4n(const float* const* q, const KV* const k[4], int64_t d, float scale,
+                                               float* const* s) {
+    __m512 a[4 * N];
+    for (int p = 0; p < 4 * N; p++) a[p] = _mm512_setzero_ps();
     for (int64_t j = 0; j < d; j += 16) {
-      const __m512 qv = _mm512_loadu_ps(q + j);
-      for (int c = 0; c < 4; c++) a[c] = _mm512_fmadd_ps(qv, kv_load16(k[c] + j), a[c]);
-    }
-    __m256 t[4];
-    for (int c = 0; c < 4; c++) t[c] = halves_sum(a[c]);
-    const __m256 t01 = _mm256_add_ps(_mm256_permute2f128_ps(t[0], t[1], 0x20), _mm256_permute2f128_ps(t[0], t[1], 0x31));
-    const __m256 t23 = _mm256_add_ps(_mm256_permute2f128_ps(t[2], t[3], 0x20), _mm256_permute2f128_ps(t[2], t[3], 0x31));
-    const __m256 y = _mm256_add_ps(_mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(1, 0, 1, 0)),
-                                   _mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(3, 2, 3, 2)));
-    alignas(32) float z[8];
-    _mm256_store_ps(z, _mm256_mul_ps(_mm256_hadd_ps(y, y), _mm256_set1_ps(scale)));
-    s[0] = z[0], s[1] = z[4], s[2] = z[1], s[3] = z[5];
-  }
-
-  // dot4 for two query rows: 8 accumulators (a[c]: qa . ka[c], a[4 + c]: qb . kb[c]) and one reduction of all 8
-  // with dot()'s tree per accumulator (128-bit lane shuffles keep each pair's sums apart):
-  //   t = low 8 + high 8 lanes (acc0 + acc1); h = t's low 4 + high 4; (h0 + h2) + (h1 + h3); * scale.
-  template <typename KV>
-  SGL_TARGET_ATTN_ZMM static inline void dot4x2(const float* qa, const KV* const ka[4], const float* qb,
-                                                const KV* const kb[4], int64_t d, float scale, float* sa, float* sb) {
-    __m512 a[8];
-    for (int p = 0; p < 8; p++) a[p] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < d; j += 16) {
-      const __m512 x = _mm512_loadu_ps(qa + j), y = _mm512_loadu_ps(qb + j);
-      for (int c = 0; c < 4; c++) {
-        a[c] = _mm512_fmadd_ps(x, kv_load16(ka[c] + j), a[c]);
-        a[4 + c] = _mm512_fmadd_ps(y, kv_load16(kb[c] + j), a[4 + c]);
+      __m512 kv[4];
+      for (int c = 0; c < 4; c++) kv[c] = kv_load16(k[c] + j);
+      for (int m = 0; m < N; m++) {
+        const __m512 x = _mm512_loadu_ps(q[m] + j);
+        for (int c = 0; c < 4; c++) a[4 * m + c] = _mm512_fmadd_ps(x, kv[c], a[4 * m + c]);
       }
     }
-    // T[m] (128-bit lanes) = [t_2m low, t_2m high, t_2m+1 low, t_2m+1 high]
-    __m512 T[4];
-    for (int m = 0; m < 4; m++)
-      T[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                           _mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    // U[n]: 128-bit lane k = h of accumulator 4n + k
-    __m512 U[2];
-    for (int n = 0; n < 2; n++)
-      U[n] = _mm512_add_ps(_mm512_shuffle_f32x4(T[2 * n], T[2 * n + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                           _mm512_shuffle_f32x4(T[2 * n], T[2 * n + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    // lane k: [h0 + h2, h1 + h3] of accumulators k and 4 + k, then their sums
-    const __m512 V = _mm512_add_ps(_mm512_shuffle_ps(U[0], U[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                                   _mm512_shuffle_ps(U[0], U[1], _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m512 R = _mm512_add_ps(_mm512_shuffle_ps(V, V, _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_ps(V, V, _MM_SHUFFLE(3, 1, 3, 1)));
-    const __m512 S = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0),
-                                           _mm512_mul_ps(R, _mm512_set1_ps(scale)));
-    _mm_storeu_ps(sa, _mm512_castps512_ps128(S));
-    _mm_storeu_ps(sb, _mm512_extractf32x4_ps(S, 1));
-  }
-
-  template <typename KV>
-  SGL_TARGET_ATTN_ZMM static inline void axpy64_rows(const float* a, const KV* const* v, int64_t off, int64_t n,
-                                                     float* out) {
-    __m512 acc[4];
-    for (int j = 0; j < 4; j++) acc[j] = _mm512_loadu_ps(out + 16 * j);
-    for (int64_t r = 0; r < n; r++) {
-      const __m512 av = _mm512_set1_ps(a[r]);
-      for (int j = 0; j < 4; j++) acc[j] = _mm512_fmadd_ps(av, kv_load16(v[r] + off + 16 * j), acc[j]);
-    }
-    for (int j = 0; j < 4; j++) _mm512_storeu_ps(out + 16 * j, acc[j]);
-  }
-
-  // axpy64_rows for two outputs at once: 8 independent FMA chains instead of 4.
-  template <typename KV>
-  SGL_TARGET_ATTN_ZMM static inline void axpy64_rows2(const float* a, const KV* const* va, float* outa, const float* b,
-                                                      const KV* const* vb, float* outb, int64_t off, int64_t n) {
-    __m512 A[4], B[4];
-    for (int j = 0; j < 4; j++) A[j] = _mm512_loadu_ps(outa + 16 * j), B[j] = _mm512_loadu_ps(outb + 16 * j);
-    for (int64_t r = 0; r < n; r++) {
-      const __m512 av = _mm512_set1_ps(a[r]), bv = _mm512_set1_ps(b[r]);
-      for (int j = 0; j < 4; j++) {
-        A[j] = _mm512_fmadd_ps(av, kv_load16(va[r] + off + 16 * j), A[j]);
-        B[j] = _mm512_fmadd_ps(bv, kv_load16(vb[r] + off + 16 * j), B[j]);
+    if constexpr (N == 1) {  // dot4's ymm reduction
+      __m256 t[4];
+      for (int c = 0; c < 4; c++) t[c] = halves_sum(a[c]);
+      const __m256 t01 = _mm256_add_ps(_mm256_permute2f128_ps(t[0], t[1], 0x20), _mm256_permute2f128_ps(t[0], t[1], 0x31));
+      const __m256 t23 = _mm256_add_ps(_mm256_permute2f128_ps(t[2], t[3], 0x20), _mm256_permute2f128_ps(t[2], t[3], 0x31));
+      const __m256 y = _mm256_add_ps(_mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(3, 2, 3, 2)));
+      alignas(32) float z[8];
+      _mm256_store_ps(z, _mm256_mul_ps(_mm256_hadd_ps(y, y), _mm256_set1_ps(scale)));  // keys 0, 2 | 1, 3
+      float* s0 = s[0];
+      s0[0] = z[0], s0[1] = z[4], s0[2] = z[1], s0[3] = z[5];
+    } else {
+      // T[i] (128-bit lanes) = [t_2i low, t_2i high, t_2i+1 low, t_2i+1 high]
+      __m512 T[2 * N];
+      for (int i = 0; i < 2 * N; i++)
+        T[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+      // U[m]: 128-bit lane c = h of row m, key c
+      __m512 U[N];
+      for (int m = 0; m < N; m++)
+        U[m] = _mm512_add_ps(_mm512_shuffle_f32x4(T[2 * m], T[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(T[2 * m], T[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+      // V01: lane c = [h0 + h2, h1 + h3] of rows 0 and 1 (key c); R: lane c = the rows' sums, element m = row m
+      const __m512 V01 = pair_sums(U[0], U[1]);
+      const __m512 R = N == 4 ? lane_sums(V01, pair_sums(U[N == 4 ? 2 : 0], U[N == 4 ? 3 : 1])) : lane_sums(V01, V01);
+      // element 4c + m of R is row m, key c: rows to 128-bit lanes
+      const __m512 S = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
+                                             _mm512_mul_ps(R, _mm512_set1_ps(scale)));
+      _mm_storeu_ps(s[0], _mm512_castps512_ps128(S));
+      _mm_storeu_ps(s[1], _mm512_extractf32x4_ps(S, 1));
+      if constexpr (N == 4) {
+        _mm_storeu_ps(s[2], _mm512_extractf32x4_ps(S, 2));
+        _mm_storeu_ps(s[3], _mm512_extractf32x4_ps(S, 3));
       }
     }
-    for (int j = 0; j < 4; j++) _mm512_storeu_ps(outa + 16 * j, A[j]), _mm512_storeu_ps(outb + 16 * j, B[j]);
+  }
+
+  // out[m][0..64) += sum over r < n of p[m][r] * v[r][off .. off + 64) for m < N: 4 zmm accumulators per row,
+  // each V vector loaded once for the N rows; per output element the FMAs in r order (axpy64_rows').
+  template <int N, typename KV>
+  SGL_TARGET_ATTN_ZMM static inline void axpy64n(const float* const* p, const KV* const* v, int64_t off, int64_t n,
+                                                 float* const* out) {
+    __m512 acc[N][4];
+    for (int m = 0; m < N; m++)
+      for (int j = 0; j < 4; j++) acc[m][j] = _mm512_loadu_ps(out[m] + 16 * j);
+    for (int64_t r = 0; r < n; r++) {
+      __m512 x[4];
+      for (int j = 0; j < 4; j++) x[j] = kv_load16(v[r] + off + 16 * j);
+      for (int m = 0; m < N; m++) {
+        const __m512 b = _mm512_set1_ps(p[m][r]);
+        for (int j = 0; j < 4; j++) acc[m][j] = _mm512_fmadd_ps(b, x[j], acc[m][j]);
+      }
+    }
+    for (int m = 0; m < N; m++)
+      for (int j = 0; j < 4; j++) _mm512_storeu_ps(out[m] + 16 * j, acc[m][j]);
   }
 
   SGL_TARGET_ATTN_ZMM static inline float exp_shifted(float* s, int64_t n) {
