@@ -4,9 +4,9 @@
 // instead of once per row: a 1 + 8 chain over 400 slots re-read the prefix's K/V 9 times per layer.
 //
 // Contract: every row's result has the BITS of attend_heads (attention_common.h) on that row alone. Per query
-// head the operations and their order are attend_heads': a score per key is dot(q, k) * scale (dot4 and dot
+// head the operations and their order are attend_heads': a score per key is dot(q, k) * scale (dot4n and dot
 // give the same bits: attention_common.h), exp_shifted over the row's own score row, the output's FMAs over
-// the keys in ascending order (axpy64_rows and axpy do the same FMA per element), then * (1 / sum). Only the
+// the keys in ascending order (axpy64n and axpy do the same FMA per element), then * (1 / sum). Only the
 // loop nest changes (keys outer, rows inner), and a key's score or an output element's FMA chain does not
 // depend on it. tests/kernels/test_cpu_attention_rows.py checks the bits.
 #pragma once
@@ -69,11 +69,11 @@ struct AttnItem {
 // at least as many of them as threads, else (row, kv head) pairs. Results do not depend on the items.
 inline std::vector<AttnItem> attn_items(const std::vector<RowGroup>& groups, int64_t Hkv, int64_t threads) {
   std::vector<AttnItem> items;
-  const bool split_rows = threads > 1 && int64_t(groups.size()) < threads;
+  const bool pairs = threads > 1 && int64_t(groups.size()) < threads;  // lone rows as (row, kv head) pairs
   for (int64_t i = 0; i < int64_t(groups.size()); i++) {
     const RowGroup& g = groups[i];
     const bool grouped = g.count > 1;
-    const int64_t heads = threads <= 1 ? 1 : grouped || split_rows ? Hkv : 1;
+    const int64_t heads = threads <= 1 ? 1 : grouped || pairs ? Hkv : 1;
     const int64_t chunks = grouped && threads > 1 && Hkv % threads ? std::min(g.count, threads) : 1;
     for (int64_t c = 0; c < chunks; c++) {
       const int64_t r0 = g.count * c / chunks, r1 = g.count * (c + 1) / chunks;

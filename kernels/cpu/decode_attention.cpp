@@ -42,7 +42,8 @@ void decode_attention(std::uintptr_t q_addr, std::uintptr_t k_addr, std::uintptr
   // Items on the decode pool (thread_pool.h), taken one at a time from an atomic counter (rows differ in
   // length): a lone row with all its kv heads (one contiguous pass over its pool rows), or (row, kv head)
   // pairs when there are fewer rows than threads, so one long row still uses every thread; rows sharing a
-  // slot prefix (one sequence's verify rows) as a group that reads the shared K/V once (attention_rows.h).
+  // slot prefix (one sequence's verify rows) as a group that reads the shared K/V once, split by kv heads
+  // and rows over threads (attention_rows.h: attn_items).
   std::vector<const int64_t*> lists(B);
   for (int64_t b = 0; b < B; b++) lists[b] = slots + b * Lmax;
   const std::vector<RowGroup> groups = group_rows(lists.data(), lens, B);

@@ -9,7 +9,7 @@
 //   prep   x_t = rms_norm(h_t) * ln1, q16-quantized and packed for the tile              (rows over threads)
 //   qkv    x @ Wqkv^T (+ bias) for all rows                                              (columns)
 //   store  rope k, store k / v of every row at its slot                                  (rows)
-//   attn   rope q, attention of the row's heads over its slot list         (rows, row x kv head, or groups)
+//   attn   rope q, attention of the row's heads over its slot list                       (rows, or groups: attn_items)
 //   o      h += attn @ Wo^T (+ bias)                                                     (prep by rows, columns)
 //   gu     act = silu(x2 @ Wgate^T) * (x2 @ Wup^T), x2 = rms_norm(h) * ln2              (prep by rows, columns)
 //   down   h += act @ Wdown^T                                                            (prep by rows, columns)
@@ -74,6 +74,14 @@ void gemm_rows(QT t, const uint8_t* W, int64_t K, const RowsAct& a, float* out, 
   }
 }
 
+// The attention phase of a call (attention_rows.h): consecutive rows sharing a slot prefix (one sequence's
+// verify rows) as groups, and the work items over threads. Made once per call: the slot lists are the same
+// in every layer.
+struct AttnPlan {
+  std::vector<RowGroup> groups;
+  std::vector<AttnItem> items;
+};
+
 struct Rows {
   float* h;  // [M, hidden]
   int64_t M;
@@ -81,19 +89,12 @@ struct Rows {
   const int64_t* const* slots;  // [M] slot lists
   const int64_t* lens;  // [M]
   float scale;
-  const struct AttnPlan* attn;  // the attention phase's row groups and items (one per call)
+  const AttnPlan* attn;  // the attention phase's row groups and items
 };
 
 struct Shape {
   int64_t hidden, H, Hkv, D, I;
   float eps;
-};
-
-// The attention phase of a call (attention_rows.h): consecutive rows sharing a slot prefix (one sequence's
-// verify rows) as groups, and the work items over threads. The slot lists are the same in every layer.
-struct AttnPlan {
-  std::vector<RowGroup> groups;
-  std::vector<AttnItem> items;
 };
 
 // Attention of one item: RoPE of its rows' query heads [h0 G, h1 G), then attend_heads for a lone row or
