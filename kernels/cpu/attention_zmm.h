@@ -1,17 +1,19 @@
-// AVX-512 versions of the attention row loops (attention_common.h's dot, dot4, axpy64_rows, exp_shifted) with
-// the SAME BITS: a zmm holds what the AVX2 code keeps in two ymm registers, and every lane does the same
-// operation in the same order. Included by attention_common.h after its AVX2 primitives; compiled into the
-// AVX2 build with a target attribute and chosen at run time (have_attn_zmm()), so M = 1 decode (decode_layer)
-// and verify rows (decode_rows) keep giving a token the same bits, whichever CPU runs them.
-//   dot:   the AVX2 accumulators acc0 (elements j..j+8 of each 16) and acc1 (j+8..j+16) are the low and high
-//          halves of one zmm accumulator (an FMA per 16 elements instead of two); then acc0 + acc1 and
-//          dot()'s reduction tree in ymm.
-//   axpy64_rows: 4 zmm accumulators instead of 8 ymm, the same FMA per output element and row.
+// AVX-512 versions of the attention row loops (attention_common.h's dot, dot4, axpy64_rows, exp_shifted, as
+// the Zmm primitives of attend_heads / attend_group) with the SAME BITS: a zmm holds what the AVX2 code keeps
+// in two ymm registers, and every lane does the same operation in the same order. Included by
+// attention_common.h after its AVX2 primitives; compiled into the AVX2 build with a target attribute and chosen
+// at run time (have_attn_zmm()), so M = 1 decode (decode_layer) and verify rows (decode_rows) keep giving a
+// token the same bits, whichever CPU runs them.
+//   dot / dot4n: the AVX2 accumulators acc0 (elements j..j+8 of each 16) and acc1 (j+8..j+16) are the low and
+//          high halves of one zmm accumulator (an FMA per 16 elements instead of two); then acc0 + acc1 and
+//          dot()'s reduction tree, for up to 16 accumulators at once (N query rows x 4 keys).
+//   axpy64n: 4 zmm accumulators per output instead of 8 ymm, the same FMA per output element and key.
 //   exp_shifted: exp of 16 lanes with exp256's operations per lane; the sum adds the low and then the high 8
 //          lanes to the same ymm sum, i.e. 8-element chunks in order, as the AVX2 loop (the max is exact in
 //          any order).
-// Why: with a 1 + k verify row per sequence the attention is FMA-bound (the K/V come from L1/L2 with the row
-// groups of attention_rows.h): half the FMA instructions.
+// Why: with the row groups of attention_rows.h the K/V come from L1/L2 and a verify step's attention is
+// bound by its FMAs and loads: half the FMA instructions, and a K / V vector loaded once for N rows.
+// Measured by benchmarks/bench_attention_verify.py (README: "Cheaper verify rows: grouped attention").
 #pragma once
 
 #if defined(SGL_ATTN_AVX2) && (defined(__GNUC__) || defined(__clang__))

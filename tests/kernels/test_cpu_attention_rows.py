@@ -15,9 +15,10 @@ from sgl.kernels.cpu.decode_layer import DecodeStack
 from tests.kernels.test_cpu_decode_rows import assert_same, clone, make_stack, run_one_by_one, run_rows
 
 
-@pytest.fixture(params=[1, 2])
+@pytest.fixture(params=[1, 2, 3])
 def threads(request: pytest.FixtureRequest) -> int:
-    """The C++ kernels (the torch reference has no groups to check) at 1 and 2 threads."""
+    """The C++ kernels (the torch reference has no groups to check) at 1, 2 and 3 threads (a group splits by kv
+    heads, and by rows too when the kv heads do not divide among the threads)."""
     if not cpu.extension_available():
         pytest.skip("the C++ extension is not built (python -m sgl.kernels.cpu.build)")
     old = quant._threads
