@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 #include "quant_common.h"  // f16_bits_to_f32
 
@@ -149,19 +151,48 @@ inline void dot4(const float* q, const KV* const k[4], int64_t d, float scale, f
   *s0 = z[0], *s1 = z[4], *s2 = z[1], *s3 = z[5];
 }
 
-// out[0..64) += sum over the n rows r: a[r] * v[r][0..64), the rows in order: axpy()'s FMAs with the 64 outputs
-// held in registers across the rows instead of loaded and stored per row.
+// out[0..64) += sum over the n rows r: a[r] * v[r][off .. off + 64), the rows in order: axpy()'s FMAs with the
+// 64 outputs held in registers across the rows instead of loaded and stored per row.
 template <typename KV>
-inline void axpy64_rows(const float* a, int64_t a_stride, const KV* const* v, int64_t n, float* out) {
+inline void axpy64_rows(const float* a, const KV* const* v, int64_t off, int64_t n, float* out) {
   __m256 acc[8];
   for (int j = 0; j < 8; j++) acc[j] = _mm256_loadu_ps(out + 8 * j);
   for (int64_t r = 0; r < n; r++) {
-    const __m256 av = _mm256_set1_ps(a[r * a_stride]);
-    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(av, kv_load8(v[r] + 8 * j), acc[j]);
+    const __m256 av = _mm256_set1_ps(a[r]);
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(av, kv_load8(v[r] + off + 8 * j), acc[j]);
   }
   for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + 8 * j, acc[j]);
 }
 #endif
+
+// The row loops of attend_heads / attend_group (attention_rows.h) as a type, so that each kernel is compiled
+// twice with the same bits: Ymm (the AVX2 loops above; dot and exp_shifted alone in the scalar build) and Zmm
+// (attention_zmm.h: AVX-512, chosen at run time). The N-row forms take N = 1, 2 or 4 query rows that read the
+// same keys / values (the G query heads of a kv head, a group's rows): Zmm loads each K / V vector once for
+// the N rows and keeps 4N FMA chains in flight (4 chains wait on the FMA latency); Ymm runs the rows one by one.
+struct Ymm {
+  template <typename KV>
+  static float dot(const float* a, const KV* b, int64_t d) { return ::dot(a, b, d); }
+  static float exp_shifted(float* s, int64_t n) { return ::exp_shifted(s, n); }
+#ifdef SGL_ATTN_AVX2
+  // s[m][c] = dot(q[m], k[c], d) * scale for m < N, c < 4 (d % 16 == 0)
+  template <int N, typename KV>
+  static void dot4n(const float* const* q, const KV* const k[4], int64_t d, float scale, float* const* s) {
+    for (int m = 0; m < N; m++) ::dot4(q[m], k, d, scale, s[m], s[m] + 1, s[m] + 2, s[m] + 3);
+  }
+  // out[m][0..64) += sum over r < n of p[m][r] * v[r][off .. off + 64), for m < N
+  template <int N, typename KV>
+  static void axpy64n(const float* const* p, const KV* const* v, int64_t off, int64_t n, float* const* out) {
+    for (int m = 0; m < N; m++) ::axpy64_rows(p[m], v, off, n, out[m]);
+  }
+#endif
+};
+
+}  // namespace
+
+#include "attention_zmm.h"
+
+namespace {
 
 // Slots ahead that attend_heads prefetches. A sequence's slots are rarely adjacent in the pool (page size 1:
 // at batch 32 its decode tokens sit 32 slots apart, 24 KB), so neither the hardware prefetchers nor the
@@ -174,6 +205,102 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
+// A query vector of an attention call: q [D], its score row (key l's score at s[l]) and its output [D].
+struct QueryRow {
+  const float* q;
+  float* s;
+  float* out;
+};
+
+// f(i, N) for the rows [0, n) in chunks of N = 4, then 2, then 1 (N a compile-time constant).
+template <class F>
+inline void by_4_2_1(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) f(i, std::integral_constant<int, 4>{});
+  for (; i + 2 <= n; i += 2) f(i, std::integral_constant<int, 2>{});
+  for (; i < n; i++) f(i, std::integral_constant<int, 1>{});
+}
+
+// row.s[l] = dot(row.q, k_l) * scale for the keys l in [l0, l1) and the rows that read kv head h0 + g
+// (rows[first[g] .. first[g + 1]), g < nkv); key l of kv head h: the D values at kbuf + slots[l] * stride +
+// h * D. Keys 4 at a time where D % 16 == 0 (dot4: dot()'s bits). Prefetches the K and V rows of the slot
+// kAttnAhead ahead (below l1): the value pass then reads them from L2.
+template <typename Ops, typename KV>
+inline void scores_rows(const QueryRow* rows, const int64_t* first, int64_t nkv, int64_t D, int64_t h0, const KV* kbuf,
+                        const KV* vbuf, const int64_t* slots, int64_t l0, int64_t l1, int64_t stride, float scale) {
+  const int64_t row_bytes = nkv * D * int64_t(sizeof(KV)), base = h0 * D;
+  for (int64_t l = l0; l < l1;) {
+#ifdef SGL_ATTN_AVX2
+    const int64_t step = D % 16 == 0 && l + 4 <= l1 ? 4 : 1;
+#else
+    const int64_t step = 1;
+#endif
+    for (int64_t c = l; c < l + step && c + kAttnAhead < l1; c++) {
+      prefetch_bytes(kbuf + slots[c + kAttnAhead] * stride + base, row_bytes);
+      prefetch_bytes(vbuf + slots[c + kAttnAhead] * stride + base, row_bytes);
+    }
+    for (int64_t g = 0; g < nkv; g++) {
+      const QueryRow* rg = rows + first[g];
+#ifdef SGL_ATTN_AVX2
+      if (step == 4) {
+        const KV* k4[4];
+        for (int c = 0; c < 4; c++) k4[c] = kbuf + slots[l + c] * stride + base + g * D;
+        by_4_2_1(first[g + 1] - first[g], [&](int64_t i, auto N) {
+          constexpr int n = decltype(N)::value;
+          const float* qs[n];
+          float* ss[n];
+          for (int m = 0; m < n; m++) qs[m] = rg[i + m].q, ss[m] = rg[i + m].s + l;
+          Ops::template dot4n<n>(qs, k4, D, scale, ss);
+        });
+        continue;
+      }
+#endif
+      const KV* k = kbuf + slots[l] * stride + base + g * D;
+      for (int64_t i = 0; i < first[g + 1] - first[g]; i++) rg[i].s[l] = Ops::dot(rg[i].q, k, D) * scale;
+    }
+    l += step;
+  }
+}
+
+// row.out[0..D) += sum over keys l in [l0, l1) of row.s[l] * v_l (kv head h0 + g's value row at slots[l] for
+// the rows of kv head g, as scores_rows): per output element the FMAs in key order (axpy's).
+template <typename Ops, typename KV>
+inline void values_rows(const QueryRow* rows, const int64_t* first, int64_t nkv, int64_t D, int64_t h0, const KV* vbuf,
+                        const int64_t* slots, int64_t l0, int64_t l1, int64_t stride) {
+  int64_t l = l0;
+#ifdef SGL_ATTN_AVX2
+  // Tiles of kTile slots: a row's output chunk of 64 stays in registers across the tile (the V rows then
+  // come from L1 for the rows that share them).
+  constexpr int64_t kTile = 16;
+  const KV* vt[kTile];
+  for (; l < l1; l += kTile) {
+    const int64_t cnt = std::min(kTile, l1 - l);
+    for (int64_t g = 0; g < nkv; g++) {
+      for (int64_t t = 0; t < cnt; t++) vt[t] = vbuf + slots[l + t] * stride + (h0 + g) * D;
+      const QueryRow* rg = rows + first[g];
+      by_4_2_1(first[g + 1] - first[g], [&](int64_t i, auto N) {
+        constexpr int n = decltype(N)::value;
+        const float* ps[n];
+        float* os[n];
+        for (int m = 0; m < n; m++) ps[m] = rg[i + m].s + l;
+        int64_t d0 = 0;
+        for (; d0 + 64 <= D; d0 += 64) {
+          for (int m = 0; m < n; m++) os[m] = rg[i + m].out + d0;
+          Ops::template axpy64n<n>(ps, vt, d0, cnt, os);
+        }
+        for (int64_t t = 0; d0 < D && t < cnt; t++)
+          for (int m = 0; m < n; m++) axpy(ps[m][t], vt[t] + d0, rg[i + m].out + d0, D - d0);
+      });
+    }
+  }
+#endif
+  for (; l < l1; l++)
+    for (int64_t g = 0; g < nkv; g++) {
+      const KV* v = vbuf + slots[l] * stride + (h0 + g) * D;
+      for (int64_t i = first[g]; i < first[g + 1]; i++) axpy(rows[i].s[l], v, rows[i].out, D);
+    }
+}
+
 // Attention of the query heads of kv heads [h0, h1) over len keys/values. Key l of kv head h is the D floats
 // at kbuf + slots[l] * stride + h * D (values at vbuf likewise); the G query heads of kv head h are the rows
 // (h - h0) * G .. + G of q [(h1 - h0) * G, D] and of out. out = softmax(q k^T * scale) v per query head.
@@ -182,68 +309,49 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
 // of each pool row at a stride, which the hardware prefetchers stream badly (at batch 32 the pool's rows,
 // ~300 MB per step, come from memory). Per query head the operations and their order are those of a
 // head-outer loop (dot per key, exp_shifted, l-ascending axpy, then * 1 / sum), so the results do not depend
-// on the head range. scores: (h1 - h0) * G * (len + 1) floats of scratch.
-template <typename KV>
-inline void attend_heads(const float* q, int64_t h0, int64_t h1, int64_t G, int64_t D, const KV* kbuf,
-                         const KV* vbuf, const int64_t* slots, int64_t len, int64_t stride, float scale,
-                         float* scores, float* out) {
-  const int64_t nq = (h1 - h0) * G, row_bytes = (h1 - h0) * D * int64_t(sizeof(KV));
-  for (int64_t l = 0; l < len; l++) {
-    if (l + kAttnAhead < len) {  // both K and V: the V pass below then reads them from L2
-      prefetch_bytes(kbuf + slots[l + kAttnAhead] * stride + h0 * D, row_bytes);
-      prefetch_bytes(vbuf + slots[l + kAttnAhead] * stride + h0 * D, row_bytes);
-    }
-    const KV* k = kbuf + slots[l] * stride + h0 * D;
-#ifdef SGL_ATTN_AVX2
-    if (D % 16 == 0 && l + 4 <= len) {  // 4 keys at once (the same bits as dot())
-      for (int64_t c = 1; c < 4 && l + c + kAttnAhead < len; c++) {
-        prefetch_bytes(kbuf + slots[l + c + kAttnAhead] * stride + h0 * D, row_bytes);
-        prefetch_bytes(vbuf + slots[l + c + kAttnAhead] * stride + h0 * D, row_bytes);
-      }
-      const KV* k4[4];
-      for (int64_t i = 0; i < nq; i++) {
-        const int64_t off = h0 * D + (i / G) * D;
-        for (int c = 0; c < 4; c++) k4[c] = kbuf + slots[l + c] * stride + off;
-        float* s = scores + i * len + l;
-        dot4(q + i * D, k4, D, scale, s, s + 1, s + 2, s + 3);
-      }
-      l += 3;
-      continue;
-    }
-#endif
-    for (int64_t i = 0; i < nq; i++) scores[i * len + l] = dot(q + i * D, k + (i / G) * D, D) * scale;
-  }
+// on the head range, nor on Ops (Ymm or Zmm). scores: (h1 - h0) * G * (len + 1) floats of scratch.
+template <typename Ops, typename KV>
+inline void attend_heads_with(const float* q, int64_t h0, int64_t h1, int64_t G, int64_t D, const KV* kbuf,
+                              const KV* vbuf, const int64_t* slots, int64_t len, int64_t stride, float scale,
+                              float* scores, float* out) {
+  const int64_t nkv = h1 - h0, nq = nkv * G;
+  static thread_local std::vector<QueryRow> rows;
+  static thread_local std::vector<int64_t> first;
+  rows.resize(nq);
+  first.resize(nkv + 1);
+  for (int64_t i = 0; i < nq; i++) rows[i] = QueryRow{q + i * D, scores + i * len, out + i * D};
+  for (int64_t g = 0; g <= nkv; g++) first[g] = g * G;
+  scores_rows<Ops>(rows.data(), first.data(), nkv, D, h0, kbuf, vbuf, slots, 0, len, stride, scale);
   float* sums = scores + nq * len;
-  for (int64_t i = 0; i < nq; i++) sums[i] = exp_shifted(scores + i * len, len);
+  for (int64_t i = 0; i < nq; i++) sums[i] = Ops::exp_shifted(scores + i * len, len);
   std::fill(out, out + nq * D, 0.f);
-  int64_t l = 0;
-#ifdef SGL_ATTN_AVX2
-  // Tiles of kTile slots: each query head's output chunk of 64 stays in registers across the tile (its V
-  // rows then come from L1 for the G heads that share them); per output the same FMAs in slot order.
-  constexpr int64_t kTile = 16;
-  const KV* vt[kTile];
-  for (; l + kTile <= len; l += kTile) {
-    for (int64_t i = 0; i < nq; i++) {
-      const int64_t off = h0 * D + (i / G) * D;
-      for (int64_t t = 0; t < kTile; t++) vt[t] = vbuf + slots[l + t] * stride + off;
-      int64_t d0 = 0;
-      for (; d0 + 64 <= D; d0 += 64) {
-        const KV* vd[kTile];
-        for (int64_t t = 0; t < kTile; t++) vd[t] = vt[t] + d0;
-        axpy64_rows(scores + i * len + l, 1, vd, kTile, out + i * D + d0);
-      }
-      for (int64_t t = 0; d0 < D && t < kTile; t++) axpy(scores[i * len + l + t], vt[t] + d0, out + i * D + d0, D - d0);
-    }
-  }
-#endif
-  for (; l < len; l++) {
-    const KV* v = vbuf + slots[l] * stride + h0 * D;
-    for (int64_t i = 0; i < nq; i++) axpy(scores[i * len + l], v + (i / G) * D, out + i * D, D);
-  }
+  values_rows<Ops>(rows.data(), first.data(), nkv, D, h0, vbuf, slots, 0, len, stride);
   for (int64_t i = 0; i < nq; i++) {
     const float inv = 1.f / sums[i];
     for (int64_t j = 0; j < D; j++) out[i * D + j] *= inv;
   }
+}
+
+#ifdef SGL_ATTN_ZMM
+// attend_heads_with<Zmm> compiled for AVX-512: flatten inlines the loops (and Zmm's primitives) into this body.
+template <typename KV>
+SGL_TARGET_ATTN_ZMM __attribute__((flatten)) void attend_heads_zmm(const float* q, int64_t h0, int64_t h1, int64_t G,
+                                                                   int64_t D, const KV* kbuf, const KV* vbuf,
+                                                                   const int64_t* slots, int64_t len, int64_t stride,
+                                                                   float scale, float* scores, float* out) {
+  attend_heads_with<Zmm>(q, h0, h1, G, D, kbuf, vbuf, slots, len, stride, scale, scores, out);
+}
+#endif
+
+// Attention of a row (attend_heads_with above): the AVX-512 loops where the CPU has them, else AVX2's.
+template <typename KV>
+inline void attend_heads(const float* q, int64_t h0, int64_t h1, int64_t G, int64_t D, const KV* kbuf,
+                         const KV* vbuf, const int64_t* slots, int64_t len, int64_t stride, float scale,
+                         float* scores, float* out) {
+#ifdef SGL_ATTN_ZMM
+  if (have_attn_zmm()) return attend_heads_zmm(q, h0, h1, G, D, kbuf, vbuf, slots, len, stride, scale, scores, out);
+#endif
+  attend_heads_with<Ymm>(q, h0, h1, G, D, kbuf, vbuf, slots, len, stride, scale, scores, out);
 }
 
 // The KV pool as the kernels receive it: its K and V base addresses and element type (fp32 or fp16).

@@ -4,9 +4,11 @@
 //   q [B, H, D], k_buf/v_buf [num_slots, Hkv, D], slots [B, Lmax] (row b's first lens[b] entries are its
 //   slot table; the rest is padding and never read), out [B, H, D]. Query head h reads kv head h / (H / Hkv).
 // Work split: rows over the decode pool (pairs of row and kv head when the batch has fewer rows than threads);
-// attend_heads reads each slot's K/V row once for all query heads (GQA without repeating K/V). Softmax in two passes over the scores (max, then exp/sum),
-// output = sum_l p_l v_l / sum_l p_l: the same quantity as torch's scaled_dot_product_attention, up to
-// rounding (tests/kernels/test_cpu_attention.py compares against sgl.kernels.attention.paged_attention).
+// attend_heads reads each slot's K/V row once for all query heads (GQA without repeating K/V); consecutive rows
+// that share a slot prefix (verify rows of one sequence) run as one group (attention_rows.h), same bits.
+// Softmax in two passes over the scores (max, then exp/sum), output = sum_l p_l v_l / sum_l p_l: the same
+// quantity as torch's scaled_dot_product_attention, up to rounding (tests/kernels/test_cpu_attention.py compares
+// against sgl.kernels.attention.paged_attention).
 // Replaces ~10 small torch ops per layer (index/view/SDPA) at decode, where each runs cold after a weight
 // stream (the note in runtime/models/llama.py).
 
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "attention_common.h"
+#include "attention_rows.h"
 #include "thread_pool.h"
 
 void decode_attention(std::uintptr_t q_addr, std::uintptr_t k_addr, std::uintptr_t v_addr, std::uintptr_t slots_addr,
@@ -36,25 +39,44 @@ void decode_attention(std::uintptr_t q_addr, std::uintptr_t k_addr, std::uintptr
   const int64_t G = H / Hkv, row_stride = Hkv * D;
   const float sc = float(scale);
   threads = std::max<int64_t>(1, threads);
-  // Rows on the decode pool (thread_pool.h), one (row, kv heads) item at a time from an atomic counter (rows
-  // differ in length), each row's kv heads together (one contiguous pass over its pool rows); a batch of fewer
-  // rows than threads splits (row, kv head) pairs instead, so one long row still uses every thread.
-  const int64_t parts = B >= threads ? 1 : Hkv;
+  // Items on the decode pool (thread_pool.h), taken one at a time from an atomic counter (rows differ in
+  // length): a lone row with all its kv heads (one contiguous pass over its pool rows), or (row, kv head)
+  // pairs when there are fewer rows than threads, so one long row still uses every thread; rows sharing a
+  // slot prefix (one sequence's verify rows) as a group that reads the shared K/V once, split by kv heads
+  // and rows over threads (attention_rows.h: attn_items).
+  std::vector<const int64_t*> lists(B);
+  for (int64_t b = 0; b < B; b++) lists[b] = slots + b * Lmax;
+  const std::vector<RowGroup> groups = group_rows(lists.data(), lens, B);
+  const std::vector<AttnItem> items = attn_items(groups, Hkv, threads);
   auto rows = [&](int64_t i0, int64_t i1) {
     static thread_local std::vector<float> scores;
+    static thread_local std::vector<const float*> qp;
+    static thread_local std::vector<float*> op;
     for (int64_t i = i0; i < i1; i++) {
-      const int64_t b = i / parts, h0 = parts == 1 ? 0 : i % parts, h1 = parts == 1 ? Hkv : h0 + 1, len = lens[b];
-      scores.resize((h1 - h0) * G * (len + 1));
-      pool.attend(q + (b * H + h0 * G) * D, h0, h1, G, D, slots + b * Lmax, len, row_stride, sc, scores.data(),
-                  out + (b * H + h0 * G) * D);
+      const AttnItem& it = items[i];
+      const RowGroup& g = groups[it.group];
+      const int64_t b0 = g.first + it.r0, R = it.r1 - it.r0, nq = (it.h1 - it.h0) * G;
+      qp.resize(R);
+      op.resize(R);
+      for (int64_t r = 0; r < R; r++) {
+        qp[r] = q + ((b0 + r) * H + it.h0 * G) * D;
+        op[r] = out + ((b0 + r) * H + it.h0 * G) * D;
+      }
+      scores.resize(group_scores_size(lens, b0, b0 + R, nq));
+      if (g.count == 1)
+        pool.attend(qp[0], it.h0, it.h1, G, D, lists[b0], lens[b0], row_stride, sc, scores.data(), op[0]);
+      else
+        attend_group(pool, qp.data(), lists.data() + b0, lens + b0, R, g.shared, it.h0, it.h1, G, D, row_stride, sc,
+                     scores.data(), op.data());
     }
   };
+  const int64_t n = int64_t(items.size());
   if (threads <= 1) {
-    rows(0, B * parts);
+    rows(0, n);
     return;
   }
   sgl_cpu::Phase ph;
-  ph.reset(B * parts, 1);
+  ph.reset(n, 1);
   sgl_cpu::parallel_run(int(threads), [&] {
     ph.work(rows);
     ph.wait_done();

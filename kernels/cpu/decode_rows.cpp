@@ -9,14 +9,15 @@
 //   prep   x_t = rms_norm(h_t) * ln1, q16-quantized and packed for the tile              (rows over threads)
 //   qkv    x @ Wqkv^T (+ bias) for all rows                                              (columns)
 //   store  rope k, store k / v of every row at its slot                                  (rows)
-//   attn   rope q, attention of the row's heads over its slot list                       (rows, or row x kv head)
+//   attn   rope q, attention of the row's heads over its slot list                       (rows, or groups: attn_items)
 //   o      h += attn @ Wo^T (+ bias)                                                     (prep by rows, columns)
 //   gu     act = silu(x2 @ Wgate^T) * (x2 @ Wup^T), x2 = rms_norm(h) * ln2              (prep by rows, columns)
 //   down   h += act @ Wdown^T                                                            (prep by rows, columns)
 // Every row's K/V is stored before any row attends, so a verify row sees the draft rows before it.
 // Same bits as decode_layer per row: the per-row small ops are decode_common.h's; the matmuls are quant_q16_tile.h's
 // batch-invariant q16 GEMM (every row the bits of gemv_rows on that row alone; elsewhere gemv_rows per row);
-// attention is attend_heads (attention_common.h), whose per-head arithmetic does not depend on the head range.
+// attention is attend_heads (attention_common.h), whose per-head arithmetic does not depend on the head range,
+// or attend_group (attention_rows.h) for rows sharing a slot prefix: the bits of attend_heads per row.
 // Why: a 32-row decode step through llama.py's torch path is ~15 torch ops per layer, each parallelized by
 // OpenMP (which scales poorly at 2 threads under PASSIVE), plus fp32-activation matmuls; a verify row
 // computed there differs from a decode step in the last bits. tests/kernels/test_cpu_decode_rows.py checks
@@ -32,6 +33,7 @@
 #include "quant_gemm_avx512.h"
 #include "quant_q16_tile.h"
 #include "attention_common.h"
+#include "attention_rows.h"
 #include "decode_common.h"
 #include "thread_pool.h"
 
@@ -72,6 +74,14 @@ void gemm_rows(QT t, const uint8_t* W, int64_t K, const RowsAct& a, float* out, 
   }
 }
 
+// The attention phase of a call (attention_rows.h): consecutive rows sharing a slot prefix (one sequence's
+// verify rows) as groups, and the work items over threads. Made once per call: the slot lists are the same
+// in every layer.
+struct AttnPlan {
+  std::vector<RowGroup> groups;
+  std::vector<AttnItem> items;
+};
+
 struct Rows {
   float* h;  // [M, hidden]
   int64_t M;
@@ -79,12 +89,40 @@ struct Rows {
   const int64_t* const* slots;  // [M] slot lists
   const int64_t* lens;  // [M]
   float scale;
+  const AttnPlan* attn;  // the attention phase's row groups and items
 };
 
 struct Shape {
   int64_t hidden, H, Hkv, D, I;
   float eps;
 };
+
+// Attention of one item: RoPE of its rows' query heads [h0 G, h1 G), then attend_heads for a lone row or
+// attend_group for a group's rows (the same bits per row: attention_rows.h).
+void attend_item(const Rows& r, const Shape& s, const KVPool& kv, const float* qkv, const AttnItem& it, float* attn) {
+  const RowGroup& g = r.attn->groups[it.group];
+  const int64_t D = s.D, G = s.H / s.Hkv, nqkv = (s.H + 2 * s.Hkv) * D, qd = s.H * D, kvrow = s.Hkv * D;
+  const int64_t t0 = g.first + it.r0, R = it.r1 - it.r0, nq = (it.h1 - it.h0) * G;
+  static thread_local std::vector<float> qr, scores;
+  static thread_local std::vector<const float*> qp;
+  static thread_local std::vector<float*> op;
+  qr.resize(R * nq * D);
+  qp.resize(R);
+  op.resize(R);
+  for (int64_t u = 0; u < R; u++) {
+    const int64_t t = t0 + u;
+    for (int64_t j = 0; j < nq; j++)
+      rope(qkv + t * nqkv + (it.h0 * G + j) * D, r.cos + t * D, r.sin + t * D, D, qr.data() + (u * nq + j) * D);
+    qp[u] = qr.data() + u * nq * D;
+    op[u] = attn + t * qd + it.h0 * G * D;
+  }
+  scores.resize(group_scores_size(r.lens, t0, t0 + R, nq));
+  if (g.count == 1)
+    kv.attend(qp[0], it.h0, it.h1, G, D, r.slots[t0], r.lens[t0], kvrow, r.scale, scores.data(), op[0]);
+  else
+    attend_group(kv, qp.data(), r.slots + t0, r.lens + t0, R, g.shared, it.h0, it.h1, G, D, kvrow, r.scale,
+                 scores.data(), op.data());
+}
 
 // Per-call scratch, shared by the call's threads (each writes its own rows / columns).
 struct Scratch {
@@ -93,18 +131,16 @@ struct Scratch {
 };
 
 void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc, int threads) {
-  const int64_t M = r.M, D = s.D, G = s.H / s.Hkv, nqkv = (s.H + 2 * s.Hkv) * D, qd = s.H * D, kvrow = s.Hkv * D;
+  const int64_t M = r.M, D = s.D, nqkv = (s.H + 2 * s.Hkv) * D, qd = s.H * D, kvrow = s.Hkv * D;
   float *qkv = sc.qkv.data(), *attn = sc.attn.data(), *act = sc.act.data();
-  // attention items: rows, or (row, kv head) pairs when there are fewer rows than threads (decode_attention.cpp)
-  const int64_t parts = M >= threads ? 1 : s.Hkv;
   const int64_t cq = chunk_for(nqkv, threads), ch = chunk_for(s.hidden, threads), ci = chunk_for(s.I, threads);
   sgl_cpu::Phase prep1, ph_qkv, store, ph_attn, prep2, ph_o, prep3, ph_gu, prep4, ph_down;
-  prep1.reset(M, 1), ph_qkv.reset(nqkv, cq), store.reset(M, 1), ph_attn.reset(M * parts, 1);
+  prep1.reset(M, 1), ph_qkv.reset(nqkv, cq), store.reset(M, 1), ph_attn.reset(int64_t(r.attn->items.size()), 1);
   prep2.reset(M, 1), ph_o.reset(s.hidden, ch), prep3.reset(M, 1), ph_gu.reset(s.I, ci);
   prep4.reset(M, 1), ph_down.reset(s.hidden, ch);
   const int64_t rb_gu = row_bytes(w.tgu, s.hidden);
   auto body = [&] {
-    static thread_local std::vector<float> xr, gate, up, scores, qr, kr;
+    static thread_local std::vector<float> xr, gate, up, kr;
     xr.resize(std::max(s.hidden, qd));
     prep1.work([&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; t++) {
@@ -129,15 +165,7 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
     });
     store.wait_done();
     ph_attn.work([&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; i++) {
-        const int64_t t = i / parts, g0 = parts == 1 ? 0 : i % parts, g1 = parts == 1 ? s.Hkv : g0 + 1;
-        const int64_t nq = (g1 - g0) * G, len = r.lens[t];
-        qr.resize(nq * D);
-        for (int64_t j = 0; j < nq; j++)
-          rope(qkv + t * nqkv + (g0 * G + j) * D, r.cos + t * D, r.sin + t * D, D, qr.data() + j * D);
-        scores.resize(nq * (len + 1));
-        w.kv.attend(qr.data(), g0, g1, G, D, r.slots[t], len, kvrow, r.scale, scores.data(), attn + t * qd + g0 * G * D);
-      }
+      for (int64_t i = i0; i < i1; i++) attend_item(r, s, w.kv, qkv, r.attn->items[i], attn);
     });
     ph_attn.wait_done();
     prep2.work([&](int64_t t0, int64_t t1) {
@@ -205,8 +233,12 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
   layers.reserve(n);
   for (int64_t i = 0; i < n; i++) layers.push_back(stack_layer(tb + i * kStackColumns, kv_half != 0));
   const Shape s{hidden, H, Hkv, D, I, float(eps)};
+  const int nt = int(std::max<int64_t>(1, threads));
+  AttnPlan plan;
+  plan.groups = group_rows(slots, lens, M);
+  plan.items = attn_items(plan.groups, Hkv, nt);
   const Rows r{reinterpret_cast<float*>(h), M, reinterpret_cast<const float*>(cos),
-               reinterpret_cast<const float*>(sin), slots, lens, float(scale)};
+               reinterpret_cast<const float*>(sin), slots, lens, float(scale), &plan};
   bool tile = false;
 #ifdef SGL_AVX512_TILE
   tile = M >= kQ16TileMinRows && have_q16_tile();
@@ -218,6 +250,5 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
   sc.a_h.size(M, hidden, tile);
   sc.a_attn.size(M, H * D, tile);
   sc.a_act.size(M, I, tile);
-  const int nt = int(std::max<int64_t>(1, threads));
   for (const LayerW& w : layers) run_layer_rows(r, w, s, sc, nt);
 }
