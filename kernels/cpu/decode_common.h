@@ -123,9 +123,9 @@ inline LayerW stack_layer(const int64_t* t, bool kv_half) {
 }
 
 // Chunk size of a phase of n output columns: about 4 chunks per thread (a late or slow thread's share is
-// taken by the others), a multiple of 4 (whole C = 4 column groups), at least 16 columns.
+// taken by the others), a multiple of 8 (whole q16 4-column and q8 8-column groups), at least 16 columns.
 inline int64_t chunk_for(int64_t n, int threads) {
-  return threads <= 1 ? n : std::max<int64_t>(16, (n / (4 * threads) + 3) / 4 * 4);
+  return threads <= 1 ? n : std::max<int64_t>(16, (n / (4 * threads) + 7) / 8 * 8);
 }
 
 // RoPE "rotate half": out_j = x_j cos_j + x_{(j + D/2) % D} sin_signed_j.

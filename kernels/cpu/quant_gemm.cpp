@@ -11,8 +11,8 @@
 //         sums of x. ~2x fewer cycles per weight than fp32 at M = 1, error ~1e-5 relative. Up to kQ16MaxRows
 //         rows; 2+ rows run quant_q16_tile.h, which gives every row the bits of that row alone (M = 1).
 //   q8:   x is quantized per 32-block to int8 (scale amax/127). Up to kQ16MaxRows rows: the batch-invariant q8
-//         contract of quant_q8_blocks.h (vpdpbusd u8 weights x s8 activations on AVX-512 VNNI, 2 dots per block
-//         and 4 columns where q16 needs 4; the affine part exact fp32 as q16's; quant_q8_tile.h); more rows:
+//         contract of quant_q8_blocks.h (vpdpbusd u8 weights x s8 activations on AVX-512 VNNI, 4 dots per block
+//         and 8 columns where q16 needs 8; one float FMA per 8 columns; quant_q8_tile.h); more rows:
 //         llama.cpp's Q8_0 of x (quant_q8.h: maddubs -> madd -> one fp32 FMA per block, not batch-invariant).
 // Every weight read is prefetched kPrefetch bytes ahead (decode is a stream of ~96 MB per token).
 // Work split: output columns (N) over at::parallel_for; for each column the row tiles (R <= 4 rows of x)
@@ -488,7 +488,7 @@ std::string isa() {
 #endif
 #ifdef SGL_AVX512_TILE
   if (have_avx512()) s += " (avx512 multi-row tile)";
-  if (have_q16_tile()) s += " (q16/q8 avx512-vnni 4-column tile)";
+  if (have_q16_tile()) s += " (q16 4-column, q8 8-column avx512-vnni tiles)";
 #endif
   return s;
 }

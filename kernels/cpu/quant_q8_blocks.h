@@ -19,12 +19,12 @@ namespace {
 
 // ---- q8 activations: x per 32-block to int8 (scale d = amax / 127, round to nearest even, |q| <= 127), in
 // natural order; the block's quantized sum s = d * float(sum_j q_j) (one rounding: |sum| <= 4064 is exact);
-// and per block 8 int32 corrections, c_l = -8 * sum_{j in S_l} q_j and c_{4+l} = -128 * sum_{j in S_l} q_j
-// (S_l: the contract's lanes, below), that turn Q4_0's and Q8_0's unsigned weight operands back into signed
+// and per block 4 int32 corrections, c_l = -8 * sum_{j in S_l} q_j and c_{2+l} = -128 * sum_{j in S_l} q_j
+// (S_l: the contract's 2 lanes, below), that turn Q4_0's and Q8_0's unsigned weight operands back into signed
 // ones. Error: |x_j - d q_j| <= amax / 254, so |y - x.w| <= sum_b amax_b / 254 * ||w_b||_1 (+ fp32 rounding):
 // every weight type's error is its own weights' (as llama.cpp's Q8_0 / Q8_1 of x; q16 keeps the exact fp32
 // sum instead, whose error then scales with the unsigned d * nibble, up to 2x ||w_b||_1: fine at 1/65534).
-constexpr int kQ8Corr = 8;  // corrections per block: Q4_0's 4 lanes, then Q8_0's
+constexpr int kQ8Corr = 4;  // corrections per block: Q4_0's 2 lanes, then Q8_0's
 
 struct Q8BAct {
   const int8_t* q;    // [M, K]
@@ -34,53 +34,45 @@ struct Q8BAct {
   int64_t k, nb;
 };
 
-// nb blocks of x -> q [nb * 32], d [nb], s [nb], c [nb * kQ8Corr]. Pointers: a row of a batch writes its part
-// in place.
-inline void quantize_blocks8(const float* x, int64_t nb, int8_t* q, float* d, float* s, int32_t* c) {
+// nb blocks of x -> q [nb * 32], d [nb], s [nb], c [nb * kQ8Corr], in scalar code (quant_q8_zmm.h has the AVX-512
+// twin, quant_q8_tile.h's quantize_blocks8 chooses). Pointers: a row of a batch writes its part in place.
+inline void quantize_blocks8_scalar(const float* x, int64_t nb, int8_t* q, float* d, float* s, int32_t* c) {
   for (int64_t i = 0; i < nb; i++) {
     const float* xb = x + i * kBlock;
-    float amax, sum;
-    block_amax_sum(xb, amax, sum);
+    float amax = 0.f;
+    for (int j = 0; j < kBlock; j++) amax = std::max(amax, std::fabs(xb[j]));
     const float dx = amax / 127.f, id = dx != 0.f ? 1.f / dx : 0.f;
-    int32_t lane[4] = {}, qsum = 0;
+    int32_t lane[2] = {}, qsum = 0;
     for (int j = 0; j < kBlock; j++) {
       const int v = int(std::max(-127.f, std::min(127.f, std::nearbyint(xb[j] * id))));
       q[i * kBlock + j] = int8_t(v);
-      lane[(j & 15) >> 2] += v;  // j in S_l
+      lane[(j >> 2) & 1] += v;  // j in S_l
       qsum += v;
     }
-    for (int l = 0; l < 4; l++) {
+    for (int l = 0; l < 2; l++) {
       c[i * kQ8Corr + l] = -8 * lane[l];
-      c[i * kQ8Corr + 4 + l] = -128 * lane[l];
+      c[i * kQ8Corr + 2 + l] = -128 * lane[l];
     }
     d[i] = dx;
     s[i] = dx * float(qsum);
   }
 }
 
-// x fp32 [M, K] -> its q8 blocks (quantize_blocks8), into vectors sized here.
-inline void quantize_act8(const float* x, int64_t M, int64_t K, std::vector<int8_t>& q, std::vector<float>& d,
-                          std::vector<float>& s, std::vector<int32_t>& c) {
-  const int64_t nb = K / kBlock;
-  q.resize(M * K);
-  d.resize(M * nb);
-  s.resize(M * nb);
-  c.resize(M * nb * kQ8Corr);
-  quantize_blocks8(x, M * nb, q.data(), d.data(), s.data(), c.data());
-}
-
 // ---- The q8 block dot: ONE contract for M = 1 and every row of a batch (the same bits; quant_q8_tile.h) ----
-// Per output column c and row r: 4 fp32 lanes L, a scalar term; per block b, in order:
-//   I_l  = sum over j in S_l = {4l..4l+3, 16+4l..16+4l+3} of w_j * x_j   (int32, exact; w_j: Q4_0 the nibble - 8,
-//          Q4_1 the nibble 0..15, Q8_0 the signed byte; |I| <= 8 * 128 * 127 < 2^17: float(I_l) is exact)
+// Per output column c and row r: 2 fp32 lanes L, a scalar term; per block b, in order:
+//   I_l  = sum over j in S_l = {j : bit 2 of j is l} (16 weights) of w_j * x_j   (int32, exact; w_j: Q4_0 the
+//          nibble - 8, Q4_1 the nibble 0..15, Q8_0 the signed byte; |I| <= 16 * 128 * 127 < 2^22: float(I_l) is
+//          exact, and so is the kernel's magic-number conversion)
 //   L_l  = fma(float(I_l), d_c * xd_rb, L_l)                               (d_c * xd_rb: one fp32 rounding)
 //   scal = fma(m_c, xs_rb, scal)  (Q4_1; xs the quantized sum)  |  none (Q4_0, Q8_0)
-//   y    = ((L_0 + L_2) + (L_1 + L_3)) + scal  (+ bias) (+ residual)
-// i.e. q16's float part (quant_q16.h) with another partition of the products into lanes. The vector kernel
-// gets I_l as vpdpbusd(vpdpbusd(init, w_lo, x_lo), w_hi, x_hi) with the weights as the UNSIGNED operand: Q4_1
-// nibbles as they are (init 0); Q4_0 nibbles as they are, init c_l = -8 * sum_{S_l} x_j; Q8_0 bytes + 128
-// (xor 0x80), init c_{4+l} = -128 * sum_{S_l} x_j: the same integers. Integer sums are exact and every fp32
-// operation is one IEEE rounding, so the scalar and AVX-512 kernels give the same bits.
+//   y    = (L_0 + L_1) + scal  (+ bias) (+ residual)
+// Why 2 lanes (q16 has 4): the vector kernel (quant_q8_zmm.h) then holds 8 columns of one row per zmm (a 64-bit
+// lane per column: bytes 8k..8k+7 of weights and x per vpdpbusd, k = 0..3), so the per-block float work of a
+// row (convert, scale multiply, FMA) is one instruction per 8 columns: with 4 vpdpbusd per 8 column-blocks it
+// was most of an extra row's cost at 4 lanes. Weights are vpdpbusd's UNSIGNED operand: Q4_1 nibbles as they
+// are (init 0); Q4_0 nibbles, init c_l = -8 * sum_{S_l} x_j; Q8_0 bytes + 128 (xor 0x80), init c_{2+l} = -128 *
+// sum_{S_l} x_j: the same integers. Integer sums are exact and every fp32 operation is one IEEE rounding, so the
+// scalar and AVX-512 kernels give the same bits.
 
 // The contract for one column (W row w) and row `row` of a, in scalar code: the portable build, AVX2-only CPUs,
 // odd tail columns, and the reference the vector kernel is tested against (through their outputs).
@@ -89,21 +81,21 @@ inline float dot_q8_col(const uint8_t* w, const Q8BAct& a, int64_t row) {
   const int8_t* xq = a.q + row * a.k;
   const float* xd = a.d + row * a.nb;
   const float* xs = a.s + row * a.nb;
-  float L[4] = {}, scal = 0.f;
+  float L[2] = {}, scal = 0.f;
   for (int64_t b = 0; b < a.nb; b++) {
     const uint8_t* blk = w + b * block_bytes(T);
     const int8_t* xb = xq + b * kBlock;
     const float s = f16(blk) * xd[b];
     constexpr int zero = T == QT::Q4_0 ? 8 : 0;  // Q4_0's nibble - 8
-    for (int l = 0; l < 4; l++) {
+    for (int l = 0; l < 2; l++) {
       int32_t I = 0;
-      for (int i = 4 * l; i < 4 * l + 4; i++)
-        I += (q_at<T>(blk, i) - zero) * xb[i] + (q_at<T>(blk, 16 + i) - zero) * xb[16 + i];
+      for (int j = 0; j < kBlock; j++)
+        if (((j >> 2) & 1) == l) I += (q_at<T>(blk, j) - zero) * xb[j];
       L[l] = std::fma(float(I), s, L[l]);
     }
     if constexpr (T == QT::Q4_1) scal = std::fma(f16(blk + 2), xs[b], scal);
   }
-  return ((L[0] + L[2]) + (L[1] + L[3])) + scal;
+  return (L[0] + L[1]) + scal;
 }
 
 }  // namespace

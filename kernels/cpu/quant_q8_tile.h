@@ -1,8 +1,8 @@
 // The q8 matmuls for quant_gemm.cpp, decode_layer.cpp and decode_rows.cpp: gemv_rows8 (M = 1) and the small-M
 // GEMM (2 <= M <= kQ16MaxRows), batch-invariant as q16's (quant_q16_tile.h): every kernel they choose from
-// computes the one q8 block-dot contract of quant_q8_blocks.h (the scalar and the AVX-512 VNNI 4-column x R-row
+// computes the one q8 block-dot contract of quant_q8_blocks.h (the scalar and the AVX-512 VNNI 8-column x R-row
 // kernels), and a column's arithmetic does not depend on which kernel, tile or thread range computed it.
-// Where the machine has AVX-512 VNNI (have_q16_tile()) a tile of 4 columns x up to kQ16TileRows rows reads each
+// Where the machine has AVX-512 VNNI (have_q16_tile()) a tile of 8 columns x up to kQ16TileRows rows reads each
 // weight block once for all its rows; elsewhere (AVX2 only, the scalar build, SGL_CPU_Q16_NO_TILE=1) every
 // column runs the scalar kernel: the same bits, slowly.
 #pragma once
@@ -33,6 +33,29 @@ struct Q8Tiled {
                    rows * kQ8Corr};
   }
 };
+
+// nb blocks of x -> their q8 blocks (quant_q8_blocks.h: q [nb * 32], d, s [nb], c [nb * kQ8Corr]): the same values
+// from the AVX-512 or the scalar code.
+inline void quantize_blocks8(const float* x, int64_t nb, int8_t* q, float* d, float* s, int32_t* c) {
+#ifdef SGL_Q16_ZMM
+  if (have_q16_zmm()) {
+    quantize_blocks8_zmm(x, nb, q, d, s, c);
+    return;
+  }
+#endif
+  quantize_blocks8_scalar(x, nb, q, d, s, c);
+}
+
+// x fp32 [M, K] -> its q8 blocks (quantize_blocks8), into vectors sized here.
+inline void quantize_act8(const float* x, int64_t M, int64_t K, std::vector<int8_t>& q, std::vector<float>& d,
+                          std::vector<float>& s, std::vector<int32_t>& c) {
+  const int64_t nb = K / kBlock;
+  q.resize(M * K);
+  d.resize(M * nb);
+  s.resize(M * nb);
+  c.resize(M * nb * kQ8Corr);
+  quantize_blocks8(x, M * nb, q.data(), d.data(), s.data(), c.data());
+}
 
 // Sizes p for M rows of nb blocks; pack_row8 then fills row r (rows write disjoint parts of p).
 inline void size_tiled8(int64_t M, int64_t nb, Q8Tiled& p) {
@@ -72,8 +95,8 @@ void gemv_rows8(const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, fl
   int64_t n = 0;
 #ifdef SGL_Q16_ZMM
   if (have_q16_zmm())
-    for (; n + 4 <= count; n += 4)
-      dot_q8_quad<T, 1>(W + n * rb, rb, a.nb, Q8TileX{a.q, a.d, a.s, a.c, kBlock, 1, kQ8Corr}, out + n, 0,
+    for (; n + 8 <= count; n += 8)
+      dot_q8_oct<T, 1>(W + n * rb, rb, a.nb, Q8TileX{a.q, a.d, a.s, a.c, kBlock, 1, kQ8Corr}, out + n, 0,
                         bias != nullptr ? bias + n : nullptr, resid != nullptr ? resid + n : nullptr);
 #endif
   for (; n < count; n++) {
@@ -85,7 +108,8 @@ void gemv_rows8(const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, fl
 }
 
 #ifdef SGL_Q16_ZMM
-// out rows 0..M of columns [n0, n1): gemm_q16_tile's order (64-column cache blocks, in each the row tiles).
+// out rows 0..M of columns [n0, n1): gemm_q16_tile's order (64-column cache blocks, in each the row tiles of
+// 8 columns; the < 8 tail columns one at a time, dot_q8_col).
 template <QT T>
 void gemm_q8_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a, const Q8Tiled& p,
                   float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
@@ -104,8 +128,8 @@ void gemm_q8_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BA
       with_tile_rows(R, [&](auto rc) {
         constexpr int RR = decltype(rc)::value;
         int64_t n = c0;
-        for (; n + 4 <= c1; n += 4)
-          dot_q8_quad<T, RR>(W + n * rb, rb, p.nb, x, out + r0 * N + n, N, bias != nullptr ? bias + n : nullptr,
+        for (; n + 8 <= c1; n += 8)
+          dot_q8_oct<T, RR>(W + n * rb, rb, p.nb, x, out + r0 * N + n, N, bias != nullptr ? bias + n : nullptr,
                              resid != nullptr ? resid + r0 * N + n : nullptr);
         for (; n < c1; n++)
           for (int r = 0; r < RR; r++) put(r0 + r, n, dot_q8_col<T>(W + n * rb, a, r0 + r));
