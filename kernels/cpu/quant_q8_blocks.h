@@ -2,14 +2,15 @@
 // decode_rows.cpp): x quantized per 32-block to int8, the weights' integers as the unsigned operand of
 // vpdpbusd (u8 x s8 -> int32, 4 products per int32 lane), the signed weights exact through an integer
 // correction, Q4_1's m through the quantized block sum (llama.cpp's Q8_1 form).
-// This file: the activations, the block-dot contract, its scalar kernel; quant_q8_zmm.h has the AVX-512 VNNI
-// kernel, quant_q8_tile.h the matmuls (gemv_rows8, gemm_q8_cols) that choose between them.
+// This file: the activations, the block-dot contract, its scalar and AVX2 kernels; quant_q8_zmm.h has the
+// AVX-512 VNNI kernel, quant_q8_tile.h the matmuls (gemv_rows8, gemm_q8_cols) that choose between them.
 // (quant_q8.h is the older llama.cpp-style q8 of gemm's larger batches: another contract, not batch-invariant.)
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "quant_common.h"
@@ -97,5 +98,69 @@ inline float dot_q8_col(const uint8_t* w, const Q8BAct& a, int64_t row) {
   }
   return (L[0] + L[1]) + scal;
 }
+
+#ifdef SGL_AVX2
+// The contract for 4 columns (W rows w + c * rb, c < 4) of row `row`: res[0..4) (AVX2 CPUs without AVX-512
+// VNNI). One ymm holds the 2 lanes of 4 columns, 64-bit element e = column (e >> 1) + 2 (e & 1) (the order of
+// two 2-column loads and an unpack). I_l without VNNI: vpmaddubsw (u8 x s8 -> int16 pairs: Q4 nibbles x x, at
+// most 2 * 15 * 127; Q8_0 |w| x x * sign(w), at most 2 * 128 * 127 < 2^15: never saturates) then vpmaddwd by
+// 1 (-> the int32 lane of 4 bytes, vpdpbusd's partition); Q4_0's -8 is the correction c_l, Q8_0 needs none.
+template <QT T>
+inline void dot_q8_cols4(const uint8_t* w, int64_t rb, const Q8BAct& a, int64_t row, float* res) {
+  const int8_t* xq = a.q + row * a.k;
+  const float* xd = a.d + row * a.nb;
+  const float* xs = a.s + row * a.nb;
+  const int32_t* xc = a.c + row * a.nb * kQ8Corr;
+  const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+  const auto load2 = [&](int c, int off) {  // bytes off..off+15 of columns c, c + 1
+    return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(w + (c + 1) * rb + off),
+                               reinterpret_cast<const __m128i*>(w + c * rb + off));
+  };
+  __m256 acc = _mm256_setzero_ps();
+  float scal[4] = {};
+  for (int64_t b = 0; b < a.nb; b++, w += block_bytes(T)) {
+    for (int c = 0; c < 4; c++) prefetch(w + c * rb);
+    __m256i wq[4];
+    if constexpr (T == QT::Q8_0) {
+      const __m256i l01 = load2(0, 2), l23 = load2(2, 2), h01 = load2(0, 18), h23 = load2(2, 18);
+      wq[0] = _mm256_unpacklo_epi64(l01, l23);
+      wq[1] = _mm256_unpackhi_epi64(l01, l23);
+      wq[2] = _mm256_unpacklo_epi64(h01, h23);
+      wq[3] = _mm256_unpackhi_epi64(h01, h23);
+    } else {
+      constexpr int off = T == QT::Q4_0 ? 2 : 4;
+      const __m256i v01 = load2(0, off), v23 = load2(2, off);
+      const __m256i lo = _mm256_unpacklo_epi64(v01, v23), hi = _mm256_unpackhi_epi64(v01, v23);
+      wq[0] = _mm256_and_si256(lo, m4);
+      wq[1] = _mm256_and_si256(hi, m4);
+      wq[2] = _mm256_and_si256(_mm256_srli_epi16(lo, 4), m4);
+      wq[3] = _mm256_and_si256(_mm256_srli_epi16(hi, 4), m4);
+    }
+    __m256i I = T == QT::Q4_0 ? _mm256_set1_epi64x([&] { int64_t v; std::memcpy(&v, xc + b * kQ8Corr, 8); return v; }())
+                              : _mm256_setzero_si256();
+    for (int k = 0; k < 4; k++) {
+      int64_t xv;
+      std::memcpy(&xv, xq + b * kBlock + 8 * k, 8);
+      __m256i x = _mm256_set1_epi64x(xv), u = wq[k];
+      if constexpr (T == QT::Q8_0) {
+        x = _mm256_sign_epi8(x, u);
+        u = _mm256_sign_epi8(u, u);
+      }
+      I = _mm256_add_epi32(I, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones));
+    }
+    const float d0 = f16(w), d1 = f16(w + rb), d2 = f16(w + 2 * rb), d3 = f16(w + 3 * rb);
+    const __m256 dv = _mm256_setr_ps(d0, d0, d2, d2, d1, d1, d3, d3);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dv, _mm256_set1_ps(xd[b])), acc);
+    if constexpr (T == QT::Q4_1)
+      for (int c = 0; c < 4; c++) scal[c] = std::fma(f16(w + c * rb + 2), xs[b], scal[c]);
+  }
+  alignas(32) float l[8];
+  _mm256_store_ps(l, _mm256_add_ps(acc, _mm256_permute_ps(acc, _MM_SHUFFLE(2, 3, 0, 1))));  // L_0 + L_1 at 2e
+  res[0] = l[0] + scal[0];
+  res[1] = l[4] + scal[1];
+  res[2] = l[2] + scal[2];
+  res[3] = l[6] + scal[3];
+}
+#endif
 
 }  // namespace

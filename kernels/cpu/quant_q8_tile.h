@@ -3,8 +3,8 @@
 // computes the one q8 block-dot contract of quant_q8_blocks.h (the scalar and the AVX-512 VNNI 8-column x R-row
 // kernels), and a column's arithmetic does not depend on which kernel, tile or thread range computed it.
 // Where the machine has AVX-512 VNNI (have_q16_tile()) a tile of 8 columns x up to kQ16TileRows rows reads each
-// weight block once for all its rows; elsewhere (AVX2 only, the scalar build, SGL_CPU_Q16_NO_TILE=1) every
-// column runs the scalar kernel: the same bits, slowly.
+// weight block once for all its rows; elsewhere (AVX2 only, SGL_CPU_Q16_NO_TILE=1) the rows run gemv_rows8 one
+// at a time (the AVX2 4-column kernel; the scalar build: the scalar one): the same bits.
 #pragma once
 
 #include <algorithm>
@@ -98,6 +98,18 @@ void gemv_rows8(const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, fl
     for (; n + 8 <= count; n += 8)
       dot_q8_oct<T, 1>(W + n * rb, rb, a.nb, Q8TileX{a.q, a.d, a.s, a.c, kBlock, 1, kQ8Corr}, out + n, 0,
                         bias != nullptr ? bias + n : nullptr, resid != nullptr ? resid + n : nullptr);
+#endif
+#ifdef SGL_AVX2
+  float res[4];
+  for (; n + 4 <= count; n += 4) {
+    dot_q8_cols4<T>(W + n * rb, rb, a, 0, res);
+    for (int c = 0; c < 4; c++) {
+      float v = res[c];
+      if (bias != nullptr) v += bias[n + c];
+      if (resid != nullptr) v += resid[n + c];
+      out[n + c] = v;
+    }
+  }
 #endif
   for (; n < count; n++) {
     float v = dot_q8_col<T>(W + n * rb, a, 0);

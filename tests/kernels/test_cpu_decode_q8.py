@@ -1,6 +1,6 @@
 """The fused decode kernels with q8 activations (act="q8": kernels/cpu/quant_q8_blocks.h's contract): decode_layer
 against its fp32 reference within the int8 rounding, decode_rows giving every row the BITS of decode_stack on
-that token alone (decode batches, a verify chain, 1 and 2 threads, every block type), the scalar path's bits
+that token alone (decode batches, a verify chain, 1 and 2 threads, every block type), the per-row path's bits
 (what an AVX2-only CPU runs) equal to the VNNI tile's, and the q8 matmuls of the layer equal to quant_linear's."""
 
 from __future__ import annotations
@@ -121,9 +121,10 @@ def test_the_layers_q8_matmuls_are_quant_linears() -> None:
     assert torch.equal(k_buf[3].reshape(-1), qkv[heads * head_dim : heads * head_dim + kv])
 
 
-def test_the_scalar_path_gives_the_tiles_bits() -> None:
-    """SGL_CPU_Q16_NO_TILE=1 (what an AVX2-only CPU runs: the scalar statement of the contract) gives the same
-    bits for a q8 decode_rows call and a q8 decode_stack step; in subprocesses (the choice is made once)."""
+def test_the_per_row_path_gives_the_tiles_bits() -> None:
+    """SGL_CPU_Q16_NO_TILE=1 (what an AVX2-only CPU runs: rows one at a time, the AVX2 4-column kernel and the
+    scalar quantization of x) gives the same bits for a q8 decode_rows call and a q8 decode_stack step; in
+    subprocesses (the choice is made once)."""
     code = ("import torch, tests.kernels.test_cpu_decode_q8 as t;"
             "outs = []\n"
             "for qt in ('q4_0', 'q4_1', 'q8_0'):\n"

@@ -2,7 +2,8 @@
 rows: the integer block dots are exact (vpdpbusd with Q8_0's weights shifted to unsigned and shifted back), the
 result stays within the int8 rounding bound of the exact product, every row of a batch gets the SAME BITS as
 that row alone (M = 1: the decode pool's gemv) for every block type and thread split, and the AVX-512 VNNI
-tile, its tail columns and the scalar kernel (what an AVX2-only CPU runs) agree bit for bit."""
+tile, its tail columns (the scalar kernel) and the per-row AVX2 kernel (what an AVX2-only CPU runs) agree bit
+for bit (the --scalar build runs these tests on the scalar kernel alone)."""
 
 from __future__ import annotations
 
@@ -134,9 +135,10 @@ def test_a_column_has_the_same_bits_in_the_tile_and_the_tail(qtype: str) -> None
             assert torch.equal(quant_linear(x, part, act_quant="q8"), full[:, off:]), (qtype, m, off)
 
 
-def test_the_scalar_kernel_gives_the_tiles_bits() -> None:
-    """A CPU without AVX-512 VNNI (or SGL_CPU_Q16_NO_TILE=1) runs the scalar statement of the contract for every
-    column; this one runs the VNNI tile. The same bits, M = 1 and a batch, every block type."""
+def test_the_per_row_path_gives_the_tiles_bits() -> None:
+    """A CPU without AVX-512 VNNI (or SGL_CPU_Q16_NO_TILE=1) runs the rows one at a time through the AVX2
+    4-column kernel (and the scalar one for the < 4 tail columns: N = 70); this one runs the VNNI tile. The same
+    bits, M = 1 and a batch, every block type."""
     script = (
         "import numpy as np, torch, sys\n"
         "from sgl.kernels.cpu import QuantWeight, _ext, quant_linear\n"
@@ -155,8 +157,8 @@ def test_the_scalar_kernel_gives_the_tiles_bits() -> None:
             subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=120)
             results.append(torch.load(path))
     tile, rows = results
-    assert "avx512-vnni" not in rows["isa"]  # the override took the scalar path
+    assert "avx512-vnni" not in rows["isa"]  # the override took the per-row path
     if "avx512-vnni" not in tile["isa"]:
-        pytest.skip("this CPU has no AVX-512 VNNI: both runs took the scalar path")
+        pytest.skip("this CPU has no AVX-512 VNNI: both runs took the per-row path")
     for a, b in zip(tile["outs"], rows["outs"]):
         assert torch.equal(a, b)
