@@ -13,8 +13,8 @@
 // Weights are GGUF blocks (Q4_0 / Q4_1 / Q8_0) in the layout of quant.py; qkv rows are [q | k | v] and
 // gate_up rows [gate | up] (llama.py's fused layout). The matmuls use the q16 activations of quant_q16.h
 // (the default act mode) or the q8 ones of quant_q8_blocks.h (act: 2 = q16, 1 = q8), the norm rms_norm.cpp's
-// formula, RoPE "rotate half" with the [D] cos / signed-sin rows of the position (rotary.py), attention decode_attention.cpp's two-pass
-// softmax: so the layer computes what llama.py's unfused path computes, up to float rounding.
+// formula, RoPE "rotate half" with the [D] cos / signed-sin rows of the position (rotary.py), attention
+// decode_attention.cpp's two-pass softmax: so the layer computes what llama.py's unfused path computes, up to float rounding.
 // A column's arithmetic does not depend on the chunking (gemv_rows' / gemv_rows8's contracts), so the
 // result is bit-identical for every thread count. Chunks are taken from an atomic counter and a phase ends
 // when its chunks are done (thread_pool.h): on a loaded machine a descheduled thread's share is taken by

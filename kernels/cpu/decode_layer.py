@@ -10,8 +10,9 @@ llama.py lays them out: qkv rows [q | k | v], gate_up rows [gate | up]) and is v
     x = rms_norm(h) * ln2;  h += (silu(x @ Wgate^T) * (x @ Wup^T)) @ Wdown^T
 
 `slots` [L] int64 is the row's slot table, the new token's slot last. The kernel (decode_layer.cpp)
-quantizes activations as quant_linear's act_quant="q16" (the default) or "q8" computes them (`act`); `decode_layer_reference` (dequantize + mm,
-torch softmax) is the oracle of tests/kernels/test_cpu_decode_layer.py and the path without the extension.
+quantizes activations as quant_linear's act_quant="q16" (the default) or "q8" does (`act`);
+`decode_layer_reference` (dequantize + mm, torch softmax) is the oracle of tests/kernels/test_cpu_decode_layer.py
+and the path without the extension.
 """
 
 from __future__ import annotations

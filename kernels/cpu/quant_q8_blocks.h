@@ -23,8 +23,10 @@ namespace {
 // and per block 4 int32 corrections, c_l = -8 * sum_{j in S_l} q_j and c_{2+l} = -128 * sum_{j in S_l} q_j
 // (S_l: the contract's 2 lanes, below), that turn Q4_0's and Q8_0's unsigned weight operands back into signed
 // ones. Error: |x_j - d q_j| <= amax / 254, so |y - x.w| <= sum_b amax_b / 254 * ||w_b||_1 (+ fp32 rounding):
-// every weight type's error is its own weights' (as llama.cpp's Q8_0 / Q8_1 of x; q16 keeps the exact fp32
-// sum instead, whose error then scales with the unsigned d * nibble, up to 2x ||w_b||_1: fine at 1/65534).
+// every weight type's error is its own weights' (as llama.cpp's Q8_0 / Q8_1 of x). q16 keeps the exact fp32 sum
+// instead, whose error then scales with the unsigned d * nibble, up to 2x ||w_b||_1: fine at 1/65534, but at
+// 1/254 it doubled the error (default model, layer 3's Q4_1 gate_up / down, heavy-tailed x: rms error 0.10 /
+// 0.17 with the exact sum, 0.047 / 0.073 with the quantized one).
 constexpr int kQ8Corr = 4;  // corrections per block: Q4_0's 2 lanes, then Q8_0's
 
 struct Q8BAct {
@@ -69,11 +71,13 @@ inline void quantize_blocks8_scalar(const float* x, int64_t nb, int8_t* q, float
 //   y    = (L_0 + L_1) + scal  (+ bias) (+ residual)
 // Why 2 lanes (q16 has 4): the vector kernel (quant_q8_zmm.h) then holds 8 columns of one row per zmm (a 64-bit
 // lane per column: bytes 8k..8k+7 of weights and x per vpdpbusd, k = 0..3), so the per-block float work of a
-// row (convert, scale multiply, FMA) is one instruction per 8 columns: with 4 vpdpbusd per 8 column-blocks it
-// was most of an extra row's cost at 4 lanes. Weights are vpdpbusd's UNSIGNED operand: Q4_1 nibbles as they
-// are (init 0); Q4_0 nibbles, init c_l = -8 * sum_{S_l} x_j; Q8_0 bytes + 128 (xor 0x80), init c_{2+l} = -128 *
-// sum_{S_l} x_j: the same integers. Integer sums are exact and every fp32 operation is one IEEE rounding, so the
-// scalar and AVX-512 kernels give the same bits.
+// row (convert, scale multiply, FMA) is one instruction per 8 columns. With 4 lanes (4 columns per zmm, 2
+// vpdpbusd per block) that float work was as much as the dots: the 2-lane kernel cut the default model's
+// matmuls at 9 rows from 13.98 to 11.39 ms per step (benchmarks/bench_q16_rows.py, 1 thread).
+// Weights are vpdpbusd's UNSIGNED operand: Q4_1 nibbles as they are (init 0); Q4_0 nibbles, init c_l = -8 *
+// sum_{S_l} x_j; Q8_0 bytes + 128 (xor 0x80), init c_{2+l} = -128 * sum_{S_l} x_j: the same integers (the AVX2
+// kernel reaches them by vpmaddubsw). Integer sums are exact and every fp32 operation is one IEEE rounding, so
+// the scalar, AVX2 and AVX-512 kernels give the same bits.
 
 // The contract for one column (W row w) and row `row` of a, in scalar code: the portable build, AVX2-only CPUs,
 // odd tail columns, and the reference the vector kernel is tested against (through their outputs).

@@ -159,8 +159,10 @@ SGL_TARGET_Q16 inline void dot_q8_oct(const uint8_t* w, int64_t rb, int64_t nb, 
   for (int r = 0; r < R; r++) {
     const __m512 t = _mm512_add_ps(acc[r], _mm512_permute_ps(acc[r], _MM_SHUFFLE(2, 3, 0, 1)));
     __m256 y = _mm512_castps512_ps256(_mm512_permutexvar_ps(pick, t));
-    if constexpr (T == QT::Q4_1)
-      y = _mm256_add_ps(y, _mm512_castps512_ps256(_mm512_permutexvar_ps(r % 2 ? pick1 : pick, scal[R == 1 ? 0 : r / 2])));
+    if constexpr (T == QT::Q4_1) {
+      const __m512 sr = _mm512_permutexvar_ps(r % 2 ? pick1 : pick, scal[R == 1 ? 0 : r / 2]);
+      y = _mm256_add_ps(y, _mm512_castps512_ps256(sr));
+    }
     if (bias != nullptr) y = _mm256_add_ps(y, _mm256_loadu_ps(bias));
     if (resid != nullptr) y = _mm256_add_ps(y, _mm256_loadu_ps(resid + r * ldo));
     _mm256_storeu_ps(out + r * ldo, y);
