@@ -124,7 +124,7 @@ SGL_TARGET_Q16 inline void dot_q8_oct(const uint8_t* w, int64_t rb, int64_t nb, 
     const uint8_t* blk = w + b * block_bytes(T);
     // the next 8 columns' block b: one group ahead (prefetch()'s fixed kPrefetch bytes land inside this group's
     // 8 rows once 8 rows are longer than kPrefetch; measured on the default model, 1 thread, interleaved A/B:
-    // a batch-1 step 8.2 -> 7.8 ms, the lm_head 2.3 -> 1.5 ms)
+    // a batch-1 step over a 300-token context 8.7 -> 7.8 ms, the lm_head 2.3 -> 1.5 ms)
     for (int c = 0; c < 8; c++) __builtin_prefetch(blk + (c + 8) * rb, 0, 3);
     __m512 hdr;
     if constexpr (T == QT::Q4_1) {
