@@ -3,8 +3,8 @@
 `LlamaForCausalLM.forward` asks `fused_step(...)` once per step; it returns a runner for the step's whole
 decoder (every layer in ONE call, `decode_stack`, when every layer fuses: one Python -> C++ transition per
 step) when the step is one decode token of one sequence, the model holds native GGUF weights, the activations
-run in q16 (the process default) or q8 (the kernel computes what the unfused path of that mode computes), no LoRA, and
-the extension has the kernel. Otherwise None, and every layer runs `LlamaDecoderLayer.forward` (the torch
+run in q16 (the process default) or q8 (the kernel computes what the unfused path of that mode computes), no
+LoRA, and the extension has the kernel. Otherwise None, and every layer runs `LlamaDecoderLayer.forward` (the torch
 path, which stays the reference the tests compare against). A layer whose weights cannot fuse (an fp32
 fallback, f16 blocks, a tensor-parallel shard) runs its own forward inside a fused step.
 
