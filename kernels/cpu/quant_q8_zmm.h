@@ -10,6 +10,7 @@
 // for the 8 columns: ~7 ALU uops per 8 column-blocks and row, where q16's 4-column kernel pays ~15.
 // Converts: every other row's int-to-float is an integer add and a float subtract (exact for |I| < 2^22, which
 // the contract's bound keeps; quant_q16_zmm.h says why), so they split between ports 0 and 5.
+// Also here: the AVX-512 quantization of x (quantize_blocks8_zmm), the same values as the scalar code.
 #pragma once
 
 #include <cstdint>
