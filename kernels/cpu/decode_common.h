@@ -1,6 +1,6 @@
 // What the fused decode kernels share (decode_layer.cpp: one token; decode_rows.cpp: a batch of rows): the
 // per-row small ops, so every kernel gives a row the same bits (rms_norm.cpp's formula, RoPE "rotate half",
-// q16 activations of quant_q16.h) and the run-time block type.
+// the q16 / q8 activations of quant_q16.h / quant_q8_blocks.h), the run-time block type and activation mode.
 #pragma once
 
 #include <algorithm>
@@ -11,6 +11,7 @@
 
 #include "quant_common.h"
 #include "quant_q16_tile.h"
+#include "quant_q8_tile.h"
 #include "attention_common.h"
 
 namespace {
@@ -22,6 +23,47 @@ struct Act16 {
   std::vector<int16_t> q;
   std::vector<float> d, s;
   Q16Act view(int64_t k) const { return Q16Act{q.data(), d.data(), s.data(), k, k / kBlock}; }
+};
+
+// The fused kernels' activation modes: gemm's act_mode codes (quant_gemm.cpp; quant.py's _ACT_MODE).
+enum class Act { Q8 = 1, Q16 = 2 };
+
+inline Act act_mode(int64_t code) {
+  if (code != 1 && code != 2) throw std::invalid_argument("decode kernels take act modes 1 (q8), 2 (q16)");
+  return Act(code);
+}
+
+// Per-thread scratch of the q8 activations of one row.
+struct Act8 {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> c;
+  Q8BAct view(int64_t k) const { return Q8BAct{q.data(), d.data(), s.data(), c.data(), k, k / kBlock}; }
+};
+
+// gemv_rows8 (quant_q8_tile.h) for a run-time block type.
+inline void gemv_rows8_any(QT t, const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, float* out,
+                           const float* bias, const float* resid) {
+  switch (t) {
+    case QT::Q4_0: gemv_rows8<QT::Q4_0>(W, rb, count, a, out, bias, resid); break;
+    case QT::Q4_1: gemv_rows8<QT::Q4_1>(W, rb, count, a, out, bias, resid); break;
+    case QT::Q8_0: gemv_rows8<QT::Q8_0>(W, rb, count, a, out, bias, resid); break;
+    default: break;
+  }
+}
+
+// One row's activations in the call's mode: set() quantizes x [k], gemv() runs columns against them.
+struct ActRow {
+  Act16 a16;
+  Act8 a8;
+  Act mode = Act::Q16;
+  int64_t k = 0;
+  void set(Act m, const float* x, int64_t kk) {
+    mode = m, k = kk;
+    if (mode == Act::Q8) quantize_act8(x, 1, k, a8.q, a8.d, a8.s, a8.c);
+    else quantize_act16(x, 1, k, a16.q, a16.d, a16.s);
+  }
+  void gemv(QT t, const uint8_t* W, int64_t rb, int64_t count, float* out, const float* bias, const float* resid) const;
 };
 
 // rms_norm.cpp's arithmetic (double sum of squares, (x * r) * w in float), one row.
@@ -41,6 +83,12 @@ inline void gemv_rows_any(QT t, const uint8_t* W, int64_t rb, int64_t count, con
     case QT::Q8_0: gemv_rows<QT::Q8_0>(W, rb, count, a, out, bias, resid); break;
     default: break;  // F16 is rejected before the parallel region
   }
+}
+
+inline void ActRow::gemv(QT t, const uint8_t* W, int64_t rb, int64_t count, float* out, const float* bias,
+                          const float* resid) const {
+  if (mode == Act::Q8) gemv_rows8_any(t, W, rb, count, a8.view(k), out, bias, resid);
+  else gemv_rows_any(t, W, rb, count, a16.view(k), out, bias, resid);
 }
 
 inline QT block_qtype(int64_t code) {
@@ -75,9 +123,9 @@ inline LayerW stack_layer(const int64_t* t, bool kv_half) {
 }
 
 // Chunk size of a phase of n output columns: about 4 chunks per thread (a late or slow thread's share is
-// taken by the others), a multiple of 4 (whole C = 4 column groups), at least 16 columns.
+// taken by the others), a multiple of 8 (whole q16 4-column and q8 8-column groups), at least 16 columns.
 inline int64_t chunk_for(int64_t n, int threads) {
-  return threads <= 1 ? n : std::max<int64_t>(16, (n / (4 * threads) + 3) / 4 * 4);
+  return threads <= 1 ? n : std::max<int64_t>(16, (n / (4 * threads) + 7) / 8 * 8);
 }
 
 // RoPE "rotate half": out_j = x_j cos_j + x_{(j + D/2) % D} sin_signed_j.

@@ -11,11 +11,11 @@
 //   act[j] = silu(x @ Wgate_j) * (x @ Wup_j)       j in chunks (gate row j and up row I + j) | done
 //   h = (act @ Wdown^T) + h                        columns in chunks                       | join
 // Weights are GGUF blocks (Q4_0 / Q4_1 / Q8_0) in the layout of quant.py; qkv rows are [q | k | v] and
-// gate_up rows [gate | up] (llama.py's fused layout). The matmuls use the q16 activations of
-// quant_q16.h (the default act mode), the norm rms_norm.cpp's formula, RoPE "rotate half" with the
-// [D] cos / signed-sin rows of the position (rotary.py), attention decode_attention.cpp's two-pass
-// softmax: so the layer computes what llama.py's unfused path computes, up to float rounding.
-// A column's arithmetic does not depend on the chunking (gemv_rows' contract: quant_q16_tile.h), so the
+// gate_up rows [gate | up] (llama.py's fused layout). The matmuls use the q16 activations of quant_q16.h
+// (the default act mode) or the q8 ones of quant_q8_blocks.h (act: 2 = q16, 1 = q8), the norm rms_norm.cpp's
+// formula, RoPE "rotate half" with the [D] cos / signed-sin rows of the position (rotary.py), attention
+// decode_attention.cpp's two-pass softmax: so the layer computes what llama.py's unfused path computes, up to float rounding.
+// A column's arithmetic does not depend on the chunking (gemv_rows' / gemv_rows8's contracts), so the
 // result is bit-identical for every thread count. Chunks are taken from an atomic counter and a phase ends
 // when its chunks are done (thread_pool.h): on a loaded machine a descheduled thread's share is taken by
 // the others, and the caller alone can run the whole layer.
@@ -47,6 +47,7 @@ struct Layer {
   const int64_t* slots;
   int64_t L, out_slot;
   float scale;
+  Act act;
 };
 
 // Attention of kv head g's query heads for the one token (keys/values of slots[0..L)); stores k/v first.
@@ -79,20 +80,19 @@ void run_layer(const Layer& p, int threads) {
   const int64_t rb_qkv = row_bytes(p.w.tqkv, p.hidden), rb_o = row_bytes(p.w.to, qd);
   const int64_t rb_gu = row_bytes(p.w.tgu, p.hidden), rb_d = row_bytes(p.w.td, p.I);
   // Every thread walks the phases in order; it prepares a phase's input (its own copy of the normed and
-  // q16-quantized activations) only when the phase has work left, and waits for each phase to be done
+  // quantized activations) only when the phase has work left, and waits for each phase to be done
   // before the next (the next phase reads all of its output).
   static sgl_cpu::AdaptiveSite site;
   const double work = double(rb_qkv * nqkv + rb_o * p.hidden + rb_gu * 2 * p.I + rb_d * p.hidden);  // weight bytes
   sgl_cpu::parallel_run_adaptive(threads, site, work, [&] {
     static thread_local std::vector<float> x, gate, up, scores;
-    static thread_local Act16 a;
+    static thread_local ActRow a;
     x.resize(std::max({p.hidden, qd, p.I}));
     if (ph_qkv.has_work()) {
       rms_norm_row(p.h, p.w.ln1, p.hidden, p.eps, x.data());
-      quantize_act16(x.data(), 1, p.hidden, a.q, a.d, a.s);
-      const Q16Act ax = a.view(p.hidden);
+      a.set(p.act, x.data(), p.hidden);
       ph_qkv.work([&](int64_t n0, int64_t n1) {
-        gemv_rows_any(p.w.tqkv, p.w.wqkv + n0 * rb_qkv, rb_qkv, n1 - n0, ax, qkv + n0,
+        a.gemv(p.w.tqkv, p.w.wqkv + n0 * rb_qkv, rb_qkv, n1 - n0, qkv + n0,
                       p.w.qkv_bias != nullptr ? p.w.qkv_bias + n0 : nullptr, nullptr);
       });
     }
@@ -104,10 +104,9 @@ void run_layer(const Layer& p, int threads) {
     ph_attn.wait_done();
     // o projection + residual (in place on h: a column reads only its own h entry)
     if (ph_o.has_work()) {
-      quantize_act16(attn, 1, qd, a.q, a.d, a.s);
-      const Q16Act ao = a.view(qd);
+      a.set(p.act, attn, qd);
       ph_o.work([&](int64_t n0, int64_t n1) {
-        gemv_rows_any(p.w.to, p.w.wo + n0 * rb_o, rb_o, n1 - n0, ao, p.h + n0,
+        a.gemv(p.w.to, p.w.wo + n0 * rb_o, rb_o, n1 - n0, p.h + n0,
                       p.w.o_bias != nullptr ? p.w.o_bias + n0 : nullptr, p.h + n0);
       });
     }
@@ -115,13 +114,12 @@ void run_layer(const Layer& p, int threads) {
     // gate/up + silu * up
     if (ph_gu.has_work()) {
       rms_norm_row(p.h, p.w.ln2, p.hidden, p.eps, x.data());
-      quantize_act16(x.data(), 1, p.hidden, a.q, a.d, a.s);
-      const Q16Act a2 = a.view(p.hidden);
+      a.set(p.act, x.data(), p.hidden);
       ph_gu.work([&](int64_t j0, int64_t j1) {
         gate.resize(j1 - j0);
         up.resize(j1 - j0);
-        gemv_rows_any(p.w.tgu, p.w.wgu + j0 * rb_gu, rb_gu, j1 - j0, a2, gate.data(), nullptr, nullptr);
-        gemv_rows_any(p.w.tgu, p.w.wgu + (p.I + j0) * rb_gu, rb_gu, j1 - j0, a2, up.data(), nullptr, nullptr);
+        a.gemv(p.w.tgu, p.w.wgu + j0 * rb_gu, rb_gu, j1 - j0, gate.data(), nullptr, nullptr);
+        a.gemv(p.w.tgu, p.w.wgu + (p.I + j0) * rb_gu, rb_gu, j1 - j0, up.data(), nullptr, nullptr);
         for (int64_t j = j0; j < j1; j++) {
           const float gv = gate[j - j0];
           act[j] = gv / (1.f + std::exp(-gv)) * up[j - j0];
@@ -131,10 +129,9 @@ void run_layer(const Layer& p, int threads) {
     ph_gu.wait_done();
     // down projection + residual
     if (ph_down.has_work()) {
-      quantize_act16(act, 1, p.I, a.q, a.d, a.s);
-      const Q16Act ad = a.view(p.I);
+      a.set(p.act, act, p.I);
       ph_down.work([&](int64_t n0, int64_t n1) {
-        gemv_rows_any(p.w.td, p.w.wd + n0 * rb_d, rb_d, n1 - n0, ad, p.h + n0, nullptr, p.h + n0);
+        a.gemv(p.w.td, p.w.wd + n0 * rb_d, rb_d, n1 - n0, p.h + n0, nullptr, p.h + n0);
       });
     }
     ph_down.wait_done();
@@ -163,8 +160,9 @@ const int64_t* checked_slots(Addr slots, int64_t L, int64_t num_slots) {
 void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqkv, Addr qkv_bias, Addr wo,
                   int64_t to, Addr o_bias, Addr wgu, int64_t tgu, Addr wd, int64_t td, int64_t hidden, int64_t H,
                   int64_t Hkv, int64_t D, int64_t I, Addr cos, Addr sin, Addr kbuf, Addr vbuf, int64_t num_slots,
-                  Addr slots, int64_t L, double scale, int64_t kv_half, int64_t threads) {
+                  Addr slots, int64_t L, double scale, int64_t kv_half, int64_t threads, int64_t act) {
   check_shape(hidden, H, Hkv, D, I, L);
+  const Act mode = act_mode(act);
   const int64_t* sl = checked_slots(slots, L, num_slots);
   const LayerW w{reinterpret_cast<const float*>(ln1), reinterpret_cast<const float*>(ln2),
                  reinterpret_cast<const float*>(qkv_bias), reinterpret_cast<const float*>(o_bias),
@@ -173,7 +171,7 @@ void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqk
                  block_qtype(to), block_qtype(tgu), block_qtype(td),
                  KVPool{reinterpret_cast<void*>(kbuf), reinterpret_cast<void*>(vbuf), kv_half != 0}};
   const Layer p{reinterpret_cast<float*>(h), w, float(eps), hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
-                reinterpret_cast<const float*>(sin), sl, L, sl[L - 1], float(scale)};
+                reinterpret_cast<const float*>(sin), sl, L, sl[L - 1], float(scale), mode};
   run_layer(p, int(std::max<int64_t>(1, threads)));
 }
 
@@ -183,8 +181,9 @@ void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqk
 // type are the same for every layer.
 void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv, int64_t D,
                    int64_t I, Addr cos, Addr sin, int64_t num_slots, Addr slots, int64_t L, double scale,
-                   int64_t kv_half, int64_t threads) {
+                   int64_t kv_half, int64_t threads, int64_t act) {
   check_shape(hidden, H, Hkv, D, I, L);
+  const Act mode = act_mode(act);
   const int64_t* sl = checked_slots(slots, L, num_slots);
   const int64_t* t = reinterpret_cast<const int64_t*>(table);
   std::vector<Layer> layers;
@@ -192,19 +191,20 @@ void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, in
   for (int64_t i = 0; i < n; i++)  // every row parsed (its qtypes checked) before the first layer runs
     layers.push_back(Layer{reinterpret_cast<float*>(h), stack_layer(t + i * kStackColumns, kv_half != 0), float(eps),
                            hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
-                           reinterpret_cast<const float*>(sin), sl, L, sl[L - 1], float(scale)});
+                           reinterpret_cast<const float*>(sin), sl, L, sl[L - 1], float(scale), mode});
   for (const Layer& p : layers) run_layer(p, int(std::max<int64_t>(1, threads)));
 }
 
-// y[N] = x[K] @ W^T (+ bias) (+ residual), one row, q16 activations, on the decode pool: the M = 1 path of
-// quant_linear (the lm_head of a decode step: 49152 rows split over the threads). Bit-identical to gemm's
-// q16 path.
-void gemv(Addr x, Addr w, int64_t qtype, int64_t N, int64_t K, Addr out, Addr bias, Addr resid, int64_t threads) {
+// y[N] = x[K] @ W^T (+ bias) (+ residual), one row, q16 or q8 activations (act 2 / 1), on the decode pool: the
+// M = 1 path of quant_linear (the lm_head of a decode step: 49152 rows split over the threads). Bit-identical
+// to gemm's path of the same mode.
+void gemv(Addr x, Addr w, int64_t qtype, int64_t N, int64_t K, Addr out, Addr bias, Addr resid, int64_t threads,
+          int64_t act) {
   const QT t = block_qtype(qtype);
+  const Act mode = act_mode(act);
   if (N <= 0 || K <= 0 || K % kBlock) throw std::invalid_argument("bad gemv shape");
-  Act16 a;
-  quantize_act16(reinterpret_cast<const float*>(x), 1, K, a.q, a.d, a.s);
-  const Q16Act av = a.view(K);
+  ActRow a;
+  a.set(mode, reinterpret_cast<const float*>(x), K);
   const uint8_t* W = reinterpret_cast<const uint8_t*>(w);
   float* o = reinterpret_cast<float*>(out);
   const float* b = reinterpret_cast<const float*>(bias);
@@ -216,8 +216,7 @@ void gemv(Addr x, Addr w, int64_t qtype, int64_t N, int64_t K, Addr out, Addr bi
   static sgl_cpu::AdaptiveSite site;
   sgl_cpu::parallel_run_adaptive(nt, site, double(rb * N), [&] {
     phase.work([&](int64_t n0, int64_t n1) {
-      gemv_rows_any(t, W + n0 * rb, rb, n1 - n0, av, o + n0, b != nullptr ? b + n0 : nullptr,
-                    r != nullptr ? r + n0 : nullptr);
+      a.gemv(t, W + n0 * rb, rb, n1 - n0, o + n0, b != nullptr ? b + n0 : nullptr, r != nullptr ? r + n0 : nullptr);
     });
     phase.wait_done();
   });

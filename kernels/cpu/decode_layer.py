@@ -10,8 +10,9 @@ llama.py lays them out: qkv rows [q | k | v], gate_up rows [gate | up]) and is v
     x = rms_norm(h) * ln2;  h += (silu(x @ Wgate^T) * (x @ Wup^T)) @ Wdown^T
 
 `slots` [L] int64 is the row's slot table, the new token's slot last. The kernel (decode_layer.cpp)
-quantizes activations to q16 as quant_linear's default mode; `decode_layer_reference` (dequantize + mm,
-torch softmax) is the oracle of tests/kernels/test_cpu_decode_layer.py and the path without the extension.
+quantizes activations as quant_linear's act_quant="q16" (the default) or "q8" does (`act`);
+`decode_layer_reference` (dequantize + mm, torch softmax) is the oracle of tests/kernels/test_cpu_decode_layer.py
+and the path without the extension.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from sgl.kernels.cpu.norm import rms_norm_reference
 from sgl.kernels.cpu.quant import QuantWeight, get_num_threads, quant_linear_reference
 
 QTYPE_CODE = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # decode_layer.cpp's block_qtype
+ACT_CODE = {"q8": 1, "q16": 2}  # decode_common.h's act_mode (gemm's act_mode codes)
+
+
+def _act_code(act: str) -> int:
+    if act not in ACT_CODE:
+        raise ValueError(f"act must be one of {tuple(ACT_CODE)}, got {act!r}")
+    return ACT_CODE[act]
 
 
 def _vec(name: str, t: Optional[torch.Tensor], n: int) -> None:
@@ -141,17 +149,20 @@ def decode_layer_reference(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Te
 
 
 def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin: torch.Tensor, k_buf: torch.Tensor,
-                 v_buf: torch.Tensor, slots: torch.Tensor, scale: float, check: bool = True) -> torch.Tensor:
+                 v_buf: torch.Tensor, slots: torch.Tensor, scale: float, check: bool = True,
+                 act: str = "q16") -> torch.Tensor:
     """The layer (module docstring) in place on h [1, hidden]; returns h. check=False skips the per-call
     Python checks (the caller built the tensors itself, as runtime/models/fused_decode.py); the kernel still
-    rejects slots out of range."""
+    rejects slots out of range. act: the matmuls' activations, "q16" or "q8" (quant_linear's modes)."""
+    code = _act_code(act)
     ext = _ext.load()
     if check or ext is None:
         _check_call(h, w, cos, sin, k_buf, v_buf, slots)
     if ext is None or not hasattr(ext, "decode_layer"):
         return decode_layer_reference(h, w, cos, sin, k_buf, v_buf, slots, scale)
     ext.decode_layer(h.data_ptr(), *w.ext_args, cos.data_ptr(), sin.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
-                     k_buf.shape[0], slots.data_ptr(), slots.numel(), float(scale), kv_half(k_buf), get_num_threads())
+                     k_buf.shape[0], slots.data_ptr(), slots.numel(), float(scale), kv_half(k_buf), get_num_threads(),
+                     code)
     return h
 
 
@@ -182,21 +193,22 @@ class DecodeStack:
 
 
 def decode_stack(h: torch.Tensor, stack: DecodeStack, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                 scale: float, check: bool = True) -> torch.Tensor:
+                 scale: float, check: bool = True, act: str = "q16") -> torch.Tensor:
     """decode_layer for every layer of `stack` in order, in place on h [1, hidden]; returns h. The same bits
     as calling decode_layer layer by layer (the kernel runs the same per-layer code)."""
+    code = _act_code(act)
     ext = _ext.load()
     w0 = stack.layers[0]
     if check or ext is None:
         _check_call(h, w0, cos, sin, stack.k_bufs[0], stack.v_bufs[0], slots)
     if ext is None or not hasattr(ext, "decode_layers"):
         for w, k, v in zip(stack.layers, stack.k_bufs, stack.v_bufs):
-            decode_layer(h, w, cos, sin, k, v, slots, scale, check=False)
+            decode_layer(h, w, cos, sin, k, v, slots, scale, check=False, act=act)
         return h
     ext.decode_layers(h.data_ptr(), stack.table.data_ptr(), len(stack.layers), float(w0.eps), w0.hidden_size,
                       w0.num_heads, w0.num_kv_heads, w0.head_dim, w0.intermediate_size, cos.data_ptr(), sin.data_ptr(),
                       stack.k_bufs[0].shape[0], slots.data_ptr(), slots.numel(), float(scale), kv_half(stack.k_bufs[0]),
-                      get_num_threads())
+                      get_num_threads(), code)
     return h
 
 
@@ -204,14 +216,15 @@ MAX_ROWS = 64  # decode_rows.cpp's kQ16MaxRows (quant_q16_tile.h)
 
 
 def decode_rows(h: torch.Tensor, stack: DecodeStack, cos: torch.Tensor, sin: torch.Tensor, row_slots: torch.Tensor,
-                row_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                row_lens: torch.Tensor, scale: float, act: str = "q16") -> torch.Tensor:
     """The stack for M token rows at once, in place on h [M, hidden] (M <= MAX_ROWS); returns h. Row t is one
     token with its position's cos / signed-sin rows (cos, sin [M, D]) and its slot list: `row_slots[t]` is the
     ADDRESS of a contiguous int64 slot list of `row_lens[t]` entries, the token's own slot last (a decode row:
     its sequence's slot table; verify row j of a chain: the table up to its own slot). Every row's K/V is
     stored before any row attends. Each row gets the bits decode_stack computes for that token alone
     (tests/kernels/test_cpu_decode_rows.py). The caller keeps the slot lists alive for the call. Without the
-    kernel: one decode_stack per row, in order (the same result)."""
+    kernel: one decode_stack per row, in order (the same result). act: "q16" or "q8", as decode_stack."""
+    code = _act_code(act)
     ext = _ext.load()
     w0 = stack.layers[0]
     m = h.shape[0]
@@ -228,12 +241,12 @@ def decode_rows(h: torch.Tensor, stack: DecodeStack, cos: torch.Tensor, sin: tor
         for t in range(m):
             n = int(row_lens[t])
             slots = _slot_list(int(row_slots[t]), n)
-            decode_stack(h[t : t + 1], stack, cos[t], sin[t], slots, scale)
+            decode_stack(h[t : t + 1], stack, cos[t], sin[t], slots, scale, act=act)
         return h
     ext.decode_rows(h.data_ptr(), m, stack.table.data_ptr(), len(stack.layers), float(w0.eps), w0.hidden_size,
                     w0.num_heads, w0.num_kv_heads, w0.head_dim, w0.intermediate_size, cos.data_ptr(), sin.data_ptr(),
                     row_slots.data_ptr(), row_lens.data_ptr(), stack.k_bufs[0].shape[0], float(scale),
-                    kv_half(stack.k_bufs[0]), get_num_threads())
+                    kv_half(stack.k_bufs[0]), get_num_threads(), code)
     return h
 
 

@@ -6,7 +6,7 @@
 // list (row_slots[t], row_lens[t] entries; the token's own slot LAST). A decode row's list is its sequence's
 // slot table; verify row j of a chain is the table up to its own slot (the rows before it in the same
 // sequence included); a tree row lists the prefix, its ancestors and itself. Per layer:
-//   prep   x_t = rms_norm(h_t) * ln1, q16-quantized and packed for the tile              (rows over threads)
+//   prep   x_t = rms_norm(h_t) * ln1, quantized (q16 | q8), packed for the tile          (rows over threads)
 //   qkv    x @ Wqkv^T (+ bias) for all rows                                              (columns)
 //   store  rope k, store k / v of every row at its slot                                  (rows)
 //   attn   rope q, attention of the row's heads over its slot list                       (rows, or groups: attn_items)
@@ -15,7 +15,8 @@
 //   down   h += act @ Wdown^T                                                            (prep by rows, columns)
 // Every row's K/V is stored before any row attends, so a verify row sees the draft rows before it.
 // Same bits as decode_layer per row: the per-row small ops are decode_common.h's; the matmuls are quant_q16_tile.h's
-// batch-invariant q16 GEMM (every row the bits of gemv_rows on that row alone; elsewhere gemv_rows per row);
+// batch-invariant q16 GEMM or quant_q8_tile.h's q8 one (act: 2 / 1; every row the bits of gemv_rows / gemv_rows8
+// on that row alone);
 // attention is attend_heads (attention_common.h), whose per-head arithmetic does not depend on the head range,
 // or attend_group (attention_rows.h) for rows sharing a slot prefix: the bits of attend_heads per row.
 // Why: a 32-row decode step through llama.py's torch path is ~15 torch ops per layer, each parallelized by
@@ -32,6 +33,7 @@
 #include "quant_q16.h"
 #include "quant_gemm_avx512.h"
 #include "quant_q16_tile.h"
+#include "quant_q8_tile.h"
 #include "attention_common.h"
 #include "attention_rows.h"
 #include "decode_common.h"
@@ -39,33 +41,59 @@
 
 namespace {
 
-// The q16 activations of M rows: row-major blocks (q / d / s as quantize_act16 lays them) and, where the tile
-// runs, the tile's layout (quant_q16_tile.h). Sized once per call; rows fill their own parts.
+// The activations of M rows in the call's mode (q16 | q8): row-major blocks (as quantize_act16 / quantize_act8
+// lay them) and, where the tile runs, the tile's layout (quant_q16_tile.h / quant_q8_tile.h). Sized once per
+// call; rows fill their own parts.
 struct RowsAct {
-  std::vector<int16_t> q;
+  std::vector<int16_t> q;  // q16
+  std::vector<int8_t> q8;  // q8
+  std::vector<int32_t> c8;  // q8: the lane corrections (quant_q8_blocks.h)
   std::vector<float> d, s;
   Q16Tiled tiled;
+  Q8Tiled tiled8;
   int64_t M = 0, K = 0, nb = 0;
   bool tile = false;
+  Act mode = Act::Q16;
 
-  void size(int64_t m, int64_t k, bool use_tile) {
-    M = m, K = k, nb = k / kBlock, tile = use_tile;
-    q.resize(M * K);
+  void size(int64_t m, int64_t k, bool use_tile, Act act) {
+    M = m, K = k, nb = k / kBlock, tile = use_tile, mode = act;
     d.resize(M * nb);
     s.resize(M * nb);
-    if (tile) size_tiled(M, nb, tiled);
+    if (mode == Act::Q8) {
+      q8.resize(M * K);
+      c8.resize(M * nb * kQ8Corr);
+      if (tile) size_tiled8(M, nb, tiled8);
+    } else {
+      q.resize(M * K);
+      if (tile) size_tiled(M, nb, tiled);
+    }
   }
   void set_row(int64_t r, const float* x) {  // x [K] -> row r
-    quantize_blocks16(x, nb, q.data() + r * K, d.data() + r * nb, s.data() + r * nb);
-    if (tile) pack_row(q.data() + r * K, d.data() + r * nb, s.data() + r * nb, r, tiled);
+    float *dr = d.data() + r * nb, *sr = s.data() + r * nb;
+    if (mode == Act::Q8) {
+      quantize_blocks8(x, nb, q8.data() + r * K, dr, sr, c8.data() + r * nb * kQ8Corr);
+      if (tile) pack_row8(q8.data() + r * K, dr, sr, c8.data() + r * nb * kQ8Corr, r, tiled8);
+    } else {
+      quantize_blocks16(x, nb, q.data() + r * K, dr, sr);
+      if (tile) pack_row(q.data() + r * K, dr, sr, r, tiled);
+    }
   }
-  Q16Act view() const { return Q16Act{q.data(), d.data(), s.data(), K, nb}; }
 };
 
 // out[r, n] (row stride ldo) = x_r . W row n (+ bias[n]) (+ resid[r, n]) for n in [n0, n1), every row r.
 void gemm_rows(QT t, const uint8_t* W, int64_t K, const RowsAct& a, float* out, int64_t ldo, const float* bias,
                const float* resid, int64_t n0, int64_t n1) {
-  const Q16Act av = a.view();
+  if (a.mode == Act::Q8) {
+    const Q8BAct av{a.q8.data(), a.d.data(), a.s.data(), a.c8.data(), K, a.nb};
+    const Q8Tiled* pp = a.tile ? &a.tiled8 : nullptr;
+    switch (t) {
+      case QT::Q4_0: gemm_q8_cols<QT::Q4_0>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
+      case QT::Q4_1: gemm_q8_cols<QT::Q4_1>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
+      default: gemm_q8_cols<QT::Q8_0>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
+    }
+    return;
+  }
+  const Q16Act av{a.q.data(), a.d.data(), a.s.data(), K, a.nb};
   const Q16Tiled* pp = a.tile ? &a.tiled : nullptr;
   switch (t) {
     case QT::Q4_0: gemm_q16_cols<QT::Q4_0>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
@@ -216,7 +244,8 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
 // row_lens [M] their lengths (each row's own slot last). Validates every slot before any layer runs.
 void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv,
                  int64_t D, int64_t I, Addr cos, Addr sin, Addr row_slots, Addr row_lens, int64_t num_slots,
-                 double scale, int64_t kv_half, int64_t threads) {
+                 double scale, int64_t kv_half, int64_t threads, int64_t act) {
+  const Act mode = act_mode(act);
   if (M < 1 || M > kQ16MaxRows) throw std::invalid_argument("decode_rows takes 1..64 rows");
   if (n < 1 || hidden <= 0 || H <= 0 || Hkv <= 0 || H % Hkv || D <= 0 || D > 512 || D % 2 || I <= 0 ||
       hidden % kBlock || (H * D) % kBlock || I % kBlock)
@@ -247,8 +276,8 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
   sc.qkv.resize(M * (H + 2 * Hkv) * D);
   sc.attn.resize(M * H * D);
   sc.act.resize(M * I);
-  sc.a_h.size(M, hidden, tile);
-  sc.a_attn.size(M, H * D, tile);
-  sc.a_act.size(M, I, tile);
+  sc.a_h.size(M, hidden, tile, mode);
+  sc.a_attn.size(M, H * D, tile, mode);
+  sc.a_act.size(M, I, tile, mode);
   for (const LayerW& w : layers) run_layer_rows(r, w, s, sc, nt);
 }

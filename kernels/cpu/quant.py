@@ -8,7 +8,9 @@ Layout of `QuantWeight.data` (uint8, contiguous): exactly the GGUF bytes, N rows
     f16:  2 B/weight, row-major [N, K]
 The kernels read the blocks in place (the per-block f16 scales cost one F16C convert each).
 Activations: "q16" (the process default, set_act_quant) quantizes x per 32-block to int16 for integer
-dots; "none" is exact fp32 (summation order aside); "q8" is llama.cpp's int8 (the fastest, ~1e-2 error).
+dots; "none" is exact fp32 (summation order aside); "q8" quantizes x per 32-block to int8 (the cheapest
+per extra row: vpdpbusd dots, ~1/254 of a block's max; batch-invariant up to Q16_MAX_ROWS rows as q16 is:
+kernels/cpu/quant_q8_blocks.h).
 
 `dequantize` performs the same float32 operations in the same order as runtime/models/dequant.py
 (bit-identical; kernels/ may not import runtime/, hence the copy). `quantize` is round-to-nearest per
@@ -237,8 +239,10 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
     (scale amax/32767) for int16 dot products: the affine part (Q4_1's m, Q4_0's -8) stays exact fp32 and the
     rest moves by <= ~1.5e-5 of the block's max |x|; ~2x fewer cycles per weight than fp32 activations at
     M = 1. Each row gets the same bits as alone (batch-invariant); more rows (prefill) and f16 weights run
-    fp32 activations. act_quant="q8" is llama.cpp's
-    Q8_0 of the activations (int8 dots): cheapest, ~1e-2 error. Tolerances: tests/kernels/test_cpu_quant.py.
+    fp32 activations. act_quant="q8" quantizes x per 32-block to int8 (scale amax/127) for vpdpbusd dots:
+    cheapest per extra row, ~1e-2 relative error; up to Q16_MAX_ROWS rows each row gets the bits of that row
+    alone (the q8 contract, kernels/cpu/quant_q8_blocks.h), more rows run llama.cpp's Q8_0 of x.
+    Tolerances: tests/kernels/test_cpu_quant.py.
     (Without the extension every mode runs the exact reference.) None: the process default (set_act_quant).
     `out` may alias `residual` (the sum is then done in place)."""
     if act_quant is None:
@@ -258,10 +262,11 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
         if residual is not None and not (residual.dtype is torch.float32 and residual.shape == (m, n)
                                          and residual.is_contiguous()):
             _check(x, w, bias, residual, out)
-        if m == 1 and act_quant == "q16" and w.qtype in _GEMV_QTYPE and _has_gemv(ext):
-            # one row (batch-1 decode, the lm_head): the decode pool's gemv, the same bits as gemm's q16 path
+        if m == 1 and act_quant in _GEMV_ACT and w.qtype in _GEMV_QTYPE and _has_gemv(ext):
+            # one row (batch-1 decode, the lm_head): the decode pool's gemv, the same bits as gemm's path
             ext.gemv(x.data_ptr(), w.data.data_ptr(), _GEMV_QTYPE[w.qtype], n, w.shape[1], out.data_ptr(), 0,
-                     0 if residual is None else residual.data_ptr(), _threads or torch.get_num_threads())
+                     0 if residual is None else residual.data_ptr(), _threads or torch.get_num_threads(),
+                     _ACT_MODE[act_quant])
             return out
         ext.gemm(x.data_ptr(), m, w.data.data_ptr(), w.qtype, n, w.shape[1], out.data_ptr(), 0,
                  0 if residual is None else residual.data_ptr(), _ACT_MODE[act_quant],
@@ -315,6 +320,7 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
 
 
 _GEMV_QTYPE = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # decode_layer.cpp's qtype codes
+_GEMV_ACT = ("q16", "q8")  # the act modes of the fused kernels (decode_common.h's act_mode)
 
 
 def _has_gemv(ext: object) -> bool:

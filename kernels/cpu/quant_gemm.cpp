@@ -10,8 +10,10 @@
 //         fp32 FMA per block; the affine part (Q4_1's m, Q4_0's -8) is applied to the exact fp32 block
 //         sums of x. ~2x fewer cycles per weight than fp32 at M = 1, error ~1e-5 relative. Up to kQ16MaxRows
 //         rows; 2+ rows run quant_q16_tile.h, which gives every row the bits of that row alone (M = 1).
-//   q8:   x is quantized per 32-block to int8 with an fp32 scale (llama.cpp's Q8_0 of the activations);
-//         block dots are int8 x (u)int8 -> int16 pairs (maddubs) -> int32 (madd) -> one fp32 FMA per block.
+//   q8:   x is quantized per 32-block to int8 (scale amax/127). Up to kQ16MaxRows rows: the batch-invariant q8
+//         contract of quant_q8_blocks.h (vpdpbusd u8 weights x s8 activations on AVX-512 VNNI, 4 dots per block
+//         and 8 columns where q16 needs 8; one float FMA per 8 columns; quant_q8_tile.h); more rows:
+//         llama.cpp's Q8_0 of x (quant_q8.h: maddubs -> madd -> one fp32 FMA per block, not batch-invariant).
 // Every weight read is prefetched kPrefetch bytes ahead (decode is a stream of ~96 MB per token).
 // Work split: output columns (N) over at::parallel_for; for each column the row tiles (R <= 4 rows of x)
 // run back to back so the column's weight bytes stay in L1 and are read from memory once per call.
@@ -37,6 +39,7 @@
 #include "quant_q8.h"
 #include "quant_gemm_avx512.h"
 #include "quant_q16_tile.h"
+#include "quant_q8_tile.h"
 
 namespace {
 
@@ -360,14 +363,15 @@ void rms_norm(Addr x, Addr w, Addr out, int64_t M, int64_t N, double eps);
 void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqkv, Addr qkv_bias, Addr wo,
                   int64_t to, Addr o_bias, Addr wgu, int64_t tgu, Addr wd, int64_t td, int64_t hidden, int64_t H,
                   int64_t Hkv, int64_t D, int64_t I, Addr cos, Addr sin, Addr kbuf, Addr vbuf, int64_t num_slots,
-                  Addr slots, int64_t L, double scale, int64_t kv_half, int64_t threads);
+                  Addr slots, int64_t L, double scale, int64_t kv_half, int64_t threads, int64_t act);
 void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv, int64_t D,
                    int64_t I, Addr cos, Addr sin, int64_t num_slots, Addr slots, int64_t L, double scale,
-                   int64_t kv_half, int64_t threads);
-void gemv(Addr x, Addr w, int64_t qtype, int64_t N, int64_t K, Addr out, Addr bias, Addr resid, int64_t threads);
+                   int64_t kv_half, int64_t threads, int64_t act);
+void gemv(Addr x, Addr w, int64_t qtype, int64_t N, int64_t K, Addr out, Addr bias, Addr resid, int64_t threads,
+          int64_t act);
 void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv,
                  int64_t D, int64_t I, Addr cos, Addr sin, Addr row_slots, Addr row_lens, int64_t num_slots,
-                 double scale, int64_t kv_half, int64_t threads);
+                 double scale, int64_t kv_half, int64_t threads, int64_t act);
 namespace sgl_cpu { void set_spin_us(int64_t us); void set_adaptive(bool on); }  // thread_pool.cpp
 
 void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr,
@@ -406,6 +410,29 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
         case QT::Q4_0: gemm_q16_cols<QT::Q4_0>(W, M, N, K, a16, pp, op, b, rs, n0, n1); break;
         case QT::Q4_1: gemm_q16_cols<QT::Q4_1>(W, M, N, K, a16, pp, op, b, rs, n0, n1); break;
         default: gemm_q16_cols<QT::Q8_0>(W, M, N, K, a16, pp, op, b, rs, n0, n1); break;
+      }
+    });
+    return;
+  }
+  if (use_q8 && M <= kQ16MaxRows) {  // the q8 contract: each row the bits of that row alone (quant_q8_tile.h)
+    std::vector<int8_t> q8v;
+    std::vector<float> d8, s8;
+    std::vector<int32_t> c8;
+    quantize_act8(xp, M, K, q8v, d8, s8, c8);
+    const Q8BAct a8{q8v.data(), d8.data(), s8.data(), c8.data(), K, K / kBlock};
+    Q8Tiled tiled;
+    const Q8Tiled* pp = nullptr;
+#ifdef SGL_AVX512_TILE
+    if (M >= kQ16TileMinRows && have_q16_tile()) {
+      pack_tiled8(a8, M, tiled);
+      pp = &tiled;
+    }
+#endif
+    at::parallel_for(0, N, grain_for(N, threads), [&](int64_t n0, int64_t n1) {
+      switch (t) {
+        case QT::Q4_0: gemm_q8_cols<QT::Q4_0>(W, M, N, K, a8, pp, op, b, rs, n0, n1); break;
+        case QT::Q4_1: gemm_q8_cols<QT::Q4_1>(W, M, N, K, a8, pp, op, b, rs, n0, n1); break;
+        default: gemm_q8_cols<QT::Q8_0>(W, M, N, K, a8, pp, op, b, rs, n0, n1); break;
       }
     });
     return;
@@ -461,7 +488,7 @@ std::string isa() {
 #endif
 #ifdef SGL_AVX512_TILE
   if (have_avx512()) s += " (avx512 multi-row tile)";
-  if (have_q16_tile()) s += " (q16 avx512-vnni 4-column tile)";
+  if (have_q16_tile()) s += " (q16 4-column, q8 8-column avx512-vnni tiles)";
 #endif
   return s;
 }
@@ -479,7 +506,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("decode_rows", &decode_rows, "the decoder stack for up to 64 token rows (decode batch, verify rows)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("gemv", &gemv, "y = x @ W^T (+ bias) (+ residual) for one row (q16 activations, decode pool)",
+  m.def("gemv", &gemv, "y = x @ W^T (+ bias) (+ residual) for one row (q16 / q8 activations, decode pool)",
         py::call_guard<py::gil_scoped_release>());
   m.def("set_spin_us", &sgl_cpu::set_spin_us, "how long an idle decode-pool thread spins before it sleeps");
   m.def("set_adaptive", &sgl_cpu::set_adaptive, "False: decode calls always use the pool's helpers");

@@ -43,8 +43,10 @@ inline float affine_term(const uint8_t* blk, float xs, float acc) {
 }
 
 // nb blocks of x -> int16 per 32-block in perm16 order (q [nb * 32]), scale amax / 32767 (round to nearest
-// even: d [nb]), and the exact fp32 block sums (s [nb]). Pointers: a row of a batch writes its part in place.
-inline void quantize_blocks16(const float* x, int64_t nb, int16_t* q, float* d, float* s) {
+// even: d [nb]), and the exact fp32 block sums (s [nb], summed in order j = 0..31). Pointers: a row of a batch
+// writes its part in place. Scalar code: quant_q16_zmm.h has the AVX-512 twin (the same values),
+// quant_q16_tile.h's quantize_blocks16 chooses.
+inline void quantize_blocks16_scalar(const float* x, int64_t nb, int16_t* q, float* d, float* s) {
   for (int64_t i = 0; i < nb; i++) {
     const float* xb = x + i * kBlock;
     float amax, sum;
@@ -55,16 +57,6 @@ inline void quantize_blocks16(const float* x, int64_t nb, int16_t* q, float* d, 
     d[i] = dx;
     s[i] = sum;
   }
-}
-
-// x fp32 [M, K] -> its q16 blocks (quantize_blocks16), into vectors sized here.
-inline void quantize_act16(const float* x, int64_t M, int64_t K, std::vector<int16_t>& q, std::vector<float>& d,
-                    std::vector<float>& s) {
-  const int64_t nb = K / kBlock;
-  q.resize(M * K);
-  d.resize(M * nb);
-  s.resize(M * nb);
-  quantize_blocks16(x, M * nb, q.data(), d.data(), s.data());
 }
 
 // ---- The q16 block dot: ONE contract for M = 1 and every row of a batch (the same bits; quant_q16_tile.h) ----

@@ -45,6 +45,28 @@ struct Q16Tiled {
   }
 };
 
+// nb blocks of x -> their q16 blocks (quant_q16.h's quantize_blocks16_scalar): the same values from the
+// AVX-512 or the scalar code.
+inline void quantize_blocks16(const float* x, int64_t nb, int16_t* q, float* d, float* s) {
+#ifdef SGL_Q16_ZMM
+  if (have_q16_zmm()) {
+    quantize_blocks16_zmm(x, nb, q, d, s);
+    return;
+  }
+#endif
+  quantize_blocks16_scalar(x, nb, q, d, s);
+}
+
+// x fp32 [M, K] -> its q16 blocks (quantize_blocks16), into vectors sized here.
+inline void quantize_act16(const float* x, int64_t M, int64_t K, std::vector<int16_t>& q, std::vector<float>& d,
+                           std::vector<float>& s) {
+  const int64_t nb = K / kBlock;
+  q.resize(M * K);
+  d.resize(M * nb);
+  s.resize(M * nb);
+  quantize_blocks16(x, M * nb, q.data(), d.data(), s.data());
+}
+
 // Sizes p for M rows of nb blocks; pack_row then fills row r (rows write disjoint parts of p).
 inline void size_tiled(int64_t M, int64_t nb, Q16Tiled& p) {
   const int64_t tiles = (M + kQ16TileRows - 1) / kQ16TileRows;

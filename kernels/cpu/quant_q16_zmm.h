@@ -77,6 +77,34 @@ SGL_TARGET_Q16 inline void widen_quarters4(const uint8_t* blk, int64_t rb, __m51
   }
 }
 
+// quantize_blocks16_scalar (quant_q16.h) with AVX-512: the same values (max is exact; vcvtps2dq rounds to
+// nearest even as nearbyint does in the default rounding mode; the block sum stays a scalar sum in order j =
+// 0..31), ~3x faster: x is quantized once per matmul call (decode: 4 times per layer and row).
+SGL_TARGET_Q16 inline void quantize_blocks16_zmm(const float* x, int64_t nb, int16_t* q, float* d, float* s) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512i lim = _mm512_set1_epi32(32767), nlim = _mm512_set1_epi32(-32767);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t i = 0; i < nb; i++) {
+    const float* xb = x + i * kBlock;
+    const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, absmask), _mm512_and_ps(b, absmask)));
+    float sum = 0.f;
+    for (int j = 0; j < kBlock; j++) sum += xb[j];  // block_amax_sum's order
+    const float dx = amax / 32767.f, id = dx != 0.f ? 1.f / dx : 0.f;
+    const __m512 iv = _mm512_set1_ps(id);
+    const __m512i qa = _mm512_max_epi32(nlim, _mm512_min_epi32(lim, _mm512_cvtps_epi32(_mm512_mul_ps(a, iv))));
+    const __m512i qb = _mm512_max_epi32(nlim, _mm512_min_epi32(lim, _mm512_cvtps_epi32(_mm512_mul_ps(b, iv))));
+    // perm16: even j first (j = 2i at position i), then odd j
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kBlock),
+                        _mm512_cvtepi32_epi16(_mm512_permutex2var_epi32(qa, even, qb)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kBlock + 16),
+                        _mm512_cvtepi32_epi16(_mm512_permutex2var_epi32(qa, odd, qb)));
+    d[i] = dx;
+    s[i] = sum;
+  }
+}
+
 // x quarter q of the block at xb (perm16 order) in all 4 lanes.
 SGL_TARGET_Q16 inline __m512i xquarter(const int16_t* xb, int q) {
   return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + kQuarterX[q])));
@@ -111,7 +139,10 @@ SGL_TARGET_Q16 inline void dot_q16_quad(const uint8_t* w, int64_t rb, int64_t nb
   const float *xd = x.d, *xs = x.s;
   for (int64_t b = 0; b < nb; b++, xq += x.bq, xd += x.bds, xs += x.bds) {
     const uint8_t* blk = w + b * block_bytes(T);
-    for (int c = 0; c < 4; c++) prefetch(blk + c * rb);
+    // the next 4 columns' block b: one group ahead (prefetch()'s fixed kPrefetch bytes land inside this group
+    // once 4 rows are longer than kPrefetch; measured on the default model, 1 thread, interleaved A/B: the
+    // lm_head (Q8_0, 612-byte rows) 2.07 -> 1.64 ms, a batch-1 step 8.2 -> 8.0 ms over a 300-token context)
+    for (int c = 0; c < 4; c++) __builtin_prefetch(blk + (c + 4) * rb, 0, 3);
     __m256 hdr;
     if constexpr (T == QT::Q4_1) {
       uint32_t h[4];

@@ -3,8 +3,8 @@
 `LlamaForCausalLM.forward` asks `fused_step(...)` once per step; it returns a runner for the step's whole
 decoder (every layer in ONE call, `decode_stack`, when every layer fuses: one Python -> C++ transition per
 step) when the step is one decode token of one sequence, the model holds native GGUF weights, the activations
-run in q16 (the process default; the kernel computes what the unfused q16 path computes), no LoRA, and
-the extension has the kernel. Otherwise None, and every layer runs `LlamaDecoderLayer.forward` (the torch
+run in q16 (the process default) or q8 (the kernel computes what the unfused path of that mode computes), no
+LoRA, and the extension has the kernel. Otherwise None, and every layer runs `LlamaDecoderLayer.forward` (the torch
 path, which stays the reference the tests compare against). A layer whose weights cannot fuse (an fp32
 fallback, f16 blocks, a tensor-parallel shard) runs its own forward inside a fused step.
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 ENABLED = True
 ROWS_ENABLED = True
 SHORT_STEP_ROWS = MAX_ROWS  # a step of at most this many tokens runs decode_rows whole, prompt tokens included
+FUSED_ACTS = ("q16", "q8")  # the activation modes the fused kernels compute (decode_layer.py's ACT_CODE)
 StackRunner = Callable[[torch.Tensor, RopeTables], torch.Tensor]  # (h, rope tables) -> h after every layer
 
 
@@ -96,19 +97,21 @@ def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv:
     if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.device.type != "cpu":
         return None
     stack = model_stack(model, kv)
+    act = get_act_quant()
 
     def run(x: torch.Tensor, rope_tables: RopeTables) -> torch.Tensor:
         cos, sin = rope_tables.cos.reshape(-1).contiguous(), rope_tables.sin_signed.reshape(-1).contiguous()  # [D]
         if not x.is_contiguous():
             x = x.contiguous()
         if stack is not None:
-            return decode_stack(x, stack, cos, sin, slots, model.layers[0].scale, check=False)
+            return decode_stack(x, stack, cos, sin, slots, model.layers[0].scale, check=False, act=act)
         for i, layer in enumerate(model.layers):  # some layer cannot fuse: layer by layer
             w = layer_weights(layer)
             if w is None:
                 x = layer.forward(x, rope_tables, model.rope, fb, kv, i)
             else:
-                x = decode_layer(x, w, cos, sin, kv.k_buffer(i), kv.v_buffer(i), slots, layer.scale, check=False)
+                x = decode_layer(x, w, cos, sin, kv.k_buffer(i), kv.v_buffer(i), slots, layer.scale, check=False,
+                                 act=act)
         return x
 
     return run
@@ -116,9 +119,9 @@ def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv:
 
 def _fusable(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache) -> Optional[object]:
     """The extension when the conditions of the fused paths that do not depend on the step's shape hold (native
-    weights, no LoRA, an fp32 or fp16 CPU KV pool, q16 activations), else None."""
+    weights, no LoRA, an fp32 or fp16 CPU KV pool, q16 or q8 activations), else None."""
     if not (ENABLED and getattr(model, "native", False) and fb.lora is None and kv.dtype in KV_DTYPES
-            and kv.device.type == "cpu" and get_act_quant() == "q16"):
+            and kv.device.type == "cpu" and get_act_quant() in FUSED_ACTS):
         return None
     return _ext.load()
 
@@ -203,6 +206,7 @@ def _rows_step(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache, ext: ob
     if lists is None:
         return None
     addrs, lens, owners = lists
+    act = get_act_quant()
 
     def run(x: torch.Tensor, rope_tables: RopeTables) -> torch.Tensor:
         t = x.shape[0]
@@ -210,7 +214,7 @@ def _rows_step(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache, ext: ob
         sin = rope_tables.sin_signed.reshape(t, -1).contiguous()
         if not x.is_contiguous():
             x = x.contiguous()
-        decode_rows(x, stack, cos, sin, addrs, lens, model.layers[0].scale)
+        decode_rows(x, stack, cos, sin, addrs, lens, model.layers[0].scale, act=act)
         return x
 
     run.owners = owners  # type: ignore[attr-defined]  # NOTE: addrs point into them: alive as long as run

@@ -283,10 +283,11 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
-        if isinstance(self.lm_head, QuantWeight) and hidden.shape[0] <= Q16_MAX_ROWS and get_act_quant() == "q16":
-            # q16 as a batch-1 decode step's lm_head, for up to 64 rows (decode batches, verify rows, the first
-            # token of prompts): each row's logits get the bits it gets alone (quant_q16_tile.h)
-            logits = quant_linear(hidden.contiguous(), self.lm_head, act_quant="q16")
+        act = get_act_quant()
+        if isinstance(self.lm_head, QuantWeight) and hidden.shape[0] <= Q16_MAX_ROWS and act in ("q16", "q8"):
+            # q16 (q8) as a batch-1 decode step's lm_head, for up to 64 rows (decode batches, verify rows, the
+            # first token of prompts): each row's logits get the bits it gets alone (quant_q16_tile.h, quant_q8_tile.h)
+            logits = quant_linear(hidden.contiguous(), self.lm_head, act_quant=act)
         else:
             logits = linear(hidden, self.lm_head).float()
         return logits if self.gather_vocab is None else self.gather_vocab(logits)

@@ -116,18 +116,21 @@ def test_adaptive_rule_on_a_measured_cost(baseline) -> None:
         eng.shutdown()
 
 
-def test_default_activations_identical_to_no_speculation() -> None:
-    """The production kernels: default q16 activations, verify rows through decode_rows (each token row the bits
-    of a batch-1 decode step: runtime/models/fused_decode.py). Greedy, seeded and json_schema outputs equal no
-    speculation's (the tests above compare exact fp32 activations). These three also matched with verify rows on
-    the torch path (ROWS_ENABLED off): the bit-identity itself is tests/kernels/test_cpu_decode_rows.py's."""
+@pytest.mark.parametrize("act", ["q16", "q8"])
+def test_default_activations_identical_to_no_speculation(act: str) -> None:
+    """The production kernels: default q16 (or --cpu-act-quant q8) activations, verify rows through decode_rows
+    (each token row the bits of a batch-1 decode step: runtime/models/fused_decode.py). Greedy, seeded and
+    json_schema outputs equal no speculation's (the tests above compare exact fp32 activations). These three also
+    matched with verify rows on the torch path (ROWS_ENABLED off): the bit-identity itself is
+    tests/kernels/test_cpu_decode_rows.py's (q8: test_cpu_decode_q8.py's)."""
     from sgl.runtime.engine import Engine
 
     seeded = {"max_new_tokens": 48, "temperature": 0.6, "top_p": 0.95, "sampling_seed": 7}  # copies: drafts match
     picks = [(COPY_PROMPT, GREEDY), (COPY_PROMPT, seeded), (PERSON_PROMPT, SCHEMA)]
     outs = {}
     for name, kw in (("none", {}), ("ngram", dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=7, **ALWAYS))):
-        eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False, **kw)
+        eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
+                     cpu_act_quant=act, **kw)
         try:
             outs[name] = [eng.generate(p, sp) for p, sp in picks]
             eng.wait_idle()

@@ -110,6 +110,36 @@ def test_fused_decode_off_with_fp32_activations(count_fused: list[int]) -> None:
     assert count_fused[0] == 0  # the kernel computes q16 activations: exact mode keeps the unfused path
 
 
+def test_q8_activations_fuse_too(count_fused: list[int]) -> None:
+    """With q8 activations (--cpu-act-quant q8) decode steps take the fused kernels too (int8 activations: the q8
+    contract), as close to the exact model as the unfused q8 layers are, and a decode batch's rows keep the bits
+    of each row alone."""
+    from sgl.kernels import cpu
+
+    hf = make_hf_model(tiny_hf_configs()["llama_gqa_untied"])
+    cfg = ModelConfig.from_hf(hf.config)
+    native, ref = quantized_pair(hf.state_dict(), cfg, "q4_1")
+    prompts = random_prompts([40], seed=7)
+    exact = run(ref, prompts, fused=False)[0]
+    cpu.set_act_quant("q8")
+    try:
+        want = run(native, prompts, fused=False)[0]
+        assert count_fused[0] == 0
+        got = run(native, prompts, fused=True)[0]
+        assert count_fused[0] == (40 - 8) * cfg.num_hidden_layers
+        one_step = lambda b, step, left: 1 if step else 8  # noqa: E731
+        pair = random_prompts([9, 12], seed=2)
+        rows = run_schedule(native, pair, one_step, generated_from=8)  # decode batches of 2 rows
+        solo = [run_schedule(native, [p], one_step, generated_from=8)[0] for p in pair]
+    finally:
+        cpu.set_act_quant("q16")
+    err_fused, err_unfused = (got - exact).abs().max(), (want - exact).abs().max()
+    assert err_fused <= 1.5 * err_unfused + 1e-6 * exact.abs().max(), (err_fused, err_unfused)
+    assert_close(got, want, rel=1e-3)  # the same matmul contract: only the rope, silu and softmax roundings differ
+    assert not torch.equal(got, exact)  # q8 really ran
+    assert all(torch.equal(r[8:], s[8:]) for r, s in zip(rows, solo))
+
+
 def test_engine_decode_takes_the_fused_path(count_fused: list[int]) -> None:
     """Through the real scheduler and runner (default model, native, 2 threads): the final prompt token and
     the decode steps run fused, and the greedy tokens equal the unfused layers' (and the KV stays intact)."""

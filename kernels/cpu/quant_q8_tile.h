@@ -1,0 +1,184 @@
+// The q8 matmuls for quant_gemm.cpp, decode_layer.cpp and decode_rows.cpp: gemv_rows8 (M = 1) and the small-M
+// GEMM (2 <= M <= kQ16MaxRows), batch-invariant as q16's (quant_q16_tile.h): every kernel they choose from
+// computes the one q8 block-dot contract of quant_q8_blocks.h (the scalar and the AVX-512 VNNI 8-column x R-row
+// kernels), and a column's arithmetic does not depend on which kernel, tile or thread range computed it.
+// Where the machine has AVX-512 VNNI (have_q16_tile()) a tile of 8 columns x up to kQ16TileRows rows reads each
+// weight block once for all its rows; elsewhere (AVX2 only, SGL_CPU_Q16_NO_TILE=1) the rows run gemv_rows8 one
+// at a time (the AVX2 4-column kernel; the scalar build: the scalar one): the same bits.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "quant_common.h"
+#include "quant_q16_tile.h"
+#include "quant_q8_blocks.h"
+#include "quant_q8_zmm.h"
+
+namespace {
+
+// The x of a batch re-laid for the tile (Q8TileX), in q16's tiles (size_tiled: rows = ceil(M / tiles)):
+//   q [t][b][rows][32] int8, c [t][b][rows][kQ8Corr] int32, d and s [t][b][rows] (+ 4 floats of padding: the
+//   scalar-term loads read 4 rows at a time).
+struct Q8Tiled {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> c;
+  int64_t M = 0, nb = 0, rows = 0;
+  Q8TileX tile(int64_t t) const {
+    const int64_t o = t * nb * rows;
+    return Q8TileX{q.data() + o * kBlock, d.data() + o, s.data() + o, c.data() + o * kQ8Corr, rows * kBlock, rows,
+                   rows * kQ8Corr};
+  }
+};
+
+// nb blocks of x -> their q8 blocks (quant_q8_blocks.h: q [nb * 32], d, s [nb], c [nb * kQ8Corr]): the same values
+// from the AVX-512 or the scalar code.
+inline void quantize_blocks8(const float* x, int64_t nb, int8_t* q, float* d, float* s, int32_t* c) {
+#ifdef SGL_Q16_ZMM
+  if (have_q16_zmm()) {
+    quantize_blocks8_zmm(x, nb, q, d, s, c);
+    return;
+  }
+#endif
+  quantize_blocks8_scalar(x, nb, q, d, s, c);
+}
+
+// x fp32 [M, K] -> its q8 blocks (quantize_blocks8), into vectors sized here.
+inline void quantize_act8(const float* x, int64_t M, int64_t K, std::vector<int8_t>& q, std::vector<float>& d,
+                          std::vector<float>& s, std::vector<int32_t>& c) {
+  const int64_t nb = K / kBlock;
+  q.resize(M * K);
+  d.resize(M * nb);
+  s.resize(M * nb);
+  c.resize(M * nb * kQ8Corr);
+  quantize_blocks8(x, M * nb, q.data(), d.data(), s.data(), c.data());
+}
+
+// Sizes p for M rows of nb blocks; pack_row8 then fills row r (rows write disjoint parts of p).
+inline void size_tiled8(int64_t M, int64_t nb, Q8Tiled& p) {
+  const int64_t tiles = (M + kQ16TileRows - 1) / kQ16TileRows;
+  p.M = M;
+  p.nb = nb;
+  p.rows = (M + tiles - 1) / tiles;
+  p.q.assign(tiles * nb * p.rows * kBlock, 0);
+  p.c.assign(tiles * nb * p.rows * kQ8Corr, 0);
+  p.d.assign(tiles * nb * p.rows + 4, 0.f);
+  p.s.assign(tiles * nb * p.rows + 4, 0.f);
+}
+
+// Row r of p from its q8 blocks (as quantize_blocks8 writes them).
+inline void pack_row8(const int8_t* q, const float* d, const float* s, const int32_t* c, int64_t r, Q8Tiled& p) {
+  const int64_t t = r / p.rows, j = r % p.rows;
+  for (int64_t b = 0; b < p.nb; b++) {
+    const int64_t o = (t * p.nb + b) * p.rows + j;
+    std::memcpy(p.q.data() + o * kBlock, q + b * kBlock, kBlock);
+    std::memcpy(p.c.data() + o * kQ8Corr, c + b * kQ8Corr, kQ8Corr * sizeof(int32_t));
+    p.d[o] = d[b];
+    p.s[o] = s[b];
+  }
+}
+
+inline void pack_tiled8(const Q8BAct& a, int64_t M, Q8Tiled& p) {
+  size_tiled8(M, a.nb, p);
+  for (int64_t r = 0; r < M; r++)
+    pack_row8(a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, a.c + r * a.nb * kQ8Corr, r, p);
+}
+
+// out[c] = (dot(W row c, x row 0 of a) (+ bias[c])) (+ resid[c]) for c < count; W points at the first row.
+// One entry for gemv, gemm's single row and the fused decode layer, so all three give the same bits.
+template <QT T>
+void gemv_rows8(const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, float* out, const float* bias,
+                const float* resid) {
+  int64_t n = 0;
+#ifdef SGL_Q16_ZMM
+  if (have_q16_zmm())
+    for (; n + 8 <= count; n += 8)
+      dot_q8_oct<T, 1>(W + n * rb, rb, a.nb, Q8TileX{a.q, a.d, a.s, a.c, kBlock, 1, kQ8Corr}, out + n, 0,
+                        bias != nullptr ? bias + n : nullptr, resid != nullptr ? resid + n : nullptr);
+#endif
+#ifdef SGL_AVX2
+  float res[4];
+  for (; n + 4 <= count; n += 4) {
+    dot_q8_cols4<T>(W + n * rb, rb, a, 0, res);
+    for (int c = 0; c < 4; c++) {
+      float v = res[c];
+      if (bias != nullptr) v += bias[n + c];
+      if (resid != nullptr) v += resid[n + c];
+      out[n + c] = v;
+    }
+  }
+#endif
+  for (; n < count; n++) {
+    float v = dot_q8_col<T>(W + n * rb, a, 0);
+    if (bias != nullptr) v += bias[n];
+    if (resid != nullptr) v += resid[n];
+    out[n] = v;
+  }
+}
+
+#ifdef SGL_Q16_ZMM
+// out rows 0..M of columns [n0, n1): gemm_q16_tile's order (64-column cache blocks, in each the row tiles of
+// 8 columns; the < 8 tail columns one at a time, dot_q8_col).
+template <QT T>
+void gemm_q8_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a, const Q8Tiled& p,
+                  float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
+  constexpr int64_t kChunk = 64;
+  const auto put = [&](int64_t r, int64_t n, float v) {
+    const int64_t o = r * N + n;
+    if (bias != nullptr) v += bias[n];
+    if (resid != nullptr) v += resid[o];
+    out[o] = v;
+  };
+  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
+    const int64_t c1 = std::min(n1, c0 + kChunk);
+    for (int64_t r0 = 0, t = 0; r0 < M; r0 += p.rows, t++) {
+      const int R = int(std::min<int64_t>(p.rows, M - r0));
+      const Q8TileX x = p.tile(t);
+      with_tile_rows(R, [&](auto rc) {
+        constexpr int RR = decltype(rc)::value;
+        int64_t n = c0;
+        for (; n + 8 <= c1; n += 8)
+          dot_q8_oct<T, RR>(W + n * rb, rb, p.nb, x, out + r0 * N + n, N, bias != nullptr ? bias + n : nullptr,
+                             resid != nullptr ? resid + r0 * N + n : nullptr);
+        for (; n < c1; n++)
+          for (int r = 0; r < RR; r++) put(r0 + r, n, dot_q8_col<T>(W + n * rb, a, r0 + r));
+      });
+    }
+  }
+}
+#endif
+
+// The portable way to the same bits: in 64-column cache blocks, each row through gemv_rows8.
+template <QT T>
+void gemm_q8_rows(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a, float* out,
+                  const float* bias, const float* resid, int64_t n0, int64_t n1) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
+    const int64_t c1 = std::min(n1, c0 + kChunk);
+    for (int64_t r = 0; r < M; r++) {
+      const Q8BAct row{a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, a.c + r * a.nb * kQ8Corr, a.k, a.nb};
+      gemv_rows8<T>(W + c0 * rb, rb, c1 - c0, row, out + r * N + c0, bias != nullptr ? bias + c0 : nullptr,
+                    resid != nullptr ? resid + r * N + c0 : nullptr);
+    }
+  }
+}
+
+// gemm's q8 path for the output columns [n0, n1) (tiled: a packed for the tile, or null: per row).
+template <QT T>
+void gemm_q8_cols(const uint8_t* W, int64_t M, int64_t N, int64_t K, const Q8BAct& a, const Q8Tiled* tiled,
+                  float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
+  const int64_t rb = row_bytes(T, K);
+#ifdef SGL_Q16_ZMM
+  if (tiled != nullptr && M >= kQ16TileMinRows && have_q16_zmm()) {
+    gemm_q8_tile<T>(W, rb, M, N, a, *tiled, out, bias, resid, n0, n1);
+    return;
+  }
+#endif
+  (void)tiled;
+  gemm_q8_rows<T>(W, rb, M, N, a, out, bias, resid, n0, n1);
+}
+
+}  // namespace
