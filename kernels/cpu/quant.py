@@ -284,7 +284,7 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
     if out is None:
         out = torch.empty(m, n, dtype=torch.float32)
     threads = get_num_threads()
-    if m < PREFILL_M:
+    if m < PREFILL_M or (act_quant == "q8" and w.qtype != "f16"):  # q8: its contract at any M (prefill included)
         ext.gemm(x.data_ptr(), m, w.data.data_ptr(), w.qtype, n, k, out.data_ptr(),
                  0 if bias is None else bias.data_ptr(), 0 if residual is None else residual.data_ptr(),
                  _ACT_MODE[act_quant], threads)

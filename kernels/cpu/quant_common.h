@@ -34,7 +34,7 @@ inline void prefetch(const uint8_t* p) {
 constexpr int kBlock = 32;
 
 // max |x| and the exact fp32 sum of one 32-block of activations: the scale and the affine term of both
-// activation quantizations (q8: quant_q8.h, q16: quant_q16.h).
+// activation quantizations (q8: quant_q8_blocks.h, q16: quant_q16.h).
 inline void block_amax_sum(const float* xb, float& amax, float& sum) {
   amax = 0.f;
   sum = 0.f;

@@ -10,10 +10,10 @@
 //         fp32 FMA per block; the affine part (Q4_1's m, Q4_0's -8) is applied to the exact fp32 block
 //         sums of x. ~2x fewer cycles per weight than fp32 at M = 1, error ~1e-5 relative. Up to kQ16MaxRows
 //         rows; 2+ rows run quant_q16_tile.h, which gives every row the bits of that row alone (M = 1).
-//   q8:   x is quantized per 32-block to int8 (scale amax/127). Up to kQ16MaxRows rows: the batch-invariant q8
-//         contract of quant_q8_blocks.h (vpdpbusd u8 weights x s8 activations on AVX-512 VNNI, 4 dots per block
-//         and 8 columns where q16 needs 8; one float FMA per 8 columns; quant_q8_tile.h); more rows:
-//         llama.cpp's Q8_0 of x (quant_q8.h: maddubs -> madd -> one fp32 FMA per block, not batch-invariant).
+//   q8:   x is quantized per 32-block to int8 (scale amax/127): the batch-invariant q8 contract of
+//         quant_q8_blocks.h (vpdpbusd u8 weights x s8 activations on AVX-512 VNNI, 4 dots per block and 8 columns
+//         where q16 needs 8; one float FMA per 8 columns; quant_q8_tile.h), at every row count: more than
+//         kQ16MaxRows rows (prefill) run in blocks of kQ16MaxRows, each row with the bits it gets alone.
 // Every weight read is prefetched kPrefetch bytes ahead (decode is a stream of ~96 MB per token).
 // Work split: output columns (N) over at::parallel_for; for each column the row tiles (R <= 4 rows of x)
 // run back to back so the column's weight bytes stay in L1 and are read from memory once per call.
@@ -36,7 +36,6 @@
 #include "quant_common.h"
 #include "quant_q16.h"
 #include "thread_pool.h"
-#include "quant_q8.h"
 #include "quant_gemm_avx512.h"
 #include "quant_q16_tile.h"
 #include "quant_q8_tile.h"
@@ -247,12 +246,8 @@ inline void with_rows(int R, F&& f) {
 
 // res[0..R) = dot(weight row w, x rows r0..r0+R) (xr = x row r0), by the tile kernel for R and the mode.
 template <QT T>
-inline void tile_dot(const uint8_t* w, const float* xr, int64_t K, int64_t nb, int R, int64_t r0, const Q8Act* q8,
-                     const float* xsum, float* res) {
-  if (q8 != nullptr && T != QT::F16) {
-    with_rows(R, [&](auto r) { dot_q8<T, decltype(r)::value>(w, *q8, r0, res); });
-    return;
-  }
+inline void tile_dot(const uint8_t* w, const float* xr, int64_t K, int64_t nb, int R, int64_t r0, const float* xsum,
+                     float* res) {
 #ifdef SGL_AVX512_TILE
   if (have_avx512()) {  // fp32 activations: the zmm tile (quant_gemm_avx512.h says why), every R
     with_rows(R, [&](auto r) { dot_fp32_512<T, decltype(r)::value>(w, xr, K, nb, res); });
@@ -276,15 +271,14 @@ inline void tile_dot(const uint8_t* w, const float* xr, int64_t K, int64_t nb, i
 
 template <QT T>
 void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K, float* out,
-               const float* bias, const float* resid, const Q8Act* q8, const float* xsum, int64_t n0,
-               int64_t n1) {
+               const float* bias, const float* resid, const float* xsum, int64_t n0, int64_t n1) {
   const int64_t rb = row_bytes(T, K), nb = K / kBlock;
   float res[8];
   int64_t n = n0;
 #ifdef SGL_AVX2
   // Q4 only: the Q8_0 variant measured ~1.8x slower than dot_fp32<Q8_0, 1> on the lm_head shape.
   if constexpr (T == QT::Q4_0 || T == QT::Q4_1) {
-    if (M == 1 && q8 == nullptr && xsum != nullptr) {
+    if (M == 1 && xsum != nullptr) {
       for (; n < n1;) {
         const int C = n + 4 <= n1 ? 4 : 1;
         if (C == 4) dot_fp32_cols<T, 4>(W + n * rb, rb, x, xsum, nb, res);
@@ -312,7 +306,7 @@ void gemm_cols(const float* x, const uint8_t* W, int64_t M, int64_t N, int64_t K
       const float* xr = x + r0 * K;
       for (int64_t nn = c0; nn < c1; nn++) {
         const uint8_t* w = W + nn * rb;
-        tile_dot<T>(w, xr, K, nb, R, r0, q8, xsum, res);
+        tile_dot<T>(w, xr, K, nb, R, r0, xsum, res);
         for (int r = 0; r < R; r++) {
           const int64_t o = (r0 + r) * N + nn;
           float v = res[r];
@@ -376,7 +370,7 @@ namespace sgl_cpu { void set_spin_us(int64_t us); void set_adaptive(bool on); } 
 
 void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr,
           Addr bias_addr, Addr resid_addr, int64_t act_mode, int64_t threads) {
-  // act_mode: 0 = fp32 activations, 1 = q8 (llama.cpp's Q8_0 of x), 2 = q16 (int16 per block)
+  // act_mode: 0 = fp32 activations, 1 = q8 (int8 per block, any M), 2 = q16 (int16 per block, M <= kQ16MaxRows)
   const QT t = parse_qtype(qtype);
   if (M <= 0 || N <= 0 || K <= 0 || (t != QT::F16 && K % kBlock)) throw std::invalid_argument("bad gemm shape");
   const float* xp = reinterpret_cast<const float*>(x_addr);
@@ -384,10 +378,6 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
   float* op = reinterpret_cast<float*>(out_addr);
   const float* b = reinterpret_cast<const float*>(bias_addr);
   const float* rs = reinterpret_cast<const float*>(resid_addr);
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
-  std::vector<int32_t> qs;
-  Q8Act a{};
   if (act_mode < 0 || act_mode > 2) throw std::invalid_argument("bad act_mode");
   // q16 up to kQ16MaxRows rows (decode batches, verify rows): each row the same bits as alone (quant_q16_tile.h);
   // more rows (prefill) run fp32, where a decoded weight block serves many rows at fewer instructions per row.
@@ -414,7 +404,14 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
     });
     return;
   }
-  if (use_q8 && M <= kQ16MaxRows) {  // the q8 contract: each row the bits of that row alone (quant_q8_tile.h)
+  if (use_q8 && M > kQ16MaxRows) {  // prefill: blocks of kQ16MaxRows rows (a row's bits do not depend on its block)
+    const int64_t xb = K * int64_t(sizeof(float)), ob = N * int64_t(sizeof(float));
+    for (int64_t r0 = 0; r0 < M; r0 += kQ16MaxRows)
+      gemm(x_addr + Addr(r0 * xb), std::min(kQ16MaxRows, M - r0), w_addr, qtype, N, K, out_addr + Addr(r0 * ob),
+           bias_addr, resid_addr == 0 ? 0 : resid_addr + Addr(r0 * ob), act_mode, threads);
+    return;
+  }
+  if (use_q8) {  // the q8 contract: each row the bits of that row alone (quant_q8_tile.h)
     std::vector<int8_t> q8v;
     std::vector<float> d8, s8;
     std::vector<int32_t> c8;
@@ -437,12 +434,8 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
     });
     return;
   }
-  if (use_q8) {
-    quantize_act(xp, M, K, q, d, s, qs);
-    a = Q8Act{q.data(), d.data(), s.data(), qs.data(), K, K / kBlock};
-  }
   std::vector<float> xsum_buf;  // fp32 path, Q4_*: the block sums of x for the factored dot (R <= 2)
-  if (!use_q8 && (t == QT::Q4_0 || t == QT::Q4_1)) {
+  if (t == QT::Q4_0 || t == QT::Q4_1) {
     const int64_t nb = K / kBlock;
     xsum_buf.resize(M * nb);
     for (int64_t i = 0; i < M * nb; i++) {
@@ -452,13 +445,12 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
     }
   }
   const float* xs = xsum_buf.empty() ? nullptr : xsum_buf.data();
-  const Q8Act* ap = use_q8 ? &a : nullptr;
   sgl_cpu::columns_on_pool(N, threads, [&](int64_t n0, int64_t n1) {
     switch (t) {
-      case QT::Q4_0: gemm_cols<QT::Q4_0>(xp, W, M, N, K, op, b, rs, ap, xs, n0, n1); break;
-      case QT::Q4_1: gemm_cols<QT::Q4_1>(xp, W, M, N, K, op, b, rs, ap, xs, n0, n1); break;
-      case QT::Q8_0: gemm_cols<QT::Q8_0>(xp, W, M, N, K, op, b, rs, ap, xs, n0, n1); break;
-      case QT::F16: gemm_cols<QT::F16>(xp, W, M, N, K, op, b, rs, ap, xs, n0, n1); break;
+      case QT::Q4_0: gemm_cols<QT::Q4_0>(xp, W, M, N, K, op, b, rs, xs, n0, n1); break;
+      case QT::Q4_1: gemm_cols<QT::Q4_1>(xp, W, M, N, K, op, b, rs, xs, n0, n1); break;
+      case QT::Q8_0: gemm_cols<QT::Q8_0>(xp, W, M, N, K, op, b, rs, xs, n0, n1); break;
+      case QT::F16: gemm_cols<QT::F16>(xp, W, M, N, K, op, b, rs, xs, n0, n1); break;
     }
   });
 }
