@@ -1,5 +1,5 @@
-"""The q8 block-dot contract (kernels/cpu/quant_q8_blocks.h) of quant_linear(act_quant="q8") up to Q16_MAX_ROWS
-rows: the integer block dots are exact (vpdpbusd with Q8_0's weights shifted to unsigned and shifted back), the
+"""The q8 block-dot contract (kernels/cpu/quant_q8_blocks.h) of quant_linear(act_quant="q8") at any row count
+(prefill in blocks of Q16_MAX_ROWS): the integer block dots are exact (vpdpbusd with Q8_0's weights shifted to unsigned and shifted back), the
 result stays within the int8 rounding bound of the exact product, every row of a batch gets the SAME BITS as
 that row alone (M = 1: the decode pool's gemv) for every block type and thread split, and the AVX-512 VNNI
 tile, its tail columns (the scalar kernel) and the per-row AVX2 kernel (what an AVX2-only CPU runs) agree bit
@@ -95,7 +95,7 @@ def test_every_row_of_a_batch_has_the_bits_of_that_row_alone(qtype: str, threads
     for n, k in ((301, 96), (67, 1536)):  # a 2-thread split at column 151: not a multiple of 4
         w = raw_weight(qtype, n, k, gen)
         bias = torch.from_numpy(gen.standard_normal(n).astype(np.float32))
-        for m in (2, 9, 17, Q16_MAX_ROWS):
+        for m in (2, 9, 17, Q16_MAX_ROWS, 130):  # 130: prefill (the prefill path's size), blocks of 64 rows
             x = torch.from_numpy(gen.standard_normal((m, k)).astype(np.float32))
             x[0, :32] = 0.0  # an all-zero block (scale 0)
             x[-1, 32:64] *= 1e4  # outliers in one block
