@@ -1,9 +1,9 @@
 """The q8 block-dot contract (kernels/cpu/quant_q8_blocks.h) of quant_linear(act_quant="q8") at any row count
-(prefill in blocks of Q16_MAX_ROWS): the integer block dots are exact (vpdpbusd with Q8_0's weights shifted to unsigned and shifted back), the
-result stays within the int8 rounding bound of the exact product, every row of a batch gets the SAME BITS as
-that row alone (M = 1: the decode pool's gemv) for every block type and thread split, and the AVX-512 VNNI
-tile, its tail columns (the scalar kernel) and the per-row AVX2 kernel (what an AVX2-only CPU runs) agree bit
-for bit (the --scalar build runs these tests on the scalar kernel alone)."""
+(prefill in blocks of Q16_MAX_ROWS): the integer block dots are exact (vpdpbusd with Q8_0's weights shifted to
+unsigned and shifted back), the result stays within the int8 rounding bound of the exact product, every row of a
+batch gets the SAME BITS as that row alone (M = 1: the decode pool's gemv) for every block type and thread split,
+and the AVX-512 VNNI tile, its tail columns (the scalar kernel) and the per-row AVX2 kernel (what an AVX2-only
+CPU runs) agree bit for bit (the --scalar build runs these tests on the scalar kernel alone)."""
 
 from __future__ import annotations
 
