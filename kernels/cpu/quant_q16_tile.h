@@ -137,6 +137,14 @@ void gemv_rows(const uint8_t* W, int64_t rb, int64_t count, const Q16Act& a, flo
   }
 }
 
+// out[r * N + n] = v (+ bias[n]) (+ resid[r * N + n]): a tail column's or per-row kernel's result.
+inline void put_out(float* out, int64_t N, const float* bias, const float* resid, int64_t r, int64_t n, float v) {
+  const int64_t o = r * N + n;
+  if (bias != nullptr) v += bias[n];
+  if (resid != nullptr) v += resid[o];
+  out[o] = v;
+}
+
 #ifdef SGL_Q16_ZMM
 // f(std::integral_constant<int, R>{}) for R in 1..kQ16TileRows.
 template <class F>
@@ -144,51 +152,60 @@ inline void with_tile_rows(int R, F&& f) {
   with_int<12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1>(R, f);
 }
 
-// out rows 0..M of columns [n0, n1): cache blocks of 64 columns (their weight rows stay in L1/L2 across the row
-// tiles), in each the tiles of up to kQ16TileRows rows x 4 columns; the < 4 tail columns one at a time (dot_q16_col).
-template <QT T>
-void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16Act& a, const Q16Tiled& p,
-                   float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
+// Columns [n0, n1) of rows 0..M in cache blocks of 64 columns (their weight rows stay in L1/L2 across the row
+// tiles), in each the tiles of `rows` rows (tile t: rows r0 .. r0 + RR) x C columns, quad(rc, t, r0, n) with rc an
+// integral_constant of RR, and the < C tail columns one row at a time, col(r, n). The q16 (C = 4) and q8 (C = 8)
+// tiles share it.
+template <int C, class Quad, class Col>
+inline void tile_columns(int64_t M, int64_t rows, int64_t n0, int64_t n1, Quad&& quad, Col&& col) {
   constexpr int64_t kChunk = 64;
-  const auto put = [&](int64_t r, int64_t n, float v) {
-    const int64_t o = r * N + n;
-    if (bias != nullptr) v += bias[n];
-    if (resid != nullptr) v += resid[o];
-    out[o] = v;
-  };
   for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
     const int64_t c1 = std::min(n1, c0 + kChunk);
-    for (int64_t r0 = 0, t = 0; r0 < M; r0 += p.rows, t++) {
-      const int R = int(std::min<int64_t>(p.rows, M - r0));
-      const Q16TileX x = p.tile(t);
-      with_tile_rows(R, [&](auto rc) {
-        constexpr int RR = decltype(rc)::value;
+    for (int64_t r0 = 0, t = 0; r0 < M; r0 += rows, t++) {
+      with_tile_rows(int(std::min<int64_t>(rows, M - r0)), [&](auto rc) {
         int64_t n = c0;
-        for (; n + 4 <= c1; n += 4)
-          dot_q16_quad<T, RR>(W + n * rb, rb, p.nb, x, out + r0 * N + n, N, bias != nullptr ? bias + n : nullptr,
-                              resid != nullptr ? resid + r0 * N + n : nullptr);
+        for (; n + C <= c1; n += C) quad(rc, t, r0, n);
         for (; n < c1; n++)
-          for (int r = 0; r < RR; r++) put(r0 + r, n, dot_q16_col<T>(W + n * rb, a, r0 + r));
+          for (int r = 0; r < decltype(rc)::value; r++) col(r0 + r, n);
       });
     }
   }
 }
+
+// out rows 0..M of columns [n0, n1): tile_columns with dot_q16_quad (4 columns) and dot_q16_col (the tail).
+template <QT T>
+void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16Act& a, const Q16Tiled& p,
+                   float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
+  tile_columns<4>(
+      M, p.rows, n0, n1,
+      [&](auto rc, int64_t t, int64_t r0, int64_t n) {
+        dot_q16_quad<T, decltype(rc)::value>(W + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
+                                             bias != nullptr ? bias + n : nullptr,
+                                             resid != nullptr ? resid + r0 * N + n : nullptr);
+      },
+      [&](int64_t r, int64_t n) { put_out(out, N, bias, resid, r, n, dot_q16_col<T>(W + n * rb, a, r)); });
+}
 #endif
 
 // The portable way to the same bits: in 64-column cache blocks (a block's weight rows stay in L2 across the
-// rows), each row through gemv_rows.
-template <QT T>
-void gemm_q16_rows(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16Act& a, float* out,
-                   const float* bias, const float* resid, int64_t n0, int64_t n1) {
+// rows), row(r, c0, c1) per row (gemv_rows / gemv_rows8 on that row).
+template <class Row>
+inline void rows_columns(int64_t M, int64_t n0, int64_t n1, Row&& row) {
   constexpr int64_t kChunk = 64;
   for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
     const int64_t c1 = std::min(n1, c0 + kChunk);
-    for (int64_t r = 0; r < M; r++) {
-      const Q16Act row{a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, a.k, a.nb};
-      gemv_rows<T>(W + c0 * rb, rb, c1 - c0, row, out + r * N + c0, bias != nullptr ? bias + c0 : nullptr,
-                   resid != nullptr ? resid + r * N + c0 : nullptr);
-    }
+    for (int64_t r = 0; r < M; r++) row(r, c0, c1);
   }
+}
+
+template <QT T>
+void gemm_q16_rows(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16Act& a, float* out,
+                   const float* bias, const float* resid, int64_t n0, int64_t n1) {
+  rows_columns(M, n0, n1, [&](int64_t r, int64_t c0, int64_t c1) {
+    const Q16Act row{a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, a.k, a.nb};
+    gemv_rows<T>(W + c0 * rb, rb, c1 - c0, row, out + r * N + c0, bias != nullptr ? bias + c0 : nullptr,
+                 resid != nullptr ? resid + r * N + c0 : nullptr);
+  });
 }
 
 // gemm's q16 path for the output columns [n0, n1) (tiled: a packed for the tile, or null: per row).

@@ -120,50 +120,30 @@ void gemv_rows8(const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, fl
 }
 
 #ifdef SGL_Q16_ZMM
-// out rows 0..M of columns [n0, n1): gemm_q16_tile's order (64-column cache blocks, in each the row tiles of
-// 8 columns; the < 8 tail columns one at a time, dot_q8_col).
+// out rows 0..M of columns [n0, n1): tile_columns (quant_q16_tile.h) with dot_q8_oct (8 columns) and dot_q8_col.
 template <QT T>
 void gemm_q8_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a, const Q8Tiled& p,
                   float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
-  constexpr int64_t kChunk = 64;
-  const auto put = [&](int64_t r, int64_t n, float v) {
-    const int64_t o = r * N + n;
-    if (bias != nullptr) v += bias[n];
-    if (resid != nullptr) v += resid[o];
-    out[o] = v;
-  };
-  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
-    const int64_t c1 = std::min(n1, c0 + kChunk);
-    for (int64_t r0 = 0, t = 0; r0 < M; r0 += p.rows, t++) {
-      const int R = int(std::min<int64_t>(p.rows, M - r0));
-      const Q8TileX x = p.tile(t);
-      with_tile_rows(R, [&](auto rc) {
-        constexpr int RR = decltype(rc)::value;
-        int64_t n = c0;
-        for (; n + 8 <= c1; n += 8)
-          dot_q8_oct<T, RR>(W + n * rb, rb, p.nb, x, out + r0 * N + n, N, bias != nullptr ? bias + n : nullptr,
-                             resid != nullptr ? resid + r0 * N + n : nullptr);
-        for (; n < c1; n++)
-          for (int r = 0; r < RR; r++) put(r0 + r, n, dot_q8_col<T>(W + n * rb, a, r0 + r));
-      });
-    }
-  }
+  tile_columns<8>(
+      M, p.rows, n0, n1,
+      [&](auto rc, int64_t t, int64_t r0, int64_t n) {
+        dot_q8_oct<T, decltype(rc)::value>(W + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
+                                           bias != nullptr ? bias + n : nullptr,
+                                           resid != nullptr ? resid + r0 * N + n : nullptr);
+      },
+      [&](int64_t r, int64_t n) { put_out(out, N, bias, resid, r, n, dot_q8_col<T>(W + n * rb, a, r)); });
 }
 #endif
 
-// The portable way to the same bits: in 64-column cache blocks, each row through gemv_rows8.
+// The portable way to the same bits: rows_columns (quant_q16_tile.h), each row through gemv_rows8.
 template <QT T>
 void gemm_q8_rows(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a, float* out,
                   const float* bias, const float* resid, int64_t n0, int64_t n1) {
-  constexpr int64_t kChunk = 64;
-  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
-    const int64_t c1 = std::min(n1, c0 + kChunk);
-    for (int64_t r = 0; r < M; r++) {
-      const Q8BAct row{a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, a.c + r * a.nb * kQ8Corr, a.k, a.nb};
-      gemv_rows8<T>(W + c0 * rb, rb, c1 - c0, row, out + r * N + c0, bias != nullptr ? bias + c0 : nullptr,
-                    resid != nullptr ? resid + r * N + c0 : nullptr);
-    }
-  }
+  rows_columns(M, n0, n1, [&](int64_t r, int64_t c0, int64_t c1) {
+    const Q8BAct row{a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, a.c + r * a.nb * kQ8Corr, a.k, a.nb};
+    gemv_rows8<T>(W + c0 * rb, rb, c1 - c0, row, out + r * N + c0, bias != nullptr ? bias + c0 : nullptr,
+                  resid != nullptr ? resid + r * N + c0 : nullptr);
+  });
 }
 
 // gemm's q8 path for the output columns [n0, n1) (tiled: a packed for the tile, or null: per row).

@@ -16,7 +16,8 @@ from sgl.kernels import cpu
 from sgl.kernels.cpu import quant
 from sgl.kernels.cpu.decode_layer import decode_layer, decode_layer_reference, decode_stack
 from tests.kernels.test_cpu_decode_layer import make_layer, rope_rows
-from tests.kernels.test_cpu_decode_rows import HEAD_DIM, HIDDEN, SLOTS, assert_same, clone, make_stack, rope
+from tests.kernels.test_cpu_decode_rows import (HEAD_DIM, HIDDEN, SLOTS, assert_same, clone, make_stack, rope,
+                                              scattered_rows)
 from tests.kernels.test_cpu_q16_batch import ext  # noqa: F401  (the skip fixture)
 
 QTYPES = ["q4_0", "q4_1", "q8_0"]
@@ -61,13 +62,7 @@ def test_decode_layer_q8_matches_the_reference_within_int8_rounding(qtype: str) 
 def test_decode_rows_q8_rows_match_decode_stack_alone(qtype: str, rows: int) -> None:
     gen = torch.Generator().manual_seed(rows)
     stack = make_stack(rows, qtype)
-    perm = torch.randperm(SLOTS, generator=gen)
-    lists, positions, used = [], [], 0
-    for t in range(rows):
-        n = 1 + (7 * t + 3) % 6 if rows == 32 else 1 + 13 * t % 40
-        lists.append(perm[used : used + n].contiguous())
-        positions.append(n - 1)
-        used += n
+    lists, positions = scattered_rows(rows, gen)
     h = torch.randn(rows, HIDDEN, generator=gen)
     ref, h_ref = clone(stack), h.clone()
     run_rows(stack, h, lists, positions)

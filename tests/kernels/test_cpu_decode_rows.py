@@ -55,12 +55,9 @@ def assert_same(a: DecodeStack, b: DecodeStack, ha: torch.Tensor, hb: torch.Tens
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [1, 2, 5, 32])
-def test_decode_batch_rows_match_batch_one(mode: str, qtype: str, rows: int) -> None:
-    """Sequences of different lengths, scattered slots: each row as decode_stack alone."""
-    gen = torch.Generator().manual_seed(rows)
-    stack = make_stack(rows, qtype)
+
+def scattered_rows(rows: int, gen: torch.Generator) -> tuple[list[torch.Tensor], list[int]]:
+    """`rows` sequences of different lengths over randomly scattered slots: (their slot lists, last positions)."""
     perm = torch.randperm(SLOTS, generator=gen)
     lists, positions, used = [], [], 0
     for t in range(rows):
@@ -68,6 +65,15 @@ def test_decode_batch_rows_match_batch_one(mode: str, qtype: str, rows: int) -> 
         lists.append(perm[used : used + n].contiguous())
         positions.append(n - 1)
         used += n
+    return lists, positions
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 32])
+def test_decode_batch_rows_match_batch_one(mode: str, qtype: str, rows: int) -> None:
+    """Sequences of different lengths, scattered slots: each row as decode_stack alone."""
+    gen = torch.Generator().manual_seed(rows)
+    stack = make_stack(rows, qtype)
+    lists, positions = scattered_rows(rows, gen)
     h = torch.randn(rows, HIDDEN, generator=gen)
     ref, h_ref = clone(stack), h.clone()
     out = run_rows(stack, h, lists, positions)

@@ -51,6 +51,30 @@ def with_threads(n: int, fn):
         cpu._threads = None  # back to torch.get_num_threads()
 
 
+
+def outputs_with_and_without_tile(act: str, seed: int, ms: tuple[int, ...]) -> tuple[dict, dict]:
+    """quant_linear(act_quant=act) over 70 x 160 weights of every block type at each of `ms` rows, run in two fresh
+    processes: one as this CPU chooses, one forced onto the per-row path (SGL_CPU_Q16_NO_TILE=1). Returns their
+    {'isa': the extension's isa(), 'outs': [results]}."""
+    script = (
+        "import numpy as np, torch, sys\n"
+        "from sgl.kernels.cpu import QuantWeight, _ext, quant_linear\n"
+        f"gen = np.random.default_rng({seed})\n"
+        "outs = []\n"
+        "for qt in ('q4_0', 'q4_1', 'q8_0'):\n"
+        "    w = QuantWeight.quantize(torch.from_numpy(gen.standard_normal((70, 160)).astype(np.float32)), qt)\n"
+        f"    for m in {ms!r}:\n"
+        "        x = torch.from_numpy(gen.standard_normal((m, 160)).astype(np.float32))\n"
+        f"        outs.append(quant_linear(x, w, act_quant={act!r}))\n"
+        "torch.save({'isa': _ext.load().isa(), 'outs': outs}, sys.argv[1])\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for env in ({}, {"SGL_CPU_Q16_NO_TILE": "1"}):
+            path = os.path.join(tmp, f"{len(results)}.pt")
+            subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=120)
+            results.append(torch.load(path))
+    return results[0], results[1]
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
 def test_every_row_of_a_batch_has_the_bits_of_that_row_alone(qtype: str, threads: int) -> None:
@@ -108,23 +132,7 @@ def test_the_default_mode_runs_batches_fp32_unless_q16_batches_is_on() -> None:
 def test_the_per_row_path_gives_the_tiles_bits() -> None:
     """A CPU without AVX-512 VNNI runs the q16 batch row by row (gemv_rows); this one runs the AVX-512 4-column tile.
     Both give every row its M = 1 bits, so they agree bit for bit (the per-row path forced by env)."""
-    script = (
-        "import numpy as np, torch, sys\n"
-        "from sgl.kernels.cpu import QuantWeight, _ext, quant_linear\n"
-        "gen = np.random.default_rng(7)\n"
-        "outs = []\n"
-        "for qt in ('q4_0', 'q4_1', 'q8_0'):\n"
-        "    w = QuantWeight.quantize(torch.from_numpy(gen.standard_normal((70, 160)).astype(np.float32)), qt)\n"
-        "    x = torch.from_numpy(gen.standard_normal((9, 160)).astype(np.float32))\n"
-        "    outs.append(quant_linear(x, w, act_quant='q16'))\n"
-        "torch.save({'isa': _ext.load().isa(), 'outs': outs}, sys.argv[1])\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for env in ({}, {"SGL_CPU_Q16_NO_TILE": "1"}):
-            path = os.path.join(tmp, f"{len(results)}.pt")
-            subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=120)
-            results.append(torch.load(path))
-    tile, rows = results
+    tile, rows = outputs_with_and_without_tile("q16", 7, (9,))
     assert "q16" not in rows["isa"]  # the override took the per-row path
     if "q16" not in tile["isa"]:
         pytest.skip("this CPU has no AVX-512 VNNI: both runs took the per-row path")

@@ -7,18 +7,14 @@ CPU runs) agree bit for bit (the --scalar build runs these tests on the scalar k
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-
 import numpy as np
 import pytest
 import torch
 
 from sgl.kernels.cpu import QuantWeight, quant_linear
 from sgl.kernels.cpu.quant import BLOCK_BYTES, Q16_MAX_ROWS
-from tests.kernels.test_cpu_q16_batch import ext, raw_weight, with_threads  # noqa: F401  (ext: the skip fixture)
+from tests.kernels.test_cpu_q16_batch import ext  # noqa: F401  (the skip fixture)
+from tests.kernels.test_cpu_q16_batch import outputs_with_and_without_tile, raw_weight, with_threads
 
 QTYPES = ["q4_0", "q4_1", "q8_0"]
 
@@ -139,24 +135,7 @@ def test_the_per_row_path_gives_the_tiles_bits() -> None:
     """A CPU without AVX-512 VNNI (or SGL_CPU_Q16_NO_TILE=1) runs the rows one at a time through the AVX2
     4-column kernel (and the scalar one for the < 4 tail columns: N = 70); this one runs the VNNI tile. The same
     bits, M = 1 and a batch, every block type."""
-    script = (
-        "import numpy as np, torch, sys\n"
-        "from sgl.kernels.cpu import QuantWeight, _ext, quant_linear\n"
-        "gen = np.random.default_rng(8)\n"
-        "outs = []\n"
-        "for qt in ('q4_0', 'q4_1', 'q8_0'):\n"
-        "    w = QuantWeight.quantize(torch.from_numpy(gen.standard_normal((70, 160)).astype(np.float32)), qt)\n"
-        "    for m in (1, 9):\n"
-        "        x = torch.from_numpy(gen.standard_normal((m, 160)).astype(np.float32))\n"
-        "        outs.append(quant_linear(x, w, act_quant='q8'))\n"
-        "torch.save({'isa': _ext.load().isa(), 'outs': outs}, sys.argv[1])\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for env in ({}, {"SGL_CPU_Q16_NO_TILE": "1"}):
-            path = os.path.join(tmp, f"{len(results)}.pt")
-            subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=120)
-            results.append(torch.load(path))
-    tile, rows = results
+    tile, rows = outputs_with_and_without_tile("q8", 8, (1, 9))
     assert "avx512-vnni" not in rows["isa"]  # the override took the per-row path
     if "avx512-vnni" not in tile["isa"]:
         pytest.skip("this CPU has no AVX-512 VNNI: both runs took the per-row path")
