@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--json", default=None)
     ap.add_argument("--always-draft", action="store_true", help="every decoding row drafts (no adaptive rule)")
+    ap.add_argument("--cpu-act-quant", default=None, help="the engine's --cpu-act-quant (default: its default, q16)")
     ap.add_argument("--fold-max-rows", type=int, default=None,
                     help="A/B: sgl.kernels.attention.FOLD_MAX_ROWS (0: every extend takes the enable_gqa bool-mask path)")
     a = ap.parse_args()
@@ -162,7 +163,7 @@ def main() -> None:
         attention.FOLD_MAX_ROWS = a.fold_max_rows
     load = os.getloadavg()
     algo = None if a.algorithm == "none" else a.algorithm
-    kw = engine_kwargs(algo, a.threads, None, a.num_draft_tokens)
+    kw = engine_kwargs(algo, a.threads, None, a.num_draft_tokens, act_quant=a.cpu_act_quant)
     if a.always_draft and algo is not None:
         kw["speculative_always_draft"] = True
     eng = Engine(**kw)
