@@ -9,7 +9,7 @@ Layout of `QuantWeight.data` (uint8, contiguous): exactly the GGUF bytes, N rows
 The kernels read the blocks in place (the per-block f16 scales cost one F16C convert each).
 Activations: "q16" (the process default, set_act_quant) quantizes x per 32-block to int16 for integer
 dots; "none" is exact fp32 (summation order aside); "q8" quantizes x per 32-block to int8 (the cheapest
-per extra row: vpdpbusd dots, ~1/254 of a block's max; batch-invariant up to Q16_MAX_ROWS rows as q16 is:
+per extra row: vpdpbusd dots, ~1/254 of a block's max; batch-invariant at any row count, prefill included:
 kernels/cpu/quant_q8_blocks.h).
 
 `dequantize` performs the same float32 operations in the same order as runtime/models/dequant.py
@@ -240,8 +240,8 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
     rest moves by <= ~1.5e-5 of the block's max |x|; ~2x fewer cycles per weight than fp32 activations at
     M = 1. Each row gets the same bits as alone (batch-invariant); more rows (prefill) and f16 weights run
     fp32 activations. act_quant="q8" quantizes x per 32-block to int8 (scale amax/127) for vpdpbusd dots:
-    cheapest per extra row, ~1e-2 relative error; up to Q16_MAX_ROWS rows each row gets the bits of that row
-    alone (the q8 contract, kernels/cpu/quant_q8_blocks.h), more rows run llama.cpp's Q8_0 of x.
+    cheapest per extra row, ~1e-2 relative error; at any row count each row gets the bits of that row alone (the
+    q8 contract, kernels/cpu/quant_q8_blocks.h; more than Q16_MAX_ROWS rows, prefill, run in blocks of that many).
     Tolerances: tests/kernels/test_cpu_quant.py.
     (Without the extension every mode runs the exact reference.) None: the process default (set_act_quant).
     `out` may alias `residual` (the sum is then done in place)."""

@@ -4,7 +4,6 @@
 // correction, Q4_1's m through the quantized block sum (llama.cpp's Q8_1 form).
 // This file: the activations, the block-dot contract, its scalar and AVX2 kernels; quant_q8_zmm.h has the
 // AVX-512 VNNI kernel, quant_q8_tile.h the matmuls (gemv_rows8, gemm_q8_cols) that choose between them.
-// (quant_q8.h is the older llama.cpp-style q8 of gemm's larger batches: another contract, not batch-invariant.)
 #pragma once
 
 #include <algorithm>
