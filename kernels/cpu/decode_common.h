@@ -41,17 +41,6 @@ struct Act8 {
   Q8BAct view(int64_t k) const { return Q8BAct{q.data(), d.data(), s.data(), c.data(), k, k / kBlock}; }
 };
 
-// gemv_rows8 (quant_q8_tile.h) for a run-time block type.
-inline void gemv_rows8_any(QT t, const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, float* out,
-                           const float* bias, const float* resid) {
-  switch (t) {
-    case QT::Q4_0: gemv_rows8<QT::Q4_0>(W, rb, count, a, out, bias, resid); break;
-    case QT::Q4_1: gemv_rows8<QT::Q4_1>(W, rb, count, a, out, bias, resid); break;
-    case QT::Q8_0: gemv_rows8<QT::Q8_0>(W, rb, count, a, out, bias, resid); break;
-    default: break;
-  }
-}
-
 // One row's activations in the call's mode: set() quantizes x [k], gemv() runs columns against them.
 struct ActRow {
   Act16 a16;
@@ -74,21 +63,15 @@ inline void rms_norm_row(const float* x, const float* w, int64_t n, float eps, f
   for (int64_t j = 0; j < n; j++) out[j] = (x[j] * r) * w[j];
 }
 
-// gemv_rows (quant_q16.h) for a run-time block type.
-inline void gemv_rows_any(QT t, const uint8_t* W, int64_t rb, int64_t count, const Q16Act& a, float* out,
-                   const float* bias, const float* resid) {
-  switch (t) {
-    case QT::Q4_0: gemv_rows<QT::Q4_0>(W, rb, count, a, out, bias, resid); break;
-    case QT::Q4_1: gemv_rows<QT::Q4_1>(W, rb, count, a, out, bias, resid); break;
-    case QT::Q8_0: gemv_rows<QT::Q8_0>(W, rb, count, a, out, bias, resid); break;
-    default: break;  // F16 is rejected before the parallel region
-  }
-}
-
+// gemv_rows (quant_q16.h) / gemv_rows8 (quant_q8_tile.h) for the row's mode and a run-time block type (F16 is
+// rejected before the parallel region).
 inline void ActRow::gemv(QT t, const uint8_t* W, int64_t rb, int64_t count, float* out, const float* bias,
                           const float* resid) const {
-  if (mode == Act::Q8) gemv_rows8_any(t, W, rb, count, a8.view(k), out, bias, resid);
-  else gemv_rows_any(t, W, rb, count, a16.view(k), out, bias, resid);
+  with_block_qtype(t, [&](auto tc) {
+    constexpr QT T = decltype(tc)::value;
+    if (mode == Act::Q8) gemv_rows8<T>(W, rb, count, a8.view(k), out, bias, resid);
+    else gemv_rows<T>(W, rb, count, a16.view(k), out, bias, resid);
+  });
 }
 
 inline QT block_qtype(int64_t code) {

@@ -86,20 +86,16 @@ void gemm_rows(QT t, const uint8_t* W, int64_t K, const RowsAct& a, float* out, 
   if (a.mode == Act::Q8) {
     const Q8BAct av{a.q8.data(), a.d.data(), a.s.data(), a.c8.data(), K, a.nb};
     const Q8Tiled* pp = a.tile ? &a.tiled8 : nullptr;
-    switch (t) {
-      case QT::Q4_0: gemm_q8_cols<QT::Q4_0>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
-      case QT::Q4_1: gemm_q8_cols<QT::Q4_1>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
-      default: gemm_q8_cols<QT::Q8_0>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
-    }
+    with_block_qtype(t, [&](auto tc) {
+      gemm_q8_cols<decltype(tc)::value>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1);
+    });
     return;
   }
   const Q16Act av{a.q.data(), a.d.data(), a.s.data(), K, a.nb};
   const Q16Tiled* pp = a.tile ? &a.tiled : nullptr;
-  switch (t) {
-    case QT::Q4_0: gemm_q16_cols<QT::Q4_0>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
-    case QT::Q4_1: gemm_q16_cols<QT::Q4_1>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
-    default: gemm_q16_cols<QT::Q8_0>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1); break;
-  }
+  with_block_qtype(t, [&](auto tc) {
+    gemm_q16_cols<decltype(tc)::value>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1);
+  });
 }
 
 // The attention phase of a call (attention_rows.h): consecutive rows sharing a slot prefix (one sequence's

@@ -127,6 +127,17 @@ inline void with_int(int r, F&& f) {
   }
 }
 
+// f(std::integral_constant<QT, T>{}) for the run-time block type t of the integer-activation kernels (q16, q8):
+// Q4_0, Q4_1, or Q8_0 for any other (callers reject F16 before they get here).
+template <class F>
+inline void with_block_qtype(QT t, F&& f) {
+  switch (t) {
+    case QT::Q4_0: f(std::integral_constant<QT, QT::Q4_0>{}); break;
+    case QT::Q4_1: f(std::integral_constant<QT, QT::Q4_1>{}); break;
+    default: f(std::integral_constant<QT, QT::Q8_0>{}); break;
+  }
+}
+
 constexpr int block_bytes(QT t) { return t == QT::Q4_0 ? 18 : t == QT::Q4_1 ? 20 : t == QT::Q8_0 ? 34 : 64; }
 
 #ifdef SGL_AVX2

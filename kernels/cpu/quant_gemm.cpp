@@ -325,6 +325,14 @@ int64_t grain_for(int64_t n, int64_t threads) {
   return std::max<int64_t>(16, (n + threads - 1) / threads);
 }
 
+// f(std::integral_constant<QT, T>{}, n0, n1) over chunks [n0, n1) of N output columns (at::parallel_for), for the
+// block types the q16 and q8 paths take (Q4_0, Q4_1, Q8_0: F16 never reaches them).
+template <class F>
+void columns_by_qtype(QT t, int64_t N, int64_t threads, F&& f) {
+  at::parallel_for(0, N, grain_for(N, threads),
+                   [&](int64_t n0, int64_t n1) { with_block_qtype(t, [&](auto tc) { f(tc, n0, n1); }); });
+}
+
 template <QT T>
 void dequant_rows(const uint8_t* W, int64_t K, float* out, int64_t n0, int64_t n1) {
   const int64_t rb = row_bytes(T, K), nb = K / kBlock;
@@ -395,12 +403,8 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
       pp = &tiled;
     }
 #endif
-    at::parallel_for(0, N, grain_for(N, threads), [&](int64_t n0, int64_t n1) {
-      switch (t) {
-        case QT::Q4_0: gemm_q16_cols<QT::Q4_0>(W, M, N, K, a16, pp, op, b, rs, n0, n1); break;
-        case QT::Q4_1: gemm_q16_cols<QT::Q4_1>(W, M, N, K, a16, pp, op, b, rs, n0, n1); break;
-        default: gemm_q16_cols<QT::Q8_0>(W, M, N, K, a16, pp, op, b, rs, n0, n1); break;
-      }
+    columns_by_qtype(t, N, threads, [&](auto tc, int64_t n0, int64_t n1) {
+      gemm_q16_cols<decltype(tc)::value>(W, M, N, K, a16, pp, op, b, rs, n0, n1);
     });
     return;
   }
@@ -425,12 +429,8 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
       pp = &tiled;
     }
 #endif
-    at::parallel_for(0, N, grain_for(N, threads), [&](int64_t n0, int64_t n1) {
-      switch (t) {
-        case QT::Q4_0: gemm_q8_cols<QT::Q4_0>(W, M, N, K, a8, pp, op, b, rs, n0, n1); break;
-        case QT::Q4_1: gemm_q8_cols<QT::Q4_1>(W, M, N, K, a8, pp, op, b, rs, n0, n1); break;
-        default: gemm_q8_cols<QT::Q8_0>(W, M, N, K, a8, pp, op, b, rs, n0, n1); break;
-      }
+    columns_by_qtype(t, N, threads, [&](auto tc, int64_t n0, int64_t n1) {
+      gemm_q8_cols<decltype(tc)::value>(W, M, N, K, a8, pp, op, b, rs, n0, n1);
     });
     return;
   }
