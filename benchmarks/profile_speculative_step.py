@@ -3,7 +3,7 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/profile_speculative_step.py [--threads 1]
         [--algorithm NGRAM] [--workload a] [--docs 1] [--num-draft-tokens 4]
 
-Runs workload (a) (copy extraction, bench_speculative.py's prompts) or (b) (chat) through an Engine and
+Runs workload (a) (copy extraction, bench_speculative.py's prompts), (b) (chat) or (c) (json_schema) through an Engine and
 times every phase of each scheduler step by wrapping the functions the step calls (each wrapper adds
 ~1 us per call): drafting, the rest of scheduling, the ForwardBatch build, the forward (split into
 its linears, attention, norms, RoPE, KV store and the rest), the lm_head, sampling/acceptance, the
@@ -148,7 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--algorithm", default="NGRAM", help="NGRAM, EAGLE, MEDUSA, ... or none")
-    ap.add_argument("--workload", default="a", choices=["a", "b"])
+    ap.add_argument("--workload", default="a", choices=["a", "b", "c"])
     ap.add_argument("--docs", type=int, default=1, help="prompts of the workload to run")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--json", default=None)
@@ -171,7 +171,7 @@ def main() -> None:
         eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})  # warm-up, not profiled
         ph = Phases()
         instrument(eng, ph)
-        name = "a_copy_extraction" if a.workload == "a" else "b_chat"
+        name = {"a": "a_copy_extraction", "b": "b_chat", "c": "c_schema"}[a.workload]
         prompts, params, _ = workloads(False)[name]
         t0 = time.perf_counter()
         tokens = 0

@@ -116,7 +116,7 @@ _NO_ATTR = object()
 _FILL_ATTRS = ("_budget_check_at", "budget_closed", "_closing", "_recent_paths")
 
 
-def _fill_state(g: Any) -> tuple[Any, ...]:
+def fill_state(g: Any) -> tuple[Any, ...]:
     # NOTE: fill_bitmask advances the matcher's budget countdown and its closing-path memory (the committed
     # path, the recent paths' lengths: sgl.grammars.budget / base); after verification they must be those of
     # the last position actually sampled, as without speculation. (Each attribute is replaced, never mutated
@@ -148,7 +148,7 @@ def fill_verify_bitmask(grammars: Sequence[Any], bases: Sequence[int], drafts: S
         alive = [False] * len(draft)
         row_states: list[Optional[tuple[Any, ...]]] = [None] * (1 + len(draft))
         g.fill_bitmask(mask, base)
-        row_states[0] = _fill_state(g)
+        row_states[0] = fill_state(g)
 
         def walk(node: int) -> None:  # the matcher has accepted the path to `node` and filled its row
             for c in kids.get(node, ()):
@@ -165,7 +165,7 @@ def fill_verify_bitmask(grammars: Sequence[Any], bases: Sequence[int], drafts: S
                     g.rollback(1)
                     continue
                 alive[c] = True
-                row_states[1 + c] = _fill_state(g)
+                row_states[1 + c] = fill_state(g)
                 walk(c)
                 g.rollback(1)
 

@@ -31,6 +31,7 @@ from sgl.runtime.models.native_weights import embedding_rows, linear
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
 from sgl.runtime.speculative.drafter import Draft
 from sgl.runtime.speculative.eagle_head import EagleHead, HeadKV, head_extend, head_tree_step
+from sgl.runtime.speculative.grammar_walk import GrammarWalk, grammar_walks
 
 
 @dataclass
@@ -150,33 +151,66 @@ class EagleDrafter:
         g = g.index_select(0, last)  # [B, H]: g_n of each request
         positions = torch.tensor([ps[-1] for _, _, _, ps in live])
         if self.topk > 1:
-            trees = {req: self._tree(seq, g[i:i + 1], int(positions[i]), k) for i, (req, seq, _, _) in enumerate(live)}
+            walks = grammar_walks([req for req, _, _, _ in live])
+            try:
+                trees = {req: self._tree(seq, g[i:i + 1], int(positions[i]), k, walks[i])
+                         for i, (req, seq, _, _) in enumerate(live)}
+            finally:
+                for w in walks:
+                    if w is not None:
+                        w.close()
             for (_, seq, _, _), n in zip(live, n_true):
                 seq.cut_entries(n)
                 self._trim(seq)
             return [trees.get(req, Draft([])) for req in reqs]
-        for step in range(k):
-            tok = self.d2t.index_select(0, linear(g.contiguous(), self.lm_head).argmax(-1))  # [B] target ids
-            for (req, _, _, _), t in zip(live, tok.tolist()):
-                drafts[req].append(int(t))
-            if step == k - 1:
-                break
-            positions = positions + 1
-            g = head_extend(self.head, self._embed(tok.tolist()), g, positions, [s.kv for _, s, _, _ in live],
-                            [1] * len(live))
+        walks = grammar_walks([req for req, _, _, _ in live])
+        try:
+            self._chain(live, g, positions, k, walks, drafts)
+        finally:
+            for w in walks:
+                if w is not None:
+                    w.close()
         for (_, seq, _, _), n in zip(live, n_true):
             seq.cut_entries(n)  # drafted entries read the head's own features: never kept
             self._trim(seq)
         return [Draft(drafts[req]) for req in reqs]
 
-    def _tree(self, seq: _Seq, g: torch.Tensor, n: int, budget: int) -> Draft:
+    def _chain(self, live: list[tuple[Req, _Seq, list[int], list[int]]], g: torch.Tensor, positions: torch.Tensor,
+               k: int, walks: list[Optional[GrammarWalk]], drafts: dict[Req, list[int]]) -> None:
+        """k greedy head steps for every live request (g [B, H]: g_n); a request with a grammar walk drafts the
+        best token its matcher allows, and its draft ends where the matcher allows none of the draft vocabulary."""
+        stopped = [False] * len(live)
+        for step in range(k):
+            logits = linear(g.contiguous(), self.lm_head)  # [B, Vd]
+            for i, w in enumerate(walks):
+                if w is not None and not stopped[i]:
+                    masked = w.masked(logits[i], self.d2t)
+                    if masked is None:
+                        stopped[i] = True
+                    else:
+                        logits[i] = masked
+            tok = self.d2t.index_select(0, logits.argmax(-1))  # [B] target ids
+            for i, ((req, _, _, _), t) in enumerate(zip(live, tok.tolist())):
+                if not stopped[i] and (walks[i] is None or walks[i].take(int(t))):
+                    drafts[req].append(int(t))
+                else:
+                    stopped[i] = True
+            if step == k - 1 or all(stopped):
+                break
+            positions = positions + 1
+            g = head_extend(self.head, self._embed(tok.tolist()), g, positions, [s.kv for _, s, _, _ in live],
+                            [1] * len(live))
+
+    def _tree(self, seq: _Seq, g: torch.Tensor, n: int, budget: int, walk: Optional[GrammarWalk] = None) -> Draft:
         """A token tree of at most `budget` nodes after the pending token at position n (g [1, H]: g_n), EAGLE-2's
         way: each level expands the `topk` best frontier nodes by their `topk` likeliest children (one head step
         of topk rows, each attending to its own path: head_tree_step); every child is a candidate scored by its
         path's summed log-probability under the head; the tree is the `budget` best-scored candidates. A child
-        never scores above its parent, so the chosen set holds every chosen node's ancestors."""
+        never scores above its parent, so the chosen set holds every chosen node's ancestors. With a grammar
+        `walk`, a node's children are the likeliest tokens the matcher allows after its path (the head's
+        distribution renormalized over them); nodes without any are not candidates."""
         K, depth = self.topk, min(budget, self.num_steps or self.TREE_DEPTH)
-        logp = torch.log_softmax(linear(g.contiguous(), self.lm_head), -1)[0]
+        logp = self._node_logp(linear(g.contiguous(), self.lm_head), walk, [[]])[0]
         top = logp.topk(min(K, logp.numel()))
         ids: list[int] = top.indices.tolist()  # draft-vocabulary ids of every candidate, in creation order
         parents: list[int] = [-1] * len(ids)
@@ -190,7 +224,8 @@ class EagleDrafter:
             out, k, v = head_tree_step(self.head, emb, feats.contiguous(), pos, seq.kv, anc_k, anc_v)
             own_k = k[:, None] if anc_k is None else torch.cat([anc_k, k[:, None]], 1)
             own_v = v[:, None] if anc_v is None else torch.cat([anc_v, v[:, None]], 1)
-            child = torch.log_softmax(linear(out, self.lm_head), -1).topk(K, -1)  # [F, K]
+            paths = [self._path(f, ids, parents) for f in frontier] if walk is not None else []
+            child = self._node_logp(linear(out, self.lm_head), walk, paths).topk(K, -1)  # [F, K]
             cand = torch.tensor([scores[f] for f in frontier])[:, None] + child.values  # [F, K] path scores
             first = len(ids)
             ids += child.indices.flatten().tolist()
@@ -200,11 +235,32 @@ class EagleDrafter:
             rows = best // K
             frontier = [first + int(b) for b in best]
             feats, anc_k, anc_v = out[rows], own_k[rows], own_v[rows]
-        chosen = sorted(sorted(range(len(ids)), key=lambda j: (-scores[j], j))[:budget])  # creation order
+        finite = [j for j in range(len(ids)) if scores[j] > float("-inf")]  # -inf: the grammar allows no such node
+        chosen = sorted(sorted(finite, key=lambda j: (-scores[j], j))[:budget])  # creation order
         index = {j: i for i, j in enumerate(chosen)}
         tokens = self.d2t[torch.tensor([ids[j] for j in chosen], dtype=torch.int64)].tolist()
         tree = [index[parents[j]] if parents[j] >= 0 else -1 for j in chosen]
         return Draft(tokens, tree if any(p != j - 1 for j, p in enumerate(tree)) else None)
+
+    def _node_logp(self, logits: torch.Tensor, walk: Optional[GrammarWalk], paths: list[list[int]]) -> torch.Tensor:
+        """[F, Vd] log-probabilities of the draft vocabulary at F nodes; with a grammar walk, node r's are
+        renormalized over what the matcher allows after paths[r] (target ids), -inf elsewhere (all -inf: none)."""
+        if walk is None:
+            return torch.log_softmax(logits, -1)
+        out = torch.full_like(logits, float("-inf"))
+        for r, path in enumerate(paths):
+            masked = walk.masked(logits[r], self.d2t) if walk.goto(path) else None
+            if masked is not None:
+                out[r] = torch.log_softmax(masked, -1)
+        return out
+
+    def _path(self, node: int, ids: list[int], parents: list[int]) -> list[int]:
+        """The target ids from the first level down to `node` (ids: draft-vocabulary ids of the candidates)."""
+        path: list[int] = []
+        while node >= 0:
+            path.append(ids[node])
+            node = parents[node]
+        return self.d2t[torch.tensor(path[::-1], dtype=torch.int64)].tolist()
 
     def _trim(self, seq: _Seq) -> None:
         keep_from = seq.base + len(seq.tokens) - 1 - self.TRIM_MARGIN

@@ -277,20 +277,24 @@ def head_extend(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor, posi
     groups = c.num_attention_heads // c.num_key_value_heads
     scale = c.head_dim ** -0.5
 
+    hkv, d = c.num_key_value_heads, c.head_dim
+
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)  # [T, Hq, D]
         o = 0
         for cache, n in zip(caches, counts):
             start = cache.length
             cache.append(k[o:o + n], v[o:o + n])
-            keys = cache.k[: cache.length].repeat_interleave(groups, 1).transpose(0, 1)  # [Hq, S, D]
-            vals = cache.v[: cache.length].repeat_interleave(groups, 1).transpose(0, 1)
-            qs = q[o:o + n].transpose(0, 1)  # [Hq, n, D]
-            scores = (qs @ keys.transpose(1, 2)) * scale  # [Hq, n, S]
+            keys = cache.k[: cache.length].transpose(0, 1)  # [Hkv, S, D]: views, no per-query-head copies
+            vals = cache.v[: cache.length].transpose(0, 1)
+            # query head h * groups + g reads kv head h (repeat_interleave's order): [Hkv, n * groups, D]
+            qs = q[o:o + n].reshape(n, hkv, groups, d).permute(1, 0, 2, 3).reshape(hkv, n * groups, d)
+            scores = torch.bmm(qs, keys.transpose(1, 2)) * scale  # [Hkv, n * groups, S]
             if n > 1:  # query j (at cache index start + j) sees keys <= start + j
-                causal = torch.arange(cache.length) > (start + torch.arange(n)).unsqueeze(1)
+                causal = torch.arange(cache.length) > (start + torch.arange(n)).repeat_interleave(groups).unsqueeze(1)
                 scores = scores.masked_fill(causal, float("-inf"))
-            out[o:o + n] = (scores.softmax(-1) @ vals).transpose(0, 1)
+            att = torch.bmm(scores.softmax(-1), vals)  # [Hkv, n * groups, D]
+            out[o:o + n] = att.reshape(hkv, n, groups, d).permute(1, 0, 2, 3).reshape(n, hkv * groups, d)
             o += n
         return out
 

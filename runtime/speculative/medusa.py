@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from torch import nn
 
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
 from sgl.runtime.speculative.drafter import Draft
+from sgl.runtime.speculative.grammar_walk import GrammarWalk, grammar_walks
 
 # A small static tree for a CPU (every node costs a verify row): the top-3 of head 0, the top-2 of
 # head 1 under the best head-0 token, and the greedy path three deep.
@@ -149,19 +150,29 @@ class _Tree:
     parents: list[int]
 
 
-def build_tree(choices: Sequence[Sequence[int]], topk: Sequence[Sequence[int]]) -> _Tree:
-    """The static tree over one request's per-head top-k token ids (`topk[i]`: head i's, best first).
-    Choices deeper than the heads, or whose parent is absent, are skipped."""
+Ranking = Callable[[int, list[int]], Sequence[int]]  # (head i, a node's path of token ids) -> head i's tokens, best first
+
+
+def build_tree(choices: Sequence[Sequence[int]], topk: Sequence[Sequence[int]],
+               ranked: Optional[Ranking] = None) -> _Tree:
+    """The static tree over one request's per-head top-k token ids (`topk[i]`: head i's, best first), or over
+    `ranked(i, path)` (head i's ranking after the parent node's path: a grammar's masked ranking) when given.
+    Choices deeper than the heads, whose rank is past the ranking, or whose parent is absent, are skipped."""
     index: dict[tuple[int, ...], int] = {}
+    paths: dict[tuple[int, ...], list[int]] = {(): []}
     tokens: list[int] = []
     parents: list[int] = []
     for c in sorted((tuple(c) for c in choices), key=lambda c: (len(c), c)):
         depth = len(c)
-        if depth > len(topk) or c[-1] >= len(topk[depth - 1]) or (depth > 1 and c[:-1] not in index):
+        if depth > len(topk) or (depth > 1 and c[:-1] not in index):
+            continue
+        order = topk[depth - 1] if ranked is None else ranked(depth - 1, paths[c[:-1]])
+        if c[-1] >= len(order):
             continue
         index[c] = len(tokens)
-        tokens.append(int(topk[depth - 1][c[-1]]))
+        tokens.append(int(order[c[-1]]))
         parents.append(index[c[:-1]] if depth > 1 else -1)
+        paths[c] = paths[c[:-1]] + [tokens[-1]]
     return _Tree(tokens, parents)
 
 
@@ -212,7 +223,32 @@ class MedusaDrafter:
         depth = min(self.heads.num_heads, max(len(c) for c in choices))  # NOTE: each head costs an lm_head matmul
         logits = self.heads.logits(torch.stack(rows), self.shared_lm_head, depth)  # [depth, N, V]
         top = [logits[i].topk(self.branching[i], dim=-1).indices.tolist() for i in range(depth)]
-        for a, j in enumerate(have):
-            tree = build_tree(choices, [top[i][a] for i in range(depth)])
-            out[j] = Draft(tree.token_ids, tree.parents)
+        walks = grammar_walks([reqs[j] for j in have])
+        try:
+            for a, j in enumerate(have):
+                ranked = None if walks[a] is None else self._grammar_ranking(walks[a], logits[:, a])
+                tree = build_tree(choices, [top[i][a] for i in range(depth)], ranked)
+                out[j] = Draft(tree.token_ids, tree.parents)
+        finally:
+            for w in walks:
+                if w is not None:
+                    w.close()
         return out
+
+    def _grammar_ranking(self, walk: GrammarWalk, logits: torch.Tensor) -> Ranking:
+        """Head i's likeliest tokens that the request's matcher allows after a node's path (logits [depth, V])."""
+        ids = torch.arange(logits.shape[-1])
+        memo: dict[tuple[int, ...], list[int]] = {}
+
+        def ranked(i: int, path: list[int]) -> list[int]:
+            key = (i, *path)
+            if key not in memo:
+                masked = walk.masked(logits[i], ids) if walk.goto(path) else None
+                if masked is None:
+                    memo[key] = []
+                else:
+                    top = masked.topk(self.branching[i])
+                    memo[key] = [t for t, v in zip(top.indices.tolist(), top.values.tolist()) if v > float("-inf")]
+            return memo[key]
+
+        return ranked

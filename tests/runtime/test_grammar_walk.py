@@ -1,0 +1,80 @@
+"""Drafts under the request's grammar (runtime/speculative/grammar_walk.py): the walk's masks are the matcher's
+after the path, refused tokens leave the matcher unchanged, and `close` puts the matcher back exactly (the
+same mask, the same accepted tokens, no error), whatever paths were walked."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from sgl.grammars import GrammarCompiler, Vocabulary
+from sgl.kernels.bitmask import allocate_token_bitmask
+from sgl.runtime.speculative.grammar_walk import GrammarWalk, grammar_walks
+
+TOKENS = [b"a", b"b", b"c", b"ab", b"ba", b"1", b"2", b"12", b"x", None]  # id 9 = EOS
+EOS = 9
+V = len(TOKENS)
+IDS = torch.arange(V)
+
+
+def _compiled():  # noqa: ANN202
+    return GrammarCompiler(Vocabulary.from_bytes(TOKENS, eos_token_id=EOS)).compile("regex", "(a|b)+[12]x")
+
+
+def _mask(m) -> torch.Tensor:  # noqa: ANN001
+    out = allocate_token_bitmask(1, V)
+    m.fill_bitmask(out, 0)
+    return out[0].clone()
+
+
+def _allowed_by_hand(compiled, path: list[int]) -> list[bool]:  # noqa: ANN001
+    m = compiled.matcher()
+    for t in path:
+        assert m.accept(t)
+    word = int(_mask(m)[0])
+    return [bool(word >> i & 1) for i in range(V)]
+
+
+def test_walk_masks_are_the_matchers_after_the_path_and_close_puts_it_back() -> None:
+    compiled = _compiled()
+    g = compiled.matcher()
+    assert g.accept(0)  # "a"
+    before = _mask(g)
+    w = GrammarWalk(g)
+    assert w.allowed(IDS).tolist() == _allowed_by_hand(compiled, [0])
+    assert w.goto([3, 5])  # "ab" "1"
+    assert w.allowed(IDS).tolist() == _allowed_by_hand(compiled, [0, 3, 5])
+    assert w.goto([3, 6])  # back to the common prefix "ab", then "2"
+    assert w.path == [3, 6] and w.allowed(IDS).tolist() == _allowed_by_hand(compiled, [0, 3, 6])
+    assert not w.goto([1, 8])  # "b" then "x": "x" is refused after "ab"; the walk stands on "b"
+    assert w.path == [1] and g.error is None
+    assert not w.take(2)  # "c" is never allowed: refused, the matcher unchanged and not in error
+    assert g.error is None and w.allowed(IDS).tolist() == _allowed_by_hand(compiled, [0, 1])
+    w.close()
+    assert torch.equal(_mask(g), before) and g.error is None
+    for t in [3, 5, 8]:  # the matcher continues from "a" for real
+        assert g.accept(t)
+
+
+def test_masked_scores_and_a_node_with_nothing_allowed() -> None:
+    g = _compiled().matcher()
+    w = GrammarWalk(g)
+    scores = torch.arange(V, dtype=torch.float32)
+    masked = w.masked(scores, IDS)
+    assert masked is not None
+    want = torch.tensor(_allowed_by_hand(_compiled(), []))
+    assert torch.equal(masked == float("-inf"), ~want) and int(masked.argmax()) == 4  # "ba": the best allowed
+    assert w.masked(scores[5:7], IDS[5:7]) is None  # "1" and "2" cannot come first
+    w.close()
+    assert g.error is None and g.accept(0)
+
+
+def test_only_live_sgl_matchers_get_a_walk() -> None:
+    compiled = _compiled()
+    failed = compiled.matcher()
+    assert not failed.accept(8)  # "x" first: the error state
+    reqs = [SimpleNamespace(grammar=compiled.matcher()), SimpleNamespace(grammar=None),
+            SimpleNamespace(grammar=failed), SimpleNamespace(grammar=object())]
+    walks = grammar_walks(reqs)
+    assert isinstance(walks[0], GrammarWalk) and walks[1:] == [None, None, None]
