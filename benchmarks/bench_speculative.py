@@ -18,7 +18,8 @@ verify rows stop paying. `--verify-cost` times one forward step of a verify row 
 Algorithms: NGRAM (chain, own sequence); NGRAM_TREE (NGRAM with 3 continuations merged into a tree
 and finished requests' sequences matched too); MEDUSA (the shipped self-distilled heads, a static
 tree); EAGLE (the shipped self-distilled one-layer head, a chain, q8_0 draft steps); EAGLE_TREE (the same head
-drafting token trees, `--eagle-topk` children per node); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
+drafting token trees, `--eagle-topk` children per node); NAME_BLIND (e.g. EAGLE_BLIND): NAME with drafts that
+ignore the grammar (runtime/speculative/grammar_walk.py off; verification still cuts what the mask forbids); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
 tokenizer ships here), so its speed ratio is below 1 by construction.
 Prints one table and writes benchmarks/results/bench_speculative.json.
 """
@@ -41,11 +42,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 from fork_join_agent import questions  # noqa: E402
 
+import sgl.runtime.speculative.grammar_walk as grammar_walk  # noqa: E402
 from sgl.runtime.engine import Engine  # noqa: E402
 
 DATA = ROOT / "examples" / "data"
 PEOPLE = (DATA / "people.txt").read_text().splitlines()
 PERSON = json.loads((DATA / "person_extraction.json").read_text())
+
+
+BLIND = "_BLIND"  # an algorithm name's suffix: its drafter ignores the grammar (grammar_walk.ENABLED off: the A/B)
 
 
 def chat(user: str) -> str:
@@ -108,6 +113,7 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
                   eagle_head: Optional[str] = None, eagle_topk: int = 4,
                   act_quant: Optional[str] = None) -> dict[str, Any]:
     kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
+    algo = algo[: -len(BLIND)] if algo is not None and algo.endswith(BLIND) else algo
     if act_quant is not None:
         kw["cpu_act_quant"] = act_quant
     if algo is not None:
@@ -186,7 +192,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     # NOTE: every round starts cold: a warm radix cache would skip the prefill of a repeated
                     # prompt, and NGRAM's shared index would hold this very output from the round before
                     assert eng.flush_cache()
+                    grammar_walk.ENABLED = not name.endswith(BLIND)
                     r = run_workload(eng, prompts, params, batch)
+                    grammar_walk.ENABLED = True
                     print(f"{wname:18s} {name:6s} rep {rep} {r['tok_s']:7.1f} tok/s {r['tok_cpu_s']:7.1f} tok/cpu-s  "
                           f"accept {r['accept_length']}", flush=True)
                     acc = results.setdefault(wname, {}).get(name)

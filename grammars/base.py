@@ -155,10 +155,14 @@ class GrammarMatcher(ABC):
         """Undo the last `n` accepted tokens (speculative decoding, jump-forward retokenization)."""
         if n <= 0 or self.error is not None:
             return
-        if self._eos_accepted:
-            self._eos_accepted = False
         try:
-            self._rollback(n)
+            rest = n
+            if self._eos_accepted:  # the last accepted token: the backend undoes it its own way
+                self._eos_accepted = False
+                self._rollback_eos()
+                rest -= 1
+            if rest > 0:
+                self._rollback(rest)
             self._num_accepted = max(0, self._num_accepted - n)
             del self._head[self._num_accepted:]
         except Exception as e:  # noqa: BLE001
@@ -278,6 +282,11 @@ class GrammarMatcher(ABC):
 
     @abstractmethod
     def _rollback(self, n: int) -> None: ...
+
+    def _rollback_eos(self) -> None:
+        """Undo the EOS that `_accept` took last (backends that do not record EOS override this: a speculative
+        draft walks through EOS and back, and one token too many rolled back corrupts the matcher)."""
+        self._rollback(1)
 
     @abstractmethod
     def _is_terminated(self) -> bool: ...

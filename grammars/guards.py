@@ -153,6 +153,14 @@ class GuardedMatcher(GrammarMatcher):
 
     def _rollback(self, n: int) -> None:
         self.inner._rollback(n)
+        self._forget(n)
+
+    def _rollback_eos(self) -> None:
+        self.inner._rollback_eos()
+        self._forget(1)
+
+    def _forget(self, n: int) -> None:
+        """The guard's side of rolling back the last `n` tokens."""
         keep = len(self.tokens) - n
         del self.tokens[keep:]
         del self.ends[keep:]

@@ -106,6 +106,7 @@ class LLGuidanceMatcher(GrammarMatcher):
     def __init__(self, vocab: Vocabulary, m: LLMatcher):
         super().__init__(vocab)
         self._m = m
+        self._eos_recorded = True  # whether the last EOS accepted went into the LLMatcher's history
 
     def _fill(self, row: torch.Tensor) -> None:
         self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
@@ -113,6 +114,11 @@ class LLGuidanceMatcher(GrammarMatcher):
             self._fail(_short(self._m.get_error()))
 
     def _accept(self, token_id: int) -> bool:
+        if token_id in self.vocab.eos_token_ids and self._m.is_stopped() and not self._m.is_error():
+            # NOTE: stopped on its own (nothing can follow): consuming EOS adds nothing to its history
+            self._eos_recorded = False
+            return True
+        self._eos_recorded = True
         ok = self._m.consume_token(token_id)
         if not ok and self._m.is_error():
             self._fail(f"token {token_id} not allowed: {_short(self._m.get_error())}")
@@ -121,6 +127,10 @@ class LLGuidanceMatcher(GrammarMatcher):
     def _rollback(self, n: int) -> None:
         if not self._m.rollback(n):
             raise RuntimeError(self._m.get_error() or "rollback failed")
+
+    def _rollback_eos(self) -> None:
+        if self._eos_recorded:
+            self._rollback(1)
 
     def _is_terminated(self) -> bool:
         return self._m.is_stopped() and not self._m.is_error()

@@ -39,6 +39,9 @@ class OutlinesMatcher(GrammarMatcher):
     def _rollback(self, n: int) -> None:
         self._g.rollback_state(n)
 
+    def _rollback_eos(self) -> None:
+        pass  # EOS never advanced the guide (_accept)
+
     def _is_terminated(self) -> bool:
         return self._g.is_finished()
 

@@ -107,6 +107,27 @@ def test_rollback_masks_the_opening_token_and_walks_on(compiler, vocab):
     assert m.is_finished() and m.backtracked_tokens == at + 1 - keep
 
 
+def test_rollback_through_eos(compiler, vocab):
+    """A guarded matcher rolls back the EOS its backend took (or did not record) and the token before it like
+    any others: its masks are those of the text before, and the same ending is accepted again."""
+    g = _compile(compiler, CASES[0][0])
+    tokens = vocab.encode(compact({"tags": ["a", "b"]}).encode())
+    m = g.matcher()
+    for t in tokens[:-1]:
+        assert m.accept(t)
+
+    def mask() -> torch.Tensor:
+        out = torch.zeros((1, (vocab.vocab_size_padded + 31) // 32), dtype=torch.int32)
+        m.fill_bitmask(out, 0)
+        return out
+
+    before = mask()
+    assert m.accept(tokens[-1]) and m.accept(vocab.eos_token_id) and m.is_finished()
+    m.rollback(2)
+    assert torch.equal(mask(), before) and m.error is None and m.tokens == tokens[:-1]
+    assert m.accept(tokens[-1]) and m.accept(vocab.eos_token_id) and m.is_finished()
+
+
 def test_too_short_object_is_reopened_first(compiler, vocab):
     g = _compile(compiler, CASES[5][0])  # minProperties
     text = compact({"a": 1})

@@ -95,6 +95,26 @@ def test_rollback(vocab, compiler):
     assert m.is_finished()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern,text", [("abc|abd", b"abc"), ("(ab)+", b"abab")])
+def test_rollback_through_eos(vocab, backend, pattern, text):
+    """EOS accepted after a complete match (where a backend may already have stopped on its own, as llguidance
+    does once nothing can follow) is one token to roll back like any other: speculative drafts walk through it."""
+    m = compiler_for(vocab, backend).compile("regex", pattern).matcher()
+    ids = vocab.encode(text)
+    for t in ids:
+        assert m.accept(t)
+    eos = min(vocab.eos_token_ids)
+    for n in (1, 2):  # EOS alone, then EOS and the token before it
+        before = allowed(vocab, m)
+        assert m.accept(eos) and m.is_finished()
+        m.rollback(n)
+        if n == 2:
+            assert m.accept(ids[-1]), backend
+        assert allowed(vocab, m) == before and m.error is None, (backend, n)
+    assert m.accept(eos) and m.is_finished()
+
+
 def test_error_state_never_raises(vocab, compiler):
     m = compiler.compile("regex", "[0-9]+").matcher()
     assert not m.accept(vocab.encode(b"x")[0])
