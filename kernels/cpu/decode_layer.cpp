@@ -2,7 +2,7 @@
 // thread pool (thread_pool.h).
 //
 // decode_layer, for the token's residual stream h [hidden] (updated in place):
-//   x = rms_norm(h) * ln1                         (each thread, redundantly: no barrier)
+//   x = rms_norm(h) * ln1                         (each thread, redundantly: no barrier; ln1 null: x = h)
 //   qkv = x @ Wqkv^T (+ qkv_bias)                 columns in chunks over the threads      | done
 //   per kv head g (chunks): rope k_g, store k_g/v_g at slots[L - 1] (the new token's slot is the last), rope the G = H/Hkv query heads of g,
 //   attention of those heads over slots[0..L) (the new token's slot included)             | done
@@ -89,7 +89,10 @@ void run_layer(const Layer& p, int threads) {
     static thread_local ActRow a;
     x.resize(std::max({p.hidden, qd, p.I}));
     if (ph_qkv.has_work()) {
-      rms_norm_row(p.h, p.w.ln1, p.hidden, p.eps, x.data());
+      if (p.w.ln1 != nullptr)
+        rms_norm_row(p.h, p.w.ln1, p.hidden, p.eps, x.data());
+      else  // no input norm (an EAGLE head's layer): the stream itself
+        std::copy(p.h, p.h + p.hidden, x.data());
       a.set(p.act, x.data(), p.hidden);
       ph_qkv.work([&](int64_t n0, int64_t n1) {
         a.gemv(p.w.tqkv, p.w.wqkv + n0 * rb_qkv, rb_qkv, n1 - n0, qkv + n0,

@@ -45,7 +45,7 @@ def _vec(name: str, t: Optional[torch.Tensor], n: int) -> None:
 
 @dataclass(frozen=True)
 class DecodeLayerWeights:
-    input_layernorm: torch.Tensor  # [hidden]
+    input_layernorm: Optional[torch.Tensor]  # [hidden]; None: no input norm (an EAGLE head's layer; decode_layer only)
     post_attention_layernorm: torch.Tensor  # [hidden]
     eps: float
     qkv: QuantWeight  # [(H + 2 Hkv) D, hidden]
@@ -79,7 +79,8 @@ class DecodeLayerWeights:
         _vec("o_bias", self.o_bias, hidden)
         # the kernel's weight arguments, computed once (the decode hot path makes ~30 calls per token)
         object.__setattr__(self, "ext_args", (
-            self.input_layernorm.data_ptr(), self.post_attention_layernorm.data_ptr(), float(self.eps),
+            0 if self.input_layernorm is None else self.input_layernorm.data_ptr(),
+            self.post_attention_layernorm.data_ptr(), float(self.eps),
             self.qkv.data.data_ptr(), QTYPE_CODE[self.qkv.qtype], 0 if self.qkv_bias is None else self.qkv_bias.data_ptr(),
             self.o.data.data_ptr(), QTYPE_CODE[self.o.qtype], 0 if self.o_bias is None else self.o_bias.data_ptr(),
             self.gate_up.data.data_ptr(), QTYPE_CODE[self.gate_up.qtype], self.down.data.data_ptr(),
@@ -130,7 +131,7 @@ def decode_layer_reference(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Te
     """The oracle (fp32 activations, dequantized weights); writes k/v and h in place, returns h."""
     _check_call(h, w, cos, sin, k_buf, v_buf, slots)
     nh, nk, d = w.num_heads, w.num_kv_heads, w.head_dim
-    x = rms_norm_reference(h, w.input_layernorm, w.eps)
+    x = h if w.input_layernorm is None else rms_norm_reference(h, w.input_layernorm, w.eps)
     qkv = quant_linear_reference(x, w.qkv, w.qkv_bias)[0]
     q = _rope(qkv[: nh * d].view(nh, d), cos, sin)
     k = _rope(qkv[nh * d : (nh + nk) * d].view(nk, d), cos, sin)
@@ -183,6 +184,8 @@ class DecodeStack:
         for i, (w, k, v) in enumerate(zip(self.layers, self.k_bufs, self.v_bufs)):
             if (w.hidden_size, w.num_heads, w.num_kv_heads, w.head_dim, w.intermediate_size, w.eps) != shape:
                 raise ValueError(f"layer {i}'s shape or eps differs from layer 0's: one stack takes one shape")
+            if w.input_layernorm is None:
+                raise ValueError(f"layer {i} has no input_layernorm: a stack's layers are the model's (decode_layer only)")
             _check_bufs(w, k, v)
             if k.shape[0] != self.k_bufs[0].shape[0] or k.dtype != self.k_bufs[0].dtype:
                 raise ValueError(f"layer {i}'s KV pool ({k.shape[0]} slots of {k.dtype}) differs from layer 0's "

@@ -136,6 +136,24 @@ class EagleHead(nn.Module):
         ang = torch.cat([ang, ang], dim=-1).unsqueeze(-2)
         return ang.cos() * self.rope_scale, ang.sin() * self.rope_scale
 
+    def rope_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) [>= n, D] of positions 0.. (decode_layer's rows: rotate-half's signs in sin), kept and
+        grown by doubling."""
+        rows = self.__dict__.get("_rope_rows")
+        if rows is None or rows[0].shape[0] < n:
+            cos, sin = self.rope(torch.arange(max(n, 2 * (0 if rows is None else rows[0].shape[0]), 256)))
+            half = self.config.head_dim // 2
+            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+            rows = self.__dict__["_rope_rows"] = (cos[:, 0].contiguous(), sin[:, 0].contiguous())
+        return rows
+
+    def slot_range(self, n: int) -> torch.Tensor:
+        """int64 [0, n) (a view of a kept arange, grown by doubling): a head cache's slots as a KV pool's."""
+        r = self.__dict__.get("_slot_range")
+        if r is None or r.numel() < n:
+            r = self.__dict__["_slot_range"] = torch.arange(max(n, 2 * (0 if r is None else r.numel()), 256))
+        return r[:n]
+
     def quantize_for_inference(self, qtype: str = "q8_0") -> None:
         """Drafting reads every weight once per step, so on the CPU its cost is the bytes: keep the
         linears as `qtype` blocks for the quantized kernels (q/k/v and gate/up fused as the target's).
@@ -151,8 +169,28 @@ class EagleHead(nn.Module):
         self._quant = {"fc": q(self.fc.weight), "qkv": q(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
                        "qkv_bias": bias, "o": q(a.o_proj.weight), "gate_up": q(m.gate_proj.weight, m.up_proj.weight),
                        "down": q(m.down_proj.weight)}
+        self._fused = self._fused_layer()
 
     _quant: Optional[dict[str, Any]] = None
+    _fused: Optional[Any] = None  # the layer as DecodeLayerWeights for the fused CPU kernel (head_extend_fused)
+
+    def _fused_layer(self) -> Optional[Any]:
+        """The quantized layer as sgl.kernels.cpu.decode_layer weights (no input norm, as EAGLE's layer), or None
+        where the kernel cannot run it (no extension, weights that did not stay in blocks)."""
+        from sgl.kernels.cpu import _ext
+        from sgl.kernels.cpu.decode_layer import QTYPE_CODE, DecodeLayerWeights
+        from sgl.kernels.cpu.quant import QuantWeight
+
+        ext, qw, c = _ext.load(), self._quant, self.config
+        assert qw is not None
+        ws = [qw[n] for n in ("qkv", "o", "gate_up", "down")]
+        if ext is None or not hasattr(ext, "decode_layer") or not all(
+                type(w) is QuantWeight and w.qtype in QTYPE_CODE for w in ws):
+            return None
+        qkv, o, gate_up, down = ws
+        return DecodeLayerWeights(None, self.layers[0].post_attention_layernorm.detach().float().contiguous(),
+                                  float(c.rms_norm_eps), qkv, qw["qkv_bias"], o, None, gate_up, down,
+                                  c.num_attention_heads, c.num_key_value_heads, c.head_dim)
 
     def block(self, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
               attend: Attend) -> torch.Tensor:
@@ -257,12 +295,16 @@ class HeadKV:
     def truncate(self, n: int) -> None:
         self.length = min(self.length, n)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        n = self.length + k.shape[0]
+    def reserve(self, n: int) -> None:
+        """Room for n entries (the buffers grow by doubling; entries [0, length) kept)."""
         if n > self.k.shape[0]:
             cap = max(n, 2 * self.k.shape[0])
             self.k = torch.cat([self.k[: self.length], self.k.new_zeros(cap - self.length, *self.k.shape[1:])])
             self.v = torch.cat([self.v[: self.length], self.v.new_zeros(cap - self.length, *self.v.shape[1:])])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = self.length + k.shape[0]
+        self.reserve(n)
         self.k[self.length:n] = k
         self.v[self.length:n] = v
         self.length = n
@@ -273,6 +315,8 @@ def head_extend(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor, posi
                 caches: list[HeadKV], counts: list[int]) -> torch.Tensor:
     """Run new entries of several sequences (sequence-major: counts[b] rows of sequence b) against each
     one's cache, appending their keys/values. embeds/feats [T, H], positions [T] -> [T, H]."""
+    if head._fused is not None and sum(counts) <= FUSED_MAX_ENTRIES:
+        return head_extend_fused(head, embeds, feats, positions, caches, counts)
     c = head.config
     groups = c.num_attention_heads // c.num_key_value_heads
     scale = c.head_dim ** -0.5
@@ -299,6 +343,39 @@ def head_extend(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor, posi
         return out
 
     return head.block(embeds, feats, positions, attend)
+
+
+FUSED_MAX_ENTRIES = 16  # head_extend runs the fused kernel entry by entry up to this many entries (a draft step,
+# a short catch-up); longer catch-ups (a prompt's states) take the batched torch path
+
+
+@torch.inference_mode()
+def head_extend_fused(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
+                      caches: list[HeadKV], counts: list[int]) -> torch.Tensor:
+    """head_extend through sgl.kernels.cpu.decode_layer: per entry, fc, then the layer in ONE kernel call (its
+    attention over the sequence's cache as a KV pool whose slots are the entries 0..len, the new one's stored
+    last) instead of ~25 torch ops. Same math as the torch path (the quantized head's), another summation order:
+    drafts only need to be good (the README's EAGLE section measures the step)."""
+    from sgl.kernels.cpu.decode_layer import decode_layer
+    from sgl.kernels.cpu.quant import get_act_quant
+    from sgl.runtime.models.native_weights import linear
+
+    c, qw, w = head.config, head._quant, head._fused
+    assert qw is not None and w is not None
+    act = get_act_quant() if get_act_quant() in ("q16", "q8") else "q16"
+    x = linear(torch.cat([embeds, feats], dim=-1), qw["fc"], head.fc.bias).contiguous()  # [T, H]
+    cos, sin = head.rope_rows(int(positions.max()) + 1)
+    scale = c.head_dim ** -0.5
+    t = 0
+    for cache, n in zip(caches, counts):
+        for _ in range(n):
+            cache.reserve(cache.length + 1)
+            slots = head.slot_range(cache.length + 1)
+            p = int(positions[t])
+            decode_layer(x[t:t + 1], w, cos[p], sin[p], cache.k, cache.v, slots, scale, check=False, act=act)
+            cache.length += 1
+            t += 1
+    return rms_norm(x, head.norm, c.rms_norm_eps) if head.norm is not None else x
 
 
 @torch.inference_mode()

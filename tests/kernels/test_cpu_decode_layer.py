@@ -78,6 +78,28 @@ def test_decode_layer_matches_reference(mode: str, qtype: str, heads: int, kv_he
     assert not torch.equal(h, h_ref.new_zeros(h_ref.shape))
 
 
+def test_decode_layer_without_input_norm(mode: str) -> None:
+    """input_layernorm None (an EAGLE head's layer): the layer reads the stream itself, as the reference does,
+    and differs from the same layer with a unit norm (which rescales it)."""
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(5)
+    w = dataclasses.replace(make_layer(gen, "q8_0", 64, 4, 2, 16, 96, False), input_layernorm=None)
+    k_buf, v_buf = torch.randn(40, 2, 16, generator=gen), torch.randn(40, 2, 16, generator=gen)
+    slots = torch.arange(12)
+    cos, sin = rope_rows(16, 11)
+    h = 3 * torch.randn(1, 64, generator=gen)
+    outs = []
+    for layer in (w, dataclasses.replace(w, input_layernorm=torch.ones(64))):
+        for fn in (decode_layer_reference, decode_layer):
+            x, k, v = h.clone(), k_buf.clone(), v_buf.clone()
+            fn(x, layer, cos, sin, k, v, slots, 0.25)
+            outs.append(x)
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(outs[3], outs[2], rtol=2e-4, atol=2e-4)
+    assert not torch.allclose(outs[0], outs[2], rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("qtype", ["q4_1", "q8_0"])
 def test_decode_stack_is_decode_layer_layer_by_layer(mode: str, qtype: str) -> None:
     """The whole stack in one call gives the bits of calling decode_layer per layer (h and every KV pool)."""

@@ -349,6 +349,36 @@ def test_quantized_head_drafts_like_the_fp32_one() -> None:
     assert not torch.equal(got, ref) and torch.allclose(got, ref, atol=0.05 * float(ref.abs().max()))
 
 
+def test_fused_head_steps_compute_the_quantized_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """head_extend_fused (the layer in one decode_layer call per entry, the cache as its KV pool) against the
+    quantized head's torch path: the same states and cache entries up to the activations' rounding, for two
+    sequences extended together from caches that already hold entries."""
+    import sgl.runtime.speculative.eagle_head as eagle_head
+
+    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, rms_norm_eps=1e-6))
+    head = random_head(cfg, fc_bias=True, final_norm=True)
+    head.quantize_for_inference("q8_0")
+    assert head._fused is not None, "the extension runs the head's layer"
+    emb, feats = torch.randn(13, 64), torch.randn(13, 64)
+    pos = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 7, 8, 3])  # seq a: 0..6 then 7, 8; seq b: 0..2 then 3
+
+    def two_sequences() -> tuple[torch.Tensor, list[HeadKV]]:
+        caches = [HeadKV.empty(head.config, cap=4), HeadKV.empty(head.config, cap=4)]
+        first = head_extend(head, emb[:10], feats[:10], pos[:10], caches, [7, 3])
+        return torch.cat([first, head_extend(head, emb[10:], feats[10:], pos[10:], caches, [2, 1])]), caches
+
+    fused, fused_caches = two_sequences()
+    monkeypatch.setattr(eagle_head, "FUSED_MAX_ENTRIES", 0)
+    ref, ref_caches = two_sequences()
+    assert torch.allclose(fused, ref, atol=2e-2 * float(ref.abs().max())), (fused - ref).abs().max()
+    for a, b in zip(fused_caches, ref_caches):
+        assert a.length == b.length
+        assert torch.allclose(a.k[: a.length], b.k[: b.length], atol=2e-2 * float(b.k.abs().max()))
+        assert torch.allclose(a.v[: a.length], b.v[: b.length], atol=2e-2 * float(b.v.abs().max()))
+
+
 def test_trimming_old_features_changes_no_draft(monkeypatch: pytest.MonkeyPatch) -> None:
     """A head that reads its features: the same drafts whether old features are kept or dropped."""
     model = tiny_model(3)
