@@ -26,6 +26,7 @@ node can never be sampled), and rolls the matcher back to where it started.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -72,7 +73,10 @@ def sample_verify(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[S
     kids = [_children(chain_parents(len(drafts[j])) if parents is None or parents[j] is None else parents[j],
                       None if alive is None else alive[j]) for j in range(n)]
     cur = [-1] * n  # the node whose logits are sampled next (-1: the pending token)
-    live = list(range(n))
+    plain = [j for j in range(n) if _plain_greedy(states[j], top_nums[j], want_logprobs, j, bitmask, bases[j],
+                                                  len(drafts[j]))]
+    done = set(_walk_plain_greedy(logits, bases, drafts, states, kids, plain, outs)) if plain else set()
+    live = [j for j in range(n) if j not in done]
     first = True
     while live:
         idx = [bases[j] + 1 + cur[j] for j in live]
@@ -102,6 +106,49 @@ def sample_verify(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[S
         live = nxt
         first = False
     return outs
+
+
+def _plain_greedy(state: RowSamplingState, top_num: int, want_logprobs: Optional[Sequence[bool]], j: int,
+                  bitmask: Optional[torch.Tensor], base: int, k: int) -> bool:
+    """Whether every token row j may produce is the plain argmax of its logits: greedy, nothing that
+    process_logits would change at any of its positions (penalties, logit_bias, stop ids blocked before
+    min_new_tokens or under ignore_eos, a grammar mask), and no logprobs to report."""
+    if not state.is_greedy or top_num > 0 or (want_logprobs is None or want_logprobs[j]):
+        return False
+    if state.seen_tokens is not None or state.output_counts is not None or state.logit_bias_ids is not None:
+        return False
+    if len(state.output_ids) < state.params.min_new_tokens or state.params.ignore_eos:
+        return False
+    return bitmask is None or bool((bitmask[base:base + 1 + k] == -1).all())
+
+
+def _walk_plain_greedy(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[Sequence[int]],
+                       states: Sequence[RowSamplingState], kids: list[dict[int, list[int]]], rows: list[int],
+                       outs: list[RowOutcome]) -> list[int]:
+    """Rows of plain argmax (_plain_greedy): down each row's draft, the argmax of each position it reaches, one
+    max over that logits row (sample()'s greedy choice: the first maximum) instead of a sample() call. -> the rows
+    done; a row whose first position has no finite maximum is left to the general path (where sample() fails it);
+    at a later position the row stops there, as the general path's walk does."""
+    done = []
+    for j in rows:
+        node = -1
+        while True:
+            best, tok = logits[bases[j] + 1 + node].max(dim=0)
+            if not math.isfinite(float(best)):
+                break
+            tok = int(tok)
+            states[j].append(tok)
+            outs[j].token_ids.append(tok)
+            outs[j].logprobs.append(None)
+            outs[j].top_logprobs.append(None)
+            child = next((c for c in kids[j].get(node, ()) if drafts[j][c] == tok), None)
+            if child is None:
+                break
+            outs[j].path.append(child)
+            node = child
+        if outs[j].token_ids:
+            done.append(j)
+    return done
 
 
 # ---- grammar masks along the drafts -------------------------------------------------------------

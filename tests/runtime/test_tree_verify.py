@@ -149,3 +149,39 @@ def test_tree_distribution_equals_target_chi_square() -> None:
                   speculative_num_draft_tokens=5)
     assert s.stats.spec_accepted_tokens > 300 and s.stats.spec_draft_tokens - s.stats.spec_accepted_tokens > 1000
     assert_tokens_2_3_follow_target(model, prompt, outs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plain_greedy_rows_take_one_batched_argmax_with_the_general_paths_tokens(seed: int) -> None:
+    """sample_verify resolves plain greedy rows (no penalties, bias, mask or logprobs) with one batched max: the
+    same tokens and paths as the general per-position path (the rows asking for logprobs), ties to the first
+    maximum, a row with a NaN position left to the general path (which fails it as sample() does)."""
+    from sgl.runtime.executor.sampling_state import RowSamplingState
+    from sgl.runtime.executor.verify import sample_verify
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    V, drafts, parents, bases, P = 12, [], [], [], 0
+    for j in range(5):
+        n = 4 if j == 3 else rng.randrange(0, 6)
+        par = random_tree(rng, n)[1] if n and j in (1, 2) else None
+        drafts.append([rng.randrange(3) for _ in range(n)])  # few distinct tokens: drafts often match
+        parents.append(par)
+        bases.append(P)
+        P += 1 + n
+    logits = torch.randint(0, 3, (P, V), generator=gen).float()  # many ties: the first maximum must win
+    logits[:, :3] += 2.0
+    drafts[3][0] = int(logits[bases[3]].max(0).indices)  # row 3 (a chain) reaches its first draft node...
+    logits[bases[3] + 1] = float("nan")  # ...whose logits are NaN: the row stops there (one token)
+    logits[bases[4]] = float("nan")  # row 4 fails at its pending token (sample()'s failure)
+
+    def outcomes(logprobs: bool) -> list:
+        states = [RowSamplingState.create(SamplingParams(temperature=0, max_new_tokens=9), [0], frozenset({1})) for _ in bases]
+        return sample_verify(logits, bases, drafts, states, None, [0] * len(bases), parents=parents,
+                             want_logprobs=[logprobs] * len(bases))
+
+    fast, general = outcomes(False), outcomes(True)
+    for f, g in zip(fast, general):
+        assert (f.token_ids, f.path, f.failure) == (g.token_ids, g.path, g.failure)
+    assert any(len(f.path) for f in fast)
+    assert len(fast[3].token_ids) == 1 and fast[3].path == [0] and not fast[4].token_ids and fast[4].failure
