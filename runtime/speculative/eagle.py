@@ -151,25 +151,15 @@ class EagleDrafter:
         g = g.index_select(0, last)  # [B, H]: g_n of each request
         positions = torch.tensor([ps[-1] for _, _, _, ps in live])
         if self.topk > 1:
-            walks = grammar_walks([req for req, _, _, _ in live])
-            try:
+            with grammar_walks([req for req, _, _, _ in live]) as walks:
                 trees = {req: self._tree(seq, g[i:i + 1], int(positions[i]), k, walks[i])
                          for i, (req, seq, _, _) in enumerate(live)}
-            finally:
-                for w in walks:
-                    if w is not None:
-                        w.close()
             for (_, seq, _, _), n in zip(live, n_true):
                 seq.cut_entries(n)
                 self._trim(seq)
             return [trees.get(req, Draft([])) for req in reqs]
-        walks = grammar_walks([req for req, _, _, _ in live])
-        try:
+        with grammar_walks([req for req, _, _, _ in live]) as walks:
             self._chain(live, g, positions, k, walks, drafts)
-        finally:
-            for w in walks:
-                if w is not None:
-                    w.close()
         for (_, seq, _, _), n in zip(live, n_true):
             seq.cut_entries(n)  # drafted entries read the head's own features: never kept
             self._trim(seq)

@@ -16,7 +16,8 @@ deterministic (q one-hot), so the acceptance rule of drafter.py holds unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -103,10 +104,15 @@ class GrammarWalk:
         restore_fill_state(self.g, self.state)
 
 
-def grammar_walks(reqs: list[Any]) -> list[Optional[GrammarWalk]]:
+@contextmanager
+def grammar_walks(reqs: Sequence[Any]) -> Iterator[list[Optional[GrammarWalk]]]:
     """A walk per request with a live matcher (a sgl.grammars matcher with no error and no pending guard
-    rollback), else None."""
-    if not ENABLED:
-        return [None] * len(reqs)
-    return [GrammarWalk(r.grammar) if isinstance(r.grammar, GrammarMatcher) and r.grammar.error is None
-            and getattr(r.grammar, "pending", None) is None else None for r in reqs]
+    rollback), else None; every walk is closed (its matcher put back) when the block ends, however it ends."""
+    walks = [GrammarWalk(r.grammar) if ENABLED and isinstance(r.grammar, GrammarMatcher) and r.grammar.error is None
+             and getattr(r.grammar, "pending", None) is None else None for r in reqs]
+    try:
+        yield walks
+    finally:
+        for w in walks:
+            if w is not None:
+                w.close()

@@ -223,16 +223,11 @@ class MedusaDrafter:
         depth = min(self.heads.num_heads, max(len(c) for c in choices))  # NOTE: each head costs an lm_head matmul
         logits = self.heads.logits(torch.stack(rows), self.shared_lm_head, depth)  # [depth, N, V]
         top = [logits[i].topk(self.branching[i], dim=-1).indices.tolist() for i in range(depth)]
-        walks = grammar_walks([reqs[j] for j in have])
-        try:
+        with grammar_walks([reqs[j] for j in have]) as walks:
             for a, j in enumerate(have):
                 ranked = None if walks[a] is None else self._grammar_ranking(walks[a], logits[:, a])
                 tree = build_tree(choices, [top[i][a] for i in range(depth)], ranked)
                 out[j] = Draft(tree.token_ids, tree.parents)
-        finally:
-            for w in walks:
-                if w is not None:
-                    w.close()
         return out
 
     def _grammar_ranking(self, walk: GrammarWalk, logits: torch.Tensor) -> Ranking:

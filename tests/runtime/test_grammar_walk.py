@@ -76,5 +76,7 @@ def test_only_live_sgl_matchers_get_a_walk() -> None:
     assert not failed.accept(8)  # "x" first: the error state
     reqs = [SimpleNamespace(grammar=compiled.matcher()), SimpleNamespace(grammar=None),
             SimpleNamespace(grammar=failed), SimpleNamespace(grammar=object())]
-    walks = grammar_walks(reqs)
-    assert isinstance(walks[0], GrammarWalk) and walks[1:] == [None, None, None]
+    with grammar_walks(reqs) as walks:
+        assert isinstance(walks[0], GrammarWalk) and walks[1:] == [None, None, None]
+        assert walks[0].goto([0, 3])  # "a" "ab"
+    assert reqs[0].grammar.accept(8) is False  # closed on leaving the block: back at the start, where "x" is refused
