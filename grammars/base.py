@@ -87,11 +87,12 @@ class GrammarMatcher(ABC):
         self._budget_check_at = self._budget
 
     # --- public, never raises -------------------------------------------------------------------
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int, within_budget: bool = True) -> None:
         """Write the allowed-next-token bits of this request into ``bitmask[row]`` ([B, W] int32).
 
         Bit j of word w set = token 32*w+j allowed. Words past this vocabulary are zeroed. In the error
-        state, or once finished, only EOS is allowed.
+        state, or once finished, only EOS is allowed. `within_budget=False` skips closing within
+        max_new_tokens (a speculative draft's walk: only verification's masks must close it).
         """
         out = bitmask[row]  # [W]
         if out.shape[0] < self._words:
@@ -116,7 +117,7 @@ class GrammarMatcher(ABC):
                     out[self._words:] = 0
                 if self.error is None and not out.numpy().any():
                     self._fail("the grammar allows no next token (unsatisfiable constraint)")
-                if self._budget is not None and self.error is None:
+                if within_budget and self._budget is not None and self.error is None:
                     try:
                         self._close_within_budget(out)
                     except Exception as e:  # noqa: BLE001 - a probe that broke the matcher ends this request only

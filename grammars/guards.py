@@ -90,8 +90,8 @@ class GuardedMatcher(GrammarMatcher):
         self.backtrack_budget = int(tokens)
 
     # --- the mask -------------------------------------------------------------------------------
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        super().fill_bitmask(bitmask, row)
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int, within_budget: bool = True) -> None:
+        super().fill_bitmask(bitmask, row, within_budget)
         banned = self.forbidden.get(self._num_accepted) if self.error is None else None
         if banned:
             out = bitmask[row]
