@@ -44,6 +44,9 @@ class ModelRunner:
         # Called with (rows, results) after every run, results in row order (EAGLE files the states)
         self.hidden_observer: Optional[Callable[[list[BatchRow], list[RowResult]], None]] = None
         self.overlap_grammar = overlap_grammar
+        # whether the scheduler appends the tokens a grammar forces by jump-forward: verification then takes them
+        # from a draft the same way (verify.sample_verify); the Scheduler sets it from --disable-jump-forward
+        self.jump_forward = True
         self._mask_worker: Optional[ThreadPoolExecutor] = None  # created on the first constrained step
         self.config = config
         self.device = torch.device(device)
@@ -133,7 +136,8 @@ class ModelRunner:
                                  masks.bitmask if masks is not None else None, top_nums,
                                  parents=[rows[i].draft_parents for i in sample_rows],
                                  alive=masks.alive if masks is not None else None,
-                                 want_logprobs=[rows[i].req.return_logprob for i in sample_rows])
+                                 want_logprobs=[rows[i].req.return_logprob for i in sample_rows],
+                                 forced=masks.forced if masks is not None else None)
             for j, i in enumerate(sample_rows):
                 res, out, g = results[i], outs[j], rows[i].req.grammar
                 if masks is not None and g is not None and masks.fill_states[j] is not None:
@@ -199,7 +203,8 @@ class ModelRunner:
         if not any(r.req.grammar is not None for r in rows):
             return None
         return fill_verify_bitmask([r.req.grammar for r in rows], bases, [r.draft for r in rows],
-                                   num_positions, self.vocab_size, parents=[r.draft_parents for r in rows])
+                                   num_positions, self.vocab_size, parents=[r.draft_parents for r in rows],
+                                   jump_forward=self.jump_forward)
 
 
 def _decode_tail(r: BatchRow) -> int:

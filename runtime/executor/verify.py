@@ -63,11 +63,20 @@ def sample_verify(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[S
                   states: Sequence[RowSamplingState], bitmask: Optional[torch.Tensor],
                   top_nums: Sequence[int], parents: Optional[Sequence[Optional[Sequence[int]]]] = None,
                   alive: Optional[Sequence[Optional[Sequence[bool]]]] = None,
-                  want_logprobs: Optional[Sequence[bool]] = None) -> list[RowOutcome]:
+                  want_logprobs: Optional[Sequence[bool]] = None,
+                  forced: Optional[Sequence[Optional[Sequence[Sequence[int]]]]] = None) -> list[RowOutcome]:
     """logits: [P, V] float32, row j's positions at bases[j] (pending) .. bases[j] + len(drafts[j]);
     bitmask: [P, W] int32 or None (same row order); parents[j]: row j's tree (None: a chain);
     alive[j]: which nodes may be accepted (None: all); want_logprobs[j]: whether row j reports logprobs
-    (None: every row). Appends every produced token to its state."""
+    (None: every row); forced[j][c]: the tokens the grammar forces after node c (VerifyMasks.forced).
+    Appends every sampled token to its state.
+
+    Forced text: without speculation, the tokens the grammar forces after a sampled token are appended by
+    jump-forward, never sampled (no draw from the row's generator, logprob 0, not in the sampling state).
+    So after an accepted node with forced tokens F, the walk takes F from the draft the same way when the
+    draft holds all of F on its path, and samples again after it; otherwise it stops at the node (the
+    scheduler's jump-forward then appends F): the draws, and so a seeded request's tokens, stay those
+    without speculation."""
     n = len(states)
     outs = [RowOutcome() for _ in range(n)]
     kids = [_children(chain_parents(len(drafts[j])) if parents is None or parents[j] is None else parents[j],
@@ -102,10 +111,32 @@ def sample_verify(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[S
             if child is not None:
                 outs[j].path.append(child)
                 cur[j] = child
-                nxt.append(j)
+                span = forced[j][child] if forced is not None and forced[j] is not None else ()
+                if not span or _take_forced(span, drafts[j], kids[j], cur, j, outs[j]):
+                    nxt.append(j)
         live = nxt
         first = False
     return outs
+
+
+def _take_forced(span: Sequence[int], draft: Sequence[int], kids: dict[int, list[int]], cur: list[int], j: int,
+                 out: RowOutcome) -> bool:
+    """Take the forced tokens `span` after node cur[j] from the draft as jump-forward would append them (not
+    sampled: logprob 0, no top logprobs) when the draft's path holds all of them; True if it did (the walk
+    samples on after them), False if not (the walk stops at cur[j])."""
+    node, path = cur[j], []
+    for t in span:
+        node = next((c for c in kids.get(node, ()) if draft[c] == t), None)
+        if node is None:
+            return False
+        path.append(node)
+    for c in path:
+        out.token_ids.append(draft[c])
+        out.logprobs.append(0.0)
+        out.top_logprobs.append([])
+        out.path.append(c)
+    cur[j] = path[-1]
+    return True
 
 
 def _plain_greedy(state: RowSamplingState, top_num: int, want_logprobs: Optional[Sequence[bool]], j: int,
@@ -157,6 +188,8 @@ class VerifyMasks:
     bitmask: torch.Tensor  # [P, W] int32
     alive: list[Optional[list[bool]]]  # per row: the nodes that may be verified (None: no grammar, all)
     fill_states: list[Optional[list[Optional[tuple[Any, ...]]]]]  # per row, per position: budget state after its fill
+    # per row, per draft node: the tokens the grammar forces after the node's path (jump-forward's), [] if none
+    forced: list[Optional[list[list[int]]]] = field(default_factory=list)
 
 
 _NO_ATTR = object()
@@ -179,20 +212,25 @@ def restore_fill_state(g: Any, state: tuple[Any, ...]) -> None:
 
 def fill_verify_bitmask(grammars: Sequence[Any], bases: Sequence[int], drafts: Sequence[Sequence[int]],
                         num_positions: int, vocab_size: int,
-                        parents: Optional[Sequence[Optional[Sequence[int]]]] = None) -> VerifyMasks:
+                        parents: Optional[Sequence[Optional[Sequence[int]]]] = None,
+                        jump_forward: bool = True) -> VerifyMasks:
     """Masks for every sample position (rows without a grammar: all ones). A node the mask of its
-    parent forbids, or the matcher rejects, is cut with its subtree (alive False, its row unfilled)."""
+    parent forbids, or the matcher rejects, is cut with its subtree (alive False, its row unfilled).
+    `jump_forward`: also each inner node's forced tokens (VerifyMasks.forced; else none)."""
     mask = allocate_token_bitmask(num_positions, vocab_size)
     alive_rows: list[Optional[list[bool]]] = []
     states: list[Optional[list[Optional[tuple[Any, ...]]]]] = []
+    forced_rows: list[Optional[list[list[int]]]] = []
     for j, (g, base, draft) in enumerate(zip(grammars, bases, drafts)):
         if g is None:
             alive_rows.append(None)
             states.append(None)
+            forced_rows.append(None)
             continue
         par = chain_parents(len(draft)) if parents is None or parents[j] is None else parents[j]
         kids = _children(par, None)
         alive = [False] * len(draft)
+        forced: list[list[int]] = [[] for _ in draft]
         row_states: list[Optional[tuple[Any, ...]]] = [None] * (1 + len(draft))
         g.fill_bitmask(mask, base)
         row_states[0] = fill_state(g)
@@ -213,11 +251,13 @@ def fill_verify_bitmask(grammars: Sequence[Any], bases: Sequence[int], drafts: S
                     continue
                 alive[c] = True
                 row_states[1 + c] = fill_state(g)
+                forced[c] = g.jump_forward_tokens() if jump_forward else []
                 walk(c)
                 g.rollback(1)
 
         walk(-1)
         alive_rows.append(alive)
         states.append(row_states)
+        forced_rows.append(forced)
         restore_fill_state(g, row_states[0])
-    return VerifyMasks(mask, alive_rows, states)
+    return VerifyMasks(mask, alive_rows, states, forced_rows)

@@ -64,6 +64,8 @@ class Scheduler:
         of --host-cache-tokens slots). Tests pass the fake runner."""
         self.args = args
         self.runner = runner
+        if hasattr(runner, "jump_forward"):  # verification takes forced tokens as jump-forward appends them
+            runner.jump_forward = not args.disable_jump_forward
         self.output = output
         self.on_output = on_output
         self.allocator = SlotAllocator(pool_size)

@@ -1,6 +1,11 @@
 """The scheduler's side of speculative decoding: which decoding requests get a draft this step, and
 the acceptance counters. No tensors.
 
+A constrained request's chain draft is made to hold the text its grammar forces wherever the draft leads
+into some (grammar_walk.with_forced_text): verification takes forced text as jump-forward would, all of it
+or none (runtime/executor/verify.py), so a draft that ends inside it, or tokenizes it another way, would
+stop its row there; completed, the row takes it and samples once after it, one step where jump-forward needs two.
+
 A verify row holds [pending token(s)] + draft, one new KV slot per token (several pending tokens
 after jump-forward: the forced text, then the drafts). After the step the scheduler keeps the slots
 of the pending tokens and of the accepted drafts, and frees the rest at once: with `m` tokens
@@ -41,6 +46,7 @@ from typing import Optional, Sequence
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.metrics import record_spec_accept_length
 from sgl.runtime.speculative.drafter import Draft, Drafter
+from sgl.runtime.speculative.grammar_walk import with_forced_text
 from sgl.runtime.speculative.verify_cost import VerifyCost
 from sgl.runtime.cache.allocator import SlotAllocator
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
@@ -152,6 +158,8 @@ class SpeculativeRows:
         for req, draft in zip(asking + shadow, proposed):
             room = req.params.max_new_tokens - len(req.output_ids) - 1
             cut = draft.cut(max(0, room), want[req] or shadow_len)
+            if req.grammar is not None and cut.parents is None and len(cut):
+                cut = Draft(with_forced_text(req.grammar, cut.token_ids, max(0, room)))
             if not len(cut):
                 continue
             if want[req]:

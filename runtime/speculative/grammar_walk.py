@@ -118,3 +118,35 @@ def grammar_walks(reqs: Sequence[Any]) -> Iterator[list[Optional[GrammarWalk]]]:
         for w in walks:
             if w is not None:
                 w.close()
+
+
+def with_forced_text(matcher: Any, tokens: list[int], limit: int) -> list[int]:
+    """A chain draft of a constrained request made to hold the text the grammar forces wherever its tokens lead
+    into some, as verification takes it (runtime/executor/verify.py: after an accepted token with forced tokens
+    F, the draft must hold all of F, canonically tokenized, else the row stops there): where the draft holds F
+    it is kept; where it does not (it ends inside F, or tokenizes the forced text another way), its rest is
+    replaced by F, so the row takes F and samples once after it; where F does not fit in `limit` tokens (the
+    request's room), the draft ends before F. A token the mask forbids ends the draft (verification would cut
+    it). The matcher is put back."""
+    if not ENABLED or not isinstance(matcher, GrammarMatcher) or matcher.error is not None \
+            or getattr(matcher, "pending", None) is not None:
+        return tokens
+    walk = GrammarWalk(matcher)
+    try:
+        out: list[int] = []
+        i = 0
+        while i < len(tokens) and len(out) < limit and walk.take(tokens[i]):
+            out.append(tokens[i])
+            i += 1
+            forced = matcher.jump_forward_tokens()
+            if not forced:
+                continue
+            if tokens[i:i + len(forced)] != forced:
+                return out + forced if len(out) + len(forced) <= limit else out
+            if len(out) + len(forced) > limit or not all(walk.take(t) for t in forced):
+                return out
+            out += forced
+            i += len(forced)
+        return out
+    finally:
+        walk.close()

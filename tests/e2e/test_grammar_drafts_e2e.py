@@ -2,7 +2,10 @@
 heads: json_schema extractions through EAGLE (a chain, a token tree) and MEDUSA, every row drafting. The
 outputs are token-identical to no speculation and valid; verification's own walk cuts NO drafted node (each
 was drafted under the mask verification applies), while the same head drafting blind gets nodes cut; and
-the grammar-following chain produces more tokens per verify step than the blind one."""
+the grammar-following chain produces more tokens per verify step than the blind one.
+
+Seeded sampling under a grammar: the same tokens with every algorithm as without speculation (verification
+takes forced text from a draft as jump-forward appends it: no draw from the request's generator)."""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def _restore_act_quant():
     cpu.set_act_quant(saved)  # process-wide (Engine sets it): later modules get the default back
 
 
-def _run(**kw: Any) -> tuple[list[dict], list[list[bool]], dict]:
+def _run(params: dict = PARAMS, act: str = "none", **kw: Any) -> tuple[list[dict], list[list[bool]], dict]:
     """(outputs, the verify walk's alive flags of every constrained row with a draft, server info)."""
     from sgl.runtime.engine import Engine
 
@@ -50,11 +53,12 @@ def _run(**kw: Any) -> tuple[list[dict], list[list[bool]], dict]:
         return masks
 
     model_runner.fill_verify_bitmask = spy
-    # exact fp32 activations: a verify row and a decode step then agree to the bit (test_eagle_e2e.py's _engine)
+    # exact fp32 activations by default: a verify row and a decode step then agree to the bit
+    # (test_eagle_e2e.py's _engine); q16's fused rows are batch-invariant too
     eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
-                 cpu_act_quant="none", **kw)
+                 cpu_act_quant=act, **kw)
     try:
-        outs = [eng.generate(_prompt(line), PARAMS) for line in PEOPLE]
+        outs = [eng.generate(_prompt(line), dict(params, sampling_seed=i)) for i, line in enumerate(PEOPLE)]
         info = eng.get_server_info()
         eng.wait_idle()
         eng.check_integrity()
@@ -93,3 +97,21 @@ def test_drafts_follow_the_grammar(baseline: list[dict], kw: dict, monkeypatch: 
     _identical_and_valid(blind_outs, baseline)
     assert any(not all(a) for a in blind_alive)
     assert info["spec_accept_length"] > blind_info["spec_accept_length"], (info, blind_info)
+
+
+
+
+def test_seeded_sampling_under_a_grammar_keeps_its_tokens() -> None:
+    """temperature 0.8, a seed per request, q16 (batch-invariant verify rows): every algorithm, every row drafting,
+    gives the tokens of no speculation. Before verification took forced text the way jump-forward does, a verify
+    row sampled the grammar's forced tokens (a draw each) and the seeded outputs drifted (NGRAM 15 of 18, MEDUSA
+    9 of 18 identical on 18 people)."""
+    sampled = dict(PARAMS, temperature=0.8)  # _run adds a seed per request
+    base = _run(sampled, act="q16")[0]
+    for kw in (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=6),
+               dict(speculative_algorithm="EAGLE", speculative_num_draft_tokens=6, speculative_eagle_topk=3,
+                    speculative_num_steps=3),
+               dict(speculative_algorithm="MEDUSA", speculative_num_draft_tokens=8)):
+        outs, alive, _ = _run(sampled, act="q16", speculative_always_draft=True, **kw)
+        _identical_and_valid(outs, base)
+        assert alive, kw  # verify rows ran under the grammar

@@ -10,7 +10,7 @@ import torch
 
 from sgl.grammars import GrammarCompiler, Vocabulary
 from sgl.kernels.bitmask import allocate_token_bitmask
-from sgl.runtime.speculative.grammar_walk import GrammarWalk, grammar_walks
+from sgl.runtime.speculative.grammar_walk import GrammarWalk, grammar_walks, with_forced_text
 
 TOKENS = [b"a", b"b", b"c", b"ab", b"ba", b"1", b"2", b"12", b"x", None]  # id 9 = EOS
 EOS = 9
@@ -80,3 +80,18 @@ def test_only_live_sgl_matchers_get_a_walk() -> None:
         assert isinstance(walks[0], GrammarWalk) and walks[1:] == [None, None, None]
         assert walks[0].goto([0, 3])  # "a" "ab"
     assert reqs[0].grammar.accept(8) is False  # closed on leaving the block: back at the start, where "x" is refused
+
+
+def test_chain_drafts_hold_the_forced_text_whole() -> None:
+    """After "1" the grammar forces "x" (jump-forward's text): a draft holding it is kept, one ending inside it or
+    going elsewhere gets it instead of its rest, one without room for it ends before it, a forbidden token ends
+    the draft; the matcher is put back."""
+    g = _compiled().matcher()
+    assert g.accept(0)  # "a"
+    before = _mask(g)
+    assert with_forced_text(g, [5, 8, EOS], 9) == [5, 8, EOS]  # "1" "x" EOS: holds it
+    assert with_forced_text(g, [5], 9) == [5, 8]  # ends where "x" is forced: completed
+    assert with_forced_text(g, [5, 2, 0], 9) == [5, 8]  # "c" after "1": the rest replaced by "x"
+    assert with_forced_text(g, [5], 1) == [5]  # no room for "x": ends before it
+    assert with_forced_text(g, [3, 8, 1], 9) == [3]  # "ab" then "x": forbidden there
+    assert torch.equal(_mask(g), before) and g.error is None and g.accept(6)

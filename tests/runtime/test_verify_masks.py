@@ -75,3 +75,29 @@ def test_tree_nodes_the_grammar_forbids_are_cut_with_their_subtrees() -> None:
     assert g.error is None
     for t in [3, 5, 8]:
         assert g.accept(t)
+
+
+def test_forced_text_is_taken_as_jump_forward_appends_it() -> None:
+    """After "1" the grammar forces "x": the walk records it per node, and sampling takes it from the draft
+    without a draw (logprob 0, not in the sampling state), then samples on; with "x" not drafted (a leaf at
+    "1", or another token after it) the row stops at "1" (the scheduler's jump-forward appends "x")."""
+    from sgl.runtime.executor.sampling_state import RowSamplingState
+    from sgl.runtime.executor.verify import sample_verify
+    from sgl.runtime.protocol import SamplingParams
+
+    compiled = _matcher()
+    g = compiled.matcher()
+    assert g.accept(0)  # "a"
+    drafts = [[5, 8], [5], [5, 2]]  # "1" "x" / "1" (a leaf) / "1" "c"
+    vm = fill_verify_bitmask([g, g, g], [0, 3, 5], drafts, 8, V)
+    assert vm.forced == [[[8], []], [[8]], [[8], []]]
+    logits = torch.zeros(8, V)
+    logits[:, 5] = 5.0  # the model likes "1"; after "x" only EOS is allowed
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0.7, sampling_seed=3)):
+        states = [RowSamplingState.create(params, [0], frozenset({EOS})) for _ in drafts]
+        outs = sample_verify(logits, [0, 3, 5], drafts, states, vm.bitmask, [0, 0, 0], alive=vm.alive,
+                             want_logprobs=[True] * 3, forced=vm.forced)
+        assert [o.token_ids for o in outs] == [[5, 8, EOS], [5], [5]]
+        assert outs[0].logprobs[1] == 0.0 and outs[0].path == [0, 1]
+        assert [s.output_ids for s in states] == [[5, EOS], [5], [5]]  # "x" was not sampled
+    assert g.error is None and g.accept(5) and g.accept(8)
