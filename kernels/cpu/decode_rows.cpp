@@ -29,6 +29,7 @@
 #include <memory>
 #include <numeric>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "quant_common.h"
@@ -40,6 +41,7 @@
 #include "attention_rows.h"
 #include "decode_common.h"
 #include "thread_pool.h"
+#include "rows_profile.h"
 
 namespace {
 
@@ -207,33 +209,45 @@ void store_head(const Rows& r, const Shape& s, const KVPool& kv, const float* qk
 // Every row's K/V is stored before any row attends (qkv's end), so a verify row sees the draft rows before it.
 // A thread preps its own activations only when the phase has work left: a helper that arrives late skips
 // the phases already done (its prep might read h while it changes: it then finds no work and uses nothing).
-void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc, OwnActs& own, LinePhase* ph) {
+void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc, OwnActs& own, LinePhase* ph,
+                    int slot) {
   const int64_t M = r.M, nqkv = (s.H + 2 * s.Hkv) * s.D, qd = s.H * s.D, ld = std::max(s.hidden, qd);
   float *qkv = sc.qkv.data(), *attn = sc.attn.data();
   const int64_t rb_gu = row_bytes(w.tgu, s.hidden);
+  (void)slot;  // the profile's (rows_profile.h)
+  PROF_DECL;
   if (ph[kQkv].p.has_work()) {
     rms_norm_rows(r.h, s.hidden, w.ln1, M, s.hidden, s.eps, own.x.data(), ld);
     for (int64_t t = 0; t < M; t++) own.h.set_row(t, own.x.data() + t * ld);
+    PROF_MARK(slot, kQkv, 0);
     ph[kQkv].p.work([&](int64_t n0, int64_t n1) {
       gemm_rows(w.tqkv, w.wqkv, s.hidden, own.h, qkv, nqkv, w.qkv_bias, nullptr, n0, n1);
       for (int64_t c = std::max(n0, qd); c < n1; c += s.D) store_head(r, s, w.kv, qkv, c);
     });
+    PROF_MARK(slot, kQkv, 1);
   }
   ph[kQkv].p.wait_done();
+  PROF_MARK(slot, kQkv, 2);
   ph[kAttn].p.work([&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i++) attend_item(r, s, w.kv, qkv, r.attn->items[i], attn);
   });
+  PROF_MARK(slot, kAttn, 1);
   ph[kAttn].p.wait_done();
+  PROF_MARK(slot, kAttn, 2);
   if (ph[kO].p.has_work()) {
     for (int64_t t = 0; t < M; t++) own.attn.set_row(t, attn + t * qd);
+    PROF_MARK(slot, kO, 0);
     ph[kO].p.work([&](int64_t n0, int64_t n1) {  // in place on h: an entry reads only itself
       gemm_rows(w.to, w.wo, qd, own.attn, r.h, s.hidden, w.o_bias, r.h, n0, n1);
     });
+    PROF_MARK(slot, kO, 1);
   }
   ph[kO].p.wait_done();
+  PROF_MARK(slot, kO, 2);
   if (ph[kGateUp].p.has_work()) {
     rms_norm_rows(r.h, s.hidden, w.ln2, M, s.hidden, s.eps, own.x.data(), ld);
     for (int64_t t = 0; t < M; t++) own.h.set_row(t, own.x.data() + t * ld);
+    PROF_MARK(slot, kGateUp, 0);
     ph[kGateUp].p.work([&](int64_t j0, int64_t j1) {  // gate and up of columns [j0, j1) as [M, j1 - j0] tiles
       static thread_local std::vector<float> gate, up;
       const int64_t n = j1 - j0;
@@ -247,12 +261,16 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
         sc.a_act.set_blocks(t, a, j0 / kBlock, j1 / kBlock);
       }
     });
+    PROF_MARK(slot, kGateUp, 1);
   }
   ph[kGateUp].p.wait_done();
+  PROF_MARK(slot, kGateUp, 2);
   ph[kDown].p.work([&](int64_t n0, int64_t n1) {
     gemm_rows(w.td, w.wd, s.I, sc.a_act, r.h, s.hidden, nullptr, r.h, n0, n1);
   });
+  PROF_MARK(slot, kDown, 1);
   ph[kDown].p.wait_done();
+  PROF_MARK(slot, kDown, 2);
 }
 
 }  // namespace
@@ -309,12 +327,23 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
     ph[kDown].p.reset(hidden, ch);
   }
   // One wake-up for the whole stack: the helpers stay in the task across layers, the phases keep them in step.
+  const std::thread::id caller = std::this_thread::get_id();
+#ifdef SGL_ROWS_PROFILE
+  const int64_t t_call = RowsProfile::now();
+  g_rows_profile.calls++, g_rows_profile.layers += n;
+  static const char* names[kPhases] = {"qkv", "attn", "o", "gu", "down"};
+  std::copy(names, names + kPhases, g_rows_profile.names);
+#endif
   auto body = [&] {
+    const int slot = std::this_thread::get_id() == caller ? 0 : 1;
+#ifdef SGL_ROWS_PROFILE
+    g_rows_profile.entry[slot] += RowsProfile::now() - t_call;
+#endif
     static thread_local OwnActs own;
     own.x.resize(M * std::max(hidden, H * D));
     own.h.size(M, hidden, tile, mode);
     own.attn.size(M, H * D, tile, mode);
-    for (int64_t i = 0; i < n; i++) run_layer_rows(r, layers[i], s, sc, own, phases.get() + i * kPhases);
+    for (int64_t i = 0; i < n; i++) run_layer_rows(r, layers[i], s, sc, own, phases.get() + i * kPhases, slot);
   };
   if (nt <= 1) body();
   else sgl_cpu::parallel_run(nt, body);
