@@ -5,14 +5,15 @@
 // Row t is one token: its residual stream h[t] [hidden], its position's cos / signed-sin rows [D], and its slot
 // list (row_slots[t], row_lens[t] entries; the token's own slot LAST). A decode row's list is its sequence's
 // slot table; verify row j of a chain is the table up to its own slot (the rows before it in the same
-// sequence included); a tree row lists the prefix, its ancestors and itself. Per layer:
-//   prep   x_t = rms_norm(h_t) * ln1, quantized (q16 | q8), packed for the tile          (rows over threads)
-//   qkv    x @ Wqkv^T (+ bias) for all rows                                              (columns)
-//   store  rope k, store k / v of every row at its slot                                  (rows)
-//   attn   rope q, attention of the row's heads over its slot list                       (rows, or groups: attn_items)
-//   o      h += attn @ Wo^T (+ bias)                                                     (prep by rows, columns)
-//   gu     act = silu(x2 @ Wgate^T) * (x2 @ Wup^T), x2 = rms_norm(h) * ln2              (prep by rows, columns)
-//   down   h += act @ Wdown^T                                                            (prep by rows, columns)
+// sequence included); a tree row lists the prefix, its ancestors and itself. Per layer, 5 phases (run_layer_rows):
+//   qkv    x = rms_norm(h) * ln1, quantized (q16 | q8) by each thread for itself;
+//          x @ Wqkv^T (+ bias), rope k and store k / v at every row's slot               (columns: whole heads)
+//   attn   rope q, attention of the rows' heads over their slot lists                    (attn_items)
+//   o      h += attn @ Wo^T (+ bias), attn quantized by each thread                      (columns)
+//   gu     act = silu(x2 @ Wgate^T) * (x2 @ Wup^T), x2 = rms_norm(h) * ln2 (each thread);
+//          each chunk quantizes its act blocks                                           (columns: whole blocks)
+//   down   h += act @ Wdown^T                                                            (columns)
+// One parallel_run for the whole stack (the helpers stay in the task across layers).
 // Every row's K/V is stored before any row attends, so a verify row sees the draft rows before it.
 // Same bits as decode_layer per row: the per-row small ops are decode_common.h's; the matmuls are quant_q16_tile.h's
 // batch-invariant q16 GEMM or quant_q8_tile.h's q8 one (act: 2 / 1; every row the bits of gemv_rows / gemv_rows8
@@ -169,7 +170,7 @@ struct Scratch {
 // phases cost more per thread than all the rows alone (cache lines of h and of the tile written by both
 // threads), plus four barriers a layer.
 struct OwnActs {
-  std::vector<float> x;  // [M, max(hidden, H D)] normed rows
+  std::vector<float> x;  // [M, hidden]: the rows after rms_norm
   RowsAct h, attn;
 };
 
@@ -181,7 +182,8 @@ struct alignas(64) LinePhase {
   sgl_cpu::Phase p;
 };
 
-// RoPE of kv head g's keys, then k / v stores at every row's slot: qkv columns [c, c + D) are k head g or v head g.
+// qkv columns [c, c + D) of every row (c a multiple of D past the q heads): k head g roped and stored, or v head
+// g stored, at the row's own slot.
 void store_head(const Rows& r, const Shape& s, const KVPool& kv, const float* qkv, int64_t c) {
   const int64_t D = s.D, nqkv = (s.H + 2 * s.Hkv) * D, kvrow = s.Hkv * D, k0 = s.H * D, v0 = k0 + kvrow;
   static thread_local std::vector<float> kr;
@@ -211,7 +213,7 @@ void store_head(const Rows& r, const Shape& s, const KVPool& kv, const float* qk
 // the phases already done (its prep might read h while it changes: it then finds no work and uses nothing).
 void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc, OwnActs& own, LinePhase* ph,
                     int slot) {
-  const int64_t M = r.M, nqkv = (s.H + 2 * s.Hkv) * s.D, qd = s.H * s.D, ld = std::max(s.hidden, qd);
+  const int64_t M = r.M, nqkv = (s.H + 2 * s.Hkv) * s.D, qd = s.H * s.D, ld = s.hidden;
   float *qkv = sc.qkv.data(), *attn = sc.attn.data();
   const int64_t rb_gu = row_bytes(w.tgu, s.hidden);
   (void)slot;  // the profile's (rows_profile.h)
@@ -340,7 +342,7 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
     g_rows_profile.entry[slot] += RowsProfile::now() - t_call;
 #endif
     static thread_local OwnActs own;
-    own.x.resize(M * std::max(hidden, H * D));
+    own.x.resize(M * hidden);
     own.h.size(M, hidden, tile, mode);
     own.attn.size(M, H * D, tile, mode);
     for (int64_t i = 0; i < n; i++) run_layer_rows(r, layers[i], s, sc, own, phases.get() + i * kPhases, slot);
