@@ -34,13 +34,14 @@ def isa_flags() -> tuple[str, list[str]]:
     return "scalar", []
 
 
-def build(force_scalar: bool = False) -> pathlib.Path:
+def build(force_scalar: bool = False, profile_rows: bool = False) -> pathlib.Path:
     from setuptools import setup
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     isa, flags = ("scalar", []) if force_scalar else isa_flags()
+    defines = ["-DSGL_ROWS_PROFILE"] if profile_rows else []  # decode_rows' per-phase timers (rows_profile.h)
     ext = CppExtension("_sgl_cpu_quant", [str(s) for s in SOURCES],
-                       extra_compile_args=["-O3", "-fopenmp", "-Wno-unused-label", *flags], extra_link_args=["-fopenmp"])
+                       extra_compile_args=["-O3", "-fopenmp", "-Wno-unused-label", *flags, *defines], extra_link_args=["-fopenmp"])
     for old in HERE.glob("_sgl_cpu_quant*.so"):
         old.unlink()
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,10 +55,12 @@ def build(force_scalar: bool = False) -> pathlib.Path:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--scalar", action="store_true", help="build the portable path even on an AVX2 machine")
+    p.add_argument("--profile-rows", action="store_true",
+                   help="decode_rows' per-phase timers, printed at exit (kernels/cpu/rows_profile.h); not for use")
     p.add_argument("--strict", action="store_true", help="fail (exit 1) when the build fails")
     args = p.parse_args()
     try:
-        path = build(args.scalar)
+        path = build(args.scalar, args.profile_rows)
     except (Exception, SystemExit) as e:  # setuptools raises SystemExit on compiler errors
         print(f"sgl.kernels.cpu: building the C++ extension failed ({e}); the torch reference path will be used",
               file=sys.stderr)

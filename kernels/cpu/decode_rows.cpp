@@ -5,14 +5,15 @@
 // Row t is one token: its residual stream h[t] [hidden], its position's cos / signed-sin rows [D], and its slot
 // list (row_slots[t], row_lens[t] entries; the token's own slot LAST). A decode row's list is its sequence's
 // slot table; verify row j of a chain is the table up to its own slot (the rows before it in the same
-// sequence included); a tree row lists the prefix, its ancestors and itself. Per layer:
-//   prep   x_t = rms_norm(h_t) * ln1, quantized (q16 | q8), packed for the tile          (rows over threads)
-//   qkv    x @ Wqkv^T (+ bias) for all rows                                              (columns)
-//   store  rope k, store k / v of every row at its slot                                  (rows)
-//   attn   rope q, attention of the row's heads over its slot list                       (rows, or groups: attn_items)
-//   o      h += attn @ Wo^T (+ bias)                                                     (prep by rows, columns)
-//   gu     act = silu(x2 @ Wgate^T) * (x2 @ Wup^T), x2 = rms_norm(h) * ln2              (prep by rows, columns)
-//   down   h += act @ Wdown^T                                                            (prep by rows, columns)
+// sequence included); a tree row lists the prefix, its ancestors and itself. Per layer, 5 phases (run_layer_rows):
+//   qkv    x = rms_norm(h) * ln1, quantized (q16 | q8) by each thread for itself;
+//          x @ Wqkv^T (+ bias), rope k and store k / v at every row's slot               (columns: whole heads)
+//   attn   rope q, attention of the rows' heads over their slot lists                    (attn_items)
+//   o      h += attn @ Wo^T (+ bias), attn quantized by each thread                      (columns)
+//   gu     act = silu(x2 @ Wgate^T) * (x2 @ Wup^T), x2 = rms_norm(h) * ln2 (each thread);
+//          each chunk quantizes its act blocks                                           (columns: whole blocks)
+//   down   h += act @ Wdown^T                                                            (columns)
+// One parallel_run for the whole stack (the helpers stay in the task across layers).
 // Every row's K/V is stored before any row attends, so a verify row sees the draft rows before it.
 // Same bits as decode_layer per row: the per-row small ops are decode_common.h's; the matmuls are quant_q16_tile.h's
 // batch-invariant q16 GEMM or quant_q8_tile.h's q8 one (act: 2 / 1; every row the bits of gemv_rows / gemv_rows8
@@ -26,7 +27,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <numeric>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "quant_common.h"
@@ -38,6 +42,7 @@
 #include "attention_rows.h"
 #include "decode_common.h"
 #include "thread_pool.h"
+#include "rows_profile.h"
 
 namespace {
 
@@ -68,14 +73,20 @@ struct RowsAct {
       if (tile) size_tiled(M, nb, tiled);
     }
   }
-  void set_row(int64_t r, const float* x) {  // x [K] -> row r
-    float *dr = d.data() + r * nb, *sr = s.data() + r * nb;
+  void set_row(int64_t r, const float* x) { set_blocks(r, x, 0, nb); }  // x [K] -> row r
+  // x: the fp32 of blocks [b0, b1) of row r (x[0] is column b0 * kBlock) -> those blocks of row r.
+  void set_blocks(int64_t r, const float* x, int64_t b0, int64_t b1) {
+    const int64_t o = r * nb + b0;
+    float *dr = d.data() + o, *sr = s.data() + o;
     if (mode == Act::Q8) {
-      quantize_blocks8(x, nb, q8.data() + r * K, dr, sr, c8.data() + r * nb * kQ8Corr);
-      if (tile) pack_row8(q8.data() + r * K, dr, sr, c8.data() + r * nb * kQ8Corr, r, tiled8);
+      int8_t* qr = q8.data() + o * kBlock;
+      int32_t* cr = c8.data() + o * kQ8Corr;
+      quantize_blocks8(x, b1 - b0, qr, dr, sr, cr);
+      if (tile) pack_row8_blocks(qr, dr, sr, cr, r, b0, b1, tiled8);
     } else {
-      quantize_blocks16(x, nb, q.data() + r * K, dr, sr);
-      if (tile) pack_row(q.data() + r * K, dr, sr, r, tiled);
+      int16_t* qr = q.data() + o * kBlock;
+      quantize_blocks16(x, b1 - b0, qr, dr, sr);
+      if (tile) pack_row_blocks(qr, dr, sr, r, b0, b1, tiled);
     }
   }
 };
@@ -148,89 +159,120 @@ void attend_item(const Rows& r, const Shape& s, const KVPool& kv, const float* q
                  scores.data(), op.data());
 }
 
-// Per-call scratch, shared by the call's threads (each writes its own rows / columns).
+// Per-call scratch shared by the call's threads (each writes its own rows / columns / blocks).
 struct Scratch {
-  std::vector<float> qkv, attn, act;
-  RowsAct a_h, a_attn, a_act;
+  std::vector<float> qkv, attn;
+  RowsAct a_act;  // the down projection's input, quantized block by block in the gate/up phase
 };
 
-void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc, int threads) {
-  const int64_t M = r.M, D = s.D, nqkv = (s.H + 2 * s.Hkv) * D, qd = s.H * D, kvrow = s.Hkv * D;
-  float *qkv = sc.qkv.data(), *attn = sc.attn.data(), *act = sc.act.data();
-  const int64_t cq = chunk_for(nqkv, threads), ch = chunk_for(s.hidden, threads), ci = chunk_for(s.I, threads);
-  sgl_cpu::Phase prep1, ph_qkv, store, ph_attn, prep2, ph_o, prep3, ph_gu, prep4, ph_down;
-  prep1.reset(M, 1), ph_qkv.reset(nqkv, cq), store.reset(M, 1), ph_attn.reset(int64_t(r.attn->items.size()), 1);
-  prep2.reset(M, 1), ph_o.reset(s.hidden, ch), prep3.reset(M, 1), ph_gu.reset(s.I, ci);
-  prep4.reset(M, 1), ph_down.reset(s.hidden, ch);
+// A thread's own activations: every thread that takes part in a matmul phase first normalizes and quantizes
+// ALL rows itself (a few KB a row) instead of its share of them before a barrier: at 2 threads the split prep
+// phases cost more per thread than all the rows alone (cache lines of h and of the tile written by both
+// threads), plus four barriers a layer.
+struct OwnActs {
+  std::vector<float> x;  // [M, hidden]: the rows after rms_norm
+  RowsAct h, attn;
+};
+
+// The phases of one layer; a phase ends when its items are done, whoever did them (thread_pool.h).
+enum LayerPhase { kQkv, kAttn, kO, kGateUp, kDown, kPhases };
+
+// A Phase on its own cache line: the call holds kPhases per layer, claimed and published by every thread.
+struct alignas(64) LinePhase {
+  sgl_cpu::Phase p;
+};
+
+// qkv columns [c, c + D) of every row (c a multiple of D past the q heads): k head g roped and stored, or v head
+// g stored, at the row's own slot.
+void store_head(const Rows& r, const Shape& s, const KVPool& kv, const float* qkv, int64_t c) {
+  const int64_t D = s.D, nqkv = (s.H + 2 * s.Hkv) * D, kvrow = s.Hkv * D, k0 = s.H * D, v0 = k0 + kvrow;
+  static thread_local std::vector<float> kr;
+  kr.resize(D);
+  for (int64_t t = 0; t < r.M; t++) {
+    const int64_t slot = r.slots[t][r.lens[t] - 1];
+    const float* x = qkv + t * nqkv + c;
+    if (c < v0) {
+      rope(x, r.cos + t * D, r.sin + t * D, D, kr.data());
+      kv.store_k(slot * kvrow + (c - k0), kr.data(), D);
+    } else {
+      kv.store_v(slot * kvrow + (c - v0), x, D);
+    }
+  }
+}
+
+// One layer for every row, run by each thread of the call (the phases keep them in step):
+//   qkv    x = rms_norm(h) * ln1, quantized (own);  x @ Wqkv^T (+ bias) by column chunks; a chunk ropes and
+//          stores the k / v heads it holds at every row's slot                                          | done
+//   attn   rope q, attention of the rows' heads (attn_items)                                           | done
+//   o      the attention rows quantized (own);  h += attn @ Wo^T (+ bias) by column chunks              | done
+//   gu     x2 = rms_norm(h) * ln2 (own);  act = silu(x2 @ Wgate^T) * (x2 @ Wup^T) by chunks of whole
+//          blocks, each chunk quantizing its act blocks into the shared a_act                           | done
+//   down   h += act @ Wdown^T by column chunks                                                         | done
+// Every row's K/V is stored before any row attends (qkv's end), so a verify row sees the draft rows before it.
+// A thread preps its own activations only when the phase has work left: a helper that arrives late skips
+// the phases already done (its prep might read h while it changes: it then finds no work and uses nothing).
+void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc, OwnActs& own, LinePhase* ph,
+                    int slot) {
+  const int64_t M = r.M, nqkv = (s.H + 2 * s.Hkv) * s.D, qd = s.H * s.D, ld = s.hidden;
+  float *qkv = sc.qkv.data(), *attn = sc.attn.data();
   const int64_t rb_gu = row_bytes(w.tgu, s.hidden);
-  auto body = [&] {
-    static thread_local std::vector<float> xr, gate, up, kr;
-    xr.resize(std::max(s.hidden, qd));
-    prep1.work([&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; t++) {
-        rms_norm_row(r.h + t * s.hidden, w.ln1, s.hidden, s.eps, xr.data());
-        sc.a_h.set_row(t, xr.data());
-      }
+  (void)slot;  // the profile's (rows_profile.h)
+  PROF_DECL;
+  if (ph[kQkv].p.has_work()) {
+    rms_norm_rows(r.h, s.hidden, w.ln1, M, s.hidden, s.eps, own.x.data(), ld);
+    for (int64_t t = 0; t < M; t++) own.h.set_row(t, own.x.data() + t * ld);
+    PROF_MARK(slot, kQkv, 0);
+    ph[kQkv].p.work([&](int64_t n0, int64_t n1) {
+      gemm_rows(w.tqkv, w.wqkv, s.hidden, own.h, qkv, nqkv, w.qkv_bias, nullptr, n0, n1);
+      for (int64_t c = std::max(n0, qd); c < n1; c += s.D) store_head(r, s, w.kv, qkv, c);
     });
-    prep1.wait_done();
-    ph_qkv.work([&](int64_t n0, int64_t n1) {
-      gemm_rows(w.tqkv, w.wqkv, s.hidden, sc.a_h, qkv, nqkv, w.qkv_bias, nullptr, n0, n1);
+    PROF_MARK(slot, kQkv, 1);
+  }
+  ph[kQkv].p.wait_done();
+  PROF_MARK(slot, kQkv, 2);
+  ph[kAttn].p.work([&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) attend_item(r, s, w.kv, qkv, r.attn->items[i], attn);
+  });
+  PROF_MARK(slot, kAttn, 1);
+  ph[kAttn].p.wait_done();
+  PROF_MARK(slot, kAttn, 2);
+  if (ph[kO].p.has_work()) {
+    for (int64_t t = 0; t < M; t++) own.attn.set_row(t, attn + t * qd);
+    PROF_MARK(slot, kO, 0);
+    ph[kO].p.work([&](int64_t n0, int64_t n1) {  // in place on h: an entry reads only itself
+      gemm_rows(w.to, w.wo, qd, own.attn, r.h, s.hidden, w.o_bias, r.h, n0, n1);
     });
-    ph_qkv.wait_done();
-    store.work([&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; t++) {
-        const int64_t slot = r.slots[t][r.lens[t] - 1];
-        const float* row = qkv + t * nqkv;
-        kr.resize(kvrow);
-        for (int64_t g = 0; g < s.Hkv; g++) rope(row + (s.H + g) * D, r.cos + t * D, r.sin + t * D, D, kr.data() + g * D);
-        w.kv.store_k(slot * kvrow, kr.data(), kvrow);
-        w.kv.store_v(slot * kvrow, row + (s.H + s.Hkv) * D, kvrow);
-      }
-    });
-    store.wait_done();
-    ph_attn.work([&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; i++) attend_item(r, s, w.kv, qkv, r.attn->items[i], attn);
-    });
-    ph_attn.wait_done();
-    prep2.work([&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; t++) sc.a_attn.set_row(t, attn + t * qd);
-    });
-    prep2.wait_done();
-    ph_o.work([&](int64_t n0, int64_t n1) {  // in place on h: an entry reads only itself
-      gemm_rows(w.to, w.wo, qd, sc.a_attn, r.h, s.hidden, w.o_bias, r.h, n0, n1);
-    });
-    ph_o.wait_done();
-    prep3.work([&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; t++) {
-        rms_norm_row(r.h + t * s.hidden, w.ln2, s.hidden, s.eps, xr.data());
-        sc.a_h.set_row(t, xr.data());
-      }
-    });
-    prep3.wait_done();
-    ph_gu.work([&](int64_t j0, int64_t j1) {  // gate and up of columns [j0, j1) as [M, j1 - j0] tiles
+    PROF_MARK(slot, kO, 1);
+  }
+  ph[kO].p.wait_done();
+  PROF_MARK(slot, kO, 2);
+  if (ph[kGateUp].p.has_work()) {
+    rms_norm_rows(r.h, s.hidden, w.ln2, M, s.hidden, s.eps, own.x.data(), ld);
+    for (int64_t t = 0; t < M; t++) own.h.set_row(t, own.x.data() + t * ld);
+    PROF_MARK(slot, kGateUp, 0);
+    ph[kGateUp].p.work([&](int64_t j0, int64_t j1) {  // gate and up of columns [j0, j1) as [M, j1 - j0] tiles
+      static thread_local std::vector<float> gate, up;
       const int64_t n = j1 - j0;
       gate.resize(M * n);
       up.resize(M * n);
-      gemm_rows(w.tgu, w.wgu + j0 * rb_gu, s.hidden, sc.a_h, gate.data(), n, nullptr, nullptr, 0, n);
-      gemm_rows(w.tgu, w.wgu + (s.I + j0) * rb_gu, s.hidden, sc.a_h, up.data(), n, nullptr, nullptr, 0, n);
-      for (int64_t t = 0; t < M; t++)
-        for (int64_t j = 0; j < n; j++) {
-          const float gv = gate[t * n + j];
-          act[t * s.I + j0 + j] = gv / (1.f + std::exp(-gv)) * up[t * n + j];
-        }
+      gemm_rows(w.tgu, w.wgu + j0 * rb_gu, s.hidden, own.h, gate.data(), n, nullptr, nullptr, 0, n);
+      gemm_rows(w.tgu, w.wgu + (s.I + j0) * rb_gu, s.hidden, own.h, up.data(), n, nullptr, nullptr, 0, n);
+      for (int64_t t = 0; t < M; t++) {
+        float* a = gate.data() + t * n;  // act in place of gate
+        for (int64_t j = 0; j < n; j++) a[j] = a[j] / (1.f + std::exp(-a[j])) * up[t * n + j];
+        sc.a_act.set_blocks(t, a, j0 / kBlock, j1 / kBlock);
+      }
     });
-    ph_gu.wait_done();
-    prep4.work([&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; t++) sc.a_act.set_row(t, act + t * s.I);
-    });
-    prep4.wait_done();
-    ph_down.work([&](int64_t n0, int64_t n1) {
-      gemm_rows(w.td, w.wd, s.I, sc.a_act, r.h, s.hidden, nullptr, r.h, n0, n1);
-    });
-    ph_down.wait_done();
-  };
-  if (threads <= 1) body();
-  else sgl_cpu::parallel_run(threads, body);
+    PROF_MARK(slot, kGateUp, 1);
+  }
+  ph[kGateUp].p.wait_done();
+  PROF_MARK(slot, kGateUp, 2);
+  ph[kDown].p.work([&](int64_t n0, int64_t n1) {
+    gemm_rows(w.td, w.wd, s.I, sc.a_act, r.h, s.hidden, nullptr, r.h, n0, n1);
+  });
+  PROF_MARK(slot, kDown, 1);
+  ph[kDown].p.wait_done();
+  PROF_MARK(slot, kDown, 2);
 }
 
 }  // namespace
@@ -268,12 +310,43 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
 #ifdef SGL_AVX512_TILE
   tile = M >= kQ16TileMinRows && have_q16_tile();
 #endif
-  static thread_local Scratch sc;  // the caller's: reused across steps (no malloc per layer)
+  static thread_local Scratch caller_sc;  // the caller's: reused across steps (no malloc per layer)
+  Scratch& sc = caller_sc;  // a reference, so the helpers' task uses the caller's (not their own thread_local)
   sc.qkv.resize(M * (H + 2 * Hkv) * D);
   sc.attn.resize(M * H * D);
-  sc.act.resize(M * I);
-  sc.a_h.size(M, hidden, tile, mode);
-  sc.a_attn.size(M, H * D, tile, mode);
   sc.a_act.size(M, I, tile, mode);
-  for (const LayerW& w : layers) run_layer_rows(r, w, s, sc, nt);
+  // Column chunks: qkv's a multiple of D (a chunk holds whole k / v heads), gate/up's of kBlock (whole act blocks).
+  const int64_t nqkv = (H + 2 * Hkv) * D, step = std::lcm<int64_t>(8, D);
+  const int64_t cq = (chunk_for(nqkv, nt) + step - 1) / step * step, ch = chunk_for(hidden, nt);
+  const int64_t ci = (chunk_for(I, nt) + kBlock - 1) / kBlock * kBlock;
+  std::unique_ptr<LinePhase[]> phases(new LinePhase[n * kPhases]);
+  for (int64_t i = 0; i < n; i++) {
+    LinePhase* ph = phases.get() + i * kPhases;
+    ph[kQkv].p.reset(nqkv, cq);
+    ph[kAttn].p.reset(int64_t(plan.items.size()), 1);
+    ph[kO].p.reset(hidden, ch);
+    ph[kGateUp].p.reset(I, ci);
+    ph[kDown].p.reset(hidden, ch);
+  }
+  // One wake-up for the whole stack: the helpers stay in the task across layers, the phases keep them in step.
+  const std::thread::id caller = std::this_thread::get_id();
+#ifdef SGL_ROWS_PROFILE
+  const int64_t t_call = RowsProfile::now();
+  g_rows_profile.calls++, g_rows_profile.layers += n;
+  static const char* names[kPhases] = {"qkv", "attn", "o", "gu", "down"};
+  std::copy(names, names + kPhases, g_rows_profile.names);
+#endif
+  auto body = [&] {
+    const int slot = std::this_thread::get_id() == caller ? 0 : 1;
+#ifdef SGL_ROWS_PROFILE
+    g_rows_profile.entry[slot] += RowsProfile::now() - t_call;
+#endif
+    static thread_local OwnActs own;
+    own.x.resize(M * hidden);
+    own.h.size(M, hidden, tile, mode);
+    own.attn.size(M, H * D, tile, mode);
+    for (int64_t i = 0; i < n; i++) run_layer_rows(r, layers[i], s, sc, own, phases.get() + i * kPhases, slot);
+  };
+  if (nt <= 1) body();
+  else sgl_cpu::parallel_run(nt, body);
 }

@@ -78,15 +78,22 @@ inline void size_tiled(int64_t M, int64_t nb, Q16Tiled& p) {
   p.s.assign(tiles * nb * p.rows + 4, 0.f);
 }
 
+// Blocks [b0, b1) of row r of p from their q16 blocks (q [(b1 - b0) * 32], d, s [b1 - b0], as quantize_blocks16
+// writes them): a thread that quantized only those blocks packs them (decode_rows.cpp's gate/up phase).
+inline void pack_row_blocks(const int16_t* q, const float* d, const float* s, int64_t r, int64_t b0, int64_t b1,
+                            Q16Tiled& p) {
+  const int64_t t = r / p.rows, j = r % p.rows;
+  for (int64_t b = b0; b < b1; b++) {
+    const int64_t o = (t * p.nb + b) * p.rows + j;
+    std::memcpy(p.q.data() + o * kBlock, q + (b - b0) * kBlock, kBlock * sizeof(int16_t));
+    p.d[o] = d[b - b0];
+    p.s[o] = s[b - b0];
+  }
+}
+
 // Row r of p from its q16 blocks (q [nb * 32], d [nb], s [nb], as quantize_blocks16 writes them).
 inline void pack_row(const int16_t* q, const float* d, const float* s, int64_t r, Q16Tiled& p) {
-  const int64_t t = r / p.rows, j = r % p.rows;
-  for (int64_t b = 0; b < p.nb; b++) {
-    const int64_t o = (t * p.nb + b) * p.rows + j;
-    std::memcpy(p.q.data() + o * kBlock, q + b * kBlock, kBlock * sizeof(int16_t));
-    p.d[o] = d[b];
-    p.s[o] = s[b];
-  }
+  pack_row_blocks(q, d, s, r, 0, p.nb, p);
 }
 
 inline void pack_tiled(const Q16Act& a, int64_t M, Q16Tiled& p) {

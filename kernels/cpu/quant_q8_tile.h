@@ -69,16 +69,22 @@ inline void size_tiled8(int64_t M, int64_t nb, Q8Tiled& p) {
   p.s.assign(tiles * nb * p.rows + 4, 0.f);
 }
 
+// Blocks [b0, b1) of row r of p from their q8 blocks (pointers at block b0, as quantize_blocks8 writes them).
+inline void pack_row8_blocks(const int8_t* q, const float* d, const float* s, const int32_t* c, int64_t r, int64_t b0,
+                             int64_t b1, Q8Tiled& p) {
+  const int64_t t = r / p.rows, j = r % p.rows;
+  for (int64_t b = b0; b < b1; b++) {
+    const int64_t o = (t * p.nb + b) * p.rows + j, i = b - b0;
+    std::memcpy(p.q.data() + o * kBlock, q + i * kBlock, kBlock);
+    std::memcpy(p.c.data() + o * kQ8Corr, c + i * kQ8Corr, kQ8Corr * sizeof(int32_t));
+    p.d[o] = d[i];
+    p.s[o] = s[i];
+  }
+}
+
 // Row r of p from its q8 blocks (as quantize_blocks8 writes them).
 inline void pack_row8(const int8_t* q, const float* d, const float* s, const int32_t* c, int64_t r, Q8Tiled& p) {
-  const int64_t t = r / p.rows, j = r % p.rows;
-  for (int64_t b = 0; b < p.nb; b++) {
-    const int64_t o = (t * p.nb + b) * p.rows + j;
-    std::memcpy(p.q.data() + o * kBlock, q + b * kBlock, kBlock);
-    std::memcpy(p.c.data() + o * kQ8Corr, c + b * kQ8Corr, kQ8Corr * sizeof(int32_t));
-    p.d[o] = d[b];
-    p.s[o] = s[b];
-  }
+  pack_row8_blocks(q, d, s, c, r, 0, p.nb, p);
 }
 
 inline void pack_tiled8(const Q8BAct& a, int64_t M, Q8Tiled& p) {

@@ -161,3 +161,45 @@ def test_rows_reject_bad_input(mode: str) -> None:
         with pytest.raises(ValueError, match="slot out of range"):
             run_rows(stack, h, bad, [1])
     assert _ext is not None
+
+
+@pytest.mark.parametrize("act", ["q16", "q8"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_verify_rows_split_over_threads_keep_the_bits(mode: str, act: str, threads: int) -> None:
+    """How decode_rows splits a step over its threads changes no bit: a 1 + 8 verify chain, tree rows of a second
+    sequence and a third sequence's decode row, on a head layout like the default model's (3 kv heads of 2 query
+    heads; D = 16, so a qkv chunk holds several k / v heads and one straddles the q | k boundary). At 2 and 3
+    threads each qkv chunk stores the k / v heads it holds, each gate/up chunk quantizes its own act blocks, every
+    thread quantizes all rows for itself, and a group's attention splits by kv heads and rows (3 heads on 2
+    threads); every row must still get decode_stack's bits at 1 thread."""
+    if mode == "ref":
+        pytest.skip("the split is the kernel's")
+    hidden, heads, kv_heads, head_dim, inter, slots = 64, 6, 3, 16, 96, 128
+    gen = torch.Generator().manual_seed(11)
+    layers = [make_layer(gen, "q4_1", hidden, heads, kv_heads, head_dim, inter, bias=i == 0) for i in range(2)]
+    stack = DecodeStack(tuple(layers), tuple(torch.randn(slots, kv_heads, head_dim, generator=gen) for _ in layers),
+                        tuple(torch.randn(slots, kv_heads, head_dim, generator=gen) for _ in layers))
+    perm = torch.randperm(slots, generator=gen)
+    a, b, c = perm[:49], perm[49:73], perm[80:87]  # chain: 40 cached + 9 new; tree: 20 + p, n1, n2, n3; decode: 7
+    pre, p, n1, n2, n3 = b[:20], b[20:21], b[21:22], b[22:23], b[23:24]
+    lists = [a[: 41 + j] for j in range(9)]
+    lists += [torch.cat(x) for x in ([pre, p], [pre, p, n1], [pre, p, n2], [pre, p, n1, n3])] + [c]
+    lists = [x.contiguous() for x in lists]
+    positions = [40 + j for j in range(9)] + [20, 21, 21, 22, 6]
+    from sgl.runtime.models.rotary import RotaryEmbedding
+
+    r = RotaryEmbedding(head_dim, 10000.0, None, 4096)
+    cos, sin = r.cos[positions].contiguous(), r.sin_signed[positions].contiguous()
+    h = torch.randn(len(lists), hidden, generator=gen)
+    ref, h_ref = clone(stack), h.clone()
+    for t, slot_list in enumerate(lists):  # each token alone, 1 thread
+        decode_stack(h_ref[t : t + 1], ref, cos[t], sin[t], slot_list, head_dim**-0.5, act=act)
+    addrs = torch.tensor([x.data_ptr() for x in lists], dtype=torch.int64)
+    lens = torch.tensor([x.numel() for x in lists], dtype=torch.int64)
+    old = quant._threads
+    try:
+        cpu.set_num_threads(threads)
+        decode_rows(h, stack, cos, sin, addrs, lens, head_dim**-0.5, act=act)
+    finally:
+        quant._threads = old
+    assert_same(stack, ref, h, h_ref)
