@@ -3,7 +3,6 @@
 in length-bounded strings. EBNF must be GBNF (``root ::= ...``)."""
 from __future__ import annotations
 
-import json
 
 import torch
 import xgrammar as xgr

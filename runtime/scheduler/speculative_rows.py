@@ -158,7 +158,8 @@ class SpeculativeRows:
         for req, draft in zip(asking + shadow, proposed):
             room = req.params.max_new_tokens - len(req.output_ids) - 1
             cut = draft.cut(max(0, room), want[req] or shadow_len)
-            if req.grammar is not None and cut.parents is None and len(cut):
+            if want[req] and req.grammar is not None and cut.parents is None and len(cut):
+                # NOTE: verified drafts only: a shadow is scored against the produced tokens, forced ones included
                 cut = Draft(with_forced_text(req.grammar, cut.token_ids, max(0, room)))
             if not len(cut):
                 continue
