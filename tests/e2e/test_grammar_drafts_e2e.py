@@ -40,7 +40,8 @@ def _restore_act_quant():
     cpu.set_act_quant(saved)  # process-wide (Engine sets it): later modules get the default back
 
 
-def _run(params: dict = PARAMS, act: str = "none", **kw: Any) -> tuple[list[dict], list[list[bool]], dict]:
+def _run(params: dict = PARAMS, act: str = "none", logprobs: bool = False,
+         **kw: Any) -> tuple[list[dict], list[list[bool]], dict]:
     """(outputs, the verify walk's alive flags of every constrained row with a draft, server info)."""
     from sgl.runtime.engine import Engine
 
@@ -58,7 +59,8 @@ def _run(params: dict = PARAMS, act: str = "none", **kw: Any) -> tuple[list[dict
     eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
                  cpu_act_quant=act, **kw)
     try:
-        outs = [eng.generate(_prompt(line), dict(params, sampling_seed=i)) for i, line in enumerate(PEOPLE)]
+        outs = [eng.generate(_prompt(line), dict(params, sampling_seed=i), return_logprob=logprobs)
+                for i, line in enumerate(PEOPLE)]
         info = eng.get_server_info()
         eng.wait_idle()
         eng.check_integrity()
@@ -103,15 +105,18 @@ def test_drafts_follow_the_grammar(baseline: list[dict], kw: dict, monkeypatch: 
 
 def test_seeded_sampling_under_a_grammar_keeps_its_tokens() -> None:
     """temperature 0.8, a seed per request, q16 (batch-invariant verify rows): every algorithm, every row drafting,
-    gives the tokens of no speculation. Before verification took forced text the way jump-forward does, a verify
+    gives the tokens and logprobs of no speculation. Before verification took forced text the way jump-forward does, a verify
     row sampled the grammar's forced tokens (a draw each) and the seeded outputs drifted (NGRAM 15 of 18, MEDUSA
     9 of 18 identical on 18 people)."""
     sampled = dict(PARAMS, temperature=0.8)  # _run adds a seed per request
-    base = _run(sampled, act="q16")[0]
+    base = _run(sampled, act="q16", logprobs=True)[0]
     for kw in (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=6),
                dict(speculative_algorithm="EAGLE", speculative_num_draft_tokens=6, speculative_eagle_topk=3,
                     speculative_num_steps=3),
                dict(speculative_algorithm="MEDUSA", speculative_num_draft_tokens=8)):
-        outs, alive, _ = _run(sampled, act="q16", speculative_always_draft=True, **kw)
+        outs, alive, _ = _run(sampled, act="q16", logprobs=True, speculative_always_draft=True, **kw)
         _identical_and_valid(outs, base)
         assert alive, kw  # verify rows ran under the grammar
+        # logprobs too: the forced tokens' are 0 either way (taken from the draft or by jump-forward)
+        for o, b in zip(outs, base):
+            assert o["meta_info"]["output_token_logprobs"] == b["meta_info"]["output_token_logprobs"], kw
