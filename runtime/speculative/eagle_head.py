@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgl.runtime.models.rotary import rope_inv_freq
+from sgl.runtime.models.rotary import RotaryEmbedding, rope_inv_freq
 
 
 @dataclass(frozen=True)
@@ -136,17 +136,6 @@ class EagleHead(nn.Module):
         ang = torch.cat([ang, ang], dim=-1).unsqueeze(-2)
         return ang.cos() * self.rope_scale, ang.sin() * self.rope_scale
 
-    def rope_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, signed sin) [>= n, D] of positions 0.. (decode_layer's rows: rotate-half's signs in sin), kept and
-        grown by doubling."""
-        rows = self.__dict__.get("_rope_rows")
-        if rows is None or rows[0].shape[0] < n:
-            cos, sin = self.rope(torch.arange(max(n, 2 * (0 if rows is None else rows[0].shape[0]), 256)))
-            half = self.config.head_dim // 2
-            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-            rows = self.__dict__["_rope_rows"] = (cos[:, 0].contiguous(), sin[:, 0].contiguous())
-        return rows
-
     def slot_range(self, n: int) -> torch.Tensor:
         """int64 [0, n) (a view of a kept arange, grown by doubling): a head cache's slots as a KV pool's."""
         r = self.__dict__.get("_slot_range")
@@ -160,7 +149,7 @@ class EagleHead(nn.Module):
         Training and forward_train keep using the fp32 modules; drafts only need to be good, not exact."""
         from sgl.runtime.models.native_weights import fuse_rows, to_linear
 
-        a, m = self.layers[0].self_attn, self.layers[0].mlp
+        a, m, c = self.layers[0].self_attn, self.layers[0].mlp, self.config
 
         def q(*ws: torch.Tensor) -> Any:
             return to_linear(fuse_rows([w.detach().float() for w in ws], qtype))
@@ -170,9 +159,12 @@ class EagleHead(nn.Module):
                        "qkv_bias": bias, "o": q(a.o_proj.weight), "gate_up": q(m.gate_proj.weight, m.up_proj.weight),
                        "down": q(m.down_proj.weight)}
         self._fused = self._fused_layer()
+        if self._fused is not None:  # the kernel's cos / signed-sin rows, the target's own tables
+            self._rope_rows = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
 
     _quant: Optional[dict[str, Any]] = None
     _fused: Optional[Any] = None  # the layer as DecodeLayerWeights for the fused CPU kernel (head_extend_fused)
+    _rope_rows: Optional[RotaryEmbedding] = None
 
     def _fused_layer(self) -> Optional[Any]:
         """The quantized layer as sgl.kernels.cpu.decode_layer weights (no input norm, as EAGLE's layer), or None
@@ -360,11 +352,12 @@ def head_extend_fused(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor
     from sgl.kernels.cpu.quant import get_act_quant
     from sgl.runtime.models.native_weights import linear
 
-    c, qw, w = head.config, head._quant, head._fused
-    assert qw is not None and w is not None
+    c, qw, w, rope = head.config, head._quant, head._fused, head._rope_rows
+    assert qw is not None and w is not None and rope is not None
     act = get_act_quant() if get_act_quant() in ("q16", "q8") else "q16"
     x = linear(torch.cat([embeds, feats], dim=-1), qw["fc"], head.fc.bias).contiguous()  # [T, H]
-    cos, sin = head.rope_rows(int(positions.max()) + 1)
+    rope.ensure(int(positions.max()) + 1)
+    cos, sin = rope.cos, rope.sin_signed  # [N, D]
     scale = c.head_dim ** -0.5
     t = 0
     for cache, n in zip(caches, counts):
