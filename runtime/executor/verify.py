@@ -46,6 +46,11 @@ class RowOutcome:
     failure_from_sampler: bool = False
     path: list[int] = field(default_factory=list)  # the accepted draft nodes, root first (len(token_ids) - 1)
 
+    def add(self, token: int, logprob: Optional[float], top: Optional[list[tuple[int, float]]]) -> None:
+        self.token_ids.append(token)
+        self.logprobs.append(logprob)
+        self.top_logprobs.append(top)
+
 
 def _children(parents: Sequence[int], alive: Optional[Sequence[bool]]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
@@ -104,9 +109,7 @@ def sample_verify(logits: torch.Tensor, bases: Sequence[int], drafts: Sequence[S
                 continue  # later positions: stop; the next step meets the same state at the pending token
             tok = res.token_ids[a]
             states[j].append(tok)
-            outs[j].token_ids.append(tok)
-            outs[j].logprobs.append(res.logprobs[a])
-            outs[j].top_logprobs.append(res.top_logprobs[a] if res.top_logprobs is not None else None)
+            outs[j].add(tok, res.logprobs[a], res.top_logprobs[a] if res.top_logprobs is not None else None)
             child = next((c for c in kids[j].get(cur[j], ()) if drafts[j][c] == tok), None)
             if child is not None:
                 outs[j].path.append(child)
@@ -131,9 +134,7 @@ def _take_forced(span: Sequence[int], draft: Sequence[int], kids: dict[int, list
             return False
         path.append(node)
     for c in path:
-        out.token_ids.append(draft[c])
-        out.logprobs.append(0.0)
-        out.top_logprobs.append([])
+        out.add(draft[c], 0.0, [])
         out.path.append(c)
     cur[j] = path[-1]
     return True
@@ -169,9 +170,7 @@ def _walk_plain_greedy(logits: torch.Tensor, bases: Sequence[int], drafts: Seque
                 break
             tok = int(tok)
             states[j].append(tok)
-            outs[j].token_ids.append(tok)
-            outs[j].logprobs.append(None)
-            outs[j].top_logprobs.append(None)
+            outs[j].add(tok, None, None)
             child = next((c for c in kids[j].get(node, ()) if drafts[j][c] == tok), None)
             if child is None:
                 break

@@ -106,12 +106,16 @@ class GrammarWalk:
         restore_fill_state(self.g, self.state)
 
 
+def _live(matcher: Any) -> bool:
+    """A sgl.grammars matcher a draft may walk: no error and no pending guard rollback."""
+    return ENABLED and isinstance(matcher, GrammarMatcher) and matcher.error is None \
+        and getattr(matcher, "pending", None) is None
+
+
 @contextmanager
 def grammar_walks(reqs: Sequence[Any]) -> Iterator[list[Optional[GrammarWalk]]]:
-    """A walk per request with a live matcher (a sgl.grammars matcher with no error and no pending guard
-    rollback), else None; every walk is closed (its matcher put back) when the block ends, however it ends."""
-    walks = [GrammarWalk(r.grammar) if ENABLED and isinstance(r.grammar, GrammarMatcher) and r.grammar.error is None
-             and getattr(r.grammar, "pending", None) is None else None for r in reqs]
+    """A walk per request with a live matcher (_live), else None; every walk is closed (its matcher put back) when the block ends, however it ends."""
+    walks = [GrammarWalk(r.grammar) if _live(r.grammar) else None for r in reqs]
     try:
         yield walks
     finally:
@@ -128,8 +132,7 @@ def with_forced_text(matcher: Any, tokens: list[int], limit: int) -> list[int]:
     replaced by F, so the row takes F and samples once after it; where F does not fit in `limit` tokens (the
     request's room), the draft ends before F. A token the mask forbids ends the draft (verification would cut
     it). The matcher is put back."""
-    if not ENABLED or not isinstance(matcher, GrammarMatcher) or matcher.error is not None \
-            or getattr(matcher, "pending", None) is not None:
+    if not _live(matcher):
         return tokens
     walk = GrammarWalk(matcher)
     try:
