@@ -184,8 +184,6 @@ class DecodeStack:
         for i, (w, k, v) in enumerate(zip(self.layers, self.k_bufs, self.v_bufs)):
             if (w.hidden_size, w.num_heads, w.num_kv_heads, w.head_dim, w.intermediate_size, w.eps) != shape:
                 raise ValueError(f"layer {i}'s shape or eps differs from layer 0's: one stack takes one shape")
-            if w.input_layernorm is None:
-                raise ValueError(f"layer {i} has no input_layernorm: a stack's layers are the model's (decode_layer only)")
             _check_bufs(w, k, v)
             if k.shape[0] != self.k_bufs[0].shape[0] or k.dtype != self.k_bufs[0].dtype:
                 raise ValueError(f"layer {i}'s KV pool ({k.shape[0]} slots of {k.dtype}) differs from layer 0's "

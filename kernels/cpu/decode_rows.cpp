@@ -219,7 +219,10 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
   (void)slot;  // the profile's (rows_profile.h)
   PROF_DECL;
   if (ph[kQkv].p.has_work()) {
-    rms_norm_rows(r.h, s.hidden, w.ln1, M, s.hidden, s.eps, own.x.data(), ld);
+    if (w.ln1 != nullptr)
+      rms_norm_rows(r.h, s.hidden, w.ln1, M, s.hidden, s.eps, own.x.data(), ld);
+    else  // no input norm (an EAGLE head's layer): the stream itself, as decode_layer
+      for (int64_t t = 0; t < M; t++) std::copy(r.h + t * s.hidden, r.h + (t + 1) * s.hidden, own.x.data() + t * ld);
     for (int64_t t = 0; t < M; t++) own.h.set_row(t, own.x.data() + t * ld);
     PROF_MARK(slot, kQkv, 0);
     ph[kQkv].p.work([&](int64_t n0, int64_t n1) {

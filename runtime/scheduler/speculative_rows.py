@@ -152,9 +152,10 @@ class SpeculativeRows:
         if not asking and not shadow:
             return out
         k = max([want[r] for r in asking] + ([shadow_len] if shadow else []))
-        t0 = time.process_time()
+        t0 = time.thread_time()  # the clock verify_cost.py times decode steps with
         proposed = self.drafter.propose(asking + shadow, k)
-        self.draft_seconds += DRAFT_TIME_EMA * ((time.process_time() - t0) / k - self.draft_seconds)
+        spent = time.thread_time() - t0 - getattr(self.drafter, "catchup_seconds", 0.0)  # (Drafter's docstring)
+        self.draft_seconds += DRAFT_TIME_EMA * (max(0.0, spent) / k - self.draft_seconds)
         for req, draft in zip(asking + shadow, proposed):
             room = req.params.max_new_tokens - len(req.output_ids) - 1
             cut = draft.cut(max(0, room), want[req] or shadow_len)

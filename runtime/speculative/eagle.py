@@ -13,6 +13,11 @@ position. Per request the drafter keeps
      extend adds the entries up to position n -> g_n -> d_1 = argmax over the draft vocabulary;
   2. k - 1 batched steps: the entry (d_j, g_{n+j-1}) at position n + j -> g_{n+j} -> d_{j+1};
   3. drops the drafted entries (positions > n): their features were the head's own.
+After jump-forward the pending tokens end in forced text the target has not run yet (t_m..t_n, no
+features past f_{m-1}): step 1 then stops at entry m, and the forced tokens are teacher-forced through
+head steps over the head's own states (as drafted entries: entry (t_{m+i}, g_{m+i-1})), so the draft
+starts after them; those entries are dropped with the drafted ones. A chain of k drafts then costs
+n - m + k head steps; without this, rows after jump-forward had no draft at all.
 Positions whose states the target never computed (a radix-cache hit on the prompt) have no features:
 the head's context then starts at the first computed position (base = feat_lo), whose entry reads a
 zero feature (it has no predecessor: the same at position 0, and in training).
@@ -22,6 +27,7 @@ State is dropped when a request finishes (swept at the next observe/propose).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -84,6 +90,7 @@ class EagleDrafter:
             else:
                 self.lm_head = rows.t().contiguous()  # [H, Vd], as an fp32 LinearWeight
         self._seqs: dict[Req, _Seq] = {}
+        self.catchup_seconds = 0.0  # the last propose's catch-up (Drafter.catchup_seconds)
 
     # -- the target's states, after each step (ModelRunner.hidden_observer) --------------------------
     def observe(self, rows: Sequence[BatchRow], results: Sequence[RowResult]) -> None:
@@ -118,15 +125,17 @@ class EagleDrafter:
         if self.topk == 1:  # a chain's head steps are its tokens; a tree's (its depth) are capped in _tree
             k = min(k, self.num_steps or k)
         live: list[tuple[Req, _Seq, list[int], list[int]]] = []  # (req, seq, new tokens, their positions)
+        forced: list[list[int]] = []  # per live request: pending tokens past its last feature (jump-forward text)
         for req in reqs:
             seq, n = self._seqs.get(req), len(req.fill_ids) - 1
-            if seq is None or seq.feat_hi < n or seq.feat_lo > n or k < 1:
-                continue  # the state that predicted the pending token is not there: no draft
+            m = min(n, req.kv_len)  # the first pending token's entry: the last with a true feature (f_{m-1})
+            if seq is None or seq.feat_hi < m or seq.feat_lo > m or k < 1:
+                continue  # the state that predicted the first pending token is not there: no draft
             if seq.base < 0:
                 seq.base = seq.feat_lo
             fill = req.fill_ids
             keep = 0
-            limit = min(len(seq.tokens), n - seq.base)  # entry n is always recomputed: its g_n starts the draft
+            limit = min(len(seq.tokens), m - seq.base)  # entry m is always recomputed: its g_m starts the draft
             while keep < limit and seq.tokens[keep] == fill[seq.base + keep]:
                 keep += 1
             seq.cut_entries(keep)
@@ -134,11 +143,14 @@ class EagleDrafter:
             if (first == seq.base < seq.feat_lo) or (first > seq.base and first - 1 < seq.feat_lo):
                 seq.cut_entries(0)  # the features this context needs were trimmed: restart it
                 seq.base = first = seq.feat_lo
-            live.append((req, seq, fill[first:n + 1], list(range(first, n + 1))))
+            live.append((req, seq, fill[first:m + 1], list(range(first, m + 1))))
+            forced.append(fill[m + 1:n + 1])
         drafts: dict[Req, list[int]] = {req: [] for req in reqs}
+        self.catchup_seconds = 0.0
         if not live:
             return [Draft([]) for _ in reqs]
         # Step 1: catch up to the pending token; steps 2..k: one drafted entry each.
+        t0 = time.thread_time()
         ids = [t for _, _, toks, _ in live for t in toks]
         pos = [p for _, _, _, ps in live for p in ps]
         feats = torch.cat([self._feats(seq, ps[0], ps[-1]) for _, seq, _, ps in live])
@@ -148,8 +160,11 @@ class EagleDrafter:
         n_true = [len(seq.tokens) for _, seq, _, _ in live]
         g = head_extend(self.head, self._embed(ids), feats, torch.tensor(pos), [s.kv for _, s, _, _ in live], counts)
         last = torch.tensor(counts).cumsum(0) - 1
-        g = g.index_select(0, last)  # [B, H]: g_n of each request
+        g = g.index_select(0, last)  # [B, H]: g_m of each request
         positions = torch.tensor([ps[-1] for _, _, _, ps in live])
+        if any(forced):
+            g, positions = self._force(live, g, positions, forced)  # -> g_n
+        self.catchup_seconds = time.thread_time() - t0
         if self.topk > 1:
             with grammar_walks([req for req, _, _, _ in live]) as walks:
                 trees = {req: self._tree(seq, g[i:i + 1], int(positions[i]), k, walks[i])
@@ -190,6 +205,20 @@ class EagleDrafter:
             positions = positions + 1
             g = head_extend(self.head, self._embed(tok.tolist()), g, positions, [s.kv for _, s, _, _ in live],
                             [1] * len(live))
+
+    def _force(self, live: list[tuple[Req, _Seq, list[int], list[int]]], g: torch.Tensor, positions: torch.Tensor,
+               forced: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-force each live request's forced tokens through head steps (entry (t, g_prev) at the next
+        position, batched over the requests that still have some); -> (g [B, H], positions [B]) at their last."""
+        g, positions = g.clone(), positions.clone()
+        for step in range(max(len(f) for f in forced)):
+            rows = [i for i, f in enumerate(forced) if step < len(f)]
+            index = torch.tensor(rows)
+            positions[index] += 1
+            out = head_extend(self.head, self._embed([forced[i][step] for i in rows]), g[index].contiguous(),
+                              positions[index], [live[i][1].kv for i in rows], [1] * len(rows))
+            g[index] = out
+        return g, positions
 
     def _tree(self, seq: _Seq, g: torch.Tensor, n: int, budget: int, walk: Optional[GrammarWalk] = None) -> Draft:
         """A token tree of at most `budget` nodes after the pending token at position n (g [1, H]: g_n), EAGLE-2's

@@ -307,7 +307,7 @@ def head_extend(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor, posi
                 caches: list[HeadKV], counts: list[int]) -> torch.Tensor:
     """Run new entries of several sequences (sequence-major: counts[b] rows of sequence b) against each
     one's cache, appending their keys/values. embeds/feats [T, H], positions [T] -> [T, H]."""
-    if head._fused is not None and sum(counts) <= FUSED_MAX_ENTRIES:
+    if head._fused is not None and max(counts) <= FUSED_MAX_ENTRIES:
         return head_extend_fused(head, embeds, feats, positions, caches, counts)
     c = head.config
     groups = c.num_attention_heads // c.num_key_value_heads
@@ -337,18 +337,19 @@ def head_extend(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor, posi
     return head.block(embeds, feats, positions, attend)
 
 
-FUSED_MAX_ENTRIES = 16  # head_extend runs the fused kernel entry by entry up to this many entries (a draft step,
-# a short catch-up); longer catch-ups (a prompt's states) take the batched torch path
+FUSED_MAX_ENTRIES = 64  # head_extend runs the fused kernels when no sequence has more new entries than this (a draft
+# step, a catch-up: decode_rows' most rows); longer ones (a prompt's states) take the batched torch path
 
 
 @torch.inference_mode()
 def head_extend_fused(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor,
                       caches: list[HeadKV], counts: list[int]) -> torch.Tensor:
-    """head_extend through sgl.kernels.cpu.decode_layer: per entry, fc, then the layer in ONE kernel call (its
-    attention over the sequence's cache as a KV pool whose slots are the entries 0..len, the new one's stored
-    last) instead of ~25 torch ops. Same math as the torch path (the quantized head's), another summation order:
-    drafts only need to be good (the README's EAGLE section measures the step)."""
-    from sgl.kernels.cpu.decode_layer import decode_layer
+    """head_extend through sgl.kernels.cpu.decode_layer: fc, then the layer in ONE kernel call per sequence (its
+    attention over the sequence's cache as a KV pool whose slots are the entries 0..len, each new one's stored
+    last) instead of ~25 torch ops: decode_layer for one entry, decode_rows for several (a catch-up: their rows in
+    one pass, with the bits decode_layer gives each alone). Same math as the torch path (the quantized head's),
+    another summation order: drafts only need to be good (the README's EAGLE section measures the step)."""
+    from sgl.kernels.cpu.decode_layer import DecodeStack, decode_layer, decode_rows
     from sgl.kernels.cpu.quant import get_act_quant
     from sgl.runtime.models.native_weights import linear
 
@@ -361,13 +362,19 @@ def head_extend_fused(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor
     scale = c.head_dim ** -0.5
     t = 0
     for cache, n in zip(caches, counts):
-        for _ in range(n):
-            cache.reserve(cache.length + 1)
-            slots = head.slot_range(cache.length + 1)
+        cache.reserve(cache.length + n)
+        if n == 1:
             p = int(positions[t])
-            decode_layer(x[t:t + 1], w, cos[p], sin[p], cache.k, cache.v, slots, scale, check=False, act=act)
-            cache.length += 1
-            t += 1
+            decode_layer(x[t:t + 1], w, cos[p], sin[p], cache.k, cache.v, head.slot_range(cache.length + 1), scale,
+                         check=False, act=act)
+        else:  # a catch-up: the entries as rows of one call, the weights read once (decode_layer per entry: n reads)
+            pos = positions[t:t + n]
+            slots = head.slot_range(cache.length + n)  # row j's list: entries 0..length + j, its own last
+            decode_rows(x[t:t + n], DecodeStack((w,), (cache.k,), (cache.v,)), cos[pos].contiguous(),
+                        sin[pos].contiguous(), torch.full((n,), slots.data_ptr(), dtype=torch.int64),
+                        torch.arange(cache.length + 1, cache.length + n + 1), scale, act=act)
+        cache.length += n
+        t += n
     return rms_norm(x, head.norm, c.rms_norm_eps) if head.norm is not None else x
 
 

@@ -11,9 +11,12 @@ model and KV pool before it serves (`measure_verify_cost`, ~0.1-0.4 s on 1 threa
 
     cost(j) = time(forward + lm_head of one row of 1 + j new tokens) / time(the same for 1 token)
 
-over a short dummy context, at j = 1..8, 16, 32, ... and k, linear in between. Times are the process's
-CPU time (time.process_time), min over interleaved repetitions: on a shared machine wall time swung the
-ratios by 40% between two measurements a second apart (the other jobs' preemptions), CPU time hardly. `VerifyCost.assumed` is the old
+over a short dummy context, at j = 1..8, 16, 32, ... and k, linear in between. Times are the calling
+thread's CPU time (time.thread_time), min over interleaved repetitions: on a shared machine wall time swung
+the ratios by 40% between two measurements a second apart (the other jobs' preemptions), CPU time hardly.
+The drafter's time is measured the same way in the scheduler thread (speculative_rows.py): the process's CPU
+clock (time.process_time) also counts the process's other threads, and with the other core busy one read of it
+took up to 5 ms (mean 0.26 ms over a request's steps, against ~1.5 us for the thread's clock). `VerifyCost.assumed` is the old
 fitted curve, for schedulers built without an engine (tests with fake runners) and tensor-parallel
 engines (every rank would have to join the timing steps).
 """
@@ -33,7 +36,7 @@ class VerifyCost:
     """cost(j): decode steps one verify row of 1 + j tokens costs; points[i] = (j, cost), j ascending, (0, 1.0) first."""
 
     points: tuple[tuple[int, float], ...]
-    decode_seconds: float = 0.0  # one decode step as measured, process CPU seconds (0: not measured)
+    decode_seconds: float = 0.0  # one decode step as measured, the thread's CPU seconds (0: not measured)
     source: str = "assumed"  # "measured" | "assumed"
 
     def __post_init__(self) -> None:
@@ -95,9 +98,9 @@ def measure_verify_cost(model: Any, kv: Any, k: int, vocab_size: int, reps: int 
                 # path, ~1.5-2x dearer than the verify steps really are, and the rule drafted too little
                 fb = ForwardBatch.from_lists([ctx[context:context + 1 + j]], [list(range(context + 1 + j))],
                                              generated_only=True)
-                t0 = time.process_time()
+                t0 = time.thread_time()
                 model.compute_logits(model(fb, kv))
-                dt = time.process_time() - t0
+                dt = time.thread_time() - t0
                 if rep:
                     best[j] = min(best[j], dt)
     base = best[0]

@@ -81,6 +81,33 @@ def test_decode_batch_rows_match_batch_one(mode: str, qtype: str, rows: int) -> 
     assert_same(stack, ref, h, run_one_by_one(ref, h_ref, lists, positions))
 
 
+@pytest.mark.parametrize("act", ["q16", "q8"])
+def test_rows_without_input_norm_are_decode_layer_per_row(mode: str, act: str) -> None:
+    """A one-layer stack with no input norm (an EAGLE head's layer, its catch-up entries as rows: row j sees the
+    entries before it) gives each row the bits of decode_stack on it alone, and differs from a unit norm's."""
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(9)
+    layer = dataclasses.replace(make_layer(gen, "q8_0", HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, bias=False),
+                                input_layernorm=None)
+    k, v = torch.randn(SLOTS, KV_HEADS, HEAD_DIM, generator=gen), torch.randn(SLOTS, KV_HEADS, HEAD_DIM, generator=gen)
+    slots = torch.arange(30)
+    lists, positions = [slots[: 27 + j] for j in range(3)], [26 + j for j in range(3)]
+    h = 3 * torch.randn(3, HIDDEN, generator=gen)
+    outs = []
+    for w in (layer, dataclasses.replace(layer, input_layernorm=torch.ones(HIDDEN))):
+        stack = DecodeStack((w,), (k.clone(),), (v.clone(),))
+        ref, x, x_ref = clone(stack), h.clone(), h.clone()
+        cos, sin = rope(positions)
+        decode_rows(x, stack, cos, sin, torch.tensor([t.data_ptr() for t in lists]),
+                    torch.tensor([t.numel() for t in lists]), HEAD_DIM**-0.5, act=act)
+        for t in range(3):
+            decode_stack(x_ref[t : t + 1], ref, cos[t], sin[t], lists[t], HEAD_DIM**-0.5, act=act)
+        assert_same(stack, ref, x, x_ref)
+        outs.append(x)
+    assert not torch.allclose(outs[0], outs[1], rtol=1e-2, atol=1e-2)
+
+
 def test_verify_chain_and_tree_rows(mode: str) -> None:
     """A chain of 1 + 4 rows of one sequence (row j sees rows < j: its list is the table up to its slot), and
     tree rows (node lists: prefix, ancestors, itself) next to a decode row of another sequence."""

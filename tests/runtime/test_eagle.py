@@ -125,6 +125,52 @@ def test_exact_head_has_every_greedy_draft_accepted(trim: bool, monkeypatch: pyt
     assert drafter.num_tracked == 0, "finished requests' head states were kept"
 
 
+def test_rows_after_jump_forward_draft_past_the_forced_text() -> None:
+    """Under a grammar whose text is forced in runs (jump-forward appends them: the target has no states for
+    them yet), the head teacher-forces them over its own states and drafts after them in the same row. With the
+    exact head its states are the target's, so every such draft is accepted; outputs stay identical."""
+    from sgl.grammars import GrammarCompiler, Vocabulary
+
+    model, head = exact_target_and_head()
+    tokens = [b"a", b"b", b"c", b"d", b"e", None]  # id 5: EOS
+    compiled = GrammarCompiler(Vocabulary.from_bytes(tokens, eos_token_id=5)).compile("regex", "([abe]cd[abe][abe]c)+")
+    prompts = [[2, 3, 4, 5], [5, 4, 3, 2, 0, 0, 3], [3], [1, 1]]
+    params = [SamplingParams(temperature=0, max_new_tokens=30)] * len(prompts)
+
+    def runs(with_head: bool) -> tuple[list[Req], Scheduler, list[tuple[int, int]]]:
+        runner = ModelRunner(model, model.config, 1024, frozenset({5}))
+        drafter = None
+        if with_head:
+            drafter = EagleDrafter(head, model)
+            runner.capture_hidden, runner.hidden_observer = True, drafter.observe
+        s = Scheduler(ServerArgs(speculative_always_draft=True, speculative_num_draft_tokens=3), runner,
+                      OutputProcessor(Tok(frozenset({5}))), 1024, lambda r: None, drafter=drafter)
+        rows: list[tuple[int, int]] = []  # (pending tokens, drafts) of every row after the prompt
+        run_rows = runner.run
+
+        def logged(batch):  # noqa: ANN001, ANN202
+            rows.extend((r.extend_len - r.draft_len, r.draft_len) for r in batch.rows if r.start >= len(r.req.prompt_ids))
+            return run_rows(batch)
+
+        runner.run = logged
+        reqs = [Req(rid=str(i), prompt_ids=p, params=sp, arrival=s.next_arrival(), grammar=compiled.matcher())
+                for i, (p, sp) in enumerate(zip(prompts, params))]
+        for r in reqs:
+            s.add_request(r)
+        while s.has_work:
+            s.step()
+            s.check_integrity()
+        return reqs, s, rows
+
+    base, base_s, _ = runs(False)
+    spec, s, rows = runs(True)
+    assert base_s.stats.jump_forward_tokens > 10
+    assert [r.output_ids for r in spec] == [r.output_ids for r in base]
+    assert sum(d for pending, d in rows if pending > 1) > 5, rows  # forced text and drafts in one row
+    # every draft is the target's choice; only a request's last row may end at max_new_tokens inside its draft
+    assert s.stats.spec_draft_tokens > 40 and s.stats.spec_draft_tokens - s.stats.spec_accepted_tokens <= len(prompts)
+
+
 def run_with_rollback(model, head, prompt: list[int], at_len: int, keep: int, **kw) -> tuple[Req, Scheduler]:
     """One greedy request; once it has `at_len` output tokens it is rolled back to its first `keep` output tokens (as a
     grammar guard does: runtime/scheduler/rollback.py) and three other tokens than before are forced after them
