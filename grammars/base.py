@@ -56,6 +56,9 @@ class GrammarMatcher(ABC):
         self.vocab = vocab
         self.error: Optional[str] = None
         self._eos_accepted = False
+        # EOS taken again after EOS (only EOS is allowed then; a draft's or verification's walk may hold several):
+        # no-ops that `rollback` undoes first, so rolling back over them never undoes a real token
+        self._eos_repeats = 0
         self._words = (vocab.vocab_size_padded + 31) // 32  # bitmask words this vocabulary needs
         self._num_accepted = 0  # tokens accepted and not rolled back
         self._head: list[int] = []  # the first min(_num_accepted, HEAD_TOKENS) of them (the mask cache's key)
@@ -132,7 +135,10 @@ class GrammarMatcher(ABC):
         if self.error is not None:
             return False
         if self._eos_accepted:
-            return token_id in self.vocab.eos_token_ids
+            if token_id not in self.vocab.eos_token_ids:
+                return False
+            self._eos_repeats += 1
+            return True
         try:
             ok = self._accept(int(token_id))
         except Exception as e:  # noqa: BLE001
@@ -157,14 +163,16 @@ class GrammarMatcher(ABC):
         if n <= 0 or self.error is not None:
             return
         try:
-            rest = n
-            if self._eos_accepted:  # the last accepted token: the backend undoes it its own way
+            repeats = min(n, self._eos_repeats)  # EOS after EOS: nothing to undo in the backend
+            self._eos_repeats -= repeats
+            rest = real = n - repeats
+            if rest > 0 and self._eos_accepted:  # the last accepted token: the backend undoes it its own way
                 self._eos_accepted = False
                 self._rollback_eos()
                 rest -= 1
             if rest > 0:
                 self._rollback(rest)
-            self._num_accepted = max(0, self._num_accepted - n)
+            self._num_accepted = max(0, self._num_accepted - real)
             del self._head[self._num_accepted:]
         except Exception as e:  # noqa: BLE001
             self._fail(f"grammar backend failed to roll back {n} tokens: {e}")

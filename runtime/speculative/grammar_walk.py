@@ -73,7 +73,10 @@ class GrammarWalk:
         return scores.masked_fill(~ok, float("-inf"))
 
     def take(self, token_id: int) -> bool:
-        """Accept `token_id` as the path's next token; False (the matcher unchanged) if its mask forbids it."""
+        """Accept `token_id` as the path's next token; False (the matcher unchanged) if its mask forbids it, or
+        the path already ends in EOS (a draft ends there: verification samples nothing after it)."""
+        if self.path and self.path[-1] in self.g.vocab.eos_token_ids:
+            return False
         words = self._words()
         if words is None or not int(words[token_id // 32]) >> (token_id % 32) & 1:
             return False

@@ -115,6 +115,24 @@ def test_rollback_through_eos(vocab, backend, pattern, text):
     assert m.accept(eos) and m.is_finished()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rollback_over_repeated_eos(vocab, backend):
+    """After EOS only EOS is allowed, so a walk along a draft may take EOS several times (EAGLE drafted "false }
+    EOS EOS"); rolling all of them back must undo the real tokens once: one token too many undid the forced text
+    before them, and the request then sampled '":' after '"active":' (invalid JSON)."""
+    m = compiler_for(vocab, backend).compile("regex", "ab(c|d)").matcher()
+    ids = vocab.encode(b"ab")
+    for t in ids:
+        assert m.accept(t)
+    before = allowed(vocab, m)
+    c = vocab.encode(b"c")[0]
+    eos = min(vocab.eos_token_ids)
+    assert m.accept(c) and m.accept(eos) and m.accept(eos) and m.accept(eos)
+    m.rollback(4)
+    assert allowed(vocab, m) == before and m.error is None, backend
+    assert m.accept(vocab.encode(b"d")[0]) and m.accept(eos) and m.is_finished()
+
+
 def test_error_state_never_raises(vocab, compiler):
     m = compiler.compile("regex", "[0-9]+").matcher()
     assert not m.accept(vocab.encode(b"x")[0])

@@ -70,6 +70,21 @@ def test_masked_scores_and_a_node_with_nothing_allowed() -> None:
     assert g.error is None and g.accept(0)
 
 
+def test_a_walk_ends_at_eos_and_closes_back_over_it() -> None:
+    """Nothing follows EOS in a draft (verification samples nothing after it), and closing a walk through EOS
+    puts the matcher back on the tokens before it."""
+    g = _compiled().matcher()
+    for t in [0, 5]:  # "a" "1"
+        assert g.accept(t)
+    before = _mask(g)
+    w = GrammarWalk(g)
+    assert w.take(8) and w.take(EOS)  # "x", EOS
+    assert not w.take(EOS) and w.path == [8, EOS]
+    w.close()
+    assert torch.equal(_mask(g), before) and g.error is None
+    assert g.accept(8) and g.accept(EOS) and g.is_finished()
+
+
 def test_only_live_sgl_matchers_get_a_walk() -> None:
     compiled = _compiled()
     failed = compiled.matcher()
