@@ -39,7 +39,6 @@ after two full accepts. `--speculative-always-draft` skips the rule (every row d
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -47,7 +46,7 @@ from sgl.runtime.config import ServerArgs
 from sgl.runtime.metrics import record_spec_accept_length
 from sgl.runtime.speculative.drafter import Draft, Drafter
 from sgl.runtime.speculative.grammar_walk import with_forced_text
-from sgl.runtime.speculative.verify_cost import VerifyCost
+from sgl.runtime.speculative.verify_cost import VerifyCost, step_clock
 from sgl.runtime.cache.allocator import SlotAllocator
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
 
@@ -152,9 +151,10 @@ class SpeculativeRows:
         if not asking and not shadow:
             return out
         k = max([want[r] for r in asking] + ([shadow_len] if shadow else []))
-        t0 = time.thread_time()  # the clock verify_cost.py times decode steps with
+        clock = step_clock()  # the clock verify_cost.py times decode steps with
+        t0 = clock()
         proposed = self.drafter.propose(asking + shadow, k)
-        spent = time.thread_time() - t0 - getattr(self.drafter, "catchup_seconds", 0.0)  # (Drafter's docstring)
+        spent = clock() - t0 - getattr(self.drafter, "catchup_seconds", 0.0)  # (Drafter's docstring)
         self.draft_seconds += DRAFT_TIME_EMA * (max(0.0, spent) / k - self.draft_seconds)
         for req, draft in zip(asking + shadow, proposed):
             room = req.params.max_new_tokens - len(req.output_ids) - 1

@@ -61,7 +61,7 @@ class Draft:
 class Drafter(Protocol):
     name: str
     accept_prior: float  # a request's per-draft acceptance estimate before its first observation
-    # Optional: `catchup_seconds`, the thread CPU seconds of the last `propose` spent catching up on the tokens
+    # Optional: `catchup_seconds`, the seconds (verify_cost.step_clock) of the last `propose` spent catching up on the tokens
     # produced since the drafter last ran (EAGLE's head entries, and jump-forward text teacher-forced through
     # them): what following the sequence costs, paid once per token whenever it drafts, not a cost of the drafted
     # tokens. The adaptive rule (speculative_rows.py) leaves it out of the drafter's time per drafted token.

@@ -27,7 +27,6 @@ State is dropped when a request finishes (swept at the next observe/propose).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -38,6 +37,7 @@ from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
 from sgl.runtime.speculative.drafter import Draft
 from sgl.runtime.speculative.eagle_head import EagleHead, HeadKV, head_extend, head_tree_step
 from sgl.runtime.speculative.grammar_walk import GrammarWalk, grammar_walks
+from sgl.runtime.speculative.verify_cost import step_clock
 
 
 @dataclass
@@ -150,7 +150,8 @@ class EagleDrafter:
         if not live:
             return [Draft([]) for _ in reqs]
         # Step 1: catch up to the pending token; steps 2..k: one drafted entry each.
-        t0 = time.thread_time()
+        clock = step_clock()
+        t0 = clock()
         ids = [t for _, _, toks, _ in live for t in toks]
         pos = [p for _, _, _, ps in live for p in ps]
         feats = torch.cat([self._feats(seq, ps[0], ps[-1]) for _, seq, _, ps in live])
@@ -164,7 +165,7 @@ class EagleDrafter:
         positions = torch.tensor([ps[-1] for _, _, _, ps in live])
         if any(forced):
             g, positions = self._force(live, g, positions, forced)  # -> g_n
-        self.catchup_seconds = time.thread_time() - t0
+        self.catchup_seconds = clock() - t0
         if self.topk > 1:
             with grammar_walks([req for req, _, _, _ in live]) as walks:
                 trees = {req: self._tree(seq, g[i:i + 1], int(positions[i]), k, walks[i])

@@ -11,12 +11,14 @@ model and KV pool before it serves (`measure_verify_cost`, ~0.1-0.4 s on 1 threa
 
     cost(j) = time(forward + lm_head of one row of 1 + j new tokens) / time(the same for 1 token)
 
-over a short dummy context, at j = 1..8, 16, 32, ... and k, linear in between. Times are the calling
-thread's CPU time (time.thread_time), min over interleaved repetitions: on a shared machine wall time swung
-the ratios by 40% between two measurements a second apart (the other jobs' preemptions), CPU time hardly.
-The drafter's time is measured the same way in the scheduler thread (speculative_rows.py): the process's CPU
-clock (time.process_time) also counts the process's other threads, and with the other core busy one read of it
-took up to 5 ms (mean 0.26 ms over a request's steps, against ~1.5 us for the thread's clock). `VerifyCost.assumed` is the old
+over a short dummy context, at j = 1..8, 16, 32, ... and k, linear in between. Times are min over interleaved
+repetitions of `step_clock()`, which the drafter's time is measured with too (speculative_rows.py):
+  - 1 thread: the calling thread's CPU time (time.thread_time). On a shared machine wall time swung the ratios
+    by 40% between two measurements a second apart (the other jobs' preemptions), CPU time hardly.
+  - more threads: wall time (time.perf_counter). The calling thread's CPU time misses the helper's share and
+    its sleeps differ between kernels (2 threads, default model, q8: a 1 + 1 row measured 0.89 decode steps,
+    wall 1.12); the process's CPU time counts every thread's spinning (1.26), and with the other core busy one
+    read of that clock took up to 5 ms (mean 0.26 ms over a request's steps, ~1.5 us for the thread's clock). `VerifyCost.assumed` is the old
 fitted curve, for schedulers built without an engine (tests with fake runners) and tensor-parallel
 engines (every rank would have to join the timing steps).
 """
@@ -25,9 +27,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 CONTEXT = 32  # dummy tokens before the timed rows: attention over a short prefix, as early in a request
+ADAPTIVE_PROBE = 32  # calls an adaptive site of the CPU kernels probes before it settles (thread_pool.h: 2 x kProbe)
 REPS = 2  # interleaved rounds after a warm-up round; each length's min is kept (CPU time: stable)
 
 
@@ -36,7 +39,7 @@ class VerifyCost:
     """cost(j): decode steps one verify row of 1 + j tokens costs; points[i] = (j, cost), j ascending, (0, 1.0) first."""
 
     points: tuple[tuple[int, float], ...]
-    decode_seconds: float = 0.0  # one decode step as measured, the thread's CPU seconds (0: not measured)
+    decode_seconds: float = 0.0  # one decode step as measured in step_clock() seconds (0: not measured)
     source: str = "assumed"  # "measured" | "assumed"
 
     def __post_init__(self) -> None:
@@ -73,6 +76,14 @@ def draft_lengths(k: int) -> list[int]:
     return out + ([k] if k > 8 else [])
 
 
+def step_clock() -> Callable[[], float]:
+    """The clock verify rows and drafts are timed with (module docstring): the thread's CPU time on 1 thread,
+    wall time on more."""
+    from sgl.kernels.cpu.quant import get_num_threads
+
+    return time.thread_time if get_num_threads() == 1 else time.perf_counter
+
+
 def measure_verify_cost(model: Any, kv: Any, k: int, vocab_size: int, reps: int = REPS,
                         context: int = CONTEXT) -> VerifyCost:
     """Time one row of 1 + j tokens for j in 0 and draft_lengths(k) on `model` over pool `kv`.
@@ -81,6 +92,7 @@ def measure_verify_cost(model: Any, kv: Any, k: int, vocab_size: int, reps: int 
     (the engine does, before its scheduler thread starts); later writes overwrite them."""
     import torch
 
+    from sgl.kernels.cpu.quant import get_num_threads
     from sgl.runtime.executor.forward_batch import ForwardBatch
 
     context = min(context, kv.num_slots - 1 - k)
@@ -89,18 +101,23 @@ def measure_verify_cost(model: Any, kv: Any, k: int, vocab_size: int, reps: int 
     lengths = [0] + draft_lengths(k)
     ctx = [(7 * i + 1) % vocab_size for i in range(context + 1 + k)]  # dummy ids
     best = {j: float("inf") for j in lengths}
+    clock = step_clock()
     with torch.inference_mode():
         model(ForwardBatch.from_lists([ctx[:context]], [list(range(context))]), kv)
+        # With helper threads the kernels' adaptive sites (thread_pool.h) first time their calls alone, then with
+        # the helpers, ADAPTIVE_PROBE calls in all: a decode step timed then ran its lm_head alone (2 threads, q8:
+        # 3.1 ms instead of 1.7), and a 1 + 1 row measured 0.86 decode steps. Steps of 1 and 2 tokens get past it.
+        warm = ADAPTIVE_PROBE if get_num_threads() > 1 else 0
         for rep in range(reps + 1):  # round 0 warms every path (first calls allocate)
-            for j in lengths:
+            for j in lengths if rep else [0, 1] * warm + lengths:
                 # generated_only: the scheduler's decode and verify rows are (model_runner), and it routes them
                 # to the fused C++ decoder (decode_stack / decode_rows); without it a 1 + j row took the prefill
                 # path, ~1.5-2x dearer than the verify steps really are, and the rule drafted too little
                 fb = ForwardBatch.from_lists([ctx[context:context + 1 + j]], [list(range(context + 1 + j))],
                                              generated_only=True)
-                t0 = time.thread_time()
+                t0 = clock()
                 model.compute_logits(model(fb, kv))
-                dt = time.thread_time() - t0
+                dt = clock() - t0
                 if rep:
                     best[j] = min(best[j], dt)
     base = best[0]

@@ -33,12 +33,12 @@ SCHEMA = {"json_schema": json.dumps(PERSON), "max_new_tokens": 128, "temperature
 TIGHT = dict(SCHEMA, max_new_tokens=40)  # the grammar budget closes the JSON early: masks narrow near the end
 
 
-# Both engines run exact fp32 activations. With the default q16 a verify row's matmuls give the bits of a decode
-# step too (the q16 small-M GEMM, tests/kernels/test_cpu_q16_batch.py), but a verify row's attention runs torch
-# SDPA and a decode step's the C++ kernel: their ~1e-7 summation-order differences, amplified by q16's int16
-# rounding to ~1e-5, flipped token 27 of a temperature-0.9 draw. With fp32 activations only the order differs,
-# and "identical" is what speculation must give.
-EXACT = {"cpu_act_quant": "none"}
+# Both engines run q16 activations, where identity is exact by construction: decode_rows gives every verify row the
+# bits decode_stack gives that token alone, matmuls and attention alike (tests/kernels/test_cpu_decode_rows.py).
+# (They ran fp32 activations while a verify row's attention was torch SDPA: q16's rounding amplified its
+# summation-order differences. fp32 in turn sums an M = 1 step (gemv) and a verify row (the small-M GEMM) in
+# different orders: on an AMD EPYC (Zen 4) that flipped a temperature-0.9 draw of the sampled requests below.)
+EXACT = {"cpu_act_quant": "q16"}
 ALWAYS = {"speculative_always_draft": True}  # every decoding row drafts: the identity tests see verify rows whatever the cost
 
 

@@ -153,3 +153,33 @@ def test_the_cost_times_rows_as_the_scheduler_runs_them(monkeypatch: pytest.Monk
     context, *rows = built
     assert not context[1]  # the context is a prompt
     assert sorted({n for n, _ in rows}) == [1, 2, 3, 4, 5] and all(g for _, g in rows)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_with_helper_threads_the_timed_steps_come_after_the_kernels_adaptive_probe(
+        threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With helper threads the CPU kernels' adaptive sites time their first ADAPTIVE_PROBE calls alone, then with
+    the helpers: a decode step timed there ran its lm_head alone (2 threads, q8: 3.1 ms instead of 1.7) and a 1 + 1
+    row measured 0.86 decode steps. Steps of 1 and 2 tokens run first, enough to get past the probe; the clock is
+    wall time (the thread's CPU time misses the helper's share), the thread's CPU time on 1 thread."""
+    import time
+
+    from sgl.kernels.cpu import quant
+    from sgl.runtime.speculative import verify_cost
+
+    monkeypatch.setattr(quant, "_threads", threads)
+    rows: list[int] = []  # the rows' token counts, in order
+    model = tiny_model(0)
+    forward = model.forward
+
+    def counted(fb, kv):  # type: ignore[no-untyped-def]
+        rows.append(fb.num_tokens)
+        return forward(fb, kv)
+
+    monkeypatch.setattr(model, "forward", counted)
+    assert verify_cost.step_clock() is (time.thread_time if threads == 1 else time.perf_counter)
+    kv = KVCache.for_model(model.config, 64, torch.float32, "cpu")
+    cost = measure_verify_cost(model, kv, 4, model.config.vocab_size, reps=1)
+    assert cost.source == "measured"
+    probe = [1, 2] * verify_cost.ADAPTIVE_PROBE if threads > 1 else []
+    assert rows == [32] + probe + [1, 2, 3, 4, 5] * 2  # the context, the probe's steps, round 0, the timed round
