@@ -350,6 +350,7 @@ def head_extend_fused(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor
     one pass, with the bits decode_layer gives each alone). Same math as the torch path (the quantized head's),
     another summation order: drafts only need to be good (the README's EAGLE section measures the step)."""
     from sgl.kernels.cpu.decode_layer import DecodeStack, decode_layer, decode_rows
+    from sgl.kernels.cpu.norm import rms_norm as cpu_rms_norm
     from sgl.kernels.cpu.quant import get_act_quant
     from sgl.runtime.models.native_weights import linear
 
@@ -375,7 +376,7 @@ def head_extend_fused(head: EagleHead, embeds: torch.Tensor, feats: torch.Tensor
                         torch.arange(cache.length + 1, cache.length + n + 1), scale, act=act)
         cache.length += n
         t += n
-    return rms_norm(x, head.norm, c.rms_norm_eps) if head.norm is not None else x
+    return cpu_rms_norm(x, head.norm.contiguous(), c.rms_norm_eps) if head.norm is not None else x
 
 
 @torch.inference_mode()
