@@ -66,6 +66,9 @@ class EagleDrafter:
     TRIM_MARGIN, COMPACT_AT = 64, 256
     TREE_DEPTH = 4  # a tree's head steps when --speculative-num-steps is unset
     EMBED_CACHE = 8192  # embedding rows kept dequantized (fp32: 2.3 KB each on the default model, ~19 MB at most)
+    # Most forced tokens teacher-forced through head steps before a draft (~0.3 ms each on the default model): a
+    # longer forced text (a long const or key) rides without a draft, as before, rather than cost a step's worth
+    FORCE_MAX = 16
 
     def __init__(self, head: EagleHead, target: Any, num_steps: Optional[int] = None,
                  quantize: Optional[str] = None, topk: int = 1) -> None:
@@ -131,8 +134,8 @@ class EagleDrafter:
         for req in reqs:
             seq, n = self._seqs.get(req), len(req.fill_ids) - 1
             m = min(n, req.kv_len)  # the first pending token's entry: the last with a true feature (f_{m-1})
-            if seq is None or seq.feat_hi < m or seq.feat_lo > m or k < 1:
-                continue  # the state that predicted the first pending token is not there: no draft
+            if seq is None or seq.feat_hi < m or seq.feat_lo > m or k < 1 or n - m > self.FORCE_MAX:
+                continue  # the state that predicted the first pending token is not there (or too much forced text)
             if seq.base < 0:
                 seq.base = seq.feat_lo
             fill = req.fill_ids

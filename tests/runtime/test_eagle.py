@@ -125,11 +125,15 @@ def test_exact_head_has_every_greedy_draft_accepted(trim: bool, monkeypatch: pyt
     assert drafter.num_tracked == 0, "finished requests' head states were kept"
 
 
-def test_rows_after_jump_forward_draft_past_the_forced_text() -> None:
+@pytest.mark.parametrize("force_max", [16, 1])
+def test_rows_after_jump_forward_draft_past_the_forced_text(force_max: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under a grammar whose text is forced in runs (jump-forward appends them: the target has no states for
     them yet), the head teacher-forces them over its own states and drafts after them in the same row. With the
-    exact head its states are the target's, so every such draft is accepted; outputs stay identical."""
+    exact head its states are the target's, so every such draft is accepted; outputs stay identical. A forced
+    text longer than FORCE_MAX rides without a draft."""
     from sgl.grammars import GrammarCompiler, Vocabulary
+
+    monkeypatch.setattr(EagleDrafter, "FORCE_MAX", force_max)
 
     model, head = exact_target_and_head()
     tokens = [b"a", b"b", b"c", b"d", b"e", None]  # id 5: EOS
@@ -166,7 +170,11 @@ def test_rows_after_jump_forward_draft_past_the_forced_text() -> None:
     spec, s, rows = runs(True)
     assert base_s.stats.jump_forward_tokens > 10
     assert [r.output_ids for r in spec] == [r.output_ids for r in base]
-    assert sum(d for pending, d in rows if pending > 1) > 5, rows  # forced text and drafts in one row
+    forced_rows = [d for pending, d in rows if pending > 1]  # drafts in rows after jump-forward ("cd" after [abe])
+    if force_max >= 2:
+        assert sum(forced_rows) > 5, rows  # forced text and drafts in one row
+    else:
+        assert forced_rows and not any(forced_rows), rows
     # every draft is the target's choice; only a request's last row may end at max_new_tokens inside its draft
     assert s.stats.spec_draft_tokens > 40 and s.stats.spec_draft_tokens - s.stats.spec_accepted_tokens <= len(prompts)
 
