@@ -40,7 +40,7 @@ def _restore_act_quant():
     cpu.set_act_quant(saved)  # process-wide (Engine sets it): later modules get the default back
 
 
-def _run(params: dict = PARAMS, act: str = "none", logprobs: bool = False,
+def _run(params: dict = PARAMS, act: str = "q16", logprobs: bool = False,
          **kw: Any) -> tuple[list[dict], list[list[bool]], dict]:
     """(outputs, the verify walk's alive flags of every constrained row with a draft, server info)."""
     from sgl.runtime.engine import Engine
@@ -54,8 +54,8 @@ def _run(params: dict = PARAMS, act: str = "none", logprobs: bool = False,
         return masks
 
     model_runner.fill_verify_bitmask = spy
-    # exact fp32 activations by default: a verify row and a decode step then agree to the bit
-    # (test_eagle_e2e.py's _engine); q16's fused rows are batch-invariant too
+    # q16 activations by default: a verify row's tokens get the bits of a decode step (test_speculative_e2e.py's
+    # EXACT); fp32's M = 1 step and small-M GEMM sum in different orders
     eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
                  cpu_act_quant=act, **kw)
     try:
@@ -109,12 +109,12 @@ def test_seeded_sampling_under_a_grammar_keeps_its_tokens() -> None:
     row sampled the grammar's forced tokens (a draw each) and the seeded outputs drifted (NGRAM 15 of 18, MEDUSA
     9 of 18 identical on 18 people)."""
     sampled = dict(PARAMS, temperature=0.8)  # _run adds a seed per request
-    base = _run(sampled, act="q16", logprobs=True)[0]
+    base = _run(sampled, logprobs=True)[0]
     for kw in (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=6),
                dict(speculative_algorithm="EAGLE", speculative_num_draft_tokens=6, speculative_eagle_topk=3,
                     speculative_num_steps=3),
                dict(speculative_algorithm="MEDUSA", speculative_num_draft_tokens=8)):
-        outs, alive, _ = _run(sampled, act="q16", logprobs=True, speculative_always_draft=True, **kw)
+        outs, alive, _ = _run(sampled, logprobs=True, speculative_always_draft=True, **kw)
         _identical_and_valid(outs, base)
         assert alive, kw  # verify rows ran under the grammar
         # logprobs too: the forced tokens' are 0 either way (taken from the draft or by jump-forward)

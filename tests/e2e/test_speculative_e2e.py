@@ -116,13 +116,11 @@ def test_adaptive_rule_on_a_measured_cost(baseline) -> None:
         eng.shutdown()
 
 
-@pytest.mark.parametrize("act", ["q16", "q8"])
+@pytest.mark.parametrize("act", ["q8"])  # q16, the default, is EXACT: the tests above
 def test_default_activations_identical_to_no_speculation(act: str) -> None:
-    """The production kernels: default q16 (or --cpu-act-quant q8) activations, verify rows through decode_rows
-    (each token row the bits of a batch-1 decode step: runtime/models/fused_decode.py). Greedy, seeded and
-    json_schema outputs equal no speculation's (the tests above compare exact fp32 activations). These three also
-    matched with verify rows on the torch path (ROWS_ENABLED off): the bit-identity itself is
-    tests/kernels/test_cpu_decode_rows.py's (q8: test_cpu_decode_q8.py's)."""
+    """--cpu-act-quant q8 activations, verify rows through decode_rows (each token row the bits of a batch-1
+    decode step: runtime/models/fused_decode.py). Greedy, seeded and json_schema outputs equal no speculation's.
+    The bit-identity itself is tests/kernels/test_cpu_decode_q8.py's."""
     from sgl.runtime.engine import Engine
 
     seeded = {"max_new_tokens": 48, "temperature": 0.6, "top_p": 0.95, "sampling_seed": 7}  # copies: drafts match
@@ -181,10 +179,8 @@ def test_draft_model_default_as_its_own_draft(baseline) -> None:
 ], ids=["medusa", "ngram_tree"])
 def test_tree_drafts_identical_to_no_speculation(baseline, kw: dict) -> None:
     """Token trees on the default model (tree attention mask, path acceptance, path slots kept): greedy
-    and json_schema outputs identical to no speculation, the constrained one valid. (Seeded sampling
-    is exact in law, and identical with exact fp32 activations; under the default q16 activations a verify
-    row's attention differs from a decode step's by summation order, amplified to ~1e-5, which can flip a
-    sampled token near a CDF boundary: the tiny-model tests check seeded identity.)"""
+    and json_schema outputs identical to no speculation, the constrained one valid. (Seeded identity under
+    trees: the tiny-model tests, and test_grammar_drafts_e2e.py on the default model.)"""
     from sgl.runtime.engine import Engine
 
     eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
