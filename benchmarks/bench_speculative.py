@@ -19,7 +19,9 @@ Algorithms: NGRAM (chain, own sequence); NGRAM_TREE (NGRAM with 3 continuations 
 and finished requests' sequences matched too); MEDUSA (the shipped self-distilled heads, a static
 tree); EAGLE (the shipped self-distilled one-layer head, a chain, q8_0 draft steps); EAGLE_TREE (the same head
 drafting token trees, `--eagle-topk` children per node); NAME_BLIND (e.g. EAGLE_BLIND): NAME with drafts that
-ignore the grammar (runtime/speculative/grammar_walk.py off; verification still cuts what the mask forbids); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
+ignore the grammar (runtime/speculative/grammar_walk.py off; verification still cuts what the mask forbids);
+NAME+NGRAM (e.g. EAGLE+NGRAM): NAME behind an NGRAM lane (`--speculative-ngram-first`, NGRAM_TREE's settings): NGRAM
+drafts where the text matches, NAME elsewhere; DRAFT uses the default model as its own draft (an identity check: no smaller model with this
 tokenizer ships here), so its speed ratio is below 1 by construction.
 Prints one table and writes benchmarks/results/bench_speculative.json.
 """
@@ -51,6 +53,7 @@ PERSON = json.loads((DATA / "person_extraction.json").read_text())
 
 
 BLIND = "_BLIND"  # an algorithm name's suffix: its drafter ignores the grammar (grammar_walk.ENABLED off: the A/B)
+NGRAM_FIRST = "+NGRAM"  # an algorithm name's suffix: --speculative-ngram-first, with NGRAM_TREE's settings
 
 
 def chat(user: str) -> str:
@@ -114,6 +117,9 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
                   act_quant: Optional[str] = None) -> dict[str, Any]:
     kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
     algo = algo[: -len(BLIND)] if algo is not None and algo.endswith(BLIND) else algo
+    if algo is not None and algo.endswith(NGRAM_FIRST):  # e.g. EAGLE+NGRAM: NGRAM_TREE's lane in front
+        algo = algo[: -len(NGRAM_FIRST)]
+        kw.update(speculative_ngram_first=True, speculative_ngram_max_bfs_breadth=3, speculative_ngram_capacity=1 << 16)
     if act_quant is not None:
         kw["cpu_act_quant"] = act_quant
     if algo is not None:
@@ -130,6 +136,12 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
         if max_batch is not None:
             kw["speculative_max_batch"] = max_batch
     return kw
+
+
+def lane_counts(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, int]]:
+    """Each drafter's verify rows, drafted and accepted tokens between two `spec_per_drafter` readings."""
+    keys = ("verify_ct", "draft_tokens", "accepted_tokens")
+    return {lane: {k: int(c[k] - before.get(lane, {}).get(k, 0)) for k in keys} for lane, c in after.items()}
 
 
 def verify_cost(threads: int, k: int, reps: int = 15, act_quant: Optional[str] = None) -> list[dict[str, Any]]:
@@ -193,13 +205,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                     # prompt, and NGRAM's shared index would hold this very output from the round before
                     assert eng.flush_cache()
                     grammar_walk.ENABLED = not name.endswith(BLIND)
+                    lanes_before = eng.get_stats().get("spec_per_drafter") or {}
                     r = run_workload(eng, prompts, params, batch)
                     grammar_walk.ENABLED = True
+                    lanes = lane_counts(lanes_before, eng.get_stats().get("spec_per_drafter") or {})
                     print(f"{wname:18s} {name:6s} rep {rep} {r['tok_s']:7.1f} tok/s {r['tok_cpu_s']:7.1f} tok/cpu-s  "
                           f"accept {r['accept_length']}", flush=True)
                     acc = results.setdefault(wname, {}).get(name)
                     if acc is None:
                         results[wname][name] = r
+                        r["per_drafter"] = lanes
                     else:  # sum the rounds (greedy: the same outputs and accept length every round)
                         acc["seconds"] += r["seconds"]
                         acc["cpu_seconds"] += r["cpu_seconds"]
@@ -209,6 +224,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         acc["decode_seconds"] += r["decode_seconds"]
                         acc["decode_tokens"] += r["decode_tokens"]
                         acc["decode_tok_s"] = acc["decode_tokens"] / acc["decode_seconds"]
+                        for lane, counts in lanes.items():
+                            for key, n in counts.items():
+                                acc["per_drafter"][lane][key] += n
         for eng in engines.values():
             eng.wait_idle()
             eng.check_integrity()
@@ -243,6 +261,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "decode_ratio": round(r["decode_tok_s"] / base["decode_tok_s"], 3) if batch_of[wname] == 1 else None,
                    "accept_length": r["accept_length"],
                    "identical": same, "tokens": r["tokens"]}
+            if len(r.get("per_drafter") or {}) > 1:  # lanes (NAME+NGRAM): verify rows and accepted drafts of each
+                row["per_drafter"] = r["per_drafter"]
             if wname.startswith("c_"):
                 row["valid"] = valid_share(r["texts"])
             table.append(row)
@@ -258,6 +278,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{row['workload']:18s} {row['algorithm']:6s} {row['tok_s']:7.1f} {row['ratio']:5.2f}x "
               f"{row['tok_cpu_s']:9.1f} {row['cpu_ratio']:5.2f}x {decode:>12s} {decode_ratio:>6s} {acc:>6s} "
               f"{row['identical']:6.0%} {valid:>6s}")
+        if "per_drafter" in row:
+            print(" " * 19 + "lanes: " + ", ".join(f"{lane} {c['verify_ct']} rows, {c['accepted_tokens']}/{c['draft_tokens']} "
+                                                   "drafts accepted" for lane, c in row["per_drafter"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"threads": args.threads, "load_before": load_before,
                                           "load_after": os.getloadavg(), "num_draft_tokens": args.num_draft_tokens,

@@ -28,6 +28,15 @@ class ReqStatus(Enum):
     FINISHED = "finished"
 
 
+@dataclass
+class SpecLane:
+    """What the adaptive rule knows of one drafter on one request (runtime/scheduler/speculative_rows.py)."""
+
+    accept_prob: Optional[float] = None  # estimated per-draft acceptance; None: the drafter's prior
+    shadow: Any = None  # (len(output_ids) when drafted, Draft): a draft not verified, scored on the tokens that follow
+    idle_steps: int = 0  # decode steps the rule kept this drafter from drafting, since its last draft
+
+
 @dataclass(eq=False)
 class Req:
     rid: str
@@ -68,12 +77,11 @@ class Req:
     stop_checked_upto: int = 0
     sampling_state: Any = None  # the runner's per-request sampling state
     # speculative decoding (runtime/speculative/)
-    draft_state: Any = None  # the drafter's per-request state (e.g. the n-gram index)
+    draft_state: dict[str, Any] = field(default_factory=dict)  # drafter name -> its per-request state (the n-gram index)
     spec_verify_ct: int = 0  # verify steps this request ran with a draft
     spec_accepted_tokens: int = 0  # drafts the target accepted over those steps
-    spec_accept_prob: Optional[float] = None  # estimated per-draft acceptance (scheduler/speculative_rows.py); None: the prior
-    spec_shadow: Any = None  # (len(output_ids) when drafted, Draft): a draft not verified, scored on the tokens that follow
-    spec_idle_steps: int = 0  # decode steps since the last draft (shadow or verified)
+    spec_lanes: dict[str, SpecLane] = field(default_factory=dict)  # drafter name -> the adaptive rule's state
+    spec_drafted_by: Optional[str] = None  # the drafter of the request's draft in this step's verify row
 
     def __post_init__(self) -> None:
         assert len(self.prompt_ids) > 0, "a request needs at least one prompt token"

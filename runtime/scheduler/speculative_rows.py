@@ -34,6 +34,13 @@ Measured on the default model (NGRAM, 1 thread): a fixed-length ladder (+2 after
 Hugging Face's assisted generation) lost ~30% of the accepted tokens of copy phases, because
 acceptance is bimodal (copying or not) and each copy phase restarted short; the EMA reaches a = 0.9
 after two full accepts. `--speculative-always-draft` skips the rule (every row drafts k: tests).
+
+Lanes. The rule can run several drafters in order (`--speculative-ngram-first`: NGRAM, then the model
+drafter); each is a lane with its own estimate per request (`Req.spec_lanes`), its own time per drafted
+token and its own shadows, because their acceptance differs by kind (an n-gram match that copies is right
+far more often than a head's guess). A request a lane drafts for is not offered to the next lane in that
+step; one the lane keeps from drafting, or finds no draft for (NGRAM without a match), is. A verify row
+teaches the lane that drafted it (`Req.spec_drafted_by`).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from sgl.runtime.speculative.drafter import Draft, Drafter
 from sgl.runtime.speculative.grammar_walk import with_forced_text
 from sgl.runtime.speculative.verify_cost import VerifyCost, step_clock
 from sgl.runtime.cache.allocator import SlotAllocator
-from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
+from sgl.runtime.scheduler.request import BatchRow, Req, RowResult, SpecLane
 
 
 @dataclass
@@ -65,6 +72,15 @@ class SpecStats:
     def accept_length(self) -> float:
         """Mean tokens produced per verify row (accepted drafts + the target's own token)."""
         return (self.accepted_tokens + self.verify_ct) / self.verify_ct if self.verify_ct else 0.0
+
+    def add(self, draft_len: int, accepted: int) -> None:
+        self.verify_ct += 1
+        self.draft_tokens += draft_len
+        self.accepted_tokens += accepted
+
+    def summary(self) -> dict[str, float]:
+        return {"verify_ct": self.verify_ct, "draft_tokens": self.draft_tokens,
+                "accepted_tokens": self.accepted_tokens, "accept_rate": self.accept_rate}
 
 
 PRIOR, EMA, DRIFT = 0.6, 0.5, 0.1  # default acceptance prior, weight of the newest row, pull back when idle
@@ -84,6 +100,14 @@ def best_draft_len(a: float, k: int, cost: "VerifyCost | None" = None, per_draft
     return best
 
 
+def _learn(st: SpecLane, prior: float, accepted: int, depth: int) -> None:
+    """The estimate after one row (or scored shadow): the MLE of a per-level acceptance probability from it,
+    `accepted` successes then one rejection unless the path reached the deepest level, averaged in."""
+    observed = accepted / (accepted + (accepted < depth))
+    before = prior if st.accept_prob is None else st.accept_prob
+    st.accept_prob = (1 - EMA) * before + EMA * observed
+
+
 def followed(draft: Draft, produced: Sequence[int]) -> tuple[int, bool]:
     """(drafts the produced tokens follow, final?): the longest chain prefix / tree path matching `produced`;
     final once a token left the draft or a leaf was reached (more tokens cannot change the count)."""
@@ -98,54 +122,82 @@ def followed(draft: Draft, produced: Sequence[int]) -> tuple[int, bool]:
     return n, not any(p == node for p in parents)
 
 
+class _Lane:
+    """One drafter and what the rule measured of it: its prior, its time per drafted token."""
+
+    def __init__(self, drafter: Drafter) -> None:
+        self.drafter = drafter
+        self.name: str = drafter.name
+        self.prior = float(getattr(drafter, "accept_prior", PRIOR))
+        self.draft_seconds = 0.0  # drafter time per drafted token (an average of propose calls)
+        self.stats = SpecStats()  # its verify rows
+
+
 class SpeculativeRows:
-    def __init__(self, args: ServerArgs, drafter: Drafter, cost: Optional[VerifyCost] = None) -> None:
+    def __init__(self, args: ServerArgs, drafter: Drafter, cost: Optional[VerifyCost] = None,
+                 first: Sequence[Drafter] = ()) -> None:
+        """`drafter` drafts for the requests the drafters in `first` (in order) leave without a draft (module
+        docstring: lanes); each is its own lane of the rule."""
+        self.lanes = [_Lane(d) for d in [*first, drafter]]
+        assert len({lane.name for lane in self.lanes}) == len(self.lanes), "two lanes of one drafter"
         self.drafter = drafter
         self.k = args.speculative_num_draft_tokens
         self.max_batch = args.speculative_max_batch
         self.always = args.speculative_always_draft
         self.cost = cost or VerifyCost.assumed()  # the engine sets the measured one before serving
-        self.prior = float(getattr(drafter, "accept_prior", PRIOR))
-        self.draft_seconds = 0.0  # drafter time per drafted token (an average of propose calls)
         self.stats = SpecStats()
 
-    @property
-    def per_draft(self) -> float:
-        """The drafter's time per drafted token in decode steps (0 until both are measured)."""
-        return self.draft_seconds / self.cost.decode_seconds if self.cost.decode_seconds > 0 else 0.0
+    def per_draft(self, lane: _Lane) -> float:
+        """The lane's time per drafted token in decode steps (0 until both are measured)."""
+        return lane.draft_seconds / self.cost.decode_seconds if self.cost.decode_seconds > 0 else 0.0
 
     def flush(self) -> None:
-        """Drop what the drafter caches across requests (NGRAM's finished sequences), if anything."""
-        flush = getattr(self.drafter, "flush", None)  # optional: only cross-request drafters have one
-        if flush is not None:
-            flush()
+        """Drop what the drafters cache across requests (NGRAM's finished sequences), if anything."""
+        for lane in self.lanes:
+            flush = getattr(lane.drafter, "flush", None)  # optional: only cross-request drafters have one
+            if flush is not None:
+                flush()
 
     def drafts(self, decoding: Sequence[Req]) -> dict[Req, Draft]:
         """Non-empty drafts for some of `decoding` (requests with one pending token), or {}.
 
         No drafts when the batch is compute-bound (more rows than `--speculative-max-batch`): a
-        verify row of 1 + k tokens then costs about 1 + k decode rows. A draft never asks for more
-        tokens than the request may still produce (t_0 plus the accepted path <= room): a tree is cut
-        by depth. Requests the rule keeps from drafting may get a shadow draft (module docstring)."""
+        verify row of 1 + k tokens then costs about 1 + k decode rows. The lanes are asked in order; a
+        request one of them drafts for is not offered to the next."""
         if not decoding or len(decoding) > self.max_batch:
             return {}
+        out: dict[Req, Draft] = {}
+        left = list(decoding)
+        for lane in self.lanes:
+            got = self._lane_drafts(lane, left)
+            out.update(got)
+            left = [r for r in left if r not in got]
+            if not left:
+                break
+        return out
+
+    def _lane_drafts(self, lane: _Lane, decoding: Sequence[Req]) -> dict[Req, Draft]:
+        """One lane's drafts for `decoding`. A draft never asks for more tokens than the request may still
+        produce (t_0 plus the accepted path <= room): a tree is cut by depth. Requests the rule keeps from
+        drafting may get a shadow draft (module docstring)."""
         want: dict[Req, int] = {}
         shadow: list[Req] = []
-        per_draft = self.per_draft
+        per_draft = self.per_draft(lane)
         shadow_len = self.k if per_draft * self.k <= SHADOW_BUDGET else min(self.k, SHADOW_LEN)
         shadow_every = max(1, math.ceil(per_draft * shadow_len / SHADOW_BUDGET))
         for req in decoding:
-            if req.spec_accept_prob is None:
-                req.spec_accept_prob = self.prior
-            self._settle_shadow(req)
-            want[req] = self.k if self.always else best_draft_len(req.spec_accept_prob, self.k, self.cost, per_draft)
+            st = req.spec_lanes.setdefault(lane.name, SpecLane())
+            if st.accept_prob is None:
+                st.accept_prob = lane.prior
+            self._settle_shadow(req, lane)
+            want[req] = self.k if self.always else best_draft_len(st.accept_prob, self.k, self.cost, per_draft)
             if want[req] == 0:
-                req.spec_accept_prob += DRIFT * (self.prior - req.spec_accept_prob)
-                req.spec_idle_steps += 1
-                if req.spec_shadow is None and req.spec_idle_steps % shadow_every == 0:
+                st.accept_prob += DRIFT * (lane.prior - st.accept_prob)
+                st.idle_steps += 1
+                if st.shadow is None and st.idle_steps % shadow_every == 0:
                     shadow.append(req)
             else:
-                req.spec_idle_steps = 0
+                st.idle_steps = 0
         asking = [r for r in decoding if want[r] > 0]
         out: dict[Req, Draft] = {}
         if not asking and not shadow:
@@ -153,9 +205,9 @@ class SpeculativeRows:
         k = max([want[r] for r in asking] + ([shadow_len] if shadow else []))
         clock = step_clock()  # the clock verify_cost.py times decode steps with
         t0 = clock()
-        proposed = self.drafter.propose(asking + shadow, k)
-        spent = clock() - t0 - getattr(self.drafter, "catchup_seconds", 0.0)  # (Drafter's docstring)
-        self.draft_seconds += DRAFT_TIME_EMA * (max(0.0, spent) / k - self.draft_seconds)
+        proposed = lane.drafter.propose(asking + shadow, k)
+        spent = clock() - t0 - getattr(lane.drafter, "catchup_seconds", 0.0)  # (Drafter's docstring)
+        lane.draft_seconds += DRAFT_TIME_EMA * (max(0.0, spent) / k - lane.draft_seconds)
         for req, draft in zip(asking + shadow, proposed):
             room = req.params.max_new_tokens - len(req.output_ids) - 1
             cut = draft.cut(max(0, room), want[req] or shadow_len)
@@ -166,40 +218,36 @@ class SpeculativeRows:
                 continue
             if want[req]:
                 out[req] = cut
+                req.spec_drafted_by = lane.name
             else:
-                req.spec_shadow = (len(req.output_ids), cut)
+                req.spec_lanes[lane.name].shadow = (len(req.output_ids), cut)
         return out
 
-    def _settle_shadow(self, req: Req) -> None:
-        """Score the request's shadow draft once the tokens produced since decide it (module docstring)."""
-        if req.spec_shadow is None:
+    def _settle_shadow(self, req: Req, lane: _Lane) -> None:
+        """Score the request's shadow draft of this lane once the tokens produced since decide it (module docstring)."""
+        st = req.spec_lanes[lane.name]
+        if st.shadow is None:
             return
-        start, draft = req.spec_shadow
+        start, draft = st.shadow
         if len(req.output_ids) < start:  # rolled back (a grammar guard): nothing to score
-            req.spec_shadow = None
+            st.shadow = None
             return
         accepted, final = followed(draft, req.output_ids[start:])
         if final:
-            req.spec_shadow = None
-            self._learn(req, accepted, max(draft.depths()))
-
-    def _learn(self, req: Req, accepted: int, depth: int) -> None:
-        # MLE of a per-level acceptance probability from one row: `accepted` successes, then one
-        # rejection unless the path reached the deepest level.
-        observed = accepted / (accepted + (accepted < depth))
-        prior = self.prior if req.spec_accept_prob is None else req.spec_accept_prob
-        req.spec_accept_prob = (1 - EMA) * prior + EMA * observed
+            st.shadow = None
+            _learn(st, lane.prior, accepted, max(draft.depths()))
 
     def record(self, req: Req, draft_len: int, accepted: int, depth: Optional[int] = None) -> None:
         """One verify row ran: `accepted` of its `draft_len` drafts matched the target's tokens
         (`depth`: a tree's deepest level; a chain's is its length)."""
         record_spec_accept_length(1 + accepted)  # tokens this verify step produced
-        self._learn(req, accepted, draft_len if depth is None else depth)
+        lane = next((lane for lane in self.lanes if lane.name == req.spec_drafted_by), self.lanes[-1])
+        _learn(req.spec_lanes.setdefault(lane.name, SpecLane()), lane.prior, accepted,
+               draft_len if depth is None else depth)
         req.spec_verify_ct += 1
         req.spec_accepted_tokens += accepted
-        self.stats.verify_ct += 1
-        self.stats.draft_tokens += draft_len
-        self.stats.accepted_tokens += accepted
+        self.stats.add(draft_len, accepted)
+        lane.stats.add(draft_len, accepted)
 
     def trim_verify_row(self, allocator: SlotAllocator, row: BatchRow, res: RowResult, appended: int) -> None:
         """After a verify row's step (its new slots already in `req.slots`): keep the KV of the pending
@@ -228,4 +276,10 @@ def verify_row_slots(row: BatchRow, res: RowResult, appended: int) -> tuple[list
 
 
 def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter]) -> Optional[SpeculativeRows]:
-    return SpeculativeRows(args, drafter) if drafter is not None else None
+    """The rule over `drafter`, behind an NGRAM lane with `--speculative-ngram-first`."""
+    if drafter is None:
+        return None
+    from sgl.runtime.speculative import make_ngram_drafter
+
+    first = [make_ngram_drafter(args)] if args.speculative_ngram_first and drafter.name != "NGRAM" else []
+    return SpeculativeRows(args, drafter, first=first)

@@ -26,6 +26,8 @@ class StepStats:
     spec_accepted_tokens: int = 0
     spec_accept_rate: float = 0.0
     spec_accept_length: float = 0.0
+    # per drafter (several with --speculative-ngram-first): {name: {verify_ct, draft_tokens, accepted_tokens, accept_rate}}
+    spec_per_drafter: dict[str, dict[str, float]] = field(default_factory=dict)
     num_preemptions_swap: int = 0
     num_preemptions_recompute: int = 0
     swap_out_bytes: int = 0

@@ -29,11 +29,7 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
     if args.speculative_algorithm is None:
         return None
     if args.speculative_algorithm == "NGRAM":
-        from sgl.runtime.speculative.ngram import NgramDrafter
-
-        return NgramDrafter(args.speculative_ngram_min_match_window_size,
-                            args.speculative_ngram_max_match_window_size,
-                            args.speculative_ngram_max_bfs_breadth, args.speculative_ngram_capacity)
+        return make_ngram_drafter(args)
     if args.speculative_algorithm == "DRAFT":
         if num_slots is None or target_vocab_size is None:
             raise ValueError("DRAFT needs the engine's pool size and vocabulary (Engine builds it)")
@@ -69,3 +65,11 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
         return make_eagle_drafter(args.speculative_draft_model_path, runner, args.speculative_num_steps,
                                   args.model_path, args.speculative_eagle_topk)
     raise ValueError(f"unknown speculative algorithm {args.speculative_algorithm!r}")
+
+
+def make_ngram_drafter(args: ServerArgs) -> Drafter:
+    """NGRAM with the `--speculative-ngram-*` settings (the algorithm, or the lane `--speculative-ngram-first` adds)."""
+    from sgl.runtime.speculative.ngram import NgramDrafter
+
+    return NgramDrafter(args.speculative_ngram_min_match_window_size, args.speculative_ngram_max_match_window_size,
+                        args.speculative_ngram_max_bfs_breadth, args.speculative_ngram_capacity)

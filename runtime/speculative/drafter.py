@@ -68,5 +68,5 @@ class Drafter(Protocol):
 
     def propose(self, reqs: Sequence[Req], k: int) -> list[Draft]:
         """At most `k` tokens per request, continuing `req.fill_ids` (whose last token is pending).
-        Called on the scheduler thread; may keep per-request state in `req.draft_state`."""
+        Called on the scheduler thread; may keep per-request state in `req.draft_state[self.name]`."""
         ...

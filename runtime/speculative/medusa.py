@@ -204,15 +204,15 @@ class MedusaDrafter:
         states of fill indices row.start .. row.start + m - 1."""
         for row, res in zip(rows, results):
             if res.hidden_states is not None and res.hidden_states.shape[0] > 0:
-                row.req.draft_state = _HiddenRows(row.start, res.hidden_states)
+                row.req.draft_state[self.name] = _HiddenRows(row.start, res.hidden_states)
 
     @torch.inference_mode()
     def propose(self, reqs: Sequence[Req], k: int) -> list[Draft]:
         """At most `k` tree nodes per request (the first k choices, shallowest first)."""
         rows, have = [], []
         for j, req in enumerate(reqs):
-            st = req.draft_state
-            h = st.at(len(req.fill_ids) - 2) if isinstance(st, _HiddenRows) else None
+            st = req.draft_state.get(self.name)
+            h = st.at(len(req.fill_ids) - 2) if st is not None else None
             if h is not None:
                 rows.append(h)
                 have.append(j)

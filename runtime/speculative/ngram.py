@@ -109,9 +109,9 @@ class NgramDrafter:
     def _propose_one(self, req: Req, k: int) -> Draft:
         tokens = req.fill_ids
         L = len(tokens)
-        idx = req.draft_state
-        if not isinstance(idx, _NgramIndex) or idx.indexed_upto > L:
-            idx = req.draft_state = _NgramIndex()
+        idx = req.draft_state.get(self.name)
+        if idx is None or idx.indexed_upto > L:
+            idx = req.draft_state[self.name] = _NgramIndex()
         # Index n-grams ending before L (the suffix itself must not match itself).
         for e in range(max(idx.indexed_upto + 1, self.min_n), L):
             for n in range(self.min_n, min(self.max_n, e) + 1):

@@ -1,7 +1,7 @@
 """EAGLE with the shipped head on the default model (`--speculative-algorithm EAGLE`, no path): greedy
 outputs token-identical to no speculation (an oracle prompt, a chat answer, a json_schema request),
 seeded sampling identical, constrained outputs valid, the head's drafts accepted often, KV integrity
-after the run and no head state left behind."""
+after the run and no head state left behind; the same with an NGRAM lane in front (`--speculative-ngram-first`)."""
 
 from __future__ import annotations
 
@@ -60,13 +60,18 @@ def _free_text_accept_length(outs: list[dict]) -> float:
     return sum(n * a for n, a in steps) / max(1, sum(n for n, _ in steps))
 
 
-def test_eagle_outputs_identical_and_drafts_accepted() -> None:
+@pytest.fixture(scope="module")
+def expected() -> list[dict]:
+    """REQUESTS without speculation."""
     base = _engine()
     try:
-        expected = [base.generate(p, sp) for p, sp in REQUESTS]
+        return [base.generate(p, sp) for p, sp in REQUESTS]
     finally:
         base.check_integrity()
         base.shutdown()
+
+
+def test_eagle_outputs_identical_and_drafts_accepted(expected: list[dict]) -> None:
     # every decoding row drafts (the identity check needs verify rows whatever the measured cost); 2 tokens:
     # the accept rate below is per drafted token, and the head's second token is right less often
     eng = _engine(speculative_algorithm="EAGLE", speculative_num_draft_tokens=2, speculative_always_draft=True)
@@ -93,6 +98,24 @@ def test_eagle_outputs_identical_and_drafts_accepted() -> None:
         outs = _identical_outputs(eng, expected)
         stats = eng.get_server_info()
         assert stats["spec_verify_ct"] > 0 and _free_text_accept_length(outs) > chain_length, (stats, chain_length)
+        eng.wait_idle()
+        eng.check_integrity()
+        assert eng.scheduler.spec.drafter.propose([], 1) == [] and eng.scheduler.spec.drafter.num_tracked == 0
+    finally:
+        eng.shutdown()
+
+
+def test_ngram_first_outputs_identical_and_both_lanes_verified(expected: list[dict]) -> None:
+    """--speculative-ngram-first: NGRAM drafts where the text matches (the chat answer repeats itself, the JSON
+    copies its document), the head elsewhere; the same outputs, verify rows from both lanes."""
+    eng = _engine(speculative_algorithm="EAGLE", speculative_num_draft_tokens=2, speculative_always_draft=True,
+                  speculative_ngram_first=True)
+    try:
+        _identical_outputs(eng, expected)
+        lanes = eng.get_server_info()["spec_per_drafter"]
+        assert list(lanes) == ["NGRAM", "EAGLE"], lanes
+        assert lanes["NGRAM"]["verify_ct"] > 0 and lanes["EAGLE"]["verify_ct"] > 0, lanes
+        assert lanes["NGRAM"]["accept_rate"] > lanes["EAGLE"]["accept_rate"], lanes  # a match copies more often
         eng.wait_idle()
         eng.check_integrity()
         assert eng.scheduler.spec.drafter.propose([], 1) == [] and eng.scheduler.spec.drafter.num_tracked == 0

@@ -5,6 +5,8 @@ outputs stay the reference's either way. The cost is measured on a real (tiny) m
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from sgl.runtime.protocol import SamplingParams
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.scheduler.scheduler import Scheduler
-from sgl.runtime.scheduler.speculative_rows import best_draft_len, followed
+from sgl.runtime.scheduler.speculative_rows import SpeculativeRows, best_draft_len, followed, make_speculative_rows
 from sgl.runtime.speculative.drafter import Draft
 from sgl.runtime.speculative.verify_cost import VerifyCost, draft_lengths, measure_verify_cost
 
@@ -82,9 +84,14 @@ class OracleDrafter:
         return out
 
 
-def run(drafter: OracleDrafter, cost: VerifyCost, max_new: int = 60, **kw) -> tuple[Scheduler, Req]:
+def run(drafter: OracleDrafter, cost: VerifyCost, max_new: int = 60, first: Optional[OracleDrafter] = None,
+        **kw) -> tuple[Scheduler, Req]:
+    """One request through the fake runner with `drafter` (behind `first`'s lane if given: what
+    --speculative-ngram-first builds with NGRAM), its output checked."""
     args = ServerArgs(speculative_num_draft_tokens=4, speculative_max_batch=8, **kw)
     s = Scheduler(args, FakeRunner(), OutputProcessor(FakeTokenizer()), 400, lambda r: None, drafter=drafter)
+    if first is not None:
+        s.spec = SpeculativeRows(args, drafter, first=[first])
     s.spec.cost = cost
     req = Req(rid="r", prompt_ids=[3, 4, 5], params=SamplingParams(temperature=0, max_new_tokens=max_new),
               arrival=s.next_arrival())
@@ -101,15 +108,75 @@ def run(drafter: OracleDrafter, cost: VerifyCost, max_new: int = 60, **kw) -> tu
 def test_shadow_drafts_find_a_copy_phase_below_the_prior() -> None:
     # prior 0.5 under MEASURED: no draft pays; the shadows score 4/4 and the request starts drafting
     s, req = run(OracleDrafter(right=True, prior=0.5), MEASURED)
-    assert req.spec_verify_ct > 0 and req.spec_accept_prob > 0.9
+    assert req.spec_verify_ct > 0 and req.spec_lanes["oracle"].accept_prob > 0.9
     assert s.spec.stats.accepted_tokens == s.spec.stats.draft_tokens  # verified drafts were all right
     assert s.stats.num_steps < 60 / 2
 
 
 def test_wrong_drafts_never_reach_a_verify_row() -> None:
     s, req = run(OracleDrafter(right=False, prior=0.5), MEASURED)
-    assert s.spec.stats.verify_ct == 0 and req.spec_accept_prob < 0.5
+    assert s.spec.stats.verify_ct == 0 and req.spec_lanes["oracle"].accept_prob < 0.5
     assert s.spec.drafter.calls > 10  # it kept shadowing (NGRAM-cheap), learning nothing pays
+
+
+class SometimesDrafter(OracleDrafter):
+    """The oracle's draft where the sequence's length is even, none elsewhere (a lane that finds a match half the
+    time); records the lengths it was asked at."""
+
+    name = "sometimes"
+
+    def __init__(self, right: bool = True, prior: float = 0.8) -> None:
+        super().__init__(right, prior)
+        self.asked: list[int] = []
+
+    def propose(self, reqs, k):  # noqa: ANN001, ANN201 - the Drafter protocol
+        self.asked += [len(r.fill_ids) for r in reqs]
+        drafts = super().propose(reqs, k)
+        return [d if len(r.fill_ids) % 2 == 0 else Draft([]) for r, d in zip(reqs, drafts)]
+
+
+class AskedDrafter(OracleDrafter):
+    def __init__(self, right: bool = True, prior: float = 0.5) -> None:
+        super().__init__(right, prior)
+        self.asked: list[int] = []
+
+    def propose(self, reqs, k):  # noqa: ANN001, ANN201 - the Drafter protocol
+        self.asked += [len(r.fill_ids) for r in reqs]
+        return super().propose(reqs, k)
+
+
+def test_the_next_lane_drafts_only_where_the_first_has_no_draft() -> None:
+    first, model = SometimesDrafter(), AskedDrafter()
+    s, req = run(model, CHEAP, first=first)
+    lanes = {lane.name: lane for lane in s.spec.lanes}
+    assert lanes["sometimes"].stats.verify_ct > 0 and lanes["oracle"].stats.verify_ct > 0
+    assert s.spec.stats.verify_ct == lanes["sometimes"].stats.verify_ct + lanes["oracle"].stats.verify_ct
+    assert model.asked and all(n % 2 == 1 for n in model.asked)  # never a request the first lane drafted for
+    assert s.stats.spec_per_drafter["oracle"]["accept_rate"] == 1.0
+
+
+def test_a_lane_whose_drafts_fail_leaves_its_requests_to_the_next() -> None:
+    # the first lane (prior 0.8: it drafts under MEASURED) is always wrong; the model lane (prior 0.5: no draft pays)
+    # learns from its shadows that it is right, and drafts
+    first = AskedDrafter(right=False, prior=0.8)
+    first.name = "first"
+    s, req = run(OracleDrafter(right=True, prior=0.5), MEASURED, first=first)
+    lanes = {lane.name: lane for lane in s.spec.lanes}
+    assert 0 < lanes["first"].stats.verify_ct < 5 and lanes["first"].stats.accepted_tokens == 0
+    assert req.spec_lanes["first"].accept_prob < 0.5 and req.spec_lanes["oracle"].accept_prob > 0.9
+    assert lanes["oracle"].stats.verify_ct > 0
+    assert lanes["oracle"].stats.accepted_tokens == lanes["oracle"].stats.draft_tokens
+    assert s.stats.num_steps < 60 / 2
+
+
+def test_ngram_first_goes_with_a_model_drafter() -> None:
+    for algo in (None, "NGRAM"):
+        with pytest.raises(ValueError, match="speculative_ngram_first"):
+            ServerArgs(speculative_algorithm=algo, speculative_ngram_first=True)
+    args = ServerArgs(speculative_algorithm="EAGLE", speculative_ngram_first=True, speculative_ngram_max_bfs_breadth=3)
+    rows = make_speculative_rows(args, OracleDrafter())
+    assert [lane.name for lane in rows.lanes] == ["NGRAM", "oracle"] and rows.lanes[0].drafter.max_breadth == 3
+    assert [lane.name for lane in make_speculative_rows(ServerArgs(), OracleDrafter()).lanes] == ["oracle"]
 
 
 def test_always_draft_ignores_the_cost() -> None:

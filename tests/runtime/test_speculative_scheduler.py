@@ -11,7 +11,7 @@ import pytest
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.protocol import SamplingParams
 from sgl.runtime.scheduler.output import OutputProcessor
-from sgl.runtime.scheduler.request import Req
+from sgl.runtime.scheduler.request import Req, SpecLane
 from sgl.runtime.scheduler.scheduler import Scheduler
 
 from .fake_runner import FakeRunner, FakeTokenizer, NoisyOracleDrafter, next_token, reference_output
@@ -35,6 +35,12 @@ def add(s: Scheduler, rid: str, prompt: list[int], **params) -> Req:
     params.setdefault("temperature", 0)
     req = Req(rid=rid, prompt_ids=prompt, params=SamplingParams(**params), arrival=s.next_arrival())
     s.add_request(req)
+    return req
+
+
+def sure(req: Req) -> Req:
+    """The request's drafts are believed right: the adaptive rule drafts k for it."""
+    req.spec_lanes[NoisyOracleDrafter.name] = SpecLane(accept_prob=1.0)
     return req
 
 
@@ -81,7 +87,7 @@ def test_every_draft_accepted_takes_one_step_per_k_plus_one_tokens() -> None:
     drafter.p_wrong = 0.0
     drafter.rng = random.Random(0)
     drafter.rng.randrange = lambda a, b: b - 1  # always k drafts
-    add(s, "a", [1, 2, 3], max_new_tokens=17).spec_accept_prob = 1.0  # the adaptive rule then drafts k
+    sure(add(s, "a", [1, 2, 3], max_new_tokens=17))  # the adaptive rule then drafts k
     drain(s)
     assert done["a"].output_ids == reference_output([1, 2, 3], 17)
     # 1 prefill step (token 1), then 4 tokens per verify step: 16 more tokens in 4 steps.
@@ -93,7 +99,7 @@ def test_drafts_never_exceed_max_new_tokens() -> None:
     s, _, done, drafter = make(500, speculative_num_draft_tokens=8)
     drafter.p_wrong = 0.0
     for i, n in enumerate([1, 2, 3, 5, 9]):
-        add(s, f"m{i}", [7, 8, 9 + i], max_new_tokens=n).spec_accept_prob = 1.0
+        sure(add(s, f"m{i}", [7, 8, 9 + i], max_new_tokens=n))
     drain(s)
     for i, n in enumerate([1, 2, 3, 5, 9]):
         assert done[f"m{i}"].output_ids == reference_output([7, 8, 9 + i], n)
@@ -103,8 +109,8 @@ def test_stop_in_the_middle_of_a_verify_step() -> None:
     s, _, done, drafter = make(500, speculative_num_draft_tokens=6)
     drafter.p_wrong = 0.0
     ref = reference_output([1, 2, 3], 20)
-    add(s, "s", [1, 2, 3], max_new_tokens=20, stop=[f"<{ref[6]}>"]).spec_accept_prob = 1.0
-    add(s, "t", [1, 2, 3], max_new_tokens=20, stop_token_ids=[ref[4]]).spec_accept_prob = 1.0
+    sure(add(s, "s", [1, 2, 3], max_new_tokens=20, stop=[f"<{ref[6]}>"]))
+    sure(add(s, "t", [1, 2, 3], max_new_tokens=20, stop_token_ids=[ref[4]]))
     drain(s)
     assert done["s"].finish_reason == {"type": "stop", "matched": f"<{ref[6]}>"}
     assert done["s"].text == "".join(f"<{t}>" for t in ref[: ref.index(ref[6])])
@@ -125,7 +131,7 @@ def test_meta_info_reports_verify_steps_and_accept_length() -> None:
     s, _, done, drafter = make(500, speculative_num_draft_tokens=3)
     drafter.p_wrong = 0.0
     drafter.rng.randrange = lambda a, b: b - 1  # always k drafts, all right
-    add(s, "a", [1, 2, 3], max_new_tokens=9).spec_accept_prob = 1.0
+    sure(add(s, "a", [1, 2, 3], max_new_tokens=9))
     drain(s)
     meta = s.output.build(done["a"])["meta_info"]
     assert meta["spec_verify_ct"] == 2 and meta["spec_accept_length"] == 4.0  # 1 + 4 + 4 tokens
