@@ -21,7 +21,8 @@ tree); EAGLE (the shipped self-distilled one-layer head, a chain, q8_0 draft ste
 drafting token trees, `--eagle-topk` children per node); NAME_BLIND (e.g. EAGLE_BLIND): NAME with drafts that
 ignore the grammar (runtime/speculative/grammar_walk.py off; verification still cuts what the mask forbids);
 NAME+NGRAM (e.g. EAGLE+NGRAM): NAME behind an NGRAM lane (`--speculative-ngram-first`, NGRAM_TREE's settings): NGRAM
-drafts where the text matches, NAME elsewhere; DRAFT uses the default model as its own draft (an identity check: no smaller model with this
+drafts where the text matches, NAME elsewhere; NAME+CORPUS (e.g. NGRAM_TREE+CORPUS, EAGLE+NGRAM+CORPUS): its NGRAM
+matches the shipped corpus too (`--speculative-ngram-corpus default`); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
 tokenizer ships here), so its speed ratio is below 1 by construction.
 Prints one table and writes benchmarks/results/bench_speculative.json.
 """
@@ -54,6 +55,7 @@ PERSON = json.loads((DATA / "person_extraction.json").read_text())
 
 BLIND = "_BLIND"  # an algorithm name's suffix: its drafter ignores the grammar (grammar_walk.ENABLED off: the A/B)
 NGRAM_FIRST = "+NGRAM"  # an algorithm name's suffix: --speculative-ngram-first, with NGRAM_TREE's settings
+CORPUS = "+CORPUS"  # an algorithm name's suffix: its NGRAM (algorithm or lane) matches the shipped corpus too
 
 
 def chat(user: str) -> str:
@@ -117,6 +119,9 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
                   act_quant: Optional[str] = None) -> dict[str, Any]:
     kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
     algo = algo[: -len(BLIND)] if algo is not None and algo.endswith(BLIND) else algo
+    if algo is not None and algo.endswith(CORPUS):  # e.g. NGRAM_TREE+CORPUS, EAGLE+NGRAM+CORPUS
+        algo = algo[: -len(CORPUS)]
+        kw["speculative_ngram_corpus"] = "default"
     if algo is not None and algo.endswith(NGRAM_FIRST):  # e.g. EAGLE+NGRAM: NGRAM_TREE's lane in front
         algo = algo[: -len(NGRAM_FIRST)]
         kw.update(speculative_ngram_first=True, speculative_ngram_max_bfs_breadth=3, speculative_ngram_capacity=1 << 16)

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from sgl.runtime.config import ServerArgs
 from sgl.runtime.metrics import record_spec_accept_length
@@ -275,11 +275,11 @@ def verify_row_slots(row: BatchRow, res: RowResult, appended: int) -> tuple[list
     return kept, [s for c, s in enumerate(nodes) if c not in on_path]
 
 
-def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter]) -> Optional[SpeculativeRows]:
-    """The rule over `drafter`, behind an NGRAM lane with `--speculative-ngram-first`."""
+def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter], tokenizer: Any = None) -> Optional[SpeculativeRows]:
+    """The rule over `drafter`, behind an NGRAM lane with `--speculative-ngram-first` (`tokenizer`: its corpus's)."""
     if drafter is None:
         return None
     from sgl.runtime.speculative import make_ngram_drafter
 
-    first = [make_ngram_drafter(args)] if args.speculative_ngram_first and drafter.name != "NGRAM" else []
+    first = [make_ngram_drafter(args, tokenizer)] if args.speculative_ngram_first and drafter.name != "NGRAM" else []
     return SpeculativeRows(args, drafter, first=first)

@@ -200,3 +200,37 @@ def test_tree_drafts_identical_to_no_speculation(baseline, kw: dict) -> None:
         eng.check_integrity()
     finally:
         eng.shutdown()
+
+
+def test_ngram_corpus_drafts_where_the_request_has_no_match(baseline) -> None:
+    """`--speculative-ngram-corpus default` (the model's own answers to held-out prompts): a chat answer, which
+    repeats little of its own text, gets many more accepted drafts with the corpus; outputs identical to no
+    speculation, the constrained one valid."""
+    from sgl.runtime.engine import Engine
+
+    chat = "<|im_start|>user\nWhat should a pilot know about sleep?<|im_end|>\n<|im_start|>assistant\n"
+    greedy = {"max_new_tokens": 64, "temperature": 0}
+    plain = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False, **EXACT)
+    try:
+        expected = plain.generate(chat, greedy)["output_ids"]
+    finally:
+        plain.shutdown()
+    prompts, params = _requests()
+    accepted = {}
+    for corpus in (None, "default"):
+        eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
+                     speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=3,
+                     speculative_ngram_corpus=corpus, **ALWAYS, **EXACT)
+        try:
+            out = eng.generate(chat, greedy)
+            assert out["output_ids"] == expected
+            schema = eng.generate(prompts[-1], params[-1])
+            assert schema["output_ids"] == baseline[-1]["output_ids"]
+            jsonschema.validate(json.loads(schema["text"]), PERSON)
+            meta = out["meta_info"]
+            accepted[corpus] = round(meta.get("spec_verify_ct", 0) * (meta.get("spec_accept_length", 1.0) - 1))
+            eng.wait_idle()
+            eng.check_integrity()
+        finally:
+            eng.shutdown()
+    assert accepted["default"] > 2 * accepted[None] + 5, accepted

@@ -1,11 +1,16 @@
 """NGRAM lookups: own sequence first, then finished requests' sequences (the shared index, bounded by
-its capacity); several continuations become one token tree."""
+its capacity), then the corpus (its most frequent continuations); several continuations become one token tree."""
 
 from __future__ import annotations
 
+import collections
+import random
+
+import pytest
+
 from sgl.runtime.protocol import SamplingParams
 from sgl.runtime.scheduler.request import Req
-from sgl.runtime.speculative.ngram import NgramDrafter
+from sgl.runtime.speculative.ngram import CorpusIndex, NgramDrafter
 
 
 def _req(rid: str, prompt: list[int], output: list[int] = ()) -> Req:
@@ -74,3 +79,72 @@ def test_flush_forgets_finished_sequences_through_the_scheduler_hook() -> None:
     d.propose([f], 4)
     f.finish_reason = {"type": "stop"}
     assert d.propose([_req("e", [9, 8, 41, 42])], 3)[0].token_ids == [50]
+
+
+def test_the_corpus_drafts_its_most_frequent_continuation_last() -> None:
+    # [5, 6] is followed by 7 twice and by 9 once in the corpus: the chain takes 7's; a tree takes both, 7's first
+    corpus = [[5, 6, 9, 1], [5, 6, 7, 8], [2, 5, 6, 7, 3]]
+    d = NgramDrafter(2, 2, corpus=corpus)
+    assert d.propose([_req("a", [4, 5, 6])], 3)[0].token_ids in ([7, 8], [7, 3])
+    tree = NgramDrafter(2, 2, max_breadth=2, corpus=corpus).propose([_req("b", [4, 5, 6])], 2)[0]
+    assert tree.token_ids[0] == 7 and 9 in tree.token_ids and tree.parents is not None
+    # a continuation stops at its sequence's end (never runs into the next sequence)
+    assert NgramDrafter(2, 2, corpus=[[1, 2, 3], [4, 5, 6]]).propose([_req("c", [0, 1, 2])], 4)[0].token_ids == [3]
+    # the request's own occurrence comes first
+    assert d.propose([_req("d", [5, 6, 11, 12, 5, 6])], 2)[0].token_ids == [11, 12]
+
+
+def test_flush_keeps_the_corpus() -> None:
+    d = NgramDrafter(2, 2, capacity=100, corpus=[[5, 6, 7]])
+    d.flush()
+    assert d.corpus.num_tokens == 3 and d.propose([_req("a", [0, 5, 6])], 2)[0].token_ids == [7]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_corpus_index_keeps_the_most_frequent_next_tokens(seed: int) -> None:
+    """Against a dict reference on random corpora (a small vocabulary: many repeats): per n-gram, the kept next
+    tokens are its `breadth` most frequent ones, each continuation really follows the n-gram in the corpus."""
+    rng = random.Random(seed)
+    seqs = [[rng.randrange(5) for _ in range(rng.randrange(3, 40))] for _ in range(20)]
+    breadth, k = 2, 3
+    index = CorpusIndex(seqs, 2, 3, breadth)
+    follows: dict[tuple[int, ...], collections.Counter] = {}
+    conts: dict[tuple[int, ...], set] = {}
+    for seq in seqs:
+        for e in range(2, len(seq)):
+            for n in (2, 3):
+                if e >= n:
+                    gram = tuple(seq[e - n:e])
+                    follows.setdefault(gram, collections.Counter())[seq[e]] += 1
+                    conts.setdefault(gram, set()).add(tuple(seq[e:e + k]))
+    for gram, counter in follows.items():
+        got = index.continuations(gram, k)
+        assert all(tuple(c) in conts[gram] for c in got), gram
+        firsts = [c[0] for c in got]
+        assert len(set(firsts)) == len(firsts) == min(breadth, len(counter))
+        best = sorted(counter.values(), reverse=True)[:breadth]
+        assert [counter[t] for t in firsts] == best, (gram, counter, firsts)
+    assert index.continuations((9, 9), k) == [] and index.num_tokens == sum(map(len, seqs))
+
+
+def test_corpus_files_and_their_errors(tmp_path) -> None:
+    from sgl.runtime.config import ServerArgs
+    from sgl.runtime.speculative.ngram_corpus import DEFAULT_CORPUS, corpus_path, load_corpus, read_texts
+
+    with pytest.raises(ValueError, match="speculative_ngram_corpus goes with"):
+        ServerArgs(speculative_algorithm="EAGLE", speculative_ngram_corpus="default")
+    ServerArgs(speculative_algorithm="EAGLE", speculative_ngram_first=True, speculative_ngram_corpus="default")
+    assert corpus_path("default", "default") == DEFAULT_CORPUS and DEFAULT_CORPUS.exists()
+    with pytest.raises(ValueError, match="default model"):
+        corpus_path("default", "/models/llama")
+    with pytest.raises(ValueError, match="no such file"):
+        corpus_path(str(tmp_path / "missing.jsonl"), "default")
+    good = tmp_path / "c.jsonl"
+    good.write_text('{"text": "a b"}\n\n{"text": "c"}\n')
+    assert read_texts(good) == ["a b", "c"]
+    assert load_corpus(good, lambda texts: [[len(t)] for t in texts]) == [[3], [1]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_texts(bad)
+    assert len(read_texts(DEFAULT_CORPUS)) > 1000  # the shipped one: gzip JSON lines
