@@ -126,8 +126,8 @@ class ServerArgs:
     speculative_ngram_max_match_window_size: int = 4  # NGRAM: longest suffix matched (tried first)
     speculative_ngram_max_bfs_breadth: int = 1  # NGRAM: continuations merged into one draft tree (1 = a chain)
     speculative_ngram_capacity: int = 0  # NGRAM: tokens of finished requests matched too (0 = own sequence only)
-    # NGRAM: a corpus of text the model typically writes, matched last (runtime/speculative/ngram_corpus.py): a
-    # JSON-lines file of {"text": ...}, or "default" (the one shipped for the default model); None = none
+    # a CORPUS lane (runtime/speculative/ngram_corpus.py): text the model typically writes, after NGRAM's lane and
+    # before a model drafter; a JSON-lines file of {"text": ...}, or "default" (the default model's); None = none
     speculative_ngram_corpus: Optional[str] = None
     # DRAFT, MEDUSA, EAGLE: NGRAM drafts first (the settings above); the model drafts where it finds no match
     speculative_ngram_first: bool = False
@@ -260,9 +260,9 @@ class ServerArgs:
         if self.speculative_ngram_first and self.speculative_algorithm not in ("DRAFT", "MEDUSA", "EAGLE"):
             raise ValueError("speculative_ngram_first goes with speculative_algorithm DRAFT, MEDUSA or EAGLE "
                              f"(it puts NGRAM in front of a model drafter), got {self.speculative_algorithm!r}")
-        if self.speculative_ngram_corpus is not None and not (self.speculative_algorithm == "NGRAM"
-                                                               or self.speculative_ngram_first):
-            raise ValueError("speculative_ngram_corpus goes with speculative_algorithm NGRAM or speculative_ngram_first")
+        if self.speculative_ngram_corpus is not None and self.speculative_algorithm is None:
+            raise ValueError("speculative_ngram_corpus needs a speculative_algorithm (its CORPUS lane drafts before "
+                             "a model drafter, after NGRAM)")
         if self.speculative_max_batch < 0:
             raise ValueError(f"speculative_max_batch must be >= 0, got {self.speculative_max_batch}")
         if self.tp_size < 1:

@@ -79,7 +79,7 @@ class Scheduler:
         self.swap = HostPool(mover, host_pool_size if args.preemption_mode == "swap" else 0)
         self._arrival = itertools.count()
         # None: no speculation
-        self.spec = make_speculative_rows(args, drafter or make_drafter(args, tokenizer=output.tokenizer), output.tokenizer)
+        self.spec = make_speculative_rows(args, drafter or make_drafter(args), output.tokenizer)
 
     # ---- requests in and out -----------------------------------------------------------
     def next_arrival(self) -> int:

@@ -36,7 +36,7 @@ acceptance is bimodal (copying or not) and each copy phase restarted short; the 
 after two full accepts. `--speculative-always-draft` skips the rule (every row drafts k: tests).
 
 Lanes. The rule can run several drafters in order (`--speculative-ngram-first`: NGRAM, then the model
-drafter); each is a lane with its own estimate per request (`Req.spec_lanes`), its own time per drafted
+drafter; `--speculative-ngram-corpus` adds CORPUS after NGRAM's); each is a lane with its own estimate per request (`Req.spec_lanes`), its own time per drafted
 token and its own shadows, because their acceptance differs by kind (an n-gram match that copies is right
 far more often than a head's guess). A request a lane drafts for is not offered to the next lane in that
 step; one the lane keeps from drafting, or finds no draft for (NGRAM without a match), is. A verify row
@@ -135,11 +135,12 @@ class _Lane:
 
 class SpeculativeRows:
     def __init__(self, args: ServerArgs, drafter: Drafter, cost: Optional[VerifyCost] = None,
-                 first: Sequence[Drafter] = ()) -> None:
-        """`drafter` drafts for the requests the drafters in `first` (in order) leave without a draft (module
-        docstring: lanes); each is its own lane of the rule."""
-        self.lanes = [_Lane(d) for d in [*first, drafter]]
-        assert len({lane.name for lane in self.lanes}) == len(self.lanes), "two lanes of one drafter"
+                 lanes: Optional[Sequence[Drafter]] = None) -> None:
+        """`drafter`: the algorithm's; `lanes`: every drafter in the order they are asked, `drafter` among them
+        (module docstring; default: `drafter` alone)."""
+        lanes = [drafter] if lanes is None else list(lanes)
+        assert drafter in lanes and len({d.name for d in lanes}) == len(lanes), "one lane per drafter"
+        self.lanes = [_Lane(d) for d in lanes]
         self.drafter = drafter
         self.k = args.speculative_num_draft_tokens
         self.max_batch = args.speculative_max_batch
@@ -276,10 +277,17 @@ def verify_row_slots(row: BatchRow, res: RowResult, appended: int) -> tuple[list
 
 
 def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter], tokenizer: Any = None) -> Optional[SpeculativeRows]:
-    """The rule over `drafter`, behind an NGRAM lane with `--speculative-ngram-first` (`tokenizer`: its corpus's)."""
+    """The rule over `drafter`'s lane and the lanes the flags add: the request's own text first (an NGRAM lane
+    before a model drafter, `--speculative-ngram-first`), then the corpus (`--speculative-ngram-corpus`: CORPUS,
+    its file read with `tokenizer`), then the model."""
     if drafter is None:
         return None
-    from sgl.runtime.speculative import make_ngram_drafter
+    from sgl.runtime.speculative import make_corpus_drafter, make_ngram_drafter
 
-    first = [make_ngram_drafter(args, tokenizer)] if args.speculative_ngram_first and drafter.name != "NGRAM" else []
-    return SpeculativeRows(args, drafter, first=first)
+    is_ngram = drafter.name == "NGRAM"
+    lanes = [drafter] if is_ngram else ([make_ngram_drafter(args)] if args.speculative_ngram_first else [])
+    if args.speculative_ngram_corpus is not None:
+        lanes.append(make_corpus_drafter(args, tokenizer))
+    if not is_ngram:
+        lanes.append(drafter)
+    return SpeculativeRows(args, drafter, lanes=lanes)

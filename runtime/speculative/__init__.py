@@ -18,7 +18,7 @@ from sgl.runtime.speculative.drafter import Drafter
 
 
 def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
-                 target_vocab_size: Optional[int] = None, runner: Any = None, tokenizer: Any = None) -> Optional[Drafter]:
+                 target_vocab_size: Optional[int] = None, runner: Any = None) -> Optional[Drafter]:
     """The drafter `args.speculative_algorithm` names, or None when speculation is off.
 
     DRAFT loads its model here and gets a KV pool of `num_slots` (the target's pool size: every
@@ -29,7 +29,7 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
     if args.speculative_algorithm is None:
         return None
     if args.speculative_algorithm == "NGRAM":
-        return make_ngram_drafter(args, tokenizer)
+        return make_ngram_drafter(args)
     if args.speculative_algorithm == "DRAFT":
         if num_slots is None or target_vocab_size is None:
             raise ValueError("DRAFT needs the engine's pool size and vocabulary (Engine builds it)")
@@ -67,17 +67,20 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
     raise ValueError(f"unknown speculative algorithm {args.speculative_algorithm!r}")
 
 
-def make_ngram_drafter(args: ServerArgs, tokenizer: Any = None) -> Drafter:
-    """NGRAM with the `--speculative-ngram-*` settings (the algorithm, or the lane `--speculative-ngram-first` adds);
-    `tokenizer` reads `--speculative-ngram-corpus`."""
+def make_ngram_drafter(args: ServerArgs) -> Drafter:
+    """NGRAM with the `--speculative-ngram-*` settings (the algorithm, or the lane `--speculative-ngram-first` adds)."""
     from sgl.runtime.speculative.ngram import NgramDrafter
 
-    corpus: list[list[int]] = []
-    if args.speculative_ngram_corpus is not None:
-        from sgl.runtime.speculative.ngram_corpus import corpus_path, load_corpus
-
-        if tokenizer is None:
-            raise ValueError("speculative_ngram_corpus needs the engine's tokenizer (Engine builds the drafter)")
-        corpus = load_corpus(corpus_path(args.speculative_ngram_corpus, args.model_path), tokenizer.encode_batch)
     return NgramDrafter(args.speculative_ngram_min_match_window_size, args.speculative_ngram_max_match_window_size,
-                        args.speculative_ngram_max_bfs_breadth, args.speculative_ngram_capacity, corpus)
+                        args.speculative_ngram_max_bfs_breadth, args.speculative_ngram_capacity)
+
+
+def make_corpus_drafter(args: ServerArgs, tokenizer: Any) -> Drafter:
+    """The CORPUS lane of `--speculative-ngram-corpus` (NGRAM's match windows and breadth); `tokenizer` reads the file."""
+    from sgl.runtime.speculative.ngram_corpus import CorpusDrafter, corpus_path, load_corpus
+
+    if tokenizer is None:
+        raise ValueError("speculative_ngram_corpus needs the engine's tokenizer (Engine builds the drafters)")
+    seqs = load_corpus(corpus_path(args.speculative_ngram_corpus, args.model_path), tokenizer.encode_batch)
+    return CorpusDrafter(seqs, args.speculative_ngram_min_match_window_size,
+                         args.speculative_ngram_max_match_window_size, args.speculative_ngram_max_bfs_breadth)

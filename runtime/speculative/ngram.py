@@ -1,15 +1,14 @@
-"""NGRAM (prompt lookup): find the request's last n tokens earlier in its own prompt + output, in
-the sequences of finished requests, or in a fixed corpus, and propose what followed them there. No
-extra weights; pays when the output copies its input (or repeats what earlier requests, or the corpus,
-wrote).
+"""NGRAM (prompt lookup): find the request's last n tokens earlier in its own prompt + output, or in
+the sequences of finished requests, and propose what followed them there. No extra weights; pays when
+the output copies its input (or repeats what earlier requests wrote). A fixed corpus of text the model
+typically writes is a lane of its own (runtime/speculative/ngram_corpus.py: CORPUS).
 
 Two indexes map each n-gram (n in [min_n, max_n]) to the ends (exclusive) of its latest occurrences,
 most recent first, at most `max_breadth` of them:
   - per request, over its own prompt + output, extended incrementally as tokens arrive (O(max_n) per
     token);
   - one shared index over the finished requests' prompt + output (the sequences the radix cache
-    takes), oldest sequences dropped past `capacity` tokens. Own occurrences come first;
-  - optionally a corpus (CorpusIndex: text the model typically writes, `--speculative-ngram-corpus`), last.
+    takes), oldest sequences dropped past `capacity` tokens. Own occurrences come first.
 Longer matches are tried first. With max_breadth 1 the draft is the chain after the latest
 occurrence; above 1 the continuations after up to max_breadth occurrences (distinct first tokens)
 are merged into one token tree (a trie): the first gets k tokens, the others k // 2, and one verify
@@ -29,8 +28,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Optional, Sequence
-
-import numpy as np
 
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.speculative.drafter import Draft
@@ -83,96 +80,16 @@ class _SharedIndex:
         return out
 
 
-_HASH_MUL = 0x9E3779B97F4A7C15  # an odd 64-bit multiplier: the n-gram hash is sum(t_j * M^(n-1-j)) mod 2^64
-_MASK64 = (1 << 64) - 1
-
-
-def _gram_hash(gram: Sequence[int]) -> int:
-    h = 0
-    for t in gram:
-        h = (h * _HASH_MUL + t) & _MASK64
-    return h
-
-
-class CorpusIndex:
-    """N-grams of a fixed corpus (runtime/speculative/ngram_corpus.py: text the model typically writes), matched after
-    the request's own sequence and the finished requests' (REST's datastore, He et al. 2023). Per n-gram it keeps
-    one occurrence for each of its `breadth` most frequent next tokens, most frequent first: a corpus repeats
-    its phrases many times, and the likeliest continuation is the most common one, not the latest. Never
-    flushed (not the requests' text).
-
-    Arrays, not dicts (~12 bytes per n-gram instead of ~300: the default corpus's 177k n-grams took 130 MB as
-    tuples): per n, the sorted 64-bit hashes of the corpus's n-grams and their kept ends; a lookup binary-searches
-    the hash and checks the tokens (a hash collision never drafts another n-gram's continuation)."""
-
-    def __init__(self, seqs: Sequence[Sequence[int]], min_n: int, max_n: int, breadth: int) -> None:
-        parts = [np.asarray(list(seq) + [-1], dtype=np.int64) for seq in seqs if len(seq) >= min_n + 1]
-        self.tokens = np.concatenate(parts) if parts else np.full(1, -1, dtype=np.int64)  # -1 ends a sequence
-        self.tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # n -> (sorted hashes [U], ends [U, breadth] or -1)
-        toks, length = self.tokens, len(self.tokens)
-        for n in range(min_n, max_n + 1):
-            if length <= n:
-                continue
-            ends = np.arange(n, length)
-            h = np.zeros(len(ends), dtype=np.uint64)
-            ok = toks[ends] >= 0  # a continuation's first token
-            with np.errstate(over="ignore"):
-                for j in range(n):
-                    t = toks[ends - n + j]
-                    ok &= t >= 0
-                    h = h * np.uint64(_HASH_MUL) + t.astype(np.uint64)
-            h, ends = h[ok], ends[ok]
-            nxt = toks[ends]
-            order = np.lexsort((nxt, h))  # group the (n-gram, next token) pairs
-            h, nxt, ends = h[order], nxt[order], ends[order]
-            first = np.flatnonzero(np.r_[True, (h[1:] != h[:-1]) | (nxt[1:] != nxt[:-1])])
-            count = np.diff(np.r_[first, len(h)])
-            ph, pend = h[first], ends[first]  # one end per pair: its first occurrence
-            order = np.lexsort((-count, ph))  # per n-gram, its next tokens by frequency
-            ph, pend = ph[order], pend[order]
-            start = np.flatnonzero(np.r_[True, ph[1:] != ph[:-1]])
-            rank = np.arange(len(ph)) - np.repeat(start, np.diff(np.r_[start, len(ph)]))
-            keep = rank < breadth
-            table = np.full((len(start), breadth), -1, dtype=np.int64)
-            table[np.searchsorted(start, np.flatnonzero(keep), side="right") - 1, rank[keep]] = pend[keep]
-            self.tables[n] = (ph[start], table)
-
-    @property
-    def num_tokens(self) -> int:
-        return int((self.tokens >= 0).sum())
-
-    def continuations(self, gram: tuple[int, ...], k: int) -> list[list[int]]:
-        table = self.tables.get(len(gram))
-        if table is None:
-            return []
-        keys, ends = table
-        h = _gram_hash(gram)
-        i = int(keys.searchsorted(np.uint64(h)))  # NOTE: a Python int above 2^63 would compare as a float
-        if i == len(keys) or int(keys[i]) != h:
-            return []
-        out = []
-        n = len(gram)
-        for e in ends[i].tolist():
-            if e < 0 or self.tokens[e - n:e].tolist() != list(gram):
-                continue
-            cont = self.tokens[e:e + k].tolist()
-            out.append(cont[:cont.index(-1)] if -1 in cont else cont)
-        return out
-
-
 class NgramDrafter:
     name = "NGRAM"
     # per-draft acceptance before a request has any (speculative_rows.py): a draft exists only after a 2-4 token
     # match, and matches mostly mean copying
     accept_prior = 0.8
 
-    def __init__(self, min_n: int = 1, max_n: int = 4, max_breadth: int = 1, capacity: int = 0,
-                 corpus: Sequence[Sequence[int]] = ()) -> None:
-        """`capacity`: tokens of finished requests matched too; `corpus`: token sequences matched last (CorpusIndex)."""
+    def __init__(self, min_n: int = 1, max_n: int = 4, max_breadth: int = 1, capacity: int = 0) -> None:
         assert 1 <= min_n <= max_n and max_breadth >= 1
         self.min_n, self.max_n, self.max_breadth = min_n, max_n, max_breadth
         self.shared = _SharedIndex(min_n, max_n, max_breadth, capacity) if capacity > 0 else None
-        self.corpus = CorpusIndex(corpus, min_n, max_n, max_breadth) if corpus else None
         self._live: dict[Req, None] = {}  # requests seen, filed into the shared index when they finish
 
     def flush(self) -> None:
@@ -206,15 +123,13 @@ class NgramDrafter:
             conts = [tokens[e:e + k] for e in idx.ends.get(gram, ())]
             if self.shared is not None and len(conts) < self.max_breadth:
                 conts += self.shared.continuations(gram, k)
-            if self.corpus is not None and len(conts) < self.max_breadth:
-                conts += self.corpus.continuations(gram, k)
             conts = [c for c in conts if c]
             if conts:
-                return _trie(conts[: self.max_breadth], k)
+                return trie(conts[: self.max_breadth], k)
         return Draft([])
 
 
-def _trie(conts: list[list[int]], k: int) -> Draft:
+def trie(conts: list[list[int]], k: int) -> Draft:
     """One chain (a single continuation) or the trie of several: the first k tokens deep, the rest k // 2."""
     if len(conts) == 1:
         return Draft(conts[0][:k])

@@ -203,9 +203,9 @@ def test_tree_drafts_identical_to_no_speculation(baseline, kw: dict) -> None:
 
 
 def test_ngram_corpus_drafts_where_the_request_has_no_match(baseline) -> None:
-    """`--speculative-ngram-corpus default` (the model's own answers to held-out prompts): a chat answer, which
-    repeats little of its own text, gets many more accepted drafts with the corpus; outputs identical to no
-    speculation, the constrained one valid."""
+    """`--speculative-ngram-corpus default` (the model's own answers to held-out prompts, a CORPUS lane after
+    NGRAM's): a chat answer, which repeats little of its own text, gets many more accepted drafts with it; outputs
+    identical to no speculation, the constrained one valid."""
     from sgl.runtime.engine import Engine
 
     chat = "<|im_start|>user\nWhat should a pilot know about sleep?<|im_end|>\n<|im_start|>assistant\n"
@@ -229,6 +229,8 @@ def test_ngram_corpus_drafts_where_the_request_has_no_match(baseline) -> None:
             jsonschema.validate(json.loads(schema["text"]), PERSON)
             meta = out["meta_info"]
             accepted[corpus] = round(meta.get("spec_verify_ct", 0) * (meta.get("spec_accept_length", 1.0) - 1))
+            lanes = eng.get_server_info()["spec_per_drafter"]
+            assert list(lanes) == (["NGRAM", "CORPUS"] if corpus else ["NGRAM"]), lanes
             eng.wait_idle()
             eng.check_integrity()
         finally:

@@ -91,7 +91,7 @@ def run(drafter: OracleDrafter, cost: VerifyCost, max_new: int = 60, first: Opti
     args = ServerArgs(speculative_num_draft_tokens=4, speculative_max_batch=8, **kw)
     s = Scheduler(args, FakeRunner(), OutputProcessor(FakeTokenizer()), 400, lambda r: None, drafter=drafter)
     if first is not None:
-        s.spec = SpeculativeRows(args, drafter, first=[first])
+        s.spec = SpeculativeRows(args, drafter, lanes=[first, drafter])
     s.spec.cost = cost
     req = Req(rid="r", prompt_ids=[3, 4, 5], params=SamplingParams(temperature=0, max_new_tokens=max_new),
               arrival=s.next_arrival())
@@ -177,6 +177,23 @@ def test_ngram_first_goes_with_a_model_drafter() -> None:
     rows = make_speculative_rows(args, OracleDrafter())
     assert [lane.name for lane in rows.lanes] == ["NGRAM", "oracle"] and rows.lanes[0].drafter.max_breadth == 3
     assert [lane.name for lane in make_speculative_rows(ServerArgs(), OracleDrafter()).lanes] == ["oracle"]
+
+
+def test_the_corpus_lane_comes_after_ngram_and_before_a_model() -> None:
+    from sgl.runtime.speculative.ngram import NgramDrafter
+
+    tok = FakeTokenizer()
+    tok.encode_batch = lambda texts: [[1, 2, 3]] * len(texts)  # the shipped corpus's texts: any ids will do here
+    names = lambda rows: [lane.name for lane in rows.lanes]  # noqa: E731
+    model = ServerArgs(speculative_algorithm="EAGLE", speculative_ngram_corpus="default")
+    assert names(make_speculative_rows(model, OracleDrafter(), tok)) == ["CORPUS", "oracle"]
+    both = ServerArgs(speculative_algorithm="EAGLE", speculative_ngram_corpus="default", speculative_ngram_first=True)
+    assert names(make_speculative_rows(both, OracleDrafter(), tok)) == ["NGRAM", "CORPUS", "oracle"]
+    ngram = ServerArgs(speculative_algorithm="NGRAM", speculative_ngram_corpus="default")
+    rows = make_speculative_rows(ngram, NgramDrafter(2, 4), tok)
+    assert names(rows) == ["NGRAM", "CORPUS"] and rows.drafter is rows.lanes[0].drafter
+    with pytest.raises(ValueError, match="speculative_ngram_corpus needs"):
+        ServerArgs(speculative_ngram_corpus="default")
 
 
 def test_always_draft_ignores_the_cost() -> None:

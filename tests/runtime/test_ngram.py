@@ -1,5 +1,6 @@
 """NGRAM lookups: own sequence first, then finished requests' sequences (the shared index, bounded by
-its capacity), then the corpus (its most frequent continuations); several continuations become one token tree."""
+its capacity); several continuations become one token tree. CORPUS: a fixed corpus's most frequent
+continuations, and its files."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from sgl.runtime.protocol import SamplingParams
 from sgl.runtime.scheduler.request import Req
-from sgl.runtime.speculative.ngram import CorpusIndex, NgramDrafter
+from sgl.runtime.speculative.ngram import NgramDrafter
+from sgl.runtime.speculative.ngram_corpus import CorpusDrafter, CorpusIndex
 
 
 def _req(rid: str, prompt: list[int], output: list[int] = ()) -> Req:
@@ -81,23 +83,20 @@ def test_flush_forgets_finished_sequences_through_the_scheduler_hook() -> None:
     assert d.propose([_req("e", [9, 8, 41, 42])], 3)[0].token_ids == [50]
 
 
-def test_the_corpus_drafts_its_most_frequent_continuation_last() -> None:
+def test_the_corpus_drafts_its_most_frequent_continuation() -> None:
     # [5, 6] is followed by 7 twice and by 9 once in the corpus: the chain takes 7's; a tree takes both, 7's first
     corpus = [[5, 6, 9, 1], [5, 6, 7, 8], [2, 5, 6, 7, 3]]
-    d = NgramDrafter(2, 2, corpus=corpus)
+    d = CorpusDrafter(corpus, 2, 2)
     assert d.propose([_req("a", [4, 5, 6])], 3)[0].token_ids in ([7, 8], [7, 3])
-    tree = NgramDrafter(2, 2, max_breadth=2, corpus=corpus).propose([_req("b", [4, 5, 6])], 2)[0]
+    tree = CorpusDrafter(corpus, 2, 2, max_breadth=2).propose([_req("b", [4, 5, 6])], 2)[0]
     assert tree.token_ids[0] == 7 and 9 in tree.token_ids and tree.parents is not None
     # a continuation stops at its sequence's end (never runs into the next sequence)
-    assert NgramDrafter(2, 2, corpus=[[1, 2, 3], [4, 5, 6]]).propose([_req("c", [0, 1, 2])], 4)[0].token_ids == [3]
-    # the request's own occurrence comes first
-    assert d.propose([_req("d", [5, 6, 11, 12, 5, 6])], 2)[0].token_ids == [11, 12]
-
-
-def test_flush_keeps_the_corpus() -> None:
-    d = NgramDrafter(2, 2, capacity=100, corpus=[[5, 6, 7]])
-    d.flush()
-    assert d.corpus.num_tokens == 3 and d.propose([_req("a", [0, 5, 6])], 2)[0].token_ids == [7]
+    assert CorpusDrafter([[1, 2, 3], [4, 5, 6]], 2, 2).propose([_req("c", [0, 1, 2])], 4)[0].token_ids == [3]
+    # the longest match first; none: no draft
+    assert CorpusDrafter([[1, 2, 3, 4], [9, 2, 3, 5]], 2, 3).propose([_req("d", [1, 2, 3])], 1)[0].token_ids == [4]
+    assert CorpusDrafter(corpus, 2, 2).propose([_req("e", [8, 8])], 2)[0].token_ids == []
+    # n-grams longer than every sequence: no table for them
+    assert CorpusDrafter([[1, 2, 3]], 2, 4).propose([_req("f", [9, 1, 2])], 2)[0].token_ids == [3]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -128,12 +127,8 @@ def test_corpus_index_keeps_the_most_frequent_next_tokens(seed: int) -> None:
 
 
 def test_corpus_files_and_their_errors(tmp_path) -> None:
-    from sgl.runtime.config import ServerArgs
     from sgl.runtime.speculative.ngram_corpus import DEFAULT_CORPUS, corpus_path, load_corpus, read_texts
 
-    with pytest.raises(ValueError, match="speculative_ngram_corpus goes with"):
-        ServerArgs(speculative_algorithm="EAGLE", speculative_ngram_corpus="default")
-    ServerArgs(speculative_algorithm="EAGLE", speculative_ngram_first=True, speculative_ngram_corpus="default")
     assert corpus_path("default", "default") == DEFAULT_CORPUS and DEFAULT_CORPUS.exists()
     with pytest.raises(ValueError, match="default model"):
         corpus_path("default", "/models/llama")
