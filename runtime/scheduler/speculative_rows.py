@@ -36,11 +36,12 @@ acceptance is bimodal (copying or not) and each copy phase restarted short; the 
 after two full accepts. `--speculative-always-draft` skips the rule (every row drafts k: tests).
 
 Lanes. The rule can run several drafters in order (`--speculative-ngram-first`: NGRAM, then the model
-drafter; `--speculative-ngram-corpus` adds CORPUS after NGRAM's); each is a lane with its own estimate per request (`Req.spec_lanes`), its own time per drafted
-token and its own shadows, because their acceptance differs by kind (an n-gram match that copies is right
-far more often than a head's guess). A request a lane drafts for is not offered to the next lane in that
-step; one the lane keeps from drafting, or finds no draft for (NGRAM without a match), is. A verify row
-teaches the lane that drafted it (`Req.spec_drafted_by`).
+drafter; `--speculative-ngram-corpus` adds CORPUS after NGRAM's); each is a lane with its own estimate per
+request (`Req.spec_lanes`), its own time per drafted token and its own shadows, because their acceptance
+differs by kind (an n-gram match that copies is right more often than a head's guess or a corpus phrase).
+Shadows are per lane too (each under SHADOW_BUDGET). A request a lane drafts for is not offered to the next
+lane in that step; one the lane keeps from drafting, or finds no draft for (NGRAM without a match), is. A
+verify row teaches the lane that drafted it (`Req.spec_drafted_by`).
 """
 
 from __future__ import annotations
@@ -276,7 +277,8 @@ def verify_row_slots(row: BatchRow, res: RowResult, appended: int) -> tuple[list
     return kept, [s for c, s in enumerate(nodes) if c not in on_path]
 
 
-def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter], tokenizer: Any = None) -> Optional[SpeculativeRows]:
+def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter],
+                          tokenizer: Any = None) -> Optional[SpeculativeRows]:
     """The rule over `drafter`'s lane and the lanes the flags add: the request's own text first (an NGRAM lane
     before a model drafter, `--speculative-ngram-first`), then the corpus (`--speculative-ngram-corpus`: CORPUS,
     its file read with `tokenizer`), then the model."""

@@ -76,7 +76,8 @@ def make_ngram_drafter(args: ServerArgs) -> Drafter:
 
 
 def make_corpus_drafter(args: ServerArgs, tokenizer: Any) -> Drafter:
-    """The CORPUS lane of `--speculative-ngram-corpus` (NGRAM's match windows and breadth); `tokenizer` reads the file."""
+    """The CORPUS lane of `--speculative-ngram-corpus` (NGRAM's match windows and breadth); `tokenizer` reads
+    the file."""
     from sgl.runtime.speculative.ngram_corpus import CorpusDrafter, corpus_path, load_corpus
 
     if tokenizer is None:

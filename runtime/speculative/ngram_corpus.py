@@ -205,7 +205,8 @@ def write_corpus(out: Path, model_path: str = "default", num_chat: int = 960, nu
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Write an NGRAM corpus: the model's own greedy answers (" + __doc__.split("(")[0].strip() + ")")
+    p = argparse.ArgumentParser(description="Write an NGRAM corpus (--speculative-ngram-corpus): the model's own "
+                                            "greedy answers to the self-distillation prompts, each after its prompt")
     p.add_argument("--out", required=True, help="the corpus file (.jsonl, or .jsonl.gz)")
     p.add_argument("--model-path", default="default")
     p.add_argument("--num-chat", type=int, default=960, help="chat prompts (distill_data.chat_prompts)")
