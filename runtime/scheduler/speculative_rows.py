@@ -17,8 +17,8 @@ were computed at the positions the path gives them) and the other nodes' slots g
 
 The adaptive rule: a verify row of 1 + j tokens costs cost(j) decode steps (runtime/speculative/
 verify_cost.py: timed on the engine's own model when it starts, plus the drafter's own time per
-drafted token, an average of its `propose` calls). Each request keeps an estimate a of its per-draft
-acceptance (`Req.spec_accept_prob`, an exponential average; it starts at the drafter's
+drafted token, the median of its recent `propose` calls). Each request keeps an estimate a of its per-draft
+acceptance (`SpecLane.accept_prob`, an exponential average; it starts at the drafter's
 `accept_prior`: NGRAM drafts only after a match, so its prior is higher than a head's) and asks for
 the draft length j <= k that maximizes the expected tokens per step over the cost,
 (1 - a^(j+1)) / (1 - a) / cost(j) (Leviathan et al.'s speedup): long drafts while it copies (a near
@@ -47,6 +47,8 @@ verify row teaches the lane that drafted it (`Req.spec_drafted_by`).
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -86,7 +88,11 @@ class SpecStats:
 
 PRIOR, EMA, DRIFT = 0.6, 0.5, 0.1  # default acceptance prior, weight of the newest row, pull back when idle
 SHADOW_BUDGET, SHADOW_LEN = 0.01, 4  # shadow drafts' average cost per idle step (decode steps); their length if costly
-DRAFT_TIME_EMA = 0.2
+# the drafter's time per drafted token: the median of its last DRAFT_TIME_WINDOW propose calls. Not an average: one
+# slow call (a GIL wait or a page-fault burst under wall time, 2+ threads) made NGRAM's microsecond drafts look like
+# milliseconds, the rule stopped asking for them, and with no calls the estimate never came back (workload (b), 2
+# threads: NGRAM's lane verified 8 rows instead of ~850)
+DRAFT_TIME_WINDOW = 15
 
 
 def best_draft_len(a: float, k: int, cost: "VerifyCost | None" = None, per_draft: float = 0.0) -> int:
@@ -130,8 +136,13 @@ class _Lane:
         self.drafter = drafter
         self.name: str = drafter.name
         self.prior = float(getattr(drafter, "accept_prior", PRIOR))
-        self.draft_seconds = 0.0  # drafter time per drafted token (an average of propose calls)
+        self.times: deque[float] = deque(maxlen=DRAFT_TIME_WINDOW)  # seconds per drafted token of recent calls
         self.stats = SpecStats()  # its verify rows
+
+    @property
+    def draft_seconds(self) -> float:
+        """The drafter's time per drafted token: the median of its recent propose calls (0 before any)."""
+        return statistics.median(self.times) if self.times else 0.0
 
 
 class SpeculativeRows:
@@ -209,7 +220,7 @@ class SpeculativeRows:
         t0 = clock()
         proposed = lane.drafter.propose(asking + shadow, k)
         spent = clock() - t0 - getattr(lane.drafter, "catchup_seconds", 0.0)  # (Drafter's docstring)
-        lane.draft_seconds += DRAFT_TIME_EMA * (max(0.0, spent) / k - lane.draft_seconds)
+        lane.times.append(max(0.0, spent) / k)
         for req, draft in zip(asking + shadow, proposed):
             room = req.params.max_new_tokens - len(req.output_ids) - 1
             cut = draft.cut(max(0, room), want[req] or shadow_len)

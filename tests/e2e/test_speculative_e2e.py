@@ -236,3 +236,24 @@ def test_ngram_corpus_drafts_where_the_request_has_no_match(baseline) -> None:
         finally:
             eng.shutdown()
     assert accepted["default"] > 2 * accepted[None] + 5, accepted
+
+
+def test_the_corpus_command_writes_the_models_answers(tmp_path) -> None:
+    """`python -m sgl.runtime.speculative.ngram_corpus` at a tiny size: each line is a prompt followed by the default
+    model's greedy answer (the constrained one valid JSON), and the file loads as the CORPUS lane reads it."""
+    from sgl.runtime.speculative.distill_data import DistillSpec
+    from sgl.runtime.speculative.ngram_corpus import CorpusDrafter, main, read_texts
+    from sgl.runtime.tokenizer import Tokenizer
+
+    out = tmp_path / "corpus.jsonl.gz"
+    assert main(["--out", str(out), "--num-chat", "2", "--num-extraction", "1", "--max-new-tokens", "48",
+                 "--threads", "1"]) == 0
+    texts = read_texts(out)
+    prompts = DistillSpec(num_chat=2, num_extraction=1, max_new_tokens=48).prompts()
+    assert len(texts) == len(prompts) == 4
+    for text, (prompt, _) in zip(texts, prompts):
+        assert text.startswith(prompt) and len(text) > len(prompt)
+    json.loads(texts[-1][len(prompts[-1][0]):])  # the json_schema answer
+    tok = Tokenizer.load("default")
+    drafter = CorpusDrafter(tok.encode_batch(texts), 2, 4)
+    assert drafter.index.num_tokens == sum(len(ids) for ids in tok.encode_batch(texts))

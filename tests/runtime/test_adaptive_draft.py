@@ -267,3 +267,22 @@ def test_with_helper_threads_the_timed_steps_come_after_the_kernels_adaptive_pro
     assert cost.source == "measured"
     probe = [1, 2] * verify_cost.ADAPTIVE_PROBE if threads > 1 else []
     assert rows == [32] + probe + [1, 2, 3, 4, 5] * 2  # the context, the probe's steps, round 0, the timed round
+
+
+def test_one_slow_propose_call_does_not_stop_a_cheap_lane(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drafter's time per token is the median of its recent calls: one slow call (a GIL wait under wall time)
+    must not make a microsecond drafter look dear for good. (As an average, one 1 s call made every draft cost
+    ~5 decode steps: the rule stopped drafting and, with no more calls, never measured it again.)"""
+    import sgl.runtime.scheduler.speculative_rows as rows
+
+    now = [0.0]
+    monkeypatch.setattr(rows, "step_clock", lambda: lambda: now[0])
+
+    class Timed(OracleDrafter):
+        def propose(self, reqs, k):  # noqa: ANN001, ANN201 - the Drafter protocol
+            now[0] += 1.0 if self.calls == 2 else 1e-6  # the third call is slow, the others take a microsecond
+            return super().propose(reqs, k)
+
+    s, req = run(Timed(right=True, prior=0.9), CHEAP, max_new=80)
+    assert s.spec.lanes[0].draft_seconds < 1e-5
+    assert s.spec.stats.verify_ct > 10 and s.stats.num_steps < 80 / 2  # it kept drafting after the slow call
