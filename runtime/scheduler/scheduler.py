@@ -470,10 +470,7 @@ class Scheduler:
         s.token_usage = 1.0 - self.allocator.available / self.allocator.size
         s.cache_hit_rate = s.cached_tokens_total / s.prompt_tokens_total if s.prompt_tokens_total else 0.0
         if self.spec is not None:
-            sp = self.spec.stats
-            s.spec_verify_ct, s.spec_draft_tokens, s.spec_accepted_tokens = sp.verify_ct, sp.draft_tokens, sp.accepted_tokens
-            s.spec_accept_rate, s.spec_accept_length = sp.accept_rate, sp.accept_length
-            s.spec_per_drafter = {lane.name: lane.stats.summary() for lane in self.spec.lanes}
+            self.spec.report(s)
         s.swap_out_bytes, s.swap_in_bytes = self.swap.bytes_out, self.swap.bytes_in
         s.host_kv_used_tokens, s.host_kv_total_tokens = self.swap.used, self.swap.size
         if isinstance(self.cache, HiRadixCache):

@@ -59,6 +59,7 @@ from sgl.runtime.speculative.grammar_walk import with_forced_text
 from sgl.runtime.speculative.verify_cost import VerifyCost, step_clock
 from sgl.runtime.cache.allocator import SlotAllocator
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult, SpecLane
+from sgl.runtime.scheduler.stats import StepStats
 
 
 @dataclass
@@ -159,6 +160,13 @@ class SpeculativeRows:
         self.always = args.speculative_always_draft
         self.cost = cost or VerifyCost.assumed()  # the engine sets the measured one before serving
         self.stats = SpecStats()
+
+    def report(self, s: StepStats) -> None:
+        """The speculative counters of /server_info: totals, and per drafter (lane)."""
+        sp = self.stats
+        s.spec_verify_ct, s.spec_draft_tokens, s.spec_accepted_tokens = sp.verify_ct, sp.draft_tokens, sp.accepted_tokens
+        s.spec_accept_rate, s.spec_accept_length = sp.accept_rate, sp.accept_length
+        s.spec_per_drafter = {lane.name: lane.stats.summary() for lane in self.lanes}
 
     def per_draft(self, lane: _Lane) -> float:
         """The lane's time per drafted token in decode steps (0 until both are measured)."""

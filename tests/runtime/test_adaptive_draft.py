@@ -119,23 +119,9 @@ def test_wrong_drafts_never_reach_a_verify_row() -> None:
     assert s.spec.drafter.calls > 10  # it kept shadowing (NGRAM-cheap), learning nothing pays
 
 
-class SometimesDrafter(OracleDrafter):
-    """The oracle's draft where the sequence's length is even, none elsewhere (a lane that finds a match half the
-    time); records the lengths it was asked at."""
-
-    name = "sometimes"
-
-    def __init__(self, right: bool = True, prior: float = 0.8) -> None:
-        super().__init__(right, prior)
-        self.asked: list[int] = []
-
-    def propose(self, reqs, k):  # noqa: ANN001, ANN201 - the Drafter protocol
-        self.asked += [len(r.fill_ids) for r in reqs]
-        drafts = super().propose(reqs, k)
-        return [d if len(r.fill_ids) % 2 == 0 else Draft([]) for r, d in zip(reqs, drafts)]
-
-
 class AskedDrafter(OracleDrafter):
+    """The oracle, recording the sequence lengths it was asked at."""
+
     def __init__(self, right: bool = True, prior: float = 0.5) -> None:
         super().__init__(right, prior)
         self.asked: list[int] = []
@@ -143,6 +129,20 @@ class AskedDrafter(OracleDrafter):
     def propose(self, reqs, k):  # noqa: ANN001, ANN201 - the Drafter protocol
         self.asked += [len(r.fill_ids) for r in reqs]
         return super().propose(reqs, k)
+
+
+class SometimesDrafter(AskedDrafter):
+    """The oracle's draft where the sequence's length is even, none elsewhere (a lane that finds a match half the
+    time)."""
+
+    name = "sometimes"
+
+    def __init__(self, right: bool = True, prior: float = 0.8) -> None:
+        super().__init__(right, prior)
+
+    def propose(self, reqs, k):  # noqa: ANN001, ANN201 - the Drafter protocol
+        drafts = super().propose(reqs, k)
+        return [d if len(r.fill_ids) % 2 == 0 else Draft([]) for r, d in zip(reqs, drafts)]
 
 
 def test_the_next_lane_drafts_only_where_the_first_has_no_draft() -> None:
