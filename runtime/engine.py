@@ -98,8 +98,7 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
         runner = ModelRunner(model, local_config, pool_size, self.tokenizer.eos_token_ids, dtype=kv_dtype)
         mover, host_slots = host_kv_tier(runner.kv, args)  # runtime/engine_setup.py
         cache_mover = hierarchical_cache_mover(runner.kv, args)
-        # None unless --speculative-algorithm
-        drafter = make_drafter(args, pool_size, loaded.config.vocab_size, runner=runner)
+        drafter = make_drafter(args, pool_size, loaded.config.vocab_size, runner=runner)  # None unless --speculative-algorithm
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
                                    drafter=drafter, mover=mover, host_pool_size=host_slots, cache_mover=cache_mover)
         if self.scheduler.spec is not None and self.tp is None and not args.speculative_always_draft:
