@@ -116,12 +116,12 @@ def valid_share(texts: list[str]) -> float:
 
 def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k: int,
                   eagle_head: Optional[str] = None, eagle_topk: int = 4,
-                  act_quant: Optional[str] = None) -> dict[str, Any]:
+                  act_quant: Optional[str] = None, corpus: str = "default") -> dict[str, Any]:
     kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
     algo = algo[: -len(BLIND)] if algo is not None and algo.endswith(BLIND) else algo
     if algo is not None and algo.endswith(CORPUS):  # e.g. NGRAM_TREE+CORPUS, EAGLE+NGRAM+CORPUS
         algo = algo[: -len(CORPUS)]
-        kw["speculative_ngram_corpus"] = "default"
+        kw["speculative_ngram_corpus"] = corpus
     if algo is not None and algo.endswith(NGRAM_FIRST):  # e.g. EAGLE+NGRAM: NGRAM_TREE's lane in front
         algo = algo[: -len(NGRAM_FIRST)]
         kw.update(speculative_ngram_first=True, speculative_ngram_max_bfs_breadth=3, speculative_ngram_capacity=1 << 16)
@@ -180,6 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--workloads", default="a,b,c,d", help="comma-separated workload letters")
     ap.add_argument("--eagle-head", default=None, help="EAGLE's head file (default: the shipped one)")
     ap.add_argument("--eagle-topk", type=int, default=4, help="EAGLE_TREE's --speculative-eagle-topk")
+    ap.add_argument("--ngram-corpus", default="default", help="the +CORPUS algorithms' --speculative-ngram-corpus")
     ap.add_argument("--cpu-act-quant", default=None, help="every engine's --cpu-act-quant (default: the engine's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_speculative.json"))
     args = ap.parse_args(argv)
@@ -191,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # All engines loaded at once; each workload runs engine after engine, `--reps` rounds, so that a
     # shared machine's load drift hits every algorithm alike (tok/s = all tokens / all seconds).
     engines = {algo or "none": Engine(**engine_kwargs(algo, args.threads, None, args.num_draft_tokens, args.eagle_head,
-                                                      args.eagle_topk, args.cpu_act_quant))
+                                                      args.eagle_topk, args.cpu_act_quant, args.ngram_corpus))
                for algo in algos}
     # each engine's start-up verify cost (what its adaptive rule uses): [[j, decode steps], ...]
     engine_costs = {name: eng.get_server_info().get("spec_verify_cost") for name, eng in engines.items()}
@@ -290,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     Path(args.out).write_text(json.dumps({"threads": args.threads, "load_before": load_before,
                                           "load_after": os.getloadavg(), "num_draft_tokens": args.num_draft_tokens,
                                           "eagle_head": args.eagle_head, "eagle_topk": args.eagle_topk,
-                                          "cpu_act_quant": args.cpu_act_quant,
+                                          "cpu_act_quant": args.cpu_act_quant, "ngram_corpus": args.ngram_corpus,
                                           "table": table, "verify_cost": cost,
                                           "engine_verify_cost": engine_costs}, indent=1))
     return 0

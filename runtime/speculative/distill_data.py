@@ -59,6 +59,26 @@ TEMPLATES = [
     "Give a step-by-step guide related to {t}.",
     "Compare {t} with something similar and explain the difference.",
 ]
+# NOTE: a second set, after the first in chat_prompts' order, so that a prefix of up to 2,160 prompts (the shipped
+# NGRAM corpus, the first heads' data) is what it was
+MORE_TEMPLATES = [
+    "What are the benefits of {t}?",
+    "Give me a quick overview of {t}.",
+    "Write a short blog post introduction about {t}.",
+    "What are five key facts about {t}?",
+    "How has {t} changed over time?",
+    "What tools or resources help with {t}?",
+    "Explain the basics of {t} in simple terms.",
+    "What are some fun activities related to {t}?",
+    "What is a common myth about {t}?",
+    "Write a haiku about {t}.",
+    "Give advice to a friend who is interested in {t}.",
+    "What are the main challenges of {t}?",
+    "Describe {t} in three sentences.",
+    "Why do people enjoy {t}?",
+    "What would the world be like without {t}?",
+    "Create a short quiz with answers about {t}.",
+]
 TOPICS = [
     "photosynthesis", "the water cycle", "volcanoes", "the solar system", "electric cars", "recycling",
     "healthy breakfast", "writing emails", "job interviews", "budgeting", "meditation", "yoga",
@@ -90,10 +110,13 @@ def chat(user: str) -> str:
 
 
 def chat_prompts(n: int) -> list[str]:
-    """n chat prompts: every template x topic pair in a fixed shuffled order, so any prefix of the list
-    mixes all templates and topics."""
-    qs = [tpl.format(t=t) for t in TOPICS for tpl in TEMPLATES]
-    random.Random(0).shuffle(qs)
+    """n chat prompts: every TEMPLATES x topic pair in a fixed shuffled order (a prefix of it mixes all those
+    templates and topics), then every MORE_TEMPLATES x topic pair, shuffled the same way."""
+    qs: list[str] = []
+    for templates in (TEMPLATES, MORE_TEMPLATES):
+        part = [tpl.format(t=t) for t in TOPICS for tpl in templates]
+        random.Random(0).shuffle(part)
+        qs += part
     return [chat(q) for q in qs[:n]]
 
 
@@ -108,13 +131,18 @@ def extraction_prompts(n: int) -> tuple[list[str], list[str]]:
 
 @dataclass(frozen=True)
 class DistillSpec:
-    """What to generate (about 150k tokens with the defaults). `batch_size` requests decode at once."""
+    """What to generate (about 400k tokens with the defaults). `batch_size` requests decode at once, with
+    `cpu_act_quant` activations (q8: the fastest CPU path, ~3.7x the tokens per second of q16 on 1 thread at
+    batch 64 with 2 threads; its states are what a q8 engine's head reads) on `threads` torch threads (not part
+    of the data: every row gets the same bits on any thread count)."""
 
     model_path: str = "default"
-    num_chat: int = 960
+    num_chat: int = 2900
     num_extraction: int = 152  # of each kind (people.txt lines 48-199: all the held-in people)
     max_new_tokens: int = 128
     batch_size: int = 64
+    cpu_act_quant: str = "q8"
+    threads: Optional[int] = None
 
     def prompts(self) -> list[tuple[str, dict[str, Any]]]:
         greedy = {"temperature": 0.0, "max_new_tokens": self.max_new_tokens}
@@ -169,7 +197,7 @@ def cache_key(spec: DistillSpec, resolved_model: str) -> str:
     st = os.stat(resolved_model) if os.path.isfile(resolved_model) else None
     ident = {"v": FORMAT_VERSION, "model": os.path.abspath(resolved_model),
              "size": st.st_size if st else None, "mtime": int(st.st_mtime) if st else None,
-             "prompts": spec.prompts(), "max_new_tokens": spec.max_new_tokens}
+             "prompts": spec.prompts(), "max_new_tokens": spec.max_new_tokens, "act": spec.cpu_act_quant}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -199,7 +227,8 @@ def generate(spec: DistillSpec, log: Callable[[str], None] = print) -> DistillDa
     t0 = time.monotonic()
     # NOTE: no radix cache: a cached prefix is not recomputed, so its positions would have no state
     eng = Engine(spec.model_path, max_running_requests=spec.batch_size, show_progress=False,
-                 disable_radix_cache=True)
+                 disable_radix_cache=True, cpu_act_quant=spec.cpu_act_quant,
+                 **({"num_threads": spec.threads} if spec.threads else {}))
     try:
         runner = eng.scheduler.runner
         recorder = StateRecorder(runner.model, lambda n: log(

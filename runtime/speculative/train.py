@@ -37,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-extraction", type=int, default=DistillSpec.num_extraction,
                     help="extraction prompts to distill (free-form and constrained, each)")
     ap.add_argument("--max-new-tokens", type=int, default=DistillSpec.max_new_tokens)
+    ap.add_argument("--cpu-act-quant", default=DistillSpec.cpu_act_quant, choices=("q16", "q8"),
+                    help="the generating engine's activations (q8: the fastest)")
     ap.add_argument("--data", default=None, help="a distillation data file to use or create (default: the cache)")
     ap.add_argument("--seed", type=int, default=0)
     for module in TRAINERS.values():  # each trainer adds its own options (help shows them all)
@@ -65,7 +67,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: the {args.algorithm} trainer is not available ({e})", file=sys.stderr)
         return 2
     spec = DistillSpec(model_path=args.model_path, num_chat=args.num_chat, num_extraction=args.num_extraction,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, cpu_act_quant=args.cpu_act_quant, threads=args.threads)
     from pathlib import Path
 
     data = load_or_generate(spec, log, Path(args.data) if args.data else None)

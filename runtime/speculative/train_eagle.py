@@ -41,7 +41,7 @@ STEP_WEIGHT = 0.7  # loss weight of draft step s is STEP_WEIGHT ** (s - 1): the 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("eagle")
-    g.add_argument("--eagle-epochs", type=int, default=10)
+    g.add_argument("--eagle-epochs", type=int, default=4)
     g.add_argument("--eagle-lr", type=float, default=2e-3)
     g.add_argument("--eagle-batch-size", type=int, default=4, help="sequences per optimizer step")
     g.add_argument("--eagle-draft-vocab", type=int, default=4096,
