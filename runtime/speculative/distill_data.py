@@ -132,9 +132,9 @@ def extraction_prompts(n: int) -> tuple[list[str], list[str]]:
 @dataclass(frozen=True)
 class DistillSpec:
     """What to generate (about 400k tokens with the defaults). `batch_size` requests decode at once, with
-    `cpu_act_quant` activations (q8: the fastest CPU path, ~3.7x the tokens per second of q16 on 1 thread at
-    batch 64 with 2 threads; its states are what a q8 engine's head reads) on `threads` torch threads (not part
-    of the data: every row gets the same bits on any thread count)."""
+    `cpu_act_quant` activations (q8: the fastest CPU path, 1.7x q16's tokens per second at batch 64 on 2 threads;
+    its states are what a q8 engine's head reads) on `threads` torch threads (not part of the data: every row
+    gets the same bits on any thread count)."""
 
     model_path: str = "default"
     num_chat: int = 2900
