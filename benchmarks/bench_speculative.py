@@ -175,6 +175,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="fewer documents and questions")
     ap.add_argument("--reps", type=int, default=2, help="rounds per workload, engines alternating")
+    ap.add_argument("--reps-c", type=int, default=None,
+                    help="rounds of workload (c) (default: 3 x --reps; a round is ~760 tokens, a few seconds, and "
+                         "2-round ratios swung by ~0.1)")
     ap.add_argument("--crossover", action="store_true", help="(b) at batch 1/2/4/8 with speculation forced on")
     ap.add_argument("--verify-cost", action="store_true", help="time verify rows of 1 + j tokens vs one decode step")
     ap.add_argument("--workloads", default="a,b,c,d", help="comma-separated workload letters")
@@ -203,7 +206,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for eng in engines.values():
             eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})  # warm-up
         for wname, (prompts, params, batch) in work.items():
-            for rep in range(args.reps):
+            reps = (args.reps_c or 3 * args.reps) if wname.startswith("c_") else args.reps
+            for rep in range(reps):
                 for name, eng in engines.items():
                     if name == "DRAFT" and wname.startswith("d_"):
                         continue  # self-draft at batch 8 is off by the max-batch rule anyway: nothing new
@@ -292,6 +296,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                           "load_after": os.getloadavg(), "num_draft_tokens": args.num_draft_tokens,
                                           "eagle_head": args.eagle_head, "eagle_topk": args.eagle_topk,
                                           "cpu_act_quant": args.cpu_act_quant, "ngram_corpus": args.ngram_corpus,
+                                          "reps": args.reps, "reps_c": args.reps_c or 3 * args.reps,
                                           "table": table, "verify_cost": cost,
                                           "engine_verify_cost": engine_costs}, indent=1))
     return 0
