@@ -187,6 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cpu-act-quant", default=None, help="every engine's --cpu-act-quant (default: the engine's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_speculative.json"))
     args = ap.parse_args(argv)
+    reps_c = args.reps_c or 3 * args.reps
     load_before = os.getloadavg()
     work = {k: v for k, v in workloads(args.quick).items() if k[0] in args.workloads.split(",")}
     cost = verify_cost(args.threads, max(8, args.num_draft_tokens), act_quant=args.cpu_act_quant) if args.verify_cost else None
@@ -206,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for eng in engines.values():
             eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})  # warm-up
         for wname, (prompts, params, batch) in work.items():
-            reps = (args.reps_c or 3 * args.reps) if wname.startswith("c_") else args.reps
+            reps = reps_c if wname.startswith("c_") else args.reps
             for rep in range(reps):
                 for name, eng in engines.items():
                     if name == "DRAFT" and wname.startswith("d_"):
@@ -296,7 +297,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                           "load_after": os.getloadavg(), "num_draft_tokens": args.num_draft_tokens,
                                           "eagle_head": args.eagle_head, "eagle_topk": args.eagle_topk,
                                           "cpu_act_quant": args.cpu_act_quant, "ngram_corpus": args.ngram_corpus,
-                                          "reps": args.reps, "reps_c": args.reps_c or 3 * args.reps,
+                                          "reps": args.reps, "reps_c": reps_c,
                                           "table": table, "verify_cost": cost,
                                           "engine_verify_cost": engine_costs}, indent=1))
     return 0

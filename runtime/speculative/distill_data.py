@@ -227,8 +227,7 @@ def generate(spec: DistillSpec, log: Callable[[str], None] = print) -> DistillDa
     t0 = time.monotonic()
     # NOTE: no radix cache: a cached prefix is not recomputed, so its positions would have no state
     eng = Engine(spec.model_path, max_running_requests=spec.batch_size, show_progress=False,
-                 disable_radix_cache=True, cpu_act_quant=spec.cpu_act_quant,
-                 **({"num_threads": spec.threads} if spec.threads else {}))
+                 disable_radix_cache=True, cpu_act_quant=spec.cpu_act_quant, num_threads=spec.threads)
     try:
         runner = eng.scheduler.runner
         recorder = StateRecorder(runner.model, lambda n: log(

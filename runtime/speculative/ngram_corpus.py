@@ -188,8 +188,7 @@ def write_corpus(out: Path, model_path: str = "default", num_chat: int = 960, nu
                        max_new_tokens=max_new_tokens)
     prompts = spec.prompts()
     t0 = time.monotonic()
-    eng = Engine(model_path, max_running_requests=spec.batch_size, show_progress=False,
-                 **({"num_threads": threads} if threads else {}))
+    eng = Engine(model_path, max_running_requests=spec.batch_size, show_progress=False, num_threads=threads)
     try:
         outs = eng.generate([p for p, _ in prompts], [params for _, params in prompts])
     finally:
