@@ -18,7 +18,8 @@ verify rows stop paying. `--verify-cost` times one forward step of a verify row 
 Algorithms: NGRAM (chain, own sequence); NGRAM_TREE (NGRAM with 3 continuations merged into a tree
 and finished requests' sequences matched too); MEDUSA (the shipped self-distilled heads, a static
 tree); EAGLE (the shipped self-distilled one-layer head, a chain, q8_0 draft steps); EAGLE_TREE (the same head
-drafting token trees, `--eagle-topk` children per node); NAME_BLIND (e.g. EAGLE_BLIND): NAME with drafts that
+drafting token trees, `--eagle-topk` children per node); NAME_FIXED (e.g. EAGLE_FIXED): NAME with its drafts cut at
+one length per request, as before drafts were scored (the A/B of speculative_rows.scored_cut); NAME_BLIND (e.g. EAGLE_BLIND): NAME with drafts that
 ignore the grammar (runtime/speculative/grammar_walk.py off; verification still cuts what the mask forbids);
 NAME+NGRAM (e.g. EAGLE+NGRAM): NAME behind an NGRAM lane (`--speculative-ngram-first`, NGRAM_TREE's settings): NGRAM
 drafts where the text matches, NAME elsewhere; NAME+CORPUS (e.g. NGRAM_TREE+CORPUS, EAGLE+NGRAM+CORPUS): its NGRAM
@@ -54,6 +55,7 @@ PERSON = json.loads((DATA / "person_extraction.json").read_text())
 
 
 BLIND = "_BLIND"  # an algorithm name's suffix: its drafter ignores the grammar (grammar_walk.ENABLED off: the A/B)
+FIXED = "_FIXED"  # an algorithm name's suffix: the rule ignores its drafts' scores (one length per request: the A/B)
 NGRAM_FIRST = "+NGRAM"  # an algorithm name's suffix: --speculative-ngram-first, with NGRAM_TREE's settings
 CORPUS = "+CORPUS"  # an algorithm name's suffix: its NGRAM (algorithm or lane) matches the shipped corpus too
 
@@ -119,6 +121,7 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
                   act_quant: Optional[str] = None, corpus: str = "default") -> dict[str, Any]:
     kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
     algo = algo[: -len(BLIND)] if algo is not None and algo.endswith(BLIND) else algo
+    algo = algo[: -len(FIXED)] if algo is not None and algo.endswith(FIXED) else algo
     if algo is not None and algo.endswith(CORPUS):  # e.g. NGRAM_TREE+CORPUS, EAGLE+NGRAM+CORPUS
         algo = algo[: -len(CORPUS)]
         kw["speculative_ngram_corpus"] = corpus
@@ -198,6 +201,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     engines = {algo or "none": Engine(**engine_kwargs(algo, args.threads, None, args.num_draft_tokens, args.eagle_head,
                                                       args.eagle_topk, args.cpu_act_quant, args.ngram_corpus))
                for algo in algos}
+    for name, eng in engines.items():
+        if name.endswith(FIXED):
+            for lane in eng.scheduler.spec.lanes:
+                lane.drafter.scores_drafts = False
     # each engine's start-up verify cost (what its adaptive rule uses): [[j, decode steps], ...]
     engine_costs = {name: eng.get_server_info().get("spec_verify_cost") for name, eng in engines.items()}
     for name, c in engine_costs.items():

@@ -371,12 +371,18 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
             self._cancelled.add(rid)  # not queued yet: its grammar is still compiling
 
     def flush_cache(self) -> bool:
+        """Drop every cached prefix and compiled grammar, as SGLang's /flush_cache does (its grammar backend's reset);
+        only when idle. A grammar still compiling for a request keeps serving that request."""
         def flush() -> bool:
             flushed = self.scheduler.flush_cache()
             if flushed:  # NOTE: a command: no step follows while idle, so it gives the freed KV pages back itself
                 self._release_idle_memory()
             return flushed
-        return bool(self._call(flush))
+        flushed = bool(self._call(flush))
+        compiler = self._grammar.peek()
+        if flushed and compiler is not None:
+            compiler.clear_cache()
+        return flushed
 
     def _release_idle_memory(self) -> int:
         """On the scheduler thread, idle: the prefill scratch, the KV pages of freed slots, free heap pages

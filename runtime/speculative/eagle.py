@@ -27,6 +27,7 @@ State is dropped when a request finishes (swept at the next observe/propose).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -59,6 +60,7 @@ class _Seq:
 class EagleDrafter:
     name = "EAGLE"
     accept_prior = 0.5  # per-draft acceptance before a request has any (speculative_rows.py)
+    scores_drafts = True  # each node's score: the head's probability of its token (drafter.py)
     # Features older than the head's context needs are dropped (a request's buffer would otherwise
     # hold its whole sequence): kept from TRIM_MARGIN positions before the last true entry, the
     # buffer compacted once COMPACT_AT positions are droppable. A rollback (grammar backtracking)
@@ -95,6 +97,7 @@ class EagleDrafter:
                 self.lm_head = rows.t().contiguous()  # [H, Vd], as an fp32 LinearWeight
         self._seqs: dict[Req, _Seq] = {}
         self.catchup_seconds = 0.0  # the last propose's catch-up (Drafter.catchup_seconds)
+        self.stop_below = 0.0  # a chain stops once every request's path probability is below this (Drafter)
         self._emb_rows: dict[int, torch.Tensor] = {}  # token id -> its fp32 embedding row (_embed)
 
     # -- the target's states, after each step (ModelRunner.hidden_observer) --------------------------
@@ -151,6 +154,7 @@ class EagleDrafter:
             live.append((req, seq, fill[first:m + 1], list(range(first, m + 1))))
             forced.append(fill[m + 1:n + 1])
         drafts: dict[Req, list[int]] = {req: [] for req in reqs}
+        scores: dict[Req, list[float]] = {req: [] for req in reqs}
         self.catchup_seconds = 0.0
         if not live:
             return [Draft([]) for _ in reqs]
@@ -180,17 +184,21 @@ class EagleDrafter:
                 self._trim(seq)
             return [trees.get(req, Draft([])) for req in reqs]
         with grammar_walks([req for req, _, _, _ in live]) as walks:
-            self._chain(live, g, positions, k, walks, drafts)
+            self._chain(live, g, positions, k, walks, drafts, scores)
         for (_, seq, _, _), n in zip(live, n_true):
             seq.cut_entries(n)  # drafted entries read the head's own features: never kept
             self._trim(seq)
-        return [Draft(drafts[req]) for req in reqs]
+        return [Draft(drafts[req], scores=scores[req]) for req in reqs]
 
     def _chain(self, live: list[tuple[Req, _Seq, list[int], list[int]]], g: torch.Tensor, positions: torch.Tensor,
-               k: int, walks: list[Optional[GrammarWalk]], drafts: dict[Req, list[int]]) -> None:
-        """k greedy head steps for every live request (g [B, H]: g_n); a request with a grammar walk drafts the
-        best token its matcher allows, and its draft ends where the matcher allows none of the draft vocabulary."""
+               k: int, walks: list[Optional[GrammarWalk]], drafts: dict[Req, list[int]],
+               scores: dict[Req, list[float]]) -> None:
+        """Up to k greedy head steps for every live request (g [B, H]: g_n); a request with a grammar walk drafts the
+        best token its matcher allows, and its draft ends where the matcher allows none of the draft vocabulary.
+        Each token's score is the head's probability of it (over what the matcher allows); the chain stops early
+        once every request's path probability is below `stop_below`."""
         stopped = [False] * len(live)
+        path = [1.0] * len(live)
         for step in range(k):
             logits = linear(g.contiguous(), self.lm_head)  # [B, Vd]
             for i, w in enumerate(walks):
@@ -200,10 +208,14 @@ class EagleDrafter:
                         stopped[i] = True
                     else:
                         logits[i] = masked
-            tok = self.d2t.index_select(0, logits.argmax(-1))  # [B] target ids
-            for i, ((req, _, _, _), t) in enumerate(zip(live, tok.tolist())):
+            best = torch.softmax(logits, -1).max(-1)
+            tok = self.d2t.index_select(0, best.indices)  # [B] target ids
+            for i, ((req, _, _, _), t, p) in enumerate(zip(live, tok.tolist(), best.values.tolist())):
                 if not stopped[i] and (walks[i] is None or walks[i].take(int(t))):
                     drafts[req].append(int(t))
+                    scores[req].append(p)
+                    path[i] *= p
+                    stopped[i] = path[i] < self.stop_below
                 else:
                     stopped[i] = True
             if step == k - 1 or all(stopped):
@@ -265,7 +277,9 @@ class EagleDrafter:
         index = {j: i for i, j in enumerate(chosen)}
         tokens = self.d2t[torch.tensor([ids[j] for j in chosen], dtype=torch.int64)].tolist()
         tree = [index[parents[j]] if parents[j] >= 0 else -1 for j in chosen]
-        return Draft(tokens, tree if any(p != j - 1 for j, p in enumerate(tree)) else None)
+        # a node's score: its token's probability under the head, given its parent (path log-probabilities' difference)
+        own = [math.exp(scores[j] - (scores[parents[j]] if parents[j] >= 0 else 0.0)) for j in chosen]
+        return Draft(tokens, tree if any(p != j - 1 for j, p in enumerate(tree)) else None, own)
 
     def _node_logp(self, logits: torch.Tensor, walk: Optional[GrammarWalk], paths: list[list[int]]) -> torch.Tensor:
         """[F, Vd] log-probabilities of the draft vocabulary at F nodes; with a grammar walk, node r's are

@@ -36,6 +36,18 @@ def test_json_extraction_valid_over_50_seeds(engine):
         jsonschema.validate(json.loads(o["text"]), PERSON)
 
 
+def test_flush_cache_drops_compiled_grammars(engine):
+    """/flush_cache resets the grammar cache too (SGLang's flush_cache resets its grammar backend): a benchmark round
+    after a flush compiles its schema again, as its first round did."""
+    p = {"json_schema": json.dumps(PERSON), "max_new_tokens": 160, "temperature": 0}
+    first = engine.generate(PROMPT, p)
+    assert engine.grammar.cache_len() >= 1
+    assert engine.flush_cache()
+    assert engine.grammar.cache_len() == 0
+    again = engine.generate(PROMPT, p)  # compiled again: the same answer
+    assert again["output_ids"] == first["output_ids"] and engine.grammar.cache_len() >= 1
+
+
 def test_regex_choices_ebnf(engine):
     out = engine.generate("My phone number is ", {"regex": r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}",
                                                   "max_new_tokens": 30, "temperature": 0.8, "sampling_seed": 1})
