@@ -16,8 +16,7 @@ from sgl.runtime.protocol import SamplingParams
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.scheduler.scheduler import Scheduler
-from sgl.runtime.scheduler.speculative_rows import (SpeculativeRows, best_draft_len, followed, make_speculative_rows,
-                                                   scored_cut, stop_below)
+from sgl.runtime.scheduler.speculative_rows import SpeculativeRows, best_draft_len, followed, make_speculative_rows
 from sgl.runtime.speculative.drafter import Draft
 from sgl.runtime.speculative.verify_cost import VerifyCost, draft_lengths, measure_verify_cost
 
@@ -28,7 +27,6 @@ from .test_speculative_verify import tiny_model
 MEASURED = VerifyCost(((0, 1.0), (1, 2.06), (2, 2.51), (4, 3.09), (8, 4.88)), 0.01, "measured")
 CHEAP = VerifyCost(((0, 1.0), (1, 1.02), (8, 1.16)), 0.01, "measured")  # verify nearly free
 EXPENSIVE = VerifyCost(((0, 1.0), (1, 2.0)), 0.01, "measured")  # a row of 1 + j costs 1 + j steps: never pays
-SLOPED = VerifyCost(((0, 1.0), (1, 1.1), (8, 1.8)), 0.01, "measured")  # each drafted token 0.1 of a step
 
 
 def test_cost_interpolates_and_extrapolates() -> None:
@@ -63,30 +61,6 @@ def test_followed_scores_chains_and_trees() -> None:
     assert followed(tree, [8, 9]) == (2, True)  # a leaf: final
     assert followed(tree, [8]) == (1, False)
     assert followed(tree, [7]) == (0, True)
-
-
-def test_a_scored_draft_keeps_the_nodes_that_pay() -> None:
-    chain = Draft([5, 6, 7, 8], scores=[0.95, 0.9, 0.1, 0.9])  # path probabilities 0.95, 0.855, 0.0855, 0.077
-    assert chain.path_probs() == pytest.approx([0.95, 0.855, 0.0855, 0.07695])
-    assert scored_cut(chain, SLOPED) == Draft([5, 6], scores=[0.95, 0.9])  # rates 1.77, 2.34, 2.22, 2.12
-    assert len(scored_cut(chain, SLOPED, sunk=5.0)) == 4  # beside what drafting it cost, every row is cheap
-    assert len(scored_cut(Draft([5, 6], scores=[0.05, 0.9]), SLOPED)) == 0  # 1.05 tokens for 1.1 steps: none
-    # a tree: the likeliest nodes, each with its ancestors (path probabilities 0.6, 0.3, 0.54, 0.03)
-    tree = Draft([5, 6, 7, 8], [-1, -1, 0, 0], [0.6, 0.3, 0.9, 0.05])
-    assert scored_cut(tree, SLOPED) == Draft([5, 6, 7], [-1, -1, 0], [0.6, 0.3, 0.9])
-    assert scored_cut(Draft([5, 7, 9], [-1, 0, 1], [0.9, 0.9, 0.9]), SLOPED).parents is None  # a path stays a chain
-
-
-def test_cutting_a_scored_draft_keeps_its_scores() -> None:
-    assert Draft([5, 6, 7], scores=[0.5, 0.4, 0.3]).cut(2) == Draft([5, 6], scores=[0.5, 0.4])
-    assert Draft([5, 6, 7], scores=[0.5, 0.4, 0.3]).cut(8) == Draft([5, 6, 7], scores=[0.5, 0.4, 0.3])
-    tree = Draft([5, 6, 7, 8], [-1, 0, -1, 2], [0.5, 0.4, 0.3, 0.2])
-    assert tree.cut(1) == Draft([5, 7], [-1, -1], [0.5, 0.3])
-    assert tree.cut(2, max_nodes=3) == Draft([5, 6, 7], [-1, 0, -1], [0.5, 0.4, 0.3])
-    with pytest.raises(AssertionError):
-        Draft([5, 6], scores=[0.5])
-    # the path probability under which a token cannot pay: the cheapest row increment plus its drafting time
-    assert stop_below(SLOPED, 4, 0.05) == pytest.approx(0.15)
 
 
 class OracleDrafter:
@@ -169,34 +143,6 @@ class SometimesDrafter(AskedDrafter):
     def propose(self, reqs, k):  # noqa: ANN001, ANN201 - the Drafter protocol
         drafts = super().propose(reqs, k)
         return [d if len(r.fill_ids) % 2 == 0 else Draft([]) for r, d in zip(reqs, drafts)]
-
-
-class ScoredOracle(AskedDrafter):
-    """The oracle's draft, scored sure for its first two tokens and hopeless after (a head unsure past them)."""
-
-    scores_drafts = True
-
-    def __init__(self) -> None:
-        super().__init__(right=True, prior=0.9)
-        self.stop_below = 0.0
-        self.floors: list[float] = []
-
-    def propose(self, reqs, k):  # noqa: ANN001, ANN201 - the Drafter protocol
-        self.floors.append(self.stop_below)
-        return [Draft(d.token_ids, scores=[0.99, 0.99, 0.01, 0.01][: len(d)]) for d in super().propose(reqs, k)]
-
-
-def test_the_rule_cuts_scored_drafts_where_they_stop_paying() -> None:
-    drafter = ScoredOracle()
-    s, req = run(drafter, SLOPED)  # the request's estimate (0.9) asks for all 4 tokens; the scores keep 2
-    lane = s.spec.lanes[0]
-    assert lane.stats.verify_ct > 10 and lane.stats.draft_tokens <= 2 * lane.stats.verify_ct
-    assert lane.stats.accepted_tokens == lane.stats.draft_tokens  # the 2 kept are the right ones
-    assert drafter.floors and all(f == pytest.approx(stop_below(SLOPED, 4, s.spec.per_draft(lane)), abs=0.05)
-                                  for f in drafter.floors[1:])
-    unscored = AskedDrafter(right=True, prior=0.9)
-    s2, _ = run(unscored, SLOPED)
-    assert s2.spec.lanes[0].stats.draft_tokens > 3 * s2.spec.lanes[0].stats.verify_ct  # unscored: 4 per row
 
 
 def test_the_next_lane_drafts_only_where_the_first_has_no_draft() -> None:

@@ -370,40 +370,6 @@ def test_token_tree_shape() -> None:
     assert line.token_ids[1] in [tree.token_ids[c] for c, p in enumerate(tree.parents) if p == j]
 
 
-def test_drafts_carry_the_heads_probabilities() -> None:
-    """Each chain token's score is the head's probability of it, a tree node's its probability given its parent;
-    a chain stops once its path probability is under `stop_below` (speculative_rows.scored_cut reads them)."""
-    model = tiny_model(3)
-    head = random_head(model.config, seed=2)
-    req = Req(rid="x", prompt_ids=[2, 3, 4, 5, 0, 3, 1, 2], params=SamplingParams(temperature=0, max_new_tokens=3),
-              arrival=0)
-    drafters = [EagleDrafter(head, model), EagleDrafter(head, model, topk=3, num_steps=3)]
-    for drafter in drafters:  # the target's states of the 8 tokens: one prefill through a runner
-        runner = ModelRunner(model, model.config, 64, frozenset({99}))
-        runner.capture_hidden, runner.hidden_observer = True, drafter.observe
-        sch = Scheduler(ServerArgs(), runner, OutputProcessor(Tok(frozenset({99}))), 64, lambda r: None)
-        sch.add_request(req)
-        sch.step()
-        req = Req(rid="x", prompt_ids=req.prompt_ids, params=req.params, arrival=0)
-    chain, trees = drafters
-    r1, r2 = next(iter(chain._seqs)), next(iter(trees._seqs))
-    line = chain.propose([r1], 4)[0]
-    assert len(line) == 4 and line.scores is not None and len(line.scores) == 4
-    assert all(0.0 < p <= 1.0 for p in line.scores)
-    with torch.inference_mode():  # the first token's score: the head's softmax at the pending token
-        first = chain.propose([r1], 1)[0]
-    assert first.token_ids == line.token_ids[:1] and first.scores == pytest.approx(line.scores[:1])
-    chain.stop_below = 1.5  # every path is under it from the first token on: that token, then no more head steps
-    assert chain.propose([r1], 4)[0] == first
-    chain.stop_below = 0.0
-    tree = trees.propose([r2], 7)[0]
-    probs = tree.path_probs()
-    assert tree.scores is not None and all(0.0 < p <= 1.0 for p in tree.scores)
-    assert all(probs[j] <= probs[p] + 1e-9 for j, p in enumerate(tree.parents) if p >= 0)
-    level1 = [probs[j] for j, p in enumerate(tree.parents) if p < 0]
-    assert line.scores[0] == pytest.approx(max(level1), rel=1e-4)  # the chain's first token is the tree's likeliest
-
-
 def test_unrolled_training_steps_equal_drafting() -> None:
     """forward_unrolled's step s at position p == what the drafter computes for d_s's entry there."""
     cfg = tiny_model(1).config
