@@ -120,8 +120,8 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
                   eagle_head: Optional[str] = None, eagle_topk: int = 4,
                   act_quant: Optional[str] = None, corpus: str = "default") -> dict[str, Any]:
     kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
-    algo = algo[: -len(BLIND)] if algo is not None and algo.endswith(BLIND) else algo
-    algo = algo[: -len(FIXED)] if algo is not None and algo.endswith(FIXED) else algo
+    for suffix in (BLIND, FIXED):  # A/B switches set after the engine starts, not engine arguments
+        algo = algo[: -len(suffix)] if algo is not None and algo.endswith(suffix) else algo
     if algo is not None and algo.endswith(CORPUS):  # e.g. NGRAM_TREE+CORPUS, EAGLE+NGRAM+CORPUS
         algo = algo[: -len(CORPUS)]
         kw["speculative_ngram_corpus"] = corpus

@@ -73,9 +73,7 @@ def collect(threads: int, workload: str, k: int) -> tuple[list[Row], VerifyCost]
 
         runner = eng.scheduler.runner
         eng.wait_idle()
-        cost = eng._call(lambda: measure_verify_cost(runner.model, runner.kv, k, runner.vocab_size, reps=15,
-                                                     context=300))
-        return rows, cost
+        return rows, measure_verify_cost(runner.model, runner.kv, k, runner.vocab_size, reps=15, context=300)
     finally:
         eng.shutdown()
 

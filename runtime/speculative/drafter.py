@@ -53,7 +53,7 @@ class Draft:
     def cut(self, max_depth: int, max_nodes: Optional[int] = None) -> "Draft":
         """The nodes at depth <= max_depth (their subtrees go with them), the first max_nodes of them."""
         if self.parents is None:
-            n = max(0, min(max_depth, len(self.token_ids), len(self.token_ids) if max_nodes is None else max_nodes))
+            n = max(0, min(max_depth, len(self.token_ids), max_depth if max_nodes is None else max_nodes))
             return self.subset(list(range(n)))
         kept: list[int] = []
         keep: set[int] = set()
