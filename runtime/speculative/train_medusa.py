@@ -72,7 +72,9 @@ def accuracy(heads: MedusaHeads, lm_head_t: torch.Tensor, hidden: torch.Tensor, 
 
 
 def train(data: Any, target: Any, args: argparse.Namespace, log: Callable[[str], None]) -> str:
-    model, config = target.model, target.config
+    """Fit the heads to `data` for `target` (the fp32 LlamaForCausalLM, as train.py hands every trainer);
+    returns the written folder."""
+    model, config = target, target.config
     num_heads = args.medusa_num_heads
     heads = MedusaHeads(num_heads, args.medusa_num_layers, config.hidden_size)
     for blocks in heads.blocks:

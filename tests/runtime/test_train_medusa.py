@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import random
-from types import SimpleNamespace
 
 import torch
 
@@ -47,7 +46,7 @@ def test_heads_fit_the_targets_own_future_tokens(tmp_path) -> None:
                           "--medusa-lr", "1e-2"])
     args.seed, args.out = 0, str(tmp_path / "heads")
     logs: list[str] = []
-    out = train(data, SimpleNamespace(model=model, config=model.config), args, logs.append)
+    out = train(data, model, args, logs.append)
     heads = load_medusa_heads(out, model.config.hidden_size, V)
     h, t = examples(data, 2, range(data.num_sequences))
     acc = accuracy(heads, dense_lm_head(model, model.config.hidden_size), h, t)
