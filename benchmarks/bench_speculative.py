@@ -24,7 +24,8 @@ ignore the grammar (runtime/speculative/grammar_walk.py off; verification still 
 NAME+NGRAM (e.g. EAGLE+NGRAM): NAME behind an NGRAM lane (`--speculative-ngram-first`, NGRAM_TREE's settings): NGRAM
 drafts where the text matches, NAME elsewhere; NAME+CORPUS (e.g. NGRAM_TREE+CORPUS, EAGLE+NGRAM+CORPUS): its NGRAM
 matches the shipped corpus too (`--speculative-ngram-corpus default`); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
-tokenizer ships here), so its speed ratio is below 1 by construction.
+tokenizer ships here), so its speed ratio is below 1 by construction. NAME@PATH (e.g. MEDUSA@/tmp/old-heads): NAME with
+its heads from PATH (`--speculative-draft-model-path`), beside NAME with the shipped ones in the same run.
 Prints one table and writes benchmarks/results/bench_speculative.json.
 """
 
@@ -120,6 +121,9 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
                   eagle_head: Optional[str] = None, eagle_topk: int = 4,
                   act_quant: Optional[str] = None, corpus: str = "default") -> dict[str, Any]:
     kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
+    heads = None
+    if algo is not None and "@" in algo:  # NAME@PATH: the algorithm with its heads from PATH
+        algo, heads = algo.split("@", 1)
     for suffix in (BLIND, FIXED):  # A/B switches set after the engine starts, not engine arguments
         algo = algo[: -len(suffix)] if algo is not None and algo.endswith(suffix) else algo
     if algo is not None and algo.endswith(CORPUS):  # e.g. NGRAM_TREE+CORPUS, EAGLE+NGRAM+CORPUS
@@ -141,6 +145,8 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
             kw.update(speculative_algorithm="EAGLE", speculative_eagle_topk=eagle_topk)
         if algo.startswith("EAGLE") and eagle_head is not None:
             kw["speculative_draft_model_path"] = eagle_head
+        if heads is not None:
+            kw["speculative_draft_model_path"] = heads
         if max_batch is not None:
             kw["speculative_max_batch"] = max_batch
     return kw

@@ -47,13 +47,14 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
     if args.speculative_algorithm == "MEDUSA":
         if runner is None:
             raise ValueError("MEDUSA needs the engine's model runner (Engine builds it)")
-        from sgl.runtime.speculative.medusa import DEFAULT_CHOICES, MedusaDrafter, load_medusa_heads, shipped_heads_path
+        from sgl.runtime.speculative.medusa import (DEFAULT_CHOICES, MedusaDrafter, draft_lm_head, load_medusa_heads,
+                                                    shipped_heads_path)
 
         cfg = runner.config
         path = args.speculative_draft_model_path or shipped_heads_path(args.model_path)
         heads = load_medusa_heads(path, cfg.hidden_size, cfg.vocab_size)
         choices = json.loads(args.speculative_medusa_choices) if args.speculative_medusa_choices else DEFAULT_CHOICES
-        drafter = MedusaDrafter(heads, runner.model.compute_logits, choices)
+        drafter = MedusaDrafter(heads, draft_lm_head(heads, runner.model), choices)
         runner.capture_hidden = True
         runner.hidden_observer = drafter.observe
         return drafter

@@ -189,6 +189,15 @@ class DistillData:
         return cls(t["tokens"].long(), t["hidden"], t["argmax"].long(), t["offsets"].long(), t["prompt_lens"].long())
 
 
+def draft_vocabulary(data: DistillData, size: int, vocab_size: int) -> torch.Tensor:
+    """A draft head's vocabulary (EAGLE's d2t, MEDUSA's): the `size` target ids the data holds most often, as the
+    target's choices and as text (sorted ascending), [size] int64; the whole vocabulary when size <= 0 or >= it."""
+    if size <= 0 or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = torch.bincount(data.argmax, minlength=vocab_size) + torch.bincount(data.tokens, minlength=vocab_size)
+    return counts.topk(size).indices.sort().values
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SGL_CACHE_DIR") or Path.home() / ".cache" / "sgl") / "distill"
 

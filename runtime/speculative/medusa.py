@@ -15,7 +15,11 @@ choice without its last index (the tree verification of runtime/executor/verify.
 Checkpoints (`--speculative-draft-model-path DIR`): `DIR/config.json` with `medusa_num_heads`,
 `medusa_num_layers` (as Medusa's repositories publish them) and `DIR/medusa_lm_head.safetensors`
 with `{i}.{j}.linear.weight` [H, H], `{i}.{j}.linear.bias` [H] for head i's ResBlock j, and
-optionally `{i}.{num_layers}.weight` [V, H], head i's own lm_head.
+optionally `{i}.{num_layers}.weight` [V, H], head i's own lm_head. Ours may carry `d2t` [Vd] int64, a draft
+vocabulary (EAGLE-3's convention: draft id d is target id d + d2t[d]): the heads then score only those rows of the
+target's lm_head. A full 49k-row lm_head per head costs about a third of a decode step on the default model, so
+three heads cost a whole one and the adaptive rule never drafted; 4,096 rows (the tokens the target writes
+most often) cost ~12x less (measured in the README).
 
 The drafter needs the runner's hidden states: the runner (capture_hidden, hidden_observer) hands
 each step's rows and their kept hidden states to `observe`, and a request without the state of
@@ -62,10 +66,16 @@ class MedusaHeads(nn.Module):
             nn.ModuleList(nn.Linear(hidden_size, hidden_size, dtype=dtype) for _ in range(num_layers))
             for _ in range(num_heads))
         self.lm_heads: Optional[nn.ParameterList] = None  # [V, H] per head, or None: the target's is shared
+        self.d2t: Optional[torch.Tensor] = None  # [Vd] int64 offsets of a draft vocabulary (module docstring), or None
         if own_lm_head:
             assert vocab_size is not None
             self.lm_heads = nn.ParameterList(nn.Parameter(torch.zeros(vocab_size, hidden_size, dtype=dtype))
                                              for _ in range(num_heads))
+
+    @property
+    def vocab_ids(self) -> Optional[torch.Tensor]:
+        """[Vd] int64 target ids of the draft vocabulary, or None (the whole vocabulary)."""
+        return None if self.d2t is None else torch.arange(self.d2t.numel()) + self.d2t
 
     def features(self, hidden: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
         """hidden [N, H] -> [heads, N, H], the first `num_heads` heads' ResBlocks applied (all by default)."""
@@ -78,8 +88,8 @@ class MedusaHeads(nn.Module):
         return torch.stack(out)
 
     def logits(self, hidden: torch.Tensor, shared_lm_head: Any, num_heads: Optional[int] = None) -> torch.Tensor:
-        """[heads, N, V] float32 of the first `num_heads` heads (all by default);
-        `shared_lm_head([M, H]) -> [M, V]` is the target's compute_logits."""
+        """[heads, N, V'] float32 of the first `num_heads` heads (all by default); `shared_lm_head([M, H]) -> [M, V']`
+        is the target's compute_logits (V' = V), or its rows of the draft vocabulary (draft_lm_head)."""
         feats = self.features(hidden, num_heads)
         n = hidden.shape[0]
         if self.lm_heads is None:
@@ -95,6 +105,8 @@ class MedusaHeads(nn.Module):
                 out[f"{i}.{j}.linear.bias"] = lin.bias.detach()
             if self.lm_heads is not None:
                 out[f"{i}.{self.num_layers}.weight"] = self.lm_heads[i].detach()
+        if self.d2t is not None:
+            out["d2t"] = self.d2t
         return out
 
 
@@ -104,7 +116,7 @@ def save_medusa_heads(heads: MedusaHeads, path: str, dtype: torch.dtype = torch.
 
     d = pathlib.Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in heads.state_dict_medusa().items()},
+    save_file({k: (v if k == "d2t" else v.to(dtype)).contiguous() for k, v in heads.state_dict_medusa().items()},
               str(d / "medusa_lm_head.safetensors"))
     cfg = {"medusa_num_heads": heads.num_heads, "medusa_num_layers": heads.num_layers,
            "hidden_size": heads.hidden_size, **(extra_config or {})}
@@ -126,7 +138,14 @@ def load_medusa_heads(path: str, hidden_size: int, vocab_size: int) -> MedusaHea
     tensors = load_file(str(w_path))
     own = f"0.{num_layers}.weight" in tensors
     heads = MedusaHeads(num_heads, num_layers, hidden_size, vocab_size, own_lm_head=own)
-    want = {name: t.shape for name, t in heads.state_dict_medusa().items()}
+    d2t = tensors.pop("d2t", None)
+    if d2t is not None:
+        ids = torch.arange(d2t.numel()) + d2t.long() if d2t.dim() == 1 else None
+        if ids is None or own or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            raise ValueError(f"{w_path}: d2t must be 1-D offsets to target ids in [0, {vocab_size}) for heads that "
+                             "share the target's lm_head")
+        heads.d2t = d2t.long()
+    want = {name: t.shape for name, t in heads.state_dict_medusa().items() if name != "d2t"}
     missing = sorted(set(want) - set(tensors))
     unexpected = sorted(set(tensors) - set(want))
     if missing or unexpected:
@@ -193,8 +212,11 @@ class MedusaDrafter:
 
     def __init__(self, heads: MedusaHeads, shared_lm_head: Any,
                  choices: Sequence[Sequence[int]] = DEFAULT_CHOICES) -> None:
+        """`shared_lm_head([M, H]) -> [M, V']`: the target's compute_logits, or its rows of the heads' draft
+        vocabulary (draft_lm_head: V' = that vocabulary's size)."""
         self.heads = heads
-        self.shared_lm_head = shared_lm_head  # the target's compute_logits
+        self.shared_lm_head = shared_lm_head
+        self.vocab_ids = heads.vocab_ids  # draft id -> target id, or None (logits over the whole vocabulary)
         self.choices = [tuple(c) for c in choices]
         self.branching = [1 + max((c[d] for c in self.choices if len(c) > d), default=0)
                           for d in range(heads.num_heads)]  # top-k taken from each head
@@ -221,8 +243,8 @@ class MedusaDrafter:
             return out
         choices = sorted(self.choices, key=lambda c: (len(c), c))[:k]
         depth = min(self.heads.num_heads, max(len(c) for c in choices))  # NOTE: each head costs an lm_head matmul
-        logits = self.heads.logits(torch.stack(rows), self.shared_lm_head, depth)  # [depth, N, V]
-        top = [logits[i].topk(self.branching[i], dim=-1).indices.tolist() for i in range(depth)]
+        logits = self.heads.logits(torch.stack(rows), self.shared_lm_head, depth)  # [depth, N, V']
+        top = [self._target_ids(logits[i].topk(self.branching[i], dim=-1).indices).tolist() for i in range(depth)]
         with grammar_walks([reqs[j] for j in have]) as walks:
             for a, j in enumerate(have):
                 ranked = None if walks[a] is None else self._grammar_ranking(walks[a], logits[:, a])
@@ -230,9 +252,12 @@ class MedusaDrafter:
                 out[j] = Draft(tree.token_ids, tree.parents)
         return out
 
+    def _target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids if self.vocab_ids is None else self.vocab_ids[draft_ids]
+
     def _grammar_ranking(self, walk: GrammarWalk, logits: torch.Tensor) -> Ranking:
         """Head i's likeliest tokens that the request's matcher allows after a node's path (logits [depth, V])."""
-        ids = torch.arange(logits.shape[-1])
+        ids = self._target_ids(torch.arange(logits.shape[-1]))
         memo: dict[tuple[int, ...], list[int]] = {}
 
         def ranked(i: int, path: list[int]) -> list[int]:
@@ -242,8 +267,23 @@ class MedusaDrafter:
                 if masked is None:
                     memo[key] = []
                 else:
-                    top = masked.topk(self.branching[i])
-                    memo[key] = [t for t, v in zip(top.indices.tolist(), top.values.tolist()) if v > float("-inf")]
+                    top = masked.topk(min(self.branching[i], masked.numel()))
+                    memo[key] = [t for t, v in zip(ids[top.indices].tolist(), top.values.tolist()) if v > float("-inf")]
             return memo[key]
 
         return ranked
+
+
+def draft_lm_head(heads: MedusaHeads, target: Any) -> Any:
+    """The `shared_lm_head` MedusaDrafter calls for `heads` on `target` (a LlamaForCausalLM): the target's
+    compute_logits, or, for heads with a draft vocabulary, its lm_head rows of those tokens (q8_0 blocks for the
+    CPU kernels when the target is quantized, as EAGLE's draft lm_head)."""
+    ids = heads.vocab_ids
+    if ids is None or heads.lm_heads is not None:
+        return target.compute_logits
+    from sgl.runtime.models.native_weights import embedding_rows, fuse_rows, linear, to_linear
+
+    with torch.inference_mode():
+        rows = embedding_rows(ids, target.lm_head).float().contiguous()  # [Vd, H]
+        w = to_linear(fuse_rows([rows], "q8_0")) if getattr(target, "native", False) else rows.t().contiguous()
+    return lambda x: linear(x, w).float()

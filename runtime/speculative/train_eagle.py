@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from sgl.runtime.speculative.distill_data import DistillData
+from sgl.runtime.speculative.distill_data import DistillData, draft_vocabulary
 from sgl.runtime.speculative.eagle_head import EagleConfig, EagleHead
 from sgl.runtime.speculative.eagle_io import DEFAULT_HEAD, save_head
 
@@ -65,14 +65,6 @@ def soft_label_loss(logits: torch.Tensor, target_logits: torch.Tensor, mask: tor
     p = F.softmax(target_logits / temperature, dim=-1)
     ce = -(p * F.log_softmax(logits / temperature, dim=-1)).sum(-1)  # [B, L]
     return (ce * mask).sum() / mask.sum().clamp(min=1)
-
-
-def draft_vocabulary(data: DistillData, size: int, vocab_size: int) -> torch.Tensor:
-    """The `size` target ids the target picks most often (sorted ascending), [size] int64."""
-    if size <= 0 or size >= vocab_size:
-        return torch.arange(vocab_size)
-    counts = torch.bincount(data.argmax, minlength=vocab_size) + torch.bincount(data.tokens, minlength=vocab_size)
-    return counts.topk(size).indices.sort().values
 
 
 def init_head(target: Any, vocab_ids: torch.Tensor) -> EagleHead:

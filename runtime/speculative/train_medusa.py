@@ -6,8 +6,9 @@ data, runtime/speculative/distill_data.py). Only positions whose continuation th
 count (j >= prompt_len - 1), as at decode time. The lm_head is the target's, frozen and shared; the
 ResBlocks start as the identity (W = 0, b = 0: each head first predicts what the lm_head says for
 t + 1, Medusa's initialization) and are fitted with AdamW on a cross-entropy whose softmax runs over
-the tokens the target ever produced in the data (the full 49k vocabulary costs 10x more on a CPU for
-tokens that never win), each head weighted 0.8^i as in the paper.
+the heads' draft vocabulary (`--medusa-draft-vocab`, default 4,096: the tokens the data holds most often, saved
+as the checkpoint's d2t, so drafting scores only those rows of the lm_head; 0: the whole vocabulary, the softmax
+then over the tokens the target ever produced), each head weighted 0.8^i as in the paper.
 
 Writes a Medusa folder (config.json + medusa_lm_head.safetensors, fp16: runtime/speculative/medusa.py)
 and prints each head's top-1 accuracy on a held-out tenth of the sequences.
@@ -22,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from sgl.runtime.speculative.distill_data import draft_vocabulary
 from sgl.runtime.speculative.medusa import SHIPPED, MedusaHeads, save_medusa_heads
 
 
@@ -32,6 +34,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--medusa-epochs", type=int, default=4)
     g.add_argument("--medusa-batch-size", type=int, default=512)
     g.add_argument("--medusa-lr", type=float, default=1e-3)
+    g.add_argument("--medusa-draft-vocab", type=int, default=4096,
+                   help="draft vocabulary size (0: the full vocabulary, as published Medusa heads)")
 
 
 def examples(data: Any, num_heads: int, seqs: range) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,12 +65,16 @@ def dense_lm_head(model: Any, hidden_size: int) -> torch.Tensor:
 
 
 def accuracy(heads: MedusaHeads, lm_head_t: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """Each head's top-1 accuracy against `targets` [N, heads] (-1: none), its argmax over its draft vocabulary."""
     out = []
+    ids = heads.vocab_ids
+    w = lm_head_t if ids is None else lm_head_t[:, ids]
     with torch.no_grad():
         feats = heads.features(hidden.float())  # [heads, N, H]
         for i in range(heads.num_heads):
             ok = targets[:, i] >= 0
-            pred = (feats[i][ok] @ lm_head_t).argmax(-1)
+            pred = (feats[i][ok] @ w).argmax(-1)
+            pred = pred if ids is None else ids[pred]
             out.append(float((pred == targets[ok, i]).float().mean()) if ok.any() else 0.0)
     return out
 
@@ -88,13 +96,18 @@ def train(data: Any, target: Any, args: argparse.Namespace, log: Callable[[str],
     order = torch.randperm(n_seq, generator=g).tolist()
     train_h, train_t = examples(data, num_heads, order[held:])  # type: ignore[arg-type]
     test_h, test_t = examples(data, num_heads, order[:held])  # type: ignore[arg-type]
-    vocab = torch.unique(data.argmax)  # [Vs]: the tokens the target ever produced
+    if args.medusa_draft_vocab > 0:  # the drafter scores these rows only (saved as d2t)
+        vocab = draft_vocabulary(data, args.medusa_draft_vocab, config.vocab_size)
+        heads.d2t = vocab - torch.arange(vocab.shape[0])
+    else:
+        vocab = torch.unique(data.argmax)  # [Vs]: the tokens the target ever produced
     remap = torch.full((config.vocab_size,), -1, dtype=torch.int64)
     remap[vocab] = torch.arange(vocab.shape[0])
     w_sub = lm_head_t[:, vocab].contiguous()  # [H, Vs]
     sub_t = torch.where(train_t >= 0, remap[train_t.clamp(min=0)], torch.full_like(train_t, -1))
+    covered = float((remap[data.argmax] >= 0).float().mean())
     log(f"medusa: {train_h.shape[0]} training positions, {test_h.shape[0]} held out, softmax over {vocab.shape[0]} "
-        f"tokens; accuracy before: {[round(a, 3) for a in accuracy(heads, lm_head_t, test_h, test_t)]}")
+        f"tokens ({covered:.1%} of the target's choices); accuracy before: {[round(a, 3) for a in accuracy(heads, lm_head_t, test_h, test_t)]}")
     opt = torch.optim.AdamW(heads.parameters(), lr=args.medusa_lr, weight_decay=0.0)
     weights = [0.8 ** i for i in range(num_heads)]
     bs = args.medusa_batch_size

@@ -194,8 +194,7 @@ def test_tree_drafts_identical_to_no_speculation(baseline, kw: dict) -> None:
         jsonschema.validate(json.loads(outs[-1]["text"]), PERSON)
         stats = eng.get_server_info()
         assert stats["spec_verify_ct"] > 0, stats  # trees ran (MEDUSA's acceptance: the benchmark's accept lengths)
-        if kw["speculative_algorithm"] == "NGRAM":
-            assert stats["spec_accepted_tokens"] > 0, stats  # the copy prompt's trees accept
+        assert stats["spec_accepted_tokens"] > 0, stats  # the copy prompt's trees accept; MEDUSA's heads guess some
         eng.wait_idle()
         eng.check_integrity()
     finally:

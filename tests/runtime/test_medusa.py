@@ -98,10 +98,12 @@ def test_draft_cut_by_depth_keeps_whole_subtrees() -> None:
     assert Draft([1, 2, 3]).cut(2).token_ids == [1, 2]
 
 
-def test_medusa_drafter_on_a_tiny_model_keeps_outputs_identical() -> None:
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_medusa_drafter_on_a_tiny_model_keeps_outputs_identical(draft_vocab: bool) -> None:
     """Random heads on a tiny model through the scheduler (capture_hidden + hidden_observer, the state
     of index len(fill_ids) - 2 drafting the tree): greedy and seeded outputs identical to no drafts,
-    KV integrity after every step, and trees did run."""
+    KV integrity after every step, and trees did run. With a draft vocabulary (d2t) every drafted token is
+    one of it."""
     import random
 
     from sgl.runtime.config import ServerArgs
@@ -110,7 +112,7 @@ def test_medusa_drafter_on_a_tiny_model_keeps_outputs_identical() -> None:
     from sgl.runtime.scheduler.output import OutputProcessor
     from sgl.runtime.scheduler.request import Req
     from sgl.runtime.scheduler.scheduler import Scheduler
-    from sgl.runtime.speculative.medusa import MedusaDrafter
+    from sgl.runtime.speculative.medusa import MedusaDrafter, draft_lm_head
 
     from tests.runtime.test_speculative_verify import PARAMS, Tok, V as TV, run, tiny_model
 
@@ -124,9 +126,15 @@ def test_medusa_drafter_on_a_tiny_model_keeps_outputs_identical() -> None:
     params = [SamplingParams(max_new_tokens=rng.randrange(4, 30), **PARAMS[i % len(PARAMS)]) for i in range(12)]
     base, _ = run(model, prompts, params)
 
+    vocab = torch.arange(0, TV, 2)  # every other token
+    if draft_vocab:
+        heads.d2t = vocab - torch.arange(vocab.numel())
     runner = ModelRunner(model, model.config, 4096, frozenset({1}), capture_hidden=True)
-    drafter = MedusaDrafter(heads, model.compute_logits)
+    drafter = MedusaDrafter(heads, draft_lm_head(heads, model))
     runner.hidden_observer = drafter.observe
+    drafted: set[int] = set()
+    propose = drafter.propose
+    drafter.propose = lambda reqs, k: [d for d in propose(reqs, k) if not drafted.update(d.token_ids)]
     done: dict[str, Req] = {}
     s = Scheduler(ServerArgs(speculative_max_batch=256, max_running_requests=256, speculative_num_draft_tokens=8),
                   runner, OutputProcessor(Tok(frozenset({1}))), 4096,
@@ -138,3 +146,38 @@ def test_medusa_drafter_on_a_tiny_model_keeps_outputs_identical() -> None:
         s.check_integrity()
     assert [done[str(i)].output_ids for i in range(12)] == [r.output_ids for r in base]
     assert s.stats.spec_verify_ct > 0 and s.stats.spec_accepted_tokens > 0
+    assert drafted <= set(vocab.tolist()) if draft_vocab else not drafted <= set(vocab.tolist())
+
+
+def test_a_draft_vocabulary_scores_its_rows_of_the_targets_lm_head(tmp_path) -> None:
+    """d2t survives the checkpoint (int64, beside the fp16 weights) and draft_lm_head gives the target's logits of
+    exactly those tokens; a d2t outside the target's vocabulary is an error naming it."""
+    from sgl.runtime.speculative.medusa import draft_lm_head
+
+    from tests.runtime.test_speculative_verify import V as TV, tiny_model
+
+    model = tiny_model(3)
+    hidden = model.config.hidden_size
+    heads = MedusaHeads(2, 1, hidden)
+    vocab = torch.tensor([1, 3, 4])  # of the tiny model's 6 tokens
+    heads.d2t = vocab - torch.arange(3)
+    save_medusa_heads(heads, str(tmp_path / "h"))
+    back = load_medusa_heads(str(tmp_path / "h"), hidden, TV)
+    assert torch.equal(back.vocab_ids, vocab)
+    x = torch.randn(3, hidden)
+    torch.testing.assert_close(draft_lm_head(back, model)(x), model.compute_logits(x)[:, vocab])
+    assert draft_lm_head(MedusaHeads(2, 1, hidden), model) == model.compute_logits  # no d2t: the whole vocabulary
+    heads.d2t = torch.tensor([0, 0, TV - 2])  # token TV: past the vocabulary
+    save_medusa_heads(heads, str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="d2t must be"):
+        load_medusa_heads(str(tmp_path / "bad"), hidden, TV)
+
+
+def test_the_shipped_heads_score_a_draft_vocabulary() -> None:
+    """The default model's heads carry d2t (4,096 of its 49,152 tokens): three full lm_heads per draft cost a decode
+    step, and the adaptive rule never drafted (README: MEDUSA's draft vocabulary)."""
+    from sgl.runtime.speculative.medusa import SHIPPED
+
+    heads = load_medusa_heads(str(SHIPPED), 576, 49152)
+    assert heads.num_heads == 3 and heads.vocab_ids is not None and heads.vocab_ids.numel() == 4096
+    assert bool((heads.vocab_ids.diff() > 0).all())
