@@ -25,7 +25,8 @@ NAME+NGRAM (e.g. EAGLE+NGRAM): NAME behind an NGRAM lane (`--speculative-ngram-f
 drafts where the text matches, NAME elsewhere; NAME+CORPUS (e.g. NGRAM_TREE+CORPUS, EAGLE+NGRAM+CORPUS): its NGRAM
 matches the shipped corpus too (`--speculative-ngram-corpus default`); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
 tokenizer ships here), so its speed ratio is below 1 by construction. NAME@PATH (e.g. MEDUSA@/tmp/old-heads): NAME with
-its heads from PATH (`--speculative-draft-model-path`), beside NAME with the shipped ones in the same run.
+its heads from PATH (`--speculative-draft-model-path`), beside NAME with the shipped ones in the same run; for an
+NGRAM algorithm with +CORPUS (e.g. NGRAM_TREE+CORPUS@/tmp/corpus.jsonl.gz), PATH is its corpus.
 Prints one table and writes benchmarks/results/bench_speculative.json.
 """
 
@@ -129,6 +130,8 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
     if algo is not None and algo.endswith(CORPUS):  # e.g. NGRAM_TREE+CORPUS, EAGLE+NGRAM+CORPUS
         algo = algo[: -len(CORPUS)]
         kw["speculative_ngram_corpus"] = corpus
+        if heads is not None and algo.startswith("NGRAM"):  # NGRAM...+CORPUS@PATH: PATH is the corpus
+            kw["speculative_ngram_corpus"], heads = heads, None
     if algo is not None and algo.endswith(NGRAM_FIRST):  # e.g. EAGLE+NGRAM: NGRAM_TREE's lane in front
         algo = algo[: -len(NGRAM_FIRST)]
         kw.update(speculative_ngram_first=True, speculative_ngram_max_bfs_breadth=3, speculative_ngram_capacity=1 << 16)
