@@ -30,7 +30,7 @@ from sgl.runtime.speculative.medusa import SHIPPED, MedusaHeads, save_medusa_hea
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("medusa")
     g.add_argument("--medusa-num-heads", type=int, default=3)
-    g.add_argument("--medusa-num-layers", type=int, default=1)
+    g.add_argument("--medusa-num-layers", type=int, default=2, help="ResBlocks per head")
     g.add_argument("--medusa-epochs", type=int, default=4)
     g.add_argument("--medusa-batch-size", type=int, default=512)
     g.add_argument("--medusa-lr", type=float, default=1e-3)
