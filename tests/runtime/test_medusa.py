@@ -132,9 +132,16 @@ def test_medusa_drafter_on_a_tiny_model_keeps_outputs_identical(draft_vocab: boo
     runner = ModelRunner(model, model.config, 4096, frozenset({1}), capture_hidden=True)
     drafter = MedusaDrafter(heads, draft_lm_head(heads, model))
     runner.hidden_observer = drafter.observe
-    drafted: set[int] = set()
+    drafted: set[int] = set()  # every token the drafter proposed
     propose = drafter.propose
-    drafter.propose = lambda reqs, k: [d for d in propose(reqs, k) if not drafted.update(d.token_ids)]
+
+    def recording_propose(reqs: list[Req], k: int) -> list[Draft]:
+        drafts = propose(reqs, k)
+        for d in drafts:
+            drafted.update(d.token_ids)
+        return drafts
+
+    drafter.propose = recording_propose
     done: dict[str, Req] = {}
     s = Scheduler(ServerArgs(speculative_max_batch=256, max_running_requests=256, speculative_num_draft_tokens=8),
                   runner, OutputProcessor(Tok(frozenset({1}))), 4096,
@@ -174,8 +181,8 @@ def test_a_draft_vocabulary_scores_its_rows_of_the_targets_lm_head(tmp_path) -> 
 
 
 def test_the_shipped_heads_score_a_draft_vocabulary() -> None:
-    """The default model's heads carry d2t (4,096 of its 49,152 tokens): three full lm_heads per draft cost a decode
-    step, and the adaptive rule never drafted (README: MEDUSA's draft vocabulary)."""
+    """The default model's heads carry d2t (4,096 of its 49,152 tokens): with three full lm_heads a draft cost about
+    half a decode step, and the adaptive rule never drafted (README: MEDUSA's draft vocabulary)."""
     from sgl.runtime.speculative.medusa import SHIPPED
 
     heads = load_medusa_heads(str(SHIPPED), 576, 49152)
