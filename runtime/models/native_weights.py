@@ -119,6 +119,13 @@ def embedding_rows(ids: torch.Tensor, w: LinearWeight) -> torch.Tensor:
     return torch.nn.functional.embedding(ids, w.t())
 
 
+def rows_as_linear(rows: torch.Tensor, quantize: Optional[str] = None) -> LinearWeight:
+    """Output rows [N, hidden] (a draft head's lm_head: some rows of the target's) as a LinearWeight computing their
+    N logits: `quantize` blocks for the CPU kernels, or fp32 (stored [hidden, N], as every fp32 LinearWeight)."""
+    rows = rows.detach().float().contiguous()
+    return to_linear(fuse_rows([rows], quantize)) if quantize is not None else rows.t().contiguous()
+
+
 def weight_nbytes(w: LinearWeight) -> int:
     return w.nbytes() if isinstance(w, QuantWeight) else w.numel() * w.element_size()
 

@@ -20,9 +20,28 @@ tokens per cost peak (speculative_rows.scored_cut).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
+
+import torch
 
 from sgl.runtime.scheduler.request import Req
+
+
+def d2t_offsets(ids: torch.Tensor) -> torch.Tensor:
+    """A draft vocabulary's target ids [Vd] (ascending) as EAGLE-3's `d2t` offsets: draft id d is target id d + d2t[d].
+    EAGLE's and MEDUSA's head files both store a draft vocabulary this way."""
+    return ids - torch.arange(ids.numel())
+
+
+def d2t_ids(d2t: torch.Tensor) -> torch.Tensor:
+    """The target ids [Vd] int64 of `d2t` offsets (d2t_offsets' inverse)."""
+    return torch.arange(d2t.numel()) + d2t.long()
+
+
+def draft_quantize(target: Any) -> Optional[str]:
+    """The block type a draft head's linears take on `target`: q8_0 on a quantized (native) target, whose kernels
+    read blocks (a draft step then reads ~4x fewer bytes); None (fp32) otherwise."""
+    return "q8_0" if getattr(target, "native", False) else None
 
 
 @dataclass(frozen=True)

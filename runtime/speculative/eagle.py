@@ -33,9 +33,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from sgl.runtime.models.native_weights import embedding_rows, linear
+from sgl.runtime.models.native_weights import embedding_rows, linear, rows_as_linear
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
-from sgl.runtime.speculative.drafter import Draft
+from sgl.runtime.speculative.drafter import Draft, draft_quantize
 from sgl.runtime.speculative.eagle_head import EagleHead, HeadKV, head_extend, head_tree_step
 from sgl.runtime.speculative.grammar_walk import GrammarWalk, grammar_walks
 from sgl.runtime.speculative.verify_cost import step_clock
@@ -87,14 +87,9 @@ class EagleDrafter:
         self.d2t = head.draft_to_target  # [Vd] int64
         with torch.inference_mode():
             rows = head.lm_head.weight if head.lm_head is not None else embedding_rows(self.d2t, target.lm_head)
-            rows = rows.float().contiguous()  # [Vd, H]: the draft vocabulary's logits
+            self.lm_head = rows_as_linear(rows, quantize)  # the draft vocabulary's logits
             if quantize is not None:
-                from sgl.runtime.models.native_weights import fuse_rows, to_linear
-
                 head.quantize_for_inference(quantize)
-                self.lm_head = to_linear(fuse_rows([rows], quantize))
-            else:
-                self.lm_head = rows.t().contiguous()  # [H, Vd], as an fp32 LinearWeight
         self._seqs: dict[Req, _Seq] = {}
         self.catchup_seconds = 0.0  # the last propose's catch-up (Drafter.catchup_seconds)
         self.stop_below = 0.0  # a chain stops once every request's path probability is below this (Drafter)
@@ -350,9 +345,7 @@ def make_eagle_drafter(path: Optional[str], runner: Any, num_steps: Optional[int
                          "train one with `python -m sgl.runtime.speculative.train --algorithm eagle "
                          "--model-path ...`)")
     head = load_head(head_path, runner.config)
-    # a quantized (native) target runs the head quantized too; an fp32 target keeps it fp32
-    quantize = "q8_0" if getattr(runner.model, "native", False) else None
-    drafter = EagleDrafter(head, runner.model, num_steps, quantize, topk)
+    drafter = EagleDrafter(head, runner.model, num_steps, draft_quantize(runner.model), topk)
     runner.capture_hidden = True
     runner.hidden_observer = drafter.observe
     return drafter

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgl.runtime.models.rotary import RotaryEmbedding, rope_inv_freq
+from sgl.runtime.speculative.drafter import d2t_ids
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class EagleHead(nn.Module):
     @property
     def draft_to_target(self) -> torch.Tensor:
         """[Vd] int64 target token id of each draft id."""
-        return torch.arange(self.config.draft_vocab_size) + self.d2t
+        return d2t_ids(self.d2t)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [..., T] -> cos, sin [..., T, 1, D]."""

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
-from sgl.runtime.speculative.drafter import Draft
+from sgl.runtime.speculative.drafter import Draft, d2t_ids, draft_quantize
 from sgl.runtime.speculative.grammar_walk import GrammarWalk, grammar_walks
 
 # A small static tree for a CPU (every node costs a verify row): the top-3 of head 0, the top-2 of
@@ -75,7 +75,7 @@ class MedusaHeads(nn.Module):
     @property
     def vocab_ids(self) -> Optional[torch.Tensor]:
         """[Vd] int64 target ids of the draft vocabulary, or None (the whole vocabulary)."""
-        return None if self.d2t is None else torch.arange(self.d2t.numel()) + self.d2t
+        return None if self.d2t is None else d2t_ids(self.d2t)
 
     def features(self, hidden: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
         """hidden [N, H] -> [heads, N, H], the first `num_heads` heads' ResBlocks applied (all by default)."""
@@ -140,7 +140,7 @@ def load_medusa_heads(path: str, hidden_size: int, vocab_size: int) -> MedusaHea
     heads = MedusaHeads(num_heads, num_layers, hidden_size, vocab_size, own_lm_head=own)
     d2t = tensors.pop("d2t", None)
     if d2t is not None:
-        ids = torch.arange(d2t.numel()) + d2t.long() if d2t.dim() == 1 else None
+        ids = d2t_ids(d2t) if d2t.dim() == 1 else None
         if ids is None or own or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
             raise ValueError(f"{w_path}: d2t must be 1-D offsets to target ids in [0, {vocab_size}) for heads that "
                              "share the target's lm_head")
@@ -281,9 +281,8 @@ def draft_lm_head(heads: MedusaHeads, target: Any) -> Any:
     ids = heads.vocab_ids
     if ids is None or heads.lm_heads is not None:
         return target.compute_logits
-    from sgl.runtime.models.native_weights import embedding_rows, fuse_rows, linear, to_linear
+    from sgl.runtime.models.native_weights import embedding_rows, linear, rows_as_linear
 
     with torch.inference_mode():
-        rows = embedding_rows(ids, target.lm_head).float().contiguous()  # [Vd, H]
-        w = to_linear(fuse_rows([rows], "q8_0")) if getattr(target, "native", False) else rows.t().contiguous()
+        w = rows_as_linear(embedding_rows(ids, target.lm_head), draft_quantize(target))
     return lambda x: linear(x, w).float()

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sgl.runtime.speculative.distill_data import DistillData, draft_vocabulary
+from sgl.runtime.speculative.drafter import d2t_offsets
 from sgl.runtime.speculative.eagle_head import EagleConfig, EagleHead
 from sgl.runtime.speculative.eagle_io import DEFAULT_HEAD, save_head
 
@@ -77,7 +78,7 @@ def init_head(target: Any, vocab_ids: torch.Tensor) -> EagleHead:
     last = f"model.layers.{cfg.num_hidden_layers - 1}"
     H = cfg.hidden_size
     with torch.no_grad():
-        head.d2t.copy_(vocab_ids - torch.arange(len(vocab_ids)))
+        head.d2t.copy_(d2t_offsets(vocab_ids))
         layer = head.layers[0]
         for part in ("q_proj", "k_proj", "v_proj", "o_proj"):
             getattr(layer.self_attn, part).weight.copy_(w[f"{last}.self_attn.{part}.weight"])

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sgl.runtime.speculative.distill_data import draft_vocabulary
+from sgl.runtime.speculative.drafter import d2t_offsets
 from sgl.runtime.speculative.medusa import SHIPPED, MedusaHeads, save_medusa_heads
 
 
@@ -98,7 +99,7 @@ def train(data: Any, target: Any, args: argparse.Namespace, log: Callable[[str],
     test_h, test_t = examples(data, num_heads, order[:held])  # type: ignore[arg-type]
     if args.medusa_draft_vocab > 0:  # the drafter scores these rows only (saved as d2t)
         vocab = draft_vocabulary(data, args.medusa_draft_vocab, config.vocab_size)
-        heads.d2t = vocab - torch.arange(vocab.shape[0])
+        heads.d2t = d2t_offsets(vocab)
     else:
         vocab = torch.unique(data.argmax)  # [Vs]: the tokens the target ever produced
     remap = torch.full((config.vocab_size,), -1, dtype=torch.int64)
