@@ -100,6 +100,11 @@ SHADOW_BUDGET, SHADOW_LEN = 0.01, 4  # shadow drafts' average cost per idle step
 # milliseconds, the rule stopped asking for them, and with no calls the estimate never came back (workload (b), 2
 # threads: NGRAM's lane verified 8 rows instead of ~850)
 DRAFT_TIME_WINDOW = 15
+# A lane timed on fewer calls than this shadows every idle step whatever its time says. The time is what decides how
+# often it is timed again, so a first call that was slow for another reason kept a lane off for good: a full garbage
+# collection (~120 ms after an `import transformers` beside the engine) landed in NGRAM's first call, its time per
+# token read 1.3 decode steps, the next shadow was due after ~530 idle steps, and no row drafted again.
+TIMED_CALLS = 3
 
 
 def best_draft_len(a: float, k: int, cost: "VerifyCost | None" = None, per_draft: float = 0.0) -> int:
@@ -234,7 +239,9 @@ class SpeculativeRows:
         per_draft = self.per_draft(lane)
         scored = getattr(lane.drafter, "scores_drafts", False) and not self.always
         shadow_len = self.k if per_draft * self.k <= SHADOW_BUDGET else min(self.k, SHADOW_LEN)
-        shadow_every = max(1, math.ceil(per_draft * shadow_len / SHADOW_BUDGET))
+        # until TIMED_CALLS calls are timed, shadow every idle step: the median of one or two calls is what they took
+        timed = len(lane.times) >= TIMED_CALLS
+        shadow_every = max(1, math.ceil(per_draft * shadow_len / SHADOW_BUDGET)) if timed else 1
         for req in decoding:
             st = req.spec_lanes.setdefault(lane.name, SpecLane())
             if st.accept_prob is None:
