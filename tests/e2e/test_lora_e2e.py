@@ -160,3 +160,25 @@ def test_bad_lora_requests_are_400s_naming_the_field(server, tmp_path) -> None:
         r = httpx.post(server.url + "/load_lora_adapter", json={"lora_name": "x", "lora_path": outside}, timeout=60)
         assert r.status_code == 400 and "allowed roots" in r.json()["error"]["message"], (outside, r.text)
     assert generate(server, "banana")["meta_info"]["finish_reason"]["type"] in ("length", "stop")  # still serving
+
+
+@pytest.mark.parametrize("algorithm", ["NGRAM", "EAGLE"])
+def test_speculative_verify_rows_under_adapters_answer_as_peft(adapters, algorithm: str) -> None:
+    """Speculation under LoRA: a batch of banana, base and cherry rows where every row drafts each step
+    (--speculative-always-draft) gives PEFT's greedy answers: each verify row runs its own adapter. (EAGLE's head
+    was trained on the base model's states; under an adapter its drafts are only less often right.)"""
+    from sgl.runtime.engine import Engine
+
+    want, paths = adapters["want"], adapters["paths"]
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=4096, show_progress=False,
+                 lora_paths=[f"{name}={path}" for name, path in paths.items()], speculative_algorithm=algorithm,
+                 speculative_always_draft=True)
+    try:
+        names = ["banana", None, "cherry", "banana"]
+        outs = eng.generate([QUESTION] * 4, [{"max_new_tokens": NEW, "temperature": 0}] * 4, lora_path=names)
+        assert [o["output_ids"] for o in outs] == [want[n] for n in names]
+        assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in outs)  # the rows were verify rows
+        eng.wait_idle()
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
