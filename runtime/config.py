@@ -277,6 +277,9 @@ class ServerArgs:
                              f"got {self.disaggregation_transfer_timeout}")
         if self.tp_size > 1 and self.dp_size > 1:
             raise ValueError("tp_size > 1 with dp_size > 1 is not supported: use one or the other")
+        if self.tp_size > 1 and self.lora_paths:
+            raise ValueError(f"lora_paths with tp_size > 1 is not supported: adapters are not split over the ranks "
+                             f"(got tp_size {self.tp_size}); serve LoRA adapters at tp_size 1, or dp_size > 1")
         if self.dp_size < 1:
             raise ValueError(f"dp_size must be >= 1 (the number of engine replicas), got {self.dp_size}")
         if self.router_policy not in ROUTER_POLICIES:

@@ -94,11 +94,14 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
         pool_size = args.max_total_tokens or default_pool_size(loaded.config, args, kv_dtype)
         model, local_config = loaded.model, loaded.config
         if self.tp is not None:  # rank 0 keeps its shard and drives the others through each step
-            model, local_config = self.tp.attach(loaded.model, pool_size, dtype, on_fatal=self._fatal)
+            model, local_config = self.tp.attach(loaded.model, pool_size, dtype, on_fatal=self._fatal,
+                                                 keep_lm_head=args.speculative_algorithm in ("EAGLE", "MEDUSA"))
         runner = ModelRunner(model, local_config, pool_size, self.tokenizer.eos_token_ids, dtype=kv_dtype)
         mover, host_slots = host_kv_tier(runner.kv, args)  # runtime/engine_setup.py
         cache_mover = hierarchical_cache_mover(runner.kv, args)
         drafter = make_drafter(args, pool_size, loaded.config.vocab_size, runner=runner)  # None unless --speculative-algorithm
+        if self.tp is not None:
+            model.whole_lm_head = None  # the head drafters took their rows of it
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
                                    drafter=drafter, mover=mover, host_pool_size=host_slots, cache_mover=cache_mover)
         if self.scheduler.spec is not None and self.tp is None and not args.speculative_always_draft:

@@ -82,15 +82,19 @@ class TensorParallel:
         return tp
 
     def attach(self, model: torch.nn.Module, num_slots: int, dtype: torch.dtype,
-               on_fatal: Callable[[str], None]) -> tuple[TPDriver, ModelConfig]:
+               on_fatal: Callable[[str], None], keep_lm_head: bool = False) -> tuple[TPDriver, ModelConfig]:
         """Join the group as rank 0, shard `model`, tell the followers the KV pool size; returns the
-        driver (to hand to the ModelRunner as the model) and rank 0's ModelConfig (for its KV pool)."""
+        driver (to hand to the ModelRunner as the model) and rank 0's ModelConfig (for its KV pool).
+        `keep_lm_head`: the driver also keeps the unsharded lm_head (TPDriver.lm_head), whose rows EAGLE's and
+        MEDUSA's draft vocabularies are read from; drop it (`driver.whole_lm_head = None`) once they are."""
+        whole_lm_head = model.lm_head if keep_lm_head else None  # shard_model replaces the attribute, not the object
         watchdog = threading.Thread(target=self._watch, args=(on_fatal,), name="sgl-tp-watchdog", daemon=True)
         watchdog.start()  # a rank that dies while loading must not leave rank 0 waiting at the rendezvous
         self.group = TPGroup.init(0, self.args.tp_size, self.args.dist_timeout)
         local = shard_model(model, ShardPlan.for_model(model.config, 0, self.args.tp_size), self.group)
         self.group.broadcast((num_slots, str(dtype).removeprefix("torch.")))
-        self.driver = TPDriver(model, self.group, heartbeat_s=max(1.0, self.args.dist_timeout / 4))
+        self.driver = TPDriver(model, self.group, heartbeat_s=max(1.0, self.args.dist_timeout / 4),
+                               whole_lm_head=whole_lm_head)
         return self.driver, local
 
     def _watch(self, on_fatal: Callable[[str], None]) -> None:

@@ -54,6 +54,9 @@ class EngineLoraMixin:
 
         Raises AdapterError (a ValueError) naming the problem. The files are read on the calling thread."""
         check_adapter_name(lora_name)
+        if self.server_args.tp_size > 1:  # ServerArgs refuses --lora-paths with it too
+            raise AdapterError(f"lora_name: adapters cannot be loaded at tp_size {self.server_args.tp_size} (they are "
+                               "not split over the ranks; a LoRA request there failed mid-step and hung the ranks)")
         if self.lora_pool.get(lora_name) is not None:
             raise AdapterError(f"lora_name: an adapter named {lora_name!r} is already loaded; unload it first")
         adapter = self._read_adapter(lora_name, lora_path)

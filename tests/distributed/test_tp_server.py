@@ -81,6 +81,40 @@ def test_tp2_greedy_equals_tp1_then_a_dead_rank_stops_the_server(reference) -> N
         server.stop()
 
 
+@pytest.mark.parametrize("algorithm", ["EAGLE", "MEDUSA"])
+def test_tp2_with_a_head_drafter_equals_tp1(reference, algorithm: str) -> None:
+    """EAGLE's and MEDUSA's heads read their draft vocabulary's rows of the target's lm_head, which tensor
+    parallelism splits over the ranks: rank 0 keeps it whole until the drafter is built (TensorParallel.attach).
+    (Before, the engine did not start: 'TPDriver' object has no attribute 'lm_head'.)"""
+    from sgl.runtime.engine import Engine
+
+    with Engine(model_path="default", tp_size=2, num_threads=2, max_total_tokens=4096, show_progress=False,
+                speculative_algorithm=algorithm, speculative_always_draft=True) as eng:
+        outs = eng.generate(PROMPTS, [GREEDY] * len(PROMPTS))
+        assert [o["output_ids"] for o in outs] == reference
+        assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in outs)
+        assert eng.tp.driver.whole_lm_head is None  # dropped once the drafter took its rows
+        eng.wait_idle()
+        eng.check_integrity()
+
+
+def test_lora_at_tp2_is_refused_at_start_and_at_load(tmp_path) -> None:
+    """Adapters are not split over the ranks: a LoRA request at --tp-size 2 failed on rank 0 mid-step ('Bad in-place
+    call: input tensor size [11, 640] and output tensor size [11, 960]'), rank 1 waited in its all-reduce until the
+    group timeout, and the engine died. Now --lora-paths is refused at start and /load_lora_adapter with a 400."""
+    from sgl.runtime.config import ServerArgs
+    from sgl.runtime.engine import Engine
+    from sgl.runtime.lora.adapter import AdapterError
+
+    with pytest.raises(ValueError, match="lora_paths with tp_size > 1"):
+        ServerArgs(model_path="default", tp_size=2, lora_paths=[f"a={tmp_path}"])
+    with Engine(model_path="default", tp_size=2, num_threads=2, max_total_tokens=1024, show_progress=False) as eng:
+        with pytest.raises(AdapterError, match="lora_name: adapters cannot be loaded at tp_size 2"):
+            eng.load_lora_adapter("a", str(tmp_path))
+        out = eng.generate(PROMPTS[0], GREEDY)  # the ranks are fine
+        assert out["meta_info"]["finish_reason"]["type"] == "length"
+
+
 def test_a_dead_rank_0_takes_the_followers_with_it() -> None:
     server = start_server("--tp-size", "2", "--num-threads", "2")
     try:
