@@ -163,7 +163,7 @@ def lane_counts(before: dict[str, dict[str, float]], after: dict[str, dict[str, 
 
 def verify_cost(threads: int, k: int, reps: int = 15, act_quant: Optional[str] = None) -> list[dict[str, Any]]:
     """The engine's own start-up measurement (runtime/speculative/verify_cost.py), over a 300-token context and
-    more rounds: forward + lm_head of one row of 1 + j new tokens vs one of 1 token (min over rounds)."""
+    more rounds: forward + lm_head of one row of 1 + j new tokens vs one of 1 token (paired, median)."""
     from sgl.runtime.speculative.verify_cost import measure_verify_cost
 
     eng = Engine(**engine_kwargs(None, threads, None, 4, act_quant=act_quant))

@@ -7,12 +7,19 @@ path that a row of 2+ tokens may not take, and small-M matmuls still stream weig
 (measured on the default model, 1 thread, fused batch-1 decode vs the unfused verify row: 2.06x at
 j = 1, 2.51x at 2, 3.09x at 4, 4.88x at 8). Kernels change (a multi-row fused decoder makes a row of
 2-9 tokens cost much closer to one step), so the cost is not assumed but timed on the engine's own
-model and KV pool before it serves (`measure_verify_cost`, ~0.1-0.4 s on 1 thread):
+model and KV pool before it serves (`measure_verify_cost`, ~0.7 s on 1 thread for the default model):
 
     cost(j) = time(forward + lm_head of one row of 1 + j new tokens) / time(the same for 1 token)
 
-over a short dummy context, at j = 1..8, 16, 32, ... and k, linear in between. Times are min over interleaved
-repetitions of `step_clock()`, which the drafter's time is measured with too (speculative_rows.py):
+over a short dummy context, at j = 1..8, 16, 32, ... and k, linear in between. Each 1 + j row is timed right
+after a 1-token row; cost(j) is the median of those paired ratios over REPS rounds, made non-decreasing in j (a
+longer row does more work; `non_decreasing`) and >= 1. The estimator before (stop 30), each length's min over two
+rounds divided by the 1-token rows' min, read a different curve at every start on an idle machine (1 + 1: 0.99 to
+1.24 decode steps, 1 + 8: 1.57 to 2.18, four starts of a /tmp probe); the paired medians of 3 rounds stayed
+within 1.00-1.09 and 1.72-1.89 in six. An engine that starts on a high curve drafts less for its whole life: in
+one benchmark run MEDUSA's engine read 1 + 1 at 1.18x and EAGLE_TREE's at 1.24x, and both ran chat (workload b)
+at 1.00x of no speculation, against 1.07x and 1.09x in the run before. Times are taken with `step_clock()`,
+which the drafter's time is measured with too (speculative_rows.py):
   - 1 thread: the calling thread's CPU time (time.thread_time). On a shared machine wall time swung the ratios
     by 40% between two measurements a second apart (the other jobs' preemptions), CPU time hardly.
   - more threads: wall time (time.perf_counter). The calling thread's CPU time misses the helper's share and
@@ -25,13 +32,14 @@ engines (every rank would have to join the timing steps).
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 CONTEXT = 32  # dummy tokens before the timed rows: attention over a short prefix, as early in a request
 ADAPTIVE_PROBE = 32  # calls an adaptive site of the CPU kernels probes before it settles (thread_pool.h: 2 x kProbe)
-REPS = 2  # interleaved rounds after a warm-up round; each length's min is kept (CPU time: stable)
+REPS = 3  # rounds of paired timings after a warm-up round; each length's median ratio is kept
 
 
 @dataclass(frozen=True)
@@ -98,27 +106,46 @@ def measure_verify_cost(model: Any, kv: Any, k: int, vocab_size: int, reps: int 
     context = min(context, kv.num_slots - 1 - k)
     if context < 1:  # a pool too small to time in: the assumed curve
         return VerifyCost.assumed()
-    lengths = [0] + draft_lengths(k)
+    lengths = draft_lengths(k)
     ctx = [(7 * i + 1) % vocab_size for i in range(context + 1 + k)]  # dummy ids
-    best = {j: float("inf") for j in lengths}
     clock = step_clock()
+
+    def timed(j: int) -> float:
+        # generated_only: the scheduler's decode and verify rows are (model_runner), and it routes them to the
+        # fused C++ decoder (decode_stack / decode_rows); without it a 1 + j row took the prefill path, ~1.5-2x
+        # dearer than the verify steps really are, and the rule drafted too little
+        fb = ForwardBatch.from_lists([ctx[context:context + 1 + j]], [list(range(context + 1 + j))],
+                                     generated_only=True)
+        t0 = clock()
+        model.compute_logits(model(fb, kv))
+        return clock() - t0
+
+    ratios: dict[int, list[float]] = {j: [] for j in lengths}
+    steps: list[float] = []
     with torch.inference_mode():
         model(ForwardBatch.from_lists([ctx[:context]], [list(range(context))]), kv)
         # With helper threads the kernels' adaptive sites (thread_pool.h) first time their calls alone, then with
         # the helpers, ADAPTIVE_PROBE calls in all: a decode step timed then ran its lm_head alone (2 threads, q8:
         # 3.1 ms instead of 1.7), and a 1 + 1 row measured 0.86 decode steps. Steps of 1 and 2 tokens get past it.
         warm = ADAPTIVE_PROBE if get_num_threads() > 1 else 0
-        for rep in range(reps + 1):  # round 0 warms every path (first calls allocate)
-            for j in lengths if rep else [0, 1] * warm + lengths:
-                # generated_only: the scheduler's decode and verify rows are (model_runner), and it routes them
-                # to the fused C++ decoder (decode_stack / decode_rows); without it a 1 + j row took the prefill
-                # path, ~1.5-2x dearer than the verify steps really are, and the rule drafted too little
-                fb = ForwardBatch.from_lists([ctx[context:context + 1 + j]], [list(range(context + 1 + j))],
-                                             generated_only=True)
-                t0 = clock()
-                model.compute_logits(model(fb, kv))
-                dt = clock() - t0
-                if rep:
-                    best[j] = min(best[j], dt)
-    base = best[0]
-    return VerifyCost(tuple([(0, 1.0)] + [(j, best[j] / base) for j in lengths[1:]]), base, "measured")
+        for j in [0, 1] * warm + [0] + lengths:  # warms every path (first calls allocate)
+            timed(j)
+        for _ in range(reps):
+            for j in lengths:
+                step = timed(0)
+                ratios[j].append(timed(j) / step)
+                steps.append(step)
+    costs = non_decreasing([max(1.0, statistics.median(ratios[j])) for j in lengths])
+    return VerifyCost(tuple([(0, 1.0)] + list(zip(lengths, costs))), statistics.median(steps), "measured")
+
+
+def non_decreasing(values: list[float]) -> list[float]:
+    """The least-squares non-decreasing fit of `values` (pool-adjacent-violators): a run that decreases is
+    replaced by its mean."""
+    pools: list[tuple[float, int]] = []  # (mean, count)
+    for v in values:
+        pools.append((v, 1))
+        while len(pools) > 1 and pools[-2][0] > pools[-1][0]:
+            (m2, n2), (m1, n1) = pools.pop(), pools.pop()
+            pools.append(((m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2))
+    return [m for m, n in pools for _ in range(n)]

@@ -112,6 +112,36 @@ def test_openai_routes_through_pd_equal_one_server(pd) -> None:
     _integrity(decode)
 
 
+def test_a_speculative_decode_server_gives_the_same_greedy_outputs(pd) -> None:
+    """A decode server with EAGLE behind the same prefill server: its requests start from a transferred KV, so
+    the head has none of the prompt's states (its context starts at the first position the decode server
+    computed, as after a radix-cache hit); every row drafts (--speculative-always-draft) and the outputs are
+    a single server's."""
+    prefill, decode, _ = pd
+    spec = start_server("--disaggregation-mode", "decode", "--disaggregation-transfer-timeout", str(TIMEOUT_S),
+                        "--max-total-tokens", "4096", "--speculative-algorithm", "EAGLE", "--speculative-always-draft")
+    port = free_port()
+    router = subprocess.Popen([sys.executable, "-m", "sgl.cli", "router", "--prefill", prefill.url, "--decode",
+                               spec.url, "--port", str(port)], stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, router, timeout=30, interval=0.1)
+        via = [httpx.post(url + "/generate", json={"text": p, "sampling_params": GREEDY}, timeout=120).json()
+               for p in PROMPTS]
+        assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in via)
+        assert all(o["meta_info"]["cached_tokens"] == o["meta_info"]["prompt_tokens"] - 1 for o in via)
+        assert httpx.post(decode.url + "/flush_cache", timeout=30).status_code == 200
+        direct = httpx.post(decode.url + "/generate", json={"text": PROMPTS, "sampling_params": GREEDY},
+                            timeout=120).json()
+        assert [o["output_ids"] for o in via] == [o["output_ids"] for o in direct]
+        _integrity(spec)
+        _integrity(prefill)
+    finally:
+        router.terminate()
+        router.wait(timeout=20)
+        spec.stop()
+
+
 def test_bad_transfers_are_clear_errors(pd) -> None:
     prefill, decode, router = pd
     r = httpx.post(decode.url + "/disagg/decode", json={"input_ids": [1, 2], "kv": {"name": "sgl-kv-nope",

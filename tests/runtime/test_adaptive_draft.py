@@ -266,7 +266,35 @@ def test_with_helper_threads_the_timed_steps_come_after_the_kernels_adaptive_pro
     cost = measure_verify_cost(model, kv, 4, model.config.vocab_size, reps=1)
     assert cost.source == "measured"
     probe = [1, 2] * verify_cost.ADAPTIVE_PROBE if threads > 1 else []
-    assert rows == [32] + probe + [1, 2, 3, 4, 5] * 2  # the context, the probe's steps, round 0, the timed round
+    # the context, the probe's steps, the warm-up round, the timed round: each 1 + j row right after a 1-token row
+    assert rows == [32] + probe + [1, 2, 3, 4, 5] + [1, 2, 1, 3, 1, 4, 1, 5]
+
+
+def test_the_measured_cost_is_a_median_of_paired_ratios_and_never_decreases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each 1 + j row is timed against the 1-token row just before it; one slow call (here: the 1 + 1 row five times
+    too slow in one round, the 1-token row before it three times too slow in another) moves one ratio of three, not
+    the median; the curve is made non-decreasing and >= 1. (Per-length mins divided by the 1-token rows' min moved
+    every ratio with the luck of that one min: 1 + 1 read 0.99-1.24 decode steps on an idle machine.)"""
+    from sgl.runtime.speculative import verify_cost
+
+    now, calls = [0.0], [0]
+    monkeypatch.setattr(verify_cost, "step_clock", lambda: lambda: now[0])
+    model = tiny_model(0)
+    forward = model.forward
+
+    def timed(fb, kv):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        j = fb.num_tokens - 1  # drafts in the row; the true cost is 1 + 0.1 j (j = 4 reads less: see below)
+        now[0] += (1.0 + 0.1 * j) * (5.0 if calls[0] == 8 else 3.0 if calls[0] == 15 else 1.0)
+        now[0] -= 0.2 if j == 4 else 0.0  # a row cheaper than the one before it: the fit pools them
+        return forward(fb, kv)
+
+    monkeypatch.setattr(model, "forward", timed)
+    kv = KVCache.for_model(model.config, 64, torch.float32, "cpu")
+    cost = measure_verify_cost(model, kv, 4, model.config.vocab_size, reps=3)
+    got = [round(c, 6) for _, c in cost.points]
+    assert got == [1.0, 1.1, 1.2, 1.25, 1.25] and cost.decode_seconds == 1.0
+    assert verify_cost.non_decreasing([1.0, 1.3, 1.1, 1.2, 1.5]) == pytest.approx([1.0, 1.2, 1.2, 1.2, 1.5])
 
 
 @pytest.mark.parametrize("slow", [0, 1, 2])
