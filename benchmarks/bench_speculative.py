@@ -190,6 +190,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--reps-c", type=int, default=None,
                     help="rounds of workload (c) (default: 3 x --reps; a round is ~760 tokens, a few seconds, and "
                          "2-round ratios swung by ~0.1)")
+    ap.add_argument("--reps-d", type=int, default=None,
+                    help="rounds of workload (d) (default: 2 x --reps; a round is ~1.4 s, and 2-round ratios read "
+                         "0.89-1.00x with no row drafted)")
     ap.add_argument("--crossover", action="store_true", help="(b) at batch 1/2/4/8 with speculation forced on")
     ap.add_argument("--verify-cost", action="store_true", help="time verify rows of 1 + j tokens vs one decode step")
     ap.add_argument("--workloads", default="a,b,c,d", help="comma-separated workload letters")
@@ -200,6 +203,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_speculative.json"))
     args = ap.parse_args(argv)
     reps_c = args.reps_c or 3 * args.reps
+    reps_d = args.reps_d or 2 * args.reps
     load_before = os.getloadavg()
     work = {k: v for k, v in workloads(args.quick).items() if k[0] in args.workloads.split(",")}
     cost = verify_cost(args.threads, max(8, args.num_draft_tokens), act_quant=args.cpu_act_quant) if args.verify_cost else None
@@ -223,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for eng in engines.values():
             eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})  # warm-up
         for wname, (prompts, params, batch) in work.items():
-            reps = reps_c if wname.startswith("c_") else args.reps
+            reps = reps_c if wname.startswith("c_") else reps_d if wname.startswith("d_") else args.reps
             for rep in range(reps):
                 for name, eng in engines.items():
                     if name == "DRAFT" and wname.startswith("d_"):
@@ -313,7 +317,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                           "load_after": os.getloadavg(), "num_draft_tokens": args.num_draft_tokens,
                                           "eagle_head": args.eagle_head, "eagle_topk": args.eagle_topk,
                                           "cpu_act_quant": args.cpu_act_quant, "ngram_corpus": args.ngram_corpus,
-                                          "reps": args.reps, "reps_c": reps_c,
+                                          "reps": args.reps, "reps_c": reps_c, "reps_d": reps_d,
                                           "table": table, "verify_cost": cost,
                                           "engine_verify_cost": engine_costs}, indent=1))
     return 0
