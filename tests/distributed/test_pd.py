@@ -6,6 +6,7 @@ a dead decode server is a 502 and the prefill server's KV stays whole."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import subprocess
@@ -49,21 +50,32 @@ def _segments() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("sgl-kv-")}
 
 
-@pytest.fixture(scope="module")
-def pd() -> Iterator[tuple[ServerHandle, ServerHandle, str]]:
-    common = ("--disaggregation-transfer-timeout", str(TIMEOUT_S), "--max-total-tokens", "4096")
-    prefill = start_server("--disaggregation-mode", "prefill", *common)
-    decode = start_server("--disaggregation-mode", "decode", *common)
+COMMON = ("--disaggregation-transfer-timeout", str(TIMEOUT_S), "--max-total-tokens", "4096")
+
+
+@contextlib.contextmanager
+def _router(prefill: ServerHandle, decode: ServerHandle) -> Iterator[str]:
+    """`sgl router --prefill --decode` over the two servers, healthy; yields its URL."""
     port = free_port()
     router = subprocess.Popen([sys.executable, "-m", "sgl.cli", "router", "--prefill", prefill.url, "--decode",
                                decode.url, "--port", str(port)], stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, router, timeout=30, interval=0.1)
-        yield prefill, decode, url
+        yield url
     finally:
         router.terminate()
         router.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def pd() -> Iterator[tuple[ServerHandle, ServerHandle, str]]:
+    prefill = start_server("--disaggregation-mode", "prefill", *COMMON)
+    decode = start_server("--disaggregation-mode", "decode", *COMMON)
+    try:
+        with _router(prefill, decode) as url:
+            yield prefill, decode, url
+    finally:
         prefill.stop()
         decode.stop()
 
@@ -118,27 +130,21 @@ def test_a_speculative_decode_server_gives_the_same_greedy_outputs(pd) -> None:
     computed, as after a radix-cache hit); every row drafts (--speculative-always-draft) and the outputs are
     a single server's."""
     prefill, decode, _ = pd
-    spec = start_server("--disaggregation-mode", "decode", "--disaggregation-transfer-timeout", str(TIMEOUT_S),
-                        "--max-total-tokens", "4096", "--speculative-algorithm", "EAGLE", "--speculative-always-draft")
-    port = free_port()
-    router = subprocess.Popen([sys.executable, "-m", "sgl.cli", "router", "--prefill", prefill.url, "--decode",
-                               spec.url, "--port", str(port)], stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    spec = start_server("--disaggregation-mode", "decode", *COMMON, "--speculative-algorithm", "EAGLE",
+                        "--speculative-always-draft")
     try:
-        wait_healthy(url, router, timeout=30, interval=0.1)
-        via = [httpx.post(url + "/generate", json={"text": p, "sampling_params": GREEDY}, timeout=120).json()
-               for p in PROMPTS]
-        assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in via)
-        assert all(o["meta_info"]["cached_tokens"] == o["meta_info"]["prompt_tokens"] - 1 for o in via)
-        assert httpx.post(decode.url + "/flush_cache", timeout=30).status_code == 200
-        direct = httpx.post(decode.url + "/generate", json={"text": PROMPTS, "sampling_params": GREEDY},
-                            timeout=120).json()
-        assert [o["output_ids"] for o in via] == [o["output_ids"] for o in direct]
-        _integrity(spec)
-        _integrity(prefill)
+        with _router(prefill, spec) as url:
+            via = [httpx.post(url + "/generate", json={"text": p, "sampling_params": GREEDY}, timeout=120).json()
+                   for p in PROMPTS]
+            assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in via)
+            assert all(o["meta_info"]["cached_tokens"] == o["meta_info"]["prompt_tokens"] - 1 for o in via)
+            assert httpx.post(decode.url + "/flush_cache", timeout=30).status_code == 200
+            direct = httpx.post(decode.url + "/generate", json={"text": PROMPTS, "sampling_params": GREEDY},
+                                timeout=120).json()
+            assert [o["output_ids"] for o in via] == [o["output_ids"] for o in direct]
+            _integrity(spec)
+            _integrity(prefill)
     finally:
-        router.terminate()
-        router.wait(timeout=20)
         spec.stop()
 
 
