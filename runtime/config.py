@@ -24,7 +24,10 @@ SCHEDULE_POLICIES = ("fcfs", "lpm", "priority")
 GRAMMAR_BACKENDS = ("outlines", "xgrammar", "llguidance", "none")
 WEIGHT_FORMATS = ("auto", "fp32", "native")  # runtime/models/loader.py: what auto picks
 QUANTIZE_TYPES = ("q8_0", "q4_0")  # --quantize for Hugging Face folders (round-to-nearest per 32-block)
-SPECULATIVE_ALGORITHMS = ("NGRAM", "DRAFT", "MEDUSA", "EAGLE")  # runtime/speculative/: the drafters built so far
+# runtime/speculative/: the drafters built so far; EAGLE3 is EAGLE's drafter with an EAGLE-3 head (SGLang's name)
+SPECULATIVE_ALGORITHMS = ("NGRAM", "DRAFT", "MEDUSA", "EAGLE", "EAGLE3")
+SPECULATIVE_ALIASES = {"STANDALONE": "DRAFT"}  # SGLang's name for a separate draft model
+MODEL_DRAFTERS = ("DRAFT", "MEDUSA", "EAGLE", "EAGLE3")  # the algorithms with weights of their own
 PREEMPTION_MODES = ("swap", "recompute")
 DISAGGREGATION_MODES = ("prefill", "decode")
 CPU_ACT_QUANTS = ("q16", "none", "q8")  # activations of the native CPU kernels (sgl.kernels.cpu.ACT_QUANT)
@@ -33,7 +36,7 @@ ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")  # ==
 # field -> the values its CLI flag accepts (argparse choices)
 _CHOICES = {"schedule_policy": SCHEDULE_POLICIES, "grammar_backend": GRAMMAR_BACKENDS, "weight_format": WEIGHT_FORMATS,
             "preemption_mode": PREEMPTION_MODES, "router_policy": ROUTER_POLICIES, "quantize": QUANTIZE_TYPES,
-            "speculative_algorithm": SPECULATIVE_ALGORITHMS, "disaggregation_mode": DISAGGREGATION_MODES,
+            "speculative_algorithm": (*SPECULATIVE_ALGORITHMS, *SPECULATIVE_ALIASES), "disaggregation_mode": DISAGGREGATION_MODES,
             "cpu_act_quant": CPU_ACT_QUANTS, "kv_cache_dtype": KV_CACHE_DTYPES}
 
 
@@ -227,13 +230,22 @@ class ServerArgs:
                              f"got {self.usage_timezone!r}") from None
         if self.api_keys is not None and not os.path.isfile(self.api_keys):
             raise ValueError(f"api_keys: no such file {self.api_keys!r} (a JSON object of keys, see README)")
+        if self.speculative_algorithm in SPECULATIVE_ALIASES:  # NOTE: frozen: the alias becomes its canonical name
+            object.__setattr__(self, "speculative_algorithm", SPECULATIVE_ALIASES[self.speculative_algorithm])
         if self.speculative_algorithm is not None and self.speculative_algorithm not in SPECULATIVE_ALGORITHMS:
             raise ValueError(f"speculative_algorithm must be one of {SPECULATIVE_ALGORITHMS} (or unset), "
                              f"got {self.speculative_algorithm!r}")
         if self.speculative_algorithm == "DRAFT" and self.speculative_draft_model_path is None:
             raise ValueError("speculative_algorithm DRAFT needs speculative_draft_model_path")
-        if self.speculative_draft_model_path is not None and self.speculative_algorithm not in ("DRAFT", "MEDUSA", "EAGLE"):
-            raise ValueError("speculative_draft_model_path goes with speculative_algorithm DRAFT, MEDUSA or EAGLE")
+        if self.speculative_algorithm == "EAGLE3" and self.speculative_draft_model_path is None:
+            raise ValueError("speculative_algorithm EAGLE3 needs speculative_draft_model_path (an EAGLE-3 head's "
+                             "folder; the default model's shipped head is EAGLE's)")
+        if self.speculative_algorithm == "EAGLE3" and self.tp_size > 1:
+            raise ValueError("speculative_algorithm EAGLE3 reads the target's intermediate states, which tp_size > 1 "
+                             "does not hand over (EAGLE, MEDUSA, NGRAM and DRAFT run under it)")
+        if self.speculative_draft_model_path is not None and self.speculative_algorithm not in MODEL_DRAFTERS:
+            raise ValueError("speculative_draft_model_path goes with speculative_algorithm DRAFT, MEDUSA, EAGLE or "
+                             "EAGLE3")
         if self.speculative_medusa_choices is not None:
             if self.speculative_algorithm != "MEDUSA":
                 raise ValueError("speculative_medusa_choices goes with speculative_algorithm MEDUSA")
@@ -257,8 +269,8 @@ class ServerArgs:
                              "speculative_ngram_max_match_window_size")
         if self.speculative_ngram_max_bfs_breadth < 1 or self.speculative_ngram_capacity < 0:
             raise ValueError("speculative_ngram_max_bfs_breadth must be >= 1 and speculative_ngram_capacity >= 0")
-        if self.speculative_ngram_first and self.speculative_algorithm not in ("DRAFT", "MEDUSA", "EAGLE"):
-            raise ValueError("speculative_ngram_first goes with speculative_algorithm DRAFT, MEDUSA or EAGLE "
+        if self.speculative_ngram_first and self.speculative_algorithm not in MODEL_DRAFTERS:
+            raise ValueError("speculative_ngram_first goes with speculative_algorithm DRAFT, MEDUSA, EAGLE or EAGLE3 "
                              f"(it puts NGRAM in front of a model drafter), got {self.speculative_algorithm!r}")
         if self.speculative_ngram_corpus is not None and self.speculative_algorithm is None:
             raise ValueError("speculative_ngram_corpus needs a speculative_algorithm (its CORPUS lane drafts before "

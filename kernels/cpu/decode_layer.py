@@ -191,6 +191,17 @@ class DecodeStack:
         rows = [[a[0], a[1], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], k.data_ptr(), v.data_ptr()]
                 for a, k, v in ((w.ext_args, k, v) for w, k, v in zip(self.layers, self.k_bufs, self.v_bufs))]
         object.__setattr__(self, "table", torch.tensor(rows, dtype=torch.int64))  # [n, 14]
+        object.__setattr__(self, "_parts", {})
+
+    def part(self, lo: int, hi: int) -> "DecodeStack":
+        """Layers [lo, hi) as a stack of their own (built once per range): a forward that keeps some layers'
+        outputs (EAGLE-3's target states) runs the stack in segments."""
+        if (lo, hi) == (0, len(self.layers)):
+            return self
+        part = self._parts.get((lo, hi))
+        if part is None:
+            part = self._parts[(lo, hi)] = DecodeStack(self.layers[lo:hi], self.k_bufs[lo:hi], self.v_bufs[lo:hi])
+        return part
 
 
 def decode_stack(h: torch.Tensor, stack: DecodeStack, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,

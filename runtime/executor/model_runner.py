@@ -14,7 +14,9 @@ positions; `verify.sample_verify` turns them into the row's produced tokens (Row
 next_token_ids). A plain decode row is the case k = 0.
 
 `capture_hidden` (MEDUSA/EAGLE drafters turn it on): each RowResult also carries the final-normed
-hidden states of the row's kept input tokens (RowResult.hidden_states), copied out of the step.
+hidden states of the row's kept input tokens (RowResult.hidden_states), copied out of the step; where the
+model keeps some layers' outputs (`capture_layers`: an EAGLE-3 head's low, middle and high states), those
+instead, side by side.
 """
 
 from __future__ import annotations
@@ -154,6 +156,9 @@ class ModelRunner:
                 res.draft_path = out.path
 
         if self.capture_hidden:
+            # the model's kept layer outputs where it keeps some (EAGLE-3's), else its final-normed states
+            captured = getattr(self.model, "captured", None) if getattr(self.model, "capture_layers", ()) else None
+            states = hidden if captured is None else captured
             for i, r in enumerate(rows):
                 res = results[i]
                 if res.error is not None:
@@ -161,10 +166,10 @@ class ModelRunner:
                 pending = r.extend_len - r.draft_len
                 if r.draft_parents is None:  # prefill chunk, decode or chain: a contiguous run of inputs
                     kept = pending + (len(res.next_token_ids) if r.sample else 0)
-                    res.hidden_states = hidden[offsets[i]:offsets[i] + kept].clone()  # [kept, H]
+                    res.hidden_states = states[offsets[i]:offsets[i] + kept].clone()  # [kept, H]
                 else:  # tree: the pending token(s), then the accepted path's nodes
                     idx = [offsets[i] + x for x in list(range(pending)) + [pending + c for c in res.draft_path]]
-                    res.hidden_states = hidden.index_select(0, torch.tensor(idx, device=self.device))
+                    res.hidden_states = states.index_select(0, torch.tensor(idx, device=self.device))
 
         if lp_index:
             top_k = max(rows[i].req.top_logprobs_num for i in set(lp_owner))

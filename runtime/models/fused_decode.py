@@ -44,7 +44,8 @@ ENABLED = True
 ROWS_ENABLED = True
 SHORT_STEP_ROWS = MAX_ROWS  # a step of at most this many tokens runs decode_rows whole, prompt tokens included
 FUSED_ACTS = ("q16", "q8")  # the activation modes the fused kernels compute (decode_layer.py's ACT_CODE)
-StackRunner = Callable[[torch.Tensor, RopeTables], torch.Tensor]  # (h, rope tables) -> h after every layer
+# (h, rope tables, lo, hi) -> h after layers [lo, hi) (hi None: to the last layer)
+StackRunner = Callable[[torch.Tensor, RopeTables, int, Optional[int]], torch.Tensor]
 
 
 def layer_weights(layer: "LlamaDecoderLayer") -> Optional[DecodeLayerWeights]:
@@ -99,13 +100,15 @@ def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv:
     stack = model_stack(model, kv)
     act = get_act_quant()
 
-    def run(x: torch.Tensor, rope_tables: RopeTables) -> torch.Tensor:
+    def run(x: torch.Tensor, rope_tables: RopeTables, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        hi = len(model.layers) if hi is None else hi
         cos, sin = rope_tables.cos.reshape(-1).contiguous(), rope_tables.sin_signed.reshape(-1).contiguous()  # [D]
         if not x.is_contiguous():
             x = x.contiguous()
         if stack is not None:
-            return decode_stack(x, stack, cos, sin, slots, model.layers[0].scale, check=False, act=act)
-        for i, layer in enumerate(model.layers):  # some layer cannot fuse: layer by layer
+            return decode_stack(x, stack.part(lo, hi), cos, sin, slots, model.layers[0].scale, check=False, act=act)
+        for i in range(lo, hi):  # some layer cannot fuse: layer by layer
+            layer = model.layers[i]
             w = layer_weights(layer)
             if w is None:
                 x = layer.forward(x, rope_tables, model.rope, fb, kv, i)
@@ -208,13 +211,14 @@ def _rows_step(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache, ext: ob
     addrs, lens, owners = lists
     act = get_act_quant()
 
-    def run(x: torch.Tensor, rope_tables: RopeTables) -> torch.Tensor:
+    def run(x: torch.Tensor, rope_tables: RopeTables, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
         t = x.shape[0]
         cos = rope_tables.cos.reshape(t, -1).contiguous()  # [T, D]
         sin = rope_tables.sin_signed.reshape(t, -1).contiguous()
         if not x.is_contiguous():
             x = x.contiguous()
-        decode_rows(x, stack, cos, sin, addrs, lens, model.layers[0].scale, act=act)
+        decode_rows(x, stack.part(lo, len(model.layers) if hi is None else hi), cos, sin, addrs, lens,
+                    model.layers[0].scale, act=act)
         return x
 
     run.owners = owners  # type: ignore[attr-defined]  # NOTE: addrs point into them: alive as long as run

@@ -255,30 +255,54 @@ class LlamaForCausalLM(nn.Module):
         """[V, hidden]. Tied: the embedding IS the output projection, read through a transposed view."""
         return self.lm_head_t.t() if self.config.tie_word_embeddings else self.embed_tokens
 
+    # Layers whose outputs a forward keeps (EAGLE-3 heads read the target's states after a low, a middle and a
+    # high layer): after each forward `captured` holds them side by side, [T, len(capture_layers) * hidden], in
+    # this order; () keeps none (captured None).
+    capture_layers: tuple[int, ...] = ()
+    captured: Optional[torch.Tensor] = None
+
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Runs the batch's new tokens, writes their K/V into `kv`; returns [T, hidden] final-normed states."""
         self.rope.ensure(max(fb.seq_lens))
         split = split_decode_tails(self, fb, kv)  # generated and final prompt tokens as decode rows (fused_decode.py)
         if split is None:
-            return rms_norm(self._layers(fb, kv), self.norm, self.norm_consts)
+            h, self.captured = self._layers(fb, kv)
+            return rms_norm(h, self.norm, self.norm_consts)
         head, tail, head_rows, tail_rows = split
         h = torch.empty(fb.num_tokens, self.config.hidden_size, dtype=torch.float32, device=fb.input_ids.device)
-        if head is not None:
-            h[head_rows] = self._layers(head, kv)
-        h[tail_rows] = self._layers(tail, kv)
+        kept = None if not self.capture_layers else h.new_empty(fb.num_tokens, len(self.capture_layers) * h.shape[1])
+        for part, rows in ((head, head_rows), (tail, tail_rows)):
+            if part is not None:
+                h[rows], aux = self._layers(part, kv)
+                if kept is not None:
+                    kept[rows] = aux
+        self.captured = kept
         return rms_norm(h, self.norm, self.norm_consts)
 
-    def _layers(self, fb: ForwardBatch, kv: KVCache) -> torch.Tensor:
-        """The embedding and every decoder layer: [T, hidden] before the final norm."""
+    def _layers(self, fb: ForwardBatch, kv: KVCache) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The embedding and every decoder layer: ([T, hidden] before the final norm, the capture_layers'
+        outputs [T, len(capture_layers) * hidden] or None). With layers to keep, the stack runs in segments
+        that end at them."""
         h = embedding_rows(fb.input_ids, self.embed)  # [T, hidden]
         fused = fused_step(self, h, fb, kv)  # native decode: the layers in C++ (fused_decode.py)
         rope_tables = self.rope.lookup(fb.positions, matrices=fused is None)  # shared by all layers
-        if fused is not None:
-            return fused(h, rope_tables)
-        for i, layer in enumerate(self.layers):
-            h = layer.forward(h, rope_tables, self.rope, fb, kv, i)  # NOTE: .forward skips nn.Module hook dispatch
-        return h
+        n = len(self.layers)
+        if fused is not None and not self.capture_layers:
+            return fused(h, rope_tables, 0, n), None
+        kept: dict[int, torch.Tensor] = {}
+        lo = 0
+        for hi in sorted({i + 1 for i in self.capture_layers} | {n}):
+            if fused is not None:
+                h = fused(h, rope_tables, lo, hi)
+            else:
+                for i in range(lo, hi):  # NOTE: .forward skips nn.Module hook dispatch
+                    h = self.layers[i].forward(h, rope_tables, self.rope, fb, kv, i)
+            if hi - 1 in self.capture_layers:
+                kept[hi - 1] = h.clone()  # NOTE: the fused kernels run in place on h
+            lo = hi
+        aux = torch.cat([kept[i] for i in self.capture_layers], -1) if self.capture_layers else None
+        return h, aux
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -58,13 +58,14 @@ def make_drafter(args: ServerArgs, num_slots: Optional[int] = None,
         runner.capture_hidden = True
         runner.hidden_observer = drafter.observe
         return drafter
-    if args.speculative_algorithm == "EAGLE":
+    if args.speculative_algorithm in ("EAGLE", "EAGLE3"):
         if runner is None:
             raise ValueError("EAGLE needs the engine's model runner (Engine builds it)")
         from sgl.runtime.speculative.eagle import make_eagle_drafter
 
         return make_eagle_drafter(args.speculative_draft_model_path, runner, args.speculative_num_steps,
-                                  args.model_path, args.speculative_eagle_topk)
+                                  args.model_path, args.speculative_eagle_topk,
+                                  eagle3=args.speculative_algorithm == "EAGLE3")
     raise ValueError(f"unknown speculative algorithm {args.speculative_algorithm!r}")
 
 

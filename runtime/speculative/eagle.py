@@ -1,8 +1,8 @@
 """EAGLE: the feature-level drafter (runtime/speculative/eagle_head.py) inside the scheduler's step.
 
 The target's runner hands over, after every step, the final-normed hidden states of the tokens each
-row keeps (ModelRunner.capture_hidden + hidden_observer): `observe` files them per request by
-position. Per request the drafter keeps
+row keeps (ModelRunner.capture_hidden + hidden_observer; for an EAGLE-3 head its outputs of three layers,
+which `observe` reduces with the head's fc): `observe` files them per request by position. Per request the drafter keeps
     feats[p - feat_lo]   the target's state f_p for positions feat_lo <= p < feat_hi,
     kv                   the head's own keys/values, entry j at position base + j, computed from
                          (t_{base+j}, f_{base+j-1}), all true (drafted entries are dropped after use),
@@ -116,7 +116,7 @@ class EagleDrafter:
                 grown = torch.zeros(max(end - seq.feat_lo, 2 * seq.feats.shape[0]), self.hidden_size)
                 grown[: seq.feat_hi - seq.feat_lo] = seq.feats[: seq.feat_hi - seq.feat_lo]
                 seq.feats = grown
-            seq.feats[start - seq.feat_lo:end - seq.feat_lo] = h.float()
+            seq.feats[start - seq.feat_lo:end - seq.feat_lo] = self.head.reduce(h.float())  # EAGLE-3: fc here
             seq.feat_hi = end
             if seq.base >= 0:  # entries at positions > start read a feature just rewritten
                 seq.cut_entries(start + 1 - seq.base)
@@ -195,7 +195,7 @@ class EagleDrafter:
         stopped = [False] * len(live)
         path = [1.0] * len(live)
         for step in range(k):
-            logits = linear(g.contiguous(), self.lm_head)  # [B, Vd]
+            logits = linear(self.head.logits_input(g).contiguous(), self.lm_head)  # [B, Vd]
             for i, w in enumerate(walks):
                 if w is not None and not stopped[i]:
                     masked = w.masked(logits[i], self.d2t)
@@ -242,7 +242,7 @@ class EagleDrafter:
         `walk`, a node's children are the likeliest tokens the matcher allows after its path (the head's
         distribution renormalized over them); nodes without any are not candidates."""
         K, depth = self.topk, min(budget, self.num_steps or self.TREE_DEPTH)
-        logp = self._node_logp(linear(g.contiguous(), self.lm_head), walk, [[]])[0]
+        logp = self._node_logp(linear(self.head.logits_input(g).contiguous(), self.lm_head), walk, [[]])[0]
         top = logp.topk(min(K, logp.numel()))
         ids: list[int] = top.indices.tolist()  # draft-vocabulary ids of every candidate, in creation order
         parents: list[int] = [-1] * len(ids)
@@ -257,7 +257,8 @@ class EagleDrafter:
             own_k = k[:, None] if anc_k is None else torch.cat([anc_k, k[:, None]], 1)
             own_v = v[:, None] if anc_v is None else torch.cat([anc_v, v[:, None]], 1)
             paths = [self._path(f, ids, parents) for f in frontier] if walk is not None else []
-            child = self._node_logp(linear(out, self.lm_head), walk, paths).topk(K, -1)  # [F, K]
+            child = self._node_logp(linear(self.head.logits_input(out).contiguous(), self.lm_head), walk,
+                                    paths).topk(K, -1)  # [F, K]
             cand = torch.tensor([scores[f] for f in frontier])[:, None] + child.values  # [F, K] path scores
             first = len(ids)
             ids += child.indices.flatten().tolist()
@@ -334,9 +335,10 @@ class EagleDrafter:
 
 
 def make_eagle_drafter(path: Optional[str], runner: Any, num_steps: Optional[int] = None,
-                       model_path: str = "default", topk: int = 1) -> EagleDrafter:
+                       model_path: str = "default", topk: int = 1, eagle3: bool = False) -> EagleDrafter:
     """The head at `path` (None: the shipped head, for the default model only) over the runner's
-    model; turns on the runner's hidden-state capture and subscribes to it."""
+    model; turns on the runner's hidden-state capture and subscribes to it. Either layout loads (the file
+    decides); `eagle3` (--speculative-algorithm EAGLE3) insists on an EAGLE-3 head."""
     from sgl.runtime.speculative.eagle_io import DEFAULT_HEAD, load_head
 
     head_path = path or DEFAULT_HEAD
@@ -345,6 +347,17 @@ def make_eagle_drafter(path: Optional[str], runner: Any, num_steps: Optional[int
                          "train one with `python -m sgl.runtime.speculative.train --algorithm eagle "
                          "--model-path ...`)")
     head = load_head(head_path, runner.config)
+    if eagle3 and not head.config.eagle3:
+        raise ValueError(f"{head_path} is an EAGLE-1/2 head (fc over [embedding; state], layers.0.*): "
+                         "use --speculative-algorithm EAGLE for it")
+    if head.config.eagle3:  # the runner hands over the target's outputs of these layers instead of its last state
+        from sgl.runtime.models.llama import LlamaForCausalLM
+
+        if not isinstance(runner.model, LlamaForCausalLM):
+            raise ValueError(f"an EAGLE-3 head reads the target's intermediate states, which "
+                             f"{type(runner.model).__name__} does not keep (Llama models in one process do; "
+                             "not under --tp-size > 1)")
+        runner.model.capture_layers = head.config.aux_layers
     drafter = EagleDrafter(head, runner.model, num_steps, draft_quantize(runner.model), topk)
     runner.capture_hidden = True
     runner.hidden_observer = drafter.observe

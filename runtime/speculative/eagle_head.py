@@ -1,5 +1,5 @@
-"""The EAGLE head: a one-layer, feature-level drafter (EAGLE-1/2's layout), with an optional reduced
-draft vocabulary (EAGLE-3's d2t).
+"""The EAGLE head: a one-layer, feature-level drafter (EAGLE-1/2's layout, or EAGLE-3's: below), with an
+optional reduced draft vocabulary (EAGLE-3's d2t).
 
 At sequence position i the head reads the embedding of token t_i and the target's last hidden state
 f_{i-1} (the state that predicted t_i) and predicts f_i:
@@ -15,11 +15,20 @@ The lm_head rows are the target's (its rows at the draft vocabulary's ids), unle
 brings its own `lm_head.weight` (EAGLE-3). A reduced vocabulary keeps a draft step a small fraction
 of a target step: the target's full lm_head (49k x 576) is ~15% of its step on the CPU.
 
-Weight names are EAGLE's published ones: fc.weight (fc.bias), layers.0.self_attn.{q,k,v,o}_proj.weight,
-layers.0.mlp.{gate,up,down}_proj.weight, layers.0.post_attention_layernorm.weight, optional norm.weight,
-d2t (int64 offsets: target id = d + d2t[d]), lm_head.weight; layers.0.input_layernorm.weight and
-embed_tokens.weight are accepted and ignored (EAGLE-1 skips layer 0's input norm; the embedding is the
-target's). Loading: runtime/speculative/eagle_io.py.
+EAGLE-3 (`aux_layers` set): the target's features are its outputs of a low, a middle and a high layer,
+side by side (the runner keeps them: LlamaForCausalLM.capture_layers), reduced once by fc:
+
+    f_{i-1} = fc([a_{i-1}; b_{i-1}; c_{i-1}])             [H]   (`reduce`)
+    g_i = f_{i-1} + attn([rms_norm(embed(t_i), input_layernorm); rms_norm(f_{i-1}, hidden_norm)])
+    g_i += mlp(rms_norm(g_i))                             q, k, v read 2H; the residual starts at the feature
+    logits = rms_norm(g_i, norm) @ lm_head^T              (`logits_input`); g_i itself, pre-norm, is the next
+                                                          draft step's feature
+
+Weights load under EAGLE's published names (eagle_io.py maps them to these modules): fc.weight (fc.bias),
+layers.0.self_attn.{q,k,v,o}_proj.weight, layers.0.mlp.{gate,up,down}_proj.weight,
+layers.0.post_attention_layernorm.weight, optional norm.weight, d2t (int64 offsets: target id = d + d2t[d]),
+lm_head.weight; EAGLE-1's layers.0.input_layernorm.weight (its layer skips it) and embed_tokens.weight (the
+embedding is the target's) are accepted and ignored; EAGLE-3's layer is midlayer.*, with its two input norms.
 """
 
 from __future__ import annotations
@@ -53,6 +62,13 @@ class EagleConfig:
     attention_bias: bool = False
     final_norm: bool = False
     own_lm_head: bool = False  # the checkpoint carries lm_head.weight [draft_vocab_size, H]
+    # EAGLE-3's layer (module docstring): fc reads the target's outputs of these layers (low, middle, high), the
+    # layer's attention reads [input_layernorm(embed); hidden_norm(feature)]; () is EAGLE-1/2's head
+    aux_layers: tuple[int, ...] = ()
+
+    @property
+    def eagle3(self) -> bool:
+        return bool(self.aux_layers)
 
     @classmethod
     def from_target(cls, target: Any, draft_vocab_size: Optional[int] = None, **kw: Any) -> "EagleConfig":
@@ -70,7 +86,9 @@ class EagleConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EagleConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["aux_layers"] = tuple(kw.get("aux_layers", ()))  # a JSON list
+        return cls(**kw)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -88,9 +106,10 @@ class _Attention(nn.Module):
     def __init__(self, c: EagleConfig) -> None:
         super().__init__()
         H, D = c.hidden_size, c.head_dim
-        self.q_proj = nn.Linear(H, c.num_attention_heads * D, bias=c.attention_bias)
-        self.k_proj = nn.Linear(H, c.num_key_value_heads * D, bias=c.attention_bias)
-        self.v_proj = nn.Linear(H, c.num_key_value_heads * D, bias=c.attention_bias)
+        In = 2 * H if c.eagle3 else H  # EAGLE-3: q, k, v read [normed embedding; normed feature]
+        self.q_proj = nn.Linear(In, c.num_attention_heads * D, bias=c.attention_bias)
+        self.k_proj = nn.Linear(In, c.num_key_value_heads * D, bias=c.attention_bias)
+        self.v_proj = nn.Linear(In, c.num_key_value_heads * D, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_attention_heads * D, H, bias=False)
 
 
@@ -108,6 +127,9 @@ class _Layer(nn.Module):
         self.self_attn = _Attention(c)
         self.mlp = _Mlp(c)
         self.post_attention_layernorm = nn.Parameter(torch.ones(c.hidden_size))
+        if c.eagle3:
+            self.input_layernorm = nn.Parameter(torch.ones(c.hidden_size))  # on the token's embedding
+            self.hidden_norm = nn.Parameter(torch.ones(c.hidden_size))  # on the feature (fc's output or the head's own)
 
 
 # attend(q [..., T, Hq, D], k [..., T, Hkv, D], v) -> [..., T, Hq, D]: the caller's causal attention
@@ -118,7 +140,9 @@ class EagleHead(nn.Module):
     def __init__(self, config: EagleConfig) -> None:
         super().__init__()
         c = self.config = config
-        self.fc = nn.Linear(2 * c.hidden_size, c.hidden_size, bias=c.fc_bias)
+        # EAGLE-1/2: fc over [embedding; feature]; EAGLE-3: fc over the target's aux layers' states (`reduce`)
+        fc_in = len(c.aux_layers) * c.hidden_size if c.eagle3 else 2 * c.hidden_size
+        self.fc = nn.Linear(fc_in, c.hidden_size, bias=c.fc_bias)
         self.layers = nn.ModuleList([_Layer(c)])
         self.norm = nn.Parameter(torch.ones(c.hidden_size)) if c.final_norm else None
         self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False) if c.own_lm_head else None
@@ -130,6 +154,24 @@ class EagleHead(nn.Module):
     def draft_to_target(self) -> torch.Tensor:
         """[Vd] int64 target token id of each draft id."""
         return d2t_ids(self.d2t)
+
+    def reduce(self, states: torch.Tensor) -> torch.Tensor:
+        """The target's states as the head's features: EAGLE-3's fc over its aux layers' outputs [..., n * H]
+        -> [..., H]; EAGLE-1/2's final-normed state as it is."""
+        if not self.config.eagle3:
+            return states
+        qw = self._quant
+        if qw is None:
+            return self.fc(states)
+        from sgl.runtime.models.native_weights import linear
+
+        return linear(states.reshape(-1, states.shape[-1]).contiguous(), qw["fc"], self.fc.bias).reshape(
+            *states.shape[:-1], -1)
+
+    def logits_input(self, g: torch.Tensor) -> torch.Tensor:
+        """What the draft lm_head reads of a head output: EAGLE-3's outputs are pre-norm (the next step's feature),
+        its logits read them normed; EAGLE-1/2's outputs are both already."""
+        return rms_norm(g, self.norm, self.config.rms_norm_eps) if self.config.eagle3 else g
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [..., T] -> cos, sin [..., T, 1, D]."""
@@ -159,7 +201,8 @@ class EagleHead(nn.Module):
         self._quant = {"fc": q(self.fc.weight), "qkv": q(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
                        "qkv_bias": bias, "o": q(a.o_proj.weight), "gate_up": q(m.gate_proj.weight, m.up_proj.weight),
                        "down": q(m.down_proj.weight)}
-        self._fused = self._fused_layer()
+        # the fused kernel's layer reads [H] rows with no input norm (EAGLE-1's); EAGLE-3's reads [2H]: linears only
+        self._fused = None if c.eagle3 else self._fused_layer()
         if self._fused is not None:  # the kernel's cos / signed-sin rows, the target's own tables
             self._rope_rows = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
 
@@ -192,14 +235,20 @@ class EagleHead(nn.Module):
         lead = embeds.shape[:-1]
         a, mlp, qw = layer.self_attn, layer.mlp, self._quant
         nq, nkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        if c.eagle3:  # the residual stream starts at the feature; attention reads both inputs, normed
+            x = feats.contiguous()
+            inp = torch.cat([rms_norm(embeds, layer.input_layernorm, c.rms_norm_eps),
+                             rms_norm(feats, layer.hidden_norm, c.rms_norm_eps)], dim=-1)
         if qw is None:
-            x = self.fc(torch.cat([embeds, feats], dim=-1))
-            q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+            if not c.eagle3:
+                x = inp = self.fc(torch.cat([embeds, feats], dim=-1))
+            q, k, v = a.q_proj(inp), a.k_proj(inp), a.v_proj(inp)
         else:  # inference on [T, H] rows: the quantized kernels
             from sgl.runtime.models.native_weights import linear
 
-            x = linear(torch.cat([embeds, feats], dim=-1), qw["fc"], self.fc.bias)
-            qkv = linear(x, qw["qkv"], qw["qkv_bias"])
+            if not c.eagle3:
+                x = inp = linear(torch.cat([embeds, feats], dim=-1), qw["fc"], self.fc.bias)
+            qkv = linear(inp.contiguous(), qw["qkv"], qw["qkv_bias"])
             q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         q = q.reshape(*lead, c.num_attention_heads, c.head_dim)
         k = k.reshape(*lead, c.num_key_value_heads, c.head_dim)
@@ -216,6 +265,8 @@ class EagleHead(nn.Module):
             gate_up = linear(m, qw["gate_up"])
             inter = c.intermediate_size
             h = linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], qw["down"], residual=h)
+        if c.eagle3:
+            return h  # pre-norm: the next step's feature (logits_input norms it)
         return rms_norm(h, self.norm, c.rms_norm_eps) if self.norm is not None else h
 
     def forward_train(self, embeds: torch.Tensor, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

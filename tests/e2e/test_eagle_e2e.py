@@ -1,7 +1,9 @@
 """EAGLE with the shipped head on the default model (`--speculative-algorithm EAGLE`, no path): greedy
 outputs token-identical to no speculation (an oracle prompt, a chat answer, a json_schema request),
 seeded sampling identical, constrained outputs valid, the head's drafts accepted often, KV integrity
-after the run and no head state left behind; the same with an NGRAM lane in front (`--speculative-ngram-first`)."""
+after the run and no head state left behind; the same with an NGRAM lane in front (`--speculative-ngram-first`).
+An EAGLE-3 head in its published layout (`--speculative-algorithm EAGLE3`, a random one: none exists for this
+model) leaves the outputs identical too, and the states it reads from the fused CPU kernels are the torch path's."""
 
 from __future__ import annotations
 
@@ -119,5 +121,62 @@ def test_ngram_first_outputs_identical_and_both_lanes_verified(expected: list[di
         eng.wait_idle()
         eng.check_integrity()
         assert eng.scheduler.spec.drafter.propose([], 1) == [] and eng.scheduler.spec.drafter.num_tracked == 0
+    finally:
+        eng.shutdown()
+
+
+def test_eagle3_head_on_the_default_model(expected: list[dict], tmp_path: Path) -> None:
+    """The target's outputs of layers 1, 14 and 26 (SGLang's default for 30 layers) through the fused decode kernels
+    (decode_stack in segments for a decode step, decode_rows for verify rows and short prompts): outputs identical,
+    and the kept states equal the torch path's at every position."""
+    import torch
+
+    from sgl.runtime.models import fused_decode
+    from tests.eagle3_heads import eagle3_tensors, write_eagle3
+
+    eng = _engine()
+    cfg = eng.scheduler.runner.config
+    H, V = cfg.hidden_size, cfg.vocab_size
+    t = eagle3_tensors(H, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, V,
+                       list(range(0, V, 12)), 3, seed=0)
+    eng.shutdown()
+    folder = write_eagle3(tmp_path / "eagle3", t, None, V, heads=cfg.num_attention_heads,
+                          kv_heads=cfg.num_key_value_heads)
+    eng = _engine(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(folder),
+                  speculative_num_draft_tokens=3, speculative_always_draft=True)
+    try:
+        model = eng.scheduler.runner.model
+        assert model.capture_layers == (1, 14, 26)
+        _identical_outputs(eng, expected)
+        assert eng.get_server_info()["spec_verify_ct"] > 0
+        eng.wait_idle()
+        eng.check_integrity()
+        assert eng.scheduler.spec.drafter.num_tracked == 0 or eng.scheduler.spec.drafter.propose([], 1) == []
+        # the kept states, fused vs torch path: one request's prompt (a short step: decode_rows) and decode steps
+        kept: dict[bool, dict[int, torch.Tensor]] = {True: {}, False: {}}
+        runner = eng.scheduler.runner
+        observe = runner.hidden_observer
+        for fused in (True, False):
+            def record(rows, results, into=kept[fused]):
+                for row, res in zip(rows, results):
+                    if res.hidden_states is not None:
+                        for j in range(res.hidden_states.shape[0]):
+                            into[row.start + j] = res.hidden_states[j].clone()
+                observe(rows, results)
+
+            runner.hidden_observer = record
+            saved = fused_decode.ENABLED, fused_decode.ROWS_ENABLED
+            fused_decode.ENABLED = fused_decode.ROWS_ENABLED = fused
+            try:
+                eng.flush_cache()
+                eng.generate(REQUESTS[0][0], {"max_new_tokens": 6, "temperature": 0})
+                eng.wait_idle()
+            finally:
+                fused_decode.ENABLED, fused_decode.ROWS_ENABLED = saved
+        runner.hidden_observer = observe
+        assert sorted(kept[True]) == sorted(kept[False]) and len(kept[True]) > 8
+        for p, a in kept[True].items():
+            b = kept[False][p]
+            assert a.shape == (3 * H,) and torch.cosine_similarity(a, b, 0) > 0.999, p
     finally:
         eng.shutdown()

@@ -272,13 +272,17 @@ def test_our_file_round_trips_in_fp16(tmp_path: Path) -> None:
     assert torch.allclose(_outputs(back, cfg), _outputs(head, cfg), atol=2e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
-def test_published_eagle_layout_loads(tmp_path: Path, fmt: str) -> None:
-    """EAGLE-1/2's release: config.json (a one-layer LlamaConfig) + weights named fc.*, layers.0.*,
-    with layer 0's unused input norm and a copy of the embedding."""
+@pytest.mark.parametrize("fmt,final_norm", [("bin", False), ("safetensors", False), ("safetensors", True)])
+def test_published_eagle_layout_loads(tmp_path: Path, fmt: str, final_norm: bool) -> None:
+    """EAGLE-1/2's release: config.json (a one-layer LlamaConfig) + weights named fc.*, layers.0.*, the norms
+    as `<name>.weight` (RMSNorm modules; ours are bare parameters), with layer 0's unused input norm and a copy
+    of the embedding."""
     cfg = tiny_model(3).config
-    head = random_head(cfg, fc_bias=True)
+    head = random_head(cfg, fc_bias=True, final_norm=final_norm)
     sd = {k: v.clone() for k, v in head.state_dict().items() if k != "d2t"}
+    for norm in ("layers.0.post_attention_layernorm", "norm"):
+        if norm in sd:
+            sd[f"{norm}.weight"] = sd.pop(norm)
     sd["layers.0.input_layernorm.weight"] = torch.ones(cfg.hidden_size)
     sd["embed_tokens.weight"] = torch.randn(cfg.vocab_size, cfg.hidden_size)
     folder = tmp_path / "eagle"
@@ -294,7 +298,7 @@ def test_published_eagle_layout_loads(tmp_path: Path, fmt: str) -> None:
 
         save_file(sd, str(folder / "model.safetensors"))
     back = load_head(folder, cfg)
-    assert back.config.fc_bias and not back.config.final_norm
+    assert back.config.fc_bias and back.config.final_norm == final_norm
     assert torch.allclose(_outputs(back, cfg), _outputs(head, cfg), atol=1e-6)
 
 
