@@ -416,11 +416,8 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
     return;
   }
   if (use_q8) {  // the q8 contract: each row the bits of that row alone (quant_q8_tile.h)
-    std::vector<int8_t> q8v;
-    std::vector<float> d8, s8;
-    std::vector<int32_t> c8;
-    quantize_act8(xp, M, K, q8v, d8, s8, c8);
-    const Q8BAct a8{q8v.data(), d8.data(), s8.data(), c8.data(), K, K / kBlock};
+    const Q8Blocks xb(xp, M, K);
+    const Q8BAct& a8 = xb.act;
     Q8Tiled tiled;
     const Q8Tiled* pp = nullptr;
 #ifdef SGL_AVX512_TILE
@@ -453,6 +450,67 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
       case QT::F16: gemm_cols<QT::F16>(xp, W, M, N, K, op, b, rs, xs, n0, n1); break;
     }
   });
+}
+
+// The lm_head's packed Q8_0 copy, per activation mode (act 1 = q8: oct-packed, quant_q8_zmm.h's kOctRecord, 8 rows
+// per group; act 2 = q16: quad-packed, quant_q16_zmm.h's kQuadRecord, 4 rows), where the AVX-512 VNNI tiles run.
+bool packed_ok() { return have_q16_tile(); }
+
+int64_t packed_group(int64_t act) {
+  if (act != 1 && act != 2) throw std::invalid_argument("packed Q8_0: act must be 1 (q8) or 2 (q16)");
+  return act == 1 ? 8 : 4;
+}
+
+void pack_q8_0(Addr w_addr, int64_t N, int64_t K, Addr out_addr, int64_t act) {
+  const int64_t group = packed_group(act);
+  if (N <= 0 || N % group || K <= 0 || K % kBlock) throw std::invalid_argument("pack_q8_0: need N % group == 0, K % 32 == 0");
+#ifdef SGL_Q16_ZMM
+  const uint8_t* W = reinterpret_cast<const uint8_t*>(w_addr);
+  uint8_t* P = reinterpret_cast<uint8_t*>(out_addr);
+  if (act == 1) pack_q8_0_oct(W, N, row_bytes(QT::Q8_0, K), P);
+  else pack_q8_0_quad(W, N, row_bytes(QT::Q8_0, K), P);
+#else
+  (void)w_addr, (void)out_addr;
+  throw std::runtime_error("pack_q8_0: built without the AVX-512 kernels");
+#endif
+}
+
+// y = x @ W^T for M <= kQ16MaxRows rows, Q8_0 weights read from their packed copy P of W's first rows (a multiple of
+// the group) for act's mode: gemm's path of that mode, the same bits per row (a verify row's logits are its decode
+// step's).
+void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, Addr w_addr, int64_t N, int64_t K, Addr out_addr, int64_t act,
+                 int64_t threads) {
+  const int64_t group = packed_group(act);
+  if (M <= 0 || M > kQ16MaxRows || N <= 0 || K <= 0 || K % kBlock) throw std::invalid_argument("bad gemm_packed shape");
+  if (!have_q16_tile()) throw std::runtime_error("gemm_packed: needs the AVX-512 VNNI tiles (packed_ok)");
+#ifdef SGL_Q16_ZMM
+  const float* xp = reinterpret_cast<const float*>(x_addr);
+  const uint8_t* P = reinterpret_cast<const uint8_t*>(p_addr);
+  const uint8_t* W = reinterpret_cast<const uint8_t*>(w_addr);
+  float* op = reinterpret_cast<float*>(out_addr);
+  const int64_t rb = row_bytes(QT::Q8_0, K);
+  if (act == 1) {
+    const Q8Blocks xb(xp, M, K);
+    const Q8BAct& a8 = xb.act;
+    Q8Tiled tiled;
+    pack_tiled8(a8, M, tiled);  // M = 1: one tile of one row, x's own layout
+    sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {  // whole groups
+      gemm_q8_packed_cols(P, W, rb, M, N, a8, tiled, op, group * g0, std::min(N, group * g1));
+    });
+  } else {
+    std::vector<int16_t> q16v;
+    std::vector<float> d16, s16;
+    quantize_act16(xp, M, K, q16v, d16, s16);
+    const Q16Act a16{q16v.data(), d16.data(), s16.data(), K, K / kBlock};
+    Q16Tiled tiled;
+    pack_tiled(a16, M, tiled);
+    sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {
+      gemm_q16_packed_cols(P, W, rb, M, N, a16, tiled, op, group * g0, std::min(N, group * g1));
+    });
+  }
+#else
+  (void)x_addr, (void)p_addr, (void)w_addr, (void)out_addr, (void)threads;
+#endif
 }
 
 void dequant(Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr, int64_t threads) {
@@ -490,6 +548,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released: other Python threads (e.g. the grammar mask of the next step) run meanwhile.
   m.def("gemm", &gemm, "y = x @ W^T (+ bias) (+ residual) on GGUF blocks", py::call_guard<py::gil_scoped_release>());
   m.def("dequant", &dequant, "GGUF blocks -> fp32 rows", py::call_guard<py::gil_scoped_release>());
+  m.def("packed_ok", &packed_ok, "whether gemm_packed runs here (the AVX-512 VNNI tiles)");
+  m.def("packed_group", &packed_group, "rows per group of the packed Q8_0 layout of an act mode (q8: 8, q16: 4)");
+  m.def("pack_q8_0", &pack_q8_0, "Q8_0 rows -> their packed copy for an act mode (N a multiple of its group)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("gemm_packed", &gemm_packed, "y = x @ W^T, q8 / q16 activations, Q8_0 weights from their packed copy",
+        py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the instruction set compiled in");
   m.def("rms_norm", &rms_norm, "RMSNorm rows (fp32)", py::call_guard<py::gil_scoped_release>());
   m.def("decode_layer", &decode_layer, "one decoder layer for one token (batch-1 decode), in place on h",

@@ -59,15 +59,19 @@ SGL_TARGET_Q16 inline __m512i load4x16(const uint8_t* p, int64_t rb, int off) {
   return _mm512_inserti32x4(v, ld(3), 3);
 }
 
+// Q8_0's 4 weight quarters from its bytes 0-15 (lo) and 16-31 (hi) of 4 blocks, lane c = column c.
+SGL_TARGET_Q16 inline void widen_q8_0(__m512i lo, __m512i hi, __m512i w[4]) {
+  w[0] = _mm512_srai_epi16(_mm512_slli_epi16(lo, 8), 8);
+  w[1] = _mm512_srai_epi16(lo, 8);
+  w[2] = _mm512_srai_epi16(_mm512_slli_epi16(hi, 8), 8);
+  w[3] = _mm512_srai_epi16(hi, 8);
+}
+
 // The 4 weight quarters of the blocks at blk + c * rb (c < 4), lane c = column c (widen_quarters2's shifts).
 template <QT T>
 SGL_TARGET_Q16 inline void widen_quarters4(const uint8_t* blk, int64_t rb, __m512i w[4]) {
   if constexpr (T == QT::Q8_0) {
-    const __m512i lo = load4x16(blk, rb, 2), hi = load4x16(blk, rb, 18);
-    w[0] = _mm512_srai_epi16(_mm512_slli_epi16(lo, 8), 8);
-    w[1] = _mm512_srai_epi16(lo, 8);
-    w[2] = _mm512_srai_epi16(_mm512_slli_epi16(hi, 8), 8);
-    w[3] = _mm512_srai_epi16(hi, 8);
+    widen_q8_0(load4x16(blk, rb, 2), load4x16(blk, rb, 18), w);
   } else {
     const __m512i m4 = _mm512_set1_epi16(0x000F), v = load4x16(blk, rb, T == QT::Q4_0 ? 2 : 4);
     w[0] = _mm512_and_si512(v, m4);
@@ -116,12 +120,35 @@ SGL_TARGET_Q16 inline __m512 lane_sums4(__m512 v) {
   return _mm512_add_ps(t, _mm512_permute_ps(t, _MM_SHUFFLE(2, 3, 0, 1)));
 }
 
+// The quad-packed Q8_0 layout (pack_q8_0_quad; the lm_head's copy under q16 activations): 4 rows' block b as ONE
+// 136-byte record, their 4 f16 scales (8 bytes, column order), then their weight bytes 0-15 and 16-31 as the two
+// 64-byte vectors load4x16 would gather (lane c = column c): 3 loads per block instead of 12 row loads, 6 inserts and
+// a header gather. 4 rows take 4 * rb bytes as in GGUF, so group g starts at W + 4 g * rb in both.
+constexpr int64_t kQuadRecord = 8 + 2 * 64;
+
+// P = the packed copy of N (a multiple of 4) Q8_0 rows of rb bytes at W.
+inline void pack_q8_0_quad(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P) {
+  const int64_t nb = rb / 34;
+  for (int64_t g = 0; g < N / 4; g++)
+    for (int64_t b = 0; b < nb; b++) {
+      uint8_t* o = P + (g * nb + b) * kQuadRecord;
+      for (int c = 0; c < 4; c++) {
+        const uint8_t* blk = W + (g * 4 + c) * rb + b * 34;
+        std::memcpy(o + 2 * c, blk, 2);
+        std::memcpy(o + 8 + 16 * c, blk + 2, 16);
+        std::memcpy(o + 72 + 16 * c, blk + 18, 16);
+      }
+    }
+}
+
 // out[r * ldo + c] = the contract's y (+ bias[c]) (+ resid[r * ldo + c]) for column c < 4 (W rows w + c * rb, nb
-// blocks) and row r < R of x; out and resid point at (the tile's first row, the first column).
-template <QT T, int R>
+// blocks; Packed: the group's quad-packed records at w) and row r < R of x; out and resid point at (the tile's first
+// row, the first column). Packed reads other bytes into the same registers: the same bits.
+template <QT T, int R, bool Packed = false>
 SGL_TARGET_Q16 inline void dot_q16_quad(const uint8_t* w, int64_t rb, int64_t nb, const Q16TileX& x, float* out,
                                         int64_t ldo, const float* bias, const float* resid) {
   static_assert(R >= 1 && R <= 12, "rows per tile");
+  static_assert(!Packed || T == QT::Q8_0, "the quad-packed layout is Q8_0's");
   constexpr int G = (R + 3) / 4;          // R > 1: the scalar terms of 4 rows x 4 columns per zmm
   constexpr bool kMagic = T != QT::Q8_0;  // Q4: |I| < 2^22, so float(I) = bits(I + 0x4B400000) - 1.5 * 2^23
   const __m512i magic_i = _mm512_set1_epi32(0x4B400000);
@@ -138,20 +165,28 @@ SGL_TARGET_Q16 inline void dot_q16_quad(const uint8_t* w, int64_t rb, int64_t nb
   const int16_t* xq = x.q;
   const float *xd = x.d, *xs = x.s;
   for (int64_t b = 0; b < nb; b++, xq += x.bq, xd += x.bds, xs += x.bds) {
-    const uint8_t* blk = w + b * block_bytes(T);
-    // the next 4 columns' block b: one group ahead (prefetch()'s fixed kPrefetch bytes land inside this group
-    // once 4 rows are longer than kPrefetch; measured on the default model, 1 thread, interleaved A/B: the
-    // lm_head (Q8_0, 612-byte rows) 2.07 -> 1.64 ms, a batch-1 step 8.2 -> 8.0 ms over a 300-token context)
-    for (int c = 0; c < 4; c++) __builtin_prefetch(blk + (c + 4) * rb, 0, 3);
+    const uint8_t* blk = w + b * (Packed ? kQuadRecord : block_bytes(T));
     __m256 hdr;
-    if constexpr (T == QT::Q4_1) {
-      uint32_t h[4];
-      for (int c = 0; c < 4; c++) std::memcpy(&h[c], blk + c * rb, 4);
-      hdr = _mm256_cvtph_ps(_mm_setr_epi32(int(h[0]), int(h[1]), int(h[2]), int(h[3])));
+    __m512i wq[4];
+    if constexpr (Packed) {  // one record: a stream the prefetcher follows
+      prefetch(blk);
+      hdr = _mm256_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk)));
+      widen_q8_0(_mm512_loadu_si512(blk + 8), _mm512_loadu_si512(blk + 72), wq);
     } else {
-      uint16_t h[4];
-      for (int c = 0; c < 4; c++) std::memcpy(&h[c], blk + c * rb, 2);
-      hdr = _mm256_cvtph_ps(_mm_setr_epi16(short(h[0]), short(h[1]), short(h[2]), short(h[3]), 0, 0, 0, 0));
+      // the next 4 columns' block b: one group ahead (prefetch()'s fixed kPrefetch bytes land inside this group
+      // once 4 rows are longer than kPrefetch; measured on the default model, 1 thread, interleaved A/B: the
+      // lm_head (Q8_0, 612-byte rows) 2.07 -> 1.64 ms, a batch-1 step 8.2 -> 8.0 ms over a 300-token context)
+      for (int c = 0; c < 4; c++) __builtin_prefetch(blk + (c + 4) * rb, 0, 3);
+      if constexpr (T == QT::Q4_1) {
+        uint32_t h[4];
+        for (int c = 0; c < 4; c++) std::memcpy(&h[c], blk + c * rb, 4);
+        hdr = _mm256_cvtph_ps(_mm_setr_epi32(int(h[0]), int(h[1]), int(h[2]), int(h[3])));
+      } else {
+        uint16_t h[4];
+        for (int c = 0; c < 4; c++) std::memcpy(&h[c], blk + c * rb, 2);
+        hdr = _mm256_cvtph_ps(_mm_setr_epi16(short(h[0]), short(h[1]), short(h[2]), short(h[3]), 0, 0, 0, 0));
+      }
+      widen_quarters4<T>(blk, rb, wq);
     }
     const __m512 dv = _mm512_permutexvar_ps(didx, _mm512_castps256_ps512(hdr));
     if constexpr (T != QT::Q8_0) {
@@ -165,8 +200,6 @@ SGL_TARGET_Q16 inline void dot_q16_quad(const uint8_t* w, int64_t rb, int64_t nb
           scal[g] = _mm512_fmadd_ps(mv, _mm512_broadcast_f32x4(_mm_loadu_ps(xs + 4 * g)), scal[g]);
       }
     }
-    __m512i wq[4];
-    widen_quarters4<T>(blk, rb, wq);
     for (int r = 0; r < R; r++) {
       const int16_t* xb = xq + r * kBlock;
       __m512i I = _mm512_madd_epi16(wq[0], xquarter(xb, 0));

@@ -57,6 +57,19 @@ inline void quantize_act8(const float* x, int64_t M, int64_t K, std::vector<int8
   quantize_blocks8(x, M * nb, q.data(), d.data(), s.data(), c.data());
 }
 
+// x fp32 [M, K] as q8 blocks (quantize_act8), owned, with the Q8BAct that reads them.
+struct Q8Blocks {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> c;
+  Q8BAct act;
+  Q8Blocks(const float* x, int64_t M, int64_t K) {
+    quantize_act8(x, M, K, q, d, s, c);
+    act = Q8BAct{q.data(), d.data(), s.data(), c.data(), K, K / kBlock};
+  }
+  Q8Blocks(const Q8Blocks&) = delete;  // act points into the vectors
+};
+
 // Sizes p for M rows of nb blocks; pack_row8 then fills row r (rows write disjoint parts of p).
 inline void size_tiled8(int64_t M, int64_t nb, Q8Tiled& p) {
   const int64_t tiles = (M + kQ16TileRows - 1) / kQ16TileRows;
@@ -138,6 +151,21 @@ void gemm_q8_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BA
                                            resid != nullptr ? resid + r0 * N + n : nullptr);
       },
       [&](int64_t r, int64_t n) { put_out(out, N, bias, resid, r, n, dot_q8_col<T>(W + n * rb, a, r)); });
+}
+#endif
+
+#ifdef SGL_Q16_ZMM
+// gemm_q8_tile for Q8_0 over P, the oct-packed copy of W's first N / 8 * 8 rows (pack_q8_0_oct), the rest of W by
+// dot_q8_col: the same bits. n0 is a multiple of 8 (so is every 8-column step of tile_columns from it).
+inline void gemm_q8_packed_cols(const uint8_t* P, const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a,
+                                const Q8Tiled& p, float* out, int64_t n0, int64_t n1) {
+  tile_columns<8>(
+      M, p.rows, n0, n1,
+      [&](auto rc, int64_t t, int64_t r0, int64_t n) {
+        dot_q8_oct<QT::Q8_0, decltype(rc)::value, true>(P + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N, nullptr,
+                                                         nullptr);
+      },
+      [&](int64_t r, int64_t n) { put_out(out, N, nullptr, nullptr, r, n, dot_q8_col<QT::Q8_0>(W + n * rb, a, r)); });
 }
 #endif
 

@@ -100,12 +100,35 @@ SGL_TARGET_Q16 inline __m512i bcast8(const void* p) {
   return _mm512_set1_epi64(v);
 }
 
+// The oct-packed Q8_0 layout (pack_q8_0_oct; the lm_head's copy, LlamaForCausalLM.compute_logits): 8 rows' block b
+// as ONE 272-byte record, their 8 f16 scales (16 bytes, column order) then the 4 byte vectors weight_bytes8 would
+// build (already flipped to unsigned), so a block is one header load and 4 aligned-size loads instead of 16 row
+// loads, inserts and unpacks. 8 rows take 8 * rb bytes as in GGUF, so group g starts at W + 8 g * rb in both.
+constexpr int64_t kOctRecord = 16 + 4 * 64;
+
+// P = the packed copy of N (a multiple of 8) Q8_0 rows of rb bytes at W.
+inline void pack_q8_0_oct(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P) {
+  const int64_t nb = rb / 34;
+  for (int64_t g = 0; g < N / 8; g++)
+    for (int64_t b = 0; b < nb; b++) {
+      uint8_t* o = P + (g * nb + b) * kOctRecord;
+      for (int c = 0; c < 8; c++) std::memcpy(o + 2 * c, W + (g * 8 + c) * rb + b * 34, 2);
+      for (int k = 0; k < 4; k++)
+        for (int e = 0; e < 8; e++) {  // element e of vector k: weights 8k..8k+7 of column col(e)
+          const uint8_t* src = W + (g * 8 + e / 2 + 4 * (e % 2)) * rb + b * 34 + 2 + 8 * k;
+          for (int j = 0; j < 8; j++) o[16 + 64 * k + 8 * e + j] = uint8_t(src[j] ^ 0x80);
+        }
+    }
+}
+
 // out[r * ldo + c] = the contract's y (+ bias[c]) (+ resid[r * ldo + c]) for column c < 8 (W rows w + c * rb, nb
-// blocks) and row r < R of x; out and resid point at (the tile's first row, the first column).
-template <QT T, int R>
+// blocks; Packed: the group's oct-packed records at w) and row r < R of x; out and resid point at (the tile's first
+// row, the first column). Packed reads other bytes into the same registers: the same bits.
+template <QT T, int R, bool Packed = false>
 SGL_TARGET_Q16 inline void dot_q8_oct(const uint8_t* w, int64_t rb, int64_t nb, const Q8TileX& x, float* out,
                                       int64_t ldo, const float* bias, const float* resid) {
   static_assert(R >= 1 && R <= 12, "rows per tile");
+  static_assert(!Packed || T == QT::Q8_0, "the oct-packed layout is Q8_0's");
   constexpr int G = R == 1 ? 1 : (R + 1) / 2;  // Q4_1's scalar terms: lane 2e + j = column col(e), row 2g + j
   constexpr int corr = T == QT::Q8_0 ? 2 : 0;  // Q4_0: c_0, c_1; Q8_0: c_2, c_3
   const __m512i magic_i = _mm512_set1_epi32(0x4B400000);  // float(I) = bits(I + 0x4B400000) - 1.5 * 2^23
@@ -122,20 +145,29 @@ SGL_TARGET_Q16 inline void dot_q8_oct(const uint8_t* w, int64_t rb, int64_t nb, 
   const float *xd = x.d, *xs = x.s;
   const int32_t* xc = x.c;
   for (int64_t b = 0; b < nb; b++, xq += x.bq, xd += x.bds, xs += x.bds, xc += x.bc) {
-    const uint8_t* blk = w + b * block_bytes(T);
-    // the next 8 columns' block b: one group ahead (prefetch()'s fixed kPrefetch bytes land inside this group's
-    // 8 rows once 8 rows are longer than kPrefetch; measured on the default model, 1 thread, interleaved A/B:
-    // a batch-1 step over a 300-token context 8.7 -> 7.8 ms, the lm_head 2.3 -> 1.5 ms)
-    for (int c = 0; c < 8; c++) __builtin_prefetch(blk + (c + 8) * rb, 0, 3);
+    __m512i wq[4];
     __m512 hdr;
-    if constexpr (T == QT::Q4_1) {
-      uint32_t h[8];
-      for (int c = 0; c < 8; c++) std::memcpy(&h[c], blk + c * rb, 4);
-      hdr = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
+    if constexpr (Packed) {  // one record: a stream the prefetcher follows
+      const uint8_t* rec = w + b * kOctRecord;
+      prefetch(rec);
+      hdr = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec))));
+      for (int k = 0; k < 4; k++) wq[k] = _mm512_loadu_si512(rec + 16 + 64 * k);
     } else {
-      uint16_t h[8];
-      for (int c = 0; c < 8; c++) std::memcpy(&h[c], blk + c * rb, 2);
-      hdr = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h))));
+      const uint8_t* blk = w + b * block_bytes(T);
+      // the next 8 columns' block b: one group ahead (prefetch()'s fixed kPrefetch bytes land inside this group's
+      // 8 rows once 8 rows are longer than kPrefetch; measured on the default model, 1 thread, interleaved A/B:
+      // a batch-1 step over a 300-token context 8.7 -> 7.8 ms, the lm_head 2.3 -> 1.5 ms)
+      for (int c = 0; c < 8; c++) __builtin_prefetch(blk + (c + 8) * rb, 0, 3);
+      if constexpr (T == QT::Q4_1) {
+        uint32_t h[8];
+        for (int c = 0; c < 8; c++) std::memcpy(&h[c], blk + c * rb, 4);
+        hdr = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
+      } else {
+        uint16_t h[8];
+        for (int c = 0; c < 8; c++) std::memcpy(&h[c], blk + c * rb, 2);
+        hdr = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h))));
+      }
+      weight_bytes8<T>(blk, rb, wq);
     }
     const __m512 dv = _mm512_permutexvar_ps(didx, hdr);
     if constexpr (T == QT::Q4_1) {
@@ -146,8 +178,6 @@ SGL_TARGET_Q16 inline void dot_q8_oct(const uint8_t* w, int64_t rb, int64_t nb, 
         for (int g = 0; g < G; g++) scal[g] = _mm512_fmadd_ps(mv, _mm512_castsi512_ps(bcast8(xs + 2 * g)), scal[g]);
       }
     }
-    __m512i wq[4];
-    weight_bytes8<T>(blk, rb, wq);
     for (int r = 0; r < R; r++) {
       const int8_t* xb = xq + r * kBlock;
       __m512i I = T == QT::Q4_1 ? _mm512_setzero_si512() : bcast8(xc + r * kQ8Corr + corr);

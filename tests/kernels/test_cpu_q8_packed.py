@@ -1,0 +1,92 @@
+"""The lm_head's packed Q8_0 copies (kernels/cpu/quant.py: pack_q8_0 and quant_linear_packed; the oct-packed layout
+of q8 activations, quant_q8_zmm.h's kOctRecord, and the quad-packed one of q16, quant_q16_zmm.h's kQuadRecord):
+every row count up to Q16_MAX_ROWS and every thread split gives the SAME BITS as quant_linear's path of that mode, so
+a verify row's logits stay its decode step's; rows past the last whole group come from the GGUF rows; extreme
+blocks (the byte -128, int8 +-127 activations) included; where a copy cannot run, pack_q8_0 says None."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sgl.kernels.cpu import QuantWeight, quant_linear
+from sgl.kernels.cpu.quant import Q16_MAX_ROWS, pack_q8_0, quant_linear_packed
+from tests.kernels.test_cpu_q16_batch import raw_weight, with_threads
+from tests.kernels.test_cpu_q8_batch import unit_scale_weight
+
+ACTS = ["q8", "q16"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def packed_kernel() -> None:
+    from sgl.kernels.cpu import _ext
+
+    ext = _ext.load()
+    if ext is None or not hasattr(ext, "packed_ok") or not ext.packed_ok():
+        pytest.skip("no AVX-512 VNNI tiles here: pack_q8_0 returns None and the lm_head keeps the GGUF rows")
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,k", [(8, 32), (301, 96), (1035, 576)])  # 301, 1035: rows past the last whole group
+def test_the_packed_copy_gives_the_modes_bits(n: int, k: int, threads: int, act: str) -> None:
+    gen = np.random.default_rng(n + k)
+    w = raw_weight("q8_0", n, k, gen)
+    packed = pack_q8_0(w, act)
+    group = 8 if act == "q8" else 4
+    assert packed is not None and packed.shape == (n // group * group, w.data.shape[1])
+    for m in (1, 2, 3, 5, 9, 12, 13, 33, Q16_MAX_ROWS):
+        x = torch.from_numpy(gen.standard_normal((m, k)).astype(np.float32))
+        x[0, :32] = 0.0  # an all-zero block (scale 0)
+        x[-1, :32] *= 1e4  # outliers in one block
+        want = with_threads(threads, lambda: quant_linear(x, w, act_quant=act))
+        got = with_threads(threads, lambda: quant_linear_packed(x, w, packed, act))
+        assert torch.equal(got, want), (n, k, m, threads, act)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_extreme_blocks_give_the_modes_bits(act: str) -> None:
+    """d = 1 weights with the byte -128 and 127 columns, integer activations at +-127 (q8: the exact integer dot)."""
+    gen = np.random.default_rng(5)
+    w, ints = unit_scale_weight("q8_0", 16, 160, gen)
+    x = gen.integers(-127, 128, size=(3, 160)).astype(np.int64)
+    x[:, ::32] = 127
+    x[-1, 32:64] = -127
+    x[-1, 32] = 127
+    xf = torch.from_numpy(x.astype(np.float32))
+    got = quant_linear_packed(xf, w, pack_q8_0(w, act), act)
+    assert torch.equal(got, quant_linear(xf, w, act_quant=act))
+    if act == "q8":
+        assert torch.equal(got, (torch.from_numpy(x) @ ints.T).to(torch.float32))
+
+
+def test_what_does_not_pack_says_none_and_bad_rows_are_refused() -> None:
+    gen = np.random.default_rng(1)
+    assert pack_q8_0(raw_weight("q4_1", 64, 64, gen), "q8") is None  # another block type
+    assert pack_q8_0(raw_weight("q8_0", 7, 64, gen), "q8") is None  # not one group of 8 rows
+    assert pack_q8_0(raw_weight("q8_0", 7, 64, gen), "q16") is not None  # one group of 4, 3 rows from the GGUF rows
+    assert pack_q8_0(raw_weight("q8_0", 64, 64, gen), "none") is None  # fp32 activations: no packed path
+    w = raw_weight("q8_0", 16, 64, gen)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        quant_linear_packed(torch.zeros(Q16_MAX_ROWS + 1, 64), w, pack_q8_0(w, "q8"), "q8")
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_the_default_models_lm_head_logits_are_unchanged(act: str) -> None:
+    """compute_logits takes the mode's packed copy (built once per mode): the logits of 1 and 5 rows are the mode's."""
+    from sgl.kernels import cpu
+    from sgl.runtime.models.loader import load_model
+
+    model = load_model("default", show_progress=False).model
+    assert isinstance(model.lm_head, QuantWeight) and model.lm_head.qtype == "q8_0"
+    saved = cpu.get_act_quant()
+    cpu.set_act_quant(act)
+    try:
+        torch.manual_seed(0)
+        for m in (1, 5):
+            h = torch.randn(m, model.config.hidden_size)
+            assert torch.equal(model.compute_logits(h), quant_linear(h, model.lm_head, act_quant=act))
+        assert model.__dict__["_lm_head_packed"][0][1] == act and model.__dict__["_lm_head_packed"][1] is not None
+    finally:
+        cpu.set_act_quant(saved)
