@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_speculative import chat  # noqa: E402
 from fork_join_agent import questions  # noqa: E402
 
-from sgl.kernels.cpu.quant import pack_q8_0, quant_linear, quant_linear_packed  # noqa: E402
+from sgl.kernels.cpu.quant import QuantWeight, quant_linear  # noqa: E402
 from sgl.runtime.engine import Engine  # noqa: E402
 
 
@@ -47,15 +47,16 @@ def median_ms(fn: Callable[[], Any], iters: int, evict: torch.Tensor | None) -> 
 
 
 def kernel_table(lm_head: Any, act: str, iters: int) -> list[dict[str, Any]]:
-    packed = pack_q8_0(lm_head, act)
-    if packed is None:
-        raise SystemExit("no AVX-512 VNNI tile on this CPU: the lm_head has no packed path here")
+    plain = QuantWeight(lm_head.qtype, lm_head.shape, lm_head.data)  # the GGUF rows alone
+    packed = QuantWeight(lm_head.qtype, lm_head.shape, lm_head.data)
+    if not packed.pack(act):
+        raise SystemExit("no AVX-512 VNNI tiles on this CPU: the lm_head has no packed copy here")
     evict = torch.ones(64 << 20)
     rows = []
     for m in (1, 2, 5, 9):
         x = torch.randn(m, lm_head.shape[1])
-        a = lambda: quant_linear(x, lm_head, act_quant=act)  # noqa: E731
-        b = lambda: quant_linear_packed(x, lm_head, packed, act)  # noqa: E731
+        a = lambda: quant_linear(x, plain, act_quant=act)  # noqa: E731
+        b = lambda: quant_linear(x, packed, act_quant=act)  # noqa: E731
         assert torch.equal(a(), b())
         for cold in (True, False):
             ra, rb = median_ms(a, iters, evict if cold else None), median_ms(b, iters, evict if cold else None)
@@ -65,10 +66,11 @@ def kernel_table(lm_head: Any, act: str, iters: int) -> list[dict[str, Any]]:
 
 def decode_round(eng: Engine, prompts: list[str], tokens: int, packed: bool, act: str) -> tuple[float, list[list[int]]]:
     model = eng.scheduler.runner.model
+    model.__dict__["_lm_head_packed"] = {(id(model.lm_head), act)}  # compute_logits packs nothing more itself
     if packed:
-        model.__dict__.pop("_lm_head_packed", None)  # rebuilt at the next logits
+        model.lm_head.pack(act)
     else:
-        model.__dict__["_lm_head_packed"] = ((id(model.lm_head), act), None, model.lm_head)  # the GGUF rows
+        model.lm_head.packed.pop(act, None)  # the GGUF rows
     outs = [eng.generate(p, {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}) for p in prompts]
     decode_s = sum(o["meta_info"]["e2e_latency"] - o["meta_info"]["first_token_latency"] for o in outs)
     n = sum(o["meta_info"]["completion_tokens"] - 1 for o in outs)

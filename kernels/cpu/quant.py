@@ -23,7 +23,7 @@ import contextlib
 import os
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -67,6 +67,8 @@ class QuantWeight:
     qtype: str
     shape: tuple[int, int]
     data: torch.Tensor  # uint8 [N, row_bytes(qtype, K)], contiguous
+    # act mode -> the packed copy `pack` made (Q8_0 only): quant_linear reads it instead of `data`, the same bits
+    packed: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.qtype not in QTYPES:
@@ -123,6 +125,18 @@ class QuantWeight:
 
     def nbytes(self) -> int:
         return self.data.numel()
+
+    def pack(self, act_quant: str) -> bool:
+        """Keep a packed copy for `act_quant` ("q8" or "q16"; `pack_q8_0`), which quant_linear then reads for up to
+        PACKED_MAX_ROWS rows of that mode: the same bits, ~2x faster where loads bound the kernel (a batch-1 lm_head,
+        a draft head's small weights). Costs the weight's bytes once more; whether a copy exists (False where it
+        cannot run: another qtype or mode, no AVX-512 VNNI tiles)."""
+        if act_quant not in self.packed:
+            copy = pack_q8_0(self, act_quant)
+            if copy is None:
+                return False
+            self.packed[act_quant] = copy
+        return True
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -262,6 +276,11 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
         if residual is not None and not (residual.dtype is torch.float32 and residual.shape == (m, n)
                                          and residual.is_contiguous()):
             _check(x, w, bias, residual, out)
+        packed = w.packed.get(act_quant) if w.packed else None
+        if packed is not None and m <= PACKED_MAX_ROWS[act_quant] and bias is None and residual is None:
+            ext.gemm_packed(x.data_ptr(), m, packed.data_ptr(), w.data.data_ptr(), n, w.shape[1], out.data_ptr(),
+                            _ACT_MODE[act_quant], _threads or torch.get_num_threads())
+            return out
         if m == 1 and act_quant in _GEMV_ACT and w.qtype in _GEMV_QTYPE and _has_gemv(ext):
             # one row (batch-1 decode, the lm_head): the decode pool's gemv, the same bits as gemm's path
             ext.gemv(x.data_ptr(), w.data.data_ptr(), _GEMV_QTYPE[w.qtype], n, w.shape[1], out.data_ptr(), 0,
@@ -326,7 +345,7 @@ PACKED_MAX_ROWS = {"q8": 8, "q16": 4}
 
 
 def pack_q8_0(w: QuantWeight, act_quant: str) -> torch.Tensor | None:
-    """The packed copy of a Q8_0 weight for `quant_linear_packed` under `act_quant` ("q8": 8 rows' block b as one
+    """The packed copy of a Q8_0 weight for quant_linear under `act_quant` (QuantWeight.pack keeps it) ("q8": 8 rows' block b as one
     record, quant_q8_zmm.h's kOctRecord; "q16": 4 rows', quant_q16_zmm.h's kQuadRecord: the same bytes reordered), or
     None where it would not run: another qtype or mode, fewer rows than a group, no extension or no AVX-512 VNNI
     tiles. Rows past the last whole group are read from w itself."""
@@ -342,19 +361,6 @@ def pack_q8_0(w: QuantWeight, act_quant: str) -> torch.Tensor | None:
     packed = torch.empty(full, row_bytes("q8_0", k), dtype=torch.uint8)
     ext.pack_q8_0(w.data.data_ptr(), full, k, packed.data_ptr(), _ACT_MODE[act_quant])
     return packed
-
-
-def quant_linear_packed(x: torch.Tensor, w: QuantWeight, packed: torch.Tensor, act_quant: str) -> torch.Tensor:
-    """quant_linear(x, w, act_quant=act_quant) ("q8" or "q16") from w's packed copy for that mode (`pack_q8_0`), for
-    1..Q16_MAX_ROWS rows: the same bits, fewer instructions per weight block (a record's few loads instead of a row
-    load per column, inserts and shuffles: README "The lm_head from a packed copy")."""
-    m, (n, k) = x.shape[0], w.shape
-    if not (x.dtype is torch.float32 and x.dim() == 2 and x.is_contiguous() and x.shape[1] == k and 0 < m <= Q16_MAX_ROWS):
-        raise ValueError(f"x must be contiguous float32 [1..{Q16_MAX_ROWS}, {k}], got {x.dtype} {tuple(x.shape)}")
-    out = torch.empty(m, n, dtype=torch.float32)
-    _ext.load().gemm_packed(x.data_ptr(), m, packed.data_ptr(), w.data.data_ptr(), n, k, out.data_ptr(),
-                            _ACT_MODE[act_quant], _threads or torch.get_num_threads())
-    return out
 
 
 _GEMV_QTYPE = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # decode_layer.cpp's qtype codes

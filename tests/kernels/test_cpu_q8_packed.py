@@ -1,8 +1,9 @@
-"""The lm_head's packed Q8_0 copies (kernels/cpu/quant.py: pack_q8_0 and quant_linear_packed; the oct-packed layout
-of q8 activations, quant_q8_zmm.h's kOctRecord, and the quad-packed one of q16, quant_q16_zmm.h's kQuadRecord):
-every row count up to Q16_MAX_ROWS and every thread split gives the SAME BITS as quant_linear's path of that mode, so
-a verify row's logits stay its decode step's; rows past the last whole group come from the GGUF rows; extreme
-blocks (the byte -128, int8 +-127 activations) included; where a copy cannot run, pack_q8_0 says None."""
+"""Packed Q8_0 copies (QuantWeight.pack, kernels/cpu/quant.py: pack_q8_0; the oct-packed layout of q8 activations,
+quant_q8_zmm.h's kOctRecord, and the quad-packed one of q16, quant_q16_zmm.h's kQuadRecord), which quant_linear reads
+for up to PACKED_MAX_ROWS rows: every row count up to Q16_MAX_ROWS (the limit raised) and every thread split gives the
+SAME BITS as the GGUF rows' path of that mode, so a verify row's logits stay its decode step's; rows past the last
+whole group come from the GGUF rows; extreme blocks (the byte -128, int8 +-127 activations) included; where a copy
+cannot run, pack says False; the default model's lm_head takes its copy at the first logits."""
 
 from __future__ import annotations
 
@@ -11,11 +12,19 @@ import pytest
 import torch
 
 from sgl.kernels.cpu import QuantWeight, quant_linear
-from sgl.kernels.cpu.quant import Q16_MAX_ROWS, pack_q8_0, quant_linear_packed
+from sgl.kernels.cpu import quant
+from sgl.kernels.cpu.quant import Q16_MAX_ROWS, pack_q8_0
 from tests.kernels.test_cpu_q16_batch import raw_weight, with_threads
 from tests.kernels.test_cpu_q8_batch import unit_scale_weight
 
 ACTS = ["q8", "q16"]
+
+
+def with_copy(w: QuantWeight, act: str) -> QuantWeight:
+    """The same bytes with a packed copy for `act` (w itself keeps none)."""
+    p = QuantWeight(w.qtype, w.shape, w.data)
+    assert p.pack(act) and act in p.packed and not w.packed
+    return p
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,18 +39,20 @@ def packed_kernel() -> None:
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n,k", [(8, 32), (301, 96), (1035, 576)])  # 301, 1035: rows past the last whole group
-def test_the_packed_copy_gives_the_modes_bits(n: int, k: int, threads: int, act: str) -> None:
+def test_the_packed_copy_gives_the_modes_bits(n: int, k: int, threads: int, act: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(quant.PACKED_MAX_ROWS, act, Q16_MAX_ROWS)  # the copy for every row count it can take
     gen = np.random.default_rng(n + k)
     w = raw_weight("q8_0", n, k, gen)
-    packed = pack_q8_0(w, act)
+    p = with_copy(w, act)
     group = 8 if act == "q8" else 4
-    assert packed is not None and packed.shape == (n // group * group, w.data.shape[1])
+    assert p.packed[act].shape == (n // group * group, w.data.shape[1])
     for m in (1, 2, 3, 5, 9, 12, 13, 33, Q16_MAX_ROWS):
         x = torch.from_numpy(gen.standard_normal((m, k)).astype(np.float32))
         x[0, :32] = 0.0  # an all-zero block (scale 0)
         x[-1, :32] *= 1e4  # outliers in one block
         want = with_threads(threads, lambda: quant_linear(x, w, act_quant=act))
-        got = with_threads(threads, lambda: quant_linear_packed(x, w, packed, act))
+        got = with_threads(threads, lambda: quant_linear(x, p, act_quant=act))
         assert torch.equal(got, want), (n, k, m, threads, act)
 
 
@@ -55,7 +66,7 @@ def test_extreme_blocks_give_the_modes_bits(act: str) -> None:
     x[-1, 32:64] = -127
     x[-1, 32] = 127
     xf = torch.from_numpy(x.astype(np.float32))
-    got = quant_linear_packed(xf, w, pack_q8_0(w, act), act)
+    got = quant_linear(xf, with_copy(w, act), act_quant=act)
     assert torch.equal(got, quant_linear(xf, w, act_quant=act))
     if act == "q8":
         assert torch.equal(got, (torch.from_numpy(x) @ ints.T).to(torch.float32))
@@ -67,9 +78,11 @@ def test_what_does_not_pack_says_none_and_bad_rows_are_refused() -> None:
     assert pack_q8_0(raw_weight("q8_0", 7, 64, gen), "q8") is None  # not one group of 8 rows
     assert pack_q8_0(raw_weight("q8_0", 7, 64, gen), "q16") is not None  # one group of 4, 3 rows from the GGUF rows
     assert pack_q8_0(raw_weight("q8_0", 64, 64, gen), "none") is None  # fp32 activations: no packed path
-    w = raw_weight("q8_0", 16, 64, gen)
-    with pytest.raises(ValueError, match="contiguous float32"):
-        quant_linear_packed(torch.zeros(Q16_MAX_ROWS + 1, 64), w, pack_q8_0(w, "q8"), "q8")
+    assert not raw_weight("q4_1", 64, 64, gen).pack("q8")
+    w = with_copy(raw_weight("q8_0", 16, 64, gen), "q8")  # more rows than PACKED_MAX_ROWS, a bias: the GGUF rows
+    x, bias = torch.randn(9, 64), torch.randn(16)
+    plain = QuantWeight(w.qtype, w.shape, w.data)
+    assert torch.equal(quant_linear(x, w, bias=bias, act_quant="q8"), quant_linear(x, plain, bias=bias, act_quant="q8"))
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -86,7 +99,8 @@ def test_the_default_models_lm_head_logits_are_unchanged(act: str) -> None:
         torch.manual_seed(0)
         for m in (1, 5):
             h = torch.randn(m, model.config.hidden_size)
-            assert torch.equal(model.compute_logits(h), quant_linear(h, model.lm_head, act_quant=act))
-        assert model.__dict__["_lm_head_packed"][0][1] == act and model.__dict__["_lm_head_packed"][1] is not None
+            plain = QuantWeight(model.lm_head.qtype, model.lm_head.shape, model.lm_head.data)
+            assert torch.equal(model.compute_logits(h), quant_linear(h, plain, act_quant=act))
+        assert act in model.lm_head.packed
     finally:
         cpu.set_act_quant(saved)
