@@ -160,8 +160,8 @@ def test_chains_are_the_reference_chains_over_the_targets_states(tmp_path: Path,
         assert want == draft, (fill, draft, want)
 
 
-@pytest.mark.parametrize("quantize", [None, "q8_0"])
-def test_eagle3_keeps_outputs_identical(tmp_path: Path, hf_and_ours, quantize) -> None:
+@pytest.mark.parametrize("quantize,topk", [(None, 1), ("q8_0", 1), (None, 3)])  # topk 3: token trees
+def test_eagle3_keeps_outputs_identical(tmp_path: Path, hf_and_ours, quantize, topk: int) -> None:
     _, model = hf_and_ours
     _, folder = eagle3_head(tmp_path, model, seed=2)
     head = load_head(folder, model.config)
@@ -170,8 +170,8 @@ def test_eagle3_keeps_outputs_identical(tmp_path: Path, hf_and_ours, quantize) -
     base, _, _ = run(model, prompts, params)
     model.capture_layers = AUX
     try:
-        spec, s, drafter = run(model, prompts, params, head=head, quantize=quantize, speculative_num_draft_tokens=3,
-                               speculative_always_draft=True)
+        spec, s, drafter = run(model, prompts, params, head=head, quantize=quantize, topk=topk,
+                               speculative_num_draft_tokens=3, speculative_always_draft=True)
     finally:
         model.capture_layers = ()
     assert s.stats.spec_verify_ct > 0 and s.stats.spec_draft_tokens > 0
