@@ -6,7 +6,8 @@ Part 1, the kernel: the default model's lm_head (49,152 x 576 Q8_0) for 1, 2, 5 
 between calls evicts it, as a decode step's 80 MB of layer weights do) and hot; median of --iters calls.
 Part 2, the engine: batch-1 greedy decode of --tokens tokens after a chat prompt (workload (b)'s first questions),
 q8 activations, the packed copy on and off in alternating rounds (--rounds each), tokens per second of the
-decode phase (after each request's first token: bench_speculative.py's decode rate), the median round. The outputs of both must be identical (the packed copy gives the same bits).
+decode phase (after each request's first token: bench_speculative.py's decode rate), the median round. The
+outputs of both must be identical (the packed copy gives the same bits).
 Prints tables of ratios (packed / rows) and writes benchmarks/results/bench_lm_head_packed.json.
 """
 

@@ -36,8 +36,9 @@ ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")  # ==
 # field -> the values its CLI flag accepts (argparse choices)
 _CHOICES = {"schedule_policy": SCHEDULE_POLICIES, "grammar_backend": GRAMMAR_BACKENDS, "weight_format": WEIGHT_FORMATS,
             "preemption_mode": PREEMPTION_MODES, "router_policy": ROUTER_POLICIES, "quantize": QUANTIZE_TYPES,
-            "speculative_algorithm": (*SPECULATIVE_ALGORITHMS, *SPECULATIVE_ALIASES), "disaggregation_mode": DISAGGREGATION_MODES,
-            "cpu_act_quant": CPU_ACT_QUANTS, "kv_cache_dtype": KV_CACHE_DTYPES}
+            "speculative_algorithm": (*SPECULATIVE_ALGORITHMS, *SPECULATIVE_ALIASES),
+            "disaggregation_mode": DISAGGREGATION_MODES, "cpu_act_quant": CPU_ACT_QUANTS,
+            "kv_cache_dtype": KV_CACHE_DTYPES}
 
 
 def _physical_cores() -> int:

@@ -28,8 +28,10 @@ def eagle3_tensors(H: int, heads: int, kv_heads: int, inter: int, vocab: int, dr
          "embed_tokens.weight": w(vocab, H),
          "midlayer.input_layernorm.weight": norm(), "midlayer.hidden_norm.weight": norm(),
          "midlayer.post_attention_layernorm.weight": norm(),
-         "midlayer.self_attn.q_proj.weight": w(heads * D, 2 * H), "midlayer.self_attn.k_proj.weight": w(kv_heads * D, 2 * H),
-         "midlayer.self_attn.v_proj.weight": w(kv_heads * D, 2 * H), "midlayer.self_attn.o_proj.weight": w(H, heads * D),
+         "midlayer.self_attn.q_proj.weight": w(heads * D, 2 * H),
+         "midlayer.self_attn.k_proj.weight": w(kv_heads * D, 2 * H),
+         "midlayer.self_attn.v_proj.weight": w(kv_heads * D, 2 * H),
+         "midlayer.self_attn.o_proj.weight": w(H, heads * D),
          "midlayer.mlp.gate_proj.weight": w(inter, H), "midlayer.mlp.up_proj.weight": w(inter, H),
          "midlayer.mlp.down_proj.weight": w(H, inter)}
     ids = torch.tensor(draft_ids)

@@ -345,10 +345,10 @@ PACKED_MAX_ROWS = {"q8": 8, "q16": 4}
 
 
 def pack_q8_0(w: QuantWeight, act_quant: str) -> torch.Tensor | None:
-    """The packed copy of a Q8_0 weight for quant_linear under `act_quant` (QuantWeight.pack keeps it) ("q8": 8 rows' block b as one
-    record, quant_q8_zmm.h's kOctRecord; "q16": 4 rows', quant_q16_zmm.h's kQuadRecord: the same bytes reordered), or
-    None where it would not run: another qtype or mode, fewer rows than a group, no extension or no AVX-512 VNNI
-    tiles. Rows past the last whole group are read from w itself."""
+    """The packed copy of a Q8_0 weight for quant_linear under `act_quant` (QuantWeight.pack keeps it): "q8": 8 rows'
+    block b as one record, quant_q8_zmm.h's kOctRecord; "q16": 4 rows', quant_q16_zmm.h's kQuadRecord; the same bytes
+    reordered. None where it would not run: another qtype or mode, fewer rows than a group, no extension or no AVX-512
+    VNNI tiles. Rows past the last whole group are read from w itself."""
     ext = _ext.load()
     n, k = w.shape
     if (w.qtype != "q8_0" or act_quant not in ("q8", "q16") or ext is None or not hasattr(ext, "packed_ok")

@@ -463,7 +463,8 @@ int64_t packed_group(int64_t act) {
 
 void pack_q8_0(Addr w_addr, int64_t N, int64_t K, Addr out_addr, int64_t act) {
   const int64_t group = packed_group(act);
-  if (N <= 0 || N % group || K <= 0 || K % kBlock) throw std::invalid_argument("pack_q8_0: need N % group == 0, K % 32 == 0");
+  if (N <= 0 || N % group || K <= 0 || K % kBlock)
+    throw std::invalid_argument("pack_q8_0: need N % group == 0, K % 32 == 0");
 #ifdef SGL_Q16_ZMM
   const uint8_t* W = reinterpret_cast<const uint8_t*>(w_addr);
   uint8_t* P = reinterpret_cast<uint8_t*>(out_addr);

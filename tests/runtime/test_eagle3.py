@@ -202,7 +202,8 @@ def test_bad_eagle3_heads_and_flags_are_refused(tmp_path: Path, hf_and_ours) -> 
         ServerArgs(speculative_algorithm="EAGLE3")
     with pytest.raises(ValueError, match="tp_size"):
         ServerArgs(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(tmp_path), tp_size=2)
-    assert ServerArgs(speculative_algorithm="STANDALONE", speculative_draft_model_path="x").speculative_algorithm == "DRAFT"
+    standalone = ServerArgs(speculative_algorithm="STANDALONE", speculative_draft_model_path="x")
+    assert standalone.speculative_algorithm == "DRAFT"  # SGLang's name
     # an EAGLE-1 head under --speculative-algorithm EAGLE3
     from sgl.runtime.speculative.eagle_io import save_head
 
