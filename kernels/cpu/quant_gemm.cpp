@@ -391,10 +391,8 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
   // more rows (prefill) run fp32, where a decoded weight block serves many rows at fewer instructions per row.
   const bool use_q8 = act_mode == 1 && t != QT::F16;
   if (act_mode == 2 && t != QT::F16 && M <= kQ16MaxRows) {
-    std::vector<int16_t> q16v;
-    std::vector<float> d16, s16;
-    quantize_act16(xp, M, K, q16v, d16, s16);
-    const Q16Act a16{q16v.data(), d16.data(), s16.data(), K, K / kBlock};
+    const Q16Blocks xb(xp, M, K);
+    const Q16Act& a16 = xb.act;
     Q16Tiled tiled;
     const Q16Tiled* pp = nullptr;
 #ifdef SGL_AVX512_TILE
@@ -499,10 +497,8 @@ void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, Addr w_addr, int64_t N, in
       gemm_q8_packed_cols(P, W, rb, M, N, a8, tiled, op, group * g0, std::min(N, group * g1));
     });
   } else {
-    std::vector<int16_t> q16v;
-    std::vector<float> d16, s16;
-    quantize_act16(xp, M, K, q16v, d16, s16);
-    const Q16Act a16{q16v.data(), d16.data(), s16.data(), K, K / kBlock};
+    const Q16Blocks xb(xp, M, K);
+    const Q16Act& a16 = xb.act;
     Q16Tiled tiled;
     pack_tiled(a16, M, tiled);
     sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {

@@ -67,6 +67,18 @@ inline void quantize_act16(const float* x, int64_t M, int64_t K, std::vector<int
   quantize_blocks16(x, M * nb, q.data(), d.data(), s.data());
 }
 
+// x fp32 [M, K] as q16 blocks (quantize_act16), owned, with the Q16Act that reads them (as Q8Blocks).
+struct Q16Blocks {
+  std::vector<int16_t> q;
+  std::vector<float> d, s;
+  Q16Act act;
+  Q16Blocks(const float* x, int64_t M, int64_t K) {
+    quantize_act16(x, M, K, q, d, s);
+    act = Q16Act{q.data(), d.data(), s.data(), K, K / kBlock};
+  }
+  Q16Blocks(const Q16Blocks&) = delete;  // act points into the vectors
+};
+
 // Sizes p for M rows of nb blocks; pack_row then fills row r (rows write disjoint parts of p).
 inline void size_tiled(int64_t M, int64_t nb, Q16Tiled& p) {
   const int64_t tiles = (M + kQ16TileRows - 1) / kQ16TileRows;

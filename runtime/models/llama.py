@@ -287,12 +287,9 @@ class LlamaForCausalLM(nn.Module):
         h = embedding_rows(fb.input_ids, self.embed)  # [T, hidden]
         fused = fused_step(self, h, fb, kv)  # native decode: the layers in C++ (fused_decode.py)
         rope_tables = self.rope.lookup(fb.positions, matrices=fused is None)  # shared by all layers
-        n = len(self.layers)
-        if fused is not None and not self.capture_layers:
-            return fused(h, rope_tables, 0, n), None
         kept: dict[int, torch.Tensor] = {}
         lo = 0
-        for hi in sorted({i + 1 for i in self.capture_layers} | {n}):
+        for hi in sorted({i + 1 for i in self.capture_layers} | {len(self.layers)}):  # one segment when none is kept
             if fused is not None:
                 h = fused(h, rope_tables, lo, hi)
             else:
