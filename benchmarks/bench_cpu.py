@@ -1,7 +1,8 @@
 """CPU speed on the default model's GGUF (SmolLM2-135M Q4_1), ours vs llama.cpp and HF transformers, one run.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_cpu.py [--threads 1 2] [--weight-formats fp32 native]
-        [--quick] [--llama-cpp-dir DIR] [--skip-hf] [--rows 1 2 3 4 5]
+        [--quick] [--llama-cpp-dir DIR] [--skip-hf] [--rows 1 2 3 4 5] [--cpu-act-quant q16|q8]
+        [--disable-cpu-weight-packing]
 
 Rows (each at every thread count, every peer on the same file):
 1. batch-1 decode tok/s, 128 new tokens after a 64-token prompt, vs llama-bench tg128 and HF generate;
@@ -116,14 +117,17 @@ def llama_bench_cpu_ms(d: Path, gguf: str, threads: int, reps: int) -> float:
 
 
 # ---- ours (one subprocess per weight format x threads) ------------------------------------------
-def worker_ours(fmt: str, threads: int, rows: list[int], quick: bool) -> dict[str, Any]:
+def worker_ours(fmt: str, threads: int, rows: list[int], quick: bool, act: str = "q16",
+                no_packing: bool = False) -> dict[str, Any]:
     import torch
     torch.set_num_threads(threads)
     from sgl.runtime.engine import Engine
 
     s = sizes(quick)
-    eng = Engine(num_threads=threads, max_total_tokens=65536, show_progress=False, weight_format=fmt)
-    res: dict[str, Any] = {"weight_format": eng.weight_format, "threads": threads}
+    eng = Engine(num_threads=threads, max_total_tokens=65536, show_progress=False, weight_format=fmt,
+                 cpu_act_quant=act, disable_cpu_weight_packing=no_packing)
+    res: dict[str, Any] = {"weight_format": eng.weight_format, "threads": threads, "cpu_act_quant": act,
+                           "weight_packing": not no_packing}
     if eng.weight_format != fmt:
         eng.shutdown()
         return {"skipped": f"weight format {fmt} unavailable (auto resolved to {eng.weight_format})"}
@@ -346,24 +350,29 @@ def main() -> None:
     ap.add_argument("--llama-cpp-dir", default=None, help="folder with bin/llama-bench and bin/llama-server")
     ap.add_argument("--out", default=None, help="JSON path; a bare file name goes to benchmarks/results/ "
                     "(default bench_cpu[_quick].json)")
+    ap.add_argument("--cpu-act-quant", default="q16", choices=["q16", "q8"], help="ours: the engine's activation mode")
+    ap.add_argument("--disable-cpu-weight-packing", action="store_true", help="ours: no packed weight copies")
     ap.add_argument("--worker", nargs=2, metavar=("WHAT", "THREADS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         what, threads = a.worker[0], int(a.worker[1])
-        out = worker_hf(threads, a.rows, a.quick) if what == "hf" else worker_ours(what, threads, a.rows, a.quick)
+        out = worker_hf(threads, a.rows, a.quick) if what == "hf" else worker_ours(
+            what, threads, a.rows, a.quick, a.cpu_act_quant, a.disable_cpu_weight_packing)
         print(json.dumps(out))
         return
 
     gguf = gguf_path()
     q41_bytes = Path(gguf).stat().st_size  # every tensor is read once per token (tied embedding = lm_head)
     results: dict[str, Any] = {"gguf": gguf, "gguf_bytes": q41_bytes, "quick": a.quick, "rows": a.rows,
+                               "cpu_act_quant": a.cpu_act_quant, "weight_packing": not a.disable_cpu_weight_packing,
                                "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
                                "ours": {}, "hf": {}, "llama_bench": {}, "llama_server": {}, "skipped": []}
     d, why = (None, "--skip-llama-cpp") if a.skip_llama_cpp else llama_cpp_dir(a.llama_cpp_dir)
     if d is None:
         results["skipped"].append(why)
         print(f"skipping llama.cpp: {why}", file=sys.stderr)
-    common = ["--rows", *map(str, a.rows)] + (["--quick"] if a.quick else [])
+    common = (["--rows", *map(str, a.rows), "--cpu-act-quant", a.cpu_act_quant] + (["--quick"] if a.quick else [])
+              + (["--disable-cpu-weight-packing"] if a.disable_cpu_weight_packing else []))
     t_start = time.perf_counter()
     for t in a.threads:
         for wf in a.weight_formats:
@@ -391,7 +400,8 @@ def main() -> None:
 
     table = build_table(results, a.threads, a.weight_formats, q41_bytes)
     results["table"] = table
-    print(f"\nbench_cpu ({'quick, ' if a.quick else ''}threads {a.threads}, OMP_WAIT_POLICY=PASSIVE; "
+    print(f"\nbench_cpu ({'quick, ' if a.quick else ''}threads {a.threads}, OMP_WAIT_POLICY=PASSIVE, ours "
+          f"{a.cpu_act_quant}{'' if not a.disable_cpu_weight_packing else ', no packing'}; "
           f"load avg {results['machine']['load_avg_start'][0]:.1f} -> {results['machine']['load_avg_end'][0]:.1f})")
     for line in table:
         print(line)

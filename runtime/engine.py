@@ -84,6 +84,7 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
             from sgl.kernels import cpu as cpu_kernels
 
             cpu_kernels.set_act_quant(args.cpu_act_quant)  # process-wide, as torch's thread count
+            loaded.model.pack_weights = not args.disable_cpu_weight_packing  # read by runtime/models/fused_decode.py
         self.load_time = time.monotonic() - t0
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

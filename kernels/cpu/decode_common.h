@@ -52,7 +52,9 @@ struct ActRow {
     if (mode == Act::Q8) quantize_act8(x, 1, k, a8.q, a8.d, a8.s, a8.c);
     else quantize_act16(x, 1, k, a16.q, a16.d, a16.s);
   }
-  void gemv(QT t, const uint8_t* W, int64_t rb, int64_t count, float* out, const float* bias, const float* resid) const;
+  // packed: W is an oct-packed copy (quant_q8_zmm.h's pack_oct; q8 only) from a group's first row
+  void gemv(QT t, const uint8_t* W, int64_t rb, int64_t count, float* out, const float* bias, const float* resid,
+            bool packed = false) const;
 };
 
 // rms_norm.cpp's arithmetic (double sum of squares, (x * r) * w in float), one row.
@@ -89,10 +91,11 @@ inline void rms_norm_rows(const float* x, int64_t ld, const float* w, int64_t M,
 // gemv_rows (quant_q16.h) / gemv_rows8 (quant_q8_tile.h) for the row's mode and a run-time block type (F16 is
 // rejected before the parallel region).
 inline void ActRow::gemv(QT t, const uint8_t* W, int64_t rb, int64_t count, float* out, const float* bias,
-                          const float* resid) const {
+                          const float* resid, bool packed) const {
   with_block_qtype(t, [&](auto tc) {
     constexpr QT T = decltype(tc)::value;
-    if (mode == Act::Q8) gemv_rows8<T>(W, rb, count, a8.view(k), out, bias, resid);
+    if (mode == Act::Q8 && packed) gemv_rows8<T, true>(W, rb, count, a8.view(k), out, bias, resid);
+    else if (mode == Act::Q8) gemv_rows8<T>(W, rb, count, a8.view(k), out, bias, resid);
     else gemv_rows<T>(W, rb, count, a16.view(k), out, bias, resid);
   });
 }
@@ -108,24 +111,35 @@ inline QT block_qtype(int64_t code) {
 
 // One decoder layer's weights and KV pool. A decoder stack passes them as the rows of decode_layer.py's
 // DecodeStack table, int64 [n, kStackColumns] (built once per model): ln1, ln2, wqkv, tqkv, qkv_bias, wo, to,
-// o_bias, wgu, tgu, wd, td, kbuf, vbuf (addresses, and block types as quant.py numbers them).
+// o_bias, wgu, tgu, wd, td, kbuf, vbuf (addresses, and block types as quant.py numbers them), then the addresses of
+// wqkv, wo, wgu, wd's oct-packed copies (quant.py's QuantWeight.pack("q8"); 0: none).
 struct LayerW {
   const float *ln1, *ln2, *qkv_bias, *o_bias;
   const uint8_t *wqkv, *wo, *wgu, *wd;
   QT tqkv, to, tgu, td;
   KVPool kv;  // fp32 or fp16 entries
+  // whether wqkv, wo, wgu, wd point at oct-packed copies (stack_layer with packed: q8 activations read them)
+  bool pqkv = false, po = false, pgu = false, pd = false;
 };
 
-constexpr int64_t kStackColumns = 14;
+constexpr int64_t kStackColumns = 18;
 
-// Row `t` of the DecodeStack table (block_qtype rejects an unknown type before any layer runs).
-inline LayerW stack_layer(const int64_t* t, bool kv_half) {
-  return LayerW{reinterpret_cast<const float*>(t[0]), reinterpret_cast<const float*>(t[1]),
-                reinterpret_cast<const float*>(t[4]), reinterpret_cast<const float*>(t[7]),
-                reinterpret_cast<const uint8_t*>(t[2]), reinterpret_cast<const uint8_t*>(t[5]),
-                reinterpret_cast<const uint8_t*>(t[8]), reinterpret_cast<const uint8_t*>(t[10]), block_qtype(t[3]),
-                block_qtype(t[6]), block_qtype(t[9]), block_qtype(t[11]),
-                KVPool{reinterpret_cast<void*>(t[12]), reinterpret_cast<void*>(t[13]), kv_half}};
+// Row `t` of the DecodeStack table (block_qtype rejects an unknown type before any layer runs); packed: a weight with
+// an oct-packed copy is read from it (the same bits: for q8 activations only).
+inline LayerW stack_layer(const int64_t* t, bool kv_half, bool packed) {
+  LayerW w{reinterpret_cast<const float*>(t[0]), reinterpret_cast<const float*>(t[1]),
+           reinterpret_cast<const float*>(t[4]), reinterpret_cast<const float*>(t[7]),
+           reinterpret_cast<const uint8_t*>(t[2]), reinterpret_cast<const uint8_t*>(t[5]),
+           reinterpret_cast<const uint8_t*>(t[8]), reinterpret_cast<const uint8_t*>(t[10]), block_qtype(t[3]),
+           block_qtype(t[6]), block_qtype(t[9]), block_qtype(t[11]),
+           KVPool{reinterpret_cast<void*>(t[12]), reinterpret_cast<void*>(t[13]), kv_half}};
+  if (packed && have_q16_tile()) {
+    const uint8_t** ws[4] = {&w.wqkv, &w.wo, &w.wgu, &w.wd};
+    bool* flags[4] = {&w.pqkv, &w.po, &w.pgu, &w.pd};
+    for (int i = 0; i < 4; i++)
+      if (t[14 + i] != 0) *ws[i] = reinterpret_cast<const uint8_t*>(t[14 + i]), *flags[i] = true;
+  }
+  return w;
 }
 
 // Chunk size of a phase of n output columns: about 4 chunks per thread (a late or slow thread's share is

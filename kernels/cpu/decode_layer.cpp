@@ -96,7 +96,7 @@ void run_layer(const Layer& p, int threads) {
       a.set(p.act, x.data(), p.hidden);
       ph_qkv.work([&](int64_t n0, int64_t n1) {
         a.gemv(p.w.tqkv, p.w.wqkv + n0 * rb_qkv, rb_qkv, n1 - n0, qkv + n0,
-                      p.w.qkv_bias != nullptr ? p.w.qkv_bias + n0 : nullptr, nullptr);
+               p.w.qkv_bias != nullptr ? p.w.qkv_bias + n0 : nullptr, nullptr, p.w.pqkv);
       });
     }
     ph_qkv.wait_done();
@@ -110,7 +110,7 @@ void run_layer(const Layer& p, int threads) {
       a.set(p.act, attn, qd);
       ph_o.work([&](int64_t n0, int64_t n1) {
         a.gemv(p.w.to, p.w.wo + n0 * rb_o, rb_o, n1 - n0, p.h + n0,
-                      p.w.o_bias != nullptr ? p.w.o_bias + n0 : nullptr, p.h + n0);
+               p.w.o_bias != nullptr ? p.w.o_bias + n0 : nullptr, p.h + n0, p.w.po);
       });
     }
     ph_o.wait_done();
@@ -121,8 +121,8 @@ void run_layer(const Layer& p, int threads) {
       ph_gu.work([&](int64_t j0, int64_t j1) {
         gate.resize(j1 - j0);
         up.resize(j1 - j0);
-        a.gemv(p.w.tgu, p.w.wgu + j0 * rb_gu, rb_gu, j1 - j0, gate.data(), nullptr, nullptr);
-        a.gemv(p.w.tgu, p.w.wgu + (p.I + j0) * rb_gu, rb_gu, j1 - j0, up.data(), nullptr, nullptr);
+        a.gemv(p.w.tgu, p.w.wgu + j0 * rb_gu, rb_gu, j1 - j0, gate.data(), nullptr, nullptr, p.w.pgu);
+        a.gemv(p.w.tgu, p.w.wgu + (p.I + j0) * rb_gu, rb_gu, j1 - j0, up.data(), nullptr, nullptr, p.w.pgu);
         for (int64_t j = j0; j < j1; j++) {
           const float gv = gate[j - j0];
           act[j] = gv / (1.f + std::exp(-gv)) * up[j - j0];
@@ -134,7 +134,7 @@ void run_layer(const Layer& p, int threads) {
     if (ph_down.has_work()) {
       a.set(p.act, act, p.I);
       ph_down.work([&](int64_t n0, int64_t n1) {
-        a.gemv(p.w.td, p.w.wd + n0 * rb_d, rb_d, n1 - n0, p.h + n0, nullptr, p.h + n0);
+        a.gemv(p.w.td, p.w.wd + n0 * rb_d, rb_d, n1 - n0, p.h + n0, nullptr, p.h + n0, p.w.pd);
       });
     }
     ph_down.wait_done();
@@ -192,7 +192,8 @@ void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, in
   std::vector<Layer> layers;
   layers.reserve(n);
   for (int64_t i = 0; i < n; i++)  // every row parsed (its qtypes checked) before the first layer runs
-    layers.push_back(Layer{reinterpret_cast<float*>(h), stack_layer(t + i * kStackColumns, kv_half != 0), float(eps),
+    layers.push_back(Layer{reinterpret_cast<float*>(h),
+                           stack_layer(t + i * kStackColumns, kv_half != 0, mode == Act::Q8), float(eps),
                            hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
                            reinterpret_cast<const float*>(sin), sl, L, sl[L - 1], float(scale), mode});
   for (const Layer& p : layers) run_layer(p, int(std::max<int64_t>(1, threads)));

@@ -85,6 +85,12 @@ class DecodeLayerWeights:
             self.o.data.data_ptr(), QTYPE_CODE[self.o.qtype], 0 if self.o_bias is None else self.o_bias.data_ptr(),
             self.gate_up.data.data_ptr(), QTYPE_CODE[self.gate_up.qtype], self.down.data.data_ptr(),
             QTYPE_CODE[self.down.qtype], hidden, h, hk, d, inter))
+        # the q8 kernels' oct-packed copies (QuantWeight.pack("q8")), 0: none; the gate/up halves are read from row I,
+        # which must start a packed group
+        copies = [w.packed.get("q8") for w in (self.qkv, self.o, self.gate_up, self.down)]
+        if inter % 8:
+            copies[2] = None
+        object.__setattr__(self, "packed_args", tuple(0 if c is None else c.data_ptr() for c in copies))
 
     @property
     def hidden_size(self) -> int:
@@ -170,8 +176,9 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin:
 @dataclass(frozen=True)
 class DecodeStack:
     """Several layers' DecodeLayerWeights with their KV pools, for `decode_stack`: a batch-1 decode step's whole
-    decoder in one call. Built (and validated) once; `table` is the kernel's int64 [n, 14] argument rows
-    (decode_common.h's stack_layer reads them)."""
+    decoder in one call. Built (and validated) once; `table` is the kernel's int64 [n, 18] argument rows
+    (decode_common.h's stack_layer reads them; the last 4 columns: the weights' q8 packed copies, read by the q8
+    kernels for up to 8 rows)."""
     layers: tuple[DecodeLayerWeights, ...]
     k_bufs: tuple[torch.Tensor, ...]  # per layer [slots, Hkv, D]
     v_bufs: tuple[torch.Tensor, ...]
@@ -188,9 +195,10 @@ class DecodeStack:
             if k.shape[0] != self.k_bufs[0].shape[0] or k.dtype != self.k_bufs[0].dtype:
                 raise ValueError(f"layer {i}'s KV pool ({k.shape[0]} slots of {k.dtype}) differs from layer 0's "
                                  f"({self.k_bufs[0].shape[0]} of {self.k_bufs[0].dtype})")
-        rows = [[a[0], a[1], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], k.data_ptr(), v.data_ptr()]
-                for a, k, v in ((w.ext_args, k, v) for w, k, v in zip(self.layers, self.k_bufs, self.v_bufs))]
-        object.__setattr__(self, "table", torch.tensor(rows, dtype=torch.int64))  # [n, 14]
+        rows = [[a[0], a[1], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], k.data_ptr(), v.data_ptr(),
+                 *w.packed_args] for w, a, k, v in ((w, w.ext_args, k, v)
+                                                    for w, k, v in zip(self.layers, self.k_bufs, self.v_bufs))]
+        object.__setattr__(self, "table", torch.tensor(rows, dtype=torch.int64))  # [n, 18]
         object.__setattr__(self, "_parts", {})
 
     def part(self, lo: int, hi: int) -> "DecodeStack":

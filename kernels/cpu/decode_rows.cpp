@@ -46,6 +46,8 @@
 
 namespace {
 
+constexpr int64_t kPackedMaxRows = 8;
+
 // The activations of M rows in the call's mode (q16 | q8): row-major blocks (as quantize_act16 / quantize_act8
 // lay them) and, where the tile runs, the tile's layout (quant_q16_tile.h / quant_q8_tile.h). Sized once per
 // call; rows fill their own parts.
@@ -91,14 +93,16 @@ struct RowsAct {
   }
 };
 
-// out[r, n] (row stride ldo) = x_r . W row n (+ bias[n]) (+ resid[r, n]) for n in [n0, n1), every row r.
-void gemm_rows(QT t, const uint8_t* W, int64_t K, const RowsAct& a, float* out, int64_t ldo, const float* bias,
-               const float* resid, int64_t n0, int64_t n1) {
+// out[r, n] (row stride ldo) = x_r . W row n (+ bias[n]) (+ resid[r, n]) for n in [n0, n1), every row r. packed: W is
+// an oct-packed copy (q8 only; n0 a multiple of 8).
+void gemm_rows(QT t, const uint8_t* W, bool packed, int64_t K, const RowsAct& a, float* out, int64_t ldo,
+               const float* bias, const float* resid, int64_t n0, int64_t n1) {
   if (a.mode == Act::Q8) {
     const Q8BAct av{a.q8.data(), a.d.data(), a.s.data(), a.c8.data(), K, a.nb};
     const Q8Tiled* pp = a.tile ? &a.tiled8 : nullptr;
     with_block_qtype(t, [&](auto tc) {
-      gemm_q8_cols<decltype(tc)::value>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1);
+      if (packed) gemm_q8_cols<decltype(tc)::value, true>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1);
+      else gemm_q8_cols<decltype(tc)::value>(W, a.M, ldo, K, av, pp, out, bias, resid, n0, n1);
     });
     return;
   }
@@ -226,7 +230,7 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
     for (int64_t t = 0; t < M; t++) own.h.set_row(t, own.x.data() + t * ld);
     PROF_MARK(slot, kQkv, 0);
     ph[kQkv].p.work([&](int64_t n0, int64_t n1) {
-      gemm_rows(w.tqkv, w.wqkv, s.hidden, own.h, qkv, nqkv, w.qkv_bias, nullptr, n0, n1);
+      gemm_rows(w.tqkv, w.wqkv, w.pqkv, s.hidden, own.h, qkv, nqkv, w.qkv_bias, nullptr, n0, n1);
       for (int64_t c = std::max(n0, qd); c < n1; c += s.D) store_head(r, s, w.kv, qkv, c);
     });
     PROF_MARK(slot, kQkv, 1);
@@ -243,7 +247,7 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
     for (int64_t t = 0; t < M; t++) own.attn.set_row(t, attn + t * qd);
     PROF_MARK(slot, kO, 0);
     ph[kO].p.work([&](int64_t n0, int64_t n1) {  // in place on h: an entry reads only itself
-      gemm_rows(w.to, w.wo, qd, own.attn, r.h, s.hidden, w.o_bias, r.h, n0, n1);
+      gemm_rows(w.to, w.wo, w.po, qd, own.attn, r.h, s.hidden, w.o_bias, r.h, n0, n1);
     });
     PROF_MARK(slot, kO, 1);
   }
@@ -258,8 +262,8 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
       const int64_t n = j1 - j0;
       gate.resize(M * n);
       up.resize(M * n);
-      gemm_rows(w.tgu, w.wgu + j0 * rb_gu, s.hidden, own.h, gate.data(), n, nullptr, nullptr, 0, n);
-      gemm_rows(w.tgu, w.wgu + (s.I + j0) * rb_gu, s.hidden, own.h, up.data(), n, nullptr, nullptr, 0, n);
+      gemm_rows(w.tgu, w.wgu + j0 * rb_gu, w.pgu, s.hidden, own.h, gate.data(), n, nullptr, nullptr, 0, n);
+      gemm_rows(w.tgu, w.wgu + (s.I + j0) * rb_gu, w.pgu, s.hidden, own.h, up.data(), n, nullptr, nullptr, 0, n);
       for (int64_t t = 0; t < M; t++) {
         float* a = gate.data() + t * n;  // act in place of gate
         for (int64_t j = 0; j < n; j++) a[j] = a[j] / (1.f + std::exp(-a[j])) * up[t * n + j];
@@ -271,7 +275,7 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
   ph[kGateUp].p.wait_done();
   PROF_MARK(slot, kGateUp, 2);
   ph[kDown].p.work([&](int64_t n0, int64_t n1) {
-    gemm_rows(w.td, w.wd, s.I, sc.a_act, r.h, s.hidden, nullptr, r.h, n0, n1);
+    gemm_rows(w.td, w.wd, w.pd, s.I, sc.a_act, r.h, s.hidden, nullptr, r.h, n0, n1);
   });
   PROF_MARK(slot, kDown, 1);
   ph[kDown].p.wait_done();
@@ -301,7 +305,10 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
   const int64_t* tb = reinterpret_cast<const int64_t*>(table);
   std::vector<LayerW> layers;
   layers.reserve(n);
-  for (int64_t i = 0; i < n; i++) layers.push_back(stack_layer(tb + i * kStackColumns, kv_half != 0));
+  // the layers' packed copies up to kPackedMaxRows rows (beyond, the dot products bound the tile and the GGUF rows are
+  // as fast: quant.py's PACKED_MAX_ROWS); the same bits either way
+  const bool packed = mode == Act::Q8 && M <= kPackedMaxRows;
+  for (int64_t i = 0; i < n; i++) layers.push_back(stack_layer(tb + i * kStackColumns, kv_half != 0, packed));
   const Shape s{hidden, H, Hkv, D, I, float(eps)};
   const int nt = int(std::max<int64_t>(1, threads));
   AttnPlan plan;

@@ -67,7 +67,8 @@ class QuantWeight:
     qtype: str
     shape: tuple[int, int]
     data: torch.Tensor  # uint8 [N, row_bytes(qtype, K)], contiguous
-    # act mode -> the packed copy `pack` made (Q8_0 only): quant_linear reads it instead of `data`, the same bits
+    # act mode -> the packed copy `pack` made: quant_linear and the fused decode kernels read it instead of `data`, the
+    # same bits
     packed: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -127,12 +128,13 @@ class QuantWeight:
         return self.data.numel()
 
     def pack(self, act_quant: str) -> bool:
-        """Keep a packed copy for `act_quant` ("q8" or "q16"; `pack_q8_0`), which quant_linear then reads for up to
-        PACKED_MAX_ROWS rows of that mode: the same bits, ~2x faster where loads bound the kernel (a batch-1 lm_head,
-        a draft head's small weights). Costs the weight's bytes once more; whether a copy exists (False where it
-        cannot run: another qtype or mode, no AVX-512 VNNI tiles)."""
+        """Keep a packed copy for `act_quant` (`pack_weight`: "q8" any block type, "q16" Q8_0), which quant_linear and
+        the fused decode kernels then read for up to PACKED_MAX_ROWS rows of that mode: the same bits, ~1.6-2x faster
+        where loads bound the kernel (a batch-1 step's matmuls, short verify rows, a draft head's small weights).
+        Costs the weight's bytes once more; whether a copy exists (False where it cannot run: another qtype or mode,
+        no AVX-512 VNNI tiles)."""
         if act_quant not in self.packed:
-            copy = pack_q8_0(self, act_quant)
+            copy = pack_weight(self, act_quant)
             if copy is None:
                 return False
             self.packed[act_quant] = copy
@@ -278,7 +280,7 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
             _check(x, w, bias, residual, out)
         packed = w.packed.get(act_quant) if w.packed else None
         if packed is not None and m <= PACKED_MAX_ROWS[act_quant] and bias is None and residual is None:
-            ext.gemm_packed(x.data_ptr(), m, packed.data_ptr(), w.data.data_ptr(), n, w.shape[1], out.data_ptr(),
+            ext.gemm_packed(x.data_ptr(), m, packed.data_ptr(), w.qtype, n, w.shape[1], out.data_ptr(),
                             _ACT_MODE[act_quant], _threads or torch.get_num_threads())
             return out
         if m == 1 and act_quant in _GEMV_ACT and w.qtype in _GEMV_QTYPE and _has_gemv(ext):
@@ -344,25 +346,22 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
 PACKED_MAX_ROWS = {"q8": 8, "q16": 4}
 
 
-def pack_q8_0(w: QuantWeight, act_quant: str) -> torch.Tensor | None:
-    """The packed copy of a Q8_0 weight for quant_linear under `act_quant` (QuantWeight.pack keeps it): "q8": 8 rows'
-    block b as one record, quant_q8_zmm.h's kOctRecord; "q16": 4 rows', quant_q16_zmm.h's kQuadRecord; the same bytes
-    reordered. None where it would not run: another qtype or mode, fewer rows than a group, no extension or no AVX-512
-    VNNI tiles. Rows past the last whole group are read from w itself."""
+def pack_weight(w: QuantWeight, act_quant: str) -> torch.Tensor | None:
+    """The packed copy of a block weight for quant_linear under `act_quant` (QuantWeight.pack keeps it), the same bytes
+    reordered and as many: "q8": 8 rows' block b as one record (quant_q8_zmm.h's pack_oct; q4_0, q4_1, q8_0); "q16": 4
+    rows' (quant_q16_zmm.h's kQuadRecord; q8_0). Rows past the last whole group stay GGUF rows. None where it would
+    not run: another qtype or mode, fewer rows than a group, no extension or no AVX-512 VNNI tiles."""
     ext = _ext.load()
     n, k = w.shape
-    if (w.qtype != "q8_0" or act_quant not in ("q8", "q16") or ext is None or not hasattr(ext, "packed_ok")
-            or not ext.packed_ok()):
+    if (w.qtype not in PACKED_QTYPES.get(act_quant, ()) or ext is None or not hasattr(ext, "pack_weight")
+            or not ext.packed_ok() or n < ext.packed_group(_ACT_MODE[act_quant])):
         return None
-    group = ext.packed_group(_ACT_MODE[act_quant])
-    if n < group:
-        return None
-    full = n // group * group
-    packed = torch.empty(full, row_bytes("q8_0", k), dtype=torch.uint8)
-    ext.pack_q8_0(w.data.data_ptr(), full, k, packed.data_ptr(), _ACT_MODE[act_quant])
+    packed = torch.empty_like(w.data)
+    ext.pack_weight(w.data.data_ptr(), w.qtype, n, k, packed.data_ptr(), _ACT_MODE[act_quant])
     return packed
 
 
+PACKED_QTYPES = {"q8": ("q4_0", "q4_1", "q8_0"), "q16": ("q8_0",)}  # the block types pack_weight packs per mode
 _GEMV_QTYPE = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # decode_layer.cpp's qtype codes
 _GEMV_ACT = ("q16", "q8")  # the act modes of the fused kernels (decode_common.h's act_mode)
 

@@ -450,63 +450,77 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
   });
 }
 
-// The lm_head's packed Q8_0 copy, per activation mode (act 1 = q8: oct-packed, quant_q8_zmm.h's kOctRecord, 8 rows
-// per group; act 2 = q16: quad-packed, quant_q16_zmm.h's kQuadRecord, 4 rows), where the AVX-512 VNNI tiles run.
+// Packed copies of block weights (quant.py's QuantWeight.pack), per activation mode: act 1 = q8, any block type
+// oct-packed (quant_q8_zmm.h's pack_oct, 8 rows per group); act 2 = q16, Q8_0 only, quad-packed (quant_q16_zmm.h's
+// kQuadRecord, 4 rows). A copy has the weight's size: whole groups packed, the last rows as they are. They run where
+// the AVX-512 VNNI tiles do.
 bool packed_ok() { return have_q16_tile(); }
 
 int64_t packed_group(int64_t act) {
-  if (act != 1 && act != 2) throw std::invalid_argument("packed Q8_0: act must be 1 (q8) or 2 (q16)");
+  if (act != 1 && act != 2) throw std::invalid_argument("packed weights: act must be 1 (q8) or 2 (q16)");
   return act == 1 ? 8 : 4;
 }
 
-void pack_q8_0(Addr w_addr, int64_t N, int64_t K, Addr out_addr, int64_t act) {
-  const int64_t group = packed_group(act);
-  if (N <= 0 || N % group || K <= 0 || K % kBlock)
-    throw std::invalid_argument("pack_q8_0: need N % group == 0, K % 32 == 0");
+static QT packed_qtype(const std::string& qtype, int64_t act) {
+  const QT t = parse_qtype(qtype);
+  packed_group(act);
+  if (t == QT::F16 || (act == 2 && t != QT::Q8_0))
+    throw std::invalid_argument("packed weights: q8 takes q4_0, q4_1 and q8_0 blocks, q16 takes q8_0");
+  return t;
+}
+
+void pack_weight(Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr, int64_t act) {
+  const QT t = packed_qtype(qtype, act);
+  if (N <= 0 || K <= 0 || K % kBlock) throw std::invalid_argument("pack_weight: need N > 0, K % 32 == 0");
 #ifdef SGL_Q16_ZMM
   const uint8_t* W = reinterpret_cast<const uint8_t*>(w_addr);
   uint8_t* P = reinterpret_cast<uint8_t*>(out_addr);
-  if (act == 1) pack_q8_0_oct(W, N, row_bytes(QT::Q8_0, K), P);
-  else pack_q8_0_quad(W, N, row_bytes(QT::Q8_0, K), P);
+  if (act == 2) {
+    pack_q8_0_quad(W, N, row_bytes(QT::Q8_0, K), P);
+    return;
+  }
+  with_block_qtype(t, [&](auto tc) { pack_oct<decltype(tc)::value>(W, N, row_bytes(t, K), P); });
 #else
-  (void)w_addr, (void)out_addr;
-  throw std::runtime_error("pack_q8_0: built without the AVX-512 kernels");
+  (void)t, (void)w_addr, (void)out_addr;
+  throw std::runtime_error("pack_weight: built without the AVX-512 kernels");
 #endif
 }
 
-// y = x @ W^T for M <= kQ16MaxRows rows, Q8_0 weights read from their packed copy P of W's first rows (a multiple of
-// the group) for act's mode: gemm's path of that mode, the same bits per row (a verify row's logits are its decode
-// step's).
-void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, Addr w_addr, int64_t N, int64_t K, Addr out_addr, int64_t act,
-                 int64_t threads) {
+// y = x @ W^T for M <= kQ16MaxRows rows, the weights read from their packed copy P (pack_weight) for act's mode: gemm's
+// path of that mode, the same bits per row (a verify row's logits are its decode step's).
+void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr,
+                 int64_t act, int64_t threads) {
+  const QT t = packed_qtype(qtype, act);
   const int64_t group = packed_group(act);
   if (M <= 0 || M > kQ16MaxRows || N <= 0 || K <= 0 || K % kBlock) throw std::invalid_argument("bad gemm_packed shape");
   if (!have_q16_tile()) throw std::runtime_error("gemm_packed: needs the AVX-512 VNNI tiles (packed_ok)");
 #ifdef SGL_Q16_ZMM
   const float* xp = reinterpret_cast<const float*>(x_addr);
   const uint8_t* P = reinterpret_cast<const uint8_t*>(p_addr);
-  const uint8_t* W = reinterpret_cast<const uint8_t*>(w_addr);
   float* op = reinterpret_cast<float*>(out_addr);
-  const int64_t rb = row_bytes(QT::Q8_0, K);
   if (act == 1) {
     const Q8Blocks xb(xp, M, K);
     const Q8BAct& a8 = xb.act;
     Q8Tiled tiled;
     pack_tiled8(a8, M, tiled);  // M = 1: one tile of one row, x's own layout
-    sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {  // whole groups
-      gemm_q8_packed_cols(P, W, rb, M, N, a8, tiled, op, group * g0, std::min(N, group * g1));
+    with_block_qtype(t, [&](auto tc) {
+      sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {  // whole groups
+        gemm_q8_cols<decltype(tc)::value, true>(P, M, N, K, a8, &tiled, op, nullptr, nullptr, group * g0,
+                                                std::min(N, group * g1));
+      });
     });
   } else {
     const Q16Blocks xb(xp, M, K);
     const Q16Act& a16 = xb.act;
     Q16Tiled tiled;
     pack_tiled(a16, M, tiled);
+    const int64_t rb = row_bytes(QT::Q8_0, K);
     sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {
-      gemm_q16_packed_cols(P, W, rb, M, N, a16, tiled, op, group * g0, std::min(N, group * g1));
+      gemm_q16_packed_cols(P, P, rb, M, N, a16, tiled, op, group * g0, std::min(N, group * g1));
     });
   }
 #else
-  (void)x_addr, (void)p_addr, (void)w_addr, (void)out_addr, (void)threads;
+  (void)t, (void)x_addr, (void)p_addr, (void)out_addr, (void)threads;
 #endif
 }
 
@@ -546,10 +560,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "y = x @ W^T (+ bias) (+ residual) on GGUF blocks", py::call_guard<py::gil_scoped_release>());
   m.def("dequant", &dequant, "GGUF blocks -> fp32 rows", py::call_guard<py::gil_scoped_release>());
   m.def("packed_ok", &packed_ok, "whether gemm_packed runs here (the AVX-512 VNNI tiles)");
-  m.def("packed_group", &packed_group, "rows per group of the packed Q8_0 layout of an act mode (q8: 8, q16: 4)");
-  m.def("pack_q8_0", &pack_q8_0, "Q8_0 rows -> their packed copy for an act mode (N a multiple of its group)",
+  m.def("packed_group", &packed_group, "rows per group of the packed layout of an act mode (q8: 8, q16: 4)");
+  m.def("pack_weight", &pack_weight, "block rows -> their packed copy for an act mode (the same size)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("gemm_packed", &gemm_packed, "y = x @ W^T, q8 / q16 activations, Q8_0 weights from their packed copy",
+  m.def("gemm_packed", &gemm_packed, "y = x @ W^T, q8 / q16 activations, block weights from their packed copy",
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the instruction set compiled in");
   m.def("rms_norm", &rms_norm, "RMSNorm rows (fp32)", py::call_guard<py::gil_scoped_release>());

@@ -207,7 +207,7 @@ void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16
 #endif
 
 #ifdef SGL_Q16_ZMM
-// gemm_q16_tile for Q8_0 over P, the quad-packed copy of W's first N / 4 * 4 rows (pack_q8_0_quad), the rest of W by
+// gemm_q16_tile for Q8_0 over P, the quad-packed copy of W (pack_q8_0_quad: whole groups of 4 rows), the rest of W by
 // dot_q16_col: the same bits. n0 is a multiple of 4 (so is every 4-column step of tile_columns from it).
 inline void gemm_q16_packed_cols(const uint8_t* P, const uint8_t* W, int64_t rb, int64_t M, int64_t N,
                                  const Q16Act& a, const Q16Tiled& p, float* out, int64_t n0, int64_t n1) {

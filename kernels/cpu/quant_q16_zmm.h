@@ -126,9 +126,10 @@ SGL_TARGET_Q16 inline __m512 lane_sums4(__m512 v) {
 // a header gather. 4 rows take 4 * rb bytes as in GGUF, so group g starts at W + 4 g * rb in both.
 constexpr int64_t kQuadRecord = 8 + 2 * 64;
 
-// P = the packed copy of N (a multiple of 4) Q8_0 rows of rb bytes at W.
+// P = the packed copy of N Q8_0 rows of rb bytes at W: whole groups of 4 packed, the last N % 4 rows as they are.
 inline void pack_q8_0_quad(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P) {
-  const int64_t nb = rb / 34;
+  const int64_t nb = rb / 34, full = N / 4 * 4;
+  std::memcpy(P + full * rb, W + full * rb, (N - full) * rb);
   for (int64_t g = 0; g < N / 4; g++)
     for (int64_t b = 0; b < nb; b++) {
       uint8_t* o = P + (g * nb + b) * kQuadRecord;

@@ -108,14 +108,16 @@ inline void pack_tiled8(const Q8BAct& a, int64_t M, Q8Tiled& p) {
 
 // out[c] = (dot(W row c, x row 0 of a) (+ bias[c])) (+ resid[c]) for c < count; W points at the first row.
 // One entry for gemv, gemm's single row and the fused decode layer, so all three give the same bits.
-template <QT T>
+// Packed: W is an oct-packed copy (pack_oct) from a group's first row: whole groups read as records, the rest as
+// rows (a copy's last N % 8 rows are GGUF rows); only where the AVX-512 kernel runs (packed_ok).
+template <QT T, bool Packed = false>
 void gemv_rows8(const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, float* out, const float* bias,
                 const float* resid) {
   int64_t n = 0;
 #ifdef SGL_Q16_ZMM
   if (have_q16_zmm())
     for (; n + 8 <= count; n += 8)
-      dot_q8_oct<T, 1>(W + n * rb, rb, a.nb, Q8TileX{a.q, a.d, a.s, a.c, kBlock, 1, kQ8Corr}, out + n, 0,
+      dot_q8_oct<T, 1, Packed>(W + n * rb, rb, a.nb, Q8TileX{a.q, a.d, a.s, a.c, kBlock, 1, kQ8Corr}, out + n, 0,
                         bias != nullptr ? bias + n : nullptr, resid != nullptr ? resid + n : nullptr);
 #endif
 #ifdef SGL_AVX2
@@ -140,13 +142,14 @@ void gemv_rows8(const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, fl
 
 #ifdef SGL_Q16_ZMM
 // out rows 0..M of columns [n0, n1): tile_columns (quant_q16_tile.h) with dot_q8_oct (8 columns) and dot_q8_col.
-template <QT T>
+// Packed: W is an oct-packed copy (gemv_rows8) and n0 a multiple of 8.
+template <QT T, bool Packed = false>
 void gemm_q8_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a, const Q8Tiled& p,
                   float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
   tile_columns<8>(
       M, p.rows, n0, n1,
       [&](auto rc, int64_t t, int64_t r0, int64_t n) {
-        dot_q8_oct<T, decltype(rc)::value>(W + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
+        dot_q8_oct<T, decltype(rc)::value, Packed>(W + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
                                            bias != nullptr ? bias + n : nullptr,
                                            resid != nullptr ? resid + r0 * N + n : nullptr);
       },
@@ -154,45 +157,31 @@ void gemm_q8_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BA
 }
 #endif
 
-#ifdef SGL_Q16_ZMM
-// gemm_q8_tile for Q8_0 over P, the oct-packed copy of W's first N / 8 * 8 rows (pack_q8_0_oct), the rest of W by
-// dot_q8_col: the same bits. n0 is a multiple of 8 (so is every 8-column step of tile_columns from it).
-inline void gemm_q8_packed_cols(const uint8_t* P, const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a,
-                                const Q8Tiled& p, float* out, int64_t n0, int64_t n1) {
-  tile_columns<8>(
-      M, p.rows, n0, n1,
-      [&](auto rc, int64_t t, int64_t r0, int64_t n) {
-        dot_q8_oct<QT::Q8_0, decltype(rc)::value, true>(P + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N, nullptr,
-                                                         nullptr);
-      },
-      [&](int64_t r, int64_t n) { put_out(out, N, nullptr, nullptr, r, n, dot_q8_col<QT::Q8_0>(W + n * rb, a, r)); });
-}
-#endif
-
 // The portable way to the same bits: rows_columns (quant_q16_tile.h), each row through gemv_rows8.
-template <QT T>
+template <QT T, bool Packed = false>
 void gemm_q8_rows(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a, float* out,
                   const float* bias, const float* resid, int64_t n0, int64_t n1) {
   rows_columns(M, n0, n1, [&](int64_t r, int64_t c0, int64_t c1) {
     const Q8BAct row{a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, a.c + r * a.nb * kQ8Corr, a.k, a.nb};
-    gemv_rows8<T>(W + c0 * rb, rb, c1 - c0, row, out + r * N + c0, bias != nullptr ? bias + c0 : nullptr,
+    gemv_rows8<T, Packed>(W + c0 * rb, rb, c1 - c0, row, out + r * N + c0, bias != nullptr ? bias + c0 : nullptr,
                   resid != nullptr ? resid + r * N + c0 : nullptr);
   });
 }
 
-// gemm's q8 path for the output columns [n0, n1) (tiled: a packed for the tile, or null: per row).
-template <QT T>
+// gemm's q8 path for the output columns [n0, n1) (tiled: a packed for the tile, or null: per row). Packed: W is an
+// oct-packed copy (gemv_rows8) and n0 a multiple of 8.
+template <QT T, bool Packed = false>
 void gemm_q8_cols(const uint8_t* W, int64_t M, int64_t N, int64_t K, const Q8BAct& a, const Q8Tiled* tiled,
                   float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
   const int64_t rb = row_bytes(T, K);
 #ifdef SGL_Q16_ZMM
   if (tiled != nullptr && M >= kQ16TileMinRows && have_q16_zmm()) {
-    gemm_q8_tile<T>(W, rb, M, N, a, *tiled, out, bias, resid, n0, n1);
+    gemm_q8_tile<T, Packed>(W, rb, M, N, a, *tiled, out, bias, resid, n0, n1);
     return;
   }
 #endif
   (void)tiled;
-  gemm_q8_rows<T>(W, rb, M, N, a, out, bias, resid, n0, n1);
+  gemm_q8_rows<T, Packed>(W, rb, M, N, a, out, bias, resid, n0, n1);
 }
 
 }  // namespace

@@ -100,25 +100,35 @@ SGL_TARGET_Q16 inline __m512i bcast8(const void* p) {
   return _mm512_set1_epi64(v);
 }
 
-// The oct-packed Q8_0 layout (pack_q8_0_oct; the lm_head's copy, LlamaForCausalLM.compute_logits): 8 rows' block b
-// as ONE 272-byte record, their 8 f16 scales (16 bytes, column order) then the 4 byte vectors weight_bytes8 would
-// build (already flipped to unsigned), so a block is one header load and 4 aligned-size loads instead of 16 row
-// loads, inserts and unpacks. 8 rows take 8 * rb bytes as in GGUF, so group g starts at W + 8 g * rb in both.
-constexpr int64_t kOctRecord = 16 + 4 * 64;
+// The oct-packed layout (pack_oct; the lm_head's copy and, under q8 activations, the layers' weights): 8 rows'
+// block b as ONE record of 8 * block_bytes(T) bytes, so 8 rows take 8 * rb bytes as in GGUF and group g starts at
+// W + 8 g * rb in both. A record is the 8 columns' headers in column order (f16 d, or d m for Q4_1: kOctHeader
+// bytes), then the byte vectors weight_bytes8 gathers, element e = column col(e): Q8_0 its 4 vectors already flipped
+// to unsigned; Q4_0 / Q4_1 the 2 nibble vectors (bytes 0-7, 8-15) it splits into 4. A block is then one header load
+// and 4 (2) 64-byte loads instead of 16 row loads, inserts and unpacks.
+template <QT T>
+constexpr int64_t kOctRecord = 8 * block_bytes(T);
+template <QT T>
+constexpr int64_t kOctHeader = T == QT::Q4_1 ? 32 : 16;
 
-// P = the packed copy of N (a multiple of 8) Q8_0 rows of rb bytes at W.
-inline void pack_q8_0_oct(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P) {
-  const int64_t nb = rb / 34;
-  for (int64_t g = 0; g < N / 8; g++)
+// P = the packed copy of N rows of rb bytes at W: whole groups of 8 packed, the last N % 8 rows as they are.
+template <QT T>
+inline void pack_oct(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P) {
+  constexpr int64_t bs = block_bytes(T), hb = kOctHeader<T> / 8;  // hb: one column's header bytes
+  const int64_t nb = rb / bs, full = N / 8 * 8;
+  for (int64_t g = 0; g < full / 8; g++)
     for (int64_t b = 0; b < nb; b++) {
-      uint8_t* o = P + (g * nb + b) * kOctRecord;
-      for (int c = 0; c < 8; c++) std::memcpy(o + 2 * c, W + (g * 8 + c) * rb + b * 34, 2);
-      for (int k = 0; k < 4; k++)
-        for (int e = 0; e < 8; e++) {  // element e of vector k: weights 8k..8k+7 of column col(e)
-          const uint8_t* src = W + (g * 8 + e / 2 + 4 * (e % 2)) * rb + b * 34 + 2 + 8 * k;
-          for (int j = 0; j < 8; j++) o[16 + 64 * k + 8 * e + j] = uint8_t(src[j] ^ 0x80);
+      uint8_t* o = P + (g * nb + b) * kOctRecord<T>;
+      for (int c = 0; c < 8; c++) std::memcpy(o + hb * c, W + (g * 8 + c) * rb + b * bs, hb);
+      constexpr int vectors = T == QT::Q8_0 ? 4 : 2;
+      for (int k = 0; k < vectors; k++)
+        for (int e = 0; e < 8; e++) {  // element e of vector k: bytes 8k..8k+7 of column col(e)'s weights
+          const uint8_t* src = W + (g * 8 + e / 2 + 4 * (e % 2)) * rb + b * bs + hb + 8 * k;
+          uint8_t* dst = o + kOctHeader<T> + 64 * k + 8 * e;
+          for (int j = 0; j < 8; j++) dst[j] = T == QT::Q8_0 ? uint8_t(src[j] ^ 0x80) : src[j];
         }
     }
+  std::memcpy(P + full * rb, W + full * rb, (N - full) * rb);
 }
 
 // out[r * ldo + c] = the contract's y (+ bias[c]) (+ resid[r * ldo + c]) for column c < 8 (W rows w + c * rb, nb
@@ -128,7 +138,6 @@ template <QT T, int R, bool Packed = false>
 SGL_TARGET_Q16 inline void dot_q8_oct(const uint8_t* w, int64_t rb, int64_t nb, const Q8TileX& x, float* out,
                                       int64_t ldo, const float* bias, const float* resid) {
   static_assert(R >= 1 && R <= 12, "rows per tile");
-  static_assert(!Packed || T == QT::Q8_0, "the oct-packed layout is Q8_0's");
   constexpr int G = R == 1 ? 1 : (R + 1) / 2;  // Q4_1's scalar terms: lane 2e + j = column col(e), row 2g + j
   constexpr int corr = T == QT::Q8_0 ? 2 : 0;  // Q4_0: c_0, c_1; Q8_0: c_2, c_3
   const __m512i magic_i = _mm512_set1_epi32(0x4B400000);  // float(I) = bits(I + 0x4B400000) - 1.5 * 2^23
@@ -148,10 +157,23 @@ SGL_TARGET_Q16 inline void dot_q8_oct(const uint8_t* w, int64_t rb, int64_t nb, 
     __m512i wq[4];
     __m512 hdr;
     if constexpr (Packed) {  // one record: a stream the prefetcher follows
-      const uint8_t* rec = w + b * kOctRecord;
+      const uint8_t* rec = w + b * kOctRecord<T>;
       prefetch(rec);
-      hdr = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec))));
-      for (int k = 0; k < 4; k++) wq[k] = _mm512_loadu_si512(rec + 16 + 64 * k);
+      if constexpr (T == QT::Q4_1) {
+        hdr = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec)));
+      } else {
+        hdr = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec))));
+      }
+      const uint8_t* body = rec + kOctHeader<T>;
+      if constexpr (T == QT::Q8_0) {
+        for (int k = 0; k < 4; k++) wq[k] = _mm512_loadu_si512(body + 64 * k);
+      } else {
+        const __m512i m4 = _mm512_set1_epi8(0x0F), lo = _mm512_loadu_si512(body), hi = _mm512_loadu_si512(body + 64);
+        wq[0] = _mm512_and_si512(lo, m4);
+        wq[1] = _mm512_and_si512(hi, m4);
+        wq[2] = _mm512_and_si512(_mm512_srli_epi16(lo, 4), m4);
+        wq[3] = _mm512_and_si512(_mm512_srli_epi16(hi, 4), m4);
+      }
     } else {
       const uint8_t* blk = w + b * block_bytes(T);
       // the next 8 columns' block b: one group ahead (prefetch()'s fixed kPrefetch bytes land inside this group's

@@ -48,30 +48,42 @@ FUSED_ACTS = ("q16", "q8")  # the activation modes the fused kernels compute (de
 StackRunner = Callable[[torch.Tensor, RopeTables, int, Optional[int]], torch.Tensor]
 
 
-def layer_weights(layer: "LlamaDecoderLayer") -> Optional[DecodeLayerWeights]:
-    """The layer's DecodeLayerWeights (built once, rebuilt if a weight was replaced), or None if it cannot fuse."""
+def layer_weights(layer: "LlamaDecoderLayer", pack: bool = False) -> Optional[DecodeLayerWeights]:
+    """The layer's DecodeLayerWeights (built once, rebuilt if a weight was replaced), or None if it cannot fuse.
+    `pack`: give its weights their q8 packed copies first (QuantWeight.pack; the kernels read them for up to 8 rows)."""
     ws = tuple(layer.__dict__.get(name) for name in layer.LINEARS)
+    key = (tuple(map(id, ws)), pack)
     cached = layer.__dict__.get("_fused_weights")
-    if cached is not None and cached[0] == tuple(map(id, ws)):
+    if cached is not None and cached[0] == key:
         return cached[1]
     ok = (layer.all_reduce is None and all(type(w) is QuantWeight and w.qtype in QTYPE_CODE for w in ws)
           and layer.input_layernorm.dtype == torch.float32)
     built = None
     if ok:
         qkv, o, gate_up, down = ws
+        for w in ws if pack else ():
+            w.pack("q8")  # NOTE: False (no copy) where it cannot run: the kernels read the GGUF rows
         built = DecodeLayerWeights(
             layer.input_layernorm.detach(), layer.post_attention_layernorm.detach(), float(layer.norm_consts.eps),
             qkv, None if layer.qkv_bias is None else layer.qkv_bias.detach(), o,
             None if layer.o_bias is None else layer.o_bias.detach(), gate_up, down,
             layer.num_heads, layer.num_kv_heads, layer.head_dim)
-    layer.__dict__["_fused_weights"] = (tuple(map(id, ws)), built)
+    layer.__dict__["_fused_weights"] = (key, built)
     return built
+
+
+def packs_weights(model: "LlamaForCausalLM") -> bool:
+    """Whether the model's block weights get packed copies (QuantWeight.pack) for the current activation mode: on
+    unless the engine turned it off (`--disable-cpu-weight-packing`: `model.pack_weights = False`)."""
+    return getattr(model, "pack_weights", True)
 
 
 def model_stack(model: "LlamaForCausalLM", kv: KVCache) -> Optional[DecodeStack]:
     """Every layer's weights and KV pool as one DecodeStack (cached on the model, rebuilt when a layer's weights
-    or the pool change), or None when a layer cannot fuse or the layers' attention scales differ."""
-    ws = [layer_weights(layer) for layer in model.layers]
+    or the pool change), or None when a layer cannot fuse or the layers' attention scales differ. Under q8
+    activations the layers' weights get their packed copies (README "Packed layer weights")."""
+    pack = get_act_quant() == "q8" and packs_weights(model)
+    ws = [layer_weights(layer, pack) for layer in model.layers]
     key = (tuple(map(id, ws)), id(kv), kv.k_buffer(0).data_ptr())
     cached = model.__dict__.get("_fused_stack")
     if cached is not None and cached[0] == key:
@@ -109,7 +121,7 @@ def fused_step(model: "LlamaForCausalLM", h: torch.Tensor, fb: ForwardBatch, kv:
             return decode_stack(x, stack.part(lo, hi), cos, sin, slots, model.layers[0].scale, check=False, act=act)
         for i in range(lo, hi):  # some layer cannot fuse: layer by layer
             layer = model.layers[i]
-            w = layer_weights(layer)
+            w = layer_weights(layer, act == "q8" and packs_weights(model))
             if w is None:
                 x = layer.forward(x, rope_tables, model.rope, fb, kv, i)
             else:

@@ -319,7 +319,7 @@ class LlamaForCausalLM(nn.Module):
         the same bits, a batch-1 lm_head ~2x faster; README "The lm_head from a packed copy"). It costs the lm_head's
         bytes once more (29 MB on the default model); the embedding lookups keep reading the GGUF rows."""
         done = self.__dict__.setdefault("_lm_head_packed", set())
-        if (id(self.lm_head), act) not in done:
+        if (id(self.lm_head), act) not in done and getattr(self, "pack_weights", True):
             done.add((id(self.lm_head), act))
             self.lm_head.pack(act)  # NOTE: False (no copy) where it cannot run: quant_linear reads the GGUF rows
 

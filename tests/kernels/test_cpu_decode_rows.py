@@ -9,7 +9,7 @@ import torch
 
 from sgl.kernels import cpu
 from sgl.kernels.cpu import _ext, quant
-from sgl.kernels.cpu.decode_layer import MAX_ROWS, DecodeStack, decode_rows, decode_stack
+from sgl.kernels.cpu.decode_layer import MAX_ROWS, DecodeLayerWeights, DecodeStack, decode_rows, decode_stack
 from tests.kernels.test_cpu_decode_layer import make_layer, mode  # noqa: F401  (mode: the ext / ref fixture)
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS, SLOTS = 64, 4, 2, 32, 96, 3, 256
@@ -230,3 +230,57 @@ def test_verify_rows_split_over_threads_keep_the_bits(mode: str, act: str, threa
     finally:
         quant._threads = old
     assert_same(stack, ref, h, h_ref)
+
+
+def packed_copy(layer: DecodeLayerWeights) -> DecodeLayerWeights:
+    """The same layer whose four weights carry their q8 packed copies (QuantWeight.pack)."""
+    from dataclasses import replace
+
+    from sgl.kernels.cpu.quant import QuantWeight
+
+    def with_copy(w: QuantWeight) -> QuantWeight:
+        p = QuantWeight(w.qtype, w.shape, w.data)
+        assert p.pack("q8")
+        return p
+
+    return replace(layer, qkv=with_copy(layer.qkv), o=with_copy(layer.o), gate_up=with_copy(layer.gate_up),
+                   down=with_copy(layer.down))
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_layer_copies_give_the_same_bits(mode: str, qtype: str, threads: int) -> None:
+    """A stack whose layers' weights carry q8 packed copies (the table's last 4 columns) computes the bits of the same
+    stack without them: a batch-1 step (decode_stack), decode batches and a verify chain up to 8 rows (decode_rows
+    reads the copies) and past 8 (the GGUF rows); under q16 the copies are not read (the same bits as before). A
+    copy the kernel read as GGUF rows, or GGUF rows read as a copy, would change every output."""
+    if mode == "ref":
+        pytest.skip("the copies are the kernel's")
+    if not _ext.load().packed_ok():
+        pytest.skip("no AVX-512 VNNI tiles here: no packed copies")
+    plain = make_stack(21, qtype)
+    packed = DecodeStack(tuple(packed_copy(w) for w in plain.layers), plain.k_bufs, plain.v_bufs)
+    assert all(a != 0 for w in packed.layers for a in w.packed_args)
+    assert all(a == 0 for w in plain.layers for a in w.packed_args)
+    gen = torch.Generator().manual_seed(3)
+    old = quant._threads
+    try:
+        cpu.set_num_threads(threads)
+        for act in ("q8", "q16"):
+            for rows in (1, 2, 5, 8, 9, 12):
+                lists, positions = scattered_rows(rows, gen)
+                h = torch.randn(rows, HIDDEN, generator=gen)
+                a, b = clone(plain), clone(packed)
+                ha, hb = h.clone(), h.clone()
+                cos, sin = rope(positions)
+                addrs = torch.tensor([t.data_ptr() for t in lists], dtype=torch.int64)
+                lens = torch.tensor([t.numel() for t in lists], dtype=torch.int64)
+                if rows == 1:
+                    decode_stack(ha, a, cos[0], sin[0], lists[0], HEAD_DIM**-0.5, act=act)
+                    decode_stack(hb, b, cos[0], sin[0], lists[0], HEAD_DIM**-0.5, act=act)
+                else:
+                    decode_rows(ha, a, cos, sin, addrs, lens, HEAD_DIM**-0.5, act=act)
+                    decode_rows(hb, b, cos, sin, addrs, lens, HEAD_DIM**-0.5, act=act)
+                assert_same(a, b, ha, hb)
+    finally:
+        quant._threads = old

@@ -1,9 +1,10 @@
-"""Packed Q8_0 copies (QuantWeight.pack, kernels/cpu/quant.py: pack_q8_0; the oct-packed layout of q8 activations,
-quant_q8_zmm.h's kOctRecord, and the quad-packed one of q16, quant_q16_zmm.h's kQuadRecord), which quant_linear reads
-for up to PACKED_MAX_ROWS rows: every row count up to Q16_MAX_ROWS (the limit raised) and every thread split gives the
-SAME BITS as the GGUF rows' path of that mode, so a verify row's logits stay its decode step's; rows past the last
-whole group come from the GGUF rows; extreme blocks (the byte -128, int8 +-127 activations) included; where a copy
-cannot run, pack says False; the default model's lm_head takes its copy at the first logits."""
+"""Packed copies of block weights (QuantWeight.pack, kernels/cpu/quant.py: pack_weight; the oct-packed layout of q8
+activations for q4_0, q4_1 and q8_0, quant_q8_zmm.h's pack_oct, and the quad-packed Q8_0 one of q16, quant_q16_zmm.h's
+kQuadRecord), which quant_linear reads for up to PACKED_MAX_ROWS rows: every row count up to Q16_MAX_ROWS (the limit
+raised) and every thread split gives the SAME BITS as the GGUF rows' path of that mode, so a verify row's logits stay
+its decode step's; rows past the last whole group stay GGUF rows in the copy; extreme blocks (the byte -128, int8
++-127 activations) included; where a copy cannot run, pack says False; the default model's lm_head takes its copy at
+the first logits. The fused decode kernels' reads of the layers' copies: tests/kernels/test_cpu_decode_rows.py."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import torch
 
 from sgl.kernels.cpu import QuantWeight, quant_linear
 from sgl.kernels.cpu import quant
-from sgl.kernels.cpu.quant import Q16_MAX_ROWS, pack_q8_0
+from sgl.kernels.cpu.quant import Q16_MAX_ROWS, pack_weight
 from tests.kernels.test_cpu_q16_batch import raw_weight, with_threads
 from tests.kernels.test_cpu_q8_batch import unit_scale_weight
 
 ACTS = ["q8", "q16"]
+CASES = [("q8", "q8_0"), ("q8", "q4_1"), ("q8", "q4_0"), ("q16", "q8_0")]  # (act, block type) pairs that pack
 
 
 def with_copy(w: QuantWeight, act: str) -> QuantWeight:
@@ -33,34 +35,37 @@ def packed_kernel() -> None:
 
     ext = _ext.load()
     if ext is None or not hasattr(ext, "packed_ok") or not ext.packed_ok():
-        pytest.skip("no AVX-512 VNNI tiles here: pack_q8_0 returns None and the lm_head keeps the GGUF rows")
+        pytest.skip("no AVX-512 VNNI tiles here: pack_weight returns None and the lm_head keeps the GGUF rows")
 
 
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act,qtype", CASES)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n,k", [(8, 32), (301, 96), (1035, 576)])  # 301, 1035: rows past the last whole group
-def test_the_packed_copy_gives_the_modes_bits(n: int, k: int, threads: int, act: str,
+def test_the_packed_copy_gives_the_modes_bits(n: int, k: int, threads: int, act: str, qtype: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(quant.PACKED_MAX_ROWS, act, Q16_MAX_ROWS)  # the copy for every row count it can take
     gen = np.random.default_rng(n + k)
-    w = raw_weight("q8_0", n, k, gen)
+    w = raw_weight(qtype, n, k, gen)
     p = with_copy(w, act)
     group = 8 if act == "q8" else 4
-    assert p.packed[act].shape == (n // group * group, w.data.shape[1])
+    copy = p.packed[act]
+    assert copy.shape == w.data.shape  # the same bytes reordered
+    assert torch.equal(copy[n // group * group:], w.data[n // group * group:])  # the last rows as they are
     for m in (1, 2, 3, 5, 9, 12, 13, 33, Q16_MAX_ROWS):
         x = torch.from_numpy(gen.standard_normal((m, k)).astype(np.float32))
         x[0, :32] = 0.0  # an all-zero block (scale 0)
         x[-1, :32] *= 1e4  # outliers in one block
         want = with_threads(threads, lambda: quant_linear(x, w, act_quant=act))
         got = with_threads(threads, lambda: quant_linear(x, p, act_quant=act))
-        assert torch.equal(got, want), (n, k, m, threads, act)
+        assert torch.equal(got, want), (n, k, m, threads, act, qtype)
 
 
-@pytest.mark.parametrize("act", ACTS)
-def test_extreme_blocks_give_the_modes_bits(act: str) -> None:
-    """d = 1 weights with the byte -128 and 127 columns, integer activations at +-127 (q8: the exact integer dot)."""
+@pytest.mark.parametrize("act,qtype", CASES)
+def test_extreme_blocks_give_the_modes_bits(act: str, qtype: str) -> None:
+    """d = 1 weights with the extreme codes (Q8_0: the byte -128 and 127 columns; Q4: 0 and 15), integer activations at
+    +-127 (q8: the exact integer dot)."""
     gen = np.random.default_rng(5)
-    w, ints = unit_scale_weight("q8_0", 16, 160, gen)
+    w, ints = unit_scale_weight(qtype, 16, 160, gen)
     x = gen.integers(-127, 128, size=(3, 160)).astype(np.int64)
     x[:, ::32] = 127
     x[-1, 32:64] = -127
@@ -74,11 +79,16 @@ def test_extreme_blocks_give_the_modes_bits(act: str) -> None:
 
 def test_what_does_not_pack_says_none_and_bad_rows_are_refused() -> None:
     gen = np.random.default_rng(1)
-    assert pack_q8_0(raw_weight("q4_1", 64, 64, gen), "q8") is None  # another block type
-    assert pack_q8_0(raw_weight("q8_0", 7, 64, gen), "q8") is None  # not one group of 8 rows
-    assert pack_q8_0(raw_weight("q8_0", 7, 64, gen), "q16") is not None  # one group of 4, 3 rows from the GGUF rows
-    assert pack_q8_0(raw_weight("q8_0", 64, 64, gen), "none") is None  # fp32 activations: no packed path
-    assert not raw_weight("q4_1", 64, 64, gen).pack("q8")
+    assert pack_weight(raw_weight("q4_1", 64, 64, gen), "q16") is None  # q16 packs Q8_0 only
+    assert pack_weight(raw_weight("q8_0", 7, 64, gen), "q8") is None  # not one group of 8 rows
+    assert pack_weight(raw_weight("q8_0", 7, 64, gen), "q16") is not None  # one group of 4, 3 GGUF rows
+    assert pack_weight(raw_weight("q8_0", 64, 64, gen), "none") is None  # fp32 activations: no packed path
+    assert pack_weight(QuantWeight.quantize(torch.randn(64, 64), "f16"), "q8") is None
+    assert not raw_weight("q4_1", 64, 64, gen).pack("q16")
+    from sgl.kernels.cpu import _ext
+
+    with pytest.raises(ValueError, match="q16 takes q8_0"):  # the extension refuses what pack_weight never asks
+        _ext.load().pack_weight(0, "q4_1", 8, 64, 0, 2)
     w = with_copy(raw_weight("q8_0", 16, 64, gen), "q8")  # more rows than PACKED_MAX_ROWS, a bias: the GGUF rows
     x, bias = torch.randn(9, 64), torch.randn(16)
     plain = QuantWeight(w.qtype, w.shape, w.data)

@@ -212,3 +212,34 @@ def test_short_steps_run_prompt_tokens_as_decode_rows(count_fused: list[int], mo
     prefill = run_schedule(native, prompts, lambda b, step, left: 12 if step == 0 else 1)[0]
     assert count_fused[0] == before
     assert_close(whole, prefill, rel=1e-3)
+
+
+def test_packed_layer_weights_change_no_token() -> None:
+    """Under q8 activations the engine gives the layers' block weights their packed copies (QuantWeight.pack: the fused
+    kernels and quant_linear read them for up to 8 rows) unless --disable-cpu-weight-packing: the default model's
+    greedy tokens and logprobs are the same either way, for a batch-1 request and a decode batch of 3, and the KV
+    stays intact. The engine without packing keeps no copy."""
+    from sgl.kernels.cpu import _ext
+    from sgl.runtime.engine import Engine
+
+    if not _ext.load().packed_ok():
+        pytest.skip("no AVX-512 VNNI tiles here: no packed copies")
+    params = {"temperature": 0.0, "max_new_tokens": 10, "ignore_eos": True}
+    prompts = ["The capital of France is", "List three colors:", "def add(a, b):"]
+    outs = {}
+    for pack in (True, False):
+        eng = Engine(model_path="default", num_threads=1, max_total_tokens=2048, show_progress=False,
+                     cpu_act_quant="q8", disable_cpu_weight_packing=not pack)
+        try:
+            solo = eng.generate(prompts[0], params, return_logprob=True)
+            batch = eng.generate(prompts, [params] * 3, return_logprob=True)
+            model = eng.scheduler.runner.model
+            copies = [bool(w.packed) for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+            assert all(copies) if pack else not any(copies)
+            assert bool(model.lm_head.packed) == pack
+            outs[pack] = [(o["output_ids"], o["meta_info"]["output_token_logprobs"]) for o in [solo, *batch]]
+            eng.wait_idle()
+            eng.check_integrity()
+        finally:
+            eng.shutdown()
+    assert outs[True] == outs[False]
