@@ -124,20 +124,26 @@ struct LayerW {
 
 constexpr int64_t kStackColumns = 18;
 
-// Row `t` of the DecodeStack table (block_qtype rejects an unknown type before any layer runs); packed: a weight with
-// an oct-packed copy is read from it (the same bits: for q8 activations only).
-inline LayerW stack_layer(const int64_t* t, bool kv_half, bool packed) {
+// Rows up to which a weight's oct-packed copy is faster than its GGUF rows under q8 (measured: quant.py's
+// PACKED_MAX_ROWS): past them the dot products bound the kernel and the copies read no faster (the Q4 ones slower).
+constexpr int64_t packed_max_rows(QT t) { return t == QT::Q8_0 ? 8 : 5; }
+
+// Row `t` of the DecodeStack table (block_qtype rejects an unknown type before any layer runs); a weight with an
+// oct-packed copy is read from it for calls of rows <= packed_max_rows (rows 0: never; the same bits: q8 only).
+inline LayerW stack_layer(const int64_t* t, bool kv_half, int64_t rows) {
   LayerW w{reinterpret_cast<const float*>(t[0]), reinterpret_cast<const float*>(t[1]),
            reinterpret_cast<const float*>(t[4]), reinterpret_cast<const float*>(t[7]),
            reinterpret_cast<const uint8_t*>(t[2]), reinterpret_cast<const uint8_t*>(t[5]),
            reinterpret_cast<const uint8_t*>(t[8]), reinterpret_cast<const uint8_t*>(t[10]), block_qtype(t[3]),
            block_qtype(t[6]), block_qtype(t[9]), block_qtype(t[11]),
            KVPool{reinterpret_cast<void*>(t[12]), reinterpret_cast<void*>(t[13]), kv_half}};
-  if (packed && have_q16_tile()) {
+  if (rows > 0 && have_q16_tile()) {
     const uint8_t** ws[4] = {&w.wqkv, &w.wo, &w.wgu, &w.wd};
+    const QT types[4] = {w.tqkv, w.to, w.tgu, w.td};
     bool* flags[4] = {&w.pqkv, &w.po, &w.pgu, &w.pd};
     for (int i = 0; i < 4; i++)
-      if (t[14 + i] != 0) *ws[i] = reinterpret_cast<const uint8_t*>(t[14 + i]), *flags[i] = true;
+      if (t[14 + i] != 0 && rows <= packed_max_rows(types[i]))
+        *ws[i] = reinterpret_cast<const uint8_t*>(t[14 + i]), *flags[i] = true;
   }
   return w;
 }

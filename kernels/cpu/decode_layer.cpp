@@ -193,7 +193,7 @@ void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, in
   layers.reserve(n);
   for (int64_t i = 0; i < n; i++)  // every row parsed (its qtypes checked) before the first layer runs
     layers.push_back(Layer{reinterpret_cast<float*>(h),
-                           stack_layer(t + i * kStackColumns, kv_half != 0, mode == Act::Q8), float(eps),
+                           stack_layer(t + i * kStackColumns, kv_half != 0, mode == Act::Q8 ? 1 : 0), float(eps),
                            hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
                            reinterpret_cast<const float*>(sin), sl, L, sl[L - 1], float(scale), mode});
   for (const Layer& p : layers) run_layer(p, int(std::max<int64_t>(1, threads)));

@@ -46,8 +46,6 @@
 
 namespace {
 
-constexpr int64_t kPackedMaxRows = 8;
-
 // The activations of M rows in the call's mode (q16 | q8): row-major blocks (as quantize_act16 / quantize_act8
 // lay them) and, where the tile runs, the tile's layout (quant_q16_tile.h / quant_q8_tile.h). Sized once per
 // call; rows fill their own parts.
@@ -305,10 +303,9 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
   const int64_t* tb = reinterpret_cast<const int64_t*>(table);
   std::vector<LayerW> layers;
   layers.reserve(n);
-  // the layers' packed copies up to kPackedMaxRows rows (beyond, the dot products bound the tile and the GGUF rows are
-  // as fast: quant.py's PACKED_MAX_ROWS); the same bits either way
-  const bool packed = mode == Act::Q8 && M <= kPackedMaxRows;
-  for (int64_t i = 0; i < n; i++) layers.push_back(stack_layer(tb + i * kStackColumns, kv_half != 0, packed));
+  // the layers' packed copies where they are faster (decode_common.h's packed_max_rows); the same bits either way
+  const int64_t packed_rows = mode == Act::Q8 ? M : 0;
+  for (int64_t i = 0; i < n; i++) layers.push_back(stack_layer(tb + i * kStackColumns, kv_half != 0, packed_rows));
   const Shape s{hidden, H, Hkv, D, I, float(eps)};
   const int nt = int(std::max<int64_t>(1, threads));
   AttnPlan plan;

@@ -129,8 +129,8 @@ class QuantWeight:
 
     def pack(self, act_quant: str) -> bool:
         """Keep a packed copy for `act_quant` (`pack_weight`: "q8" any block type, "q16" Q8_0), which quant_linear and
-        the fused decode kernels then read for up to PACKED_MAX_ROWS rows of that mode: the same bits, ~1.6-2x faster
-        where loads bound the kernel (a batch-1 step's matmuls, short verify rows, a draft head's small weights).
+        the fused decode kernels then read for up to PACKED_MAX_ROWS rows (of that mode and qtype): the same bits, ~1.5-2x
+        faster where loads bound the kernel (a batch-1 step's matmuls, short verify rows, a draft head's small weights).
         Costs the weight's bytes once more; whether a copy exists (False where it cannot run: another qtype or mode,
         no AVX-512 VNNI tiles)."""
         if act_quant not in self.packed:
@@ -279,7 +279,7 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
                                          and residual.is_contiguous()):
             _check(x, w, bias, residual, out)
         packed = w.packed.get(act_quant) if w.packed else None
-        if packed is not None and m <= PACKED_MAX_ROWS[act_quant] and bias is None and residual is None:
+        if packed is not None and m <= PACKED_MAX_ROWS[act_quant, w.qtype] and bias is None and residual is None:
             ext.gemm_packed(x.data_ptr(), m, packed.data_ptr(), w.qtype, n, w.shape[1], out.data_ptr(),
                             _ACT_MODE[act_quant], _threads or torch.get_num_threads())
             return out
@@ -340,10 +340,12 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
     return out
 
 
-# Rows up to which the packed copy is the faster way to the same bits (the default model's lm_head, 1 thread, median
-# of 30 calls, GGUF rows / packed ms: q8 1 row 3.34 / 1.34, 4 rows 3.19 / 1.15, 8 rows 3.46 / 2.90, 12 rows 3.34 /
-# 4.40; q16 1 row 3.79 / 1.48, 4 rows 2.86 / 2.43, 8 rows 4.77 / 5.37): a batch-1 decode step and short verify rows
-PACKED_MAX_ROWS = {"q8": 8, "q16": 4}
+# (act, qtype) -> rows up to which the packed copy is the faster way to the same bits (1 thread, cold; the default
+# model's lm_head, Q8_0, median of 30 calls, GGUF rows / packed ms: q8 1 row 3.34 / 1.34, 4 rows 3.19 / 1.15, 8 rows
+# 3.46 / 2.90, 12 rows 3.34 / 4.40; q16 1 row 3.79 / 1.48, 4 rows 2.86 / 2.43, 8 rows 4.77 / 5.37; its 120 layer
+# weights, Q4_1, q8, 9 passes: 4 rows 9.82 / 8.83, 6 rows 11.54 / 12.02, 8 rows 13.40 / 14.97): a batch-1 decode step
+# and short verify rows. decode_rows.cpp's packed_max_rows is the same table.
+PACKED_MAX_ROWS = {("q8", "q8_0"): 8, ("q8", "q4_1"): 5, ("q8", "q4_0"): 5, ("q16", "q8_0"): 4}
 
 
 def pack_weight(w: QuantWeight, act_quant: str) -> torch.Tensor | None:

@@ -43,7 +43,7 @@ def packed_kernel() -> None:
 @pytest.mark.parametrize("n,k", [(8, 32), (301, 96), (1035, 576)])  # 301, 1035: rows past the last whole group
 def test_the_packed_copy_gives_the_modes_bits(n: int, k: int, threads: int, act: str, qtype: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(quant.PACKED_MAX_ROWS, act, Q16_MAX_ROWS)  # the copy for every row count it can take
+    monkeypatch.setitem(quant.PACKED_MAX_ROWS, (act, qtype), Q16_MAX_ROWS)  # the copy for every row count it can take
     gen = np.random.default_rng(n + k)
     w = raw_weight(qtype, n, k, gen)
     p = with_copy(w, act)
