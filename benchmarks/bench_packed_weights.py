@@ -34,6 +34,7 @@ from bench_speculative import chat  # noqa: E402
 from fork_join_agent import questions  # noqa: E402
 
 from sgl.kernels.cpu.quant import QuantWeight, quant_linear  # noqa: E402
+from sgl.runtime.models.native_weights import pack_into_arena  # noqa: E402
 from sgl.runtime.engine import Engine  # noqa: E402
 
 ROWS = (1, 2, 4, 5, 8, 9)
@@ -54,7 +55,8 @@ def kernel_table(name: str, weights: list[QuantWeight], act: str, iters: int) ->
     """Each row count: the weights' matmuls from their GGUF rows and from their packed copies, alternating."""
     plain = [QuantWeight(w.qtype, w.shape, w.data) for w in weights]  # the GGUF rows alone
     packed = [QuantWeight(w.qtype, w.shape, w.data) for w in weights]
-    if not all(p.pack(act) for p in packed):
+    pack_into_arena(packed, act)  # as the engine packs them: one huge-page buffer in the order of use
+    if not all(act in p.packed for p in packed):
         raise SystemExit("no AVX-512 VNNI tiles on this CPU: no packed copies here")
     evict = torch.ones(64 << 20)
     rows = []

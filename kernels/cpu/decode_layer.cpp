@@ -163,16 +163,19 @@ const int64_t* checked_slots(Addr slots, int64_t L, int64_t num_slots) {
 void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqkv, Addr qkv_bias, Addr wo,
                   int64_t to, Addr o_bias, Addr wgu, int64_t tgu, Addr wd, int64_t td, int64_t hidden, int64_t H,
                   int64_t Hkv, int64_t D, int64_t I, Addr cos, Addr sin, Addr kbuf, Addr vbuf, int64_t num_slots,
-                  Addr slots, int64_t L, double scale, int64_t kv_half, int64_t threads, int64_t act) {
+                  Addr slots, int64_t L, double scale, int64_t kv_half, int64_t threads, int64_t act, Addr pqkv,
+                  Addr po, Addr pgu, Addr pd) {
   check_shape(hidden, H, Hkv, D, I, L);
   const Act mode = act_mode(act);
   const int64_t* sl = checked_slots(slots, L, num_slots);
-  const LayerW w{reinterpret_cast<const float*>(ln1), reinterpret_cast<const float*>(ln2),
+  LayerW w{reinterpret_cast<const float*>(ln1), reinterpret_cast<const float*>(ln2),
                  reinterpret_cast<const float*>(qkv_bias), reinterpret_cast<const float*>(o_bias),
                  reinterpret_cast<const uint8_t*>(wqkv), reinterpret_cast<const uint8_t*>(wo),
                  reinterpret_cast<const uint8_t*>(wgu), reinterpret_cast<const uint8_t*>(wd), block_qtype(tqkv),
                  block_qtype(to), block_qtype(tgu), block_qtype(td),
                  KVPool{reinterpret_cast<void*>(kbuf), reinterpret_cast<void*>(vbuf), kv_half != 0}};
+  const int64_t copies[4] = {int64_t(pqkv), int64_t(po), int64_t(pgu), int64_t(pd)};
+  use_packed(w, copies, mode == Act::Q8 ? 1 : 0);
   const Layer p{reinterpret_cast<float*>(h), w, float(eps), hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
                 reinterpret_cast<const float*>(sin), sl, L, sl[L - 1], float(scale), mode};
   run_layer(p, int(std::max<int64_t>(1, threads)));

@@ -160,7 +160,8 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin:
                  act: str = "q16") -> torch.Tensor:
     """The layer (module docstring) in place on h [1, hidden]; returns h. check=False skips the per-call
     Python checks (the caller built the tensors itself, as runtime/models/fused_decode.py); the kernel still
-    rejects slots out of range. act: the matmuls' activations, "q16" or "q8" (quant_linear's modes)."""
+    rejects slots out of range. act: the matmuls' activations, "q16" or "q8" (quant_linear's modes; q8 reads the
+    weights' packed copies where they have some, `packed_args`)."""
     code = _act_code(act)
     ext = _ext.load()
     if check or ext is None:
@@ -169,7 +170,7 @@ def decode_layer(h: torch.Tensor, w: DecodeLayerWeights, cos: torch.Tensor, sin:
         return decode_layer_reference(h, w, cos, sin, k_buf, v_buf, slots, scale)
     ext.decode_layer(h.data_ptr(), *w.ext_args, cos.data_ptr(), sin.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
                      k_buf.shape[0], slots.data_ptr(), slots.numel(), float(scale), kv_half(k_buf), get_num_threads(),
-                     code)
+                     code, *w.packed_args)
     return h
 
 

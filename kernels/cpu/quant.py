@@ -127,14 +127,15 @@ class QuantWeight:
     def nbytes(self) -> int:
         return self.data.numel()
 
-    def pack(self, act_quant: str) -> bool:
+    def pack(self, act_quant: str, out: torch.Tensor | None = None) -> bool:
         """Keep a packed copy for `act_quant` (`pack_weight`: "q8" any block type, "q16" Q8_0), which quant_linear and
         the fused decode kernels then read for up to PACKED_MAX_ROWS rows (of that mode and qtype): the same bits, ~1.5-2x
         faster where loads bound the kernel (a batch-1 step's matmuls, short verify rows, a draft head's small weights).
-        Costs the weight's bytes once more; whether a copy exists (False where it cannot run: another qtype or mode,
-        no AVX-512 VNNI tiles)."""
+        Costs the weight's bytes once more: in `out` if given (uint8, the shape of `data`: a slice of a huge-page arena,
+        runtime/models/native_weights.py's pack_into_arena), else a fresh tensor. Whether a copy exists (False where it
+        cannot run: another qtype or mode, no AVX-512 VNNI tiles)."""
         if act_quant not in self.packed:
-            copy = pack_weight(self, act_quant)
+            copy = pack_weight(self, act_quant, out)
             if copy is None:
                 return False
             self.packed[act_quant] = copy
@@ -343,24 +344,35 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
 # (act, qtype) -> rows up to which the packed copy is the faster way to the same bits (1 thread, cold; the default
 # model's lm_head, Q8_0, median of 30 calls, GGUF rows / packed ms: q8 1 row 3.34 / 1.34, 4 rows 3.19 / 1.15, 8 rows
 # 3.46 / 2.90, 12 rows 3.34 / 4.40; q16 1 row 3.79 / 1.48, 4 rows 2.86 / 2.43, 8 rows 4.77 / 5.37; its 120 layer
-# weights, Q4_1, q8, 9 passes: 4 rows 9.82 / 8.83, 6 rows 11.54 / 12.02, 8 rows 13.40 / 14.97): a batch-1 decode step
-# and short verify rows. decode_rows.cpp's packed_max_rows is the same table.
-PACKED_MAX_ROWS = {("q8", "q8_0"): 8, ("q8", "q4_1"): 5, ("q8", "q4_0"): 5, ("q16", "q8_0"): 4}
+# weights, Q4_1, q8, their copies in one huge-page arena, 9 passes: 1 row 6.76 / 3.90, 4 rows 7.96 / 5.62, 6 rows
+# 9.55 / 7.96, 8 rows 10.81 / 10.94): a batch-1 decode step and short verify rows. decode_common.h's packed_max_rows
+# is the same table.
+PACKED_MAX_ROWS = {("q8", "q8_0"): 8, ("q8", "q4_1"): 6, ("q8", "q4_0"): 6, ("q16", "q8_0"): 4}
 
 
-def pack_weight(w: QuantWeight, act_quant: str) -> torch.Tensor | None:
+def pack_weight(w: QuantWeight, act_quant: str, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """The packed copy of a block weight for quant_linear under `act_quant` (QuantWeight.pack keeps it), the same bytes
-    reordered and as many: "q8": 8 rows' block b as one record (quant_q8_zmm.h's pack_oct; q4_0, q4_1, q8_0); "q16": 4
-    rows' (quant_q16_zmm.h's kQuadRecord; q8_0). Rows past the last whole group stay GGUF rows. None where it would
-    not run: another qtype or mode, fewer rows than a group, no extension or no AVX-512 VNNI tiles."""
-    ext = _ext.load()
-    n, k = w.shape
-    if (w.qtype not in PACKED_QTYPES.get(act_quant, ()) or ext is None or not hasattr(ext, "pack_weight")
-            or not ext.packed_ok() or n < ext.packed_group(_ACT_MODE[act_quant])):
+    reordered and as many, written to `out` (uint8, w.data's shape) or a new tensor: "q8": 8 rows' block b as one
+    record (quant_q8_zmm.h's pack_oct; q4_0, q4_1, q8_0); "q16": 4 rows' (quant_q16_zmm.h's kQuadRecord; q8_0). Rows
+    past the last whole group stay GGUF rows. None where it would not run: another qtype or mode, fewer rows than a
+    group, no extension or no AVX-512 VNNI tiles."""
+    if not can_pack(w, act_quant):
         return None
-    packed = torch.empty_like(w.data)
-    ext.pack_weight(w.data.data_ptr(), w.qtype, n, k, packed.data_ptr(), _ACT_MODE[act_quant])
-    return packed
+    n, k = w.shape
+    if out is None:
+        out = torch.empty_like(w.data)
+    elif out.dtype != torch.uint8 or out.shape != w.data.shape or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous uint8 {tuple(w.data.shape)}, got {out.dtype} {tuple(out.shape)}")
+    _ext.load().pack_weight(w.data.data_ptr(), w.qtype, n, k, out.data_ptr(), _ACT_MODE[act_quant])
+    return out
+
+
+def can_pack(w: QuantWeight, act_quant: str) -> bool:
+    """Whether pack_weight makes a copy of `w` for `act_quant` here (its block type and mode, a whole group of rows,
+    the extension with the AVX-512 VNNI tiles)."""
+    ext = _ext.load()
+    return (w.qtype in PACKED_QTYPES.get(act_quant, ()) and ext is not None and hasattr(ext, "pack_weight")
+            and ext.packed_ok() and w.shape[0] >= ext.packed_group(_ACT_MODE[act_quant]))
 
 
 PACKED_QTYPES = {"q8": ("q4_0", "q4_1", "q8_0"), "q16": ("q8_0",)}  # the block types pack_weight packs per mode

@@ -365,7 +365,8 @@ void rms_norm(Addr x, Addr w, Addr out, int64_t M, int64_t N, double eps);
 void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqkv, Addr qkv_bias, Addr wo,
                   int64_t to, Addr o_bias, Addr wgu, int64_t tgu, Addr wd, int64_t td, int64_t hidden, int64_t H,
                   int64_t Hkv, int64_t D, int64_t I, Addr cos, Addr sin, Addr kbuf, Addr vbuf, int64_t num_slots,
-                  Addr slots, int64_t L, double scale, int64_t kv_half, int64_t threads, int64_t act);
+                  Addr slots, int64_t L, double scale, int64_t kv_half, int64_t threads, int64_t act, Addr pqkv,
+                  Addr po, Addr pgu, Addr pd);
 void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, int64_t H, int64_t Hkv, int64_t D,
                    int64_t I, Addr cos, Addr sin, int64_t num_slots, Addr slots, int64_t L, double scale,
                    int64_t kv_half, int64_t threads, int64_t act);

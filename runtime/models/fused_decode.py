@@ -35,6 +35,7 @@ from sgl.kernels.cpu.decode_layer import (MAX_ROWS, QTYPE_CODE, DecodeLayerWeigh
 from sgl.kernels.cpu.quant import QuantWeight, get_act_quant
 from sgl.runtime.executor.forward_batch import ForwardBatch
 from sgl.runtime.executor.kv_cache import KVCache
+from sgl.runtime.models.native_weights import pack_into_arena
 from sgl.runtime.models.rotary import RopeTables
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ def model_stack(model: "LlamaForCausalLM", kv: KVCache) -> Optional[DecodeStack]
     or the pool change), or None when a layer cannot fuse or the layers' attention scales differ. Under q8
     activations the layers' weights get their packed copies (README "Packed layer weights")."""
     pack = get_act_quant() == "q8" and packs_weights(model)
+    if pack:  # every layer's copies in one huge-page arena, in the step's order (layer_weights then finds them)
+        pack_into_arena([getattr(layer, n) for layer in model.layers for n in layer.LINEARS], "q8")
     ws = [layer_weights(layer, pack) for layer in model.layers]
     key = (tuple(map(id, ws)), id(kv), kv.k_buffer(0).data_ptr())
     cached = model.__dict__.get("_fused_stack")

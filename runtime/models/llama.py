@@ -37,7 +37,7 @@ from sgl.runtime.executor.kv_cache import KVCache
 from sgl.runtime.models.config import ModelConfig
 from sgl.runtime.models.fused_decode import fused_step, split_decode_tails
 from sgl.runtime.models.native_weights import (ArenaPlan, LinearWeight, Payload, RawBlocks, describe, embedding_rows,
-                                               fuse_rows, linear, pack_quant_weights, to_linear)
+                                               fuse_rows, linear, pack_into_arena, pack_quant_weights, to_linear)
 from sgl.runtime.models.rotary import RopeTables, RotaryEmbedding
 from sgl.runtime.models.weight_arena import pack_parameters
 
@@ -321,7 +321,7 @@ class LlamaForCausalLM(nn.Module):
         done = self.__dict__.setdefault("_lm_head_packed", set())
         if (id(self.lm_head), act) not in done and getattr(self, "pack_weights", True):
             done.add((id(self.lm_head), act))
-            self.lm_head.pack(act)  # NOTE: False (no copy) where it cannot run: quant_linear reads the GGUF rows
+            pack_into_arena([self.lm_head], act)  # NOTE: no copy where it cannot run: quant_linear reads the GGUF rows
 
     def hf_weights(self) -> dict[str, torch.Tensor]:
         """Every Hugging Face weight name this model needs -> the view of our storage it fills."""

@@ -29,6 +29,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 
 from sgl.kernels.cpu import QTYPES, QuantWeight, quant_linear
+from sgl.kernels.cpu.quant import get_act_quant
 from sgl.kernels.cpu.quant import row_bytes as quant_row_bytes
 from sgl.runtime.models.dequant import dequantize
 from sgl.runtime.models.weight_arena import alloc_huge
@@ -124,6 +125,37 @@ def rows_as_linear(rows: torch.Tensor, quantize: Optional[str] = None) -> Linear
     N logits: `quantize` blocks for the CPU kernels, or fp32 (stored [hidden, N], as every fp32 LinearWeight)."""
     rows = rows.detach().float().contiguous()
     return to_linear(fuse_rows([rows], quantize)) if quantize is not None else rows.t().contiguous()
+
+
+def pack_for_act(ws: list[LinearWeight]) -> None:
+    """Give each block weight of `ws` its packed copy for the process's activation mode (QuantWeight.pack: the same
+    bits, ~2x faster reads at a few rows; none where it cannot run, and none under fp32 activations): a draft head's
+    weights, read once per draft step."""
+    act = get_act_quant()
+    for w in ws:
+        if isinstance(w, QuantWeight) and act in ("q8", "q16"):
+            w.pack(act)
+
+
+def pack_into_arena(ws: list[LinearWeight], act: str) -> int:
+    """Give the block weights of `ws` that lack one their packed copy for `act` (QuantWeight.pack), all in ONE
+    huge-page buffer (weight_arena.alloc_huge), in the order given (a step's order of use): streamed once per decode
+    step, the copies read ~1.3x faster on 2 MiB pages than as separate 4 KiB-page allocations (README "Packed layer
+    weights"). Returns the bytes allocated (0: nothing to pack, or no copy can run here)."""
+    from sgl.kernels.cpu.quant import can_pack
+    from sgl.runtime.models.weight_arena import alloc_huge
+
+    todo = [w for w in ws if isinstance(w, QuantWeight) and act not in w.packed and can_pack(w, act)]
+    if not todo:
+        return 0
+    align = 64
+    sizes = [(w.data.numel() + align - 1) // align * align for w in todo]
+    arena = alloc_huge(sum(sizes), torch.uint8)
+    offset = 0
+    for w, size in zip(todo, sizes):
+        w.pack(act, arena[offset:offset + w.data.numel()].view(w.data.shape))
+        offset += size
+    return sum(sizes)
 
 
 def weight_nbytes(w: LinearWeight) -> int:

@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from sgl.runtime.models.native_weights import embedding_rows, linear, rows_as_linear
+from sgl.runtime.models.native_weights import embedding_rows, linear, pack_for_act, rows_as_linear
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult
 from sgl.runtime.speculative.drafter import Draft, draft_quantize
 from sgl.runtime.speculative.eagle_head import EagleHead, HeadKV, head_extend, head_tree_step
@@ -88,6 +88,7 @@ class EagleDrafter:
         with torch.inference_mode():
             rows = head.lm_head.weight if head.lm_head is not None else embedding_rows(self.d2t, target.lm_head)
             self.lm_head = rows_as_linear(rows, quantize)  # the draft vocabulary's logits
+            pack_for_act([self.lm_head])
             if quantize is not None:
                 head.quantize_for_inference(quantize)
         self._seqs: dict[Req, _Seq] = {}

@@ -188,9 +188,10 @@ class EagleHead(nn.Module):
 
     def quantize_for_inference(self, qtype: str = "q8_0") -> None:
         """Drafting reads every weight once per step, so on the CPU its cost is the bytes: keep the
-        linears as `qtype` blocks for the quantized kernels (q/k/v and gate/up fused as the target's).
+        linears as `qtype` blocks for the quantized kernels (q/k/v and gate/up fused as the target's), with the
+        packed copies of the process's activation mode (pack_for_act).
         Training and forward_train keep using the fp32 modules; drafts only need to be good, not exact."""
-        from sgl.runtime.models.native_weights import fuse_rows, to_linear
+        from sgl.runtime.models.native_weights import fuse_rows, pack_for_act, to_linear
 
         a, m, c = self.layers[0].self_attn, self.layers[0].mlp, self.config
 
@@ -201,6 +202,7 @@ class EagleHead(nn.Module):
         self._quant = {"fc": q(self.fc.weight), "qkv": q(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
                        "qkv_bias": bias, "o": q(a.o_proj.weight), "gate_up": q(m.gate_proj.weight, m.up_proj.weight),
                        "down": q(m.down_proj.weight)}
+        pack_for_act([w for w in self._quant.values() if w is not None])
         # the fused kernel's layer reads [H] rows with no input norm (EAGLE-1's); EAGLE-3's reads [2H]: linears only
         self._fused = None if c.eagle3 else self._fused_layer()
         if self._fused is not None:  # the kernel's cos / signed-sin rows, the target's own tables

@@ -9,7 +9,8 @@ import torch
 
 from sgl.kernels import cpu
 from sgl.kernels.cpu import _ext, quant
-from sgl.kernels.cpu.decode_layer import MAX_ROWS, DecodeLayerWeights, DecodeStack, decode_rows, decode_stack
+from sgl.kernels.cpu.decode_layer import (MAX_ROWS, DecodeLayerWeights, DecodeStack, decode_layer, decode_rows,
+                                         decode_stack)
 from tests.kernels.test_cpu_decode_layer import make_layer, mode  # noqa: F401  (mode: the ext / ref fixture)
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS, SLOTS = 64, 4, 2, 32, 96, 3, 256
@@ -251,9 +252,9 @@ def packed_copy(layer: DecodeLayerWeights) -> DecodeLayerWeights:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_packed_layer_copies_give_the_same_bits(mode: str, qtype: str, threads: int) -> None:
     """A stack whose layers' weights carry q8 packed copies (the table's last 4 columns) computes the bits of the same
-    stack without them: a batch-1 step (decode_stack), decode batches and a verify chain up to 8 rows (decode_rows
-    reads the copies) and past 8 (the GGUF rows); under q16 the copies are not read (the same bits as before). A
-    copy the kernel read as GGUF rows, or GGUF rows read as a copy, would change every output."""
+    stack without them: a batch-1 step (decode_stack, and decode_layer for one layer), decode batches up to the row
+    limits (decode_rows reads the copies) and past them (the GGUF rows); under q16 the copies are not read (the same
+    bits as before). A copy the kernel read as GGUF rows, or GGUF rows read as a copy, would change every output."""
     if mode == "ref":
         pytest.skip("the copies are the kernel's")
     if not _ext.load().packed_ok():
@@ -278,6 +279,12 @@ def test_packed_layer_copies_give_the_same_bits(mode: str, qtype: str, threads: 
                 if rows == 1:
                     decode_stack(ha, a, cos[0], sin[0], lists[0], HEAD_DIM**-0.5, act=act)
                     decode_stack(hb, b, cos[0], sin[0], lists[0], HEAD_DIM**-0.5, act=act)
+                    assert_same(a, b, ha, hb)
+                    # one layer alone (decode_layer: an EAGLE head's step) reads its packed_args too
+                    decode_layer(ha, a.layers[0], cos[0], sin[0], a.k_bufs[0], a.v_bufs[0], lists[0], HEAD_DIM**-0.5,
+                                 act=act)
+                    decode_layer(hb, b.layers[0], cos[0], sin[0], b.k_bufs[0], b.v_bufs[0], lists[0], HEAD_DIM**-0.5,
+                                 act=act)
                 else:
                     decode_rows(ha, a, cos, sin, addrs, lens, HEAD_DIM**-0.5, act=act)
                     decode_rows(hb, b, cos, sin, addrs, lens, HEAD_DIM**-0.5, act=act)

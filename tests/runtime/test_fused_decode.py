@@ -243,3 +243,30 @@ def test_packed_layer_weights_change_no_token() -> None:
         finally:
             eng.shutdown()
     assert outs[True] == outs[False]
+
+
+def test_pack_into_arena_puts_the_copies_in_one_huge_page_buffer() -> None:
+    """pack_into_arena gives each block weight its q8 copy (the bits of a copy made alone) in ONE buffer, back to back
+    in the order given, from a 2 MiB boundary; weights that already have one, or cannot pack (f16), are left."""
+    from sgl.kernels.cpu import _ext
+    from sgl.kernels.cpu.quant import QuantWeight, pack_weight
+    from sgl.runtime.models.native_weights import pack_into_arena
+    from sgl.runtime.models.weight_arena import HUGE_PAGE
+
+    if not _ext.load().packed_ok():
+        pytest.skip("no AVX-512 VNNI tiles here: no packed copies")
+    torch.manual_seed(0)
+    shapes = ((24, "q4_1"), (40, "q8_0"), (16, "f16"), (8, "q4_0"))
+    ws = [QuantWeight.quantize(torch.randn(n, 64), q) for n, q in shapes]
+    had = QuantWeight.quantize(torch.randn(8, 64), "q4_1")
+    had.pack("q8")
+    before = had.packed["q8"]
+    size = pack_into_arena([*ws, had], "q8")
+    assert had.packed["q8"] is before and "q8" not in ws[2].packed
+    copies = [w.packed["q8"] for w in (ws[0], ws[1], ws[3])]
+    assert copies[0].data_ptr() % HUGE_PAGE == 0
+    assert size == sum((c.numel() + 63) // 64 * 64 for c in copies)
+    for w, c, nxt in zip((ws[0], ws[1]), copies, copies[1:]):
+        assert nxt.data_ptr() == c.data_ptr() + (c.numel() + 63) // 64 * 64  # back to back
+    for w, c in zip((ws[0], ws[1], ws[3]), copies):
+        assert torch.equal(c, pack_weight(QuantWeight(w.qtype, w.shape, w.data), "q8"))
