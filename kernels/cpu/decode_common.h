@@ -124,32 +124,26 @@ struct LayerW {
 
 constexpr int64_t kStackColumns = 18;
 
-// Rows up to which a weight's oct-packed copy is faster than its GGUF rows under q8 (measured: quant.py's
-// PACKED_MAX_ROWS): past them the dot products bound the kernel and the copies read no faster (the Q4 ones slower).
-constexpr int64_t packed_max_rows(QT t) { return t == QT::Q8_0 ? 8 : 6; }
-
-// Point w's weights at their oct-packed copies (copies[i]: wqkv, wo, wgu, wd's, 0: none) for a call of `rows` rows
-// where those are faster (packed_max_rows; rows 0: never). The same bits: q8 activations only.
-inline void use_packed(LayerW& w, const int64_t* copies, int64_t rows) {
-  if (rows <= 0 || !have_q16_tile()) return;
+// Point w's weights at their oct-packed copies (copies[i]: wqkv, wo, wgu, wd's, 0: none) when `packed` (q8
+// activations: the copies give the same bits and read faster at every row count, quant.py's PACKED_ROWS_MEASURED).
+inline void use_packed(LayerW& w, const int64_t* copies, bool packed) {
+  if (!packed || !have_q16_tile()) return;
   const uint8_t** ws[4] = {&w.wqkv, &w.wo, &w.wgu, &w.wd};
-  const QT types[4] = {w.tqkv, w.to, w.tgu, w.td};
   bool* flags[4] = {&w.pqkv, &w.po, &w.pgu, &w.pd};
   for (int i = 0; i < 4; i++)
-    if (copies[i] != 0 && rows <= packed_max_rows(types[i]))
-      *ws[i] = reinterpret_cast<const uint8_t*>(copies[i]), *flags[i] = true;
+    if (copies[i] != 0) *ws[i] = reinterpret_cast<const uint8_t*>(copies[i]), *flags[i] = true;
 }
 
 // Row `t` of the DecodeStack table (block_qtype rejects an unknown type before any layer runs), reading the weights'
-// packed copies for calls of `rows` rows (use_packed).
-inline LayerW stack_layer(const int64_t* t, bool kv_half, int64_t rows) {
+// packed copies when `packed` (use_packed).
+inline LayerW stack_layer(const int64_t* t, bool kv_half, bool packed) {
   LayerW w{reinterpret_cast<const float*>(t[0]), reinterpret_cast<const float*>(t[1]),
            reinterpret_cast<const float*>(t[4]), reinterpret_cast<const float*>(t[7]),
            reinterpret_cast<const uint8_t*>(t[2]), reinterpret_cast<const uint8_t*>(t[5]),
            reinterpret_cast<const uint8_t*>(t[8]), reinterpret_cast<const uint8_t*>(t[10]), block_qtype(t[3]),
            block_qtype(t[6]), block_qtype(t[9]), block_qtype(t[11]),
            KVPool{reinterpret_cast<void*>(t[12]), reinterpret_cast<void*>(t[13]), kv_half}};
-  use_packed(w, t + 14, rows);
+  use_packed(w, t + 14, packed);
   return w;
 }
 

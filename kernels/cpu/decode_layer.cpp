@@ -175,7 +175,7 @@ void decode_layer(Addr h, Addr ln1, Addr ln2, double eps, Addr wqkv, int64_t tqk
                  block_qtype(to), block_qtype(tgu), block_qtype(td),
                  KVPool{reinterpret_cast<void*>(kbuf), reinterpret_cast<void*>(vbuf), kv_half != 0}};
   const int64_t copies[4] = {int64_t(pqkv), int64_t(po), int64_t(pgu), int64_t(pd)};
-  use_packed(w, copies, mode == Act::Q8 ? 1 : 0);
+  use_packed(w, copies, mode == Act::Q8);
   const Layer p{reinterpret_cast<float*>(h), w, float(eps), hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
                 reinterpret_cast<const float*>(sin), sl, L, sl[L - 1], float(scale), mode};
   run_layer(p, int(std::max<int64_t>(1, threads)));
@@ -196,7 +196,7 @@ void decode_layers(Addr h, Addr table, int64_t n, double eps, int64_t hidden, in
   layers.reserve(n);
   for (int64_t i = 0; i < n; i++)  // every row parsed (its qtypes checked) before the first layer runs
     layers.push_back(Layer{reinterpret_cast<float*>(h),
-                           stack_layer(t + i * kStackColumns, kv_half != 0, mode == Act::Q8 ? 1 : 0), float(eps),
+                           stack_layer(t + i * kStackColumns, kv_half != 0, mode == Act::Q8), float(eps),
                            hidden, H, Hkv, D, I, reinterpret_cast<const float*>(cos),
                            reinterpret_cast<const float*>(sin), sl, L, sl[L - 1], float(scale), mode});
   for (const Layer& p : layers) run_layer(p, int(std::max<int64_t>(1, threads)));

@@ -303,9 +303,8 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
   const int64_t* tb = reinterpret_cast<const int64_t*>(table);
   std::vector<LayerW> layers;
   layers.reserve(n);
-  // the layers' packed copies where they are faster (decode_common.h's packed_max_rows); the same bits either way
-  const int64_t packed_rows = mode == Act::Q8 ? M : 0;
-  for (int64_t i = 0; i < n; i++) layers.push_back(stack_layer(tb + i * kStackColumns, kv_half != 0, packed_rows));
+  for (int64_t i = 0; i < n; i++)  // the layers' packed copies under q8 (the same bits, faster)
+    layers.push_back(stack_layer(tb + i * kStackColumns, kv_half != 0, mode == Act::Q8));
   const Shape s{hidden, H, Hkv, D, I, float(eps)};
   const int nt = int(std::max<int64_t>(1, threads));
   AttnPlan plan;

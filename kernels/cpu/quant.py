@@ -129,8 +129,8 @@ class QuantWeight:
 
     def pack(self, act_quant: str, out: torch.Tensor | None = None) -> bool:
         """Keep a packed copy for `act_quant` (`pack_weight`: "q8" any block type, "q16" Q8_0), which quant_linear and
-        the fused decode kernels then read for up to PACKED_MAX_ROWS rows (of that mode and qtype): the same bits, ~1.5-2x
-        faster where loads bound the kernel (a batch-1 step's matmuls, short verify rows, a draft head's small weights).
+        the fused decode kernels then read for up to Q16_MAX_ROWS rows: the same bits, 1.2-2x faster (most where loads
+        bound the kernel: a batch-1 step's matmuls, short verify rows, a draft head's small weights; PACKED_ROWS_MEASURED).
         Costs the weight's bytes once more: in `out` if given (uint8, the shape of `data`: a slice of a huge-page arena,
         runtime/models/native_weights.py's pack_into_arena), else a fresh tensor. Whether a copy exists (False where it
         cannot run: another qtype or mode, no AVX-512 VNNI tiles)."""
@@ -280,7 +280,7 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
                                          and residual.is_contiguous()):
             _check(x, w, bias, residual, out)
         packed = w.packed.get(act_quant) if w.packed else None
-        if packed is not None and m <= PACKED_MAX_ROWS[act_quant, w.qtype] and bias is None and residual is None:
+        if packed is not None and m <= Q16_MAX_ROWS and bias is None and residual is None:  # (PACKED_ROWS_MEASURED)
             ext.gemm_packed(x.data_ptr(), m, packed.data_ptr(), w.qtype, n, w.shape[1], out.data_ptr(),
                             _ACT_MODE[act_quant], _threads or torch.get_num_threads())
             return out
@@ -341,13 +341,12 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
     return out
 
 
-# (act, qtype) -> rows up to which the packed copy is the faster way to the same bits (1 thread, cold; the default
-# model's lm_head, Q8_0, median of 30 calls, GGUF rows / packed ms: q8 1 row 3.34 / 1.34, 4 rows 3.19 / 1.15, 8 rows
-# 3.46 / 2.90, 12 rows 3.34 / 4.40; q16 1 row 3.79 / 1.48, 4 rows 2.86 / 2.43, 8 rows 4.77 / 5.37; its 120 layer
-# weights, Q4_1, q8, their copies in one huge-page arena, 9 passes: 1 row 6.76 / 3.90, 4 rows 7.96 / 5.62, 6 rows
-# 9.55 / 7.96, 8 rows 10.81 / 10.94): a batch-1 decode step and short verify rows. decode_common.h's packed_max_rows
-# is the same table.
-PACKED_MAX_ROWS = {("q8", "q8_0"): 8, ("q8", "q4_1"): 6, ("q8", "q4_0"): 6, ("q16", "q8_0"): 4}
+# PACKED_ROWS_MEASURED: a packed copy is read for every call of up to Q16_MAX_ROWS rows (gemm_packed's limit), as it is
+# faster at every row count measured (1 thread, cold, GGUF rows / packed ms, median of 9 passes; a tile of 4 or more
+# rows prefetches every cache line of a record, quant_q16_zmm.h's kPrefetchAllRows): the default model's 120 layer
+# weights (Q4_1) with its lm_head, q8: 1 row 10.04 / 5.13, 4 rows 11.25 / 5.87, 8 rows 13.78 / 9.76, 16 rows 25.70 /
+# 19.23, 64 rows 103.9 / 85.3; the lm_head (Q8_0), q16: 1 row 3.54 / 1.37, 4 rows 3.04 / 2.27, 8 rows 4.59 / 4.16,
+# 12 rows 7.66 / 7.18, 32 rows 20.2 / 15.8 (16 rows 8.96 / 9.79: the machine's spread).
 
 
 def pack_weight(w: QuantWeight, act_quant: str, out: torch.Tensor | None = None) -> torch.Tensor | None:

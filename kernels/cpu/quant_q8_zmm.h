@@ -158,7 +158,9 @@ SGL_TARGET_Q16 inline void dot_q8_oct(const uint8_t* w, int64_t rb, int64_t nb, 
     __m512 hdr;
     if constexpr (Packed) {  // one record: a stream the prefetcher follows
       const uint8_t* rec = w + b * kOctRecord<T>;
-      prefetch(rec);
+      // every cache line of the record ahead from kPrefetchAllRows rows (quant_q16_zmm.h says why), else one
+      constexpr int lines = R >= kPrefetchAllRows ? int((kOctRecord<T> + 63) / 64) : 1;
+      for (int l = 0; l < lines; l++) prefetch(rec + 64 * l);
       if constexpr (T == QT::Q4_1) {
         hdr = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec)));
       } else {

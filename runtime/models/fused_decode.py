@@ -51,7 +51,7 @@ StackRunner = Callable[[torch.Tensor, RopeTables, int, Optional[int]], torch.Ten
 
 def layer_weights(layer: "LlamaDecoderLayer", pack: bool = False) -> Optional[DecodeLayerWeights]:
     """The layer's DecodeLayerWeights (built once, rebuilt if a weight was replaced), or None if it cannot fuse.
-    `pack`: give its weights their q8 packed copies first (QuantWeight.pack; the kernels read them for up to 8 rows)."""
+    `pack`: give its weights their q8 packed copies first (QuantWeight.pack; the q8 kernels then read them)."""
     ws = tuple(layer.__dict__.get(name) for name in layer.LINEARS)
     key = (tuple(map(id, ws)), pack)
     cached = layer.__dict__.get("_fused_weights")

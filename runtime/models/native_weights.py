@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 
 from sgl.kernels.cpu import QTYPES, QuantWeight, quant_linear
-from sgl.kernels.cpu.quant import get_act_quant
+from sgl.kernels.cpu.quant import can_pack, get_act_quant
 from sgl.kernels.cpu.quant import row_bytes as quant_row_bytes
 from sgl.runtime.models.dequant import dequantize
 from sgl.runtime.models.weight_arena import alloc_huge
@@ -128,13 +128,11 @@ def rows_as_linear(rows: torch.Tensor, quantize: Optional[str] = None) -> Linear
 
 
 def pack_for_act(ws: list[LinearWeight]) -> None:
-    """Give each block weight of `ws` its packed copy for the process's activation mode (QuantWeight.pack: the same
-    bits, ~2x faster reads at a few rows; none where it cannot run, and none under fp32 activations): a draft head's
-    weights, read once per draft step."""
+    """pack_into_arena for the process's activation mode (none under fp32 activations): a draft head's weights, read
+    once per draft step."""
     act = get_act_quant()
-    for w in ws:
-        if isinstance(w, QuantWeight) and act in ("q8", "q16"):
-            w.pack(act)
+    if act in ("q8", "q16"):
+        pack_into_arena(ws, act)
 
 
 def pack_into_arena(ws: list[LinearWeight], act: str) -> int:
@@ -142,9 +140,6 @@ def pack_into_arena(ws: list[LinearWeight], act: str) -> int:
     huge-page buffer (weight_arena.alloc_huge), in the order given (a step's order of use): streamed once per decode
     step, the copies read ~1.3x faster on 2 MiB pages than as separate 4 KiB-page allocations (README "Packed layer
     weights"). Returns the bytes allocated (0: nothing to pack, or no copy can run here)."""
-    from sgl.kernels.cpu.quant import can_pack
-    from sgl.runtime.models.weight_arena import alloc_huge
-
     todo = [w for w in ws if isinstance(w, QuantWeight) and act not in w.packed and can_pack(w, act)]
     if not todo:
         return 0

@@ -1,7 +1,7 @@
 """Packed copies of block weights (QuantWeight.pack, kernels/cpu/quant.py: pack_weight; the oct-packed layout of q8
 activations for q4_0, q4_1 and q8_0, quant_q8_zmm.h's pack_oct, and the quad-packed Q8_0 one of q16, quant_q16_zmm.h's
-kQuadRecord), which quant_linear reads for up to PACKED_MAX_ROWS rows: every row count up to Q16_MAX_ROWS (the limit
-raised) and every thread split gives the SAME BITS as the GGUF rows' path of that mode, so a verify row's logits stay
+kQuadRecord), which quant_linear reads for up to Q16_MAX_ROWS rows: every row count up to it and every thread split
+gives the SAME BITS as the GGUF rows' path of that mode, so a verify row's logits stay
 its decode step's; rows past the last whole group stay GGUF rows in the copy; extreme blocks (the byte -128, int8
 +-127 activations) included; where a copy cannot run, pack says False; the default model's lm_head takes its copy at
 the first logits. The fused decode kernels' reads of the layers' copies: tests/kernels/test_cpu_decode_rows.py."""
@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from sgl.kernels.cpu import QuantWeight, quant_linear
-from sgl.kernels.cpu import quant
 from sgl.kernels.cpu.quant import Q16_MAX_ROWS, pack_weight
 from tests.kernels.test_cpu_q16_batch import raw_weight, with_threads
 from tests.kernels.test_cpu_q8_batch import unit_scale_weight
@@ -41,9 +40,7 @@ def packed_kernel() -> None:
 @pytest.mark.parametrize("act,qtype", CASES)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n,k", [(8, 32), (301, 96), (1035, 576)])  # 301, 1035: rows past the last whole group
-def test_the_packed_copy_gives_the_modes_bits(n: int, k: int, threads: int, act: str, qtype: str,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(quant.PACKED_MAX_ROWS, (act, qtype), Q16_MAX_ROWS)  # the copy for every row count it can take
+def test_the_packed_copy_gives_the_modes_bits(n: int, k: int, threads: int, act: str, qtype: str) -> None:
     gen = np.random.default_rng(n + k)
     w = raw_weight(qtype, n, k, gen)
     p = with_copy(w, act)
@@ -89,7 +86,7 @@ def test_what_does_not_pack_says_none_and_bad_rows_are_refused() -> None:
 
     with pytest.raises(ValueError, match="q16 takes q8_0"):  # the extension refuses what pack_weight never asks
         _ext.load().pack_weight(0, "q4_1", 8, 64, 0, 2)
-    w = with_copy(raw_weight("q8_0", 16, 64, gen), "q8")  # more rows than PACKED_MAX_ROWS, a bias: the GGUF rows
+    w = with_copy(raw_weight("q8_0", 16, 64, gen), "q8")  # a bias: the GGUF rows
     x, bias = torch.randn(9, 64), torch.randn(16)
     plain = QuantWeight(w.qtype, w.shape, w.data)
     assert torch.equal(quant_linear(x, w, bias=bias, act_quant="q8"), quant_linear(x, plain, bias=bias, act_quant="q8"))
