@@ -47,6 +47,16 @@ SGL_TARGET_Q16 inline void load8x16(const uint8_t* blk, int64_t rb, int off, __m
   hi = _mm512_unpackhi_epi64(v0, v1);
 }
 
+// A Q4 block's weights from its nibble bytes 0-7 (lo) and 8-15 (hi): w[0], w[1] the low nibbles (weights 0-7,
+// 8-15), w[2], w[3] the high ones (16-23, 24-31).
+SGL_TARGET_Q16 inline void split_nibbles(__m512i lo, __m512i hi, __m512i w[4]) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  w[0] = _mm512_and_si512(lo, m4);
+  w[1] = _mm512_and_si512(hi, m4);
+  w[2] = _mm512_and_si512(_mm512_srli_epi16(lo, 4), m4);
+  w[3] = _mm512_and_si512(_mm512_srli_epi16(hi, 4), m4);
+}
+
 // The 4 unsigned weight byte vectors of the 8 blocks at blk + c * rb: w[k] element e = weights 8k..8k+7 of col(e).
 template <QT T>
 SGL_TARGET_Q16 inline void weight_bytes8(const uint8_t* blk, int64_t rb, __m512i w[4]) {
@@ -56,13 +66,9 @@ SGL_TARGET_Q16 inline void weight_bytes8(const uint8_t* blk, int64_t rb, __m512i
     load8x16(blk, rb, 18, w[2], w[3]);
     for (int k = 0; k < 4; k++) w[k] = _mm512_xor_si512(w[k], flip);
   } else {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
     __m512i lo, hi;
     load8x16(blk, rb, T == QT::Q4_0 ? 2 : 4, lo, hi);
-    w[0] = _mm512_and_si512(lo, m4);
-    w[1] = _mm512_and_si512(hi, m4);
-    w[2] = _mm512_and_si512(_mm512_srli_epi16(lo, 4), m4);
-    w[3] = _mm512_and_si512(_mm512_srli_epi16(hi, 4), m4);
+    split_nibbles(lo, hi, w);
   }
 }
 
@@ -170,11 +176,7 @@ SGL_TARGET_Q16 inline void dot_q8_oct(const uint8_t* w, int64_t rb, int64_t nb, 
       if constexpr (T == QT::Q8_0) {
         for (int k = 0; k < 4; k++) wq[k] = _mm512_loadu_si512(body + 64 * k);
       } else {
-        const __m512i m4 = _mm512_set1_epi8(0x0F), lo = _mm512_loadu_si512(body), hi = _mm512_loadu_si512(body + 64);
-        wq[0] = _mm512_and_si512(lo, m4);
-        wq[1] = _mm512_and_si512(hi, m4);
-        wq[2] = _mm512_and_si512(_mm512_srli_epi16(lo, 4), m4);
-        wq[3] = _mm512_and_si512(_mm512_srli_epi16(hi, 4), m4);
+        split_nibbles(_mm512_loadu_si512(body), _mm512_loadu_si512(body + 64), wq);
       }
     } else {
       const uint8_t* blk = w + b * block_bytes(T);
