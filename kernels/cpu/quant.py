@@ -280,10 +280,8 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
                                          and residual.is_contiguous()):
             _check(x, w, bias, residual, out)
         packed = w.packed.get(act_quant) if w.packed else None
-        if packed is not None and m <= Q16_MAX_ROWS and bias is None and residual is None:  # (PACKED_ROWS_MEASURED)
-            ext.gemm_packed(x.data_ptr(), m, packed.data_ptr(), w.qtype, n, w.shape[1], out.data_ptr(),
-                            _ACT_MODE[act_quant], _threads or torch.get_num_threads())
-            return out
+        if packed is not None and (m <= Q16_MAX_ROWS or act_quant == "q8"):  # (q16 past it: fp32 activations)
+            return _gemm_packed(ext, x, w, packed, out, residual, act_quant, _threads or torch.get_num_threads())
         if m == 1 and act_quant in _GEMV_ACT and w.qtype in _GEMV_QTYPE and _has_gemv(ext):
             # one row (batch-1 decode, the lm_head): the decode pool's gemv, the same bits as gemm's path
             ext.gemv(x.data_ptr(), w.data.data_ptr(), _GEMV_QTYPE[w.qtype], n, w.shape[1], out.data_ptr(), 0,
@@ -306,6 +304,9 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
     if out is None:
         out = torch.empty(m, n, dtype=torch.float32)
     threads = get_num_threads()
+    packed = w.packed.get(act_quant) if w.packed and bias is None else None
+    if packed is not None and act_quant == "q8":  # prefill under q8 from the copy too, in blocks of Q16_MAX_ROWS rows
+        return _gemm_packed(ext, x, w, packed, out, residual, act_quant, threads)
     if m < PREFILL_M or (act_quant == "q8" and w.qtype != "f16"):  # q8: its contract at any M (prefill included)
         ext.gemm(x.data_ptr(), m, w.data.data_ptr(), w.qtype, n, k, out.data_ptr(),
                  0 if bias is None else bias.data_ptr(), 0 if residual is None else residual.data_ptr(),
@@ -338,6 +339,18 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = Non
         if residual is not None:
             y += residual[:, n0:n1]
         out[:, n0:n1] = y
+    return out
+
+
+def _gemm_packed(ext: object, x: torch.Tensor, w: QuantWeight, packed: torch.Tensor, out: torch.Tensor,
+                 residual: torch.Tensor | None, act_quant: str, threads: int) -> torch.Tensor:
+    """out = x @ w^T (+ residual) from w's packed copy, in blocks of Q16_MAX_ROWS rows (gemm_packed's most): each row's
+    bits are its bits alone in both modes' contracts, so the blocks change none. out may alias residual."""
+    n, k = w.shape
+    for r0 in range(0, x.shape[0], Q16_MAX_ROWS):
+        r1 = min(x.shape[0], r0 + Q16_MAX_ROWS)
+        ext.gemm_packed(x[r0:r1].data_ptr(), r1 - r0, packed.data_ptr(), w.qtype, n, k, out[r0:r1].data_ptr(),
+                        0 if residual is None else residual[r0:r1].data_ptr(), _ACT_MODE[act_quant], threads)
     return out
 
 

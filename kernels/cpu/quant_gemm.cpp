@@ -487,10 +487,11 @@ void pack_weight(Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Ad
 #endif
 }
 
-// y = x @ W^T for M <= kQ16MaxRows rows, the weights read from their packed copy P (pack_weight) for act's mode: gemm's
-// path of that mode, the same bits per row (a verify row's logits are its decode step's).
+// y = x @ W^T (+ resid) for M <= kQ16MaxRows rows, the weights read from their packed copy P (pack_weight) for act's
+// mode: gemm's path of that mode, the same bits per row (a verify row's logits are its decode step's). out may alias
+// resid (an entry reads only itself).
 void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr,
-                 int64_t act, int64_t threads) {
+                 Addr resid_addr, int64_t act, int64_t threads) {
   const QT t = packed_qtype(qtype, act);
   const int64_t group = packed_group(act);
   if (M <= 0 || M > kQ16MaxRows || N <= 0 || K <= 0 || K % kBlock) throw std::invalid_argument("bad gemm_packed shape");
@@ -499,6 +500,7 @@ void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, const std::string& qtype, 
   const float* xp = reinterpret_cast<const float*>(x_addr);
   const uint8_t* P = reinterpret_cast<const uint8_t*>(p_addr);
   float* op = reinterpret_cast<float*>(out_addr);
+  const float* rs = reinterpret_cast<const float*>(resid_addr);
   if (act == 1) {
     const Q8Blocks xb(xp, M, K);
     const Q8BAct& a8 = xb.act;
@@ -506,7 +508,7 @@ void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, const std::string& qtype, 
     pack_tiled8(a8, M, tiled);  // M = 1: one tile of one row, x's own layout
     with_block_qtype(t, [&](auto tc) {
       sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {  // whole groups
-        gemm_q8_cols<decltype(tc)::value, true>(P, M, N, K, a8, &tiled, op, nullptr, nullptr, group * g0,
+        gemm_q8_cols<decltype(tc)::value, true>(P, M, N, K, a8, &tiled, op, nullptr, rs, group * g0,
                                                 std::min(N, group * g1));
       });
     });
@@ -517,11 +519,11 @@ void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, const std::string& qtype, 
     pack_tiled(a16, M, tiled);
     const int64_t rb = row_bytes(QT::Q8_0, K);
     sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {
-      gemm_q16_packed_cols(P, P, rb, M, N, a16, tiled, op, group * g0, std::min(N, group * g1));
+      gemm_q16_packed_cols(P, rb, M, N, a16, tiled, op, rs, group * g0, std::min(N, group * g1));
     });
   }
 #else
-  (void)t, (void)x_addr, (void)p_addr, (void)out_addr, (void)threads;
+  (void)t, (void)x_addr, (void)p_addr, (void)out_addr, (void)resid_addr, (void)threads;
 #endif
 }
 

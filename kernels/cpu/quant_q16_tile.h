@@ -207,17 +207,17 @@ void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16
 #endif
 
 #ifdef SGL_Q16_ZMM
-// gemm_q16_tile for Q8_0 over P, the quad-packed copy of W (pack_q8_0_quad: whole groups of 4 rows), the rest of W by
-// dot_q16_col: the same bits. n0 is a multiple of 4 (so is every 4-column step of tile_columns from it).
-inline void gemm_q16_packed_cols(const uint8_t* P, const uint8_t* W, int64_t rb, int64_t M, int64_t N,
-                                 const Q16Act& a, const Q16Tiled& p, float* out, int64_t n0, int64_t n1) {
+// gemm_q16_tile for Q8_0 over P, the quad-packed copy of W (pack_q8_0_quad: whole groups of 4 rows, the rest GGUF
+// rows), (+ resid): the same bits. n0 is a multiple of 4 (so is every 4-column step of tile_columns from it).
+inline void gemm_q16_packed_cols(const uint8_t* P, int64_t rb, int64_t M, int64_t N, const Q16Act& a,
+                                 const Q16Tiled& p, float* out, const float* resid, int64_t n0, int64_t n1) {
   tile_columns<4>(
       M, p.rows, n0, n1,
       [&](auto rc, int64_t t, int64_t r0, int64_t n) {
         dot_q16_quad<QT::Q8_0, decltype(rc)::value, true>(P + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
-                                                           nullptr, nullptr);
+                                                           nullptr, resid != nullptr ? resid + r0 * N + n : nullptr);
       },
-      [&](int64_t r, int64_t n) { put_out(out, N, nullptr, nullptr, r, n, dot_q16_col<QT::Q8_0>(W + n * rb, a, r)); });
+      [&](int64_t r, int64_t n) { put_out(out, N, nullptr, resid, r, n, dot_q16_col<QT::Q8_0>(P + n * rb, a, r)); });
 }
 #endif
 

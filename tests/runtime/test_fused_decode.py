@@ -224,9 +224,12 @@ def test_packed_layer_weights_change_no_token() -> None:
 
     if not _ext.load().packed_ok():
         pytest.skip("no AVX-512 VNNI tiles here: no packed copies")
+    from sgl.kernels import cpu
+
     params = {"temperature": 0.0, "max_new_tokens": 10, "ignore_eos": True}
     prompts = ["The capital of France is", "List three colors:", "def add(a, b):"]
     outs = {}
+    saved = cpu.get_act_quant()  # the engine sets the process's mode: later tests expect the default back
     for pack in (True, False):
         eng = Engine(model_path="default", num_threads=1, max_total_tokens=2048, show_progress=False,
                      cpu_act_quant="q8", disable_cpu_weight_packing=not pack)
@@ -242,6 +245,7 @@ def test_packed_layer_weights_change_no_token() -> None:
             eng.check_integrity()
         finally:
             eng.shutdown()
+            cpu.set_act_quant(saved)
     assert outs[True] == outs[False]
 
 
