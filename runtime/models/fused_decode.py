@@ -62,7 +62,7 @@ def layer_weights(layer: "LlamaDecoderLayer", pack: bool = False) -> Optional[De
     built = None
     if ok:
         qkv, o, gate_up, down = ws
-        for w in ws if pack else ():
+        for w in ws if pack else ():  # a no-op for the copies model_stack's arena made
             w.pack("q8")  # NOTE: False (no copy) where it cannot run: the kernels read the GGUF rows
         built = DecodeLayerWeights(
             layer.input_layernorm.detach(), layer.post_attention_layernorm.detach(), float(layer.norm_consts.eps),
@@ -84,8 +84,11 @@ def model_stack(model: "LlamaForCausalLM", kv: KVCache) -> Optional[DecodeStack]
     or the pool change), or None when a layer cannot fuse or the layers' attention scales differ. Under q8
     activations the layers' weights get their packed copies (README "Packed layer weights")."""
     pack = get_act_quant() == "q8" and packs_weights(model)
-    if pack:  # every layer's copies in one huge-page arena, in the step's order (layer_weights then finds them)
+    if pack and not model.__dict__.get("_layers_packed"):  # once: every layer's copies in one huge-page arena, in
+        # the step's order (~23 us a step when asked every step); a weight replaced later gets its own copy in
+        # layer_weights
         pack_into_arena([getattr(layer, n) for layer in model.layers for n in layer.LINEARS], "q8")
+        model.__dict__["_layers_packed"] = True
     ws = [layer_weights(layer, pack) for layer in model.layers]
     key = (tuple(map(id, ws)), id(kv), kv.k_buffer(0).data_ptr())
     cached = model.__dict__.get("_fused_stack")
