@@ -1,8 +1,8 @@
 """Packed copies of block weights (QuantWeight.pack, kernels/cpu/quant.py: pack_weight; the oct-packed layout of q8
 activations for q4_0, q4_1 and q8_0, quant_q8_zmm.h's pack_oct, and the quad-packed Q8_0 one of q16, quant_q16_zmm.h's
-kQuadRecord), which quant_linear reads for up to Q16_MAX_ROWS rows: every row count up to it and every thread split
-gives the SAME BITS as the GGUF rows' path of that mode, so a verify row's logits stay
-its decode step's; rows past the last whole group stay GGUF rows in the copy; extreme blocks (the byte -128, int8
+kQuadRecord), which quant_linear reads for up to Q16_MAX_ROWS rows (q8: any count, in blocks of that many): every row
+count and thread split gives the SAME BITS as the GGUF rows' path of that mode, so a verify row's logits stay its
+decode step's; rows past the last whole group stay GGUF rows in the copy; extreme blocks (the byte -128, int8
 +-127 activations) included; where a copy cannot run, pack says False; the default model's lm_head takes its copy at
 the first logits. The fused decode kernels' reads of the layers' copies: tests/kernels/test_cpu_decode_rows.py."""
 
@@ -48,7 +48,7 @@ def test_the_packed_copy_gives_the_modes_bits(n: int, k: int, threads: int, act:
     copy = p.packed[act]
     assert copy.shape == w.data.shape  # the same bytes reordered
     assert torch.equal(copy[n // group * group:], w.data[n // group * group:])  # the last rows as they are
-    for m in (1, 2, 3, 5, 9, 12, 13, 33, Q16_MAX_ROWS):
+    for m in (1, 2, 3, 5, 9, 12, 13, 33, Q16_MAX_ROWS, 65, 130):  # past 64: q8 prefill in 64-row blocks
         x = torch.from_numpy(gen.standard_normal((m, k)).astype(np.float32))
         x[0, :32] = 0.0  # an all-zero block (scale 0)
         x[-1, :32] *= 1e4  # outliers in one block
