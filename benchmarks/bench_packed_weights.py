@@ -57,7 +57,7 @@ def kernel_table(name: str, weights: list[QuantWeight], act: str, iters: int) ->
     packed = [QuantWeight(w.qtype, w.shape, w.data) for w in weights]
     pack_into_arena(packed, act)  # as the engine packs them: one huge-page buffer in the order of use
     if not all(act in p.packed for p in packed):
-        raise SystemExit("no AVX-512 VNNI tiles on this CPU: no packed copies here")
+        raise SystemExit(f"no {act} packed copies on this CPU (q8: AVX2 or AVX-512 VNNI; q16: AVX-512 VNNI)")
     evict = torch.ones(64 << 20)
     rows = []
     for m in ROWS:

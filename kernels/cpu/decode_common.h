@@ -112,22 +112,22 @@ inline QT block_qtype(int64_t code) {
 // One decoder layer's weights and KV pool. A decoder stack passes them as the rows of decode_layer.py's
 // DecodeStack table, int64 [n, kStackColumns] (built once per model): ln1, ln2, wqkv, tqkv, qkv_bias, wo, to,
 // o_bias, wgu, tgu, wd, td, kbuf, vbuf (addresses, and block types as quant.py numbers them), then the addresses of
-// wqkv, wo, wgu, wd's oct-packed copies (quant.py's QuantWeight.pack("q8"); 0: none).
+// wqkv, wo, wgu, wd's packed copies (quant.py's QuantWeight.pack("q8"): oct- or quad-packed; 0: none).
 struct LayerW {
   const float *ln1, *ln2, *qkv_bias, *o_bias;
   const uint8_t *wqkv, *wo, *wgu, *wd;
   QT tqkv, to, tgu, td;
   KVPool kv;  // fp32 or fp16 entries
-  // whether wqkv, wo, wgu, wd point at oct-packed copies (stack_layer with packed: q8 activations read them)
+  // whether wqkv, wo, wgu, wd point at packed copies (stack_layer with packed: q8 activations read them)
   bool pqkv = false, po = false, pgu = false, pd = false;
 };
 
 constexpr int64_t kStackColumns = 18;
 
-// Point w's weights at their oct-packed copies (copies[i]: wqkv, wo, wgu, wd's, 0: none) when `packed` (q8
+// Point w's weights at their packed copies (copies[i]: wqkv, wo, wgu, wd's, 0: none) when `packed` (q8
 // activations: the copies give the same bits and read faster at every row count, quant.py's PACKED_ROWS_MEASURED).
 inline void use_packed(LayerW& w, const int64_t* copies, bool packed) {
-  if (!packed || !have_q16_tile()) return;
+  if (!packed || !have_q8_tile()) return;
   const uint8_t** ws[4] = {&w.wqkv, &w.wo, &w.wgu, &w.wd};
   bool* flags[4] = {&w.pqkv, &w.po, &w.pgu, &w.pd};
   for (int i = 0; i < 4; i++)

@@ -381,10 +381,10 @@ def pack_weight(w: QuantWeight, act_quant: str, out: torch.Tensor | None = None)
 
 def can_pack(w: QuantWeight, act_quant: str) -> bool:
     """Whether pack_weight makes a copy of `w` for `act_quant` here (its block type and mode, a whole group of rows,
-    the extension with the AVX-512 VNNI tiles)."""
+    the extension's kernels for the mode: q8 AVX2 or AVX-512 VNNI, q16 AVX-512 VNNI)."""
     ext = _ext.load()
     return (w.qtype in PACKED_QTYPES.get(act_quant, ()) and ext is not None and hasattr(ext, "pack_weight")
-            and ext.packed_ok() and w.shape[0] >= ext.packed_group(_ACT_MODE[act_quant]))
+            and ext.packed_ok(_ACT_MODE[act_quant]) and w.shape[0] >= ext.packed_group(_ACT_MODE[act_quant]))
 
 
 PACKED_QTYPES = {"q8": ("q4_0", "q4_1", "q8_0"), "q16": ("q8_0",)}  # the block types pack_weight packs per mode

@@ -419,12 +419,10 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
     const Q8BAct& a8 = xb.act;
     Q8Tiled tiled;
     const Q8Tiled* pp = nullptr;
-#ifdef SGL_AVX512_TILE
-    if (M >= kQ16TileMinRows && have_q16_tile()) {
+    if (M >= kQ16TileMinRows && have_q8_tile()) {
       pack_tiled8(a8, M, tiled);
       pp = &tiled;
     }
-#endif
     columns_by_qtype(t, N, threads, [&](auto tc, int64_t n0, int64_t n1) {
       gemm_q8_cols<decltype(tc)::value>(W, M, N, K, a8, pp, op, b, rs, n0, n1);
     });
@@ -451,15 +449,30 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
   });
 }
 
-// Packed copies of block weights (quant.py's QuantWeight.pack), per activation mode: act 1 = q8, any block type
-// oct-packed (quant_q8_zmm.h's pack_oct, 8 rows per group); act 2 = q16, Q8_0 only, quad-packed (quant_q16_zmm.h's
-// kQuadRecord, 4 rows). A copy has the weight's size: whole groups packed, the last rows as they are. They run where
-// the AVX-512 VNNI tiles do.
-bool packed_ok() { return have_q16_tile(); }
+// Packed copies of block weights (quant.py's QuantWeight.pack), per activation mode: act 1 = q8, any block type,
+// oct-packed where the AVX-512 VNNI tiles run (quant_q8_zmm.h's pack_oct, 8 rows per group), else quad-packed for
+// the AVX2 kernel (quant_q8_blocks.h's pack_quad8, 4 rows); act 2 = q16, Q8_0 only, quad-packed (quant_q16_zmm.h's
+// kQuadRecord, 4 rows), AVX-512 only. A copy has the weight's size: whole groups packed, the last rows as they are.
+static bool q8_oct() {
+#ifdef SGL_Q16_ZMM
+  return have_q16_zmm();
+#else
+  return false;
+#endif
+}
+
+bool packed_ok(int64_t act) {
+  if (act != 1 && act != 2) throw std::invalid_argument("packed weights: act must be 1 (q8) or 2 (q16)");
+#ifdef SGL_AVX2
+  return act == 1 || have_q16_tile();
+#else
+  return false;
+#endif
+}
 
 int64_t packed_group(int64_t act) {
   if (act != 1 && act != 2) throw std::invalid_argument("packed weights: act must be 1 (q8) or 2 (q16)");
-  return act == 1 ? 8 : 4;
+  return act == 1 && q8_oct() ? 8 : 4;
 }
 
 static QT packed_qtype(const std::string& qtype, int64_t act) {
@@ -467,24 +480,27 @@ static QT packed_qtype(const std::string& qtype, int64_t act) {
   packed_group(act);
   if (t == QT::F16 || (act == 2 && t != QT::Q8_0))
     throw std::invalid_argument("packed weights: q8 takes q4_0, q4_1 and q8_0 blocks, q16 takes q8_0");
+  if (!packed_ok(act)) throw std::runtime_error("packed weights: not on this CPU or build (packed_ok)");
   return t;
 }
 
 void pack_weight(Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr, int64_t act) {
   const QT t = packed_qtype(qtype, act);
   if (N <= 0 || K <= 0 || K % kBlock) throw std::invalid_argument("pack_weight: need N > 0, K % 32 == 0");
-#ifdef SGL_Q16_ZMM
   const uint8_t* W = reinterpret_cast<const uint8_t*>(w_addr);
   uint8_t* P = reinterpret_cast<uint8_t*>(out_addr);
+  const int64_t rb = row_bytes(t, K);
+#ifdef SGL_Q16_ZMM
   if (act == 2) {
-    pack_q8_0_quad(W, N, row_bytes(QT::Q8_0, K), P);
+    pack_q8_0_quad(W, N, rb, P);
     return;
   }
-  with_block_qtype(t, [&](auto tc) { pack_oct<decltype(tc)::value>(W, N, row_bytes(t, K), P); });
-#else
-  (void)t, (void)w_addr, (void)out_addr;
-  throw std::runtime_error("pack_weight: built without the AVX-512 kernels");
+  if (q8_oct()) {
+    with_block_qtype(t, [&](auto tc) { pack_oct<decltype(tc)::value>(W, N, rb, P); });
+    return;
+  }
 #endif
+  with_block_qtype(t, [&](auto tc) { pack_quad8<decltype(tc)::value>(W, N, rb, P); });
 }
 
 // y = x @ W^T (+ resid) for M <= kQ16MaxRows rows, the weights read from their packed copy P (pack_weight) for act's
@@ -495,8 +511,6 @@ void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, const std::string& qtype, 
   const QT t = packed_qtype(qtype, act);
   const int64_t group = packed_group(act);
   if (M <= 0 || M > kQ16MaxRows || N <= 0 || K <= 0 || K % kBlock) throw std::invalid_argument("bad gemm_packed shape");
-  if (!have_q16_tile()) throw std::runtime_error("gemm_packed: needs the AVX-512 VNNI tiles (packed_ok)");
-#ifdef SGL_Q16_ZMM
   const float* xp = reinterpret_cast<const float*>(x_addr);
   const uint8_t* P = reinterpret_cast<const uint8_t*>(p_addr);
   float* op = reinterpret_cast<float*>(out_addr);
@@ -512,18 +526,17 @@ void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, const std::string& qtype, 
                                                 std::min(N, group * g1));
       });
     });
-  } else {
-    const Q16Blocks xb(xp, M, K);
-    const Q16Act& a16 = xb.act;
-    Q16Tiled tiled;
-    pack_tiled(a16, M, tiled);
-    const int64_t rb = row_bytes(QT::Q8_0, K);
-    sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {
-      gemm_q16_packed_cols(P, rb, M, N, a16, tiled, op, rs, group * g0, std::min(N, group * g1));
-    });
+    return;
   }
-#else
-  (void)t, (void)x_addr, (void)p_addr, (void)out_addr, (void)resid_addr, (void)threads;
+#ifdef SGL_Q16_ZMM
+  const Q16Blocks xb(xp, M, K);
+  const Q16Act& a16 = xb.act;
+  Q16Tiled tiled;
+  pack_tiled(a16, M, tiled);
+  const int64_t rb = row_bytes(QT::Q8_0, K);
+  sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {
+    gemm_q16_packed_cols(P, rb, M, N, a16, tiled, op, rs, group * g0, std::min(N, group * g1));
+  });
 #endif
 }
 
@@ -554,6 +567,9 @@ std::string isa() {
   if (have_avx512()) s += " (avx512 multi-row tile)";
   if (have_q16_tile()) s += " (q16 4-column, q8 8-column avx512-vnni tiles)";
 #endif
+#ifdef SGL_AVX2
+  if (!have_q16_tile()) s += " (q8 4-column avx2 tile)";
+#endif
   return s;
 }
 
@@ -562,8 +578,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released: other Python threads (e.g. the grammar mask of the next step) run meanwhile.
   m.def("gemm", &gemm, "y = x @ W^T (+ bias) (+ residual) on GGUF blocks", py::call_guard<py::gil_scoped_release>());
   m.def("dequant", &dequant, "GGUF blocks -> fp32 rows", py::call_guard<py::gil_scoped_release>());
-  m.def("packed_ok", &packed_ok, "whether gemm_packed runs here (the AVX-512 VNNI tiles)");
-  m.def("packed_group", &packed_group, "rows per group of the packed layout of an act mode (q8: 8, q16: 4)");
+  m.def("packed_ok", &packed_ok, "whether pack_weight / gemm_packed run here for an act mode (q8: AVX2 or AVX-512 "
+        "VNNI, q16: AVX-512 VNNI)", py::arg("act"));
+  m.def("packed_group", &packed_group,
+        "rows per group of the packed layout of an act mode (q8: 8 with AVX-512 VNNI, else 4; q16: 4)");
   m.def("pack_weight", &pack_weight, "block rows -> their packed copy for an act mode (the same size)",
         py::call_guard<py::gil_scoped_release>());
   m.def("gemm_packed", &gemm_packed, "y = x @ W^T, q8 / q16 activations, block weights from their packed copy",

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "quant_common.h"
@@ -164,24 +165,27 @@ inline void put_out(float* out, int64_t N, const float* bias, const float* resid
   out[o] = v;
 }
 
-#ifdef SGL_Q16_ZMM
-// f(std::integral_constant<int, R>{}) for R in 1..kQ16TileRows.
-template <class F>
+// f(std::integral_constant<int, R>{}) for R in 1..MaxR.
+template <int MaxR, class F, int... I>
+inline void with_rows_seq(int R, F&& f, std::integer_sequence<int, I...>) {
+  with_int<(MaxR - I)...>(R, f);
+}
+template <int MaxR, class F>
 inline void with_tile_rows(int R, F&& f) {
-  with_int<12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1>(R, f);
+  with_rows_seq<MaxR>(R, f, std::make_integer_sequence<int, MaxR>{});
 }
 
 // Columns [n0, n1) of rows 0..M in cache blocks of 64 columns (their weight rows stay in L1/L2 across the row
 // tiles), in each the tiles of `rows` rows (tile t: rows r0 .. r0 + RR) x C columns, quad(rc, t, r0, n) with rc an
 // integral_constant of RR, and the < C tail columns one row at a time, col(r, n). The q16 (C = 4) and q8 (C = 8)
 // tiles share it.
-template <int C, class Quad, class Col>
+template <int C, int MaxR = kQ16TileRows, class Quad, class Col>
 inline void tile_columns(int64_t M, int64_t rows, int64_t n0, int64_t n1, Quad&& quad, Col&& col) {
   constexpr int64_t kChunk = 64;
   for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
     const int64_t c1 = std::min(n1, c0 + kChunk);
     for (int64_t r0 = 0, t = 0; r0 < M; r0 += rows, t++) {
-      with_tile_rows(int(std::min<int64_t>(rows, M - r0)), [&](auto rc) {
+      with_tile_rows<MaxR>(int(std::min<int64_t>(rows, M - r0)), [&](auto rc) {
         int64_t n = c0;
         for (; n + C <= c1; n += C) quad(rc, t, r0, n);
         for (; n < c1; n++)
@@ -191,6 +195,7 @@ inline void tile_columns(int64_t M, int64_t rows, int64_t n0, int64_t n1, Quad&&
   }
 }
 
+#ifdef SGL_Q16_ZMM
 // out rows 0..M of columns [n0, n1): tile_columns with dot_q16_quad (4 columns) and dot_q16_col (the tail).
 template <QT T>
 void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16Act& a, const Q16Tiled& p,

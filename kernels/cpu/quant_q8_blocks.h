@@ -102,67 +102,172 @@ inline float dot_q8_col(const uint8_t* w, const Q8BAct& a, int64_t row) {
   return (L[0] + L[1]) + scal;
 }
 
+// The x of a tile of rows as the kernels read it: row r of block b at q + b * bq + r * 32, its scale and block
+// sum at d / s + b * bds + r, its kQ8Corr lane corrections at c + b * bc + r * kQ8Corr. M = 1 reads a row-major
+// row ({q, d, s, c, 32, 1, kQ8Corr}); batches read Q8Tiled (quant_q8_tile.h), a tile's rows of a block adjacent.
+struct Q8TileX {
+  const int8_t* q;
+  const float *d, *s;
+  const int32_t* c;
+  int64_t bq, bds, bc;
+};
+
 #ifdef SGL_AVX2
-// The contract for 4 columns (W rows w + c * rb, c < 4) of row `row`: res[0..4) (AVX2 CPUs without AVX-512
-// VNNI). One ymm holds the 2 lanes of 4 columns, 64-bit element e = column (e >> 1) + 2 (e & 1) (the order of
-// two 2-column loads and an unpack). I_l without VNNI: vpmaddubsw (u8 x s8 -> int16 pairs: Q4 nibbles x x, at
-// most 2 * 15 * 127; Q8_0 |w| x x * sign(w), at most 2 * 128 * 127 < 2^15: never saturates) then vpmaddwd by
-// 1 (-> the int32 lane of 4 bytes, vpdpbusd's partition); Q4_0's -8 is the correction c_l, Q8_0 needs none.
+// Rows per AVX2 tile at most: R accumulators + R Q4_1 scalar terms (xmm) + 4 weight vectors + constants fit the
+// 16 ymm at R = 4 (a verify row of 1 + 8 tokens: 3 tiles of 3 rows, each weight block unpacked 3 times, not 9).
+constexpr int kQ8Avx2TileRows = 4;
+
+// The quad-packed layout of the AVX2 kernel (pack_quad8; the copies of q8 activations where the AVX-512 oct layout
+// does not run): 4 rows' block b as ONE record of 4 * block_bytes(T) bytes, so group g starts at W + 4 g * rb as in
+// GGUF. A record is the 4 columns' headers in column order (f16 d, or d m for Q4_1: kQuad8Header bytes), then the
+// 32-byte vectors dot_q8_quad unpacks from GGUF rows, element e = column (e >> 1) + 2 (e & 1): Q8_0 its 4 vectors
+// (bytes 0-7, 8-15, 16-23, 24-31 of each column), Q4_0 / Q4_1 the 2 nibble vectors (bytes 0-7, 8-15). A block is
+// then one header load and 4 (2) contiguous loads from ONE stream instead of 4 rows' loads, inserts and unpacks.
 template <QT T>
-inline void dot_q8_cols4(const uint8_t* w, int64_t rb, const Q8BAct& a, int64_t row, float* res) {
-  const int8_t* xq = a.q + row * a.k;
-  const float* xd = a.d + row * a.nb;
-  const float* xs = a.s + row * a.nb;
-  const int32_t* xc = a.c + row * a.nb * kQ8Corr;
+constexpr int64_t kQuad8Record = 4 * block_bytes(T);
+template <QT T>
+constexpr int64_t kQuad8Header = T == QT::Q4_1 ? 16 : 8;
+
+// P = the packed copy of N rows of rb bytes at W in groups of G rows (pack_quad8: 4, quant_q8_zmm.h's pack_oct: 8):
+// group g's block b as one record of G * block_bytes(T) bytes, the G columns' headers in column order (hb bytes
+// each), then the byte vectors k (Q8_0: 4, Q4: 2) of G 8-byte elements, element e = bytes 8k..8k+7 of column
+// e / 2 + G / 2 (e % 2) (Q8_0's bytes xor `flip`); the last N % G rows as they are.
+template <QT T, int G>
+inline void pack_groups(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P, uint8_t flip) {
+  constexpr int64_t bs = block_bytes(T), hb = T == QT::Q4_1 ? 4 : 2, rec = G * bs;
+  const int64_t nb = rb / bs, full = N / G * G;
+  for (int64_t g = 0; g < full / G; g++)
+    for (int64_t b = 0; b < nb; b++) {
+      uint8_t* o = P + (g * nb + b) * rec;
+      for (int c = 0; c < G; c++) std::memcpy(o + hb * c, W + (g * G + c) * rb + b * bs, hb);
+      constexpr int vectors = T == QT::Q8_0 ? 4 : 2;
+      for (int k = 0; k < vectors; k++)
+        for (int e = 0; e < G; e++) {
+          const uint8_t* src = W + (g * G + e / 2 + G / 2 * (e % 2)) * rb + b * bs + hb + 8 * k;
+          uint8_t* dst = o + G * hb + G * 8 * k + 8 * e;
+          for (int j = 0; j < 8; j++) dst[j] = T == QT::Q8_0 ? uint8_t(src[j] ^ flip) : src[j];
+        }
+    }
+  std::memcpy(P + full * rb, W + full * rb, (N - full) * rb);
+}
+
+template <QT T>
+inline void pack_quad8(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P) {
+  pack_groups<T, 4>(W, N, rb, P, 0);
+}
+
+// The contract for 4 columns (W rows w + c * rb, c < 4) x R rows of x (AVX2 CPUs without AVX-512 VNNI; R = 1 is
+// the decode gemv): out[r * ldo + c] (+ bias[c]) (+ resid[r * ldo + c]). One ymm holds a row's 2 lanes of 4
+// columns, 64-bit element e = column (e >> 1) + 2 (e & 1) (the order of two 2-column loads and an unpack); the 4
+// weight vectors are unpacked once per block for all R rows. I_l without VNNI: vpmaddubsw (u8 x s8 -> int16
+// pairs) then vpmaddwd by 1 (-> the int32 lane of 4 bytes, vpdpbusd's partition). Q4: nibble x x pairs are at
+// most 2 * 15 * 127, so the 4 vectors' int16 pairs add up exactly (<= 15240) before ONE vpmaddwd per row and
+// block (llama.cpp's AVX2 Q4 dot does the same); Q4_0's -8 is the correction c_l. Q8_0: |w| x x * sign(w), at
+// most 2 * 128 * 127 < 2^15 per vector but not for two: a vpmaddwd per vector. Integer sums are exact in any
+// order: the bits of the scalar contract.
+// Packed: w is the group's quad-packed records (pack_quad8): the same registers from other bytes, the same bits.
+template <QT T, int R, bool Packed = false>
+inline void dot_q8_quad(const uint8_t* w, int64_t rb, int64_t nb, const Q8TileX& x, float* out, int64_t ldo,
+                        const float* bias, const float* resid) {
+  static_assert(R >= 1 && R <= kQ8Avx2TileRows, "rows per tile");
   const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
-  const auto load2 = [&](int c, int off) {  // bytes off..off+15 of columns c, c + 1
-    return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(w + (c + 1) * rb + off),
-                               reinterpret_cast<const __m128i*>(w + c * rb + off));
+  const auto load2 = [&](const uint8_t* blk, int c, int off) {  // bytes off..off+15 of columns c, c + 1
+    return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(blk + (c + 1) * rb + off),
+                               reinterpret_cast<const __m128i*>(blk + c * rb + off));
   };
-  __m256 acc = _mm256_setzero_ps();
-  float scal[4] = {};
-  for (int64_t b = 0; b < a.nb; b++, w += block_bytes(T)) {
-    for (int c = 0; c < 4; c++) prefetch(w + c * rb);
-    __m256i wq[4];
-    if constexpr (T == QT::Q8_0) {
-      const __m256i l01 = load2(0, 2), l23 = load2(2, 2), h01 = load2(0, 18), h23 = load2(2, 18);
-      wq[0] = _mm256_unpacklo_epi64(l01, l23);
-      wq[1] = _mm256_unpackhi_epi64(l01, l23);
-      wq[2] = _mm256_unpacklo_epi64(h01, h23);
-      wq[3] = _mm256_unpackhi_epi64(h01, h23);
-    } else {
-      constexpr int off = T == QT::Q4_0 ? 2 : 4;
-      const __m256i v01 = load2(0, off), v23 = load2(2, off);
-      const __m256i lo = _mm256_unpacklo_epi64(v01, v23), hi = _mm256_unpackhi_epi64(v01, v23);
-      wq[0] = _mm256_and_si256(lo, m4);
-      wq[1] = _mm256_and_si256(hi, m4);
-      wq[2] = _mm256_and_si256(_mm256_srli_epi16(lo, 4), m4);
-      wq[3] = _mm256_and_si256(_mm256_srli_epi16(hi, 4), m4);
-    }
-    __m256i I = T == QT::Q4_0 ? _mm256_set1_epi64x([&] { int64_t v; std::memcpy(&v, xc + b * kQ8Corr, 8); return v; }())
-                              : _mm256_setzero_si256();
-    for (int k = 0; k < 4; k++) {
-      int64_t xv;
-      std::memcpy(&xv, xq + b * kBlock + 8 * k, 8);
-      __m256i x = _mm256_set1_epi64x(xv), u = wq[k];
-      if constexpr (T == QT::Q8_0) {
-        x = _mm256_sign_epi8(x, u);
-        u = _mm256_sign_epi8(u, u);
-      }
-      I = _mm256_add_epi32(I, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones));
-    }
-    const float d0 = f16(w), d1 = f16(w + rb), d2 = f16(w + 2 * rb), d3 = f16(w + 3 * rb);
-    const __m256 dv = _mm256_setr_ps(d0, d0, d2, d2, d1, d1, d3, d3);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dv, _mm256_set1_ps(xd[b])), acc);
-    if constexpr (T == QT::Q4_1)
-      for (int c = 0; c < 4; c++) scal[c] = std::fma(f16(w + c * rb + 2), xs[b], scal[c]);
+  const auto split = [&](__m256i lo, __m256i hi, __m256i* q) {  // Q4: bytes 0-7 / 8-15 -> weights 8k..8k+7
+    q[0] = _mm256_and_si256(lo, m4);
+    q[1] = _mm256_and_si256(hi, m4);
+    q[2] = _mm256_and_si256(_mm256_srli_epi16(lo, 4), m4);
+    q[3] = _mm256_and_si256(_mm256_srli_epi16(hi, 4), m4);
+  };
+  __m256 acc[R];
+  __m128 scal[R];
+  for (int r = 0; r < R; r++) {
+    acc[r] = _mm256_setzero_ps();
+    scal[r] = _mm_setzero_ps();
   }
-  alignas(32) float l[8];
-  _mm256_store_ps(l, _mm256_add_ps(acc, _mm256_permute_ps(acc, _MM_SHUFFLE(2, 3, 0, 1))));  // L_0 + L_1 at 2e
-  res[0] = l[0] + scal[0];
-  res[1] = l[4] + scal[1];
-  res[2] = l[2] + scal[2];
-  res[3] = l[6] + scal[3];
+  const int8_t* xq = x.q;
+  const float *xd = x.d, *xs = x.s;
+  const int32_t* xc = x.c;
+  for (int64_t b = 0; b < nb; b++, xq += x.bq, xd += x.bds, xs += x.bds, xc += x.bc) {
+    __m256i wq[4];
+    __m256 dv;
+    __m128 mv = _mm_setzero_ps();
+    if constexpr (Packed) {  // one record: one stream, every cache line of it prefetched
+      const uint8_t* rec = w + b * kQuad8Record<T>;
+      for (int l = 0; l < int((kQuad8Record<T> + 63) / 64); l++) prefetch(rec + 64 * l);
+      if constexpr (T == QT::Q4_1) {  // d0 m0 d1 m1 d2 m2 d3 m3
+        const __m256 hdr = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec)));
+        dv = _mm256_permutevar8x32_ps(hdr, _mm256_setr_epi32(0, 0, 4, 4, 2, 2, 6, 6));
+        mv = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(hdr, _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7)));
+      } else {
+        const __m128 h = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rec)));
+        dv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(h), _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3));
+      }
+      const uint8_t* body = rec + kQuad8Header<T>;
+      if constexpr (T == QT::Q8_0) {
+        for (int k = 0; k < 4; k++) wq[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(body + 32 * k));
+      } else {
+        split(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(body)),
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(body + 32)), wq);
+      }
+    } else {
+      const uint8_t* blk = w + b * block_bytes(T);
+      for (int c = 0; c < 4; c++) prefetch(blk + c * rb);
+      if constexpr (T == QT::Q8_0) {
+        const __m256i l01 = load2(blk, 0, 2), l23 = load2(blk, 2, 2), h01 = load2(blk, 0, 18), h23 = load2(blk, 2, 18);
+        wq[0] = _mm256_unpacklo_epi64(l01, l23);
+        wq[1] = _mm256_unpackhi_epi64(l01, l23);
+        wq[2] = _mm256_unpacklo_epi64(h01, h23);
+        wq[3] = _mm256_unpackhi_epi64(h01, h23);
+      } else {
+        constexpr int off = T == QT::Q4_0 ? 2 : 4;
+        const __m256i v01 = load2(blk, 0, off), v23 = load2(blk, 2, off);
+        split(_mm256_unpacklo_epi64(v01, v23), _mm256_unpackhi_epi64(v01, v23), wq);
+      }
+      const float d0 = f16(blk), d1 = f16(blk + rb), d2 = f16(blk + 2 * rb), d3 = f16(blk + 3 * rb);
+      dv = _mm256_setr_ps(d0, d0, d2, d2, d1, d1, d3, d3);
+      if constexpr (T == QT::Q4_1)
+        mv = _mm_setr_ps(f16(blk + 2), f16(blk + rb + 2), f16(blk + 2 * rb + 2), f16(blk + 3 * rb + 2));
+    }
+    for (int r = 0; r < R; r++) {
+      const int8_t* xb = xq + r * kBlock;
+      const auto xk = [&](int k) {
+        int64_t v;
+        std::memcpy(&v, xb + 8 * k, 8);
+        return _mm256_set1_epi64x(v);
+      };
+      __m256i I;
+      if constexpr (T == QT::Q8_0) {
+        I = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++)
+          I = _mm256_add_epi32(
+              I, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wq[k], wq[k]), _mm256_sign_epi8(xk(k), wq[k])),
+                                   ones));
+      } else {
+        __m256i p = _mm256_maddubs_epi16(wq[0], xk(0));
+        for (int k = 1; k < 4; k++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(wq[k], xk(k)));
+        I = _mm256_madd_epi16(p, ones);
+        if constexpr (T == QT::Q4_0) {
+          int64_t cv;
+          std::memcpy(&cv, xc + r * kQ8Corr, 8);
+          I = _mm256_add_epi32(I, _mm256_set1_epi64x(cv));
+        }
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(dv, _mm256_set1_ps(xd[r])), acc[r]);
+      if constexpr (T == QT::Q4_1) scal[r] = _mm_fmadd_ps(mv, _mm_set1_ps(xs[r]), scal[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    const __m256 t = _mm256_add_ps(acc[r], _mm256_permute_ps(acc[r], _MM_SHUFFLE(2, 3, 0, 1)));  // L_0 + L_1 at 2e
+    const __m128 even = _mm_shuffle_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1), _MM_SHUFFLE(2, 0, 2, 0));
+    __m128 y = _mm_permute_ps(even, _MM_SHUFFLE(3, 1, 2, 0));  // columns 0..3 (elements 0, 4, 2, 6 of t)
+    if constexpr (T == QT::Q4_1) y = _mm_add_ps(y, scal[r]);
+    if (bias != nullptr) y = _mm_add_ps(y, _mm_loadu_ps(bias));
+    if (resid != nullptr) y = _mm_add_ps(y, _mm_loadu_ps(resid + r * ldo));
+    _mm_storeu_ps(out + r * ldo, y);
+  }
 }
 #endif
 

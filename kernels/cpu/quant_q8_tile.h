@@ -3,13 +3,14 @@
 // computes the one q8 block-dot contract of quant_q8_blocks.h (the scalar and the AVX-512 VNNI 8-column x R-row
 // kernels), and a column's arithmetic does not depend on which kernel, tile or thread range computed it.
 // Where the machine has AVX-512 VNNI (have_q16_tile()) a tile of 8 columns x up to kQ16TileRows rows reads each
-// weight block once for all its rows; elsewhere (AVX2 only, SGL_CPU_Q16_NO_TILE=1) the rows run gemv_rows8 one
-// at a time (the AVX2 4-column kernel; the scalar build: the scalar one): the same bits.
+// weight block once for all its rows; on AVX2 only (or SGL_CPU_Q16_NO_TILE=1) the AVX2 tile of 4 columns x up to
+// kQ8Avx2TileRows rows does (quant_q8_blocks.h); the scalar build runs the rows one at a time: the same bits.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "quant_common.h"
@@ -70,9 +71,31 @@ struct Q8Blocks {
   Q8Blocks(const Q8Blocks&) = delete;  // act points into the vectors
 };
 
+// Whether a batch runs a q8 tile here (each weight block read once per tile of rows): the AVX-512 VNNI one
+// (dot_q8_oct) or the AVX2 one (dot_q8_quad); the scalar build runs the rows one at a time.
+inline bool have_q8_tile() {
+#ifdef SGL_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Rows per tile at most: the AVX-512 tile's kQ16TileRows where it runs, else the AVX2 tile's.
+inline int64_t q8_tile_rows() {
+#ifdef SGL_Q16_ZMM
+  if (have_q16_zmm()) return kQ16TileRows;
+#endif
+#ifdef SGL_AVX2
+  return kQ8Avx2TileRows;
+#else
+  return kQ16TileRows;
+#endif
+}
+
 // Sizes p for M rows of nb blocks; pack_row8 then fills row r (rows write disjoint parts of p).
 inline void size_tiled8(int64_t M, int64_t nb, Q8Tiled& p) {
-  const int64_t tiles = (M + kQ16TileRows - 1) / kQ16TileRows;
+  const int64_t tiles = (M + q8_tile_rows() - 1) / q8_tile_rows();
   p.M = M;
   p.nb = nb;
   p.rows = (M + tiles - 1) / tiles;
@@ -108,30 +131,33 @@ inline void pack_tiled8(const Q8BAct& a, int64_t M, Q8Tiled& p) {
 
 // out[c] = (dot(W row c, x row 0 of a) (+ bias[c])) (+ resid[c]) for c < count; W points at the first row.
 // One entry for gemv, gemm's single row and the fused decode layer, so all three give the same bits.
-// Packed: W is an oct-packed copy (pack_oct) from a group's first row: whole groups read as records, the rest as
-// rows (a copy's last N % 8 rows are GGUF rows); only where the AVX-512 kernel runs (packed_ok).
+// Packed: W is the packed copy from a group's first row: whole groups read as records, the rest as rows (a copy's
+// last rows past its whole groups are GGUF rows); oct-packed (pack_oct) where the AVX-512 kernel runs, else
+// quad-packed (pack_quad8, AVX2).
 template <QT T, bool Packed = false>
 void gemv_rows8(const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, float* out, const float* bias,
                 const float* resid) {
   int64_t n = 0;
+  bool oct = false;  // the AVX-512 kernel ran: a packed copy is oct-packed (its < 8 tail rows GGUF rows)
 #ifdef SGL_Q16_ZMM
-  if (have_q16_zmm())
+  if (have_q16_zmm()) {
+    oct = true;
     for (; n + 8 <= count; n += 8)
       dot_q8_oct<T, 1, Packed>(W + n * rb, rb, a.nb, Q8TileX{a.q, a.d, a.s, a.c, kBlock, 1, kQ8Corr}, out + n, 0,
-                        bias != nullptr ? bias + n : nullptr, resid != nullptr ? resid + n : nullptr);
-#endif
-#ifdef SGL_AVX2
-  float res[4];
-  for (; n + 4 <= count; n += 4) {
-    dot_q8_cols4<T>(W + n * rb, rb, a, 0, res);
-    for (int c = 0; c < 4; c++) {
-      float v = res[c];
-      if (bias != nullptr) v += bias[n + c];
-      if (resid != nullptr) v += resid[n + c];
-      out[n + c] = v;
-    }
+                               bias != nullptr ? bias + n : nullptr, resid != nullptr ? resid + n : nullptr);
   }
 #endif
+#ifdef SGL_AVX2
+  const auto quad = [&](auto packed) {
+    for (; n + 4 <= count; n += 4)
+      dot_q8_quad<T, 1, decltype(packed)::value>(W + n * rb, rb, a.nb, Q8TileX{a.q, a.d, a.s, a.c, kBlock, 1, kQ8Corr},
+                                                 out + n, 0, bias != nullptr ? bias + n : nullptr,
+                                                 resid != nullptr ? resid + n : nullptr);
+  };
+  if (Packed && !oct) quad(std::true_type{});  // quad-packed (pack_quad8)
+  else quad(std::false_type{});
+#endif
+  (void)oct;
   for (; n < count; n++) {
     float v = dot_q8_col<T>(W + n * rb, a, 0);
     if (bias != nullptr) v += bias[n];
@@ -140,22 +166,20 @@ void gemv_rows8(const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, fl
   }
 }
 
-#ifdef SGL_Q16_ZMM
-// out rows 0..M of columns [n0, n1): tile_columns (quant_q16_tile.h) with dot_q8_oct (8 columns) and dot_q8_col.
-// Packed: W is an oct-packed copy (gemv_rows8) and n0 a multiple of 8.
-template <QT T, bool Packed = false>
-void gemm_q8_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a, const Q8Tiled& p,
-                  float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
-  tile_columns<8>(
+// out rows 0..M of columns [n0, n1): tile_columns (quant_q16_tile.h) with kernel<R> (C columns x R <= MaxR rows:
+// dot_q8_oct, 8 x 12, or dot_q8_quad, 4 x kQ8Avx2TileRows) and dot_q8_col for the tail columns. Packed: W is a
+// packed copy of the kernel's layout (gemv_rows8) and n0 a multiple of its group.
+template <QT T, int C, int MaxR, class Kernel>
+void gemm_q8_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a, const Q8Tiled& p, float* out,
+                  const float* bias, const float* resid, int64_t n0, int64_t n1, Kernel&& kernel) {
+  tile_columns<C, MaxR>(
       M, p.rows, n0, n1,
       [&](auto rc, int64_t t, int64_t r0, int64_t n) {
-        dot_q8_oct<T, decltype(rc)::value, Packed>(W + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
-                                           bias != nullptr ? bias + n : nullptr,
-                                           resid != nullptr ? resid + r0 * N + n : nullptr);
+        kernel(rc, W + n * rb, p.tile(t), out + r0 * N + n, bias != nullptr ? bias + n : nullptr,
+               resid != nullptr ? resid + r0 * N + n : nullptr);
       },
       [&](int64_t r, int64_t n) { put_out(out, N, bias, resid, r, n, dot_q8_col<T>(W + n * rb, a, r)); });
 }
-#endif
 
 // The portable way to the same bits: rows_columns (quant_q16_tile.h), each row through gemv_rows8.
 template <QT T, bool Packed = false>
@@ -168,15 +192,29 @@ void gemm_q8_rows(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BA
   });
 }
 
-// gemm's q8 path for the output columns [n0, n1) (tiled: a packed for the tile, or null: per row). Packed: W is an
-// oct-packed copy (gemv_rows8) and n0 a multiple of 8.
+// gemm's q8 path for the output columns [n0, n1) (tiled: a packed for the tile, or null: per row). Packed: W is a
+// packed copy (gemv_rows8) and n0 a multiple of its group.
 template <QT T, bool Packed = false>
 void gemm_q8_cols(const uint8_t* W, int64_t M, int64_t N, int64_t K, const Q8BAct& a, const Q8Tiled* tiled,
                   float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
   const int64_t rb = row_bytes(T, K);
 #ifdef SGL_Q16_ZMM
   if (tiled != nullptr && M >= kQ16TileMinRows && have_q16_zmm()) {
-    gemm_q8_tile<T, Packed>(W, rb, M, N, a, *tiled, out, bias, resid, n0, n1);
+    gemm_q8_tile<T, 8, kQ16TileRows>(W, rb, M, N, a, *tiled, out, bias, resid, n0, n1,
+                                     [&](auto rc, const uint8_t* w, const Q8TileX& x, float* o, const float* bs,
+                                         const float* rs) {
+                                       dot_q8_oct<T, decltype(rc)::value, Packed>(w, rb, a.nb, x, o, N, bs, rs);
+                                     });
+    return;
+  }
+#endif
+#ifdef SGL_AVX2
+  if (tiled != nullptr && M >= kQ16TileMinRows) {  // (a copy is quad-packed here: the AVX-512 tile did not run)
+    gemm_q8_tile<T, 4, kQ8Avx2TileRows>(W, rb, M, N, a, *tiled, out, bias, resid, n0, n1,
+                                        [&](auto rc, const uint8_t* w, const Q8TileX& x, float* o, const float* bs,
+                                            const float* rs) {
+                                          dot_q8_quad<T, decltype(rc)::value, Packed>(w, rb, a.nb, x, o, N, bs, rs);
+                                        });
     return;
   }
 #endif

@@ -22,16 +22,6 @@
 
 namespace {
 
-// The x of a tile of rows as the kernel reads it: row r of block b at q + b * bq + r * 32, its scale and block
-// sum at d / s + b * bds + r, its kQ8Corr lane corrections at c + b * bc + r * kQ8Corr. M = 1 reads a row-major
-// row ({q, d, s, c, 32, 1, kQ8Corr}); batches read Q8Tiled (quant_q8_tile.h), a tile's rows of a block adjacent.
-struct Q8TileX {
-  const int8_t* q;
-  const float *d, *s;
-  const int32_t* c;
-  int64_t bq, bds, bc;
-};
-
 #ifdef SGL_Q16_ZMM
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
@@ -117,24 +107,11 @@ constexpr int64_t kOctRecord = 8 * block_bytes(T);
 template <QT T>
 constexpr int64_t kOctHeader = T == QT::Q4_1 ? 32 : 16;
 
-// P = the packed copy of N rows of rb bytes at W: whole groups of 8 packed, the last N % 8 rows as they are.
+// P = the packed copy of N rows of rb bytes at W: whole groups of 8 packed (Q8_0 flipped to unsigned), the last
+// N % 8 rows as they are.
 template <QT T>
 inline void pack_oct(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P) {
-  constexpr int64_t bs = block_bytes(T), hb = kOctHeader<T> / 8;  // hb: one column's header bytes
-  const int64_t nb = rb / bs, full = N / 8 * 8;
-  for (int64_t g = 0; g < full / 8; g++)
-    for (int64_t b = 0; b < nb; b++) {
-      uint8_t* o = P + (g * nb + b) * kOctRecord<T>;
-      for (int c = 0; c < 8; c++) std::memcpy(o + hb * c, W + (g * 8 + c) * rb + b * bs, hb);
-      constexpr int vectors = T == QT::Q8_0 ? 4 : 2;
-      for (int k = 0; k < vectors; k++)
-        for (int e = 0; e < 8; e++) {  // element e of vector k: bytes 8k..8k+7 of column col(e)'s weights
-          const uint8_t* src = W + (g * 8 + e / 2 + 4 * (e % 2)) * rb + b * bs + hb + 8 * k;
-          uint8_t* dst = o + kOctHeader<T> + 64 * k + 8 * e;
-          for (int j = 0; j < 8; j++) dst[j] = T == QT::Q8_0 ? uint8_t(src[j] ^ 0x80) : src[j];
-        }
-    }
-  std::memcpy(P + full * rb, W + full * rb, (N - full) * rb);
+  pack_groups<T, 8>(W, N, rb, P, 0x80);
 }
 
 // out[r * ldo + c] = the contract's y (+ bias[c]) (+ resid[r * ldo + c]) for column c < 8 (W rows w + c * rb, nb

@@ -1,6 +1,6 @@
-"""Packed copies of block weights (QuantWeight.pack, kernels/cpu/quant.py: pack_weight; the oct-packed layout of q8
-activations for q4_0, q4_1 and q8_0, quant_q8_zmm.h's pack_oct, and the quad-packed Q8_0 one of q16, quant_q16_zmm.h's
-kQuadRecord), which quant_linear reads for up to Q16_MAX_ROWS rows (q8: any count, in blocks of that many): every row
+"""Packed copies of block weights (QuantWeight.pack, kernels/cpu/quant.py: pack_weight; q8 activations' layouts for
+q4_0, q4_1 and q8_0: oct-packed with AVX-512 VNNI, quant_q8_zmm.h's pack_oct, else quad-packed for the AVX2 kernel,
+quant_q8_blocks.h's pack_quad8; and the quad-packed Q8_0 one of q16, quant_q16_zmm.h's kQuadRecord), which quant_linear reads for up to Q16_MAX_ROWS rows (q8: any count, in blocks of that many): every row
 count and thread split gives the SAME BITS as the GGUF rows' path of that mode, so a verify row's logits stay its
 decode step's; rows past the last whole group stay GGUF rows in the copy; extreme blocks (the byte -128, int8
 +-127 activations) included; where a copy cannot run, pack says False; the default model's lm_head takes its copy at
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sgl.kernels.cpu import QuantWeight, quant_linear
+from sgl.kernels.cpu.quant import _ACT_MODE as ACT_MODE
 from sgl.kernels.cpu.quant import Q16_MAX_ROWS, pack_weight
 from tests.kernels.test_cpu_q16_batch import raw_weight, with_threads
 from tests.kernels.test_cpu_q8_batch import unit_scale_weight
@@ -33,18 +34,29 @@ def packed_kernel() -> None:
     from sgl.kernels.cpu import _ext
 
     ext = _ext.load()
-    if ext is None or not hasattr(ext, "packed_ok") or not ext.packed_ok():
-        pytest.skip("no AVX-512 VNNI tiles here: pack_weight returns None and the lm_head keeps the GGUF rows")
+    if ext is None or not hasattr(ext, "packed_ok"):
+        pytest.skip("no extension with packed copies here")
+
+
+def group_of(act: str) -> int:
+    """Rows per group of `act`'s copies here (q8: 8 oct-packed with AVX-512 VNNI, else 4 quad-packed; q16: 4), after
+    skipping where the mode has no packed kernel (q16 without AVX-512 VNNI: pack_weight returns None)."""
+    from sgl.kernels.cpu import _ext
+
+    mode = ACT_MODE[act]
+    if not _ext.load().packed_ok(mode):
+        pytest.skip(f"no {act} packed kernel on this CPU: pack_weight returns None and the lm_head keeps the GGUF rows")
+    return _ext.load().packed_group(mode)
 
 
 @pytest.mark.parametrize("act,qtype", CASES)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n,k", [(8, 32), (301, 96), (1035, 576)])  # 301, 1035: rows past the last whole group
 def test_the_packed_copy_gives_the_modes_bits(n: int, k: int, threads: int, act: str, qtype: str) -> None:
+    group = group_of(act)
     gen = np.random.default_rng(n + k)
     w = raw_weight(qtype, n, k, gen)
     p = with_copy(w, act)
-    group = 8 if act == "q8" else 4
     copy = p.packed[act]
     assert copy.shape == w.data.shape  # the same bytes reordered
     assert torch.equal(copy[n // group * group:], w.data[n // group * group:])  # the last rows as they are
@@ -61,6 +73,7 @@ def test_the_packed_copy_gives_the_modes_bits(n: int, k: int, threads: int, act:
 def test_extreme_blocks_give_the_modes_bits(act: str, qtype: str) -> None:
     """d = 1 weights with the extreme codes (Q8_0: the byte -128 and 127 columns; Q4: 0 and 15), integer activations at
     +-127 (q8: the exact integer dot)."""
+    group_of(act)
     gen = np.random.default_rng(5)
     w, ints = unit_scale_weight(qtype, 16, 160, gen)
     x = gen.integers(-127, 128, size=(3, 160)).astype(np.int64)
@@ -75,15 +88,18 @@ def test_extreme_blocks_give_the_modes_bits(act: str, qtype: str) -> None:
 
 
 def test_what_does_not_pack_says_none_and_bad_rows_are_refused() -> None:
+    group_of("q8")
     gen = np.random.default_rng(1)
     assert pack_weight(raw_weight("q4_1", 64, 64, gen), "q16") is None  # q16 packs Q8_0 only
-    assert pack_weight(raw_weight("q8_0", 7, 64, gen), "q8") is None  # not one group of 8 rows
-    assert pack_weight(raw_weight("q8_0", 7, 64, gen), "q16") is not None  # one group of 4, 3 GGUF rows
+    assert pack_weight(raw_weight("q8_0", 3, 64, gen), "q8") is None  # not one group of 4 (8) rows
+    assert pack_weight(raw_weight("q8_0", 7, 64, gen), "q8") is not None or group_of("q8") == 8  # 1 group of 4 + 3
+    from sgl.kernels.cpu import _ext
+
+    q16 = pack_weight(raw_weight("q8_0", 7, 64, gen), "q16")  # one group of 4, 3 GGUF rows (AVX-512 VNNI only)
+    assert (q16 is not None) == _ext.load().packed_ok(ACT_MODE["q16"])
     assert pack_weight(raw_weight("q8_0", 64, 64, gen), "none") is None  # fp32 activations: no packed path
     assert pack_weight(QuantWeight.quantize(torch.randn(64, 64), "f16"), "q8") is None
     assert not raw_weight("q4_1", 64, 64, gen).pack("q16")
-    from sgl.kernels.cpu import _ext
-
     with pytest.raises(ValueError, match="q16 takes q8_0"):  # the extension refuses what pack_weight never asks
         _ext.load().pack_weight(0, "q4_1", 8, 64, 0, 2)
     w = with_copy(raw_weight("q8_0", 16, 64, gen), "q8")  # a bias: the GGUF rows
@@ -98,6 +114,9 @@ def test_the_default_models_lm_head_logits_are_unchanged(act: str) -> None:
     from sgl.kernels import cpu
     from sgl.runtime.models.loader import load_model
 
+    from sgl.kernels.cpu import _ext
+
+    packs = _ext.load().packed_ok(ACT_MODE[act])
     model = load_model("default", show_progress=False).model
     assert isinstance(model.lm_head, QuantWeight) and model.lm_head.qtype == "q8_0"
     saved = cpu.get_act_quant()
@@ -108,6 +127,43 @@ def test_the_default_models_lm_head_logits_are_unchanged(act: str) -> None:
             h = torch.randn(m, model.config.hidden_size)
             plain = QuantWeight(model.lm_head.qtype, model.lm_head.shape, model.lm_head.data)
             assert torch.equal(model.compute_logits(h), quant_linear(h, plain, act_quant=act))
-        assert act in model.lm_head.packed
+        assert (act in model.lm_head.packed) == packs
     finally:
         cpu.set_act_quant(saved)
+
+
+def test_the_avx2_quad_copy_gives_the_bits_of_every_kernel() -> None:
+    """The AVX2 kernel's quad-packed copy (pack_quad8: the only q8 layout on an AVX2 CPU; SGL_CPU_Q16_NO_TILE=1 turns
+    an AVX-512 VNNI CPU onto it) gives, at 1 to 13 rows, the bits of the GGUF rows in that process and of this
+    process's kernels (the AVX-512 oct tile where it runs): every block type, a tail of 3 rows past the last group."""
+    script = (
+        "import numpy as np, torch, sys\n"
+        "from sgl.kernels.cpu import QuantWeight, _ext, quant_linear\n"
+        "gen = np.random.default_rng(9)\n"
+        "res = {'group': _ext.load().packed_group(1), 'plain': [], 'packed': []}\n"
+        "for qt in ('q4_0', 'q4_1', 'q8_0'):\n"
+        "    w = QuantWeight.quantize(torch.from_numpy(gen.standard_normal((67, 160)).astype(np.float32)), qt)\n"
+        "    p = QuantWeight(w.qtype, w.shape, w.data)\n"
+        "    assert p.pack('q8')\n"
+        "    for m in (1, 2, 4, 5, 9, 13):\n"
+        "        x = torch.from_numpy(gen.standard_normal((m, 160)).astype(np.float32))\n"
+        "        res['plain'].append(quant_linear(x, w, act_quant='q8'))\n"
+        "        res['packed'].append(quant_linear(x, p, act_quant='q8'))\n"
+        "torch.save(res, sys.argv[1])\n")
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = []
+        for env in ({}, {"SGL_CPU_Q16_NO_TILE": "1"}):
+            path = os.path.join(tmp, f"{len(runs)}.pt")
+            subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=120)
+            runs.append(torch.load(path))
+    here, avx2 = runs
+    assert avx2["group"] == 4  # the quad layout
+    for a, b, c in zip(avx2["packed"], avx2["plain"], here["plain"]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b in zip(here["packed"], here["plain"]):
+        assert torch.equal(a, b)
