@@ -113,9 +113,10 @@ struct Q8TileX {
 };
 
 #ifdef SGL_AVX2
-// Rows per AVX2 tile at most: R accumulators + R Q4_1 scalar terms (xmm) + 4 weight vectors + constants fit the
-// 16 ymm at R = 4 (a verify row of 1 + 8 tokens: 3 tiles of 3 rows, each weight block unpacked 3 times, not 9).
-constexpr int kQ8Avx2TileRows = 4;
+// Rows per AVX2 tile at most: a verify row of 1 + 8 tokens is one tile (each weight block unpacked once). The
+// accumulators then spill past the 16 ymm, but the 30-layer stack of 9 rows ran no slower than with tiles of 6
+// (28.3 / 30.4 ms), and 6 beat 4 (29.0 / 32.0 ms; benchmarks/bench_q16_rows.py --stack --act q8, Zen 3, 1 thread).
+constexpr int kQ8Avx2TileRows = 9;
 
 // The quad-packed layout of the AVX2 kernel (pack_quad8; the copies of q8 activations where the AVX-512 oct layout
 // does not run): 4 rows' block b as ONE record of 4 * block_bytes(T) bytes, so group g starts at W + 4 g * rb as in
