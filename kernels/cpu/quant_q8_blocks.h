@@ -232,6 +232,9 @@ inline void dot_q8_quad(const uint8_t* w, int64_t rb, int64_t nb, const Q8TileX&
       if constexpr (T == QT::Q4_1)
         mv = _mm_setr_ps(f16(blk + 2), f16(blk + rb + 2), f16(blk + 2 * rb + 2), f16(blk + 3 * rb + 2));
     }
+    __m256i ua[4];  // Q8_0: |w| (the unsigned operand), once per block for all rows
+    if constexpr (T == QT::Q8_0)
+      for (int k = 0; k < 4; k++) ua[k] = _mm256_sign_epi8(wq[k], wq[k]);
     for (int r = 0; r < R; r++) {
       const int8_t* xb = xq + r * kBlock;
       const auto xk = [&](int k) {
@@ -243,9 +246,7 @@ inline void dot_q8_quad(const uint8_t* w, int64_t rb, int64_t nb, const Q8TileX&
       if constexpr (T == QT::Q8_0) {
         I = _mm256_setzero_si256();
         for (int k = 0; k < 4; k++)
-          I = _mm256_add_epi32(
-              I, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wq[k], wq[k]), _mm256_sign_epi8(xk(k), wq[k])),
-                                   ones));
+          I = _mm256_add_epi32(I, _mm256_madd_epi16(_mm256_maddubs_epi16(ua[k], _mm256_sign_epi8(xk(k), wq[k])), ones));
       } else {
         __m256i p = _mm256_maddubs_epi16(wq[0], xk(0));
         for (int k = 1; k < 4; k++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(wq[k], xk(k)));
