@@ -396,12 +396,10 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
     const Q16Act& a16 = xb.act;
     Q16Tiled tiled;
     const Q16Tiled* pp = nullptr;
-#ifdef SGL_AVX512_TILE
-    if (M >= kQ16TileMinRows && have_q16_tile()) {
+    if (M >= kQ16TileMinRows && have_q16_rows_tile()) {
       pack_tiled(a16, M, tiled);
       pp = &tiled;
     }
-#endif
     columns_by_qtype(t, N, threads, [&](auto tc, int64_t n0, int64_t n1) {
       gemm_q16_cols<decltype(tc)::value>(W, M, N, K, a16, pp, op, b, rs, n0, n1);
     });
@@ -568,7 +566,7 @@ std::string isa() {
   if (have_q16_tile()) s += " (q16 4-column, q8 8-column avx512-vnni tiles)";
 #endif
 #ifdef SGL_AVX2
-  if (!have_q16_tile()) s += " (q8 4-column avx2 tile)";
+  if (!have_q16_tile()) s += " (q16 2-column, q8 4-column avx2 tiles)";
 #endif
   return s;
 }

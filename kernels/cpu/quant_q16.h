@@ -149,32 +149,6 @@ inline __m256 lane_sums(__m256 v) {
   return _mm256_add_ps(t, _mm256_permute_ps(t, _MM_SHUFFLE(2, 3, 0, 1)));
 }
 
-// The contract for 2 columns (W rows w, w + rb) of row `row`: res[0..2) (AVX2 CPUs without AVX-512 VNNI).
-template <QT T>
-inline void dot_q16_cols2(const uint8_t* w, int64_t rb, const Q16Act& a, int64_t row, float* res) {
-  const int16_t* xq = a.q + row * a.k;
-  const float* xd = a.d + row * a.nb;
-  const float* xs = a.s + row * a.nb;
-  __m256 acc = _mm256_setzero_ps();
-  float scal[2] = {};
-  for (int64_t b = 0; b < a.nb; b++) {
-    const uint8_t* b0 = w + b * block_bytes(T);
-    const uint8_t* b1 = b0 + rb;
-    prefetch(b0);
-    prefetch(b1);
-    __m256i wq[4];
-    widen_quarters2<T>(b0, b1, wq);
-    const __m256 f = _mm256_cvtepi32_ps(dot_quarters2(wq, xq + b * kBlock));
-    const __m256 s = _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(f16(b1)), _mm_set1_ps(f16(b0))), _mm256_set1_ps(xd[b]));
-    acc = _mm256_fmadd_ps(f, s, acc);
-    scal[0] = affine_term<T>(b0, xs[b], scal[0]);
-    scal[1] = affine_term<T>(b1, xs[b], scal[1]);
-  }
-  alignas(32) float l[8];
-  _mm256_store_ps(l, lane_sums(acc));
-  res[0] = l[0] + scal[0];
-  res[1] = l[4] + scal[1];
-}
 #endif
 
 }  // namespace

@@ -5,8 +5,8 @@
 // kernel, tile or thread range computed it.
 //
 // Where the machine has AVX-512 VNNI (have_q16_tile()) a tile of 4 columns x up to kQ16TileRows rows widens each weight
-// block once for all its rows (quant_q16_zmm.h); elsewhere (AVX2 only, the scalar build; SGL_CPU_Q16_NO_TILE=1)
-// the rows run gemv_rows one at a time: the same bits (tests/kernels/test_cpu_q16_batch.py,
+// block once for all its rows (quant_q16_zmm.h); on AVX2 only (or SGL_CPU_Q16_NO_TILE=1) a tile of 2 columns x up
+// to kQ16Avx2TileRows rows does (dot_q16_pair); the scalar build runs the rows one at a time: the same bits (tests/kernels/test_cpu_q16_batch.py,
 // test_cpu_decode_rows.py compare the two).
 #pragma once
 
@@ -80,9 +80,24 @@ struct Q16Blocks {
   Q16Blocks(const Q16Blocks&) = delete;  // act points into the vectors
 };
 
+// Rows per AVX2 q16 tile at most (as the q8 one's, kQ8Avx2TileRows): a verify row of 1 + 8 tokens is one tile.
+constexpr int kQ16Avx2TileRows = 9;
+
+// Rows per q16 tile at most: the AVX-512 tile's kQ16TileRows where it runs, else the AVX2 tile's.
+inline int64_t q16_tile_rows() {
+#ifdef SGL_Q16_ZMM
+  if (have_q16_zmm()) return kQ16TileRows;
+#endif
+#ifdef SGL_AVX2
+  return kQ16Avx2TileRows;
+#else
+  return kQ16TileRows;
+#endif
+}
+
 // Sizes p for M rows of nb blocks; pack_row then fills row r (rows write disjoint parts of p).
 inline void size_tiled(int64_t M, int64_t nb, Q16Tiled& p) {
-  const int64_t tiles = (M + kQ16TileRows - 1) / kQ16TileRows;
+  const int64_t tiles = (M + q16_tile_rows() - 1) / q16_tile_rows();
   p.M = M;
   p.nb = nb;
   p.rows = (M + tiles - 1) / tiles;
@@ -114,9 +129,66 @@ inline void pack_tiled(const Q16Act& a, int64_t M, Q16Tiled& p) {
   for (int64_t r = 0; r < M; r++) pack_row(a.q + r * a.k, a.d + r * a.nb, a.s + r * a.nb, r, p);
 }
 
+// Whether the AVX-512 VNNI q16 tile (dot_q16_quad) runs here: also what q16's packed copies need.
 inline bool have_q16_tile() {
 #ifdef SGL_Q16_ZMM
   return have_q16_zmm();
+#else
+  return false;
+#endif
+}
+
+#ifdef SGL_AVX2
+
+// The contract for 2 columns (W rows w, w + rb) x R rows of x (Q16TileX): out[r * ldo + c] (+ bias[c])
+// (+ resid[r * ldo + c]), c < 2, on AVX2 CPUs without AVX-512 VNNI (R = 1: the decode gemv). Each block's weights
+// are widened once for all R rows (widen_quarters2: column 0 in the low 128-bit lane, column 1 in the high one).
+template <QT T, int R>
+inline void dot_q16_pair(const uint8_t* w, int64_t rb, int64_t nb, const Q16TileX& x, float* out, int64_t ldo,
+                         const float* bias, const float* resid) {
+  static_assert(R >= 1 && R <= kQ16Avx2TileRows, "rows per tile");
+  __m256 acc[R];
+  __m128 scal[R];  // the scalar terms of columns 0, 1 in lanes 0, 1 (a lane's fma is the scalar fma)
+  for (int r = 0; r < R; r++) {
+    acc[r] = _mm256_setzero_ps();
+    scal[r] = _mm_setzero_ps();
+  }
+  const int16_t* xq = x.q;
+  const float *xd = x.d, *xs = x.s;
+  for (int64_t b = 0; b < nb; b++, xq += x.bq, xd += x.bds, xs += x.bds) {
+    const uint8_t* b0 = w + b * block_bytes(T);
+    const uint8_t* b1 = b0 + rb;
+    prefetch(b0);
+    prefetch(b1);
+    __m256i wq[4];
+    widen_quarters2<T>(b0, b1, wq);
+    const float d0 = f16(b0), d1 = f16(b1);
+    const __m256 dv = _mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(d0));
+    __m128 mv = _mm_setzero_ps();  // affine_term's factor: Q4_1 m, Q4_0 -8 d
+    if constexpr (T == QT::Q4_1) mv = _mm_setr_ps(f16(b0 + 2), f16(b1 + 2), 0.f, 0.f);
+    if constexpr (T == QT::Q4_0) mv = _mm_setr_ps(-8.f * d0, -8.f * d1, 0.f, 0.f);
+    for (int r = 0; r < R; r++) {
+      const __m256 f = _mm256_cvtepi32_ps(dot_quarters2(wq, xq + r * kBlock));
+      acc[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(dv, _mm256_set1_ps(xd[r])), acc[r]);
+      if constexpr (T != QT::Q8_0) scal[r] = _mm_fmadd_ps(mv, _mm_set1_ps(xs[r]), scal[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    const __m256 t = lane_sums(acc[r]);  // ((L_0 + L_2) + (L_1 + L_3)) of column c at element 4c
+    __m128 y = _mm_add_ps(_mm_unpacklo_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)), scal[r]);
+    if (bias != nullptr) y = _mm_add_ps(y, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(bias))));
+    if (resid != nullptr)
+      y = _mm_add_ps(y, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(resid + r * ldo))));
+    _mm_store_sd(reinterpret_cast<double*>(out + r * ldo), _mm_castps_pd(y));
+  }
+}
+#endif
+
+// Whether a q16 batch runs a tile here (each weight block widened once per tile of rows): the AVX-512 one
+// (dot_q16_quad) or the AVX2 one (dot_q16_pair); the scalar build runs the rows one at a time.
+inline bool have_q16_rows_tile() {
+#ifdef SGL_AVX2
+  return true;
 #else
   return false;
 #endif
@@ -127,33 +199,24 @@ inline bool have_q16_tile() {
 template <QT T>
 void gemv_rows(const uint8_t* W, int64_t rb, int64_t count, const Q16Act& a, float* out, const float* bias,
                const float* resid) {
-  float res[4];
-  for (int64_t n = 0; n < count;) {
-    int C = 1;
+  const Q16TileX x{a.q, a.d, a.s, kBlock, 1};
+  int64_t n = 0;
 #ifdef SGL_Q16_ZMM
-    if (n + 4 <= count && have_q16_zmm()) {
-      dot_q16_quad<T, 1>(W + n * rb, rb, a.nb, Q16TileX{a.q, a.d, a.s, kBlock, 1}, out + n, 0,
-                         bias != nullptr ? bias + n : nullptr, resid != nullptr ? resid + n : nullptr);
-      n += 4;
-      continue;
-    }
+  if (have_q16_zmm())
+    for (; n + 4 <= count; n += 4)
+      dot_q16_quad<T, 1>(W + n * rb, rb, a.nb, x, out + n, 0, bias != nullptr ? bias + n : nullptr,
+                         resid != nullptr ? resid + n : nullptr);
 #endif
 #ifdef SGL_AVX2
-    if (n + 2 <= count) {
-      dot_q16_cols2<T>(W + n * rb, rb, a, 0, res);
-      C = 2;
-    } else
+  for (; n + 2 <= count; n += 2)
+    dot_q16_pair<T, 1>(W + n * rb, rb, a.nb, x, out + n, 0, bias != nullptr ? bias + n : nullptr,
+                       resid != nullptr ? resid + n : nullptr);
 #endif
-    {
-      res[0] = dot_q16_col<T>(W + n * rb, a, 0);
-    }
-    for (int c = 0; c < C; c++) {
-      float v = res[c];
-      if (bias != nullptr) v += bias[n + c];
-      if (resid != nullptr) v += resid[n + c];
-      out[n + c] = v;
-    }
-    n += C;
+  for (; n < count; n++) {
+    float v = dot_q16_col<T>(W + n * rb, a, 0);
+    if (bias != nullptr) v += bias[n];
+    if (resid != nullptr) v += resid[n];
+    out[n] = v;
   }
 }
 
@@ -255,6 +318,20 @@ void gemm_q16_cols(const uint8_t* W, int64_t M, int64_t N, int64_t K, const Q16A
 #ifdef SGL_Q16_ZMM
   if (tiled != nullptr && M >= kQ16TileMinRows && have_q16_zmm()) {
     gemm_q16_tile<T>(W, rb, M, N, a, *tiled, out, bias, resid, n0, n1);
+    return;
+  }
+#endif
+#ifdef SGL_AVX2
+  if (tiled != nullptr && M >= kQ16TileMinRows) {  // the AVX2 tile: 2 columns x up to kQ16Avx2TileRows rows
+    const Q16Tiled& p = *tiled;
+    tile_columns<2, kQ16Avx2TileRows>(
+        M, p.rows, n0, n1,
+        [&](auto rc, int64_t t, int64_t r0, int64_t n) {
+          dot_q16_pair<T, decltype(rc)::value>(W + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
+                                               bias != nullptr ? bias + n : nullptr,
+                                               resid != nullptr ? resid + r0 * N + n : nullptr);
+        },
+        [&](int64_t r, int64_t n) { put_out(out, N, bias, resid, r, n, dot_q16_col<T>(W + n * rb, a, r)); });
     return;
   }
 #endif

@@ -130,12 +130,13 @@ def test_the_default_mode_runs_batches_fp32_unless_q16_batches_is_on() -> None:
 
 
 def test_the_per_row_path_gives_the_tiles_bits() -> None:
-    """A CPU without AVX-512 VNNI runs the q16 batch row by row (gemv_rows); this one runs the AVX-512 4-column tile.
-    Both give every row its M = 1 bits, so they agree bit for bit (the per-row path forced by env)."""
-    tile, rows = outputs_with_and_without_tile("q16", 7, (9,))
-    assert "q16" not in rows["isa"]  # the override took the per-row path
-    if "q16" not in tile["isa"]:
-        pytest.skip("this CPU has no AVX-512 VNNI: both runs took the per-row path")
+    """A CPU without AVX-512 VNNI runs the q16 batch in the AVX2 2-column tile (dot_q16_pair); this one runs the
+    AVX-512 4-column tile. Both give every row its M = 1 bits, so they agree bit for bit (the AVX2 path forced by
+    env: SGL_CPU_Q16_NO_TILE=1)."""
+    tile, rows = outputs_with_and_without_tile("q16", 7, (1, 2, 9, 13))
+    assert "avx512-vnni" not in rows["isa"]  # the override took the AVX2 path
+    if "avx512-vnni" not in tile["isa"]:
+        pytest.skip("this CPU has no AVX-512 VNNI: both runs took the AVX2 path")
     for a, b in zip(tile["outs"], rows["outs"]):
         assert torch.equal(a, b)
 
