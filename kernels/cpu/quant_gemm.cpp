@@ -449,8 +449,8 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
 
 // Packed copies of block weights (quant.py's QuantWeight.pack), per activation mode: act 1 = q8, any block type,
 // oct-packed where the AVX-512 VNNI tiles run (quant_q8_zmm.h's pack_oct, 8 rows per group), else quad-packed for
-// the AVX2 kernel (quant_q8_blocks.h's pack_quad8, 4 rows); act 2 = q16, Q8_0 only, quad-packed (quant_q16_zmm.h's
-// kQuadRecord, 4 rows), AVX-512 only. A copy has the weight's size: whole groups packed, the last rows as they are.
+// the AVX2 kernel (quant_q8_blocks.h's pack_quad8, 4 rows); act 2 = q16, Q8_0 only (quant_q16.h's pack_q8_0_lanes:
+// 4 rows for the AVX-512 tile, 2 for the AVX2 one). A copy has the weight's size: whole groups packed, the last rows as they are.
 static bool q8_oct() {
 #ifdef SGL_Q16_ZMM
   return have_q16_zmm();
@@ -462,7 +462,7 @@ static bool q8_oct() {
 bool packed_ok(int64_t act) {
   if (act != 1 && act != 2) throw std::invalid_argument("packed weights: act must be 1 (q8) or 2 (q16)");
 #ifdef SGL_AVX2
-  return act == 1 || have_q16_tile();
+  return true;
 #else
   return false;
 #endif
@@ -470,7 +470,8 @@ bool packed_ok(int64_t act) {
 
 int64_t packed_group(int64_t act) {
   if (act != 1 && act != 2) throw std::invalid_argument("packed weights: act must be 1 (q8) or 2 (q16)");
-  return act == 1 && q8_oct() ? 8 : 4;
+  if (act == 1) return q8_oct() ? 8 : 4;
+  return have_q16_tile() ? 4 : 2;
 }
 
 static QT packed_qtype(const std::string& qtype, int64_t act) {
@@ -488,11 +489,12 @@ void pack_weight(Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Ad
   const uint8_t* W = reinterpret_cast<const uint8_t*>(w_addr);
   uint8_t* P = reinterpret_cast<uint8_t*>(out_addr);
   const int64_t rb = row_bytes(t, K);
-#ifdef SGL_Q16_ZMM
   if (act == 2) {
-    pack_q8_0_quad(W, N, rb, P);
+    if (packed_group(2) == 4) pack_q8_0_lanes<4>(W, N, rb, P);  // quad-packed for the AVX-512 tile
+    else pack_q8_0_lanes<2>(W, N, rb, P);  // pair-packed for the AVX2 one
     return;
   }
+#ifdef SGL_Q16_ZMM
   if (q8_oct()) {
     with_block_qtype(t, [&](auto tc) { pack_oct<decltype(tc)::value>(W, N, rb, P); });
     return;
@@ -526,16 +528,22 @@ void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, const std::string& qtype, 
     });
     return;
   }
-#ifdef SGL_Q16_ZMM
   const Q16Blocks xb(xp, M, K);
   const Q16Act& a16 = xb.act;
   Q16Tiled tiled;
   pack_tiled(a16, M, tiled);
   const int64_t rb = row_bytes(QT::Q8_0, K);
   sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {
-    gemm_q16_packed_cols(P, rb, M, N, a16, tiled, op, rs, group * g0, std::min(N, group * g1));
-  });
+#ifdef SGL_Q16_ZMM
+    if (group == 4) {
+      gemm_q16_packed_cols(P, rb, M, N, a16, tiled, op, rs, group * g0, std::min(N, group * g1));
+      return;
+    }
 #endif
+#ifdef SGL_AVX2
+    gemm_q16_pair_packed_cols(P, rb, M, N, a16, tiled, op, rs, group * g0, std::min(N, group * g1));
+#endif
+  });
 }
 
 void dequant(Addr w_addr, const std::string& qtype, int64_t N, int64_t K, Addr out_addr, int64_t threads) {
@@ -576,10 +584,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released: other Python threads (e.g. the grammar mask of the next step) run meanwhile.
   m.def("gemm", &gemm, "y = x @ W^T (+ bias) (+ residual) on GGUF blocks", py::call_guard<py::gil_scoped_release>());
   m.def("dequant", &dequant, "GGUF blocks -> fp32 rows", py::call_guard<py::gil_scoped_release>());
-  m.def("packed_ok", &packed_ok, "whether pack_weight / gemm_packed run here for an act mode (q8: AVX2 or AVX-512 "
-        "VNNI, q16: AVX-512 VNNI)", py::arg("act"));
+  m.def("packed_ok", &packed_ok, "whether pack_weight / gemm_packed run here for an act mode (AVX2 or AVX-512 VNNI)",
+        py::arg("act"));
   m.def("packed_group", &packed_group,
-        "rows per group of the packed layout of an act mode (q8: 8 with AVX-512 VNNI, else 4; q16: 4)");
+        "rows per group of the packed layout of an act mode (with AVX-512 VNNI q8 8, q16 4; else 4, 2)");
   m.def("pack_weight", &pack_weight, "block rows -> their packed copy for an act mode (the same size)",
         py::call_guard<py::gil_scoped_release>());
   m.def("gemm_packed", &gemm_packed, "y = x @ W^T, q8 / q16 activations, block weights from their packed copy",

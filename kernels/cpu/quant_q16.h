@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "quant_common.h"
@@ -102,7 +103,39 @@ inline float dot_q16_col(const uint8_t* w, const Q16Act& a, int64_t row) {
   return ((L[0] + L[2]) + (L[1] + L[3])) + scal;
 }
 
+// The Q8_0 copies of q16 activations (the lm_head's, a draft head's): G rows' block b as ONE record of G * 34
+// bytes, their G f16 scales (column order), then their weight bytes 0-15 and 16-31 as two vectors of G 16-byte
+// lanes, lane c = column c: what the q16 kernels widen (quant_q16_zmm.h's quad-packed G = 4 with AVX-512 VNNI,
+// the AVX2 pair-packed G = 2), one stream instead of G strided rows. G rows take G * rb bytes as in GGUF, so group
+// g starts at W + G g * rb in both; the last N % G rows are left as they are.
+template <int G>
+constexpr int64_t kQ8_0LanesRecord = G * 34;
+
+template <int G>
+inline void pack_q8_0_lanes(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P) {
+  const int64_t nb = rb / 34, full = N / G * G;
+  std::memcpy(P + full * rb, W + full * rb, (N - full) * rb);
+  for (int64_t g = 0; g < N / G; g++)
+    for (int64_t b = 0; b < nb; b++) {
+      uint8_t* o = P + (g * nb + b) * kQ8_0LanesRecord<G>;
+      for (int c = 0; c < G; c++) {
+        const uint8_t* blk = W + (g * G + c) * rb + b * 34;
+        std::memcpy(o + 2 * c, blk, 2);
+        std::memcpy(o + 2 * G + 16 * c, blk + 2, 16);
+        std::memcpy(o + 18 * G + 16 * c, blk + 18, 16);
+      }
+    }
+}
+
 #ifdef SGL_AVX2
+// Q8_0's 4 weight quarters from the 16-byte halves lo (bytes 0-15), hi (16-31) of two blocks' lanes.
+inline void widen_q8_0_halves(__m256i lo, __m256i hi, __m256i w[4]) {
+  w[0] = _mm256_srai_epi16(_mm256_slli_epi16(lo, 8), 8);
+  w[1] = _mm256_srai_epi16(lo, 8);
+  w[2] = _mm256_srai_epi16(_mm256_slli_epi16(hi, 8), 8);
+  w[3] = _mm256_srai_epi16(hi, 8);
+}
+
 // The 4 weight quarters of two blocks as int16 vectors [block b0's quarter | block b1's] (128-bit lanes).
 // Q4: v = the 16 nibble bytes; quarter 0 = v & 0xF, 1 = v >> 8 & 0xF, 2 = v >> 4 & 0xF, 3 = v >> 12 (16-bit
 // lanes). Q8_0: each 16-byte half h as 16-bit lanes: (h << 8) >> 8 (arithmetic) = even bytes, h >> 8 = odd.
@@ -113,11 +146,7 @@ inline void widen_quarters2(const uint8_t* b0, const uint8_t* b1, __m256i w[4]) 
                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)), 1);
   };
   if constexpr (T == QT::Q8_0) {
-    const __m256i lo = load2(b0 + 2, b1 + 2), hi = load2(b0 + 18, b1 + 18);
-    w[0] = _mm256_srai_epi16(_mm256_slli_epi16(lo, 8), 8);
-    w[1] = _mm256_srai_epi16(lo, 8);
-    w[2] = _mm256_srai_epi16(_mm256_slli_epi16(hi, 8), 8);
-    w[3] = _mm256_srai_epi16(hi, 8);
+    widen_q8_0_halves(load2(b0 + 2, b1 + 2), load2(b0 + 18, b1 + 18), w);
   } else {
     constexpr int off = T == QT::Q4_0 ? 2 : 4;
     const __m256i m4 = _mm256_set1_epi16(0x000F), v = load2(b0 + off, b1 + off);

@@ -143,7 +143,8 @@ inline bool have_q16_tile() {
 // The contract for 2 columns (W rows w, w + rb) x R rows of x (Q16TileX): out[r * ldo + c] (+ bias[c])
 // (+ resid[r * ldo + c]), c < 2, on AVX2 CPUs without AVX-512 VNNI (R = 1: the decode gemv). Each block's weights
 // are widened once for all R rows (widen_quarters2: column 0 in the low 128-bit lane, column 1 in the high one).
-template <QT T, int R>
+// Packed (Q8_0 only): w is the group's pair-packed records (pack_q8_0_lanes<2>): the same registers, the same bits.
+template <QT T, int R, bool Packed = false>
 inline void dot_q16_pair(const uint8_t* w, int64_t rb, int64_t nb, const Q16TileX& x, float* out, int64_t ldo,
                          const float* bias, const float* resid) {
   static_assert(R >= 1 && R <= kQ16Avx2TileRows, "rows per tile");
@@ -156,16 +157,27 @@ inline void dot_q16_pair(const uint8_t* w, int64_t rb, int64_t nb, const Q16Tile
   const int16_t* xq = x.q;
   const float *xd = x.d, *xs = x.s;
   for (int64_t b = 0; b < nb; b++, xq += x.bq, xd += x.bds, xs += x.bds) {
-    const uint8_t* b0 = w + b * block_bytes(T);
-    const uint8_t* b1 = b0 + rb;
-    prefetch(b0);
-    prefetch(b1);
     __m256i wq[4];
-    widen_quarters2<T>(b0, b1, wq);
-    const float d0 = f16(b0), d1 = f16(b1);
+    float d0, d1;
+    __m128 mv = _mm_setzero_ps();  // affine_term's factor: Q4_1 m, Q4_0 -8 d (Q8_0: none)
+    if constexpr (Packed) {
+      static_assert(T == QT::Q8_0, "q16 packs Q8_0 only");
+      const uint8_t* rec = w + b * kQ8_0LanesRecord<2>;
+      prefetch(rec);
+      prefetch(rec + 64);
+      widen_q8_0_halves(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 4)),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 36)), wq);
+      d0 = f16(rec), d1 = f16(rec + 2);
+    } else {
+      const uint8_t* b0 = w + b * block_bytes(T);
+      const uint8_t* b1 = b0 + rb;
+      prefetch(b0);
+      prefetch(b1);
+      widen_quarters2<T>(b0, b1, wq);
+      d0 = f16(b0), d1 = f16(b1);
+      if constexpr (T == QT::Q4_1) mv = _mm_setr_ps(f16(b0 + 2), f16(b1 + 2), 0.f, 0.f);
+    }
     const __m256 dv = _mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(d0));
-    __m128 mv = _mm_setzero_ps();  // affine_term's factor: Q4_1 m, Q4_0 -8 d
-    if constexpr (T == QT::Q4_1) mv = _mm_setr_ps(f16(b0 + 2), f16(b1 + 2), 0.f, 0.f);
     if constexpr (T == QT::Q4_0) mv = _mm_setr_ps(-8.f * d0, -8.f * d1, 0.f, 0.f);
     for (int r = 0; r < R; r++) {
       const __m256 f = _mm256_cvtepi32_ps(dot_quarters2(wq, xq + r * kBlock));
@@ -284,6 +296,21 @@ inline void gemm_q16_packed_cols(const uint8_t* P, int64_t rb, int64_t M, int64_
       [&](auto rc, int64_t t, int64_t r0, int64_t n) {
         dot_q16_quad<QT::Q8_0, decltype(rc)::value, true>(P + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
                                                            nullptr, resid != nullptr ? resid + r0 * N + n : nullptr);
+      },
+      [&](int64_t r, int64_t n) { put_out(out, N, nullptr, resid, r, n, dot_q16_col<QT::Q8_0>(P + n * rb, a, r)); });
+}
+#endif
+
+#ifdef SGL_AVX2
+// gemm_q16_cols for Q8_0 over P, its pair-packed copy (pack_q8_0_lanes<2>: whole groups of 2 rows, the rest GGUF
+// rows), (+ resid), on AVX2 without AVX-512 VNNI: the same bits. n0 is a multiple of 2.
+inline void gemm_q16_pair_packed_cols(const uint8_t* P, int64_t rb, int64_t M, int64_t N, const Q16Act& a,
+                                      const Q16Tiled& p, float* out, const float* resid, int64_t n0, int64_t n1) {
+  tile_columns<2, kQ16Avx2TileRows>(
+      M, p.rows, n0, n1,
+      [&](auto rc, int64_t t, int64_t r0, int64_t n) {
+        dot_q16_pair<QT::Q8_0, decltype(rc)::value, true>(P + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
+                                                          nullptr, resid != nullptr ? resid + r0 * N + n : nullptr);
       },
       [&](int64_t r, int64_t n) { put_out(out, N, nullptr, resid, r, n, dot_q16_col<QT::Q8_0>(P + n * rb, a, r)); });
 }

@@ -131,20 +131,7 @@ constexpr int64_t kQuadRecord = 8 + 2 * 64;
 constexpr int kPrefetchAllRows = 4;
 
 // P = the packed copy of N Q8_0 rows of rb bytes at W: whole groups of 4 packed, the last N % 4 rows as they are.
-inline void pack_q8_0_quad(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P) {
-  const int64_t nb = rb / 34, full = N / 4 * 4;
-  std::memcpy(P + full * rb, W + full * rb, (N - full) * rb);
-  for (int64_t g = 0; g < N / 4; g++)
-    for (int64_t b = 0; b < nb; b++) {
-      uint8_t* o = P + (g * nb + b) * kQuadRecord;
-      for (int c = 0; c < 4; c++) {
-        const uint8_t* blk = W + (g * 4 + c) * rb + b * 34;
-        std::memcpy(o + 2 * c, blk, 2);
-        std::memcpy(o + 8 + 16 * c, blk + 2, 16);
-        std::memcpy(o + 72 + 16 * c, blk + 18, 16);
-      }
-    }
-}
+inline void pack_q8_0_quad(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P) { pack_q8_0_lanes<4>(W, N, rb, P); }
 
 // out[r * ldo + c] = the contract's y (+ bias[c]) (+ resid[r * ldo + c]) for column c < 4 (W rows w + c * rb, nb
 // blocks; Packed: the group's quad-packed records at w) and row r < R of x; out and resid point at (the tile's first

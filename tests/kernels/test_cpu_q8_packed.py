@@ -132,23 +132,24 @@ def test_the_default_models_lm_head_logits_are_unchanged(act: str) -> None:
         cpu.set_act_quant(saved)
 
 
-def test_the_avx2_quad_copy_gives_the_bits_of_every_kernel() -> None:
-    """The AVX2 kernel's quad-packed copy (pack_quad8: the only q8 layout on an AVX2 CPU; SGL_CPU_Q16_NO_TILE=1 turns
-    an AVX-512 VNNI CPU onto it) gives, at 1 to 13 rows, the bits of the GGUF rows in that process and of this
-    process's kernels (the AVX-512 oct tile where it runs): every block type, a tail of 3 rows past the last group."""
+def test_the_avx2_copies_give_the_bits_of_every_kernel() -> None:
+    """The AVX2 kernels' copies (q8: pack_quad8, 4 rows; q16: pack_q8_0_lanes<2>, Q8_0 in pairs of rows: the layouts
+    of an AVX2 CPU; SGL_CPU_Q16_NO_TILE=1 turns an AVX-512 VNNI CPU onto them) give, at 1 to 13 rows, the bits of the
+    GGUF rows in that process and of this process's kernels (the AVX-512 tiles where they run): every block type
+    under q8, Q8_0 under q16, a tail of rows past the last group (67 rows)."""
     script = (
         "import numpy as np, torch, sys\n"
         "from sgl.kernels.cpu import QuantWeight, _ext, quant_linear\n"
         "gen = np.random.default_rng(9)\n"
-        "res = {'group': _ext.load().packed_group(1), 'plain': [], 'packed': []}\n"
-        "for qt in ('q4_0', 'q4_1', 'q8_0'):\n"
+        "res = {'group': [_ext.load().packed_group(1), _ext.load().packed_group(2)], 'plain': [], 'packed': []}\n"
+        "for act, qt in (('q8', 'q4_0'), ('q8', 'q4_1'), ('q8', 'q8_0'), ('q16', 'q8_0')):\n"
         "    w = QuantWeight.quantize(torch.from_numpy(gen.standard_normal((67, 160)).astype(np.float32)), qt)\n"
         "    p = QuantWeight(w.qtype, w.shape, w.data)\n"
-        "    assert p.pack('q8')\n"
+        "    assert p.pack(act)\n"
         "    for m in (1, 2, 4, 5, 9, 13):\n"
         "        x = torch.from_numpy(gen.standard_normal((m, 160)).astype(np.float32))\n"
-        "        res['plain'].append(quant_linear(x, w, act_quant='q8'))\n"
-        "        res['packed'].append(quant_linear(x, p, act_quant='q8'))\n"
+        "        res['plain'].append(quant_linear(x, w, act_quant=act))\n"
+        "        res['packed'].append(quant_linear(x, p, act_quant=act))\n"
         "torch.save(res, sys.argv[1])\n")
     import os
     import subprocess
@@ -162,7 +163,7 @@ def test_the_avx2_quad_copy_gives_the_bits_of_every_kernel() -> None:
             subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=120)
             runs.append(torch.load(path))
     here, avx2 = runs
-    assert avx2["group"] == 4  # the quad layout
+    assert avx2["group"] == [4, 2]  # q8's quad layout, q16's pairs
     for a, b, c in zip(avx2["packed"], avx2["plain"], here["plain"]):
         assert torch.equal(a, b) and torch.equal(a, c)
     for a, b in zip(here["packed"], here["plain"]):
