@@ -450,7 +450,8 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
 // Packed copies of block weights (quant.py's QuantWeight.pack), per activation mode: act 1 = q8, any block type,
 // oct-packed where the AVX-512 VNNI tiles run (quant_q8_zmm.h's pack_oct, 8 rows per group), else quad-packed for
 // the AVX2 kernel (quant_q8_blocks.h's pack_quad8, 4 rows); act 2 = q16, Q8_0 only (quant_q16.h's pack_q8_0_lanes:
-// 4 rows for the AVX-512 tile, 2 for the AVX2 one). A copy has the weight's size: whole groups packed, the last rows as they are.
+// 4 rows for the AVX-512 tile, 2 for the AVX2 one). A copy has the weight's size: whole groups packed, the last
+// rows as they are.
 static bool q8_oct() {
 #ifdef SGL_Q16_ZMM
   return have_q16_zmm();

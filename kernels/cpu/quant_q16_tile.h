@@ -6,8 +6,8 @@
 //
 // Where the machine has AVX-512 VNNI (have_q16_tile()) a tile of 4 columns x up to kQ16TileRows rows widens each weight
 // block once for all its rows (quant_q16_zmm.h); on AVX2 only (or SGL_CPU_Q16_NO_TILE=1) a tile of 2 columns x up
-// to kQ16Avx2TileRows rows does (dot_q16_pair); the scalar build runs the rows one at a time: the same bits (tests/kernels/test_cpu_q16_batch.py,
-// test_cpu_decode_rows.py compare the two).
+// to kQ16Avx2TileRows rows does (dot_q16_pair); the scalar build runs the rows one at a time: the same bits
+// (tests/kernels/test_cpu_q16_batch.py, test_cpu_decode_rows.py compare them).
 #pragma once
 
 #include <algorithm>

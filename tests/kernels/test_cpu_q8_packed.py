@@ -1,6 +1,7 @@
 """Packed copies of block weights (QuantWeight.pack, kernels/cpu/quant.py: pack_weight; q8 activations' layouts for
 q4_0, q4_1 and q8_0: oct-packed with AVX-512 VNNI, quant_q8_zmm.h's pack_oct, else quad-packed for the AVX2 kernel,
-quant_q8_blocks.h's pack_quad8; and the quad-packed Q8_0 one of q16, quant_q16_zmm.h's kQuadRecord), which quant_linear reads for up to Q16_MAX_ROWS rows (q8: any count, in blocks of that many): every row
+quant_q8_blocks.h's pack_quad8; q16's Q8_0 one, quant_q16.h's pack_q8_0_lanes: 4 rows with AVX-512 VNNI, else 2),
+which quant_linear reads for up to Q16_MAX_ROWS rows (q8: any count, in blocks of that many): every row
 count and thread split gives the SAME BITS as the GGUF rows' path of that mode, so a verify row's logits stay its
 decode step's; rows past the last whole group stay GGUF rows in the copy; extreme blocks (the byte -128, int8
 +-127 activations) included; where a copy cannot run, pack says False; the default model's lm_head takes its copy at
