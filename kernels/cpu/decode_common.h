@@ -127,7 +127,7 @@ constexpr int64_t kStackColumns = 18;
 // Point w's weights at their packed copies (copies[i]: wqkv, wo, wgu, wd's, 0: none) when `packed` (q8
 // activations: the copies give the same bits and read faster at every row count, quant.py's PACKED_ROWS_MEASURED).
 inline void use_packed(LayerW& w, const int64_t* copies, bool packed) {
-  if (!packed || !have_q8_tile()) return;
+  if (!packed || !have_rows_tile()) return;
   const uint8_t** ws[4] = {&w.wqkv, &w.wo, &w.wgu, &w.wd};
   bool* flags[4] = {&w.pqkv, &w.po, &w.pgu, &w.pd};
   for (int i = 0; i < 4; i++)

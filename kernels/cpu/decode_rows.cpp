@@ -313,7 +313,7 @@ void decode_rows(Addr h, int64_t M, Addr table, int64_t n, double eps, int64_t h
   const Rows r{reinterpret_cast<float*>(h), M, reinterpret_cast<const float*>(cos),
                reinterpret_cast<const float*>(sin), slots, lens, float(scale), &plan};
   // the tile's layout of x where a tile runs (AVX-512 or AVX2)
-  const bool tile = M >= kQ16TileMinRows && (mode == Act::Q8 ? have_q8_tile() : have_q16_rows_tile());
+  const bool tile = M >= kQ16TileMinRows && have_rows_tile();
   static thread_local Scratch caller_sc;  // the caller's: reused across steps (no malloc per layer)
   Scratch& sc = caller_sc;  // a reference, so the helpers' task uses the caller's (not their own thread_local)
   sc.qkv.resize(M * (H + 2 * Hkv) * D);

@@ -33,6 +33,14 @@ inline void prefetch(const uint8_t* p) {
 }
 constexpr int kBlock = 32;
 
+#ifdef SGL_AVX2
+// Rows per AVX2 tile at most, q8's (quant_q8_blocks.h: dot_q8_quad) and q16's (quant_q16_tile.h: dot_q16_pair): a
+// verify row of 1 + 8 tokens is one tile (each weight block unpacked once). The accumulators then spill past the 16
+// ymm, but the 30-layer stack of 9 rows ran no slower than with tiles of 6 (28.3 / 30.4 ms), and 6 beat 4 (29.0 /
+// 32.0 ms; benchmarks/bench_q16_rows.py --stack --act q8, Zen 3, 1 thread).
+constexpr int kAvx2TileRows = 9;
+#endif
+
 // max |x| and the exact fp32 sum of one 32-block of activations: the scale and the affine term of both
 // activation quantizations (q8: quant_q8_blocks.h, q16: quant_q16.h).
 inline void block_amax_sum(const float* xb, float& amax, float& sum) {

@@ -396,7 +396,7 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
     const Q16Act& a16 = xb.act;
     Q16Tiled tiled;
     const Q16Tiled* pp = nullptr;
-    if (M >= kQ16TileMinRows && have_q16_rows_tile()) {
+    if (M >= kQ16TileMinRows && have_rows_tile()) {
       pack_tiled(a16, M, tiled);
       pp = &tiled;
     }
@@ -417,7 +417,7 @@ void gemm(Addr x_addr, int64_t M, Addr w_addr, const std::string& qtype, int64_t
     const Q8BAct& a8 = xb.act;
     Q8Tiled tiled;
     const Q8Tiled* pp = nullptr;
-    if (M >= kQ16TileMinRows && have_q8_tile()) {
+    if (M >= kQ16TileMinRows && have_rows_tile()) {
       pack_tiled8(a8, M, tiled);
       pp = &tiled;
     }
@@ -533,17 +533,8 @@ void gemm_packed(Addr x_addr, int64_t M, Addr p_addr, const std::string& qtype, 
   const Q16Act& a16 = xb.act;
   Q16Tiled tiled;
   pack_tiled(a16, M, tiled);
-  const int64_t rb = row_bytes(QT::Q8_0, K);
-  sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {
-#ifdef SGL_Q16_ZMM
-    if (group == 4) {
-      gemm_q16_packed_cols(P, rb, M, N, a16, tiled, op, rs, group * g0, std::min(N, group * g1));
-      return;
-    }
-#endif
-#ifdef SGL_AVX2
-    gemm_q16_pair_packed_cols(P, rb, M, N, a16, tiled, op, rs, group * g0, std::min(N, group * g1));
-#endif
+  sgl_cpu::columns_on_pool((N + group - 1) / group, threads, [&](int64_t g0, int64_t g1) {  // whole groups
+    gemm_q16_cols<QT::Q8_0, true>(P, M, N, K, a16, &tiled, op, nullptr, rs, group * g0, std::min(N, group * g1));
   });
 }
 

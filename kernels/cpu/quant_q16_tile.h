@@ -6,7 +6,7 @@
 //
 // Where the machine has AVX-512 VNNI (have_q16_tile()) a tile of 4 columns x up to kQ16TileRows rows widens each weight
 // block once for all its rows (quant_q16_zmm.h); on AVX2 only (or SGL_CPU_Q16_NO_TILE=1) a tile of 2 columns x up
-// to kQ16Avx2TileRows rows does (dot_q16_pair); the scalar build runs the rows one at a time: the same bits
+// to kAvx2TileRows rows does (dot_q16_pair); the scalar build runs the rows one at a time: the same bits
 // (tests/kernels/test_cpu_q16_batch.py, test_cpu_decode_rows.py compare them).
 #pragma once
 
@@ -80,24 +80,31 @@ struct Q16Blocks {
   Q16Blocks(const Q16Blocks&) = delete;  // act points into the vectors
 };
 
-// Rows per AVX2 q16 tile at most (as the q8 one's, kQ8Avx2TileRows): a verify row of 1 + 8 tokens is one tile.
-constexpr int kQ16Avx2TileRows = 9;
-
-// Rows per q16 tile at most: the AVX-512 tile's kQ16TileRows where it runs, else the AVX2 tile's.
-inline int64_t q16_tile_rows() {
+// Rows per tile at most (q8's and q16's): the AVX-512 tiles' kQ16TileRows where they run, else the AVX2 tiles'.
+inline int64_t tile_rows() {
 #ifdef SGL_Q16_ZMM
   if (have_q16_zmm()) return kQ16TileRows;
 #endif
 #ifdef SGL_AVX2
-  return kQ16Avx2TileRows;
+  return kAvx2TileRows;
 #else
   return kQ16TileRows;
 #endif
 }
 
+// Whether a batch runs a tile here (each weight block read once per tile of rows), q8 and q16: the AVX-512 tiles
+// or the AVX2 ones; the scalar build runs the rows one at a time.
+inline bool have_rows_tile() {
+#ifdef SGL_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Sizes p for M rows of nb blocks; pack_row then fills row r (rows write disjoint parts of p).
 inline void size_tiled(int64_t M, int64_t nb, Q16Tiled& p) {
-  const int64_t tiles = (M + q16_tile_rows() - 1) / q16_tile_rows();
+  const int64_t tiles = (M + tile_rows() - 1) / tile_rows();
   p.M = M;
   p.nb = nb;
   p.rows = (M + tiles - 1) / tiles;
@@ -147,7 +154,7 @@ inline bool have_q16_tile() {
 template <QT T, int R, bool Packed = false>
 inline void dot_q16_pair(const uint8_t* w, int64_t rb, int64_t nb, const Q16TileX& x, float* out, int64_t ldo,
                          const float* bias, const float* resid) {
-  static_assert(R >= 1 && R <= kQ16Avx2TileRows, "rows per tile");
+  static_assert(R >= 1 && R <= kAvx2TileRows, "rows per tile");
   __m256 acc[R];
   __m128 scal[R];  // the scalar terms of columns 0, 1 in lanes 0, 1 (a lane's fma is the scalar fma)
   for (int r = 0; r < R; r++) {
@@ -195,16 +202,6 @@ inline void dot_q16_pair(const uint8_t* w, int64_t rb, int64_t nb, const Q16Tile
   }
 }
 #endif
-
-// Whether a q16 batch runs a tile here (each weight block widened once per tile of rows): the AVX-512 one
-// (dot_q16_quad) or the AVX2 one (dot_q16_pair); the scalar build runs the rows one at a time.
-inline bool have_q16_rows_tile() {
-#ifdef SGL_AVX2
-  return true;
-#else
-  return false;
-#endif
-}
 
 // out[c] = (dot(W row c, x row 0 of a) (+ bias[c])) (+ resid[c]) for c < count; W points at the first row.
 // One entry for gemv, gemm's single row and the fused decode layer, so all three give the same bits.
@@ -270,51 +267,22 @@ inline void tile_columns(int64_t M, int64_t rows, int64_t n0, int64_t n1, Quad&&
   }
 }
 
-#ifdef SGL_Q16_ZMM
-// out rows 0..M of columns [n0, n1): tile_columns with dot_q16_quad (4 columns) and dot_q16_col (the tail).
-template <QT T>
-void gemm_q16_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16Act& a, const Q16Tiled& p,
-                   float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
-  tile_columns<4>(
+// out rows 0..M of columns [n0, n1) from a tile kernel: kernel(rc, w, x, out, bias, resid) computes C columns x R
+// rows (R = rc's value <= MaxR) of the weight rows at w for the tile's rows x; col(w, r) is the contract's scalar
+// statement for a tail column. One driver for every tile: q16's (AVX-512 4 x 12, AVX2 2 x 9) and q8's (AVX-512
+// 8 x 12, AVX2 4 x 9), on GGUF rows or on packed copies (then n0 is a multiple of the copy's group, and so is every
+// C-column step of tile_columns from it).
+template <int C, int MaxR, class Tiled, class Kernel, class Col>
+inline void gemm_tiles(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Tiled& p, float* out,
+                       const float* bias, const float* resid, int64_t n0, int64_t n1, Kernel&& kernel, Col&& col) {
+  tile_columns<C, MaxR>(
       M, p.rows, n0, n1,
       [&](auto rc, int64_t t, int64_t r0, int64_t n) {
-        dot_q16_quad<T, decltype(rc)::value>(W + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
-                                             bias != nullptr ? bias + n : nullptr,
-                                             resid != nullptr ? resid + r0 * N + n : nullptr);
+        kernel(rc, W + n * rb, p.tile(t), out + r0 * N + n, bias != nullptr ? bias + n : nullptr,
+               resid != nullptr ? resid + r0 * N + n : nullptr);
       },
-      [&](int64_t r, int64_t n) { put_out(out, N, bias, resid, r, n, dot_q16_col<T>(W + n * rb, a, r)); });
+      [&](int64_t r, int64_t n) { put_out(out, N, bias, resid, r, n, col(W + n * rb, r)); });
 }
-#endif
-
-#ifdef SGL_Q16_ZMM
-// gemm_q16_tile for Q8_0 over P, the quad-packed copy of W (pack_q8_0_quad: whole groups of 4 rows, the rest GGUF
-// rows), (+ resid): the same bits. n0 is a multiple of 4 (so is every 4-column step of tile_columns from it).
-inline void gemm_q16_packed_cols(const uint8_t* P, int64_t rb, int64_t M, int64_t N, const Q16Act& a,
-                                 const Q16Tiled& p, float* out, const float* resid, int64_t n0, int64_t n1) {
-  tile_columns<4>(
-      M, p.rows, n0, n1,
-      [&](auto rc, int64_t t, int64_t r0, int64_t n) {
-        dot_q16_quad<QT::Q8_0, decltype(rc)::value, true>(P + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
-                                                           nullptr, resid != nullptr ? resid + r0 * N + n : nullptr);
-      },
-      [&](int64_t r, int64_t n) { put_out(out, N, nullptr, resid, r, n, dot_q16_col<QT::Q8_0>(P + n * rb, a, r)); });
-}
-#endif
-
-#ifdef SGL_AVX2
-// gemm_q16_cols for Q8_0 over P, its pair-packed copy (pack_q8_0_lanes<2>: whole groups of 2 rows, the rest GGUF
-// rows), (+ resid), on AVX2 without AVX-512 VNNI: the same bits. n0 is a multiple of 2.
-inline void gemm_q16_pair_packed_cols(const uint8_t* P, int64_t rb, int64_t M, int64_t N, const Q16Act& a,
-                                      const Q16Tiled& p, float* out, const float* resid, int64_t n0, int64_t n1) {
-  tile_columns<2, kQ16Avx2TileRows>(
-      M, p.rows, n0, n1,
-      [&](auto rc, int64_t t, int64_t r0, int64_t n) {
-        dot_q16_pair<QT::Q8_0, decltype(rc)::value, true>(P + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
-                                                          nullptr, resid != nullptr ? resid + r0 * N + n : nullptr);
-      },
-      [&](int64_t r, int64_t n) { put_out(out, N, nullptr, resid, r, n, dot_q16_col<QT::Q8_0>(P + n * rb, a, r)); });
-}
-#endif
 
 // The portable way to the same bits: in 64-column cache blocks (a block's weight rows stay in L2 across the
 // rows), row(r, c0, c1) per row (gemv_rows / gemv_rows8 on that row).
@@ -337,33 +305,40 @@ void gemm_q16_rows(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q16
   });
 }
 
-// gemm's q16 path for the output columns [n0, n1) (tiled: a packed for the tile, or null: per row).
-template <QT T>
+// gemm's q16 path for the output columns [n0, n1) (tiled: a packed for the tile, or null: per row). Packed (Q8_0):
+// W is its packed copy (quant_q16.h's pack_q8_0_lanes: the AVX-512 tile's groups of 4, the AVX2 one's of 2), read
+// by the tile at every row count (tiled is never null then), n0 a multiple of the group.
+template <QT T, bool Packed = false>
 void gemm_q16_cols(const uint8_t* W, int64_t M, int64_t N, int64_t K, const Q16Act& a, const Q16Tiled* tiled,
                    float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
   const int64_t rb = row_bytes(T, K);
+  const auto col = [&](const uint8_t* w, int64_t r) { return dot_q16_col<T>(w, a, r); };
+  const bool tile = tiled != nullptr && (M >= kQ16TileMinRows || Packed);
 #ifdef SGL_Q16_ZMM
-  if (tiled != nullptr && M >= kQ16TileMinRows && have_q16_zmm()) {
-    gemm_q16_tile<T>(W, rb, M, N, a, *tiled, out, bias, resid, n0, n1);
+  if (tile && have_q16_zmm()) {
+    gemm_tiles<4, kQ16TileRows>(W, rb, M, N, *tiled, out, bias, resid, n0, n1,
+                                [&](auto rc, const uint8_t* w, const Q16TileX& x, float* o, const float* bs,
+                                    const float* rs) {
+                                  dot_q16_quad<T, decltype(rc)::value, Packed>(w, rb, a.nb, x, o, N, bs, rs);
+                                },
+                                col);
     return;
   }
 #endif
 #ifdef SGL_AVX2
-  if (tiled != nullptr && M >= kQ16TileMinRows) {  // the AVX2 tile: 2 columns x up to kQ16Avx2TileRows rows
-    const Q16Tiled& p = *tiled;
-    tile_columns<2, kQ16Avx2TileRows>(
-        M, p.rows, n0, n1,
-        [&](auto rc, int64_t t, int64_t r0, int64_t n) {
-          dot_q16_pair<T, decltype(rc)::value>(W + n * rb, rb, p.nb, p.tile(t), out + r0 * N + n, N,
-                                               bias != nullptr ? bias + n : nullptr,
-                                               resid != nullptr ? resid + r0 * N + n : nullptr);
-        },
-        [&](int64_t r, int64_t n) { put_out(out, N, bias, resid, r, n, dot_q16_col<T>(W + n * rb, a, r)); });
+  if (tile) {
+    gemm_tiles<2, kAvx2TileRows>(W, rb, M, N, *tiled, out, bias, resid, n0, n1,
+                                 [&](auto rc, const uint8_t* w, const Q16TileX& x, float* o, const float* bs,
+                                     const float* rs) {
+                                   dot_q16_pair<T, decltype(rc)::value, Packed>(w, rb, a.nb, x, o, N, bs, rs);
+                                 },
+                                 col);
     return;
   }
 #endif
-  (void)tiled;
-  gemm_q16_rows<T>(W, rb, M, N, a, out, bias, resid, n0, n1);
+  (void)tile;
+  if constexpr (Packed) throw std::logic_error("gemm_q16_cols: a packed copy needs a tile (packed_ok)");
+  else gemm_q16_rows<T>(W, rb, M, N, a, out, bias, resid, n0, n1);
 }
 
 }  // namespace

@@ -113,11 +113,6 @@ struct Q8TileX {
 };
 
 #ifdef SGL_AVX2
-// Rows per AVX2 tile at most: a verify row of 1 + 8 tokens is one tile (each weight block unpacked once). The
-// accumulators then spill past the 16 ymm, but the 30-layer stack of 9 rows ran no slower than with tiles of 6
-// (28.3 / 30.4 ms), and 6 beat 4 (29.0 / 32.0 ms; benchmarks/bench_q16_rows.py --stack --act q8, Zen 3, 1 thread).
-constexpr int kQ8Avx2TileRows = 9;
-
 // The quad-packed layout of the AVX2 kernel (pack_quad8; the copies of q8 activations where the AVX-512 oct layout
 // does not run): 4 rows' block b as ONE record of 4 * block_bytes(T) bytes, so group g starts at W + 4 g * rb as in
 // GGUF. A record is the 4 columns' headers in column order (f16 d, or d m for Q4_1: kQuad8Header bytes), then the
@@ -170,7 +165,7 @@ inline void pack_quad8(const uint8_t* W, int64_t N, int64_t rb, uint8_t* P) {
 template <QT T, int R, bool Packed = false>
 inline void dot_q8_quad(const uint8_t* w, int64_t rb, int64_t nb, const Q8TileX& x, float* out, int64_t ldo,
                         const float* bias, const float* resid) {
-  static_assert(R >= 1 && R <= kQ8Avx2TileRows, "rows per tile");
+  static_assert(R >= 1 && R <= kAvx2TileRows, "rows per tile");
   const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
   const auto load2 = [&](const uint8_t* blk, int c, int off) {  // bytes off..off+15 of columns c, c + 1
     return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(blk + (c + 1) * rb + off),

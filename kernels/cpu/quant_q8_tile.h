@@ -4,7 +4,7 @@
 // kernels), and a column's arithmetic does not depend on which kernel, tile or thread range computed it.
 // Where the machine has AVX-512 VNNI (have_q16_tile()) a tile of 8 columns x up to kQ16TileRows rows reads each
 // weight block once for all its rows; on AVX2 only (or SGL_CPU_Q16_NO_TILE=1) the AVX2 tile of 4 columns x up to
-// kQ8Avx2TileRows rows does (quant_q8_blocks.h); the scalar build runs the rows one at a time: the same bits.
+// kAvx2TileRows rows does (quant_q8_blocks.h); the scalar build runs the rows one at a time: the same bits.
 #pragma once
 
 #include <algorithm>
@@ -71,31 +71,9 @@ struct Q8Blocks {
   Q8Blocks(const Q8Blocks&) = delete;  // act points into the vectors
 };
 
-// Whether a batch runs a q8 tile here (each weight block read once per tile of rows): the AVX-512 VNNI one
-// (dot_q8_oct) or the AVX2 one (dot_q8_quad); the scalar build runs the rows one at a time.
-inline bool have_q8_tile() {
-#ifdef SGL_AVX2
-  return true;
-#else
-  return false;
-#endif
-}
-
-// Rows per tile at most: the AVX-512 tile's kQ16TileRows where it runs, else the AVX2 tile's.
-inline int64_t q8_tile_rows() {
-#ifdef SGL_Q16_ZMM
-  if (have_q16_zmm()) return kQ16TileRows;
-#endif
-#ifdef SGL_AVX2
-  return kQ8Avx2TileRows;
-#else
-  return kQ16TileRows;
-#endif
-}
-
 // Sizes p for M rows of nb blocks; pack_row8 then fills row r (rows write disjoint parts of p).
 inline void size_tiled8(int64_t M, int64_t nb, Q8Tiled& p) {
-  const int64_t tiles = (M + q8_tile_rows() - 1) / q8_tile_rows();
+  const int64_t tiles = (M + tile_rows() - 1) / tile_rows();
   p.M = M;
   p.nb = nb;
   p.rows = (M + tiles - 1) / tiles;
@@ -166,21 +144,6 @@ void gemv_rows8(const uint8_t* W, int64_t rb, int64_t count, const Q8BAct& a, fl
   }
 }
 
-// out rows 0..M of columns [n0, n1): tile_columns (quant_q16_tile.h) with kernel<R> (C columns x R <= MaxR rows:
-// dot_q8_oct, 8 x 12, or dot_q8_quad, 4 x kQ8Avx2TileRows) and dot_q8_col for the tail columns. Packed: W is a
-// packed copy of the kernel's layout (gemv_rows8) and n0 a multiple of its group.
-template <QT T, int C, int MaxR, class Kernel>
-void gemm_q8_tile(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a, const Q8Tiled& p, float* out,
-                  const float* bias, const float* resid, int64_t n0, int64_t n1, Kernel&& kernel) {
-  tile_columns<C, MaxR>(
-      M, p.rows, n0, n1,
-      [&](auto rc, int64_t t, int64_t r0, int64_t n) {
-        kernel(rc, W + n * rb, p.tile(t), out + r0 * N + n, bias != nullptr ? bias + n : nullptr,
-               resid != nullptr ? resid + r0 * N + n : nullptr);
-      },
-      [&](int64_t r, int64_t n) { put_out(out, N, bias, resid, r, n, dot_q8_col<T>(W + n * rb, a, r)); });
-}
-
 // The portable way to the same bits: rows_columns (quant_q16_tile.h), each row through gemv_rows8.
 template <QT T, bool Packed = false>
 void gemm_q8_rows(const uint8_t* W, int64_t rb, int64_t M, int64_t N, const Q8BAct& a, float* out,
@@ -198,23 +161,26 @@ template <QT T, bool Packed = false>
 void gemm_q8_cols(const uint8_t* W, int64_t M, int64_t N, int64_t K, const Q8BAct& a, const Q8Tiled* tiled,
                   float* out, const float* bias, const float* resid, int64_t n0, int64_t n1) {
   const int64_t rb = row_bytes(T, K);
+  const auto col = [&](const uint8_t* w, int64_t r) { return dot_q8_col<T>(w, a, r); };
 #ifdef SGL_Q16_ZMM
   if (tiled != nullptr && M >= kQ16TileMinRows && have_q16_zmm()) {
-    gemm_q8_tile<T, 8, kQ16TileRows>(W, rb, M, N, a, *tiled, out, bias, resid, n0, n1,
-                                     [&](auto rc, const uint8_t* w, const Q8TileX& x, float* o, const float* bs,
-                                         const float* rs) {
-                                       dot_q8_oct<T, decltype(rc)::value, Packed>(w, rb, a.nb, x, o, N, bs, rs);
-                                     });
+    gemm_tiles<8, kQ16TileRows>(W, rb, M, N, *tiled, out, bias, resid, n0, n1,
+                                [&](auto rc, const uint8_t* w, const Q8TileX& x, float* o, const float* bs,
+                                    const float* rs) {
+                                  dot_q8_oct<T, decltype(rc)::value, Packed>(w, rb, a.nb, x, o, N, bs, rs);
+                                },
+                                col);
     return;
   }
 #endif
 #ifdef SGL_AVX2
   if (tiled != nullptr && M >= kQ16TileMinRows) {  // (a copy is quad-packed here: the AVX-512 tile did not run)
-    gemm_q8_tile<T, 4, kQ8Avx2TileRows>(W, rb, M, N, a, *tiled, out, bias, resid, n0, n1,
-                                        [&](auto rc, const uint8_t* w, const Q8TileX& x, float* o, const float* bs,
-                                            const float* rs) {
-                                          dot_q8_quad<T, decltype(rc)::value, Packed>(w, rb, a.nb, x, o, N, bs, rs);
-                                        });
+    gemm_tiles<4, kAvx2TileRows>(W, rb, M, N, *tiled, out, bias, resid, n0, n1,
+                                 [&](auto rc, const uint8_t* w, const Q8TileX& x, float* o, const float* bs,
+                                     const float* rs) {
+                                   dot_q8_quad<T, decltype(rc)::value, Packed>(w, rb, a.nb, x, o, N, bs, rs);
+                                 },
+                                 col);
     return;
   }
 #endif
