@@ -67,6 +67,12 @@ def outputs_with_and_without_tile(act: str, seed: int, ms: tuple[int, ...]) -> t
         "        x = torch.from_numpy(gen.standard_normal((m, 160)).astype(np.float32))\n"
         f"        outs.append(quant_linear(x, w, act_quant={act!r}))\n"
         "torch.save({'isa': _ext.load().isa(), 'outs': outs}, sys.argv[1])\n")
+    return run_with_and_without_tile(script)
+
+
+def run_with_and_without_tile(script: str) -> tuple[dict, dict]:
+    """Run `script` (it saves its results with torch.save to sys.argv[1]) in two fresh processes: as this CPU
+    chooses, and with SGL_CPU_Q16_NO_TILE=1 (an AVX-512 VNNI CPU then runs the AVX2 kernels). Returns both results."""
     with tempfile.TemporaryDirectory() as tmp:
         results = []
         for env in ({}, {"SGL_CPU_Q16_NO_TILE": "1"}):

@@ -16,7 +16,7 @@ import torch
 from sgl.kernels.cpu import QuantWeight, quant_linear
 from sgl.kernels.cpu.quant import _ACT_MODE as ACT_MODE
 from sgl.kernels.cpu.quant import Q16_MAX_ROWS, pack_weight
-from tests.kernels.test_cpu_q16_batch import raw_weight, with_threads
+from tests.kernels.test_cpu_q16_batch import raw_weight, run_with_and_without_tile, with_threads
 from tests.kernels.test_cpu_q8_batch import unit_scale_weight
 
 ACTS = ["q8", "q16"]
@@ -152,18 +152,7 @@ def test_the_avx2_copies_give_the_bits_of_every_kernel() -> None:
         "        res['plain'].append(quant_linear(x, w, act_quant=act))\n"
         "        res['packed'].append(quant_linear(x, p, act_quant=act))\n"
         "torch.save(res, sys.argv[1])\n")
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = []
-        for env in ({}, {"SGL_CPU_Q16_NO_TILE": "1"}):
-            path = os.path.join(tmp, f"{len(runs)}.pt")
-            subprocess.run([sys.executable, "-c", script, path], check=True, env={**os.environ, **env}, timeout=120)
-            runs.append(torch.load(path))
-    here, avx2 = runs
+    here, avx2 = run_with_and_without_tile(script)
     assert avx2["group"] == [4, 2]  # q8's quad layout, q16's pairs
     for a, b, c in zip(avx2["packed"], avx2["plain"], here["plain"]):
         assert torch.equal(a, b) and torch.equal(a, c)
