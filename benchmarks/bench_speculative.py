@@ -2,7 +2,8 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_speculative.py --threads 1 [--quick] [--crossover]
 
-Workloads (greedy, one engine per algorithm, loaded one after another):
+Workloads (greedy, one engine per algorithm, all loaded at once; each round runs the workload prompt by prompt, every
+engine on a prompt before the next prompt, so that a shared machine's drift hits every algorithm alike):
   (a) JSON extraction that copies names, cities and years from a ~300-token document (examples/data),
   (b) chat answers to 32 questions, one request at a time (batch 1),
   (c) the 6-field schema extraction constrained by json_schema (examples/data/person_extraction.json)
@@ -26,7 +27,9 @@ drafts where the text matches, NAME elsewhere; NAME+CORPUS (e.g. NGRAM_TREE+CORP
 matches the shipped corpus too (`--speculative-ngram-corpus default`); DRAFT uses the default model as its own draft (an identity check: no smaller model with this
 tokenizer ships here), so its speed ratio is below 1 by construction. NAME@PATH (e.g. MEDUSA@/tmp/old-heads): NAME with
 its heads from PATH (`--speculative-draft-model-path`), beside NAME with the shipped ones in the same run; for an
-NGRAM algorithm with +CORPUS (e.g. NGRAM_TREE+CORPUS@/tmp/corpus.jsonl.gz), PATH is its corpus.
+NGRAM algorithm with +CORPUS (e.g. NGRAM_TREE+CORPUS@/tmp/corpus.jsonl.gz), PATH is its corpus. NAME_STATIC (e.g.
+EAGLE_STATIC): NAME with the adaptive rule of stop 33, its start-up verify cost never corrected by the steps it runs
+and the drafter's catch-up not priced (the A/B of verify_cost.ObservedCost and speculative_rows.per_step).
 Prints one table and writes benchmarks/results/bench_speculative.json.
 """
 
@@ -58,6 +61,7 @@ PERSON = json.loads((DATA / "person_extraction.json").read_text())
 
 BLIND = "_BLIND"  # an algorithm name's suffix: its drafter ignores the grammar (grammar_walk.ENABLED off: the A/B)
 FIXED = "_FIXED"  # an algorithm name's suffix: the rule ignores its drafts' scores (one length per request: the A/B)
+STATIC = "_STATIC"  # an algorithm name's suffix: the rule keeps its start-up cost and prices no catch-up (the A/B)
 NGRAM_FIRST = "+NGRAM"  # an algorithm name's suffix: --speculative-ngram-first, with NGRAM_TREE's settings
 CORPUS = "+CORPUS"  # an algorithm name's suffix: its NGRAM (algorithm or lane) matches the shipped corpus too
 
@@ -100,11 +104,29 @@ def run_workload(eng: Engine, prompts: list[str], params: dict[str, Any], batch:
     verify = sum(o["meta_info"].get("spec_verify_ct", 0) for o in outs)
     produced = sum(o["meta_info"].get("spec_accept_length", 0.0) * o["meta_info"].get("spec_verify_ct", 0)
                    for o in outs)
-    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": tokens, "tok_s": tokens / seconds,
-            "tok_cpu_s": tokens / cpu, "decode_seconds": decode_s, "decode_tokens": decode_tokens,
-            "decode_tok_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
-            "accept_length": produced / verify if verify else None,
-            "output_ids": [o["output_ids"] for o in outs], "texts": [o["text"] for o in outs]}
+    return rates({"seconds": seconds, "cpu_seconds": cpu, "tokens": tokens, "decode_seconds": decode_s,
+                  "decode_tokens": decode_tokens, "verify": verify, "produced": produced,
+                  "output_ids": [o["output_ids"] for o in outs], "texts": [o["text"] for o in outs]})
+
+
+SUMMED = ("seconds", "cpu_seconds", "tokens", "decode_seconds", "decode_tokens", "verify", "produced")
+
+
+def rates(r: dict[str, Any]) -> dict[str, Any]:
+    """`r` with its rates computed from its sums (SUMMED)."""
+    r["tok_s"], r["tok_cpu_s"] = r["tokens"] / r["seconds"], r["tokens"] / r["cpu_seconds"]
+    r["decode_tok_s"] = r["decode_tokens"] / r["decode_seconds"] if r["decode_seconds"] > 0 else 0.0
+    r["accept_length"] = r["produced"] / r["verify"] if r["verify"] else None
+    return r
+
+
+def combined(parts: list[dict[str, Any]], outputs: bool) -> dict[str, Any]:
+    """The run of several `run_workload` parts: sums and their rates; `outputs`: their outputs concatenated (the
+    prompts of one round), else the first part's (rounds of the same prompts: greedy, the same outputs)."""
+    out = {key: sum(p[key] for p in parts) for key in SUMMED}
+    for key in ("output_ids", "texts"):
+        out[key] = [x for p in parts for x in p[key]] if outputs else parts[0][key]
+    return rates(out)
 
 
 def valid_share(texts: list[str]) -> float:
@@ -125,7 +147,7 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
     heads = None
     if algo is not None and "@" in algo:  # NAME@PATH: the algorithm with its heads from PATH
         algo, heads = algo.split("@", 1)
-    for suffix in (BLIND, FIXED):  # A/B switches set after the engine starts, not engine arguments
+    for suffix in (BLIND, FIXED, STATIC):  # A/B switches set after the engine starts, not engine arguments
         algo = algo[: -len(suffix)] if algo is not None and algo.endswith(suffix) else algo
     if algo is not None and algo.endswith(CORPUS):  # e.g. NGRAM_TREE+CORPUS, EAGLE+NGRAM+CORPUS
         algo = algo[: -len(CORPUS)]
@@ -192,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "2-round ratios swung by ~0.1)")
     ap.add_argument("--reps-d", type=int, default=None,
                     help="rounds of workload (d) (default: 2 x --reps; a round is ~1.4 s, and 2-round ratios read "
-                         "0.89-1.00x with no row drafted)")
+                         "0.89-1.00x with no row drafted, before rounds interleaved the engines prompt by prompt)")
     ap.add_argument("--crossover", action="store_true", help="(b) at batch 1/2/4/8 with speculation forced on")
     ap.add_argument("--verify-cost", action="store_true", help="time verify rows of 1 + j tokens vs one decode step")
     ap.add_argument("--workloads", default="a,b,c,d", help="comma-separated workload letters")
@@ -209,8 +231,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     cost = verify_cost(args.threads, max(8, args.num_draft_tokens), act_quant=args.cpu_act_quant) if args.verify_cost else None
     algos: list[Optional[str]] = [None] + [a for a in args.algorithms.split(",") if a]
     results: dict[str, dict[str, Any]] = {}
-    # All engines loaded at once; each workload runs engine after engine, `--reps` rounds, so that a
-    # shared machine's load drift hits every algorithm alike (tok/s = all tokens / all seconds).
+    # All engines loaded at once; each round of a workload runs it prompt by prompt (a batch of (d) at a time), every
+    # engine on it before the next, so that a shared machine's load drift hits every algorithm alike (tok/s = all
+    # tokens / all seconds). Rounds were engine after engine before: one engine's whole round (~30 s of chat) could
+    # fall in a slow minute, and (b)'s no-speculation rounds read 113 and 151 tok/s in one run.
     engines = {algo or "none": Engine(**engine_kwargs(algo, args.threads, None, args.num_draft_tokens, args.eagle_head,
                                                       args.eagle_topk, args.cpu_act_quant, args.ngram_corpus))
                for algo in algos}
@@ -218,6 +242,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if name.endswith(FIXED):
             for lane in eng.scheduler.spec.lanes:
                 lane.drafter.scores_drafts = False
+        if name.endswith(STATIC):
+            eng.scheduler.spec.observed = None
+            eng.scheduler.spec.per_step = lambda lane, req: 0.0
     # each engine's start-up verify cost (what its adaptive rule uses): [[j, decode steps], ...]
     engine_costs = {name: eng.get_server_info().get("spec_verify_cost") for name, eng in engines.items()}
     for name, c in engine_costs.items():
@@ -228,18 +255,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})  # warm-up
         for wname, (prompts, params, batch) in work.items():
             reps = reps_c if wname.startswith("c_") else reps_d if wname.startswith("d_") else args.reps
+            # self-draft at batch 8 is off by the max-batch rule anyway: nothing new
+            names = [n for n in engines if not (n == "DRAFT" and wname.startswith("d_"))]
             for rep in range(reps):
-                for name, eng in engines.items():
-                    if name == "DRAFT" and wname.startswith("d_"):
-                        continue  # self-draft at batch 8 is off by the max-batch rule anyway: nothing new
-                    # NOTE: every round starts cold: a warm radix cache would skip the prefill of a repeated
-                    # prompt, and NGRAM's shared index would hold this very output from the round before
-                    assert eng.flush_cache()
-                    grammar_walk.ENABLED = not name.endswith(BLIND)
-                    lanes_before = eng.get_stats().get("spec_per_drafter") or {}
-                    r = run_workload(eng, prompts, params, batch)
-                    grammar_walk.ENABLED = True
-                    lanes = lane_counts(lanes_before, eng.get_stats().get("spec_per_drafter") or {})
+                # NOTE: every round starts cold: a warm radix cache would skip the prefill of a repeated
+                # prompt, and NGRAM's shared index would hold this very output from the round before
+                assert all(engines[n].flush_cache() for n in names)
+                lanes_before = {n: engines[n].get_stats().get("spec_per_drafter") or {} for n in names}
+                parts: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+                for i in range(0, len(prompts), batch):
+                    for n in names:
+                        grammar_walk.ENABLED = not n.endswith(BLIND)
+                        parts[n].append(run_workload(engines[n], prompts[i:i + batch], params, batch))
+                        grammar_walk.ENABLED = True
+                for name in names:
+                    r = combined(parts[name], outputs=True)
+                    lanes = lane_counts(lanes_before[name], engines[name].get_stats().get("spec_per_drafter") or {})
                     print(f"{wname:18s} {name:6s} rep {rep} {r['tok_s']:7.1f} tok/s {r['tok_cpu_s']:7.1f} tok/cpu-s  "
                           f"accept {r['accept_length']}", flush=True)
                     acc = results.setdefault(wname, {}).get(name)
@@ -247,17 +278,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         results[wname][name] = r
                         r["per_drafter"] = lanes
                     else:  # sum the rounds (greedy: the same outputs and accept length every round)
-                        acc["seconds"] += r["seconds"]
-                        acc["cpu_seconds"] += r["cpu_seconds"]
-                        acc["tokens"] += r["tokens"]
-                        acc["tok_s"] = acc["tokens"] / acc["seconds"]
-                        acc["tok_cpu_s"] = acc["tokens"] / acc["cpu_seconds"]
-                        acc["decode_seconds"] += r["decode_seconds"]
-                        acc["decode_tokens"] += r["decode_tokens"]
-                        acc["decode_tok_s"] = acc["decode_tokens"] / acc["decode_seconds"]
+                        per_drafter = acc["per_drafter"]
+                        results[wname][name] = acc = combined([acc, r], outputs=False)
+                        acc["per_drafter"] = per_drafter
                         for lane, counts in lanes.items():
                             for key, n in counts.items():
-                                acc["per_drafter"][lane][key] += n
+                                per_drafter[lane][key] += n
         for eng in engines.values():
             eng.wait_idle()
             eng.check_integrity()

@@ -106,11 +106,12 @@ class Engine(EngineLoraMixin, EngineInfoMixin):
         self.scheduler = Scheduler(args, runner, OutputProcessor(self.tokenizer), pool_size, self._on_output,
                                    drafter=drafter, mover=mover, host_pool_size=host_slots, cache_mover=cache_mover)
         if self.scheduler.spec is not None and self.tp is None and not args.speculative_always_draft:
-            from sgl.runtime.speculative.verify_cost import measure_verify_cost
+            from sgl.runtime.speculative.verify_cost import ObservedCost, measure_verify_cost
 
             # NOTE: before the scheduler thread starts: the timing rows write K/V into a still empty pool
             self.scheduler.spec.cost = measure_verify_cost(model, runner.kv, args.speculative_num_draft_tokens,
                                                              loaded.config.vocab_size)
+            self.scheduler.spec.observed = ObservedCost(self.scheduler.spec.cost)  # then corrected by real steps
             logger.info("speculative verify cost in decode steps: %s", self.scheduler.spec.cost.describe())
         self._model_dtype = dtype
         self._init_lora()  # runtime/lora/engine_adapters.py: the adapter pool, --lora-paths read now

@@ -83,5 +83,8 @@ class EngineInfoMixin:
         if spec is not None:  # decode steps a verify row of 1 + j tokens costs: [[j, cost], ...] (verify_cost.py)
             info["spec_verify_cost"] = [list(p) for p in spec.cost.points]
             info["spec_verify_cost_source"] = spec.cost.source
+            if spec.observed is not None:  # the start-up curve, and the factor the steps run since put on its costs
+                info["spec_verify_cost_measured"] = [list(p) for p in spec.observed.measured.points]
+                info["spec_verify_cost_scale"] = spec.observed.scale
         info["version"] = "0.1.0"
         return info

@@ -35,6 +35,7 @@ class SpecLane:
     accept_prob: Optional[float] = None  # estimated per-draft acceptance; None: the drafter's prior
     shadow: Any = None  # (len(output_ids) when drafted, Draft): a draft not verified, scored on the tokens that follow
     idle_steps: int = 0  # decode steps the rule kept this drafter from drafting, since its last draft
+    called_at: int = 0  # len(fill_ids) when the drafter last ran for it (what a catch-up starts from)
 
 
 @dataclass(eq=False)

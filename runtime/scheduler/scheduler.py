@@ -36,6 +36,7 @@ from sgl.runtime.scheduler.speculative_rows import make_speculative_rows
 from sgl.runtime.scheduler.stats import StepStats
 from sgl.runtime.speculative import make_drafter
 from sgl.runtime.speculative.drafter import Draft, Drafter
+from sgl.runtime.speculative.verify_cost import step_clock
 
 
 class ModelRunnerLike(Protocol):
@@ -128,6 +129,8 @@ class Scheduler:
         self._update_gauges()
         if not batch.rows:
             return
+        clock = step_clock() if self.spec is not None and self.spec.observed is not None else None
+        t0 = clock() if clock is not None else 0.0
         try:
             results = self.runner.run(batch)
         except Exception as exc:
@@ -139,6 +142,8 @@ class Scheduler:
             free_new_slots(self.allocator, batch.rows)
             raise
         assert len(results) == len(batch.rows)
+        if clock is not None:  # the adaptive rule's verify cost learns from batch-1 steps (speculative_rows.py)
+            self.spec.observe_step(batch.rows, clock() - t0)
         self.stats.num_steps += 1
         for row, res in zip(batch.rows, results):
             self._process(row, res)

@@ -16,13 +16,16 @@ token-slot based, so the request's slot table just takes those nodes' slots in p
 were computed at the positions the path gives them) and the other nodes' slots go back to the pool.
 
 The adaptive rule: a verify row of 1 + j tokens costs cost(j) decode steps (runtime/speculative/
-verify_cost.py: timed on the engine's own model when it starts, plus the drafter's own time per
-drafted token, the median of its recent `propose` calls). Each request keeps an estimate a of its per-draft
-acceptance (`SpecLane.accept_prob`, an exponential average; it starts at the drafter's
-`accept_prior`: NGRAM drafts only after a match, so its prior is higher than a head's) and asks for
+verify_cost.py: timed on the engine's own model when it starts, then corrected by the batch-1 steps it runs,
+`observe_step`), plus the drafter's own time per drafted token, the median of its recent `propose` calls, plus
+what a drafting step costs the drafter whatever its length (`per_step`: EAGLE's catch-up, its head run over the
+tokens produced since it last drafted, ~0.1 decode step on the default model; more for a request it has not
+drafted for in a while: each token since costs it ~0.1 ms, a chat prompt's first call 3-8 ms). Each request keeps
+an estimate a of its per-draft acceptance (`SpecLane.accept_prob`, an exponential average; it starts at the
+drafter's `accept_prior`: NGRAM drafts only after a match, so its prior is higher than a head's) and asks for
 the draft length j <= k that maximizes the expected tokens per step over the cost,
-(1 - a^(j+1)) / (1 - a) / cost(j) (Leviathan et al.'s speedup): long drafts while it copies (a near
-1), short ones on chat, none when even the best draft does not pay.
+(1 - a^(j+1)) / (1 - a) / (cost(j) + j per_draft + per_step) (Leviathan et al.'s speedup): long drafts while it
+copies (a near 1), short ones on chat, none when even the best draft does not pay.
 A drafter that scores its drafts (Draft.scores; EAGLE: the head's probability of each token, which matches the
 acceptance it sees) has each draft cut again, within that length, where its own expected tokens per cost peak
 (`scored_cut`): a chain ends where the head turns unsure instead of at the request's average. Measured on
@@ -32,8 +35,8 @@ steps cost what the longer accepted chains saved.
 A request that does not draft still learns its rate: the drafter proposes a *shadow* draft that is
 not verified (no row, no KV), and the tokens the request then produces score it exactly as a verify
 row would have (the longest draft prefix, or tree path, they follow). So a copy phase is found without
-paying for a verify row. Shadows cost the drafter's time only, kept under SHADOW_BUDGET (1%) of a decode
-step on average: NGRAM drafts in microseconds and shadows k tokens every idle step; EAGLE's head (its
+paying for a verify row. Shadows cost the drafter's time only (its catch-up included), kept under SHADOW_BUDGET
+(1%) of a decode step on average: NGRAM drafts in microseconds and shadows k tokens every idle step; EAGLE's head (its
 draft steps with their catch-up cost ~10% of a decode step per token here) shadows SHADOW_LEN tokens
 every ~40th idle step. (At a 3% budget EAGLE ran 0.93x of no speculation on chat without drafting once.)
 Measured on the default model (NGRAM, 1 thread): a fixed-length ladder (+2 after a full accept, as
@@ -62,7 +65,7 @@ from sgl.runtime.config import ServerArgs
 from sgl.runtime.metrics import record_spec_accept_length
 from sgl.runtime.speculative.drafter import Draft, Drafter
 from sgl.runtime.speculative.grammar_walk import with_forced_text
-from sgl.runtime.speculative.verify_cost import VerifyCost, step_clock
+from sgl.runtime.speculative.verify_cost import ObservedCost, VerifyCost, step_clock
 from sgl.runtime.cache.allocator import SlotAllocator
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult, SpecLane
 from sgl.runtime.scheduler.stats import StepStats
@@ -107,13 +110,15 @@ DRAFT_TIME_WINDOW = 15
 TIMED_CALLS = 3
 
 
-def best_draft_len(a: float, k: int, cost: "VerifyCost | None" = None, per_draft: float = 0.0) -> int:
-    """The j in 0..k maximizing expected tokens per step / (cost(j) + j * per_draft) for per-draft acceptance a."""
+def best_draft_len(a: float, k: int, cost: "VerifyCost | None" = None, per_draft: float = 0.0,
+                   per_step: float = 0.0) -> int:
+    """The j in 0..k maximizing expected tokens per step / (cost(j) + j * per_draft + per_step) for per-draft
+    acceptance a."""
     cost = cost or VerifyCost.assumed()
     best, best_rate = 0, 1.0
     for j in range(1, k + 1):
         expected = j + 1.0 if a >= 1.0 else (1.0 - a ** (j + 1)) / (1.0 - a)
-        rate = expected / (cost(j) + j * per_draft)
+        rate = expected / (cost(j) + j * per_draft + per_step)
         if rate > best_rate:
             best, best_rate = j, rate
     return best
@@ -171,12 +176,20 @@ class _Lane:
         self.name: str = drafter.name
         self.prior = float(getattr(drafter, "accept_prior", PRIOR))
         self.times: deque[float] = deque(maxlen=DRAFT_TIME_WINDOW)  # seconds per drafted token of recent calls
+        self.catchups: deque[float] = deque(maxlen=DRAFT_TIME_WINDOW)  # seconds per request of recent steps' catch-up
+        self.catchup_token: deque[float] = deque(maxlen=DRAFT_TIME_WINDOW)  # seconds per token of recent long ones
         self.stats = SpecStats()  # its verify rows
 
     @property
     def draft_seconds(self) -> float:
         """The drafter's time per drafted token: the median of its recent propose calls (0 before any)."""
         return statistics.median(self.times) if self.times else 0.0
+
+    @property
+    def catchup_seconds(self) -> float:
+        """What a drafting step costs the drafter per request whatever it drafts (Drafter.catchup_seconds): the
+        median of recent calls that caught up on at most a step's tokens."""
+        return statistics.median(self.catchups) if self.catchups else 0.0
 
 
 class SpeculativeRows:
@@ -192,6 +205,7 @@ class SpeculativeRows:
         self.max_batch = args.speculative_max_batch
         self.always = args.speculative_always_draft
         self.cost = cost or VerifyCost.assumed()  # the engine sets the measured one before serving
+        self.observed: Optional[ObservedCost] = None  # the engine's: corrects `cost` by the steps it runs
         self.stats = SpecStats()
 
     def report(self, s: StepStats) -> None:
@@ -204,6 +218,25 @@ class SpeculativeRows:
     def per_draft(self, lane: _Lane) -> float:
         """The lane's time per drafted token in decode steps (0 until both are measured)."""
         return lane.draft_seconds / self.cost.decode_seconds if self.cost.decode_seconds > 0 else 0.0
+
+    def per_step(self, lane: _Lane, req: Req) -> float:
+        """The lane's catch-up for `req` if it drafted now, in decode steps (0 until measured): a step's, plus the
+        tokens past a step's it has not run over (its whole prompt before the first call)."""
+        if self.cost.decode_seconds <= 0:
+            return 0.0
+        behind = len(req.fill_ids) - req.spec_lanes[lane.name].called_at - (self.k + 1)
+        per_token = statistics.median(lane.catchup_token) if lane.catchup_token and behind > 0 else 0.0
+        return (lane.catchup_seconds + per_token * max(0, behind)) / self.cost.decode_seconds
+
+    def observe_step(self, rows: Sequence[BatchRow], seconds: float) -> None:
+        """The step of `rows` ran in `seconds` (step_clock): a batch-1 decode or verify step corrects the verify cost
+        (verify_cost.ObservedCost), when the engine set `observed`."""
+        if self.observed is None or len(rows) != 1 or not rows[0].sample:
+            return
+        row = rows[0]
+        if row.extend_len == 1 + row.draft_len:  # not a prefill chunk, nor forced text before the drafts
+            self.observed.add(row.draft_len, seconds)
+            self.cost = self.observed.curve
 
     def flush(self) -> None:
         """Drop what the drafters cache across requests (NGRAM's finished sequences), if anything."""
@@ -237,17 +270,21 @@ class SpeculativeRows:
         want: dict[Req, int] = {}
         shadow: list[Req] = []
         per_draft = self.per_draft(lane)
+        step_catchup = lane.catchup_seconds / self.cost.decode_seconds if self.cost.decode_seconds > 0 else 0.0
         scored = getattr(lane.drafter, "scores_drafts", False) and not self.always
-        shadow_len = self.k if per_draft * self.k <= SHADOW_BUDGET else min(self.k, SHADOW_LEN)
+        shadow_len = self.k if per_draft * self.k + step_catchup <= SHADOW_BUDGET else min(self.k, SHADOW_LEN)
         # until TIMED_CALLS calls are timed, shadow every idle step: the median of one or two calls is what they took
         timed = len(lane.times) >= TIMED_CALLS
-        shadow_every = max(1, math.ceil(per_draft * shadow_len / SHADOW_BUDGET)) if timed else 1
+        shadow_every = max(1, math.ceil((per_draft * shadow_len + step_catchup) / SHADOW_BUDGET)) if timed else 1
+        per_step: dict[Req, float] = {}
         for req in decoding:
             st = req.spec_lanes.setdefault(lane.name, SpecLane())
             if st.accept_prob is None:
                 st.accept_prob = lane.prior
             self._settle_shadow(req, lane)
-            want[req] = self.k if self.always else best_draft_len(st.accept_prob, self.k, self.cost, per_draft)
+            per_step[req] = self.per_step(lane, req)
+            want[req] = self.k if self.always else best_draft_len(st.accept_prob, self.k, self.cost, per_draft,
+                                                                   per_step[req])
             if want[req] == 0:
                 st.accept_prob += DRIFT * (lane.prior - st.accept_prob)
                 st.idle_steps += 1
@@ -265,14 +302,24 @@ class SpeculativeRows:
         clock = step_clock()  # the clock verify_cost.py times decode steps with
         t0 = clock()
         proposed = lane.drafter.propose(asking + shadow, k)
-        spent = clock() - t0 - getattr(lane.drafter, "catchup_seconds", 0.0)  # (Drafter's docstring)
+        catchup = getattr(lane.drafter, "catchup_seconds", None)  # (Drafter's docstring)
+        spent = clock() - t0 - (catchup or 0.0)
+        # a drafting step's catch-up: one over at most a step's tokens per request; a longer one (a request's first
+        # call catches up on its whole prompt, one after idle steps on all of them) is timed per token
+        tokens = getattr(lane.drafter, "catchup_tokens", 0)
+        if catchup and tokens <= (self.k + 1) * len(proposed):
+            lane.catchups.append(catchup / len(proposed))
+        elif catchup:
+            lane.catchup_token.append(catchup / tokens)
+        for req in asking + shadow:
+            req.spec_lanes[lane.name].called_at = len(req.fill_ids)
         # per drafted token: a scored chain may stop before k (stop_below)
         lane.times.append(max(0.0, spent) / (max([len(d) for d in proposed] + [1]) if scored else k))
         for req, draft in zip(asking + shadow, proposed):
             room = req.params.max_new_tokens - len(req.output_ids) - 1
             cut = draft.cut(max(0, room), want[req] or shadow_len)
             if scored and want[req] and cut.scores is not None:
-                cut = scored_cut(cut, self.cost, per_draft * len(draft))
+                cut = scored_cut(cut, self.cost, per_draft * len(draft) + per_step[req])
             if want[req] and req.grammar is not None and cut.parents is None and len(cut):
                 # NOTE: verified drafts only: a shadow is scored against the produced tokens, forced ones included
                 cut = Draft(with_forced_text(req.grammar, cut.token_ids, max(0, room)))

@@ -109,7 +109,9 @@ class Drafter(Protocol):
     # Optional: `catchup_seconds`, the seconds (verify_cost.step_clock) of the last `propose` spent catching up on the tokens
     # produced since the drafter last ran (EAGLE's head entries, and jump-forward text teacher-forced through
     # them): what following the sequence costs, paid once per token whenever it drafts, not a cost of the drafted
-    # tokens. The adaptive rule (speculative_rows.py) leaves it out of the drafter's time per drafted token.
+    # tokens. The adaptive rule (speculative_rows.py) leaves it out of the drafter's time per drafted token and
+    # prices it per drafting step instead, from calls that caught up on no more than a step's tokens: with it,
+    # `catchup_tokens`, the tokens caught up on (all requests').
     # Optional: `scores_drafts = True` when its drafts carry scores (Draft.scores): the rule then cuts each draft by
     # its scores; it sets `stop_below` before each call, a path probability under which a drafted token cannot pay
     # for its place in the verify row (the drafter may stop drafting a chain there).

@@ -93,6 +93,7 @@ class EagleDrafter:
                 head.quantize_for_inference(quantize)
         self._seqs: dict[Req, _Seq] = {}
         self.catchup_seconds = 0.0  # the last propose's catch-up (Drafter.catchup_seconds)
+        self.catchup_tokens = 0  # and the tokens it ran the head over, all requests' (Drafter.catchup_tokens)
         self.stop_below = 0.0  # a chain stops once every request's path probability is below this (Drafter)
         self._emb_rows: dict[int, torch.Tensor] = {}  # token id -> its fp32 embedding row (_embed)
 
@@ -151,7 +152,7 @@ class EagleDrafter:
             forced.append(fill[m + 1:n + 1])
         drafts: dict[Req, list[int]] = {req: [] for req in reqs}
         scores: dict[Req, list[float]] = {req: [] for req in reqs}
-        self.catchup_seconds = 0.0
+        self.catchup_seconds, self.catchup_tokens = 0.0, 0
         if not live:
             return [Draft([]) for _ in reqs]
         # Step 1: catch up to the pending token; steps 2..k: one drafted entry each.
@@ -171,6 +172,7 @@ class EagleDrafter:
         if any(forced):
             g, positions = self._force(live, g, positions, forced)  # -> g_n
         self.catchup_seconds = clock() - t0
+        self.catchup_tokens = sum(counts) + sum(len(f) for f in forced)
         if self.topk > 1:
             with grammar_walks([req for req, _, _, _ in live]) as walks:
                 trees = {req: self._tree(seq, g[i:i + 1], int(positions[i]), k, walks[i])

@@ -28,18 +28,34 @@ which the drafter's time is measured with too (speculative_rows.py):
     read of that clock took up to 5 ms (mean 0.26 ms over a request's steps, ~1.5 us for the thread's clock). `VerifyCost.assumed` is the old
 fitted curve, for schedulers built without an engine (tests with fake runners) and tensor-parallel
 engines (every rank would have to join the timing steps).
+
+The start-up curve is then corrected by the steps the engine really runs (`ObservedCost`). It was timed on a
+32-token dummy context, on one start's noise, and without what a step does besides forward and lm_head (building
+the batch, sampling, acceptance): on the AVX2 machine the engines of one benchmark run read 1 + 1 at 1.10-1.58 decode
+steps and 1 + 8 at 3.18-5.57, and some drafted at a loss (EAGLE ran chat at 0.89x of no speculation). So each
+batch-1 step's `runner.run` is timed with `step_clock()`: a decode step's time joins a window of decode times, and a
+verify step of 1 + j tokens gives the multiple s = (its time / the decode steps' median - 1) / (cost(j) - 1) by which
+the curve misjudged its extra cost. The rule then uses 1 + s (cost(j) - 1) with s the median of the recent multiples
+(the measured shape, the observed scale: a row's extra cost is mostly its extra arithmetic, which one factor
+scales), and the decode steps' median as its decode step. A curve that prices rows too high is corrected only once a
+row is verified (a shadow draft's copy phase, or a high acceptance); one that prices them too low, which is what
+loses, is corrected by the rows it lets through.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 CONTEXT = 32  # dummy tokens before the timed rows: attention over a short prefix, as early in a request
 ADAPTIVE_PROBE = 32  # calls an adaptive site of the CPU kernels probes before it settles (thread_pool.h: 2 x kProbe)
 REPS = 3  # rounds of paired timings after a warm-up round; each length's median ratio is kept
+OBSERVED_WINDOW = 32  # the newest batch-1 decode steps, and verify steps' multiples, that ObservedCost keeps
+MIN_OBSERVED = 4  # steps of each kind before the observed scale (and decode step) replace the start-up curve's
+SCALE_RANGE = (0.25, 4.0)  # the observed multiple's bounds (one slow step among few must not stop drafting for good)
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,45 @@ class VerifyCost:
 
     def describe(self) -> str:
         return ", ".join(f"1+{j}: {c:.2f}x" for j, c in self.points[1:]) + f" ({self.source})"
+
+    def scaled(self, s: float, decode_seconds: float) -> "VerifyCost":
+        """This curve with every cost over one decode step times `s`, in decode steps of `decode_seconds`."""
+        return VerifyCost(tuple((j, 1.0 + s * (c - 1.0)) for j, c in self.points), decode_seconds, self.source)
+
+
+class ObservedCost:
+    """The start-up curve corrected by the engine's batch-1 steps (module docstring): `curve` is what the rule uses."""
+
+    def __init__(self, measured: VerifyCost) -> None:
+        self.measured = measured
+        self.curve = measured
+        self.decode: deque[float] = deque(maxlen=OBSERVED_WINDOW)  # seconds of recent decode steps
+        self.multiples: deque[float] = deque(maxlen=OBSERVED_WINDOW)  # of recent verify steps: observed / curve's
+
+    @property
+    def scale(self) -> float:
+        """The factor on the curve's costs over one step (1.0 until MIN_OBSERVED verify steps)."""
+        if len(self.multiples) < MIN_OBSERVED:
+            return 1.0
+        return min(SCALE_RANGE[1], max(SCALE_RANGE[0], statistics.median(self.multiples)))
+
+    @property
+    def decode_seconds(self) -> float:
+        """A decode step: the observed steps' median, or until MIN_OBSERVED of them the start-up one (a request that
+        drafts from its first step on runs none)."""
+        return statistics.median(self.decode) if len(self.decode) >= MIN_OBSERVED else self.measured.decode_seconds
+
+    def add(self, draft_len: int, seconds: float) -> None:
+        """One batch-1 step of 1 + `draft_len` tokens took `seconds` (step_clock)."""
+        if not draft_len:
+            self.decode.append(seconds)
+        else:
+            extra = self.measured(draft_len) - 1.0
+            if self.decode_seconds <= 0.0 or extra < 0.05 or seconds <= 0.0:
+                return  # no decode step to compare with, or a curve too flat to scale
+            self.multiples.append((seconds / self.decode_seconds - 1.0) / extra)
+        if self.decode_seconds > 0.0:
+            self.curve = self.measured.scaled(self.scale, self.decode_seconds)
 
 
 def draft_lengths(k: int) -> list[int]:
