@@ -86,5 +86,7 @@ class EngineInfoMixin:
             if spec.observed is not None:  # the start-up curve, and the factor the steps run since put on its costs
                 info["spec_verify_cost_measured"] = [list(p) for p in spec.observed.measured.points]
                 info["spec_verify_cost_scale"] = spec.observed.scale
+                info["spec_observed_steps"] = {"decode": len(spec.observed.decode),  # (the newest OBSERVED_WINDOW)
+                                               "verify": len(spec.observed.multiples)}
         info["version"] = "0.1.0"
         return info

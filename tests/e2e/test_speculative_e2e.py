@@ -112,6 +112,13 @@ def test_adaptive_rule_on_a_measured_cost(baseline) -> None:
         assert out["meta_info"]["spec_verify_ct"] > 0, out["meta_info"]  # its copy phases drafted
         eng.wait_idle()
         eng.check_integrity()
+        # the steps it ran corrected the start-up curve (verify_cost.ObservedCost): its shape, their scale
+        after = eng.get_server_info()
+        assert after["spec_verify_cost_measured"] == info["spec_verify_cost"]
+        assert after["spec_observed_steps"]["decode"] > 0 and after["spec_observed_steps"]["verify"] > 0
+        scale = after["spec_verify_cost_scale"]
+        assert [c for _, c in after["spec_verify_cost"]] == pytest.approx(
+            [1.0 + scale * (c - 1.0) for _, c in info["spec_verify_cost"]])
     finally:
         eng.shutdown()
 
