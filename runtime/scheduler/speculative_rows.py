@@ -20,7 +20,7 @@ verify_cost.py: timed on the engine's own model when it starts, then corrected b
 `observe_step`), plus the drafter's own time per drafted token, the median of its recent `propose` calls, plus
 what a drafting step costs the drafter whatever its length (`per_step`: EAGLE's catch-up, its head run over the
 tokens produced since it last drafted, ~0.1 decode step on the default model; more for a request it has not
-drafted for in a while: each token since costs it ~0.1 ms, a chat prompt's first call 3-8 ms). Each request keeps
+drafted for in a while: each token since costs it ~0.15 ms, a chat prompt's first call 3-8 ms). Each request keeps
 an estimate a of its per-draft acceptance (`SpecLane.accept_prob`, an exponential average; it starts at the
 drafter's `accept_prior`: NGRAM drafts only after a match, so its prior is higher than a head's) and asks for
 the draft length j <= k that maximizes the expected tokens per step over the cost,
