@@ -29,7 +29,8 @@ from sgl.runtime.scheduler.fair_share import CLASS_RANK, FairShare
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.policy import order_waiting
 from sgl.runtime.scheduler.crash_safety import free_new_slots, isolate_failure
-from sgl.runtime.scheduler.preemption import preemption_victim, promote_prefix, swap_in
+from sgl.runtime.scheduler.preemption import preemption_victim, swap_in
+from sgl.runtime.scheduler.prefix_slots import cache_request, match_prefix, rematch_prefix, release_prefix
 from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
 from sgl.runtime.scheduler.rollback import apply_guard
 from sgl.runtime.scheduler.speculative_rows import make_speculative_rows
@@ -188,7 +189,7 @@ class Scheduler:
                 continue
             if realtime_step and req.priority_class != "realtime":
                 continue
-            self._rematch(req)
+            rematch_prefix(self.cache, req)
             row = self._extend_row(req, budget.tokens, budget.first)
             if row is None:
                 break
@@ -221,13 +222,13 @@ class Scheduler:
                 else:
                     blocked = True
                 continue
-            self._match(req)
+            match_prefix(self.cache, self._ensure_free, req)
             n = self._piece_len(req, budget.tokens, budget.first)
             while n > 0 and not self._ensure_free(n) and self._preempt_for(req, rows):
                 pass
             row = self._extend_row(req, budget.tokens, budget.first)
             if row is None:
-                self._release_prefix(req)
+                release_prefix(self.cache, req)
                 blocked = True
                 continue
             self.waiting.remove(req)
@@ -293,52 +294,6 @@ class Scheduler:
             self.cache.evict(short)
         return self.allocator.available >= n
 
-    # ---- prefix cache bookkeeping (see the table in request.py) -------------------------
-    def _match(self, req: Req) -> None:
-        assert req.kv_len == 0 and req.last_node is None
-        if isinstance(self.cache, HiRadixCache):
-            promote_prefix(self.cache, self._ensure_free, req.fill_ids[: req.max_prefix_len], req.cache_namespace)
-        m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len], req.cache_namespace)
-        self.cache.lock(m.node)
-        req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(m.slots)
-
-    def _rematch(self, req: Req) -> None:
-        """An in-flight chunked request picks up what others cached since its last chunk (e.g. the
-        rest of a shared system prompt), instead of computing its own copy."""
-        if self.cache.disabled or req.cached_len != req.kv_len:
-            return
-        m = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len], req.cache_namespace)
-        if len(m.slots) <= req.kv_len:
-            return
-        assert m.slots[: req.kv_len] == req.slots, "the tree must hold this request's own prefix"
-        self.cache.lock(m.node)
-        if req.last_node is not None:
-            self.cache.unlock(req.last_node)
-        req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(m.slots)
-
-    def _release_prefix(self, req: Req) -> None:
-        """Undo `_match` for a request that was not admitted."""
-        if req.last_node is not None:
-            self.cache.unlock(req.last_node)
-        req.last_node, req.slots, req.cached_len = None, [], 0
-
-    def _cache_req(self, req: Req, keep_locked: bool) -> None:
-        """Hand the request's computed KV to the tree (or free it when the cache is disabled)."""
-        key = req.fill_ids[: req.kv_len]
-        existing = self.cache.insert(key, req.slots, req.cache_namespace)
-        # [cached_len, existing): the tree already had these tokens: our copies are duplicates.
-        self.allocator.free(req.slots[req.cached_len:existing])
-        old = req.last_node
-        if keep_locked and not self.cache.disabled:
-            m = self.cache.match_prefix(key, req.cache_namespace)
-            assert len(m.slots) == len(key)
-            self.cache.lock(m.node)
-            req.last_node, req.slots, req.cached_len = m.node, list(m.slots), len(key)
-        else:
-            req.last_node, req.slots, req.cached_len = None, [], 0
-        if old is not None:
-            self.cache.unlock(old)
-
     # ---- preemption (preemption.py) ---------------------------------------------------------
     def _preempt(self, req: Req) -> None:
         """Free a running request's device KV and requeue it: swapped to the host tier when there is
@@ -352,7 +307,7 @@ class Scheduler:
             req.last_node, req.slots, req.cached_len = None, [], 0
             self.stats.num_preemptions_swap += 1
         else:
-            self._cache_req(req, keep_locked=False)
+            cache_request(self.cache, self.allocator, req, keep_locked=False)
             self.stats.num_preemptions_recompute += 1
         self.running.remove(req)
         req.status = ReqStatus.WAITING
@@ -410,7 +365,7 @@ class Scheduler:
             return
         if row.extend_len - row.draft_len > 1 and not self.cache.disabled:
             # a prefill chunk: share what is computed now, not when the request finishes
-            self._cache_req(req, keep_locked=True)
+            cache_request(self.cache, self.allocator, req, keep_locked=True)
         if req.stream and res.token_id is not None:
             self.on_output(req)
 
@@ -456,7 +411,7 @@ class Scheduler:
     def _finish(self, req: Req) -> None:
         if req.status == ReqStatus.RUNNING:
             self.running.remove(req)
-            self._cache_req(req, keep_locked=False)
+            cache_request(self.cache, self.allocator, req, keep_locked=False)
         elif req.status == ReqStatus.WAITING and req in self.waiting:
             self.waiting.remove(req)
             self.swap.release(req.host_slots)
