@@ -215,18 +215,20 @@ class SpeculativeRows:
         s.spec_accept_rate, s.spec_accept_length = sp.accept_rate, sp.accept_length
         s.spec_per_drafter = {lane.name: lane.stats.summary() for lane in self.lanes}
 
+    def steps(self, seconds: float) -> float:
+        """`seconds` (step_clock) in decode steps (0 until a decode step is measured)."""
+        return seconds / self.cost.decode_seconds if self.cost.decode_seconds > 0 else 0.0
+
     def per_draft(self, lane: _Lane) -> float:
         """The lane's time per drafted token in decode steps (0 until both are measured)."""
-        return lane.draft_seconds / self.cost.decode_seconds if self.cost.decode_seconds > 0 else 0.0
+        return self.steps(lane.draft_seconds)
 
     def per_step(self, lane: _Lane, req: Req) -> float:
         """The lane's catch-up for `req` if it drafted now, in decode steps (0 until measured): a step's, plus the
         tokens past a step's it has not run over (its whole prompt before the first call)."""
-        if self.cost.decode_seconds <= 0:
-            return 0.0
         behind = len(req.fill_ids) - req.spec_lanes[lane.name].called_at - (self.k + 1)
         per_token = statistics.median(lane.catchup_token) if lane.catchup_token and behind > 0 else 0.0
-        return (lane.catchup_seconds + per_token * max(0, behind)) / self.cost.decode_seconds
+        return self.steps(lane.catchup_seconds + per_token * max(0, behind))
 
     def observe_step(self, rows: Sequence[BatchRow], seconds: float) -> None:
         """The step of `rows` ran in `seconds` (step_clock): a batch-1 decode or verify step corrects the verify cost
@@ -270,7 +272,7 @@ class SpeculativeRows:
         want: dict[Req, int] = {}
         shadow: list[Req] = []
         per_draft = self.per_draft(lane)
-        step_catchup = lane.catchup_seconds / self.cost.decode_seconds if self.cost.decode_seconds > 0 else 0.0
+        step_catchup = self.steps(lane.catchup_seconds)
         scored = getattr(lane.drafter, "scores_drafts", False) and not self.always
         shadow_len = self.k if per_draft * self.k + step_catchup <= SHADOW_BUDGET else min(self.k, SHADOW_LEN)
         # until TIMED_CALLS calls are timed, shadow every idle step: the median of one or two calls is what they took
