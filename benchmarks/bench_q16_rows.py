@@ -110,7 +110,9 @@ def stack_bench(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
 
     def q(n: int, k: int) -> cpu.QuantWeight:
-        return cpu.QuantWeight.quantize(torch.randn(n, k, generator=gen) * k**-0.5, "q4_1")
+        w = cpu.QuantWeight.quantize(torch.randn(n, k, generator=gen) * k**-0.5, "q4_1")
+        w.pack("q8")  # the q8 kernels read the packed copy, as the engine's weights (native_weights.py) do
+        return w
 
     layers = tuple(DecodeLayerWeights(
         input_layernorm=1 + 0.1 * torch.randn(hid, generator=gen), post_attention_layernorm=1 + 0.1 * torch.randn(

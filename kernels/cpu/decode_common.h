@@ -57,6 +57,32 @@ struct ActRow {
             bool packed = false) const;
 };
 
+// out[j] = silu(g[j]) * u[j] = g[j] / (1 + exp(-g[j])) * u[j], j < n (out may be g). On AVX2 8 at a time with
+// attention_common.h's exp256 (~1e-7 relative), the tail through the same code (padded to 8): a column's bits do not
+// depend on where a thread's chunk of columns ends. The scalar std::exp loop it replaces was ~0.22 ms per row and
+// decode step (30 layers x 1536 columns: ~3% of a q8 decode step, ~1/10 of a verify row's extra cost).
+inline void silu_mul(const float* g, const float* u, float* out, int64_t n) {
+#ifdef SGL_ATTN_AVX2
+  const __m256 one = _mm256_set1_ps(1.f);
+  const auto eight = [&](const float* gp, const float* up, float* op) {
+    const __m256 x = _mm256_loadu_ps(gp);
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    _mm256_storeu_ps(op, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(up)));
+  };
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) eight(g + j, u + j, out + j);
+  if (j < n) {
+    float gb[8] = {}, ub[8] = {}, ob[8];
+    std::copy(g + j, g + n, gb);
+    std::copy(u + j, u + n, ub);
+    eight(gb, ub, ob);
+    std::copy(ob, ob + (n - j), out + j);
+  }
+#else
+  for (int64_t j = 0; j < n; j++) out[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+#endif
+}
+
 // rms_norm.cpp's arithmetic (double sum of squares, (x * r) * w in float), one row.
 inline void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* out) {
   double ss = 0.0;

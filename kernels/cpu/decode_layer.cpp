@@ -123,10 +123,7 @@ void run_layer(const Layer& p, int threads) {
         up.resize(j1 - j0);
         a.gemv(p.w.tgu, p.w.wgu + j0 * rb_gu, rb_gu, j1 - j0, gate.data(), nullptr, nullptr, p.w.pgu);
         a.gemv(p.w.tgu, p.w.wgu + (p.I + j0) * rb_gu, rb_gu, j1 - j0, up.data(), nullptr, nullptr, p.w.pgu);
-        for (int64_t j = j0; j < j1; j++) {
-          const float gv = gate[j - j0];
-          act[j] = gv / (1.f + std::exp(-gv)) * up[j - j0];
-        }
+        silu_mul(gate.data(), up.data(), act + j0, j1 - j0);
       });
     }
     ph_gu.wait_done();

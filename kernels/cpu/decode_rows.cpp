@@ -264,7 +264,7 @@ void run_layer_rows(const Rows& r, const LayerW& w, const Shape& s, Scratch& sc,
       gemm_rows(w.tgu, w.wgu + (s.I + j0) * rb_gu, w.pgu, s.hidden, own.h, up.data(), n, nullptr, nullptr, 0, n);
       for (int64_t t = 0; t < M; t++) {
         float* a = gate.data() + t * n;  // act in place of gate
-        for (int64_t j = 0; j < n; j++) a[j] = a[j] / (1.f + std::exp(-a[j])) * up[t * n + j];
+        silu_mul(a, up.data() + t * n, a, n);
         sc.a_act.set_blocks(t, a, j0 / kBlock, j1 / kBlock);
       }
     });

@@ -52,6 +52,29 @@ inline void block_amax_sum(const float* xb, float& amax, float& sum) {
   }
 }
 
+#ifdef SGL_AVX2
+// A 32-block of x quantized to integers of at most qmax in magnitude (AVX2; q8: 127, q16: 32767): returns the
+// scale dx = max |x| / qmax, qi[k] the int32 round-to-nearest-even of x_j / dx, j = 8k..8k+7, clamped to +-qmax.
+// The scalar code's values: max is exact in any order, dx and 1 / dx the same single roundings, and cvtps rounds
+// to nearest even as nearbyint does in the default rounding mode.
+inline float block_ints8(const float* xb, float qmax, __m256i qi[4]) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 v[4];
+  for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(xb + 8 * k);
+  const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
+                                 _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  const float dx = amax / qmax, id = dx != 0.f ? 1.f / dx : 0.f;
+  const __m256 iv = _mm256_set1_ps(id);
+  const __m256i lim = _mm256_set1_epi32(int32_t(qmax)), nlim = _mm256_set1_epi32(-int32_t(qmax));
+  for (int k = 0; k < 4; k++)
+    qi[k] = _mm256_max_epi32(nlim, _mm256_min_epi32(lim, _mm256_cvtps_epi32(_mm256_mul_ps(v[k], iv))));
+  return dx;
+}
+#endif
+
 inline QT parse_qtype(const std::string& s) {
   if (s == "q4_0") return QT::Q4_0;
   if (s == "q4_1") return QT::Q4_1;

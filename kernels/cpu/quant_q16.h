@@ -45,8 +45,8 @@ inline float affine_term(const uint8_t* blk, float xs, float acc) {
 
 // nb blocks of x -> int16 per 32-block in perm16 order (q [nb * 32]), scale amax / 32767 (round to nearest
 // even: d [nb]), and the exact fp32 block sums (s [nb], summed in order j = 0..31). Pointers: a row of a batch
-// writes its part in place. Scalar code: quant_q16_zmm.h has the AVX-512 twin (the same values),
-// quant_q16_tile.h's quantize_blocks16 chooses.
+// writes its part in place. Scalar code: below is the AVX2 twin, quant_q16_zmm.h has the AVX-512 one (the same
+// values), quant_q16_tile.h's quantize_blocks16 chooses.
 inline void quantize_blocks16_scalar(const float* x, int64_t nb, int16_t* q, float* d, float* s) {
   for (int64_t i = 0; i < nb; i++) {
     const float* xb = x + i * kBlock;
@@ -59,6 +59,34 @@ inline void quantize_blocks16_scalar(const float* x, int64_t nb, int16_t* q, flo
     s[i] = sum;
   }
 }
+
+#ifdef SGL_AVX2
+// quantize_blocks16_scalar in AVX2 (the same values, as quant_q8_blocks.h's quantize_blocks8_avx2; the block sum
+// stays the scalar sum in order j = 0..31), ~4x faster: a machine without AVX-512 ran the scalar loop.
+inline void quantize_blocks16_avx2(const float* x, int64_t nb, int16_t* q, float* d, float* s) {
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // packs' 4-byte pairs back to j order
+  for (int64_t i = 0; i < nb; i++) {
+    const float* xb = x + i * kBlock;
+    __m256i qi[4];
+    const float dx = block_ints8(xb, 32767.f, qi);
+    float sum = 0.f;
+    for (int j = 0; j < kBlock; j++) sum += xb[j];  // block_amax_sum's order
+    __m256 qf[4];  // the int32 values, as floats' bits for the shuffles below
+    for (int k = 0; k < 4; k++) qf[k] = _mm256_castsi256_ps(qi[k]);
+    // perm16: even j at 0..15, odd j at 16..31; per 128-bit lane the shuffles take j = 0, 2, 8, 10 | 4, 6, 12, 14
+    const __m256i e01 = _mm256_castps_si256(_mm256_shuffle_ps(qf[0], qf[1], _MM_SHUFFLE(2, 0, 2, 0)));
+    const __m256i e23 = _mm256_castps_si256(_mm256_shuffle_ps(qf[2], qf[3], _MM_SHUFFLE(2, 0, 2, 0)));
+    const __m256i o01 = _mm256_castps_si256(_mm256_shuffle_ps(qf[0], qf[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m256i o23 = _mm256_castps_si256(_mm256_shuffle_ps(qf[2], qf[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kBlock),
+                        _mm256_permutevar8x32_epi32(_mm256_packs_epi32(e01, e23), order));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * kBlock + 16),
+                        _mm256_permutevar8x32_epi32(_mm256_packs_epi32(o01, o23), order));
+    d[i] = dx;
+    s[i] = sum;
+  }
+}
+#endif
 
 // ---- The q16 block dot: ONE contract for M = 1 and every row of a batch (the same bits; quant_q16_tile.h) ----
 // A block's 32 weights in four quarters of 8, the orders one 16-byte Q4 load gives with shifts and masks

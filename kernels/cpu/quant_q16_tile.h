@@ -47,7 +47,7 @@ struct Q16Tiled {
 };
 
 // nb blocks of x -> their q16 blocks (quant_q16.h's quantize_blocks16_scalar): the same values from the
-// AVX-512 or the scalar code.
+// AVX-512, the AVX2 or the scalar code.
 inline void quantize_blocks16(const float* x, int64_t nb, int16_t* q, float* d, float* s) {
 #ifdef SGL_Q16_ZMM
   if (have_q16_zmm()) {
@@ -55,7 +55,11 @@ inline void quantize_blocks16(const float* x, int64_t nb, int16_t* q, float* d, 
     return;
   }
 #endif
+#ifdef SGL_AVX2
+  quantize_blocks16_avx2(x, nb, q, d, s);
+#else
   quantize_blocks16_scalar(x, nb, q, d, s);
+#endif
 }
 
 // x fp32 [M, K] -> its q16 blocks (quantize_blocks16), into vectors sized here.

@@ -36,7 +36,7 @@ struct Q8Tiled {
 };
 
 // nb blocks of x -> their q8 blocks (quant_q8_blocks.h: q [nb * 32], d, s [nb], c [nb * kQ8Corr]): the same values
-// from the AVX-512 or the scalar code.
+// from the AVX-512, the AVX2 or the scalar code.
 inline void quantize_blocks8(const float* x, int64_t nb, int8_t* q, float* d, float* s, int32_t* c) {
 #ifdef SGL_Q16_ZMM
   if (have_q16_zmm()) {
@@ -44,7 +44,11 @@ inline void quantize_blocks8(const float* x, int64_t nb, int8_t* q, float* d, fl
     return;
   }
 #endif
+#ifdef SGL_AVX2
+  quantize_blocks8_avx2(x, nb, q, d, s, c);
+#else
   quantize_blocks8_scalar(x, nb, q, d, s, c);
+#endif
 }
 
 // x fp32 [M, K] -> its q8 blocks (quantize_blocks8), into vectors sized here.

@@ -80,12 +80,7 @@ SGL_TARGET_Q16 inline void quantize_blocks8_zmm(const float* x, int64_t nb, int8
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i * kBlock + 16), _mm512_cvtsepi32_epi8(qb));
     const __m512i t = _mm512_add_epi32(qa, qb);  // j and j + 16 are in the same lane S_l (bit 2 of j)
     const int32_t l0 = _mm512_mask_reduce_add_epi32(0x0F0F, t), l1 = _mm512_mask_reduce_add_epi32(0xF0F0, t);
-    c[i * kQ8Corr + 0] = -8 * l0;
-    c[i * kQ8Corr + 1] = -8 * l1;
-    c[i * kQ8Corr + 2] = -128 * l0;
-    c[i * kQ8Corr + 3] = -128 * l1;
-    d[i] = dx;
-    s[i] = dx * float(l0 + l1);
+    put_block_terms8(i, l0, l1, dx, d, s, c);
   }
 }
 
