@@ -48,7 +48,8 @@ inline void put_block_terms8(int64_t i, int32_t l0, int32_t l1, float dx, float*
 }
 
 // nb blocks of x -> q [nb * 32], d [nb], s [nb], c [nb * kQ8Corr], in scalar code (below: the AVX2 twin;
-// quant_q8_zmm.h has the AVX-512 one; quant_q8_tile.h's quantize_blocks8 chooses). Pointers: a row of a batch writes its part in place.
+// quant_q8_zmm.h has the AVX-512 one; quant_q8_tile.h's quantize_blocks8 chooses). Pointers: a row of a batch
+// writes its part in place.
 inline void quantize_blocks8_scalar(const float* x, int64_t nb, int8_t* q, float* d, float* s, int32_t* c) {
   for (int64_t i = 0; i < nb; i++) {
     const float* xb = x + i * kBlock;
