@@ -101,13 +101,16 @@ def test_seeds_reproducible_regardless_of_batch(engine: Engine) -> None:
     q16 activations quantize single-row (batch-1) steps only, so a row's logits alone and in a batch
     differ by ~2-4e-4 relative by design (the batch-1 decode's speed; greedy tokens are tested against
     fp32 in tests/runtime/test_native_weights.py), which can move a temperature-1 draw across a token
-    boundary: measured on this prompt, token 10 with the fused batch-1 layer."""
+    boundary: measured on this prompt, token 10 with the fused batch-1 layer. The cache is flushed first: the
+    earlier tests cached 4 of the prompt's 5 tokens under q16, and on that prefix token 10's draw sat at a
+    boundary that the batch's mixed step (its last prompt token beside two prompts' prefill) crossed."""
     from sgl.kernels import cpu
 
     sp = {"max_new_tokens": 16, "temperature": 1.0, "sampling_seed": 1234}
     saved = cpu.get_act_quant()
     cpu.set_act_quant("none")
     try:
+        assert engine.flush_cache()  # the earlier tests cached these prompts' K/V under q16
         alone = engine.generate(PROMPTS[0], sp)["output_ids"]
         batch = engine.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]],
                                 [dict(sp, sampling_seed=9), sp, {"max_new_tokens": 5}])
