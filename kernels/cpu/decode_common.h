@@ -58,9 +58,10 @@ struct ActRow {
 };
 
 // out[j] = silu(g[j]) * u[j] = g[j] / (1 + exp(-g[j])) * u[j], j < n (out may be g). On AVX2 8 at a time with
-// attention_common.h's exp256 (~1e-7 relative), the tail through the same code (padded to 8): a column's bits do not
-// depend on where a thread's chunk of columns ends. The scalar std::exp loop it replaces was ~0.22 ms per row and
-// decode step (30 layers x 1536 columns: ~3% of a q8 decode step, ~1/10 of a verify row's extra cost).
+// attention_common.h's exp256 (within ~2e-7 relative of std::exp), the tail through the same code (padded to 8):
+// a column's bits do not depend on where a thread's chunk of columns ends. The scalar std::exp loop it replaces was
+// ~0.22 ms per row and decode step (30 layers x 1536 columns: ~3% of a q8 decode step, ~1/10 of a verify row's
+// extra cost).
 inline void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 #ifdef SGL_ATTN_AVX2
   const __m256 one = _mm256_set1_ps(1.f);

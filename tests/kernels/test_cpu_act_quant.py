@@ -7,6 +7,8 @@ the clamp are in x. M = 1 (gemv), 9 (a tile) and, q8, 70 (prefill, in blocks of 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -34,12 +36,12 @@ def scales(x: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     """-> (d [M, nb], q [M, K]) as the scalar quantizer computes them, in fp32."""
     xb = x.reshape(x.shape[0], -1, 32)
     d = (np.abs(xb).max(-1) / np.float32(qmax)).astype(np.float32)
-    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)  # 1 / d in fp32, 0 for a zero block
     q = np.clip(np.rint(xb * inv[..., None]), -qmax, qmax).astype(np.float32)  # rint: half to even
     return d, q.reshape(x.shape)
 
 
-def weight(qtype: str, cell: callable) -> QuantWeight:
+def weight(qtype: str, cell: Callable[[int, int], np.ndarray]) -> QuantWeight:
     """A [K, K] weight of unit-scale blocks; cell(c, b) -> block b of column c's bytes after the header."""
     rows = []
     for c in range(K):
