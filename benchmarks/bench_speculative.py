@@ -30,6 +30,9 @@ its heads from PATH (`--speculative-draft-model-path`), beside NAME with the shi
 NGRAM algorithm with +CORPUS (e.g. NGRAM_TREE+CORPUS@/tmp/corpus.jsonl.gz), PATH is its corpus. NAME_STATIC (e.g.
 EAGLE_STATIC): NAME with the adaptive rule of stop 33, its start-up verify cost never corrected by the steps it runs
 and the drafter's catch-up not priced (the A/B of verify_cost.ObservedCost and speculative_rows.per_step).
+ORACLE: the ceiling of any drafter on this machine. NGRAM's engine with each request's `prediction` set to no
+speculation's output ids for it (run just before on the same prompt): drafts that are always right and cost
+nothing, under the same adaptive rule and verify cost (runtime/speculative/prediction.py). Identical outputs too.
 Prints one table and writes benchmarks/results/bench_speculative.json.
 """
 
@@ -64,6 +67,7 @@ FIXED = "_FIXED"  # an algorithm name's suffix: the rule ignores its drafts' sco
 STATIC = "_STATIC"  # an algorithm name's suffix: the rule keeps its start-up cost and prices no catch-up (the A/B)
 NGRAM_FIRST = "+NGRAM"  # an algorithm name's suffix: --speculative-ngram-first, with NGRAM_TREE's settings
 CORPUS = "+CORPUS"  # an algorithm name's suffix: its NGRAM (algorithm or lane) matches the shipped corpus too
+ORACLE = "ORACLE"  # NGRAM's engine, each request predicted (`prediction`) by no speculation's output: the ceiling
 
 
 def chat(user: str) -> str:
@@ -86,12 +90,15 @@ def workloads(quick: bool) -> dict[str, tuple[list[str], dict[str, Any], int]]:
     }
 
 
-def run_workload(eng: Engine, prompts: list[str], params: dict[str, Any], batch: int) -> dict[str, Any]:
+def run_workload(eng: Engine, prompts: list[str], params: dict[str, Any], batch: int,
+                 predictions: Optional[list[list[int]]] = None) -> dict[str, Any]:
+    """`predictions`: each prompt's `prediction`, token ids (ORACLE), else none."""
     outs: list[dict[str, Any]] = []
+    each = [params if predictions is None else dict(params, prediction=p) for p in predictions or prompts]
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
-        res = eng.generate(chunk, [params] * len(chunk))
+        res = eng.generate(chunk, each[i:i + batch])
         outs += res if isinstance(res, list) else [res]
     seconds = time.perf_counter() - t0
     # NOTE: CPU seconds of the whole process (the engines run in it; only this one is busy): a shared
@@ -144,6 +151,8 @@ def engine_kwargs(algo: Optional[str], threads: int, max_batch: Optional[int], k
                   eagle_head: Optional[str] = None, eagle_topk: int = 4,
                   act_quant: Optional[str] = None, corpus: str = "default") -> dict[str, Any]:
     kw: dict[str, Any] = dict(model_path="default", num_threads=threads, max_total_tokens=16384, show_progress=False)
+    if algo == ORACLE:
+        algo = "NGRAM"
     heads = None
     if algo is not None and "@" in algo:  # NAME@PATH: the algorithm with its heads from PATH
         algo, heads = algo.split("@", 1)
@@ -266,7 +275,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for i in range(0, len(prompts), batch):
                     for n in names:
                         grammar_walk.ENABLED = not n.endswith(BLIND)
-                        parts[n].append(run_workload(engines[n], prompts[i:i + batch], params, batch))
+                        truth = parts["none"][-1]["output_ids"] if n == ORACLE else None  # "none" runs first
+                        parts[n].append(run_workload(engines[n], prompts[i:i + batch], params, batch, truth))
                         grammar_walk.ENABLED = True
                 for name in names:
                     r = combined(parts[name], outputs=True)

@@ -67,6 +67,10 @@ class SamplingParams:
     json_schema: Optional[str] = None
     ebnf: Optional[str] = None
     choices: Optional[list[str]] = None  # our extension: one of these strings exactly
+    # the text (or token ids) the output is expected to be (OpenAI's Predicted Outputs): drafts for speculative
+    # decoding, which must be on (--speculative-algorithm); the output is the same with or without it
+    # (runtime/speculative/prediction.py)
+    prediction: Optional[Union[str, list[int]]] = None
 
     @classmethod
     def from_dict(cls, d: Optional[dict[str, Any]]) -> "SamplingParams":
@@ -127,6 +131,9 @@ class SamplingParams:
         for k in ("regex", "json_schema", "ebnf"):
             v = getattr(self, k)
             _check(v is None or isinstance(v, str), f"sampling_params.{k} must be a string")
+        _check(self.prediction is None or isinstance(self.prediction, str)
+               or (isinstance(self.prediction, list) and all(_is_int(t) and t >= 0 for t in self.prediction)),
+               "sampling_params.prediction must be a string or a list of non-negative token ids")
         if self.choices is not None:
             _check(isinstance(self.choices, list) and self.choices and all(isinstance(c, str) for c in self.choices),
                    "sampling_params.choices must be a non-empty list of strings")

@@ -95,6 +95,10 @@ class OutputProcessor:
         if req.spec_verify_ct:  # speculative decoding (SGLang's names): verify steps, tokens per verify step
             meta["spec_verify_ct"] = req.spec_verify_ct
             meta["spec_accept_length"] = (req.spec_accepted_tokens + req.spec_verify_ct) / req.spec_verify_ct
+        if req.params.prediction:  # OpenAI's names: prediction tokens the output took, and those it did not
+            lane = req.spec_lanes.get("PREDICTION")
+            meta["accepted_prediction_tokens"] = 0 if lane is None else lane.accepted
+            meta["rejected_prediction_tokens"] = 0 if lane is None else lane.drafted - lane.accepted
         if getattr(req.grammar, "num_backtracks", 0):  # semantic-guard rollbacks (grammars/guards.py)
             meta["grammar_backtracks"] = req.grammar.num_backtracks
             meta["grammar_backtracked_tokens"] = req.grammar.backtracked_tokens

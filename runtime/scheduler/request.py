@@ -36,6 +36,8 @@ class SpecLane:
     shadow: Any = None  # (len(output_ids) when drafted, Draft): a draft not verified, scored on the tokens that follow
     idle_steps: int = 0  # decode steps the rule kept this drafter from drafting, since its last draft
     called_at: int = 0  # len(fill_ids) when the drafter last ran for it (what a catch-up starts from)
+    drafted: int = 0  # tokens this drafter proposed in the request's verify rows
+    accepted: int = 0  # of them, those the target accepted
 
 
 @dataclass(eq=False)

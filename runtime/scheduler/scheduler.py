@@ -80,7 +80,8 @@ class Scheduler:
         self.fair = FairShare(args.priority_weight_map)
         self.swap = HostPool(mover, host_pool_size if args.preemption_mode == "swap" else 0)
         self._arrival = itertools.count()
-        self.spec = make_speculative_rows(args, drafter or make_drafter(args), output.tokenizer)  # None: no speculation
+        self.spec = make_speculative_rows(args, drafter or make_drafter(args), output.tokenizer,  # None: no speculation
+                                          getattr(runner, "vocab_size", None))
 
     # ---- requests in and out -----------------------------------------------------------
     def next_arrival(self) -> int:

@@ -65,6 +65,7 @@ from sgl.runtime.config import ServerArgs
 from sgl.runtime.metrics import record_spec_accept_length
 from sgl.runtime.speculative.drafter import Draft, Drafter
 from sgl.runtime.speculative.grammar_walk import with_forced_text
+from sgl.runtime.speculative.prediction import PredictionDrafter
 from sgl.runtime.speculative.verify_cost import ObservedCost, VerifyCost, step_clock
 from sgl.runtime.cache.allocator import SlotAllocator
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult, SpecLane
@@ -258,7 +259,8 @@ class SpeculativeRows:
         out: dict[Req, Draft] = {}
         left = list(decoding)
         for lane in self.lanes:
-            got = self._lane_drafts(lane, left)
+            serves = getattr(lane.drafter, "serves", None)  # optional: PREDICTION serves requests with a prediction
+            got = self._lane_drafts(lane, left if serves is None else [r for r in left if serves(r)])
             out.update(got)
             left = [r for r in left if r not in got]
             if not left:
@@ -271,6 +273,8 @@ class SpeculativeRows:
         drafting may get a shadow draft (module docstring)."""
         want: dict[Req, int] = {}
         shadow: list[Req] = []
+        if not decoding:
+            return {}
         per_draft = self.per_draft(lane)
         step_catchup = self.steps(lane.catchup_seconds)
         scored = getattr(lane.drafter, "scores_drafts", False) and not self.always
@@ -353,8 +357,10 @@ class SpeculativeRows:
         (`depth`: a tree's deepest level; a chain's is its length)."""
         record_spec_accept_length(1 + accepted)  # tokens this verify step produced
         lane = next((lane for lane in self.lanes if lane.name == req.spec_drafted_by), self.lanes[-1])
-        _learn(req.spec_lanes.setdefault(lane.name, SpecLane()), lane.prior, accepted,
-               draft_len if depth is None else depth)
+        st = req.spec_lanes.setdefault(lane.name, SpecLane())
+        _learn(st, lane.prior, accepted, draft_len if depth is None else depth)
+        st.drafted += draft_len
+        st.accepted += accepted
         req.spec_verify_ct += 1
         req.spec_accepted_tokens += accepted
         self.stats.add(draft_len, accepted)
@@ -386,17 +392,22 @@ def verify_row_slots(row: BatchRow, res: RowResult, appended: int) -> tuple[list
     return kept, [s for c, s in enumerate(nodes) if c not in on_path]
 
 
-def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter],
-                          tokenizer: Any = None) -> Optional[SpeculativeRows]:
-    """The rule over `drafter`'s lane and the lanes the flags add: the request's own text first (an NGRAM lane
-    before a model drafter, `--speculative-ngram-first`), then the corpus (`--speculative-ngram-corpus`: CORPUS,
-    its file read with `tokenizer`), then the model."""
+def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter], tokenizer: Any = None,
+                          vocab_size: Optional[int] = None) -> Optional[SpeculativeRows]:
+    """The rule over `drafter`'s lane and the lanes the flags add: the caller's prediction first (PREDICTION, with
+    `tokenizer`; it serves only requests that carry one), the request's own text next (an NGRAM lane before a model
+    drafter, `--speculative-ngram-first`), then the corpus (`--speculative-ngram-corpus`: CORPUS, its file read with
+    `tokenizer`), then the model. `vocab_size`: the model's (default: the tokenizer's)."""
     if drafter is None:
         return None
     from sgl.runtime.speculative import make_corpus_drafter, make_ngram_drafter
 
     is_ngram = drafter.name == "NGRAM"
-    lanes = [drafter] if is_ngram else ([make_ngram_drafter(args)] if args.speculative_ngram_first else [])
+    lanes: list[Drafter] = []
+    if tokenizer is not None:
+        lanes.append(PredictionDrafter(lambda text: tokenizer.encode(text, add_special_tokens=False),
+                                       vocab_size or getattr(tokenizer, "vocab_size", None)))
+    lanes += [drafter] if is_ngram else ([make_ngram_drafter(args)] if args.speculative_ngram_first else [])
     if args.speculative_ngram_corpus is not None:
         lanes.append(make_corpus_drafter(args, tokenizer))
     if not is_ngram:

@@ -155,6 +155,10 @@ def usage(outs: list[dict[str, Any]], n: int) -> dict[str, Any]:
     completion = sum(int(m.get("completion_tokens") or 0) for m in metas)
     out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
            "prompt_tokens_details": {"cached_tokens": cached}}
+    if any("accepted_prediction_tokens" in m for m in metas):  # a `prediction` (OpenAI's Predicted Outputs)
+        out["completion_tokens_details"] = {
+            key: sum(int(m.get(key) or 0) for m in metas)
+            for key in ("accepted_prediction_tokens", "rejected_prediction_tokens")}
     if any("cost" in m for m in metas):  # --price-*: every choice's engine request is billed (tenancy_routes)
         out["cost"] = round(sum(float(m.get("cost") or 0.0) for m in metas), 10)
     return out

@@ -3,7 +3,8 @@
 
 Extra body fields (SGLang's): `top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `regex`,
 `ebnf`, `json_schema`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`, `no_stop_trim`, `priority`,
-`priority_class` (ours: realtime | standard | batch).
+`priority_class` (ours: realtime | standard | batch). OpenAI's `prediction` (Predicted Outputs) becomes
+`sampling_params.prediction`: drafts for speculative decoding (runtime/speculative/prediction.py).
 Unknown top-level fields are ignored, as OpenAI's server does for fields it does not know.
 
     >>> req = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, seed=3)
@@ -42,6 +43,25 @@ class ResponseFormat(_Strict):
     json_schema: Optional[JsonSchemaFormat] = None
 
 
+class TextPart(_Strict):
+    type: str
+    text: Optional[str] = None
+
+
+class Prediction(_Strict):
+    """OpenAI's Predicted Outputs: text the output is expected to be (drafts for speculative decoding)."""
+
+    type: Literal["content"]
+    content: Union[str, list[TextPart]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if any(p.type != "text" or p.text is None for p in self.content):
+            raise RequestError("prediction.content parts must be of type text, with a text")
+        return "".join(p.text or "" for p in self.content)
+
+
 class _SamplingFields(_Strict):
     model: Optional[str] = None
     n: int = 1
@@ -70,6 +90,7 @@ class _SamplingFields(_Strict):
     no_stop_trim: Optional[bool] = None
     priority: Optional[int] = None
     priority_class: Optional[Literal["realtime", "standard", "batch"]] = None  # == protocol.PRIORITY_CLASSES
+    prediction: Optional[Prediction] = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -79,11 +100,6 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
-
-
-class TextPart(_Strict):
-    type: str
-    text: Optional[str] = None
 
 
 class ChatMessage(_Strict):
@@ -141,6 +157,8 @@ def sampling_dict(req: _SamplingFields, max_new_tokens: int, choice_index: int =
         d["stop"] = req.stop
     if req.seed is not None:
         d["sampling_seed"] = req.seed + choice_index
+    if req.prediction is not None:
+        d["prediction"] = req.prediction.text()
     d.update(constraint_fields(req))
     return d
 

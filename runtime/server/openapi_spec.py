@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from sgl.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 
@@ -49,6 +49,8 @@ class SamplingParamsBody(BaseModel):
     json_schema: Optional[str] = Field(None, description="a JSON schema, as a string")
     ebnf: Optional[str] = None
     choices: Optional[list[str]] = Field(None, min_length=1)
+    prediction: Optional[Union[str, list[NonNegativeInt]]] = Field(
+        None, description="the expected output, text or token ids: drafts for speculative decoding")
 
 
 class GenerateBody(BaseModel):

@@ -115,7 +115,7 @@ def test_ngram_first_outputs_identical_and_both_lanes_verified(expected: list[di
     try:
         _identical_outputs(eng, expected)
         lanes = eng.get_server_info()["spec_per_drafter"]
-        assert list(lanes) == ["NGRAM", "EAGLE"], lanes
+        assert list(lanes) == ["PREDICTION", "NGRAM", "EAGLE"], lanes
         assert lanes["NGRAM"]["verify_ct"] > 0 and lanes["EAGLE"]["verify_ct"] > 0, lanes
         assert lanes["NGRAM"]["accept_rate"] > lanes["EAGLE"]["accept_rate"], lanes  # a match copies more often
         eng.wait_idle()

@@ -236,7 +236,7 @@ def test_ngram_corpus_drafts_where_the_request_has_no_match(baseline) -> None:
             meta = out["meta_info"]
             accepted[corpus] = round(meta.get("spec_verify_ct", 0) * (meta.get("spec_accept_length", 1.0) - 1))
             lanes = eng.get_server_info()["spec_per_drafter"]
-            assert list(lanes) == (["NGRAM", "CORPUS"] if corpus else ["NGRAM"]), lanes
+            assert list(lanes) == ["PREDICTION"] + (["NGRAM", "CORPUS"] if corpus else ["NGRAM"]), lanes
             eng.wait_idle()
             eng.check_integrity()
         finally:

@@ -186,12 +186,12 @@ def test_the_corpus_lane_comes_after_ngram_and_before_a_model() -> None:
     tok.encode_batch = lambda texts: [[1, 2, 3]] * len(texts)  # the shipped corpus's texts: any ids will do here
     names = lambda rows: [lane.name for lane in rows.lanes]  # noqa: E731
     model = ServerArgs(speculative_algorithm="EAGLE", speculative_ngram_corpus="default")
-    assert names(make_speculative_rows(model, OracleDrafter(), tok)) == ["CORPUS", "oracle"]
+    assert names(make_speculative_rows(model, OracleDrafter(), tok)) == ["PREDICTION", "CORPUS", "oracle"]
     both = ServerArgs(speculative_algorithm="EAGLE", speculative_ngram_corpus="default", speculative_ngram_first=True)
-    assert names(make_speculative_rows(both, OracleDrafter(), tok)) == ["NGRAM", "CORPUS", "oracle"]
+    assert names(make_speculative_rows(both, OracleDrafter(), tok)) == ["PREDICTION", "NGRAM", "CORPUS", "oracle"]
     ngram = ServerArgs(speculative_algorithm="NGRAM", speculative_ngram_corpus="default")
     rows = make_speculative_rows(ngram, NgramDrafter(2, 4), tok)
-    assert names(rows) == ["NGRAM", "CORPUS"] and rows.drafter is rows.lanes[0].drafter
+    assert names(rows) == ["PREDICTION", "NGRAM", "CORPUS"] and rows.drafter is rows.lanes[1].drafter
     with pytest.raises(ValueError, match="speculative_ngram_corpus needs"):
         ServerArgs(speculative_ngram_corpus="default")
 
