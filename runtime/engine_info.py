@@ -87,6 +87,6 @@ class EngineInfoMixin:
                 info["spec_verify_cost_measured"] = [list(p) for p in spec.observed.measured.points]
                 info["spec_verify_cost_scale"] = spec.observed.scale
                 info["spec_observed_steps"] = {"decode": len(spec.observed.decode),  # (the newest OBSERVED_WINDOW)
-                                               "verify": len(spec.observed.multiples)}
+                                               "verify": len(spec.observed.verify)}
         info["version"] = "0.1.0"
         return info

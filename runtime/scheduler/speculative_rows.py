@@ -109,6 +109,11 @@ DRAFT_TIME_WINDOW = 15
 # collection (~120 ms after an `import transformers` beside the engine) landed in NGRAM's first call, its time per
 # token read 1.3 decode steps, the next shadow was due after ~530 idle steps, and no row drafted again.
 TIMED_CALLS = 3
+# A batch-1 request verified this many steps in a row runs its next one without a draft: the decode step the verify
+# rows are priced against (ObservedCost) is then timed now, on this context and in this minute. With drafts that are
+# always right (a prediction) no decode step ran at all, and the rows were priced against the start-up one (~0.5% of
+# a copy phase's tokens: one row in 17 yields 1 token instead of up to 1 + k).
+DECODE_PROBE_EVERY = 16
 
 
 def best_draft_len(a: float, k: int, cost: "VerifyCost | None" = None, per_draft: float = 0.0,
@@ -207,6 +212,7 @@ class SpeculativeRows:
         self.always = args.speculative_always_draft
         self.cost = cost or VerifyCost.assumed()  # the engine sets the measured one before serving
         self.observed: Optional[ObservedCost] = None  # the engine's: corrects `cost` by the steps it runs
+        self.verified_in_a_row = 0  # batch-1 verify steps since the last batch-1 decode step (DECODE_PROBE_EVERY)
         self.stats = SpecStats()
 
     def report(self, s: StepStats) -> None:
@@ -240,6 +246,7 @@ class SpeculativeRows:
         if row.extend_len == 1 + row.draft_len:  # not a prefill chunk, nor forced text before the drafts
             self.observed.add(row.draft_len, seconds)
             self.cost = self.observed.curve
+            self.verified_in_a_row = self.verified_in_a_row + 1 if row.draft_len else 0
 
     def flush(self) -> None:
         """Drop what the drafters cache across requests (NGRAM's finished sequences), if anything."""
@@ -256,6 +263,9 @@ class SpeculativeRows:
         request one of them drafts for is not offered to the next."""
         if not decoding or len(decoding) > self.max_batch:
             return {}
+        if self.observed is not None and not self.always and len(decoding) == 1 \
+                and self.verified_in_a_row >= DECODE_PROBE_EVERY:
+            return {}  # a decode step to price the rows against (DECODE_PROBE_EVERY)
         out: dict[Req, Draft] = {}
         left = list(decoding)
         for lane in self.lanes:

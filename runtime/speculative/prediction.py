@@ -1,13 +1,15 @@
 """PREDICTION: drafts from the text the caller expects the answer to be (OpenAI's Predicted Outputs, `prediction`).
 
 A request may carry a prediction (`sampling_params.prediction`: text or token ids; or OpenAI's
-`prediction: {"type": "content", "content": ...}`): the document an edit returns mostly unchanged, the code a refactor keeps, a known answer. The
-lane drafts the prediction's tokens from where the output stands in it; a verify row accepts what the model
-would have produced anyway, so the output is the one without a prediction (greedy: token for token; sampling:
+`prediction: {"type": "content", "content": ...}`): the document an edit returns mostly unchanged, the code a
+refactor keeps, a known answer. The lane drafts the prediction's tokens from where the output stands in it; a
+verify row accepts what the model would have produced anyway, so the output is the one without a prediction (greedy: token for token; sampling:
 the same distribution, runtime/executor/verify.py), only sooner where it follows the prediction.
 
-Where the output stands: the latest n-gram of the output (n <= MAX_N, the longest first) found in the prediction,
-the occurrence at or after the last draft's end first (a repeated line resolves forward), else the earliest.
+Where the output stands: the alignment of the last draft, carried forward while the output's last MAX_N tokens
+agree with the prediction there (text that repeats itself, a list's rows, would mislead a search); else the latest
+n-gram of the output (n <= MAX_N, the longest first) found in the prediction, the occurrence at or after the last
+draft's end first (a repeated line resolves forward), else the earliest.
 Where the output leaves the prediction (an edit), drafting stops until its last tokens are found again (the text
 after the edit), so a prediction that is wrong costs few verify rows: the rule (speculative_rows.py) only drafts
 for a request whose drafts it expects to pay. The prediction is tokenized once per request, on its first call;
@@ -44,7 +46,8 @@ MAX_N = 4  # the longest n-gram of the output looked up in the prediction
 class _Prediction:
     ids: list[int]
     ends: dict[tuple[int, ...], list[int]] = field(default_factory=dict)  # n-gram -> its ends, ascending
-    cursor: int = 0  # where the last draft ended in `ids`: a match at or after it is preferred
+    offset: Optional[int] = None  # the last match's end in `ids` minus the output's length then (the alignment)
+    cursor: int = 0  # the last match's end: a search prefers an occurrence at or after it
 
     def __post_init__(self) -> None:
         for e in range(1, len(self.ids) + 1):
@@ -52,15 +55,33 @@ class _Prediction:
                 self.ends.setdefault(tuple(self.ids[e - n:e]), []).append(e)
 
     def continuation(self, produced: Sequence[int], k: int) -> list[int]:
-        """Up to k tokens of the prediction after the output's latest n-gram there ([] when it is not there)."""
+        """Up to k tokens of the prediction after where the output stands in it ([] when it is not there)."""
+        e = self._aligned(produced)
+        if e is None:
+            e = self._search(produced)
+        if e is None:
+            return []
+        self.offset, self.cursor = e - len(produced), e
+        return self.ids[e:e + k]
+
+    def _aligned(self, produced: Sequence[int]) -> Optional[int]:
+        """The last match's alignment carried forward, if the output's last tokens still agree with it: in text
+        that repeats itself (a list's rows, a loop) an n-gram search can land on an earlier repetition."""
+        if self.offset is None:
+            return None
+        e = len(produced) + self.offset
+        n = min(MAX_N, len(produced), e)
+        ok = 0 < e <= len(self.ids) and n > 0 and list(produced[len(produced) - n:]) == self.ids[e - n:e]
+        return e if ok else None
+
+    def _search(self, produced: Sequence[int]) -> Optional[int]:
+        """The end of the output's latest n-gram in the prediction, the longest first."""
         for n in range(min(MAX_N, len(produced)), 0, -1):
             ends = self.ends.get(tuple(produced[len(produced) - n:]))
             if ends:
                 i = bisect_left(ends, self.cursor)
-                e = ends[i] if i < len(ends) else ends[0]
-                self.cursor = e
-                return self.ids[e:e + k]
-        return []
+                return ends[i] if i < len(ends) else ends[0]
+        return None
 
 
 class PredictionDrafter:

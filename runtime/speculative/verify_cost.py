@@ -100,14 +100,25 @@ class ObservedCost:
         self.measured = measured
         self.curve = measured
         self.decode: deque[float] = deque(maxlen=OBSERVED_WINDOW)  # seconds of recent decode steps
-        self.multiples: deque[float] = deque(maxlen=OBSERVED_WINDOW)  # of recent verify steps: observed / curve's
+        self.verify: deque[tuple[float, float]] = deque(maxlen=OBSERVED_WINDOW)  # recent verify steps: (seconds,
+        # the curve's extra cost for their length); priced against the decode steps' median when the curve is made,
+        # so that steps verified before any decode step was timed (a drafter right from the first token) are priced
+        # again once decode steps are: against the start-up decode step they read 1.6-2.6x (a 32-token context, an
+        # idle minute), and a request that was always right stopped drafting
+
+    @property
+    def multiples(self) -> list[float]:
+        """Per recent verify step, the multiple by which the curve misjudged its extra cost."""
+        decode = self.decode_seconds
+        return [(seconds / decode - 1.0) / extra for seconds, extra in self.verify] if decode > 0.0 else []
 
     @property
     def scale(self) -> float:
         """The factor on the curve's costs over one step (1.0 until MIN_OBSERVED verify steps)."""
-        if len(self.multiples) < MIN_OBSERVED:
+        multiples = self.multiples
+        if len(multiples) < MIN_OBSERVED:
             return 1.0
-        return min(SCALE_RANGE[1], max(SCALE_RANGE[0], statistics.median(self.multiples)))
+        return min(SCALE_RANGE[1], max(SCALE_RANGE[0], statistics.median(multiples)))
 
     @property
     def decode_seconds(self) -> float:
@@ -123,7 +134,7 @@ class ObservedCost:
             extra = self.measured(draft_len) - 1.0
             if self.decode_seconds <= 0.0 or extra < 0.05 or seconds <= 0.0:
                 return  # no decode step to compare with, or a curve too flat to scale
-            self.multiples.append((seconds / self.decode_seconds - 1.0) / extra)
+            self.verify.append((seconds, extra))
         if self.decode_seconds > 0.0:
             self.curve = self.measured.scaled(self.scale, self.decode_seconds)
 

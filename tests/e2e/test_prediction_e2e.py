@@ -92,7 +92,7 @@ def test_a_right_prediction_is_accepted_and_changes_nothing(engine: Any, baselin
         assert meta["spec_verify_ct"] <= n / 3, (sp, meta)
         by_ids = fresh(engine, prompt, dict(sp, prediction=base["output_ids"]))  # token ids: no re-tokenizing
         assert by_ids["output_ids"] == base["output_ids"], sp
-        assert by_ids["meta_info"]["accepted_prediction_tokens"] >= meta["accepted_prediction_tokens"], sp
+        assert by_ids["meta_info"]["accepted_prediction_tokens"] >= share * n, (sp, by_ids["meta_info"])
     jsonschema.validate(json.loads(baseline[2]["text"]), PERSON)
     lanes = engine.get_server_info()["spec_per_drafter"]
     assert lanes["PREDICTION"]["accept_rate"] > 0.8

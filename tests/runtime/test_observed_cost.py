@@ -14,7 +14,7 @@ from sgl.runtime.protocol import SamplingParams
 from sgl.runtime.scheduler.output import OutputProcessor
 from sgl.runtime.scheduler.request import Req, SpecLane
 from sgl.runtime.scheduler.scheduler import Scheduler
-from sgl.runtime.scheduler.speculative_rows import SpeculativeRows, best_draft_len
+from sgl.runtime.scheduler.speculative_rows import DECODE_PROBE_EVERY, SpeculativeRows, best_draft_len
 from sgl.runtime.speculative.drafter import Draft
 from sgl.runtime.speculative.verify_cost import MIN_OBSERVED, SCALE_RANGE, ObservedCost, VerifyCost
 
@@ -54,16 +54,17 @@ def test_the_observed_scale_multiplies_the_curves_extra_cost() -> None:
 
 
 def fake_clock_run(monkeypatch: pytest.MonkeyPatch, observe: bool, true_draft_cost: float,
-                   max_new: int = 80) -> tuple[Scheduler, Req]:
-    """One request through a fake runner whose step of 1 + j tokens takes 1 + `true_draft_cost` j units of the
-    scheduler's step clock, drafted by a drafter right on its first token every other step (per-draft acceptance
-    ~0.5), under CURVE; `observe`: the engine's ObservedCost corrects CURVE."""
+                   max_new: int = 80, decode: float = 1.0, drafter: Any = None) -> tuple[Scheduler, Req]:
+    """One request through a fake runner whose step of 1 + j tokens takes `decode` (1 + `true_draft_cost` j) units of
+    the scheduler's step clock (the start-up curve's decode step is 1 unit), drafted by a drafter right on its first
+    token every other step (per-draft acceptance ~0.5) or by `drafter`, under CURVE; `observe`: the engine's
+    ObservedCost corrects CURVE."""
     now = [0.0]
     monkeypatch.setattr(scheduler_module, "step_clock", lambda: lambda: now[0])
 
     class Timed(FakeRunner):
         def run(self, batch):  # noqa: ANN001, ANN201 - the runner protocol
-            now[0] += sum(1.0 + true_draft_cost * r.draft_len for r in batch.rows)
+            now[0] += sum(decode * (1.0 + true_draft_cost * r.draft_len) for r in batch.rows)
             return super().run(batch)
 
     class HalfRight(OracleDrafter):
@@ -73,7 +74,8 @@ def fake_clock_run(monkeypatch: pytest.MonkeyPatch, observe: bool, true_draft_co
                     for r, d in zip(reqs, drafts)]
 
     args = ServerArgs(speculative_num_draft_tokens=4, speculative_max_batch=8)
-    s = Scheduler(args, Timed(), OutputProcessor(FakeTokenizer()), 400, lambda r: None, drafter=HalfRight(prior=0.6))
+    s = Scheduler(args, Timed(), OutputProcessor(FakeTokenizer()), 400, lambda r: None,
+                  drafter=drafter or HalfRight(prior=0.6))
     s.spec.cost = VerifyCost(CURVE.points, 1.0, "measured")  # a decode step is one unit of the fake clock
     if observe:
         s.spec.observed = ObservedCost(s.spec.cost)
@@ -100,6 +102,21 @@ def test_a_curve_that_prices_rows_too_low_is_corrected_by_the_rows_it_lets_throu
     # rows priced right are kept: the same drafts at the curve's own price go on being verified
     right, _ = fake_clock_run(monkeypatch, observe=True, true_draft_cost=0.3)
     assert right.spec.observed.scale == pytest.approx(1.0) and right.spec.stats.verify_ct > 20
+
+
+def test_rows_always_right_are_priced_against_a_decode_step_of_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A drafter right from the first token (a prediction) leaves no decode step to time: the rows were priced
+    against the start-up decode step, here 1.5x faster than the steps of now (a longer context, a busier minute),
+    and a row's extra cost read ~2x what it is. Every DECODE_PROBE_EVERY rows one step decodes without a draft, and
+    rows are priced against it, those verified before it too."""
+    s, req = fake_clock_run(monkeypatch, observe=True, true_draft_cost=0.3, max_new=300, decode=1.5,
+                            drafter=OracleDrafter(right=True, prior=0.9))
+    observed = s.spec.observed
+    assert observed.decode_seconds == pytest.approx(1.5) and observed.scale == pytest.approx(1.0)
+    assert s.spec.cost(4) == pytest.approx(CURVE(4))  # the curve's own price: it was right all along
+    rows, decodes = s.spec.stats.verify_ct, len(observed.decode)
+    assert decodes >= MIN_OBSERVED and rows >= DECODE_PROBE_EVERY * (decodes - 1)  # a probe per 16 rows, no more
+    assert s.spec.stats.accept_rate == 1.0 and req.spec_accepted_tokens > 0.7 * 300  # at most 4 of each 5 tokens
 
 
 def test_catchup_tips_the_draft_length() -> None:

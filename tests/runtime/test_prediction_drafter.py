@@ -39,6 +39,20 @@ def test_a_repeated_passage_resolves_forward() -> None:
         assert got == pred[i:i + 2], (i, got)
 
 
+def test_rows_that_repeat_keep_their_alignment() -> None:
+    """A list whose rows repeat a 5-token stem, the output taking each 8-token draft whole: its last 4 tokens also
+    end the stem of an earlier row, where a search would land; the carried alignment drafts the right row."""
+    stem = [1, 2, 3, 4, 5]
+    pred = stem + [6] + stem + [6] + stem + [7] + stem + [8]
+    d = drafter()
+    req = request(pred, [pred[0]])
+    while len(req.output_ids) < len(pred):
+        i = len(req.output_ids)
+        got = d.propose([req], 8)[0].token_ids
+        assert got == pred[i:i + 8], (i, got)
+        req.output_ids += got + pred[i + len(got):i + len(got) + 1]  # all accepted, and the model's own token
+
+
 def test_an_edit_stops_drafts_until_the_text_after_it() -> None:
     pred = [1, 2, 3, 4, 5, 6, 7, 8, 9]
     d = drafter()
