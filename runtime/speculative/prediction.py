@@ -3,8 +3,9 @@
 A request may carry a prediction (`sampling_params.prediction`: text or token ids; or OpenAI's
 `prediction: {"type": "content", "content": ...}`): the document an edit returns mostly unchanged, the code a
 refactor keeps, a known answer. The lane drafts the prediction's tokens from where the output stands in it; a
-verify row accepts what the model would have produced anyway, so the output is the one without a prediction (greedy: token for token; sampling:
-the same distribution, runtime/executor/verify.py), only sooner where it follows the prediction.
+verify row accepts what the model would have produced anyway, so the output is the one without a prediction
+(greedy: token for token; sampling: the same distribution, runtime/executor/verify.py), only sooner where it
+follows the prediction.
 
 Where the output stands: the alignment of the last draft, carried forward while the output's last MAX_N tokens
 agree with the prediction there (text that repeats itself, a list's rows, would mislead a search); else the latest
