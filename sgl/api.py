@@ -57,6 +57,7 @@ def gen(
     ebnf: Optional[str] = None,
     model: Optional[str] = None,
     lora_path: Optional[str] = None,
+    prediction: Optional[str] = None,
 ) -> SglExpr:
     """Generate text into variable `name`. Unset parameters come from `.run(...)` defaults, then
     from the runtime's defaults (max_new_tokens 128, temperature 1.0, ...).
@@ -66,7 +67,9 @@ def gen(
     or `choices` (which makes this a `select`). `model`: which served model runs this gen on a server
     that serves several (`sgl serve --model-path small=... --model-path big=...`; "auto" = the router), or a
     LoRA adapter as the OpenAI routes take it ("base:adapter" or a bare "adapter"). `lora_path`: a loaded
-    LoRA adapter's name (SGLang's field), for this call only.
+    LoRA adapter's name (SGLang's field), for this call only. `prediction`: the text you expect the output to be
+    (OpenAI's Predicted Outputs; drafts for speculative decoding on a server that runs it: an edit that returns a
+    document mostly unchanged comes back in fewer steps, and the same text).
 
         >>> sgl.gen("answer", max_tokens=32, stop="\\n")                # doctest: +SKIP
     """
@@ -81,7 +84,7 @@ def gen(
         regex=regex, json_schema=schema_to_str(json_schema) if json_schema is not None else None, ebnf=ebnf,
         return_logprob=return_logprob, logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
         return_text_in_logprobs=return_text_in_logprobs, model=model, lora_path=lora_path,
-        dtype=normalize_dtype(dtype) if dtype is not None else None,
+        dtype=normalize_dtype(dtype) if dtype is not None else None, prediction=prediction,
     )
     params.to_sampling_params()  # validate here: the error points at the gen call
     return SglGen(name, params, parse_as=json_schema)

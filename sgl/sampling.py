@@ -64,6 +64,7 @@ class GenParams:
     regex: Optional[str] = _opt(_SAMPLING)
     json_schema: Optional[str] = _opt(_SAMPLING)  # always a JSON string here (see `schema_to_str`)
     ebnf: Optional[str] = _opt(_SAMPLING)
+    prediction: Optional[str] = _opt(_SAMPLING)  # the expected output: drafts for speculative decoding
     return_logprob: Optional[bool] = _opt(_REQUEST)
     logprob_start_len: Optional[int] = _opt(_REQUEST)
     top_logprobs_num: Optional[int] = _opt(_REQUEST)

@@ -61,6 +61,8 @@ class OpenAI(Backend):
             kw["logprobs"] = True
             if params.top_logprobs_num:
                 kw["top_logprobs"] = params.top_logprobs_num
+        if "prediction" in sp:  # OpenAI's Predicted Outputs
+            kw["prediction"] = {"type": "content", "content": sp["prediction"]}
         if "json_schema" in sp:
             kw["response_format"] = {"type": "json_schema",
                                      "json_schema": {"name": "output", "schema": json.loads(sp["json_schema"])}}

@@ -114,6 +114,25 @@ def test_an_edited_prediction_resumes_after_the_edit(engine: Any, baseline: list
     assert meta["accepted_prediction_tokens"] > len(tail) / 2  # the half after the edit drafted too
 
 
+def test_a_dsl_gen_with_a_prediction(engine: Any) -> None:
+    """`sgl.gen(prediction=...)` in a program: the same answer as without it, mostly drafted."""
+    import sgl
+
+    @sgl.function
+    def haiku(s, prediction):  # noqa: ANN001, ANN202 - a DSL program
+        s += sgl.user("Write a haiku about the sea.")
+        s += sgl.assistant(sgl.gen("poem", max_tokens=64, temperature=0, prediction=prediction))
+
+    backend = sgl.Runtime(engine=engine)
+    assert engine.flush_cache()
+    plain = haiku.run(prediction=None, backend=backend)["poem"]
+    assert engine.flush_cache()
+    state = haiku.run(prediction=plain, backend=backend)
+    assert state["poem"] == plain
+    meta = state.get_meta_info("poem")
+    assert meta["accepted_prediction_tokens"] >= 0.6 * meta["completion_tokens"], meta
+
+
 def test_a_prediction_without_speculation_is_ignored(plain: Any, baseline: list[dict]) -> None:
     out = fresh(plain, HAIKU, dict(GREEDY, prediction=baseline[0]["text"]))
     assert out["output_ids"] == baseline[0]["output_ids"]

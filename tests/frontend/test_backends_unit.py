@@ -38,6 +38,8 @@ def test_openai_request_mapping():
     assert kw["max_tokens"] == 8 and kw["temperature"] == 0 and kw["messages"] == prompt.messages
     assert kw["response_format"]["json_schema"]["schema"] == schema
     assert kw["extra_body"] == {"top_k": 5}
+    assert oa._request(prompt, GenParams(prediction="hi there"))["prediction"] == {"type": "content",
+                                                                                 "content": "hi there"}
 
     strict = sgl.OpenAI("m", base_url="http://127.0.0.1:9/v1", extra_fields=False)
     with pytest.raises(sgl.UnsupportedFeatureError, match="regex"):

@@ -32,7 +32,7 @@ def test_every_gen_param_reaches_the_request():
     values = dict(max_tokens=9, min_tokens=1, n=2, stop=["x"], stop_token_ids=[5], stop_regex=["y+"],
                   temperature=0.3, top_p=0.9, top_k=5, min_p=0.1, frequency_penalty=0.5, presence_penalty=0.25,
                   repetition_penalty=1.1, ignore_eos=True, sampling_seed=7, regex="a+", return_logprob=True,
-                  logprob_start_len=3, top_logprobs_num=2, return_text_in_logprobs=True)
+                  logprob_start_len=3, top_logprobs_num=2, return_text_in_logprobs=True, prediction="expected")
     node = sgl.gen("v", **values)
     sp, opts = node.params.to_sampling_params(), node.params.request_options()
     for k, v in values.items():
