@@ -15,6 +15,7 @@ One `step()`:
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
@@ -38,6 +39,8 @@ from sgl.runtime.scheduler.stats import StepStats
 from sgl.runtime.speculative import make_drafter
 from sgl.runtime.speculative.drafter import Draft, Drafter
 from sgl.runtime.speculative.verify_cost import step_clock
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunnerLike(Protocol):
@@ -80,6 +83,7 @@ class Scheduler:
         self.fair = FairShare(args.priority_weight_map)
         self.swap = HostPool(mover, host_pool_size if args.preemption_mode == "swap" else 0)
         self._arrival = itertools.count()
+        self._warned_prediction = False  # a prediction reached an engine without speculation (add_request)
         self.spec = make_speculative_rows(args, drafter or make_drafter(args), output.tokenizer,  # None: no speculation
                                           getattr(runner, "vocab_size", None))
 
@@ -96,6 +100,10 @@ class Scheduler:
                 "raise --max-total-tokens or lower max_new_tokens")
             self._finish(req)
             return
+        if req.params.prediction and self.spec is None and not self._warned_prediction:
+            self._warned_prediction = True  # NOTE: once: the output is right either way, only not sooner
+            logger.warning("a request carries a prediction, which is drafted only under --speculative-algorithm "
+                           "(NGRAM needs no weights); without it the prediction has no effect")
         self.stats.prompt_tokens_total += len(req.prompt_ids)
         self.waiting.append(req)
 

@@ -7,6 +7,7 @@ after every test (conftest)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -133,11 +134,16 @@ def test_a_dsl_gen_with_a_prediction(engine: Any) -> None:
     assert meta["accepted_prediction_tokens"] >= 0.6 * meta["completion_tokens"], meta
 
 
-def test_a_prediction_without_speculation_is_ignored(plain: Any, baseline: list[dict]) -> None:
-    out = fresh(plain, HAIKU, dict(GREEDY, prediction=baseline[0]["text"]))
-    assert out["output_ids"] == baseline[0]["output_ids"]
-    assert out["meta_info"]["accepted_prediction_tokens"] == 0 == out["meta_info"]["rejected_prediction_tokens"]
-    assert "spec_verify_ct" not in out["meta_info"]
+def test_a_prediction_without_speculation_is_ignored(plain: Any, baseline: list[dict],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            out = fresh(plain, HAIKU, dict(GREEDY, prediction=baseline[0]["text"]))
+            assert out["output_ids"] == baseline[0]["output_ids"]
+            assert out["meta_info"]["accepted_prediction_tokens"] == 0 == out["meta_info"]["rejected_prediction_tokens"]
+            assert "spec_verify_ct" not in out["meta_info"]
+    said = [r for r in caplog.records if "prediction" in r.getMessage() and "--speculative-algorithm" in r.getMessage()]
+    assert len(said) == 1  # the server's log says why, once
 
 
 def test_a_prediction_must_be_a_string(plain: Any) -> None:
