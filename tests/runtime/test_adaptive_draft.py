@@ -313,6 +313,7 @@ def test_one_slow_propose_call_does_not_stop_a_cheap_lane(monkeypatch: pytest.Mo
             now[0] += 1.0 if self.calls == slow else 1e-6  # call `slow` takes a second, the others a microsecond
             return super().propose(reqs, k)
 
-    s, req = run(Timed(right=True, prior=0.9), CHEAP, max_new=80)
-    assert s.spec.lanes[0].draft_seconds < 1e-5
+    drafter = Timed(right=True, prior=0.9)
+    s, req = run(drafter, CHEAP, max_new=80)
+    assert next(lane for lane in s.spec.lanes if lane.drafter is drafter).draft_seconds < 1e-5
     assert s.spec.stats.verify_ct > 10 and s.stats.num_steps < 80 / 2  # it kept drafting after the slow call
