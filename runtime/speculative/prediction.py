@@ -41,6 +41,11 @@ from sgl.runtime.scheduler.request import Req
 from sgl.runtime.speculative.drafter import Draft
 
 MAX_N = 4  # the longest n-gram of the output looked up in the prediction
+# A prediction is read up to this many times the request's max_new_tokens (+ 64) tokens; past that it could only
+# matter after an edit deleted more than all the output's tokens, and an 8 MB body (--max-request-bytes) of text would
+# otherwise be tokenized and indexed (~4 n-grams a token) on the scheduler thread. Text is cut at 16 characters a
+# token before tokenizing (a token is ~4 characters of English or code).
+READ_PER_OUTPUT_TOKEN = 8
 
 
 @dataclass
@@ -104,9 +109,10 @@ class PredictionDrafter:
         for req in reqs:
             pred = req.draft_state.get(self.name)
             if pred is None:
+                limit = READ_PER_OUTPUT_TOKEN * (req.params.max_new_tokens + 64)
                 given = req.params.prediction or ""
-                ids = self.encode(given) if isinstance(given, str) else [
-                    t for t in given if self.vocab_size is None or t < self.vocab_size]
-                pred = req.draft_state[self.name] = _Prediction(ids)
+                ids = self.encode(given[:16 * limit]) if isinstance(given, str) else [
+                    t for t in given[:limit] if self.vocab_size is None or t < self.vocab_size]
+                pred = req.draft_state[self.name] = _Prediction(ids[:limit])
             out.append(Draft(pred.continuation(req.output_ids, k)))  # the output so far, its pending token last
         return out

@@ -89,3 +89,21 @@ def test_the_lane_serves_requests_that_carry_a_prediction() -> None:
     assert "PREDICTION" not in without.spec_lanes  # never offered to the lane
     rows.record(with_pred, 2, 1)
     assert with_pred.spec_lanes["PREDICTION"].drafted == 2 and with_pred.spec_lanes["PREDICTION"].accepted == 1
+
+
+def test_a_long_prediction_is_read_as_far_as_the_output_can_reach() -> None:
+    """A prediction far longer than max_new_tokens (an 8 MB body would be ~2M tokens) is cut before it is tokenized
+    and indexed: READ_PER_OUTPUT_TOKEN x (max_new_tokens + 64) tokens."""
+    from sgl.runtime.speculative.prediction import READ_PER_OUTPUT_TOKEN
+
+    seen: list[int] = []
+    d = PredictionDrafter(lambda text: seen.append(len(text)) or [1] * len(text), 100)
+    req = request("x" * 10**6, [1])
+    req.params.max_new_tokens = 16
+    assert d.propose([req], 4)[0].token_ids == [1, 1, 1, 1]
+    limit = READ_PER_OUTPUT_TOKEN * (16 + 64)
+    assert seen == [16 * limit] and len(req.draft_state["PREDICTION"].ids) == limit
+    ids = request([t % 50 for t in range(10**5)], [0])
+    ids.params.max_new_tokens = 16
+    d.propose([ids], 4)
+    assert len(ids.draft_state["PREDICTION"].ids) == limit
