@@ -68,7 +68,7 @@ class SamplingParams:
     ebnf: Optional[str] = None
     choices: Optional[list[str]] = None  # our extension: one of these strings exactly
     # the text (or token ids) the output is expected to be (OpenAI's Predicted Outputs): drafts for speculative
-    # decoding, which must be on (--speculative-algorithm); the output is the same with or without it
+    # decoding (with or without --speculative-algorithm); the output is the same with or without it
     # (runtime/speculative/prediction.py)
     prediction: Optional[Union[str, list[int]]] = None
 

@@ -34,7 +34,7 @@ from sgl.runtime.scheduler.preemption import preemption_victim, swap_in
 from sgl.runtime.scheduler.prefix_slots import cache_request, match_prefix, rematch_prefix, release_prefix
 from sgl.runtime.scheduler.request import BatchRow, Req, ReqStatus, RowResult, ScheduledBatch
 from sgl.runtime.scheduler.rollback import apply_guard
-from sgl.runtime.scheduler.speculative_rows import make_speculative_rows
+from sgl.runtime.scheduler.speculative_rows import make_speculative_rows, prediction_rows
 from sgl.runtime.scheduler.stats import StepStats
 from sgl.runtime.speculative import make_drafter
 from sgl.runtime.speculative.drafter import Draft, Drafter
@@ -83,9 +83,9 @@ class Scheduler:
         self.fair = FairShare(args.priority_weight_map)
         self.swap = HostPool(mover, host_pool_size if args.preemption_mode == "swap" else 0)
         self._arrival = itertools.count()
-        self._warned_prediction = False  # a prediction reached an engine without speculation (add_request)
+        self._vocab_size = getattr(runner, "vocab_size", None)  # the model's: a prediction's ids past it are dropped
         self.spec = make_speculative_rows(args, drafter or make_drafter(args), output.tokenizer,  # None: no speculation
-                                          getattr(runner, "vocab_size", None))
+                                          getattr(runner, "vocab_size", None))  # (until a prediction: add_request)
 
     # ---- requests in and out -----------------------------------------------------------
     def next_arrival(self) -> int:
@@ -100,10 +100,10 @@ class Scheduler:
                 "raise --max-total-tokens or lower max_new_tokens")
             self._finish(req)
             return
-        if req.params.prediction and self.spec is None and not self._warned_prediction:
-            self._warned_prediction = True  # NOTE: once: the output is right either way, only not sooner
-            logger.warning("a request carries a prediction, which is drafted only under --speculative-algorithm "
-                           "(NGRAM needs no weights); without it the prediction has no effect")
+        if req.params.prediction and self.spec is None:
+            # predicted outputs need no flag: the first request that carries one starts a PREDICTION-only rule
+            self.spec = prediction_rows(self.args, self.output.tokenizer, self._vocab_size)
+            logger.info("a request carries a prediction: drafting predictions (%d tokens a step)", self.spec.k)
         self.stats.prompt_tokens_total += len(req.prompt_ids)
         self.waiting.append(req)
 

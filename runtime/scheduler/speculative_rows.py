@@ -402,6 +402,17 @@ def verify_row_slots(row: BatchRow, res: RowResult, appended: int) -> tuple[list
     return kept, [s for c, s in enumerate(nodes) if c not in on_path]
 
 
+def prediction_rows(args: ServerArgs, tokenizer: Any, vocab_size: Optional[int]) -> SpeculativeRows:
+    """The rule over a PREDICTION lane alone: what a scheduler without --speculative-algorithm builds when the first
+    request that carries a prediction arrives. Its verify cost is the assumed curve (the start-up measurement needs an
+    empty pool), corrected by the steps it runs (1 thread, no tensor parallelism: as the engine's own)."""
+    rows = SpeculativeRows(args, PredictionDrafter(lambda text: tokenizer.encode(text, add_special_tokens=False),
+                                                   vocab_size or getattr(tokenizer, "vocab_size", None)))
+    if args.tp_size == 1:
+        rows.observed = ObservedCost(rows.cost)
+    return rows
+
+
 def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter], tokenizer: Any = None,
                           vocab_size: Optional[int] = None) -> Optional[SpeculativeRows]:
     """The rule over `drafter`'s lane and the lanes the flags add: the caller's prediction first (PREDICTION, with

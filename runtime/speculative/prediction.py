@@ -16,8 +16,9 @@ after the edit), so a prediction that is wrong costs few verify rows: the rule (
 for a request whose drafts it expects to pay. The prediction is tokenized once per request, on its first call;
 text the output writes with other token boundaries than the prediction's re-synchronizes within MAX_N tokens.
 
-The lane runs before every other lane of `--speculative-algorithm` (any algorithm, NGRAM being the one without
-weights) and serves only requests that carry a prediction.
+The lane runs before every other lane of `--speculative-algorithm` and serves only requests that carry a
+prediction; without an algorithm the scheduler starts a rule with this lane alone when the first such request comes
+(speculative_rows.prediction_rows).
 
     >>> from sgl.runtime.protocol import SamplingParams
     >>> enc = {"a b c d e": [1, 2, 3, 4, 5]}

@@ -134,16 +134,22 @@ def test_a_dsl_gen_with_a_prediction(engine: Any) -> None:
     assert meta["accepted_prediction_tokens"] >= 0.6 * meta["completion_tokens"], meta
 
 
-def test_a_prediction_without_speculation_is_ignored(plain: Any, baseline: list[dict],
+def test_a_prediction_needs_no_speculative_algorithm(plain: Any, baseline: list[dict],
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        for _ in range(2):
-            out = fresh(plain, HAIKU, dict(GREEDY, prediction=baseline[0]["text"]))
-            assert out["output_ids"] == baseline[0]["output_ids"]
-            assert out["meta_info"]["accepted_prediction_tokens"] == 0 == out["meta_info"]["rejected_prediction_tokens"]
-            assert "spec_verify_ct" not in out["meta_info"]
-    said = [r for r in caplog.records if "prediction" in r.getMessage() and "--speculative-algorithm" in r.getMessage()]
-    assert len(said) == 1  # the server's log says why, once
+    """An engine started without --speculative-algorithm drafts predictions too: the first request that carries one
+    starts a PREDICTION-only rule (the assumed verify cost, corrected by the steps it runs); the others run as before."""
+    assert plain.scheduler.spec is None
+    with caplog.at_level(logging.INFO):
+        for (prompt, sp), base in zip(REQUESTS[:2], baseline):
+            out = fresh(plain, prompt, dict(sp, prediction=base["text"]))
+            assert out["output_ids"] == base["output_ids"]
+            meta = out["meta_info"]
+            assert meta["accepted_prediction_tokens"] >= 0.5 * meta["completion_tokens"], meta
+            assert meta["spec_verify_ct"] <= meta["completion_tokens"] / 3, meta
+    assert sum("drafting predictions" in r.getMessage() for r in caplog.records) == 1  # started once
+    assert [lane.name for lane in plain.scheduler.spec.lanes] == ["PREDICTION"]
+    again = fresh(plain, HAIKU, GREEDY)  # a request without a prediction: no drafts
+    assert again["output_ids"] == baseline[0]["output_ids"] and "spec_verify_ct" not in again["meta_info"]
 
 
 def test_a_prediction_must_be_a_string(plain: Any) -> None:
