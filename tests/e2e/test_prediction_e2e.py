@@ -137,7 +137,8 @@ def test_a_dsl_gen_with_a_prediction(engine: Any) -> None:
 def test_a_prediction_needs_no_speculative_algorithm(plain: Any, baseline: list[dict],
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """An engine started without --speculative-algorithm drafts predictions too: the first request that carries one
-    starts a PREDICTION-only rule (the assumed verify cost, corrected by the steps it runs); the others run as before."""
+    starts a PREDICTION-only rule (the assumed verify cost, corrected by the steps it runs); the others run as
+    before."""
     assert plain.scheduler.spec is None
     with caplog.at_level(logging.INFO):
         for (prompt, sp), base in zip(REQUESTS[:2], baseline):
