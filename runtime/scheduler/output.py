@@ -8,6 +8,7 @@ from typing import Any, Optional, Protocol
 
 from sgl.runtime.protocol import finish_reason_length, finish_reason_stop
 from sgl.runtime.scheduler.request import Req
+from sgl.runtime.speculative.prediction import PredictionDrafter
 
 
 class TokenizerLike(Protocol):
@@ -96,7 +97,7 @@ class OutputProcessor:
             meta["spec_verify_ct"] = req.spec_verify_ct
             meta["spec_accept_length"] = (req.spec_accepted_tokens + req.spec_verify_ct) / req.spec_verify_ct
         if req.params.prediction:  # OpenAI's names: prediction tokens the output took, and those it did not
-            lane = req.spec_lanes.get("PREDICTION")
+            lane = req.spec_lanes.get(PredictionDrafter.name)
             meta["accepted_prediction_tokens"] = 0 if lane is None else lane.accepted
             meta["rejected_prediction_tokens"] = 0 if lane is None else lane.drafted - lane.accepted
         if getattr(req.grammar, "num_backtracks", 0):  # semantic-guard rollbacks (grammars/guards.py)

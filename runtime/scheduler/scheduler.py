@@ -85,7 +85,7 @@ class Scheduler:
         self._arrival = itertools.count()
         self._vocab_size = getattr(runner, "vocab_size", None)  # the model's: a prediction's ids past it are dropped
         self.spec = make_speculative_rows(args, drafter or make_drafter(args), output.tokenizer,  # None: no speculation
-                                          getattr(runner, "vocab_size", None))  # (until a prediction: add_request)
+                                          self._vocab_size)  # (until a prediction: add_request)
 
     # ---- requests in and out -----------------------------------------------------------
     def next_arrival(self) -> int:

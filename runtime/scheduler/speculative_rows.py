@@ -65,7 +65,7 @@ from sgl.runtime.config import ServerArgs
 from sgl.runtime.metrics import record_spec_accept_length
 from sgl.runtime.speculative.drafter import Draft, Drafter
 from sgl.runtime.speculative.grammar_walk import with_forced_text
-from sgl.runtime.speculative.prediction import PredictionDrafter
+from sgl.runtime.speculative.prediction import prediction_drafter
 from sgl.runtime.speculative.verify_cost import ObservedCost, VerifyCost, step_clock
 from sgl.runtime.cache.allocator import SlotAllocator
 from sgl.runtime.scheduler.request import BatchRow, Req, RowResult, SpecLane
@@ -406,9 +406,8 @@ def prediction_rows(args: ServerArgs, tokenizer: Any, vocab_size: Optional[int])
     """The rule over a PREDICTION lane alone: what a scheduler without --speculative-algorithm builds when the first
     request that carries a prediction arrives. Its verify cost is the assumed curve (the start-up measurement needs an
     empty pool), corrected by the steps it runs (1 thread, no tensor parallelism: as the engine's own)."""
-    rows = SpeculativeRows(args, PredictionDrafter(lambda text: tokenizer.encode(text, add_special_tokens=False),
-                                                   vocab_size or getattr(tokenizer, "vocab_size", None)))
-    if args.tp_size == 1:
+    rows = SpeculativeRows(args, prediction_drafter(tokenizer, vocab_size))
+    if args.tp_size == 1 and not args.speculative_always_draft:  # the engine's condition for its own rule
         rows.observed = ObservedCost(rows.cost)
     return rows
 
@@ -426,8 +425,7 @@ def make_speculative_rows(args: ServerArgs, drafter: Optional[Drafter], tokenize
     is_ngram = drafter.name == "NGRAM"
     lanes: list[Drafter] = []
     if tokenizer is not None:
-        lanes.append(PredictionDrafter(lambda text: tokenizer.encode(text, add_special_tokens=False),
-                                       vocab_size or getattr(tokenizer, "vocab_size", None)))
+        lanes.append(prediction_drafter(tokenizer, vocab_size))
     lanes += [drafter] if is_ngram else ([make_ngram_drafter(args)] if args.speculative_ngram_first else [])
     if args.speculative_ngram_corpus is not None:
         lanes.append(make_corpus_drafter(args, tokenizer))

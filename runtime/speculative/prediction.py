@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from sgl.runtime.scheduler.request import Req
 from sgl.runtime.speculative.drafter import Draft
@@ -117,3 +117,9 @@ class PredictionDrafter:
                 pred = req.draft_state[self.name] = _Prediction(ids[:limit])
             out.append(Draft(pred.continuation(req.output_ids, k)))  # the output so far, its pending token last
         return out
+
+
+def prediction_drafter(tokenizer: Any, vocab_size: Optional[int]) -> PredictionDrafter:
+    """The PREDICTION lane's drafter over the engine's tokenizer; `vocab_size`: the model's (None: the tokenizer's)."""
+    return PredictionDrafter(lambda text: tokenizer.encode(text, add_special_tokens=False),
+                             vocab_size or getattr(tokenizer, "vocab_size", None))
