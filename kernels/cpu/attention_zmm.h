@@ -13,7 +13,8 @@
 //          any order).
 // Why: with the row groups of attention_rows.h the K/V come from L1/L2 and a verify step's attention is
 // bound by its FMAs and loads: half the FMA instructions, and a K / V vector loaded once for N rows.
-// Measured by benchmarks/bench_attention_verify.py (README: "Cheaper verify rows: grouped attention").
+// Measured by benchmarks/bench_attention_verify.py (benchmarks/speculative_history.md: "Cheaper verify rows:
+// grouped attention").
 #pragma once
 
 #if defined(SGL_ATTN_AVX2) && (defined(__GNUC__) || defined(__clang__))

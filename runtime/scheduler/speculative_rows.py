@@ -29,9 +29,9 @@ copies (a near 1), short ones on chat, none when even the best draft does not pa
 A drafter that scores its drafts (Draft.scores; EAGLE: the head's probability of each token, which matches the
 acceptance it sees) has each draft cut again, within that length, where its own expected tokens per cost peak
 (`scored_cut`): a chain ends where the head turns unsure instead of at the request's average. Measured on
-workloads (b) and (c) (README "Drafts cut by their own scores"): about as many accepted tokens from 23-34%
-fewer drafted ones. Asking such a drafter for longer drafts and letting the scores choose did not pay: its extra head
-steps cost what the longer accepted chains saved.
+workloads (b) and (c) (benchmarks/speculative_history.md, "Drafts cut by their own scores"): about as many
+accepted tokens from 23-34% fewer drafted ones. Asking such a drafter for longer drafts and letting the scores
+choose did not pay: its extra head steps cost what the longer accepted chains saved.
 A request that does not draft still learns its rate: the drafter proposes a *shadow* draft that is
 not verified (no row, no KV), and the tokens the request then produces score it exactly as a verify
 row would have (the longest draft prefix, or tree path, they follow). So a copy phase is found without

@@ -7,7 +7,7 @@ array opened) wastes the rest of its draft there. Walking the matcher along the 
 makes every drafted token one the target could take, and turns the text the grammar forces (JSON keys,
 punctuation) into draft tokens the masked target takes with probability 1.
 Measured on workload (c) of benchmarks/bench_speculative.py (6-field json_schema extraction, EAGLE chain
-of 4, every row drafting): README "Drafts that follow the grammar".
+of 4, every row drafting): benchmarks/speculative_history.md, "Drafts that follow the grammar".
 
 The matcher is put back exactly as it was: the tokens taken are rolled back, and its error and budget
 countdown restored (verify.py's fill-state snapshot), as verification's own walk does. The walk's masks skip
