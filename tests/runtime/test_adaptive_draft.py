@@ -23,7 +23,8 @@ from sgl.runtime.speculative.verify_cost import VerifyCost, draft_lengths, measu
 from .fake_runner import FakeRunner, FakeTokenizer, next_token, reference_output
 from .test_speculative_verify import tiny_model
 
-# The default model's verify rows on 1 thread before a multi-row fused decoder (README): no draft pays below ~0.8
+# The default model's verify rows on 1 thread before a multi-row fused decoder (benchmarks/speculative_history.md):
+# no draft pays below ~0.8
 MEASURED = VerifyCost(((0, 1.0), (1, 2.06), (2, 2.51), (4, 3.09), (8, 4.88)), 0.01, "measured")
 CHEAP = VerifyCost(((0, 1.0), (1, 1.02), (8, 1.16)), 0.01, "measured")  # verify nearly free
 EXPENSIVE = VerifyCost(((0, 1.0), (1, 2.0)), 0.01, "measured")  # a row of 1 + j costs 1 + j steps: never pays

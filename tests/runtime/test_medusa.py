@@ -182,7 +182,8 @@ def test_a_draft_vocabulary_scores_its_rows_of_the_targets_lm_head(tmp_path) -> 
 
 def test_the_shipped_heads_score_a_draft_vocabulary() -> None:
     """The default model's heads carry d2t (4,096 of its 49,152 tokens): with three full lm_heads a draft cost about
-    half a decode step, and the adaptive rule never drafted (README: MEDUSA's draft vocabulary)."""
+    half a decode step, and the adaptive rule never drafted (benchmarks/speculative_history.md: "The draft
+    vocabulary")."""
     from sgl.runtime.speculative.medusa import SHIPPED
 
     heads = load_medusa_heads(str(SHIPPED), 576, 49152)
