@@ -11,11 +11,11 @@ per (shape, M), so load drifts hit both. The per-step table sums 30 layers + lm_
 to q16's M = 1 step. JSON to benchmarks/results/bench_q16_rows[_TAG].json.
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_q16_rows.py --stack [--act q16 q8]
-        [--stack-rows 1 2 9 16] [--reps 30] [--baseline-so OLD.so] [--tag NAME]
+        [--stack-rows 1 2 9 16] [--reps 30] [--baseline-so OLD.so] [--context 300] [--tag NAME]
 
 --stack: the whole fused stack instead (decode_rows: 30 random layers of the default model's shapes, Q4_1, fp16 KV),
-M rows of one sequence's verify chain over a 300-slot context, at 1 and 2 threads alternating per rep: WALL ms
-per call (min and median over reps; at 2 threads the wall time is what a verify row costs), process CPU ms,
+M rows of one sequence's verify chain over a 300-slot context (--context), at 1 and 2 threads alternating per rep:
+WALL ms per call (min and median over reps; at 2 threads the wall time is what a verify row costs), process CPU ms,
 and the 2-thread speed-up. --baseline-so: another build of the extension (e.g. main's, built in a temp copy)
 loaded beside this one, the two alternating per rep, bits compared. Before each (mode, M) it waits up to
 --quiet-wait s for a second in which other processes use < 0.15 cores, and reports their mean use ("other
@@ -106,7 +106,8 @@ def stack_bench(args: argparse.Namespace) -> None:
     from sgl.kernels.cpu.decode_layer import DecodeLayerWeights, DecodeStack, kv_half
     from sgl.runtime.models.rotary import RotaryEmbedding
 
-    hid, heads, kv_heads, hd, inter, slots, ctx = 576, 9, 3, 64, 1536, 2048, 300
+    hid, heads, kv_heads, hd, inter, ctx = 576, 9, 3, 64, 1536, args.context
+    slots = max(2048, ctx + max(args.stack_rows) + 64)
     gen = torch.Generator().manual_seed(0)
 
     def q(n: int, k: int) -> cpu.QuantWeight:
@@ -190,6 +191,7 @@ def main() -> None:
     ap.add_argument("--stack-rows", type=int, nargs="+", default=[1, 2, 9, 16], help="--stack: row counts")
     ap.add_argument("--reps", type=int, default=30, help="--stack: timed calls per (build, threads)")
     ap.add_argument("--baseline-so", default="", help="--stack: another build's .so to compare with")
+    ap.add_argument("--context", type=int, default=300, help="--stack: the slots every row attends to before its own")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="--stack: seconds to wait for an idle machine")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--budget", type=float, default=0.5, help="seconds per (shape, M)")

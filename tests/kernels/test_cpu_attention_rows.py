@@ -60,6 +60,25 @@ def test_chain_group_is_bit_identical_to_each_row_alone(threads: int, dtype: tor
     assert torch.equal(got, want), f"max diff {(got - want).abs().max().item()}"
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 80), (6, 2, 20), (8, 2, 128), (2, 1, 272)])
+def test_an_fp16_pool_reads_as_its_fp32_copy(threads: int, heads: int, kv_heads: int, head_dim: int) -> None:
+    """An fp16 pool's values widen exactly, so attention over it must give the BITS of attention over its fp32 copy:
+    the kernels' fp16 loads must not change what they compute, which a comparison of the fp16 paths with each other
+    (the group vs each row alone) cannot see. Chains (grouped rows), lone rows, GQA and MHA, D not a multiple of 64
+    or of 16, and a wide head (272)."""
+    gen = torch.Generator().manual_seed(heads * 31 + head_dim)
+    slots = 600
+    k = torch.randn(slots, kv_heads, head_dim, generator=gen).to(torch.float16)
+    v = torch.randn(slots, kv_heads, head_dim, generator=gen).to(torch.float16)
+    perm = torch.randperm(slots, generator=gen)
+    table = perm[:200]
+    lists = [table[: 150 + j] for j in range(9)] + [perm[200:203], perm[300:437], perm[437:438]]
+    q = torch.randn(len(lists), heads, head_dim, generator=gen)
+    got = decode_attention(q, k, v, *batch(lists), head_dim**-0.5)
+    want = decode_attention(q, k.float(), v.float(), *batch(lists), head_dim**-0.5)
+    assert torch.equal(got, want), f"max diff {(got - want).abs().max().item()}"
+
+
 def test_groups_trees_and_lone_rows_in_one_batch(threads: int) -> None:
     """Two chains, tree rows (prefix, ancestors, itself: private parts that are not prefixes of each other), lone
     decode rows, and rows sharing only a short cached prompt with long own parts (kept apart: kMaxOwnKeys)."""
