@@ -13,8 +13,9 @@ Per workload and algorithm: output tokens/s and tokens per CPU-second of the pro
 vs none; on a shared machine the CPU-time ratio is the steadier one), decode tokens/s (the time after
 each request's first token: speculation does not change the prefill; wall time), mean accept length
 (tokens per verify step), outputs token-identical to none, and for (c) the share of outputs valid under jsonschema.
-`--crossover` adds (b) at batch 1/2/4/8 with speculation forced on (max batch 64), to show where
-verify rows stop paying. `--verify-cost` times one forward step of a verify row of 1 + j tokens over a
+`--crossover` adds 8 prompts of (b) at batch 1/2/4/8 with speculation on at every batch size (max batch 64), to show
+where verify rows stop paying (`--workloads none --crossover`: only that; with ORACLE, the ceiling at each batch
+size). `--verify-cost` times one forward step of a verify row of 1 + j tokens over a
 300-token context against a plain decode step (where a speculative step's time goes).
 Algorithms: NGRAM (chain, own sequence); NGRAM_TREE (NGRAM with 3 continuations merged into a tree
 and finished requests' sequences matched too); MEDUSA (the shipped self-distilled heads, a static
@@ -39,12 +40,13 @@ Prints one table and writes benchmarks/results/bench_speculative.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -192,6 +194,45 @@ def lane_counts(before: dict[str, dict[str, float]], after: dict[str, dict[str, 
     return {lane: {k: int(c[k] - before.get(lane, {}).get(k, 0)) for k in keys} for lane, c in after.items()}
 
 
+def crossover(args: argparse.Namespace, names: list[str], results: dict[str, dict[str, Any]]) -> None:
+    """--crossover: 8 prompts of (b) at batch 1, 2, 4 and 8 with speculation on at every batch size (max batch 64),
+    every engine loaded at once and on each batch before the next (ORACLE after none, whose outputs it predicts),
+    --reps rounds from a flushed cache: where verify rows stop paying (why --speculative-max-batch exists)."""
+    prompts, params, _ = workloads(args.quick)["b_chat"]
+    prompts = prompts[:8]
+    engines = {n: Engine(**engine_kwargs(None if n == "none" else n, args.threads, 64, args.num_draft_tokens,
+                                         args.eagle_head, args.eagle_topk, args.cpu_act_quant, args.ngram_corpus))
+               for n in names}
+    with checked(engines):
+        for eng in engines.values():
+            eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})  # warm-up
+        for b in (1, 2, 4, 8):
+            parts: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+            for _ in range(args.reps):
+                assert all(eng.flush_cache() for eng in engines.values())
+                for n in names:  # "none" first
+                    truth = parts["none"][-1]["output_ids"] if n == ORACLE else None
+                    parts[n].append(run_workload(engines[n], prompts, params, b, truth))
+            for n in names:
+                r = results.setdefault(f"crossover_b{b}", {})[n] = combined(parts[n], outputs=False)
+                print(f"crossover batch {b} {n:6s} {r['tok_s']:7.1f} tok/s {r['tok_cpu_s']:7.1f} tok/cpu-s  "
+                      f"accept {r['accept_length']}", flush=True)
+
+
+@contextlib.contextmanager
+def checked(engines: dict[str, Engine]) -> Iterator[None]:
+    """Runs the block; then every engine's KV pool is checked (each slot back in the pool), and every engine is shut
+    down whatever happened."""
+    try:
+        yield
+        for eng in engines.values():
+            eng.wait_idle()
+            eng.check_integrity()
+    finally:
+        for eng in engines.values():
+            eng.shutdown()
+
+
 def verify_cost(threads: int, k: int, reps: int = 15, act_quant: Optional[str] = None) -> list[dict[str, Any]]:
     """The engine's own start-up measurement (runtime/speculative/verify_cost.py), over a 300-token context and
     more rounds: forward + lm_head of one row of 1 + j new tokens vs one of 1 token (paired, median)."""
@@ -259,7 +300,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, c in engine_costs.items():
         if c:
             print(f"{name}: verify cost " + ", ".join(f"1+{j}: {x:.2f}x" for j, x in c[1:]), flush=True)
-    try:
+    with checked(engines):
         for eng in engines.values():
             eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})  # warm-up
         for wname, (prompts, params, batch) in work.items():
@@ -294,25 +335,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         for lane, counts in lanes.items():
                             for key, n in counts.items():
                                 per_drafter[lane][key] += n
-        for eng in engines.values():
-            eng.wait_idle()
-            eng.check_integrity()
-    finally:
-        for eng in engines.values():
-            eng.shutdown()
     if args.crossover:
-        for algo in [a for a in algos if a != "DRAFT"]:  # self-draft: an identity check, not a speed one
-            eng = Engine(**engine_kwargs(algo, args.threads, 64, args.num_draft_tokens, args.eagle_head, args.eagle_topk,
-                                         args.cpu_act_quant))
-            try:
-                eng.generate(chat("Hello"), {"max_new_tokens": 8, "temperature": 0})
-                prompts, params, _ = work["b_chat"]
-                for b in (1, 2, 4, 8):
-                    r = run_workload(eng, prompts[:8], params, b)
-                    results.setdefault(f"crossover_b{b}", {})[algo or "none"] = r
-                    print(f"crossover batch {b} {algo or 'none':6s} {r['tok_s']:7.1f} tok/s", flush=True)
-            finally:
-                eng.shutdown()
+        crossover(args, [a or "none" for a in algos if a != "DRAFT"], results)  # self-draft: an identity check
     table = []
     batch_of = {w: b for w, (_, _, b) in work.items()} | {w: int(w[len("crossover_b"):]) for w in results
                                                          if w.startswith("crossover_b")}

@@ -12,14 +12,16 @@ Why: at batch 1 the unfused layer is ~15 small torch ops and 4 GEMV calls, each 
 a ~2 MB weight stream and each call a fork/join of the thread pool; profile: benchmarks/profile_decode_step.py.
 `ENABLED = False` turns the path off (the profile's A/B and the tests).
 
-A step of 2..64 token rows with the same conditions runs `decode_rows`: the stack for all rows in one call, each
-row with the bits decode_stack gives that token alone, so a decode batch is batch-invariant and a verify row
-computes what the decode step without speculation computes. That holds for generated tokens (a decode batch,
-speculative verify rows) and for a short step's prompt tokens too (at most SHORT_STEP_ROWS tokens in all: a short
-prompt, the last chunk of a long one, a few prompts joining a decode batch), where the rows' q16 GEMM beats the
-prefill path's small-M fp32 GEMM (~1.5x at 8..64 tokens, 1 thread: README "Short prompts as decode rows"); longer
-steps keep the prefill path (from 96 rows MKL on dequantized weights, faster per token than the tile). Row t's slot list is its sequence's slot table up to its own slot (a tree
-node's: the prefix, its ancestors and itself). `ROWS_ENABLED = False` keeps such steps on the torch path.
+A step of 2..64 token rows with the same conditions runs `decode_rows`: the stack for all rows in one call, each row
+with the bits decode_stack gives that token alone, so a decode batch is batch-invariant and a verify row computes
+what the decode step without speculation computes (a step of generated tokens that holds some sequence's several,
+verify rows, runs it past 64 rows too, in chunks of 64 in row order). That holds for generated tokens (a decode
+batch, speculative verify rows) and for a short step's prompt tokens too (at most SHORT_STEP_ROWS tokens in all: a
+short prompt, the last chunk of a long one, a few prompts joining a decode batch), where the rows' q16 GEMM beats
+the prefill path's small-M fp32 GEMM (~1.5x at 8..64 tokens, 1 thread: README "Short prompts as decode rows");
+longer steps keep the prefill path (from 96 rows MKL on dequantized weights, faster per token than the tile). Row
+t's slot list is its sequence's slot table up to its own slot (a tree node's: the prefix, its ancestors and itself).
+`ROWS_ENABLED = False` keeps such steps on the torch path.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def split_decode_tails(model: "LlamaForCausalLM", fb: ForwardBatch,
     if fb.generated_only or fb.num_tokens <= SHORT_STEP_ROWS or not fuses_decode_tails(model, fb, kv):
         return None
     tails = fb.decode_tails
-    if sum(tails) > MAX_ROWS:
+    if sum(tails) > MAX_ROWS and not any(n > 1 for n in tails):  # rows that must keep decode bits run in chunks
         return None
     ids = fb.input_ids.tolist()
     head_ids, head_tables, head_rows, tail_ids, tail_tables, tail_rows = [], [], [], [], [], []
@@ -220,7 +222,13 @@ def row_slot_lists(fb: ForwardBatch) -> Optional[tuple[torch.Tensor, torch.Tenso
 
 def _rows_step(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache, ext: object) -> Optional[StackRunner]:
     short = fb.num_tokens <= SHORT_STEP_ROWS and fb.tree_masks is None  # prompt rows too (module docstring)
-    if not (ROWS_ENABLED and (fb.generated_only or short) and fb.num_tokens <= MAX_ROWS and hasattr(ext, "decode_rows")):
+    # A step of generated tokens that holds a sequence's several (speculative verify rows, forced text) keeps decode
+    # rows past MAX_ROWS, in chunks: their tokens must get the bits a decode step gives each alone, or greedy output
+    # with speculation is not the output without it (8 requests drafting 8 tokens are 72 rows: on the prefill path
+    # 88% of such outputs differed). Steps of single decode tokens past MAX_ROWS keep the prefill path (MKL).
+    chunked = fb.generated_only and any(n > 1 for n in fb.extend_lens)
+    if not (ROWS_ENABLED and (fb.generated_only or short) and (fb.num_tokens <= MAX_ROWS or chunked)
+            and hasattr(ext, "decode_rows")):
         return None
     stack = model_stack(model, kv)
     lists = row_slot_lists(fb) if stack is not None else None
@@ -235,8 +243,11 @@ def _rows_step(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache, ext: ob
         sin = rope_tables.sin_signed.reshape(t, -1).contiguous()
         if not x.is_contiguous():
             x = x.contiguous()
-        decode_rows(x, stack.part(lo, len(model.layers) if hi is None else hi), cos, sin, addrs, lens,
-                    model.layers[0].scale, act=act)
+        part = stack.part(lo, len(model.layers) if hi is None else hi)
+        for c0 in range(0, t, MAX_ROWS):  # in row order: a chunk's rows read the K/V the chunks before it stored
+            c1 = min(t, c0 + MAX_ROWS)
+            decode_rows(x[c0:c1], part, cos[c0:c1], sin[c0:c1], addrs[c0:c1], lens[c0:c1], model.layers[0].scale,
+                        act=act)
         return x
 
     run.owners = owners  # type: ignore[attr-defined]  # NOTE: addrs point into them: alive as long as run

@@ -182,16 +182,18 @@ class LlamaDecoderLayer(nn.Module):
 _CPU_NORM_MAX_ROWS = 64  # decode-sized batches take the C++ norm; prefill chunks keep the torch ops
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, consts: "NormConsts") -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, consts: "NormConsts", decode_rows: bool = False) -> torch.Tensor:
     """HF's RMSNorm, weight * x / sqrt(mean(x^2) + eps), in 4 ops (F.rms_norm runs ~20 on CPU).
 
     Computed as weight * sqrt(n) * x / hypot(|x|, sqrt(n * eps)), the same quantity since
-    sqrt(mean(x^2) + eps) = sqrt(|x|^2 + n * eps) / sqrt(n). x: [T, n].
+    sqrt(mean(x^2) + eps) = sqrt(|x|^2 + n * eps) / sqrt(n). x: [T, n]. `decode_rows`: x's rows ran as decode rows
+    and take the C++ norm at any T, which gives each row the bits it gets alone (a verify step of 72 rows, or a
+    decode row beside a long prompt chunk, must get a decode step's bits; the torch ops' differ by an ulp).
     """
     if x.dtype != torch.float32:  # as HF: normalize in fp32, cast, then scale by the weight
         return rms_norm(x.float(), consts.one, consts).to(x.dtype).mul_(weight)
-    if (x.shape[0] <= _CPU_NORM_MAX_ROWS and x.is_cpu and x.dim() == 2 and x.is_contiguous() and weight.dim() == 1
-            and weight.dtype == torch.float32 and _cpu_ext.load()):
+    if ((x.shape[0] <= _CPU_NORM_MAX_ROWS or decode_rows) and x.is_cpu and x.dim() == 2 and x.is_contiguous()
+            and weight.dim() == 1 and weight.dtype == torch.float32 and _cpu_ext.load()):
         return _cpu_norm.rms_norm(x, weight, consts.eps)  # one C++ call (decode: the 4 ops below run cold)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [T, 1]
     return torch.addcdiv(consts.zero, x, torch.hypot(norm, consts.eps_n), value=consts.sqrt_n).mul_(weight)
@@ -268,7 +270,7 @@ class LlamaForCausalLM(nn.Module):
         split = split_decode_tails(self, fb, kv)  # generated and final prompt tokens as decode rows (fused_decode.py)
         if split is None:
             h, self.captured = self._layers(fb, kv)
-            return rms_norm(h, self.norm, self.norm_consts)
+            return rms_norm(h, self.norm, self.norm_consts, decode_rows=fb.generated_only)
         head, tail, head_rows, tail_rows = split
         h = torch.empty(fb.num_tokens, self.config.hidden_size, dtype=torch.float32, device=fb.input_ids.device)
         kept = None if not self.capture_layers else h.new_empty(fb.num_tokens, len(self.capture_layers) * h.shape[1])
@@ -278,7 +280,11 @@ class LlamaForCausalLM(nn.Module):
                 if kept is not None:
                     kept[rows] = aux
         self.captured = kept
-        return rms_norm(h, self.norm, self.norm_consts)
+        out = torch.empty_like(h)
+        for part, rows in ((head, head_rows), (tail, tail_rows)):
+            if part is not None:
+                out[rows] = rms_norm(h[rows], self.norm, self.norm_consts, decode_rows=part is tail)
+        return out
 
     def _layers(self, fb: ForwardBatch, kv: KVCache) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The embedding and every decoder layer: ([T, hidden] before the final norm, the capture_layers'
@@ -305,11 +311,17 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
         act = get_act_quant()
-        if isinstance(self.lm_head, QuantWeight) and hidden.shape[0] <= Q16_MAX_ROWS and act in ("q16", "q8"):
-            # q16 (q8) as a batch-1 decode step's lm_head, for up to 64 rows (decode batches, verify rows, the
-            # first token of prompts): each row's logits get the bits it gets alone (quant_q16_tile.h, quant_q8_tile.h)
+        if isinstance(self.lm_head, QuantWeight) and act in ("q16", "q8"):
+            # q16 (q8) as a batch-1 decode step's lm_head, in calls of up to 64 rows (decode batches, verify rows,
+            # the first token of prompts): each row's logits get the bits it gets alone (quant_q16_tile.h,
+            # quant_q8_tile.h). Past 64 rows too (8 requests verifying 8 drafts each are 72): a q16 call of more
+            # rows would run fp32 activations, and greedy output with speculation would not be the output without it.
             self._pack_lm_head(act)
-            logits = quant_linear(hidden.contiguous(), self.lm_head, act_quant=act)
+            hidden = hidden.contiguous()
+            logits = torch.empty(hidden.shape[0], self.lm_head.shape[0], dtype=torch.float32, device=hidden.device)
+            for r0 in range(0, hidden.shape[0], Q16_MAX_ROWS):
+                r1 = min(hidden.shape[0], r0 + Q16_MAX_ROWS)
+                quant_linear(hidden[r0:r1], self.lm_head, out=logits[r0:r1], act_quant=act)
         else:
             logits = linear(hidden, self.lm_head).float()
         return logits if self.gather_vocab is None else self.gather_vocab(logits)

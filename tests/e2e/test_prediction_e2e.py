@@ -153,6 +153,38 @@ def test_a_prediction_needs_no_speculative_algorithm(plain: Any, baseline: list[
     assert again["output_ids"] == baseline[0]["output_ids"] and "spec_verify_ct" not in again["meta_info"]
 
 
+def test_a_batch_verifying_more_than_64_rows_changes_nothing(plain: Any) -> None:
+    """8 requests in one batch, each drafting its 8 predicted tokens every step: verify steps of 72 rows, past the
+    fused decode rows' 64 (--speculative-max-batch 8), under q8 activations (the crossover benchmark's). Each greedy
+    output is the one of the same batch without speculation (the 8 prompts prefilled in one step: alone, a short
+    prompt runs as decode rows, other bits); when such a step ran the prefill path, 6 of these 8 differed."""
+    from sgl.kernels import cpu
+    from sgl.runtime.engine import Engine
+
+    topics = ["rivers", "birds", "metals", "planets", "colors", "trees", "oceans", "fruits"]
+    prompts = [f"<|im_start|>user\nName three {t} and say one thing about each.<|im_end|>\n<|im_start|>assistant\n"
+               for t in topics]
+    sp = {"max_new_tokens": 64, "temperature": 0}
+    eng = Engine(model_path="default", num_threads=1, max_total_tokens=8192, show_progress=False,
+                 speculative_algorithm="NGRAM", speculative_num_draft_tokens=8, speculative_max_batch=8,
+                 speculative_always_draft=True, cpu_act_quant="q8")
+    try:
+        assert cpu.get_act_quant() == "q8"  # process-wide: `plain` runs q8 too until the finally
+        assert plain.flush_cache()
+        want = [o["output_ids"] for o in plain.generate(prompts, [sp] * len(prompts))]
+        outs = eng.generate(prompts, [dict(sp, prediction=ids) for ids in want])
+        assert [o["output_ids"] for o in outs] == want
+        # every row drafted its prediction: most tokens came from it, in long rows
+        meta = [o["meta_info"] for o in outs]
+        assert sum(m["accepted_prediction_tokens"] for m in meta) >= 0.7 * sum(map(len, want)), meta
+        assert max(m["spec_verify_ct"] for m in meta) <= 12, meta
+        eng.wait_idle()
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
+        cpu.set_act_quant(EXACT["cpu_act_quant"])
+
+
 def test_a_prediction_must_be_a_string(plain: Any) -> None:
     from sgl.runtime.protocol import RequestError, SamplingParams
 

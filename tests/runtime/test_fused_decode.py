@@ -194,6 +194,52 @@ def test_a_decode_row_beside_a_prefill_chunk_keeps_its_bits(count_fused: list[in
     assert torch.equal(mixed, alone)
 
 
+@pytest.mark.parametrize("n,new,chunk", [(5, 16, 0), (5, 16, 20), (1, 1, 100), (2, 9, 100)])
+def test_generated_rows_past_max_rows_keep_each_tokens_bits(count_fused: list[int], n: int, new: int,
+                                                            chunk: int) -> None:
+    """n sequences' rows of `new` generated tokens in one step, beside another prompt's chunk of `chunk` tokens, get the
+    logits each token gets when decoded one per step, bit for bit, past decode_rows' MAX_ROWS of 64 too (8 requests
+    verifying 8 drafts are 72 rows): the rows run as decode rows in chunks, in row order, and their final norm is the
+    decode step's. Before, a 72-row verify step ran the prefill path (88% of such greedy outputs differed from no
+    speculation's), and a decode row beside a prompt chunk of 64+ tokens got the torch norm's bits (an ulp apart)."""
+    from sgl.runtime.executor.forward_batch import ForwardBatch
+    from sgl.runtime.executor.kv_cache import KVCache
+
+    hf = make_hf_model(tiny_hf_configs()["llama_gqa_untied"])
+    native, _ = quantized_pair(hf.state_dict(), ModelConfig.from_hf(hf.config), "q4_1")
+    layers = native.config.num_hidden_layers
+    prompts = random_prompts([6, 9, 7, 11, 8][:n], seed=6)
+    follow = random_prompts([new] * n, seed=7)
+    tables = [list(range(100 * b, 100 * b + len(p) + new)) for b, p in enumerate(prompts)]
+    other, other_table = random_prompts([chunk], seed=8)[0] if chunk else [], list(range(600, 600 + chunk))
+
+    def prefilled() -> KVCache:
+        kv = KVCache.for_model(native.config, num_slots=800, dtype=torch.float32)
+        for p, t in zip(prompts, tables):
+            native.forward(ForwardBatch.from_lists([p], [t[: len(p)]]), kv)
+        return kv
+
+    kv = prefilled()
+    one_by_one: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for j in range(new):  # decode steps of one token per sequence (a decode batch: each row its bits alone)
+        fb = ForwardBatch.from_lists([[f[j]] for f in follow], [t[: len(p) + j + 1] for p, t in zip(prompts, tables)],
+                                     generated_only=True)
+        for b, row in enumerate(native.compute_logits(native.forward(fb, kv))):
+            one_by_one[b].append(row)
+    kv = prefilled()
+    before = count_fused[0]
+    full = [t[: len(p) + new] for p, t in zip(prompts, tables)]
+    if chunk:
+        fb = ForwardBatch.from_lists(follow + [other], full + [other_table], decode_tails=[new] * n + [0])
+        logits = native.compute_logits(native.forward(fb, kv)[: n * new])
+    else:
+        fb = ForwardBatch.from_lists(follow, full, generated_only=True, decode_tails=[new] * n)
+        logits = native.compute_logits(native.forward(fb, kv))
+    assert count_fused[0] - before == n * new * layers  # every generated row fused (the prompt chunk not)
+    for b in range(n):
+        assert torch.equal(logits[b * new:(b + 1) * new], torch.stack(one_by_one[b])), b
+
+
 def test_short_steps_run_prompt_tokens_as_decode_rows(count_fused: list[int], monkeypatch) -> None:
     """A step of at most SHORT_STEP_ROWS tokens runs its prompt tokens as decode rows too: each prompt token gets the
     bits it gets when it is fed one token per step (a row's bits depend on its own slot list only), so a short
