@@ -238,26 +238,33 @@ MAX_ROWS = 64  # decode_rows.cpp's kQ16MaxRows (quant_q16_tile.h)
 
 def decode_rows(h: torch.Tensor, stack: DecodeStack, cos: torch.Tensor, sin: torch.Tensor, row_slots: torch.Tensor,
                 row_lens: torch.Tensor, scale: float, act: str = "q16") -> torch.Tensor:
-    """The stack for M token rows at once, in place on h [M, hidden] (M <= MAX_ROWS); returns h. Row t is one
-    token with its position's cos / signed-sin rows (cos, sin [M, D]) and its slot list: `row_slots[t]` is the
-    ADDRESS of a contiguous int64 slot list of `row_lens[t]` entries, the token's own slot last (a decode row:
-    its sequence's slot table; verify row j of a chain: the table up to its own slot). Every row's K/V is
-    stored before any row attends. Each row gets the bits decode_stack computes for that token alone
-    (tests/kernels/test_cpu_decode_rows.py). The caller keeps the slot lists alive for the call. Without the
-    kernel: one decode_stack per row, in order (the same result). act: "q16" or "q8", as decode_stack."""
+    """The stack for M token rows, in place on h [M, hidden]; returns h. Row t is one token with its position's
+    cos / signed-sin rows (cos, sin [M, D]) and its slot list: `row_slots[t]` is the ADDRESS of a contiguous int64
+    slot list of `row_lens[t]` entries, the token's own slot last (a decode row: its sequence's slot table; verify
+    row j of a chain: the table up to its own slot). Up to MAX_ROWS rows run as one kernel call, every row's K/V
+    stored before any row attends; more run in calls of MAX_ROWS rows in row order, so a row's list may name only
+    rows before it (or itself) among them (a chain's rows are in order; 8 requests verifying 8 drafts are 72 rows).
+    Each row gets the bits decode_stack computes for that token alone (tests/kernels/test_cpu_decode_rows.py). The
+    caller keeps the slot lists alive for the call. Without the kernel: one decode_stack per row, in order (the same
+    result). act: "q16" or "q8", as decode_stack."""
     code = _act_code(act)
     ext = _ext.load()
     w0 = stack.layers[0]
     m = h.shape[0]
-    if not (h.dtype == torch.float32 and h.is_contiguous() and h.dim() == 2 and 1 <= m <= MAX_ROWS
+    if not (h.dtype == torch.float32 and h.is_contiguous() and h.dim() == 2 and m >= 1
             and h.shape[1] == w0.hidden_size):
-        raise ValueError(f"h must be a contiguous float32 [1..{MAX_ROWS}, {w0.hidden_size}] tensor, got {tuple(h.shape)}")
+        raise ValueError(f"h must be a contiguous float32 [M, {w0.hidden_size}] tensor, got {tuple(h.shape)}")
     if tuple(cos.shape) != (m, w0.head_dim) or tuple(sin.shape) != (m, w0.head_dim) or not (
             cos.is_contiguous() and sin.is_contiguous()):
         raise ValueError(f"cos/sin must be contiguous [{m}, {w0.head_dim}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
     for name, t in (("row_slots", row_slots), ("row_lens", row_lens)):
         if t.dtype != torch.int64 or tuple(t.shape) != (m,) or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous int64 [{m}] tensor, got {t.dtype} {tuple(t.shape)}")
+    if m > MAX_ROWS and ext is not None and hasattr(ext, "decode_rows"):
+        for r0 in range(0, m, MAX_ROWS):  # a call's rows read the K/V the calls before it stored
+            r1 = min(m, r0 + MAX_ROWS)
+            decode_rows(h[r0:r1], stack, cos[r0:r1], sin[r0:r1], row_slots[r0:r1], row_lens[r0:r1], scale, act)
+        return h
     if ext is None or not hasattr(ext, "decode_rows"):
         for t in range(m):
             n = int(row_lens[t])

@@ -172,7 +172,7 @@ def split_decode_tails(model: "LlamaForCausalLM", fb: ForwardBatch,
     if fb.generated_only or fb.num_tokens <= SHORT_STEP_ROWS or not fuses_decode_tails(model, fb, kv):
         return None
     tails = fb.decode_tails
-    if sum(tails) > MAX_ROWS and not any(n > 1 for n in tails):  # rows that must keep decode bits run in chunks
+    if sum(tails) > MAX_ROWS and not holds_chains(tails):
         return None
     ids = fb.input_ids.tolist()
     head_ids, head_tables, head_rows, tail_ids, tail_tables, tail_rows = [], [], [], [], [], []
@@ -220,14 +220,19 @@ def row_slot_lists(fb: ForwardBatch) -> Optional[tuple[torch.Tensor, torch.Tenso
     return torch.tensor(addrs, dtype=torch.int64), torch.tensor(lens, dtype=torch.int64), owners
 
 
+def holds_chains(lens: list[int]) -> bool:
+    """Whether a step's generated tokens (per sequence: `lens`) hold some sequence's several (speculative verify rows,
+    forced text). Such a step runs as decode rows past MAX_ROWS too: each token must get the bits a decode step gives
+    it alone, or greedy output with speculation is not the output without it (8 requests drafting 8 tokens are 72
+    rows; on the prefill path 7 of the crossover benchmark's 8 outputs differed). A step of single decode tokens past
+    MAX_ROWS keeps the prefill path (MKL)."""
+    return any(n > 1 for n in lens)
+
+
 def _rows_step(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache, ext: object) -> Optional[StackRunner]:
     short = fb.num_tokens <= SHORT_STEP_ROWS and fb.tree_masks is None  # prompt rows too (module docstring)
-    # A step of generated tokens that holds a sequence's several (speculative verify rows, forced text) keeps decode
-    # rows past MAX_ROWS, in chunks: their tokens must get the bits a decode step gives each alone, or greedy output
-    # with speculation is not the output without it (8 requests drafting 8 tokens are 72 rows: on the prefill path
-    # 88% of such outputs differed). Steps of single decode tokens past MAX_ROWS keep the prefill path (MKL).
-    chunked = fb.generated_only and any(n > 1 for n in fb.extend_lens)
-    if not (ROWS_ENABLED and (fb.generated_only or short) and (fb.num_tokens <= MAX_ROWS or chunked)
+    chains = fb.generated_only and holds_chains(fb.extend_lens)  # decode rows past MAX_ROWS too (holds_chains)
+    if not (ROWS_ENABLED and (fb.generated_only or short) and (fb.num_tokens <= MAX_ROWS or chains)
             and hasattr(ext, "decode_rows")):
         return None
     stack = model_stack(model, kv)
@@ -243,11 +248,8 @@ def _rows_step(model: "LlamaForCausalLM", fb: ForwardBatch, kv: KVCache, ext: ob
         sin = rope_tables.sin_signed.reshape(t, -1).contiguous()
         if not x.is_contiguous():
             x = x.contiguous()
-        part = stack.part(lo, len(model.layers) if hi is None else hi)
-        for c0 in range(0, t, MAX_ROWS):  # in row order: a chunk's rows read the K/V the chunks before it stored
-            c1 = min(t, c0 + MAX_ROWS)
-            decode_rows(x[c0:c1], part, cos[c0:c1], sin[c0:c1], addrs[c0:c1], lens[c0:c1], model.layers[0].scale,
-                        act=act)
+        decode_rows(x, stack.part(lo, len(model.layers) if hi is None else hi), cos, sin, addrs, lens,
+                    model.layers[0].scale, act=act)  # (past MAX_ROWS rows: calls of MAX_ROWS, in row order)
         return x
 
     run.owners = owners  # type: ignore[attr-defined]  # NOTE: addrs point into them: alive as long as run

@@ -133,6 +133,24 @@ def test_verify_chain_and_tree_rows(mode: str) -> None:
     assert_same(stack, ref, h, run_one_by_one(ref, h_ref, lists, positions))
 
 
+def test_rows_past_max_rows_run_in_calls_of_max_rows_in_row_order(mode: str) -> None:
+    """Chains of 1 + 14 rows of five sequences, 75 rows in one decode_rows (past MAX_ROWS: 8 requests verifying 8
+    drafts are 72): calls of MAX_ROWS rows in row order, the last chain split between two of them, give every row
+    and every K/V entry the bits of decode_stack on each token alone, in order. A second call attending before the
+    first had stored its rows' K/V, or the rows in another order, would not."""
+    gen = torch.Generator().manual_seed(11)
+    stack = make_stack(3, "q4_1")
+    perm = torch.randperm(SLOTS, generator=gen)
+    tables = [perm[40 * b : 40 * b + 20 + 15].contiguous() for b in range(5)]  # 20 cached + 15 new each
+    lists = [t[: 21 + j] for t in tables for j in range(15)]
+    positions = [20 + j for _ in tables for j in range(15)]
+    assert len(lists) > MAX_ROWS and MAX_ROWS % 15 != 0  # a chain straddles the calls' boundary
+    h = torch.randn(len(lists), HIDDEN, generator=gen)
+    ref, h_ref = clone(stack), h.clone()
+    run_rows(stack, h, lists, positions)
+    assert_same(stack, ref, h, run_one_by_one(ref, h_ref, lists, positions))
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_rows_thread_counts_are_bit_identical(mode: str, threads: int) -> None:
     gen = torch.Generator().manual_seed(9)
@@ -181,7 +199,7 @@ def test_rows_reject_bad_input(mode: str) -> None:
     lists = [torch.tensor([0, 1], dtype=torch.int64)]
     h = torch.randn(1, HIDDEN)
     with pytest.raises(ValueError, match="h must be"):
-        run_rows(stack, torch.randn(MAX_ROWS + 1, HIDDEN), lists * (MAX_ROWS + 1), [1] * (MAX_ROWS + 1))
+        run_rows(stack, torch.randn(1, HIDDEN + 1), lists, [1])
     with pytest.raises(ValueError, match="cos/sin"):
         run_rows(stack, torch.randn(2, HIDDEN), lists, [1])
     if mode == "ext":
